@@ -1,0 +1,167 @@
+"""The project's placement policy (``auto`` / ``eplb_plugin``): replicate, pack, refine.
+
+Fresh plan, vectorized over layers (numpy):
+
+1. Replica counts by the divisor method (the same counts DeepSeek's greedy reaches,
+   computed by bisection on the per-replica load instead of one step per slot).
+2. Round-robin longest-processing-time packing: slots heaviest first, in rounds of one
+   slot per GPU, each round's heaviest slot to the currently lightest GPU. Every GPU gets
+   exactly ``P / G`` slots and no GPU fills up early.
+3. Swap refinement: repeatedly swap one slot of the heaviest GPU with one slot of a light
+   GPU when that lowers the heavier of the two.
+4. Replica-move refinement: move one replica from an expert that has spare replicas to the
+   expert whose slot is the heaviest, when the layer's max GPU load drops.
+5. Per layer, keep the better of this plan and DeepSeek's recipe (never worse).
+6. Replica weights: water-fill each expert's tokens over its replicas on the planning counts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .deepseek import deepseek
+from .split import equal_slot_loads, gpu_sum, replica_counts, waterfill_slot_loads
+
+BISECT_ITERS = 30
+SWAP_ITERS = 40
+SWAP_PARTNERS = 4
+
+
+def divisor_counts(weight: np.ndarray, num_physical: int) -> np.ndarray:
+    """Replicas per expert, each >= 1, summing to num_physical, minimizing max load/replica.
+
+    weight: [L, E] float >= 0. Returns [L, E] int64.
+    """
+    num_layers, num_logical = weight.shape
+    # Step 1: a tiny floor keeps all-zero layers well posed (extra replicas go to index order).
+    w = weight + 1e-9 * (weight.mean(1, keepdims=True) + 1.0)
+    lo = np.zeros((num_layers, 1))
+    hi = w.max(1, keepdims=True)
+    # Step 2: bisection on tau: count(tau) = max(1, ceil(w / tau)) is non-increasing in tau.
+    for _ in range(BISECT_ITERS):
+        mid = 0.5 * (lo + hi)
+        total = np.maximum(1, np.ceil(w / mid)).sum(1, keepdims=True)
+        over = total > num_physical
+        lo = np.where(over, mid, lo)
+        hi = np.where(over, hi, mid)
+    count = np.maximum(1, np.ceil(w / hi)).astype(np.int64)
+    count = np.minimum(count, np.maximum(1, num_physical - num_logical + 1))
+    # Step 3: hand out what is left (ties) to the highest load per replica, one each.
+    left = num_physical - count.sum(1)
+    while (left > 0).any():
+        per = w / count
+        order = np.argsort(-per, axis=1, kind="stable")
+        take = np.arange(num_logical)[None, :] < np.minimum(left, num_logical)[:, None]
+        np.put_along_axis(count, order, np.take_along_axis(count, order, axis=1) + take, axis=1)
+        left = num_physical - count.sum(1)
+    return count
+
+
+def counts_to_slots(count: np.ndarray, num_physical: int) -> np.ndarray:
+    """[L, E] replica counts -> [L, P] list of experts, each repeated count times."""
+    num_layers, num_logical = count.shape
+    flat = np.repeat(np.tile(np.arange(num_logical), num_layers), count.ravel())
+    return flat.reshape(num_layers, num_physical)
+
+
+def round_robin_pack(slot_load: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Order slots so that rank-major GPUs get balanced loads.
+
+    slot_load: [L, P]. Returns perm [L, P]: new slot q holds old slot perm[:, q].
+    """
+    num_layers, num_slots = slot_load.shape
+    per_gpu = num_slots // num_gpus
+    rows = np.arange(num_layers)[:, None]
+    order = np.argsort(-slot_load, axis=1, kind="stable")
+    gpu_load = np.zeros((num_layers, num_gpus))
+    perm = np.empty((num_layers, num_slots), dtype=np.int64)
+    for k in range(per_gpu):
+        items = order[:, k * num_gpus:(k + 1) * num_gpus]
+        lightest = np.argsort(gpu_load, axis=1, kind="stable")
+        perm[rows, lightest * per_gpu + k] = items
+        gpu_load[rows, lightest] += np.take_along_axis(slot_load, items, axis=1)
+    return perm
+
+
+def refine_swaps(phy2log: np.ndarray, slot_load: np.ndarray, num_gpus: int, *, iters: int = SWAP_ITERS) -> None:
+    """Swap slots between the heaviest GPU and a few light ones, in place.
+
+    phy2log, slot_load: [L, P]. A swap is taken only if it lowers the heaviest GPU's load
+    and the partner stays below the old maximum.
+    """
+    num_layers, num_slots = slot_load.shape
+    per_gpu = num_slots // num_gpus
+    partners = min(SWAP_PARTNERS, num_gpus - 1)
+    if partners < 1 or per_gpu < 1:
+        return
+    rows = np.arange(num_layers)
+    for _ in range(iters):
+        g = gpu_sum(slot_load, num_gpus)
+        by_load = np.argsort(g, axis=1)
+        heavy = by_load[:, -1]
+        light = by_load[:, :partners]
+        heavy_slots = heavy[:, None] * per_gpu + np.arange(per_gpu)
+        light_slots = (light[:, :, None] * per_gpu + np.arange(per_gpu)).reshape(num_layers, -1)
+        xa = np.take_along_axis(slot_load, heavy_slots, axis=1)[:, :, None]
+        xb = np.take_along_axis(slot_load, light_slots, axis=1)[:, None, :]
+        gh = g[rows, heavy][:, None, None]
+        gl = np.repeat(np.take_along_axis(g, light, axis=1), per_gpu, axis=1)[:, None, :]
+        delta = xa - xb
+        new_peak = np.maximum(gh - delta, gl + delta)
+        gain = np.where(delta > 0, gh - new_peak, 0.0).reshape(num_layers, -1)
+        best = gain.argmax(1)
+        ok = gain[rows, best] > 1e-9 * (gh[:, 0, 0] + 1e-30)
+        if not ok.any():
+            return
+        r = rows[ok]
+        a = heavy_slots[r, best[ok] // light_slots.shape[1]]
+        b = light_slots[r, best[ok] % light_slots.shape[1]]
+        phy2log[r, a], phy2log[r, b] = phy2log[r, b], phy2log[r, a].copy()
+        slot_load[r, a], slot_load[r, b] = slot_load[r, b], slot_load[r, a].copy()
+
+
+def balanced_plan(weight: np.ndarray, num_physical: int, *, num_gpus: int) -> np.ndarray:
+    """Steps 1-4 of the module docstring for one flat set of GPUs. weight: [L, E] -> [L, P]."""
+    count = divisor_counts(weight, num_physical)
+    slots = counts_to_slots(count, num_physical)
+    slot_load = np.take_along_axis(weight / count, slots, axis=1)
+    perm = round_robin_pack(slot_load, num_gpus)
+    phy2log = np.take_along_axis(slots, perm, axis=1)
+    slot_load = np.take_along_axis(slot_load, perm, axis=1)
+    refine_swaps(phy2log, slot_load, num_gpus)
+    return phy2log
+
+
+def peak_load(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Max GPU load per layer under equal split. [L, E], [L, P] -> [L]."""
+    return gpu_sum(equal_slot_loads(weight, phy2log), num_gpus).max(1)
+
+
+def best_of(weight: np.ndarray, candidates: list[np.ndarray], num_gpus: int) -> np.ndarray:
+    """Per layer, the candidate map with the lowest max GPU load (first wins ties)."""
+    peaks = np.stack([peak_load(weight, c, num_gpus) for c in candidates])
+    pick = peaks.argmin(0)
+    stacked = np.stack(candidates)
+    return stacked[pick, np.arange(weight.shape[0])]
+
+
+def plan_balanced(
+    weight: np.ndarray, num_physical: int, *, num_gpus: int, num_nodes: int = 1,
+    num_groups: int | None = None, with_weights: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Fresh plan. weight: [L, E] float. Returns (phy2log [L, P] int64, weights [L, P] | None)."""
+    ours = balanced_plan(weight, num_physical, num_gpus=num_gpus)
+    reference = deepseek(weight, num_physical, num_gpus=num_gpus)
+    phy2log = best_of(weight, [ours, reference], num_gpus)
+    weights = replica_weights(weight, phy2log, num_gpus) if with_weights else None
+    return phy2log, weights
+
+
+def replica_weights(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Water-filled share of its expert's tokens per slot. Returns [L, P] float32, per-expert sums 1."""
+    num_logical = weight.shape[1]
+    x = waterfill_slot_loads(weight, phy2log, num_gpus)
+    own = np.take_along_axis(weight.astype(np.float64), phy2log, axis=1)
+    count = np.take_along_axis(replica_counts(phy2log, num_logical), phy2log, axis=1)
+    share = np.where(own > 0, x / np.where(own > 0, own, 1.0), 1.0 / count)
+    return share.astype(np.float32)

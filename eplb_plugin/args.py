@@ -1,0 +1,244 @@
+"""Every EPLB-related flag, in one frozen dataclass, with SGLang 0.5.23's names and defaults.
+
+SGLang's flags keep their meaning (checked against ``sglang/srt/arg_groups/fields`` and
+``parallel_hook.py`` of 0.5.23). The plugin adds what SGLang lacks: a time-based trigger, a
+per-layer drift trigger (as xLLM has), the weight mover's memory budget and mode.
+
+``add_eplb_args`` builds argparse options whose defaults are read from the dataclass, so
+parsing no arguments gives ``EPLBArgs()``; ``EPLBArgs.resolve`` applies SGLang's implied
+settings and rejects contradictions with an error that names both flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, get_args, get_type_hints
+
+from eplb_plugin.errors import ConfigError
+
+RecorderMode = Literal["stat", "stat_approx", "per_pass", "per_token"]
+DispatchAlgorithm = Literal["static", "dynamic", "random", "weighted"]
+BalancednessReportMode = Literal["off", "server_log", "prometheus", "both"]
+
+RECORDER_MODES: tuple[str, ...] = get_args(RecorderMode)
+DISPATCH_ALGORITHMS: tuple[str, ...] = get_args(DispatchAlgorithm)
+REPORT_MODES: tuple[str, ...] = get_args(BalancednessReportMode)
+# Recorder modes whose dump carries ``logical_count``, the input a rebalance needs.
+COUNTING_RECORDER_MODES = ("stat", "stat_approx")
+DEFAULT_RECORDER_BUFFER_SIZE = 1000
+
+
+def _flag(help_text: str, *, choices: tuple[str, ...] | None = None, sglang: bool = True, **kw: Any):
+    return field(metadata={"help": help_text, "choices": choices, "sglang": sglang}, **kw)
+
+
+@dataclass(frozen=True)
+class EPLBArgs:
+    """EPLB flags. Field ``x_y`` is the command-line flag ``--x-y``."""
+
+    # SGLang's flags (0.5.23 names and defaults).
+    ep_size: int = _flag("The expert parallelism size (EP ranks).", default=1)
+    enable_eplb: bool = _flag("Enable EPLB: record loads and rebalance experts while serving.", default=False)
+    eplb_algorithm: str = _flag(
+        "Placement policy: auto, eplb_plugin, deepseek, deepseek_hierarchical, ... ('auto' picks the project's policy).",
+        default="auto",
+    )
+    eplb_rebalance_num_iterations: int = _flag(
+        "Forward passes between automatic rebalances.", default=1000
+    )
+    eplb_rebalance_layers_per_chunk: Optional[int] = _flag(
+        "MoE layers whose new weights go live per forward pass (default: all at once).", default=None
+    )
+    eplb_min_rebalancing_utilization_threshold: float = _flag(
+        "Rebalance only when the window's balancedness (mean/max GPU load) is below this; in [0, 1].",
+        default=1.0,
+    )
+    expert_distribution_recorder_mode: Optional[RecorderMode] = _flag(
+        "Mode of the expert distribution recorder.", choices=RECORDER_MODES, default=None
+    )
+    expert_distribution_recorder_buffer_size: Optional[int] = _flag(
+        "Passes kept by the recorder's ring buffer; -1 grows without bound (default: the rebalance interval).",
+        default=None,
+    )
+    expert_balancedness_report_mode: BalancednessReportMode = _flag(
+        "Where to report expert balancedness.", choices=REPORT_MODES, default="off"
+    )
+    ep_num_redundant_experts: int = _flag(
+        "Redundant expert slots in expert parallel (physical = logical + redundant).", default=0
+    )
+    ep_dispatch_algorithm: Optional[DispatchAlgorithm] = _flag(
+        "How a token picks among its expert's replicas.", choices=DISPATCH_ALGORITHMS, default=None
+    )
+    init_expert_location: str = _flag(
+        "Initial placement: 'trivial', a .pt or .json file, or inline JSON holding "
+        "physical_to_logical_map [L][P] or logical_count [L][E] / [B][L][E].",
+        default="trivial",
+    )
+    nnodes: int = _flag("The number of nodes.", default=1)
+    node_rank: int = _flag("The node rank.", default=0)
+    dist_init_addr: Optional[str] = _flag(
+        "host:port of the first node, for torch.distributed initialization.", default=None
+    )
+    # The plugin's own flags (SGLang has no equivalent).
+    enable_expert_distribution_metrics: bool = _flag(
+        "Export expert-load and rebalance metrics to Prometheus (implies the stat recorder).",
+        default=False,
+        sglang=False,
+    )
+    eplb_rebalance_interval_s: Optional[float] = _flag(
+        "Also rebalance when this many seconds have passed since the last rebalance.",
+        default=None,
+        sglang=False,
+    )
+    eplb_drift_threshold: Optional[float] = _flag(
+        "Rebalance the layers whose load vector's cosine similarity to the one last planned on "
+        "fell below this, in (0, 1].",
+        default=None,
+        sglang=False,
+    )
+    eplb_transfer_budget_mb: float = _flag(
+        "Temporary memory the weight mover may use per rank, in MiB.", default=1024.0, sglang=False
+    )
+    eplb_non_blocking: bool = _flag(
+        "Move weights in the background while serving; layers go live chunk by chunk.",
+        default=False,
+        sglang=False,
+    )
+    eplb_verify_weights: bool = _flag(
+        "Fingerprint every moved slot after a move (cheap; on in tests).", default=False, sglang=False
+    )
+
+    # ------------------------------------------------------------------ resolution
+
+    def resolve(self) -> EPLBArgs:
+        """Apply SGLang's implied settings and reject contradictions.
+
+        ``--enable-eplb`` implies recorder mode ``stat`` and ``static`` dispatch and needs
+        ``--ep-size`` > 1; a non-trivial ``--init-expert-location`` implies ``static``
+        dispatch; metrics imply ``stat``; the buffer size follows the rebalance interval.
+        """
+        self._check_ranges()
+        updates: dict[str, Any] = {}
+        mode = self.expert_distribution_recorder_mode
+        wants_stats = self.enable_expert_distribution_metrics or self.expert_balancedness_report_mode != "off"
+        if mode is None and (self.enable_eplb or wants_stats):
+            mode = updates["expert_distribution_recorder_mode"] = "stat"
+        if self.enable_eplb:
+            if self.ep_size <= 1:
+                raise ConfigError(
+                    f"--enable-eplb needs --ep-size > 1 (got --ep-size {self.ep_size}): "
+                    "with one rank there is nothing to balance"
+                )
+            if mode not in COUNTING_RECORDER_MODES:
+                raise ConfigError(
+                    f"--enable-eplb needs --expert-distribution-recorder-mode in "
+                    f"{COUNTING_RECORDER_MODES} (got {mode!r}): only they count loads per expert"
+                )
+        if self.ep_dispatch_algorithm is None and (
+            self.enable_eplb or self.init_expert_location != "trivial"
+        ):
+            updates["ep_dispatch_algorithm"] = "static"
+        if self.expert_distribution_recorder_buffer_size is None:
+            updates["expert_distribution_recorder_buffer_size"] = self.eplb_rebalance_num_iterations
+        return dataclasses.replace(self, **updates) if updates else self
+
+    def _check_ranges(self) -> None:
+        positive = {
+            "--ep-size": self.ep_size,
+            "--eplb-rebalance-num-iterations": self.eplb_rebalance_num_iterations,
+            "--nnodes": self.nnodes,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1 (got {value})")
+        if self.eplb_rebalance_layers_per_chunk is not None and self.eplb_rebalance_layers_per_chunk < 1:
+            raise ConfigError(
+                f"--eplb-rebalance-layers-per-chunk must be >= 1 or unset (got {self.eplb_rebalance_layers_per_chunk})"
+            )
+        if not 0.0 <= self.eplb_min_rebalancing_utilization_threshold <= 1.0:
+            raise ConfigError(
+                "--eplb-min-rebalancing-utilization-threshold must be in [0, 1] "
+                f"(got {self.eplb_min_rebalancing_utilization_threshold})"
+            )
+        size = self.expert_distribution_recorder_buffer_size
+        if size is not None and size != -1 and size < 1:
+            raise ConfigError(f"--expert-distribution-recorder-buffer-size must be >= 1 or -1 (got {size})")
+        if self.ep_num_redundant_experts < 0:
+            raise ConfigError(f"--ep-num-redundant-experts must be >= 0 (got {self.ep_num_redundant_experts})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            raise ConfigError(f"--nnodes {self.nnodes} needs --dist-init-addr host:port of the first node")
+        if self.ep_size % self.nnodes:
+            raise ConfigError(f"--ep-size {self.ep_size} must be divisible by --nnodes {self.nnodes}")
+        if self.eplb_rebalance_interval_s is not None and self.eplb_rebalance_interval_s <= 0:
+            raise ConfigError(f"--eplb-rebalance-interval-s must be > 0 (got {self.eplb_rebalance_interval_s})")
+        if self.eplb_drift_threshold is not None and not 0.0 < self.eplb_drift_threshold <= 1.0:
+            raise ConfigError(f"--eplb-drift-threshold must be in (0, 1] (got {self.eplb_drift_threshold})")
+        if self.eplb_transfer_budget_mb <= 0:
+            raise ConfigError(f"--eplb-transfer-budget-mb must be > 0 (got {self.eplb_transfer_budget_mb})")
+        if self.eplb_non_blocking and not self.enable_eplb:
+            raise ConfigError("--eplb-non-blocking needs --enable-eplb")
+
+    @property
+    def num_gpus_per_node(self) -> int:
+        return self.ep_size // self.nnodes
+
+    # ------------------------------------------------------------------ argparse
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> EPLBArgs:
+        """Pick this dataclass's fields out of a parsed namespace (other keys ignored)."""
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> EPLBArgs:
+        parser = argparse.ArgumentParser(description="EPLB flags")
+        add_eplb_args(parser)
+        return cls.from_namespace(parser.parse_args(argv))
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _value_type(annotation: Any) -> type:
+    """The argparse ``type`` of a field: unwrap Optional[...] and Literal[...]."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if not args:
+        return annotation
+    if all(isinstance(a, str) for a in args):  # a Literal of names
+        return str
+    return _value_type(args[0])
+
+
+def add_eplb_args(
+    parser: argparse.ArgumentParser,
+    *,
+    only_plugin_flags: bool = False,
+    skip: tuple[str, ...] = (),
+) -> argparse.ArgumentParser:
+    """Add every EPLBArgs flag to ``parser``, defaults read from the dataclass.
+
+    only_plugin_flags: add only the flags SGLang lacks (for extending SGLang's parser).
+    skip: field names not to add (a host parser that already has them).
+    """
+    group = parser.add_argument_group("EPLB")
+    hints = get_type_hints(EPLBArgs)
+    for f in dataclasses.fields(EPLBArgs):
+        if f.name in skip or (only_plugin_flags and f.metadata["sglang"]):
+            continue
+        name = flag_name(f.name)
+        if hints[f.name] is bool:
+            group.add_argument(name, action="store_true", default=f.default, help=f.metadata["help"])
+            continue
+        group.add_argument(
+            name,
+            type=_value_type(hints[f.name]),
+            default=f.default,
+            choices=f.metadata["choices"],
+            help=f.metadata["help"],
+        )
+    return parser

@@ -1,0 +1,287 @@
+"""Transfer plans: which slots stay, which are copied locally, who sends which expert to whom.
+
+Pure CPU code, no process group. Slots are rank-major: with ``P`` slots over ``ep_size``
+ranks, rank ``r`` holds global slots ``[r*S, (r+1)*S)`` with ``S = P // ep_size`` local slots.
+
+A plan moves one layer from ``old`` to ``new`` (both ``physical_to_logical_map [P]``):
+
+- a slot whose expert does not change moves nothing;
+- a changed slot whose new expert is already on its rank (old map) is a ``LocalCopy``
+  (several new replicas of one expert on one rank are several copies from one source);
+- otherwise the rank receives the expert once (``Recv`` with every local slot that needs it,
+  fanned out locally) from one rank holding it in the old map, same node first, spread over
+  the holders least-loaded first.
+
+Every rank computes the same plan from the same maps; ``sends`` and ``recvs`` are sorted by
+``(peer, logical_expert)`` so that the operations of each pair of ranks match one to one.
+
+``plan_layer_rounds`` splits a move whose staging would exceed a per-rank budget into
+rounds whose intermediate maps are all valid placements (see its docstring).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from eplb_plugin.errors import PlacementError
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    """Copy local slot ``src_local_slot`` into ``dst_local_slot`` (both on this rank)."""
+
+    src_local_slot: int
+    dst_local_slot: int
+    logical_expert: int
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send the weights of ``logical_expert`` held in ``src_local_slot`` to rank ``peer``."""
+
+    peer: int
+    logical_expert: int
+    src_local_slot: int
+
+
+@dataclass(frozen=True)
+class Recv:
+    """Receive ``logical_expert`` from rank ``peer`` once; it lands in every ``dst_local_slots``."""
+
+    peer: int
+    logical_expert: int
+    dst_local_slots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RankTransferPlan:
+    """One rank's share of a layer's move. ``sends``/``recvs`` sorted by (peer, logical_expert)."""
+
+    rank: int
+    local_copies: tuple[LocalCopy, ...]
+    sends: tuple[Send, ...]
+    recvs: tuple[Recv, ...]
+
+    @property
+    def changed_local_slots(self) -> tuple[int, ...]:
+        """Local slots written by this move, sorted."""
+        dsts = [c.dst_local_slot for c in self.local_copies]
+        dsts += [s for r in self.recvs for s in r.dst_local_slots]
+        return tuple(sorted(dsts))
+
+    @property
+    def staged_copy_sources(self) -> tuple[int, ...]:
+        """Sources of local copies that this move overwrites: they must be staged first."""
+        changed = set(self.changed_local_slots)
+        return tuple(sorted({c.src_local_slot for c in self.local_copies} & changed))
+
+    @property
+    def num_staged_experts(self) -> int:
+        """Staging buffers this rank needs: one per received expert and per staged source."""
+        return len(self.recvs) + len(self.staged_copy_sources)
+
+
+@dataclass(frozen=True)
+class LayerTransferPlan:
+    """A whole layer's move: ``ranks[r]`` is rank ``r``'s plan."""
+
+    ep_size: int
+    num_local_slots: int
+    ranks: tuple[RankTransferPlan, ...]
+
+    @property
+    def num_slots_changed(self) -> int:
+        return sum(len(r.changed_local_slots) for r in self.ranks)
+
+    @property
+    def num_experts_sent(self) -> int:
+        return sum(len(r.sends) for r in self.ranks)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.num_slots_changed == 0
+
+
+def _check_maps(old: torch.Tensor, new: torch.Tensor, ep_size: int) -> tuple[list[int], list[int]]:
+    for name, m in (("old_physical_to_logical_map", old), ("new_physical_to_logical_map", new)):
+        if m.dim() != 1 or m.dtype.is_floating_point or m.dtype == torch.bool:
+            raise PlacementError(
+                f"{name} must be a 1-D integer tensor [P] for one layer, got "
+                f"shape {tuple(m.shape)} dtype {m.dtype}"
+            )
+        if m.numel() and int(m.min()) < 0:
+            raise PlacementError(f"{name} has a negative logical expert {int(m.min())}")
+    if old.shape != new.shape:
+        raise PlacementError(
+            f"old and new physical_to_logical_map differ in shape: {tuple(old.shape)} vs "
+            f"{tuple(new.shape)}; both must be [P]"
+        )
+    if ep_size <= 0 or old.numel() % ep_size:
+        raise PlacementError(
+            f"ep_size={ep_size} must be positive and divide the number of slots {old.numel()}"
+        )
+    old_l, new_l = old.tolist(), new.tolist()
+    missing = sorted(set(new_l) - set(old_l))
+    if missing:
+        raise PlacementError(
+            f"new_physical_to_logical_map needs logical experts {missing[:8]} that no slot of "
+            f"the old map holds, so no rank can send them; start from a map that holds them"
+        )
+    return old_l, new_l
+
+
+def plan_layer_transfer(
+    old_physical_to_logical_map: torch.Tensor,
+    new_physical_to_logical_map: torch.Tensor,
+    *,
+    ep_size: int,
+    gpus_per_node: int | None = None,
+) -> LayerTransferPlan:
+    """Plan one layer's move from the old map to the new one.
+
+    old_physical_to_logical_map, new_physical_to_logical_map: [P] integer, logical ids >= 0.
+    ep_size: ranks; P must divide evenly. gpus_per_node: ranks per node (node = rank //
+    gpus_per_node) for same-node-first sender choice; None = one node.
+    Raises PlacementError for malformed maps or a new expert absent from the old map.
+    """
+    old, new = _check_maps(old_physical_to_logical_map, new_physical_to_logical_map, ep_size)
+    num_local = len(old) // ep_size
+    per_node = gpus_per_node or ep_size
+
+    # Step 1: where each expert lives in the old map, per rank (local slots, ascending);
+    # prefer a source slot that the move leaves unchanged, so it never needs staging.
+    holders: dict[int, dict[int, list[int]]] = defaultdict(dict)
+    for p, e in enumerate(old):
+        holders[e].setdefault(p // num_local, []).append(p % num_local)
+
+    def source_slot(rank: int, expert: int) -> int:
+        slots = holders[expert][rank]
+        stable = [s for s in slots if new[rank * num_local + s] == expert]
+        return (stable or slots)[0]
+
+    # Step 2: per rank, group changed slots by their new expert.
+    copies: list[list[LocalCopy]] = [[] for _ in range(ep_size)]
+    needs: list[tuple[int, int, tuple[int, ...]]] = []  # (rank, expert, dst slots)
+    for r in range(ep_size):
+        by_expert: dict[int, list[int]] = defaultdict(list)
+        for s in range(num_local):
+            p = r * num_local + s
+            if old[p] != new[p]:
+                by_expert[new[p]].append(s)
+        for e in sorted(by_expert):
+            if r in holders[e]:
+                src = source_slot(r, e)
+                copies[r] += [LocalCopy(src, d, e) for d in by_expert[e]]
+            else:
+                needs.append((r, e, tuple(by_expert[e])))
+
+    # Step 3: choose a sender per (rank, expert): same node first, then least sends so far,
+    # then the nearest rank after the receiver on the ring (spreads ties deterministically).
+    load = [0] * ep_size
+    sends: list[list[Send]] = [[] for _ in range(ep_size)]
+    recvs: list[list[Recv]] = [[] for _ in range(ep_size)]
+    for r, e, dsts in needs:
+        cands = sorted(holders[e])
+        near = [h for h in cands if h // per_node == r // per_node] or cands
+        h = min(near, key=lambda h: (load[h], (h - r) % ep_size))
+        load[h] += 1
+        sends[h].append(Send(r, e, source_slot(h, e)))
+        recvs[r].append(Recv(h, e, dsts))
+
+    # Step 4: sort so that the i-th op between any two ranks is the same expert on both.
+    ranks = tuple(
+        RankTransferPlan(
+            rank=r,
+            local_copies=tuple(sorted(copies[r], key=lambda c: (c.dst_local_slot, c.src_local_slot))),
+            sends=tuple(sorted(sends[r], key=lambda s: (s.peer, s.logical_expert))),
+            recvs=tuple(sorted(recvs[r], key=lambda v: (v.peer, v.logical_expert))),
+        )
+        for r in range(ep_size)
+    )
+    return LayerTransferPlan(ep_size=ep_size, num_local_slots=num_local, ranks=ranks)
+
+
+def plan_layer_rounds(
+    old_physical_to_logical_map: torch.Tensor,
+    new_physical_to_logical_map: torch.Tensor,
+    *,
+    ep_size: int,
+    max_staged_experts: int | None = None,
+) -> list[torch.Tensor]:
+    """Split a layer's move into rounds that each stage at most ``max_staged_experts`` per rank.
+
+    Returns the maps after each round, ``[P]`` int64 each, the last equal to the new map
+    (an empty list when nothing changes; one entry when everything fits or no budget).
+    Every intermediate map is a valid placement that can serve: each round only rewrites
+    slots such that every logical expert of the new map keeps a replica, so the next round
+    has a sender and the weights always match the map a round commits.
+
+    A round's staging on a rank is bounded by the number of distinct new experts among
+    its rewritten slots. When single-replica experts form a cycle (A->B, B->A), the
+    cycle must move in one round; if a cycle alone exceeds the budget it still goes as
+    one round (the budget is then exceeded for that round, the only case where it is).
+    """
+    old, new = _check_maps(old_physical_to_logical_map, new_physical_to_logical_map, ep_size)
+    num_local = len(old) // ep_size
+    needed = set(new)
+    work = list(old)
+    remaining = [p for p in range(len(old)) if old[p] != new[p]]
+    rounds: list[torch.Tensor] = []
+    while remaining:
+        count = Counter(work)
+        items: list[set[int]] = [set() for _ in range(ep_size)]
+        chosen: set[int] = set()
+        for p in remaining:
+            if p in chosen:
+                continue
+            # Step 1: grow a chain from p until every needed expert it removes survives.
+            chain = [p]
+            adds, removes = Counter([new[p]]), Counter([work[p]])
+            while True:
+                lost = [y for y in removes if y in needed and count[y] - removes[y] + adds[y] < 1]
+                if not lost:
+                    break
+                q = next(q for q in remaining if q not in chosen and q not in chain and new[q] == lost[0])
+                chain.append(q)
+                adds[new[q]] += 1
+                removes[work[q]] += 1
+            # Step 2: take the chain if every rank's staging stays in budget (or round empty).
+            extra: list[set[int]] = [set() for _ in range(ep_size)]
+            for q in chain:
+                extra[q // num_local].add(new[q])
+            fits = max_staged_experts is None or all(
+                len(items[r] | extra[r]) <= max_staged_experts for r in range(ep_size)
+            )
+            if fits or not chosen:
+                for r in range(ep_size):
+                    items[r] |= extra[r]
+                chosen.update(chain)
+                count.update(adds)
+                count.subtract(removes)
+        for p in chosen:
+            work[p] = new[p]
+        remaining = [p for p in remaining if p not in chosen]
+        rounds.append(torch.tensor(work, dtype=torch.int64))
+    return rounds
+
+
+def plan_transfers(
+    old_physical_to_logical_map: torch.Tensor,
+    new_physical_to_logical_map: torch.Tensor,
+    *,
+    ep_size: int,
+    gpus_per_node: int | None = None,
+) -> list[LayerTransferPlan]:
+    """One plan per layer. Maps: [L, P] integer. Returns L plans (single-round each)."""
+    if old_physical_to_logical_map.dim() != 2 or old_physical_to_logical_map.shape != new_physical_to_logical_map.shape:
+        raise PlacementError(
+            f"plan_transfers needs two [L, P] maps of one shape, got "
+            f"{tuple(old_physical_to_logical_map.shape)} and {tuple(new_physical_to_logical_map.shape)}"
+        )
+    return [
+        plan_layer_transfer(o, n, ep_size=ep_size, gpus_per_node=gpus_per_node)
+        for o, n in zip(old_physical_to_logical_map, new_physical_to_logical_map)
+    ]

@@ -1,0 +1,69 @@
+"""Backend choice and launch geometry shared by the count kernels."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Literal, NamedTuple
+
+import torch
+
+from eplb_plugin.errors import ConfigError
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+
+MAX_BLOCK_IDS = 1024  # ids one program reads per loop iteration
+MAX_PROGRAMS = 128  # about one program per SM on H100/H200; more programs only add atomics
+
+
+class LaunchGeometry(NamedTuple):
+    """How a count kernel splits ``num_ids`` ids: ``programs`` x ``iters`` x ``block``."""
+
+    programs: int
+    iters: int
+    block: int
+    num_bins: int
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def launch_geometry(num_ids: int, num_slots: int) -> LaunchGeometry:
+    """Geometry for ``num_ids`` ids into ``num_slots`` slots (one trash bin past the slots)."""
+    block = min(MAX_BLOCK_IDS, max(16, _next_pow2(num_ids)))
+    blocks = max(1, -(-num_ids // block))
+    programs = min(blocks, MAX_PROGRAMS)
+    iters = -(-blocks // programs)
+    programs = -(-blocks // iters)
+    return LaunchGeometry(programs, iters, block, _next_pow2(num_slots + 1))
+
+
+def triton_available() -> bool:
+    """Whether triton can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(backend: str, tensor: torch.Tensor) -> bool:
+    """Resolve ``backend`` for ``tensor``: ``auto`` = Triton on CUDA when triton is installed."""
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return tensor.is_cuda and triton_available()
+    if backend == "triton":
+        if not triton_available():
+            raise ConfigError("backend='triton' but triton is not installed; use backend='torch' or 'auto'")
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(
+                f"backend='triton' on a {tensor.device.type} tensor needs TRITON_INTERPRET=1 set "
+                "before the kernels are first used; use backend='torch' or 'auto' on CPU"
+            )
+        return True
+    raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}")
+
+
+def check_ids(name: str, ids: torch.Tensor) -> None:
+    """Raise for ids that are not an integer tensor."""
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ConfigError(f"{name} must be int32 or int64 (got {ids.dtype})")

@@ -1,0 +1,36 @@
+"""The one balancedness definition, on hand-computed examples."""
+
+import pytest
+import torch
+
+from eplb_plugin.balance import balancedness, gpu_loads, layer_balancedness, placement_balancedness, slot_loads
+
+
+def test_balancedness_is_mean_over_layers_of_mean_over_max_gpu_load():
+    # Layer 0: GPU loads 10, 30 -> mean 20 / max 30 = 2/3. Layer 1: 5, 5 -> 1.
+    slot = torch.tensor([[4.0, 6.0, 30.0, 0.0], [2.0, 3.0, 1.0, 4.0]])
+    loads = gpu_loads(slot, 2)
+    assert loads.tolist() == [[10.0, 30.0], [5.0, 5.0]]
+    assert layer_balancedness(loads).tolist() == pytest.approx([2 / 3, 1.0])
+    assert balancedness(loads) == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_a_layer_without_tokens_counts_as_balanced():
+    assert balancedness(torch.zeros(1, 4)) == 1.0
+
+
+def test_replicas_split_equally_unless_weighted():
+    # Expert 0 (load 12) has slots 0 and 2; expert 1 (load 4) has slot 1; expert 2 (8) slot 3.
+    count = torch.tensor([[12.0, 4.0, 8.0]])
+    phy2log = torch.tensor([[0, 1, 0, 2]])
+    assert slot_loads(count, phy2log).tolist() == [[6.0, 4.0, 6.0, 8.0]]
+    weights = torch.tensor([[0.75, 1.0, 0.25, 1.0]])
+    assert slot_loads(count, phy2log, weights).tolist() == [[9.0, 4.0, 3.0, 8.0]]
+    # GPU loads 13 / 11 -> 12/13; with equal split 10 / 14 -> 12/14.
+    assert placement_balancedness(count, phy2log, 2, weights) == pytest.approx(12 / 13)
+    assert placement_balancedness(count, phy2log, 2) == pytest.approx(12 / 14)
+
+
+def test_gpu_count_must_divide_slots():
+    with pytest.raises(ValueError, match="divide"):
+        gpu_loads(torch.ones(1, 6), 4)

@@ -1,0 +1,70 @@
+"""Dispatch: logical ids to physical slots under each algorithm."""
+
+import pytest
+import torch
+
+from eplb_plugin.dispatch import ExpertDispatcher, compute_static_dispatch_table
+from eplb_plugin.errors import ConfigError
+from eplb_plugin.location import ExpertLocation
+
+# 3 ranks x 2 slots. Expert 0 on every rank; experts 1, 2, 3 once each.
+LOC = ExpertLocation.from_physical_to_logical_map([[0, 1, 0, 2, 0, 3]], num_logical_experts=4, ep_size=3)
+
+
+def test_static_prefers_a_replica_on_the_same_rank():
+    tables = [compute_static_dispatch_table(LOC, rank=r)[0].tolist() for r in range(3)]
+    assert tables == [[0, 1, 3, 5], [2, 1, 3, 5], [4, 1, 3, 5]]
+
+
+def test_static_spreads_ranks_without_a_local_copy_evenly_over_replicas():
+    # Expert 0 lives on ranks 0 and 2 only; ranks 1 and 3 must pick different replicas.
+    loc = ExpertLocation.from_physical_to_logical_map([[0, 1, 2, 3, 0, 4, 5, 6]], num_logical_experts=7, ep_size=4)
+    picks = [int(compute_static_dispatch_table(loc, rank=r)[0, 0]) for r in range(4)]
+    assert picks[0] == 0 and picks[2] == 4 and {picks[1], picks[3]} == {0, 4}
+
+
+def test_static_prefers_the_same_node_before_a_remote_one():
+    # 4 ranks, 2 per node; expert 0 on ranks 1 and 2 (slots 2 and 4).
+    loc = ExpertLocation.from_physical_to_logical_map([[1, 2, 0, 3, 0, 4, 5, 6]], num_logical_experts=7, ep_size=4)
+    picks = [int(compute_static_dispatch_table(loc, rank=r, num_gpus_per_node=2)[0, 0]) for r in range(4)]
+    assert picks == [2, 2, 4, 4]
+
+
+@pytest.mark.parametrize("algorithm", ["static", "random", "weighted", "dynamic"])
+def test_every_algorithm_keeps_padding_and_picks_a_replica_of_the_right_expert(algorithm):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 4, (1823, 6), generator=gen)
+    out = ExpertDispatcher(LOC, rank=1, algorithm=algorithm, generator=gen).dispatch(0, ids)
+    assert out.shape == ids.shape
+    assert torch.equal(out == -1, ids == -1)
+    phy2log = LOC.physical_to_logical_map[0]
+    assert torch.equal(phy2log[out[ids >= 0]], ids[ids >= 0])
+
+
+def test_weighted_splits_each_expert_in_planned_proportions():
+    weights = torch.tensor([[0.5, 1.0, 0.25, 1.0, 0.25, 1.0]])
+    loc = ExpertLocation.from_physical_to_logical_map(
+        [[0, 1, 0, 2, 0, 3]], num_logical_experts=4, ep_size=3, replica_weights=weights
+    )
+    ids = torch.zeros(400, 2, dtype=torch.int64)
+    out = ExpertDispatcher(loc, rank=0, algorithm="weighted").dispatch(0, ids)
+    assert torch.bincount(out.flatten(), minlength=6).tolist() == [400, 0, 200, 0, 200, 0]
+
+
+def test_weighted_choice_is_identical_on_every_rank():
+    ids = torch.randint(0, 4, (257, 8), generator=torch.Generator().manual_seed(1))
+    outs = [ExpertDispatcher(LOC, rank=r, algorithm="weighted").dispatch(0, ids) for r in range(3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+def test_dynamic_fills_the_gpus_that_lack_other_work():
+    # Tokens: expert 0 x 6, experts 1, 2, 3 x 1 each: each GPU should end with 3 tokens.
+    ids = torch.tensor([[0, 1], [0, -1], [0, 2], [0, 0], [3, 0]])
+    out = ExpertDispatcher(LOC, rank=0, algorithm="dynamic").dispatch(0, ids)
+    per_gpu = torch.bincount(out[out >= 0] // 2, minlength=3)
+    assert per_gpu.tolist() == [3, 3, 3]
+
+
+def test_unknown_algorithm_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="static"):
+        ExpertDispatcher(LOC, rank=0, algorithm="lp")

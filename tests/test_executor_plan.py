@@ -1,0 +1,157 @@
+"""Tests of eplb_plugin.executor.plan: pure transfer planning, no process group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eplb_plugin.errors import PlacementError
+from eplb_plugin.executor.plan import (
+    LocalCopy,
+    Recv,
+    Send,
+    plan_layer_rounds,
+    plan_layer_transfer,
+    plan_transfers,
+)
+
+
+def _t(xs):
+    return torch.tensor(xs, dtype=torch.int64)
+
+
+def _simulate(old, new, plan):
+    """Apply a plan to 'weights' that are just the logical ids; return the resulting map."""
+    s = plan.num_local_slots
+    before = list(old)
+    after = list(old)
+    for rp in plan.ranks:
+        for c in rp.local_copies:
+            assert before[rp.rank * s + c.src_local_slot] == c.logical_expert
+            after[rp.rank * s + c.dst_local_slot] = before[rp.rank * s + c.src_local_slot]
+        for v in rp.recvs:
+            # The matching send on the peer must exist and read the right expert.
+            match = [x for x in plan.ranks[v.peer].sends if x.peer == rp.rank and x.logical_expert == v.logical_expert]
+            assert len(match) == 1
+            assert before[v.peer * s + match[0].src_local_slot] == v.logical_expert
+            for d in v.dst_local_slots:
+                after[rp.rank * s + d] = before[v.peer * s + match[0].src_local_slot]
+    return after
+
+
+def test_unchanged_map_moves_nothing():
+    """A plan whose maps are equal has no copies, sends or receives."""
+    m = _t([0, 1, 2, 3, 0, 1])
+    plan = plan_layer_transfer(m, m.clone(), ep_size=2)
+    assert plan.is_empty and plan.num_experts_sent == 0
+    assert all(not r.local_copies and not r.sends and not r.recvs for r in plan.ranks)
+    assert plan_layer_rounds(m, m.clone(), ep_size=2) == []
+
+
+def test_duplicates_on_one_rank_receive_once_and_fan_out():
+    """Two new replicas of one remote expert on a rank are one receive with two slots."""
+    old = _t([0, 1, 2, 3, 4, 5])
+    new = _t([0, 4, 4, 3, 4, 5])  # rank 0 (slots 0-2) needs expert 4 twice
+    plan = plan_layer_transfer(old, new, ep_size=2)
+    assert plan.ranks[0].recvs == (Recv(peer=1, logical_expert=4, dst_local_slots=(1, 2)),)
+    assert plan.ranks[1].sends == (Send(peer=0, logical_expert=4, src_local_slot=1),)
+    assert _simulate(old.tolist(), new.tolist(), plan) == new.tolist()
+
+
+def test_expert_already_on_rank_is_copied_locally_from_a_stable_slot():
+    """A new replica of an expert the rank holds is a local copy, from an unchanged slot."""
+    old = _t([7, 1, 7, 3])
+    new = _t([7, 7, 2, 3])  # expert 2 is nowhere in the old map
+    with pytest.raises(PlacementError, match="no slot of the old map"):
+        plan_layer_transfer(old, new, ep_size=1)
+    new = _t([7, 7, 7, 3])
+    plan = plan_layer_transfer(old, new, ep_size=1)
+    assert plan.ranks[0].local_copies == (LocalCopy(0, 1, 7),)
+    assert plan.ranks[0].staged_copy_sources == ()
+
+
+def test_local_swap_stages_its_sources():
+    """A swap on one rank reads slots it overwrites, so both sources are staged."""
+    old, new = _t([0, 1]), _t([1, 0])
+    plan = plan_layer_transfer(old, new, ep_size=1)
+    assert plan.ranks[0].staged_copy_sources == (0, 1)
+    assert plan.ranks[0].num_staged_experts == 2
+
+
+def test_sender_prefers_same_node_and_spreads_over_holders():
+    """Senders are picked on the receiver's node first, then least-loaded among holders."""
+    # 4 ranks, 2 per node, 2 slots each. Expert 9 on ranks 1 and 2; ranks 0 and 3 need it.
+    old = _t([0, 1, 9, 2, 9, 3, 4, 5])
+    new = _t([9, 1, 9, 2, 9, 3, 9, 5])
+    plan = plan_layer_transfer(old, new, ep_size=4, gpus_per_node=2)
+    assert plan.ranks[0].recvs[0].peer == 1  # same node as rank 0
+    assert plan.ranks[3].recvs[0].peer == 2  # same node as rank 3
+    # One node: both holders still share the two sends.
+    plan1 = plan_layer_transfer(old, new, ep_size=4)
+    assert sorted(len(r.sends) for r in plan1.ranks) == [0, 0, 1, 1]
+
+
+def test_random_maps_plan_reproduces_new_map_and_pairs_match():
+    """On random maps with duplicates the simulated plan lands the new map; ops pair in order."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        ep = [1, 2, 3, 4][trial % 4]
+        num_local = 1 + trial % 5
+        p = ep * num_local
+        e = max(1, p - trial % 3)
+        old = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        new = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        plan = plan_layer_transfer(old, new, ep_size=ep, gpus_per_node=2)
+        assert _simulate(old.tolist(), new.tolist(), plan) == new.tolist()
+        assert plan.num_slots_changed == int((old != new).sum())
+        for a in range(ep):
+            for b in range(ep):
+                s = [(x.logical_expert) for x in plan.ranks[a].sends if x.peer == b]
+                r = [(x.logical_expert) for x in plan.ranks[b].recvs if x.peer == a]
+                assert s == r
+        assert plan_transfers(old[None], new[None], ep_size=ep)[0] == plan_layer_transfer(old, new, ep_size=ep)
+
+
+def test_rounds_respect_budget_and_keep_every_expert():
+    """Each round stages at most the budget per rank and every intermediate map keeps all experts."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(100):
+        ep, num_local = 2 + trial % 3, 3 + trial % 4
+        p = ep * num_local
+        e = p - trial % 4
+        old = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        new = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        budget = 1 + trial % 3
+        maps = plan_layer_rounds(old, new, ep_size=ep, max_staged_experts=budget)
+        assert torch.equal(maps[-1], new)
+        prev = old
+        over_budget_rounds = 0
+        for m in maps:
+            assert set(m.tolist()) >= set(new.tolist())
+            plan = plan_layer_transfer(prev, m, ep_size=ep)
+            # Over budget only when a cycle of single replicas must move at once (alone).
+            staged = max(r.num_staged_experts for r in plan.ranks)
+            over_budget_rounds += staged > budget
+            prev = m
+        assert over_budget_rounds <= len(maps) // 2 + 1
+        assert len(plan_layer_rounds(old, new, ep_size=ep)) == 1
+
+
+def test_round_budget_binds_when_no_cycle():
+    """Four changed slots on one rank with budget 2 take two rounds of two experts."""
+    old = _t([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    new = _t([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3])  # rank 1 swaps 4 slots for replicas
+    maps = plan_layer_rounds(old, new, ep_size=2, max_staged_experts=2)
+    assert len(maps) == 2
+    for prev, m in zip([old] + maps[:-1], maps):
+        assert plan_layer_transfer(prev, m, ep_size=2).ranks[1].num_staged_experts <= 2
+
+
+def test_bad_maps_raise_placement_error():
+    """Wrong shapes, float maps and an indivisible ep_size name the problem."""
+    with pytest.raises(PlacementError, match="differ in shape"):
+        plan_layer_transfer(_t([0, 1]), _t([0, 1, 1]), ep_size=1)
+    with pytest.raises(PlacementError, match="1-D integer"):
+        plan_layer_transfer(torch.zeros(4), torch.zeros(4), ep_size=1)
+    with pytest.raises(PlacementError, match="divide"):
+        plan_layer_transfer(_t([0, 1, 2]), _t([0, 1, 2]), ep_size=2)
