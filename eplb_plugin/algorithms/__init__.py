@@ -1,0 +1,217 @@
+"""Placement policies: pure functions from load counts to a placement.
+
+Public API::
+
+    plan(logical_count, *, num_physical_experts, num_gpus, num_nodes=1, num_groups=None,
+         algorithm="auto", previous=None) -> Placement
+    rebalance_experts(tokens_per_expert, num_physical_experts, num_local_physical_experts,
+                      num_groups, num_nodes, algorithm) -> (phy2log, log2phy, replica_count)
+
+``rebalance_experts`` has SGLang 0.5.23's signature and return tuple, so SGLang can call it
+unchanged (``--eplb-algorithm eplb_plugin``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, CountsError, PlacementError
+from .balanced import plan_balanced
+from .deepseek import deepseek
+from .migrate import plan_migration_aware
+from .nodes import cross_node_share
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A planned placement.
+
+    physical_to_logical_map: [L, P] int64, logical expert held by each slot (rank-major).
+    replica_weights: [L, P] float32, share of its expert's tokens each slot should get
+        (the shares of one expert's slots sum to 1); None = equal split.
+    slots_moved: slots whose expert differs from ``previous`` (None without previous).
+    solver_seconds: wall time of the planner.
+    cross_node_share: share of token traffic sent to another node, tokens originating
+        uniformly over nodes and served on their own node where a replica is there
+        (None with one node).
+    """
+
+    physical_to_logical_map: torch.Tensor
+    replica_weights: torch.Tensor | None
+    slots_moved: int | None = None
+    solver_seconds: float = 0.0
+    cross_node_share: float | None = None
+
+    @property
+    def logical_to_physical_map(self) -> torch.Tensor:
+        """[L, E, P - E + 1] int64 slots of each logical expert, padded with -1."""
+        num_logical = int(self.physical_to_logical_map.max()) + 1
+        return logical_to_physical(self.physical_to_logical_map, num_logical)
+
+    def replica_count(self, num_logical: int) -> torch.Tensor:
+        """[L, E] int64 replicas per logical expert."""
+        phy2log = self.physical_to_logical_map
+        out = torch.zeros(phy2log.shape[0], num_logical, dtype=torch.int64)
+        return out.scatter_add_(1, phy2log, torch.ones_like(phy2log))
+
+
+def logical_to_physical(phy2log: torch.Tensor, num_logical: int) -> torch.Tensor:
+    """[L, P] map -> [L, E, X] slot lists padded with -1, X = P - E + 1 (fixed width)."""
+    num_layers, num_physical = phy2log.shape
+    width = num_physical - num_logical + 1
+    out = torch.full((num_layers, num_logical, width), -1, dtype=torch.int64)
+    p2l = phy2log.numpy()
+    order = np.argsort(p2l, axis=1, kind="stable")
+    sorted_experts = np.take_along_axis(p2l, order, axis=1)
+    starts = np.ones_like(sorted_experts, dtype=bool)
+    starts[:, 1:] = sorted_experts[:, 1:] != sorted_experts[:, :-1]
+    first = np.maximum.accumulate(np.where(starts, np.arange(num_physical)[None, :], 0), axis=1)
+    rank = np.arange(num_physical)[None, :] - first
+    rows = np.repeat(np.arange(num_layers), num_physical)
+    out[rows, sorted_experts.ravel(), rank.ravel()] = torch.from_numpy(order.ravel().astype(np.int64))
+    return out
+
+
+# Step functions: (weight [L, E] float64, P, G, nodes, groups, previous map | None) -> (map, weights | None)
+PolicyFn = Callable[..., "tuple[np.ndarray, np.ndarray | None]"]
+
+
+def _deepseek(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous):
+    return deepseek(weight, num_physical, num_gpus=num_gpus), None
+
+
+def _deepseek_hierarchical(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous):
+    phy2log = deepseek(
+        weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, hierarchical=True
+    )
+    return phy2log, None
+
+
+def _ours(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous):
+    if previous is not None:
+        return plan_migration_aware(weight, previous, num_gpus=num_gpus)
+    return plan_balanced(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups)
+
+
+def _ours_equal(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous):
+    phy2log, _ = _ours(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
+                       previous=previous)
+    return phy2log, None
+
+
+ALGORITHMS: dict[str, PolicyFn] = {
+    "eplb_plugin": _ours,
+    "eplb_plugin_equal": _ours_equal,
+    "deepseek": _deepseek,
+    "deepseek_hierarchical": _deepseek_hierarchical,
+}
+DEFAULT_ALGORITHM = "eplb_plugin"
+
+
+def _algorithm_name(algorithm) -> str:
+    name = getattr(algorithm, "name", algorithm)  # SGLang passes an enum
+    if not isinstance(name, str):
+        raise ConfigError(f"algorithm={algorithm!r} must be a name; known: auto, {', '.join(ALGORITHMS)}")
+    if name == "auto":
+        return DEFAULT_ALGORITHM
+    if name == "deepseek_vec":
+        return "deepseek"
+    if name not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {name!r}; known: auto, {', '.join(ALGORITHMS)}")
+    return name
+
+
+def _validate_counts(logical_count) -> np.ndarray:
+    counts = logical_count.detach().cpu().double().numpy() if isinstance(logical_count, torch.Tensor) \
+        else np.asarray(logical_count, dtype=np.float64)
+    if counts.ndim == 3:
+        counts = counts.sum(0)
+    if counts.ndim != 2 or counts.shape[0] == 0 or counts.shape[1] == 0:
+        raise CountsError(f"logical_count has shape {tuple(counts.shape)}; expected [L, E] or [B, L, E]")
+    if not np.isfinite(counts).all():
+        raise CountsError("logical_count holds NaN or infinite entries; pass finite token counts")
+    if (counts < 0).any():
+        raise CountsError(f"logical_count holds negative entries (min {counts.min()}); counts must be >= 0")
+    return counts
+
+
+def _validate_shape(num_logical, num_physical, num_gpus, num_nodes, num_groups) -> None:
+    if num_gpus <= 0 or num_nodes <= 0:
+        raise ConfigError(f"num_gpus={num_gpus} and num_nodes={num_nodes} must be positive")
+    if num_physical < num_logical:
+        raise ConfigError(f"num_physical_experts={num_physical} is below the {num_logical} logical experts")
+    if num_gpus > num_physical:
+        raise ConfigError(f"num_gpus={num_gpus} exceeds num_physical_experts={num_physical}; every GPU needs a slot")
+    if num_physical % num_gpus:
+        raise ConfigError(f"num_physical_experts={num_physical} is not divisible by num_gpus={num_gpus}")
+    if num_gpus % num_nodes:
+        raise ConfigError(f"num_gpus={num_gpus} is not divisible by num_nodes={num_nodes}")
+    if num_groups is not None and (num_groups <= 0 or num_logical % num_groups):
+        raise ConfigError(f"num_groups={num_groups} does not divide the {num_logical} logical experts")
+
+
+def _previous_map(previous, shape) -> np.ndarray | None:
+    if previous is None:
+        return None
+    phy2log = previous.physical_to_logical_map if isinstance(previous, Placement) else previous
+    phy2log = torch.as_tensor(phy2log).cpu().numpy().astype(np.int64)
+    if phy2log.shape != shape:
+        raise PlacementError(f"previous map has shape {phy2log.shape}; expected {shape} for this plan")
+    return phy2log
+
+
+def plan(
+    logical_count, *, num_physical_experts: int, num_gpus: int, num_nodes: int = 1,
+    num_groups: int | None = None, algorithm: str = "auto", previous=None,
+) -> Placement:
+    """Plan a placement.
+
+    logical_count: [L, E] or [B, L, E] tokens per logical expert (summed over B), >= 0.
+    previous: an earlier Placement or [L, P] map; migration-aware policies keep slots where
+        moving buys little, and ``slots_moved`` is reported against it.
+    Raises CountsError / ConfigError / PlacementError for bad input.
+    """
+    name = _algorithm_name(algorithm)
+    counts = _validate_counts(logical_count)
+    num_layers, num_logical = counts.shape
+    _validate_shape(num_logical, num_physical_experts, num_gpus, num_nodes, num_groups)
+    prev = _previous_map(previous, (num_layers, num_physical_experts))
+    if prev is not None and (prev.min() < 0 or prev.max() >= num_logical):
+        raise PlacementError(f"previous map holds experts outside 0..{num_logical - 1}")
+    start = time.perf_counter()
+    phy2log, weights = ALGORITHMS[name](
+        counts, num_physical_experts, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, previous=prev
+    )
+    elapsed = time.perf_counter() - start
+    moved = None if prev is None else int((phy2log != prev).sum())
+    share = cross_node_share(counts, phy2log, num_nodes=num_nodes) if num_nodes > 1 else None
+    return Placement(
+        physical_to_logical_map=torch.from_numpy(np.ascontiguousarray(phy2log, dtype=np.int64)),
+        replica_weights=None if weights is None else torch.from_numpy(np.asarray(weights, dtype=np.float32)),
+        slots_moved=moved, solver_seconds=elapsed, cross_node_share=share,
+    )
+
+
+def rebalance_experts(
+    tokens_per_expert: torch.Tensor, num_physical_experts: int, num_local_physical_experts: int,
+    num_groups: int | None, num_nodes: int, algorithm,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SGLang 0.5.23's entry point: returns (phy2log [L, P], log2phy [L, E, P-E+1], replica_count [L, E])."""
+    if num_local_physical_experts <= 0:
+        raise ConfigError(f"num_local_physical_experts={num_local_physical_experts} must be positive")
+    placement = plan(
+        tokens_per_expert, num_physical_experts=num_physical_experts,
+        num_gpus=num_physical_experts // num_local_physical_experts, num_nodes=num_nodes,
+        num_groups=num_groups, algorithm=algorithm,
+    )
+    num_logical = tokens_per_expert.shape[-1]
+    phy2log = placement.physical_to_logical_map
+    return phy2log, logical_to_physical(phy2log, num_logical), placement.replica_count(num_logical)
+
+
+__all__ = ["ALGORITHMS", "Placement", "logical_to_physical", "plan", "rebalance_experts"]

@@ -1,0 +1,128 @@
+"""Placement quality under dispatch, and the replay loop (recorder window -> planner -> move).
+
+Dispatch semantics, as a model of expected GPU load (the runtime ops live in
+``eplb_plugin.dispatch``):
+
+- ``static``: a token goes to a replica on its sending rank if there is one, else to a fixed
+  replica. With tokens originating uniformly over ranks, the expected split is equal.
+- ``random``: uniform over replicas: equal split.
+- ``weighted``: split by the placement's replica weights (equal when it has none).
+- ``dynamic``: per pass, each expert's tokens of that pass are water-filled over its
+  replicas to minimize the max GPU load (needs the pass's own counts).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ConfigError
+from .split import equal_slot_loads, gpu_sum, waterfill_slot_loads
+
+DISPATCHES = ("static", "random", "weighted", "dynamic")
+
+
+def pass_counts(topk_ids: np.ndarray, *, num_logical: int, pass_tokens: int) -> np.ndarray:
+    """Cut a per-token trace into passes. topk_ids: [T, L, k] int. Returns [B, L, E] float64."""
+    num_tokens, num_layers, _ = topk_ids.shape
+    num_passes = num_tokens // pass_tokens
+    ids = topk_ids[: num_passes * pass_tokens].astype(np.int64).reshape(num_passes, pass_tokens, num_layers, -1)
+    offset = (np.arange(num_passes)[:, None] * num_layers + np.arange(num_layers)[None, :]) * num_logical
+    flat = (ids + offset[:, None, :, None]).ravel()
+    counts = np.bincount(flat, minlength=num_passes * num_layers * num_logical)
+    return counts.reshape(num_passes, num_layers, num_logical).astype(np.float64)
+
+
+def per_pass_balancedness(
+    counts: np.ndarray, phy2log: np.ndarray, *, num_gpus: int, dispatch: str,
+    replica_weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """Balancedness of each pass (mean over layers of mean/max GPU load).
+
+    counts: [B, L, E]; phy2log: [L, P]; replica_weights: [L, P] or None. Returns [B].
+    """
+    if dispatch not in DISPATCHES:
+        raise ConfigError(f"unknown dispatch {dispatch!r}; known: {', '.join(DISPATCHES)}")
+    num_passes, num_layers, _ = counts.shape
+    rows = counts.reshape(num_passes * num_layers, -1)
+    maps = np.broadcast_to(phy2log, (num_passes, *phy2log.shape)).reshape(num_passes * num_layers, -1)
+    if dispatch == "dynamic":
+        slot = waterfill_slot_loads(rows, maps, num_gpus)
+    elif dispatch == "weighted" and replica_weights is not None:
+        w = np.broadcast_to(replica_weights, (num_passes, *replica_weights.shape)).reshape(maps.shape)
+        slot = np.take_along_axis(rows, maps, axis=1) * w
+    else:
+        slot = equal_slot_loads(rows, maps)
+    g = gpu_sum(slot, num_gpus)
+    peak = g.max(1)
+    bal = np.where(peak > 0, g.mean(1) / np.where(peak > 0, peak, 1.0), 1.0)
+    return bal.reshape(num_passes, num_layers).mean(1)
+
+
+@dataclass
+class SimResult:
+    """Replay outcome. balancedness[d]: [B] per pass under dispatch d."""
+
+    balancedness: dict[str, np.ndarray]
+    rebalance_passes: list[int] = field(default_factory=list)
+    slots_moved: list[int] = field(default_factory=list)
+    solver_seconds: list[float] = field(default_factory=list)
+    num_slots_total: int = 0
+
+    def summary(self) -> dict:
+        share = [m / self.num_slots_total for m in self.slots_moved] if self.num_slots_total else []
+        return {
+            "balancedness_mean": {d: float(v.mean()) for d, v in self.balancedness.items()},
+            "rebalances": len(self.slots_moved),
+            "slots_moved_share_mean": float(np.mean(share)) if share else 0.0,
+            "slots_moved_share_max": float(np.max(share)) if share else 0.0,
+            "solver_ms_mean": 1e3 * float(np.mean(self.solver_seconds)) if self.solver_seconds else 0.0,
+        }
+
+
+def simulate(
+    counts: np.ndarray, *, num_physical: int, num_gpus: int, interval: int = 8, window: int = 8,
+    algorithm: str = "auto", dispatches=DISPATCHES, decay: float | None = None,
+    oracle: bool = False,
+) -> SimResult:
+    """Replay passes: every ``interval`` passes, plan on the last ``window`` passes (or all
+    past passes weighted by ``decay ** age`` when decay is set), move, and score each later
+    pass on its own. The first interval runs on the trivial placement (slot p holds p % E).
+    ``oracle`` plans on the pass being served (the bound), every pass.
+
+    counts: [B, L, E]. Returns SimResult.
+    """
+    from . import plan  # late import: the package imports this module's siblings
+
+    num_passes, num_layers, num_logical = counts.shape
+    phy2log = np.broadcast_to(np.arange(num_physical) % num_logical, (num_layers, num_physical)).copy()
+    weights = None
+    out = {d: np.zeros(num_passes) for d in dispatches}
+    result = SimResult(balancedness=out, num_slots_total=num_layers * num_physical)
+    for b in range(num_passes):
+        due = oracle or (b > 0 and b % interval == 0)
+        if due:
+            if oracle:
+                hist = counts[b]
+            elif decay is not None:
+                age = np.arange(b)[::-1]
+                hist = np.tensordot(decay ** age, counts[:b], axes=1)
+            else:
+                hist = counts[max(0, b - window):b].sum(0)
+            start = time.perf_counter()
+            placement = plan(
+                hist, num_physical_experts=num_physical, num_gpus=num_gpus, algorithm=algorithm,
+                previous=None if oracle else phy2log,
+            )
+            result.solver_seconds.append(time.perf_counter() - start)
+            new = placement.physical_to_logical_map.numpy()
+            result.rebalance_passes.append(b)
+            result.slots_moved.append(int((new != phy2log).sum()))
+            phy2log = new
+            weights = None if placement.replica_weights is None else placement.replica_weights.numpy()
+        for d in dispatches:
+            out[d][b] = per_pass_balancedness(counts[b:b + 1], phy2log, num_gpus=num_gpus, dispatch=d,
+                                              replica_weights=weights)[0]
+    return result

@@ -1,0 +1,159 @@
+"""Placement policies: golden example, invariants, bad input, quality on real counts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eplb_plugin.algorithms import ALGORITHMS, plan, rebalance_experts
+from eplb_plugin.algorithms.evaluate import pass_counts, per_pass_balancedness, simulate
+from eplb_plugin.balance import placement_balancedness
+from eplb_plugin.errors import ConfigError, CountsError, PlacementError
+
+TRACES = Path(os.environ.get("EPLB_TRACES_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "traces"))
+
+
+def _trace(name: str) -> Path:
+    path = TRACES / name
+    if not path.exists():
+        pytest.skip(f"trace {name} not found under {TRACES}")
+    return path
+
+
+def _gpu_sets(phy2log, num_gpus):
+    rows = np.asarray(phy2log).reshape(len(phy2log), num_gpus, -1)
+    return [[sorted(g.tolist()) for g in layer] for layer in rows]
+
+
+def test_deepseek_hierarchical_reproduces_golden_example():
+    """GPU-level expert sets equal DeepSeek's README example."""
+    d = json.loads(_trace("eplb_readme_golden_SYNTHETIC.json").read_text())
+    weight = torch.tensor(d["weight"])
+    phy2log, log2phy, count = rebalance_experts(weight, d["num_replicas"], d["num_replicas"] // d["num_gpus"],
+                                                d["num_groups"], d["num_nodes"], "deepseek_hierarchical")
+    assert _gpu_sets(phy2log, d["num_gpus"]) == _gpu_sets(d["expected_phy2log"], d["num_gpus"])
+    assert count.tolist() == d["expected_logcnt"]
+    assert log2phy.shape == (2, 12, 16 - 12 + 1)
+
+
+def test_balancedness_hand_example_through_plan_api():
+    """Two GPUs, loads 3+1 vs 2+2 -> mean 4 / max 4 = 1.0; swapped map -> 4/5 = 0.8."""
+    counts = torch.tensor([[3.0, 1.0, 2.0, 2.0]])
+    assert placement_balancedness(counts, torch.tensor([[0, 1, 2, 3]]), 2) == pytest.approx(1.0)
+    assert placement_balancedness(counts, torch.tensor([[0, 2, 1, 3]]), 2) == pytest.approx(4 / 5)
+    p = plan(counts, num_physical_experts=4, num_gpus=2, algorithm="eplb_plugin_equal")
+    assert placement_balancedness(counts, p.physical_to_logical_map, 2) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_every_logical_expert_keeps_a_replica_and_width_is_fixed(algorithm):
+    """Skewed counts with zeros: each expert >= 1 replica; log2phy width is P - E + 1."""
+    gen = torch.Generator().manual_seed(0)
+    counts = (torch.rand(5, 24, generator=gen) ** 4) * 1000
+    counts[:, 3] = 0
+    phy2log, log2phy, count = rebalance_experts(counts, 32, 4, 4, 2, algorithm)
+    assert phy2log.dtype == torch.int64 and phy2log.shape == (5, 32)
+    assert (count >= 1).all() and (count.sum(1) == 32).all()
+    assert log2phy.shape == (5, 24, 9)
+    for layer in range(5):
+        for expert in range(24):
+            slots = log2phy[layer, expert][log2phy[layer, expert] >= 0]
+            assert (phy2log[layer, slots] == expert).all() and len(slots) == count[layer, expert]
+
+
+def test_replica_weights_sum_to_one_per_expert():
+    """Each expert's slot shares sum to 1."""
+    counts = torch.tensor([[900.0, 10, 20, 30, 40, 50, 60, 70]] * 3)
+    p = plan(counts, num_physical_experts=12, num_gpus=4)
+    sums = torch.zeros(3, 8).scatter_add_(1, p.physical_to_logical_map, p.replica_weights)
+    assert torch.allclose(sums, torch.ones(3, 8), atol=1e-5)
+
+
+def test_same_counts_as_previous_moves_no_slot():
+    """Re-planning on the counts the previous plan was made on moves nothing."""
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.rand(4, 16, generator=gen) * 100
+    first = plan(counts, num_physical_experts=20, num_gpus=4)
+    second = plan(counts, num_physical_experts=20, num_gpus=4, previous=first)
+    assert second.slots_moved == 0
+    assert torch.equal(second.physical_to_logical_map, first.physical_to_logical_map)
+
+
+def test_batched_counts_are_summed_over_passes():
+    """[B, L, E] plans like its sum over B."""
+    counts = torch.rand(3, 2, 8) * 10
+    a = plan(counts, num_physical_experts=8, num_gpus=2, algorithm="deepseek")
+    b = plan(counts.sum(0), num_physical_experts=8, num_gpus=2, algorithm="deepseek")
+    assert torch.equal(a.physical_to_logical_map, b.physical_to_logical_map)
+
+
+@pytest.mark.parametrize(
+    ("counts", "kwargs", "error"),
+    [
+        (torch.ones(8), {}, CountsError),
+        (torch.tensor([[1.0, float("nan"), 1, 1]]), {}, CountsError),
+        (torch.tensor([[1.0, -1, 1, 1]]), {}, CountsError),
+        (torch.ones(1, 4), {"num_physical_experts": 6, "num_gpus": 4}, ConfigError),
+        (torch.ones(1, 4), {"num_physical_experts": 4, "num_gpus": 8}, ConfigError),
+        (torch.ones(1, 4), {"num_groups": 3}, ConfigError),
+        (torch.ones(1, 4), {"algorithm": "nope"}, ConfigError),
+        (torch.ones(1, 4), {"previous": torch.zeros(1, 3, dtype=torch.int64)}, PlacementError),
+    ],
+)
+def test_bad_input_raises_typed_error(counts, kwargs, error):
+    """Shapes, NaN, negatives, indivisible P, too many GPUs, bad groups, unknown names."""
+    args = {"num_physical_experts": 4, "num_gpus": 2, **kwargs}
+    with pytest.raises(error):
+        plan(counts, **args)
+
+
+def test_unknown_algorithm_lists_known_names():
+    with pytest.raises(ConfigError, match="deepseek"):
+        plan(torch.ones(1, 4), num_physical_experts=4, num_gpus=2, algorithm="greedy")
+
+
+def test_cross_node_share_reported_with_several_nodes():
+    counts = torch.rand(2, 16) * 10
+    p = plan(counts, num_physical_experts=16, num_gpus=4, num_nodes=2)
+    assert p.cross_node_share == pytest.approx(0.5)  # one replica each: half the senders are remote
+    assert plan(counts, num_physical_experts=16, num_gpus=4).cross_node_share is None
+
+
+def test_dynamic_dispatch_is_never_worse_than_equal_split():
+    counts = np.random.default_rng(0).random((3, 2, 8)) ** 3 * 100
+    p = plan(counts.sum(0), num_physical_experts=12, num_gpus=4, algorithm="deepseek")
+    m = p.physical_to_logical_map.numpy()
+    eq = per_pass_balancedness(counts, m, num_gpus=4, dispatch="random")
+    dyn = per_pass_balancedness(counts, m, num_gpus=4, dispatch="dynamic")
+    assert (dyn >= eq - 1e-9).all()
+
+
+@pytest.mark.parametrize(("num_gpus", "redundant"), [(8, 0), (16, 16), (32, 32), (64, 64)])
+def test_beats_deepseek_on_qwen3_counts(num_gpus, redundant):
+    """Equal split: halves DeepSeek's distance from 1.0; with weights: at least as good."""
+    counts = torch.tensor(json.loads(_trace("sglang_qwen3_235b_a22b_L512_counts.json").read_text())["counts"])
+    num_physical = 128 + redundant
+    ds = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus, algorithm="deepseek")
+    ours = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus)
+    b_ds = placement_balancedness(counts, ds.physical_to_logical_map, num_gpus)
+    b_eq = placement_balancedness(counts, ours.physical_to_logical_map, num_gpus)
+    b_w = placement_balancedness(counts, ours.physical_to_logical_map, num_gpus, ours.replica_weights)
+    assert 1 - b_eq <= (1 - b_ds) / 2
+    assert b_w >= b_eq - 1e-9
+
+
+def test_simulate_moves_fewer_slots_than_deepseek_and_reports_per_pass_balancedness():
+    ids = np.load(_trace("esft_dsv2lite_law_top6.npz"))["topk_ids"][:4096]
+    counts = pass_counts(ids, num_logical=64, pass_tokens=256)
+    res = simulate(counts, num_physical=72, num_gpus=8, interval=4, window=4, dispatches=("random", "dynamic"))
+    assert res.balancedness["dynamic"].shape == (16,)
+    assert len(res.slots_moved) == 3
+    ds = simulate(counts, num_physical=72, num_gpus=8, interval=4, window=4, algorithm="deepseek",
+                  dispatches=("random",))
+    assert sum(res.slots_moved) < sum(ds.slots_moved)
+    assert (res.balancedness["dynamic"] >= res.balancedness["random"] - 1e-9).all()
