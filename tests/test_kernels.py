@@ -15,6 +15,7 @@ import pytest
 
 from eplb_plugin.errors import ConfigError, CountsError
 from eplb_plugin.kernels import (
+    _launch,
     count_reference,
     count_topk,
     launch_geometry,
@@ -22,7 +23,6 @@ from eplb_plugin.kernels import (
     map_and_count_reference,
     triton_available,
 )
-from eplb_plugin.kernels import _launch
 
 PAD_SHARE = 0.1  # share of ids replaced by -1 padding
 TOKENS = (1, 7, 1823)
@@ -142,3 +142,26 @@ def test_empty_ids_count_nothing():
     count_topk(torch.empty(0, 8, dtype=torch.int32), counts, 0)
     map_and_count(torch.empty(0, 8, dtype=torch.int32), torch.zeros(1, 8, dtype=torch.int32), counts, 0)
     assert not counts.any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs a CUDA GPU and triton")
+def test_counts_captured_in_a_cuda_graph_keep_counting_on_replay():
+    """Both kernels captured in one CUDA graph add their counts again on every replay."""
+    gen = torch.Generator().manual_seed(21)
+    ids = _ids(gen, 37, 8, 257).cuda()
+    table = torch.randint(0, 257, (2, 200), generator=gen, dtype=torch.int32).cuda()
+    logical = _ids(gen, 37, 8, 200).cuda()
+    counts = torch.zeros(2, 257, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(logical)
+    count_topk(ids, counts, 0)  # compile outside capture
+    map_and_count(logical, table, counts, 1, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        count_topk(ids, counts, 0)
+        map_and_count(logical, table, counts, 1, out=out)
+    counts.zero_()
+    for _ in range(3):
+        graph.replay()
+    _, fused_ref = map_and_count_reference(logical.cpu(), table[1].cpu(), 257)
+    assert torch.equal(counts[0].cpu().long(), 3 * count_reference(ids, 257))
+    assert torch.equal(counts[1].cpu().long(), 3 * fused_ref)

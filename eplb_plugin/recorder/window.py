@@ -62,7 +62,8 @@ class CountWindow:
             self._epoch_of_row += [-1] * self._filled
         self._rows[self._next].copy_(pass_counts)
         self._epoch_of_row[self._next] = epoch
-        self._next = (self._next + 1) % len(self._epoch_of_row)
+        # An unbounded window never wraps: it grows before it would.
+        self._next = self._next + 1 if self._unbounded else (self._next + 1) % len(self._epoch_of_row)
         self._filled = min(self._filled + 1, len(self._epoch_of_row))
 
     def reset(self) -> None:

@@ -1,0 +1,340 @@
+"""ExpertDistributionRecorder: SGLang 0.5.23's recorder surface over on-device counts.
+
+Every hook adds to one preallocated ``[L, P]`` int32 device buffer (``pass_counts``) with a
+Triton kernel on CUDA (torch path on CPU): no host sync, no allocation on the Triton path,
+safe under CUDA-graph capture (hooks also count while a graph is being captured, and the
+captured kernels keep counting on replay). At each pass boundary (host code) the mode takes
+the pass's counts and the buffer is zeroed. The map each pass ran under is kept as a map
+epoch, so counts recorded across a rebalance go to the right logical experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+
+from eplb_plugin.errors import ConfigError, PlacementError
+from eplb_plugin.kernels import count_topk, map_and_count, map_reference
+from eplb_plugin.recorder.modes import MODES, PerTokenMode, StatMode
+from eplb_plugin.recorder.window import UNBOUNDED
+
+DEFAULT_BUFFER_SIZE_PASSES = 1000  # SGLang's default rebalance interval, in passes
+DEFAULT_MAX_TOKENS_PER_PASS = 8192  # per_token: tokens one pass may record per layer
+DEFAULT_TOP_K = 8  # per_token: ids per token kept (DeepSeek-V3's top-k, as SGLang)
+
+CountSource = Literal["auto", "select_experts", "dispatch"]
+OutputMode = Literal["file", "object"]
+
+
+class ExpertDistributionRecorder:
+    """Records which physical slots each MoE layer's tokens go to, per forward pass.
+
+    mode: "stat" | "stat_approx" | "per_pass" | "per_token" (SGLang's meanings).
+    physical_to_logical_map: [L, P] int, logical expert of each slot (live map; copied).
+    num_logical_experts: E.
+    buffer_size: passes kept (stat window, per-pass records); -1 = without bound.
+    device: where counts live (default: the map's device).
+    rank, ep_size: this rank and the EP size (slots are rank-major, P / ep_size per rank).
+    decay: if set (0 <= decay < 1), stat modes keep ``logical_count_ema`` [L, E] float32,
+        ``ema = decay * ema + (1 - decay) * pass_logical_count``.
+    group: process group summed over by stat dumps (None or one rank: no communication).
+    count_source: which hooks count: "select_experts" (``on_select_experts``) or "dispatch"
+        (DeepEP receive counts / ``masked_m``); "auto" = dispatch for stat_approx.
+    backend: kernel backend, "auto" | "triton" | "torch".
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        *,
+        physical_to_logical_map: torch.Tensor,
+        num_logical_experts: int,
+        buffer_size: int = DEFAULT_BUFFER_SIZE_PASSES,
+        device: torch.device | str | None = None,
+        rank: int = 0,
+        ep_size: int = 1,
+        decay: float | None = None,
+        group: Any = None,
+        dump_dir: str | os.PathLike | None = None,
+        count_source: CountSource = "auto",
+        backend: str = "auto",
+        max_tokens_per_pass: int = DEFAULT_MAX_TOKENS_PER_PASS,
+        top_k: int = DEFAULT_TOP_K,
+    ):
+        if mode not in MODES:
+            raise ConfigError(f"recorder mode={mode!r} is not one of {tuple(MODES)}")
+        if buffer_size != UNBOUNDED and buffer_size < 1:
+            raise ConfigError(f"buffer_size={buffer_size} must be >= 1 or -1 (without bound)")
+        if decay is not None and not 0.0 <= decay < 1.0:
+            raise ConfigError(f"decay={decay} must be in [0, 1) or None")
+        if count_source not in ("auto", "select_experts", "dispatch"):
+            raise ConfigError(f"count_source={count_source!r} is not one of ('auto', 'select_experts', 'dispatch')")
+        self._check_map(physical_to_logical_map, num_logical_experts, expected_shape=None)
+        num_layers, num_physical = physical_to_logical_map.shape
+        if ep_size < 1 or num_physical % ep_size or not 0 <= rank < ep_size:
+            raise ConfigError(f"ep_size={ep_size} must divide num_physical_experts={num_physical} and 0 <= rank={rank} < ep_size")
+        self.mode = mode
+        self.num_layers, self.num_physical_experts = num_layers, num_physical
+        self.num_logical_experts = num_logical_experts
+        self.buffer_size, self.rank, self.ep_size = buffer_size, rank, ep_size
+        self.decay, self.group, self.dump_dir, self.backend = decay, group, dump_dir, backend
+        self.max_tokens_per_pass, self.top_k = max_tokens_per_pass, top_k
+        self.device = torch.device(device) if device is not None else physical_to_logical_map.device
+        self._count_dispatch = count_source == "dispatch" or (count_source == "auto" and mode == "stat_approx")
+        self.map_epoch = 0
+        self.maps_by_epoch: dict[int, torch.Tensor] = {0: physical_to_logical_map.to(self.device, copy=True)}
+        self.pass_counts = torch.zeros((num_layers, num_physical), dtype=torch.int32, device=self.device)
+        self._mode = MODES[mode](self)
+        self._recording = False
+        self._disabled = False
+        self._layer: int | None = None
+        self._is_cuda = self.device.type == "cuda"
+
+    @classmethod
+    def from_metadata(cls, metadata: Any, rank: int, *, mode: str, **kwargs: Any) -> ExpertDistributionRecorder:
+        """Build from an SGLang ``ExpertLocationMetadata`` (its map, E and ep_size)."""
+        return cls(
+            mode,
+            physical_to_logical_map=metadata.physical_to_logical_map,
+            num_logical_experts=metadata.num_logical_experts,
+            rank=rank,
+            ep_size=metadata.ep_size,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ maps
+    def _check_map(self, new_map: torch.Tensor, num_logical: int, expected_shape: Sequence[int] | None) -> None:
+        if not isinstance(new_map, torch.Tensor) or new_map.dim() != 2 or new_map.dtype.is_floating_point:
+            raise PlacementError("physical_to_logical_map must be an [L, P] integer tensor")
+        if expected_shape is not None and tuple(new_map.shape) != tuple(expected_shape):
+            raise PlacementError(f"physical_to_logical_map has shape {tuple(new_map.shape)}, expected {tuple(expected_shape)}")
+        # Values are checked only on CPU maps: checking a device map would sync the host.
+        if new_map.device.type == "cpu" and new_map.numel() and (new_map.min() < 0 or new_map.max() >= num_logical):
+            raise PlacementError(f"physical_to_logical_map holds experts outside [0, {num_logical})")
+
+    @property
+    def physical_to_logical_map(self) -> torch.Tensor:
+        """The live map, [L, P] on the recorder's device."""
+        return self.maps_by_epoch[self.map_epoch]
+
+    def set_physical_to_logical_map(self, new_map: torch.Tensor) -> None:
+        """Start a new map epoch (call at a pass boundary, after a rebalance). The map is copied."""
+        self._check_map(new_map, self.num_logical_experts, (self.num_layers, self.num_physical_experts))
+        self.map_epoch += 1
+        self.maps_by_epoch[self.map_epoch] = new_map.to(self.device, copy=True)
+        keep = self._mode.referenced_epochs() | {self.map_epoch}
+        self.maps_by_epoch = {e: m for e, m in self.maps_by_epoch.items() if e in keep}
+
+    # ------------------------------------------------------------- contexts
+    @contextlib.contextmanager
+    def with_current_layer(self, layer_idx: int) -> Iterator[None]:
+        previous, self._layer = self._layer, layer_idx
+        try:
+            yield
+        finally:
+            self._layer = previous
+
+    @contextlib.contextmanager
+    def with_debug_name(self, debug_name: str) -> Iterator[None]:
+        yield
+
+    @contextlib.contextmanager
+    def disable_this_region(self) -> Iterator[None]:
+        previous, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    @contextlib.contextmanager
+    def with_forward_pass(
+        self, forward_pass_id: int, forward_batch: Any = None, *, num_tokens: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """One forward pass; at its end a recording recorder hands the pass's counts to its mode."""
+        outputs: dict[str, Any] = {}
+        recording = self._recording
+        if recording:
+            self._mode.on_pass_start(forward_batch)
+        try:
+            yield outputs
+        finally:
+            if recording and self._recording:
+                if num_tokens is not None and isinstance(self._mode, PerTokenMode):
+                    self._mode.set_num_tokens(num_tokens)
+                self._mode.on_pass_end(forward_pass_id, self.pass_counts, self.map_epoch)
+                self.pass_counts.zero_()
+
+    # ---------------------------------------------------------------- hooks
+    def _active_layer(self, layer_idx: int | None) -> int | None:
+        """The layer to count into, or None when this hook should do nothing."""
+        if self._disabled:
+            return None
+        if not (self._recording or (self._is_cuda and torch.cuda.is_current_stream_capturing())):
+            return None
+        layer = self._layer if layer_idx is None else layer_idx
+        if layer is None:
+            raise ConfigError("recorder hook called outside with_current_layer(...) and without layer_idx")
+        return layer
+
+    def on_select_experts(self, topk_ids: torch.Tensor, *, layer_idx: int | None = None) -> None:
+        """topk_ids: [T, k] int32/int64 physical slot ids after dispatch; -1 = padding."""
+        layer = self._active_layer(layer_idx)
+        if layer is None:
+            return
+        if not self._count_dispatch:
+            count_topk(topk_ids, self.pass_counts, layer, backend=self.backend)
+        self._mode.on_topk(layer, topk_ids)
+
+    def record_logical(
+        self, layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Dispatch logical ids by ``dispatch_table [L, E]`` and count them in one kernel.
+
+        topk_ids: [T, k] logical ids, -1 = padding. Returns physical ids [T, k] (-1 kept).
+        """
+        active = self._active_layer(layer)
+        if active is None or self._count_dispatch:
+            physical = map_reference(topk_ids, dispatch_table[layer])
+            if out is None:
+                return physical
+            return out.copy_(physical)
+        physical = map_and_count(topk_ids, dispatch_table, self.pass_counts, layer, out=out, backend=self.backend)
+        self._mode.on_topk(layer, physical)
+        return physical
+
+    def _add_local_counts(self, layer: int, local_counts: torch.Tensor) -> None:
+        per_rank = self.num_physical_experts // self.ep_size
+        n = min(per_rank, local_counts.shape[0])
+        start = self.rank * per_rank
+        self.pass_counts[layer, start : start + n].add_(local_counts[:n].to(self.device, non_blocking=True))
+
+    def on_deepep_dispatch_normal(
+        self,
+        local_physical_count_of_layer: list[int],
+        num_tokens_per_rank: Any = None,
+        num_tokens_per_rdma_rank: Any = None,
+        num_tokens_per_expert: Any = None,
+        *,
+        layer_idx: int | None = None,
+    ) -> None:
+        """DeepEP normal dispatch: ``num_recv_tokens_per_expert_list`` (host list, one count per
+        local slot, each padded up to the expert alignment, hence approximate)."""
+        layer = self._active_layer(layer_idx)
+        if layer is None or not self._count_dispatch:
+            return
+        counts = torch.tensor(local_physical_count_of_layer, dtype=torch.int32)
+        self._add_local_counts(layer, counts.pin_memory() if self._is_cuda else counts)
+
+    def on_deepep_dispatch_low_latency(
+        self, local_physical_count_of_layer: torch.Tensor, *, layer_idx: int | None = None
+    ) -> None:
+        """DeepEP low-latency dispatch (or the runtime's dispatcher): ``masked_m`` [P / ep_size]
+        int, tokens received per local slot, on the device."""
+        layer = self._active_layer(layer_idx)
+        if layer is None or not self._count_dispatch:
+            return
+        self._add_local_counts(layer, local_physical_count_of_layer)
+
+    on_dispatch_receive_counts = on_deepep_dispatch_low_latency
+
+    def get_current_pass_count_buffer(self, layer_idx: int) -> torch.Tensor | None:
+        """This pass's [P] int32 counts of one layer while recording, else None (SGLang's API)."""
+        return self.pass_counts[layer_idx] if self._recording else None
+
+    # --------------------------------------------------------------- control
+    def _reset(self) -> None:
+        self.pass_counts.zero_()
+        self._mode.reset()
+        self.maps_by_epoch = {self.map_epoch: self.physical_to_logical_map}
+
+    def start_record(self) -> None:
+        """Forget everything recorded so far and start recording."""
+        self._reset()
+        self._recording = True
+
+    def stop_record(self) -> None:
+        """Stop recording (what was recorded stays until the next dump or start)."""
+        self._recording = False
+
+    def dump_record(self, output_mode: OutputMode = "file", *, name: str | None = None) -> Any:
+        """Dump in SGLang's format and reset. Stat modes: every rank must call it (all-reduce).
+
+        output_mode "file": returns the written Path (None on ranks that do not write);
+        "object": returns the dict. name: file name inside the dump directory.
+        """
+        if output_mode not in ("file", "object"):
+            raise ConfigError(f"output_mode={output_mode!r} is not one of ('file', 'object')")
+        output = self._mode.dump(output_mode, name)
+        self._reset()
+        return output
+
+    @property
+    def recording(self) -> bool:
+        return self._recording
+
+    # ------------------------------------------------------- window (manager)
+    def logical_count_window(self) -> torch.Tensor:
+        """Stat modes: [L, E] int64 on the device, the window summed, each pass by its own map."""
+        return self._mode.logical_count_window()
+
+    def physical_count_window(self) -> torch.Tensor:
+        """Stat modes: [L, P] int64 on the device, the window summed per slot."""
+        return self._mode.physical_count_window()
+
+    @property
+    def logical_count_ema(self) -> torch.Tensor | None:
+        """[L, E] float32 exponentially decayed per-pass logical counts (None without ``decay``)."""
+        return self._mode.ema if isinstance(self._mode, StatMode) else None
+
+    @property
+    def num_passes_in_window(self) -> int:
+        return self._mode.window.num_passes if isinstance(self._mode, StatMode) else len(self._mode.records)
+
+
+class NoopRecorder:
+    """The recorder when recording is off: allocates nothing, launches nothing."""
+
+    mode = None
+    recording = False
+
+    def with_current_layer(self, layer_idx: int) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def with_debug_name(self, debug_name: str) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def disable_this_region(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def with_forward_pass(self, forward_pass_id: int, forward_batch: Any = None, **_: Any) -> contextlib.nullcontext:
+        return contextlib.nullcontext({})
+
+    def on_select_experts(self, topk_ids: torch.Tensor, **_: Any) -> None:
+        pass
+
+    def on_deepep_dispatch_normal(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_deepep_dispatch_low_latency(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    on_dispatch_receive_counts = on_deepep_dispatch_low_latency
+
+    def record_logical(self, layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        physical = map_reference(topk_ids, dispatch_table[layer])
+        return physical if out is None else out.copy_(physical)
+
+    def get_current_pass_count_buffer(self, layer_idx: int) -> None:
+        return None
+
+    def set_physical_to_logical_map(self, new_map: torch.Tensor) -> None:
+        pass
+
+    def _off(self, *args: Any, **kwargs: Any) -> None:
+        raise ConfigError("the expert distribution recorder is off: set --expert-distribution-recorder-mode to record")
+
+    start_record = stop_record = dump_record = logical_count_window = physical_count_window = _off

@@ -1,0 +1,231 @@
+"""One class per recorder mode, keyed by SGLang's mode names in ``MODES``.
+
+A mode receives each recorded pass's ``[L, P]`` int32 device counts at the pass boundary
+(``on_pass_end``), keeps what its mode keeps, and builds the dump. ``stat`` and
+``stat_approx`` differ only in where the counts come from (see ``core``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from eplb_plugin.balance import gpu_loads, layer_balancedness
+from eplb_plugin.errors import ConfigError
+from eplb_plugin.recorder import dump as dump_io
+from eplb_plugin.recorder.window import UNBOUNDED, CountWindow, physical_to_logical
+
+if TYPE_CHECKING:
+    from eplb_plugin.recorder.core import ExpertDistributionRecorder
+
+GATHERER_KEY = "primary"  # SGLang's single-pass gatherer key, kept in per-pass records
+
+
+def _all_reduce(tensor: torch.Tensor, group: Any) -> None:
+    """Sum over the group in place; returns early with no group or one rank."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+def _wait_for_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        # Dumps read records copied with non_blocking=True at pass ends; wait for those
+        # copies once here (an operator action), never per pass.
+        torch.cuda.synchronize(device)
+
+
+class StatMode:
+    """``stat`` / ``stat_approx``: ring buffer of per-pass counts with map epochs, optional EMA.
+
+    Dump (rank 0 writes): ``{"rank", "logical_count": int32 [B, L, E] (oldest pass first,
+    summed over ranks, each pass mapped by the map live when it ran),
+    "average_utilization_rate_over_window": float | None}``. The utilization is the mean over
+    held passes of per-pass balancedness (``eplb_plugin.balance``) of the rank-summed GPU loads;
+    None when ``ep_size == 1`` or no pass is held (SGLang gives None when it does not track it).
+    """
+
+    def __init__(self, rec: ExpertDistributionRecorder):
+        self._rec = rec
+        self.window = CountWindow(rec.buffer_size, rec.num_layers, rec.num_physical_experts, rec.device)
+        self.ema: torch.Tensor | None = None
+        if rec.decay is not None:
+            self.ema = torch.zeros((rec.num_layers, rec.num_logical_experts), dtype=torch.float32, device=rec.device)
+
+    def on_pass_start(self, forward_batch: Any) -> None:
+        pass
+
+    def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
+        pass
+
+    def on_pass_end(self, forward_pass_id: int, pass_counts: torch.Tensor, epoch: int) -> None:
+        self.window.append(pass_counts, epoch)
+        if self.ema is not None:
+            decay = self._rec.decay
+            logical = physical_to_logical(pass_counts, self._rec.physical_to_logical_map, self._rec.num_logical_experts)
+            self.ema.mul_(decay).add_(logical, alpha=1.0 - decay)
+
+    def referenced_epochs(self) -> set[int]:
+        return self.window.referenced_epochs()
+
+    def reset(self) -> None:
+        self.window.reset()
+        if self.ema is not None:
+            self.ema.zero_()
+
+    def logical_count_window(self) -> torch.Tensor:
+        return self.window.logical_sum(self._rec.maps_by_epoch, self._rec.num_logical_experts)
+
+    def physical_count_window(self) -> torch.Tensor:
+        return self.window.physical_sum()
+
+    def dump(self, output_mode: str, name: str | None) -> Any:
+        rec = self._rec
+        logical = self.window.logical_rows(rec.maps_by_epoch, rec.num_logical_experts)
+        _all_reduce(logical, rec.group)
+        utilization = None
+        if rec.ep_size > 1 and self.window.num_passes > 0:
+            loads = gpu_loads(self.window.physical_rows(), rec.ep_size)  # [n, L, ep] float64
+            _all_reduce(loads, rec.group)
+            utilization = float(layer_balancedness(loads).mean())
+        output = {
+            "rank": rec.rank,
+            "logical_count": logical.to(device="cpu", dtype=torch.int32),
+            "average_utilization_rate_over_window": utilization,
+        }
+        if output_mode == "object":
+            return output
+        if rec.rank != 0:
+            return None
+        return dump_io.write_dump(output, dump_io.default_name(None) if name is None else name, rec.dump_dir)
+
+
+class PerPassMode:
+    """``per_pass``: every recorded pass's ``[L, P]`` counts, kept on the device.
+
+    Keeps the last ``buffer_size`` passes (all with ``-1``): ``L * P * 4`` bytes of device
+    memory each. Dump (every rank writes): ``{"records": [{"forward_pass_id", "rank",
+    "gatherer_key", "global_physical_count": int32 [L, P], "physical_to_logical_map_epoch"}],
+    "last_physical_to_logical_map": [L, P], "physical_to_logical_map_by_epoch": {epoch: [L, P]}}``
+    (the last two keys beyond SGLang's let a reader map each record with its own map).
+    """
+
+    def __init__(self, rec: ExpertDistributionRecorder):
+        self._rec = rec
+        self.records: deque[dict[str, Any]] = deque(maxlen=None if rec.buffer_size == UNBOUNDED else rec.buffer_size)
+
+    def on_pass_start(self, forward_batch: Any) -> None:
+        pass
+
+    def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
+        pass
+
+    def _record(self, forward_pass_id: int, pass_counts: torch.Tensor, epoch: int) -> dict[str, Any]:
+        return {
+            "forward_pass_id": forward_pass_id,
+            "rank": self._rec.rank,
+            "gatherer_key": GATHERER_KEY,
+            "global_physical_count": pass_counts.clone(),
+            "physical_to_logical_map_epoch": epoch,
+        }
+
+    def on_pass_end(self, forward_pass_id: int, pass_counts: torch.Tensor, epoch: int) -> None:
+        self.records.append(self._record(forward_pass_id, pass_counts, epoch))
+
+    def referenced_epochs(self) -> set[int]:
+        return {r["physical_to_logical_map_epoch"] for r in self.records}
+
+    def reset(self) -> None:
+        self.records.clear()
+
+    def logical_count_window(self) -> torch.Tensor:
+        raise ConfigError(f"logical_count_window needs recorder mode 'stat' or 'stat_approx' (got {self._rec.mode!r})")
+
+    physical_count_window = logical_count_window
+
+    def dump(self, output_mode: str, name: str | None) -> Any:
+        rec = self._rec
+        _wait_for_device(rec.device)
+        records = [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in self.records]
+        output = {
+            "records": records,
+            "last_physical_to_logical_map": rec.physical_to_logical_map.cpu(),
+            "physical_to_logical_map_by_epoch": {
+                e: rec.maps_by_epoch[e].cpu() for e in sorted(self.referenced_epochs() | {rec.map_epoch})
+            },
+        }
+        if output_mode == "object":
+            return output
+        return dump_io.write_dump(output, dump_io.default_name(rec.rank) if name is None else name, rec.dump_dir)
+
+
+class PerTokenMode(PerPassMode):
+    """``per_token``: per_pass plus each pass's physical ``topk_ids`` per layer.
+
+    Device memory is bounded: one ``[L, max_tokens_per_pass, top_k]`` int32 buffer (-1 =
+    no id), reused every pass; each recorded pass is copied to host memory without blocking
+    (``[L, T, top_k]`` int32 per record, the last ``buffer_size`` records kept). Under CUDA
+    graphs the pass's token count comes from ``forward_batch.input_ids`` or ``num_tokens``.
+    """
+
+    def __init__(self, rec: ExpertDistributionRecorder):
+        super().__init__(rec)
+        self.topk_ids_of_layer = torch.full(
+            (rec.num_layers, rec.max_tokens_per_pass, rec.top_k), -1, dtype=torch.int32, device=rec.device
+        )
+        self._tokens = 0
+        self._metadata: dict[str, Any] = {}
+
+    def on_pass_start(self, forward_batch: Any) -> None:
+        self._tokens = 0
+        self._metadata = {}
+        input_ids = getattr(forward_batch, "input_ids", None)
+        if isinstance(input_ids, torch.Tensor):
+            self._tokens = input_ids.shape[0]
+            self._metadata["input_ids"] = _to_host(input_ids)
+            positions = getattr(forward_batch, "positions", None)
+            if isinstance(positions, torch.Tensor):
+                self._metadata["positions"] = _to_host(positions)
+
+    def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
+        tokens, top_k = topk_ids.shape
+        if tokens > self.topk_ids_of_layer.shape[1] or top_k > self.topk_ids_of_layer.shape[2]:
+            raise ConfigError(
+                f"per_token recorder got topk_ids {tuple(topk_ids.shape)} but holds at most "
+                f"max_tokens_per_pass={self.topk_ids_of_layer.shape[1]} x top_k={self.topk_ids_of_layer.shape[2]}; "
+                "raise max_tokens_per_pass / top_k"
+            )
+        self.topk_ids_of_layer[layer, :tokens, :top_k].copy_(topk_ids)
+        self._tokens = max(self._tokens, tokens)
+
+    def set_num_tokens(self, num_tokens: int) -> None:
+        self._tokens = num_tokens
+
+    def on_pass_end(self, forward_pass_id: int, pass_counts: torch.Tensor, epoch: int) -> None:
+        record = self._record(forward_pass_id, pass_counts, epoch)
+        record["global_physical_count"] = _to_host(pass_counts)
+        record["topk_ids_of_layer"] = _to_host(self.topk_ids_of_layer[:, : self._tokens])
+        record.update(self._metadata)
+        self.records.append(record)
+        self.topk_ids_of_layer[:, : self._tokens].fill_(-1)
+        self._tokens = 0
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy; from CUDA, into pinned memory without blocking (valid after a sync)."""
+    if not t.is_cuda:
+        return t.clone()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+MODES: dict[str, type] = {
+    "stat": StatMode,
+    "stat_approx": StatMode,
+    "per_pass": PerPassMode,
+    "per_token": PerTokenMode,
+}
