@@ -1,0 +1,475 @@
+"""EPLBManager: decides when to rebalance, plans in the background, and moves weights.
+
+Every rank calls ``on_forward_pass_end()`` after every forward pass. The manager is a
+state machine driven from that call, so all collectives run on the serving thread, at pass
+boundaries, in the same order on every rank:
+
+1. IDLE: count passes. A rebalance triggers every ``--eplb-rebalance-num-iterations``
+   passes, or (checked every ``check_every_passes``) after ``--eplb-rebalance-interval-s``
+   seconds, or for the layers whose load drifted below ``--eplb-drift-threshold`` cosine
+   similarity to the load last planned on. Time and drift verdicts are all-reduced (MAX),
+   so ranks whose clocks differ still agree.
+2. GATHER: the recorder's window (logical [L, E] and physical [L, P] counts) is summed over
+   ranks. If the window's balancedness is already >= the
+   ``--eplb-min-rebalancing-utilization-threshold``, the rebalance is skipped.
+3. PLANNING: rank 0 runs the placement policy in a background thread, so serving never
+   waits for the solver. While it runs, rank 0 broadcasts a one-int status per pass.
+4. When the plan is ready, rank 0 broadcasts the new map (and replica weights): every rank
+   gets exactly the same plan. A failed (or timed-out) plan is broadcast as a failure and
+   re-raised as RebalanceError on every rank's serving thread; the old placement stays.
+5. MOVING: ``--eplb-rebalance-layers-per-chunk`` layers per pass (all at once by default)
+   move through the executor. A layer's new map goes live only once its weights landed on
+   every rank; a failed layer stays on the map its weights match, the error is re-raised,
+   and serving continues.
+
+``on_location_change(location)`` is called whenever any layer's map changes, so the host
+rebuilds its dispatch tables; the recorder gets the new map too (a new map epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import torch
+
+from eplb_plugin.args import EPLBArgs
+from eplb_plugin.balance import gpu_loads, layer_balancedness, placement_balancedness
+from eplb_plugin.errors import RebalanceError, TransferError
+from eplb_plugin.location import ExpertLocation
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHECK_EVERY_PASSES = 32
+DEFAULT_PLAN_TIMEOUT_S = 300.0
+MIB = 1 << 20
+
+Planner = Callable[..., Any]
+
+
+class _Status(IntEnum):
+    PENDING = 0
+    READY = 1
+    FAILED = 2
+
+
+@dataclass
+class RebalanceRecord:
+    """One rebalance, as logged and exported. Balancedness is mean/max GPU load.
+
+    slots_moved counts slots of the whole EP group whose expert changed; bytes_moved is this
+    rank's P2P traffic (sent + received).
+    """
+
+    index: int
+    trigger: str
+    start_pass: int
+    layers: list[int] = field(default_factory=list)
+    solver_s: float = 0.0
+    slots_moved: int = 0
+    bytes_moved: int = 0
+    stall_s: float = 0.0
+    balancedness_before: float = float("nan")
+    balancedness_predicted: float = float("nan")
+    balancedness_achieved: float | None = None
+    end_pass: int | None = None
+    skipped: str | None = None
+    error: str | None = None
+
+
+def _default_planner(counts: torch.Tensor, **kwargs: Any) -> Any:
+    from eplb_plugin.algorithms import plan
+
+    return plan(counts, **kwargs)
+
+
+def _default_mover(*args: Any, **kwargs: Any) -> Any:
+    from eplb_plugin.executor import move_experts
+
+    return move_experts(*args, **kwargs)
+
+
+class EPLBManager:
+    """Rebalances one EP group's experts while it serves.
+
+    args: resolved EPLBArgs (``--enable-eplb`` set).
+    location: the placement serving now.
+    recorder: an ExpertDistributionRecorder in ``stat`` or ``stat_approx`` mode.
+    expert_weights: per MoE layer, this rank's tensors whose dim 0 is the local slot.
+    group: the EP process group (None: a single rank, no communication).
+    num_groups: expert groups of the model (group-limited routing), if any.
+    on_location_change: called on the serving thread with the new ExpertLocation.
+    planner, mover: injectable for tests (default: algorithms.plan, executor.move_experts).
+    """
+
+    def __init__(
+        self,
+        args: EPLBArgs,
+        *,
+        location: ExpertLocation,
+        recorder: Any,
+        expert_weights: Sequence[Sequence[torch.Tensor]],
+        group: Any = None,
+        rank: int = 0,
+        num_groups: int | None = None,
+        metrics: Any = None,
+        on_location_change: Callable[[ExpertLocation], None] | None = None,
+        check_every_passes: int = DEFAULT_CHECK_EVERY_PASSES,
+        plan_timeout_s: float = DEFAULT_PLAN_TIMEOUT_S,
+        planner: Planner | None = None,
+        mover: Callable[..., Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if len(expert_weights) != location.num_layers:
+            raise ValueError(
+                f"expert_weights has {len(expert_weights)} layers, the placement has {location.num_layers}"
+            )
+        self.args = args
+        self.location = location
+        self.recorder = recorder
+        self.expert_weights = expert_weights
+        self.group = group
+        self.rank = rank
+        self.num_groups = num_groups
+        self.metrics = metrics
+        self.on_location_change = on_location_change
+        self.check_every_passes = check_every_passes
+        self.plan_timeout_s = plan_timeout_s
+        self.planner = planner or _default_planner
+        self.mover = mover or _default_mover
+        self.clock = clock
+        self.history: list[RebalanceRecord] = []
+        self.num_passes = 0
+        self._last_rebalance_pass = 0
+        self._last_rebalance_time = clock()
+        self._planned_on: torch.Tensor | None = None  # [L, E] float64 loads of the last plan
+        self._state = "idle"
+        self._record: RebalanceRecord | None = None
+        self._plan_thread: threading.Thread | None = None
+        self._plan_result: Any = None
+        self._plan_error: BaseException | None = None
+        self._plan_started = 0.0
+        self._target: ExpertLocation | None = None
+        self._pending_layers: list[int] = []
+        self._requested: str | None = None
+        self._comm_device = self._pick_comm_device()
+        if hasattr(recorder, "start_record") and not getattr(recorder, "recording", True):
+            recorder.start_record()
+
+    # ------------------------------------------------------------------ public
+
+    def rebalance_now(self, trigger: str = "manual") -> None:
+        """Ask for a rebalance at the next pass boundary. Every rank must ask at the same pass."""
+        self._requested = trigger
+
+    @property
+    def busy(self) -> bool:
+        return self._state != "idle"
+
+    def on_forward_pass_end(self) -> None:
+        """Advance the manager by one pass. Every rank calls it after every pass.
+
+        Raises RebalanceError (on every rank, at the same pass) when a rebalance failed;
+        the placement then stays as it was and the next call carries on.
+        """
+        self.num_passes += 1
+        if self._state == "idle":
+            trigger, layers = self._check_triggers()
+            if trigger is not None:
+                self._start(trigger, layers)
+        if self._state == "planning":
+            self._poll_plan()
+        if self._state == "moving":
+            self._move_chunk()
+
+    def close(self) -> None:
+        """Wait for a planning thread still running (it cannot be interrupted)."""
+        if self._plan_thread is not None:
+            self._plan_thread.join(timeout=self.plan_timeout_s)
+
+    # ------------------------------------------------------------------ triggers
+
+    def _check_triggers(self) -> tuple[str | None, list[int] | None]:
+        if self._requested is not None:
+            trigger, self._requested = self._requested, None
+            return trigger, None
+        since = self.num_passes - self._last_rebalance_pass
+        if since >= self.args.eplb_rebalance_num_iterations:
+            return "interval", None
+        timed = self.args.eplb_rebalance_interval_s is not None
+        drifting = self.args.eplb_drift_threshold is not None and self._planned_on is not None
+        if not (timed or drifting) or self.num_passes % self.check_every_passes:
+            return None, None
+        # Both checks run on every rank at the same pass; their verdicts are all-reduced so a
+        # rank whose clock runs ahead cannot start a rebalance alone.
+        verdict = torch.zeros(1 + self.location.num_layers, dtype=torch.float64)
+        if timed and self.clock() - self._last_rebalance_time >= self.args.eplb_rebalance_interval_s:
+            verdict[0] = 1
+        if drifting:
+            verdict[1:] = self._drifted_layers_mask().to(torch.float64)
+        verdict = self._all_reduce(verdict, op="max")
+        if verdict[0] > 0:
+            return "time", None
+        drifted = verdict[1:].nonzero().flatten().tolist()
+        return ("drift", drifted) if drifted else (None, None)
+
+    def _drifted_layers_mask(self) -> torch.Tensor:
+        """[L] bool: this rank's window load vs the last plan's, cosine below the threshold."""
+        current = self.recorder.logical_count_window().to("cpu", torch.float64)
+        planned = self._planned_on
+        cosine = torch.nn.functional.cosine_similarity(current, planned, dim=1)
+        has_tokens = current.sum(1) > 0
+        return has_tokens & (cosine < self.args.eplb_drift_threshold)
+
+    # ------------------------------------------------------------------ gather + plan
+
+    def _start(self, trigger: str, layers: list[int] | None) -> None:
+        record = RebalanceRecord(index=len(self.history), trigger=trigger, start_pass=self.num_passes)
+        self.history.append(record)
+        self._last_rebalance_pass = self.num_passes
+        self._last_rebalance_time = self.clock()
+        logical = self.recorder.logical_count_window().to("cpu", torch.float64)
+        physical = self.recorder.physical_count_window().to("cpu", torch.float64)
+        # Sum the window over ranks: every rank then plans from (and checks) the same counts.
+        summed = self._all_reduce(torch.cat([logical.flatten(), physical.flatten()]), op="sum")
+        logical = summed[: logical.numel()].view_as(logical)
+        physical = summed[logical.numel():].view_as(physical)
+        per_layer = layer_balancedness(gpu_loads(physical, self.location.ep_size))
+        record.balancedness_before = float(per_layer.mean())
+        self._fill_achieved(record.balancedness_before)
+        if physical.sum() == 0:
+            return self._skip(record, "no tokens recorded in the window")
+        threshold = self.args.eplb_min_rebalancing_utilization_threshold
+        if record.balancedness_before >= threshold:
+            return self._skip(record, f"balancedness {record.balancedness_before:.4f} >= threshold {threshold}")
+        record.layers = list(range(self.location.num_layers)) if layers is None else layers
+        self._record = record
+        self._counts = logical
+        self._state = "planning"
+        self._plan_result, self._plan_error = None, None
+        self._plan_started = time.perf_counter()
+        if self.rank == 0:
+            self._plan_thread = threading.Thread(target=self._plan_in_background, name="eplb-planner", daemon=True)
+            self._plan_thread.start()
+
+    def _plan_in_background(self) -> None:
+        try:
+            self._plan_result = self.planner(
+                self._counts,
+                num_physical_experts=self.location.num_physical_experts,
+                num_gpus=self.location.ep_size,
+                num_nodes=self.args.nnodes,
+                num_groups=self.num_groups,
+                algorithm=self.args.eplb_algorithm,
+                previous=self.location.physical_to_logical_map,
+            )
+        except BaseException as exc:  # stored and re-raised on the serving thread
+            self._plan_error = exc
+
+    def _poll_plan(self) -> None:
+        status = torch.zeros(1, dtype=torch.int64)
+        if self.rank == 0:
+            done = self._plan_thread is not None and not self._plan_thread.is_alive()
+            timed_out = time.perf_counter() - self._plan_started > self.plan_timeout_s
+            if done and self._plan_error is None:
+                status[0] = _Status.READY
+            elif done or timed_out:
+                status[0] = _Status.FAILED
+        status = self._broadcast(status)
+        if status[0] == _Status.PENDING:
+            return
+        record = self._record
+        record.solver_s = time.perf_counter() - self._plan_started
+        if status[0] == _Status.FAILED:
+            cause = self._plan_error if self.rank == 0 else None
+            message = f"planning failed on rank 0 ({cause!r})" if self.rank == 0 else "planning failed on rank 0"
+            if self.rank == 0 and cause is None:
+                message = f"planning took longer than {self.plan_timeout_s} s"
+            self._fail(record, RebalanceError(f"rebalance {record.index}: {message}; keeping the old placement"), cause)
+        self._receive_plan()
+
+    def _receive_plan(self) -> None:
+        loc = self.location
+        shape = (loc.num_layers, loc.num_physical_experts)
+        new_map = torch.zeros(shape, dtype=torch.int64)
+        weights = torch.zeros(shape, dtype=torch.float32)
+        has_weights = torch.zeros(1, dtype=torch.int64)
+        if self.rank == 0:
+            new_map = self._plan_result.physical_to_logical_map.to(torch.int64).cpu()
+            if self._plan_result.replica_weights is not None:
+                weights = self._plan_result.replica_weights.to(torch.float32).cpu()
+                has_weights[0] = 1
+        # Rank 0's plan is the plan: every rank moves the same experts to the same slots.
+        new_map = self._broadcast(new_map)
+        weights = self._broadcast(weights)
+        has_weights = self._broadcast(has_weights)
+        record = self._record
+        record.layers = [
+            layer for layer in record.layers if not torch.equal(new_map[layer], loc.physical_to_logical_map[layer])
+        ]
+        target_map = loc.physical_to_logical_map.clone()
+        target_map[record.layers] = new_map[record.layers]
+        target_weights = None
+        if has_weights[0] or loc.replica_weights is not None:
+            target_weights = loc.effective_replica_weights().clone()
+            target_weights[record.layers] = (weights if has_weights[0] else _equal_split(new_map, loc))[record.layers]
+        self._target = ExpertLocation.from_physical_to_logical_map(
+            target_map, num_logical_experts=loc.num_logical_experts, ep_size=loc.ep_size,
+            replica_weights=target_weights, source=f"rebalance {record.index} plan",
+        )
+        record.balancedness_predicted = placement_balancedness(
+            self._counts, target_map, loc.ep_size, target_weights
+        )
+        self._planned_on = self._counts
+        self._pending_layers = list(record.layers)
+        self._state = "moving"
+        logger.info(
+            "EPLB rebalance %d (%s): solver %.3f s, %d layers to move, balancedness %.4f -> %.4f predicted",
+            record.index, record.trigger, record.solver_s, len(record.layers),
+            record.balancedness_before, record.balancedness_predicted,
+        )
+
+    # ------------------------------------------------------------------ move
+
+    def _move_chunk(self) -> None:
+        record = self._record
+        chunk = self.args.eplb_rebalance_layers_per_chunk or len(self._pending_layers)
+        layers, self._pending_layers = self._pending_layers[:chunk], self._pending_layers[chunk:]
+        start = time.perf_counter()
+        budget = int(self.args.eplb_transfer_budget_mb * MIB)
+        moved: list[int] = []
+        try:
+            for layer in layers:
+                old_map = self.location.physical_to_logical_map[layer]
+                new_map = self._target.physical_to_logical_map[layer]
+                result = self.mover(
+                    self.expert_weights[layer],
+                    old_map,
+                    new_map,
+                    self.group,
+                    layer=layer,
+                    budget_bytes=budget,
+                    gpus_per_node=self.args.num_gpus_per_node if self.args.nnodes > 1 else None,
+                    verify=self.args.eplb_verify_weights,
+                )
+                moved.append(layer)
+                record.slots_moved += int((old_map != new_map).sum())
+                record.bytes_moved += result.bytes_sent + result.bytes_received
+        except TransferError as exc:
+            live = getattr(exc, "live_physical_to_logical_map", None)
+            failed_layer = getattr(exc, "layer", None)
+            self._go_live(moved, partial=(failed_layer, live) if live is not None else None)
+            record.stall_s += time.perf_counter() - start
+            self._fail(record, RebalanceError(f"rebalance {record.index}: moving layer {failed_layer} failed: {exc}"), exc)
+        self._go_live(moved)
+        record.stall_s += time.perf_counter() - start
+        if not self._pending_layers:
+            self._finish(record)
+
+    def _go_live(self, layers: list[int], *, partial: tuple[int, torch.Tensor] | None = None) -> None:
+        """Make the maps of ``layers`` (whose weights landed everywhere) live, at a pass boundary."""
+        if not layers and partial is None:
+            return
+        loc, target = self.location, self._target
+        new_map = loc.physical_to_logical_map.clone()
+        new_map[layers] = target.physical_to_logical_map[layers]
+        weights = None
+        if target.replica_weights is not None or loc.replica_weights is not None:
+            weights = loc.effective_replica_weights().clone()
+            weights[layers] = target.effective_replica_weights()[layers]
+        if partial is not None:
+            layer, live = partial
+            new_map[layer] = live.to("cpu", torch.int64)
+            if weights is not None:
+                weights[layer] = _equal_split(new_map, loc)[layer]
+        self.location = ExpertLocation.from_physical_to_logical_map(
+            new_map, num_logical_experts=loc.num_logical_experts, ep_size=loc.ep_size,
+            replica_weights=weights, source="live placement",
+        )
+        device_map = new_map.to(self.recorder.physical_to_logical_map.device) if hasattr(
+            self.recorder, "physical_to_logical_map") else new_map
+        if hasattr(self.recorder, "set_physical_to_logical_map"):
+            self.recorder.set_physical_to_logical_map(device_map)
+        if self.on_location_change is not None:
+            self.on_location_change(self.location)
+
+    def _finish(self, record: RebalanceRecord) -> None:
+        record.end_pass = self.num_passes
+        self._state, self._target, self._record = "idle", None, None
+        logger.info(
+            "EPLB rebalance %d done at pass %d: %d slots, %.1f MiB moved, stall %.3f s",
+            record.index, self.num_passes, record.slots_moved, record.bytes_moved / MIB, record.stall_s,
+        )
+        self._export(record)
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _skip(self, record: RebalanceRecord, why: str) -> None:
+        record.skipped = why
+        record.end_pass = self.num_passes
+        logger.info("EPLB rebalance %d skipped: %s", record.index, why)
+
+    def _fail(self, record: RebalanceRecord, error: RebalanceError, cause: BaseException | None) -> None:
+        record.error = str(error)
+        record.end_pass = self.num_passes
+        self._state, self._target, self._record, self._pending_layers = "idle", None, None, []
+        logger.error("%s", error)
+        self._export(record)
+        raise error from cause
+
+    def _fill_achieved(self, window_balancedness: float) -> None:
+        """The window just gathered ran (mostly) on the last rebalance's placement."""
+        done = [r for r in self.history[:-1] if r.skipped is None and r.error is None and r.end_pass is not None]
+        if done and done[-1].balancedness_achieved is None:
+            done[-1].balancedness_achieved = window_balancedness
+
+    def _export(self, record: RebalanceRecord) -> None:
+        if self.metrics is not None and hasattr(self.metrics, "observe_rebalance"):
+            self.metrics.observe_rebalance(record)
+
+    # ------------------------------------------------------------------ comms
+
+    def _pick_comm_device(self) -> torch.device:
+        if self.group is None:
+            return torch.device("cpu")
+        import torch.distributed as dist
+
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _world(self) -> int:
+        if self.group is None:
+            return 1
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.group)
+
+    def _all_reduce(self, tensor: torch.Tensor, *, op: str) -> torch.Tensor:
+        if self._world() == 1:
+            return tensor
+        import torch.distributed as dist
+
+        buf = tensor.to(self._comm_device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
+        return buf.cpu()
+
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._world() == 1:
+            return tensor
+        import torch.distributed as dist
+
+        buf = tensor.to(self._comm_device)
+        dist.broadcast(buf, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return buf.cpu()
+
+
+def _equal_split(physical_to_logical_map: torch.Tensor, loc: ExpertLocation) -> torch.Tensor:
+    counts = torch.zeros(physical_to_logical_map.shape[0], loc.num_logical_experts, dtype=torch.int64)
+    counts.scatter_add_(1, physical_to_logical_map, torch.ones_like(physical_to_logical_map))
+    return 1.0 / torch.gather(counts, 1, physical_to_logical_map).to(torch.float32)

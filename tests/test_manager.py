@@ -1,0 +1,245 @@
+"""EPLBManager over real gloo ranks: triggers, agreement, moves, and failures that keep serving."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from eplb_plugin.args import EPLBArgs
+from eplb_plugin.dispatch import ExpertDispatcher
+from eplb_plugin.errors import RebalanceError
+from eplb_plugin.executor import move_experts
+from eplb_plugin.location import ExpertLocation
+from eplb_plugin.manager import EPLBManager
+from eplb_plugin.recorder import ExpertDistributionRecorder
+from conftest import free_port
+
+NUM_LAYERS, NUM_EXPERTS, NUM_SLOTS, TOKENS, TOP_K = 3, 8, 12, 64, 2
+
+
+def expert_weights(location: ExpertLocation, rank: int) -> list[list[torch.Tensor]]:
+    """Per layer: w13 float32 [slots, 4, 3] and w2 bfloat16 [slots, 2], encoding (layer, expert)."""
+    out = []
+    for layer in range(location.num_layers):
+        experts = location.local_physical_to_logical_map(rank)[layer]
+        w13 = (experts * 1000 + layer * 100).to(torch.float32).view(-1, 1, 1) + torch.arange(12.0).view(1, 4, 3)
+        w2 = (experts * 10 + layer).to(torch.bfloat16).view(-1, 1).repeat(1, 2)
+        out.append([w13.contiguous(), w2.contiguous()])
+    return out
+
+
+def weights_match(weights, location: ExpertLocation, rank: int) -> bool:
+    return all(
+        torch.equal(w, e) for got, want in zip(weights, expert_weights(location, rank)) for w, e in zip(got, want)
+    )
+
+
+def skewed_ids(pass_index: int, rank: int, hot: int) -> torch.Tensor:
+    """[TOKENS, L, k] logical ids: expert ``hot`` takes most tokens in every layer.
+
+    Under the trivial placement (12 slots for 8 experts on 2 ranks) experts 0-3 have a
+    replica on each rank and experts 4-7 one replica."""
+    gen = torch.Generator().manual_seed(pass_index * 7 + rank)
+    ids = torch.randint(0, NUM_EXPERTS, (TOKENS, NUM_LAYERS, TOP_K), generator=gen)
+    ids[: TOKENS * 3 // 4, :, 0] = hot
+    return ids
+
+
+class Host:
+    """The serving side: dispatcher + recorder + manager, as a runtime wires them."""
+
+    def __init__(self, rank: int, group, args: EPLBArgs, **manager_kwargs):
+        self.rank = rank
+        location = ExpertLocation.trivial(
+            num_layers=NUM_LAYERS, num_logical_experts=NUM_EXPERTS, num_physical_experts=NUM_SLOTS, ep_size=2
+        )
+        self.weights = expert_weights(location, rank)
+        self.recorder = ExpertDistributionRecorder(
+            "stat", physical_to_logical_map=location.physical_to_logical_map, num_logical_experts=NUM_EXPERTS,
+            buffer_size=args.eplb_rebalance_num_iterations, rank=rank, ep_size=2, group=group,
+        )
+        self.dispatcher = ExpertDispatcher(location, rank=rank)
+        self.location_changes = 0
+        self.manager = EPLBManager(
+            args, location=location, recorder=self.recorder, expert_weights=self.weights, group=group, rank=rank,
+            on_location_change=self._on_change, **manager_kwargs,
+        )
+
+    def _on_change(self, location: ExpertLocation) -> None:
+        self.location_changes += 1
+        self.dispatcher = ExpertDispatcher(location, rank=self.rank)
+
+    def serve(self, num_passes: int, *, hot: int = 5, start: int = 0, until=None) -> list[tuple[int, str]]:
+        """Run passes (or until ``until(manager)``, whose verdict is the same on every rank since
+        the manager's state is); return (pass, error) for every RebalanceError it raised."""
+        errors = []
+        for i in range(start, start + num_passes):
+            if until is not None and until(self.manager):
+                break
+            ids = skewed_ids(i, self.rank, hot)
+            with self.recorder.with_forward_pass(i):
+                for layer in range(NUM_LAYERS):
+                    with self.recorder.with_current_layer(layer):
+                        self.recorder.on_select_experts(self.dispatcher.dispatch(layer, ids[:, layer]))
+            try:
+                self.manager.on_forward_pass_end()
+            except RebalanceError as exc:
+                errors.append((self.manager.num_passes, str(exc)))
+        return errors
+
+
+def _args(**kw) -> EPLBArgs:
+    base = dict(ep_size=2, enable_eplb=True, eplb_rebalance_num_iterations=10, eplb_verify_weights=True)
+    return EPLBArgs(**{**base, **kw}).resolve()
+
+
+def _gather(obj):
+    out = [None, None]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def case_interval_rebalances_move_weights_and_agree(rank, group):
+    host = Host(rank, group, _args())
+    before = host.manager.location.physical_to_logical_map.clone()
+    assert host.serve(35) == []
+    assert all(r.error is None and r.skipped is None for r in host.manager.history)
+    done = [r for r in host.manager.history if r.end_pass is not None]
+    starts = [r.start_pass for r in host.manager.history]
+    # Every 10 passes, or as soon as the previous rebalance is done when planning takes longer.
+    assert starts[0] == 10 and len(starts) >= 2
+    assert all(b - a >= 10 and b >= prev.end_pass for a, b, prev in zip(starts, starts[1:], host.manager.history))
+    first = done[0]
+    assert first.slots_moved > 0 and first.balancedness_predicted > first.balancedness_before
+    assert not torch.equal(before, host.manager.location.physical_to_logical_map)
+    # The hot expert (trivially on rank 0 only) got replicas on both ranks.
+    assert (host.manager.location.logical_replica_count[:, 5] > 1).all()
+    assert weights_match(host.weights, host.manager.location, rank)
+    assert torch.equal(host.recorder.physical_to_logical_map.cpu(), host.manager.location.physical_to_logical_map)
+    maps = _gather(host.manager.location.physical_to_logical_map.tolist())
+    assert maps[0] == maps[1]
+    starts = _gather([(r.start_pass, r.end_pass, r.slots_moved) for r in host.manager.history])
+    assert starts[0] == starts[1]
+    assert done[0].balancedness_achieved is not None and done[0].balancedness_achieved > done[0].balancedness_before
+
+
+def case_planner_failure_surfaces_on_every_rank_and_keeps_the_placement(rank, group):
+    def broken_planner(*args, **kwargs):
+        raise ValueError("solver exploded")
+
+    host = Host(rank, group, _args(), planner=broken_planner)
+    before = host.manager.location.physical_to_logical_map.clone()
+    errors = host.serve(25)
+    assert [p for p, _ in errors] == _gather([p for p, _ in errors])[0]
+    assert len(errors) == 2 and "planning failed" in errors[0][1]
+    assert torch.equal(before, host.manager.location.physical_to_logical_map)
+    assert weights_match(host.weights, host.manager.location, rank)
+    assert all(r.error for r in host.manager.history)
+
+
+def case_transfer_failure_on_one_rank_leaves_every_rank_on_the_old_placement(rank, group):
+    def failing_mover(*args, **kwargs):
+        def hook(point, r, layer):
+            if point == "after_staging" and r == 1 and layer == 1:
+                raise RuntimeError("injected NCCL error")
+
+        return move_experts(*args, fault_hook=hook, **kwargs)
+
+    host = Host(rank, group, _args(), mover=failing_mover)
+    before = host.manager.location.physical_to_logical_map.clone()
+    errors = host.serve(200, until=lambda m: m.history and m.history[0].end_pass is not None)
+    assert len(errors) == 1 and "layer 1" in errors[0][1]
+    loc = host.manager.location
+    # Layer 0 moved before the failure and is live; layer 1 kept its old map; layer 2 never started.
+    assert torch.equal(loc.physical_to_logical_map[1:], before[1:])
+    assert weights_match(host.weights, loc, rank)
+    assert host.serve(3, start=300) == []  # serving goes on
+
+
+def case_time_trigger_fires_on_every_rank_when_one_clock_is_due(rank, group):
+    now = [0.0]
+    host = Host(rank, group, _args(eplb_rebalance_num_iterations=10_000, eplb_rebalance_interval_s=5.0),
+                check_every_passes=4, clock=lambda: now[0])
+    host.serve(8)
+    assert host.manager.history == []
+    if rank == 1:
+        now[0] = 6.0  # only rank 1's clock is due
+    host.serve(4, start=8)
+    assert [r.trigger for r in host.manager.history] == ["time"]
+    assert host.manager.history[0].start_pass == 12
+
+
+def case_drift_trigger_replans_only_drifted_layers(rank, group):
+    host = Host(rank, group, _args(eplb_rebalance_num_iterations=10, eplb_drift_threshold=0.9),
+                check_every_passes=5)
+    host.serve(12, hot=5)
+    assert [r.trigger for r in host.manager.history] == ["interval"]
+    host.manager.args = _args(eplb_rebalance_num_iterations=10_000, eplb_drift_threshold=0.9)
+    host.serve(28, hot=4, start=12)  # the hot expert moves: the load vector drifts
+    triggers = [r.trigger for r in host.manager.history]
+    assert "drift" in triggers
+    assert (host.manager.location.logical_replica_count[:, 4] > 1).all()
+    assert weights_match(host.weights, host.manager.location, rank)
+
+
+def case_threshold_skips_rebalancing_a_balanced_window(rank, group):
+    host = Host(rank, group, _args(eplb_min_rebalancing_utilization_threshold=0.1))
+    host.serve(11)
+    assert host.manager.history[0].skipped and "threshold" in host.manager.history[0].skipped
+    assert host.location_changes == 0
+
+
+def case_layers_per_chunk_go_live_one_pass_at_a_time(rank, group):
+    host = Host(rank, group, _args(eplb_rebalance_layers_per_chunk=1, eplb_rebalance_num_iterations=10_000))
+    host.serve(10)
+    host.manager.rebalance_now()
+    changes = []
+    for i in range(200):
+        if host.manager.history and host.manager.history[0].end_pass is not None:
+            break
+        host.serve(1, start=10 + i)
+        changes.append(host.location_changes)
+    record = host.manager.history[0]
+    assert changes[-1] == len(record.layers) > 1
+    assert max(b - a for a, b in zip([0] + changes, changes)) == 1  # never two layers in one pass
+    assert weights_match(host.weights, host.manager.location, rank)
+
+
+CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
+
+
+def _worker(rank: int, port: int, results) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # A failed assertion on one rank leaves the other waiting in a collective: time out soon.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for case in CASES:
+            try:
+                case(rank, dist.group.WORLD)
+                results[(rank, case.__name__)] = "ok"
+            except Exception:  # any failure is reported per case; the next case still runs
+                results[(rank, case.__name__)] = traceback.format_exc()
+            dist.barrier()  # the next case starts on both ranks from a clean state
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results():
+    manager = mp.get_context("spawn").Manager()
+    shared = manager.dict()
+    mp.start_processes(_worker, args=(free_port(), shared), nprocs=2, start_method="spawn", join=True)
+    return dict(shared)
+
+
+@pytest.mark.parametrize("case", [c.__name__ for c in CASES])
+def test_manager_case_on_two_gloo_ranks(results, case):
+    for rank in range(2):
+        assert results.get((rank, case)) == "ok", results.get((rank, case), "case did not run")
