@@ -1,0 +1,36 @@
+"""Executor: plan and apply expert-weight moves between EP ranks (see transfer.py's design).
+
+Public entry for one layer: ``move_experts``; non-blocking: ``AsyncExpertMover``.
+"""
+
+from eplb_plugin.executor.integrity import fingerprint, verify_slots
+from eplb_plugin.executor.nonblocking import AsyncExpertMover, LayerMove
+from eplb_plugin.executor.plan import (
+    LayerTransferPlan,
+    LocalCopy,
+    RankTransferPlan,
+    Recv,
+    Send,
+    plan_layer_rounds,
+    plan_layer_transfer,
+    plan_transfers,
+)
+from eplb_plugin.executor.transfer import LayerMoveError, MoveResult, move_experts
+
+__all__ = [
+    "AsyncExpertMover",
+    "LayerMove",
+    "LayerMoveError",
+    "LayerTransferPlan",
+    "LocalCopy",
+    "MoveResult",
+    "RankTransferPlan",
+    "Recv",
+    "Send",
+    "fingerprint",
+    "move_experts",
+    "plan_layer_rounds",
+    "plan_layer_transfer",
+    "plan_transfers",
+    "verify_slots",
+]

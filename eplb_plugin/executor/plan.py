@@ -234,38 +234,53 @@ def plan_layer_rounds(
         count = Counter(work)
         items: list[set[int]] = [set() for _ in range(ep_size)]
         chosen: set[int] = set()
+        # Step 1: take every chain that keeps each rank's staging within the budget.
         for p in remaining:
             if p in chosen:
                 continue
-            # Step 1: grow a chain from p until every needed expert it removes survives.
-            chain = [p]
-            adds, removes = Counter([new[p]]), Counter([work[p]])
-            while True:
-                lost = [y for y in removes if y in needed and count[y] - removes[y] + adds[y] < 1]
-                if not lost:
-                    break
-                q = next(q for q in remaining if q not in chosen and q not in chain and new[q] == lost[0])
-                chain.append(q)
-                adds[new[q]] += 1
-                removes[work[q]] += 1
-            # Step 2: take the chain if every rank's staging stays in budget (or round empty).
-            extra: list[set[int]] = [set() for _ in range(ep_size)]
-            for q in chain:
-                extra[q // num_local].add(new[q])
-            fits = max_staged_experts is None or all(
-                len(items[r] | extra[r]) <= max_staged_experts for r in range(ep_size)
-            )
-            if fits or not chosen:
-                for r in range(ep_size):
-                    items[r] |= extra[r]
+            chain, adds, removes = _chain(p, work, new, count, remaining, chosen, needed)
+            after = _staging(items, chain, new, num_local)
+            if max_staged_experts is None or max(map(len, after)) <= max_staged_experts:
+                items = after
                 chosen.update(chain)
                 count.update(adds)
                 count.subtract(removes)
+        # Step 2: nothing fits: a cycle must move at once; take the cheapest one alone.
+        if not chosen:
+            chains = [_chain(p, work, new, count, remaining, chosen, needed)[0] for p in remaining]
+            chosen.update(
+                min(chains, key=lambda c: (max(map(len, _staging(items, c, new, num_local))), c))
+            )
         for p in chosen:
             work[p] = new[p]
         remaining = [p for p in remaining if p not in chosen]
         rounds.append(torch.tensor(work, dtype=torch.int64))
     return rounds
+
+
+def _chain(p, work, new, count, remaining, chosen, needed) -> tuple[list[int], Counter, Counter]:
+    """Slots that must change with slot p so every needed expert keeps a replica.
+
+    Returns (slots, experts added, experts removed). Rewriting p removes work[p]; if that
+    was its last replica, a remaining slot whose new expert it is joins, and so on.
+    """
+    chain, adds, removes = [p], Counter([new[p]]), Counter([work[p]])
+    while True:
+        lost = [y for y in removes if y in needed and count[y] - removes[y] + adds[y] < 1]
+        if not lost:
+            return chain, adds, removes
+        q = next(q for q in remaining if q not in chosen and q not in chain and new[q] == lost[0])
+        chain.append(q)
+        adds[new[q]] += 1
+        removes[work[q]] += 1
+
+
+def _staging(items: list[set[int]], chain: list[int], new, num_local: int) -> list[set[int]]:
+    """Per rank, the distinct new experts staged if the chain joins the round."""
+    after = [set(x) for x in items]
+    for q in chain:
+        after[q // num_local].add(new[q])
+    return after
 
 
 def plan_transfers(

@@ -1,0 +1,185 @@
+"""Tests of eplb_plugin.executor.transfer over gloo ranks (one spawn per world size).
+
+Weights encode (layer, logical expert, tensor, position), so every slot is checked exactly.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from eplb_plugin.errors import ConfigError, TransferError
+from eplb_plugin.executor import (
+    LayerMoveError,
+    fingerprint,
+    move_experts,
+    plan_layer_rounds,
+    plan_layer_transfer,
+    verify_slots,
+)
+
+# (trailing shape, dtype) of each per-slot tensor: like w13, w2, a bf16 bias, fp8/int8 scales.
+SPECS = [((3, 5), torch.float32), ((4,), torch.bfloat16), ((2, 3), torch.int8), ((), torch.float32),
+         ((2,), torch.float8_e4m3fn)]
+NUM_LOCAL = 4
+TIMEOUT_S = 30.0
+
+
+def identity_slot(layer: int, logical: int, ti: int) -> torch.Tensor:
+    """One slot of tensor ti for a logical expert: value = f(logical, layer, ti, position)."""
+    shape, dtype = SPECS[ti]
+    n = max(1, torch.Size(shape).numel())
+    pos = torch.arange(n, dtype=torch.float64)
+    if dtype == torch.float32:
+        vals = (logical * 1000 + layer * 100 + ti * 10) * 64 + pos
+    elif dtype == torch.int8:
+        vals = (logical * 7 + layer * 3 + pos) % 127
+    else:  # bf16 / fp8: small integers are exact
+        vals = (logical * 4 + layer + pos) % 16
+    return vals.to(dtype).reshape(shape)
+
+
+def identity_weights(layer: int, local_map: list[int]) -> list[torch.Tensor]:
+    """[len(local_map), *shape] per spec, each slot holding its logical expert's encoding."""
+    return [torch.stack([identity_slot(layer, e, ti) for e in local_map]) for ti in range(len(SPECS))]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a, b))
+
+
+def random_map(gen: torch.Generator, num_slots: int, num_logical: int) -> torch.Tensor:
+    """[P] with every logical expert at least once and duplicates (often on one rank)."""
+    extra = torch.randint(0, num_logical, (num_slots - num_logical,), generator=gen)
+    return torch.cat([torch.arange(num_logical), extra])[torch.randperm(num_slots, generator=gen)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        _cases(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _cases(rank: int, world: int) -> None:
+    p = NUM_LOCAL * world
+    mine = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
+    gen = torch.Generator().manual_seed(1234)  # same on every rank: same maps everywhere
+    expert = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in SPECS)
+
+    # Case 1: random maps, several budgets (1 expert -> rounds, default, whole layer), verify on.
+    for layer, budget in enumerate([expert, None, 10**9, expert * 2, None, expert]):
+        num_logical = p - 1 - layer % 3
+        old, new = random_map(gen, p, num_logical), random_map(gen, p, num_logical)
+        w = identity_weights(layer, old[mine].tolist())
+        ptrs = [t.data_ptr() for t in w]
+        live = old.clone()
+        res = move_experts(w, old, new, None, layer=layer, budget_bytes=budget, live_map=live,
+                           verify=True, timeout_s=TIMEOUT_S)
+        assert _same(w, identity_weights(layer, new[mine].tolist())), (layer, old, new)
+        assert [t.data_ptr() for t in w] == ptrs  # in place: CUDA graphs stay valid
+        assert torch.equal(live, new)
+        assert res.slots_changed == int((old[mine] != new[mine]).sum())
+        assert res.bytes_received == res.experts_received * expert
+        # Staging is exactly what the round plans ask for: the budget, except a forced cycle.
+        maps = plan_layer_rounds(old, new, ep_size=world, max_staged_experts=(budget or 4 * expert) // expert)
+        staged = [plan_layer_transfer(a, b, ep_size=world).ranks[rank].num_staged_experts
+                  for a, b in zip([old] + maps[:-1], maps)]
+        assert res.rounds == len(maps) and res.peak_staging_bytes == max(staged) * expert
+        expected = {e: int(fingerprint(identity_weights(layer, [e]))[0]) for e in range(num_logical)}
+        verify_slots(w, new[mine], expected, rank=rank, layer=layer)
+
+    # Case 2: an unchanged map moves zero bytes and leaves weights untouched.
+    same = random_map(gen, p, p - 2)
+    w = identity_weights(9, same[mine].tolist())
+    res = move_experts(w, same, same.clone(), layer=9, timeout_s=TIMEOUT_S)
+    assert (res.slots_changed, res.bytes_sent, res.bytes_received, res.rounds) == (0, 0, 0, 0)
+    assert _same(w, identity_weights(9, same[mine].tolist()))
+
+    # Case 3: a failure on one rank at either point leaves every rank's weights and map as before.
+    for point, bad_rank in [("after_staging", world - 1), ("before_transfer", 0)]:
+        old, new = random_map(gen, p, p - 1), random_map(gen, p, p - 1)
+        w = identity_weights(3, old[mine].tolist())
+        live = old.clone()
+
+        def hook(where, r, lay, point=point, bad_rank=bad_rank):
+            if where == point and r == bad_rank:
+                raise Boom(f"injected at {where}")
+
+        with pytest.raises(LayerMoveError) as info:
+            move_experts(w, old, new, layer=3, budget_bytes=10**9, live_map=live,
+                         timeout_s=TIMEOUT_S, fault_hook=hook)
+        assert info.value.layer == 3 and torch.equal(info.value.live_physical_to_logical_map, old)
+        assert ("Boom" in str(info.value)) == (rank == bad_rank)
+        assert _same(w, identity_weights(3, old[mine].tolist())) and torch.equal(live, old)
+
+    # Case 4: with rounds, a failure in round 2 leaves the layer on round 1's (valid) map.
+    old = torch.arange(p)
+    new = torch.roll(torch.arange(p), NUM_LOCAL // 2)  # every slot changes, experts shift rank
+    w = identity_weights(5, old[mine].tolist())
+    live = old.clone()
+    calls = []
+
+    def second_round(where, r, lay):
+        calls.append(where)
+        if where == "after_staging" and calls.count(where) == 2 and r == 0:
+            raise Boom("round 2")
+
+    with pytest.raises(LayerMoveError) as info:
+        move_experts(w, old, new, layer=5, budget_bytes=expert, live_map=live,
+                     timeout_s=TIMEOUT_S, fault_hook=second_round)
+    mid = info.value.live_physical_to_logical_map
+    assert not torch.equal(mid, old) and not torch.equal(mid, new) and torch.equal(live, mid)
+    assert sorted(set(mid.tolist())) == list(range(p))
+    assert _same(w, identity_weights(5, mid[mine].tolist()))
+
+
+def _spawn(world: int) -> None:
+    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+
+
+def test_moves_land_exactly_and_failures_leave_old_weights_on_2_ranks():
+    """Random maps with duplicates, budgets, zero-byte plans and injected failures, 2 ranks."""
+    _spawn(2)
+
+
+def test_moves_land_exactly_and_failures_leave_old_weights_on_3_ranks():
+    """The same cases over 3 gloo ranks (odd sizes, rank-major slots)."""
+    _spawn(3)
+
+
+def test_single_process_moves_locally_without_a_group():
+    """Without torch.distributed, a move is local copies only (including a swap)."""
+    old, new = torch.tensor([0, 1, 2, 2]), torch.tensor([1, 0, 1, 2])
+    w = identity_weights(0, old.tolist())
+    res = move_experts(w, old, new, verify=True)
+    assert _same(w, identity_weights(0, new.tolist()))
+    assert (res.local_copies, res.bytes_sent, res.slots_changed) == (3, 0, 3)
+
+
+def test_bad_inputs_raise_typed_errors():
+    """A budget below one expert or a mis-shaped tensor is a ConfigError naming the value."""
+    old = torch.tensor([0, 1])
+    w = identity_weights(0, old.tolist())
+    with pytest.raises(ConfigError, match="budget_bytes=1"):
+        move_experts(w, old, torch.tensor([1, 0]), budget_bytes=1)
+    with pytest.raises(ConfigError, match="dim 0 = 2"):
+        move_experts([torch.zeros(3, 2)], old, torch.tensor([1, 0]))
+    assert issubclass(LayerMoveError, TransferError)
