@@ -158,6 +158,21 @@ class EPLBManager:
         self._pending_layers: list[int] = []
         self._requested: str | None = None
         self._comm_device = self._pick_comm_device()
+        self._budget_bytes = int(args.eplb_transfer_budget_mb * MIB)
+        self._gpus_per_node = args.num_gpus_per_node if args.nnodes > 1 else None
+        self._counts = torch.zeros(0)
+        self._live_maps: dict[int, torch.Tensor] = {}
+        self._old_rows: dict[int, torch.Tensor] = {}
+        self._async_mover = None
+        if args.eplb_non_blocking:
+            from eplb_plugin.executor import AsyncExpertMover
+
+            # Collective: the mover creates its own process groups, so every rank builds its
+            # manager at the same point of its start-up.
+            self._async_mover = AsyncExpertMover(
+                group, budget_bytes=self._budget_bytes, gpus_per_node=self._gpus_per_node,
+                verify=args.eplb_verify_weights,
+            )
         if hasattr(recorder, "start_record") and not getattr(recorder, "recording", True):
             recorder.start_record()
 
@@ -188,9 +203,11 @@ class EPLBManager:
             self._move_chunk()
 
     def close(self) -> None:
-        """Wait for a planning thread still running (it cannot be interrupted)."""
+        """Wait for a planning thread still running (it cannot be interrupted), stop the mover."""
         if self._plan_thread is not None:
             self._plan_thread.join(timeout=self.plan_timeout_s)
+        if self._async_mover is not None:
+            self._async_mover.close()
 
     # ------------------------------------------------------------------ triggers
 
@@ -327,7 +344,10 @@ class EPLBManager:
         )
         self._planned_on = self._counts
         self._pending_layers = list(record.layers)
+        self._old_rows = {layer: loc.physical_to_logical_map[layer].clone() for layer in record.layers}
         self._state = "moving"
+        if self._async_mover is not None:
+            self._start_async_moves()
         logger.info(
             "EPLB rebalance %d (%s): solver %.3f s, %d layers to move, balancedness %.4f -> %.4f predicted",
             record.index, record.trigger, record.solver_s, len(record.layers),
@@ -337,12 +357,13 @@ class EPLBManager:
     # ------------------------------------------------------------------ move
 
     def _move_chunk(self) -> None:
+        if self._async_mover is not None:
+            return self._commit_async_chunk()
         record = self._record
         chunk = self.args.eplb_rebalance_layers_per_chunk or len(self._pending_layers)
         layers, self._pending_layers = self._pending_layers[:chunk], self._pending_layers[chunk:]
         start = time.perf_counter()
-        budget = int(self.args.eplb_transfer_budget_mb * MIB)
-        moved: list[int] = []
+        live: dict[int, torch.Tensor] = {}
         try:
             for layer in layers:
                 old_map = self.location.physical_to_logical_map[layer]
@@ -353,48 +374,92 @@ class EPLBManager:
                     new_map,
                     self.group,
                     layer=layer,
-                    budget_bytes=budget,
-                    gpus_per_node=self.args.num_gpus_per_node if self.args.nnodes > 1 else None,
+                    budget_bytes=self._budget_bytes,
+                    gpus_per_node=self._gpus_per_node,
                     verify=self.args.eplb_verify_weights,
                 )
-                moved.append(layer)
+                live[layer] = new_map
                 record.slots_moved += int((old_map != new_map).sum())
                 record.bytes_moved += result.bytes_sent + result.bytes_received
         except TransferError as exc:
-            live = getattr(exc, "live_physical_to_logical_map", None)
-            failed_layer = getattr(exc, "layer", None)
-            self._go_live(moved, partial=(failed_layer, live) if live is not None else None)
+            failed = getattr(exc, "layer", None)
+            if getattr(exc, "live_physical_to_logical_map", None) is not None:
+                live[failed] = exc.live_physical_to_logical_map
+            self._go_live(live)
             record.stall_s += time.perf_counter() - start
-            self._fail(record, RebalanceError(f"rebalance {record.index}: moving layer {failed_layer} failed: {exc}"), exc)
-        self._go_live(moved)
+            self._fail(record, RebalanceError(f"rebalance {record.index}: moving layer {failed} failed: {exc}"), exc)
+        self._go_live(live)
         record.stall_s += time.perf_counter() - start
         if not self._pending_layers:
             self._finish(record)
 
-    def _go_live(self, layers: list[int], *, partial: tuple[int, torch.Tensor] | None = None) -> None:
-        """Make the maps of ``layers`` (whose weights landed everywhere) live, at a pass boundary."""
-        if not layers and partial is None:
+    def _start_async_moves(self) -> None:
+        from eplb_plugin.executor import LayerMove
+
+        self._live_maps = {
+            layer: self.location.physical_to_logical_map[layer].clone() for layer in self._pending_layers
+        }
+        self._async_mover.start([
+            LayerMove(
+                layer=layer,
+                weights=self.expert_weights[layer],
+                old_physical_to_logical_map=self.location.physical_to_logical_map[layer],
+                new_physical_to_logical_map=self._target.physical_to_logical_map[layer],
+                live_map=self._live_maps[layer],
+            )
+            for layer in self._pending_layers
+        ])
+
+    def _commit_async_chunk(self) -> None:
+        """Non-blocking mode: commit what the background mover has staged, at this boundary."""
+        record = self._record
+        chunk = self.args.eplb_rebalance_layers_per_chunk or len(self._live_maps)
+        start = time.perf_counter()
+        try:
+            layers = self._async_mover.commit_ready(max_layers=chunk)
+        except TransferError as exc:
+            self._go_live(self._changed_live_maps())
+            record.stall_s += time.perf_counter() - start
+            self._fail(record, RebalanceError(f"rebalance {record.index}: non-blocking move failed: {exc}"), exc)
+        if layers:
+            self._go_live({layer: self._live_maps[layer] for layer in layers})
+        record.stall_s += time.perf_counter() - start
+        if self._async_mover.done:
+            record.slots_moved = sum(
+                int((self._target.physical_to_logical_map[layer] != self._old_rows[layer]).sum())
+                for layer in record.layers
+            )
+            self._pending_layers = []
+            self._finish(record)
+
+    def _changed_live_maps(self) -> dict[int, torch.Tensor]:
+        return {
+            layer: live for layer, live in self._live_maps.items()
+            if not torch.equal(live, self.location.physical_to_logical_map[layer])
+        }
+
+    def _go_live(self, live: dict[int, torch.Tensor]) -> None:
+        """Make the given layers' maps ([P] each, matching weights that have landed on every
+        rank) live, at a pass boundary; tell the recorder and the host."""
+        if not live:
             return
         loc, target = self.location, self._target
         new_map = loc.physical_to_logical_map.clone()
-        new_map[layers] = target.physical_to_logical_map[layers]
+        for layer, row in live.items():
+            new_map[layer] = row.to("cpu", torch.int64)
         weights = None
         if target.replica_weights is not None or loc.replica_weights is not None:
             weights = loc.effective_replica_weights().clone()
-            weights[layers] = target.effective_replica_weights()[layers]
-        if partial is not None:
-            layer, live = partial
-            new_map[layer] = live.to("cpu", torch.int64)
-            if weights is not None:
-                weights[layer] = _equal_split(new_map, loc)[layer]
+            equal = _equal_split(new_map, loc)
+            for layer in live:
+                reached = torch.equal(new_map[layer], target.physical_to_logical_map[layer])
+                weights[layer] = target.effective_replica_weights()[layer] if reached else equal[layer]
         self.location = ExpertLocation.from_physical_to_logical_map(
             new_map, num_logical_experts=loc.num_logical_experts, ep_size=loc.ep_size,
             replica_weights=weights, source="live placement",
         )
-        device_map = new_map.to(self.recorder.physical_to_logical_map.device) if hasattr(
-            self.recorder, "physical_to_logical_map") else new_map
         if hasattr(self.recorder, "set_physical_to_logical_map"):
-            self.recorder.set_physical_to_logical_map(device_map)
+            self.recorder.set_physical_to_logical_map(new_map.to(self.recorder.physical_to_logical_map.device))
         if self.on_location_change is not None:
             self.on_location_change(self.location)
 

@@ -211,6 +211,17 @@ def case_layers_per_chunk_go_live_one_pass_at_a_time(rank, group):
     assert weights_match(host.weights, host.manager.location, rank)
 
 
+def case_non_blocking_moves_land_while_serving_and_go_live_at_pass_boundaries(rank, group):
+    host = Host(rank, group, _args(eplb_non_blocking=True, eplb_rebalance_layers_per_chunk=1))
+    errors = host.serve(400, until=lambda m: len([r for r in m.history if r.end_pass is not None]) >= 2)
+    assert errors == []
+    finished = [r for r in host.manager.history if r.end_pass is not None]
+    assert len(finished) >= 2 and finished[0].slots_moved > 0
+    assert weights_match(host.weights, host.manager.location, rank)
+    assert torch.equal(host.recorder.physical_to_logical_map.cpu(), host.manager.location.physical_to_logical_map)
+    host.manager.close()
+
+
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
 
 
