@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from eplb_plugin.algorithms import plan  # noqa: E402
 from eplb_plugin.algorithms.evaluate import pass_counts, simulate  # noqa: E402
+from eplb_plugin.algorithms.nodes import group_locality  # noqa: E402
 from eplb_plugin.balance import placement_balancedness  # noqa: E402
 
 TRACES = Path(os.environ.get("EPLB_TRACES_DIR", ROOT.parent / "shared" / "traces"))
@@ -33,14 +34,16 @@ def in_sample() -> list[dict]:
     for gpus, redundant in QWEN_SHAPES:
         p = 128 + redundant
         ds = plan(counts, num_physical_experts=p, num_gpus=gpus, algorithm="deepseek")
+        equal = plan(counts, num_physical_experts=p, num_gpus=gpus, algorithm="eplb_plugin_equal")
         ours = plan(counts, num_physical_experts=p, num_gpus=gpus)
         naive = torch.arange(p).remainder(128).expand(counts.shape[0], -1)
         rows.append({
             "ep": gpus, "redundant": redundant,
             "naive": placement_balancedness(counts, naive, gpus),
             "deepseek": placement_balancedness(counts, ds.physical_to_logical_map, gpus),
-            "ours_equal": placement_balancedness(counts, ours.physical_to_logical_map, gpus),
+            "ours_equal": placement_balancedness(counts, equal.physical_to_logical_map, gpus),
             "ours_weighted": placement_balancedness(counts, ours.physical_to_logical_map, gpus, ours.replica_weights),
+            "ours_weighted_map_under_equal_split": placement_balancedness(counts, ours.physical_to_logical_map, gpus),
         })
     return rows
 
@@ -51,30 +54,62 @@ def realized() -> list[dict]:
     rows = []
     for gpus, slots in [(8, 72), (16, 80)]:
         runs = {"deepseek": dict(algorithm="deepseek"), "ours": dict(algorithm="auto"),
-                "ours_decay0.8": dict(algorithm="auto", decay=0.8),
+                "ours_window16": dict(algorithm="auto", window=16),
                 "oracle_same_pass_deepseek": dict(algorithm="deepseek", oracle=True)}
         for name, kw in runs.items():
-            res = simulate(counts, num_physical=slots, num_gpus=gpus, interval=8, window=8, **kw)
+            kw = {"window": 8, **kw}
+            res = simulate(counts, num_physical=slots, num_gpus=gpus, interval=8, **kw)
             rows.append({"ep": gpus, "slots": slots, "policy": name, **res.summary()})
         naive = simulate(counts, num_physical=slots, num_gpus=gpus, interval=10**9, dispatches=("random",))
         rows.append({"ep": gpus, "slots": slots, "policy": "naive", **naive.summary()})
     return rows
 
 
+def deepseek_like(num_layers: int = 58, seed: int = 0) -> np.ndarray:
+    """DeepSeek-V3-like counts [L, 256]: 8 groups of 32 with skewed group popularity, zipf experts."""
+    rng = np.random.default_rng(seed)
+    group_share = rng.dirichlet(np.full(8, 2.0), size=num_layers)
+    return rng.zipf(1.8, size=(num_layers, 256)).clip(max=200) * np.repeat(group_share, 32, axis=1) * 100
+
+
 def solver_time() -> dict:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    counts = torch.from_numpy(rng.zipf(1.6, size=(58, 256)).astype(np.float64).clip(max=1e5))
+    cases = {"zipf1.6": torch.from_numpy(rng.zipf(1.6, size=(58, 256)).astype(np.float64).clip(max=1e5)),
+             "deepseek_v3_like": torch.from_numpy(deepseek_like())}
     out = {}
-    for name in ("deepseek", "auto", "eplb_plugin_equal"):
-        plan(counts, num_physical_experts=288, num_gpus=32, algorithm=name)
-        times = []
-        for _ in range(TIMING_REPEATS):
-            t = time.perf_counter()
+    for case, counts in cases.items():
+        for name in ("deepseek", "auto", "eplb_plugin_equal"):
             plan(counts, num_physical_experts=288, num_gpus=32, algorithm=name)
-            times.append(time.perf_counter() - t)
-        out[name] = 1e3 * float(np.median(times))
+            times = []
+            for _ in range(TIMING_REPEATS):
+                t = time.perf_counter()
+                plan(counts, num_physical_experts=288, num_gpus=32, algorithm=name)
+                times.append(time.perf_counter() - t)
+            out[f"{case}/{name}"] = 1e3 * float(np.median(times))
     return out
+
+
+NODE_CASES = [("qwen3", 16, 2, 16), ("qwen3", 32, 4, 32), ("qwen3", 64, 8, 64),
+              ("deepseek_v3_like", 32, 4, 32), ("deepseek_v3_like", 64, 8, 64)]
+
+
+def node_aware() -> list[dict]:
+    """8 groups (Qwen3: synthetic, 16 consecutive experts each); nodes of 8 GPUs."""
+    qwen = np.array(json.loads((TRACES / "sglang_qwen3_235b_a22b_L512_counts.json").read_text())["counts"], float)
+    sources = {"qwen3": qwen, "deepseek_v3_like": deepseek_like()}
+    rows = []
+    for src, gpus, nodes, redundant in NODE_CASES:
+        w = sources[src]
+        for name in ("deepseek", "deepseek_hierarchical", "eplb_plugin_equal", "auto"):
+            p = plan(torch.from_numpy(w), num_physical_experts=w.shape[1] + redundant, num_gpus=gpus,
+                     num_nodes=nodes, num_groups=8, algorithm=name)
+            m = p.physical_to_logical_map
+            rows.append({"counts": src, "ep": gpus, "nodes": nodes, "redundant": redundant, "policy": name,
+                         "balancedness": placement_balancedness(torch.from_numpy(w), m, gpus, p.replica_weights),
+                         "cross_node_share": p.cross_node_share,
+                         "group_locality": group_locality(w, m.numpy(), num_nodes=nodes, num_groups=8)})
+    return rows
 
 
 def main() -> None:
@@ -83,17 +118,26 @@ def main() -> None:
                           "numpy": np.__version__, "cpu_count": os.cpu_count()},
               "command": "python benchmarks/bench_placement.py"}
     report["in_sample_qwen3"] = in_sample()
-    print("in-sample Qwen3-235B (balancedness)\n ep  red  naive   deepseek ours_eq  ours_w")
+    print("in-sample Qwen3-235B (balancedness)\n ep  red  naive   deepseek ours_eq  ours_w   (ours_w map, equal split)")
     for r in report["in_sample_qwen3"]:
-        print(f" {r['ep']:<3} {r['redundant']:<4} {r['naive']:.4f}  {r['deepseek']:.5f} {r['ours_equal']:.5f} {r['ours_weighted']:.5f}")
+        print(f" {r['ep']:<3} {r['redundant']:<4} {r['naive']:.4f}  {r['deepseek']:.5f} {r['ours_equal']:.5f} "
+              f"{r['ours_weighted']:.5f}  ({r['ours_weighted_map_under_equal_split']:.4f})")
     report["realized_esft_intent_then_law_256tok"] = realized()
-    print("realized per pass, ESFT intent->law, re-plan every 8 passes on the last 8")
+    print("realized per pass, ESFT intent->law, re-plan every 8 passes on the last 8 "
+          "(all passes / after the first plan)")
     for r in report["realized_esft_intent_then_law_256tok"]:
-        b = r["balancedness_mean"]
-        print(f" EP{r['ep']:<3} {r['policy']:<26} " + " ".join(f"{d}={v:.3f}" for d, v in b.items())
-              + f"  moved {r['slots_moved_share_mean']:.1%} (max {r['slots_moved_share_max']:.1%})")
+        b, a = r["balancedness_mean"], r.get("balancedness_mean_after_first_plan", {})
+        print(f" EP{r['ep']:<3} {r['policy']:<26} " + " ".join(f"{d}={v:.3f}/{a.get(d, v):.3f}" for d, v in b.items())
+              + f"  moved {r['slots_moved_share_mean']:.1%} (excl. first {r.get('slots_moved_share_mean_excl_first', 0):.1%},"
+              f" max {r['slots_moved_share_max']:.1%}); solver {r['solver_ms_mean']:.1f} ms")
     report["solver_ms_58x256_to_288_on_32gpus_1thread"] = solver_time()
-    print("solver ms (58x256 -> 288 on 32 GPUs, 1 thread):", {k: round(v, 1) for k, v in report["solver_ms_58x256_to_288_on_32gpus_1thread"].items()})
+    print("solver ms (58x256 -> 288 on 32 GPUs, 1 thread):",
+          {k: round(v, 1) for k, v in report["solver_ms_58x256_to_288_on_32gpus_1thread"].items()})
+    report["node_aware_8_groups"] = node_aware()
+    print("node-aware (8 groups): balancedness / cross-node share / group locality")
+    for r in report["node_aware_8_groups"]:
+        print(f" {r['counts']:<17} EP{r['ep']:<3} {r['nodes']} nodes {r['policy']:<22} {r['balancedness']:.4f} "
+              f"{r['cross_node_share']:.3f} {r['group_locality']:.3f}")
     out = ROOT / "benchmarks" / "results" / "placement_cpu.json"
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out.relative_to(ROOT)}")

@@ -49,11 +49,10 @@ def load_counts(path: str | Path, *, pass_tokens: int | None = None) -> np.ndarr
 def redundant_memory_bytes(preset, *, num_physical: int, num_gpus: int) -> int:
     """GPU memory each rank spends on redundant experts over all MoE layers.
 
-    preset: has num_layers, num_logical_experts, hidden_size, moe_intermediate_size, dtype_bytes.
+    preset: an ``eplb_plugin.configs.ModelPreset`` (num_layers, num_logical_experts, expert_bytes).
     """
-    per_expert = 3 * preset.hidden_size * preset.moe_intermediate_size * preset.dtype_bytes
     redundant_per_rank = (num_physical - preset.num_logical_experts) / num_gpus
-    return int(redundant_per_rank * preset.num_layers * per_expert)
+    return int(redundant_per_rank * preset.num_layers * preset.expert_bytes)
 
 
 def _num_physical(args, num_logical: int) -> int:
@@ -84,8 +83,9 @@ def _cmd_plan(args) -> int:
         print(f"balancedness after, replica weights: {placement_balancedness(c, phy2log, args.ep_size, weights):.4f}")
     if placement.cross_node_share is not None:
         print(f"cross-node traffic share: {placement.cross_node_share:.3f}")
+    print(f"solver: {1e3 * placement.solver_seconds:.1f} ms")
     if args.preset:
-        from .configs import get_preset  # written by the configs owner
+        from .configs import get_preset
 
         mem = redundant_memory_bytes(get_preset(args.preset), num_physical=num_physical, num_gpus=args.ep_size)
         print(f"redundant experts per rank ({args.preset}): {mem / 2**30:.2f} GiB")

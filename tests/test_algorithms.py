@@ -135,16 +135,19 @@ def test_dynamic_dispatch_is_never_worse_than_equal_split():
 
 @pytest.mark.parametrize(("num_gpus", "redundant"), [(8, 0), (16, 16), (32, 32), (64, 64)])
 def test_beats_deepseek_on_qwen3_counts(num_gpus, redundant):
-    """Equal split: halves DeepSeek's distance from 1.0; with weights: at least as good."""
+    """Equal split: halves DeepSeek's distance from 1.0; with weights: >= 0.998 and at least as good."""
     counts = torch.tensor(json.loads(_trace("sglang_qwen3_235b_a22b_L512_counts.json").read_text())["counts"])
     num_physical = 128 + redundant
     ds = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus, algorithm="deepseek")
+    equal = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus, algorithm="eplb_plugin_equal")
     ours = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus)
     b_ds = placement_balancedness(counts, ds.physical_to_logical_map, num_gpus)
-    b_eq = placement_balancedness(counts, ours.physical_to_logical_map, num_gpus)
+    b_eq = placement_balancedness(counts, equal.physical_to_logical_map, num_gpus)
     b_w = placement_balancedness(counts, ours.physical_to_logical_map, num_gpus, ours.replica_weights)
     assert 1 - b_eq <= (1 - b_ds) / 2
-    assert b_w >= b_eq - 1e-9
+    assert b_w >= max(b_eq - 1e-7, 0.998)
+    if redundant >= num_gpus:  # the chain plan: every GPU at the mean load
+        assert b_w > 0.99999
 
 
 def test_simulate_moves_fewer_slots_than_deepseek_and_reports_per_pass_balancedness():

@@ -49,10 +49,26 @@ def test_plan_bad_shape_exits_with_message(tmp_path, capsys):
 
 
 def test_redundant_memory_per_rank():
-    preset = SimpleNamespace(num_layers=2, num_logical_experts=8, hidden_size=4, moe_intermediate_size=2,
-                             dtype_bytes=2)
-    # 8 redundant over 4 GPUs = 2 per rank per layer, 2 layers, 3*4*2*2 = 48 bytes each
+    preset = SimpleNamespace(num_layers=2, num_logical_experts=8, expert_bytes=48)
+    # 8 redundant over 4 GPUs = 2 per rank per layer, 2 layers, 48 bytes each
     assert redundant_memory_bytes(preset, num_physical=16, num_gpus=4) == 2 * 2 * 48
+
+
+def test_plan_preset_prints_memory_from_the_real_preset(tmp_path, capsys):
+    """--preset reads eplb_plugin.configs.get_preset; an unknown name exits 2 listing presets."""
+    from eplb_plugin.configs import PRESET_NAMES, get_preset
+
+    name = PRESET_NAMES[0]
+    preset = get_preset(name)
+    counts = (np.random.default_rng(0).random((2, preset.num_logical_experts)) * 100).tolist()
+    src = tmp_path / "c.json"
+    src.write_text(json.dumps({"counts": counts}))
+    args = ["plan", str(src), "--ep-size", "4", "--redundant", "4", "--out", str(tmp_path / "p.json")]
+    assert main([*args, "--preset", name]) == 0
+    expected = redundant_memory_bytes(preset, num_physical=preset.num_logical_experts + 4, num_gpus=4)
+    assert f"{expected / 2**30:.2f} GiB" in capsys.readouterr().out
+    assert main([*args, "--preset", "no-such-model"]) == 2
+    assert "known presets" in capsys.readouterr().err
 
 
 def test_inspect_prints_balancedness_and_hottest(tmp_path, capsys):

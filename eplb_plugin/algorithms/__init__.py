@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, CountsError, PlacementError
-from .balanced import plan_balanced
+from .balanced import plan_balanced, replica_weights
 from .deepseek import deepseek
 from .migrate import plan_migration_aware
-from .nodes import cross_node_share
+from .nodes import cross_node_share, plan_node_aware
+from .split import equal_slot_loads, gpu_sum
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,33 @@ def _deepseek_hierarchical(weight, num_physical, *, num_gpus, num_nodes, num_gro
     return phy2log, None
 
 
+def _fresh(weight, num_physical, *, num_gpus, num_nodes, num_groups, with_weights):
+    """Flat plan; with several nodes, node-aware (``nodes.plan_node_aware``)."""
+    phy2log, weights = plan_balanced(weight, num_physical, num_gpus=num_gpus, with_weights=with_weights)
+    if num_nodes == 1:
+        return phy2log, weights
+    share = equal_slot_loads(weight, phy2log) if weights is None else np.take_along_axis(weight, phy2log, 1) * weights
+    phy2log, perm, hier = plan_node_aware(weight, phy2log, gpu_sum(share, num_gpus).max(1), num_physical,
+                                          num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups)
+    if weights is not None:
+        weights = np.take_along_axis(weights, perm, axis=1)
+        if hier.any():
+            weights[hier] = replica_weights(weight[hier], phy2log[hier], num_gpus)
+    return phy2log, weights
+
+
 def _ours(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous):
     if previous is not None:
         return plan_migration_aware(weight, previous, num_gpus=num_gpus)
-    return plan_balanced(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups)
+    return _fresh(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
+                  with_weights=True)
 
 
 def _ours_equal(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous):
-    phy2log, _ = _ours(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
-                       previous=previous)
-    return phy2log, None
+    if previous is not None:
+        return plan_migration_aware(weight, previous, num_gpus=num_gpus)[0], None
+    return _fresh(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
+                  with_weights=False)
 
 
 ALGORITHMS: dict[str, PolicyFn] = {
@@ -111,6 +129,26 @@ ALGORITHMS: dict[str, PolicyFn] = {
     "deepseek_hierarchical": _deepseek_hierarchical,
 }
 DEFAULT_ALGORITHM = "eplb_plugin"
+# Policies whose map is designed for replica weights, and their equal-split counterpart (used
+# where weights cannot be passed on, e.g. SGLang's rebalance_experts).
+EQUAL_SPLIT_VARIANT = {"eplb_plugin": "eplb_plugin_equal"}
+
+
+# Dispatch algorithms that split an expert's tokens by planned replica weights (weighted) or by
+# the pass's own loads (dynamic); under the others a replica gets an equal share on average.
+WEIGHT_AWARE_DISPATCH = ("weighted", "dynamic")
+
+
+def algorithm_for_dispatch(algorithm: str, dispatch: str | None) -> str:
+    """The policy to plan with when tokens are dispatched by ``dispatch``.
+
+    A policy whose map relies on replica weights is swapped for its equal-split variant
+    when the dispatch cannot follow weights (``static``, ``random``, or unset).
+    """
+    name = _algorithm_name(algorithm)
+    if dispatch in WEIGHT_AWARE_DISPATCH:
+        return name
+    return EQUAL_SPLIT_VARIANT.get(name, name)
 
 
 def _algorithm_name(algorithm) -> str:
@@ -201,17 +239,23 @@ def rebalance_experts(
     tokens_per_expert: torch.Tensor, num_physical_experts: int, num_local_physical_experts: int,
     num_groups: int | None, num_nodes: int, algorithm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SGLang 0.5.23's entry point: returns (phy2log [L, P], log2phy [L, E, P-E+1], replica_count [L, E])."""
+    """SGLang 0.5.23's entry point: returns (phy2log [L, P], log2phy [L, E, P-E+1], replica_count [L, E]).
+
+    The tuple carries no replica weights, so ``auto`` / ``eplb_plugin`` plan for equal split here.
+    """
     if num_local_physical_experts <= 0:
         raise ConfigError(f"num_local_physical_experts={num_local_physical_experts} must be positive")
+    name = _algorithm_name(algorithm)
+    # SGLang splits each expert's tokens equally over its replicas: plan for that.
+    name = EQUAL_SPLIT_VARIANT.get(name, name)
     placement = plan(
         tokens_per_expert, num_physical_experts=num_physical_experts,
         num_gpus=num_physical_experts // num_local_physical_experts, num_nodes=num_nodes,
-        num_groups=num_groups, algorithm=algorithm,
+        num_groups=num_groups, algorithm=name,
     )
     num_logical = tokens_per_expert.shape[-1]
     phy2log = placement.physical_to_logical_map
     return phy2log, logical_to_physical(phy2log, num_logical), placement.replica_count(num_logical)
 
 
-__all__ = ["ALGORITHMS", "Placement", "logical_to_physical", "plan", "rebalance_experts"]
+__all__ = ["ALGORITHMS", "Placement", "algorithm_for_dispatch", "logical_to_physical", "plan", "rebalance_experts"]

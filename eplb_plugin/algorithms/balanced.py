@@ -13,6 +13,10 @@ Fresh plan, vectorized over layers (numpy):
    expert whose slot is the heaviest, when the layer's max GPU load drops.
 5. Per layer, keep the better of this plan and DeepSeek's recipe (never worse).
 6. Replica weights: water-fill each expert's tokens over its replicas on the planning counts.
+
+With replica weights and at least one redundant slot per GPU, ``plan_balanced`` uses the
+chain plan of ``chain.py`` instead (perfect in-sample), keeping steps 1-6 per layer where
+they are better.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ SWAP_PARTNERS = 8
 COUNT_ROUNDS = 40
 COUNT_PATIENCE = 3
 GOOD_ENOUGH = 5e-4  # a layer within 0.05% of the mean GPU load is not searched further
+CHAIN_EXACT = 1e-9  # a chain layer this close to the mean reached it (else compare with the equal plan)
 
 
 def divisor_counts(weight: np.ndarray, num_physical: int, minimum: np.ndarray | None = None) -> np.ndarray:
@@ -194,10 +199,41 @@ def best_of(weight: np.ndarray, candidates: list[np.ndarray], num_gpus: int) -> 
 
 def plan_balanced(
     weight: np.ndarray, num_physical: int, *, num_gpus: int, num_nodes: int = 1,
-    num_groups: int | None = None, with_weights: bool = True,
+    num_groups: int | None = None, with_weights: bool = True, rounds: int = COUNT_ROUNDS,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Fresh plan. weight: [L, E] float. Returns (phy2log [L, P] int64, weights [L, P] | None)."""
-    ours = balanced_plan(weight, num_physical, num_gpus=num_gpus)
+    """Fresh plan. weight: [L, E] float. Returns (phy2log [L, P] int64, weights [L, P] | None).
+
+    with_weights and P - E >= G: the chain plan (``chain.py``: every GPU at the mean load
+    under its replica weights); layers where the chain misses the mean fall back to the
+    equal-split plan below with water-filled weights, per layer whichever is better.
+    Otherwise: steps 1-5 of the module docstring (``rounds`` bounds step 4's search).
+    """
+    from .chain import chain_plan, shares_from_loads  # chain imports this module's packing
+
+    num_layers, num_logical = weight.shape
+    if with_weights and num_physical - num_logical >= num_gpus and num_physical // num_gpus >= 2:
+        phy2log, slot_load = chain_plan(weight, num_physical, num_gpus=num_gpus)
+        weights = shares_from_loads(weight, phy2log, slot_load)
+        mean = weight.sum(1) / num_gpus
+        peak = gpu_sum(slot_load, num_gpus).max(1)
+        miss = peak > mean * (1 + CHAIN_EXACT)
+        if miss.any():
+            rows = np.nonzero(miss)[0]
+            eq, eq_w = equal_plan(weight[rows], num_physical, num_gpus=num_gpus, rounds=rounds)
+            eq_peak = gpu_sum(np.take_along_axis(weight[rows], eq, axis=1) * eq_w, num_gpus).max(1)
+            better = eq_peak < peak[rows]
+            phy2log[rows[better]] = eq[better]
+            weights[rows[better]] = eq_w[better]
+        return phy2log, weights
+    return equal_plan(weight, num_physical, num_gpus=num_gpus, rounds=rounds, with_weights=with_weights)
+
+
+def equal_plan(
+    weight: np.ndarray, num_physical: int, *, num_gpus: int, rounds: int = COUNT_ROUNDS, with_weights: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Steps 1-6: the plan for equal split, per layer the better of ours and DeepSeek's.
+    weight: [L, E]. Returns (phy2log [L, P] int64, water-filled weights [L, P] | None)."""
+    ours = balanced_plan(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
     reference = deepseek(weight, num_physical, num_gpus=num_gpus)
     phy2log = best_of(weight, [ours, reference], num_gpus)
     weights = replica_weights(weight, phy2log, num_gpus) if with_weights else None

@@ -72,11 +72,17 @@ class SimResult:
     num_slots_total: int = 0
 
     def summary(self) -> dict:
+        """Means over all passes, and over the passes after the first rebalance (the first
+        interval runs on the naive placement whatever the policy); moves over all rebalances,
+        and excluding the first (which starts from the naive placement)."""
         share = [m / self.num_slots_total for m in self.slots_moved] if self.num_slots_total else []
+        first = self.rebalance_passes[0] if self.rebalance_passes else 0
         return {
             "balancedness_mean": {d: float(v.mean()) for d, v in self.balancedness.items()},
+            "balancedness_mean_after_first_plan": {d: float(v[first:].mean()) for d, v in self.balancedness.items()},
             "rebalances": len(self.slots_moved),
             "slots_moved_share_mean": float(np.mean(share)) if share else 0.0,
+            "slots_moved_share_mean_excl_first": float(np.mean(share[1:])) if len(share) > 1 else 0.0,
             "slots_moved_share_max": float(np.max(share)) if share else 0.0,
             "solver_ms_mean": 1e3 * float(np.mean(self.solver_seconds)) if self.solver_seconds else 0.0,
         }

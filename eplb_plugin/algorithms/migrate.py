@@ -1,4 +1,8 @@
-"""Migration-aware re-planning: start from the current placement, make few, useful moves.
+"""Migration-aware re-planning: keep the current placement unless moving pays.
+
+``plan_migration_aware`` (the policy): per layer, a fresh plan aligned to the current one,
+taken only where the predicted gain per moved slot is large. ``plan_incremental`` (kept as
+an alternative): single-slot moves from the current placement, described below.
 
 A move rewrites one slot: the slot gives up its expert ``a`` (which must keep another
 replica) and takes expert ``b``; every GPU load changes through the equal split of ``a``
@@ -12,12 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .balanced import peak_load, plan_balanced, replica_weights
+from .balanced import peak_load, replica_weights
+from .deepseek import deepseek
 from .split import replica_counts
 
 MAX_MOVE_SHARE = 0.15
 MIN_GAIN = 0.002
-FRESH_GAIN = 0.05  # a layer re-plans from scratch when that beats the incremental plan by 5% of mean load
+GAIN_PER_SLOT = 0.3  # re-plan a layer when its peak drops by > 0.3 x (share of its slots moved) of the mean load
 
 
 def plan_incremental(
@@ -112,16 +117,24 @@ def align_to_previous(new: np.ndarray, previous: np.ndarray, *, num_gpus: int) -
 
 
 def plan_migration_aware(
-    weight: np.ndarray, previous: np.ndarray, *, num_gpus: int, fresh_gain: float = FRESH_GAIN,
+    weight: np.ndarray, previous: np.ndarray, *, num_gpus: int, gain_per_slot: float = GAIN_PER_SLOT,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Incremental moves; a layer whose fresh plan (aligned to ``previous``) would lower the
-    peak by more than ``fresh_gain`` of the mean GPU load takes the fresh plan instead.
-    Returns (phy2log [L, P], replica weights [L, P])."""
+    """Re-plan per layer only where it pays for its moves.
+
+    Step 1: a fresh plan (DeepSeek's recipe: under per-pass dynamic dispatch it realizes as
+    well as any equal-split plan we tried, and costs little), aligned to ``previous``
+    (GPU relabelling and slot order that keep the most slots unchanged).
+    Step 2: a layer takes it when the drop of its max GPU load (equal split, on ``weight``,
+    as a share of the mean GPU load) exceeds ``gain_per_slot`` times the share of the
+    layer's slots that would move; other layers keep their placement.
+    Returns (phy2log [L, P], water-filled replica weights [L, P]).
+    """
     num_physical = previous.shape[1]
-    inc, _ = plan_incremental(weight, previous, num_gpus=num_gpus, with_weights=False)
-    fresh, _ = plan_balanced(weight, num_physical, num_gpus=num_gpus, with_weights=False)
+    fresh = align_to_previous(deepseek(weight, num_physical, num_gpus=num_gpus), previous, num_gpus=num_gpus)
     mean_gpu = np.maximum(weight.sum(1) / num_gpus, 1e-30)
-    take = (peak_load(weight, inc, num_gpus) - peak_load(weight, fresh, num_gpus)) / mean_gpu > fresh_gain
-    if take.any():
-        inc[take] = align_to_previous(fresh[take], previous[take], num_gpus=num_gpus)
-    return inc, replica_weights(weight, inc, num_gpus)
+    gain = (peak_load(weight, previous, num_gpus) - peak_load(weight, fresh, num_gpus)) / mean_gpu
+    moved = (fresh != previous).mean(1)
+    take = (moved > 0) & (gain > gain_per_slot * moved)
+    phy2log = previous.copy()
+    phy2log[take] = fresh[take]
+    return phy2log, replica_weights(weight, phy2log, num_gpus)

@@ -1,8 +1,26 @@
-"""Node-level views of a placement."""
+"""Node-level views of a placement, and the node-aware policy.
+
+``plan_node_aware`` (used by ``eplb_plugin`` when num_nodes > 1), per layer the better of:
+
+1. Hierarchical: DeepSeek's recipe with groups packed onto nodes (a group's experts and
+   their replicas stay on one node, so group-limited routing stays node-local).
+2. Flat, node-assigned: the flat plan (GPUs balanced, so nodes are too), with its GPUs
+   assigned to nodes to keep each group's load on the node its group is homed on (groups
+   homed by balanced packing of group loads; GPUs to node positions by linear assignment).
+
+The hierarchical plan is kept where its max GPU load is within ``NODE_TOLERANCE`` of the
+flat one; where groups are as many as nodes (or a hot group overloads its node) it is not,
+and the flat plan takes over, so the policy does not collapse there.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+from .deepseek import balanced_packing, deepseek
+from .split import gpu_sum
+
+NODE_TOLERANCE = 0.01  # accept 1% more peak GPU load (share of the mean) for node-local groups
 
 
 def cross_node_share(weight: np.ndarray, phy2log: np.ndarray, *, num_nodes: int) -> float:
@@ -20,3 +38,83 @@ def cross_node_share(weight: np.ndarray, phy2log: np.ndarray, *, num_nodes: int)
     local = present.mean(-1)  # share of nodes that hold a replica
     total = weight.sum()
     return 0.0 if total <= 0 else float((weight * (1.0 - local)).sum() / total)
+
+
+def group_locality(weight: np.ndarray, phy2log: np.ndarray, *, num_nodes: int, num_groups: int) -> float:
+    """Share of each group's tokens (equal split over replicas) served on the node that serves
+    most of that group, load-weighted over groups and layers: 1.0 = every group node-local,
+    so group-limited routing sends each token to at most ``topk_groups`` nodes.
+
+    weight: [L, E]; phy2log: [L, P]. Returns a float in [0, 1].
+    """
+    num_layers, num_logical = weight.shape
+    num_slots = phy2log.shape[1]
+    flat = (phy2log + num_logical * np.arange(num_layers)[:, None]).ravel()
+    count = np.bincount(flat, minlength=num_layers * num_logical).reshape(num_layers, num_logical)
+    slot_load = np.take_along_axis(weight / np.maximum(count, 1), phy2log, axis=1)
+    group = phy2log // (num_logical // num_groups)
+    node = np.broadcast_to(np.arange(num_slots) // (num_slots // num_nodes), phy2log.shape)
+    per = np.zeros((num_layers, num_groups, num_nodes))
+    np.add.at(per, (np.arange(num_layers)[:, None], group, node), slot_load)
+    total = per.sum()
+    return 1.0 if total <= 0 else float(per.max(-1).sum() / total)
+
+
+def assign_gpus_to_nodes(weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: int, num_nodes: int,
+                         num_groups: int) -> np.ndarray:
+    """Reorder the GPUs of a flat plan so that each node holds the groups homed on it.
+
+    weight: [L, E]; phy2log: [L, P] rank-major. Returns perm [L, P] int64: new slot q holds
+    old slot perm[:, q] (GPU sets unchanged).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    num_layers, num_logical = weight.shape
+    per_gpu = phy2log.shape[1] // num_gpus
+    gpus_per_node = num_gpus // num_nodes
+    # Step 1: home groups on nodes (balanced by group load; with fewer groups than nodes, round robin).
+    group_load = weight.reshape(num_layers, num_groups, -1).sum(-1)
+    if num_groups % num_nodes == 0:
+        home, _ = balanced_packing(group_load, num_nodes)
+    else:
+        home = np.broadcast_to(np.arange(num_groups) % num_nodes, group_load.shape)
+    # Step 2: each GPU's load per home node, then GPUs to node positions by linear assignment.
+    flat = (phy2log + num_logical * np.arange(num_layers)[:, None]).ravel()
+    count = np.bincount(flat, minlength=num_layers * num_logical).reshape(num_layers, num_logical)
+    slot_load = np.take_along_axis(weight / np.maximum(count, 1), phy2log, axis=1)
+    slot_node = np.take_along_axis(home, phy2log // (num_logical // num_groups), axis=1)
+    out = np.empty_like(phy2log)
+    slots = np.arange(phy2log.shape[1]).reshape(num_gpus, per_gpu)
+    for layer in range(num_layers):
+        affinity = np.zeros((num_gpus, num_nodes))
+        np.add.at(affinity, (np.arange(phy2log.shape[1]) // per_gpu, slot_node[layer]), slot_load[layer])
+        cost = -np.repeat(affinity, gpus_per_node, axis=1)  # column = node position
+        gpu, pos = linear_sum_assignment(cost)
+        out[layer] = slots[gpu[np.argsort(pos)]].ravel()
+    return out
+
+
+def plan_node_aware(weight: np.ndarray, flat: np.ndarray, flat_peak: np.ndarray, num_physical: int, *,
+                    num_gpus: int, num_nodes: int, num_groups: int | None,
+                    tolerance: float = NODE_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
+    """weight: [L, E]; flat: [L, P] the flat plan; flat_peak: [L] its max GPU load.
+
+    Returns (phy2log [L, P], perm [L, P] applied to the flat plan's slots, took_hierarchical [L] bool).
+    """
+    num_layers, num_logical = weight.shape
+    groups = num_groups if num_groups else num_nodes
+    if num_logical % groups:
+        groups = num_nodes if num_logical % num_nodes == 0 else 1
+    perm = assign_gpus_to_nodes(weight, flat, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups) \
+        if groups > 1 else np.broadcast_to(np.arange(num_physical), flat.shape).copy()
+    placed = np.take_along_axis(flat, perm, axis=1)
+    if groups % num_nodes:
+        return placed, perm, np.zeros(num_layers, dtype=bool)
+    hier = deepseek(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups,
+                    hierarchical=True)
+    count = np.zeros_like(weight)
+    np.add.at(count, (np.arange(num_layers)[:, None], hier), 1.0)
+    hier_peak = gpu_sum(np.take_along_axis(weight / np.maximum(count, 1), hier, axis=1), num_gpus).max(1)
+    mean = weight.sum(1) / num_gpus
+    take = hier_peak <= flat_peak + tolerance * mean
+    return np.where(take[:, None], hier, placed), perm, take
