@@ -1,0 +1,227 @@
+"""End-to-end benchmark: MoE step time with EPLB, without, and with perfectly uniform routing.
+
+Three runs of the reference runtime in one invocation (same processes, same token count):
+
+- ``no_eplb``: the workload on the initial (trivial) placement;
+- ``eplb``: the same workload with ``--enable-eplb`` (rebalancing every N passes);
+- ``uniform``: every expert gets exactly the same number of tokens (the yardstick).
+
+Reported per run: MoE step time (wall, slowest rank; on CUDA the only synchronizations are
+at the start and end of each pass, the measurement points), realized per-pass balancedness
+(from the GPUs' actual token counts), rebalance stalls, slots/bytes moved, weights verified.
+
+Also the "EP8 compute part" (BENCHMARKS.md): on one device, each simulated EP8 rank's share
+of the expert work is timed separately (the experts that rank would hold, with the tokens
+it would receive, replicas splitting their expert's tokens equally) and the slowest rank is
+the step; summed over layers. It is measured, not modelled, but it is the compute part of
+an EP8 step only (no communication). Placements: naive (trivial, no redundancy), EPLB
+(planned on the previous window of passes, so realized), uniform routing.
+
+CPU:  python benchmarks/bench_end_to_end.py --device cpu            (gloo, 4 ranks, tiny)
+GPU:  python benchmarks/bench_end_to_end.py --device cuda --traces-dir <dir with the ESFT .npz>
+      (2 GPUs, NCCL, DeepSeek-V2-Lite expert sizes, bf16, ESFT intent then law replayed)
+"""
+
+from __future__ import annotations
+
+import os
+
+# NVLink multicast off (see the device tool's KINDS.md); set before torch touches NCCL.
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from eplb_plugin.args import EPLBArgs  # noqa: E402
+from eplb_plugin.balance import gpu_loads, layer_balancedness, slot_loads  # noqa: E402
+from eplb_plugin.location import ExpertLocation  # noqa: E402
+from eplb_plugin.runtime.config import ModelShape, RunSpec, RuntimeConfig, WorkloadSpec  # noqa: E402
+from eplb_plugin.runtime.launch import launch  # noqa: E402
+from eplb_plugin.runtime.moe import expert_ffn  # noqa: E402
+from eplb_plugin.runtime.weights import FFNShape, make_expert_weights  # noqa: E402
+
+ESFT_TRACES = ("esft_dsv2lite_intent_top6.npz", "esft_dsv2lite_law_top6.npz")
+EP8 = 8
+EP8_REDUNDANT = 8
+EP8_SAMPLE_PASSES = 8  # passes timed for the EP8 compute part (each: L layers x 8 ranks)
+PER_PASS_KEYS = ("balancedness_per_pass", "moe_step_s_per_pass", "stall_s_per_pass")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--ep-size", type=int, default=None, help="default: 4 on cpu, 2 on cuda")
+    p.add_argument("--ep-num-redundant-experts", type=int, default=None, help="default: ep_size")
+    p.add_argument("--num-passes", type=int, default=None, help="default: 200 on cpu, 300 on cuda")
+    p.add_argument("--batch-tokens", type=int, default=None, help="default: 256 on cpu, 2048 on cuda")
+    p.add_argument("--rebalance-every", type=int, default=None, help="default: 50 on cpu, 30 on cuda")
+    p.add_argument("--num-layers", type=int, default=None, help="default: the preset's (26 for DeepSeek-V2-Lite)")
+    p.add_argument("--traces-dir", default=None, help="folder with the ESFT .npz traces (cuda default workload)")
+    p.add_argument("--workload", choices=("auto", "synthetic", "trace"), default="auto",
+                   help="auto: trace when --traces-dir is given, else synthetic")
+    p.add_argument("--skip-ep8", action="store_true", help="skip the EP8 compute part")
+    p.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    return p.parse_args(argv)
+
+
+def setup(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EPLBArgs, WorkloadSpec]:
+    cuda = ns.device == "cuda"
+    if cuda:
+        model = ModelShape.from_preset("deepseek-v2-lite", num_layers=ns.num_layers)
+    else:
+        model = ModelShape.from_preset("tiny", num_layers=ns.num_layers, hidden_size=128, intermediate_size=256)
+    ep = ns.ep_size or (2 if cuda else 4)
+    kind = ns.workload if ns.workload != "auto" else ("trace" if ns.traces_dir else "synthetic")
+    traces = tuple(str(Path(ns.traces_dir) / name) for name in ESFT_TRACES) if kind == "trace" else ()
+    workload = WorkloadSpec(kind=kind, traces=traces)
+    args = EPLBArgs(
+        ep_size=ep, ep_num_redundant_experts=ns.ep_num_redundant_experts if ns.ep_num_redundant_experts is not None else ep,
+        eplb_rebalance_num_iterations=ns.rebalance_every or (30 if cuda else 50),
+    )
+    passes = ns.num_passes or (300 if cuda else 200)
+    off = args.resolve()
+    on = dataclasses.replace(args, enable_eplb=True).resolve()
+    runs = [RunSpec("no_eplb", off, workload, passes), RunSpec("eplb", on, workload, passes),
+            # Uniform routing on E slots (no redundancy): every GPU gets exactly the mean load.
+            RunSpec("uniform", dataclasses.replace(args, ep_num_redundant_experts=0).resolve(),
+                    WorkloadSpec(kind="uniform"), passes)]
+    cfg = RuntimeConfig(model=model, batch_tokens=ns.batch_tokens or (2048 if cuda else 256), device=ns.device,
+                        dtype="bfloat16" if cuda else "float32", progress=True)
+    return cfg, runs, on, workload
+
+
+# ---------------------------------------------------------------------- EP8 compute part
+
+def _time_rank(tokens_per_slot: list[int], w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, cuda: bool) -> float:
+    """Seconds to run one simulated rank's slots (slot s on tokens_per_slot[s] rows)."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for s, n in enumerate(tokens_per_slot):
+            if n:
+                expert_ffn(x[:n], w13[s], w2[s])
+        end.record()
+        end.synchronize()  # measurement point: this rank's kernels have finished
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    for s, n in enumerate(tokens_per_slot):
+        if n:
+            expert_ffn(x[:n], w13[s], w2[s])
+    return time.perf_counter() - t0
+
+
+def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every: int) -> dict:
+    """Slowest simulated EP8 rank's expert time per pass (summed over layers), three placements."""
+    m = cfg.model
+    device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
+    w = workload.build(m, cfg.batch_tokens)
+    num_physical = m.num_logical_experts + EP8_REDUNDANT
+    trivial = ExpertLocation.trivial(num_layers=m.num_layers, num_logical_experts=m.num_logical_experts,
+                                     num_physical_experts=m.num_logical_experts, ep_size=EP8)
+    passes = list(range(rebalance_every, rebalance_every + EP8_SAMPLE_PASSES))
+    counts = []  # [L, E] per pass, for passes 0 .. last sampled
+    for p in range(passes[-1] + 1):
+        ids = w.batch(p).topk_ids
+        c = torch.zeros(m.num_layers, m.num_logical_experts + 1, dtype=torch.float64)
+        c.scatter_add_(1, torch.where(ids >= 0, ids, m.num_logical_experts).permute(1, 0, 2).reshape(m.num_layers, -1),
+                       torch.ones(m.num_layers, ids.shape[0] * ids.shape[2], dtype=torch.float64))
+        counts.append(c[:, :-1])
+    slots_max = -(-num_physical // EP8)
+    shape = FFNShape(m.hidden_size, m.intermediate_size, cfg.torch_dtype, device, cfg.seed)
+    pool = [make_expert_weights(0, e, shape) for e in range(slots_max)]  # values do not change the time
+    w13 = torch.stack([a for a, _ in pool])
+    w2 = torch.stack([b for _, b in pool])
+    x = torch.randn(cfg.batch_tokens * m.top_k, m.hidden_size, device=device).to(cfg.torch_dtype)
+    uniform = torch.full((m.num_layers, m.num_logical_experts), cfg.batch_tokens * m.top_k / m.num_logical_experts,
+                         dtype=torch.float64)
+    out: dict = {"label": "EP8 compute part (one device, each simulated EP8 rank's expert FFNs timed alone; "
+                          "step = slowest rank, summed over layers; no communication)",
+                 "ep_size": EP8, "sample_passes": passes, "placements": {}}
+    expert_ffn(x[:16], w13[0], w2[0])  # warm-up (kernel selection, allocator)
+    if cfg.device == "cpu":
+        torch.set_num_threads(1)  # one core per simulated rank, as in the runtime's CPU ranks
+    for name in ("naive", "eplb", "uniform"):
+        steps, bals = [], []
+        for p in passes:
+            if name == "eplb":
+                window = torch.stack(counts[p - rebalance_every : p]).sum(0)  # the passes before p only
+                loc = ExpertLocation.from_logical_count(window, num_physical_experts=num_physical, ep_size=EP8)
+            else:
+                loc = trivial
+            load = uniform if name == "uniform" else counts[p]
+            per_slot = slot_loads(load, loc.physical_to_logical_map, loc.replica_weights).round().long()  # [L, P]
+            bals.append(float(layer_balancedness(gpu_loads(per_slot, EP8)).mean()))
+            for _ in range(2 if p == passes[0] else 1):  # the first pass runs twice: warm-up of new shapes
+                step = 0.0
+                for layer in range(m.num_layers):
+                    per_rank = per_slot[layer].view(EP8, -1).tolist()
+                    step += max(_time_rank(r, w13, w2, x, cfg.device == "cuda") for r in per_rank)
+            steps.append(step)
+        out["placements"][name] = {"step_ms_median": 1e3 * float(np.median(steps)),
+                                   "step_ms_per_pass": [1e3 * s for s in steps],
+                                   "balancedness_mean": float(np.mean(bals))}
+    return out
+
+
+def main(argv=None) -> int:
+    ns = parse_args(argv)
+    cfg, runs, layout, workload = setup(ns)
+    t0 = time.perf_counter()
+    results = launch(cfg, runs, layout)
+    by = {r["label"]: r for r in results}
+    ep8 = None if ns.skip_ep8 else ep8_compute_part(cfg, workload, runs[1].eplb.eplb_rebalance_num_iterations)
+    device = torch.cuda.get_device_name(0) if cfg.device == "cuda" else platform.processor() or platform.machine()
+    summary = {
+        label: {k: r[k] for k in ("moe_step_ms_mean", "balancedness_mean", "expert_compute_ms_mean", "num_rebalances",
+                                  "slots_moved", "bytes_moved", "stall_s_total", "stall_ms_max", "slots_checked",
+                                  "slots_failed", "wall_s")}
+        for label, r in by.items()
+    }
+    eplb_ms, uni_ms, off_ms = (summary[k]["moe_step_ms_mean"] for k in ("eplb", "uniform", "no_eplb"))
+    report = {
+        "benchmark": "end_to_end",
+        "command": "python " + shlex.join(sys.argv if argv is None else ["benchmarks/bench_end_to_end.py", *argv]),
+        "device": device, "device_kind": cfg.device, "torch_version": torch.__version__,
+        "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "config": {"model": cfg.model.__dict__, "batch_tokens": cfg.batch_tokens, "dtype": cfg.dtype,
+                   "ep_size": layout.ep_size, "ep_num_redundant_experts": layout.ep_num_redundant_experts,
+                   "rebalance_every": layout.eplb_rebalance_num_iterations, "num_passes": runs[0].num_passes,
+                   "workload": workload.__dict__},
+        "summary": summary,
+        "eplb_step_over_uniform": eplb_ms / uni_ms,
+        "eplb_step_within_10pct_of_uniform": eplb_ms <= 1.10 * uni_ms,
+        "speedup_eplb_over_no_eplb": off_ms / eplb_ms,
+        "measured_balancedness": {k: summary[k]["balancedness_mean"] for k in summary},
+        "ep8_compute_part": ep8,
+        "runs": [{k: r[k] for k in ("label", *PER_PASS_KEYS, "rebalances")} for r in results],
+        "total_wall_s": time.perf_counter() - t0,
+    }
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"end_to_end_{cfg.device}_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=1, default=str))
+    for label, s in summary.items():
+        print(f"{label:>8}: MoE step {s['moe_step_ms_mean']:8.2f} ms  balancedness {s['balancedness_mean']:.3f}  "
+              f"rebalances {s['num_rebalances']}  stall {1e3 * s['stall_s_total']:.0f} ms  "
+              f"weights {s['slots_checked'] - s['slots_failed']}/{s['slots_checked']}")
+    print(f"EPLB / uniform step: {eplb_ms / uni_ms:.3f}  no_eplb / EPLB: {off_ms / eplb_ms:.3f}")
+    if ep8:
+        for name, v in ep8["placements"].items():
+            print(f"EP8 compute part, {name:>7}: slowest-rank step {v['step_ms_median']:.2f} ms (median), balancedness {v['balancedness_mean']:.3f}")
+    print(f"wrote {path}")
+    return 0 if all(s["slots_failed"] == 0 for s in summary.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

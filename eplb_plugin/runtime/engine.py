@@ -1,0 +1,402 @@
+"""RankEngine: one EP rank's serving loop for one run.
+
+Each pass, on every rank (the loop is collective: every rank runs the same passes):
+
+1. Take this rank's shard of the pass's global batch (the workload is deterministic, so
+   ranks agree without talking) and its hidden states (deterministic from (seed, pass)).
+2. Run every MoE layer (``ep_moe_forward``: dispatch, all-to-all, experts, all-to-all
+   back), chained ``h = h + MoE_l(rms_normalize(h))``, inside the recorder's pass.
+3. One SUM all-reduce of a small vector: the HTTP command from rank 0, every slot's
+   received pairs [L, P], every rank's MoE step time and expert compute time. All ranks
+   then know the pass's per-GPU loads (balancedness) and act on the command together.
+4. ``manager.on_forward_pass_end()``: the manager may plan, move weights and switch maps
+   (then ``on_location_change`` rebuilds the dispatcher). Its time is the pass's stall.
+
+At the end every slot's weights are checked against the fingerprint of the logical expert
+the final map says it holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eplb_plugin.balance import gpu_loads, layer_balancedness
+from eplb_plugin.dispatch import ExpertDispatcher
+from eplb_plugin.errors import ConfigError, EPLBError, RebalanceError, TransferError
+from eplb_plugin.algorithms import algorithm_for_dispatch
+from eplb_plugin.location import ExpertLocation, load_init_expert_location
+from eplb_plugin.recorder import create_recorder
+from eplb_plugin.runtime.config import RunSpec, RuntimeConfig
+from eplb_plugin.runtime.http import Command, ControlChannel, Reply
+from eplb_plugin.runtime.moe import ep_moe_forward, rms_normalize
+from eplb_plugin.runtime.weights import FFNShape, build_rank_weights, verify_rank_weights
+from eplb_plugin.runtime.workload import shard_tokens
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MANAGER = "eplb_plugin.manager:EPLBManager"
+PROGRESS_EVERY_PASSES = 5
+RSS_EVERY_PASSES = 250  # how often each rank samples its resident memory
+LIVE_WINDOW_PASSES = 20  # passes averaged for the progress bar's live balancedness
+REPLIES = {
+    Command.START_RECORD: "Start recording the expert distribution.\n",
+    Command.STOP_RECORD: "Stop recording the expert distribution.\n",
+    Command.DUMP_RECORD: "Dump expert distribution record.\n",
+}
+
+
+def resolve_factory(spec: str) -> Any:
+    """Import ``"module:attr"``."""
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"manager factory {spec!r} cannot be imported ({exc})") from exc
+
+
+def make_hidden(pass_id: int, num_tokens: int, hidden_size: int, *, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[T, H] the pass's token activations, deterministic from (seed, pass_id) per device type."""
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + pass_id)
+    return torch.randn(num_tokens, hidden_size, generator=g, device=device).to(dtype)
+
+
+class RankEngine:
+    """One rank's state for one run: placement, weights, dispatcher, recorder, manager.
+
+    group: the EP process group (None with one rank). channel: HTTP commands (rank 0 only).
+    """
+
+    def __init__(
+        self, cfg: RuntimeConfig, run: RunSpec, *, rank: int, world_size: int, group: Any,
+        device: torch.device, channel: ControlChannel | None = None, metrics: Any = None,
+    ):
+        self.cfg, self.run_spec, self.rank, self.world_size, self.group = cfg, run, rank, world_size, group
+        self.device, self.channel, self.metrics = device, channel, metrics
+        model, args = cfg.model, run.eplb
+        self.model = model
+        num_physical = model.num_logical_experts + args.ep_num_redundant_experts
+        self.location: ExpertLocation = load_init_expert_location(
+            args.init_expert_location, num_layers=model.num_layers, num_logical_experts=model.num_logical_experts,
+            num_physical_experts=num_physical, ep_size=world_size, num_nodes=args.nnodes,
+            num_groups=model.num_groups,
+            algorithm=algorithm_for_dispatch(args.eplb_algorithm, args.ep_dispatch_algorithm),
+        )
+        self.initial_map = self.location.physical_to_logical_map.clone()
+        self.shape = FFNShape(model.hidden_size, model.intermediate_size, cfg.torch_dtype, device, cfg.seed)
+        self.weights = build_rank_weights(self.location, rank, self.shape)
+        self.workload = run.workload.build(model, cfg.batch_tokens)
+        self.tokens = shard_tokens(cfg.batch_tokens, rank=rank, world_size=world_size)
+        self.recorder = create_recorder(
+            args.expert_distribution_recorder_mode,
+            **self._recorder_kwargs(args),
+        )
+        self.dispatch_algorithm = args.ep_dispatch_algorithm or "static"
+        self.dispatcher = self._make_dispatcher(self.location)
+        self.manager = None
+        if args.enable_eplb:
+            factory = resolve_factory(run.manager_factory or cfg.manager_factory or DEFAULT_MANAGER)
+            self.manager = factory(
+                args, location=self.location, recorder=self.recorder, expert_weights=self.weights,
+                group=group, rank=rank, num_groups=model.num_groups, metrics=metrics,
+                on_location_change=self._on_location_change,
+            )
+        elif args.expert_balancedness_report_mode != "off" or args.enable_expert_distribution_metrics:
+            self.recorder.start_record()  # SGLang starts recording when it reports balancedness
+        n = run.num_passes
+        self.balancedness = np.zeros(n)
+        self.step_s = np.zeros(n)
+        self.compute_s = np.zeros(n)
+        self.stall_s = np.zeros(n)
+        self.gpu_load = np.zeros((n, model.num_layers, world_size), dtype=np.float32)
+        self.rss_mb = np.zeros((n + RSS_EVERY_PASSES - 1) // RSS_EVERY_PASSES)
+        self.rebalance_failures: list[str] = []
+
+    def _recorder_kwargs(self, args: Any) -> dict[str, Any]:
+        if args.expert_distribution_recorder_mode is None:
+            return {}
+        buffer = args.expert_distribution_recorder_buffer_size
+        return dict(
+            physical_to_logical_map=self.location.physical_to_logical_map.to(self.device),
+            num_logical_experts=self.model.num_logical_experts,
+            buffer_size=buffer if buffer is not None else args.eplb_rebalance_num_iterations,
+            device=self.device, rank=self.rank, ep_size=self.world_size, group=self.group,
+            dump_dir=self.cfg.dump_dir, top_k=self.model.top_k,
+            max_tokens_per_pass=self.tokens.stop - self.tokens.start,
+        )
+
+    def _make_dispatcher(self, location: ExpertLocation) -> ExpertDispatcher:
+        return ExpertDispatcher(
+            location, rank=self.rank, algorithm=self.dispatch_algorithm,
+            num_gpus_per_node=self.world_size // self.run_spec.eplb.nnodes, device=self.device,
+            generator=torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.rank),
+        )
+
+    def _on_location_change(self, location: ExpertLocation) -> None:
+        """Called by the manager on the serving thread once a new map is live on every rank."""
+        self.location = location
+        self.dispatcher = self._make_dispatcher(location)
+
+    # ------------------------------------------------------------------ one pass
+
+    def forward(self, pass_id: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Run pass ``pass_id`` through every MoE layer. Collective.
+
+        Returns (this rank's final hidden states [t, H], received pairs per local slot
+        [L, S] int64, expert compute seconds).
+        """
+        batch = self.workload.batch(pass_id)
+        ids = batch.topk_ids[self.tokens].to(self.device)
+        topk_weights = batch.topk_weights[self.tokens].to(self.device)
+        h = make_hidden(pass_id, self.cfg.batch_tokens, self.model.hidden_size, seed=self.cfg.seed,
+                        dtype=self.cfg.torch_dtype, device=self.device)[self.tokens]
+        received = []
+        compute_s = 0.0
+        with self.recorder.with_forward_pass(pass_id):
+            for layer in range(self.model.num_layers):
+                with self.recorder.with_current_layer(layer):
+                    res = ep_moe_forward(
+                        rms_normalize(h), ids[:, layer], topk_weights[:, layer], layer=layer,
+                        dispatcher=self.dispatcher, weights=self.weights[layer], recorder=self.recorder,
+                        group=self.group, world_size=self.world_size,
+                    )
+                h = h + res.out
+                received.append(res.recv_counts)
+                compute_s += res.compute_s
+        return h, torch.stack(received), compute_s
+
+    def _pass_stats(self, command: int, received: torch.Tensor, step_s: float, compute_s: float) -> torch.Tensor:
+        """One SUM all-reduce (collective): [1 + L * P + 2W] float64 -> the same, summed."""
+        num_layers, num_local = received.shape
+        w = self.world_size
+        num_physical = num_local * w
+        vec = torch.zeros(1 + num_layers * num_physical + 2 * w, dtype=torch.float64)
+        if self.rank == 0:
+            vec[0] = command
+        slots = vec[1 : 1 + num_layers * num_physical].view(num_layers, num_physical)
+        slots[:, self.rank * num_local : (self.rank + 1) * num_local] = received.cpu().to(torch.float64)
+        tail = 1 + num_layers * num_physical
+        vec[tail + self.rank] = step_s
+        vec[tail + w + self.rank] = compute_s
+        if w > 1:
+            import torch.distributed as dist
+
+            comm = vec.to(self.device) if self.device.type == "cuda" else vec  # NCCL needs device tensors
+            dist.all_reduce(comm, group=self.group)
+            vec = comm.cpu()
+        return vec
+
+    def _execute(self, command: Command) -> Reply:
+        """Run an HTTP recorder command on this rank (every rank, same pass)."""
+        try:
+            if command == Command.START_RECORD:
+                self.recorder.start_record()
+            elif command == Command.STOP_RECORD:
+                self.recorder.stop_record()
+            elif command == Command.DUMP_RECORD:
+                path = self.recorder.dump_record("file")
+                headers = {"X-Dump-Path": str(path)} if path is not None else {}
+                return Reply(200, REPLIES[command], headers)
+            return Reply(200, REPLIES[command])
+        except EPLBError as exc:  # e.g. the recorder is off, a bad dump name
+            return Reply(400, f"{exc}\n")
+        except OSError as exc:  # the dump directory is not writable
+            return Reply(500, f"dump failed: {exc}\n")
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any] | None:
+        """Serve every pass of the run; rank 0 returns the results (others None). Collective."""
+        from tqdm import tqdm
+
+        spec, n = self.run_spec, self.run_spec.num_passes
+        cuda = self.device.type == "cuda"
+        bar = tqdm(total=n, desc=f"{spec.label:>8}", disable=not (self.cfg.progress and self.rank == 0),
+                   dynamic_ncols=True, leave=True)
+        if self.channel is not None:
+            self.channel.set_serving(True, run=spec.label, passes=n, pass_id=0)
+        self._seen_history = 0
+        self._bar = bar
+        start_wall = time.perf_counter()
+        try:
+            for p in range(n):
+                pending = self.channel.take() if self.channel is not None else None
+                if cuda:
+                    torch.cuda.synchronize(self.device)  # measurement point: the pass starts idle
+                t0 = time.perf_counter()
+                h, received, compute_s = self.forward(p)
+                if cuda:
+                    torch.cuda.synchronize(self.device)  # measurement point: the pass's kernels done
+                step_s = time.perf_counter() - t0
+                if p in self.cfg.capture_passes and self.cfg.capture_dir:
+                    torch.save({"pass": p, "tokens": (self.tokens.start, self.tokens.stop), "out": h.cpu()},
+                               Path(self.cfg.capture_dir) / f"{spec.label}_rank{self.rank}_pass{p}.pt")
+                vec = self._pass_stats(int(pending.command) if pending else 0, received, step_s, compute_s)
+                self._account(p, vec)
+                command = Command(int(vec[0]))
+                if command != Command.NONE:
+                    reply = self._execute(command)
+                    if pending is not None:
+                        pending.complete(reply)
+                t1 = time.perf_counter()
+                if self.manager is not None:
+                    try:
+                        self.manager.on_forward_pass_end()
+                    except (RebalanceError, TransferError) as exc:  # old placement keeps serving
+                        self.rebalance_failures.append(f"pass {p}: {exc}")
+                        if self.rank == 0:
+                            bar.write(f"[{spec.label}] rebalance failed at pass {p}, serving on: {exc}")
+                self.stall_s[p] = time.perf_counter() - t1
+                self._seen_history = self._log_rebalances(bar, self._seen_history)
+                if self.channel is not None:
+                    self.channel.status.update(pass_id=p + 1)
+                if p % RSS_EVERY_PASSES == 0:
+                    self.rss_mb[p // RSS_EVERY_PASSES] = _rss_mb()
+                bar.update(1)
+                if p % PROGRESS_EVERY_PASSES == 0 or p == n - 1:
+                    lo = max(0, p + 1 - LIVE_WINDOW_PASSES)
+                    bar.set_postfix(bal=f"{self.balancedness[lo:p + 1].mean():.3f}",
+                                    step_ms=f"{1e3 * self.step_s[lo:p + 1].mean():.2f}",
+                                    rebal=len(self._history()), refresh=False)
+        finally:
+            bar.close()
+            if self.channel is not None:
+                self.channel.set_serving(False, run=spec.label, passes=n)
+        wall_s = time.perf_counter() - start_wall
+        return self._finish(wall_s)
+
+    def _account(self, p: int, vec: torch.Tensor) -> None:
+        w, num_layers = self.world_size, self.model.num_layers
+        num_physical = self.location.num_physical_experts
+        slot_counts = vec[1 : 1 + num_layers * num_physical].view(num_layers, num_physical)
+        loads = gpu_loads(slot_counts, w)  # [L, W] pairs each GPU computed
+        self.gpu_load[p] = loads.numpy()
+        self.balancedness[p] = float(layer_balancedness(loads).mean())
+        tail = 1 + num_layers * num_physical
+        self.step_s[p] = float(vec[tail : tail + w].max())
+        self.compute_s[p] = float(vec[tail + w : tail + 2 * w].max())
+        if self.metrics is not None and self.rank == 0:
+            self.metrics.update_from_counts(slot_counts, w)
+
+    def _history(self) -> list[Any]:
+        return list(getattr(self.manager, "history", []) or [])
+
+    def _log_rebalances(self, bar: Any, seen: int) -> int:
+        """Log each rebalance once it has finished (moved, skipped or failed); returns the new ``seen``."""
+        history = self._history()
+        while seen < len(history):
+            r = _as_dict(history[seen])
+            if r.get("end_pass") is None and not r.get("skipped") and not r.get("error"):
+                break  # still planning or moving
+            if self.rank == 0:
+                bar.write(
+                    f"[{self.run_spec.label}] rebalance {r.get('index', seen)} ({r.get('trigger', '')}): "
+                    f"passes {r.get('start_pass')}-{r.get('end_pass')}, slots moved {r.get('slots_moved')}, "
+                    f"stall {1e3 * float(r.get('stall_s') or 0):.1f} ms, balancedness "
+                    f"{float(r.get('balancedness_before', float('nan'))):.3f} -> "
+                    f"{float(r.get('balancedness_predicted', float('nan'))):.3f} (predicted)"
+                    + (f", skipped: {r['skipped']}" if r.get("skipped") else "")
+                    + (f", ERROR: {r['error']}" if r.get("error") else "")
+                )
+            seen += 1
+        return seen
+
+    def _finish(self, wall_s: float) -> dict[str, Any] | None:
+        """Collective: reduce stalls, verify every slot, close the manager; rank 0 returns results."""
+        if self.manager is not None:
+            self.manager.close()
+            self.location = getattr(self.manager, "location", self.location)
+            self._log_rebalances(self._bar, self._seen_history)  # those finished in the last pass
+        stall = torch.from_numpy(np.concatenate([self.stall_s, self.rss_mb]))
+        check = verify_rank_weights(self.weights, self.location, self.rank, self.shape) if self.cfg.verify_weights else None
+        totals = torch.tensor(
+            [check.slots_checked if check else 0, len(check.failures) if check else 0], dtype=torch.float64
+        )
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            # MAX: a pass's stall (and RSS sample) is the worst rank's; SUM: slots checked and failed.
+            stall_dev, totals_dev = stall.to(self.device), totals.to(self.device)
+            dist.all_reduce(stall_dev, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(totals_dev, group=self.group)
+            stall, totals = stall_dev.cpu(), totals_dev.cpu()
+        stall, rss = stall[: len(self.stall_s)], stall[len(self.stall_s):]
+        if check and check.failures:
+            logger.error("rank %d: %d slot(s) hold wrong weights: %s", self.rank, len(check.failures), check.failures[:8])
+        if self.rank != 0:
+            return None
+        return summarize(self, stall.numpy(), wall_s, rss_mb=rss.tolist(), slots_checked=int(totals[0]), slots_failed=int(totals[1]),
+                         verified=self.cfg.verify_weights)
+
+
+def _as_dict(record: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(record):
+        return dataclasses.asdict(record)
+    return dict(record) if isinstance(record, dict) else {"record": repr(record)}
+
+
+def summarize(engine: RankEngine, stall_s: np.ndarray, wall_s: float, *, rss_mb: list[float], slots_checked: int,
+              slots_failed: int, verified: bool) -> dict[str, Any]:
+    """The run's results as plain JSON-able values (rank 0)."""
+    n = engine.run_spec.num_passes
+    warmup = min(5, n // 10)  # the first passes pay one-time costs (connections, allocator)
+    window = max(1, n // 10)
+    rebalances = [_as_dict(r) for r in engine._history()]
+    done = [r for r in rebalances if not r.get("skipped") and not r.get("error")]
+    return {
+        "label": engine.run_spec.label,
+        "workload": dataclasses.asdict(engine.run_spec.workload),
+        "enable_eplb": engine.run_spec.eplb.enable_eplb,
+        "num_passes": n,
+        "warmup_passes": warmup,
+        "batch_tokens": engine.cfg.batch_tokens,
+        "ep_size": engine.world_size,
+        "num_physical_experts": engine.location.num_physical_experts,
+        "balancedness_per_pass": engine.balancedness.round(5).tolist(),
+        "moe_step_s_per_pass": engine.step_s.round(7).tolist(),
+        "expert_compute_s_per_pass": engine.compute_s.round(7).tolist(),
+        "stall_s_per_pass": stall_s.round(7).tolist(),
+        "balancedness_mean": float(engine.balancedness[warmup:].mean()),
+        "moe_step_ms_mean": float(1e3 * engine.step_s[warmup:].mean()),
+        "expert_compute_ms_mean": float(1e3 * engine.compute_s[warmup:].mean()),
+        "stall_s_total": float(stall_s.sum()),
+        "stall_ms_max": float(1e3 * stall_s.max()),
+        "wall_s": wall_s,
+        "gpu_load_share_first": _share(engine.gpu_load[:window]),
+        "gpu_load_share_last": _share(engine.gpu_load[-window:]),
+        "rebalances": rebalances,
+        "num_rebalances": len(done),
+        "slots_moved": int(sum(int(r.get("slots_moved") or 0) for r in done)),
+        "bytes_moved": int(sum(int(r.get("bytes_moved") or 0) for r in done)),
+        "rebalance_failures": engine.rebalance_failures,
+        "rss_mb_every_passes": RSS_EVERY_PASSES,
+        "rss_mb_max_over_ranks": [round(x, 2) for x in rss_mb],
+        "weights_verified": verified,
+        "slots_checked": slots_checked,
+        "slots_failed": slots_failed,
+        "initial_physical_to_logical_map": engine.initial_map.tolist(),
+        "final_physical_to_logical_map": engine.location.physical_to_logical_map.tolist(),
+    }
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process in MiB (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _share(loads: np.ndarray) -> list[list[float]]:
+    """[passes, L, W] -> [L, W] each GPU's share of its layer's pairs over those passes."""
+    total = loads.sum(0)
+    return (total / np.maximum(total.sum(-1, keepdims=True), 1)).round(5).tolist()

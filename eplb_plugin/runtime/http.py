@@ -1,0 +1,208 @@
+"""HTTP control and observability for the reference runtime (stdlib server, rank 0 only).
+
+Endpoints (localhost unless told otherwise):
+
+- ``/start_expert_distribution_record``, ``/stop_expert_distribution_record``,
+  ``/dump_expert_distribution_record`` (GET or POST; SGLang's meanings and plain-text
+  replies). The request thread queues a command in ``ControlChannel`` and waits; the
+  engine on rank 0 takes it at the next pass boundary and ships it to every rank with the
+  per-pass collective, so every rank acts at the same pass (stat dumps all-reduce).
+- ``/metrics``: Prometheus text. ``/health``: JSON with the run and pass.
+- Anything else: 404; a method other than GET/POST (HEAD on /health, /metrics): 405.
+
+A handler never raises into the server: bad input gets a 4xx, an unexpected error a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+logger = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT_S = 120.0  # how long a request waits for the next pass boundary
+MAX_BODY_BYTES = 1 << 20
+DRAIN_CAP_BYTES = 64 << 20
+
+
+class Command(IntEnum):
+    """Recorder commands shipped from rank 0 to every rank (0 = none)."""
+
+    NONE = 0
+    START_RECORD = 1
+    STOP_RECORD = 2
+    DUMP_RECORD = 3
+
+
+COMMAND_PATHS = {
+    "/start_expert_distribution_record": Command.START_RECORD,
+    "/stop_expert_distribution_record": Command.STOP_RECORD,
+    "/dump_expert_distribution_record": Command.DUMP_RECORD,
+}
+
+
+@dataclass
+class Reply:
+    status: int
+    body: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PendingCommand:
+    command: Command
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: Reply | None = None
+
+    def complete(self, reply: Reply) -> None:
+        self.reply = reply
+        self.done.set()
+
+
+class ControlChannel:
+    """Hands HTTP commands to the serving loop and their replies back (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[PendingCommand] = queue.Queue()
+        self._lock = threading.Lock()
+        self._serving = False
+        self.status: dict[str, object] = {"status": "starting"}
+        self.render_metrics: Callable[[], bytes] = lambda: b""
+
+    def set_serving(self, serving: bool, **status: object) -> None:
+        """Open (a run is passing) or close the channel; closing fails the waiting commands."""
+        with self._lock:
+            self._serving = serving
+            self.status = {"status": "serving" if serving else "idle", **status}
+        if not serving:
+            self.fail_pending(Reply(503, "no forward pass is running; try again while the server serves\n"))
+
+    def submit(self, command: Command, timeout_s: float = COMMAND_TIMEOUT_S) -> Reply:
+        """Queue ``command`` for the next pass boundary and wait for its reply (HTTP thread)."""
+        with self._lock:
+            if not self._serving:
+                return Reply(503, "no forward pass is running; try again while the server serves\n")
+            pending = PendingCommand(command)
+            self._queue.put(pending)
+        if not pending.done.wait(timeout_s):
+            return Reply(503, f"the serving loop did not reach a pass boundary within {timeout_s:.0f} s\n")
+        assert pending.reply is not None
+        return pending.reply
+
+    def take(self) -> PendingCommand | None:
+        """The oldest waiting command, or None (serving loop, rank 0)."""
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def fail_pending(self, reply: Reply) -> None:
+        while (pending := self.take()) is not None:
+            pending.complete(reply)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    channel: ControlChannel  # set on the subclass built by ControlServer
+    server_version = "eplb-plugin"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+        logger.debug("http %s - " + format, self.address_string(), *args)
+
+    def _send(self, reply: Reply, *, content_type: str = "text/plain; charset=utf-8", head: bool = False) -> None:
+        body = reply.body.encode() if isinstance(reply.body, str) else reply.body
+        self.send_response(reply.status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in reply.headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _route(self, method: str) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY_BYTES:
+                # Read what was sent (up to a cap) before answering, so the client sees the 413
+                # rather than a reset connection; past the cap the connection closes.
+                remaining = min(length, DRAIN_CAP_BYTES)
+                while remaining > 0:
+                    chunk = self.rfile.read(min(remaining, 1 << 16))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+                self.close_connection = True
+                self._send(Reply(413, f"request body over {MAX_BODY_BYTES} bytes\n"))
+                return
+            if length > 0:
+                self.rfile.read(length)  # the endpoints take no body; drain it
+            allowed = {"GET", "POST"} if path in COMMAND_PATHS else {"GET", "HEAD"}
+            if path not in COMMAND_PATHS and path not in ("/metrics", "/health"):
+                self._send(Reply(404, f"unknown path {path}; try /health, /metrics or {sorted(COMMAND_PATHS)}\n"))
+            elif method not in allowed:
+                self._send(Reply(405, f"{method} not allowed on {path}\n", {"Allow": ", ".join(sorted(allowed))}))
+            elif path in COMMAND_PATHS:
+                self._send(self.channel.submit(COMMAND_PATHS[path]))
+            elif path == "/metrics":
+                metrics = Reply(200, self.channel.render_metrics().decode())
+                self._send(metrics, content_type="text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD")
+            else:
+                health = Reply(200, json.dumps(self.channel.status) + "\n")
+                self._send(health, content_type="application/json", head=method == "HEAD")
+        except (ValueError, UnicodeDecodeError) as exc:  # a malformed header or body
+            self._send(Reply(400, f"bad request: {exc}\n"))
+        except Exception as exc:  # request boundary: log, answer 500, keep serving
+            logger.exception("http %s %s failed", method, path)
+            self._send(Reply(500, f"internal error: {type(exc).__name__}: {exc}\n"))
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_HEAD(self) -> None:
+        self._route("HEAD")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._route("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._route("OPTIONS")
+
+
+class ControlServer:
+    """A ThreadingHTTPServer in a daemon thread, bound to ``host:port`` (port 0 = any free)."""
+
+    def __init__(self, channel: ControlChannel, *, host: str = "127.0.0.1", port: int = 0):
+        handler = type("EPLBHandler", (_Handler,), {"channel": channel})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self.host, self.port = self.httpd.server_address[:2]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="eplb-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ControlServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=5.0)

@@ -1,0 +1,127 @@
+"""HTTP endpoints: SGLang's recorder commands act on every rank; bad requests get 4xx, never a crash."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from eplb_plugin.args import EPLBArgs
+from eplb_plugin.runtime.config import ModelShape, RunSpec, RuntimeConfig, WorkloadSpec
+from eplb_plugin.runtime.http import Command, ControlChannel, ControlServer, Reply
+from eplb_plugin.runtime.launch import launch
+from eplb_plugin.runtime.workload import read_sglang_per_token_dump, shard_tokens
+
+
+def request(url: str, method: str = "GET", data: bytes | None = None) -> tuple[int, str, dict]:
+    req = urllib.request.Request(url, method=method, data=data)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode(), dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(), dict(err.headers)
+
+
+@pytest.fixture
+def served():
+    """A ControlServer whose 'serving loop' answers each command with its name."""
+    channel = ControlChannel()
+    channel.render_metrics = lambda: b"eplb_balancedness 0.5\n"
+    server = ControlServer(channel).start()
+    channel.set_serving(True, run="t")
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            pending = channel.take()
+            if pending is not None:
+                pending.complete(Reply(200, f"did {pending.command.name}\n"))
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield channel, server.url
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def test_endpoints_answer_and_bad_requests_get_4xx(served):
+    """Commands reach the loop by GET and POST; /health and /metrics answer; unknown paths 404,
+    wrong methods 405, an oversized body 413; the server keeps serving after each."""
+    channel, url = served
+    for path, command in (("/start_expert_distribution_record", Command.START_RECORD),
+                          ("/stop_expert_distribution_record", Command.STOP_RECORD),
+                          ("/dump_expert_distribution_record", Command.DUMP_RECORD)):
+        assert request(url + path)[:2] == (200, f"did {command.name}\n")
+        status, body, _ = request(url + path, "POST", b"{}")
+        assert (status, body) == (200, f"did {command.name}\n")
+    status, body, headers = request(url + "/health")
+    assert status == 200 and '"serving"' in body and headers["Content-Type"] == "application/json"
+    status, body, headers = request(url + "/metrics")
+    assert (status, body) == (200, "eplb_balancedness 0.5\n") and "version=0.0.4" in headers["Content-Type"]
+    assert request(url + "/nope")[0] == 404
+    assert request(url + "/metrics", "POST")[0] == 405
+    status, _, headers = request(url + "/start_expert_distribution_record", "DELETE")
+    assert status == 405 and headers["Allow"] == "GET, POST"
+    assert request(url + "/health", "PUT")[0] == 405
+    assert request(url + "/dump_expert_distribution_record", "POST", b"x" * (2 << 20))[0] == 413
+    assert request(url + "/health")[0] == 200
+
+
+def test_commands_get_503_when_no_pass_is_running(served):
+    """After the run ends, a command is refused with 503 instead of waiting forever."""
+    channel, url = served
+    channel.set_serving(False)
+    status, body, _ = request(url + "/start_expert_distribution_record")
+    assert status == 503 and "no forward pass" in body
+    assert request(url + "/health")[0] == 200
+
+
+def test_record_and_dump_act_on_every_rank_and_read_back_as_a_trace(tmp_path):
+    """Two gloo ranks, per_token recorder: start/stop/dump over HTTP reach both ranks at one pass;
+    each rank's dump maps back (through its map) to exactly the workload's logical ids."""
+    model = ModelShape(num_layers=2, num_logical_experts=16, top_k=4, hidden_size=8, intermediate_size=4)
+    args = EPLBArgs(ep_size=2, ep_num_redundant_experts=2, expert_distribution_recorder_mode="per_token").resolve()
+    workload = WorkloadSpec(seed=11)
+    ready = tmp_path / "url"
+    cfg = RuntimeConfig(model=model, batch_tokens=10, progress=False, http_port=0, ready_file=str(ready),
+                        dump_dir=str(tmp_path / "dumps"), threads_per_rank=1)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.extend(launch(cfg, [RunSpec("http", args, workload, 800)], args)))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() or not ready.read_text():
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        url = ready.read_text()
+        assert request(url + "/start_expert_distribution_record")[:2] == (200, "Start recording the expert distribution.\n")
+        time.sleep(0.05)
+        assert request(url + "/stop_expert_distribution_record", "POST")[0] == 200
+        status, body, headers = request(url + "/dump_expert_distribution_record")
+        assert (status, body) == (200, "Dump expert distribution record.\n")
+        assert Path(headers["X-Dump-Path"]).exists()
+        status, metrics, _ = request(url + "/metrics")
+        assert status == 200 and "eplb_balancedness" in metrics
+        assert request(url + "/bogus")[0] == 404
+    finally:
+        thread.join(timeout=120)
+    assert results and results[0]["slots_failed"] == 0
+    dumps = sorted((tmp_path / "dumps").glob("expert_distribution_recorder_*_*.pt"))
+    assert len(dumps) == 2  # one per rank, written at the same pass
+    built = workload.build(model, cfg.batch_tokens)
+    pass_ids = None
+    for _rank, path in enumerate(dumps):
+        raw = torch.load(path, weights_only=True)
+        ids = [r["forward_pass_id"] for r in raw["records"]]
+        assert ids and (pass_ids is None or ids == pass_ids)
+        pass_ids = ids
+        shard = shard_tokens(cfg.batch_tokens, rank=raw["records"][0]["rank"], world_size=2)
+        want = torch.cat([built.batch(p).topk_ids[shard] for p in ids])
+        assert torch.equal(read_sglang_per_token_dump(path), want)

@@ -1,0 +1,53 @@
+"""``python -m eplb_plugin.launch_server``: SGLang's flags, --compare, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eplb_plugin.args import EPLBArgs
+from eplb_plugin.launch_server import build_parser, build_runs, main
+
+
+def test_no_flags_give_the_dataclass_defaults():
+    """Parsing nothing gives EPLBArgs() and the runtime's defaults (tiny preset, synthetic, CPU)."""
+    ns = build_parser().parse_args([])
+    assert EPLBArgs.from_namespace(ns) == EPLBArgs()
+    assert (ns.model_preset, ns.workload, ns.device, ns.port) == ("tiny", "synthetic", "cpu", None)
+
+
+def test_compare_runs_the_same_workload_without_then_with_eplb():
+    """--compare gives two runs over one workload: EPLB off, then on (with the stat recorder)."""
+    ns = build_parser().parse_args(["--compare", "--ep-size", "4", "--ep-num-redundant-experts", "4",
+                                    "--eplb-rebalance-num-iterations", "50", "--hidden-size", "128"])
+    cfg, runs, layout = build_runs(ns)
+    assert [r.label for r in runs] == ["no_eplb", "eplb"]
+    assert runs[0].workload == runs[1].workload
+    assert not runs[0].eplb.enable_eplb and runs[1].eplb.enable_eplb
+    assert runs[1].eplb.expert_distribution_recorder_mode == "stat"
+    assert layout.ep_size == 4 and cfg.model.hidden_size == 128 and cfg.model.num_logical_experts == 16
+
+
+def test_contradictory_flags_stop_with_a_message(capsys):
+    """--enable-eplb with one rank is a usage error naming both flags."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--enable-eplb", "--ep-size", "1"])
+    assert exc.value.code == 2
+    assert "--enable-eplb needs --ep-size > 1" in capsys.readouterr().err
+
+
+def test_compare_run_prints_the_table_and_writes_text_json_png(tmp_path, capsys):
+    """A short two-rank --compare run exits 0, prints both columns and writes the three reports."""
+    code = main(["--compare", "--ep-size", "2", "--ep-num-redundant-experts", "2",
+                 "--eplb-rebalance-num-iterations", "10", "--num-passes", "30", "--batch-tokens", "32",
+                 "--num-layers", "2", "--no-progress", "--report-dir", str(tmp_path), "--threads-per-rank", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "no_eplb" in out and "eplb" in out and "weights verified (slots)" in out and "36/36" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["label"] for r in report["runs"]] == ["no_eplb", "eplb"]
+    assert report["runs"][1]["num_rebalances"] >= 1
+    assert all(r["slots_failed"] == 0 and r["slots_checked"] == 2 * 9 * 2 for r in report["runs"])
+    assert (tmp_path / "report.txt").read_text().startswith(" ")
+    assert (tmp_path / "report.png").stat().st_size > 10_000
