@@ -1,0 +1,61 @@
+"""SGLang's ``ExpertDistributionRecorder.init_new(metadata, rank)`` building the project's recorder.
+
+SGLang 0.5.19+ calls ``init_new(expert_location_metadata, rank)`` (0.5.18 and older passed
+``server_args`` first) in ``ModelRunner`` and stores the result as its global recorder; every
+hook (``on_select_experts``, ``on_deepep_dispatch_normal``, ``on_deepep_dispatch_low_latency``,
+``with_forward_pass``, ``with_current_layer``, ``disable_this_region``, ``start_record``,
+``stop_record``, ``dump_record``) is then the project's. The project's recorder already has
+SGLang's surface and dump formats, so no wrapper class is needed: this module maps SGLang's
+metadata and resolved flags to its constructor.
+
+Stat dumps are summed over SGLang's default process group (as SGLang's own recorder does).
+Not carried over: SGLang's per-pass ``outputs["metrics"]`` balancedness report
+(``--expert-balancedness-report-mode``); the plugin reports balancedness through its own
+metrics and log lines instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LOG_PREFIX = "[eplb_plugin]"
+
+
+def sglang_recorder_kwargs() -> dict[str, Any]:
+    """The project's recorder options from SGLang's resolved flags (``get_exec().moe``)."""
+    import torch.distributed as dist
+    from sglang.srt.runtime_context import get_exec
+
+    moe = get_exec().moe
+    kwargs: dict[str, Any] = {}
+    buffer_size = getattr(moe, "expert_distribution_recorder_buffer_size", None)
+    if buffer_size is not None:
+        kwargs["buffer_size"] = buffer_size
+    if dist.is_available() and dist.is_initialized():
+        kwargs["group"] = dist.group.WORLD  # SGLang's stat dump all-reduces over WORLD too
+    return kwargs
+
+
+def init_new(original: Callable, expert_location_metadata: Any = None, rank: int = 0, *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook body: the project's recorder when a mode is set, else SGLang's no-op."""
+    from sglang.srt.runtime_context import get_exec
+
+    from eplb_plugin.recorder import ExpertDistributionRecorder
+
+    mode = get_exec().moe.expert_distribution_recorder_mode
+    if mode is None or expert_location_metadata is None or args or kwargs:
+        # Off, a model without expert-location support (SGLang asserts), or a signature
+        # this adapter does not know: SGLang's own behaviour.
+        return original(expert_location_metadata, rank, *args, **kwargs)
+    recorder = ExpertDistributionRecorder.from_metadata(
+        expert_location_metadata, rank, mode=mode, **sglang_recorder_kwargs()
+    )
+    logger.info(
+        "%s recorder active: mode=%s, %d layers x %d slots, rank %d",
+        LOG_PREFIX, mode, recorder.num_layers, recorder.num_physical_experts, rank,
+    )
+    return recorder

@@ -1,0 +1,109 @@
+"""Helpers (no tests) for running SGLang's EPLB code on a CPU machine without a server.
+
+``stubs_on_path()`` puts ``tests/sglang_stubs`` (the ``torchvision`` stand-in) first on
+``sys.path`` for one test module and takes it away afterwards; ``subprocess_env()`` does the
+same for child processes. ``fake_runtime(...)``
+fills SGLang's process-wide runtime context (``get_exec().moe``, ``get_parallel()``,
+``get_device()``, ``get_schedule()``) with the given values, as ``publish(server_args)`` would
+after resolving a real model's ServerArgs, which needs the model's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+STUBS_DIR = Path(__file__).resolve().parent / "sglang_stubs"
+REPO_ROOT = STUBS_DIR.parents[1]
+
+MOE_DEFAULTS: dict[str, Any] = dict(
+    enable_eplb=False,
+    eplb_algorithm="auto",
+    eplb_rebalance_num_iterations=1000,
+    eplb_rebalance_layers_per_chunk=None,
+    eplb_min_rebalancing_utilization_threshold=1.0,
+    expert_distribution_recorder_mode=None,
+    expert_distribution_recorder_buffer_size=1000,
+    expert_balancedness_report_mode="off",
+    ep_num_redundant_experts=0,
+    ep_dispatch_algorithm=None,
+    init_expert_location="trivial",
+    ep_join_mode=None,
+    moe_a2a_backend="none",
+    deepep_mode="auto",
+    elastic_ep_backend=None,
+)
+
+
+@contextlib.contextmanager
+def stubs_on_path() -> Iterator[None]:
+    """The torchvision stand-in importable inside the block (modules imported stay imported)."""
+    added = str(STUBS_DIR) not in sys.path
+    if added:
+        sys.path.insert(0, str(STUBS_DIR))
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(str(STUBS_DIR))
+
+
+def import_sglang_or_skip() -> None:
+    """Skip the calling test module cleanly where sglang is not installed."""
+    import pytest
+
+    pytest.importorskip("sglang", reason="sglang is not installed (bash scripts/install_sglang_cpu.sh)")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(STUBS_DIR), str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def _cpu_device_module_shims() -> None:
+    """SGLang calls these through ``torch.get_device_module()``; the CPU module lacks them."""
+    import torch
+
+    if not hasattr(torch.cpu, "empty_cache"):
+        torch.cpu.empty_cache = lambda: None
+    if not hasattr(torch.cpu, "is_current_stream_capturing"):
+        torch.cpu.is_current_stream_capturing = lambda: False
+
+
+def fake_runtime(*, ep_size: int, nnodes: int = 1, tp_rank: int = 0, chunked_prefill_size: int = 64, **moe: Any):
+    """Install SGLang runtime config for EPLB code on CPU; returns the ``moe`` namespace."""
+    from sglang.srt import runtime_context as rc
+
+    _cpu_device_module_shims()
+    unknown = set(moe) - set(MOE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown moe fields {sorted(unknown)}")
+    moe_ns = SimpleNamespace(**{**MOE_DEFAULTS, **moe})
+    rc._CONTEXT._config_bags = {
+        "exec": SimpleNamespace(moe=moe_ns, overlap=SimpleNamespace(enable_two_batch_overlap=False)),
+        "device": SimpleNamespace(device="cpu"),
+        "schedule": SimpleNamespace(chunked_prefill_size=chunked_prefill_size),
+    }
+    rc._CONTEXT.resources.expert_location_metadata = None
+    rc._CONTEXT.resources.expert_distribution_recorder = None
+    rc._PARALLEL._stamp.update(
+        ep_size=ep_size, nnodes=nnodes, tp_size=ep_size, tp_rank=tp_rank,
+        elastic_ep_initial_size=None, ep_join_rank_offset=0,
+    )
+    return moe_ns
+
+
+def fake_model_layout(monkeypatch: Any, *, num_layers: int, num_logical_experts: int, num_groups: int | None = None) -> None:
+    """Make ``ModelConfigForExpertLocation.from_model_config`` answer for a model config."""
+    from sglang.srt.eplb.expert_location import ModelConfigForExpertLocation
+
+    layout = ModelConfigForExpertLocation(num_layers=num_layers, num_logical_experts=num_logical_experts,
+                                          num_groups=num_groups)
+    monkeypatch.setattr(ModelConfigForExpertLocation, "from_model_config", staticmethod(lambda _cfg: layout))

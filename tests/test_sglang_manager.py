@@ -1,0 +1,101 @@
+"""SGLang builds the plugin's manager adapter with its own signature; it rebalances SGLang's weights."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_sglang_helpers import (
+    fake_model_layout,
+    fake_runtime,
+    import_sglang_or_skip,
+    stubs_on_path,
+)
+
+from conftest import free_port
+
+import_sglang_or_skip()
+pytestmark = pytest.mark.sglang
+
+NUM_LAYERS, NUM_LOGICAL, NUM_PHYSICAL = 3, 6, 8  # layer 0 is dense (no routed experts)
+INTERVAL_PASSES = 4
+PLANNING_PASSES = 30  # passes the background planner may take (ranks poll it in lockstep)
+PASS_S = 0.02
+
+
+WORLD = 2
+
+
+def _slot_weights(phy2log_row: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    per_rank = NUM_PHYSICAL // WORLD
+    e = phy2log_row[rank * per_rank:(rank + 1) * per_rank].to(torch.float32)
+    return [(e.view(-1, 1) * 10 + torch.arange(3)).contiguous(), (e * 3).to(torch.int32).view(-1, 1).contiguous()]
+
+
+def _worker(rank: int, port: int, errors) -> None:
+    try:
+        _rebalance_on_rank(rank, port)
+    except BaseException as exc:  # reported to the parent, which fails the test
+        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+
+
+def _rebalance_on_rank(rank: int, port: int) -> None:
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool (hangs)
+    from sglang.srt.eplb import expert_distribution, expert_location
+    from sglang.srt.eplb.eplb_manager import EPLBManager  # noqa: F401  (the name SGLang uses)
+
+    from eplb_plugin.integrations.sglang import _recorder_init_new
+    from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    fake_runtime(ep_size=WORLD, tp_rank=rank, enable_eplb=True, eplb_rebalance_num_iterations=INTERVAL_PASSES,
+                 expert_distribution_recorder_mode="stat", expert_distribution_recorder_buffer_size=INTERVAL_PASSES,
+                 ep_num_redundant_experts=NUM_PHYSICAL - NUM_LOGICAL, eplb_algorithm="eplb_plugin")
+    metadata = expert_location.ExpertLocationMetadata.init_trivial(None, moe_ep_rank=rank)
+    expert_location.set_global_expert_location_metadata(metadata, allow_overwrite=True)
+    recorder = _recorder_init_new(expert_distribution.ExpertDistributionRecorder.init_new, metadata, rank)
+    expert_distribution.set_global_expert_distribution_recorder(recorder)
+    trivial = metadata.physical_to_logical_map_cpu.clone()
+    model = SimpleNamespace(routed_experts_weights_of_layer={
+        1: _slot_weights(trivial[1], rank), 2: _slot_weights(trivial[2], rank)})
+
+    manager = SGLangEPLBManager(  # SGLang 0.5.23's keyword signature
+        model_config=None, get_model=lambda: model, get_expert_location_updater=lambda: None,
+        get_expert_backup_client=lambda: None, get_weight_updater=lambda: None,
+    )
+    assert recorder.recording
+    # Slots 2 and 3 hold experts 2 and 3, which have no replica on rank 1: rank 0 is the hot GPU.
+    hot = torch.tensor([[2, 3], [2, 3], [3, 2], [4, 2]], dtype=torch.int32)
+    for pass_id in range(INTERVAL_PASSES + PLANNING_PASSES):
+        with recorder.with_forward_pass(pass_id, None):
+            for layer in (1, 2):
+                with recorder.with_current_layer(layer):
+                    recorder.on_select_experts(topk_ids=hot)
+        manager.on_forward_pass_end()
+        time.sleep(PASS_S)  # the planner runs in a background thread while passes go on
+    assert manager.failures == []
+    live = manager.manager.location.physical_to_logical_map
+    assert not torch.equal(live[1:], trivial[1:]), f"no rebalance happened: {manager.manager.history}"
+    assert torch.equal(expert_location.get_global_expert_location_metadata().physical_to_logical_map_cpu, live)
+    for layer in (1, 2):
+        for got, want in zip(model.routed_experts_weights_of_layer[layer], _slot_weights(live[layer], rank)):
+            assert torch.equal(got, want), f"layer {layer}: a slot holds the wrong expert"
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sglang_constructs_the_adapter_which_rebalances_sglangs_weights(monkeypatch):
+    """Built with SGLang's keyword signature on 2 gloo ranks: after the interval the weights follow
+    the new map on every rank and SGLang's global expert-location metadata serves it."""
+    import torch.multiprocessing as mp
+
+    with stubs_on_path():
+        import sglang.srt.eplb.eplb_manager  # noqa: F401  imported once; forked ranks share it
+    fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL)
+    errors = mp.get_context("fork").SimpleQueue()
+    mp.start_processes(_worker, args=(free_port(), errors), nprocs=WORLD, join=True, start_method="fork")
+    assert errors.empty(), errors.get()

@@ -1,0 +1,150 @@
+"""The SGLang plugin's entry point: when it turns on, its settings, and hooks applied by SGLang."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_sglang_helpers import subprocess_env
+
+from eplb_plugin.errors import ConfigError
+from eplb_plugin.integrations.sglang import (
+    CONFIG_ENV,
+    ENABLE_ENV,
+    plugin_requested,
+    plugin_settings,
+    sglang_version_supported,
+)
+
+SUBPROCESS_TIMEOUT_S = 120
+
+
+def _run(script: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=subprocess_env(**env),
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        ([], {}, False),
+        (["--model-path", "m", "--tp", "8"], {}, False),
+        (["--enable-eplb"], {}, True),
+        (["--expert-distribution-recorder-mode", "stat"], {}, True),
+        (["--eplb-algorithm", "eplb_plugin"], {}, True),
+        (["--eplb-algorithm=eplb_plugin_equal"], {}, True),
+        (["--eplb-algorithm", "deepseek"], {}, False),
+        (["--eplb-non-blocking"], {}, True),
+        ([], {ENABLE_ENV: "1"}, True),
+        (["--enable-eplb"], {ENABLE_ENV: "0"}, False),
+        ([], {CONFIG_ENV: '{"eplb_non_blocking": true}'}, True),
+    ],
+)
+def test_plugin_turns_on_only_when_eplb_is_asked_for(argv, environ, expected):
+    """EPLB flags, a plugin flag, the config or the enable variable turn the plugin on; 0 wins."""
+    assert plugin_requested(argv, environ) is expected
+
+
+def test_plugin_settings_read_inline_json_and_files(tmp_path):
+    """$EPLB_PLUGIN_CONFIG holds inline JSON or a .json path; flag spellings are accepted."""
+    assert plugin_settings({CONFIG_ENV: '{"eplb-transfer-budget-mb": 64}'}) == {"eplb_transfer_budget_mb": 64}
+    path = tmp_path / "eplb.json"
+    path.write_text(json.dumps({"eplb_drift_threshold": 0.9}))
+    assert plugin_settings({CONFIG_ENV: str(path)}) == {"eplb_drift_threshold": 0.9}
+    assert plugin_settings({}) == {}
+
+
+def test_plugin_settings_reject_unknown_keys_and_bad_json():
+    """An unknown key names the known ones; SGLang's own flags are not plugin settings."""
+    with pytest.raises(ConfigError, match="unknown key 'eplb_algorithm'.*eplb_transfer_budget_mb"):
+        plugin_settings({CONFIG_ENV: '{"eplb_algorithm": "x"}'})
+    with pytest.raises(ConfigError, match="EPLB_PLUGIN_CONFIG"):
+        plugin_settings({CONFIG_ENV: "{not json"})
+
+
+def test_tested_sglang_range_is_pinned():
+    assert sglang_version_supported("0.5.23")
+    assert sglang_version_supported("0.5.21")
+    assert not sglang_version_supported("0.5.18")
+    assert not sglang_version_supported("0.5.24")
+
+
+def test_importing_the_package_and_integration_does_not_import_sglang():
+    """``import eplb_plugin`` (and the integration module) leaves sglang unimported."""
+    result = _run(
+        """
+        import sys
+        import eplb_plugin, eplb_plugin.integrations.sglang, eplb_plugin.integrations.sglang_manager
+        import eplb_plugin.integrations.sglang_recorder
+        assert not any(m == "sglang" or m.startswith("sglang.") for m in sys.modules), "sglang imported"
+        print("OK")
+        """
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+HOOKS_APPLIED_SCRIPT = """
+    import argparse, json, os, sys
+    from importlib.metadata import entry_points
+    assert any(ep.name == "eplb_plugin" and ep.value == "eplb_plugin.integrations.sglang:register"
+               for ep in entry_points(group="sglang.srt.plugins")), "entry point not installed"
+    import sglang.srt.model_executor.model_runner as model_runner  # holds EPLBManager by name
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    from eplb_plugin.integrations import sglang as plugin
+    from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
+    applied = plugin.applied_hooks()
+    assert all(applied.values()), applied
+    import sglang.srt.eplb.eplb_manager as eplb_manager
+    from sglang.srt.eplb.eplb_manager import EPLBManager
+    assert EPLBManager is SGLangEPLBManager and eplb_manager.EPLBManager is SGLangEPLBManager
+    assert model_runner.EPLBManager is SGLangEPLBManager, model_runner.EPLBManager
+    from sglang.srt.eplb import eplb_algorithms as ea
+    assert ea.compute_algorithm("eplb_plugin", None, 1) == plugin.PluginAlgorithm("eplb_plugin")
+    assert ea.compute_algorithm("deepseek", None, 1) is ea.EplbAlgorithm.deepseek
+    assert ea.compute_algorithm("auto", 8, 1) is ea.EplbAlgorithm.deepseek_hierarchical
+    from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder
+    assert ExpertDistributionRecorder.init_new.__wrapped__.__name__ == "init_new"
+    from sglang.srt.server_args import ServerArgs
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    ns = parser.parse_args(["--model-path", "m", "--enable-eplb", "--eplb-algorithm", "eplb_plugin",
+                            "--eplb-transfer-budget-mb", "64", "--eplb-non-blocking"])
+    server_args = ServerArgs.from_cli_args(ns)
+    assert server_args.eplb_algorithm == "eplb_plugin" and server_args.enable_eplb
+    config = json.loads(os.environ["EPLB_PLUGIN_CONFIG"])
+    assert config == {"eplb_drift_threshold": 0.5, "eplb_transfer_budget_mb": 64.0,
+                      "eplb_non_blocking": True}, config
+    print("HOOKS-OK")
+"""
+
+
+@pytest.mark.sglang
+def test_load_plugins_discovers_the_entry_point_and_applies_every_hook():
+    """In a fresh process, SGLang's load_plugins() finds eplb_plugin and patches every target."""
+    pytest.importorskip("sglang")
+    result = _run(HOOKS_APPLIED_SCRIPT, EPLB_PLUGIN_ENABLE="1", SGLANG_PLUGINS="eplb_plugin",
+                  EPLB_PLUGIN_CONFIG='{"eplb_drift_threshold": 0.5}')
+    assert result.returncode == 0 and "HOOKS-OK" in result.stdout, result.stderr[-4000:]
+
+
+@pytest.mark.sglang
+def test_register_registers_nothing_when_eplb_is_not_asked_for(monkeypatch):
+    """Without EPLB flags register() adds no hook (zero cost when off)."""
+    pytest.importorskip("sglang")
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from eplb_plugin.integrations import sglang as plugin
+
+    monkeypatch.setenv(ENABLE_ENV, "")
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setattr(sys, "argv", ["sglang", "--model-path", "m"])
+    before = {t: list(h) for t, h in HookRegistry._hooks.items()}
+    plugin.register()
+    assert {t: list(h) for t, h in HookRegistry._hooks.items()} == before
+    assert not plugin._registered
