@@ -101,7 +101,9 @@ class EPLBManager:
     location: the placement serving now.
     recorder: an ExpertDistributionRecorder in ``stat`` or ``stat_approx`` mode.
     expert_weights: per MoE layer, this rank's tensors whose dim 0 is the local slot.
-    group: the EP process group (None: a single rank, no communication).
+    group: the EP process group (None: the default group, or one rank without communication
+        when torch.distributed is not initialized).
+    rank: this process's rank in ``group`` (checked).
     num_groups: expert groups of the model (group-limited routing), if any.
     on_location_change: called on the serving thread with the new ExpertLocation.
     planner, mover: injectable for tests (default: algorithms.plan, executor.move_experts).
@@ -133,13 +135,19 @@ class EPLBManager:
         self.location = location
         self.recorder = recorder
         self.expert_weights = expert_weights
-        self.group = group
-        self.rank = rank
+        self.group, self.rank, self._world_size = _resolve_group(group)
+        if rank != self.rank:
+            raise ValueError(f"rank={rank} differs from this process's rank {self.rank} in the EP group")
         self.num_groups = num_groups
         self.metrics = metrics
         self.on_location_change = on_location_change
         self.check_every_passes = check_every_passes
         self.plan_timeout_s = plan_timeout_s
+        # Import the policies now: an import inside the planning thread would hold the GIL and
+        # stall serving at the first rebalance.
+        from eplb_plugin.algorithms import algorithm_for_dispatch
+
+        self._algorithm = algorithm_for_dispatch(args.eplb_algorithm, args.ep_dispatch_algorithm)
         self.planner = planner or _default_planner
         self.mover = mover or _default_mover
         self.clock = clock
@@ -282,7 +290,7 @@ class EPLBManager:
                 num_gpus=self.location.ep_size,
                 num_nodes=self.args.nnodes,
                 num_groups=self.num_groups,
-                algorithm=self.args.eplb_algorithm,
+                algorithm=self._algorithm,
                 previous=self.location.physical_to_logical_map,
             )
         except BaseException as exc:  # stored and re-raised on the serving thread
@@ -326,15 +334,19 @@ class EPLBManager:
         weights = self._broadcast(weights)
         has_weights = self._broadcast(has_weights)
         record = self._record
-        record.layers = [
-            layer for layer in record.layers if not torch.equal(new_map[layer], loc.physical_to_logical_map[layer])
-        ]
+        planned = record.layers
         target_map = loc.physical_to_logical_map.clone()
-        target_map[record.layers] = new_map[record.layers]
+        target_map[planned] = new_map[planned]
         target_weights = None
         if has_weights[0] or loc.replica_weights is not None:
             target_weights = loc.effective_replica_weights().clone()
-            target_weights[record.layers] = (weights if has_weights[0] else _equal_split(new_map, loc))[record.layers]
+            target_weights[planned] = (weights if has_weights[0] else _equal_split(new_map, loc))[planned]
+        # Layers whose map changes move weights; a change of replica weights alone goes live now.
+        record.layers = [layer for layer in planned if not torch.equal(target_map[layer], loc.physical_to_logical_map[layer])]
+        reweighted = [
+            layer for layer in planned if layer not in record.layers and target_weights is not None
+            and not torch.equal(target_weights[layer], loc.effective_replica_weights()[layer])
+        ]
         self._target = ExpertLocation.from_physical_to_logical_map(
             target_map, num_logical_experts=loc.num_logical_experts, ep_size=loc.ep_size,
             replica_weights=target_weights, source=f"rebalance {record.index} plan",
@@ -344,6 +356,7 @@ class EPLBManager:
         )
         self._planned_on = self._counts
         self._pending_layers = list(record.layers)
+        self._go_live({layer: target_map[layer] for layer in reweighted})
         self._old_rows = {layer: loc.physical_to_logical_map[layer].clone() for layer in record.layers}
         self._state = "moving"
         if self._async_mover is not None:
@@ -509,11 +522,7 @@ class EPLBManager:
         return torch.device("cpu")
 
     def _world(self) -> int:
-        if self.group is None:
-            return 1
-        import torch.distributed as dist
-
-        return dist.get_world_size(self.group)
+        return self._world_size
 
     def _all_reduce(self, tensor: torch.Tensor, *, op: str) -> torch.Tensor:
         if self._world() == 1:
@@ -532,6 +541,19 @@ class EPLBManager:
         buf = tensor.to(self._comm_device)
         dist.broadcast(buf, src=dist.get_global_rank(self.group, 0), group=self.group)
         return buf.cpu()
+
+
+def _resolve_group(group: Any) -> tuple[Any, int, int]:
+    """(group, this rank in it, its size); None means the default group once torch.distributed
+    is initialized (as the executor reads it), and a single rank without communication before."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("a process group was given but torch.distributed is not initialized")
+        return None, 0, 1
+    group = group if group is not None else dist.group.WORLD
+    return group, dist.get_rank(group), dist.get_world_size(group)
 
 
 def _equal_split(physical_to_logical_map: torch.Tensor, loc: ExpertLocation) -> torch.Tensor:
