@@ -48,7 +48,7 @@ from eplb_plugin.balance import gpu_loads, layer_balancedness, slot_loads  # noq
 from eplb_plugin.location import ExpertLocation  # noqa: E402
 from eplb_plugin.runtime.config import ModelShape, RunSpec, RuntimeConfig, WorkloadSpec  # noqa: E402
 from eplb_plugin.runtime.launch import launch  # noqa: E402
-from eplb_plugin.runtime.moe import expert_ffn  # noqa: E402
+from eplb_plugin.runtime.moe import expert_ffn, run_local_experts  # noqa: E402
 from eplb_plugin.runtime.weights import FFNShape, make_expert_weights  # noqa: E402
 
 ESFT_TRACES = ("esft_dsv2lite_intent_top6.npz", "esft_dsv2lite_law_top6.npz")
@@ -112,11 +112,13 @@ def setup(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EPLBArg
 def _time_rank(tokens_per_slot: list[int], w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, cuda: bool) -> float:
     """Seconds to run one simulated rank's slots (slot s on tokens_per_slot[s] rows)."""
     if cuda:
+        # The runtime's own expert path (grouped GEMM on Hopper) over this rank's rows.
+        local_slot = torch.repeat_interleave(torch.arange(len(tokens_per_slot), device=x.device),
+                                             torch.tensor(tokens_per_slot, device=x.device))
+        rows = x[: local_slot.numel()]  # x holds batch_tokens * top_k rows: every pair fits
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for s, n in enumerate(tokens_per_slot):
-            if n:
-                expert_ffn(x[:n], w13[s], w2[s])
+        run_local_experts(rows, local_slot, w13, w2)
         end.record()
         end.synchronize()  # measurement point: this rank's kernels have finished
         return start.elapsed_time(end) / 1e3

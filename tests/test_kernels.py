@@ -25,6 +25,8 @@ from eplb_plugin.kernels import (
 )
 
 PAD_SHARE = 0.1  # share of ids replaced by -1 padding
+# Triton kernels run on the GPU where there is one, interpreted on the CPU otherwise.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOKENS = (1, 7, 1823)
 TOP_K = (1, 6, 8)
 SLOTS = (8, 64, 257)
@@ -87,9 +89,9 @@ def test_triton_count_matches_numpy(tokens, top_k, num_slots, dtype):
     gen = torch.Generator().manual_seed(tokens * 7 + num_slots)
     ids = _ids(gen, tokens, top_k, num_slots, dtype=dtype)
     ids[0, 0] = num_slots + 3  # out of range: skipped like padding
-    counts = torch.zeros(2, num_slots, dtype=torch.int32)
-    count_topk(ids, counts, 1, backend="triton")
-    assert np.array_equal(counts[1].numpy(), _np_count(ids, num_slots))
+    counts = torch.zeros(2, num_slots, dtype=torch.int32, device=TRITON_DEVICE)
+    count_topk(ids.to(TRITON_DEVICE), counts, 1, backend="triton")
+    assert np.array_equal(counts[1].cpu().numpy(), _np_count(ids, num_slots))
     assert not counts[0].any()
 
 
@@ -102,9 +104,9 @@ def test_triton_count_with_several_iterations_per_program(monkeypatch):
     assert geo.iters > 1 and geo.programs * geo.iters * geo.block >= 233
     gen = torch.Generator().manual_seed(5)
     ids = _ids(gen, 233, 1, 31)
-    counts = torch.zeros(1, 31, dtype=torch.int32)
-    count_topk(ids, counts, 0, backend="triton")
-    assert np.array_equal(counts[0].numpy(), _np_count(ids, 31))
+    counts = torch.zeros(1, 31, dtype=torch.int32, device=TRITON_DEVICE)
+    count_topk(ids.to(TRITON_DEVICE), counts, 0, backend="triton")
+    assert np.array_equal(counts[0].cpu().numpy(), _np_count(ids, 31))
 
 
 @needs_triton
@@ -115,13 +117,13 @@ def test_triton_fused_matches_reference(tokens, top_k, num_logical):
     num_slots = num_logical + 3
     table = torch.randint(0, num_slots, (3, num_logical), generator=gen, dtype=torch.int32)
     ids = _ids(gen, tokens, top_k, num_logical)
-    counts = torch.zeros(3, num_slots, dtype=torch.int32)
-    out = torch.empty_like(ids)
-    physical = map_and_count(ids, table, counts, 2, out=out, backend="triton")
+    counts = torch.zeros(3, num_slots, dtype=torch.int32, device=TRITON_DEVICE)
+    out = torch.empty_like(ids, device=TRITON_DEVICE)
+    physical = map_and_count(ids.to(TRITON_DEVICE), table.to(TRITON_DEVICE), counts, 2, out=out, backend="triton")
     ref_physical, ref_counts = map_and_count_reference(ids, table[2], num_slots)
     assert physical.data_ptr() == out.data_ptr()
-    assert torch.equal(physical, ref_physical)
-    assert torch.equal(counts[2].long(), ref_counts)
+    assert torch.equal(physical.cpu(), ref_physical)
+    assert torch.equal(counts[2].long().cpu(), ref_counts)
     assert not counts[:2].any()
 
 

@@ -137,3 +137,22 @@ def test_config_rejects_bad_values_with_the_flag_name():
         RunSpec("x", EPLBArgs(), num_passes=0)
     with pytest.raises(ConfigError, match="--workload"):
         dataclasses.replace(WorkloadSpec(), kind="nope").build(MODEL, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_gemm_expert_path_matches_the_per_slot_loop_on_gpu():
+    """On CUDA bf16 the experts run as grouped GEMMs; they compute what the per-slot loop does."""
+    from eplb_plugin.runtime import moe
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    num_slots, hidden, inter, rows = 7, 256, 128, 1823
+    w13 = (torch.randn(num_slots, 2 * inter, hidden, device="cuda", generator=gen) / 16).bfloat16()
+    w2 = (torch.randn(num_slots, hidden, inter, device="cuda", generator=gen) / 16).bfloat16()
+    x = torch.randn(rows, hidden, device="cuda", generator=gen).bfloat16()
+    slot = torch.randint(0, num_slots - 1, (rows,), device="cuda", generator=gen)  # the last slot stays empty
+    grouped, counts = moe.run_local_experts(x, slot, w13, w2)
+    assert moe._grouped_mm_broken is None, moe._grouped_mm_broken
+    expected = torch.stack([moe.expert_ffn(x[i : i + 1], w13[s], w2[s])[0] for i, s in enumerate(slot.tolist())])
+    assert counts.tolist() == torch.bincount(slot, minlength=num_slots).tolist()
+    torch.testing.assert_close(grouped.float(), expected.float(), rtol=2e-2, atol=2e-2)

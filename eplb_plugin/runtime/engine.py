@@ -147,17 +147,24 @@ class RankEngine:
 
     # ------------------------------------------------------------------ one pass
 
-    def forward(self, pass_id: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Run pass ``pass_id`` through every MoE layer. Collective.
-
-        Returns (this rank's final hidden states [t, H], received pairs per local slot
-        [L, S] int64, expert compute seconds).
-        """
+    def inputs(self, pass_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's share of pass ``pass_id``: (hidden [t, H], topk_ids [t, L, k] logical,
+        topk_weights [t, L, k]) on the device. Not part of the MoE step's time."""
         batch = self.workload.batch(pass_id)
         ids = batch.topk_ids[self.tokens].to(self.device)
         topk_weights = batch.topk_weights[self.tokens].to(self.device)
         h = make_hidden(pass_id, self.cfg.batch_tokens, self.model.hidden_size, seed=self.cfg.seed,
                         dtype=self.cfg.torch_dtype, device=self.device)[self.tokens]
+        return h, ids, topk_weights
+
+    def forward(self, pass_id: int, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Run pass ``pass_id`` through every MoE layer. Collective.
+
+        Returns (this rank's final hidden states [t, H], received pairs per local slot
+        [L, S] int64, expert compute seconds).
+        """
+        h, ids, topk_weights = inputs if inputs is not None else self.inputs(pass_id)
         received = []
         compute_s = 0.0
         with self.recorder.with_forward_pass(pass_id):
@@ -229,10 +236,11 @@ class RankEngine:
         try:
             for p in range(n):
                 pending = self.channel.take() if self.channel is not None else None
+                inputs = self.inputs(p)
                 if cuda:
                     torch.cuda.synchronize(self.device)  # measurement point: the pass starts idle
                 t0 = time.perf_counter()
-                h, received, compute_s = self.forward(p)
+                h, received, compute_s = self.forward(p, inputs)
                 if cuda:
                     torch.cuda.synchronize(self.device)  # measurement point: the pass's kernels done
                 step_s = time.perf_counter() - t0
