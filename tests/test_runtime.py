@@ -71,11 +71,11 @@ def test_ep_outputs_equal_dense_before_and_after_rebalances(tmp_path):
                     eplb_verify_weights=True)
     workload = WorkloadSpec(seed=3, drift_every_passes=5)
     runs = [
-        RunSpec("real", base.resolve(), workload, num_passes=14),
+        RunSpec("real", base.resolve(), workload, num_passes=30),
         RunSpec("forced", base.resolve(), workload, num_passes=6, manager_factory="test_runtime:ForcedMoveManager"),
     ]
     cfg = RuntimeConfig(model=MODEL, batch_tokens=37, dtype="float64", seed=1, progress=False,
-                        capture_passes=(0, 5, 13), capture_dir=str(tmp_path), threads_per_rank=1)
+                        capture_passes=(0, 5, 13, 29), capture_dir=str(tmp_path), threads_per_rank=1)
     results = {r["label"]: r for r in launch(cfg, runs, runs[0].eplb)}
 
     real, forced = results["real"], results["forced"]
@@ -84,7 +84,7 @@ def test_ep_outputs_equal_dense_before_and_after_rebalances(tmp_path):
     assert forced["final_physical_to_logical_map"] == hand_map(MODEL.num_layers).tolist()
     for r in (real, forced):
         assert (r["slots_checked"], r["slots_failed"]) == (2 * 10 * MODEL.num_layers, 0)
-    for label, passes in (("real", (0, 5, 13)), ("forced", (0, 5))):
+    for label, passes in (("real", (0, 5, 13, 29)), ("forced", (0, 5))):
         for p in passes:
             want = dense_output(cfg, workload, p)
             for rank in range(2):
