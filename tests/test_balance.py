@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from eplb_plugin.balance import balancedness, gpu_loads, layer_balancedness, placement_balancedness, slot_loads
+from eplb_plugin.balance import (
+    balancedness,
+    gpu_loads,
+    layer_balancedness,
+    placement_balancedness,
+    slot_loads,
+)
 
 
 def test_balancedness_is_mean_over_layers_of_mean_over_max_gpu_load():

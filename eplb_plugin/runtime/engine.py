@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb_plugin.algorithms import algorithm_for_dispatch
 from eplb_plugin.balance import gpu_loads, layer_balancedness
 from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.errors import ConfigError, EPLBError, RebalanceError, TransferError
-from eplb_plugin.algorithms import algorithm_for_dispatch
 from eplb_plugin.location import ExpertLocation, load_init_expert_location
 from eplb_plugin.recorder import create_recorder
 from eplb_plugin.runtime.config import RunSpec, RuntimeConfig
