@@ -4,13 +4,22 @@ GPU (2 GPUs):  python benchmarks/bench_executor.py --out benchmarks/results
                (self-spawns 2 ranks; also runs under `torchrun --nproc-per-node 2`)
 CPU smoke:     python benchmarks/bench_executor.py --device cpu --small
 
-Measures, in one run: (1) P2P bandwidth for 88 MB and 1 GiB messages (one way, and both ways
-at once); (2) moving N DeepSeek-V3-sized experts (w13 [S, 4096, 7168] and w2 [S, 7168, 2048],
-bf16; and fp8 e4m3 with float32 block scales) swapped between the two ranks, per staging
-budget: GB/s received per rank, ratio to the both-ways P2P bandwidth, peak extra memory;
-(3) non-blocking mode: per-step time of a loop of MoE-sized matmuls, undisturbed vs while
-layers move in the background, committed one chunk per step. Rank 0 prints a table and
-writes JSON under --out/<device>/.
+Measures, in one run:
+(1) NCCL P2P baselines. Context: single 88 MB and 1 GiB messages, one way and both ways.
+    Reference for the moves ("same bytes"): the bytes a move sends, both ways at once, in one
+    ``batch_isend_irecv`` of one message per tensor (the experts' slots are consecutive);
+    also, for context, one message per tensor per expert.
+(2) Moving N DeepSeek-V3-sized experts (w13 [S, 4096, 7168] and w2 [S, 7168, 2048], bf16;
+    and fp8 e4m3 with float32 block scales) swapped between the two ranks, per staging
+    budget: GB/s, ratio to the same-bytes P2P figure, peak extra memory over the budget.
+    Both (1) and (2) are timed alike: barrier, host clock around the call and a device
+    sync, warm-up excluded, the median of --reps per rank, then the slower rank's median;
+    GB/s = bytes received per rank / seconds (the swap sends as many bytes as it receives).
+(3) Non-blocking mode: per-step time of a loop of MoE-sized matmuls (eager, and replayed as
+    a CUDA graph), undisturbed vs while layers move in the background (one mover per
+    variant, reused for a move there and back), committed at most one unit per step; host
+    and GPU step times, and the move's duration.
+Rank 0 prints a table and writes JSON under --out/<device>/.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 import argparse  # noqa: E402
 import faulthandler  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
@@ -47,11 +57,19 @@ def parse_args(argv=None):
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny experts (smoke test)")
     ap.add_argument("--experts", type=int, default=8, help="experts each rank receives per move")
-    ap.add_argument("--budgets", default="1,2,4,8", help="staging budgets, in experts")
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement")
-    ap.add_argument("--layers", type=int, default=4, help="layers moved in the non-blocking test")
+    ap.add_argument("--budgets", default="1,2,4,8", help="staging budgets, in experts (pipeline=True)")
+    ap.add_argument("--serial-budgets", default="2,4,8",
+                    help="budgets also timed with pipeline=False (move_experts' default; budget 1 is the same either way)")
+    ap.add_argument("--reps", type=int, default=9, help="timed repetitions per measurement")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    ap.add_argument("--layers", type=int, default=8, help="layers moved in the non-blocking test")
+    ap.add_argument("--pause-budget", type=int, default=2, help="non-blocking staging budget, in experts")
+    ap.add_argument("--pause-variants", default="bf16:none,bf16:8,bf16:8:free,fp8:none,fp8:8",
+                    help="non-blocking variants dtype:max_ctas[:free] (none = NCCL's default; free = "
+                         "pace_with_passes=False, the mover's default)")
+    ap.add_argument("--steps", type=int, default=400, help="undisturbed steps timed (before and after)")
     ap.add_argument("--timeout-s", type=float, default=120.0, help="per-collective timeout")
-    ap.add_argument("--total-timeout-s", type=float, default=540.0, help="abort the run after this")
+    ap.add_argument("--total-timeout-s", type=float, default=280.0, help="abort the run after this")
     return ap.parse_args(argv)
 
 
@@ -59,16 +77,27 @@ def sizes(small: bool) -> tuple[int, int, int]:
     return (64, 32, 16) if small else (HIDDEN, INTER, BLOCK)
 
 
-def make_weights(slots: int, fp8: bool, small: bool, device) -> list[torch.Tensor]:
-    """Per-slot tensors of one layer: w13 [S, 2*I, H], w2 [S, H, I] (+ block scales for fp8)."""
+def make_weights(slots: int, fp8: bool, small: bool, device, seed: int = 0) -> list[torch.Tensor]:
+    """Per-slot tensors of one layer: w13 [S, 2*I, H], w2 [S, H, I] (+ block scales for fp8).
+
+    Random, reproducible from seed (so a rank can rebuild its peer's weights to check a move)."""
     h, i, b = sizes(small)
+    g = torch.Generator(device=device).manual_seed(seed)
     dt = torch.float8_e4m3fn if fp8 else torch.bfloat16
-    w = [torch.empty(slots, 2 * i, h, dtype=torch.bfloat16, device=device).normal_().to(dt),
-         torch.empty(slots, h, i, dtype=torch.bfloat16, device=device).normal_().to(dt)]
+    w = [torch.empty(slots, 2 * i, h, dtype=torch.bfloat16, device=device).normal_(generator=g).to(dt),
+         torch.empty(slots, h, i, dtype=torch.bfloat16, device=device).normal_(generator=g).to(dt)]
     if fp8:
-        w += [torch.rand(slots, 2 * i // b, h // b, device=device),
-              torch.rand(slots, h // b, i // b, device=device)]
+        w += [torch.rand(slots, 2 * i // b, h // b, device=device, generator=g),
+              torch.rand(slots, h // b, i // b, device=device, generator=g)]
     return w
+
+
+def same_bytes(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(as_bytes(x), as_bytes(y)) for x, y in zip(a, b))
+
+
+def nbytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
 
 
 def sync(device) -> None:
@@ -76,29 +105,70 @@ def sync(device) -> None:
         torch.cuda.synchronize()  # host timing must include the GPU work
 
 
-def p2p_bandwidth(nbytes: int, device, reps: int, both_ways: bool) -> float:
-    """GB/s per direction of rank 0 <-> rank 1 messages of nbytes (median of reps)."""
-    rank = dist.get_rank()
-    send = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    recv = torch.empty(nbytes, dtype=torch.uint8, device=device)
+def timed(fn, device, reps: int, warmup: int) -> dict:
+    """Median seconds of fn(rep) over reps (after warmup), the slower rank's; plus spread.
+
+    Each rep: barrier (both ranks start together), device sync, host clock around fn and a
+    device sync. The same for P2P baselines and moves, so their ratio is like for like.
+    """
     times = []
-    for rep in range(reps + 1):
-        dist.barrier()  # start together, so the timing measures the transfer only
+    for rep in range(warmup + reps):
+        dist.barrier()  # start together: the timing measures the operation, not rank skew
         sync(device)
         t0 = time.perf_counter()
-        ops = []
-        if both_ways or rank == 0:
-            ops.append(dist.P2POp(dist.isend, send, 1 - rank))
-        if both_ways or rank == 1:
-            ops.append(dist.P2POp(dist.irecv, recv, 1 - rank))
-        for w in dist.batch_isend_irecv(ops):
-            w.wait()
+        fn(rep)
         sync(device)
-        if rep:  # the first is a warm-up (connection set-up)
+        if rep >= warmup:
             times.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slower rank's time is the transfer's
-    return nbytes / float(t) / 1e9
+    stats = torch.tensor([statistics.median(times), min(times), max(times)], dtype=torch.float64)
+    stats = stats.to(device)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slower rank's time is the transfer's
+    med, lo, hi = stats.tolist()
+    return dict(seconds=med, min_seconds=lo, max_seconds=hi, reps=reps)
+
+
+def p2p(sends: list[torch.Tensor], recvs: list[torch.Tensor]) -> None:
+    """One batch_isend_irecv with the other rank: every send, then every receive."""
+    peer = 1 - dist.get_rank()
+    ops = [dist.P2POp(dist.isend, x, peer) for x in sends] + [dist.P2POp(dist.irecv, x, peer) for x in recvs]
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+
+
+def p2p_single(size: int, device, args, both_ways: bool) -> dict:
+    """GB/s per direction of one message of size bytes (one way: rank 0 -> rank 1)."""
+    rank = dist.get_rank()
+    send = torch.empty(size, dtype=torch.uint8, device=device)
+    recv = torch.empty(size, dtype=torch.uint8, device=device)
+    s = [send] if both_ways or rank == 0 else []
+    r = [recv] if both_ways or rank == 1 else []
+    t = timed(lambda rep: p2p(s, r), device, args.reps, args.warmup)
+    return dict(bytes=size, GBps=size / t["seconds"] / 1e9, **t)
+
+
+def as_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1).view(torch.uint8)
+
+
+def p2p_same_traffic(weights, n: int, device, args, per_expert: bool) -> dict:
+    """The move's bytes, both ways, in one batch: GB/s received per rank.
+
+    per_expert=False: one message per tensor holding all n experts (their slots are
+    consecutive), the fewest messages these bytes can take: the reference for the ratio.
+    per_expert=True: one message per tensor per expert, for context."""
+    if per_expert:
+        sends = [as_bytes(t[e]) for e in range(n) for t in weights]
+    else:
+        sends = [as_bytes(t[:n]) for t in weights]
+    recvs = [torch.empty_like(x) for x in sends]
+    t = timed(lambda rep: p2p(sends, recvs), device, args.reps, args.warmup)
+    got = nbytes(recvs)
+    return dict(bytes_received=got, messages_each_way=len(sends), GBps=got / t["seconds"] / 1e9, **t)
+
+
+def cuda_mallocs(device) -> int:
+    """cudaMalloc calls so far (the caching allocator's segments), to show none per move."""
+    return torch.cuda.memory_stats(device).get("segment.all.allocated", 0) if device.type == "cuda" else 0
 
 
 def swap_maps(slots: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,46 +179,176 @@ def swap_maps(slots: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return old, new
 
 
-def bench_moves(args, device, fp8: bool, p2p_both: float) -> list[dict]:
-    slots = args.experts + 2
-    weights = make_weights(slots, fp8, args.small, device)
-    per = sum(t[0].numel() * t.element_size() for t in weights)
-    old, new = swap_maps(slots, args.experts)
+def diagnostics(weights, device, args) -> dict:
+    """Costs a move is built from: one expert's commit copy, one agreement round trip."""
+    out = {}
+    if device.type == "cuda":
+        src, dst = [t[0] for t in weights], [t[1] for t in weights]
+        for _ in range(3):
+            for a, b in zip(dst, src):
+                a.copy_(b)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ms = []
+        for _ in range(10):
+            start.record()
+            for a, b in zip(dst, src):
+                a.copy_(b)
+            end.record()
+            end.synchronize()  # read this copy's time
+            ms.append(start.elapsed_time(end))
+        per = nbytes(src)
+        out["commit_one_expert_us"] = statistics.median(ms) * 1e3
+        out["copy_GBps_read_plus_write"] = 2 * per / (statistics.median(ms) / 1e3) / 1e9
+    flag = torch.ones(1, dtype=torch.int32, device=device)
+    t = timed(lambda rep: dist.all_reduce(flag, op=dist.ReduceOp.MIN) or bool(flag.item()),
+              device, max(args.reps, 20), args.warmup)
+    out["agreement_roundtrip_us"] = t["seconds"] * 1e6
+    return out
+
+
+def traced(fn, device) -> list:
+    """Run fn (one move) with the executor's timeline hook: [label, host ms, GPU ms or None]
+    from the move's start; GPU times are when that stream reached the mark."""
+    from eplb_plugin.executor import transfer
+
+    dist.barrier()  # start together, as in the timed reps
+    sync(device)
+    transfer._TRACE = []
+    try:
+        fn()
+        sync(device)  # every mark's event has completed
+        marks = transfer._TRACE
+    finally:
+        transfer._TRACE = None
+    (_, h0, e0) = marks[0]
+    return [[label, round((h - h0) * 1e3, 3), round(e0.elapsed_time(e), 3) if e is not None and e0 is not None else None]
+            for label, h, e in marks]
+
+
+def bench_moves(args, device, fp8: bool) -> dict:
+    slots, n, rank = args.experts + 2, args.experts, dist.get_rank()
+    weights = make_weights(slots, fp8, args.small, device, seed=rank)
+    per = nbytes([t[0] for t in weights])
+    old, new = swap_maps(slots, n)
+    # Exact check: after the swap, slots [0, n) hold the peer's original experts.
+    original = [t.clone() for t in weights]
+    peer = make_weights(slots, fp8, args.small, device, seed=1 - rank)
+    swapped = [torch.cat([p[:n], t[n:]]) for p, t in zip(peer, original)]
+    del peer
+    ref = p2p_same_traffic(weights, n, device, args, per_expert=False)
+    ref_per_expert = p2p_same_traffic(weights, n, device, args, per_expert=True)
     rows = []
-    for budget in [int(b) for b in args.budgets.split(",")]:
-        times, peaks, res = [], [], None
-        for rep in range(args.reps + 1):
+    serial = {int(b) for b in args.serial_budgets.split(",") if b}
+    configs = [(int(b), True) for b in args.budgets.split(",")] + [(b, False) for b in sorted(serial)]
+    for budget, pipeline in configs:
+        peaks, res = [], []
+
+        def once(rep, budget=budget, pipeline=pipeline, res=res, peaks=peaks):
             a, b = (old, new) if rep % 2 == 0 else (new, old)  # move there and back
-            dist.barrier()  # start together
-            sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            res = move_experts(weights, a, b, layer=0, budget_bytes=budget * per, timeout_s=args.timeout_s)
-            sync(device)
-            if rep:
-                times.append(time.perf_counter() - t0)
-                if device.type == "cuda":
-                    peaks.append(torch.cuda.max_memory_allocated() - base)
-        secs = statistics.median(times)
-        gbps = res.bytes_received / secs / 1e9
-        rows.append(dict(dtype="fp8+scales" if fp8 else "bf16", experts=args.experts,
-                         expert_bytes=per, budget_experts=budget, rounds=res.rounds,
-                         seconds=secs, GBps=gbps, ratio_to_p2p=gbps / p2p_both,
+            res.append(move_experts(weights, a, b, layer=0, budget_bytes=budget * per,
+                                    timeout_s=args.timeout_s, pipeline=pipeline))
+            if device.type == "cuda":
+                sync(device)  # the last commit's copies count in the peak too
+                peaks.append(torch.cuda.max_memory_allocated() - base)
+
+        once(0)
+        once(1)  # warm the allocator's cache for this pool size, then count cudaMallocs
+        mallocs = cuda_mallocs(device)
+        t = timed(once, device, args.reps, args.warmup)
+        mallocs = cuda_mallocs(device) - mallocs
+        if len(res) % 2 == 0:  # back on the old map: one more move (untimed) to check both states
+            once(0)
+        ok = same_bytes(weights, swapped)
+        once(1)
+        ok = ok and same_bytes(weights, original)
+        assert ok, f"rank {rank}: move with budget {budget} (pipeline={pipeline}) left wrong weights"
+        trace = traced(lambda: once(0), device)  # one more move, with a timeline of its steps
+        once(1)
+        r = res[-1]
+        gbps = r.bytes_received / t["seconds"] / 1e9
+        rows.append(dict(dtype="fp8+scales" if fp8 else "bf16", experts=args.experts, expert_bytes=per,
+                         budget_experts=budget, pipeline=pipeline, rounds=r.rounds,
+                         bytes_received=r.bytes_received, weights_exact=ok, cuda_mallocs_in_timed_reps=mallocs,
+                         GBps=gbps, ratio_to_p2p=gbps / ref["GBps"],
+                         pool_bytes=r.peak_staging_bytes,
                          peak_extra_bytes=max(peaks) if peaks else None,
-                         peak_extra_over_budget=(max(peaks) / (budget * per)) if peaks else None))
-    return rows
+                         peak_extra_over_budget=(max(peaks) / (budget * per)) if peaks else None,
+                         trace=trace, **t))
+    return dict(p2p_same_traffic=ref, p2p_same_traffic_per_expert_messages=ref_per_expert, moves=rows,
+                diagnostics=diagnostics(weights, device, args))
+
+
+def checks(args, device) -> dict:
+    """Correctness on this backend: verify mode, a failure injected mid-move (pipelined),
+    and the non-blocking mover with verify. Weights are checked exactly against the maps."""
+    from eplb_plugin.executor import LayerMoveError, schedule_layer_move
+
+    slots, n, rank = args.experts + 2, args.experts, dist.get_rank()
+    mine = make_weights(slots, False, args.small, device, seed=rank)
+    peer = make_weights(slots, False, args.small, device, seed=1 - rank)
+    weights = [t.clone() for t in mine]
+    per = nbytes([t[0] for t in weights])
+    old, new = swap_maps(slots, n)
+
+    def exact(m: torch.Tensor) -> bool:
+        """Slot j of this rank holds expert m[rank*S+j], originally at rank e // S, slot e % S."""
+        want = [torch.stack([(mine if e // slots == rank else peer)[i][e % slots]
+                             for e in m[rank * slots : (rank + 1) * slots].tolist()]) for i in range(len(mine))]
+        return same_bytes(weights, want)
+
+    out = {}
+    move_experts(weights, old, new, budget_bytes=2 * per, verify=True, timeout_s=args.timeout_s)
+    out["verify_mode_exact"] = exact(new)
+    move_experts(weights, new, old, budget_bytes=2 * per, timeout_s=args.timeout_s)
+    sched = schedule_layer_move(old, new, ep_size=2, max_staged_experts=2)  # pipelined rounds
+    calls = []
+
+    def hook(point, r, layer):
+        calls.append(point)
+        if point == "after_staging" and calls.count(point) == 2 and r == 0:
+            raise RuntimeError("injected")
+
+    live = old.clone()
+    try:
+        move_experts(weights, old, new, budget_bytes=2 * per, live_map=live, fault_hook=hook,
+                     timeout_s=args.timeout_s, pipeline=True)
+        out["failure_raised"] = False
+    except LayerMoveError as exc:
+        out["failure_raised"] = True
+        out["failure_left_round1_map"] = bool(torch.equal(exc.live_physical_to_logical_map, sched.maps[0])
+                                              and torch.equal(live, sched.maps[0]))
+        sync(device)
+        out["failure_weights_exact"] = exact(sched.maps[0])
+    move_experts(weights, live, new, budget_bytes=2 * per, timeout_s=args.timeout_s)
+    out["retry_exact"] = exact(new)
+    mover = AsyncExpertMover(budget_bytes=2 * per, verify=True, timeout_s=args.timeout_s)
+    for a, b in [(new, old), (old, new)]:
+        mover.start([LayerMove(0, weights, a, b, a.clone())])
+        while not mover.done:
+            mover.commit_ready(max_layers=1)
+        mover.close()
+        sync(device)
+        out[f"nonblocking_verify_exact_{'back' if b is old else 'there'}"] = exact(b)
+    return out
 
 
 def bench_pause(args, device) -> dict:
-    """Step times of a matmul loop, undisturbed vs while layers move in the background."""
+    """Step times of a matmul loop, undisturbed vs while layers move in the background.
+
+    A step: 8 experts' MoE matmuls on 512 tokens, launched eagerly or replayed as a CUDA
+    graph (as a decode loop runs), then ``commit_ready`` (the pass boundary), then a wait
+    for the serving stream (a decode loop waits for its step's result, not for other
+    streams). Host time per step, and GPU time (events on the serving stream)."""
     h, i, _ = sizes(args.small)
     tokens = 64 if args.small else 512
     experts_per_step = 8
     x = torch.randn(tokens, h, dtype=torch.bfloat16, device=device)
     w1 = torch.randn(experts_per_step, h, 2 * i, dtype=torch.bfloat16, device=device) / h**0.5
     w2 = torch.randn(experts_per_step, i, h, dtype=torch.bfloat16, device=device) / i**0.5
+    cuda = device.type == "cuda"
 
     def step():
         y = x
@@ -157,41 +357,120 @@ def bench_pause(args, device) -> dict:
             y = (torch.nn.functional.silu(g[:, :i]) * g[:, i:]) @ w2[e]
         return y
 
-    def timed(n, between=None):
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
+    graph = None
+    if cuda:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())  # capture after the inputs exist
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()  # warm up cuBLAS outside the capture
+        torch.cuda.current_stream().wait_stream(side)  # capture after the warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             step()
-            if between is not None:
-                between()
-            sync(device)  # a decode loop waits for each step's result
-            out.append(time.perf_counter() - t0)
-        return out
 
-    timed(20)
-    base = timed(200)
-    slots = args.experts + 2
-    moves = []
-    for layer in range(args.layers):
-        old, new = swap_maps(slots, args.experts)
-        moves.append(LayerMove(layer, make_weights(slots, False, args.small, device), old, new, old.clone()))
-    per = sum(t[0].numel() * t.element_size() for t in moves[0].weights)
-    mover = AsyncExpertMover(budget_bytes=2 * per, timeout_s=args.timeout_s)
-    dist.barrier()  # start the move on both ranks at once
-    t0 = time.perf_counter()
-    mover.start(moves)
-    during: list[float] = []
-    while not mover.done:  # every rank leaves at the same commit (done is agreed)
-        during += timed(1, between=lambda: mover.commit_ready(max_layers=1))
-    move_s = time.perf_counter() - t0
-    mover.close()
-    during = during or [float("nan")]
-    med = statistics.median(base)
-    p99 = sorted(during)[int(0.99 * (len(during) - 1))]
-    return dict(tokens=tokens, experts_per_step=experts_per_step, layers_moved=args.layers,
-                undisturbed_median_s=med, undisturbed_max_s=max(base), steps_during_move=len(during),
-                during_median_s=statistics.median(during), during_p99_s=p99, during_max_s=max(during),
-                max_ratio=max(during) / med, p99_ratio=p99 / med, move_seconds=move_s)
+    def loop(mode, n=None, mover=None):
+        """Per step: host s, GPU s, units committed; n steps, or until the mover is done."""
+        run_step = graph.replay if mode == "graph" else step
+        host, gpu, commits, events = [], [], [], []
+        while (mover is None and len(host) < n) or (mover is not None and not mover.done):
+            t0 = time.perf_counter()
+            if cuda:
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+            run_step()
+            if mover is not None:  # the pass boundary, after the pass's kernels are queued
+                commits.append(len(mover.commit_ready(max_layers=1)))
+            if cuda:
+                e1.record()
+                torch.cuda.current_stream().synchronize()  # the step's result (serving stream only)
+                events.append((e0, e1))
+            host.append(time.perf_counter() - t0)
+        gpu = [a.elapsed_time(b) / 1e3 for a, b in events] if cuda else list(host)
+        return host, gpu, commits
+
+    def stats(times, med):
+        s = sorted(times)
+        return dict(steps=len(s), median_ratio=statistics.median(s) / med,
+                    p99_ratio=s[int(0.99 * (len(s) - 1))] / med, max_ratio=s[-1] / med)
+
+    modes = ["eager", "graph"] if cuda else ["eager"]
+    gc.disable()  # Python's collector pauses are not the mover's; off for every loop alike
+    try:
+        undisturbed = {}
+        for mode in modes:
+            loop(mode, 50)
+            undisturbed[mode] = [loop(mode, args.steps)]
+        slots = args.experts + 2
+        variants = []
+        for spec in args.pause_variants.split(","):
+            dtype, ctas, *flags = spec.split(":")
+            max_ctas = None if ctas == "none" else int(ctas)
+            paced = "free" not in flags
+            rank, n = dist.get_rank(), args.experts
+            layers = [make_weights(slots, dtype == "fp8", args.small, device, seed=k * 2 + rank)
+                      for k in range(args.layers)]
+            peer = make_weights(slots, dtype == "fp8", args.small, device, seed=1 - rank)
+            swapped = [torch.cat([p[:n], t[n:]]) for p, t in zip(peer, layers[0])]
+            del peer
+            per = nbytes([t[0] for t in layers[0]])
+            old, new = swap_maps(slots, args.experts)
+            try:
+                mover = AsyncExpertMover(budget_bytes=args.pause_budget * per, timeout_s=args.timeout_s,
+                                         transfer_max_ctas=max_ctas, pace_with_passes=paced)
+            except Exception as exc:  # e.g. NCCL config unsupported: record, go on
+                variants.append(dict(dtype=dtype, transfer_max_ctas=max_ctas, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            for mode in modes:
+                row = dict(mode=mode, dtype=dtype, transfer_max_ctas=max_ctas, paced=paced,
+                           budget_experts=args.pause_budget,
+                           layers=args.layers, experts_per_layer=args.experts, expert_bytes=per)
+                runs = []
+                for a, b in [(old, new), (new, old)]:  # one mover, two rebalances
+                    moves = [LayerMove(k, w, a, b, a.clone()) for k, w in enumerate(layers)]
+                    dist.barrier()  # start the move on both ranks at once
+                    t0 = time.perf_counter()
+                    mover.start(moves)
+                    res = loop(mode, mover=mover)
+                    move_s = time.perf_counter() - t0
+                    mover.close()
+                    assert all(torch.equal(m.live_map, b) for m in moves)
+                    if a is old:  # exact weights after the first rebalance, layer 0
+                        sync(device)
+                        row["weights_exact"] = same_bytes(layers[0], swapped)
+                    runs.append((res, move_s))
+                moved = 2 * args.layers * args.experts * per
+                row.update(move_seconds=[r[1] for r in runs], move_GBps_received=moved / sum(r[1] for r in runs) / 1e9,
+                           _host=[t for r in runs for t in r[0][0]], _gpu=[t for r in runs for t in r[0][1]],
+                           _commits=[c for r in runs for c in r[0][2]])
+                variants.append(row)
+            del mover, layers, swapped
+            torch.cuda.empty_cache() if cuda else None
+        for mode in modes:
+            undisturbed[mode].append(loop(mode, args.steps))
+    finally:
+        gc.enable()
+    base = {}
+    for mode in modes:
+        (h0, g0, _), (h1, g1, _) = undisturbed[mode]
+        base[mode] = dict(host_median_s=statistics.median(h0 + h1), gpu_median_s=statistics.median(g0 + g1))
+        base[mode].update(host=stats(h0 + h1, base[mode]["host_median_s"]),
+                          gpu=stats(g0 + g1, base[mode]["gpu_median_s"]))
+    for row in variants:
+        if "_host" not in row:
+            continue
+        host, gpu, commits = row.pop("_host"), row.pop("_gpu"), row.pop("_commits")
+        b = base[row["mode"]]
+        for name, times, med in [("host", host, b["host_median_s"]), ("gpu", gpu, b["gpu_median_s"])]:
+            row[name] = stats(times, med)
+            quiet = [t for t, c in zip(times, commits) if c == 0]
+            busy = [t for t, c in zip(times, commits) if c > 0]
+            row[name]["max_ratio_steps_without_commit"] = max(quiet) / med if quiet else None
+            row[name]["p99_ratio_steps_without_commit"] = (sorted(quiet)[int(0.99 * (len(quiet) - 1))] / med
+                                                           if quiet else None)
+            row[name]["max_ratio_steps_with_commit"] = max(busy) / med if busy else None
+        row["steps_with_commit"] = sum(c > 0 for c in commits)
+    return dict(tokens=tokens, experts_per_step=experts_per_step, undisturbed=base, variants=variants)
 
 
 def run(rank: int, world: int, args, init_method: str | None) -> None:
@@ -201,40 +480,80 @@ def run(rank: int, world: int, args, init_method: str | None) -> None:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kw = dict(init_method=init_method, rank=rank, world_size=world) if init_method else {}
+    if device.type == "cuda":
+        kw["device_id"] = device  # create the communicator now: out of every timing
     dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s), **kw)
+    t_start = time.perf_counter()
     try:
         if dist.get_world_size() != 2:
             raise SystemExit("bench_executor needs exactly 2 ranks")
         scale = 1 / 64 if args.small else 1
-        p2p = {}
-        for name, nbytes in [("88MB", int(88e6 * scale)), ("1GiB", int((1 << 30) * scale))]:
-            p2p[name] = dict(one_way_GBps=p2p_bandwidth(nbytes, device, args.reps, False),
-                             both_ways_GBps=p2p_bandwidth(nbytes, device, args.reps, True))
+        single = {}
+        for name, size in [("88MB", int(88e6 * scale)), ("1GiB", int((1 << 30) * scale))]:
+            single[name] = dict(one_way=p2p_single(size, device, args, False),
+                                both_ways=p2p_single(size, device, args, True))
         if rank == 0:
-            print("P2P GB/s per direction:", json.dumps(p2p), flush=True)
-        ref = p2p["88MB"]["both_ways_GBps"]  # the swap moves ~88 MB experts both ways at once
-        moves = bench_moves(args, device, False, ref) + bench_moves(args, device, True, ref)
+            print("P2P single message GB/s per direction:",
+                  {k: {d: round(v[d]["GBps"], 1) for d in v} for k, v in single.items()}, flush=True)
+        moves = {"bf16": bench_moves(args, device, False), "fp8+scales": bench_moves(args, device, True)}
         if rank == 0:
-            print(f"{'dtype':>10} {'budget':>6} {'rounds':>6} {'ms':>8} {'GB/s':>7} {'vs P2P':>6} {'peak/budget':>11}")
-            for r in moves:
-                peak = f"{r['peak_extra_over_budget']:.2f}" if r["peak_extra_over_budget"] else "n/a"
-                print(f"{r['dtype']:>10} {r['budget_experts']:>6} {r['rounds']:>6} {r['seconds'] * 1e3:8.2f} "
-                      f"{r['GBps']:7.2f} {r['ratio_to_p2p']:6.2f} {peak:>11}", flush=True)
+            for name, m in moves.items():
+                ref = m["p2p_same_traffic"]
+                pe = m["p2p_same_traffic_per_expert_messages"]
+                print(f"{name}: same-bytes P2P {ref['GBps']:.1f} GB/s ({ref['seconds'] * 1e3:.2f} ms, "
+                      f"{ref['messages_each_way']} messages each way); per-expert messages {pe['GBps']:.1f} GB/s "
+                      f"({pe['messages_each_way']}); diagnostics "
+                      f"{json.dumps({k: round(v, 1) for k, v in m['diagnostics'].items()})}", flush=True)
+            print(f"{'dtype':>10} {'budget':>6} {'pipe':>5} {'rounds':>6} {'ms':>8} {'GB/s':>7} {'vs P2P':>6} "
+                  f"{'peak/budget':>11}", flush=True)
+            for m in moves.values():
+                for r in m["moves"]:
+                    if r["budget_experts"] in (2, 8) and r["pipeline"]:
+                        print(f"  trace {r['dtype']} budget {r['budget_experts']}:",
+                              " ".join(f"{a}={b}/{c}" for a, b, c in r["trace"]), flush=True)
+            for m in moves.values():
+                for r in m["moves"]:
+                    peak = f"{r['peak_extra_over_budget']:.4f}" if r["peak_extra_over_budget"] else "n/a"
+                    print(f"{r['dtype']:>10} {r['budget_experts']:>6} {str(r['pipeline']):>5} {r['rounds']:>6} "
+                          f"{r['seconds'] * 1e3:8.2f} {r['GBps']:7.1f} {r['ratio_to_p2p']:6.3f} {peak:>11}",
+                          flush=True)
+        checked = checks(args, device)
+        if rank == 0:
+            print("checks:", json.dumps(checked), flush=True)
         pause = bench_pause(args, device)
         if rank == 0:
-            print("non-blocking pause:", json.dumps({k: round(v, 6) if isinstance(v, float) else v
-                                                     for k, v in pause.items()}), flush=True)
+            print("undisturbed:", json.dumps(pause["undisturbed"], default=lambda x: x), flush=True)
+
+            def short(x):
+                if isinstance(x, float):
+                    return round(x, 3)
+                if isinstance(x, list):
+                    return [short(y) for y in x]
+                if isinstance(x, dict):
+                    return {k: short(v) for k, v in x.items() if v is not None}
+                return x
+
+            for v in pause["variants"]:
+                print("non-blocking:", json.dumps(short({k: x for k, x in v.items()
+                                                         if k not in ("layers", "experts_per_layer", "expert_bytes")})),
+                      flush=True)
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
             out = Path(args.out) / name.replace(" ", "_")
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"bench_executor_{'small_' if args.small else ''}{time.strftime('%Y%m%d_%H%M%S')}.json"
             path.write_text(json.dumps(dict(
-                device=name, torch=torch.__version__, command=" ".join(sys.argv), world_size=2,
-                backend=backend, small=args.small, p2p=p2p, moves=moves, pause=pause,
+                device=name, torch=torch.__version__, nccl=".".join(map(str, torch.cuda.nccl.version()))
+                if device.type == "cuda" else None, command=" ".join(sys.argv), world_size=2,
+                backend=backend, small=args.small, wall_seconds=time.perf_counter() - t_start,
+                p2p_single=single, moves=moves, checks=checked, pause=pause,
                 env={k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                     "NVSHMEM_DISABLE_NVLS")},
-                notes="GBps = bytes received per rank / seconds (swap: both ways at once); "
-                      "ratio_to_p2p against the both-ways 88MB P2P figure of this run"), indent=1))
+                notes="GBps = bytes received per rank / seconds (swap: as many bytes sent as received, "
+                      "both ways at once); ratio_to_p2p = move GBps / p2p_same_traffic GBps of its dtype "
+                      "(the same bytes both ways in one batch, one message per tensor: the fewest messages); "
+                      "all timings: median of reps after warm-up, slower rank, communicator creation "
+                      "excluded; pause ratios over the undisturbed median step of the same mode (host "
+                      "clock, and GPU events on the serving stream)"), indent=1))
             print(f"wrote {path}", flush=True)
     finally:
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import timedelta
 
 import pytest
@@ -61,19 +62,24 @@ def _worker(rank: int, world: int, port: int) -> None:
         gen = torch.Generator().manual_seed(7)
         expert = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in SPECS)
 
-        # Case 1: every layer lands exactly, chunk by chunk, each pass sees whole layers only.
-        for budget, chunk in [(expert, 1), (None, 2), (10**9, 3)]:
+        # Case 1: every layer lands exactly, chunk by chunk, each pass sees whole layers only;
+        # one mover (one pair of groups) serves two rebalances, there and back.
+        for budget, chunk, verify in [(expert, 1, True), (None, 2, False), (10**9, 3, True), (2 * expert, 1, False)]:
             moves, mine = _layers(rank, world, gen)
             ptrs = [t.data_ptr() for m in moves for t in m.weights]
-            mover = AsyncExpertMover(budget_bytes=budget, verify=True, timeout_s=TIMEOUT_S)
-            mover.start(moves)
-            _serve(mover, moves, mine, chunk)
-            mover.close()
-            assert mover.done
-            for m in moves:
-                assert torch.equal(m.live_map, m.new_physical_to_logical_map)
-                assert _same(list(m.weights), identity_weights(m.layer, m.new_physical_to_logical_map[mine].tolist()))
-            assert [t.data_ptr() for m in moves for t in m.weights] == ptrs
+            mover = AsyncExpertMover(budget_bytes=budget, verify=verify, timeout_s=TIMEOUT_S)
+            groups = (mover.transfer_group, mover.control_group)
+            for _ in range(2):
+                mover.start(moves)
+                _serve(mover, moves, mine, chunk)
+                mover.close()
+                assert mover.done and (mover.transfer_group, mover.control_group) == groups
+                for m in moves:
+                    assert torch.equal(m.live_map, m.new_physical_to_logical_map)
+                    assert _same(list(m.weights), identity_weights(m.layer, m.new_physical_to_logical_map[mine].tolist()))
+                assert [t.data_ptr() for m in moves for t in m.weights] == ptrs
+                moves = [LayerMove(m.layer, m.weights, m.new_physical_to_logical_map, m.old_physical_to_logical_map,
+                                   m.live_map) for m in moves]  # the next rebalance moves back
 
         # Case 2: a failure on one rank while staging layer 2 surfaces on every rank; every
         # layer still matches its live map, and layers 2-3 are still on their old maps.
@@ -94,7 +100,19 @@ def _worker(rank: int, world: int, port: int) -> None:
             done = torch.equal(m.live_map, m.new_physical_to_logical_map)
             assert done or torch.equal(m.live_map, m.old_physical_to_logical_map)
             assert not done or m.layer < 2
+        # The same mover retries from the live maps and finishes the rebalance.
+        mover.fault_hook = lambda point, r, layer: None
+        mover.start([LayerMove(m.layer, m.weights, m.live_map.clone(), m.new_physical_to_logical_map, m.live_map)
+                     for m in moves])
+        _serve(mover, moves, mine, 2)
+        mover.close()
+        for m in moves:
+            assert torch.equal(m.live_map, m.new_physical_to_logical_map) and _consistent([m], mine)
     finally:
+        # Caught errors keep frames (and the process group) in reference cycles: collect
+        # them, so the group is not destroyed later, at interpreter exit (gloo aborts there).
+        gc.collect()
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
         dist.destroy_process_group()
 
 

@@ -13,6 +13,7 @@ from eplb_plugin.executor.plan import (
     plan_layer_rounds,
     plan_layer_transfer,
     plan_transfers,
+    schedule_layer_move,
 )
 
 
@@ -155,3 +156,95 @@ def test_bad_maps_raise_placement_error():
         plan_layer_transfer(torch.zeros(4), torch.zeros(4), ep_size=1)
     with pytest.raises(PlacementError, match="divide"):
         plan_layer_transfer(_t([0, 1, 2]), _t([0, 1, 2]), ep_size=2)
+
+
+def _run_pipelined(old, sched):
+    """Simulate the executor's order (round k+1 staged before round k commits when
+    prefetched) on 'weights' that are the logical ids; return the map after each commit."""
+    s = sched.plans[0].num_local_slots
+    state = list(old)
+    staged = {}
+
+    def stage(k):
+        vals = {}
+        for rp in sched.plans[k].ranks:
+            for v in rp.recvs:
+                send = next(x for x in sched.plans[k].ranks[v.peer].sends
+                            if x.peer == rp.rank and x.logical_expert == v.logical_expert)
+                vals[(rp.rank, "recv", v.logical_expert)] = state[v.peer * s + send.src_local_slot]
+            for src in rp.staged_copy_sources:
+                vals[(rp.rank, "copy", src)] = state[rp.rank * s + src]
+        staged[k] = vals
+
+    def commit(k):
+        vals, before = staged.pop(k), list(state)
+        for rp in sched.plans[k].ranks:
+            for v in rp.recvs:
+                for d in v.dst_local_slots:
+                    state[rp.rank * s + d] = vals[(rp.rank, "recv", v.logical_expert)]
+            for c in rp.local_copies:
+                key = (rp.rank, "copy", c.src_local_slot)
+                state[rp.rank * s + c.dst_local_slot] = vals.get(key, before[rp.rank * s + c.src_local_slot])
+
+    out = []
+    stage(0)
+    for k in range(len(sched.plans)):
+        if k + 1 < len(sched.plans) and sched.prefetch[k + 1]:
+            stage(k + 1)
+        commit(k)
+        out.append(list(state))
+        if k + 1 < len(sched.plans) and not sched.prefetch[k + 1]:
+            stage(k + 1)
+    return out
+
+
+def test_pipelined_schedule_lands_every_round_and_stays_within_budget():
+    """Staging round k+1 before round k commits (where the schedule allows) still lands every
+    round's map exactly; prefetch only when no slot conflicts and both rounds fit the budget."""
+    g = torch.Generator().manual_seed(3)
+    prefetched = 0
+    for trial in range(120):
+        ep, num_local = 2 + trial % 3, 3 + trial % 4
+        p = ep * num_local
+        e = p - trial % 4
+        old = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        new = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        budget = 1 + trial % 5
+        sched = schedule_layer_move(old, new, ep_size=ep, max_staged_experts=budget)
+        assert torch.equal(sched.maps[-1], new)
+        assert _run_pipelined(old.tolist(), sched) == [m.tolist() for m in sched.maps]
+        assert not sched.prefetch[0]
+        for k in range(1, len(sched.plans)):
+            prefetched += sched.prefetch[k]
+            for prev, cur in zip(sched.plans[k - 1].ranks, sched.plans[k].ranks):
+                if sched.prefetch[k]:
+                    assert not cur.staging_reads & set(prev.changed_local_slots)
+                    assert prev.num_staged_experts + cur.num_staged_experts <= budget
+        for r in range(ep):
+            per_round = [pl.ranks[r].num_staged_experts for pl in sched.plans]
+            # Over budget only for a forced cycle: a round rewriting more distinct experts.
+            forced = any(len({int(b[q]) for q in range(r * num_local, (r + 1) * num_local) if a[q] != b[q]}) > budget
+                         for a, b in zip([old] + list(sched.maps[:-1]), sched.maps))
+            assert sched.pool_rows[r] >= max(per_round) and (forced or sched.pool_rows[r] <= budget)
+        half = budget // 2 if budget >= 2 else 1
+        if max(r.num_staged_experts for r in plan_layer_transfer(old, new, ep_size=ep).ranks) <= half:
+            assert len(sched.maps) == 1  # a layer that fits one round stays one atomic round
+    assert prefetched > 20
+
+
+def test_swap_schedule_double_buffers_half_the_budget():
+    """8 experts swapped between 2 ranks with a 4-expert budget: 4 rounds of 2, each staged
+    while the previous commits, 4 staging rows per rank; a 16-expert budget is one round,
+    and so is an 8-expert budget without pipelining."""
+    old = torch.arange(20)
+    new = old.clone()
+    new[:8], new[10:18] = old[10:18], old[:8]
+    sched = schedule_layer_move(old, new, ep_size=2, max_staged_experts=4)
+    assert len(sched.maps) == 4 and sched.prefetch == (False, True, True, True) and sched.pool_rows == (4, 4)
+    assert len(schedule_layer_move(old, new, ep_size=2, max_staged_experts=8).maps) == 2
+    one = schedule_layer_move(old, new, ep_size=2, max_staged_experts=16)
+    assert len(one.maps) == 1 and one.pool_rows == (8, 8)
+    serial = schedule_layer_move(old, new, ep_size=2, max_staged_experts=8, pipeline=False)
+    assert len(serial.maps) == 1 and serial.pool_rows == (8, 8)
+    serial = schedule_layer_move(old, new, ep_size=2, max_staged_experts=4, pipeline=False)
+    assert len(serial.maps) == 2 and serial.prefetch == (False, False)

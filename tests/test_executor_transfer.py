@@ -5,6 +5,7 @@ Weights encode (layer, logical expert, tensor, position), so every slot is check
 
 from __future__ import annotations
 
+import gc
 import socket
 from datetime import timedelta
 
@@ -18,10 +19,10 @@ from eplb_plugin.executor import (
     LayerMoveError,
     fingerprint,
     move_experts,
-    plan_layer_rounds,
-    plan_layer_transfer,
+    schedule_layer_move,
     verify_slots,
 )
+from eplb_plugin.executor.staging import pair_runs
 
 # (trailing shape, dtype) of each per-slot tensor: like w13, w2, a bf16 bias, fp8/int8 scales.
 SPECS = [((3, 5), torch.float32), ((4,), torch.bfloat16), ((2, 3), torch.int8), ((), torch.float32),
@@ -75,6 +76,10 @@ def _worker(rank: int, world: int, port: int) -> None:
     try:
         _cases(rank, world)
     finally:
+        # Caught errors keep frames (and the process group) in reference cycles: collect
+        # them, so the group is not destroyed later, at interpreter exit (gloo aborts there).
+        gc.collect()
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
         dist.destroy_process_group()
 
 
@@ -98,13 +103,42 @@ def _cases(rank: int, world: int) -> None:
         assert torch.equal(live, new)
         assert res.slots_changed == int((old[mine] != new[mine]).sum())
         assert res.bytes_received == res.experts_received * expert
-        # Staging is exactly what the round plans ask for: the budget, except a forced cycle.
-        maps = plan_layer_rounds(old, new, ep_size=world, max_staged_experts=(budget or 4 * expert) // expert)
-        staged = [plan_layer_transfer(a, b, ep_size=world).ranks[rank].num_staged_experts
-                  for a, b in zip([old] + maps[:-1], maps)]
-        assert res.rounds == len(maps) and res.peak_staging_bytes == max(staged) * expert
+        # Staging is exactly the pool the schedule asks for: the budget, except a forced cycle.
+        cap = (budget or 4 * expert) // expert
+        sched = schedule_layer_move(old, new, ep_size=world, max_staged_experts=cap, pipeline=False)
+        assert res.rounds == len(sched.maps) and res.peak_staging_bytes == sched.pool_rows[rank] * expert
         expected = {e: int(fingerprint(identity_weights(layer, [e]))[0]) for e in range(num_logical)}
         verify_slots(w, new[mine], expected, rank=rank, layer=layer)
+
+    # Case 1b: pipelined rounds (no verify): half the budget per round, next round staged
+    # while the previous commits; weights land exactly and staging stays within the budget.
+    for layer, budget_experts in enumerate([2, 3, 4, 5, 100], start=20):
+        num_logical = p - 1 - layer % 3
+        old, new = random_map(gen, p, num_logical), random_map(gen, p, num_logical)
+        w = identity_weights(layer, old[mine].tolist())
+        live = old.clone()
+        res = move_experts(w, old, new, None, layer=layer, budget_bytes=budget_experts * expert,
+                           live_map=live, timeout_s=TIMEOUT_S, pipeline=True)
+        assert _same(w, identity_weights(layer, new[mine].tolist())), (layer, old, new)
+        assert torch.equal(live, new)
+        sched = schedule_layer_move(old, new, ep_size=world, max_staged_experts=budget_experts)
+        assert res.rounds == len(sched.maps) and res.peak_staging_bytes == sched.pool_rows[rank] * expert
+        forced = any(r.num_staged_experts > budget_experts for pl in sched.plans for r in pl.ranks)
+        assert forced or res.peak_staging_bytes <= budget_experts * expert
+
+    # Case 1c: consecutive slots travel as one message per tensor (and commit as one copy):
+    # ranks 0 and 1 swap 3 experts, plus a duplicate fanned out to two slots on rank 0.
+    old = torch.arange(p)
+    new = old.clone()
+    new[:3], new[NUM_LOCAL : NUM_LOCAL + 3] = old[NUM_LOCAL : NUM_LOCAL + 3], old[:3]
+    new[3] = old[NUM_LOCAL]  # expert NUM_LOCAL lands twice on rank 0 (one receive, two slots)
+    new[NUM_LOCAL + 3] = old[3]  # and rank 0's old slot 3 expert keeps a replica on rank 1
+    sched = schedule_layer_move(old, new, ep_size=world, max_staged_experts=100)
+    assert len(sched.maps) == 1
+    assert pair_runs(sched.plans[0], 1, 0) == [(0, 0, 3)] and pair_runs(sched.plans[0], 0, 1) == [(0, 0, 4)]
+    w = identity_weights(7, old[mine].tolist())
+    res = move_experts(w, old, new, layer=7, budget_bytes=100 * expert, timeout_s=TIMEOUT_S)
+    assert _same(w, identity_weights(7, new[mine].tolist())) and res.rounds == 1
 
     # Case 2: an unchanged map moves zero bytes and leaves weights untouched.
     same = random_map(gen, p, p - 2)
@@ -149,6 +183,25 @@ def _cases(rank: int, world: int) -> None:
     assert not torch.equal(mid, old) and not torch.equal(mid, new) and torch.equal(live, mid)
     assert sorted(set(mid.tolist())) == list(range(p))
     assert _same(w, identity_weights(5, mid[mine].tolist()))
+
+    # Case 5: pipelined rounds (round 3 staged while round 2 is still undecided): a failure
+    # in round 2 on one rank leaves every rank on round 1's map; the early round is drained.
+    old = torch.arange(p)
+    new = old.clone()
+    new[:3], new[NUM_LOCAL : NUM_LOCAL + 3] = old[NUM_LOCAL : NUM_LOCAL + 3], old[:3]  # ranks 0, 1 swap 3
+    sched = schedule_layer_move(old, new, ep_size=world, max_staged_experts=2)
+    assert len(sched.maps) == 3 and sched.prefetch == (False, True, True)
+    w = identity_weights(6, old[mine].tolist())
+    live = old.clone()
+    calls.clear()
+    with pytest.raises(LayerMoveError) as info:
+        move_experts(w, old, new, layer=6, budget_bytes=2 * expert, live_map=live,
+                     timeout_s=TIMEOUT_S, fault_hook=second_round, pipeline=True)
+    assert torch.equal(info.value.live_physical_to_logical_map, sched.maps[0]) and torch.equal(live, sched.maps[0])
+    assert _same(w, identity_weights(6, sched.maps[0][mine].tolist()))
+    # The group is still usable: the same move now completes.
+    move_experts(w, sched.maps[0], new, layer=6, budget_bytes=2 * expert, timeout_s=TIMEOUT_S, pipeline=True)
+    assert _same(w, identity_weights(6, new[mine].tolist()))
 
 
 def _spawn(world: int) -> None:

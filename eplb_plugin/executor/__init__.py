@@ -8,12 +8,14 @@ from eplb_plugin.executor.nonblocking import AsyncExpertMover, LayerMove
 from eplb_plugin.executor.plan import (
     LayerTransferPlan,
     LocalCopy,
+    MoveSchedule,
     RankTransferPlan,
     Recv,
     Send,
     plan_layer_rounds,
     plan_layer_transfer,
     plan_transfers,
+    schedule_layer_move,
 )
 from eplb_plugin.executor.transfer import LayerMoveError, MoveResult, move_experts
 
@@ -24,6 +26,7 @@ __all__ = [
     "LayerTransferPlan",
     "LocalCopy",
     "MoveResult",
+    "MoveSchedule",
     "RankTransferPlan",
     "Recv",
     "Send",
@@ -32,5 +35,6 @@ __all__ = [
     "plan_layer_rounds",
     "plan_layer_transfer",
     "plan_transfers",
+    "schedule_layer_move",
     "verify_slots",
 ]

@@ -2,34 +2,40 @@
 
 Concurrency design:
 
-- Work is cut into units, one per round of a layer (``plan_layer_rounds``; one unit per layer
-  when the budget holds its incoming experts). A background thread stages units in order
-  (pre-flight agreement, P2P into staging buffers, success agreement; see transfer.py) while
-  forward passes go on. It never writes a slot: only the serving thread does, in
-  ``commit_ready``, so a pass never sees half-written weights.
-- Process groups: the thread talks only on its own group (``transfer_group``, same backend
-  as the EP group) and the serving thread agrees on commits over a CPU gloo group
-  (``control_group``), both created once in the constructor. Nothing of ours runs on the
-  EP group, so our collectives never interleave with the model's. (Gloo needs this: two
-  threads issuing collectives on one group would pair them in the wrong order.)
-- GPU: the thread runs on a side stream; NCCL P2P on a separate communicator runs next to
-  the model's kernels. PITFALLS: NCCL from a side thread has deadlocked DeepEP low-latency
-  kernels that wait for SMs NCCL holds; where DeepEP runs, cap NCCL's CTAs
-  (NCCL_MAX_CTAS / NCCL_MAX_NCHANNELS) for this communicator, as vLLM did.
-- Memory: staged-but-uncommitted bytes stay within ``budget_bytes`` in total (the thread
-  waits for commits), except a single unit that alone needs more (a forced cycle).
-- Agreement: ``commit_ready`` is collective over every rank at the same pass boundary; it
-  all-reduces (MIN over gloo, CPU, no GPU sync) how many units each rank has staged and
-  whether any rank failed, so every rank commits the same units at the same pass.
-- Failure: a thread error (any rank) surfaces on every rank at the same ``commit_ready``
-  call as a TransferError; committed layers stay committed, the rest keep their maps.
-- Every wait has a timeout (``timeout_s``): the thread's waits for commits and transfers,
-  and the serving thread's agreement.
+- Work is cut into units, one per round of a layer (``schedule_layer_move``: rounds of
+  half the budget; one unit per layer when it fits). Small units keep each commit, which
+  the serving stream runs between passes, short. A background
+  thread stages units in order (P2P into a staging pool, then one agreement that every rank
+  staged the unit) while forward passes go on. It never writes a slot: only the serving
+  thread does, in ``commit_ready``, so a pass never sees half-written weights.
+- Process groups, created once by the (collective) constructor and reused by every run:
+  the thread talks only on ``transfer_group`` (same backend as the EP group; with NCCL its
+  CTAs can be capped by ``transfer_max_ctas`` so the serving kernels keep their SMs), and
+  the serving thread agrees on commits over a CPU gloo ``control_group``. Nothing of ours
+  runs on the EP group, so our collectives never interleave with the model's. (Gloo needs
+  this: two threads issuing collectives on one group would pair them in the wrong order.)
+  PITFALLS: NCCL from a side thread has deadlocked DeepEP low-latency kernels that wait for
+  SMs NCCL holds; where DeepEP runs, set ``transfer_max_ctas``, as vLLM did.
+- GPU: the thread's copies run on a side stream (default priority, the lowest CUDA has);
+  NCCL runs on the transfer communicator's own stream.
+- Memory: one ``StagingPool`` per run, allocated by the thread before its first transfer and
+  agreed on by every rank (pre-flight), sized to the budget; rows are reused once the
+  commit that read them has run (CUDA events).
+- Agreement at pass boundaries: ``commit_ready`` is collective over every rank at the same
+  pass boundary. It reads the result of a MIN all-reduce (gloo, CPU, no GPU sync) posted at
+  the previous boundary (how many units each rank has staged, whether any failed) and posts
+  the next one, so it never waits for the other ranks in the common case; every rank then
+  commits the same units at the same pass, at most ``max_layers`` per boundary.
+- Failure: a thread error (any rank) surfaces on every rank at the same ``commit_ready`` call
+  as a TransferError; committed units stay committed, the rest keep their maps.
+- Every wait has a timeout (``timeout_s``): the thread's waits for commits, staging room and
+  agreements, and the serving thread's agreement.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,22 +43,26 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from eplb_plugin.errors import TransferError
-from eplb_plugin.executor.plan import plan_layer_rounds, plan_layer_transfer
+from eplb_plugin.errors import ConfigError, TransferError
+from eplb_plugin.executor.plan import LayerTransferPlan, RankTransferPlan, schedule_layer_move
+from eplb_plugin.executor.staging import (
+    Agreement,
+    StagedRound,
+    StagingPool,
+    Stopped,
+    check_received,
+    commit_round,
+    is_nccl,
+    signature,
+    stage_round,
+    verify_committed,
+)
 from eplb_plugin.executor.transfer import (
-    DEFAULT_MAX_STAGED_EXPERTS,
     FaultHook,
     LayerMoveError,
-    StagedRound,
-    agree,
-    allocate_round,
     check_weights,
-    commit_round,
-    exchange_round,
-    expert_bytes,
     group_info,
     max_staged_experts,
-    verify_committed,
 )
 
 
@@ -72,16 +82,39 @@ class _Unit:
     move: LayerMove
     before: torch.Tensor  # [P] map this round starts from
     after: torch.Tensor  # [P] map once it commits
-    previous: _Unit | None  # the same layer's previous round (must commit first)
+    plan: RankTransferPlan  # this rank's share
+    round_plan: LayerTransferPlan  # every rank's share
+    previous: _Unit | None  # the same layer's previous round (commits first)
     committed: bool = False
     commit_event: object = None  # torch.cuda.Event recorded after the commit's copies
+
+
+def _transfer_options(backend: str, max_ctas: int | None):
+    """NCCL options capping the transfer communicator's CTAs (None: NCCL's defaults)."""
+    if max_ctas is None or "nccl" not in backend:
+        return None
+    try:
+        opts = dist.ProcessGroupNCCL.Options()
+        opts.config.max_ctas = max_ctas
+        opts.config.min_ctas = 1
+    except (AttributeError, TypeError) as exc:
+        raise ConfigError(f"transfer_max_ctas={max_ctas} needs torch built with NCCL >= 2.17 "
+                          f"(ProcessGroupNCCL.Options().config): {exc}; pass None") from exc
+    return opts
 
 
 class AsyncExpertMover:
     """Moves many layers in the background; ``commit_ready`` applies them at pass boundaries.
 
     The constructor is collective over the default (WORLD) group: it creates two process
-    groups with ``dist.new_group``, which every rank of WORLD must call in the same order.
+    groups with ``dist.new_group``, which every rank of WORLD must call in the same order,
+    and warms them up. One mover serves many rebalances: ``start`` again once ``done`` (or
+    after a failure) and ``close``. transfer_max_ctas: cap on the CTAs (SMs) of the NCCL
+    transfer communicator (None: NCCL's default); poll_s: the thread's sleep between polls.
+    pace_with_passes: the thread stages at most one unit per pass boundary, right after
+    ``commit_ready`` returns (while the serving thread waits for its pass on the GPU), so
+    its Python work rarely holds the GIL when the serving thread needs it (measured on
+    2 x H200: no better than unpaced, hence off by default).
     """
 
     def __init__(
@@ -93,39 +126,89 @@ class AsyncExpertMover:
         verify: bool = False,
         timeout_s: float = 300.0,
         fault_hook: FaultHook | None = None,
+        transfer_max_ctas: int | None = None,
+        poll_s: float = 1e-4,
+        pace_with_passes: bool = False,
     ):
         self.group, self.rank, self.world = group_info(group)
         self.transfer_group = self.control_group = None
         if self.group is not None and self.world > 1:
             ranks = dist.get_process_group_ranks(self.group)
-            self.transfer_group = dist.new_group(ranks, backend=dist.get_backend(self.group))
+            backend = str(dist.get_backend(self.group))
+            opts = _transfer_options(backend, transfer_max_ctas)
+            self.transfer_group = dist.new_group(ranks, backend="nccl" if opts else backend, pg_options=opts)
             self.control_group = dist.new_group(ranks, backend="gloo")
+            self._warm_up()
         self.budget_bytes, self.gpus_per_node = budget_bytes, gpus_per_node
-        self.verify, self.timeout_s = verify, timeout_s
+        self.verify, self.timeout_s, self.poll_s = verify, timeout_s, poll_s
+        self.transfer_max_ctas, self.pace_with_passes = transfer_max_ctas, pace_with_passes
         self.fault_hook = fault_hook or (lambda point, rank, layer: None)
         self._cond = threading.Condition()
-        self._units: list[_Unit] = []
+        self._thread: threading.Thread | None = None
+        self._side = None  # the thread's CUDA stream, created on first use
+        self._reset([])
+
+    def _warm_up(self) -> None:
+        """Create the transfer communicator and its P2P connections now, not mid-serving."""
+        if not is_nccl(self.transfer_group):
+            return
+        dev = torch.device("cuda", torch.cuda.current_device())
+        x = torch.zeros(self.world, dtype=torch.uint8, device=dev)
+        dist.all_reduce(x[:1], group=self.transfer_group)
+        ops = []
+        for d in range(1, self.world):  # every pair of ranks, once each way
+            to, frm = (self.rank + d) % self.world, (self.rank - d) % self.world
+            ops.append(dist.P2POp(dist.isend, x[d : d + 1], dist.get_global_rank(self.transfer_group, to), self.transfer_group))
+            ops.append(dist.P2POp(dist.irecv, x[:1].clone(), dist.get_global_rank(self.transfer_group, frm), self.transfer_group))
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()  # stream-level: the sync below then covers the P2P too
+        torch.cuda.current_stream().synchronize()  # the constructor returns with both set up
+
+    def _reset(self, units: list[_Unit]) -> None:
+        self._units = units
         self._ready: list[tuple[_Unit, StagedRound]] = []
+        self._staged = 0  # units this rank staged and every rank agreed on
         self._next_commit = 0
         self._error: BaseException | None = None
         self._failed = False
-        self._thread: threading.Thread | None = None
+        self._control = None  # (tensor, work) of the agreement posted at the last boundary
+        self._pool: StagingPool | None = None
+        self._pool_recorded = False
+        self._boundaries = 0  # pass boundaries seen (commit_ready calls), for pacing
 
     # -- serving thread ---------------------------------------------------------------------
     def start(self, moves: Sequence[LayerMove]) -> None:
-        """Plan every layer's rounds (same on every rank) and start staging in the background."""
+        """Plan every layer's rounds (same on every rank) and start staging in the background.
+
+        Every rank calls it with the same moves at the same pass boundary. Allowed again
+        once the previous run is done (or failed) and its thread has ended (``close``).
+        """
         if self._thread is not None:
-            raise TransferError("AsyncExpertMover.start called twice; make a new mover per rebalance")
+            if self._thread.is_alive():
+                raise TransferError("AsyncExpertMover.start: the previous move is still running; "
+                                    "wait for done, then close()")
+            self._thread = None
+        units: list[_Unit] = []
+        sig = None
         for move in moves:
             old = move.old_physical_to_logical_map.detach().to("cpu", torch.int64)
             new = move.new_physical_to_logical_map.detach().to("cpu", torch.int64)
             check_weights(move.weights, old.numel() // self.world)
+            if sig is not None and signature(move.weights) != sig:
+                raise ConfigError(f"layer {move.layer}'s weights differ in shape or dtype from the "
+                                  f"first layer's; one mover run moves layers of one kind")
+            sig = signature(move.weights)
             cap = max_staged_experts(move.weights, self.budget_bytes)
+            sched = schedule_layer_move(old, new, ep_size=self.world, max_staged_experts=cap,
+                                        gpus_per_node=self.gpus_per_node, pipeline=not self.verify)
             prev, before = None, old
-            for after in plan_layer_rounds(old, new, ep_size=self.world, max_staged_experts=cap):
-                prev = _Unit(move, before, after, prev)
-                self._units.append(prev)
+            for after, plan in zip(sched.maps, sched.plans):
+                prev = _Unit(move, before, after, plan.ranks[self.rank], plan, prev)
+                units.append(prev)
                 before = after
+        self._reset(units)
+        if not units:
+            return
         self._thread = threading.Thread(target=self._run, name="eplb-expert-mover", daemon=True)
         self._thread.start()
 
@@ -139,55 +222,89 @@ class AsyncExpertMover:
         layer moved in rounds) in place; return the layers whose live map changed.
 
         Collective: every rank calls it at the same pass boundary, between forward passes.
-        Raises TransferError on every rank if any rank's background staging failed.
+        A unit commits at the second boundary after every rank staged it (the agreement
+        posted at one boundary is read at the next). Raises TransferError on every rank if
+        any rank's background staging failed.
         """
         if self.done:
             return []
-        with self._cond:
-            local_ready, ok = len(self._ready), self._error is None
-        counts = torch.tensor([local_ready, int(ok)], dtype=torch.int64)
-        if self.control_group is not None:
-            # Every rank must commit the same units at the same pass: agree on the minimum.
-            work = dist.all_reduce(counts, op=dist.ReduceOp.MIN, group=self.control_group, async_op=True)
-            work.wait(timeout=timedelta(seconds=self.timeout_s))
-        ready, all_ok = int(counts[0]), bool(counts[1])
-        if not all_ok:
-            self._failed = True
+        try:
+            return self._commit_ready(max_layers)
+        finally:
             with self._cond:
-                self._ready.clear()  # staged data of uncommitted units is dropped
+                self._boundaries += 1  # the paced thread stages its next unit now, as we return
                 self._cond.notify_all()
-                cause = self._error
-            raise TransferError(
-                f"rank {self.rank}: non-blocking move failed "
-                f"({type(cause).__name__ + ': ' + str(cause) if cause else 'on another rank'}); "
-                f"{self._next_commit}/{len(self._units)} units committed, the rest keep their maps"
-            ) from cause
+
+    def _commit_ready(self, max_layers: int) -> list[int]:
+        if self.control_group is None:
+            with self._cond:
+                ready, ok = self._staged, self._error is None
+        elif self._control is None:
+            self._post_control()
+            return []
+        else:
+            counts, work = self._control
+            self._control = None
+            work.wait(timeout=timedelta(seconds=self.timeout_s))  # posted a pass ago: normally done
+            ready, ok = int(counts[0]), bool(counts[1])
+        if not ok:
+            self._fail()
         layers: list[int] = []
-        for _ in range(min(ready, max_layers)):
+        for _ in range(min(ready - self._next_commit, max_layers)):
             with self._cond:
                 unit, staged = self._ready.pop(0)
-            weights = unit.move.weights
-            if staged.ready_event is not None:
-                # Serving stream waits for the side stream's staging (already complete on the
-                # host's word; the event makes the ordering explicit to the GPU).
-                torch.cuda.current_stream().wait_event(staged.ready_event)
-            commit_round(weights, staged)
-            if unit.move.live_map is not None:
-                unit.move.live_map.copy_(unit.after)
-            if self.verify and staged.plan.changed_local_slots:
-                verify_committed(weights, staged, rank=self.rank, layer=unit.move.layer)
-            if weights[0].is_cuda:
-                for buf in staged.buffers:
-                    buf.record_stream(torch.cuda.current_stream())  # freed after the copies
-                unit.commit_event = torch.cuda.Event()
-                unit.commit_event.record()
-            with self._cond:
-                unit.committed = True
-                self._next_commit += 1
-                self._cond.notify_all()
+            self._commit(unit, staged)
             if unit.move.layer not in layers:
                 layers.append(unit.move.layer)
+        if not self.done and self.control_group is not None:
+            self._post_control()
         return layers
+
+    def _post_control(self) -> None:
+        with self._cond:
+            counts = torch.tensor([self._staged, int(self._error is None)], dtype=torch.int64)
+        # Every rank must commit the same units at the same pass: agree on the minimum.
+        work = dist.all_reduce(counts, op=dist.ReduceOp.MIN, group=self.control_group, async_op=True)
+        self._control = (counts, work)
+
+    def _fail(self) -> None:
+        self._failed = True
+        with self._cond:
+            self._ready.clear()  # staged data of uncommitted units is dropped
+            self._cond.notify_all()
+            cause = self._error
+        raise TransferError(
+            f"rank {self.rank}: non-blocking move failed "
+            f"({type(cause).__name__ + ': ' + str(cause) if cause else 'on another rank'}); "
+            f"{self._next_commit}/{len(self._units)} units committed, the rest keep their maps"
+        ) from cause
+
+    def _commit(self, unit: _Unit, staged: StagedRound) -> None:
+        weights = unit.move.weights
+        cuda = weights[0].is_cuda
+        if staged.ready_event is not None:
+            # The serving stream reads the rows after the side stream's staging copies (the
+            # P2P itself is known complete: the thread saw the agreement that follows it).
+            torch.cuda.current_stream().wait_event(staged.ready_event)
+        if cuda and not self._pool_recorded:
+            for buf in staged.buffers:
+                buf.record_stream(torch.cuda.current_stream())  # the pool outlives our copies
+            self._pool_recorded = True
+        commit_round(weights, staged)
+        if unit.move.live_map is not None:
+            unit.move.live_map.copy_(unit.after)
+        if self.verify and staged.plan.changed_local_slots:
+            verify_committed(weights, staged, rank=self.rank, layer=unit.move.layer)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        with self._cond:
+            self._pool.give_back(staged.rows, event)  # rewritten only after these copies
+            unit.commit_event = event
+            unit.committed = True
+            self._next_commit += 1
+            self._cond.notify_all()
 
     def close(self, timeout_s: float | None = None) -> None:
         """Join the background thread (after done or a failure); raise if it does not end."""
@@ -199,81 +316,106 @@ class AsyncExpertMover:
         self._thread.join(timeout_s if timeout_s is not None else self.timeout_s)
         if self._thread.is_alive():
             raise TransferError(f"rank {self.rank}: expert mover thread did not stop in time")
+        self._thread = None
 
     # -- background thread ------------------------------------------------------------------
-    def _wait_for(self, predicate, what: str) -> bool:
-        """Wait for predicate under the lock; False if the mover was stopped."""
+    def _wait_for(self, predicate, what: str) -> None:
+        """Wait for predicate under the lock; Stopped if the mover was stopped."""
         with self._cond:
             ok = self._cond.wait_for(lambda: self._failed or predicate(), timeout=self.timeout_s)
+            if self._failed:
+                raise Stopped(what)
             if not ok:
                 raise TransferError(f"rank {self.rank}: waited {self.timeout_s} s for {what}")
-            return not self._failed
 
     def _run(self) -> None:
         try:
-            first = self._units[0].move.weights[0] if self._units else None
-            if first is not None and first.is_cuda:
-                side = torch.cuda.Stream(device=first.device)
-                with torch.cuda.device(first.device), torch.cuda.stream(side):
-                    self._stage_all(side)
+            first = self._units[0].move.weights[0]
+            if first.is_cuda:
+                if self._side is None or self._side.device != first.device:
+                    # One side stream per mover: pool memory the caching allocator keeps for
+                    # it is reused by the next run instead of piling up per stream.
+                    self._side = torch.cuda.Stream(first.device)
+                with torch.cuda.device(first.device), torch.cuda.stream(self._side):
+                    self._stage_all(first.device)
             else:
-                self._stage_all(None)
+                self._stage_all(first.device)
+        except Stopped:
+            pass  # the serving thread already reports the failure that stopped us
         except Exception as exc:  # stored and re-raised on the serving thread by commit_ready
             with self._cond:
                 self._error = exc
 
-    def _stage_all(self, side) -> None:
-        def pending_bytes() -> int:
-            return sum(b.numel() * b.element_size() for _, s in self._ready for b in s.buffers)
-
-        for unit in self._units:
-            plan = plan_layer_transfer(
-                unit.before, unit.after, ep_size=self.world, gpus_per_node=self.gpus_per_node
-            ).ranks[self.rank]
-            need = plan.num_staged_experts * expert_bytes(unit.move.weights)  # bytes
-            # Sends read slots the previous round wrote, and staging stays within the budget.
-            prev = unit.previous
-            if not self._wait_for(lambda prev=prev: prev is None or prev.committed, "a commit"):
-                return
-            per = expert_bytes(unit.move.weights)
-            budget = self.budget_bytes or DEFAULT_MAX_STAGED_EXPERTS * per
-            if not self._wait_for(
-                lambda need=need, budget=budget: not self._ready or pending_bytes() + need <= budget,
-                "staging room",
-            ):
-                return
-            if side is not None and prev is not None and prev.commit_event is not None:
-                side.wait_event(prev.commit_event)  # GPU order: commit copies before our sends
-            self._stage_unit(unit, plan, side)
-
-    def _stage_unit(self, unit: _Unit, plan, side) -> None:
-        layer, weights = unit.move.layer, unit.move.weights
-        device = weights[0].device if side is not None else torch.device("cpu")
-        error: BaseException | None = None
-        staged = None
+    def _stage_all(self, device: torch.device) -> None:
+        units, group = self._units, self.transfer_group
+        agreement = Agreement(group, device if is_nccl(group) else torch.device("cpu"), len(units) + 1,
+                              sleep_s=self.poll_s, stop=lambda: self._failed)
+        weights = units[0].move.weights
+        need = [u.plan.num_staged_experts for u in units]
+        cap = max_staged_experts(weights, self.budget_bytes)
+        error = None
         try:
-            self.fault_hook("before_transfer", self.rank, layer)
-            staged = allocate_round(weights, plan, unit.after, verify=self.verify)
-        except Exception as exc:  # reported to every rank by the agreement below
+            self.fault_hook("before_transfer", self.rank, units[0].move.layer)
+            pool = StagingPool(weights, max(max(need), min(cap, sum(need))))
+        except Exception as exc:  # reported to every rank by the pre-flight agreement
             error = exc
-        # Pre-flight agreement on the transfer group: no P2P unless every rank staged.
-        ok = agree(error is None, self.transfer_group, device, self.timeout_s)
-        if ok:
-            try:
-                exchange_round(weights, staged, group=self.transfer_group, verify=self.verify,
-                               timeout_s=self.timeout_s)
-                self.fault_hook("after_staging", self.rank, layer)
-            except Exception as exc:  # reported to every rank by the agreement below
-                error = exc
-            # Success agreement (its .item() is the host sync that says the data landed).
-            ok = agree(error is None, self.transfer_group, device, self.timeout_s)
+        agreement.post(0, error is None)
+        if not agreement.result(0, self.timeout_s, "the mover's pre-flight agreement"):
+            raise LayerMoveError(
+                f"rank {self.rank}: staging pool failed ({error or 'on another rank'})",
+                rank=self.rank, layer=units[0].move.layer, live_map=units[0].before.clone()) from error
+        with self._cond:
+            self._pool = pool
+        tags: dict[tuple[bool, int], int] = {}
+        paced = -1  # boundary count when the last unit was staged (-1: stage the first at once)
+        for u, unit in enumerate(units):
+            # Staging that reads slots an earlier round of this layer writes waits for its commit.
+            earlier, prev = [], unit.previous
+            while prev is not None:
+                if unit.plan.staging_reads & set(prev.plan.changed_local_slots):
+                    earlier.append(prev)
+                prev = prev.previous
+            self._wait_for(lambda earlier=earlier, n=need[u], paced=paced:
+                           all(e.committed for e in earlier) and pool.find(n) is not None
+                           and (not self.pace_with_passes or self._boundaries > paced),
+                           "a commit (slots to read, or staging room) or a pass boundary")
+            paced = self._boundaries
+            with self._cond:
+                rows, events = pool.take(need[u])
+                events += [e.commit_event for e in earlier if e.commit_event is not None]
+            if device.type == "cuda":
+                stream = torch.cuda.current_stream()
+                for ev in events:
+                    stream.wait_event(ev)  # GPU order: those commits' copies before we read or overwrite
+            self._stage_unit(u, unit, agreement, rows, tags)
+
+    def _stage_unit(self, u: int, unit: _Unit, agreement: Agreement, rows: list[int], tags) -> None:
+        layer, weights = unit.move.layer, unit.move.weights
+        staged = StagedRound(plan=unit.plan, new_map=unit.after, buffers=self._pool.buffers, rows=rows,
+                             round_plan=unit.round_plan)
+        time.sleep(0)  # yield the GIL: a serving thread waiting for it goes first
+        try:
+            stage_round(weights, staged, group=self.transfer_group, verify=self.verify,
+                        timeout_s=self.timeout_s, tags=tags)
+            self.fault_hook("after_staging", self.rank, layer)
+        except Exception as exc:  # this rank votes no; every rank then fails this unit
+            staged.error = exc
+        time.sleep(0)  # yield the GIL again between our two Python-heavy steps
+        agreement.post(u + 1, staged.error is None, staged.device_ok)
+        ok = agreement.result(u + 1, self.timeout_s, f"layer {layer}'s staging agreement")
+        if ok and self.verify and staged.plan.recvs and is_nccl(self.transfer_group):
+            check_received(staged)  # records the fingerprints verify_committed compares
         if not ok:
-            cause = f"{type(error).__name__}: {error}" if error else "another rank failed"
+            cause = f"{type(staged.error).__name__}: {staged.error}" if staged.error else "another rank failed"
             raise LayerMoveError(f"rank {self.rank}: layer {layer} staging failed ({cause})",
-                                 rank=self.rank, layer=layer, live_map=unit.before.clone()) from error
-        if side is not None:
+                                 rank=self.rank, layer=layer, live_map=unit.before.clone()) from staged.error
+        for w in staged.works:
+            w.wait()  # complete (the vote follows it): orders our stream after it, frees NCCL's hold
+        staged.works = []
+        if weights[0].is_cuda:
             staged.ready_event = torch.cuda.Event()
-            staged.ready_event.record(side)
+            staged.ready_event.record()
         with self._cond:
             self._ready.append((unit, staged))
+            self._staged += 1
             self._cond.notify_all()

@@ -16,7 +16,9 @@ Every rank computes the same plan from the same maps; ``sends`` and ``recvs`` ar
 ``(peer, logical_expert)`` so that the operations of each pair of ranks match one to one.
 
 ``plan_layer_rounds`` splits a move whose staging would exceed a per-rank budget into
-rounds whose intermediate maps are all valid placements (see its docstring).
+rounds whose intermediate maps are all valid placements (see its docstring);
+``schedule_layer_move`` adds what the executor's pipeline needs (which round may be staged
+while the previous one commits, and the staging rows per rank).
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ class RankTransferPlan:
     def num_staged_experts(self) -> int:
         """Staging buffers this rank needs: one per received expert and per staged source."""
         return len(self.recvs) + len(self.staged_copy_sources)
+
+    @property
+    def staging_reads(self) -> frozenset[int]:
+        """Local slots read while staging (send sources, staged copy sources), before commit."""
+        return frozenset(s.src_local_slot for s in self.sends) | frozenset(self.staged_copy_sources)
 
 
 @dataclass(frozen=True)
@@ -234,11 +241,17 @@ def plan_layer_rounds(
         count = Counter(work)
         items: list[set[int]] = [set() for _ in range(ep_size)]
         chosen: set[int] = set()
+        by_new: dict[int, list[int]] = defaultdict(list)  # new expert -> remaining slots, in order
+        for p in remaining:
+            by_new[new[p]].append(p)
         # Step 1: take every chain that keeps each rank's staging within the budget.
         for p in remaining:
             if p in chosen:
                 continue
-            chain, adds, removes = _chain(p, work, new, count, remaining, chosen, needed)
+            mine = items[p // num_local]
+            if max_staged_experts is not None and len(mine) >= max_staged_experts and new[p] not in mine:
+                continue  # p alone would exceed its rank's budget (the chain below includes p)
+            chain, adds, removes = _chain(p, work, new, count, by_new, chosen, needed)
             after = _staging(items, chain, new, num_local)
             if max_staged_experts is None or max(map(len, after)) <= max_staged_experts:
                 items = after
@@ -247,7 +260,7 @@ def plan_layer_rounds(
                 count.subtract(removes)
         # Step 2: nothing fits: a cycle must move at once; take the cheapest one alone.
         if not chosen:
-            chains = [_chain(p, work, new, count, remaining, chosen, needed)[0] for p in remaining]
+            chains = [_chain(p, work, new, count, by_new, chosen, needed)[0] for p in remaining]
             chosen.update(
                 min(chains, key=lambda c: (max(map(len, _staging(items, c, new, num_local))), c))
             )
@@ -258,7 +271,7 @@ def plan_layer_rounds(
     return rounds
 
 
-def _chain(p, work, new, count, remaining, chosen, needed) -> tuple[list[int], Counter, Counter]:
+def _chain(p, work, new, count, by_new, chosen, needed) -> tuple[list[int], Counter, Counter]:
     """Slots that must change with slot p so every needed expert keeps a replica.
 
     Returns (slots, experts added, experts removed). Rewriting p removes work[p]; if that
@@ -269,7 +282,7 @@ def _chain(p, work, new, count, remaining, chosen, needed) -> tuple[list[int], C
         lost = [y for y in removes if y in needed and count[y] - removes[y] + adds[y] < 1]
         if not lost:
             return chain, adds, removes
-        q = next(q for q in remaining if q not in chosen and q not in chain and new[q] == lost[0])
+        q = next(q for q in by_new[lost[0]] if q not in chosen and q not in chain)
         chain.append(q)
         adds[new[q]] += 1
         removes[work[q]] += 1
@@ -300,3 +313,108 @@ def plan_transfers(
         plan_layer_transfer(o, n, ep_size=ep_size, gpus_per_node=gpus_per_node)
         for o, n in zip(old_physical_to_logical_map, new_physical_to_logical_map)
     ]
+
+
+@dataclass(frozen=True)
+class MoveSchedule:
+    """A layer's move as rounds, with the decisions every rank must share.
+
+    maps[k]: [P] map once round k commits (the last is the new map). plans[k]: round k,
+    from maps[k-1] (the old map for k = 0) to maps[k]. prefetch[k]: round k is staged
+    before round k-1 commits (never for k = 0); the same on every rank, so that after a
+    failure every rank has posted the same operations. pool_rows[r]: staging rows (experts)
+    rank r allocates: at most the budget, except a forced cycle (``plan_layer_rounds``).
+    """
+
+    maps: tuple[torch.Tensor, ...]
+    plans: tuple[LayerTransferPlan, ...]
+    prefetch: tuple[bool, ...]
+    pool_rows: tuple[int, ...]
+
+
+class LayerMoveSchedule:
+    """``schedule_layer_move`` computed lazily: the maps and pool size up front, each round's
+    plan and prefetch decision on demand (the executor plans round k+1 while round k's P2P
+    is in flight, so per-round planning costs no transfer time)."""
+
+    def __init__(self, old_physical_to_logical_map: torch.Tensor, new_physical_to_logical_map: torch.Tensor,
+                 *, ep_size: int, max_staged_experts: int | None = None, gpus_per_node: int | None = None,
+                 pipeline: bool = True):
+        self.old = old_physical_to_logical_map.detach().to("cpu", torch.int64)
+        new = new_physical_to_logical_map.detach().to("cpu", torch.int64)
+        self.ep_size, self.cap, self.pipeline, self.gpus_per_node = ep_size, max_staged_experts, pipeline, gpus_per_node
+        whole = plan_layer_transfer(self.old, new, ep_size=ep_size, gpus_per_node=gpus_per_node)
+        self._plans: dict[int, LayerTransferPlan] = {}
+        if whole.is_empty:
+            self.maps: list[torch.Tensor] = []
+            self.pool_rows: tuple[int, ...] = (0,) * ep_size
+        elif self.cap is None or max(r.num_staged_experts for r in whole.ranks) <= (
+                self.cap // 2 if pipeline and self.cap >= 2 else self.cap):
+            self.maps, self._plans[0] = [new], whole  # the whole layer fits: one atomic round
+            self.pool_rows = tuple(r.num_staged_experts for r in whole.ranks)
+        else:
+            half = self.cap // 2 if pipeline and self.cap >= 2 else self.cap
+            self.maps = plan_layer_rounds(self.old, new, ep_size=ep_size, max_staged_experts=half)
+            # Rows per rank and round: at most the distinct new experts of its changed slots.
+            num_local = len(self.old) // ep_size
+            bounds = []
+            for a, b in zip([self.old.tolist()] + [m.tolist() for m in self.maps[:-1]], [m.tolist() for m in self.maps]):
+                per_rank: list[set[int]] = [set() for _ in range(ep_size)]
+                for q, (x, y) in enumerate(zip(a, b)):
+                    if x != y:
+                        per_rank[q // num_local].add(y)
+                bounds.append([len(x) for x in per_rank])
+            rows = []
+            for r in range(ep_size):
+                single = max(bk[r] for bk in bounds)
+                pair = max((x[r] + y[r] for x, y in zip(bounds, bounds[1:])), default=0)
+                rows.append(max(single, min(self.cap, pair)) if pipeline else single)
+            self.pool_rows = tuple(rows)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def plan(self, k: int) -> LayerTransferPlan:
+        """Round k's transfer plan (every rank's share), from maps[k-1] (or old) to maps[k]."""
+        if k not in self._plans:
+            before = self.old if k == 0 else self.maps[k - 1]
+            self._plans[k] = plan_layer_transfer(before, self.maps[k], ep_size=self.ep_size,
+                                                 gpus_per_node=self.gpus_per_node)
+        return self._plans[k]
+
+    def prefetch(self, k: int) -> bool:
+        """Round k may be staged before round k-1 commits: on every rank it reads no slot
+        round k-1 writes, and both rounds' staging fits the budget."""
+        if k == 0 or not self.pipeline:
+            return False
+        for p, c in zip(self.plan(k - 1).ranks, self.plan(k).ranks):
+            if self.cap is not None and p.num_staged_experts + c.num_staged_experts > self.cap:
+                return False
+            if c.staging_reads & set(p.changed_local_slots):
+                return False
+        return True
+
+
+def schedule_layer_move(
+    old_physical_to_logical_map: torch.Tensor,
+    new_physical_to_logical_map: torch.Tensor,
+    *,
+    ep_size: int,
+    max_staged_experts: int | None = None,
+    gpus_per_node: int | None = None,
+    pipeline: bool = True,
+) -> MoveSchedule:
+    """Rounds for one layer's move, double-buffered within the budget.
+
+    With ``pipeline`` and a budget of at least 2 experts, rounds take half the budget each,
+    so that round k+1's transfer runs while round k commits; round k+1 is staged early only
+    if, on every rank, it reads no slot that round k writes and both rounds' staging fits
+    the budget. A layer whose staging fits one round (half the budget; the whole budget
+    without ``pipeline``) moves in one round, atomically. Maps: [P] integer, same on every rank.
+    """
+    lazy = LayerMoveSchedule(old_physical_to_logical_map, new_physical_to_logical_map, ep_size=ep_size,
+                             max_staged_experts=max_staged_experts, gpus_per_node=gpus_per_node,
+                             pipeline=pipeline)
+    n = len(lazy)
+    return MoveSchedule(tuple(lazy.maps), tuple(lazy.plan(k) for k in range(n)),
+                        tuple(lazy.prefetch(k) for k in range(n)), lazy.pool_rows)

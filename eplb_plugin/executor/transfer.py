@@ -1,25 +1,40 @@
 """Move one layer's expert weights between EP ranks, in place, with bounded staging memory.
 
-Design (atomicity and memory):
+Design (atomicity, memory, speed):
 
-- A layer's move is split by ``plan_layer_rounds`` into rounds that each stage at most
-  ``budget_bytes // expert_bytes`` experts per rank. Each round has three steps:
-  (a) pre-flight: every rank allocates its staging buffers, then all ranks agree (MIN
-      all-reduce of a success flag) before any P2P is posted, so a rank that fails early
-      never leaves peers waiting on unmatched sends;
-  (b) staging: received experts and the sources of local copies that the round overwrites
-      land in staging buffers, and sends read the untouched old slots, so every slot still
-      holds its old weights; then all ranks agree again (success flag, with integrity);
-  (c) commit: only if every rank succeeded, staged data and local copies are written into
-      the slots in place (addresses unchanged: CUDA graphs stay valid), and ``live_map`` is
-      updated.
-- If the budget holds a whole layer's incoming experts the layer moves in one round and is
-  atomic: a failure on any rank leaves every rank on the old map with the old weights.
-  With a smaller budget each round is atomic and each intermediate map is a valid placement
-  (every logical expert of the new map keeps a replica, weights match the map); a failure
-  then leaves the layer on the last committed intermediate map, which ``LayerMoveError``
-  carries and ``live_map`` shows. Extra memory is at most the budget (plus one expert when a
-  cycle of single replicas cannot be split; see ``plan_layer_rounds``).
+- ``LayerMoveSchedule`` (``schedule_layer_move``) splits the move into rounds that each
+  stage at most the budget (``budget_bytes // expert_bytes`` experts per rank), one at a
+  time; a layer whose staging fits the budget moves in one round (atomically). With
+  ``pipeline=True`` rounds take half the budget each so that two can be in flight: round
+  k+1's P2P runs while round k commits (double buffering within the budget). Measured on
+  2 x H200 (benchmarks/results/NVIDIA_H200/), pipelining lost: each round costs ~0.8 ms of
+  host time (Python and torch.distributed calls) there, more than the overlap saves, so it
+  is off by default.
+- Messages: one ``batch_isend_irecv`` per round; experts with consecutive source slots and
+  receive rows travel as one message per tensor (NCCL costs tens of microseconds per
+  message to a peer, whatever its size); commits copy such runs in one copy per tensor.
+- Memory: one ``StagingPool`` per call, allocated before any transfer, sized to what the
+  rounds need at once (at most the budget; more only for a forced cycle of single replicas,
+  see ``plan_layer_rounds``), reused by every round. Nothing else of a layer's size is
+  allocated.
+- Pre-flight: one agreement per call (after the pool is allocated and the
+  ``before_transfer`` hook ran), so a rank that cannot stage never leaves peers waiting.
+- Per round: (a) stage: staged local-copy sources, then one ``batch_isend_irecv`` with every
+  tensor of every expert into pool rows; slots are only read, so they keep the weights of the
+  last committed map; (b) agree: one MIN all-reduce of a success flag, queued after the P2P
+  on the same NCCL stream (so "1" means every rank's data landed), read by polling an event;
+  (c) commit: only if every rank succeeded, rows and local copies are written into the slots
+  in place (addresses unchanged: CUDA graphs stay valid), and ``live_map`` is updated.
+  The host never blocks on the GPU except to read the flags.
+- Atomicity: a round commits only if every rank's staging of it succeeded; after a failed
+  round nothing more commits. So a failure on any rank leaves every rank on the last
+  committed map (the old map if the layer moved in one round, else a valid intermediate
+  placement: every logical expert of the new map keeps a replica), which ``LayerMoveError``
+  carries and ``live_map`` shows. Rounds posted early are drained on every rank (the same
+  ones everywhere, ``MoveSchedule.prefetch``) before the error is raised.
+- A rank whose host code fails after the pre-flight still posts its matching P2P and votes
+  "no"; a rank that dies or hangs makes the others time out (``timeout_s``) with a
+  TransferError, and the communicator should then be considered broken.
 
 ``move_experts`` is collective: every rank of ``group`` must call it with the same maps and
 the same options, in the same order as its other collectives on ``group``.
@@ -29,17 +44,40 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from eplb_plugin.errors import ConfigError, TransferError
-from eplb_plugin.executor.integrity import fingerprint
-from eplb_plugin.executor.plan import RankTransferPlan, plan_layer_rounds, plan_layer_transfer
+from eplb_plugin.executor.plan import LayerMoveSchedule
+from eplb_plugin.executor.staging import (
+    Agreement,
+    StagedRound,
+    StagingPool,
+    check_received,
+    commit_round,
+    expert_bytes,
+    is_nccl,
+    stage_round,
+    verify_committed,
+)
 
 DEFAULT_MAX_STAGED_EXPERTS = 4
+# Benchmark hook: when a list, move_experts appends (label, host seconds, CUDA timing event
+# or None) at each step, so benchmarks/bench_executor.py can lay out where the time goes.
+_TRACE: list | None = None
+
+
+def _mark(label: str, stream=None) -> None:
+    if _TRACE is None:
+        return
+    event = None
+    if stream is not None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+    _TRACE.append((label, time.perf_counter(), event))
+
 FaultHook = Callable[[str, int, int], None]  # (point, rank, layer); raise to inject a failure
 
 
@@ -69,33 +107,12 @@ class MoveResult:
     peak_staging_bytes: int
 
 
-@dataclass
-class StagedRound:
-    """One rank's staged data for one round, ready to commit."""
-
-    plan: RankTransferPlan
-    new_map: torch.Tensor  # [P] the layer's map once this round commits
-    buffers: list[torch.Tensor]  # per weight tensor: [rows, *tensor.shape[1:]]
-    copy_rows: dict[int, int]  # staged local-copy source slot -> buffer row
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    expected: dict[int, int] = field(default_factory=dict)  # logical -> fingerprint
-    sent_fingerprints: torch.Tensor | None = None  # [len(sends)] int64, with verify
-    recv_fingerprints: torch.Tensor | None = None  # [len(recvs)] int64, with verify
-    ready_event: object = None  # torch.cuda.Event on GPU, set by the non-blocking mover
-
-
 def group_info(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int, int]:
     """(group, rank in group, group size); (None, 0, 1) when torch.distributed is not set up."""
     if not dist.is_available() or not dist.is_initialized():
         return None, 0, 1
     group = group or dist.group.WORLD
     return group, dist.get_rank(group), dist.get_world_size(group)
-
-
-def expert_bytes(weights: Sequence[torch.Tensor]) -> int:
-    """Bytes of one slot over all tensors (each [num_local_slots, ...])."""
-    return sum(t[0].numel() * t.element_size() for t in weights)
 
 
 def max_staged_experts(weights: Sequence[torch.Tensor], budget_bytes: int | None) -> int:
@@ -123,119 +140,6 @@ def check_weights(weights: Sequence[torch.Tensor], num_local_slots: int) -> None
             )
 
 
-def agree(ok: bool, group: dist.ProcessGroup | None, device: torch.device, timeout_s: float) -> bool:
-    """True iff every rank passed ok=True. Collective: every rank of group calls it identically.
-
-    A MIN all-reduce of one int; waits at most timeout_s (gloo honours it; NCCL's own
-    watchdog timeout applies to the kernel, and .item() below is the host sync we need).
-    """
-    if group is None or dist.get_world_size(group) == 1:
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    work = dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group, async_op=True)
-    work.wait(timeout=timedelta(seconds=timeout_s))
-    return bool(flag.item())  # host sync: the decision must be known on the host
-
-
-def _as_bytes(x: torch.Tensor) -> torch.Tensor:
-    """A uint8 view of a contiguous tensor (writes through it land in x)."""
-    return x.reshape(-1).view(torch.uint8)
-
-
-def _peer(group: dist.ProcessGroup, peer: int) -> int:
-    return peer if group is dist.group.WORLD else dist.get_global_rank(group, peer)
-
-
-def allocate_round(
-    weights, plan: RankTransferPlan, new_map: torch.Tensor, *, verify: bool
-) -> StagedRound:
-    """Step (a): staging buffers (one row per received expert and per staged copy source),
-    and with verify the fingerprints of what this rank sends. Posts no communication."""
-    sources = plan.staged_copy_sources
-    rows = len(plan.recvs) + len(sources)
-    buffers = [torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in weights]
-    copy_rows = {s: len(plan.recvs) + i for i, s in enumerate(sources)}
-    staged = StagedRound(plan=plan, new_map=new_map, buffers=buffers, copy_rows=copy_rows)
-    if verify:
-        staged.sent_fingerprints = fingerprint(weights, [s.src_local_slot for s in plan.sends])
-        staged.recv_fingerprints = torch.zeros(len(plan.recvs), dtype=torch.int64, device=weights[0].device)
-    return staged
-
-
-def exchange_round(
-    weights: Sequence[torch.Tensor],
-    staged: StagedRound,
-    *,
-    group: dist.ProcessGroup | None,
-    verify: bool,
-    timeout_s: float,
-) -> None:
-    """Step (b): fill staging buffers (local copies + P2P); slots are only read.
-
-    With verify, each send is followed by its source's fingerprint and each staged row is
-    checked against it (raises TransferError on mismatch). Every rank of group must call it
-    for the same round (the ops of each pair of ranks match one to one, in plan order).
-    """
-    plan = staged.plan
-    for src, row in staged.copy_rows.items():
-        for t, buf in zip(weights, staged.buffers):
-            buf[row].copy_(t[src])
-    if group is None or (not plan.sends and not plan.recvs):
-        return
-    nccl = dist.get_backend(group) == "nccl"
-    sent_fps, recv_fps = staged.sent_fingerprints, staged.recv_fingerprints
-    verify = verify and sent_fps is not None
-    ops: list[tuple[bool, torch.Tensor, int]] = []  # (is_send, tensor, group peer)
-    # Sends and receives interleaved by peer in plan order; each side posts the same order.
-    # Payloads travel as raw bytes: every dtype (fp8, bool...) over every backend, same speed.
-    for i, s in enumerate(plan.sends):
-        ops += [(True, _as_bytes(t[s.src_local_slot]), s.peer) for t in weights]
-        if verify:
-            ops.append((True, sent_fps[i : i + 1], s.peer))
-        staged.bytes_sent += expert_bytes(weights)
-    for j, v in enumerate(plan.recvs):
-        ops += [(False, _as_bytes(buf[j]), v.peer) for buf in staged.buffers]
-        if verify:
-            ops.append((False, recv_fps[j : j + 1], v.peer))
-        staged.bytes_received += expert_bytes(weights)
-    if nccl:
-        p2p = [
-            dist.P2POp(dist.isend if snd else dist.irecv, x, _peer(group, peer), group)
-            for snd, x, peer in ops
-        ]
-        works = dist.batch_isend_irecv(p2p)
-    else:
-        tag: dict[tuple[bool, int], int] = {}
-        works = []
-        for snd, x, peer in ops:
-            k = tag[(snd, peer)] = tag.get((snd, peer), -1) + 1  # i-th message of this pair
-            fn = dist.isend if snd else dist.irecv
-            works.append(fn(x, _peer(group, peer), group=group, tag=k))
-    for w in works:
-        w.wait(timeout=timedelta(seconds=timeout_s))
-    if verify and plan.recvs:
-        got = fingerprint(staged.buffers, range(len(plan.recvs)))
-        for j, v in enumerate(plan.recvs):
-            staged.expected[v.logical_expert] = int(recv_fps[j])
-        bad = (got != recv_fps).nonzero().flatten().tolist()
-        if bad:
-            raise TransferError(
-                f"received experts {[plan.recvs[j].logical_expert for j in bad]} do not match "
-                f"their senders' fingerprints"
-            )
-
-
-def commit_round(weights: Sequence[torch.Tensor], staged: StagedRound) -> None:
-    """Step (c): write staged rows and local copies into the slots, in place."""
-    plan = staged.plan
-    for t, buf in zip(weights, staged.buffers):
-        for j, v in enumerate(plan.recvs):
-            for d in v.dst_local_slots:
-                t[d].copy_(buf[j])
-        for c in plan.local_copies:
-            row = staged.copy_rows.get(c.src_local_slot)
-            t[c.dst_local_slot].copy_(t[c.src_local_slot] if row is None else buf[row])
-
 
 def move_experts(
     weights: Sequence[torch.Tensor],
@@ -250,6 +154,7 @@ def move_experts(
     verify: bool = False,
     timeout_s: float = 300.0,
     fault_hook: FaultHook | None = None,
+    pipeline: bool = False,
 ) -> MoveResult:
     """Move one layer's experts in place from the old map to the new one.
 
@@ -259,87 +164,136 @@ def move_experts(
     budget_bytes: max staging memory per rank (None: DEFAULT_MAX_STAGED_EXPERTS experts).
     live_map: optional [P] tensor (any device) set to each round's map once it commits.
     verify: check P2P payloads against the senders' fingerprints and every changed slot
-    afterwards. fault_hook(point, rank, layer) is called at "before_transfer" and
-    "after_staging" (tests raise from it to inject a failure on one rank).
+    afterwards (rounds then run one at a time, and fingerprints take temporary memory).
+    fault_hook(point, rank, layer) is called at "before_transfer" (once, before the
+    pre-flight agreement) and "after_staging" (each round, after its P2P is posted); tests
+    raise from it to inject a failure on one rank. pipeline: double-buffer rounds of half
+    the budget (see ``schedule_layer_move``); default: full-budget rounds, one at a time.
     Collective over group. Raises LayerMoveError (a TransferError) on any rank's failure,
-    on every rank; the layer then holds ``err.live_physical_to_logical_map``.
+    on every rank; the layer then holds ``err.live_physical_to_logical_map``. On return the
+    last commit's copies are queued on the current stream (stream order covers later use).
     """
     start = time.perf_counter()
+    cur = torch.cuda.current_stream() if weights and weights[0].is_cuda and _TRACE is not None else None
+    _mark("start", cur)
     group, rank, world = group_info(group)
     old = old_physical_to_logical_map.detach().to("cpu", torch.int64)
     new = new_physical_to_logical_map.detach().to("cpu", torch.int64)
     if old.numel() % world:
         raise ConfigError(f"{old.numel()} slots do not divide over ep_size={world} ranks")
     check_weights(weights, old.numel() // world)
-    flag_device = weights[0].device if group is not None and dist.get_backend(group) == "nccl" else torch.device("cpu")
-    rounds = plan_layer_rounds(old, new, ep_size=world, max_staged_experts=max_staged_experts(weights, budget_bytes))
+    schedule = LayerMoveSchedule(old, new, ep_size=world, max_staged_experts=max_staged_experts(weights, budget_bytes),
+                                 gpus_per_node=gpus_per_node, pipeline=pipeline and not verify)
     hook = fault_hook or (lambda point, r, lay: None)
-    totals = dict(slots=0, copies=0, sent=0, recv=0, bsent=0, brecv=0, peak=0)
-    current = old
-    for k, round_map in enumerate(rounds):
-        plan = plan_layer_transfer(current, round_map, ep_size=world, gpus_per_node=gpus_per_node).ranks[rank]
-        error: BaseException | None = None
-        staged = None
+    n = len(schedule)
+    nccl = is_nccl(group)
+    device = weights[0].device if nccl else torch.device("cpu")
+    agreement = Agreement(group, device, n + 1)  # step 0: pre-flight; step k + 1: round k
+
+    def fail(k: int, current: torch.Tensor, error: BaseException | None) -> LayerMoveError:
+        cause = f"{type(error).__name__}: {error}" if error else "another rank failed"
+        where = "before the transfer" if k < 0 else f"in round {k + 1}/{n}"
+        return LayerMoveError(
+            f"rank {rank}: layer {layer} move failed {where} ({cause}); the layer stays on its "
+            f"{'old' if k <= 0 else 'intermediate'} map",
+            rank=rank, layer=layer, live_map=current.clone(),
+        )
+
+    if n == 0:
+        return MoveResult(0, 0, 0, 0, 0, 0, time.perf_counter() - start, 0, 0)
+    # Pre-flight: every rank has its pool before any P2P is posted.
+    error: BaseException | None = None
+    pool = None
+    try:
+        hook("before_transfer", rank, layer)
+        pool = StagingPool(weights, schedule.pool_rows[rank])
+    except Exception as exc:  # reported to every rank by the agreement, then re-raised
+        error = exc
+    agreement.post(0, error is None)
+    _mark("preflight_posted", agreement.stream if agreement.gpu and cur is not None else None)
+    schedule.plan(0)  # host planning while the pre-flight vote travels
+    # Host wait: no rank posts P2P unless every rank has its pool.
+    if not agreement.result(0, timeout_s, f"layer {layer}'s pre-flight agreement"):
+        raise fail(-1, old, error) from error
+
+    _mark("preflight_done")
+    tags: dict[tuple[bool, int], int] = {}
+    posted: dict[int, StagedRound] = {}
+
+    def post(k: int) -> None:
+        """Stage round k and vote on it; never blocks on the GPU (NCCL)."""
+        _mark(f"post{k}")
+        round_plan = schedule.plan(k)
+        plan = round_plan.ranks[rank]
+        rows, _ = pool.take(plan.num_staged_experts)  # free by construction of the schedule
+        staged = StagedRound(plan=plan, new_map=schedule.maps[k], buffers=pool.buffers, rows=rows,
+                             round_plan=round_plan)
         try:
-            hook("before_transfer", rank, layer)
-            staged = allocate_round(weights, plan, round_map, verify=verify)
-        except Exception as exc:  # reported to every rank below, then re-raised
-            error = exc
-        # Pre-flight agreement: no rank posts P2P unless every rank could stage.
-        if agree(error is None, group, flag_device, timeout_s):
-            try:
-                exchange_round(weights, staged, group=group, verify=verify, timeout_s=timeout_s)
-                hook("after_staging", rank, layer)
-            except Exception as exc:  # reported to every rank below, then re-raised
-                error = exc
-            # Commit agreement: every rank's staging landed (and verified) or nobody commits.
-            committed = agree(error is None, group, flag_device, timeout_s)
-        else:
-            committed = False
-        if not committed:
-            cause = f"{type(error).__name__}: {error}" if error else "another rank failed"
-            raise LayerMoveError(
-                f"rank {rank}: layer {layer} move failed in round {k + 1}/{len(rounds)} ({cause}); "
-                f"the layer stays on its {'old' if k == 0 else 'intermediate'} map",
-                rank=rank, layer=layer, live_map=current.clone(),
-            ) from error
+            stage_round(weights, staged, group=group, verify=verify, timeout_s=timeout_s, tags=tags)
+            _mark(f"p2p_posted{k}")
+            hook("after_staging", rank, layer)
+        except Exception as exc:  # this rank votes no; every rank then raises
+            staged.error = exc
+        agreement.post(k + 1, staged.error is None, staged.device_ok)
+        _mark(f"posted{k}", agreement.stream if agreement.gpu and cur is not None else None)  # GPU: vote k done
+        posted[k] = staged
+        del staged  # this frame is in its error's traceback: no cycle holding the pool
+
+    totals = dict(slots=0, copies=0, sent=0, recv=0, bsent=0, brecv=0)
+    current = old
+    post(0)
+    for k in range(n):
+        # Planning round k+1 (host) overlaps round k's P2P; every rank decides alike.
+        early = k + 1 < n and schedule.prefetch(k + 1)
+        if early:
+            post(k + 1)  # its P2P runs while this round commits
+        # The one host wait per round: round k's vote (its P2P landed on every rank).
+        ok = agreement.result(k + 1, timeout_s, f"layer {layer} round {k + 1}'s agreement")
+        _mark(f"voted{k}")
+        staged = posted.pop(k)
+        if ok and verify and nccl and staged.plan.recvs:
+            check_received(staged)  # records the fingerprints verify_committed compares
+        if not ok:
+            for j in sorted(posted):  # drain rounds posted early (the same on every rank)
+                agreement.result(j + 1, timeout_s, f"layer {layer} round {j + 1}'s agreement")
+                for w in posted[j].works + staged.works:
+                    w.wait()  # complete; releases NCCL's hold on the pool
+                posted[j].works = []
+            error = staged.error
+            if error is None and staged.device_ok is not None and not int(staged.device_ok):
+                try:
+                    check_received(staged)
+                except TransferError as exc:
+                    error = exc
+            # The error's traceback keeps this frame (in reference cycles until a garbage
+            # collection): drop the pool and the works now.
+            pool = staged = agreement = None
+            posted.clear()
+            raise fail(k, current, error) from error
+        for w in staged.works:
+            w.wait()  # already complete (the vote follows it); releases NCCL's hold on the rows
+        staged.works = []
         commit_round(weights, staged)
+        _mark(f"committed{k}", cur)  # GPU: this commit's copies done
+        pool.give_back(staged.rows)  # reused only by P2P posted later, which waits for this stream
         if live_map is not None:
-            live_map.copy_(round_map)
+            live_map.copy_(staged.new_map)
         if verify and staged.plan.changed_local_slots:
             verify_committed(weights, staged, rank=rank, layer=layer)
-        current = round_map
+        current = staged.new_map
+        plan = staged.plan
         totals["slots"] += len(plan.changed_local_slots)
         totals["copies"] += len(plan.local_copies)
         totals["sent"] += len(plan.sends)
         totals["recv"] += len(plan.recvs)
         totals["bsent"] += staged.bytes_sent
         totals["brecv"] += staged.bytes_received
-        totals["peak"] = max(totals["peak"], sum(b.numel() * b.element_size() for b in staged.buffers))
+        if k + 1 < n and not early:
+            post(k + 1)
+    _mark("end")
     return MoveResult(
         slots_changed=totals["slots"], local_copies=totals["copies"], experts_sent=totals["sent"],
         experts_received=totals["recv"], bytes_sent=totals["bsent"], bytes_received=totals["brecv"],
-        seconds=time.perf_counter() - start, rounds=len(rounds), peak_staging_bytes=totals["peak"],
+        seconds=time.perf_counter() - start, rounds=n, peak_staging_bytes=pool.nbytes,
     )
 
-
-def verify_committed(weights, staged: StagedRound, *, rank: int, layer: int) -> None:
-    """After commit: each changed slot matches the fingerprint of what was received/copied.
-
-    A failure here cannot be rolled back (the slots are written); it raises TransferError.
-    """
-    plan = staged.plan
-    dsts = list(plan.changed_local_slots)
-    got = dict(zip(dsts, fingerprint(weights, dsts).tolist()))
-    want: dict[int, int] = {}
-    for v in plan.recvs:
-        fp = staged.expected.get(v.logical_expert)
-        for d in v.dst_local_slots:
-            want[d] = fp if fp is not None else got[d]
-    for c in plan.local_copies:
-        row = staged.copy_rows.get(c.src_local_slot)
-        src = fingerprint(staged.buffers, [row]) if row is not None else fingerprint(weights, [c.src_local_slot])
-        want[c.dst_local_slot] = int(src[0])
-    bad = [d for d in dsts if got[d] != want[d]]
-    if bad:
-        raise TransferError(f"rank {rank}, layer {layer}: slots {bad} fail the fingerprint check after commit")

@@ -1,0 +1,358 @@
+"""Building blocks of a move: staging pool, one round's P2P, commit, and the rank agreement.
+
+Used by ``transfer.move_experts`` (blocking) and ``nonblocking.AsyncExpertMover``.
+
+- ``StagingPool``: per weight tensor one ``[rows, *tensor.shape[1:]]`` buffer, allocated once
+  per move (or per mover run) and reused by every round: the extra memory is the pool, sized
+  to the budget. A row given back with a CUDA event is reused only after that event.
+- ``stage_round``: local copies of overwritten sources into pool rows, then one
+  ``batch_isend_irecv`` (NCCL) with every tensor of every expert of the round; never writes
+  a slot. On NCCL nothing waits on the host.
+- ``Agreement``: one MIN all-reduce of an int32 flag per step ("every rank succeeded").
+  Posting never blocks; ``result`` waits on the host with a timeout. On NCCL the all-reduce
+  follows the round's P2P on the same communicator stream, so a flag of 1 on any rank means
+  every rank's P2P of that round completed. Its device-to-host copy runs on a side stream, so
+  the caller's stream (where commits run) never waits for later rounds.
+- ``commit_round``: copies staged rows and local copies into the slots, in place.
+
+Host waits poll CUDA events (``Work.wait(timeout)`` on NCCL sleeps in 1 ms steps, which
+cost ~3 ms per round before). Payloads travel as raw bytes, so every dtype moves alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from eplb_plugin.errors import TransferError
+from eplb_plugin.executor.integrity import fingerprint
+from eplb_plugin.executor.plan import LayerTransferPlan, RankTransferPlan
+
+
+class Stopped(Exception):
+    """A host wait was abandoned because the mover stopped (another failure is reported)."""
+
+
+def wait_event(event, timeout_s: float, what: str, *, sleep_s: float = 0.0,
+               stop: Callable[[], bool] | None = None) -> None:
+    """Poll a CUDA event until it completes; TransferError after timeout_s.
+
+    sleep_s = 0 spins (yielding the GIL each poll): lowest latency, for blocking moves.
+    A background thread passes a small sleep so the serving thread keeps the GIL.
+    """
+    if event.query():
+        return
+    deadline = time.monotonic() + timeout_s
+    while not event.query():
+        if stop is not None and stop():
+            raise Stopped(what)
+        if time.monotonic() > deadline:
+            raise TransferError(f"waited {timeout_s} s for {what}")
+        time.sleep(sleep_s)
+
+
+def is_nccl(group: dist.ProcessGroup | None) -> bool:
+    return group is not None and "nccl" in str(dist.get_backend(group))
+
+
+class StagingPool:
+    """Staging rows: per weight tensor a [rows, *tensor.shape[1:]] buffer of its dtype.
+
+    A round takes a contiguous block of rows (so the experts it receives from one peer land
+    in consecutive rows and travel as one message per tensor): at the bottom if free, else
+    at the top, else the first block that fits. Two rounds whose sizes sum to at most the
+    pool therefore always fit side by side (one at each end).
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor], rows: int):
+        self.signature = signature(weights)
+        self.buffers = [torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in weights]
+        self.rows = rows
+        self._free = [True] * rows
+        self._events: dict[int, object] = {}  # row -> event after which it may be rewritten
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def find(self, n: int) -> int | None:
+        """First row of a free block of n rows (bottom, top, then first fit), or None."""
+        if n == 0:
+            return 0
+        fits = [b for b in range(self.rows - n + 1) if all(self._free[b : b + n])]
+        if not fits:
+            return None
+        return 0 if fits[0] == 0 else fits[-1] if fits[-1] == self.rows - n else fits[0]
+
+    def take(self, n: int) -> tuple[list[int], list]:
+        """A free block of n rows and the events that must complete before rewriting them."""
+        base = self.find(n)
+        if base is None:
+            raise TransferError(f"staging pool of {self.rows} rows has no {n} free consecutive rows")
+        rows = list(range(base, base + n))
+        for r in rows:
+            self._free[r] = False
+        return rows, [e for e in (self._events.pop(r, None) for r in rows) if e is not None]
+
+    def give_back(self, rows: Sequence[int], event=None) -> None:
+        for r in rows:
+            self._free[r] = True
+            if event is not None:
+                self._events[r] = event
+
+
+def signature(weights: Sequence[torch.Tensor]) -> tuple:
+    """What a pool must match: each tensor's per-slot shape, dtype and device."""
+    return tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in weights)
+
+
+@dataclass
+class StagedRound:
+    """One rank's staged data for one round, ready to commit once every rank agrees."""
+
+    plan: RankTransferPlan
+    new_map: torch.Tensor  # [P] the layer's map once this round commits
+    buffers: list[torch.Tensor]  # the pool's buffers, per weight tensor
+    rows: list[int]  # consecutive pool rows: one per recv, then one per staged source
+    round_plan: LayerTransferPlan | None = None  # every rank's share (message boundaries)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    error: BaseException | None = None  # this rank's failure while staging
+    expected: dict[int, int] = field(default_factory=dict)  # logical -> fingerprint (verify)
+    sent_fingerprints: torch.Tensor | None = None  # [len(sends)] int64, with verify
+    recv_fingerprints: torch.Tensor | None = None  # [len(recvs)] int64, with verify
+    device_ok: torch.Tensor | None = None  # [1] int32: received data matched (verify)
+    works: list = field(default_factory=list)  # NCCL P2P works (not waited on the host)
+    ready_event: object = None  # CUDA event on the staging stream (non-blocking mover)
+
+    @property
+    def recv_rows(self) -> list[int]:
+        return self.rows[: len(self.plan.recvs)]
+
+    @property
+    def copy_rows(self) -> dict[int, int]:
+        """Staged local-copy source slot -> pool row."""
+        return dict(zip(self.plan.staged_copy_sources, self.rows[len(self.plan.recvs):]))
+
+
+def _as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """A uint8 view of a contiguous tensor (writes through it land in x)."""
+    return x.reshape(-1).view(torch.uint8)
+
+
+def _peer(group: dist.ProcessGroup, peer: int) -> int:
+    return peer if group is dist.group.WORLD else dist.get_global_rank(group, peer)
+
+
+def expert_bytes(weights: Sequence[torch.Tensor]) -> int:
+    """Bytes of one slot over all tensors (each [num_local_slots, ...])."""
+    return sum(t[0].numel() * t.element_size() for t in weights)
+
+
+def runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """[(a0, b0, n)]: maximal runs of pairs whose a and b both step by 1."""
+    out: list[list[int]] = []
+    for a, b in pairs:
+        if out and a == out[-1][0] + out[-1][2] and b == out[-1][1] + out[-1][2]:
+            out[-1][2] += 1
+        else:
+            out.append([a, b, 1])
+    return [tuple(x) for x in out]
+
+
+def pair_runs(round_plan: LayerTransferPlan, sender: int, receiver: int) -> list[tuple[int, int, int]]:
+    """Messages from sender to receiver in one round: [(first source slot, first recv index
+    on the receiver, experts)], one message per tensor each. Both ranks compute the same
+    list from the shared plan: consecutive source slots into consecutive receive rows."""
+    recv_index = {v.logical_expert: j for j, v in enumerate(round_plan.ranks[receiver].recvs) if v.peer == sender}
+    return runs([(s.src_local_slot, recv_index[s.logical_expert])
+                 for s in round_plan.ranks[sender].sends if s.peer == receiver])
+
+
+def stage_round(
+    weights: Sequence[torch.Tensor],
+    staged: StagedRound,
+    *,
+    group: dist.ProcessGroup | None,
+    verify: bool,
+    timeout_s: float,
+    tags: dict[tuple[bool, int], int],
+) -> None:
+    """Fill the round's rows: staged local-copy sources, then P2P. Slots are only read.
+
+    Collective over group for this round: every rank calls it for the same round, in the
+    same order relative to its other operations on group. Messages: per pair of ranks, each
+    run of experts with consecutive source slots (sender) and receive rows (receiver) goes
+    as one message per tensor, in the same order on both sides (``pair_runs``). NCCL:
+    posted in the caller's stream order and not waited for; with verify, staged.device_ok
+    says whether the payloads match the senders' fingerprints. Gloo: waits for the
+    transfers (with timeout_s) and checks on the host. tags: per (is_send, peer) message
+    counters for gloo, kept across rounds.
+    """
+    plan, bufs, per = staged.plan, staged.buffers, expert_bytes(weights)
+    base = staged.rows[0] if staged.rows else 0
+    for src, row in staged.copy_rows.items():
+        for t, buf in zip(weights, bufs):
+            buf[row].copy_(t[src])
+    staged.bytes_sent = len(plan.sends) * per
+    staged.bytes_received = len(plan.recvs) * per
+    if group is None or (not plan.sends and not plan.recvs):
+        return
+    device, me = weights[0].device, plan.rank
+    if verify:
+        staged.sent_fingerprints = fingerprint(weights, [s.src_local_slot for s in plan.sends])
+        staged.recv_fingerprints = torch.zeros(len(plan.recvs), dtype=torch.int64, device=device)
+    sent_fps, recv_fps = staged.sent_fingerprints, staged.recv_fingerprints
+    ops: list[tuple[bool, torch.Tensor, int]] = []  # (is_send, tensor, group peer)
+    first_send = {}
+    for i, s in enumerate(plan.sends):
+        first_send.setdefault(s.peer, i)
+    for peer in sorted(first_send):
+        i = first_send[peer]  # my sends to one peer are consecutive, in pair_runs' order
+        for src, _, n in pair_runs(staged.round_plan, me, peer):
+            ops += [(True, _as_bytes(t[src : src + n]), peer) for t in weights]
+            if verify:
+                ops.append((True, sent_fps[i : i + n], peer))
+            i += n
+    first_recv = {}
+    for j, v in enumerate(plan.recvs):
+        first_recv.setdefault(v.peer, j)
+    for peer in sorted(first_recv):
+        for _, j, n in pair_runs(staged.round_plan, peer, me):
+            ops += [(False, _as_bytes(buf[base + j : base + j + n]), peer) for buf in bufs]
+            if verify:
+                ops.append((False, recv_fps[j : j + n], peer))
+    if is_nccl(group):
+        p2p = [dist.P2POp(dist.isend if snd else dist.irecv, x, _peer(group, peer), group)
+               for snd, x, peer in ops]
+        staged.works = dist.batch_isend_irecv(p2p)
+        if verify and plan.recvs:
+            for w in staged.works:
+                w.wait()  # stream-level: the fingerprint below reads the received rows
+            got = fingerprint(bufs, staged.recv_rows)
+            staged.device_ok = (got == recv_fps).all().to(torch.int32).reshape(1)
+        return
+    works = []
+    for snd, x, peer in ops:
+        k = tags[(snd, peer)] = tags.get((snd, peer), -1) + 1  # i-th message of this pair
+        works.append((dist.isend if snd else dist.irecv)(x, _peer(group, peer), group=group, tag=k))
+    for w in works:
+        w.wait(timeout=timedelta(seconds=timeout_s))  # gloo: the data must be here before the flag
+    del works  # a kept Work (e.g. in an exception's frames) would outlive the process group
+    if verify and plan.recvs:
+        check_received(staged)
+
+
+def check_received(staged: StagedRound) -> None:
+    """Host check (verify): received rows match their senders' fingerprints; records them."""
+    plan = staged.plan
+    got = fingerprint(staged.buffers, staged.recv_rows)
+    fps = staged.recv_fingerprints
+    for j, v in enumerate(plan.recvs):
+        staged.expected[v.logical_expert] = int(fps[j])
+    bad = (got != fps).nonzero().flatten().tolist()
+    if bad:
+        raise TransferError(
+            f"received experts {[plan.recvs[j].logical_expert for j in bad]} do not match "
+            f"their senders' fingerprints"
+        )
+
+
+def commit_round(weights: Sequence[torch.Tensor], staged: StagedRound) -> None:
+    """Write staged rows and local copies into the slots, in place (on the current stream).
+
+    Copies of consecutive rows (or unchanged slots) into consecutive slots go as one copy
+    per tensor. Order is free: rows and unstaged sources are not written by this commit.
+    """
+    plan, copy_rows = staged.plan, staged.copy_rows
+    from_rows = [(row, d) for v, row in zip(plan.recvs, staged.recv_rows) for d in v.dst_local_slots]
+    from_slots = []
+    for c in plan.local_copies:
+        row = copy_rows.get(c.src_local_slot)
+        (from_slots if row is None else from_rows).append((c.src_local_slot if row is None else row, c.dst_local_slot))
+    for t, buf in zip(weights, staged.buffers):
+        for src, dst, n in runs(sorted(from_rows)):
+            t[dst : dst + n].copy_(buf[src : src + n])
+        for src, dst, n in runs(sorted(from_slots)):
+            t[dst : dst + n].copy_(t[src : src + n])
+
+
+def verify_committed(weights, staged: StagedRound, *, rank: int, layer: int) -> None:
+    """After commit: each changed slot matches the fingerprint of what was received/copied.
+
+    A failure here cannot be rolled back (the slots are written); it raises TransferError.
+    """
+    plan = staged.plan
+    dsts = list(plan.changed_local_slots)
+    got = dict(zip(dsts, fingerprint(weights, dsts).tolist()))
+    want: dict[int, int] = {}
+    for v in plan.recvs:
+        fp = staged.expected.get(v.logical_expert)
+        for d in v.dst_local_slots:
+            want[d] = fp if fp is not None else got[d]
+    copy_rows = staged.copy_rows
+    for c in plan.local_copies:
+        row = copy_rows.get(c.src_local_slot)
+        src = fingerprint(staged.buffers, [row]) if row is not None else fingerprint(weights, [c.src_local_slot])
+        want[c.dst_local_slot] = int(src[0])
+    bad = [d for d in dsts if got[d] != want[d]]
+    if bad:
+        raise TransferError(f"rank {rank}, layer {layer}: slots {bad} fail the fingerprint check after commit")
+
+
+class Agreement:
+    """Steps 0..n-1 of "did every rank succeed?": a MIN all-reduce of an int32 flag each.
+
+    Collective: every rank posts the same steps in the same order relative to its other
+    operations on group. post() never blocks the host; result() waits with a timeout.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device, n: int, *,
+                 sleep_s: float = 0.0, stop: Callable[[], bool] | None = None):
+        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
+        self.gpu = self.group is not None and is_nccl(self.group) and device.type == "cuda"
+        self.flags = torch.ones(n, dtype=torch.int32, device=device if self.gpu else "cpu")
+        self.sleep_s, self.stop = sleep_s, stop
+        self.works: list = [None] * n
+        self.events: list = [None] * n
+        if self.gpu:
+            self.host = torch.empty(n, dtype=torch.int32, pin_memory=True)
+            self.stream = torch.cuda.Stream(device=device)
+
+    def post(self, i: int, ok: bool, device_ok: torch.Tensor | None = None) -> None:
+        """Contribute this rank's flag for step i (device_ok: [1] int32 on the device, or None)."""
+        flag = self.flags[i : i + 1]
+        if not ok:
+            flag.zero_()
+        if device_ok is not None:
+            flag.mul_(device_ok)
+        if self.group is None:
+            return
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
+        if not self.gpu:
+            self.works[i] = work
+            return
+        with torch.cuda.stream(self.stream):
+            # Only this side stream waits for the all-reduce (the caller's stream keeps
+            # committing earlier rounds); the host then polls the event.
+            work.wait()
+            self.host[i : i + 1].copy_(flag, non_blocking=True)
+            self.events[i] = torch.cuda.Event()
+            self.events[i].record()
+
+    def result(self, i: int, timeout_s: float, what: str) -> bool:
+        """True iff every rank posted ok for step i. Waits on the host (timeout_s)."""
+        if self.group is None:
+            return bool(self.flags[i])
+        if self.gpu:
+            wait_event(self.events[i], timeout_s, what, sleep_s=self.sleep_s, stop=self.stop)
+            self.events[i] = None
+            return bool(self.host[i])
+        self.works[i].wait(timeout=timedelta(seconds=timeout_s))  # gloo honours the timeout
+        self.works[i] = None  # a kept Work (e.g. in an exception's frames) outlives the group
+        return bool(self.flags[i])
