@@ -18,6 +18,7 @@ from eplb_plugin.executor import move_experts
 from eplb_plugin.location import ExpertLocation
 from eplb_plugin.manager import EPLBManager
 from eplb_plugin.recorder import ExpertDistributionRecorder
+
 from conftest import free_port
 
 NUM_LAYERS, NUM_EXPERTS, NUM_SLOTS, TOKENS, TOP_K = 3, 8, 12, 64, 2
