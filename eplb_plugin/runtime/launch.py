@@ -14,6 +14,7 @@ Rank 0 serves HTTP (when asked), shows the progress bar, and writes the runs' re
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -88,12 +89,19 @@ def run_rank(
                                 channel=channel, metrics=run_metrics)
             results.append(engine.run())
             del engine  # free this run's weights before the next run allocates its own
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=group)  # no rank tears gloo down while a peer still talks to it
     finally:
         if server is not None:
             server.close()
         if group is not None:
             import torch.distributed as dist
 
+            # Work objects and groups caught in reference cycles (errors keep frames alive) must
+            # go before the group does: gloo aborts the process when they outlive it.
+            gc.collect()
             dist.destroy_process_group()
     if rank != 0:
         return None
