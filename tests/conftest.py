@@ -29,3 +29,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def destroy_process_group() -> None:
+    """Tear down the default process group after collecting reference cycles: gloo aborts the
+    process when Work objects or groups kept alive by caught errors outlive the group."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.destroy_process_group()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from datetime import timedelta
 
 import pytest
@@ -21,6 +20,8 @@ from test_executor_transfer import (
 
 from eplb_plugin.errors import TransferError
 from eplb_plugin.executor import AsyncExpertMover, LayerMove
+
+from conftest import destroy_process_group
 
 NUM_LAYERS = 4
 
@@ -109,11 +110,8 @@ def _worker(rank: int, world: int, port: int) -> None:
         for m in moves:
             assert torch.equal(m.live_map, m.new_physical_to_logical_map) and _consistent([m], mine)
     finally:
-        # Caught errors keep frames (and the process group) in reference cycles: collect
-        # them, so the group is not destroyed later, at interpreter exit (gloo aborts there).
-        gc.collect()
         dist.barrier()  # no rank tears gloo down while a peer still talks to it
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def test_background_moves_commit_whole_layers_at_pass_boundaries_and_failures_surface():

@@ -5,7 +5,6 @@ Weights encode (layer, logical expert, tensor, position), so every slot is check
 
 from __future__ import annotations
 
-import gc
 import socket
 from datetime import timedelta
 
@@ -19,10 +18,13 @@ from eplb_plugin.executor import (
     LayerMoveError,
     fingerprint,
     move_experts,
+    prepare_staging,
     schedule_layer_move,
     verify_slots,
 )
 from eplb_plugin.executor.staging import pair_runs
+
+from conftest import destroy_process_group
 
 # (trailing shape, dtype) of each per-slot tensor: like w13, w2, a bf16 bias, fp8/int8 scales.
 SPECS = [((3, 5), torch.float32), ((4,), torch.bfloat16), ((2, 3), torch.int8), ((), torch.float32),
@@ -76,11 +78,8 @@ def _worker(rank: int, world: int, port: int) -> None:
     try:
         _cases(rank, world)
     finally:
-        # Caught errors keep frames (and the process group) in reference cycles: collect
-        # them, so the group is not destroyed later, at interpreter exit (gloo aborts there).
-        gc.collect()
         dist.barrier()  # no rank tears gloo down while a peer still talks to it
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def _cases(rank: int, world: int) -> None:
@@ -203,6 +202,37 @@ def _cases(rank: int, world: int) -> None:
     move_experts(w, sched.maps[0], new, layer=6, budget_bytes=2 * expert, timeout_s=TIMEOUT_S, pipeline=True)
     assert _same(w, identity_weights(6, new[mine].tolist()))
 
+    # Case 6: a whole rebalance with one agreed pool (prepare_staging): layers move exactly,
+    # single-round and deferred multi-round; a failure at either point on one rank leaves
+    # that layer on its last committed map everywhere, and the pool serves the next layers.
+    pool = prepare_staging(w, budget_bytes=2 * expert, timeout_s=TIMEOUT_S)
+    assert pool.rows == 2
+    for layer in range(3):
+        old, new = random_map(gen, p, p - 1), random_map(gen, p, p - 1)
+        w = identity_weights(20 + layer, old[mine].tolist())
+        move_experts(w, old, new, layer=20 + layer, budget_bytes=2 * expert, timeout_s=TIMEOUT_S, staging=pool)
+        assert _same(w, identity_weights(20 + layer, new[mine].tolist()))
+    for point, bad_rank, budget in [("before_transfer", 0, 2), ("after_staging", world - 1, 1)]:
+        old = torch.arange(p)
+        new = torch.roll(torch.arange(p), NUM_LOCAL // 2)
+        w = identity_weights(30, old[mine].tolist())
+        live = old.clone()
+        calls.clear()
+
+        def hook6(where, r, lay, point=point, bad_rank=bad_rank):
+            calls.append(where)
+            if where == point and r == bad_rank and calls.count(where) == (1 if point == "before_transfer" else 2):
+                raise Boom(f"injected at {where}")
+
+        with pytest.raises(LayerMoveError) as info:
+            move_experts(w, old, new, layer=30, budget_bytes=budget * expert, live_map=live,
+                         timeout_s=TIMEOUT_S, fault_hook=hook6, staging=pool)
+        mid = info.value.live_physical_to_logical_map
+        assert torch.equal(live, mid) and _same(w, identity_weights(30, mid[mine].tolist()))
+        assert torch.equal(mid, old) == (point == "before_transfer")
+        move_experts(w, mid, new, layer=30, budget_bytes=budget * expert, timeout_s=TIMEOUT_S, staging=pool)
+        assert _same(w, identity_weights(30, new[mine].tolist()))
+
 
 def _spawn(world: int) -> None:
     mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
@@ -236,3 +266,21 @@ def test_bad_inputs_raise_typed_errors():
     with pytest.raises(ConfigError, match="dim 0 = 2"):
         move_experts([torch.zeros(3, 2)], old, torch.tensor([1, 0]))
     assert issubclass(LayerMoveError, TransferError)
+
+
+def test_commit_only_if_flag_is_decided_on_the_device():
+    """A deferred commit (only_if) writes the slots iff the agreed flag is set, in place."""
+    from eplb_plugin.executor.plan import RankTransferPlan, Recv
+    from eplb_plugin.executor.staging import StagedRound, commit_round
+
+    for flag in (True, False):
+        w = [torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(3, 5, dtype=torch.uint8)]
+        bufs = [torch.ones(1, 4, dtype=torch.bfloat16), torch.full((1, 5), 7, dtype=torch.uint8)]
+        ptrs = [t.data_ptr() for t in w]
+        plan = RankTransferPlan(rank=0, local_copies=(), sends=(), recvs=(Recv(1, 9, (1,)),))
+        staged = StagedRound(plan=plan, new_map=torch.zeros(6, dtype=torch.int64), buffers=bufs, rows=[0])
+        commit_round(w, staged, only_if=torch.tensor([flag]))
+        assert [t.data_ptr() for t in w] == ptrs
+        assert torch.equal(w[0][1], bufs[0][0] if flag else torch.zeros(4, dtype=torch.bfloat16))
+        assert torch.equal(w[1][1], bufs[1][0] if flag else torch.zeros(5, dtype=torch.uint8))
+        assert not w[0][0].any() and not w[0][2].any()

@@ -19,7 +19,7 @@ from eplb_plugin.location import ExpertLocation
 from eplb_plugin.manager import EPLBManager
 from eplb_plugin.recorder import ExpertDistributionRecorder
 
-from conftest import free_port
+from conftest import destroy_process_group, free_port
 
 NUM_LAYERS, NUM_EXPERTS, NUM_SLOTS, TOKENS, TOP_K = 3, 8, 12, 64, 2
 
@@ -246,7 +246,7 @@ def _worker(rank: int, port: int, results) -> None:
                 results[(rank, case.__name__)] = traceback.format_exc()
             dist.barrier()  # the next case starts on both ranks from a clean state
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from eplb_plugin.recorder import (
     safe_dump_path,
 )
 
+from conftest import destroy_process_group
+
 NUM_LAYERS, NUM_LOGICAL, NUM_PHYSICAL = 3, 13, 16
 
 
@@ -170,7 +172,7 @@ def _two_rank_worker(rank, port, tmp, results):
         path = rec.dump_record("file")
         results[rank] = (obj["logical_count"].tolist(), obj["average_utilization_rate_over_window"], path is not None)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def test_stat_dump_sums_over_ranks_and_only_rank_zero_writes(tmp_path):

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_sglang_helpers import import_sglang_or_skip
 
-from conftest import free_port
+from conftest import destroy_process_group, free_port
 
 import_sglang_or_skip()
 pytestmark = pytest.mark.sglang
@@ -66,7 +66,7 @@ def _worker(rank: int, port: int, errors) -> None:
                 assert torch.equal(mine, theirs), f"case {case} rank {rank}: executor != SGLang"
                 assert torch.equal(mine, want), f"case {case} rank {rank}: wrong expert in a slot"
         dist.barrier()
-        dist.destroy_process_group()
+        destroy_process_group()
     except BaseException as exc:  # reported to the parent, which fails the test
         errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
         raise

@@ -15,7 +15,7 @@ from test_sglang_helpers import (
     stubs_on_path,
 )
 
-from conftest import free_port
+from conftest import destroy_process_group, free_port
 
 import_sglang_or_skip()
 pytestmark = pytest.mark.sglang
@@ -85,7 +85,7 @@ def _rebalance_on_rank(rank: int, port: int) -> None:
         for got, want in zip(model.routed_experts_weights_of_layer[layer], _slot_weights(live[layer], rank)):
             assert torch.equal(got, want), f"layer {layer}: a slot holds the wrong expert"
     dist.barrier()
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def test_sglang_constructs_the_adapter_which_rebalances_sglangs_weights(monkeypatch):
