@@ -19,6 +19,9 @@ Measures, in one run:
     a CUDA graph), undisturbed vs while layers move in the background (one mover per
     variant, reused for a move there and back), committed at most one unit per step; host
     and GPU step times, and the move's duration.
+(4) Whole rebalance: --rebalance-layers layers of --experts swapped experts each, one
+    move_experts call per layer back to back, timed end to end (per-call costs amortized as
+    in a real rebalance step), per budget; ratio against the same per-layer P2P reference.
 Rank 0 prints a table and writes JSON under --out/<device>/.
 """
 
@@ -46,7 +49,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eplb_plugin.executor import AsyncExpertMover, LayerMove, move_experts  # noqa: E402
+from eplb_plugin.executor import AsyncExpertMover, LayerMove, move_experts, prepare_staging  # noqa: E402
 
 HIDDEN, INTER, BLOCK = 7168, 2048, 128  # DeepSeek-V3 expert: hidden, intermediate, fp8 block
 
@@ -60,6 +63,8 @@ def parse_args(argv=None):
     ap.add_argument("--budgets", default="1,2,4,8", help="staging budgets, in experts (pipeline=True)")
     ap.add_argument("--serial-budgets", default="2,4,8",
                     help="budgets also timed with pipeline=False (move_experts' default; budget 1 is the same either way)")
+    ap.add_argument("--rebalance-layers", type=int, default=4, help="layers in the whole-rebalance figure")
+    ap.add_argument("--rebalance-budgets", default="8,2,1", help="whole-rebalance staging budgets, in experts")
     ap.add_argument("--reps", type=int, default=9, help="timed repetitions per measurement")
     ap.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     ap.add_argument("--layers", type=int, default=8, help="layers moved in the non-blocking test")
@@ -277,8 +282,43 @@ def bench_moves(args, device, fp8: bool) -> dict:
                          peak_extra_bytes=max(peaks) if peaks else None,
                          peak_extra_over_budget=(max(peaks) / (budget * per)) if peaks else None,
                          trace=trace, **t))
+    whole = bench_rebalance(args, device, fp8, weights, old, new, per, ref)
     return dict(p2p_same_traffic=ref, p2p_same_traffic_per_expert_messages=ref_per_expert, moves=rows,
-                diagnostics=diagnostics(weights, device, args))
+                whole_rebalance=whole, diagnostics=diagnostics(weights, device, args))
+
+
+def bench_rebalance(args, device, fp8: bool, weights, old, new, per: int, ref: dict) -> list:
+    """A whole rebalance: --rebalance-layers layers, each swapping --experts experts, moved by
+    one move_experts call per layer back to back (as a serving engine's rebalance step does),
+    timed end to end (barrier, host clock, device sync), so per-call costs are amortized over
+    the layers as they are in use. GB/s = all layers' bytes received per rank / seconds;
+    ratio against the same per-layer P2P reference (one layer's bytes in one batch)."""
+    layers = [weights] + [make_weights(len(weights[0]), fp8, args.small, device, seed=10 + k)
+                          for k in range(args.rebalance_layers - 1)]
+    originals = [[t.clone() for t in w] for w in layers]
+    out = []
+    for budget, shared in [(int(b), sh) for b in args.rebalance_budgets.split(",") if b for sh in (False, True)]:
+        res = []
+
+        def once(rep, budget=budget, res=res, shared=shared):
+            a, b = (old, new) if rep % 2 == 0 else (new, old)
+            # shared: one pool for the rebalance, made (and agreed) inside the timed call
+            pool = prepare_staging(layers[0], budget_bytes=budget * per, timeout_s=args.timeout_s) if shared else None
+            res.append([move_experts(w, a, b, layer=k, budget_bytes=budget * per, timeout_s=args.timeout_s,
+                                     staging=pool) for k, w in enumerate(layers)])
+
+        once(0)
+        once(1)
+        t = timed(once, device, args.reps + (args.reps + args.warmup) % 2, args.warmup)  # ends on the old map
+        exact = all(same_bytes(w, o) for w, o in zip(layers, originals))
+        assert exact, f"rank {dist.get_rank()}: whole rebalance (budget {budget}, shared {shared}) left wrong weights"
+        got = sum(r.bytes_received for r in res[-1])
+        gbps = got / t["seconds"] / 1e9
+        out.append(dict(dtype="fp8+scales" if fp8 else "bf16", layers=len(layers), experts_per_layer=args.experts,
+                        budget_experts=budget, pipeline=False, shared_pool=shared, rounds_per_layer=res[-1][0].rounds,
+                        weights_exact=exact,
+                        bytes_received=got, GBps=gbps, ratio_to_p2p=gbps / ref["GBps"], **t))
+    return out
 
 
 def checks(args, device) -> dict:
@@ -324,6 +364,30 @@ def checks(args, device) -> dict:
         out["failure_weights_exact"] = exact(sched.maps[0])
     move_experts(weights, live, new, budget_bytes=2 * per, timeout_s=args.timeout_s)
     out["retry_exact"] = exact(new)
+    # Deferred votes (rounds of one expert, one at a time): rank 1 fails in round 3; every
+    # rank must stay on round 2's map, with exact weights, and a retry must complete.
+    sched1 = schedule_layer_move(new, old, ep_size=2, max_staged_experts=1, pipeline=False)
+    calls.clear()
+
+    def hook3(point, r, layer):
+        calls.append(point)
+        if point == "after_staging" and calls.count(point) == 3 and r == 1:
+            raise RuntimeError("injected")
+
+    live = new.clone()
+    try:
+        move_experts(weights, new, old, budget_bytes=per, live_map=live, fault_hook=hook3, timeout_s=args.timeout_s)
+        out["deferred_failure_raised"] = False
+    except LayerMoveError as exc:
+        out["deferred_failure_raised"] = True
+        out["deferred_failure_left_round2_map"] = bool(torch.equal(exc.live_physical_to_logical_map, sched1.maps[1])
+                                                       and torch.equal(live, sched1.maps[1]))
+        sync(device)
+        out["deferred_failure_weights_exact"] = exact(sched1.maps[1])
+    move_experts(weights, live, old, budget_bytes=per, timeout_s=args.timeout_s)
+    out["deferred_retry_exact"] = exact(old)
+    move_experts(weights, old, new, budget_bytes=per, timeout_s=args.timeout_s)
+    out["deferred_there_exact"] = exact(new)
     mover = AsyncExpertMover(budget_bytes=2 * per, verify=True, timeout_s=args.timeout_s)
     for a, b in [(new, old), (old, new)]:
         mover.start([LayerMove(0, weights, a, b, a.clone())])
@@ -508,7 +572,7 @@ def run(rank: int, world: int, args, init_method: str | None) -> None:
                   f"{'peak/budget':>11}", flush=True)
             for m in moves.values():
                 for r in m["moves"]:
-                    if r["budget_experts"] in (2, 8) and r["pipeline"]:
+                    if r["budget_experts"] in (1, 8) and not r["pipeline"] or r["budget_experts"] == 1:
                         print(f"  trace {r['dtype']} budget {r['budget_experts']}:",
                               " ".join(f"{a}={b}/{c}" for a, b, c in r["trace"]), flush=True)
             for m in moves.values():
@@ -517,6 +581,11 @@ def run(rank: int, world: int, args, init_method: str | None) -> None:
                     print(f"{r['dtype']:>10} {r['budget_experts']:>6} {str(r['pipeline']):>5} {r['rounds']:>6} "
                           f"{r['seconds'] * 1e3:8.2f} {r['GBps']:7.1f} {r['ratio_to_p2p']:6.3f} {peak:>11}",
                           flush=True)
+            for m in moves.values():
+                for r in m["whole_rebalance"]:
+                    print(f"whole rebalance {r['dtype']:>10} {r['layers']} layers x {r['experts_per_layer']} experts, "
+                          f"budget {r['budget_experts']} {'one pool ' if r['shared_pool'] else 'pool/layer'}: {r['seconds'] * 1e3:8.2f} ms {r['GBps']:7.1f} GB/s "
+                          f"{r['ratio_to_p2p']:6.3f} of P2P", flush=True)
         checked = checks(args, device)
         if rank == 0:
             print("checks:", json.dumps(checked), flush=True)

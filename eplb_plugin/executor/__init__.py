@@ -17,7 +17,7 @@ from eplb_plugin.executor.plan import (
     plan_transfers,
     schedule_layer_move,
 )
-from eplb_plugin.executor.transfer import LayerMoveError, MoveResult, move_experts
+from eplb_plugin.executor.transfer import LayerMoveError, MoveResult, move_experts, prepare_staging
 
 __all__ = [
     "AsyncExpertMover",
@@ -35,6 +35,7 @@ __all__ = [
     "plan_layer_rounds",
     "plan_layer_transfer",
     "plan_transfers",
+    "prepare_staging",
     "schedule_layer_move",
     "verify_slots",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -67,25 +68,25 @@ class RankTransferPlan:
     sends: tuple[Send, ...]
     recvs: tuple[Recv, ...]
 
-    @property
+    @cached_property  # computed once per plan (the executor reads them every round)
     def changed_local_slots(self) -> tuple[int, ...]:
         """Local slots written by this move, sorted."""
         dsts = [c.dst_local_slot for c in self.local_copies]
         dsts += [s for r in self.recvs for s in r.dst_local_slots]
         return tuple(sorted(dsts))
 
-    @property
+    @cached_property  # computed once per plan (the executor reads them every round)
     def staged_copy_sources(self) -> tuple[int, ...]:
         """Sources of local copies that this move overwrites: they must be staged first."""
         changed = set(self.changed_local_slots)
         return tuple(sorted({c.src_local_slot for c in self.local_copies} & changed))
 
-    @property
+    @cached_property  # computed once per plan (the executor reads them every round)
     def num_staged_experts(self) -> int:
         """Staging buffers this rank needs: one per received expert and per staged source."""
         return len(self.recvs) + len(self.staged_copy_sources)
 
-    @property
+    @cached_property  # computed once per plan (the executor reads them every round)
     def staging_reads(self) -> frozenset[int]:
         """Local slots read while staging (send sources, staged copy sources), before commit."""
         return frozenset(s.src_local_slot for s in self.sends) | frozenset(self.staged_copy_sources)

@@ -76,6 +76,11 @@ class StagingPool:
         self._free = [True] * rows
         self._events: dict[int, object] = {}  # row -> event after which it may be rewritten
 
+    def reset(self) -> None:
+        """Every row free (a new move: the previous one's transfers were all drained)."""
+        self._free = [True] * self.rows
+        self._events.clear()
+
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
@@ -182,6 +187,7 @@ def stage_round(
     verify: bool,
     timeout_s: float,
     tags: dict[tuple[bool, int], int],
+    nccl: bool | None = None,
 ) -> None:
     """Fill the round's rows: staged local-copy sources, then P2P. Slots are only read.
 
@@ -227,7 +233,7 @@ def stage_round(
             ops += [(False, _as_bytes(buf[base + j : base + j + n]), peer) for buf in bufs]
             if verify:
                 ops.append((False, recv_fps[j : j + n], peer))
-    if is_nccl(group):
+    if nccl if nccl is not None else is_nccl(group):
         p2p = [dist.P2POp(dist.isend if snd else dist.irecv, x, _peer(group, peer), group)
                for snd, x, peer in ops]
         staged.works = dist.batch_isend_irecv(p2p)
@@ -263,11 +269,27 @@ def check_received(staged: StagedRound) -> None:
         )
 
 
-def commit_round(weights: Sequence[torch.Tensor], staged: StagedRound) -> None:
+def _put(dst: torch.Tensor, src: torch.Tensor, only_if: torch.Tensor | None) -> None:
+    if only_if is None:
+        dst.copy_(src)
+        return
+    # dst keeps its bytes unless the flag is set: no host wait, no temporary. Raw bytes,
+    # as int32 words when both sides are aligned (fewer, wider accesses).
+    d, s = _as_bytes(dst), _as_bytes(src)
+    if d.numel() % 4 == 0 and d.storage_offset() % 4 == 0 and s.storage_offset() % 4 == 0:
+        d, s = d.view(torch.int32), s.view(torch.int32)
+    torch.where(only_if, s, d, out=d)
+
+
+def commit_round(weights: Sequence[torch.Tensor], staged: StagedRound,
+                 only_if: torch.Tensor | None = None) -> None:
     """Write staged rows and local copies into the slots, in place (on the current stream).
 
     Copies of consecutive rows (or unchanged slots) into consecutive slots go as one copy
     per tensor. Order is free: rows and unstaged sources are not written by this commit.
+    only_if: a [1] bool tensor (the round's agreed flag, see ``Agreement.device_flag``):
+    the slots are written only where it is true, decided on the device (so the host need
+    not wait for the agreement before queueing the commit); None: written unconditionally.
     """
     plan, copy_rows = staged.plan, staged.copy_rows
     from_rows = [(row, d) for v, row in zip(plan.recvs, staged.recv_rows) for d in v.dst_local_slots]
@@ -277,9 +299,9 @@ def commit_round(weights: Sequence[torch.Tensor], staged: StagedRound) -> None:
         (from_slots if row is None else from_rows).append((c.src_local_slot if row is None else row, c.dst_local_slot))
     for t, buf in zip(weights, staged.buffers):
         for src, dst, n in runs(sorted(from_rows)):
-            t[dst : dst + n].copy_(buf[src : src + n])
+            _put(t[dst : dst + n], buf[src : src + n], only_if)
         for src, dst, n in runs(sorted(from_slots)):
-            t[dst : dst + n].copy_(t[src : src + n])
+            _put(t[dst : dst + n], t[src : src + n], only_if)
 
 
 def verify_committed(weights, staged: StagedRound, *, rank: int, layer: int) -> None:
@@ -305,6 +327,11 @@ def verify_committed(weights, staged: StagedRound, *, rank: int, layer: int) -> 
         raise TransferError(f"rank {rank}, layer {layer}: slots {bad} fail the fingerprint check after commit")
 
 
+# (id(group), device) -> (group, flags, pinned host flags, side stream, free events):
+# what an Agreement needs, kept between blocking moves (creating them cost ~1 ms a move).
+_AGREEMENT_CACHE: dict = {}
+
+
 class Agreement:
     """Steps 0..n-1 of "did every rank succeed?": a MIN all-reduce of an int32 flag each.
 
@@ -313,19 +340,43 @@ class Agreement:
     """
 
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device, n: int, *,
-                 sleep_s: float = 0.0, stop: Callable[[], bool] | None = None):
+                 sleep_s: float = 0.0, stop: Callable[[], bool] | None = None, reuse: bool = False):
         self.group = group if group is not None and dist.get_world_size(group) > 1 else None
         self.gpu = self.group is not None and is_nccl(self.group) and device.type == "cuda"
-        self.flags = torch.ones(n, dtype=torch.int32, device=device if self.gpu else "cpu")
         self.sleep_s, self.stop = sleep_s, stop
         self.works: list = [None] * n
         self.events: list = [None] * n
-        if self.gpu:
-            self.host = torch.empty(n, dtype=torch.int32, pin_memory=True)
-            self.stream = torch.cuda.Stream(device=device)
+        self._key = (id(self.group), str(device)) if reuse and self.gpu else None
+        res = _AGREEMENT_CACHE.pop(self._key, None) if self._key is not None else None
+        if res is not None and res[0] is self.group and res[1].numel() >= n:
+            # Reused (released by a move that finished): every copy into `host` completed.
+            _, flags, self.host, self.stream, self._pool_events = res
+            self.flags = flags[:n]
+            self.flags.fill_(1)  # stream-ordered before the all-reduces that read it
+        else:
+            self.flags = torch.ones(max(n, 16), dtype=torch.int32, device=device if self.gpu else "cpu")[:n]
+            self._pool_events = []
+            if self.gpu:
+                self.host = torch.empty(self.flags._base.numel(), dtype=torch.int32, pin_memory=True)
+                self.stream = torch.cuda.Stream(device=device)
 
-    def post(self, i: int, ok: bool, device_ok: torch.Tensor | None = None) -> None:
-        """Contribute this rank's flag for step i (device_ok: [1] int32 on the device, or None)."""
+    def release(self) -> None:
+        """Keep the buffers, stream and events for the next move on this group (call only
+        once every posted step's result was read)."""
+        if self._key is None or self.group is None:
+            return
+        base = self.flags._base if self.flags._base is not None else self.flags
+        _AGREEMENT_CACHE[self._key] = (self.group, base, getattr(self, "host", None),
+                                       getattr(self, "stream", None), self._pool_events)
+        self._key = None
+
+    def _event(self):
+        return self._pool_events.pop() if self._pool_events else torch.cuda.Event()
+
+    def post(self, i: int, ok: bool, device_ok: torch.Tensor | None = None, *, read: bool = True) -> None:
+        """Contribute this rank's flag for step i (device_ok: [1] int32 on the device, or None).
+        read=False (NCCL): no copy to the host nor event; only ``device_flag(i)`` or
+        ``read_all`` after a later step's ``result`` may read it."""
         flag = self.flags[i : i + 1]
         if not ok:
             flag.zero_()
@@ -334,16 +385,38 @@ class Agreement:
         if self.group is None:
             return
         work = dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
-        if not self.gpu:
-            self.works[i] = work
+        self.works[i] = work
+        if not self.gpu or not read:
             return
         with torch.cuda.stream(self.stream):
             # Only this side stream waits for the all-reduce (the caller's stream keeps
             # committing earlier rounds); the host then polls the event.
             work.wait()
             self.host[i : i + 1].copy_(flag, non_blocking=True)
-            self.events[i] = torch.cuda.Event()
+            self.events[i] = self._event()
             self.events[i].record()
+
+    def device_flag(self, i: int, timeout_s: float) -> torch.Tensor:
+        """Step i's agreed flag as a [1] bool tensor, ordered before what the caller's stream
+        runs next (NCCL: that stream waits for the all-reduce; the host does not). Gloo:
+        waits on the host (timeout_s). For commits that run only if every rank agreed."""
+        if self.group is not None:
+            if self.gpu:
+                self.works[i].wait()  # stream-level: the current stream waits for the all-reduce
+                if self.events[i] is None:
+                    self.works[i] = None  # no host read of this step (post(read=False))
+            else:
+                self.works[i].wait(timeout=timedelta(seconds=timeout_s))
+                self.works[i] = None  # done; a kept Work would outlive the group
+        return self.flags[i : i + 1].bool()
+
+    def read_all(self, n: int) -> list[bool]:
+        """Steps 0..n-1's agreed flags, once a result() of a step posted after them returned
+        (the all-reduces complete in order on the communicator's stream)."""
+        if self.gpu:
+            self.stream.synchronize()  # nothing pending there beyond what result() waited for
+            return [bool(x) for x in self.flags[:n].cpu().tolist()]
+        return [bool(x) for x in self.flags[:n].tolist()]
 
     def result(self, i: int, timeout_s: float, what: str) -> bool:
         """True iff every rank posted ok for step i. Waits on the host (timeout_s)."""
@@ -351,8 +424,10 @@ class Agreement:
             return bool(self.flags[i])
         if self.gpu:
             wait_event(self.events[i], timeout_s, what, sleep_s=self.sleep_s, stop=self.stop)
-            self.events[i] = None
+            self._pool_events.append(self.events[i])  # completed: free to record again
+            self.events[i] = self.works[i] = None
             return bool(self.host[i])
-        self.works[i].wait(timeout=timedelta(seconds=timeout_s))  # gloo honours the timeout
+        if self.works[i] is not None:  # None: device_flag(i) already waited for it
+            self.works[i].wait(timeout=timedelta(seconds=timeout_s))  # gloo honours the timeout
         self.works[i] = None  # a kept Work (e.g. in an exception's frames) outlives the group
         return bool(self.flags[i])
