@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workload", choices=("auto", "synthetic", "trace"), default="auto",
                    help="auto: trace when --traces-dir is given, else synthetic")
     p.add_argument("--skip-ep8", action="store_true", help="skip the EP8 compute part")
+    p.add_argument("--ep8-only", action="store_true", help="only the EP8 compute part (one device, no ranks)")
+    p.add_argument("--ep8-batch-tokens", type=int, default=None,
+                   help="tokens per pass for the EP8 compute part (default: --batch-tokens)")
     p.add_argument("--dispatch", default="static,dynamic",
                    help="comma-separated --ep-dispatch-algorithm values, one EPLB run each (static is named 'eplb')")
     p.add_argument("--out", default=str(Path(__file__).with_name("results")))
@@ -164,7 +167,9 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
         for p in passes:
             if name == "eplb":
                 window = torch.stack(counts[p - rebalance_every : p]).sum(0)  # the passes before p only
-                loc = ExpertLocation.from_logical_count(window, num_physical_experts=num_physical, ep_size=EP8)
+                # Equal split on the GPU (static dispatch): plan with the equal-split variant.
+                loc = ExpertLocation.from_logical_count(window, num_physical_experts=num_physical, ep_size=EP8,
+                                                        algorithm="eplb_plugin_equal")
             else:
                 loc = trivial
             load = uniform if name == "uniform" else counts[p]
@@ -186,9 +191,13 @@ def main(argv=None) -> int:
     ns = parse_args(argv)
     cfg, runs, layout, workload = setup(ns)
     t0 = time.perf_counter()
+    ep8_cfg = dataclasses.replace(cfg, batch_tokens=ns.ep8_batch_tokens or cfg.batch_tokens)
+    if ns.ep8_only:
+        ep8 = ep8_compute_part(ep8_cfg, workload, runs[1].eplb.eplb_rebalance_num_iterations)
+        return _write_ep8_only(ns, argv, ep8_cfg, workload, ep8, t0)
     results = launch(cfg, runs, layout)
     by = {r["label"]: r for r in results}
-    ep8 = None if ns.skip_ep8 else ep8_compute_part(cfg, workload, runs[1].eplb.eplb_rebalance_num_iterations)
+    ep8 = None if ns.skip_ep8 else ep8_compute_part(ep8_cfg, workload, runs[1].eplb.eplb_rebalance_num_iterations)
     device = torch.cuda.get_device_name(0) if cfg.device == "cuda" else platform.processor() or platform.machine()
     summary = {
         label: {k: r[k] for k in ("moe_step_ms_mean", "balancedness_mean", "expert_compute_ms_mean", "num_rebalances",
@@ -235,6 +244,27 @@ def main(argv=None) -> int:
             print(f"EP8 compute part, {name:>7}: slowest-rank step {v['step_ms_median']:.2f} ms (median), balancedness {v['balancedness_mean']:.3f}")
     print(f"wrote {path}")
     return 0 if all(s["slots_failed"] == 0 for s in summary.values()) else 1
+
+
+def _write_ep8_only(ns, argv, cfg: RuntimeConfig, workload: WorkloadSpec, ep8: dict, t0: float) -> int:
+    device = torch.cuda.get_device_name(0) if cfg.device == "cuda" else platform.processor() or platform.machine()
+    report = {
+        "benchmark": "end_to_end_ep8_compute_part",
+        "command": "python " + shlex.join(sys.argv if argv is None else ["benchmarks/bench_end_to_end.py", *argv]),
+        "device": device, "torch_version": torch.__version__,
+        "config": {"model": cfg.model.__dict__, "batch_tokens": cfg.batch_tokens, "dtype": cfg.dtype,
+                   "workload": workload.__dict__},
+        "ep8_compute_part": ep8, "total_wall_s": time.perf_counter() - t0,
+    }
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"end_to_end_ep8_{cfg.device}_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=1, default=str))
+    for name, v in ep8["placements"].items():
+        print(f"EP8 compute part, {name:>7}: slowest-rank step {v['step_ms_median']:.2f} ms (median), "
+              f"balancedness {v['balancedness_mean']:.3f}")
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
