@@ -82,6 +82,15 @@ class RebalanceRecord:
     error: str | None = None
 
 
+@dataclass
+class _PlanAttempt:
+    """What one background planning run produced (written by its thread only)."""
+
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+
 def _default_planner(counts: torch.Tensor, **kwargs: Any) -> Any:
     from eplb_plugin.algorithms import plan
 
@@ -159,8 +168,7 @@ class EPLBManager:
         self._state = "idle"
         self._record: RebalanceRecord | None = None
         self._plan_thread: threading.Thread | None = None
-        self._plan_result: Any = None
-        self._plan_error: BaseException | None = None
+        self._attempt = _PlanAttempt()
         self._plan_started = 0.0
         self._target: ExpertLocation | None = None
         self._pending_layers: list[int] = []
@@ -276,15 +284,19 @@ class EPLBManager:
         self._record = record
         self._counts = logical
         self._state = "planning"
-        self._plan_result, self._plan_error = None, None
+        # A fresh box per attempt: a planner that timed out and finishes late writes into its
+        # own attempt, never into a later one.
+        self._attempt = _PlanAttempt()
         self._plan_started = time.perf_counter()
         if self.rank == 0:
-            self._plan_thread = threading.Thread(target=self._plan_in_background, name="eplb-planner", daemon=True)
+            self._plan_thread = threading.Thread(
+                target=self._plan_in_background, args=(self._attempt,), name="eplb-planner", daemon=True
+            )
             self._plan_thread.start()
 
-    def _plan_in_background(self) -> None:
+    def _plan_in_background(self, attempt: _PlanAttempt) -> None:
         try:
-            self._plan_result = self.planner(
+            attempt.result = self.planner(
                 self._counts,
                 num_physical_experts=self.location.num_physical_experts,
                 num_gpus=self.location.ep_size,
@@ -294,14 +306,16 @@ class EPLBManager:
                 previous=self.location.physical_to_logical_map,
             )
         except BaseException as exc:  # stored and re-raised on the serving thread
-            self._plan_error = exc
+            attempt.error = exc
+        finally:
+            attempt.done = True
 
     def _poll_plan(self) -> None:
         status = torch.zeros(1, dtype=torch.int64)
         if self.rank == 0:
-            done = self._plan_thread is not None and not self._plan_thread.is_alive()
+            done = self._attempt.done
             timed_out = time.perf_counter() - self._plan_started > self.plan_timeout_s
-            if done and self._plan_error is None:
+            if done and self._attempt.error is None:
                 status[0] = _Status.READY
             elif done or timed_out:
                 status[0] = _Status.FAILED
@@ -311,7 +325,7 @@ class EPLBManager:
         record = self._record
         record.solver_s = time.perf_counter() - self._plan_started
         if status[0] == _Status.FAILED:
-            cause = self._plan_error if self.rank == 0 else None
+            cause = self._attempt.error if self.rank == 0 else None
             message = f"planning failed on rank 0 ({cause!r})" if self.rank == 0 else "planning failed on rank 0"
             if self.rank == 0 and cause is None:
                 message = f"planning took longer than {self.plan_timeout_s} s"
@@ -325,9 +339,10 @@ class EPLBManager:
         weights = torch.zeros(shape, dtype=torch.float32)
         has_weights = torch.zeros(1, dtype=torch.int64)
         if self.rank == 0:
-            new_map = self._plan_result.physical_to_logical_map.to(torch.int64).cpu()
-            if self._plan_result.replica_weights is not None:
-                weights = self._plan_result.replica_weights.to(torch.float32).cpu()
+            result = self._attempt.result
+            new_map = result.physical_to_logical_map.to(torch.int64).cpu()
+            if result.replica_weights is not None:
+                weights = result.replica_weights.to(torch.float32).cpu()
                 has_weights[0] = 1
         # Rank 0's plan is the plan: every rank moves the same experts to the same slots.
         new_map = self._broadcast(new_map)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 import traceback
 
 import pytest
@@ -16,7 +17,7 @@ from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.errors import RebalanceError
 from eplb_plugin.executor import move_experts
 from eplb_plugin.location import ExpertLocation
-from eplb_plugin.manager import EPLBManager
+from eplb_plugin.manager import EPLBManager, _default_planner
 from eplb_plugin.recorder import ExpertDistributionRecorder
 
 from conftest import destroy_process_group, free_port
@@ -227,6 +228,23 @@ def case_non_blocking_moves_land_while_serving_and_go_live_at_pass_boundaries(ra
     assert weights_match(host.weights, host.manager.location, rank)
     assert torch.equal(host.recorder.physical_to_logical_map.cpu(), host.manager.location.physical_to_logical_map)
     host.manager.close()
+
+
+def case_a_planner_past_its_timeout_fails_and_its_late_plan_is_dropped(rank, group):
+    def slow_planner(*args, **kwargs):
+        time.sleep(1.0)
+        return _default_planner(*args, **kwargs)
+
+    host = Host(rank, group, _args(eplb_rebalance_num_iterations=10_000), planner=slow_planner, plan_timeout_s=0.2)
+    before = host.manager.location.physical_to_logical_map.clone()
+    host.serve(2)
+    host.manager.rebalance_now()
+    errors = host.serve(5000, until=lambda m: m.history and m.history[0].end_pass is not None)
+    assert len(errors) == 1 and (rank != 0 or "longer than 0.2 s" in errors[0][1])
+    time.sleep(1.2)  # the late planner finishes into its own, abandoned attempt
+    assert host.serve(5, start=5000) == []
+    assert torch.equal(host.manager.location.physical_to_logical_map, before)
+    assert weights_match(host.weights, host.manager.location, rank)
 
 
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
