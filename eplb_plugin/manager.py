@@ -40,6 +40,7 @@ import torch
 
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import gpu_loads, layer_balancedness, placement_balancedness
+from eplb_plugin.comm import all_reduce_host, broadcast_host, group_info
 from eplb_plugin.errors import RebalanceError, TransferError
 from eplb_plugin.location import ExpertLocation
 
@@ -144,7 +145,7 @@ class EPLBManager:
         self.location = location
         self.recorder = recorder
         self.expert_weights = expert_weights
-        self.group, self.rank, self._world_size = _resolve_group(group)
+        self.group, self.rank, _ = group_info(group)
         if rank != self.rank:
             raise ValueError(f"rank={rank} differs from this process's rank {self.rank} in the EP group")
         self.num_groups = num_groups
@@ -173,7 +174,6 @@ class EPLBManager:
         self._target: ExpertLocation | None = None
         self._pending_layers: list[int] = []
         self._requested: str | None = None
-        self._comm_device = self._pick_comm_device()
         self._budget_bytes = int(args.eplb_transfer_budget_mb * MIB)
         self._gpus_per_node = args.num_gpus_per_node if args.nnodes > 1 else None
         self._counts = torch.zeros(0)
@@ -245,7 +245,7 @@ class EPLBManager:
             verdict[0] = 1
         if drifting:
             verdict[1:] = self._drifted_layers_mask().to(torch.float64)
-        verdict = self._all_reduce(verdict, op="max")
+        verdict = all_reduce_host(verdict, self.group, op="max")
         if verdict[0] > 0:
             return "time", None
         drifted = verdict[1:].nonzero().flatten().tolist()
@@ -269,7 +269,7 @@ class EPLBManager:
         logical = self.recorder.logical_count_window().to("cpu", torch.float64)
         physical = self.recorder.physical_count_window().to("cpu", torch.float64)
         # Sum the window over ranks: every rank then plans from (and checks) the same counts.
-        summed = self._all_reduce(torch.cat([logical.flatten(), physical.flatten()]), op="sum")
+        summed = all_reduce_host(torch.cat([logical.flatten(), physical.flatten()]), self.group)
         logical = summed[: logical.numel()].view_as(logical)
         physical = summed[logical.numel():].view_as(physical)
         per_layer = layer_balancedness(gpu_loads(physical, self.location.ep_size))
@@ -319,7 +319,7 @@ class EPLBManager:
                 status[0] = _Status.READY
             elif done or timed_out:
                 status[0] = _Status.FAILED
-        status = self._broadcast(status)
+        status = broadcast_host(status, self.group)
         if status[0] == _Status.PENDING:
             return
         record = self._record
@@ -345,9 +345,9 @@ class EPLBManager:
                 weights = result.replica_weights.to(torch.float32).cpu()
                 has_weights[0] = 1
         # Rank 0's plan is the plan: every rank moves the same experts to the same slots.
-        new_map = self._broadcast(new_map)
-        weights = self._broadcast(weights)
-        has_weights = self._broadcast(has_weights)
+        new_map = broadcast_host(new_map, self.group)
+        weights = broadcast_host(weights, self.group)
+        has_weights = broadcast_host(has_weights, self.group)
         record = self._record
         planned = record.layers
         target_map = loc.physical_to_logical_map.clone()
@@ -524,51 +524,6 @@ class EPLBManager:
     def _export(self, record: RebalanceRecord) -> None:
         if self.metrics is not None and hasattr(self.metrics, "observe_rebalance"):
             self.metrics.observe_rebalance(record)
-
-    # ------------------------------------------------------------------ comms
-
-    def _pick_comm_device(self) -> torch.device:
-        if self.group is None:
-            return torch.device("cpu")
-        import torch.distributed as dist
-
-        if dist.get_backend(self.group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-    def _world(self) -> int:
-        return self._world_size
-
-    def _all_reduce(self, tensor: torch.Tensor, *, op: str) -> torch.Tensor:
-        if self._world() == 1:
-            return tensor
-        import torch.distributed as dist
-
-        buf = tensor.to(self._comm_device)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
-        return buf.cpu()
-
-    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self._world() == 1:
-            return tensor
-        import torch.distributed as dist
-
-        buf = tensor.to(self._comm_device)
-        dist.broadcast(buf, src=dist.get_global_rank(self.group, 0), group=self.group)
-        return buf.cpu()
-
-
-def _resolve_group(group: Any) -> tuple[Any, int, int]:
-    """(group, this rank in it, its size); None means the default group once torch.distributed
-    is initialized (as the executor reads it), and a single rank without communication before."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise ValueError("a process group was given but torch.distributed is not initialized")
-        return None, 0, 1
-    group = group if group is not None else dist.group.WORLD
-    return group, dist.get_rank(group), dist.get_world_size(group)
 
 
 def _equal_split(physical_to_logical_map: torch.Tensor, loc: ExpertLocation) -> torch.Tensor:

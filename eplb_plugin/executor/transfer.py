@@ -63,6 +63,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
 from eplb_plugin.executor.plan import LayerMoveSchedule
 from eplb_plugin.executor.staging import (
@@ -120,14 +121,6 @@ class MoveResult:
     seconds: float
     rounds: int
     peak_staging_bytes: int
-
-
-def group_info(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int, int]:
-    """(group, rank in group, group size); (None, 0, 1) when torch.distributed is not set up."""
-    if not dist.is_available() or not dist.is_initialized():
-        return None, 0, 1
-    group = group or dist.group.WORLD
-    return group, dist.get_rank(group), dist.get_world_size(group)
 
 
 def max_staged_experts(weights: Sequence[torch.Tensor], budget_bytes: int | None) -> int:
