@@ -51,3 +51,53 @@ def test_compare_run_prints_the_table_and_writes_text_json_png(tmp_path, capsys)
     assert all(r["slots_failed"] == 0 and r["slots_checked"] == 2 * 9 * 2 for r in report["runs"])
     assert (tmp_path / "report.txt").read_text().startswith(" ")
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+_SMALL_RUN = ["--ep-num-redundant-experts", "4", "--enable-eplb", "--eplb-rebalance-num-iterations", "10",
+              "--num-passes", "30", "--no-progress"]
+
+
+def _report(report_dir) -> dict:
+    run = json.loads((report_dir / "report.json").read_text())["runs"][0]
+    assert run["num_rebalances"] >= 1 and run["slots_moved"] > 0
+    assert run["slots_failed"] == 0 and run["slots_checked"] > 0
+    return run
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_serve_one_ep_group_and_rebalance(tmp_path):
+    """--nnodes 2 --node-rank 0/1 --dist-init-addr: two launchers (two ranks each) form one EP
+    group of 4, rebalance, and every slot verifies."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    common = [sys.executable, "-m", "eplb_plugin.launch_server", "--ep-size", "4", "--nnodes", "2",
+              "--dist-init-addr", addr, *_SMALL_RUN]
+    node1 = subprocess.Popen([*common, "--node-rank", "1", "--report-dir", str(tmp_path / "n1")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node0 = subprocess.run([*common, "--node-rank", "0", "--report-dir", str(tmp_path / "n0")],
+                           capture_output=True, text=True, timeout=240)
+    out1, _ = node1.communicate(timeout=60)
+    assert node0.returncode == 0 and node1.returncode == 0, node0.stdout + node0.stderr + out1
+    run = _report(tmp_path / "n0")
+    assert run["ep_size"] == 4
+
+
+@pytest.mark.slow
+def test_torchrun_starts_the_ranks(tmp_path):
+    """Under torchrun (RANK/WORLD_SIZE/MASTER_* in the environment) the ranks are not spawned again."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "eplb_plugin.launch_server",
+         "--ep-size", "2", *_SMALL_RUN, "--report-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _report(tmp_path)["ep_size"] == 2
