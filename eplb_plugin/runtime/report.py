@@ -113,16 +113,12 @@ def plot_report(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def write_report(runs: Sequence[dict[str, Any]], report_dir: str | Path, *, meta: dict[str, Any] | None = None,
                  plot: bool = True) -> dict[str, Path]:
-    """Write ``report.txt``, ``report.json`` and (if matplotlib is there) ``report.png``."""
+    """Write ``report.txt``, ``report.json`` and (unless ``plot=False``) ``report.png``."""
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"text": out / "report.txt", "json": out / "report.json"}
     paths["text"].write_text(text_report(runs) + "\n")
     paths["json"].write_text(json.dumps({**(meta or {}), "runs": list(runs)}, indent=1))
     if plot:
-        try:
-            import matplotlib  # noqa: F401  (optional extra "plot")
-        except ImportError:
-            return paths
         paths["png"] = plot_report(runs, out / "report.png")
     return paths
