@@ -27,6 +27,7 @@ def _rows(runs: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         ("MoE step time, mean (ms)", col(lambda r: f"{r['moe_step_ms_mean']:.2f}")),
         ("expert compute, slowest rank (ms)", col(lambda r: f"{r['expert_compute_ms_mean']:.2f}")),
         ("rebalances", col(lambda r: str(r["num_rebalances"]))),
+        ("rebalances failed (old placement kept)", col(lambda r: str(len(r.get("rebalance_failures", []))))),
         ("slots moved", col(lambda r: str(r["slots_moved"]))),
         ("bytes moved (MiB)", col(lambda r: f"{r['bytes_moved'] / 2**20:.1f}")),
         ("rebalance stall total / max (ms)", col(lambda r: f"{1e3 * r['stall_s_total']:.0f} / {r['stall_ms_max']:.0f}")),
@@ -48,6 +49,9 @@ def text_report(runs: Sequence[dict[str, Any]]) -> str:
     lines = ["".ljust(width) + "".join(r["label"].rjust(c) for r, c in zip(runs, cols))]
     for name, values in rows:
         lines.append(name.ljust(width) + "".join(v.rjust(c) for v, c in zip(values, cols)))
+    for r in runs:
+        for failure in r.get("rebalance_failures", [])[:3]:
+            lines.append(f"[{r['label']}] {failure}")
     first = runs[0]
     lines.append(
         f"({first['ep_size']} EP ranks, {first['num_physical_experts']} slots, {first['batch_tokens']} tokens/pass, "
