@@ -83,15 +83,16 @@ def run_local_experts(
     """
     num_slots = w13.shape[0]
     counts = torch.bincount(local_slot, minlength=num_slots)
-    out = torch.empty_like(x)
     if x.shape[0] == 0:
-        return out, counts
+        return torch.empty_like(x), counts
     order = torch.argsort(local_slot, stable=True)
+    # Rows go back to x's order by a gather (inverse permutation), cheaper than a row scatter.
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
     grouped = x[order]
     result = _grouped_ffn(grouped, counts, w13, w2)
     if result is not None:
-        out[order] = result
-        return out, counts
+        return result.index_select(0, inverse), counts
     # One host read of the per-slot counts to cut the rows into slices (needed by the loop).
     bounds = torch.cumsum(counts, 0).tolist()
     result = torch.empty_like(grouped)
@@ -100,8 +101,7 @@ def run_local_experts(
         if end > start:
             result[start:end] = expert_ffn(grouped[start:end], w13[slot], w2[slot])
         start = end
-    out[order] = result
-    return out, counts
+    return result.index_select(0, inverse), counts
 
 
 def _exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> torch.Tensor:
@@ -177,6 +177,9 @@ def ep_moe_forward(
     recorder.on_dispatch_receive_counts(recv_counts)
     # Combine in pair order (token-major), the same order as the dense reference.
     pair_weights = topk_weights.reshape(-1)[valid].to(pair_out.dtype).unsqueeze(1)
-    out = torch.zeros_like(hidden)
-    out.index_add_(0, token_of_pair, pair_out * pair_weights)
+    # Each pair lands in its own row of a [T * k, H] buffer (no atomics; padded choices stay
+    # zero), then each token sums its k rows in choice order.
+    per_choice = hidden.new_zeros(num_tokens * top_k, hidden.shape[1])
+    per_choice.index_copy_(0, valid, pair_out * pair_weights)
+    out = per_choice.view(num_tokens, top_k, -1).sum(1)
     return MoEOutput(out=out, recv_counts=recv_counts, compute_s=compute_s)
