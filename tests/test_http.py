@@ -101,6 +101,10 @@ def test_record_and_dump_act_on_every_rank_and_read_back_as_a_trace(tmp_path):
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
         url = ready.read_text()
+        # The server is up before the ranks have built their engines: wait until it serves.
+        while '"serving"' not in request(url + "/health")[1]:
+            assert time.monotonic() < deadline, "the server never reported serving"
+            time.sleep(0.05)
         assert request(url + "/start_expert_distribution_record")[:2] == (200, "Start recording the expert distribution.\n")
         time.sleep(0.05)
         assert request(url + "/stop_expert_distribution_record", "POST")[0] == 200
