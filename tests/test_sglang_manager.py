@@ -22,7 +22,7 @@ pytestmark = pytest.mark.sglang
 
 NUM_LAYERS, NUM_LOGICAL, NUM_PHYSICAL = 3, 6, 8  # layer 0 is dense (no routed experts)
 INTERVAL_PASSES = 4
-PLANNING_PASSES = 30  # passes the background planner may take (ranks poll it in lockstep)
+PLANNING_PASSES = 150  # passes the background planner may take (ranks poll it in lockstep)
 PASS_S = 0.02
 
 
