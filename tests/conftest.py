@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,9 @@ def trace_path(name: str) -> Path:
 
 def free_port() -> int:
     """A TCP port that is free right now (picked by the OS, never fixed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from eplb_plugin.runtime.launch import free_port as pick
+
+    return pick()
 
 
 def destroy_process_group() -> None:

@@ -12,7 +12,6 @@ from test_executor_transfer import (
     NUM_LOCAL,
     SPECS,
     TIMEOUT_S,
-    _free_port,
     _same,
     identity_weights,
     random_map,
@@ -21,7 +20,7 @@ from test_executor_transfer import (
 from eplb_plugin.errors import TransferError
 from eplb_plugin.executor import AsyncExpertMover, LayerMove
 
-from conftest import destroy_process_group
+from conftest import destroy_process_group, free_port
 
 NUM_LAYERS = 4
 
@@ -116,4 +115,4 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 def test_background_moves_commit_whole_layers_at_pass_boundaries_and_failures_surface():
     """2 gloo ranks: chunked commits land every layer exactly; an injected failure reaches all."""
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=True)

@@ -5,7 +5,6 @@ Weights encode (layer, logical expert, tensor, position), so every slot is check
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 
 import pytest
@@ -24,7 +23,7 @@ from eplb_plugin.executor import (
 )
 from eplb_plugin.executor.staging import pair_runs
 
-from conftest import destroy_process_group
+from conftest import destroy_process_group, free_port
 
 # (trailing shape, dtype) of each per-slot tensor: like w13, w2, a bf16 bias, fp8/int8 scales.
 SPECS = [((3, 5), torch.float32), ((4,), torch.bfloat16), ((2, 3), torch.int8), ((), torch.float32),
@@ -61,11 +60,6 @@ def random_map(gen: torch.Generator, num_slots: int, num_logical: int) -> torch.
     extra = torch.randint(0, num_logical, (num_slots - num_logical,), generator=gen)
     return torch.cat([torch.arange(num_logical), extra])[torch.randperm(num_slots, generator=gen)]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Boom(RuntimeError):
@@ -235,7 +229,7 @@ def _cases(rank: int, world: int) -> None:
 
 
 def _spawn(world: int) -> None:
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port()), nprocs=world, join=True)
 
 
 def test_moves_land_exactly_and_failures_leave_old_weights_on_2_ranks():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from eplb_plugin.recorder import (
     safe_dump_path,
 )
 
-from conftest import destroy_process_group
+from conftest import destroy_process_group, free_port
 
 NUM_LAYERS, NUM_LOGICAL, NUM_PHYSICAL = 3, 13, 16
 
@@ -148,11 +147,6 @@ def test_noop_recorder_allocates_and_launches_nothing():
         rec.start_record()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_rank_worker(rank, port, tmp, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -178,7 +172,7 @@ def _two_rank_worker(rank, port, tmp, results):
 def test_stat_dump_sums_over_ranks_and_only_rank_zero_writes(tmp_path):
     """Two gloo ranks: logical counts are all-reduced; the utilization uses summed GPU loads."""
     results = mp.Manager().dict()
-    mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path), results), nprocs=2)
+    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path), results), nprocs=2)
     assert results[0][0] == results[1][0] == [[[2, 1, 0, 1]]]
     assert results[0][1] == pytest.approx(2 / 3)  # slots 0,1 | 2,3 summed over ranks: loads (3, 1)
     assert [results[r][2] for r in (0, 1)] == [True, False]

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, CountsError, PlacementError
+from ..location import compute_logical_to_physical_map
 from .balanced import plan_balanced, replica_weights
 from .deepseek import deepseek
 from .migrate import plan_migration_aware
@@ -52,30 +53,13 @@ class Placement:
     def logical_to_physical_map(self) -> torch.Tensor:
         """[L, E, P - E + 1] int64 slots of each logical expert, padded with -1."""
         num_logical = int(self.physical_to_logical_map.max()) + 1
-        return logical_to_physical(self.physical_to_logical_map, num_logical)
+        return compute_logical_to_physical_map(self.physical_to_logical_map, num_logical)
 
     def replica_count(self, num_logical: int) -> torch.Tensor:
         """[L, E] int64 replicas per logical expert."""
         phy2log = self.physical_to_logical_map
         out = torch.zeros(phy2log.shape[0], num_logical, dtype=torch.int64)
         return out.scatter_add_(1, phy2log, torch.ones_like(phy2log))
-
-
-def logical_to_physical(phy2log: torch.Tensor, num_logical: int) -> torch.Tensor:
-    """[L, P] map -> [L, E, X] slot lists padded with -1, X = P - E + 1 (fixed width)."""
-    num_layers, num_physical = phy2log.shape
-    width = num_physical - num_logical + 1
-    out = torch.full((num_layers, num_logical, width), -1, dtype=torch.int64)
-    p2l = phy2log.numpy()
-    order = np.argsort(p2l, axis=1, kind="stable")
-    sorted_experts = np.take_along_axis(p2l, order, axis=1)
-    starts = np.ones_like(sorted_experts, dtype=bool)
-    starts[:, 1:] = sorted_experts[:, 1:] != sorted_experts[:, :-1]
-    first = np.maximum.accumulate(np.where(starts, np.arange(num_physical)[None, :], 0), axis=1)
-    rank = np.arange(num_physical)[None, :] - first
-    rows = np.repeat(np.arange(num_layers), num_physical)
-    out[rows, sorted_experts.ravel(), rank.ravel()] = torch.from_numpy(order.ravel().astype(np.int64))
-    return out
 
 
 # Step functions: (weight [L, E] float64, P, G, nodes, groups, previous map | None) -> (map, weights | None)
@@ -255,7 +239,7 @@ def rebalance_experts(
     )
     num_logical = tokens_per_expert.shape[-1]
     phy2log = placement.physical_to_logical_map
-    return phy2log, logical_to_physical(phy2log, num_logical), placement.replica_count(num_logical)
+    return phy2log, compute_logical_to_physical_map(phy2log, num_logical), placement.replica_count(num_logical)
 
 
-__all__ = ["ALGORITHMS", "Placement", "algorithm_for_dispatch", "logical_to_physical", "plan", "rebalance_experts"]
+__all__ = ["ALGORITHMS", "Placement", "algorithm_for_dispatch", "plan", "rebalance_experts"]

@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from ..balance import layer_balancedness
 from ..errors import ConfigError
 from .split import equal_slot_loads, gpu_sum, waterfill_slot_loads
 
@@ -55,9 +57,7 @@ def per_pass_balancedness(
         slot = np.take_along_axis(rows, maps, axis=1) * w
     else:
         slot = equal_slot_loads(rows, maps)
-    g = gpu_sum(slot, num_gpus)
-    peak = g.max(1)
-    bal = np.where(peak > 0, g.mean(1) / np.where(peak > 0, peak, 1.0), 1.0)
+    bal = layer_balancedness(torch.from_numpy(gpu_sum(slot, num_gpus))).numpy()
     return bal.reshape(num_passes, num_layers).mean(1)
 
 

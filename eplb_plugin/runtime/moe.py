@@ -136,8 +136,12 @@ def ep_moe_forward(
     w13, w2 = weights
     num_slots = w13.shape[0]
     num_tokens, top_k = topk_ids.shape
-    physical = dispatcher.dispatch(layer, topk_ids)  # [T, k] int64, -1 kept
-    recorder.on_select_experts(physical)
+    if dispatcher.algorithm == "static":
+        # Static dispatch is a table lookup: map and count in one fused kernel.
+        physical = recorder.record_logical(layer, topk_ids, dispatcher.static_table).long()
+    else:
+        physical = dispatcher.dispatch(layer, topk_ids)  # [T, k] int64, -1 kept
+        recorder.on_select_experts(physical)
     flat = physical.reshape(-1)
     valid = (flat >= 0).nonzero().squeeze(1)  # pair index t * k + j of every real choice
     slots = flat[valid]
