@@ -76,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens per pass for the EP8 compute part (default: --batch-tokens)")
     p.add_argument("--dispatch", default="static,dynamic",
                    help="comma-separated --ep-dispatch-algorithm values, one EPLB run each (static is named 'eplb')")
+    p.add_argument("--disable-cuda-graph", action="store_true", help="run every pass eagerly on CUDA")
+    p.add_argument("--profile-passes", default="",
+                   help="comma-separated passes that rank 0 runs under torch.profiler (each run)")
+    p.add_argument("--profile-dir", default=None, help="where the profiles go (default: --out/profiles)")
     p.add_argument("--out", default=str(Path(__file__).with_name("results")))
     return p.parse_args(argv)
 
@@ -106,7 +110,10 @@ def setup(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EPLBArg
             RunSpec("uniform", dataclasses.replace(args, ep_num_redundant_experts=0).resolve(),
                     WorkloadSpec(kind="uniform"), passes)]
     cfg = RuntimeConfig(model=model, batch_tokens=ns.batch_tokens or (2048 if cuda else 256), device=ns.device,
-                        dtype="bfloat16" if cuda else "float32", progress=True)
+                        dtype="bfloat16" if cuda else "float32", progress=True,
+                        cuda_graph=not ns.disable_cuda_graph,
+                        profile_passes=tuple(int(x) for x in ns.profile_passes.split(",") if x),
+                        profile_dir=ns.profile_dir or str(Path(ns.out) / "profiles"))
     return cfg, runs, on, workload
 
 

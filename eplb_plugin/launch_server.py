@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="At the end, check every slot's weights against its expert's fingerprint.")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show the progress bar.")
+    g.add_argument("--disable-cuda-graph", action="store_true",
+                   help="On CUDA, run passes eagerly (default: one CUDA graph per pass under static dispatch).")
     g.add_argument("--threads-per-rank", type=int, default=None, help="CPU threads per rank (default: cores / ranks).")
     return parser
 
@@ -78,7 +80,7 @@ def build_runs(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EP
         model=model, batch_tokens=ns.batch_tokens, device=ns.device,
         dtype=ns.dtype or ("bfloat16" if ns.device == "cuda" else "float32"), seed=ns.seed,
         verify_weights=ns.verify_weights, http_host=ns.host, http_port=ns.port, progress=ns.progress,
-        threads_per_rank=ns.threads_per_rank,
+        threads_per_rank=ns.threads_per_rank, cuda_graph=not ns.disable_cuda_graph,
     )
     if ns.compare:
         off = dataclasses.replace(raw, enable_eplb=False, eplb_non_blocking=False).resolve()

@@ -156,3 +156,11 @@ def test_grouped_gemm_expert_path_matches_the_per_slot_loop_on_gpu():
     expected = torch.stack([moe.expert_ffn(x[i : i + 1], w13[s], w2[s])[0] for i, s in enumerate(slot.tolist())])
     assert counts.tolist() == torch.bincount(slot, minlength=num_slots).tolist()
     torch.testing.assert_close(grouped.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    # The MoE forward passes rows past the last group (other ranks' pairs): they must not
+    # change the groups' outputs.
+    order = torch.argsort(slot, stable=True)
+    ends = torch.cumsum(counts, 0)
+    padded = torch.cat([x[order], torch.full((97, hidden), float("nan"), device="cuda").bfloat16()])
+    out = moe._sorted_ffn(padded, ends, w13, w2)
+    assert moe._grouped_mm_broken is None, moe._grouped_mm_broken
+    torch.testing.assert_close(out[: rows].float(), expected[order].float(), rtol=2e-2, atol=2e-2)

@@ -113,6 +113,11 @@ class RuntimeConfig:
     (tests compare them with the dense reference).
     result_path: where rank 0 writes the runs' results as JSON (the launcher reads it).
     threads_per_rank: torch intra-op threads per rank on CPU (default: cores / local ranks).
+    cuda_graph: on CUDA, run each pass's MoE layers as one CUDA graph where the dispatch
+    allows it (``runtime/graphs.py``); False: eager.
+    profile_passes / profile_dir: rank 0 runs those passes of each run under torch.profiler
+    and writes ``<run>_profile.txt`` (ops by device and host time, and the pass's host and
+    device totals) into profile_dir.
     """
 
     model: ModelShape
@@ -127,6 +132,9 @@ class RuntimeConfig:
     manager_factory: str | None = None
     capture_passes: tuple[int, ...] = ()
     capture_dir: str | None = None
+    cuda_graph: bool = True
+    profile_passes: tuple[int, ...] = ()
+    profile_dir: str | None = None
     result_path: str | None = None
     dump_dir: str | None = None
     threads_per_rank: int | None = None

@@ -4,7 +4,7 @@ Each pass, on every rank (the loop is collective: every rank runs the same passe
 
 1. Take this rank's shard of the pass's global batch (the workload is deterministic, so
    ranks agree without talking) and its hidden states (deterministic from (seed, pass)).
-2. Run every MoE layer (``ep_moe_forward``: dispatch, all-to-all, experts, all-to-all
+2. Run every MoE layer (``ep_moe_forward``: dispatch, all-gather, experts, partial sums
    back), chained ``h = h + MoE_l(rms_normalize(h))``, inside the recorder's pass.
 3. One SUM all-reduce of a small vector: the HTTP command from rank 0, every slot's
    received pairs [L, P], every rank's MoE step time and expert compute time. All ranks
@@ -18,6 +18,7 @@ the final map says it holds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -36,8 +37,10 @@ from eplb_plugin.errors import ConfigError, EPLBError, RebalanceError, TransferE
 from eplb_plugin.location import ExpertLocation, load_init_expert_location
 from eplb_plugin.recorder import create_recorder
 from eplb_plugin.runtime.config import RunSpec, RuntimeConfig
+from eplb_plugin.runtime.graphs import PassGraph, capture_agreed
 from eplb_plugin.runtime.http import Command, ControlChannel, Reply
 from eplb_plugin.runtime.moe import ep_moe_forward, rms_normalize
+from eplb_plugin.runtime.profiling import profile_pass
 from eplb_plugin.runtime.weights import FFNShape, build_rank_weights, verify_rank_weights
 from eplb_plugin.runtime.workload import shard_tokens
 
@@ -95,6 +98,7 @@ class RankEngine:
         self.weights = build_rank_weights(self.location, rank, self.shape)
         self.workload = run.workload.build(model, cfg.batch_tokens)
         self.tokens = shard_tokens(cfg.batch_tokens, rank=rank, world_size=world_size)
+        self.tokens_per_rank = -(-cfg.batch_tokens // world_size)  # every rank pads to this
         self.recorder = create_recorder(
             args.expert_distribution_recorder_mode,
             **self._recorder_kwargs(args),
@@ -119,6 +123,10 @@ class RankEngine:
         self.gpu_load = np.zeros((n, model.num_layers, world_size), dtype=np.float32)
         self.rss_mb = np.zeros((n + RSS_EVERY_PASSES - 1) // RSS_EVERY_PASSES)
         self.rebalance_failures: list[str] = []
+        self._graph: PassGraph | None = None
+        self._graph_wanted = self.graphable()
+        self.graph_captures = 0
+        self._align_token = torch.zeros(1, device=device)
 
     def _recorder_kwargs(self, args: Any) -> dict[str, Any]:
         if args.expert_distribution_recorder_mode is None:
@@ -143,7 +151,15 @@ class RankEngine:
     def _on_location_change(self, location: ExpertLocation) -> None:
         """Called by the manager on the serving thread once a new map is live on every rank."""
         self.location = location
-        self.dispatcher = self._make_dispatcher(location)
+        dispatcher = self._make_dispatcher(location)
+        if self._graph is not None:
+            if dispatcher.static_table.shape == self.dispatcher.static_table.shape:
+                # The captured pass reads the old table's memory: the new table goes there
+                # (stream-ordered before the next replay), so the graph stays valid.
+                dispatcher.static_table = self.dispatcher.static_table.copy_(dispatcher.static_table)
+            else:
+                self._graph = None  # capture again at the next pass
+        self.dispatcher = dispatcher
 
     # ------------------------------------------------------------------ one pass
 
@@ -165,20 +181,66 @@ class RankEngine:
         [L, S] int64, expert compute seconds).
         """
         h, ids, topk_weights = inputs if inputs is not None else self.inputs(pass_id)
+        with self.recorder.with_forward_pass(pass_id):
+            if self._graph is not None:
+                h, received = self._graph.replay(h, ids, topk_weights)
+                return h, received, 0.0
+            return self._layers(h, ids, topk_weights)
+
+    def _layers(self, h: torch.Tensor, ids: torch.Tensor, topk_weights: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Every MoE layer on this rank's tokens (the pass body; collective)."""
         received = []
         compute_s = 0.0
-        with self.recorder.with_forward_pass(pass_id):
-            for layer in range(self.model.num_layers):
-                with self.recorder.with_current_layer(layer):
-                    res = ep_moe_forward(
-                        rms_normalize(h), ids[:, layer], topk_weights[:, layer], layer=layer,
-                        dispatcher=self.dispatcher, weights=self.weights[layer], recorder=self.recorder,
-                        group=self.group, world_size=self.world_size,
-                    )
-                h = h + res.out
-                received.append(res.recv_counts)
-                compute_s += res.compute_s
+        for layer in range(self.model.num_layers):
+            with self.recorder.with_current_layer(layer):
+                res = ep_moe_forward(
+                    rms_normalize(h), ids[:, layer], topk_weights[:, layer], layer=layer,
+                    dispatcher=self.dispatcher, weights=self.weights[layer], recorder=self.recorder,
+                    group=self.group, world_size=self.world_size, rank=self.rank,
+                    tokens_per_rank=self.tokens_per_rank,
+                )
+            h = h + res.out
+            received.append(res.recv_counts)
+            compute_s += res.compute_s
         return h, torch.stack(received), compute_s
+
+    def graphable(self) -> bool:
+        """Whether passes run as a CUDA graph: CUDA, asked for, static dispatch (a table
+        lookup; the other algorithms draw random numbers or read loads), and a recorder
+        mode whose hooks only count (per_token also copies ids per pass)."""
+        mode = self.run_spec.eplb.expert_distribution_recorder_mode
+        return (self.device.type == "cuda" and self.cfg.cuda_graph and self.dispatch_algorithm == "static"
+                and mode != "per_token")
+
+    def _ensure_graph(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
+        """Capture the pass if it should run as a graph and none is live (collective).
+        Returns the seconds spent (a stall: the pass waits for it)."""
+        if self._graph is not None or not self._graph_wanted:
+            return 0.0
+        start = time.perf_counter()
+        pass_counts = getattr(self.recorder, "pass_counts", None)
+        saved = pass_counts.clone() if pass_counts is not None else None
+        body = lambda h, ids, w: self._layers(h, ids, w)[:2]  # noqa: E731
+        self._graph = capture_agreed(body, inputs, group=self.group, world_size=self.world_size, device=self.device)
+        if saved is not None:
+            pass_counts.copy_(saved)  # the warm-up passes are not traffic
+        self._graph_wanted = self._graph is not None  # a failed capture is not retried
+        self.graph_captures += 1
+        return time.perf_counter() - start
+
+    def _align_ranks(self) -> None:
+        """Wait until this rank's GPU is idle and every rank got here (collective), so that a
+        pass's step time measures the pass, not how much later another rank started it
+        (preparing a pass's inputs takes each rank a different host time)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(self._align_token, group=self.group)  # returns once every rank sent
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
 
     def _pass_stats(self, command: int, received: torch.Tensor, step_s: float, compute_s: float) -> torch.Tensor:
         """One SUM all-reduce (collective): [1 + L * P + 2W] float64 -> the same, summed."""
@@ -237,10 +299,14 @@ class RankEngine:
             for p in range(n):
                 pending = self.channel.take() if self.channel is not None else None
                 inputs = self.inputs(p)
-                if cuda:
-                    torch.cuda.synchronize(self.device)  # measurement point: the pass starts idle
+                capture_s = self._ensure_graph(inputs) if cuda else 0.0
+                self._align_ranks()  # measurement point: every rank starts the pass idle, together
+                profiling = (self.rank == 0 and p in self.cfg.profile_passes and self.cfg.profile_dir)
+                prof = (profile_pass(Path(self.cfg.profile_dir) / f"{spec.label}_profile.txt", spec.label, p, cuda)
+                        if profiling else contextlib.nullcontext())
                 t0 = time.perf_counter()
-                h, received, compute_s = self.forward(p, inputs)
+                with prof:
+                    h, received, compute_s = self.forward(p, inputs)
                 if cuda:
                     torch.cuda.synchronize(self.device)  # measurement point: the pass's kernels done
                 step_s = time.perf_counter() - t0
@@ -262,7 +328,7 @@ class RankEngine:
                         self.rebalance_failures.append(f"pass {p}: {exc}")
                         if self.rank == 0:
                             bar.write(f"[{spec.label}] rebalance failed at pass {p}, serving on: {exc}")
-                self.stall_s[p] = time.perf_counter() - t1
+                self.stall_s[p] = time.perf_counter() - t1 + capture_s
                 self._seen_history = self._log_rebalances(bar, self._seen_history)
                 if self.channel is not None:
                     self.channel.status.update(pass_id=p + 1)
@@ -372,6 +438,8 @@ def summarize(engine: RankEngine, stall_s: np.ndarray, wall_s: float, *, rss_mb:
         "moe_step_s_per_pass": engine.step_s.round(7).tolist(),
         "expert_compute_s_per_pass": engine.compute_s.round(7).tolist(),
         "stall_s_per_pass": stall_s.round(7).tolist(),
+        "cuda_graph": engine._graph_wanted,
+        "graph_captures": engine.graph_captures,
         "balancedness_mean": float(engine.balancedness[warmup:].mean()),
         "moe_step_ms_mean": float(1e3 * engine.step_s[warmup:].mean()),
         "expert_compute_ms_mean": float(1e3 * engine.compute_s[warmup:].mean()),

@@ -1,18 +1,28 @@
-"""One expert-parallel MoE layer forward: dispatch, all-to-all, expert FFNs, all-to-all back, combine.
+"""One expert-parallel MoE layer forward: dispatch, gather, expert FFNs, combine.
 
 Steps of ``ep_moe_forward`` on each rank (every rank of the group calls it for the same
 layer in the same order: it is collective):
 
 1. Dispatch: the router's logical ``topk_ids [T, k]`` become physical slots
    (``ExpertDispatcher``); the recorder's hook sees them.
-2. Sort the (token, choice) pairs by destination rank; exchange the per-rank pair counts
-   (``all_to_all_single`` on a [W] counts tensor), then the pairs' hidden states and
-   destination local slots (``all_to_all_single`` with those split sizes).
-3. Each local slot runs its SiLU-gated FFN over the pairs it received.
-4. Results go back by the reverse all-to-all; each token sums its choices' outputs
-   weighted by ``topk_weights``.
+2. Gather: every rank's tokens (hidden states, physical slots and combine weights) are
+   all-gathered, each rank padded to the same ``tokens_per_rank`` rows. Every shape is
+   then fixed by the batch, not by the routing: no host synchronization, so the host
+   queues a whole pass ahead of the GPU.
+3. Each rank sorts the gathered (token, choice) pairs by its own local slot (pairs of
+   other ranks sort last), cuts the sorted list at each slot's end
+   (``searchsorted``, on the device) and runs every local slot's SiLU-gated FFN over its
+   pairs: two grouped GEMMs on CUDA bf16, a loop over slots elsewhere.
+4. Combine: each rank sums, per gathered token, its pairs' weighted outputs, and the
+   partial sums go back to the tokens' ranks (one ``all_to_all_single``), which add the
+   ranks' parts in rank order.
 
-With one rank no communication happens (step 2 and 4 return early).
+This is all-gather dispatch with a reduce-back combine. Per token and direction it moves
+``W - 1`` rows (W ranks), against ``k * (W - 1) / W`` rows for a per-pair all-to-all with
+uneven splits, which needs the split sizes on the host (a synchronization per layer).
+For ``W - 1 < k`` (EP2 and EP4 at top-6/top-8) it also moves fewer bytes.
+
+With one rank no communication happens.
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ import torch.nn.functional as F
 
 from eplb_plugin.dispatch import ExpertDispatcher
 
-# dtypes that hold every local slot index exactly (< 2**24 slots per rank).
-_EXACT_INT_DTYPES = (torch.float32, torch.float64)
+# Gathered pairs whose rows would exceed this are compacted to this rank's pairs first,
+# which costs one host read of their number (large batches and hidden sizes only).
+MAX_PAIR_ROWS_BYTES = 1 << 30
 
 
 @dataclass
@@ -56,15 +67,16 @@ _GROUPED_MM_DTYPES = (torch.bfloat16,)
 _grouped_mm_broken: str | None = None  # why the grouped GEMM was given up, once it failed
 
 
-def _grouped_ffn(grouped: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
+def _grouped_ffn(grouped: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
     """All slots' FFNs as two grouped GEMMs (``torch._grouped_mm``, CUDA bf16 on Hopper), the
     way fused-MoE kernels run them: the cost follows the rows, not a launch per slot, and the
-    per-slot counts stay on the GPU. Returns None where unavailable (then the loop runs)."""
+    group ends stay on the GPU. ends: [S] int end row of each slot's group; rows past the
+    last end are not computed (their output rows are undefined). None where unavailable."""
     global _grouped_mm_broken
     if (_grouped_mm_broken or not grouped.is_cuda or grouped.dtype not in _GROUPED_MM_DTYPES
             or not hasattr(torch, "_grouped_mm")):
         return None
-    offsets = torch.cumsum(counts, 0).to(torch.int32)  # end row of each slot's group
+    offsets = ends.to(torch.int32)
     try:
         gate, up = torch._grouped_mm(grouped, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         return torch._grouped_mm((F.silu(gate) * up).contiguous(), w2.transpose(1, 2), offs=offsets)
@@ -73,44 +85,60 @@ def _grouped_ffn(grouped: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
         return None
 
 
-def run_local_experts(
-    x: torch.Tensor, local_slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run each local slot's FFN on its rows.
-
-    x: [M, H] received rows; local_slot: [M] int64 in [0, S); w13: [S, 2I, H]; w2: [S, H, I].
-    Returns (out [M, H] in the order of x, counts [S] int64 rows per slot).
-    """
-    num_slots = w13.shape[0]
-    counts = torch.bincount(local_slot, minlength=num_slots)
-    if x.shape[0] == 0:
-        return torch.empty_like(x), counts
-    order = torch.argsort(local_slot, stable=True)
-    # Rows go back to x's order by a gather (inverse permutation), cheaper than a row scatter.
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    grouped = x[order]
-    result = _grouped_ffn(grouped, counts, w13, w2)
+def _sorted_ffn(grouped: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by slot, slot s on rows [ends[s-1], ends[s]) -> outputs in the same order.
+    Rows past ends[-1] are left undefined."""
+    result = _grouped_ffn(grouped, ends, w13, w2)
     if result is not None:
-        return result.index_select(0, inverse), counts
-    # One host read of the per-slot counts to cut the rows into slices (needed by the loop).
-    bounds = torch.cumsum(counts, 0).tolist()
+        return result
+    # One host read of the group ends to cut the rows into slices (needed by the loop).
+    bounds = ends.tolist()
     result = torch.empty_like(grouped)
     start = 0
     for slot, end in enumerate(bounds):
         if end > start:
             result[start:end] = expert_ffn(grouped[start:end], w13[slot], w2[slot])
         start = end
-    return result.index_select(0, inverse), counts
+    return result
 
 
-def _exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> torch.Tensor:
-    """all_to_all_single of rows with uneven splits. x: [N, ...] -> [sum(recv_splits), ...]."""
+def run_local_experts(
+    x: torch.Tensor, local_slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run each local slot's FFN on its rows.
+
+    x: [M, H] rows; local_slot: [M] int64 in [0, S); w13: [S, 2I, H]; w2: [S, H, I].
+    Returns (out [M, H] in the order of x, counts [S] int64 rows per slot).
+    """
+    num_slots = w13.shape[0]
+    sorted_slot, order = torch.sort(local_slot, stable=True)
+    ends = torch.searchsorted(sorted_slot, torch.arange(1, num_slots + 1, device=x.device))
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    if x.shape[0] == 0:
+        return torch.empty_like(x), counts
+    result = _sorted_ffn(x.index_select(0, order), ends, w13, w2)
+    return result.index_select(0, _inverse(order)), counts
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: rows go back by a gather, cheaper than a row scatter."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
+def _all_gather(x: torch.Tensor, world_size: int, group: Any) -> torch.Tensor:
+    """[n, ...] from every rank -> [world_size * n, ...] in rank order."""
     import torch.distributed as dist
 
-    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+    out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x.contiguous(), group=group)
     return out
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def ep_moe_forward(
@@ -124,6 +152,8 @@ def ep_moe_forward(
     recorder: Any,
     group: Any = None,
     world_size: int = 1,
+    rank: int = 0,
+    tokens_per_rank: int | None = None,
 ) -> MoEOutput:
     """This rank's tokens through one EP MoE layer. Collective over ``group`` when world_size > 1.
 
@@ -131,59 +161,67 @@ def ep_moe_forward(
     ids, -1 = padding (the choice is skipped); topk_weights: [T, k] combine weights.
     weights: ``[w13 [S, 2I, H], w2 [S, H, I]]`` of this rank's slots for ``layer``.
     recorder: the expert distribution recorder (or its no-op); the caller has entered
-    ``with_current_layer(layer)``.
+    ``with_current_layer(layer)``. rank: this rank in group. tokens_per_rank: the rows
+    every rank pads to (the same on every rank, >= T; None: T, which every rank must share).
     """
     w13, w2 = weights
     num_slots = w13.shape[0]
     num_tokens, top_k = topk_ids.shape
+    hidden_size = hidden.shape[1]
     if dispatcher.algorithm == "static":
         # Static dispatch is a table lookup: map and count in one fused kernel.
         physical = recorder.record_logical(layer, topk_ids, dispatcher.static_table).long()
     else:
         physical = dispatcher.dispatch(layer, topk_ids)  # [T, k] int64, -1 kept
         recorder.on_select_experts(physical)
-    flat = physical.reshape(-1)
-    valid = (flat >= 0).nonzero().squeeze(1)  # pair index t * k + j of every real choice
-    slots = flat[valid]
-    token_of_pair = valid // top_k
-    dest = slots // num_slots
-    cpu_clock = hidden.device.type == "cpu"
+    rows = tokens_per_rank if tokens_per_rank is not None else num_tokens
+    if rows < num_tokens:
+        raise ValueError(f"tokens_per_rank={rows} is below this rank's {num_tokens} tokens")
+    # Slots and combine weights travel together as int32 words (weights as float32 bits).
+    meta = torch.cat([physical.to(torch.int32), topk_weights.to(torch.float32).view(torch.int32)], 1)
+    x = hidden
+    if rows > num_tokens:  # padding rows: no choice (-1), zero weight
+        x = torch.cat([hidden, hidden.new_zeros(rows - num_tokens, hidden_size)])
+        pad = meta.new_zeros(rows - num_tokens, 2 * top_k)
+        pad[:, :top_k] = -1
+        meta = torch.cat([meta, pad])
+    if world_size > 1:
+        x, meta = _all_gather(x, world_size, group), _all_gather(meta, world_size, group)
 
-    if world_size == 1:
-        start = time.thread_time()
-        pair_out, recv_counts = run_local_experts(hidden[token_of_pair], slots % num_slots, w13, w2)
-        compute_s = time.thread_time() - start if cpu_clock else 0.0
+    # This rank's pairs, sorted by local slot; every other pair gets the key num_slots (last).
+    local = meta[:, :top_k].to(torch.int64) - rank * num_slots
+    mine = (local >= 0) & (local < num_slots)
+    key = torch.where(mine, local, num_slots).reshape(-1)
+    sorted_key, order = torch.sort(key, stable=True)
+    ends = torch.searchsorted(sorted_key, torch.arange(1, num_slots + 1, device=key.device))
+    recv_counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    num_pairs = order.numel()
+    if num_pairs * hidden_size * x.element_size() > MAX_PAIR_ROWS_BYTES or not x.is_cuda:
+        # Only this rank's pairs (a host read of their number; free on CPU).
+        order = order[: int(ends[-1])]
+    cpu_clock = x.device.type == "cpu"
+    start = time.thread_time()
+    pair_out = _sorted_ffn(x.index_select(0, order // top_k), ends, w13, w2)
+    compute_s = time.thread_time() - start if cpu_clock else 0.0
+    pair_weights = meta[:, top_k:].view(torch.float32).reshape(-1).index_select(0, order)
+    keep = sorted_key[: order.numel()] < num_slots
+    # Rows past the last slot's end are undefined (maybe NaN): selected away, not multiplied.
+    weighted = torch.where(keep.unsqueeze(1), pair_out * pair_weights.to(pair_out.dtype).unsqueeze(1), 0)
+    # Each pair back to its (token, choice) row, then each token sums its k rows in choice order.
+    if order.numel() == num_pairs:  # every pair was computed (or masked to 0): a gather
+        per_choice = weighted.index_select(0, _inverse(order))
     else:
+        per_choice = weighted.new_zeros(num_pairs, hidden_size)
+        per_choice.index_copy_(0, order, weighted)
+    acc = _accumulate_dtype(hidden.dtype)
+    partial = per_choice.view(-1, top_k, hidden_size).sum(1, dtype=acc)
+    if world_size > 1:
         import torch.distributed as dist
 
-        order = torch.argsort(dest, stable=True)
-        send_counts = torch.bincount(dest, minlength=world_size)
-        recv_counts_by_rank = torch.empty_like(send_counts)
-        # Counts first: every rank must know how many rows it receives from each peer.
-        dist.all_to_all_single(recv_counts_by_rank, send_counts, group=group)
-        # The split sizes must be host ints for all_to_all_single: one host read per layer.
-        send_splits, recv_splits = send_counts.tolist(), recv_counts_by_rank.tolist()
-        local_slot = slots[order] % num_slots
-        if hidden.dtype in _EXACT_INT_DTYPES:
-            # One exchange instead of two: the local slot rides as an extra column (exact in fp32/fp64).
-            packed = torch.cat([hidden[token_of_pair[order]], local_slot.to(hidden.dtype).unsqueeze(1)], 1)
-            recv_packed = _exchange(packed, send_splits, recv_splits, group)
-            recv_x, recv_slot = recv_packed[:, :-1], recv_packed[:, -1].to(torch.int64)
-        else:
-            recv_x = _exchange(hidden[token_of_pair[order]], send_splits, recv_splits, group)
-            recv_slot = _exchange(local_slot, send_splits, recv_splits, group)
-        start = time.thread_time()
-        recv_out, recv_counts = run_local_experts(recv_x, recv_slot, w13, w2)
-        compute_s = time.thread_time() - start if cpu_clock else 0.0
-        sorted_out = _exchange(recv_out, recv_splits, send_splits, group)
-        pair_out = torch.empty_like(sorted_out)
-        pair_out[order] = sorted_out
+        # Rank r's tokens' partial sums go back to rank r; each rank adds its W parts in rank order.
+        send = partial.to(hidden.dtype)
+        back = torch.empty_like(send)
+        dist.all_to_all_single(back, send, group=group)
+        partial = back.view(world_size, rows, hidden_size).sum(0, dtype=acc)
     recorder.on_dispatch_receive_counts(recv_counts)
-    # Combine in pair order (token-major), the same order as the dense reference.
-    pair_weights = topk_weights.reshape(-1)[valid].to(pair_out.dtype).unsqueeze(1)
-    # Each pair lands in its own row of a [T * k, H] buffer (no atomics; padded choices stay
-    # zero), then each token sums its k rows in choice order.
-    per_choice = hidden.new_zeros(num_tokens * top_k, hidden.shape[1])
-    per_choice.index_copy_(0, valid, pair_out * pair_weights)
-    out = per_choice.view(num_tokens, top_k, -1).sum(1)
-    return MoEOutput(out=out, recv_counts=recv_counts, compute_s=compute_s)
+    return MoEOutput(out=partial[:num_tokens].to(hidden.dtype), recv_counts=recv_counts, compute_s=compute_s)

@@ -126,10 +126,12 @@ class SyntheticWorkload:
         g = _generator(self.seed, 1_000_000 + pass_id)
         probs = self.popularity(pass_id)
         t, k = self.tokens_per_pass, self.top_k
-        ids = torch.stack(
-            [torch.multinomial(probs[layer].expand(t, -1), k, replacement=False, generator=g) for layer in range(self.num_layers)],
-            dim=1,
-        )  # [T, L, k]
+        # k experts without replacement, each draw proportional to popularity among those
+        # left: the top k of log(p) + Gumbel noise (the Gumbel-top-k trick), for every token
+        # and layer in one op (a per-layer multinomial took ~0.7 s per 2048-token pass).
+        u = torch.rand(t, self.num_layers, self.num_logical_experts, generator=g).clamp_(min=1e-20)
+        keys = probs.log().unsqueeze(0) - torch.log(-torch.log(u))
+        ids = keys.topk(k, dim=-1).indices  # [T, L, k]
         weights = torch.softmax(torch.randn(t, self.num_layers, k, generator=g), dim=-1)
         return RoutingBatch(topk_ids=ids.to(torch.int64), topk_weights=weights)
 
