@@ -106,6 +106,23 @@ class ExpertDispatcher:
             padded, 1, torch.where(l2p >= 0, l2p, location.num_physical_experts).flatten(1)
         ).view_as(l2p).to(self.device)
 
+    def update_(self, location: ExpertLocation, *, num_gpus_per_node: int | None = None) -> bool:
+        """Take ``location``'s tables into this dispatcher's tensors, in place (so a CUDA
+        graph that captured ``dispatch`` keeps reading the live tables). Stream-ordered:
+        dispatches queued later see the new tables. Returns False, changing nothing, when
+        the shapes differ (another slot count or replica width)."""
+        fresh = ExpertDispatcher(location, rank=self.rank, algorithm=self.algorithm,
+                                 num_gpus_per_node=num_gpus_per_node, device=self.device)
+        pairs = [(self.static_table, fresh.static_table),
+                 (self.logical_to_physical_map, fresh.logical_to_physical_map),
+                 (self.replica_count, fresh.replica_count), (self.replica_shares, fresh.replica_shares)]
+        if any(old.shape != new.shape or old.dtype != new.dtype for old, new in pairs):
+            return False
+        for old, new in pairs:
+            old.copy_(new)
+        self.location = location
+        return True
+
     def dispatch(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids: [T, k] int, logical ids, -1 = padding -> [T, k] int64 physical slots."""
         ids = topk_ids.to(torch.int64)

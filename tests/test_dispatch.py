@@ -68,3 +68,26 @@ def test_dynamic_fills_the_gpus_that_lack_other_work():
 def test_unknown_algorithm_lists_the_known_ones():
     with pytest.raises(ConfigError, match="static"):
         ExpertDispatcher(LOC, rank=0, algorithm="lp")
+
+
+def test_update_takes_a_new_placement_in_place():
+    """update_ writes a new placement's tables into the same tensors (what a captured CUDA
+    graph reads), dispatching as a fresh dispatcher would; other shapes are refused."""
+    counts = torch.tensor([[50.0, 1, 1, 30, 2, 2, 9, 5], [1.0, 40, 3, 3, 3, 20, 1, 1]])
+    old = ExpertLocation.trivial(num_layers=2, num_logical_experts=8, num_physical_experts=10, ep_size=2)
+    new = ExpertLocation.from_logical_count(counts, num_physical_experts=10, ep_size=2)
+    ids = torch.randint(0, 8, (64, 3), generator=torch.Generator().manual_seed(1))
+    for algorithm in ("static", "weighted", "dynamic"):
+        live = ExpertDispatcher(old, rank=1, algorithm=algorithm)
+        tensors = [live.static_table, live.logical_to_physical_map, live.replica_count, live.replica_shares]
+        addresses = [t.data_ptr() for t in tensors]
+        assert live.update_(new)
+        assert [t.data_ptr() for t in tensors] == addresses
+        fresh = ExpertDispatcher(new, rank=1, algorithm=algorithm)
+        for layer in range(2):
+            assert torch.equal(live.dispatch(layer, ids), fresh.dispatch(layer, ids)), algorithm
+    wider = ExpertLocation.trivial(num_layers=2, num_logical_experts=8, num_physical_experts=12, ep_size=2)
+    live = ExpertDispatcher(old, rank=0)
+    before = live.static_table.clone()
+    assert not live.update_(wider)
+    assert torch.equal(live.static_table, before) and live.location is old

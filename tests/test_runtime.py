@@ -64,9 +64,11 @@ def dense_output(cfg: RuntimeConfig, workload: WorkloadSpec, pass_id: int) -> to
     return dense_forward(hidden, batch.topk_ids, batch.topk_weights, weights)
 
 
-def test_ep_outputs_equal_dense_before_and_after_rebalances(tmp_path):
-    """Two gloo ranks, float64: every captured pass equals the dense reference, before and after
-    the real manager's rebalances and a forced move that puts 3 replicas of one expert on a rank."""
+@pytest.mark.parametrize("exchange", ["alltoall", "gather"])
+def test_ep_outputs_equal_dense_before_and_after_rebalances(tmp_path, exchange):
+    """Two gloo ranks, float64, both exchanges: every captured pass equals the dense reference,
+    before and after the real manager's rebalances and a forced move that puts 3 replicas of
+    one expert on a rank. (37 tokens: the ranks hold 19 and 18, so gather pads one.)"""
     base = EPLBArgs(ep_size=2, ep_num_redundant_experts=4, enable_eplb=True, eplb_rebalance_num_iterations=4,
                     eplb_verify_weights=True)
     workload = WorkloadSpec(seed=3, drift_every_passes=5)
@@ -75,7 +77,8 @@ def test_ep_outputs_equal_dense_before_and_after_rebalances(tmp_path):
         RunSpec("forced", base.resolve(), workload, num_passes=6, manager_factory="test_runtime:ForcedMoveManager"),
     ]
     cfg = RuntimeConfig(model=MODEL, batch_tokens=37, dtype="float64", seed=1, progress=False,
-                        capture_passes=(0, 5, 13, 29), capture_dir=str(tmp_path), threads_per_rank=1)
+                        capture_passes=(0, 5, 13, 29), capture_dir=str(tmp_path), threads_per_rank=1,
+                        exchange=exchange)
     results = {r["label"]: r for r in launch(cfg, runs, runs[0].eplb)}
 
     real, forced = results["real"], results["forced"]
@@ -164,3 +167,33 @@ def test_grouped_gemm_expert_path_matches_the_per_slot_loop_on_gpu():
     out = moe._sorted_ffn(padded, ends, w13, w2)
     assert moe._grouped_mm_broken is None, moe._grouped_mm_broken
     torch.testing.assert_close(out[: rows].float(), expected[order].float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dispatch", ["static", "dynamic"])
+def test_cuda_graph_passes_compute_what_eager_passes_compute(tmp_path, dispatch):
+    """On CUDA each pass runs as one captured graph; across rebalances (new tables copied into
+    the captured ones, weights moved in place) it computes exactly what eager passes compute,
+    and it is captured once."""
+    ep = min(2, torch.cuda.device_count())
+    model = ModelShape(num_layers=3, num_logical_experts=16, top_k=4, hidden_size=64, intermediate_size=32)
+    args = EPLBArgs(ep_size=ep, ep_num_redundant_experts=4, enable_eplb=True, eplb_rebalance_num_iterations=4,
+                    ep_dispatch_algorithm=dispatch).resolve()
+    workload = WorkloadSpec(seed=3, drift_every_passes=5)
+    outputs, results = {}, {}
+    for graph in (True, False):
+        out = tmp_path / ("graph" if graph else "eager")
+        out.mkdir()
+        cfg = RuntimeConfig(model=model, batch_tokens=64, device="cuda", dtype="bfloat16", progress=False,
+                            cuda_graph=graph, capture_passes=(0, 5, 13, 29), capture_dir=str(out))
+        (results[graph],) = launch(cfg, [RunSpec("run", args, workload, num_passes=30)], args)
+        outputs[graph] = {(r, p): torch.load(out / f"run_rank{r}_pass{p}.pt", weights_only=True)["out"]
+                          for r in range(ep) for p in (0, 5, 13, 29)}
+    on, off = results[True], results[False]
+    assert (on["cuda_graph"], on["graph_captures"], off["cuda_graph"]) == (True, 1, False)
+    assert on["num_rebalances"] >= 2 and on["slots_moved"] > 0
+    assert on["final_physical_to_logical_map"] == off["final_physical_to_logical_map"]
+    assert on["slots_failed"] == 0 and on["slots_checked"] > 0
+    for key, want in outputs[False].items():
+        torch.testing.assert_close(outputs[True][key], want, rtol=0, atol=0)

@@ -114,7 +114,9 @@ class RuntimeConfig:
     result_path: where rank 0 writes the runs' results as JSON (the launcher reads it).
     threads_per_rank: torch intra-op threads per rank on CPU (default: cores / local ranks).
     cuda_graph: on CUDA, run each pass's MoE layers as one CUDA graph where the dispatch
-    allows it (``runtime/graphs.py``); False: eager.
+    and exchange allow it (``runtime/graphs.py``); False: eager.
+    exchange: how tokens reach their experts' ranks, "gather" or "alltoall" (see
+    ``runtime/moe.py``); None: gather on CUDA, alltoall on CPU.
     profile_passes / profile_dir: rank 0 runs those passes of each run under torch.profiler
     and writes ``<run>_profile.txt`` (ops by device and host time, and the pass's host and
     device totals) into profile_dir.
@@ -133,6 +135,7 @@ class RuntimeConfig:
     capture_passes: tuple[int, ...] = ()
     capture_dir: str | None = None
     cuda_graph: bool = True
+    exchange: str | None = None
     profile_passes: tuple[int, ...] = ()
     profile_dir: str | None = None
     result_path: str | None = None
@@ -146,6 +149,8 @@ class RuntimeConfig:
             raise ConfigError(f"--device {self.device!r} must be 'cpu' or 'cuda'")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is unknown; choose one of {list(DTYPES)}")
+        if self.exchange not in (None, "gather", "alltoall"):
+            raise ConfigError(f"--moe-exchange {self.exchange!r} must be 'gather' or 'alltoall'")
         if self.batch_tokens < 1:
             raise ConfigError(f"--batch-tokens must be >= 1 (got {self.batch_tokens})")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import importlib
 import logging
 import os
@@ -99,6 +100,7 @@ class RankEngine:
         self.workload = run.workload.build(model, cfg.batch_tokens)
         self.tokens = shard_tokens(cfg.batch_tokens, rank=rank, world_size=world_size)
         self.tokens_per_rank = -(-cfg.batch_tokens // world_size)  # every rank pads to this
+        self.exchange = cfg.exchange or ("gather" if device.type == "cuda" else "alltoall")
         self.recorder = create_recorder(
             args.expert_distribution_recorder_mode,
             **self._recorder_kwargs(args),
@@ -141,25 +143,26 @@ class RankEngine:
             max_tokens_per_pass=self.tokens.stop - self.tokens.start,
         )
 
+    @property
+    def _gpus_per_node(self) -> int:
+        return self.world_size // self.run_spec.eplb.nnodes
+
     def _make_dispatcher(self, location: ExpertLocation) -> ExpertDispatcher:
         return ExpertDispatcher(
             location, rank=self.rank, algorithm=self.dispatch_algorithm,
-            num_gpus_per_node=self.world_size // self.run_spec.eplb.nnodes, device=self.device,
+            num_gpus_per_node=self._gpus_per_node, device=self.device,
             generator=torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.rank),
         )
 
     def _on_location_change(self, location: ExpertLocation) -> None:
         """Called by the manager on the serving thread once a new map is live on every rank."""
         self.location = location
-        dispatcher = self._make_dispatcher(location)
-        if self._graph is not None:
-            if dispatcher.static_table.shape == self.dispatcher.static_table.shape:
-                # The captured pass reads the old table's memory: the new table goes there
-                # (stream-ordered before the next replay), so the graph stays valid.
-                dispatcher.static_table = self.dispatcher.static_table.copy_(dispatcher.static_table)
-            else:
-                self._graph = None  # capture again at the next pass
-        self.dispatcher = dispatcher
+        # A captured pass reads the dispatcher's tables: the new ones go into the same
+        # memory (stream-ordered before the next replay), so the graph stays valid.
+        if self._graph is not None and self.dispatcher.update_(location, num_gpus_per_node=self._gpus_per_node):
+            return
+        self._graph = None  # capture again at the next pass (if passes run as graphs)
+        self.dispatcher = self._make_dispatcher(location)
 
     # ------------------------------------------------------------------ one pass
 
@@ -198,7 +201,7 @@ class RankEngine:
                     rms_normalize(h), ids[:, layer], topk_weights[:, layer], layer=layer,
                     dispatcher=self.dispatcher, weights=self.weights[layer], recorder=self.recorder,
                     group=self.group, world_size=self.world_size, rank=self.rank,
-                    tokens_per_rank=self.tokens_per_rank,
+                    tokens_per_rank=self.tokens_per_rank, exchange=self.exchange,
                 )
             h = h + res.out
             received.append(res.recv_counts)
@@ -206,12 +209,13 @@ class RankEngine:
         return h, torch.stack(received), compute_s
 
     def graphable(self) -> bool:
-        """Whether passes run as a CUDA graph: CUDA, asked for, static dispatch (a table
-        lookup; the other algorithms draw random numbers or read loads), and a recorder
-        mode whose hooks only count (per_token also copies ids per pass)."""
+        """Whether passes run as a CUDA graph: CUDA, asked for, the gather exchange (fixed
+        shapes; alltoall reads split sizes on the host), a dispatch made of device ops
+        on tables (static, weighted, dynamic; ``random`` draws from a host-seeded generator),
+        and a recorder mode whose hooks only count (per_token also copies ids per pass)."""
         mode = self.run_spec.eplb.expert_distribution_recorder_mode
-        return (self.device.type == "cuda" and self.cfg.cuda_graph and self.dispatch_algorithm == "static"
-                and mode != "per_token")
+        return (self.device.type == "cuda" and self.cfg.cuda_graph and self.exchange == "gather"
+                and self.dispatch_algorithm != "random" and mode != "per_token")
 
     def _ensure_graph(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
         """Capture the pass if it should run as a graph and none is live (collective).
@@ -304,12 +308,21 @@ class RankEngine:
                 profiling = (self.rank == 0 and p in self.cfg.profile_passes and self.cfg.profile_dir)
                 prof = (profile_pass(Path(self.cfg.profile_dir) / f"{spec.label}_profile.txt", spec.label, p, cuda)
                         if profiling else contextlib.nullcontext())
-                t0 = time.perf_counter()
-                with prof:
-                    h, received, compute_s = self.forward(p, inputs)
-                if cuda:
-                    torch.cuda.synchronize(self.device)  # measurement point: the pass's kernels done
-                step_s = time.perf_counter() - t0
+                # No garbage collection inside the timed pass: this loop waits for each pass,
+                # so a collection there would stall the GPUs (every rank waits for the rank
+                # that collects), which a pipelined server hides behind the previous pass.
+                gc_was_enabled = gc.isenabled()
+                gc.disable()
+                try:
+                    t0 = time.perf_counter()
+                    with prof:
+                        h, received, compute_s = self.forward(p, inputs)
+                    if cuda:
+                        torch.cuda.synchronize(self.device)  # measurement point: the pass's kernels done
+                    step_s = time.perf_counter() - t0
+                finally:
+                    if gc_was_enabled:
+                        gc.enable()
                 if p in self.cfg.capture_passes and self.cfg.capture_dir:
                     torch.save({"pass": p, "tokens": (self.tokens.start, self.tokens.stop), "out": h.cpu()},
                                Path(self.cfg.capture_dir) / f"{spec.label}_rank{self.rank}_pass{p}.pt")

@@ -5,13 +5,15 @@ kernels, and a pass of 26 DeepSeek-V2-Lite layers spends ~35 ms of host time on 
 against ~21 ms of GPU time (2 x H200, 1024 tokens per rank; see the profiles written by
 ``benchmarks/bench_end_to_end.py --profile-passes``). The step time then measures Python,
 not the GPUs' load, which EPLB changes. The MoE forward has fixed shapes (all-gather
-dispatch, no host reads) under static dispatch, so the whole pass can be captured:
+dispatch, no host reads) and the static, weighted and dynamic dispatchers are device ops on
+tables, so the whole pass can be captured:
 
 - the pass's inputs are copied into static buffers, the graph is replayed, and the
   outputs are read from its static outputs;
-- weights are moved in place by the executor (addresses unchanged), so moves keep the
-  graph valid; a new map changes the dispatch table, so the engine captures again after
-  every map change (on every rank at the same pass: the capture runs collectives);
+- weights are moved in place by the executor (addresses unchanged), and a new map's
+  dispatch tables are copied into the captured ones (``ExpertDispatcher.update_``), so
+  rebalances keep the graph valid; only a change of table shapes captures again (on every
+  rank at the same pass: the capture runs collectives);
 - the recorder's count kernels are captured (the recorder counts while a capture is
   under way) and add to its per-pass buffer on each replay, as in SGLang;
 - capture is agreed on by every rank (a MIN all-reduce of a success flag): if any rank

@@ -1,28 +1,25 @@
-"""One expert-parallel MoE layer forward: dispatch, gather, expert FFNs, combine.
+"""One expert-parallel MoE layer forward: dispatch, exchange, expert FFNs, combine.
 
-Steps of ``ep_moe_forward`` on each rank (every rank of the group calls it for the same
-layer in the same order: it is collective):
+Every rank of the group calls ``ep_moe_forward`` for the same layer in the same order (it
+is collective). Dispatch first: the router's logical ``topk_ids [T, k]`` become physical
+slots (``ExpertDispatcher``) and the recorder's hook sees them. Then one of two exchanges:
 
-1. Dispatch: the router's logical ``topk_ids [T, k]`` become physical slots
-   (``ExpertDispatcher``); the recorder's hook sees them.
-2. Gather: every rank's tokens (hidden states, physical slots and combine weights) are
-   all-gathered, each rank padded to the same ``tokens_per_rank`` rows. Every shape is
-   then fixed by the batch, not by the routing: no host synchronization, so the host
-   queues a whole pass ahead of the GPU.
-3. Each rank sorts the gathered (token, choice) pairs by its own local slot (pairs of
-   other ranks sort last), cuts the sorted list at each slot's end
-   (``searchsorted``, on the device) and runs every local slot's SiLU-gated FFN over its
-   pairs: two grouped GEMMs on CUDA bf16, a loop over slots elsewhere.
-4. Combine: each rank sums, per gathered token, its pairs' weighted outputs, and the
-   partial sums go back to the tokens' ranks (one ``all_to_all_single``), which add the
-   ranks' parts in rank order.
+- ``"gather"`` (CUDA default): every rank's tokens (hidden states, slots and combine
+  weights) are all-gathered, each rank padded to ``tokens_per_rank`` rows. Each rank
+  sorts the gathered (token, choice) pairs by its own local slot (other ranks' pairs sort
+  last), cuts them at each slot's end (``searchsorted``, on the device), runs its slots'
+  FFNs (two grouped GEMMs on CUDA bf16), sums each token's weighted outputs, and the
+  partial sums go back to the tokens' ranks (one ``all_to_all_single``), which add them
+  in rank order. Every shape follows the batch, not the routing: no host reads, so the
+  host runs ahead and a pass can be captured as a CUDA graph (``runtime/graphs.py``).
+  Per token and direction it moves ``W - 1`` rows (W ranks).
+- ``"alltoall"`` (CPU default): the pairs go to their slots' ranks by
+  ``all_to_all_single`` with exact split sizes and come back the same way. It moves
+  ``k * (W - 1) / W`` rows per token and direction, but the split sizes must be read on
+  the host (a synchronization per layer, free on CPU).
 
-This is all-gather dispatch with a reduce-back combine. Per token and direction it moves
-``W - 1`` rows (W ranks), against ``k * (W - 1) / W`` rows for a per-pair all-to-all with
-uneven splits, which needs the split sizes on the host (a synchronization per layer).
-For ``W - 1 < k`` (EP2 and EP4 at top-6/top-8) it also moves fewer bytes.
-
-With one rank no communication happens.
+For ``W - 1 < k`` (EP2, EP4 at top-6/8) the gather moves fewer bytes. With one rank
+nothing is exchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from eplb_plugin.dispatch import ExpertDispatcher
+
+# dtypes that hold every local slot index exactly (< 2**24 slots per rank).
+_EXACT_INT_DTYPES = (torch.float32, torch.float64)
+EXCHANGES = ("gather", "alltoall")
 
 # Gathered pairs whose rows would exceed this are compacted to this rank's pairs first,
 # which costs one host read of their number (large batches and hidden sizes only).
@@ -137,6 +138,15 @@ def _all_gather(x: torch.Tensor, world_size: int, group: Any) -> torch.Tensor:
     return out
 
 
+def _exchange(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> torch.Tensor:
+    """all_to_all_single of rows with uneven splits. x: [N, ...] -> [sum(recv_splits), ...]."""
+    import torch.distributed as dist
+
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+    return out
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
@@ -154,6 +164,7 @@ def ep_moe_forward(
     world_size: int = 1,
     rank: int = 0,
     tokens_per_rank: int | None = None,
+    exchange: str | None = None,
 ) -> MoEOutput:
     """This rank's tokens through one EP MoE layer. Collective over ``group`` when world_size > 1.
 
@@ -161,19 +172,37 @@ def ep_moe_forward(
     ids, -1 = padding (the choice is skipped); topk_weights: [T, k] combine weights.
     weights: ``[w13 [S, 2I, H], w2 [S, H, I]]`` of this rank's slots for ``layer``.
     recorder: the expert distribution recorder (or its no-op); the caller has entered
-    ``with_current_layer(layer)``. rank: this rank in group. tokens_per_rank: the rows
-    every rank pads to (the same on every rank, >= T; None: T, which every rank must share).
+    ``with_current_layer(layer)``. rank: this rank in group. exchange: "gather" or
+    "alltoall" (None: gather on CUDA, alltoall elsewhere; the same on every rank).
+    tokens_per_rank: the rows every rank pads to under "gather" (the same on every rank,
+    >= T; None: T, which every rank must then share).
     """
-    w13, w2 = weights
-    num_slots = w13.shape[0]
-    num_tokens, top_k = topk_ids.shape
-    hidden_size = hidden.shape[1]
+    exchange = exchange or ("gather" if hidden.is_cuda else "alltoall")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange={exchange!r} must be one of {EXCHANGES}")
     if dispatcher.algorithm == "static":
         # Static dispatch is a table lookup: map and count in one fused kernel.
         physical = recorder.record_logical(layer, topk_ids, dispatcher.static_table).long()
     else:
         physical = dispatcher.dispatch(layer, topk_ids)  # [T, k] int64, -1 kept
         recorder.on_select_experts(physical)
+    if exchange == "gather":
+        result = _forward_gather(hidden, physical, topk_weights, weights, group=group, world_size=world_size,
+                                 rank=rank, tokens_per_rank=tokens_per_rank)
+    else:
+        result = _forward_alltoall(hidden, physical, topk_weights, weights, group=group, world_size=world_size)
+    recorder.on_dispatch_receive_counts(result.recv_counts)
+    return result
+
+
+def _forward_gather(hidden: torch.Tensor, physical: torch.Tensor, topk_weights: torch.Tensor,
+                    weights: list[torch.Tensor], *, group: Any, world_size: int, rank: int,
+                    tokens_per_rank: int | None) -> MoEOutput:
+    """All-gather dispatch, reduce-back combine (see the module docstring)."""
+    w13, w2 = weights
+    num_slots = w13.shape[0]
+    num_tokens, top_k = physical.shape
+    hidden_size = hidden.shape[1]
     rows = tokens_per_rank if tokens_per_rank is not None else num_tokens
     if rows < num_tokens:
         raise ValueError(f"tokens_per_rank={rows} is below this rank's {num_tokens} tokens")
@@ -223,5 +252,54 @@ def ep_moe_forward(
         back = torch.empty_like(send)
         dist.all_to_all_single(back, send, group=group)
         partial = back.view(world_size, rows, hidden_size).sum(0, dtype=acc)
-    recorder.on_dispatch_receive_counts(recv_counts)
     return MoEOutput(out=partial[:num_tokens].to(hidden.dtype), recv_counts=recv_counts, compute_s=compute_s)
+
+
+def _forward_alltoall(hidden: torch.Tensor, physical: torch.Tensor, topk_weights: torch.Tensor,
+                      weights: list[torch.Tensor], *, group: Any, world_size: int) -> MoEOutput:
+    """Pairs to their slots' ranks and back with exact splits (see the module docstring)."""
+    w13, w2 = weights
+    num_slots = w13.shape[0]
+    num_tokens, top_k = physical.shape
+    flat = physical.reshape(-1)
+    valid = (flat >= 0).nonzero().squeeze(1)  # pair index t * k + j of every real choice
+    slots = flat[valid]
+    token_of_pair = valid // top_k
+    dest = slots // num_slots
+    cpu_clock = hidden.device.type == "cpu"
+    if world_size == 1:
+        start = time.thread_time()
+        pair_out, recv_counts = run_local_experts(hidden[token_of_pair], slots % num_slots, w13, w2)
+        compute_s = time.thread_time() - start if cpu_clock else 0.0
+    else:
+        import torch.distributed as dist
+
+        order = torch.argsort(dest, stable=True)
+        send_counts = torch.bincount(dest, minlength=world_size)
+        recv_counts_by_rank = torch.empty_like(send_counts)
+        # Counts first: every rank must know how many rows it receives from each peer.
+        dist.all_to_all_single(recv_counts_by_rank, send_counts, group=group)
+        # The split sizes must be host ints for all_to_all_single: one host read per layer.
+        send_splits, recv_splits = send_counts.tolist(), recv_counts_by_rank.tolist()
+        local_slot = slots[order] % num_slots
+        if hidden.dtype in _EXACT_INT_DTYPES:
+            # One exchange instead of two: the local slot rides as an extra column (exact in fp32/fp64).
+            packed = torch.cat([hidden[token_of_pair[order]], local_slot.to(hidden.dtype).unsqueeze(1)], 1)
+            recv_packed = _exchange(packed, send_splits, recv_splits, group)
+            recv_x, recv_slot = recv_packed[:, :-1], recv_packed[:, -1].to(torch.int64)
+        else:
+            recv_x = _exchange(hidden[token_of_pair[order]], send_splits, recv_splits, group)
+            recv_slot = _exchange(local_slot, send_splits, recv_splits, group)
+        start = time.thread_time()
+        recv_out, recv_counts = run_local_experts(recv_x, recv_slot, w13, w2)
+        compute_s = time.thread_time() - start if cpu_clock else 0.0
+        sorted_out = _exchange(recv_out, recv_splits, send_splits, group)
+        pair_out = sorted_out.index_select(0, _inverse(order))
+    # Combine in pair order (token-major), the same order as the dense reference: each pair
+    # lands in its own row of a [T * k, H] buffer (padded choices stay zero), then each
+    # token sums its k rows in choice order.
+    pair_weights = topk_weights.reshape(-1)[valid].to(pair_out.dtype).unsqueeze(1)
+    per_choice = hidden.new_zeros(num_tokens * top_k, hidden.shape[1])
+    per_choice.index_copy_(0, valid, pair_out * pair_weights)
+    out = per_choice.view(num_tokens, top_k, -1).sum(1)
+    return MoEOutput(out=out, recv_counts=recv_counts, compute_s=compute_s)
