@@ -19,9 +19,13 @@ Measures, in one run:
     a CUDA graph), undisturbed vs while layers move in the background (one mover per
     variant, reused for a move there and back), committed at most one unit per step; host
     and GPU step times, and the move's duration.
+(2b) The same moves as a manager pays for them: schedules computed ahead (off the timed
+    path) and one staging pool made before (``moves_precomputed`` in the JSON).
 (4) Whole rebalance: --rebalance-layers layers of --experts swapped experts each, one
     move_experts call per layer back to back, timed end to end (per-call costs amortized as
     in a real rebalance step), per budget; ratio against the same per-layer P2P reference.
+    Also one move_layers call for all layers (``whole_rebalance_move_layers``), its own pool
+    and schedules, or a shared pool and precomputed schedules.
 Rank 0 prints a table and writes JSON under --out/<device>/.
 """
 
@@ -49,7 +53,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eplb_plugin.executor import AsyncExpertMover, LayerMove, move_experts, prepare_staging  # noqa: E402
+from eplb_plugin.executor import (  # noqa: E402
+    AsyncExpertMover,
+    LayerMove,
+    LayerMoveSchedule,
+    move_experts,
+    move_layers,
+    prepare_staging,
+)
 
 HIDDEN, INTER, BLOCK = 7168, 2048, 128  # DeepSeek-V3 expert: hidden, intermediate, fp8 block
 
@@ -242,19 +253,30 @@ def bench_moves(args, device, fp8: bool) -> dict:
     del peer
     ref = p2p_same_traffic(weights, n, device, args, per_expert=False)
     ref_per_expert = p2p_same_traffic(weights, n, device, args, per_expert=True)
-    rows = []
+    rows, rows_precomputed = [], []
     serial = {int(b) for b in args.serial_budgets.split(",") if b}
     configs = [(int(b), True) for b in args.budgets.split(",")] + [(b, False) for b in sorted(serial)]
-    for budget, pipeline in configs:
+    for budget, pipeline, precomputed in [(b, p, False) for b, p in configs] + [(b, p, True) for b, p in configs]:
         peaks, res = [], []
+        schedules, pool = [None, None], None
+        if precomputed:
+            # As a manager pays: schedules (and their plans) computed ahead, off the timed path,
+            # and one staging pool for the rebalance (prepare_staging), made before it.
+            schedules = [LayerMoveSchedule(a, b, ep_size=2, max_staged_experts=budget, pipeline=pipeline)
+                         for a, b in [(old, new), (new, old)]]
+            for sched in schedules:
+                for k in range(len(sched)):
+                    sched.plan(k)
+            pool = prepare_staging(weights, budget_bytes=budget * per, timeout_s=args.timeout_s)
 
-        def once(rep, budget=budget, pipeline=pipeline, res=res, peaks=peaks):
+        def once(rep, budget=budget, pipeline=pipeline, res=res, peaks=peaks, schedules=schedules, pool=pool):
             a, b = (old, new) if rep % 2 == 0 else (new, old)  # move there and back
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             res.append(move_experts(weights, a, b, layer=0, budget_bytes=budget * per,
-                                    timeout_s=args.timeout_s, pipeline=pipeline))
+                                    timeout_s=args.timeout_s, pipeline=pipeline,
+                                    staging=pool, schedule=schedules[rep % 2]))
             if device.type == "cuda":
                 sync(device)  # the last commit's copies count in the peak too
                 peaks.append(torch.cuda.max_memory_allocated() - base)
@@ -269,55 +291,83 @@ def bench_moves(args, device, fp8: bool) -> dict:
         ok = same_bytes(weights, swapped)
         once(1)
         ok = ok and same_bytes(weights, original)
-        assert ok, f"rank {rank}: move with budget {budget} (pipeline={pipeline}) left wrong weights"
+        assert ok, (f"rank {rank}: move with budget {budget} (pipeline={pipeline}, precomputed={precomputed}) "
+                    f"left wrong weights")
         trace = traced(lambda: once(0), device)  # one more move, with a timeline of its steps
         once(1)
         r = res[-1]
         gbps = r.bytes_received / t["seconds"] / 1e9
-        rows.append(dict(dtype="fp8+scales" if fp8 else "bf16", experts=args.experts, expert_bytes=per,
-                         budget_experts=budget, pipeline=pipeline, rounds=r.rounds,
+        extra = dict(precomputed_schedule=True, shared_pool=True) if precomputed else {}
+        (rows_precomputed if precomputed else rows).append(dict(
+                         dtype="fp8+scales" if fp8 else "bf16", experts=args.experts, expert_bytes=per,
+                         budget_experts=budget, pipeline=pipeline, rounds=r.rounds, **extra,
                          bytes_received=r.bytes_received, weights_exact=ok, cuda_mallocs_in_timed_reps=mallocs,
                          GBps=gbps, ratio_to_p2p=gbps / ref["GBps"],
                          pool_bytes=r.peak_staging_bytes,
                          peak_extra_bytes=max(peaks) if peaks else None,
                          peak_extra_over_budget=(max(peaks) / (budget * per)) if peaks else None,
                          trace=trace, **t))
+        del pool
     whole = bench_rebalance(args, device, fp8, weights, old, new, per, ref)
     return dict(p2p_same_traffic=ref, p2p_same_traffic_per_expert_messages=ref_per_expert, moves=rows,
-                whole_rebalance=whole, diagnostics=diagnostics(weights, device, args))
+                moves_precomputed=rows_precomputed, whole_rebalance=whole["move_experts"],
+                whole_rebalance_move_layers=whole["move_layers"], diagnostics=diagnostics(weights, device, args))
 
 
-def bench_rebalance(args, device, fp8: bool, weights, old, new, per: int, ref: dict) -> list:
-    """A whole rebalance: --rebalance-layers layers, each swapping --experts experts, moved by
-    one move_experts call per layer back to back (as a serving engine's rebalance step does),
-    timed end to end (barrier, host clock, device sync), so per-call costs are amortized over
-    the layers as they are in use. GB/s = all layers' bytes received per rank / seconds;
-    ratio against the same per-layer P2P reference (one layer's bytes in one batch)."""
+def bench_rebalance(args, device, fp8: bool, weights, old, new, per: int, ref: dict) -> dict:
+    """A whole rebalance: --rebalance-layers layers, each swapping --experts experts, timed end
+    to end (barrier, host clock, device sync), so per-call costs are amortized over the layers
+    as they are in use. GB/s = all layers' bytes received per rank / seconds; ratio against
+    the same per-layer P2P reference (one layer's bytes in one batch).
+
+    "move_experts": one move_experts call per layer back to back (as a serving engine's
+    rebalance step did), a pool per call or one shared pool (made inside the timed call).
+    "move_layers": one move_layers call for every layer (layer i's commit overlaps layer
+    i+1's transfer where the pool holds both): its own pool and schedules, or a shared pool
+    (made inside the timed call) and schedules computed ahead (off the timed path)."""
     layers = [weights] + [make_weights(len(weights[0]), fp8, args.small, device, seed=10 + k)
                           for k in range(args.rebalance_layers - 1)]
     originals = [[t.clone() for t in w] for w in layers]
-    out = []
-    for budget, shared in [(int(b), sh) for b in args.rebalance_budgets.split(",") if b for sh in (False, True)]:
+    out = dict(move_experts=[], move_layers=[])
+    variants = [("move_experts", int(b), sh) for b in args.rebalance_budgets.split(",") if b for sh in (False, True)]
+    variants += [("move_layers", int(b), sh) for b in args.rebalance_budgets.split(",") if b for sh in (False, True)]
+    for entry, budget, shared in variants:
         res = []
+        schedules = [None, None]
+        if entry == "move_layers" and shared:
+            schedules = [[LayerMoveSchedule(a, b, ep_size=2, max_staged_experts=budget, pipeline=False)
+                          for _ in layers] for a, b in [(old, new), (new, old)]]
+            for sched in schedules[0] + schedules[1]:
+                for k in range(len(sched)):
+                    sched.plan(k)
 
-        def once(rep, budget=budget, res=res, shared=shared):
+        def once(rep, budget=budget, res=res, shared=shared, entry=entry, schedules=schedules):
             a, b = (old, new) if rep % 2 == 0 else (new, old)
             # shared: one pool for the rebalance, made (and agreed) inside the timed call
             pool = prepare_staging(layers[0], budget_bytes=budget * per, timeout_s=args.timeout_s) if shared else None
-            res.append([move_experts(w, a, b, layer=k, budget_bytes=budget * per, timeout_s=args.timeout_s,
-                                     staging=pool) for k, w in enumerate(layers)])
+            if entry == "move_layers":
+                res.append(move_layers([(w, a, b) for w in layers], budget_bytes=budget * per,
+                                       timeout_s=args.timeout_s, staging=pool, schedules=schedules[rep % 2]))
+            else:
+                res.append([move_experts(w, a, b, layer=k, budget_bytes=budget * per, timeout_s=args.timeout_s,
+                                         staging=pool) for k, w in enumerate(layers)])
 
         once(0)
         once(1)
         t = timed(once, device, args.reps + (args.reps + args.warmup) % 2, args.warmup)  # ends on the old map
         exact = all(same_bytes(w, o) for w, o in zip(layers, originals))
-        assert exact, f"rank {dist.get_rank()}: whole rebalance (budget {budget}, shared {shared}) left wrong weights"
+        assert exact, f"rank {dist.get_rank()}: whole rebalance ({entry}, budget {budget}, shared {shared}) left wrong weights"
         got = sum(r.bytes_received for r in res[-1])
         gbps = got / t["seconds"] / 1e9
-        out.append(dict(dtype="fp8+scales" if fp8 else "bf16", layers=len(layers), experts_per_layer=args.experts,
-                        budget_experts=budget, pipeline=False, shared_pool=shared, rounds_per_layer=res[-1][0].rounds,
-                        weights_exact=exact,
-                        bytes_received=got, GBps=gbps, ratio_to_p2p=gbps / ref["GBps"], **t))
+        row = dict(dtype="fp8+scales" if fp8 else "bf16", layers=len(layers), experts_per_layer=args.experts,
+                   budget_experts=budget, pipeline=False, shared_pool=shared, rounds_per_layer=res[-1][0].rounds,
+                   weights_exact=exact,
+                   bytes_received=got, GBps=gbps, ratio_to_p2p=gbps / ref["GBps"], **t)
+        if entry == "move_layers":
+            row.update(entry=entry, precomputed_schedules=shared,
+                       trace=traced(lambda once=once: once(0), device))  # one more rebalance, with a timeline
+            once(1)  # back on the old map
+        out[entry].append(row)
     return out
 
 
@@ -582,10 +632,20 @@ def run(rank: int, world: int, args, init_method: str | None) -> None:
                           f"{r['seconds'] * 1e3:8.2f} {r['GBps']:7.1f} {r['ratio_to_p2p']:6.3f} {peak:>11}",
                           flush=True)
             for m in moves.values():
+                for r in m["moves_precomputed"]:
+                    print(f"precomputed schedule + shared pool {r['dtype']:>10} budget {r['budget_experts']} "
+                          f"pipe {str(r['pipeline']):>5} rounds {r['rounds']}: {r['seconds'] * 1e3:8.2f} ms "
+                          f"{r['GBps']:7.1f} GB/s {r['ratio_to_p2p']:6.3f} of P2P", flush=True)
+            for m in moves.values():
                 for r in m["whole_rebalance"]:
                     print(f"whole rebalance {r['dtype']:>10} {r['layers']} layers x {r['experts_per_layer']} experts, "
                           f"budget {r['budget_experts']} {'one pool ' if r['shared_pool'] else 'pool/layer'}: {r['seconds'] * 1e3:8.2f} ms {r['GBps']:7.1f} GB/s "
                           f"{r['ratio_to_p2p']:6.3f} of P2P", flush=True)
+                for r in m["whole_rebalance_move_layers"]:
+                    how = "shared pool, precomputed schedules" if r["shared_pool"] else "own pool and schedules"
+                    print(f"whole rebalance move_layers {r['dtype']:>10} {r['layers']} layers x {r['experts_per_layer']} "
+                          f"experts, budget {r['budget_experts']} ({how}): {r['seconds'] * 1e3:8.2f} ms "
+                          f"{r['GBps']:7.1f} GB/s {r['ratio_to_p2p']:6.3f} of P2P", flush=True)
         checked = checks(args, device)
         if rank == 0:
             print("checks:", json.dumps(checked), flush=True)

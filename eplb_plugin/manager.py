@@ -98,10 +98,10 @@ def _default_planner(counts: torch.Tensor, **kwargs: Any) -> Any:
     return plan(counts, **kwargs)
 
 
-def _default_mover(*args: Any, **kwargs: Any) -> Any:
-    from eplb_plugin.executor import move_experts
+def _default_layers_mover(*args: Any, **kwargs: Any) -> Any:
+    from eplb_plugin.executor import move_layers
 
-    return move_experts(*args, **kwargs)
+    return move_layers(*args, **kwargs)
 
 
 class EPLBManager:
@@ -116,7 +116,11 @@ class EPLBManager:
     rank: this process's rank in ``group`` (checked).
     num_groups: expert groups of the model (group-limited routing), if any.
     on_location_change: called on the serving thread with the new ExpertLocation.
-    planner, mover: injectable for tests (default: algorithms.plan, executor.move_experts).
+    planner: injectable for tests (default: algorithms.plan).
+    layers_mover: moves a chunk of layers in one collective call, pipelined across layers
+        (default: executor.move_layers); injectable for tests (e.g. with a fault_hook).
+    mover: a per-layer mover with ``move_experts``' signature, injectable for tests; when set
+        (also later, as an attribute), chunks move one layer per call through it instead.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class EPLBManager:
         plan_timeout_s: float = DEFAULT_PLAN_TIMEOUT_S,
         planner: Planner | None = None,
         mover: Callable[..., Any] | None = None,
+        layers_mover: Callable[..., Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         if len(expert_weights) != location.num_layers:
@@ -159,7 +164,8 @@ class EPLBManager:
 
         self._algorithm = algorithm_for_dispatch(args.eplb_algorithm, args.ep_dispatch_algorithm)
         self.planner = planner or _default_planner
-        self.mover = mover or _default_mover
+        self.mover = mover
+        self.layers_mover = layers_mover or _default_layers_mover
         self.clock = clock
         self.history: list[RebalanceRecord] = []
         self.num_passes = 0
@@ -393,22 +399,10 @@ class EPLBManager:
         start = time.perf_counter()
         live: dict[int, torch.Tensor] = {}
         try:
-            for layer in layers:
-                old_map = self.location.physical_to_logical_map[layer]
-                new_map = self._target.physical_to_logical_map[layer]
-                result = self.mover(
-                    self.expert_weights[layer],
-                    old_map,
-                    new_map,
-                    self.group,
-                    layer=layer,
-                    budget_bytes=self._budget_bytes,
-                    gpus_per_node=self._gpus_per_node,
-                    verify=self.args.eplb_verify_weights,
-                )
-                live[layer] = new_map
-                record.slots_moved += int((old_map != new_map).sum())
-                record.bytes_moved += result.bytes_sent + result.bytes_received
+            if self.mover is None:
+                self._move_layers(layers, live)
+            else:
+                self._move_one_by_one(layers, live)
         except TransferError as exc:
             failed = getattr(exc, "layer", None)
             if getattr(exc, "live_physical_to_logical_map", None) is not None:
@@ -420,6 +414,53 @@ class EPLBManager:
         record.stall_s += time.perf_counter() - start
         if not self._pending_layers:
             self._finish(record)
+
+    def _move_layers(self, layers: list[int], live: dict[int, torch.Tensor]) -> None:
+        """The chunk in one ``move_layers`` call: layer i's commit overlaps layer i+1's transfer.
+        Fills ``live`` with the layers that moved; on LayerMoveError, with the layers before
+        the failed one (the caller adds the failed layer's live map)."""
+        old_maps = [self.location.physical_to_logical_map[layer] for layer in layers]
+        new_maps = [self._target.physical_to_logical_map[layer] for layer in layers]
+        try:
+            results = self.layers_mover(
+                [(self.expert_weights[layer], old, new) for layer, old, new in zip(layers, old_maps, new_maps)],
+                self.group,
+                layer_ids=layers,
+                budget_bytes=self._budget_bytes,
+                gpus_per_node=self._gpus_per_node,
+                verify=self.args.eplb_verify_weights,
+            )
+        except TransferError as exc:
+            index = getattr(exc, "index", None)
+            if index is not None:
+                for layer, new in zip(layers[:index], new_maps[:index]):
+                    live[layer] = new
+            raise
+        record = self._record
+        for layer, old, new, result in zip(layers, old_maps, new_maps, results):
+            live[layer] = new
+            record.slots_moved += int((old != new).sum())
+            record.bytes_moved += result.bytes_sent + result.bytes_received
+
+    def _move_one_by_one(self, layers: list[int], live: dict[int, torch.Tensor]) -> None:
+        """The chunk through the injected per-layer mover, one call per layer."""
+        record = self._record
+        for layer in layers:
+            old_map = self.location.physical_to_logical_map[layer]
+            new_map = self._target.physical_to_logical_map[layer]
+            result = self.mover(
+                self.expert_weights[layer],
+                old_map,
+                new_map,
+                self.group,
+                layer=layer,
+                budget_bytes=self._budget_bytes,
+                gpus_per_node=self._gpus_per_node,
+                verify=self.args.eplb_verify_weights,
+            )
+            live[layer] = new_map
+            record.slots_moved += int((old_map != new_map).sum())
+            record.bytes_moved += result.bytes_sent + result.bytes_received
 
     def _start_async_moves(self) -> None:
         from eplb_plugin.executor import LayerMove

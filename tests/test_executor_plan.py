@@ -7,6 +7,7 @@ import torch
 
 from eplb_plugin.errors import PlacementError
 from eplb_plugin.executor.plan import (
+    LayerMoveSchedule,
     LocalCopy,
     Recv,
     Send,
@@ -248,3 +249,43 @@ def test_swap_schedule_double_buffers_half_the_budget():
     assert len(serial.maps) == 1 and serial.pool_rows == (8, 8)
     serial = schedule_layer_move(old, new, ep_size=2, max_staged_experts=4, pipeline=False)
     assert len(serial.maps) == 2 and serial.prefetch == (False, False)
+
+
+def test_optimized_planners_match_the_straightforward_reference():
+    """On random maps with duplicates (1-8 ranks, up to 96 slots, budgets 1-6 and none, both
+    kinds of rounds), plans, rounds, maps, prefetch verdicts and pool rows are identical to
+    the reference planners'."""
+    from executor_plan_reference import (
+        ReferenceLayerMoveSchedule,
+        reference_plan_layer_rounds,
+        reference_plan_layer_transfer,
+    )
+
+    g = torch.Generator().manual_seed(11)
+    for trial in range(300):
+        ep = [1, 2, 3, 4, 8][trial % 5]
+        num_local = 1 + trial % 12
+        p = ep * num_local
+        e = max(1, p - trial % 5)
+        old = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        new = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        if trial % 3 == 0:  # a few changed slots only, as in a typical rebalance
+            new = old.clone()
+            idx = torch.randperm(p, generator=g)[: 1 + trial % 8]
+            new[idx] = old[torch.randperm(p, generator=g)[: len(idx)]]
+        per_node = [None, 1, 2][trial % 3]
+        assert plan_layer_transfer(old, new, ep_size=ep, gpus_per_node=per_node) == reference_plan_layer_transfer(
+            old, new, ep_size=ep, gpus_per_node=per_node)
+        cap = [None, 1, 2, 3, 4, 6][trial % 6]
+        got = plan_layer_rounds(old, new, ep_size=ep, max_staged_experts=cap)
+        want = reference_plan_layer_rounds(old, new, ep_size=ep, max_staged_experts=cap)
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+        for pipeline in (True, False):
+            fast = LayerMoveSchedule(old, new, ep_size=ep, max_staged_experts=cap, gpus_per_node=per_node,
+                                     pipeline=pipeline)
+            ref = ReferenceLayerMoveSchedule(old, new, ep_size=ep, max_staged_experts=cap, gpus_per_node=per_node,
+                                             pipeline=pipeline)
+            assert len(fast) == len(ref) and fast.pool_rows == ref.pool_rows
+            assert all(torch.equal(a, b) for a, b in zip(fast.maps, ref.maps))
+            assert [fast.plan(k) for k in range(len(fast))] == [ref.plan(k) for k in range(len(ref))]
+            assert [fast.prefetch(k) for k in range(len(fast))] == [ref.prefetch(k) for k in range(len(ref))]

@@ -1,11 +1,15 @@
 """Executor: plan and apply expert-weight moves between EP ranks (see transfer.py's design).
 
-Public entry for one layer: ``move_experts``; non-blocking: ``AsyncExpertMover``.
+Public entry for one layer: ``move_experts``; for a whole rebalance, pipelined across
+layers: ``move_layers``; non-blocking: ``AsyncExpertMover``. Schedules (``LayerMoveSchedule``)
+are pure CPU and may be computed ahead, off the serving path.
 """
 
 from eplb_plugin.executor.integrity import fingerprint, verify_slots
+from eplb_plugin.executor.layers import move_layers
 from eplb_plugin.executor.nonblocking import AsyncExpertMover, LayerMove
 from eplb_plugin.executor.plan import (
+    LayerMoveSchedule,
     LayerTransferPlan,
     LocalCopy,
     MoveSchedule,
@@ -23,6 +27,7 @@ __all__ = [
     "AsyncExpertMover",
     "LayerMove",
     "LayerMoveError",
+    "LayerMoveSchedule",
     "LayerTransferPlan",
     "LocalCopy",
     "MoveResult",
@@ -32,6 +37,7 @@ __all__ = [
     "Send",
     "fingerprint",
     "move_experts",
+    "move_layers",
     "plan_layer_rounds",
     "plan_layer_transfer",
     "plan_transfers",

@@ -39,7 +39,11 @@ Design (atomicity, memory, speed):
   (two host waits) with ~0.5 ms of queueing that overlaps the transfers.
 - Host cost per call: the agreement's side stream, pinned flags and events are kept
   between moves on a group (``Agreement(reuse=True)``, released once every posted step's
-  result was read); plans cache their derived slot sets.
+  result was read); plans cache their derived slot sets. Planning works on Python lists
+  and visits only changed slots (tens of microseconds for a layer); a caller may compute
+  the ``LayerMoveSchedule`` ahead, off the serving path, and pass it (``schedule=``).
+  A whole rebalance is cheaper still through ``layers.move_layers``: one pool and
+  pre-flight, every layer's rounds queued without a host wait, one vote read at the end.
 - Atomicity: a round commits only if every rank's staging of it succeeded; after a failed
   round nothing more commits. So a failure on any rank leaves every rank on the last
   committed map (the old map if the layer moved in one round, else a valid intermediate
@@ -99,13 +103,20 @@ FaultHook = Callable[[str, int, int], None]  # (point, rank, layer); raise to in
 
 class LayerMoveError(TransferError):
     """A layer's move failed on some rank. ``live_physical_to_logical_map`` ([P]) is the map the
-    layer's weights match now on every rank (the old map unless an earlier round committed)."""
+    layer's weights match now on every rank (the old map unless an earlier round committed).
 
-    def __init__(self, message: str, *, rank: int, layer: int, live_map: torch.Tensor):
+    From ``move_layers``: ``layer`` is the failed layer's id, ``index`` its position in the
+    call, and ``live_physical_to_logical_maps`` holds every layer's live [P] map, in call
+    order (one entry, the failed layer's, from ``move_experts``)."""
+
+    def __init__(self, message: str, *, rank: int, layer: int, live_map: torch.Tensor,
+                 index: int = 0, live_maps: Sequence[torch.Tensor] | None = None):
         super().__init__(message)
         self.rank = rank
         self.layer = layer
+        self.index = index
         self.live_physical_to_logical_map = live_map
+        self.live_physical_to_logical_maps = list(live_maps) if live_maps is not None else [live_map]
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,29 @@ def check_weights(weights: Sequence[torch.Tensor], num_local_slots: int) -> None
                 f"it must be contiguous with dim 0 = {num_local_slots} local slots"
             )
 
+
+def check_schedule(schedule: LayerMoveSchedule, old: torch.Tensor, new: torch.Tensor, *, ep_size: int,
+                   max_staged_experts: int | None, gpus_per_node: int | None, pipeline: bool | None,
+                   what: str) -> None:
+    """Raise ConfigError unless ``schedule`` was made for these [P] maps and options
+    (pipeline None: either kind of rounds is accepted)."""
+    if not isinstance(schedule, LayerMoveSchedule):
+        raise ConfigError(f"{what} is a {type(schedule).__name__}; pass a LayerMoveSchedule or None")
+    wrong = [
+        f"{name}: made for {made!r}, the move has {want!r}"
+        for name, made, want in [("ep_size", schedule.ep_size, ep_size),
+                                 ("max_staged_experts (budget_bytes // expert_bytes)", schedule.cap, max_staged_experts),
+                                 ("gpus_per_node", schedule.gpus_per_node, gpus_per_node),
+                                 ("pipeline", schedule.pipeline, schedule.pipeline if pipeline is None else pipeline)]
+        if made != want
+    ]
+    for name, made, want in [("old_physical_to_logical_map", schedule.old, old),
+                             ("new_physical_to_logical_map", schedule.new, new)]:
+        if made.shape != want.shape or not torch.equal(made, want):
+            wrong.append(f"{name}: the schedule's differs from the one passed")
+    if wrong:
+        raise ConfigError(f"{what} does not match the move ({'; '.join(wrong)}); make it with "
+                          f"LayerMoveSchedule(old, new, ...) for these arguments, or pass None")
 
 
 def prepare_staging(
@@ -196,6 +230,7 @@ def move_experts(
     fault_hook: FaultHook | None = None,
     pipeline: bool = False,
     staging: StagingPool | None = None,
+    schedule: LayerMoveSchedule | None = None,
 ) -> MoveResult:
     """Move one layer's experts in place from the old map to the new one.
 
@@ -215,6 +250,10 @@ def move_experts(
     move skips its own allocation and pre-flight agreement (a "before_transfer" failure is
     then voted in round 1, which still stages so that every rank's P2P is matched). Used
     when the layer's rounds fit in it (the same decision on every rank); else as without.
+    schedule: the layer's ``LayerMoveSchedule``, computed ahead (e.g. off the serving path);
+    it must be made for these maps, ep_size, budget (``budget_bytes // expert_bytes``),
+    gpus_per_node and pipeline (``pipeline and not verify``), else ConfigError names the
+    mismatch. None: computed here.
     Collective over group. Raises LayerMoveError (a TransferError) on any rank's failure,
     on every rank; the layer then holds ``err.live_physical_to_logical_map``. On return the
     last commit's copies are queued on the current stream (stream order covers later use).
@@ -228,8 +267,13 @@ def move_experts(
     if old.numel() % world:
         raise ConfigError(f"{old.numel()} slots do not divide over ep_size={world} ranks")
     check_weights(weights, old.numel() // world)
-    schedule = LayerMoveSchedule(old, new, ep_size=world, max_staged_experts=max_staged_experts(weights, budget_bytes),
-                                 gpus_per_node=gpus_per_node, pipeline=pipeline and not verify)
+    cap = max_staged_experts(weights, budget_bytes)
+    if schedule is None:
+        schedule = LayerMoveSchedule(old, new, ep_size=world, max_staged_experts=cap,
+                                     gpus_per_node=gpus_per_node, pipeline=pipeline and not verify)
+    else:
+        check_schedule(schedule, old, new, ep_size=world, max_staged_experts=cap, gpus_per_node=gpus_per_node,
+                       pipeline=pipeline and not verify, what=f"layer {layer}'s schedule")
     _mark("scheduled")
     hook = fault_hook or (lambda point, r, lay: None)
     n = len(schedule)

@@ -341,6 +341,10 @@ class RankEngine:
                         self.rebalance_failures.append(f"pass {p}: {exc}")
                         if self.rank == 0:
                             bar.write(f"[{spec.label}] rebalance failed at pass {p}, serving on: {exc}")
+                    if cuda:
+                        # A move's last copies may still be queued: they are the stall's, not
+                        # the next pass's step time.
+                        torch.cuda.synchronize(self.device)
                 self.stall_s[p] = time.perf_counter() - t1 + capture_s
                 self._seen_history = self._log_rebalances(bar, self._seen_history)
                 if self.channel is not None:
