@@ -160,6 +160,8 @@ class EPLBManager:
         self.plan_timeout_s = plan_timeout_s
         # Import the policies now: an import inside the planning thread would hold the GIL and
         # stall serving at the first rebalance.
+        import scipy.optimize  # noqa: F401  (imported lazily by the migration-aware policies)
+
         from eplb_plugin.algorithms import algorithm_for_dispatch
 
         self._algorithm = algorithm_for_dispatch(args.eplb_algorithm, args.ep_dispatch_algorithm)
