@@ -39,3 +39,19 @@ def destroy_process_group() -> None:
 
     gc.collect()
     dist.destroy_process_group()
+
+
+def gloo_worker(rank: int, world: int, port: int, cases, timeout_s: float) -> None:
+    """``mp.spawn`` target: join a gloo group of ``world`` ranks on localhost:port, run
+    ``cases(rank, world)`` (a module-level function), and tear the group down together."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
+    try:
+        cases(rank, world)
+    finally:
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
+        destroy_process_group()

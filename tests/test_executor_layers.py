@@ -4,11 +4,8 @@ checked exactly (helpers shared with test_executor_transfer)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_executor_transfer import SPECS, _same, identity_weights, random_map
 
@@ -22,7 +19,7 @@ from eplb_plugin.executor import (
     transfer,
 )
 
-from conftest import destroy_process_group, free_port
+from conftest import free_port, gloo_worker
 
 NUM_LOCAL = 4
 TIMEOUT_S = 30.0
@@ -31,16 +28,6 @@ EXPERT_BYTES = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size
 
 class Boom(RuntimeError):
     pass
-
-
-def _worker(rank: int, world: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
-    try:
-        _cases(rank, world)
-    finally:
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it
-        destroy_process_group()
 
 
 def _rebalance(gen: torch.Generator, p: int, num_layers: int, unchanged: tuple[int, ...] = ()):
@@ -168,7 +155,7 @@ def _cases(rank: int, world: int) -> None:
 
 
 def _spawn(world: int) -> None:
-    mp.spawn(_worker, args=(world, free_port()), nprocs=world, join=True)
+    mp.spawn(gloo_worker, args=(world, free_port(), _cases, TIMEOUT_S), nprocs=world, join=True)
 
 
 def test_layers_land_exactly_and_a_failed_layer_keeps_later_layers_old_on_2_ranks():

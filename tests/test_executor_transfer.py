@@ -5,11 +5,8 @@ Weights encode (layer, logical expert, tensor, position), so every slot is check
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from eplb_plugin.errors import ConfigError, TransferError
@@ -23,7 +20,7 @@ from eplb_plugin.executor import (
 )
 from eplb_plugin.executor.staging import pair_runs
 
-from conftest import destroy_process_group, free_port
+from conftest import free_port, gloo_worker
 
 # (trailing shape, dtype) of each per-slot tensor: like w13, w2, a bf16 bias, fp8/int8 scales.
 SPECS = [((3, 5), torch.float32), ((4,), torch.bfloat16), ((2, 3), torch.int8), ((), torch.float32),
@@ -64,16 +61,6 @@ def random_map(gen: torch.Generator, num_slots: int, num_logical: int) -> torch.
 
 class Boom(RuntimeError):
     pass
-
-
-def _worker(rank: int, world: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
-    try:
-        _cases(rank, world)
-    finally:
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it
-        destroy_process_group()
 
 
 def _cases(rank: int, world: int) -> None:
@@ -229,7 +216,7 @@ def _cases(rank: int, world: int) -> None:
 
 
 def _spawn(world: int) -> None:
-    mp.spawn(_worker, args=(world, free_port()), nprocs=world, join=True)
+    mp.spawn(gloo_worker, args=(world, free_port(), _cases, TIMEOUT_S), nprocs=world, join=True)
 
 
 def test_moves_land_exactly_and_failures_leave_old_weights_on_2_ranks():
