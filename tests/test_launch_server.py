@@ -7,7 +7,9 @@ import json
 import pytest
 
 from eplb_plugin.args import EPLBArgs
+from eplb_plugin.errors import ConfigError
 from eplb_plugin.launch_server import build_parser, build_runs, main
+from eplb_plugin.runtime.config import RuntimeConfig
 
 
 def test_no_flags_give_the_dataclass_defaults():
@@ -27,6 +29,19 @@ def test_compare_runs_the_same_workload_without_then_with_eplb():
     assert not runs[0].eplb.enable_eplb and runs[1].eplb.enable_eplb
     assert runs[1].eplb.expert_distribution_recorder_mode == "stat"
     assert layout.ep_size == 4 and cfg.model.hidden_size == 128 and cfg.model.num_logical_experts == 16
+
+
+def test_runtime_flags_reach_the_config():
+    """--moe-exchange and --disable-cuda-graph set the runtime's exchange and graph mode;
+    an exchange outside the two is refused."""
+    cfg, _, _ = build_runs(build_parser().parse_args([]))
+    assert (cfg.exchange, cfg.cuda_graph) == (None, True)
+    cfg, _, _ = build_runs(build_parser().parse_args(["--moe-exchange", "gather", "--disable-cuda-graph"]))
+    assert (cfg.exchange, cfg.cuda_graph) == ("gather", False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--moe-exchange", "ring"])
+    with pytest.raises(ConfigError, match="--moe-exchange"):
+        RuntimeConfig(model=cfg.model, exchange="ring")
 
 
 def test_contradictory_flags_stop_with_a_message(capsys):
