@@ -84,6 +84,10 @@ def parse_args(argv=None):
                     help="non-blocking variants dtype:max_ctas[:free] (none = NCCL's default; free = "
                          "pace_with_passes=False, the mover's default)")
     ap.add_argument("--steps", type=int, default=400, help="undisturbed steps timed (before and after)")
+    ap.add_argument("--pause-step-layers", type=int, default=1,
+                    help="MoE layers per step of the serving loop (1: one layer's matmuls per step; "
+                         "58: a DeepSeek-V3 forward pass, commits once per pass)")
+    ap.add_argument("--pause-only", action="store_true", help="only the non-blocking pause measurement")
     ap.add_argument("--timeout-s", type=float, default=120.0, help="per-collective timeout")
     ap.add_argument("--total-timeout-s", type=float, default=280.0, help="abort the run after this")
     return ap.parse_args(argv)
@@ -452,13 +456,16 @@ def checks(args, device) -> dict:
 def bench_pause(args, device) -> dict:
     """Step times of a matmul loop, undisturbed vs while layers move in the background.
 
-    A step: 8 experts' MoE matmuls on 512 tokens, launched eagerly or replayed as a CUDA
-    graph (as a decode loop runs), then ``commit_ready`` (the pass boundary), then a wait
-    for the serving stream (a decode loop waits for its step's result, not for other
-    streams). Host time per step, and GPU time (events on the serving stream)."""
+    A step: ``--pause-step-layers`` layers of 8 experts' MoE matmuls on 512 tokens (1: one
+    layer, the strictest; a model's MoE layer count: a forward pass), launched eagerly or
+    replayed as a CUDA graph (as a decode loop runs), then ``commit_ready`` (the pass
+    boundary), then a wait for the serving stream (a decode loop waits for its step's
+    result, not for other streams). Host time per step, and GPU time (events on the serving
+    stream)."""
     h, i, _ = sizes(args.small)
     tokens = 64 if args.small else 512
     experts_per_step = 8
+    layers_per_step = args.pause_step_layers
     x = torch.randn(tokens, h, dtype=torch.bfloat16, device=device)
     w1 = torch.randn(experts_per_step, h, 2 * i, dtype=torch.bfloat16, device=device) / h**0.5
     w2 = torch.randn(experts_per_step, i, h, dtype=torch.bfloat16, device=device) / i**0.5
@@ -466,9 +473,10 @@ def bench_pause(args, device) -> dict:
 
     def step():
         y = x
-        for e in range(experts_per_step):
-            g = y @ w1[e]
-            y = (torch.nn.functional.silu(g[:, :i]) * g[:, i:]) @ w2[e]
+        for _ in range(layers_per_step):
+            for e in range(experts_per_step):
+                g = y @ w1[e]
+                y = (torch.nn.functional.silu(g[:, :i]) * g[:, i:]) @ w2[e]
         return y
 
     graph = None
@@ -513,7 +521,7 @@ def bench_pause(args, device) -> dict:
     try:
         undisturbed = {}
         for mode in modes:
-            loop(mode, 50)
+            loop(mode, max(3, 50 // layers_per_step))  # warm-up
             undisturbed[mode] = [loop(mode, args.steps)]
         slots = args.experts + 2
         variants = []
@@ -584,7 +592,60 @@ def bench_pause(args, device) -> dict:
                                                            if quiet else None)
             row[name]["max_ratio_steps_with_commit"] = max(busy) / med if busy else None
         row["steps_with_commit"] = sum(c > 0 for c in commits)
-    return dict(tokens=tokens, experts_per_step=experts_per_step, undisturbed=base, variants=variants)
+    return dict(tokens=tokens, experts_per_step=experts_per_step, layers_per_step=layers_per_step,
+                undisturbed=base, variants=variants)
+
+
+def bench_transfers(args, device, rank: int, scale: float) -> tuple[dict, dict, dict]:
+    """P2P baselines, moves, whole rebalances and the failure checks (printed on rank 0)."""
+    single = {}
+    for name, size in [("88MB", int(88e6 * scale)), ("1GiB", int((1 << 30) * scale))]:
+        single[name] = dict(one_way=p2p_single(size, device, args, False),
+                            both_ways=p2p_single(size, device, args, True))
+    if rank == 0:
+        print("P2P single message GB/s per direction:",
+              {k: {d: round(v[d]["GBps"], 1) for d in v} for k, v in single.items()}, flush=True)
+    moves = {"bf16": bench_moves(args, device, False), "fp8+scales": bench_moves(args, device, True)}
+    if rank == 0:
+        for name, m in moves.items():
+            ref = m["p2p_same_traffic"]
+            pe = m["p2p_same_traffic_per_expert_messages"]
+            print(f"{name}: same-bytes P2P {ref['GBps']:.1f} GB/s ({ref['seconds'] * 1e3:.2f} ms, "
+                  f"{ref['messages_each_way']} messages each way); per-expert messages {pe['GBps']:.1f} GB/s "
+                  f"({pe['messages_each_way']}); diagnostics "
+                  f"{json.dumps({k: round(v, 1) for k, v in m['diagnostics'].items()})}", flush=True)
+        print(f"{'dtype':>10} {'budget':>6} {'pipe':>5} {'rounds':>6} {'ms':>8} {'GB/s':>7} {'vs P2P':>6} "
+              f"{'peak/budget':>11}", flush=True)
+        for m in moves.values():
+            for r in m["moves"]:
+                if r["budget_experts"] in (1, 8) and not r["pipeline"] or r["budget_experts"] == 1:
+                    print(f"  trace {r['dtype']} budget {r['budget_experts']}:",
+                          " ".join(f"{a}={b}/{c}" for a, b, c in r["trace"]), flush=True)
+        for m in moves.values():
+            for r in m["moves"]:
+                peak = f"{r['peak_extra_over_budget']:.4f}" if r["peak_extra_over_budget"] else "n/a"
+                print(f"{r['dtype']:>10} {r['budget_experts']:>6} {str(r['pipeline']):>5} {r['rounds']:>6} "
+                      f"{r['seconds'] * 1e3:8.2f} {r['GBps']:7.1f} {r['ratio_to_p2p']:6.3f} {peak:>11}",
+                      flush=True)
+        for m in moves.values():
+            for r in m["moves_precomputed"]:
+                print(f"precomputed schedule + shared pool {r['dtype']:>10} budget {r['budget_experts']} "
+                      f"pipe {str(r['pipeline']):>5} rounds {r['rounds']}: {r['seconds'] * 1e3:8.2f} ms "
+                      f"{r['GBps']:7.1f} GB/s {r['ratio_to_p2p']:6.3f} of P2P", flush=True)
+        for m in moves.values():
+            for r in m["whole_rebalance"]:
+                print(f"whole rebalance {r['dtype']:>10} {r['layers']} layers x {r['experts_per_layer']} experts, "
+                      f"budget {r['budget_experts']} {'one pool ' if r['shared_pool'] else 'pool/layer'}: {r['seconds'] * 1e3:8.2f} ms {r['GBps']:7.1f} GB/s "
+                      f"{r['ratio_to_p2p']:6.3f} of P2P", flush=True)
+            for r in m["whole_rebalance_move_layers"]:
+                how = "shared pool, precomputed schedules" if r["shared_pool"] else "own pool and schedules"
+                print(f"whole rebalance move_layers {r['dtype']:>10} {r['layers']} layers x {r['experts_per_layer']} "
+                      f"experts, budget {r['budget_experts']} ({how}): {r['seconds'] * 1e3:8.2f} ms "
+                      f"{r['GBps']:7.1f} GB/s {r['ratio_to_p2p']:6.3f} of P2P", flush=True)
+    checked = checks(args, device)
+    if rank == 0:
+        print("checks:", json.dumps(checked), flush=True)
+    return single, moves, checked
 
 
 def run(rank: int, world: int, args, init_method: str | None) -> None:
@@ -602,53 +663,7 @@ def run(rank: int, world: int, args, init_method: str | None) -> None:
         if dist.get_world_size() != 2:
             raise SystemExit("bench_executor needs exactly 2 ranks")
         scale = 1 / 64 if args.small else 1
-        single = {}
-        for name, size in [("88MB", int(88e6 * scale)), ("1GiB", int((1 << 30) * scale))]:
-            single[name] = dict(one_way=p2p_single(size, device, args, False),
-                                both_ways=p2p_single(size, device, args, True))
-        if rank == 0:
-            print("P2P single message GB/s per direction:",
-                  {k: {d: round(v[d]["GBps"], 1) for d in v} for k, v in single.items()}, flush=True)
-        moves = {"bf16": bench_moves(args, device, False), "fp8+scales": bench_moves(args, device, True)}
-        if rank == 0:
-            for name, m in moves.items():
-                ref = m["p2p_same_traffic"]
-                pe = m["p2p_same_traffic_per_expert_messages"]
-                print(f"{name}: same-bytes P2P {ref['GBps']:.1f} GB/s ({ref['seconds'] * 1e3:.2f} ms, "
-                      f"{ref['messages_each_way']} messages each way); per-expert messages {pe['GBps']:.1f} GB/s "
-                      f"({pe['messages_each_way']}); diagnostics "
-                      f"{json.dumps({k: round(v, 1) for k, v in m['diagnostics'].items()})}", flush=True)
-            print(f"{'dtype':>10} {'budget':>6} {'pipe':>5} {'rounds':>6} {'ms':>8} {'GB/s':>7} {'vs P2P':>6} "
-                  f"{'peak/budget':>11}", flush=True)
-            for m in moves.values():
-                for r in m["moves"]:
-                    if r["budget_experts"] in (1, 8) and not r["pipeline"] or r["budget_experts"] == 1:
-                        print(f"  trace {r['dtype']} budget {r['budget_experts']}:",
-                              " ".join(f"{a}={b}/{c}" for a, b, c in r["trace"]), flush=True)
-            for m in moves.values():
-                for r in m["moves"]:
-                    peak = f"{r['peak_extra_over_budget']:.4f}" if r["peak_extra_over_budget"] else "n/a"
-                    print(f"{r['dtype']:>10} {r['budget_experts']:>6} {str(r['pipeline']):>5} {r['rounds']:>6} "
-                          f"{r['seconds'] * 1e3:8.2f} {r['GBps']:7.1f} {r['ratio_to_p2p']:6.3f} {peak:>11}",
-                          flush=True)
-            for m in moves.values():
-                for r in m["moves_precomputed"]:
-                    print(f"precomputed schedule + shared pool {r['dtype']:>10} budget {r['budget_experts']} "
-                          f"pipe {str(r['pipeline']):>5} rounds {r['rounds']}: {r['seconds'] * 1e3:8.2f} ms "
-                          f"{r['GBps']:7.1f} GB/s {r['ratio_to_p2p']:6.3f} of P2P", flush=True)
-            for m in moves.values():
-                for r in m["whole_rebalance"]:
-                    print(f"whole rebalance {r['dtype']:>10} {r['layers']} layers x {r['experts_per_layer']} experts, "
-                          f"budget {r['budget_experts']} {'one pool ' if r['shared_pool'] else 'pool/layer'}: {r['seconds'] * 1e3:8.2f} ms {r['GBps']:7.1f} GB/s "
-                          f"{r['ratio_to_p2p']:6.3f} of P2P", flush=True)
-                for r in m["whole_rebalance_move_layers"]:
-                    how = "shared pool, precomputed schedules" if r["shared_pool"] else "own pool and schedules"
-                    print(f"whole rebalance move_layers {r['dtype']:>10} {r['layers']} layers x {r['experts_per_layer']} "
-                          f"experts, budget {r['budget_experts']} ({how}): {r['seconds'] * 1e3:8.2f} ms "
-                          f"{r['GBps']:7.1f} GB/s {r['ratio_to_p2p']:6.3f} of P2P", flush=True)
-        checked = checks(args, device)
-        if rank == 0:
-            print("checks:", json.dumps(checked), flush=True)
+        single, moves, checked = ({}, {}, {}) if args.pause_only else bench_transfers(args, device, rank, scale)
         pause = bench_pause(args, device)
         if rank == 0:
             print("undisturbed:", json.dumps(pause["undisturbed"], default=lambda x: x), flush=True)
@@ -669,7 +684,8 @@ def run(rank: int, world: int, args, init_method: str | None) -> None:
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
             out = Path(args.out) / name.replace(" ", "_")
             out.mkdir(parents=True, exist_ok=True)
-            path = out / f"bench_executor_{'small_' if args.small else ''}{time.strftime('%Y%m%d_%H%M%S')}.json"
+            kind = ("small_" if args.small else "") + ("pause_" if args.pause_only else "")
+            path = out / f"bench_executor_{kind}{time.strftime('%Y%m%d_%H%M%S')}.json"
             path.write_text(json.dumps(dict(
                 device=name, torch=torch.__version__, nccl=".".join(map(str, torch.cuda.nccl.version()))
                 if device.type == "cuda" else None, command=" ".join(sys.argv), world_size=2,
