@@ -109,6 +109,12 @@ class EPLBArgs:
     eplb_verify_weights: bool = _flag(
         "Fingerprint every moved slot after a move (cheap; on in tests).", default=False, sglang=False
     )
+    eplb_plan_in_process: bool = _flag(
+        "Plan in a separate process (spawned at start-up) instead of a thread, so the solver "
+        "never holds the serving process's GIL.",
+        default=False,
+        sglang=False,
+    )
 
     # ------------------------------------------------------------------ resolution
 

@@ -165,6 +165,11 @@ class EPLBManager:
         from eplb_plugin.algorithms import algorithm_for_dispatch
 
         self._algorithm = algorithm_for_dispatch(args.eplb_algorithm, args.ep_dispatch_algorithm)
+        self._planner_process = None
+        if planner is None and getattr(args, "eplb_plan_in_process", False) and self.rank == 0:
+            from eplb_plugin.planner_process import PlannerProcess
+
+            planner = self._planner_process = PlannerProcess()  # only rank 0 plans
         self.planner = planner or _default_planner
         self.mover = mover
         self.layers_mover = layers_mover or _default_layers_mover
@@ -227,9 +232,12 @@ class EPLBManager:
             self._move_chunk()
 
     def close(self) -> None:
-        """Wait for a planning thread still running (it cannot be interrupted), stop the mover."""
+        """Wait for a planning thread still running (it cannot be interrupted), stop the planner
+        process and the mover."""
         if self._plan_thread is not None:
             self._plan_thread.join(timeout=self.plan_timeout_s)
+        if self._planner_process is not None:
+            self._planner_process.close()
         if self._async_mover is not None:
             self._async_mover.close()
 

@@ -132,6 +132,22 @@ def case_interval_rebalances_move_weights_and_agree(rank, group):
     assert done[0].balancedness_achieved is not None and done[0].balancedness_achieved > done[0].balancedness_before
 
 
+def case_planning_in_a_process_rebalances_like_the_thread(rank, group):
+    """--eplb-plan-in-process: rank 0 plans in a worker process; the rebalance moves weights,
+    every rank agrees, and closing the manager stops the worker."""
+    host = Host(rank, group, _args(eplb_plan_in_process=True))
+    assert (host.manager._planner_process is not None) == (rank == 0)
+    finished = lambda m: any(r.end_pass is not None for r in m.history)  # noqa: E731
+    assert host.serve(5000, until=finished) == []
+    done = [r for r in host.manager.history if r.end_pass is not None]
+    assert done[0].error is None and done[0].slots_moved > 0
+    assert (host.manager.location.logical_replica_count[:, 5] > 1).all()
+    assert weights_match(host.weights, host.manager.location, rank)
+    maps = _gather(host.manager.location.physical_to_logical_map.tolist())
+    assert maps[0] == maps[1]
+    host.manager.close()
+
+
 def case_planner_failure_surfaces_on_every_rank_and_keeps_the_placement(rank, group):
     def broken_planner(*args, **kwargs):
         raise ValueError("solver exploded")

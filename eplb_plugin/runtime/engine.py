@@ -4,8 +4,10 @@ Each pass, on every rank (the loop is collective: every rank runs the same passe
 
 1. Take this rank's shard of the pass's global batch (the workload is deterministic, so
    ranks agree without talking) and its hidden states (deterministic from (seed, pass)).
-2. Run every MoE layer (``ep_moe_forward``: dispatch, all-gather, experts, partial sums
-   back), chained ``h = h + MoE_l(rms_normalize(h))``, inside the recorder's pass.
+2. Run every MoE layer (``ep_moe_forward``: dispatch, exchange, experts, results back),
+   chained ``h = h + MoE_l(rms_normalize(h))``, inside the recorder's pass; on CUDA the
+   layers replay as one captured graph where possible (``runtime/graphs.py``). Every rank
+   starts the pass together (``_align_ranks``) and the pass is timed to its last kernel.
 3. One SUM all-reduce of a small vector: the HTTP command from rank 0, every slot's
    received pairs [L, P], every rank's MoE step time and expert compute time. All ranks
    then know the pass's per-GPU loads (balancedness) and act on the command together.
@@ -456,7 +458,7 @@ def summarize(engine: RankEngine, stall_s: np.ndarray, wall_s: float, *, rss_mb:
         "expert_compute_s_per_pass": engine.compute_s.round(7).tolist(),
         "stall_s_per_pass": stall_s.round(7).tolist(),
         "cuda_graph": engine._graph_wanted,
-        "graph_captures": engine.graph_captures,
+        "graph_captures": engine.graph_captures,  # capture attempts (1: captured once, kept across rebalances)
         "balancedness_mean": float(engine.balancedness[warmup:].mean()),
         "moe_step_ms_mean": float(1e3 * engine.step_s[warmup:].mean()),
         "expert_compute_ms_mean": float(1e3 * engine.compute_s[warmup:].mean()),

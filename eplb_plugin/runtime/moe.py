@@ -18,7 +18,7 @@ slots (``ExpertDispatcher``) and the recorder's hook sees them. Then one of two 
   ``k * (W - 1) / W`` rows per token and direction, but the split sizes must be read on
   the host (a synchronization per layer, free on CPU).
 
-For ``W - 1 < k`` (EP2, EP4 at top-6/8) the gather moves fewer bytes. With one rank
+For ``W < k`` (EP2, EP4 at top-6/8) the gather moves fewer bytes. With one rank
 nothing is exchanged.
 """
 

@@ -1,0 +1,29 @@
+"""PlannerProcess: algorithms.plan in a worker process gives the plan the in-process call gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from eplb_plugin.algorithms import plan
+from eplb_plugin.planner_process import PlannerProcess
+
+
+def test_the_worker_plans_exactly_what_plan_returns():
+    rng = np.random.default_rng(0)
+    counts = torch.from_numpy(rng.zipf(1.5, (4, 16)).astype(np.float64))
+    previous = torch.arange(20).remainder(16).repeat(4, 1)
+    kwargs = dict(num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_equal")
+    planner = PlannerProcess()
+    try:
+        got = planner(counts, previous=previous, **kwargs)
+        weighted = planner(counts, **dict(kwargs, algorithm="eplb_plugin"))
+    finally:
+        planner.close()
+    want = plan(counts, previous=previous, **kwargs)
+    assert torch.equal(got.physical_to_logical_map, want.physical_to_logical_map)
+    assert got.slots_moved == want.slots_moved and got.replica_weights is None
+    want_weighted = plan(counts, **dict(kwargs, algorithm="eplb_plugin"))
+    assert torch.equal(weighted.physical_to_logical_map, want_weighted.physical_to_logical_map)
+    if want_weighted.replica_weights is not None:
+        assert torch.equal(weighted.replica_weights, want_weighted.replica_weights)
