@@ -102,9 +102,11 @@ def test_single_rank_runs_without_process_group_and_matches_dense(tmp_path):
     args = EPLBArgs(ep_size=1).resolve()
     workload = WorkloadSpec(kind="synthetic", seed=5)
     cfg = RuntimeConfig(model=MODEL, batch_tokens=20, dtype="float64", progress=False, capture_passes=(2,),
-                        capture_dir=str(tmp_path))
+                        capture_dir=str(tmp_path), profile_passes=(1,), profile_dir=str(tmp_path / "prof"))
     (result,) = launch(cfg, [RunSpec("one", args, workload, num_passes=3)], args)
     assert result["balancedness_per_pass"] == [1.0, 1.0, 1.0]
+    profile = (tmp_path / "prof" / "one_profile.txt").read_text()
+    assert profile.startswith("=== one pass 1: wall ") and "aten::" in profile and "pass 2" not in profile
     got = torch.load(tmp_path / "one_rank0_pass2.pt", weights_only=True)["out"]
     torch.testing.assert_close(got, dense_output(cfg, workload, 2), rtol=1e-11, atol=1e-12)
 

@@ -31,7 +31,9 @@ def profile_pass(path: Path, label: str, pass_id: int, cuda: bool) -> Iterator[N
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
     events = prof.key_averages()
-    device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+    # Device time: the kernels themselves (an op's row also shows its kernels' time).
+    device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.events()
+                    if e.device_type == torch.autograd.DeviceType.CUDA)
     host_us = sum(e.self_cpu_time_total for e in events)
     lines = [
         f"=== {label} pass {pass_id}: wall {1e3 * wall:.2f} ms, host time in ops {host_us / 1e3:.2f} ms, "
