@@ -186,7 +186,7 @@ class SGLangEPLBManager:
             num_groups=getattr(layout, "num_groups", None),
             metrics=_metrics(args, self._rank),
             on_location_change=self._publish_location,
-            mover=self._move_layer,
+            layers_mover=self._move_layers,
         )
         logger.info(
             "%s manager built: %d layers (%d with routed experts), %d slots over %d ranks, "
@@ -195,13 +195,25 @@ class SGLangEPLBManager:
         )
         return manager
 
-    def _move_layer(self, weights: list[torch.Tensor], old_map: torch.Tensor, new_map: torch.Tensor,
-                    group: Any = None, *, layer: int, **kwargs: Any) -> Any:
-        if layer not in self._weights_of_layer:
-            return _MoveNothing()
-        from eplb_plugin.executor import move_experts
+    def _move_layers(self, layers: list[tuple[Any, torch.Tensor, torch.Tensor]], group: Any = None, *,
+                     layer_ids: list[int], **kwargs: Any) -> list[Any]:
+        """A chunk through ``executor.move_layers``, pipelined across its layers; layers
+        without routed experts (dense layers) move nothing. A ``LayerMoveError``'s index is
+        given in the chunk's positions, as the manager reads it."""
+        from eplb_plugin.executor import LayerMoveError, move_layers
 
-        return move_experts(weights, old_map, new_map, group, layer=layer, **kwargs)
+        keep = [i for i, layer in enumerate(layer_ids) if layer in self._weights_of_layer]
+        results: list[Any] = [_MoveNothing() for _ in layers]
+        if not keep:
+            return results
+        try:
+            moved = move_layers([layers[i] for i in keep], group, layer_ids=[layer_ids[i] for i in keep], **kwargs)
+        except LayerMoveError as exc:
+            exc.index = keep[exc.index]
+            raise
+        for i, result in zip(keep, moved):
+            results[i] = result
+        return results
 
     def _publish_location(self, location: Any) -> None:
         """Make SGLang's global metadata (dispatch tables included) follow the live placement."""
