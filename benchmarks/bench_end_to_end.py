@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dispatch", default="static,dynamic",
                    help="comma-separated --ep-dispatch-algorithm values, one EPLB run each (static is named 'eplb')")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run every pass eagerly on CUDA")
+    p.add_argument("--non-blocking", action="store_true", help="EPLB runs move weights with --eplb-non-blocking")
+    p.add_argument("--plan-in-process", action="store_true", help="EPLB runs plan with --eplb-plan-in-process")
     p.add_argument("--profile-passes", default="",
                    help="comma-separated passes that rank 0 runs under torch.profiler (each run)")
     p.add_argument("--profile-dir", default=None, help="where the profiles go (default: --out/profiles)")
@@ -100,7 +102,8 @@ def setup(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EPLBArg
     )
     passes = ns.num_passes or (300 if cuda else 200)
     off = args.resolve()
-    on = dataclasses.replace(args, enable_eplb=True).resolve()
+    on = dataclasses.replace(args, enable_eplb=True, eplb_non_blocking=ns.non_blocking,
+                             eplb_plan_in_process=ns.plan_in_process).resolve()
     eplb_runs = [
         RunSpec("eplb" if d == "static" else f"eplb_{d}", dataclasses.replace(on, ep_dispatch_algorithm=d), workload, passes)
         for d in ns.dispatch.split(",")
