@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dispatch", default="static,dynamic",
                    help="comma-separated --ep-dispatch-algorithm values, one EPLB run each (static is named 'eplb')")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run every pass eagerly on CUDA")
+    p.add_argument("--dispatch-backend", default="torch", choices=("torch", "triton", "auto"),
+                   help="ExpertDispatcher backend (triton: dynamic dispatch as one kernel per layer)")
     p.add_argument("--non-blocking", action="store_true", help="EPLB runs move weights with --eplb-non-blocking")
     p.add_argument("--plan-in-process", action="store_true", help="EPLB runs plan with --eplb-plan-in-process")
     p.add_argument("--profile-passes", default="",
@@ -114,7 +116,7 @@ def setup(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EPLBArg
                     WorkloadSpec(kind="uniform"), passes)]
     cfg = RuntimeConfig(model=model, batch_tokens=ns.batch_tokens or (2048 if cuda else 256), device=ns.device,
                         dtype="bfloat16" if cuda else "float32", progress=True,
-                        cuda_graph=not ns.disable_cuda_graph,
+                        cuda_graph=not ns.disable_cuda_graph, dispatch_backend=ns.dispatch_backend,
                         profile_passes=tuple(int(x) for x in ns.profile_passes.split(",") if x),
                         profile_dir=ns.profile_dir or str(Path(ns.out) / "profiles"))
     return cfg, runs, on, workload

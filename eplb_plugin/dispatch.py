@@ -22,6 +22,7 @@ import torch
 
 from eplb_plugin.args import DISPATCH_ALGORITHMS
 from eplb_plugin.errors import ConfigError
+from eplb_plugin.kernels._launch import use_triton
 from eplb_plugin.location import ExpertLocation
 
 DYNAMIC_WATERFILL_ITERATIONS = 6
@@ -68,7 +69,9 @@ def compute_static_dispatch_table(
 class ExpertDispatcher:
     """Maps logical ids to slots for one rank under one placement and algorithm.
 
-    Tables live on ``device``; ``dispatch`` allocates its output only.
+    Tables live on ``device``; ``dispatch`` allocates its output only. backend: "torch", or
+    "triton" / "auto" (Triton on CUDA) to run ``dynamic`` as one kernel per layer
+    (``kernels/dynamic.py``; the other algorithms are a few torch ops either way).
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class ExpertDispatcher:
         num_gpus_per_node: int | None = None,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
+        backend: str = "torch",
     ):
         if algorithm not in DISPATCH_ALGORITHMS:
             raise ConfigError(
@@ -88,6 +92,7 @@ class ExpertDispatcher:
         if not 0 <= rank < location.ep_size:
             raise ConfigError(f"rank {rank} is outside [0, ep_size={location.ep_size})")
         self.algorithm = algorithm
+        self.backend = backend
         self.rank = rank
         self.location = location
         self.device = torch.device(device)
@@ -105,6 +110,14 @@ class ExpertDispatcher:
         self.replica_shares = torch.gather(
             padded, 1, torch.where(l2p >= 0, l2p, location.num_physical_experts).flatten(1)
         ).view_as(l2p).to(self.device)
+        # dynamic on the Triton backend: one program per layer, scratch allocated once here
+        # (nothing is allocated under CUDA-graph capture).
+        self._kernel = algorithm == "dynamic" and use_triton(backend, self.replica_count)
+        self._scratch = None
+        if self._kernel:
+            width = self.logical_to_physical_map.shape[-1]
+            size = (1 << max(0, location.num_logical_experts - 1).bit_length()) * (1 << max(0, width - 1).bit_length())
+            self._scratch = torch.empty(size, dtype=torch.float32, device=self.device)
 
     def update_(self, location: ExpertLocation, *, num_gpus_per_node: int | None = None) -> bool:
         """Take ``location``'s tables into this dispatcher's tensors, in place (so a CUDA
@@ -112,7 +125,7 @@ class ExpertDispatcher:
         dispatches queued later see the new tables. Returns False, changing nothing, when
         the shapes differ (another slot count or replica width)."""
         fresh = ExpertDispatcher(location, rank=self.rank, algorithm=self.algorithm,
-                                 num_gpus_per_node=num_gpus_per_node, device=self.device)
+                                 num_gpus_per_node=num_gpus_per_node, device=self.device)  # torch tables only
         pairs = [(self.static_table, fresh.static_table),
                  (self.logical_to_physical_map, fresh.logical_to_physical_map),
                  (self.replica_count, fresh.replica_count), (self.replica_shares, fresh.replica_shares)]
@@ -125,6 +138,13 @@ class ExpertDispatcher:
 
     def dispatch(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids: [T, k] int, logical ids, -1 = padding -> [T, k] int64 physical slots."""
+        if self._kernel:
+            from eplb_plugin.kernels.dynamic import dynamic_dispatch_triton
+
+            return dynamic_dispatch_triton(
+                topk_ids, self.logical_to_physical_map[layer], num_local=self.num_local_physical_experts,
+                num_gpus=self.location.ep_size, iterations=DYNAMIC_WATERFILL_ITERATIONS, scratch=self._scratch,
+            )
         ids = topk_ids.to(torch.int64)
         valid = ids >= 0
         safe = ids.clamp_min(0)

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="On CUDA, run passes eagerly (default: one CUDA graph per pass where the dispatch and exchange allow it).")
     g.add_argument("--moe-exchange", default=None, choices=("gather", "alltoall"),
                    help="How tokens reach their experts' ranks (default: gather on cuda, alltoall on cpu).")
+    g.add_argument("--ep-dispatch-backend", default="torch", choices=("torch", "triton", "auto"),
+                   help="dynamic dispatch as torch ops, or as one Triton kernel per layer (auto: on CUDA).")
     g.add_argument("--threads-per-rank", type=int, default=None, help="CPU threads per rank (default: cores / ranks).")
     return parser
 
@@ -83,7 +85,7 @@ def build_runs(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EP
         dtype=ns.dtype or ("bfloat16" if ns.device == "cuda" else "float32"), seed=ns.seed,
         verify_weights=ns.verify_weights, http_host=ns.host, http_port=ns.port, progress=ns.progress,
         threads_per_rank=ns.threads_per_rank, cuda_graph=not ns.disable_cuda_graph,
-        exchange=ns.moe_exchange,
+        exchange=ns.moe_exchange, dispatch_backend=ns.ep_dispatch_backend,
     )
     if ns.compare:
         off = dataclasses.replace(raw, enable_eplb=False, eplb_non_blocking=False).resolve()

@@ -117,6 +117,8 @@ class RuntimeConfig:
     and exchange allow it (``runtime/graphs.py``); False: eager.
     exchange: how tokens reach their experts' ranks, "gather" or "alltoall" (see
     ``runtime/moe.py``); None: gather on CUDA, alltoall on CPU.
+    dispatch_backend: ``ExpertDispatcher``'s backend: "torch", or "triton" / "auto" for the
+    one-kernel ``dynamic`` dispatch (``kernels/dynamic.py``).
     profile_passes / profile_dir: rank 0 runs those passes of each run under torch.profiler
     and writes ``<run>_profile.txt`` (ops by device and host time, and the pass's host and
     device totals) into profile_dir.
@@ -136,6 +138,7 @@ class RuntimeConfig:
     capture_dir: str | None = None
     cuda_graph: bool = True
     exchange: str | None = None
+    dispatch_backend: str = "torch"
     profile_passes: tuple[int, ...] = ()
     profile_dir: str | None = None
     result_path: str | None = None
@@ -151,6 +154,8 @@ class RuntimeConfig:
             raise ConfigError(f"dtype {self.dtype!r} is unknown; choose one of {list(DTYPES)}")
         if self.exchange not in (None, "gather", "alltoall"):
             raise ConfigError(f"--moe-exchange {self.exchange!r} must be 'gather' or 'alltoall'")
+        if self.dispatch_backend not in ("torch", "triton", "auto"):
+            raise ConfigError(f"--ep-dispatch-backend {self.dispatch_backend!r} must be 'torch', 'triton' or 'auto'")
         if self.batch_tokens < 1:
             raise ConfigError(f"--batch-tokens must be >= 1 (got {self.batch_tokens})")
 

@@ -152,6 +152,7 @@ class RankEngine:
             location, rank=self.rank, algorithm=self.dispatch_algorithm,
             num_gpus_per_node=self._gpus_per_node, device=self.device,
             generator=torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.rank),
+            backend=self.cfg.dispatch_backend,
         )
 
     def _on_location_change(self, location: ExpertLocation) -> None:
