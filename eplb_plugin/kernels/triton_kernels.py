@@ -105,7 +105,7 @@ def dynamic_dispatch_kernel(
     # 2. The replica table and equal shares.
     xmask = x_idx < width
     l2p = tl.load(l2p_ptr + e_idx[:, None] * width + x_idx[None, :],
-                  mask=(e_idx < num_experts)[:, None] & xmask[None, :], other=-1)
+                  mask=(e_idx < num_experts)[:, None] & xmask[None, :], other=-1).to(tl.int32)  # int32 tiles: fewer registers
     listed = l2p >= 0
     count = tl.sum(listed.to(tl.float32), axis=1)
     shares = tl.where(listed, 1.0 / tl.maximum(count, 1.0)[:, None], 0.0)
@@ -139,9 +139,9 @@ def dynamic_dispatch_kernel(
         running += tl.sum(hit, axis=0)
         expert = tl.where(valid, ids, 0)
         q = tl.load(quota_ptr + expert[:, None] * BX + x_idx[None, :])
-        row = tl.load(l2p_ptr + expert[:, None] * width + x_idx[None, :], mask=xmask[None, :], other=-1)
+        row = tl.load(l2p_ptr + expert[:, None] * width + x_idx[None, :], mask=xmask[None, :], other=-1).to(tl.int32)
         replicas = tl.sum((row >= 0).to(tl.int32), axis=1)
         pick = tl.sum(((q <= position[:, None] + 0.5) & xmask[None, :]).to(tl.int32), axis=1)
         pick = tl.minimum(pick, replicas - 1)
         physical = tl.sum(tl.where(x_idx[None, :] == pick[:, None], row, 0), axis=1)
-        tl.store(out_ptr + offs, tl.where(valid, physical, -1), mask=inside)
+        tl.store(out_ptr + offs, tl.where(valid, physical, -1).to(tl.int64), mask=inside)
