@@ -397,47 +397,42 @@ def checks(args, device) -> dict:
     move_experts(weights, old, new, budget_bytes=2 * per, verify=True, timeout_s=args.timeout_s)
     out["verify_mode_exact"] = exact(new)
     move_experts(weights, new, old, budget_bytes=2 * per, timeout_s=args.timeout_s)
-    sched = schedule_layer_move(old, new, ep_size=2, max_staged_experts=2)  # pipelined rounds
-    calls = []
 
-    def hook(point, r, layer):
-        calls.append(point)
-        if point == "after_staging" and calls.count(point) == 2 and r == 0:
-            raise RuntimeError("injected")
+    def failing_move(src, dst, expect, *, fail_rank: int, fail_round: int, **kw) -> tuple[dict, torch.Tensor]:
+        """Move src -> dst with ``fail_rank`` failing after staging round ``fail_round``; every
+        rank must raise, stay on ``expect`` (error and live_map), with weights exact for it.
+        Returns (raised, left_expected, weights_exact) and the live map."""
+        calls = []
 
-    live = old.clone()
-    try:
-        move_experts(weights, old, new, budget_bytes=2 * per, live_map=live, fault_hook=hook,
-                     timeout_s=args.timeout_s, pipeline=True)
-        out["failure_raised"] = False
-    except LayerMoveError as exc:
-        out["failure_raised"] = True
-        out["failure_left_round1_map"] = bool(torch.equal(exc.live_physical_to_logical_map, sched.maps[0])
-                                              and torch.equal(live, sched.maps[0]))
-        sync(device)
-        out["failure_weights_exact"] = exact(sched.maps[0])
+        def hook(point, r, layer):
+            calls.append(point)
+            if point == "after_staging" and calls.count(point) == fail_round and r == fail_rank:
+                raise RuntimeError("injected")
+
+        live = src.clone()
+        try:
+            move_experts(weights, src, dst, live_map=live, fault_hook=hook, timeout_s=args.timeout_s, **kw)
+            return {"raised": False}, live
+        except LayerMoveError as exc:
+            left = bool(torch.equal(exc.live_physical_to_logical_map, expect) and torch.equal(live, expect))
+            sync(device)
+            return {"raised": True, "left": left, "exact": exact(expect)}, live
+
+    # Pipelined rounds of two experts: rank 0 fails in round 2; every rank stays on round 1's map.
+    sched = schedule_layer_move(old, new, ep_size=2, max_staged_experts=2)
+    got, live = failing_move(old, new, sched.maps[0], fail_rank=0, fail_round=2, budget_bytes=2 * per, pipeline=True)
+    out["failure_raised"] = got["raised"]
+    if got["raised"]:
+        out["failure_left_round1_map"], out["failure_weights_exact"] = got["left"], got["exact"]
     move_experts(weights, live, new, budget_bytes=2 * per, timeout_s=args.timeout_s)
     out["retry_exact"] = exact(new)
     # Deferred votes (rounds of one expert, one at a time): rank 1 fails in round 3; every
     # rank must stay on round 2's map, with exact weights, and a retry must complete.
     sched1 = schedule_layer_move(new, old, ep_size=2, max_staged_experts=1, pipeline=False)
-    calls.clear()
-
-    def hook3(point, r, layer):
-        calls.append(point)
-        if point == "after_staging" and calls.count(point) == 3 and r == 1:
-            raise RuntimeError("injected")
-
-    live = new.clone()
-    try:
-        move_experts(weights, new, old, budget_bytes=per, live_map=live, fault_hook=hook3, timeout_s=args.timeout_s)
-        out["deferred_failure_raised"] = False
-    except LayerMoveError as exc:
-        out["deferred_failure_raised"] = True
-        out["deferred_failure_left_round2_map"] = bool(torch.equal(exc.live_physical_to_logical_map, sched1.maps[1])
-                                                       and torch.equal(live, sched1.maps[1]))
-        sync(device)
-        out["deferred_failure_weights_exact"] = exact(sched1.maps[1])
+    got, live = failing_move(new, old, sched1.maps[1], fail_rank=1, fail_round=3, budget_bytes=per)
+    out["deferred_failure_raised"] = got["raised"]
+    if got["raised"]:
+        out["deferred_failure_left_round2_map"], out["deferred_failure_weights_exact"] = got["left"], got["exact"]
     move_experts(weights, live, old, budget_bytes=per, timeout_s=args.timeout_s)
     out["deferred_retry_exact"] = exact(old)
     move_experts(weights, old, new, budget_bytes=per, timeout_s=args.timeout_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_executor_transfer import random_map
 
 from eplb_plugin.errors import PlacementError
 from eplb_plugin.executor.plan import (
@@ -101,8 +102,7 @@ def test_random_maps_plan_reproduces_new_map_and_pairs_match():
         num_local = 1 + trial % 5
         p = ep * num_local
         e = max(1, p - trial % 3)
-        old = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
-        new = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        old, new = random_map(g, p, e), random_map(g, p, e)
         plan = plan_layer_transfer(old, new, ep_size=ep, gpus_per_node=2)
         assert _simulate(old.tolist(), new.tolist(), plan) == new.tolist()
         assert plan.num_slots_changed == int((old != new).sum())
@@ -121,8 +121,7 @@ def test_rounds_respect_budget_and_keep_every_expert():
         ep, num_local = 2 + trial % 3, 3 + trial % 4
         p = ep * num_local
         e = p - trial % 4
-        old = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
-        new = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        old, new = random_map(g, p, e), random_map(g, p, e)
         budget = 1 + trial % 3
         maps = plan_layer_rounds(old, new, ep_size=ep, max_staged_experts=budget)
         assert torch.equal(maps[-1], new)
@@ -208,8 +207,7 @@ def test_pipelined_schedule_lands_every_round_and_stays_within_budget():
         ep, num_local = 2 + trial % 3, 3 + trial % 4
         p = ep * num_local
         e = p - trial % 4
-        old = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
-        new = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        old, new = random_map(g, p, e), random_map(g, p, e)
         budget = 1 + trial % 5
         sched = schedule_layer_move(old, new, ep_size=ep, max_staged_experts=budget)
         assert torch.equal(sched.maps[-1], new)
@@ -267,8 +265,7 @@ def test_optimized_planners_match_the_straightforward_reference():
         num_local = 1 + trial % 12
         p = ep * num_local
         e = max(1, p - trial % 5)
-        old = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
-        new = torch.cat([torch.arange(e), torch.randint(0, e, (p - e,), generator=g)])[torch.randperm(p, generator=g)]
+        old, new = random_map(g, p, e), random_map(g, p, e)
         if trial % 3 == 0:  # a few changed slots only, as in a typical rebalance
             new = old.clone()
             idx = torch.randperm(p, generator=g)[: 1 + trial % 8]

@@ -131,24 +131,24 @@ class ExpertDistributionRecorder:
 
     # ------------------------------------------------------------- contexts
     @contextlib.contextmanager
-    def with_current_layer(self, layer_idx: int) -> Iterator[None]:
-        previous, self._layer = self._layer, layer_idx
+    def _setting(self, name: str, value: Any) -> Iterator[None]:
+        """Attribute ``name`` holds ``value`` inside the block, its previous value after."""
+        previous = getattr(self, name)
+        setattr(self, name, value)
         try:
             yield
         finally:
-            self._layer = previous
+            setattr(self, name, previous)
+
+    def with_current_layer(self, layer_idx: int) -> contextlib.AbstractContextManager[None]:
+        return self._setting("_layer", layer_idx)
 
     @contextlib.contextmanager
     def with_debug_name(self, debug_name: str) -> Iterator[None]:
         yield
 
-    @contextlib.contextmanager
-    def disable_this_region(self) -> Iterator[None]:
-        previous, self._disabled = self._disabled, True
-        try:
-            yield
-        finally:
-            self._disabled = previous
+    def disable_this_region(self) -> contextlib.AbstractContextManager[None]:
+        return self._setting("_disabled", True)
 
     @contextlib.contextmanager
     def with_forward_pass(
