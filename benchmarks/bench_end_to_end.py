@@ -42,16 +42,17 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _traces import ESFT_TRACES  # noqa: E402  (benchmarks/_traces.py)
 
 from eplb_plugin.args import EPLBArgs  # noqa: E402
 from eplb_plugin.balance import gpu_loads, layer_balancedness, slot_loads  # noqa: E402
+from eplb_plugin.kernels import BACKENDS  # noqa: E402
 from eplb_plugin.location import ExpertLocation  # noqa: E402
 from eplb_plugin.runtime.config import ModelShape, RunSpec, RuntimeConfig, WorkloadSpec  # noqa: E402
 from eplb_plugin.runtime.launch import launch  # noqa: E402
 from eplb_plugin.runtime.moe import expert_ffn, run_local_experts  # noqa: E402
 from eplb_plugin.runtime.weights import FFNShape, make_expert_weights  # noqa: E402
 
-ESFT_TRACES = ("esft_dsv2lite_intent_top6.npz", "esft_dsv2lite_law_top6.npz")
 EP8 = 8
 EP8_REDUNDANT = 8
 EP8_SAMPLE_PASSES = 8  # passes timed for the EP8 compute part (each: L layers x 8 ranks)
@@ -77,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dispatch", default="static,dynamic",
                    help="comma-separated --ep-dispatch-algorithm values, one EPLB run each (static is named 'eplb')")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run every pass eagerly on CUDA")
-    p.add_argument("--dispatch-backend", default="torch", choices=("torch", "triton", "auto"),
+    p.add_argument("--dispatch-backend", default="torch", choices=BACKENDS,
                    help="ExpertDispatcher backend (triton: dynamic dispatch as one kernel per layer)")
     p.add_argument("--non-blocking", action="store_true", help="EPLB runs move weights with --eplb-non-blocking")
     p.add_argument("--plan-in-process", action="store_true", help="EPLB runs plan with --eplb-plan-in-process")

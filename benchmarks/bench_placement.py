@@ -18,12 +18,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _traces import esft_topk_ids, traces_dir  # noqa: E402  (benchmarks/_traces.py)
+
 from eplb_plugin.algorithms import plan  # noqa: E402
 from eplb_plugin.algorithms.evaluate import pass_counts, simulate  # noqa: E402
 from eplb_plugin.algorithms.nodes import group_locality  # noqa: E402
 from eplb_plugin.balance import placement_balancedness  # noqa: E402
 
-TRACES = Path(os.environ.get("EPLB_TRACES_DIR", ROOT.parent / "shared" / "traces"))
+TRACES = traces_dir()
 QWEN_SHAPES = [(8, 0), (16, 16), (32, 32), (64, 64)]
 TIMING_REPEATS = 5
 
@@ -49,7 +51,7 @@ def in_sample() -> list[dict]:
 
 
 def realized() -> list[dict]:
-    ids = np.concatenate([np.load(TRACES / f"esft_dsv2lite_{d}_top6.npz")["topk_ids"] for d in ("intent", "law")])
+    ids = esft_topk_ids(TRACES)
     counts = pass_counts(ids, num_logical=64, pass_tokens=256)
     rows = []
     for gpus, slots in [(8, 72), (16, 80)]:

@@ -17,35 +17,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _traces import ESFT_TRACES, esft_topk_ids, traces_dir  # benchmarks/_traces.py
 
 from eplb_plugin.algorithms import plan
-from eplb_plugin.balance import layer_balancedness
+from eplb_plugin.balance import balancedness, gpu_loads
 from eplb_plugin.dispatch import compute_static_dispatch_table
 from eplb_plugin.location import ExpertLocation
+from eplb_plugin.runtime.workload import shard_tokens
 
-TRACES = ("esft_dsv2lite_intent_top6.npz", "esft_dsv2lite_law_top6.npz")
 NUM_LOGICAL = 64  # DeepSeek-V2-Lite's routed experts
-
-
-def traces_dir() -> Path:
-    return Path(os.environ.get("EPLB_TRACES_DIR", Path(__file__).resolve().parents[2] / "shared" / "traces"))
 
 
 def rank_counts(ids: np.ndarray, pass_id: int, batch_tokens: int, ep: int) -> np.ndarray:
     """[W, L, E] tokens of pass ``pass_id`` per rank, as the runtime shards them (cycling)."""
     idx = (np.arange(batch_tokens) + pass_id * batch_tokens) % ids.shape[0]
-    bounds = [r * batch_tokens // ep for r in range(ep + 1)]  # equal contiguous shares
     num_layers = ids.shape[1]
     out = np.zeros((ep, num_layers, NUM_LOGICAL))
     for r in range(ep):
-        sub = ids[idx[bounds[r] : bounds[r + 1]]]  # [t, L, k]
+        sub = ids[idx[shard_tokens(batch_tokens, rank=r, world_size=ep)]]  # [t, L, k], the rank's share
         offset = (np.arange(num_layers) * NUM_LOGICAL)[None, :, None]
         flat = np.where(sub >= 0, sub + offset, -1).ravel()
         out[r] = np.bincount(flat[flat >= 0], minlength=num_layers * NUM_LOGICAL).reshape(num_layers, NUM_LOGICAL)
@@ -69,8 +64,7 @@ def realized(counts: list[np.ndarray], ep: int, redundant: int, every: int, orac
             table = compute_static_dispatch_table(loc, rank=r).numpy()  # [L, E]
             for layer in range(num_layers):
                 np.add.at(slot[layer], table[layer], per_rank[r, layer])
-        gpu = slot.reshape(num_layers, ep, -1).sum(-1)
-        out.append(float(layer_balancedness(torch.from_numpy(gpu)).mean()))
+        out.append(balancedness(gpu_loads(torch.from_numpy(slot), ep)))
     return np.array(out)
 
 
@@ -82,12 +76,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rebalance-every", type=int, default=30)
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     ns = ap.parse_args(argv)
-    paths = [traces_dir() / name for name in TRACES]
-    if not all(p.exists() for p in paths):
+    if not all((traces_dir() / name).exists() for name in ESFT_TRACES):
         print(f"skipped: the ESFT traces are not in {traces_dir()}")
         return 0
     start = time.perf_counter()
-    ids = np.concatenate([np.load(p)["topk_ids"] for p in paths])
+    ids = esft_topk_ids()
     counts = [rank_counts(ids, p, ns.batch_tokens, ns.ep_size) for p in range(ns.num_passes)]
     half = ns.num_passes // 2
     ep = ns.ep_size
@@ -108,7 +101,7 @@ def main(argv=None) -> int:
     path = out / f"realized_balance_esft_ep{ep}_cpu.json"
     path.write_text(json.dumps({
         "benchmark": "realized_balance", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-        "traces": list(TRACES), "ep_size": ep, "batch_tokens": ns.batch_tokens, "num_passes": ns.num_passes,
+        "traces": list(ESFT_TRACES), "ep_size": ep, "batch_tokens": ns.batch_tokens, "num_passes": ns.num_passes,
         "rebalance_every": ns.rebalance_every, "dispatch": "static (per-rank tables, as SGLang)",
         "planner": "eplb_plugin_equal", "results": results, "wall_s": time.perf_counter() - start,
     }, indent=1))

@@ -25,7 +25,9 @@ from collections.abc import Sequence
 from eplb_plugin.args import EPLBArgs, add_eplb_args
 from eplb_plugin.configs import PRESET_NAMES
 from eplb_plugin.errors import EPLBError
+from eplb_plugin.kernels import BACKENDS
 from eplb_plugin.runtime.config import DTYPES, ModelShape, RunSpec, RuntimeConfig, WorkloadSpec
+from eplb_plugin.runtime.moe import EXCHANGES
 from eplb_plugin.runtime.workload import DEFAULT_DRIFT_EVERY_PASSES, DEFAULT_ZIPF_S, WORKLOAD_KINDS
 
 DEFAULT_NUM_PASSES = 300
@@ -65,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show the progress bar.")
     g.add_argument("--disable-cuda-graph", action="store_true",
                    help="On CUDA, run passes eagerly (default: one CUDA graph per pass where the dispatch and exchange allow it).")
-    g.add_argument("--moe-exchange", default=None, choices=("gather", "alltoall"),
+    g.add_argument("--moe-exchange", default=None, choices=EXCHANGES,
                    help="How tokens reach their experts' ranks (default: gather on cuda, alltoall on cpu).")
-    g.add_argument("--ep-dispatch-backend", default="torch", choices=("torch", "triton", "auto"),
+    g.add_argument("--ep-dispatch-backend", default="torch", choices=BACKENDS,
                    help="dynamic dispatch as torch ops, or as one Triton kernel per layer (auto: on CUDA).")
     g.add_argument("--threads-per-rank", type=int, default=None, help="CPU threads per rank (default: cores / ranks).")
     return parser

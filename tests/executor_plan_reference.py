@@ -8,36 +8,15 @@ from collections import Counter, defaultdict
 
 import torch
 
-from eplb_plugin.errors import PlacementError
-from eplb_plugin.executor.plan import LayerTransferPlan, LocalCopy, RankTransferPlan, Recv, Send
-
-
-def _check_maps(old: torch.Tensor, new: torch.Tensor, ep_size: int) -> tuple[list[int], list[int]]:
-    for name, m in (("old_physical_to_logical_map", old), ("new_physical_to_logical_map", new)):
-        if m.dim() != 1 or m.dtype.is_floating_point or m.dtype == torch.bool:
-            raise PlacementError(
-                f"{name} must be a 1-D integer tensor [P] for one layer, got "
-                f"shape {tuple(m.shape)} dtype {m.dtype}"
-            )
-        if m.numel() and int(m.min()) < 0:
-            raise PlacementError(f"{name} has a negative logical expert {int(m.min())}")
-    if old.shape != new.shape:
-        raise PlacementError(
-            f"old and new physical_to_logical_map differ in shape: {tuple(old.shape)} vs "
-            f"{tuple(new.shape)}; both must be [P]"
-        )
-    if ep_size <= 0 or old.numel() % ep_size:
-        raise PlacementError(
-            f"ep_size={ep_size} must be positive and divide the number of slots {old.numel()}"
-        )
-    old_l, new_l = old.tolist(), new.tolist()
-    missing = sorted(set(new_l) - set(old_l))
-    if missing:
-        raise PlacementError(
-            f"new_physical_to_logical_map needs logical experts {missing[:8]} that no slot of "
-            f"the old map holds, so no rank can send them; start from a map that holds them"
-        )
-    return old_l, new_l
+from eplb_plugin.executor.plan import (
+    LayerMoveSchedule,
+    LayerTransferPlan,
+    LocalCopy,
+    RankTransferPlan,
+    Recv,
+    Send,
+    _check_maps,  # input validation is not what the reference checks
+)
 
 
 def reference_plan_layer_transfer(
@@ -118,19 +97,7 @@ def reference_plan_layer_rounds(
     ep_size: int,
     max_staged_experts: int | None = None,
 ) -> list[torch.Tensor]:
-    """Split a layer's move into rounds that each stage at most ``max_staged_experts`` per rank.
-
-    Returns the maps after each round, ``[P]`` int64 each, the last equal to the new map
-    (an empty list when nothing changes; one entry when everything fits or no budget).
-    Every intermediate map is a valid placement that can serve: each round only rewrites
-    slots such that every logical expert of the new map keeps a replica, so the next round
-    has a sender and the weights always match the map a round commits.
-
-    A round's staging on a rank is bounded by the number of distinct new experts among
-    its rewritten slots. When single-replica experts form a cycle (A->B, B->A), the
-    cycle must move in one round; if a cycle alone exceeds the budget it still goes as
-    one round (the budget is then exceeded for that round, the only case where it is).
-    """
+    """The previous ``plan.plan_layer_rounds`` (same contract, see its docstring)."""
     old, new = _check_maps(old_physical_to_logical_map, new_physical_to_logical_map, ep_size)
     num_local = len(old) // ep_size
     needed = set(new)
@@ -246,14 +213,4 @@ class ReferenceLayerMoveSchedule:
                                                  gpus_per_node=self.gpus_per_node)
         return self._plans[k]
 
-    def prefetch(self, k: int) -> bool:
-        """Round k may be staged before round k-1 commits: on every rank it reads no slot
-        round k-1 writes, and both rounds' staging fits the budget."""
-        if k == 0 or not self.pipeline:
-            return False
-        for p, c in zip(self.plan(k - 1).ranks, self.plan(k).ranks):
-            if self.cap is not None and p.num_staged_experts + c.num_staged_experts > self.cap:
-                return False
-            if c.staging_reads & set(p.changed_local_slots):
-                return False
-        return True
+    prefetch = LayerMoveSchedule.prefetch  # the rule is unchanged; only the plans it reads are checked

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,14 +13,7 @@ from eplb_plugin.algorithms.evaluate import pass_counts, per_pass_balancedness, 
 from eplb_plugin.balance import placement_balancedness
 from eplb_plugin.errors import ConfigError, CountsError, PlacementError
 
-TRACES = Path(os.environ.get("EPLB_TRACES_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "traces"))
-
-
-def _trace(name: str) -> Path:
-    path = TRACES / name
-    if not path.exists():
-        pytest.skip(f"trace {name} not found under {TRACES}")
-    return path
+from conftest import trace_path
 
 
 def _gpu_sets(phy2log, num_gpus):
@@ -32,7 +23,7 @@ def _gpu_sets(phy2log, num_gpus):
 
 def test_deepseek_hierarchical_reproduces_golden_example():
     """GPU-level expert sets equal DeepSeek's README example."""
-    d = json.loads(_trace("eplb_readme_golden_SYNTHETIC.json").read_text())
+    d = json.loads(trace_path("eplb_readme_golden_SYNTHETIC.json").read_text())
     weight = torch.tensor(d["weight"])
     phy2log, log2phy, count = rebalance_experts(weight, d["num_replicas"], d["num_replicas"] // d["num_gpus"],
                                                 d["num_groups"], d["num_nodes"], "deepseek_hierarchical")
@@ -136,7 +127,7 @@ def test_dynamic_dispatch_is_never_worse_than_equal_split():
 @pytest.mark.parametrize(("num_gpus", "redundant"), [(8, 0), (16, 16), (32, 32), (64, 64)])
 def test_beats_deepseek_on_qwen3_counts(num_gpus, redundant):
     """Equal split: halves DeepSeek's distance from 1.0; with weights: >= 0.998 and at least as good."""
-    counts = torch.tensor(json.loads(_trace("sglang_qwen3_235b_a22b_L512_counts.json").read_text())["counts"])
+    counts = torch.tensor(json.loads(trace_path("sglang_qwen3_235b_a22b_L512_counts.json").read_text())["counts"])
     num_physical = 128 + redundant
     ds = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus, algorithm="deepseek")
     equal = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus, algorithm="eplb_plugin_equal")
@@ -151,7 +142,7 @@ def test_beats_deepseek_on_qwen3_counts(num_gpus, redundant):
 
 
 def test_simulate_moves_fewer_slots_than_deepseek_and_reports_per_pass_balancedness():
-    ids = np.load(_trace("esft_dsv2lite_law_top6.npz"))["topk_ids"][:4096]
+    ids = np.load(trace_path("esft_dsv2lite_law_top6.npz"))["topk_ids"][:4096]
     counts = pass_counts(ids, num_logical=64, pass_tokens=256)
     res = simulate(counts, num_physical=72, num_gpus=8, interval=4, window=4, dispatches=("random", "dynamic"))
     assert res.balancedness["dynamic"].shape == (16,)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 
 from eplb_plugin.cli import load_counts, main, redundant_memory_bytes
 
-TRACES = Path(os.environ.get("EPLB_TRACES_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "traces"))
+from conftest import trace_path
 
 
 def _counts_json(tmp_path, key="logical_count"):
@@ -81,9 +79,7 @@ def test_inspect_prints_balancedness_and_hottest(tmp_path, capsys):
 
 
 def test_simulate_writes_json_and_plot(tmp_path):
-    trace = TRACES / "esft_dsv2lite_law_top6.npz"
-    if not trace.exists():
-        pytest.skip("ESFT trace not available")
+    trace = trace_path("esft_dsv2lite_law_top6.npz")
     out, png = tmp_path / "sim.json", tmp_path / "sim.png"
     assert main(["simulate", str(trace), "--ep-size", "8", "--redundant", "8", "--interval", "8",
                  "--out", str(out), "--plot", str(png)]) == 0

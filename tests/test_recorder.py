@@ -209,3 +209,18 @@ def test_bad_maps_and_sizes_raise_typed_errors():
         ExpertDistributionRecorder("stat", physical_to_logical_map=phy2log, num_logical_experts=2, buffer_size=0)
     with pytest.raises(ConfigError, match="ep_size"):
         ExpertDistributionRecorder("stat", physical_to_logical_map=phy2log, num_logical_experts=2, ep_size=3)
+
+
+def test_counts_discarded_drops_only_what_the_block_counted():
+    """Passes run to warm up or capture a CUDA graph: the hooks count inside the block, and
+    the buffer is back to what it held before once the block ends."""
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=torch.arange(4).repeat(2, 1),
+                                     num_logical_experts=4, backend="torch")
+    rec.start_record()
+    with rec.with_current_layer(0):
+        rec.on_select_experts(torch.tensor([[0, 1]]))
+    before = rec.pass_counts.clone()
+    with rec.counts_discarded(), rec.with_current_layer(1):
+        rec.on_select_experts(torch.tensor([[2, 3], [3, -1]]))
+        assert int(rec.pass_counts.sum()) == 5
+    assert torch.equal(rec.pass_counts, before)

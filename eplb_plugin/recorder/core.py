@@ -151,6 +151,17 @@ class ExpertDistributionRecorder:
         return self._setting("_disabled", True)
 
     @contextlib.contextmanager
+    def counts_discarded(self) -> Iterator[None]:
+        """The hooks run inside the block (kernels compile, a CUDA graph captures them), but
+        what they count there is dropped at its end: passes run to warm up or capture a
+        graph are not traffic."""
+        saved = self.pass_counts.clone()
+        try:
+            yield
+        finally:
+            self.pass_counts.copy_(saved)
+
+    @contextlib.contextmanager
     def with_forward_pass(
         self, forward_pass_id: int, forward_batch: Any = None, *, num_tokens: int | None = None
     ) -> Iterator[dict[str, Any]]:
@@ -308,6 +319,9 @@ class NoopRecorder:
         return contextlib.nullcontext()
 
     def disable_this_region(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def counts_discarded(self) -> contextlib.nullcontext:
         return contextlib.nullcontext()
 
     def with_forward_pass(self, forward_pass_id: int, forward_batch: Any = None, **_: Any) -> contextlib.nullcontext:

@@ -15,6 +15,8 @@ import torch
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.configs import get_preset
 from eplb_plugin.errors import ConfigError
+from eplb_plugin.kernels import BACKENDS
+from eplb_plugin.runtime.moe import EXCHANGES
 from eplb_plugin.runtime.workload import (
     DEFAULT_DRIFT_EVERY_PASSES,
     DEFAULT_ZIPF_S,
@@ -152,10 +154,10 @@ class RuntimeConfig:
             raise ConfigError(f"--device {self.device!r} must be 'cpu' or 'cuda'")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is unknown; choose one of {list(DTYPES)}")
-        if self.exchange not in (None, "gather", "alltoall"):
-            raise ConfigError(f"--moe-exchange {self.exchange!r} must be 'gather' or 'alltoall'")
-        if self.dispatch_backend not in ("torch", "triton", "auto"):
-            raise ConfigError(f"--ep-dispatch-backend {self.dispatch_backend!r} must be 'torch', 'triton' or 'auto'")
+        if self.exchange is not None and self.exchange not in EXCHANGES:
+            raise ConfigError(f"--moe-exchange {self.exchange!r} must be one of {list(EXCHANGES)}")
+        if self.dispatch_backend not in BACKENDS:
+            raise ConfigError(f"--ep-dispatch-backend {self.dispatch_backend!r} must be one of {list(BACKENDS)}")
         if self.batch_tokens < 1:
             raise ConfigError(f"--batch-tokens must be >= 1 (got {self.batch_tokens})")
 

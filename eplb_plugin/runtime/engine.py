@@ -40,7 +40,7 @@ from eplb_plugin.recorder import create_recorder
 from eplb_plugin.runtime.config import RunSpec, RuntimeConfig
 from eplb_plugin.runtime.graphs import PassGraph, capture_agreed
 from eplb_plugin.runtime.http import Command, ControlChannel, Reply
-from eplb_plugin.runtime.moe import ep_moe_forward, rms_normalize
+from eplb_plugin.runtime.moe import default_exchange, ep_moe_forward, rms_normalize
 from eplb_plugin.runtime.profiling import profile_pass
 from eplb_plugin.runtime.results import RSS_EVERY_PASSES, as_dict, resident_mb, summarize
 from eplb_plugin.runtime.weights import FFNShape, build_rank_weights, verify_rank_weights
@@ -100,7 +100,7 @@ class RankEngine:
         self.workload = run.workload.build(model, cfg.batch_tokens)
         self.tokens = shard_tokens(cfg.batch_tokens, rank=rank, world_size=world_size)
         self.tokens_per_rank = -(-cfg.batch_tokens // world_size)  # every rank pads to this
-        self.exchange = cfg.exchange or ("gather" if device.type == "cuda" else "alltoall")
+        self.exchange = cfg.exchange or default_exchange(device)
         self.recorder = create_recorder(
             args.expert_distribution_recorder_mode,
             **self._recorder_kwargs(args),
@@ -177,14 +177,15 @@ class RankEngine:
                         dtype=self.cfg.torch_dtype, device=self.device)[self.tokens]
         return h, ids, topk_weights
 
-    def forward(self, pass_id: int, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    def forward(self, pass_id: int, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Run pass ``pass_id`` through every MoE layer. Collective.
+        """Run pass ``pass_id`` (``inputs`` from ``self.inputs(pass_id)``) through every MoE
+        layer. Collective.
 
         Returns (this rank's final hidden states [t, H], received pairs per local slot
         [L, S] int64, expert compute seconds).
         """
-        h, ids, topk_weights = inputs if inputs is not None else self.inputs(pass_id)
+        h, ids, topk_weights = inputs
         with self.recorder.with_forward_pass(pass_id):
             if self._graph is not None:
                 h, received = self._graph.replay(h, ids, topk_weights)
@@ -224,12 +225,10 @@ class RankEngine:
         if self._graph is not None or not self._graph_wanted:
             return 0.0
         start = time.perf_counter()
-        pass_counts = getattr(self.recorder, "pass_counts", None)
-        saved = pass_counts.clone() if pass_counts is not None else None
         body = lambda h, ids, w: self._layers(h, ids, w)[:2]  # noqa: E731
-        self._graph = capture_agreed(body, inputs, group=self.group, world_size=self.world_size, device=self.device)
-        if saved is not None:
-            pass_counts.copy_(saved)  # the warm-up passes are not traffic
+        with self.recorder.counts_discarded():  # the warm-up passes are not traffic
+            self._graph = capture_agreed(body, inputs, group=self.group, world_size=self.world_size,
+                                         device=self.device)
         self._graph_wanted = self._graph is not None  # a failed capture is not retried
         self.graph_captures += 1
         return time.perf_counter() - start
@@ -304,7 +303,7 @@ class RankEngine:
             for p in range(n):
                 pending = self.channel.take() if self.channel is not None else None
                 inputs = self.inputs(p)
-                capture_s = self._ensure_graph(inputs) if cuda else 0.0
+                capture_s = self._ensure_graph(inputs)
                 self._align_ranks()  # measurement point: every rank starts the pass idle, together
                 profiling = (self.rank == 0 and p in self.cfg.profile_passes and self.cfg.profile_dir)
                 prof = (profile_pass(Path(self.cfg.profile_dir) / f"{spec.label}_profile.txt", spec.label, p, cuda)

@@ -68,7 +68,6 @@ def capture_agreed(layers: Layers, inputs: tuple[torch.Tensor, ...], *, group: A
         graph = PassGraph(layers, inputs)
     except Exception as exc:  # e.g. an op that reads a device value on the host
         logger.warning("CUDA graph capture failed, running eagerly: %s: %s", type(exc).__name__, exc)
-        graph = None
     if world_size > 1:
         import torch.distributed as dist
 

@@ -48,6 +48,8 @@ COMMAND_PATHS = {
 }
 
 
+NOT_SERVING = "no forward pass is running; try again while the server serves\n"
+
 @dataclass
 class Reply:
     status: int
@@ -82,13 +84,13 @@ class ControlChannel:
             self._serving = serving
             self.status = {"status": "serving" if serving else "idle", **status}
         if not serving:
-            self.fail_pending(Reply(503, "no forward pass is running; try again while the server serves\n"))
+            self.fail_pending(Reply(503, NOT_SERVING))
 
     def submit(self, command: Command, timeout_s: float = COMMAND_TIMEOUT_S) -> Reply:
         """Queue ``command`` for the next pass boundary and wait for its reply (HTTP thread)."""
         with self._lock:
             if not self._serving:
-                return Reply(503, "no forward pass is running; try again while the server serves\n")
+                return Reply(503, NOT_SERVING)
             pending = PendingCommand(command)
             self._queue.put(pending)
         if not pending.done.wait(timeout_s):

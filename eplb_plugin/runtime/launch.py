@@ -41,14 +41,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _runtime_metrics(channel: ControlChannel, eplb_metrics: Any) -> None:
-    """/metrics renders the EPLB metrics' private registry (loads, balancedness, rebalances)."""
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    fallback = CollectorRegistry()
-    channel.render_metrics = eplb_metrics.render if eplb_metrics is not None else (lambda: generate_latest(fallback))
-
-
 def run_rank(
     rank: int, world_size: int, local_rank: int, cfg: RuntimeConfig, runs: Sequence[RunSpec], *,
     init_method: str | None, local_world_size: int = 1,
@@ -74,7 +66,7 @@ def run_rank(
     if rank == 0 and cfg.http_port is not None:
         channel = ControlChannel()
         metrics = _make_metrics()
-        _runtime_metrics(channel, metrics)
+        channel.render_metrics = metrics.render  # /metrics: loads, balancedness, rebalances
         server = ControlServer(channel, host=cfg.http_host, port=cfg.http_port).start()
         print(f"HTTP on {server.url} (/health /metrics /start|stop|dump_expert_distribution_record)", flush=True)
         if cfg.ready_file:

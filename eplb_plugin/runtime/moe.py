@@ -111,14 +111,24 @@ def run_local_experts(
     x: [M, H] rows; local_slot: [M] int64 in [0, S); w13: [S, 2I, H]; w2: [S, H, I].
     Returns (out [M, H] in the order of x, counts [S] int64 rows per slot).
     """
-    num_slots = w13.shape[0]
     sorted_slot, order = torch.sort(local_slot, stable=True)
-    ends = torch.searchsorted(sorted_slot, torch.arange(1, num_slots + 1, device=x.device))
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    ends, counts = _group_ends(sorted_slot, w13.shape[0])
     if x.shape[0] == 0:
         return torch.empty_like(x), counts
     result = _sorted_ffn(x.index_select(0, order), ends, w13, w2)
     return result.index_select(0, _inverse(order)), counts
+
+
+def _group_ends(sorted_keys: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys sorted ascending (slots 0..S-1, anything larger last) -> (ends [S]: end row of each
+    slot's group, counts [S] int64 rows per slot), on the device, without a host read."""
+    ends = torch.searchsorted(sorted_keys, torch.arange(1, num_slots + 1, device=sorted_keys.device))
+    return ends, torch.diff(ends, prepend=ends.new_zeros(1))
+
+
+def default_exchange(device: torch.device) -> str:
+    """The exchange a device runs by default: gather on CUDA (graph-capturable), alltoall elsewhere."""
+    return "gather" if device.type == "cuda" else "alltoall"
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:
@@ -177,7 +187,7 @@ def ep_moe_forward(
     tokens_per_rank: the rows every rank pads to under "gather" (the same on every rank,
     >= T; None: T, which every rank must then share).
     """
-    exchange = exchange or ("gather" if hidden.is_cuda else "alltoall")
+    exchange = exchange or default_exchange(hidden.device)
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange={exchange!r} must be one of {EXCHANGES}")
     if dispatcher.algorithm == "static":
@@ -222,8 +232,7 @@ def _forward_gather(hidden: torch.Tensor, physical: torch.Tensor, topk_weights: 
     mine = (local >= 0) & (local < num_slots)
     key = torch.where(mine, local, num_slots).reshape(-1)
     sorted_key, order = torch.sort(key, stable=True)
-    ends = torch.searchsorted(sorted_key, torch.arange(1, num_slots + 1, device=key.device))
-    recv_counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    ends, recv_counts = _group_ends(sorted_key, num_slots)
     num_pairs = order.numel()
     if num_pairs * hidden_size * x.element_size() > MAX_PAIR_ROWS_BYTES or not x.is_cuda:
         # Only this rank's pairs (a host read of their number; free on CPU).
