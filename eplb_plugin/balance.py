@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from eplb_plugin.location import replica_count
+
 
 def gpu_loads(slot_load: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Sum slot loads into GPU loads.
@@ -55,8 +57,7 @@ def slot_loads(
     phy2log = physical_to_logical_map.long()
     per_slot = torch.gather(counts, 1, phy2log)
     if replica_weights is None:
-        replicas = torch.zeros_like(counts).scatter_add_(1, phy2log, torch.ones_like(per_slot))
-        share = 1.0 / torch.gather(replicas, 1, phy2log)
+        share = 1.0 / torch.gather(replica_count(phy2log, counts.shape[1]), 1, phy2log).to(torch.float64)
     else:
         share = replica_weights.to(torch.float64)
     return per_slot * share

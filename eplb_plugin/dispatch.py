@@ -23,6 +23,7 @@ import torch
 from eplb_plugin.args import DISPATCH_ALGORITHMS
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.kernels._launch import use_triton
+from eplb_plugin.kernels.dynamic import dynamic_dispatch_triton, scratch_numel
 from eplb_plugin.location import ExpertLocation
 
 DYNAMIC_WATERFILL_ITERATIONS = 6
@@ -110,13 +111,17 @@ class ExpertDispatcher:
         self.replica_shares = torch.gather(
             padded, 1, torch.where(l2p >= 0, l2p, location.num_physical_experts).flatten(1)
         ).view_as(l2p).to(self.device)
+        # [L, E, X] what dynamic's water-filling starts from: which replicas are listed,
+        # their GPUs, and equal shares (placement-only, so built here, not per pass).
+        self.listed = self.logical_to_physical_map >= 0
+        self.slot_gpu = torch.where(self.listed, self.logical_to_physical_map // self.num_local_physical_experts, 0)
+        self.equal_shares = self.listed.to(torch.float32) / self.replica_count.unsqueeze(-1).to(torch.float32)
         # dynamic on the Triton backend: one program per layer, scratch allocated once here
         # (nothing is allocated under CUDA-graph capture).
         self._kernel = algorithm == "dynamic" and use_triton(backend, self.replica_count)
         self._scratch = None
         if self._kernel:
-            width = self.logical_to_physical_map.shape[-1]
-            size = (1 << max(0, location.num_logical_experts - 1).bit_length()) * (1 << max(0, width - 1).bit_length())
+            size = scratch_numel(*self.logical_to_physical_map.shape[1:])
             self._scratch = torch.empty(size, dtype=torch.float32, device=self.device)
 
     def update_(self, location: ExpertLocation, *, num_gpus_per_node: int | None = None) -> bool:
@@ -128,7 +133,8 @@ class ExpertDispatcher:
                                  num_gpus_per_node=num_gpus_per_node, device=self.device)  # torch tables only
         pairs = [(self.static_table, fresh.static_table),
                  (self.logical_to_physical_map, fresh.logical_to_physical_map),
-                 (self.replica_count, fresh.replica_count), (self.replica_shares, fresh.replica_shares)]
+                 (self.replica_count, fresh.replica_count), (self.replica_shares, fresh.replica_shares),
+                 (self.listed, fresh.listed), (self.slot_gpu, fresh.slot_gpu), (self.equal_shares, fresh.equal_shares)]
         if any(old.shape != new.shape or old.dtype != new.dtype for old, new in pairs):
             return False
         for old, new in pairs:
@@ -139,8 +145,6 @@ class ExpertDispatcher:
     def dispatch(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids: [T, k] int, logical ids, -1 = padding -> [T, k] int64 physical slots."""
         if self._kernel:
-            from eplb_plugin.kernels.dynamic import dynamic_dispatch_triton
-
             return dynamic_dispatch_triton(
                 topk_ids, self.logical_to_physical_map[layer], num_local=self.num_local_physical_experts,
                 num_gpus=self.location.ep_size, iterations=DYNAMIC_WATERFILL_ITERATIONS, scratch=self._scratch,
@@ -159,18 +163,15 @@ class ExpertDispatcher:
             if self.algorithm == "dynamic":
                 shares = self._waterfill_shares(layer, safe, valid)
             out = self._split_by_occurrence(layer, safe, valid, shares)
-        return torch.where(valid, out, torch.full_like(out, -1))
+        return torch.where(valid, out, -1)
 
     def _waterfill_shares(self, layer: int, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """[E, X] replica shares that even out this pass's GPU loads (few fixed-point steps)."""
         num_experts = self.replica_count.shape[1]
-        l2p = self.logical_to_physical_map[layer]
-        listed = l2p >= 0
+        listed, slot_gpu, shares = self.listed[layer], self.slot_gpu[layer], self.equal_shares[layer]
         expert_tokens = torch.zeros(num_experts, device=ids.device, dtype=torch.float32)
         expert_tokens.index_add_(0, ids.flatten(), valid.flatten().to(torch.float32))
-        slot_gpu = torch.where(listed, l2p // self.num_local_physical_experts, 0)
         num_gpus = self.location.ep_size
-        shares = listed.to(torch.float32) / self.replica_count[layer].unsqueeze(-1).to(torch.float32)
         for _ in range(DYNAMIC_WATERFILL_ITERATIONS):
             gpu_load = torch.zeros(num_gpus, device=ids.device).index_add_(
                 0, slot_gpu.flatten(), (shares * expert_tokens.unsqueeze(-1)).flatten()

@@ -64,15 +64,8 @@ class ExpertLocation:
         return self.logical_replica_count.shape[1]
 
     @property
-    def num_redundant_experts(self) -> int:
-        return self.num_physical_experts - self.num_logical_experts
-
-    @property
     def num_local_physical_experts(self) -> int:
         return self.num_physical_experts // self.ep_size
-
-    def rank_of_slot(self, slot: int) -> int:
-        return slot // self.num_local_physical_experts
 
     def local_slots(self, rank: int) -> slice:
         """Slots of ``rank`` as a slice of the P axis."""
@@ -85,16 +78,10 @@ class ExpertLocation:
 
     def equal_split_weights(self) -> torch.Tensor:
         """[L, P] float32: 1 / replica count of each slot's expert."""
-        counts = torch.gather(self.logical_replica_count, 1, self.physical_to_logical_map)
-        return 1.0 / counts.to(torch.float32)
+        return equal_split_weights(self.physical_to_logical_map, self.num_logical_experts)
 
     def effective_replica_weights(self) -> torch.Tensor:
         return self.replica_weights if self.replica_weights is not None else self.equal_split_weights()
-
-    def same_placement(self, other: ExpertLocation) -> bool:
-        return self.ep_size == other.ep_size and torch.equal(
-            self.physical_to_logical_map, other.physical_to_logical_map
-        )
 
     # ------------------------------------------------------------------ construction
 
@@ -148,9 +135,8 @@ class ExpertLocation:
                 f"{source}: physical_to_logical_map[{layer}][{slot}] = {int(phy2log[layer, slot])} "
                 f"is outside [0, {num_logical_experts})"
             )
-        replica_count = torch.zeros(num_map_layers, num_logical_experts, dtype=torch.int64)
-        replica_count.scatter_add_(1, phy2log, torch.ones_like(phy2log))
-        missing = (replica_count == 0).nonzero()
+        counts = replica_count(phy2log, num_logical_experts)
+        missing = (counts == 0).nonzero()
         if len(missing):
             layer, expert = (int(i) for i in missing[0])
             raise PlacementError(
@@ -163,7 +149,7 @@ class ExpertLocation:
         return cls(
             physical_to_logical_map=phy2log,
             logical_to_physical_map=compute_logical_to_physical_map(phy2log, num_logical_experts),
-            logical_replica_count=replica_count,
+            logical_replica_count=counts,
             replica_weights=weights,
             ep_size=ep_size,
         )
@@ -237,6 +223,19 @@ def weights_sidecar(path: str | Path) -> Path:
     return path.with_name(path.name + WEIGHTS_SUFFIX)
 
 
+def replica_count(physical_to_logical_map: torch.Tensor, num_logical_experts: int) -> torch.Tensor:
+    """[L, P] map -> [L, E] int64: how many slots hold each logical expert."""
+    phy2log = physical_to_logical_map.to(torch.int64)
+    counts = torch.zeros(phy2log.shape[0], num_logical_experts, dtype=torch.int64)
+    return counts.scatter_add_(1, phy2log, torch.ones_like(phy2log))
+
+
+def equal_split_weights(physical_to_logical_map: torch.Tensor, num_logical_experts: int) -> torch.Tensor:
+    """[L, P] float32: 1 / replica count of each slot's expert (an equal split over replicas)."""
+    phy2log = physical_to_logical_map.to(torch.int64)
+    return 1.0 / torch.gather(replica_count(phy2log, num_logical_experts), 1, phy2log).to(torch.float32)
+
+
 def compute_logical_to_physical_map(physical_to_logical_map: torch.Tensor, num_logical_experts: int) -> torch.Tensor:
     """[L, P] -> [L, E, P - E + 1]: each expert's slots ascending, -1 padded (fixed width)."""
     num_layers, num_physical = physical_to_logical_map.shape
@@ -245,8 +244,7 @@ def compute_logical_to_physical_map(physical_to_logical_map: torch.Tensor, num_l
     # Sort slots by (expert, slot): a stable sort on the expert id keeps slots ascending.
     order = torch.sort(phy2log, dim=1, stable=True).indices
     sorted_experts = torch.gather(phy2log, 1, order)
-    counts = torch.zeros(num_layers, num_logical_experts, dtype=torch.int64)
-    counts.scatter_add_(1, phy2log, torch.ones_like(phy2log))
+    counts = replica_count(phy2log, num_logical_experts)
     starts = torch.cumsum(counts, 1) - counts
     rank_in_expert = torch.arange(num_physical).expand(num_layers, -1) - torch.gather(starts, 1, sorted_experts)
     out = torch.full((num_layers, num_logical_experts, width), -1, dtype=torch.int64)

@@ -42,7 +42,7 @@ from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import gpu_loads, layer_balancedness, placement_balancedness
 from eplb_plugin.comm import all_reduce_host, broadcast_host, group_info
 from eplb_plugin.errors import RebalanceError, TransferError
-from eplb_plugin.location import ExpertLocation
+from eplb_plugin.location import ExpertLocation, equal_split_weights
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ class EPLBManager:
         target_weights = None
         if has_weights[0] or loc.replica_weights is not None:
             target_weights = loc.effective_replica_weights().clone()
-            target_weights[planned] = (weights if has_weights[0] else _equal_split(new_map, loc))[planned]
+            target_weights[planned] = (weights if has_weights[0] else equal_split_weights(new_map, loc.num_logical_experts))[planned]
         # Layers whose map changes move weights; a change of replica weights alone goes live now.
         record.layers = [layer for layer in planned if not torch.equal(target_map[layer], loc.physical_to_logical_map[layer])]
         reweighted = [
@@ -529,7 +529,7 @@ class EPLBManager:
         weights = None
         if target.replica_weights is not None or loc.replica_weights is not None:
             weights = loc.effective_replica_weights().clone()
-            equal = _equal_split(new_map, loc)
+            equal = equal_split_weights(new_map, loc.num_logical_experts)
             for layer in live:
                 reached = torch.equal(new_map[layer], target.physical_to_logical_map[layer])
                 weights[layer] = target.effective_replica_weights()[layer] if reached else equal[layer]
@@ -577,7 +577,3 @@ class EPLBManager:
             self.metrics.observe_rebalance(record)
 
 
-def _equal_split(physical_to_logical_map: torch.Tensor, loc: ExpertLocation) -> torch.Tensor:
-    counts = torch.zeros(physical_to_logical_map.shape[0], loc.num_logical_experts, dtype=torch.int64)
-    counts.scatter_add_(1, physical_to_logical_map, torch.ones_like(physical_to_logical_map))
-    return 1.0 / torch.gather(counts, 1, physical_to_logical_map).to(torch.float32)

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 import numpy as np
 import pytest
+from test_recorder_helpers import np_slot_count
 
 from eplb_plugin.errors import ConfigError, CountsError
 from eplb_plugin.kernels import (
@@ -42,13 +43,6 @@ def _ids(gen: torch.Generator, tokens: int, top_k: int, high: int, dtype=torch.i
     return ids.masked_fill(pad, -1).to(dtype)
 
 
-def _np_count(ids: torch.Tensor, num_slots: int) -> np.ndarray:
-    flat = ids.numpy().reshape(-1)
-    out = np.zeros(num_slots, dtype=np.int64)
-    np.add.at(out, flat[(flat >= 0) & (flat < num_slots)], 1)
-    return out
-
-
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("top_k", TOP_K)
 @pytest.mark.parametrize("num_slots", SLOTS)
@@ -59,9 +53,9 @@ def test_torch_count_matches_numpy(tokens, top_k, num_slots):
     counts = torch.zeros(3, num_slots, dtype=torch.int32)
     count_topk(ids, counts, 1, backend="torch")
     count_topk(ids, counts, 1, backend="torch")
-    assert np.array_equal(counts[1].numpy(), 2 * _np_count(ids, num_slots))
+    assert np.array_equal(counts[1].numpy(), 2 * np_slot_count(ids, num_slots))
     assert not counts[0].any() and not counts[2].any()
-    assert np.array_equal(count_reference(ids, num_slots).numpy(), _np_count(ids, num_slots))
+    assert np.array_equal(count_reference(ids, num_slots).numpy(), np_slot_count(ids, num_slots))
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
@@ -77,7 +71,7 @@ def test_torch_fused_maps_and_counts_like_numpy(tokens, top_k, num_logical):
     physical = map_and_count(ids, table, counts, 1, backend="torch")
     expected = np.where(ids.numpy() >= 0, table[1].numpy()[ids.numpy().clip(0)], -1)
     assert np.array_equal(physical.numpy(), expected)
-    assert np.array_equal(counts[1].numpy(), _np_count(torch.from_numpy(expected), num_slots))
+    assert np.array_equal(counts[1].numpy(), np_slot_count(torch.from_numpy(expected), num_slots))
     assert not counts[0].any()
 
 
@@ -91,7 +85,7 @@ def test_triton_count_matches_numpy(tokens, top_k, num_slots, dtype):
     ids[0, 0] = num_slots + 3  # out of range: skipped like padding
     counts = torch.zeros(2, num_slots, dtype=torch.int32, device=TRITON_DEVICE)
     count_topk(ids.to(TRITON_DEVICE), counts, 1, backend="triton")
-    assert np.array_equal(counts[1].cpu().numpy(), _np_count(ids, num_slots))
+    assert np.array_equal(counts[1].cpu().numpy(), np_slot_count(ids, num_slots))
     assert not counts[0].any()
 
 
@@ -106,7 +100,7 @@ def test_triton_count_with_several_iterations_per_program(monkeypatch):
     ids = _ids(gen, 233, 1, 31)
     counts = torch.zeros(1, 31, dtype=torch.int32, device=TRITON_DEVICE)
     count_topk(ids.to(TRITON_DEVICE), counts, 0, backend="triton")
-    assert np.array_equal(counts[0].cpu().numpy(), _np_count(ids, 31))
+    assert np.array_equal(counts[0].cpu().numpy(), np_slot_count(ids, 31))
 
 
 @needs_triton

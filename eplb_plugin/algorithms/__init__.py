@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, CountsError, PlacementError
-from ..location import compute_logical_to_physical_map
+from ..location import compute_logical_to_physical_map, replica_count
 from .balanced import plan_balanced, replica_weights
 from .deepseek import deepseek
 from .migrate import plan_migration_aware
@@ -49,17 +49,9 @@ class Placement:
     solver_seconds: float = 0.0
     cross_node_share: float | None = None
 
-    @property
-    def logical_to_physical_map(self) -> torch.Tensor:
-        """[L, E, P - E + 1] int64 slots of each logical expert, padded with -1."""
-        num_logical = int(self.physical_to_logical_map.max()) + 1
-        return compute_logical_to_physical_map(self.physical_to_logical_map, num_logical)
-
     def replica_count(self, num_logical: int) -> torch.Tensor:
         """[L, E] int64 replicas per logical expert."""
-        phy2log = self.physical_to_logical_map
-        out = torch.zeros(phy2log.shape[0], num_logical, dtype=torch.int64)
-        return out.scatter_add_(1, phy2log, torch.ones_like(phy2log))
+        return replica_count(self.physical_to_logical_map, num_logical)
 
 
 # Step functions: (weight [L, E] float64, P, G, nodes, groups, previous map | None) -> (map, weights | None)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Literal, NamedTuple
 
 import torch
 
-from eplb_plugin.errors import ConfigError
+from eplb_plugin.errors import ConfigError, CountsError
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
@@ -40,6 +41,7 @@ def launch_geometry(num_ids: int, num_slots: int) -> LaunchGeometry:
     return LaunchGeometry(programs, iters, block, _next_pow2(num_slots + 1))
 
 
+@functools.cache
 def triton_available() -> bool:
     """Whether triton can be imported (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None
@@ -61,6 +63,12 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
             )
         return True
     raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}")
+
+
+def check_counts(counts: torch.Tensor) -> None:
+    """Raise unless ``counts`` is the recorder's [L, P] int32 count buffer."""
+    if counts.dim() != 2 or counts.dtype != torch.int32:
+        raise CountsError(f"counts must be an [L, P] int32 tensor (got {tuple(counts.shape)} {counts.dtype})")
 
 
 def check_ids(name: str, ids: torch.Tensor) -> None:

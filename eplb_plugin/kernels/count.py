@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from eplb_plugin.errors import CountsError
-from eplb_plugin.kernels._launch import Backend, check_ids, launch_geometry, use_triton
+from eplb_plugin.kernels._launch import (
+    Backend,
+    check_counts,
+    check_ids,
+    launch_geometry,
+    use_triton,
+)
 
 
 def count_reference(topk_ids: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -48,8 +53,7 @@ def count_topk(
         TRITON_INTERPRET=1), "torch".
     """
     check_ids("topk_ids", topk_ids)
-    if counts.dim() != 2 or counts.dtype != torch.int32:
-        raise CountsError(f"counts must be an [L, P] int32 tensor (got {tuple(counts.shape)} {counts.dtype})")
+    check_counts(counts)
     num_ids = topk_ids.numel()
     if num_ids == 0:
         return

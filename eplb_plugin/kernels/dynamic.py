@@ -17,6 +17,11 @@ from eplb_plugin.kernels._launch import _next_pow2, check_ids
 PAIRS_TILE = 8192  # elements of the [BLOCK, BE] tiles the kernel builds per step
 
 
+def scratch_numel(num_experts: int, width: int) -> int:
+    """Float32 elements of the kernel's quota scratch for an [E, X] replica table."""
+    return _next_pow2(num_experts) * _next_pow2(width)
+
+
 def dynamic_dispatch_triton(
     ids: torch.Tensor, l2p: torch.Tensor, *, num_local: int, num_gpus: int, iterations: int,
     scratch: torch.Tensor | None = None,
@@ -30,8 +35,8 @@ def dynamic_dispatch_triton(
     check_ids("ids", ids)
     num_experts, width = l2p.shape
     be, bx = _next_pow2(num_experts), _next_pow2(width)
-    if scratch is None or scratch.numel() < be * bx:
-        scratch = torch.empty(be * bx, dtype=torch.float32, device=ids.device)
+    if scratch is None or scratch.numel() < scratch_numel(num_experts, width):
+        scratch = torch.empty(scratch_numel(num_experts, width), dtype=torch.float32, device=ids.device)
     flat = ids.reshape(-1).contiguous()
     out = torch.empty(flat.shape, dtype=torch.int64, device=ids.device)
     block = max(16, min(1024, PAIRS_TILE // be))

@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 
 from eplb_plugin.errors import CountsError
-from eplb_plugin.kernels._launch import Backend, check_ids, launch_geometry, use_triton
+from eplb_plugin.kernels._launch import (
+    Backend,
+    check_counts,
+    check_ids,
+    launch_geometry,
+    use_triton,
+)
 from eplb_plugin.kernels.count import count_reference, count_topk_torch
 
 
@@ -22,7 +28,7 @@ def map_reference(logical_ids: torch.Tensor, table_row: torch.Tensor) -> torch.T
     ids = logical_ids.long()
     valid = (ids >= 0) & (ids < table_row.shape[0])
     physical = table_row.long()[ids.clamp(0, table_row.shape[0] - 1)]
-    return torch.where(valid, physical, torch.full_like(physical, -1)).to(logical_ids.dtype)
+    return torch.where(valid, physical, -1).to(logical_ids.dtype)
 
 
 def map_and_count_reference(
@@ -53,8 +59,7 @@ def map_and_count(
     """
     check_ids("logical_ids", logical_ids)
     check_ids("table", table)
-    if counts.dim() != 2 or counts.dtype != torch.int32:
-        raise CountsError(f"counts must be an [L, P] int32 tensor (got {tuple(counts.shape)} {counts.dtype})")
+    check_counts(counts)
     if out is None:
         out = torch.empty_like(logical_ids, memory_format=torch.contiguous_format)
     elif out.shape != logical_ids.shape or out.dtype != logical_ids.dtype or not out.is_contiguous():
@@ -66,10 +71,7 @@ def map_and_count(
     if num_ids == 0:
         return out
     if not use_triton(backend, logical_ids):
-        row = table[layer].long()
-        ids = logical_ids.long()
-        valid = (ids >= 0) & (ids < row.shape[0])
-        physical = torch.where(valid, row[ids.clamp(0, row.shape[0] - 1)], -1)
+        physical = map_reference(logical_ids, table[layer])
         out.copy_(physical)
         count_topk_torch(physical, counts, layer)
         return out

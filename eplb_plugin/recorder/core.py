@@ -209,10 +209,7 @@ class ExpertDistributionRecorder:
         """
         active = self._active_layer(layer)
         if active is None or self._count_dispatch:
-            physical = map_reference(topk_ids, dispatch_table[layer])
-            if out is None:
-                return physical
-            return out.copy_(physical)
+            return _map_only(layer, topk_ids, dispatch_table, out)
         physical = map_and_count(topk_ids, dispatch_table, self.pass_counts, layer, out=out, backend=self.backend)
         self._mode.on_topk(layer, physical)
         return physical
@@ -306,6 +303,12 @@ class ExpertDistributionRecorder:
         return self._mode.window.num_passes if isinstance(self._mode, StatMode) else len(self._mode.records)
 
 
+def _map_only(layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``record_logical`` when nothing counts: the table lookup alone (into ``out`` if given)."""
+    physical = map_reference(topk_ids, dispatch_table[layer])
+    return physical if out is None else out.copy_(physical)
+
+
 class NoopRecorder:
     """The recorder when recording is off: allocates nothing, launches nothing."""
 
@@ -339,8 +342,7 @@ class NoopRecorder:
     on_dispatch_receive_counts = on_deepep_dispatch_low_latency
 
     def record_logical(self, layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        physical = map_reference(topk_ids, dispatch_table[layer])
-        return physical if out is None else out.copy_(physical)
+        return _map_only(layer, topk_ids, dispatch_table, out)
 
     def get_current_pass_count_buffer(self, layer_idx: int) -> None:
         return None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from eplb_plugin.balance import gpu_loads, layer_balancedness
+from eplb_plugin.balance import balancedness, gpu_loads
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.recorder import dump as dump_io
 from eplb_plugin.recorder.window import UNBOUNDED, CountWindow, physical_to_logical
@@ -90,7 +90,7 @@ class StatMode:
         if rec.ep_size > 1 and self.window.num_passes > 0:
             loads = gpu_loads(self.window.physical_rows(), rec.ep_size)  # [n, L, ep] float64
             _all_reduce(loads, rec.group)
-            utilization = float(layer_balancedness(loads).mean())
+            utilization = balancedness(loads)
         output = {
             "rank": rec.rank,
             "logical_count": logical.to(device="cpu", dtype=torch.int32),
@@ -123,17 +123,18 @@ class PerPassMode:
     def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
         pass
 
-    def _record(self, forward_pass_id: int, pass_counts: torch.Tensor, epoch: int) -> dict[str, Any]:
+    def _record(self, forward_pass_id: int, counts: torch.Tensor, epoch: int) -> dict[str, Any]:
+        """One pass's record; ``counts`` is kept as given (a copy of the pass's buffer)."""
         return {
             "forward_pass_id": forward_pass_id,
             "rank": self._rec.rank,
             "gatherer_key": GATHERER_KEY,
-            "global_physical_count": pass_counts.clone(),
+            "global_physical_count": counts,
             "physical_to_logical_map_epoch": epoch,
         }
 
     def on_pass_end(self, forward_pass_id: int, pass_counts: torch.Tensor, epoch: int) -> None:
-        self.records.append(self._record(forward_pass_id, pass_counts, epoch))
+        self.records.append(self._record(forward_pass_id, pass_counts.clone(), epoch))
 
     def referenced_epochs(self) -> set[int]:
         return {r["physical_to_logical_map_epoch"] for r in self.records}
@@ -205,8 +206,7 @@ class PerTokenMode(PerPassMode):
         self._tokens = num_tokens
 
     def on_pass_end(self, forward_pass_id: int, pass_counts: torch.Tensor, epoch: int) -> None:
-        record = self._record(forward_pass_id, pass_counts, epoch)
-        record["global_physical_count"] = _to_host(pass_counts)
+        record = self._record(forward_pass_id, _to_host(pass_counts), epoch)
         record["topk_ids_of_layer"] = _to_host(self.topk_ids_of_layer[:, : self._tokens])
         record.update(self._metadata)
         self.records.append(record)
