@@ -27,7 +27,6 @@ DISPATCH_ALGORITHMS: tuple[str, ...] = get_args(DispatchAlgorithm)
 REPORT_MODES: tuple[str, ...] = get_args(BalancednessReportMode)
 # Recorder modes whose dump carries ``logical_count``, the input a rebalance needs.
 COUNTING_RECORDER_MODES = ("stat", "stat_approx")
-DEFAULT_RECORDER_BUFFER_SIZE = 1000
 
 
 def _flag(help_text: str, *, choices: tuple[str, ...] | None = None, sglang: bool = True, **kw: Any):

@@ -16,9 +16,8 @@ import torch
 from .algorithms import ALGORITHMS, plan
 from .algorithms.evaluate import DISPATCHES, pass_counts, simulate
 from .balance import placement_balancedness
-from .errors import ConfigError, CountsError, EPLBError
-
-WEIGHTS_SUFFIX = ".weights.json"
+from .errors import CountsError, EPLBError
+from .location import ExpertLocation, weights_sidecar
 
 
 def load_counts(path: str | Path, *, pass_tokens: int | None = None) -> np.ndarray:
@@ -73,7 +72,8 @@ def _cmd_plan(args) -> int:
     placement = plan(counts, num_physical_experts=num_physical, num_gpus=args.ep_size, num_nodes=args.nodes,
                      num_groups=args.groups, algorithm=args.algorithm)
     c = torch.from_numpy(counts)
-    trivial = torch.arange(num_physical).remainder(num_logical).expand(counts.shape[0], -1)
+    trivial = ExpertLocation.trivial(num_layers=counts.shape[0], num_logical_experts=num_logical,
+                                     num_physical_experts=num_physical, ep_size=args.ep_size).physical_to_logical_map
     phy2log, weights = placement.physical_to_logical_map, placement.replica_weights
     before = placement_balancedness(c, trivial, args.ep_size)
     after = placement_balancedness(c, phy2log, args.ep_size)
@@ -92,9 +92,9 @@ def _cmd_plan(args) -> int:
     out = Path(args.out)
     _save_map(out, phy2log)
     if weights is not None:
-        Path(str(out) + WEIGHTS_SUFFIX).write_text(json.dumps(
+        weights_sidecar(out).write_text(json.dumps(
             {"replica_weights": weights.tolist(), "physical_to_logical_map": phy2log.tolist()}))
-    print(f"wrote {out}" + (f" and {out}{WEIGHTS_SUFFIX}" if weights is not None else ""))
+    print(f"wrote {out}" + (f" and {weights_sidecar(out)}" if weights is not None else ""))
     return 0
 
 
@@ -147,7 +147,7 @@ def _cmd_inspect(args) -> int:
     data = torch.load(src, weights_only=True) if src.suffix == ".pt" else json.loads(src.read_text())
     phy2log = torch.as_tensor(data["physical_to_logical_map"]).long()
     weights = None
-    side = Path(str(src) + WEIGHTS_SUFFIX)
+    side = weights_sidecar(src)
     if side.exists():
         weights = torch.tensor(json.loads(side.read_text())["replica_weights"])
     print(f"balancedness, equal split: {placement_balancedness(counts, phy2log, args.ep_size):.4f}")
@@ -160,7 +160,7 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _common(p, *, counts: bool = True) -> None:
+def _common(p) -> None:
     p.add_argument("--ep-size", type=int, required=True, help="number of GPUs (EP ranks)")
     p.add_argument("--redundant", type=int, default=0, help="redundant experts (P = E + redundant)")
     p.add_argument("--num-physical-experts", type=int, default=None, help="P, overrides --redundant")
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (EPLBError, ConfigError) as exc:
+    except EPLBError as exc:  # ConfigError, CountsError, PlacementError...
         print(f"eplb {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

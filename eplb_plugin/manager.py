@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from eplb_plugin.args import EPLBArgs
-from eplb_plugin.balance import gpu_loads, layer_balancedness, placement_balancedness
+from eplb_plugin.balance import balancedness, gpu_loads, placement_balancedness
 from eplb_plugin.comm import all_reduce_host, broadcast_host, group_info
 from eplb_plugin.errors import RebalanceError, TransferError
 from eplb_plugin.location import ExpertLocation, equal_split_weights
@@ -118,9 +118,8 @@ class EPLBManager:
     on_location_change: called on the serving thread with the new ExpertLocation.
     planner: injectable for tests (default: algorithms.plan).
     layers_mover: moves a chunk of layers in one collective call, pipelined across layers
-        (default: executor.move_layers); injectable for tests (e.g. with a fault_hook).
-    mover: a per-layer mover with ``move_experts``' signature, injectable for tests; when set
-        (also later, as an attribute), chunks move one layer per call through it instead.
+        (default: executor.move_layers); injectable for tests (e.g. with a fault_hook) and by
+        integrations (the SGLang adapter skips dense layers).
     """
 
     def __init__(
@@ -138,7 +137,6 @@ class EPLBManager:
         check_every_passes: int = DEFAULT_CHECK_EVERY_PASSES,
         plan_timeout_s: float = DEFAULT_PLAN_TIMEOUT_S,
         planner: Planner | None = None,
-        mover: Callable[..., Any] | None = None,
         layers_mover: Callable[..., Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -171,7 +169,6 @@ class EPLBManager:
 
             planner = self._planner_process = PlannerProcess()  # only rank 0 plans
         self.planner = planner or _default_planner
-        self.mover = mover
         self.layers_mover = layers_mover or _default_layers_mover
         self.clock = clock
         self.history: list[RebalanceRecord] = []
@@ -288,8 +285,7 @@ class EPLBManager:
         summed = all_reduce_host(torch.cat([logical.flatten(), physical.flatten()]), self.group)
         logical = summed[: logical.numel()].view_as(logical)
         physical = summed[logical.numel():].view_as(physical)
-        per_layer = layer_balancedness(gpu_loads(physical, self.location.ep_size))
-        record.balancedness_before = float(per_layer.mean())
+        record.balancedness_before = balancedness(gpu_loads(physical, self.location.ep_size))
         self._fill_achieved(record.balancedness_before)
         if physical.sum() == 0:
             return self._skip(record, "no tokens recorded in the window")
@@ -342,9 +338,12 @@ class EPLBManager:
         record.solver_s = time.perf_counter() - self._plan_started
         if status[0] == _Status.FAILED:
             cause = self._attempt.error if self.rank == 0 else None
-            message = f"planning failed on rank 0 ({cause!r})" if self.rank == 0 else "planning failed on rank 0"
-            if self.rank == 0 and cause is None:
+            if self.rank != 0:
+                message = "planning failed on rank 0"
+            elif cause is None:
                 message = f"planning took longer than {self.plan_timeout_s} s"
+            else:
+                message = f"planning failed on rank 0 ({cause!r})"
             self._fail(record, RebalanceError(f"rebalance {record.index}: {message}; keeping the old placement"), cause)
         self._receive_plan()
 
@@ -374,9 +373,10 @@ class EPLBManager:
             target_weights[planned] = (weights if has_weights[0] else equal_split_weights(new_map, loc.num_logical_experts))[planned]
         # Layers whose map changes move weights; a change of replica weights alone goes live now.
         record.layers = [layer for layer in planned if not torch.equal(target_map[layer], loc.physical_to_logical_map[layer])]
+        live_weights = loc.effective_replica_weights()
         reweighted = [
             layer for layer in planned if layer not in record.layers and target_weights is not None
-            and not torch.equal(target_weights[layer], loc.effective_replica_weights()[layer])
+            and not torch.equal(target_weights[layer], live_weights[layer])
         ]
         self._target = ExpertLocation.from_physical_to_logical_map(
             target_map, num_logical_experts=loc.num_logical_experts, ep_size=loc.ep_size,
@@ -409,10 +409,7 @@ class EPLBManager:
         start = time.perf_counter()
         live: dict[int, torch.Tensor] = {}
         try:
-            if self.mover is None:
-                self._move_layers(layers, live)
-            else:
-                self._move_one_by_one(layers, live)
+            self._move_layers(layers, live)
         except TransferError as exc:
             failed = getattr(exc, "layer", None)
             if getattr(exc, "live_physical_to_logical_map", None) is not None:
@@ -450,26 +447,6 @@ class EPLBManager:
         for layer, old, new, result in zip(layers, old_maps, new_maps, results):
             live[layer] = new
             record.slots_moved += int((old != new).sum())
-            record.bytes_moved += result.bytes_sent + result.bytes_received
-
-    def _move_one_by_one(self, layers: list[int], live: dict[int, torch.Tensor]) -> None:
-        """The chunk through the injected per-layer mover, one call per layer."""
-        record = self._record
-        for layer in layers:
-            old_map = self.location.physical_to_logical_map[layer]
-            new_map = self._target.physical_to_logical_map[layer]
-            result = self.mover(
-                self.expert_weights[layer],
-                old_map,
-                new_map,
-                self.group,
-                layer=layer,
-                budget_bytes=self._budget_bytes,
-                gpus_per_node=self._gpus_per_node,
-                verify=self.args.eplb_verify_weights,
-            )
-            live[layer] = new_map
-            record.slots_moved += int((old_map != new_map).sum())
             record.bytes_moved += result.bytes_sent + result.bytes_received
 
     def _start_async_moves(self) -> None:
@@ -530,9 +507,10 @@ class EPLBManager:
         if target.replica_weights is not None or loc.replica_weights is not None:
             weights = loc.effective_replica_weights().clone()
             equal = equal_split_weights(new_map, loc.num_logical_experts)
+            planned = target.effective_replica_weights()
             for layer in live:
                 reached = torch.equal(new_map[layer], target.physical_to_logical_map[layer])
-                weights[layer] = target.effective_replica_weights()[layer] if reached else equal[layer]
+                weights[layer] = planned[layer] if reached else equal[layer]
         self.location = ExpertLocation.from_physical_to_logical_map(
             new_map, num_logical_experts=loc.num_logical_experts, ep_size=loc.ep_size,
             replica_weights=weights, source="live placement",

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.errors import RebalanceError
-from eplb_plugin.executor import move_experts, move_layers
+from eplb_plugin.executor import move_layers
 from eplb_plugin.location import ExpertLocation
 from eplb_plugin.manager import EPLBManager, _default_planner
 from eplb_plugin.recorder import ExpertDistributionRecorder
@@ -168,9 +168,9 @@ def case_transfer_failure_on_one_rank_leaves_every_rank_on_the_old_placement(ran
             if point == "after_staging" and r == 1 and layer == 1:
                 raise RuntimeError("injected NCCL error")
 
-        return move_experts(*args, fault_hook=hook, **kwargs)
+        return move_layers(*args, fault_hook=hook, **kwargs)  # verify on: one layer at a time
 
-    host = Host(rank, group, _args(), mover=failing_mover)
+    host = Host(rank, group, _args(), layers_mover=failing_mover)
     before = host.manager.location.physical_to_logical_map.clone()
     errors = host.serve(5000, until=lambda m: m.history and m.history[0].end_pass is not None)
     assert len(errors) == 1 and "layer 1" in errors[0][1]
@@ -179,7 +179,7 @@ def case_transfer_failure_on_one_rank_leaves_every_rank_on_the_old_placement(ran
     assert torch.equal(loc.physical_to_logical_map[1:], before[1:])
     assert weights_match(host.weights, loc, rank)
     # Serving goes on, and the next rebalance (with a healthy link) completes.
-    host.manager.mover = move_experts
+    host.manager.layers_mover = move_layers
     host.manager.rebalance_now()
     assert host.serve(5000, start=300, until=lambda m: m.history[-1].end_pass is not None and len(m.history) > 1) == []
     assert host.manager.history[-1].error is None
@@ -187,7 +187,7 @@ def case_transfer_failure_on_one_rank_leaves_every_rank_on_the_old_placement(ran
 
 
 def case_unverified_chunk_moves_layers_together_and_a_failed_layer_keeps_later_layers_old(rank, group):
-    """Without verify a chunk moves in one move_layers call; a failure at layer 1 on rank 1
+    """Without verify a chunk's layers are pipelined in one move_layers call; a failure at layer 1 on rank 1
     keeps layer 0 moved (live) and layers 1-2 old, weights matching, and the next
     rebalance completes."""
     def failing_layers_mover(*args, **kwargs):

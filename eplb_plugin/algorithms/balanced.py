@@ -198,8 +198,8 @@ def best_of(weight: np.ndarray, candidates: list[np.ndarray], num_gpus: int) -> 
 
 
 def plan_balanced(
-    weight: np.ndarray, num_physical: int, *, num_gpus: int, num_nodes: int = 1,
-    num_groups: int | None = None, with_weights: bool = True, rounds: int = COUNT_ROUNDS,
+    weight: np.ndarray, num_physical: int, *, num_gpus: int, with_weights: bool = True,
+    rounds: int = COUNT_ROUNDS,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Fresh plan. weight: [L, E] float. Returns (phy2log [L, P] int64, weights [L, P] | None).
 

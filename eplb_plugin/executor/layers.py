@@ -146,7 +146,8 @@ def move_layers(
                                 live_maps=live_maps, timeout_s=timeout_s, fault_hook=fault_hook, staging=staging)
     units = [(i, k) for i, s in enumerate(scheds) for k in range(len(s))]  # (layer position, round)
     if not units:
-        return [MoveResult(0, 0, 0, 0, 0, 0, time.perf_counter() - start, 0, 0) for _ in layers]
+        seconds = time.perf_counter() - start
+        return [MoveResult.from_plans([], expert_bytes=0, seconds=seconds, peak_staging_bytes=0) for _ in layers]
     hook = fault_hook or (lambda point, r, lay: None)
     weights0 = layers[units[0][0]][0]
     cap = max_staged_experts(weights0, budget_bytes)
@@ -275,16 +276,9 @@ def move_layers(
     agreement.release()  # every step's result was read
     seconds = time.perf_counter() - start
     per = expert_bytes(weights0)
-    results = []
-    for s in scheds:
-        plans = [s.plan(k).ranks[rank] for k in range(len(s))]
-        sent, received = sum(len(p.sends) for p in plans), sum(len(p.recvs) for p in plans)
-        results.append(MoveResult(
-            slots_changed=sum(len(p.changed_local_slots) for p in plans),
-            local_copies=sum(len(p.local_copies) for p in plans), experts_sent=sent, experts_received=received,
-            bytes_sent=sent * per, bytes_received=received * per, seconds=seconds, rounds=len(s),
-            peak_staging_bytes=pool.nbytes if len(s) else 0,
-        ))
+    results = [MoveResult.from_plans([s.plan(k).ranks[rank] for k in range(len(s))], expert_bytes=per,
+                                     seconds=seconds, peak_staging_bytes=pool.nbytes if len(s) else 0)
+               for s in scheds]
     transfer._mark("end")
     return results
 

@@ -2,7 +2,7 @@
 
 Concurrency design:
 
-- Work is cut into units, one per round of a layer (``schedule_layer_move``: rounds of
+- Work is cut into units, one per round of a layer (``LayerMoveSchedule``: rounds of
   half the budget; one unit per layer when it fits). Small units keep each commit, which
   the serving stream runs between passes, short. A background
   thread stages units in order (P2P into a staging pool, then one agreement that every rank
@@ -43,8 +43,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
-from eplb_plugin.executor.plan import LayerTransferPlan, RankTransferPlan, schedule_layer_move
+from eplb_plugin.executor.plan import LayerMoveSchedule, LayerTransferPlan, RankTransferPlan
 from eplb_plugin.executor.staging import (
     Agreement,
     StagedRound,
@@ -61,7 +62,6 @@ from eplb_plugin.executor.transfer import (
     FaultHook,
     LayerMoveError,
     check_weights,
-    group_info,
     max_staged_experts,
 )
 
@@ -138,6 +138,8 @@ class AsyncExpertMover:
             opts = _transfer_options(backend, transfer_max_ctas)
             self.transfer_group = dist.new_group(ranks, backend="nccl" if opts else backend, pg_options=opts)
             self.control_group = dist.new_group(ranks, backend="gloo")
+        self._nccl = is_nccl(self.transfer_group)  # the transfer group's backend, asked once
+        if self._nccl:
             self._warm_up()
         self.budget_bytes, self.gpus_per_node = budget_bytes, gpus_per_node
         self.verify, self.timeout_s, self.poll_s = verify, timeout_s, poll_s
@@ -149,9 +151,7 @@ class AsyncExpertMover:
         self._reset([])
 
     def _warm_up(self) -> None:
-        """Create the transfer communicator and its P2P connections now, not mid-serving."""
-        if not is_nccl(self.transfer_group):
-            return
+        """Create the NCCL transfer communicator and its P2P connections now, not mid-serving."""
         dev = torch.device("cuda", torch.cuda.current_device())
         x = torch.zeros(self.world, dtype=torch.uint8, device=dev)
         dist.all_reduce(x[:1], group=self.transfer_group)
@@ -199,10 +199,12 @@ class AsyncExpertMover:
                                   f"first layer's; one mover run moves layers of one kind")
             sig = signature(move.weights)
             cap = max_staged_experts(move.weights, self.budget_bytes)
-            sched = schedule_layer_move(old, new, ep_size=self.world, max_staged_experts=cap,
-                                        gpus_per_node=self.gpus_per_node, pipeline=not self.verify)
+            # Maps and plans only (this runs on the serving thread: no prefetch verdicts).
+            sched = LayerMoveSchedule(old, new, ep_size=self.world, max_staged_experts=cap,
+                                      gpus_per_node=self.gpus_per_node, pipeline=not self.verify)
             prev, before = None, old
-            for after, plan in zip(sched.maps, sched.plans):
+            for k, after in enumerate(sched.maps):
+                plan = sched.plan(k)
                 prev = _Unit(move, before, after, plan.ranks[self.rank], plan, prev)
                 units.append(prev)
                 before = after
@@ -348,7 +350,7 @@ class AsyncExpertMover:
 
     def _stage_all(self, device: torch.device) -> None:
         units, group = self._units, self.transfer_group
-        agreement = Agreement(group, device if is_nccl(group) else torch.device("cpu"), len(units) + 1,
+        agreement = Agreement(group, device if self._nccl else torch.device("cpu"), len(units) + 1,
                               sleep_s=self.poll_s, stop=lambda: self._failed)
         weights = units[0].move.weights
         need = [u.plan.num_staged_experts for u in units]
@@ -396,14 +398,14 @@ class AsyncExpertMover:
         time.sleep(0)  # yield the GIL: a serving thread waiting for it goes first
         try:
             stage_round(weights, staged, group=self.transfer_group, verify=self.verify,
-                        timeout_s=self.timeout_s, tags=tags)
+                        timeout_s=self.timeout_s, tags=tags, nccl=self._nccl)
             self.fault_hook("after_staging", self.rank, layer)
         except Exception as exc:  # this rank votes no; every rank then fails this unit
             staged.error = exc
         time.sleep(0)  # yield the GIL again between our two Python-heavy steps
         agreement.post(u + 1, staged.error is None, staged.device_ok)
         ok = agreement.result(u + 1, self.timeout_s, f"layer {layer}'s staging agreement")
-        if ok and self.verify and staged.plan.recvs and is_nccl(self.transfer_group):
+        if ok and self.verify and staged.plan.recvs and self._nccl:
             check_received(staged)  # records the fingerprints verify_committed compares
         if not ok:
             cause = f"{type(staged.error).__name__}: {staged.error}" if staged.error else "another rank failed"

@@ -125,11 +125,8 @@ class StagedRound:
     buffers: list[torch.Tensor]  # the pool's buffers, per weight tensor
     rows: list[int]  # consecutive pool rows: one per recv, then one per staged source
     round_plan: LayerTransferPlan | None = None  # every rank's share (message boundaries)
-    bytes_sent: int = 0
-    bytes_received: int = 0
     error: BaseException | None = None  # this rank's failure while staging
     expected: dict[int, int] = field(default_factory=dict)  # logical -> fingerprint (verify)
-    sent_fingerprints: torch.Tensor | None = None  # [len(sends)] int64, with verify
     recv_fingerprints: torch.Tensor | None = None  # [len(recvs)] int64, with verify
     device_ok: torch.Tensor | None = None  # [1] int32: received data matched (verify)
     works: list = field(default_factory=list)  # NCCL P2P works (not waited on the host)
@@ -200,20 +197,18 @@ def stage_round(
     transfers (with timeout_s) and checks on the host. tags: per (is_send, peer) message
     counters for gloo, kept across rounds.
     """
-    plan, bufs, per = staged.plan, staged.buffers, expert_bytes(weights)
+    plan, bufs = staged.plan, staged.buffers
     base = staged.rows[0] if staged.rows else 0
     for src, row in staged.copy_rows.items():
         for t, buf in zip(weights, bufs):
             buf[row].copy_(t[src])
-    staged.bytes_sent = len(plan.sends) * per
-    staged.bytes_received = len(plan.recvs) * per
     if group is None or (not plan.sends and not plan.recvs):
         return
     device, me = weights[0].device, plan.rank
+    sent_fps = fingerprint(weights, [s.src_local_slot for s in plan.sends]) if verify else None
     if verify:
-        staged.sent_fingerprints = fingerprint(weights, [s.src_local_slot for s in plan.sends])
         staged.recv_fingerprints = torch.zeros(len(plan.recvs), dtype=torch.int64, device=device)
-    sent_fps, recv_fps = staged.sent_fingerprints, staged.recv_fingerprints
+    recv_fps = staged.recv_fingerprints
     ops: list[tuple[bool, torch.Tensor, int]] = []  # (is_send, tensor, group peer)
     first_send = {}
     for i, s in enumerate(plan.sends):
@@ -259,8 +254,8 @@ def check_received(staged: StagedRound) -> None:
     plan = staged.plan
     got = fingerprint(staged.buffers, staged.recv_rows)
     fps = staged.recv_fingerprints
-    for j, v in enumerate(plan.recvs):
-        staged.expected[v.logical_expert] = int(fps[j])
+    for v, fp in zip(plan.recvs, fps.tolist()):  # one host read, not one per expert
+        staged.expected[v.logical_expert] = fp
     bad = (got != fps).nonzero().flatten().tolist()
     if bad:
         raise TransferError(
@@ -318,10 +313,15 @@ def verify_committed(weights, staged: StagedRound, *, rank: int, layer: int) -> 
         for d in v.dst_local_slots:
             want[d] = fp if fp is not None else got[d]
     copy_rows = staged.copy_rows
-    for c in plan.local_copies:
-        row = copy_rows.get(c.src_local_slot)
-        src = fingerprint(staged.buffers, [row]) if row is not None else fingerprint(weights, [c.src_local_slot])
-        want[c.dst_local_slot] = int(src[0])
+    staged_copies = [c for c in plan.local_copies if c.src_local_slot in copy_rows]
+    slot_copies = [c for c in plan.local_copies if c.src_local_slot not in copy_rows]
+    # One fingerprint call (and host read) per source kind, not one per copy.
+    for copies, fps in (
+        (staged_copies, fingerprint(staged.buffers, [copy_rows[c.src_local_slot] for c in staged_copies])),
+        (slot_copies, fingerprint(weights, [c.src_local_slot for c in slot_copies])),
+    ):
+        for c, fp in zip(copies, fps.tolist()):
+            want[c.dst_local_slot] = fp
     bad = [d for d in dsts if got[d] != want[d]]
     if bad:
         raise TransferError(f"rank {rank}, layer {layer}: slots {bad} fail the fingerprint check after commit")

@@ -69,7 +69,7 @@ import torch.distributed as dist
 
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
-from eplb_plugin.executor.plan import LayerMoveSchedule
+from eplb_plugin.executor.plan import LayerMoveSchedule, RankTransferPlan
 from eplb_plugin.executor.staging import (
     Agreement,
     StagedRound,
@@ -132,6 +132,19 @@ class MoveResult:
     seconds: float
     rounds: int
     peak_staging_bytes: int
+
+    @classmethod
+    def from_plans(cls, plans: Sequence[RankTransferPlan], *, expert_bytes: int, seconds: float,
+                   peak_staging_bytes: int) -> MoveResult:
+        """This rank's totals over the rounds it committed (``plans``: its share of each);
+        no plans: nothing moved."""
+        sent, received = sum(len(p.sends) for p in plans), sum(len(p.recvs) for p in plans)
+        return cls(
+            slots_changed=sum(len(p.changed_local_slots) for p in plans),
+            local_copies=sum(len(p.local_copies) for p in plans), experts_sent=sent, experts_received=received,
+            bytes_sent=sent * expert_bytes, bytes_received=received * expert_bytes, seconds=seconds,
+            rounds=len(plans), peak_staging_bytes=peak_staging_bytes,
+        )
 
 
 def max_staged_experts(weights: Sequence[torch.Tensor], budget_bytes: int | None) -> int:
@@ -278,7 +291,7 @@ def move_experts(
     hook = fault_hook or (lambda point, r, lay: None)
     n = len(schedule)
     if n == 0:
-        return MoveResult(0, 0, 0, 0, 0, 0, time.perf_counter() - start, 0, 0)
+        return MoveResult.from_plans([], expert_bytes=0, seconds=time.perf_counter() - start, peak_staging_bytes=0)
     nccl = is_nccl(group)
     device = weights[0].device if nccl else torch.device("cpu")
     # step 0: pre-flight; step k + 1: round k. Its stream, buffers and events are reused
@@ -359,17 +372,6 @@ def move_experts(
         posted[k] = staged
         del staged  # this frame is in its error's traceback: no cycle holding the pool
 
-    totals = dict(slots=0, copies=0, sent=0, recv=0, bsent=0, brecv=0)
-
-    def count(staged: StagedRound) -> None:
-        plan = staged.plan
-        totals["slots"] += len(plan.changed_local_slots)
-        totals["copies"] += len(plan.local_copies)
-        totals["sent"] += len(plan.sends)
-        totals["recv"] += len(plan.recvs)
-        totals["bsent"] += staged.bytes_sent
-        totals["brecv"] += staged.bytes_received
-
     current = old
     if defer:
         queued: list[StagedRound] = []
@@ -401,8 +403,6 @@ def move_experts(
             pool = agreement = None
             queued.clear()
             raise fail(done, current, error) from error
-        for staged in queued:
-            count(staged)
         queued.clear()
     else:
         post(0)
@@ -445,14 +445,11 @@ def move_experts(
         if verify and staged.plan.changed_local_slots:
             verify_committed(weights, staged, rank=rank, layer=layer)
         current = staged.new_map
-        count(staged)
         if k + 1 < n and not early:
             post(k + 1)
     agreement.release()  # every step's result was read
     _mark("end")
-    return MoveResult(
-        slots_changed=totals["slots"], local_copies=totals["copies"], experts_sent=totals["sent"],
-        experts_received=totals["recv"], bytes_sent=totals["bsent"], bytes_received=totals["brecv"],
-        seconds=time.perf_counter() - start, rounds=n, peak_staging_bytes=pool.nbytes,
-    )
+    # Returning means every round committed: the totals are this rank's share of every plan.
+    return MoveResult.from_plans([schedule.plan(k).ranks[rank] for k in range(n)], expert_bytes=expert_bytes(weights),
+                                 seconds=time.perf_counter() - start, peak_staging_bytes=pool.nbytes)
 

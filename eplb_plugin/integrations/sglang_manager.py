@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from eplb_plugin.errors import ConfigError, RebalanceError
+from eplb_plugin.integrations.sglang import LOG_PREFIX
 
 logger = logging.getLogger(__name__)
 
-LOG_PREFIX = "[eplb_plugin]"
 METRICS_PORT_ENV = "EPLB_PLUGIN_METRICS_PORT"
 
 # EPLBArgs field -> SGLang's resolved ``get_exec().moe`` leaf of the same meaning.
@@ -70,15 +70,6 @@ def eplb_args_from_sglang() -> Any:
     values["nnodes"] = parallel.nnodes
     values.update(plugin_settings())
     return EPLBArgs(**values)
-
-
-class _MoveNothing:
-    """The executor's result for a layer without routed experts (nothing to move)."""
-
-    slots_changed = local_copies = experts_sent = experts_received = 0
-    bytes_sent = bytes_received = 0
-    rounds = peak_staging_bytes = 0
-    seconds = 0.0
 
 
 class SGLangEPLBManager:
@@ -200,10 +191,11 @@ class SGLangEPLBManager:
         """A chunk through ``executor.move_layers``, pipelined across its layers; layers
         without routed experts (dense layers) move nothing. A ``LayerMoveError``'s index is
         given in the chunk's positions, as the manager reads it."""
-        from eplb_plugin.executor import LayerMoveError, move_layers
+        from eplb_plugin.executor import LayerMoveError, MoveResult, move_layers
 
         keep = [i for i, layer in enumerate(layer_ids) if layer in self._weights_of_layer]
-        results: list[Any] = [_MoveNothing() for _ in layers]
+        nothing = MoveResult.from_plans([], expert_bytes=0, seconds=0.0, peak_staging_bytes=0)
+        results: list[Any] = [nothing for _ in layers]
         if not keep:
             return results
         try:

@@ -20,9 +20,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from eplb_plugin.integrations.sglang import LOG_PREFIX
+
 logger = logging.getLogger(__name__)
 
-LOG_PREFIX = "[eplb_plugin]"
 
 
 def sglang_recorder_kwargs() -> dict[str, Any]:
