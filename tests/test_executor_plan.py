@@ -71,6 +71,11 @@ def test_expert_already_on_rank_is_copied_locally_from_a_stable_slot():
     plan = plan_layer_transfer(old, new, ep_size=1)
     assert plan.ranks[0].local_copies == (LocalCopy(0, 1, 7),)
     assert plan.ranks[0].staged_copy_sources == ()
+    # Slot 0 (a holder of 7) is overwritten: the copy must come from slot 2, which stays, so
+    # nothing needs staging (copying from slot 0 would have to stage it first).
+    plan = plan_layer_transfer(old, _t([3, 7, 7, 3]), ep_size=1)
+    assert plan.ranks[0].local_copies == (LocalCopy(3, 0, 3), LocalCopy(2, 1, 7))
+    assert plan.ranks[0].staged_copy_sources == ()
 
 
 def test_local_swap_stages_its_sources():

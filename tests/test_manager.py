@@ -265,6 +265,8 @@ def case_layers_per_chunk_go_live_one_pass_at_a_time(rank, group):
 
 def case_non_blocking_moves_land_while_serving_and_go_live_at_pass_boundaries(rank, group):
     host = Host(rank, group, _args(eplb_non_blocking=True, eplb_rebalance_layers_per_chunk=1))
+    assert host.manager._async_mover is not None
+    host.manager.layers_mover = lambda *a, **k: pytest.fail("the blocking mover ran in non-blocking mode")
     errors = host.serve(5000, until=lambda m: len([r for r in m.history if r.end_pass is not None]) >= 2)
     assert errors == []
     finished = [r for r in host.manager.history if r.end_pass is not None]

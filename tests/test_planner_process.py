@@ -25,5 +25,5 @@ def test_the_worker_plans_exactly_what_plan_returns():
     assert got.slots_moved == want.slots_moved and got.replica_weights is None
     want_weighted = plan(counts, **dict(kwargs, algorithm="eplb_plugin"))
     assert torch.equal(weighted.physical_to_logical_map, want_weighted.physical_to_logical_map)
-    if want_weighted.replica_weights is not None:
-        assert torch.equal(weighted.replica_weights, want_weighted.replica_weights)
+    assert want_weighted.replica_weights is not None  # the weighted policy returns weights
+    assert torch.equal(weighted.replica_weights, want_weighted.replica_weights)
