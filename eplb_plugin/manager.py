@@ -485,6 +485,7 @@ class EPLBManager:
                 int((self._target.physical_to_logical_map[layer] != self._old_rows[layer]).sum())
                 for layer in record.layers
             )
+            record.bytes_moved = self._async_mover.bytes_committed
             self._pending_layers = []
             self._finish(record)
 

@@ -53,6 +53,7 @@ from eplb_plugin.executor.staging import (
     Stopped,
     check_received,
     commit_round,
+    expert_bytes,
     is_nccl,
     signature,
     stage_round,
@@ -175,6 +176,7 @@ class AsyncExpertMover:
         self._pool: StagingPool | None = None
         self._pool_recorded = False
         self._boundaries = 0  # pass boundaries seen (commit_ready calls), for pacing
+        self.bytes_committed = 0  # this rank's P2P bytes (sent + received) of the committed units
 
     # -- serving thread ---------------------------------------------------------------------
     def start(self, moves: Sequence[LayerMove]) -> None:
@@ -293,6 +295,7 @@ class AsyncExpertMover:
                 buf.record_stream(torch.cuda.current_stream())  # the pool outlives our copies
             self._pool_recorded = True
         commit_round(weights, staged)
+        self.bytes_committed += (len(unit.plan.sends) + len(unit.plan.recvs)) * expert_bytes(weights)
         if unit.move.live_map is not None:
             unit.move.live_map.copy_(unit.after)
         if self.verify and staged.plan.changed_local_slots:
