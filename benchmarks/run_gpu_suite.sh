@@ -9,19 +9,25 @@
 # SM clocks and power are logged every 100 ms meanwhile (clocks.csv), to tell GPU clock
 # changes from the runtime's own variance. Each step has its own time limit; a failed step
 # does not stop the next one.
+# The device tool returns at most 8 files, so everything is packed into OUT_DIR/suite.tgz at the
+# end; steps are cut short so that the whole suite ends within SUITE_SECONDS (default 570).
 set -uo pipefail
-out=${1:?usage: run_gpu_suite.sh OUT_DIR [TRACES_DIR]}
+dest=${1:?usage: run_gpu_suite.sh OUT_DIR [TRACES_DIR]}
 traces=${2:-}
+deadline=$((SECONDS + ${SUITE_SECONDS:-570}))
+out="$dest/suite"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 mkdir -p "$out"
 nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw --format=csv -lms 100 > "$out/clocks.csv" 2>/dev/null &
 clocks=$!
-trap 'kill $clocks 2>/dev/null' EXIT
+trap 'kill $clocks 2>/dev/null; tar czf "$dest/suite.tgz" -C "$dest" suite && rm -rf "$out"' EXIT
 
 step() {  # step NAME SECONDS COMMAND...
-    local name=$1 limit=$2
+    local name=$1 limit=$2 left=$((deadline - SECONDS))
     shift 2
+    (( left < limit )) && limit=$left
+    (( limit < 10 )) && { echo "== $name skipped: the suite's time is spent"; return; }
     echo "== $name"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     echo "   exit $? ($(tail -n 1 "$out/$name.log"))"
