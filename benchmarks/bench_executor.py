@@ -57,6 +57,7 @@ from eplb_plugin.executor import (  # noqa: E402
     AsyncExpertMover,
     LayerMove,
     LayerMoveSchedule,
+    PeerViews,
     move_experts,
     move_layers,
     prepare_staging,
@@ -76,13 +77,16 @@ def parse_args(argv=None):
                     help="budgets also timed with pipeline=False (move_experts' default; budget 1 is the same either way)")
     ap.add_argument("--rebalance-layers", type=int, default=4, help="layers in the whole-rebalance figure")
     ap.add_argument("--rebalance-budgets", default="8,2,1", help="whole-rebalance staging budgets, in experts")
+    ap.add_argument("--transports", default="nccl,ipc",
+                    help="transports timed for precomputed moves and move_layers rebalances: nccl (P2P "
+                         "kernels) and ipc (copy-engine pulls through CUDA IPC; CUDA only)")
     ap.add_argument("--reps", type=int, default=9, help="timed repetitions per measurement")
     ap.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     ap.add_argument("--layers", type=int, default=8, help="layers moved in the non-blocking test")
     ap.add_argument("--pause-budget", type=int, default=2, help="non-blocking staging budget, in experts")
     ap.add_argument("--pause-variants", default="bf16:none,bf16:8,bf16:8:free,fp8:none,fp8:8",
-                    help="non-blocking variants dtype:max_ctas[:free] (none = NCCL's default; free = "
-                         "pace_with_passes=False, the mover's default)")
+                    help="non-blocking variants dtype:max_ctas[:free][:ipc] (none = NCCL's default; free = "
+                         "pace_with_passes=False, the mover's default; ipc = copy-engine pulls)")
     ap.add_argument("--steps", type=int, default=400, help="undisturbed steps timed (before and after)")
     ap.add_argument("--pause-step-layers", type=int, default=1,
                     help="MoE layers per step of the serving loop (1: one layer's matmuls per step; "
@@ -260,8 +264,12 @@ def bench_moves(args, device, fp8: bool) -> dict:
     rows, rows_precomputed = [], []
     serial = {int(b) for b in args.serial_budgets.split(",") if b}
     configs = [(int(b), True) for b in args.budgets.split(",")] + [(b, False) for b in sorted(serial)]
-    for budget, pipeline, precomputed in [(b, p, False) for b, p in configs] + [(b, p, True) for b, p in configs]:
+    views = peer_views(args, [weights])
+    for budget, pipeline, precomputed, transport in (
+            [(b, p, False, "nccl") for b, p in configs]
+            + [(b, p, True, t) for t in views for b, p in configs]):
         peaks, res = [], []
+        peers = views.get(transport)
         schedules, pool = [None, None], None
         if precomputed:
             # As a manager pays: schedules (and their plans) computed ahead, off the timed path,
@@ -273,14 +281,15 @@ def bench_moves(args, device, fp8: bool) -> dict:
                     sched.plan(k)
             pool = prepare_staging(weights, budget_bytes=budget * per, timeout_s=args.timeout_s)
 
-        def once(rep, budget=budget, pipeline=pipeline, res=res, peaks=peaks, schedules=schedules, pool=pool):
+        def once(rep, budget=budget, pipeline=pipeline, res=res, peaks=peaks, schedules=schedules, pool=pool,
+                 peers=peers):
             a, b = (old, new) if rep % 2 == 0 else (new, old)  # move there and back
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             res.append(move_experts(weights, a, b, layer=0, budget_bytes=budget * per,
                                     timeout_s=args.timeout_s, pipeline=pipeline,
-                                    staging=pool, schedule=schedules[rep % 2]))
+                                    staging=pool, schedule=schedules[rep % 2], peers=peers))
             if device.type == "cuda":
                 sync(device)  # the last commit's copies count in the peak too
                 peaks.append(torch.cuda.max_memory_allocated() - base)
@@ -295,13 +304,13 @@ def bench_moves(args, device, fp8: bool) -> dict:
         ok = same_bytes(weights, swapped)
         once(1)
         ok = ok and same_bytes(weights, original)
-        assert ok, (f"rank {rank}: move with budget {budget} (pipeline={pipeline}, precomputed={precomputed}) "
-                    f"left wrong weights")
+        assert ok, (f"rank {rank}: move with budget {budget} (pipeline={pipeline}, precomputed={precomputed}, "
+                    f"{transport}) left wrong weights")
         trace = traced(lambda: once(0), device)  # one more move, with a timeline of its steps
         once(1)
         r = res[-1]
         gbps = r.bytes_received / t["seconds"] / 1e9
-        extra = dict(precomputed_schedule=True, shared_pool=True) if precomputed else {}
+        extra = dict(precomputed_schedule=True, shared_pool=True, transport=transport) if precomputed else {}
         (rows_precomputed if precomputed else rows).append(dict(
                          dtype="fp8+scales" if fp8 else "bf16", experts=args.experts, expert_bytes=per,
                          budget_experts=budget, pipeline=pipeline, rounds=r.rounds, **extra,
@@ -316,6 +325,24 @@ def bench_moves(args, device, fp8: bool) -> dict:
     return dict(p2p_same_traffic=ref, p2p_same_traffic_per_expert_messages=ref_per_expert, moves=rows,
                 moves_precomputed=rows_precomputed, whole_rebalance=whole["move_experts"],
                 whole_rebalance_move_layers=whole["move_layers"], diagnostics=diagnostics(weights, device, args))
+
+
+def peer_views(args, layers) -> dict:
+    """Per transport in --transports, the ``peers`` argument of the moves: None for nccl, the
+    exchanged PeerViews for ipc (skipped, with a note, where pulls are impossible)."""
+    views = {}
+    for transport in args.transports.split(","):
+        if transport == "nccl":
+            views["nccl"] = None
+        elif transport == "ipc":
+            got = PeerViews.exchange([t for w in layers for t in w], dist.group.WORLD)
+            if got.active:
+                views["ipc"] = got
+            elif dist.get_rank() == 0:
+                print("ipc transport skipped: no CUDA IPC between these ranks", flush=True)
+        else:
+            raise SystemExit(f"--transports: unknown transport {transport!r}")
+    return views
 
 
 def bench_rebalance(args, device, fp8: bool, weights, old, new, per: int, ref: dict) -> dict:
@@ -333,10 +360,13 @@ def bench_rebalance(args, device, fp8: bool, weights, old, new, per: int, ref: d
                           for k in range(args.rebalance_layers - 1)]
     originals = [[t.clone() for t in w] for w in layers]
     out = dict(move_experts=[], move_layers=[])
-    variants = [("move_experts", int(b), sh) for b in args.rebalance_budgets.split(",") if b for sh in (False, True)]
-    variants += [("move_layers", int(b), sh) for b in args.rebalance_budgets.split(",") if b for sh in (False, True)]
-    for entry, budget, shared in variants:
+    views = peer_views(args, layers)
+    budgets = [int(b) for b in args.rebalance_budgets.split(",") if b]
+    variants = [("move_experts", b, sh, "nccl") for b in budgets for sh in (False, True)]
+    variants += [("move_layers", b, sh, t) for t in views for b in budgets for sh in (False, True)]
+    for entry, budget, shared, transport in variants:
         res = []
+        peers = views[transport]
         schedules = [None, None]
         if entry == "move_layers" and shared:
             schedules = [[LayerMoveSchedule(a, b, ep_size=2, max_staged_experts=budget, pipeline=False)
@@ -345,13 +375,14 @@ def bench_rebalance(args, device, fp8: bool, weights, old, new, per: int, ref: d
                 for k in range(len(sched)):
                     sched.plan(k)
 
-        def once(rep, budget=budget, res=res, shared=shared, entry=entry, schedules=schedules):
+        def once(rep, budget=budget, res=res, shared=shared, entry=entry, schedules=schedules, peers=peers):
             a, b = (old, new) if rep % 2 == 0 else (new, old)
             # shared: one pool for the rebalance, made (and agreed) inside the timed call
             pool = prepare_staging(layers[0], budget_bytes=budget * per, timeout_s=args.timeout_s) if shared else None
             if entry == "move_layers":
                 res.append(move_layers([(w, a, b) for w in layers], budget_bytes=budget * per,
-                                       timeout_s=args.timeout_s, staging=pool, schedules=schedules[rep % 2]))
+                                       timeout_s=args.timeout_s, staging=pool, schedules=schedules[rep % 2],
+                                       peers=peers))
             else:
                 res.append([move_experts(w, a, b, layer=k, budget_bytes=budget * per, timeout_s=args.timeout_s,
                                          staging=pool) for k, w in enumerate(layers)])
@@ -360,7 +391,8 @@ def bench_rebalance(args, device, fp8: bool, weights, old, new, per: int, ref: d
         once(1)
         t = timed(once, device, args.reps + (args.reps + args.warmup) % 2, args.warmup)  # ends on the old map
         exact = all(same_bytes(w, o) for w, o in zip(layers, originals))
-        assert exact, f"rank {dist.get_rank()}: whole rebalance ({entry}, budget {budget}, shared {shared}) left wrong weights"
+        assert exact, (f"rank {dist.get_rank()}: whole rebalance ({entry}, budget {budget}, shared {shared}, "
+                       f"{transport}) left wrong weights")
         got = sum(r.bytes_received for r in res[-1])
         gbps = got / t["seconds"] / 1e9
         row = dict(dtype="fp8+scales" if fp8 else "bf16", layers=len(layers), experts_per_layer=args.experts,
@@ -368,7 +400,7 @@ def bench_rebalance(args, device, fp8: bool, weights, old, new, per: int, ref: d
                    weights_exact=exact,
                    bytes_received=got, GBps=gbps, ratio_to_p2p=gbps / ref["GBps"], **t)
         if entry == "move_layers":
-            row.update(entry=entry, precomputed_schedules=shared,
+            row.update(entry=entry, precomputed_schedules=shared, transport=transport,
                        trace=traced(lambda once=once: once(0), device))  # one more rebalance, with a timeline
             once(1)  # back on the old map
         out[entry].append(row)
@@ -524,6 +556,7 @@ def bench_pause(args, device) -> dict:
             dtype, ctas, *flags = spec.split(":")
             max_ctas = None if ctas == "none" else int(ctas)
             paced = "free" not in flags
+            transport = "ipc" if "ipc" in flags else "nccl"
             rank, n = dist.get_rank(), args.experts
             layers = [make_weights(slots, dtype == "fp8", args.small, device, seed=k * 2 + rank)
                       for k in range(args.layers)]
@@ -534,12 +567,12 @@ def bench_pause(args, device) -> dict:
             old, new = swap_maps(slots, args.experts)
             try:
                 mover = AsyncExpertMover(budget_bytes=args.pause_budget * per, timeout_s=args.timeout_s,
-                                         transfer_max_ctas=max_ctas, pace_with_passes=paced)
+                                         transfer_max_ctas=max_ctas, pace_with_passes=paced, transport=transport)
             except Exception as exc:  # e.g. NCCL config unsupported: record, go on
                 variants.append(dict(dtype=dtype, transfer_max_ctas=max_ctas, error=f"{type(exc).__name__}: {exc}"))
                 continue
             for mode in modes:
-                row = dict(mode=mode, dtype=dtype, transfer_max_ctas=max_ctas, paced=paced,
+                row = dict(mode=mode, dtype=dtype, transfer_max_ctas=max_ctas, paced=paced, transport=transport,
                            budget_experts=args.pause_budget,
                            layers=args.layers, experts_per_layer=args.experts, expert_bytes=per)
                 runs = []
@@ -624,7 +657,7 @@ def bench_transfers(args, device, rank: int, scale: float) -> tuple[dict, dict, 
                       flush=True)
         for m in moves.values():
             for r in m["moves_precomputed"]:
-                print(f"precomputed schedule + shared pool {r['dtype']:>10} budget {r['budget_experts']} "
+                print(f"precomputed schedule + shared pool, {r['transport']}: {r['dtype']:>10} budget {r['budget_experts']} "
                       f"pipe {str(r['pipeline']):>5} rounds {r['rounds']}: {r['seconds'] * 1e3:8.2f} ms "
                       f"{r['GBps']:7.1f} GB/s {r['ratio_to_p2p']:6.3f} of P2P", flush=True)
         for m in moves.values():
@@ -634,7 +667,7 @@ def bench_transfers(args, device, rank: int, scale: float) -> tuple[dict, dict, 
                       f"{r['ratio_to_p2p']:6.3f} of P2P", flush=True)
             for r in m["whole_rebalance_move_layers"]:
                 how = "shared pool, precomputed schedules" if r["shared_pool"] else "own pool and schedules"
-                print(f"whole rebalance move_layers {r['dtype']:>10} {r['layers']} layers x {r['experts_per_layer']} "
+                print(f"whole rebalance move_layers, {r['transport']}: {r['dtype']:>10} {r['layers']} layers x {r['experts_per_layer']} "
                       f"experts, budget {r['budget_experts']} ({how}): {r['seconds'] * 1e3:8.2f} ms "
                       f"{r['GBps']:7.1f} GB/s {r['ratio_to_p2p']:6.3f} of P2P", flush=True)
     checked = checks(args, device)

@@ -35,8 +35,8 @@ step() {  # step NAME SECONDS COMMAND...
 
 workload=(--workload synthetic)
 [ -n "$traces" ] && workload=(--traces-dir "$traces")
-step gpu_tests 150 python -m pytest -q -p no:cacheprovider -m gpu tests
-step dynamic_kernel_tests 120 python -m pytest -q -p no:cacheprovider tests/test_dynamic_kernel.py
+step gpu_tests 150 python -m pytest -q -rs -p no:cacheprovider -m gpu tests
+step kernel_tests 120 python -m pytest -q -rs -p no:cacheprovider tests/test_dynamic_kernel.py tests/test_kernels.py
 step end_to_end 200 python benchmarks/bench_end_to_end.py --device cuda "${workload[@]}" --num-passes 300 \
     --skip-ep8 --dispatch static,dynamic --plan-in-process --out "$out"
 step end_to_end_dynamic_kernel 200 python benchmarks/bench_end_to_end.py --device cuda "${workload[@]}" \

@@ -49,7 +49,8 @@ def identity_weights(layer: int, local_map: list[int]) -> list[torch.Tensor]:
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a, b))
+    """Same bytes (either side may be on a GPU)."""
+    return all(torch.equal(x.view(torch.uint8).cpu(), y.view(torch.uint8).cpu()) for x, y in zip(a, b))
 
 
 def random_map(gen: torch.Generator, num_slots: int, num_logical: int) -> torch.Tensor:

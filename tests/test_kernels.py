@@ -140,6 +140,7 @@ def test_empty_ids_count_nothing():
     assert not counts.any()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs a CUDA GPU and triton")
 def test_counts_captured_in_a_cuda_graph_keep_counting_on_replay():
     """Both kernels captured in one CUDA graph add their counts again on every replay."""

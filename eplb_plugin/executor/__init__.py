@@ -1,13 +1,15 @@
 """Executor: plan and apply expert-weight moves between EP ranks (see transfer.py's design).
 
 Public entry for one layer: ``move_experts``; for a whole rebalance, pipelined across
-layers: ``move_layers``; non-blocking: ``AsyncExpertMover``. Schedules (``LayerMoveSchedule``)
+layers: ``move_layers``; non-blocking: ``AsyncExpertMover``. Between ranks of one host,
+``PeerViews`` (peers.py) lets receivers pull experts with copy engines instead of NCCL. Schedules (``LayerMoveSchedule``)
 are pure CPU and may be computed ahead, off the serving path.
 """
 
 from eplb_plugin.executor.integrity import fingerprint, verify_slots
 from eplb_plugin.executor.layers import move_layers
 from eplb_plugin.executor.nonblocking import AsyncExpertMover, LayerMove
+from eplb_plugin.executor.peers import TRANSPORTS, PeerViews, SharedPeerViews
 from eplb_plugin.executor.plan import (
     LayerMoveSchedule,
     LayerTransferPlan,
@@ -32,9 +34,12 @@ __all__ = [
     "LocalCopy",
     "MoveResult",
     "MoveSchedule",
+    "PeerViews",
     "RankTransferPlan",
     "Recv",
     "Send",
+    "SharedPeerViews",
+    "TRANSPORTS",
     "fingerprint",
     "move_experts",
     "move_layers",

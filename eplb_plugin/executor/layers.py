@@ -48,6 +48,7 @@ import torch.distributed as dist
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.executor import transfer
+from eplb_plugin.executor.peers import PeerViews, needs_barrier, pulling
 from eplb_plugin.executor.plan import LayerMoveSchedule, RankTransferPlan
 from eplb_plugin.executor.staging import (
     Agreement,
@@ -85,6 +86,7 @@ def move_layers(
     fault_hook: FaultHook | None = None,
     staging: StagingPool | None = None,
     schedules: Sequence[LayerMoveSchedule | None] | None = None,
+    peers: PeerViews | None = None,
 ) -> list[MoveResult]:
     """Move several layers' experts in place, pipelined across layers; one result per layer.
 
@@ -104,6 +106,9 @@ def move_layers(
     schedules: per layer a ``LayerMoveSchedule`` computed ahead (off the serving path), or
         None; each must match its layer's maps, ep_size, budget and gpus_per_node (either
         kind of rounds), else ConfigError names the mismatch. None: computed here.
+    peers: ``PeerViews.exchange`` of (at least) these layers' tensors on group: experts
+        from same-host peers are pulled by copy engines instead of sent by NCCL, on a copy
+        stream beside the commits (ignored with verify).
     Results: each layer's counts; ``seconds`` is the whole call's (the layers move together).
     Collective over group. Raises LayerMoveError on every rank if any rank fails (see the
     module docstring for what stays committed). On return the last commit's copies are
@@ -227,13 +232,17 @@ def move_layers(
                 hook("before_transfer", rank, ids[i])
         except Exception as exc:
             staged.error = exc  # staged anyway (peers' P2P must match); votes no
-        try:
-            stage_round(weights, staged, group=group, verify=False, timeout_s=timeout_s, tags=tags, nccl=nccl)
-            hook("after_staging", rank, ids[i])
-        except Exception as exc:  # this rank votes no; every rank then raises
-            staged.error = staged.error or exc
-        agreement.post(u + 1, staged.error is None, agreement.flags[u : u + 1] if u > 0 else None,
-                       read=u == last)  # the host reads only the last vote
+        barrier = peers is not None and peers.active and needs_barrier(
+            [scheds[i].plan(j) for j in range(k)], round_plan)
+        with pulling(peers, weights[0].device):  # the unit's copies and its vote
+            try:
+                stage_round(weights, staged, group=group, verify=False, timeout_s=timeout_s, tags=tags, nccl=nccl,
+                            peers=peers, barrier=barrier)
+                hook("after_staging", rank, ids[i])
+            except Exception as exc:  # this rank votes no; every rank then raises
+                staged.error = staged.error or exc
+            agreement.post(u + 1, staged.error is None, agreement.flags[u : u + 1] if u > 0 else None,
+                           read=u == last)  # the host reads only the last vote
         transfer._mark(f"posted{u}", agreement.stream if agreement.gpu and cur is not None else None)
         errors[u] = staged.error
         staged_units[u] = staged

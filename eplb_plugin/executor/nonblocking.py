@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
+from eplb_plugin.executor.peers import PeerViews, check_transport, needs_barrier
 from eplb_plugin.executor.plan import LayerMoveSchedule, LayerTransferPlan, RankTransferPlan
 from eplb_plugin.executor.staging import (
     Agreement,
@@ -115,7 +116,11 @@ class AsyncExpertMover:
     pace_with_passes: the thread stages at most one unit per pass boundary, right after
     ``commit_ready`` returns (while the serving thread waits for its pass on the GPU), so
     its Python work rarely holds the GIL when the serving thread needs it (measured on
-    2 x H200: no better than unpaced, hence off by default).
+    2 x H200: no better than unpaced, hence off by default). transport: "nccl" (P2P on the
+    transfer communicator), "ipc" (experts from same-host peers pulled by copy engines
+    through CUDA IPC, no SMs; ConfigError at ``start`` where impossible) or "auto" (ipc
+    where possible); see ``peers.py``. peers: fixed ``PeerViews`` of every tensor the mover
+    will move, used instead of ``transport`` (e.g. ``SharedPeerViews`` between CPU processes).
     """
 
     def __init__(
@@ -130,6 +135,8 @@ class AsyncExpertMover:
         transfer_max_ctas: int | None = None,
         poll_s: float = 1e-4,
         pace_with_passes: bool = False,
+        transport: str = "nccl",
+        peers: PeerViews | None = None,
     ):
         self.group, self.rank, self.world = group_info(group)
         self.transfer_group = self.control_group = None
@@ -146,6 +153,9 @@ class AsyncExpertMover:
         self.verify, self.timeout_s, self.poll_s = verify, timeout_s, poll_s
         self.transfer_max_ctas, self.pace_with_passes = transfer_max_ctas, pace_with_passes
         self.fault_hook = fault_hook or (lambda point, rank, layer: None)
+        check_transport(transport)
+        self.transport = transport
+        self.peers, self._fixed_peers = peers, peers is not None
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._side = None  # the thread's CUDA stream, created on first use
@@ -213,8 +223,19 @@ class AsyncExpertMover:
         self._reset(units)
         if not units:
             return
+        self._exchange_peers([t for move in moves for t in move.weights])
         self._thread = threading.Thread(target=self._run, name="eplb-expert-mover", daemon=True)
         self._thread.start()
+
+    def _exchange_peers(self, tensors: list[torch.Tensor]) -> None:
+        """Where the peers' tensors are, for pulls (collective over the control group; the
+        serving thread, at the same pass boundary on every rank). Kept while the tensors are."""
+        if self._fixed_peers or self.transport == "nccl" or self.verify or self.control_group is None:
+            return
+        self.peers = PeerViews.exchange(tensors, self.control_group)
+        if self.transport == "ipc" and not self.peers.active:
+            raise ConfigError("transport='ipc' needs CUDA weights of ranks sharing a host and CUDA IPC "
+                              "(not expandable segments); use transport='auto' or 'nccl'")
 
     @property
     def done(self) -> bool:
@@ -373,13 +394,20 @@ class AsyncExpertMover:
             self._pool = pool
         tags: dict[tuple[bool, int], int] = {}
         paced = -1  # boundary count when the last unit was staged (-1: stage the first at once)
+        peers = None if self.verify else self.peers
         for u, unit in enumerate(units):
-            # Staging that reads slots an earlier round of this layer writes waits for its commit.
-            earlier, prev = [], unit.previous
+            # Staging that reads slots an earlier round of this layer writes waits for its
+            # commit; with pulls, for every rank's (a barrier after this rank's commits).
+            earlier, prev, rounds = [], unit.previous, []
             while prev is not None:
+                rounds.append(prev)
                 if unit.plan.staging_reads & set(prev.plan.changed_local_slots):
                     earlier.append(prev)
                 prev = prev.previous
+            barrier = peers is not None and peers.active and needs_barrier([r.round_plan for r in rounds],
+                                                                           unit.round_plan)
+            if barrier:
+                earlier = rounds
             self._wait_for(lambda earlier=earlier, n=need[u], paced=paced:
                            all(e.committed for e in earlier) and pool.find(n) is not None
                            and (not self.pace_with_passes or self._boundaries > paced),
@@ -392,16 +420,17 @@ class AsyncExpertMover:
                 stream = torch.cuda.current_stream()
                 for ev in events:
                     stream.wait_event(ev)  # GPU order: those commits' copies before we read or overwrite
-            self._stage_unit(u, unit, agreement, rows, tags)
+            self._stage_unit(u, unit, agreement, rows, tags, peers, barrier)
 
-    def _stage_unit(self, u: int, unit: _Unit, agreement: Agreement, rows: list[int], tags) -> None:
+    def _stage_unit(self, u: int, unit: _Unit, agreement: Agreement, rows: list[int], tags,
+                    peers: PeerViews | None, barrier: bool) -> None:
         layer, weights = unit.move.layer, unit.move.weights
         staged = StagedRound(plan=unit.plan, new_map=unit.after, buffers=self._pool.buffers, rows=rows,
                              round_plan=unit.round_plan)
         time.sleep(0)  # yield the GIL: a serving thread waiting for it goes first
         try:
             stage_round(weights, staged, group=self.transfer_group, verify=self.verify,
-                        timeout_s=self.timeout_s, tags=tags, nccl=self._nccl)
+                        timeout_s=self.timeout_s, tags=tags, nccl=self._nccl, peers=peers, barrier=barrier)
             self.fault_hook("after_staging", self.rank, layer)
         except Exception as exc:  # this rank votes no; every rank then fails this unit
             staged.error = exc

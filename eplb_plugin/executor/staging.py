@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from eplb_plugin.errors import TransferError
 from eplb_plugin.executor.integrity import fingerprint
+from eplb_plugin.executor.peers import PeerViews
 from eplb_plugin.executor.plan import LayerTransferPlan, RankTransferPlan
 
 
@@ -185,6 +186,8 @@ def stage_round(
     timeout_s: float,
     tags: dict[tuple[bool, int], int],
     nccl: bool | None = None,
+    peers: PeerViews | None = None,
+    barrier: bool = False,
 ) -> None:
     """Fill the round's rows: staged local-copy sources, then P2P. Slots are only read.
 
@@ -195,16 +198,37 @@ def stage_round(
     posted in the caller's stream order and not waited for; with verify, staged.device_ok
     says whether the payloads match the senders' fingerprints. Gloo: waits for the
     transfers (with timeout_s) and checks on the host. tags: per (is_send, peer) message
-    counters for gloo, kept across rounds.
+    counters for gloo, kept across rounds. peers: experts from ``peers.peers`` are pulled by
+    this rank (``PeerViews.pull``, copy engines on CUDA) and not sent by them; the rest go by
+    P2P as above. barrier: first wait for every rank (a one-element all-reduce on group,
+    stream-ordered on NCCL), so that pulls see the peers' earlier commits (``needs_barrier``;
+    every rank passes the same value).
     """
     plan, bufs = staged.plan, staged.buffers
     base = staged.rows[0] if staged.rows else 0
     for src, row in staged.copy_rows.items():
         for t, buf in zip(weights, bufs):
             buf[row].copy_(t[src])
-    if group is None or (not plan.sends and not plan.recvs):
+    if group is None:
         return
+    nccl = nccl if nccl is not None else is_nccl(group)
     device, me = weights[0].device, plan.rank
+    if barrier:
+        x = torch.ones(1, dtype=torch.int32, device=device if nccl else "cpu")
+        dist.all_reduce(x, group=group)  # NCCL: the current stream waits; gloo: the host waits
+    pulled = peers.peers if peers is not None else frozenset()
+    if pulled:
+        positions = peers.positions(weights)
+        first_pull = {}
+        for j, v in enumerate(plan.recvs):
+            if v.peer in pulled:
+                first_pull.setdefault(v.peer, j)
+        for peer in sorted(first_pull):
+            for src, j, n in pair_runs(staged.round_plan, peer, me):
+                for pos, buf in zip(positions, bufs):
+                    peers.pull(buf[base + j : base + j + n], peer, pos, src, n)
+    if not any(s.peer not in pulled for s in plan.sends) and not any(v.peer not in pulled for v in plan.recvs):
+        return
     sent_fps = fingerprint(weights, [s.src_local_slot for s in plan.sends]) if verify else None
     if verify:
         staged.recv_fingerprints = torch.zeros(len(plan.recvs), dtype=torch.int64, device=device)
@@ -213,7 +237,7 @@ def stage_round(
     first_send = {}
     for i, s in enumerate(plan.sends):
         first_send.setdefault(s.peer, i)
-    for peer in sorted(first_send):
+    for peer in sorted(first_send.keys() - pulled):
         i = first_send[peer]  # my sends to one peer are consecutive, in pair_runs' order
         for src, _, n in pair_runs(staged.round_plan, me, peer):
             ops += [(True, _as_bytes(t[src : src + n]), peer) for t in weights]
@@ -223,12 +247,12 @@ def stage_round(
     first_recv = {}
     for j, v in enumerate(plan.recvs):
         first_recv.setdefault(v.peer, j)
-    for peer in sorted(first_recv):
+    for peer in sorted(first_recv.keys() - pulled):
         for _, j, n in pair_runs(staged.round_plan, peer, me):
             ops += [(False, _as_bytes(buf[base + j : base + j + n]), peer) for buf in bufs]
             if verify:
                 ops.append((False, recv_fps[j : j + n], peer))
-    if nccl if nccl is not None else is_nccl(group):
+    if nccl:
         p2p = [dist.P2POp(dist.isend if snd else dist.irecv, x, _peer(group, peer), group)
                for snd, x, peer in ops]
         staged.works = dist.batch_isend_irecv(p2p)

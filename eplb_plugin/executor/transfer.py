@@ -69,6 +69,7 @@ import torch.distributed as dist
 
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
+from eplb_plugin.executor.peers import PeerViews, needs_barrier, pulling
 from eplb_plugin.executor.plan import LayerMoveSchedule, RankTransferPlan
 from eplb_plugin.executor.staging import (
     Agreement,
@@ -244,6 +245,7 @@ def move_experts(
     pipeline: bool = False,
     staging: StagingPool | None = None,
     schedule: LayerMoveSchedule | None = None,
+    peers: PeerViews | None = None,
 ) -> MoveResult:
     """Move one layer's experts in place from the old map to the new one.
 
@@ -267,6 +269,8 @@ def move_experts(
     it must be made for these maps, ep_size, budget (``budget_bytes // expert_bytes``),
     gpus_per_node and pipeline (``pipeline and not verify``), else ConfigError names the
     mismatch. None: computed here.
+    peers: ``PeerViews.exchange`` of (at least) these tensors on group: experts from
+    same-host peers are pulled by copy engines instead of sent by NCCL (ignored with verify).
     Collective over group. Raises LayerMoveError (a TransferError) on any rank's failure,
     on every rank; the layer then holds ``err.live_physical_to_logical_map``. On return the
     last commit's copies are queued on the current stream (stream order covers later use).
@@ -342,6 +346,7 @@ def move_experts(
     _mark("preflight_done")
     tags: dict[tuple[bool, int], int] = {}
     posted: dict[int, StagedRound] = {}
+    pulls = None if verify else peers
 
     # Deferred votes (several rounds, one at a time): the host queues every round without
     # waiting for its vote; each round's commit runs on the device only if its agreed flag
@@ -359,15 +364,19 @@ def move_experts(
                              round_plan=round_plan)
         if k == 0 and early_error is not None:
             staged.error = early_error  # staged anyway (peers' P2P must match); votes no
-        try:
-            stage_round(weights, staged, group=group, verify=verify, timeout_s=timeout_s, tags=tags, nccl=nccl)
-            _mark(f"p2p_posted{k}")
-            hook("after_staging", rank, layer)
-        except Exception as exc:  # this rank votes no; every rank then raises
-            staged.error = exc
-        agreement.post(k + 1, staged.error is None,
-                       agreement.flags[k : k + 1] if defer and k > 0 else staged.device_ok,
-                       read=not defer or k == n - 1)  # deferred: the host reads only the last vote
+        barrier = pulls is not None and pulls.active and needs_barrier([schedule.plan(j) for j in range(k)],
+                                                                       round_plan)
+        with pulling(pulls, weights[0].device):  # the round's copies and its vote
+            try:
+                stage_round(weights, staged, group=group, verify=verify, timeout_s=timeout_s, tags=tags,
+                            nccl=nccl, peers=pulls, barrier=barrier)
+                _mark(f"p2p_posted{k}")
+                hook("after_staging", rank, layer)
+            except Exception as exc:  # this rank votes no; every rank then raises
+                staged.error = exc
+            agreement.post(k + 1, staged.error is None,
+                           agreement.flags[k : k + 1] if defer and k > 0 else staged.device_ok,
+                           read=not defer or k == n - 1)  # deferred: the host reads only the last vote
         _mark(f"posted{k}", agreement.stream if agreement.gpu and cur is not None else None)  # GPU: vote k done
         posted[k] = staged
         del staged  # this frame is in its error's traceback: no cycle holding the pool
