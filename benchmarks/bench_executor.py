@@ -339,7 +339,7 @@ def peer_views(args, layers) -> dict:
             if got.active:
                 views["ipc"] = got
             elif dist.get_rank() == 0:
-                print("ipc transport skipped: no CUDA IPC between these ranks", flush=True)
+                print(f"ipc transport skipped: {got.reason}", flush=True)
         else:
             raise SystemExit(f"--transports: unknown transport {transport!r}")
     return views

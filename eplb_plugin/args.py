@@ -27,6 +27,7 @@ DISPATCH_ALGORITHMS: tuple[str, ...] = get_args(DispatchAlgorithm)
 REPORT_MODES: tuple[str, ...] = get_args(BalancednessReportMode)
 # Recorder modes whose dump carries ``logical_count``, the input a rebalance needs.
 COUNTING_RECORDER_MODES = ("stat", "stat_approx")
+TRANSPORTS = ("nccl", "ipc", "auto")  # how the executor moves weights between ranks of one host
 
 
 def _flag(help_text: str, *, choices: tuple[str, ...] | None = None, sglang: bool = True, **kw: Any):
@@ -103,6 +104,13 @@ class EPLBArgs:
     eplb_non_blocking: bool = _flag(
         "Move weights in the background while serving; layers go live chunk by chunk.",
         default=False,
+        sglang=False,
+    )
+    eplb_transport: str = _flag(
+        "How ranks on one host move expert weights: nccl (P2P kernels), ipc (the receiver pulls "
+        "with copy engines through CUDA IPC, taking no SMs from serving), auto (ipc where possible).",
+        choices=TRANSPORTS,
+        default="auto",
         sglang=False,
     )
     eplb_verify_weights: bool = _flag(

@@ -41,7 +41,7 @@ import torch
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import balancedness, gpu_loads, placement_balancedness
 from eplb_plugin.comm import all_reduce_host, broadcast_host, group_info
-from eplb_plugin.errors import RebalanceError, TransferError
+from eplb_plugin.errors import ConfigError, RebalanceError, TransferError
 from eplb_plugin.location import ExpertLocation, equal_split_weights
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class EPLBManager:
         self.location = location
         self.recorder = recorder
         self.expert_weights = expert_weights
-        self.group, self.rank, _ = group_info(group)
+        self.group, self.rank, self._world = group_info(group)
         if rank != self.rank:
             raise ValueError(f"rank={rank} differs from this process's rank {self.rank} in the EP group")
         self.num_groups = num_groups
@@ -197,8 +197,9 @@ class EPLBManager:
             # manager at the same point of its start-up.
             self._async_mover = AsyncExpertMover(
                 group, budget_bytes=self._budget_bytes, gpus_per_node=self._gpus_per_node,
-                verify=args.eplb_verify_weights,
+                verify=args.eplb_verify_weights, transport=args.eplb_transport,
             )
+        self._peers = None  # PeerViews of every layer's weights (blocking moves), made at the first move
         if hasattr(recorder, "start_record") and not getattr(recorder, "recording", True):
             recorder.start_record()
 
@@ -428,6 +429,9 @@ class EPLBManager:
         the failed one (the caller adds the failed layer's live map)."""
         old_maps = [self.location.physical_to_logical_map[layer] for layer in layers]
         new_maps = [self._target.physical_to_logical_map[layer] for layer in layers]
+        extra = {}
+        if self._pull_peers() is not None:
+            extra["peers"] = self._peers
         try:
             results = self.layers_mover(
                 [(self.expert_weights[layer], old, new) for layer, old, new in zip(layers, old_maps, new_maps)],
@@ -436,6 +440,7 @@ class EPLBManager:
                 budget_bytes=self._budget_bytes,
                 gpus_per_node=self._gpus_per_node,
                 verify=self.args.eplb_verify_weights,
+                **extra,
             )
         except TransferError as exc:
             index = getattr(exc, "index", None)
@@ -448,6 +453,22 @@ class EPLBManager:
             live[layer] = new
             record.slots_moved += int((old != new).sum())
             record.bytes_moved += result.bytes_sent + result.bytes_received
+
+    def _pull_peers(self):
+        """Blocking moves with ``--eplb-transport`` ipc/auto: the peers' weights for pulls
+        (``PeerViews``, exchanged once over the EP group at the first move: collective, and
+        every rank moves at the same pass); None: NCCL P2P (or pulls impossible, with auto)."""
+        if self.args.eplb_transport == "nccl" or self.args.eplb_verify_weights or self._world == 1:
+            return None
+        if self._peers is None:
+            from eplb_plugin.executor import PeerViews
+
+            tensors = [t for weights in self.expert_weights for t in weights]  # dense layers: none
+            self._peers = PeerViews.exchange(tensors, self.group)
+            if self.args.eplb_transport == "ipc" and not self._peers.active:
+                raise ConfigError(f"--eplb-transport ipc is not possible here ({self._peers.reason}); "
+                                  f"use auto or nccl")
+        return self._peers if self._peers.active else None
 
     def _start_async_moves(self) -> None:
         from eplb_plugin.executor import LayerMove

@@ -176,6 +176,9 @@ def _worker(rank: int, world: int, port: int, weights_by_rank, maps) -> None:
     if rank == world - 1:
         _slow_commits()
     try:
+        # CPU weights cannot be pulled through CUDA IPC: every rank learns so, and why.
+        views = PeerViews.exchange([t for layer in weights_by_rank[rank] for t in layer], dist.group.WORLD)
+        assert not views.active and not views.peers and "not on CUDA" in views.reason
         peers = SharedPeerViews(rank, [[t for layer in w for t in layer] for w in weights_by_rank])
         _cases(rank, world, weights_by_rank[rank], maps, peers)
     finally:

@@ -234,8 +234,8 @@ class AsyncExpertMover:
             return
         self.peers = PeerViews.exchange(tensors, self.control_group)
         if self.transport == "ipc" and not self.peers.active:
-            raise ConfigError("transport='ipc' needs CUDA weights of ranks sharing a host and CUDA IPC "
-                              "(not expandable segments); use transport='auto' or 'nccl'")
+            raise ConfigError(f"transport='ipc' is not possible here ({self.peers.reason}); "
+                              f"use transport='auto' or 'nccl'")
 
     @property
     def done(self) -> bool:

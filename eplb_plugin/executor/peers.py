@@ -35,16 +35,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from eplb_plugin.args import TRANSPORTS
 from eplb_plugin.errors import ConfigError, TransferError
 from eplb_plugin.executor.plan import LayerTransferPlan
 
-TRANSPORTS = ("nccl", "ipc", "auto")
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the (unified) addresses
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1
 
 
 class _IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * 64)]
+    # Bytes, not c_char: a c_char array reads back only up to its first zero byte.
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]
 
 
 def _find_cudart() -> ctypes.CDLL:
@@ -80,6 +81,7 @@ class _Cuda:
 
     def check(self, err: int, what: str) -> None:
         if err:
+            self.rt.cudaGetLastError()  # clear it: torch would report it at its next launch
             raise TransferError(f"{what} failed: CUDA error {err} ({self.rt.cudaGetErrorString(err).decode()})")
 
     def allocation(self, address: int) -> tuple[int, int]:
@@ -100,7 +102,7 @@ class _Cuda:
         if handle not in self.opened:
             ptr = ctypes.c_void_p()
             h = _IpcHandle()
-            h.reserved = handle
+            h.reserved = (ctypes.c_ubyte * 64).from_buffer_copy(handle)
             self.check(self.rt.cudaIpcOpenMemHandle(ctypes.byref(ptr), h, _IPC_LAZY_ENABLE_PEER_ACCESS),
                        "cudaIpcOpenMemHandle")
             self.opened[handle] = ptr.value
@@ -133,13 +135,14 @@ class PeerViews:
     ``addresses[peer][i]`` is the peer's tensor i in this process (CUDA IPC); ``peers`` are
     the group ranks reached by pulls (mirrored: if r pulls from q then q pulls from r);
     ``active`` is the same on every rank: whether any rank pulls (rounds that need a
-    barrier post it on every rank then, see ``needs_barrier``)."""
+    barrier post it on every rank then, see ``needs_barrier``); ``reason``: why not, if not."""
 
     peers: frozenset[int]
     active: bool
     index: dict[int, int]
     addresses: dict[int, list[int]]
     slot_bytes: list[int]
+    reason: str = ""
 
     @classmethod
     def exchange(cls, tensors: Sequence[torch.Tensor], group: dist.ProcessGroup) -> PeerViews:
@@ -160,8 +163,8 @@ class PeerViews:
                     continue
                 base, _ = _cuda().allocation(t.data_ptr())
                 mine.append((_cuda().handle(base), t.data_ptr() - base))
-        except (TransferError, OSError) as exc:
-            error, mine = f"{type(exc).__name__}: {exc}", []
+        except Exception as exc:  # reported to every rank below (no rank may skip the collective)
+            error, mine = f"rank {rank}: {type(exc).__name__}: {exc}", []
         shapes = [(tuple(t.shape), str(t.dtype)) for t in tensors]
         info = (socket.gethostname(), error, shapes, mine)
         gathered: list = [None] * world
@@ -173,26 +176,24 @@ class PeerViews:
         host = gathered[rank][0]
         same = [r for r in range(world) if r != rank and gathered[r][0] == host]
         addresses: dict[int, list[int]] = {}
-        opened_ok = 1
-        if cuda and not any(g[1] for g in gathered):
+        hosts = [g[0] for g in gathered]
+        why = "" if cuda else "the weights are not on CUDA devices"
+        why = why or "; ".join(g[1] for g in gathered if g[1])
+        why = why or ("" if len(set(hosts)) < world else "no two ranks share a host")
+        if not why:
             try:
                 with torch.cuda.device(tensors[0].device):
                     for r in same:
                         addresses[r] = [_cuda().open(h) + off for h, off in gathered[r][3]]
-            except TransferError:
-                opened_ok, addresses = 0, {}
-        else:
-            opened_ok = 0
+            except Exception as exc:
+                why, addresses = f"rank {rank}: {type(exc).__name__}: {exc}", {}
         # Pull only if every rank could open its same-host peers' memory (mirrored sets).
-        flag = torch.tensor([opened_ok], dtype=torch.int32)
-        if dist.get_backend(group) == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-        hosts = [g[0] for g in gathered]
-        active = bool(int(flag.item())) and len(set(hosts)) < world  # some host has two ranks
-        peers = frozenset(same) if active else frozenset()
-        return cls(peers=peers, active=active, index={t.data_ptr(): i for i, t in enumerate(tensors)},
-                   addresses=addresses if peers else {}, slot_bytes=[_slot_bytes(t) for t in tensors])
+        reasons: list = [None] * world
+        dist.all_gather_object(reasons, why, group=group)
+        why = next((w for w in reasons if w), "")
+        peers = frozenset() if why else frozenset(same)
+        return cls(peers=peers, active=not why, index={t.data_ptr(): i for i, t in enumerate(tensors)},
+                   addresses=addresses if peers else {}, slot_bytes=[_slot_bytes(t) for t in tensors], reason=why)
 
     def positions(self, weights: Sequence[torch.Tensor]) -> list[int]:
         """Positions of one layer's tensors in the exchanged list; TransferError if absent."""
