@@ -232,8 +232,8 @@ def move_layers(
                 hook("before_transfer", rank, ids[i])
         except Exception as exc:
             staged.error = exc  # staged anyway (peers' P2P must match); votes no
-        barrier = peers is not None and peers.active and needs_barrier(
-            [scheds[i].plan(j) for j in range(k)], round_plan)
+        barrier = peers is not None and peers.active and (
+            u == 0 or needs_barrier([scheds[i].plan(j) for j in range(k)], round_plan))
         with pulling(peers, weights[0].device):  # the unit's copies and its vote
             try:
                 stage_round(weights, staged, group=group, verify=False, timeout_s=timeout_s, tags=tags, nccl=nccl,

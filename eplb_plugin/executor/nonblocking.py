@@ -224,6 +224,12 @@ class AsyncExpertMover:
         if not units:
             return
         self._exchange_peers([t for move in moves for t in move.weights])
+        self._start_event = None
+        if units[0].move.weights[0].is_cuda:
+            # The thread's stream starts after what the serving stream queued (the last run's
+            # commits): its sends and pulls read those slots.
+            self._start_event = torch.cuda.Event()
+            self._start_event.record()
         self._thread = threading.Thread(target=self._run, name="eplb-expert-mover", daemon=True)
         self._thread.start()
 
@@ -363,6 +369,7 @@ class AsyncExpertMover:
                     # it is reused by the next run instead of piling up per stream.
                     self._side = torch.cuda.Stream(first.device)
                 with torch.cuda.device(first.device), torch.cuda.stream(self._side):
+                    self._side.wait_event(self._start_event)
                     self._stage_all(first.device)
             else:
                 self._stage_all(first.device)
@@ -404,8 +411,8 @@ class AsyncExpertMover:
                 if unit.plan.staging_reads & set(prev.plan.changed_local_slots):
                     earlier.append(prev)
                 prev = prev.previous
-            barrier = peers is not None and peers.active and needs_barrier([r.round_plan for r in rounds],
-                                                                           unit.round_plan)
+            barrier = peers is not None and peers.active and (
+                u == 0 or needs_barrier([r.round_plan for r in rounds], unit.round_plan))
             if barrier:
                 earlier = rounds
             self._wait_for(lambda earlier=earlier, n=need[u], paced=paced:

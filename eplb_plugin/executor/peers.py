@@ -19,9 +19,11 @@ nothing for those experts: only receivers act.
 Safety: a pull reads slots of the sender's last committed map, like a send. Where a round
 reads a slot that an earlier round of the same layer wrote (on any rank), the receiver
 cannot know from its own stream that the peer's commit ran: ``stage_round`` then posts a
-barrier (a one-element all-reduce ordered after this rank's commits) before pulling. A peer
-writes the slots read by a round only when it commits that round or a later one, which
-happens after the round's vote, and every receiver's vote follows its pulls.
+barrier (a one-element all-reduce ordered after this rank's commits) before pulling. The
+first round of every call (or mover run) posts one too, for the commits of the call before,
+which may still be queued on a peer's stream. A peer writes the slots read by a round only
+when it commits that round or a later one, which happens after the round's vote, and every
+receiver's vote follows its pulls.
 """
 
 from __future__ import annotations

@@ -364,8 +364,8 @@ def move_experts(
                              round_plan=round_plan)
         if k == 0 and early_error is not None:
             staged.error = early_error  # staged anyway (peers' P2P must match); votes no
-        barrier = pulls is not None and pulls.active and needs_barrier([schedule.plan(j) for j in range(k)],
-                                                                       round_plan)
+        barrier = pulls is not None and pulls.active and (
+            k == 0 or needs_barrier([schedule.plan(j) for j in range(k)], round_plan))
         with pulling(pulls, weights[0].device):  # the round's copies and its vote
             try:
                 stage_round(weights, staged, group=group, verify=verify, timeout_s=timeout_s, tags=tags,
