@@ -64,7 +64,8 @@ class RebalanceRecord:
     """One rebalance, as logged and exported. Balancedness is mean/max GPU load.
 
     slots_moved counts slots of the whole EP group whose expert changed; bytes_moved is this
-    rank's P2P traffic (sent + received).
+    rank's traffic (sent + received); transport: how same-host ranks moved it, "ipc"
+    (copy-engine pulls) or "nccl" (P2P), None before a move.
     """
 
     index: int
@@ -81,6 +82,7 @@ class RebalanceRecord:
     end_pass: int | None = None
     skipped: str | None = None
     error: str | None = None
+    transport: str | None = None
 
 
 @dataclass
@@ -432,6 +434,7 @@ class EPLBManager:
         extra = {}
         if self._pull_peers() is not None:
             extra["peers"] = self._peers
+        self._record.transport = "ipc" if extra else "nccl"
         try:
             results = self.layers_mover(
                 [(self.expert_weights[layer], old, new) for layer, old, new in zip(layers, old_maps, new_maps)],
@@ -486,6 +489,7 @@ class EPLBManager:
             )
             for layer in self._pending_layers
         ])
+        self._record.transport = "ipc" if self._async_mover.pulls else "nccl"
 
     def _commit_async_chunk(self) -> None:
         """Non-blocking mode: commit what the background mover has staged, at this boundary."""

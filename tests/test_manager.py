@@ -211,6 +211,7 @@ def case_unverified_chunk_moves_layers_together_and_a_failed_layer_keeps_later_l
     assert host.serve(5000, start=300, until=lambda m: m.history[-1].end_pass is not None and len(m.history) > 1) == []
     record = host.manager.history[-1]
     assert record.error is None and record.slots_moved > 0 and record.bytes_moved > 0
+    assert record.transport == "nccl"  # --eplb-transport auto: CPU weights cannot be pulled
     assert weights_match(host.weights, host.manager.location, rank)
 
 
@@ -271,6 +272,7 @@ def case_non_blocking_moves_land_while_serving_and_go_live_at_pass_boundaries(ra
     assert errors == []
     finished = [r for r in host.manager.history if r.end_pass is not None]
     assert len(finished) >= 2 and finished[0].slots_moved > 0 and finished[0].bytes_moved > 0
+    assert all(r.transport == "nccl" for r in finished)
     assert weights_match(host.weights, host.manager.location, rank)
     assert torch.equal(host.recorder.physical_to_logical_map.cpu(), host.manager.location.physical_to_logical_map)
     host.manager.close()

@@ -244,6 +244,11 @@ class AsyncExpertMover:
                               f"use transport='auto' or 'nccl'")
 
     @property
+    def pulls(self) -> bool:
+        """Whether this run's same-host experts are pulled (copy engines) rather than sent."""
+        return self.peers is not None and self.peers.active and not self.verify
+
+    @property
     def done(self) -> bool:
         """True once every unit has committed (the same on every rank), or after a failure."""
         return self._failed or self._next_commit == len(self._units)

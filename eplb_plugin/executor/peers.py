@@ -71,11 +71,15 @@ class _Cuda:
 
     def __init__(self):
         self.rt = _find_cudart()
+        # The copies are queued by the mover's thread beside a serving thread: through PyDLL
+        # they keep the GIL (a cudaMemcpyAsync returns at once) instead of giving it up and
+        # waiting to take it back from the serving thread after every call.
+        self.queue = ctypes.PyDLL(self.rt._name)
         self.drv = ctypes.CDLL("libcuda.so.1")
         self.rt.cudaIpcGetMemHandle.argtypes = [ctypes.POINTER(_IpcHandle), ctypes.c_void_p]
         self.rt.cudaIpcOpenMemHandle.argtypes = [ctypes.POINTER(ctypes.c_void_p), _IpcHandle, ctypes.c_uint]
-        self.rt.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                                            ctypes.c_void_p]
+        self.queue.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                               ctypes.c_void_p]
         self.rt.cudaGetErrorString.restype = ctypes.c_char_p
         self.drv.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64),
                                                      ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
@@ -111,7 +115,7 @@ class _Cuda:
         return self.opened[handle]
 
     def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        self.check(self.rt.cudaMemcpyAsync(ctypes.c_void_p(dst), ctypes.c_void_p(src), nbytes, _MEMCPY_DEFAULT,
+        self.check(self.queue.cudaMemcpyAsync(ctypes.c_void_p(dst), ctypes.c_void_p(src), nbytes, _MEMCPY_DEFAULT,
                                            ctypes.c_void_p(stream)), "cudaMemcpyAsync")
 
 
