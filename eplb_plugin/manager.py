@@ -192,6 +192,9 @@ class EPLBManager:
         self._live_maps: dict[int, torch.Tensor] = {}
         self._old_rows: dict[int, torch.Tensor] = {}
         self._async_mover = None
+        if args.eplb_transport == "ipc" and not all(t.is_cuda for weights in expert_weights for t in weights):
+            raise ConfigError("--eplb-transport ipc pulls weights through CUDA IPC, but the expert weights are "
+                              "not all on CUDA devices; use auto or nccl")
         if args.eplb_non_blocking:
             from eplb_plugin.executor import AsyncExpertMover
 
@@ -394,7 +397,11 @@ class EPLBManager:
         self._old_rows = {layer: loc.physical_to_logical_map[layer].clone() for layer in record.layers}
         self._state = "moving"
         if self._async_mover is not None:
-            self._start_async_moves()
+            try:
+                self._start_async_moves()
+            except (ConfigError, TransferError) as exc:  # nothing moved: the old placement stays
+                self._fail(record, RebalanceError(f"rebalance {record.index}: the background move could not "
+                                                  f"start: {exc}"), exc)
         logger.info(
             "EPLB rebalance %d (%s): solver %.3f s, %d layers to move, balancedness %.4f -> %.4f predicted",
             record.index, record.trigger, record.solver_s, len(record.layers),
@@ -468,9 +475,10 @@ class EPLBManager:
 
             tensors = [t for weights in self.expert_weights for t in weights]  # dense layers: none
             self._peers = PeerViews.exchange(tensors, self.group)
-            if self.args.eplb_transport == "ipc" and not self._peers.active:
-                raise ConfigError(f"--eplb-transport ipc is not possible here ({self._peers.reason}); "
-                                  f"use auto or nccl")
+        if self.args.eplb_transport == "ipc" and not self._peers.active:
+            # Every rank learns it alike (the exchange agrees); the rebalance fails, nothing moved.
+            raise TransferError(f"--eplb-transport ipc is not possible here ({self._peers.reason}); "
+                                f"use auto or nccl")
         return self._peers if self._peers.active else None
 
     def _start_async_moves(self) -> None:

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.dispatch import ExpertDispatcher
-from eplb_plugin.errors import RebalanceError
+from eplb_plugin.errors import ConfigError, RebalanceError
 from eplb_plugin.executor import move_layers
 from eplb_plugin.location import ExpertLocation
 from eplb_plugin.manager import EPLBManager, _default_planner
@@ -293,6 +293,13 @@ def case_a_planner_past_its_timeout_fails_and_its_late_plan_is_dropped(rank, gro
     assert host.serve(5, start=5000) == []
     assert torch.equal(host.manager.location.physical_to_logical_map, before)
     assert weights_match(host.weights, host.manager.location, rank)
+
+
+def case_ipc_transport_is_refused_for_cpu_weights_at_start_up(rank, group):
+    with pytest.raises(ConfigError, match="--eplb-transport ipc.*not all on CUDA"):
+        Host(rank, group, _args(eplb_transport="ipc"))
+    with pytest.raises(ConfigError, match="--eplb-transport ipc.*not all on CUDA"):
+        Host(rank, group, _args(eplb_transport="ipc", eplb_non_blocking=True))
 
 
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
