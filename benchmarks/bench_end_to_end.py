@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dispatch", default="static,dynamic",
                    help="comma-separated --ep-dispatch-algorithm values, one EPLB run each (static is named 'eplb')")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run every pass eagerly on CUDA")
-    p.add_argument("--dispatch-backend", default="torch", choices=BACKENDS,
+    p.add_argument("--dispatch-backend", default="auto", choices=BACKENDS,
                    help="ExpertDispatcher backend (triton: dynamic dispatch as one kernel per layer)")
     p.add_argument("--non-blocking", action="store_true", help="EPLB runs move weights with --eplb-non-blocking")
     p.add_argument("--plan-in-process", action="store_true", help="EPLB runs plan with --eplb-plan-in-process")

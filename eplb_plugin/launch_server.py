@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="On CUDA, run passes eagerly (default: one CUDA graph per pass where the dispatch and exchange allow it).")
     g.add_argument("--moe-exchange", default=None, choices=EXCHANGES,
                    help="How tokens reach their experts' ranks (default: gather on cuda, alltoall on cpu).")
-    g.add_argument("--ep-dispatch-backend", default="torch", choices=BACKENDS,
-                   help="dynamic dispatch as torch ops, or as one Triton kernel per layer (auto: on CUDA).")
+    g.add_argument("--ep-dispatch-backend", default="auto", choices=BACKENDS,
+                   help="dynamic dispatch as one Triton kernel per layer (auto: on CUDA), or as torch ops.")
     g.add_argument("--threads-per-rank", type=int, default=None, help="CPU threads per rank (default: cores / ranks).")
     return parser
 

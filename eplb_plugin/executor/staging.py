@@ -6,8 +6,9 @@ Used by ``transfer.move_experts`` (blocking) and ``nonblocking.AsyncExpertMover`
   per move (or per mover run) and reused by every round: the extra memory is the pool, sized
   to the budget. A row given back with a CUDA event is reused only after that event.
 - ``stage_round``: local copies of overwritten sources into pool rows, then one
-  ``batch_isend_irecv`` (NCCL) with every tensor of every expert of the round; never writes
-  a slot. On NCCL nothing waits on the host.
+  ``batch_isend_irecv`` (NCCL) with every tensor of every expert of the round, or, from
+  same-host peers given ``PeerViews``, pulls by copy engines (peers.py); never writes a
+  slot. On NCCL nothing waits on the host.
 - ``Agreement``: one MIN all-reduce of an int32 flag per step ("every rank succeeded").
   Posting never blocks; ``result`` waits on the host with a timeout. On NCCL the all-reduce
   follows the round's P2P on the same communicator stream, so a flag of 1 on any rank means

@@ -10,6 +10,9 @@ Design (atomicity, memory, speed):
   2 x H200 (benchmarks/results/NVIDIA_H200/), pipelining lost: each round costs ~0.8 ms of
   host time (Python and torch.distributed calls) there, more than the overlap saves, so it
   is off by default.
+- Transport: NCCL P2P as below, or, given ``peers`` (``PeerViews``, peers.py), the receiver
+  pulls experts of same-host peers with copy engines on a copy stream (no SMs, no sender
+  work), at P2P speed or above on 2 x H200; votes and commits are the same either way.
 - Messages: one ``batch_isend_irecv`` per round; experts with consecutive source slots and
   receive rows travel as one message per tensor (NCCL costs tens of microseconds per
   message to a peer, whatever its size); commits copy such runs in one copy per tensor.

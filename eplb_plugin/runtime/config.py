@@ -119,8 +119,10 @@ class RuntimeConfig:
     and exchange allow it (``runtime/graphs.py``); False: eager.
     exchange: how tokens reach their experts' ranks, "gather" or "alltoall" (see
     ``runtime/moe.py``); None: gather on CUDA, alltoall on CPU.
-    dispatch_backend: ``ExpertDispatcher``'s backend: "torch", or "triton" / "auto" for the
-    one-kernel ``dynamic`` dispatch (``kernels/dynamic.py``).
+    dispatch_backend: ``ExpertDispatcher``'s backend: "auto" (the one-kernel ``dynamic``
+    dispatch of ``kernels/dynamic.py`` on CUDA, torch ops on CPU), "triton" or "torch".
+    Measured on 2 x H200 (EP2, 26 layers): the kernel takes dynamic dispatch from 32.6 to
+    28.0 ms per pass.
     profile_passes / profile_dir: rank 0 runs those passes of each run under torch.profiler
     and writes ``<run>_profile.txt`` (ops by device and host time, and the pass's host and
     device totals) into profile_dir.
@@ -140,7 +142,7 @@ class RuntimeConfig:
     capture_dir: str | None = None
     cuda_graph: bool = True
     exchange: str | None = None
-    dispatch_backend: str = "torch"
+    dispatch_backend: str = "auto"
     profile_passes: tuple[int, ...] = ()
     profile_dir: str | None = None
     result_path: str | None = None
