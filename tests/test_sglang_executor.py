@@ -74,9 +74,9 @@ def _worker(rank: int, port: int, errors) -> None:
 
 def test_executor_and_sglang_mover_produce_identical_weights():
     """Three pairs of maps (one with a hot expert twice on a rank), three tensors of three dtypes."""
-    import sglang.srt.eplb.expert_location_updater  # noqa: F401  imported once; forked ranks share it
-
-    ctx = mp.get_context("fork")  # fork: the ranks skip re-importing sglang (seconds each)
+    # spawn, not fork: forking a test process that other tests left with threads (SGLang's
+    # imports start some) could hang the ranks; each rank imports SGLang itself instead.
+    ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(free_port(), errors), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), errors), nprocs=WORLD, join=True, start_method="spawn")
     assert errors.empty(), errors.get()
