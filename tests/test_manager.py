@@ -42,14 +42,15 @@ def weights_match(weights, location: ExpertLocation, rank: int) -> bool:
     )
 
 
-def skewed_ids(pass_index: int, rank: int, hot: int) -> torch.Tensor:
-    """[TOKENS, L, k] logical ids: expert ``hot`` takes most tokens in every layer.
+def skewed_ids(pass_index: int, rank: int, hot: int | list[int]) -> torch.Tensor:
+    """[TOKENS, L, k] logical ids: expert ``hot`` (or ``hot[layer]``) takes most tokens of
+    every layer.
 
     Under the trivial placement (12 slots for 8 experts on 2 ranks) experts 0-3 have a
     replica on each rank and experts 4-7 one replica."""
     gen = torch.Generator().manual_seed(pass_index * 7 + rank)
     ids = torch.randint(0, NUM_EXPERTS, (TOKENS, NUM_LAYERS, TOP_K), generator=gen)
-    ids[: TOKENS * 3 // 4, :, 0] = hot
+    ids[: TOKENS * 3 // 4, :, 0] = torch.as_tensor(hot)
     return ids
 
 
@@ -233,11 +234,16 @@ def case_drift_trigger_replans_only_drifted_layers(rank, group):
                 check_every_passes=5)
     host.serve(5000, hot=5, until=lambda m: m.history and m.history[0].end_pass is not None)
     assert [r.trigger for r in host.manager.history] == ["interval"]
+    planned = host.manager.location.physical_to_logical_map.clone()
     host.manager.args = _args(eplb_rebalance_num_iterations=10_000, eplb_drift_threshold=0.9)
-    drift_done = lambda m: any(r.trigger == "drift" and r.end_pass is not None for r in m.history)  # noqa: E731
-    host.serve(5000, hot=4, start=5000, until=drift_done)  # the hot expert changes: the load drifts
-    assert drift_done(host.manager)
-    assert (host.manager.location.logical_replica_count[:, 4] > 1).all()
+    # The hot expert changes in layers 0 and 2 only: their loads drift, layer 1's does not.
+    replanned = lambda m: not m.busy and bool((m.location.logical_replica_count[[0, 2], 4] > 1).all())  # noqa: E731
+    host.serve(5000, hot=[4, 5, 4], start=5000, until=replanned)
+    assert replanned(host.manager)
+    drifts = [r for r in host.manager.history[1:] if r.trigger == "drift"]
+    assert drifts and len(drifts) == len(host.manager.history) - 1
+    assert all(r.layers and set(r.layers) <= {0, 2} for r in drifts), [r.layers for r in drifts]
+    assert torch.equal(host.manager.location.physical_to_logical_map[1], planned[1])
     assert weights_match(host.weights, host.manager.location, rank)
 
 
