@@ -169,7 +169,7 @@ class EPLBManager:
         if planner is None and getattr(args, "eplb_plan_in_process", False) and self.rank == 0:
             from eplb_plugin.planner_process import PlannerProcess
 
-            planner = self._planner_process = PlannerProcess()  # only rank 0 plans
+            planner = self._planner_process = PlannerProcess(self._algorithm)  # only rank 0 plans
         self.planner = planner or _default_planner
         self.layers_mover = layers_mover or _default_layers_mover
         self.clock = clock

@@ -3,9 +3,11 @@
 The manager plans in a background thread, but the policies are Python and NumPy: while one
 runs (0.05-0.25 s for DeepSeek-V3 sizes), the serving thread waits for the GIL at every
 switch interval (5 ms), and a step that needs the host during planning grows by that. A
-``PlannerProcess`` runs ``algorithms.plan`` in one worker process, spawned (and warmed up:
-it imports the policies) when the manager is built; the manager's planning thread then
-waits on the worker's result without holding the GIL.
+``PlannerProcess`` runs ``algorithms.plan`` in one worker process, spawned and warmed up
+(it imports the policies and plans a tiny placement) before the constructor returns, that
+is when the manager is built: a worker still starting (1-3 s where torch loads its CUDA
+libraries) would otherwise delay the first rebalance by that much, as measured on 2 x H200.
+The manager's planning thread then waits on the worker's result without holding the GIL.
 
 Inputs and outputs cross the process boundary as NumPy arrays (pickled by value). A worker
 that dies fails the attempt (the manager keeps the old placement) and is replaced for the
@@ -24,12 +26,20 @@ import torch
 from eplb_plugin.errors import RebalanceError
 
 
-def _warm_up() -> int:
+def _warm_up(algorithm: str) -> str | None:
+    """Import the policies and plan a tiny placement (first-call costs paid now); returns
+    why that plan failed, if it did (the worker is warm either way)."""
     import scipy.optimize  # noqa: F401
 
-    import eplb_plugin.algorithms  # noqa: F401
+    from eplb_plugin.algorithms import plan
 
-    return 0
+    counts = np.arange(1, 17, dtype=np.float64).reshape(2, 8)
+    try:
+        plan(counts, num_physical_experts=10, num_gpus=2, algorithm=algorithm,
+             previous=np.tile(np.arange(10) % 8, (2, 1)))
+    except Exception as exc:  # e.g. a policy that needs more layers or groups: imports are done
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _plan_arrays(counts: np.ndarray, previous: np.ndarray | None, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -47,15 +57,25 @@ def _plan_arrays(counts: np.ndarray, previous: np.ndarray | None, kwargs: dict[s
 
 
 class PlannerProcess:
-    """A callable with ``algorithms.plan``'s signature that plans in a worker process."""
+    """A callable with ``algorithms.plan``'s signature that plans in a worker process.
 
-    def __init__(self) -> None:
+    algorithm: the policy the warm-up plans with; start_timeout_s: how long the constructor
+    waits for the worker to start (RebalanceError past it, or if it dies). ``warm_up_error``:
+    why the warm-up's tiny plan failed (None: it planned), for the logs."""
+
+    def __init__(self, algorithm: str = "auto", start_timeout_s: float = 300.0) -> None:
+        self.algorithm, self.start_timeout_s = algorithm, start_timeout_s
+        self.warm_up_error: str | None = None
         self._pool = self._start()
 
-    @staticmethod
-    def _start() -> concurrent.futures.ProcessPoolExecutor:
+    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
         pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(_warm_up)  # the worker starts and imports now, not at the first rebalance
+        try:
+            self.warm_up_error = pool.submit(_warm_up, self.algorithm).result(timeout=self.start_timeout_s)
+        except Exception as exc:  # died, or still starting after start_timeout_s
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise RebalanceError(f"the planner process could not start (waited at most {self.start_timeout_s} s): "
+                                 f"{type(exc).__name__}: {exc}") from exc
         return pool
 
     def __call__(self, logical_count: Any, *, previous: Any = None, **kwargs: Any) -> Any:

@@ -14,7 +14,8 @@ def test_the_worker_plans_exactly_what_plan_returns():
     counts = torch.from_numpy(rng.zipf(1.5, (4, 16)).astype(np.float64))
     previous = torch.arange(20).remainder(16).repeat(4, 1)
     kwargs = dict(num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_equal")
-    planner = PlannerProcess()
+    planner = PlannerProcess("eplb_plugin_equal")
+    assert planner.warm_up_error is None  # the worker planned a tiny placement before returning
     try:
         got = planner(counts, previous=previous, **kwargs)
         weighted = planner(counts, **dict(kwargs, algorithm="eplb_plugin"))
@@ -27,3 +28,15 @@ def test_the_worker_plans_exactly_what_plan_returns():
     assert torch.equal(weighted.physical_to_logical_map, want_weighted.physical_to_logical_map)
     assert want_weighted.replica_weights is not None  # the weighted policy returns weights
     assert torch.equal(weighted.replica_weights, want_weighted.replica_weights)
+
+
+def test_a_warm_up_plan_that_fails_is_reported_and_the_worker_still_plans():
+    planner = PlannerProcess("no_such_policy")
+    try:
+        assert planner.warm_up_error is not None and "no_such_policy" in planner.warm_up_error
+        counts = torch.arange(1.0, 25.0).reshape(2, 12)
+        got = planner(counts, num_physical_experts=16, num_gpus=4, algorithm="eplb_plugin_equal")
+    finally:
+        planner.close()
+    want = plan(counts, num_physical_experts=16, num_gpus=4, algorithm="eplb_plugin_equal")
+    assert torch.equal(got.physical_to_logical_map, want.physical_to_logical_map)
