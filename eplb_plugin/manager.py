@@ -466,14 +466,16 @@ class EPLBManager:
 
     def _pull_peers(self):
         """Blocking moves with ``--eplb-transport`` ipc/auto: the peers' weights for pulls
-        (``PeerViews``, exchanged once over the EP group at the first move: collective, and
-        every rank moves at the same pass); None: NCCL P2P (or pulls impossible, with auto)."""
+        (``PeerViews``, exchanged over the EP group at the first move, and again if any rank's
+        weight tensors were reallocated since, e.g. by a weight reload; collective: every rank
+        moves at the same pass); None: NCCL P2P (or pulls impossible, with auto)."""
         if self.args.eplb_transport == "nccl" or self.args.eplb_verify_weights or self._world == 1:
             return None
-        if self._peers is None:
+        tensors = [t for weights in self.expert_weights for t in weights]  # dense layers: none
+        stale = self._peers is None or any(t.data_ptr() not in self._peers.index for t in tensors)
+        if all_reduce_host(torch.tensor([float(stale)]), self.group, op="max")[0] > 0:  # every rank alike
             from eplb_plugin.executor import PeerViews
 
-            tensors = [t for weights in self.expert_weights for t in weights]  # dense layers: none
             self._peers = PeerViews.exchange(tensors, self.group)
         if self.args.eplb_transport == "ipc" and not self._peers.active:
             # Every rank learns it alike (the exchange agrees); the rebalance fails, nothing moved.

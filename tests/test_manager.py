@@ -301,6 +301,29 @@ def case_a_planner_past_its_timeout_fails_and_its_late_plan_is_dropped(rank, gro
     assert weights_match(host.weights, host.manager.location, rank)
 
 
+def case_weights_reallocated_between_rebalances_are_exchanged_again(rank, group):
+    """--eplb-transport auto exchanges where the weights live at the first move, keeps that
+    while they stay, and exchanges again once they were reallocated (e.g. reloaded)."""
+    host = Host(rank, group, _args(eplb_verify_weights=False, eplb_rebalance_num_iterations=10_000))
+    host.serve(10)
+    host.manager.rebalance_now()
+    done = lambda n: lambda m: len([r for r in m.history if r.end_pass is not None]) >= n  # noqa: E731
+    assert host.serve(5000, start=10, until=done(1)) == []
+    first = host.manager._peers
+    assert first is not None and not first.active and "not on CUDA" in first.reason
+    host.manager.rebalance_now()
+    assert host.serve(5000, start=6000, hot=3, until=done(2)) == []
+    assert host.manager.history[1].transport == "nccl"  # it moved layers (through _pull_peers)
+    assert host.manager._peers is first  # same tensors: no new exchange
+    for layer in host.weights:  # reallocate every tensor in place in the list the manager holds
+        layer[:] = [t.clone() for t in layer]
+    host.manager.rebalance_now()
+    assert host.serve(5000, start=12000, hot=5, until=done(3)) == []
+    assert host.manager.history[2].transport == "nccl" and host.manager._peers is not first
+    assert set(host.manager._peers.index) == {t.data_ptr() for layer in host.weights for t in layer}
+    assert weights_match(host.weights, host.manager.location, rank)
+
+
 def case_ipc_transport_is_refused_for_cpu_weights_at_start_up(rank, group):
     with pytest.raises(ConfigError, match="--eplb-transport ipc.*not all on CUDA"):
         Host(rank, group, _args(eplb_transport="ipc"))
