@@ -112,7 +112,11 @@ class AsyncExpertMover:
     groups with ``dist.new_group``, which every rank of WORLD must call in the same order,
     and warms them up. One mover serves many rebalances: ``start`` again once ``done`` (or
     after a failure) and ``close``. transfer_max_ctas: cap on the CTAs (SMs) of the NCCL
-    transfer communicator (None: NCCL's default); poll_s: the thread's sleep between polls.
+    transfer communicator (None: NCCL's default); poll_s: the thread's longest sleep between
+    polls of an agreement (sleeps double up to it; each wake takes the GIL from a serving
+    thread: on CPU, a host-bound loop ran 1.114x slower polled every 0.1 ms, 1.019x every
+    2 ms, where two runs without the thread differ by 2%; ``benchmarks/results/
+    mover_polling_cpu.json``).
     pace_with_passes: the thread stages at most one unit per pass boundary, right after
     ``commit_ready`` returns (while the serving thread waits for its pass on the GPU), so
     its Python work rarely holds the GIL when the serving thread needs it (measured on
@@ -133,7 +137,7 @@ class AsyncExpertMover:
         timeout_s: float = 300.0,
         fault_hook: FaultHook | None = None,
         transfer_max_ctas: int | None = None,
-        poll_s: float = 1e-4,
+        poll_s: float = 2e-3,
         pace_with_passes: bool = False,
         transport: str = "nccl",
         peers: PeerViews | None = None,

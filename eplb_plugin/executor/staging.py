@@ -40,22 +40,29 @@ class Stopped(Exception):
     """A host wait was abandoned because the mover stopped (another failure is reported)."""
 
 
+FIRST_SLEEP_S = 1e-4  # a background wait's first sleep; it doubles up to its sleep_s
+
+
 def wait_event(event, timeout_s: float, what: str, *, sleep_s: float = 0.0,
                stop: Callable[[], bool] | None = None) -> None:
     """Poll a CUDA event until it completes; TransferError after timeout_s.
 
     sleep_s = 0 spins (yielding the GIL each poll): lowest latency, for blocking moves.
-    A background thread passes a small sleep so the serving thread keeps the GIL.
+    A background thread passes the longest sleep between polls: sleeps start at
+    FIRST_SLEEP_S and double up to it, so a short wait ends soon and a long one seldom takes
+    the GIL from the serving thread (each wake does; ``benchmarks/bench_mover_polling.py``).
     """
     if event.query():
         return
     deadline = time.monotonic() + timeout_s
+    sleep = min(FIRST_SLEEP_S, sleep_s)
     while not event.query():
         if stop is not None and stop():
             raise Stopped(what)
         if time.monotonic() > deadline:
             raise TransferError(f"waited {timeout_s} s for {what}")
-        time.sleep(sleep_s)
+        time.sleep(sleep)
+        sleep = min(2 * sleep, sleep_s)
 
 
 def is_nccl(group: dist.ProcessGroup | None) -> bool:
