@@ -20,12 +20,14 @@ Measures, in one run:
     variant, reused for a move there and back), committed at most one unit per step; host
     and GPU step times, and the move's duration.
 (2b) The same moves as a manager pays for them: schedules computed ahead (off the timed
-    path) and one staging pool made before (``moves_precomputed`` in the JSON).
+    path) and one staging pool made before (``moves_precomputed`` in the JSON), per
+    transport in --transports: NCCL P2P, and pulls by copy engines through CUDA IPC
+    (``executor/peers.py``).
 (4) Whole rebalance: --rebalance-layers layers of --experts swapped experts each, one
     move_experts call per layer back to back, timed end to end (per-call costs amortized as
     in a real rebalance step), per budget; ratio against the same per-layer P2P reference.
     Also one move_layers call for all layers (``whole_rebalance_move_layers``), its own pool
-    and schedules, or a shared pool and precomputed schedules.
+    and schedules, or a shared pool and precomputed schedules, per transport.
 Rank 0 prints a table and writes JSON under --out/<device>/.
 """
 

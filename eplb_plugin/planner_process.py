@@ -5,8 +5,9 @@ runs (0.05-0.25 s for DeepSeek-V3 sizes), the serving thread waits for the GIL a
 switch interval (5 ms), and a step that needs the host during planning grows by that. A
 ``PlannerProcess`` runs ``algorithms.plan`` in one worker process, spawned and warmed up
 (it imports the policies and plans a tiny placement) before the constructor returns, that
-is when the manager is built: a worker still starting (1-3 s where torch loads its CUDA
-libraries) would otherwise delay the first rebalance by that much, as measured on 2 x H200.
+is when the manager is built: a worker still starting (seconds where torch loads its CUDA
+libraries: about 4.8 s on a 2 x H200 machine) would otherwise delay the first rebalance by
+that much (measured there: it landed 30-40 passes late).
 The manager's planning thread then waits on the worker's result without holding the GIL.
 
 Inputs and outputs cross the process boundary as NumPy arrays (pickled by value). A worker
