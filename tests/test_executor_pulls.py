@@ -141,6 +141,7 @@ def _cases(rank: int, world: int, weights, maps, peers, transport: str = "nccl")
              else AsyncExpertMover(budget_bytes=EXPERT, timeout_s=TIMEOUT_S, transport=transport))
     with _P2PCounter() as p2p:
         mover.start(moves)
+        assert mover.pulls
         _serve(mover, moves, mine, 2)
         mover.close()
     assert mover.done and p2p.count == 0
