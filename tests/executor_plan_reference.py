@@ -26,13 +26,7 @@ def reference_plan_layer_transfer(
     ep_size: int,
     gpus_per_node: int | None = None,
 ) -> LayerTransferPlan:
-    """Plan one layer's move from the old map to the new one.
-
-    old_physical_to_logical_map, new_physical_to_logical_map: [P] integer, logical ids >= 0.
-    ep_size: ranks; P must divide evenly. gpus_per_node: ranks per node (node = rank //
-    gpus_per_node) for same-node-first sender choice; None = one node.
-    Raises PlacementError for malformed maps or a new expert absent from the old map.
-    """
+    """The previous ``plan.plan_layer_transfer`` (same contract, see its docstring)."""
     old, new = _check_maps(old_physical_to_logical_map, new_physical_to_logical_map, ep_size)
     num_local = len(old) // ep_size
     per_node = gpus_per_node or ep_size

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.executor import transfer
-from eplb_plugin.executor.peers import PeerViews, needs_barrier, pulling
+from eplb_plugin.executor.peers import PeerViews, barrier_needed, pulling
 from eplb_plugin.executor.plan import LayerMoveSchedule, RankTransferPlan
 from eplb_plugin.executor.staging import (
     Agreement,
@@ -232,8 +232,7 @@ def move_layers(
                 hook("before_transfer", rank, ids[i])
         except Exception as exc:
             staged.error = exc  # staged anyway (peers' P2P must match); votes no
-        barrier = peers is not None and peers.active and (
-            u == 0 or needs_barrier([scheds[i].plan(j) for j in range(k)], round_plan))
+        barrier = barrier_needed(peers, u == 0, [scheds[i].plan(j) for j in range(k)], round_plan)
         with pulling(peers, weights[0].device):  # the unit's copies and its vote
             try:
                 stage_round(weights, staged, group=group, verify=False, timeout_s=timeout_s, tags=tags, nccl=nccl,

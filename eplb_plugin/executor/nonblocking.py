@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
-from eplb_plugin.executor.peers import PeerViews, check_transport, needs_barrier
+from eplb_plugin.executor.peers import PeerViews, barrier_needed, check_transport
 from eplb_plugin.executor.plan import LayerMoveSchedule, LayerTransferPlan, RankTransferPlan
 from eplb_plugin.executor.staging import (
     Agreement,
@@ -420,8 +420,7 @@ class AsyncExpertMover:
                 if unit.plan.staging_reads & set(prev.plan.changed_local_slots):
                     earlier.append(prev)
                 prev = prev.previous
-            barrier = peers is not None and peers.active and (
-                u == 0 or needs_barrier([r.round_plan for r in rounds], unit.round_plan))
+            barrier = barrier_needed(peers, u == 0, [r.round_plan for r in rounds], unit.round_plan)
             if barrier:
                 earlier = rounds
             self._wait_for(lambda earlier=earlier, n=need[u], paced=paced:

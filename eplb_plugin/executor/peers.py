@@ -244,6 +244,15 @@ def needs_barrier(earlier: Sequence[LayerTransferPlan], plan: LayerTransferPlan)
     return False
 
 
+def barrier_needed(peers: PeerViews | None, first: bool, earlier: Sequence[LayerTransferPlan],
+                   plan: LayerTransferPlan) -> bool:
+    """Whether a round posts the pulls' barrier (``stage_round(barrier=...)``; the same answer
+    on every rank): only when some rank pulls, and then for the first round of a call or
+    mover run (the previous call's commits may still be queued on a peer's stream) or for a
+    round that ``needs_barrier`` after the earlier rounds of its layer."""
+    return peers is not None and peers.active and (first or needs_barrier(earlier, plan))
+
+
 @contextmanager
 def pulling(peers: PeerViews | None, device: torch.device):
     """Run a round's staging and its vote on the copy stream, after everything the current

@@ -227,11 +227,7 @@ def stage_round(
     pulled = peers.peers if peers is not None else frozenset()
     if pulled:
         positions = peers.positions(weights)
-        first_pull = {}
-        for j, v in enumerate(plan.recvs):
-            if v.peer in pulled:
-                first_pull.setdefault(v.peer, j)
-        for peer in sorted(first_pull):
+        for peer in sorted({v.peer for v in plan.recvs} & pulled):
             for src, j, n in pair_runs(staged.round_plan, peer, me):
                 for pos, buf in zip(positions, bufs):
                     peers.pull(buf[base + j : base + j + n], peer, pos, src, n)

@@ -72,7 +72,7 @@ import torch.distributed as dist
 
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
-from eplb_plugin.executor.peers import PeerViews, needs_barrier, pulling
+from eplb_plugin.executor.peers import PeerViews, barrier_needed, pulling
 from eplb_plugin.executor.plan import LayerMoveSchedule, RankTransferPlan
 from eplb_plugin.executor.staging import (
     Agreement,
@@ -367,8 +367,7 @@ def move_experts(
                              round_plan=round_plan)
         if k == 0 and early_error is not None:
             staged.error = early_error  # staged anyway (peers' P2P must match); votes no
-        barrier = pulls is not None and pulls.active and (
-            k == 0 or needs_barrier([schedule.plan(j) for j in range(k)], round_plan))
+        barrier = barrier_needed(pulls, k == 0, [schedule.plan(j) for j in range(k)], round_plan)
         with pulling(pulls, weights[0].device):  # the round's copies and its vote
             try:
                 stage_round(weights, staged, group=group, verify=verify, timeout_s=timeout_s, tags=tags,
