@@ -23,9 +23,14 @@ def group_info(group: Any) -> tuple[Any, int, int]:
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 
+def is_nccl(group: Any) -> bool:
+    """Whether the group's backend is NCCL (also within a combined "cpu:gloo,cuda:nccl")."""
+    return group is not None and "nccl" in str(dist.get_backend(group))
+
+
 def backend_device(group: Any) -> torch.device:
     """Where the group's collectives take tensors: the current CUDA device for NCCL, else CPU."""
-    if group is not None and dist.get_backend(group) == "nccl":
+    if is_nccl(group):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -77,8 +77,8 @@ class ExpertLocation:
         return self.physical_to_logical_map[:, self.local_slots(rank)]
 
     def equal_split_weights(self) -> torch.Tensor:
-        """[L, P] float32: 1 / replica count of each slot's expert."""
-        return equal_split_weights(self.physical_to_logical_map, self.num_logical_experts)
+        """[L, P] float32: 1 / replica count of each slot's expert (from the stored counts)."""
+        return 1.0 / torch.gather(self.logical_replica_count, 1, self.physical_to_logical_map).to(torch.float32)
 
     def effective_replica_weights(self) -> torch.Tensor:
         return self.replica_weights if self.replica_weights is not None else self.equal_split_weights()

@@ -150,7 +150,7 @@ class EPLBManager:
         self.location = location
         self.recorder = recorder
         self.expert_weights = expert_weights
-        self.group, self.rank, self._world = group_info(group)
+        self.group, self.rank, _ = group_info(group)
         if rank != self.rank:
             raise ValueError(f"rank={rank} differs from this process's rank {self.rank} in the EP group")
         self.num_groups = num_groups
@@ -166,7 +166,7 @@ class EPLBManager:
 
         self._algorithm = algorithm_for_dispatch(args.eplb_algorithm, args.ep_dispatch_algorithm)
         self._planner_process = None
-        if planner is None and getattr(args, "eplb_plan_in_process", False) and self.rank == 0:
+        if planner is None and args.eplb_plan_in_process and self.rank == 0:
             from eplb_plugin.planner_process import PlannerProcess
 
             planner = self._planner_process = PlannerProcess(self._algorithm)  # only rank 0 plans
@@ -204,7 +204,7 @@ class EPLBManager:
                 group, budget_bytes=self._budget_bytes, gpus_per_node=self._gpus_per_node,
                 verify=args.eplb_verify_weights, transport=args.eplb_transport,
             )
-        self._peers = None  # PeerViews of every layer's weights (blocking moves), made at the first move
+        self._peers = None  # PeerViews of every layer's weights (blocking moves), see _resolve_peers
         if hasattr(recorder, "start_record") and not getattr(recorder, "recording", True):
             recorder.start_record()
 
@@ -374,12 +374,12 @@ class EPLBManager:
         target_map = loc.physical_to_logical_map.clone()
         target_map[planned] = new_map[planned]
         target_weights = None
+        live_weights = loc.effective_replica_weights()
         if has_weights[0] or loc.replica_weights is not None:
-            target_weights = loc.effective_replica_weights().clone()
+            target_weights = live_weights.clone()
             target_weights[planned] = (weights if has_weights[0] else equal_split_weights(new_map, loc.num_logical_experts))[planned]
         # Layers whose map changes move weights; a change of replica weights alone goes live now.
         record.layers = [layer for layer in planned if not torch.equal(target_map[layer], loc.physical_to_logical_map[layer])]
-        live_weights = loc.effective_replica_weights()
         reweighted = [
             layer for layer in planned if layer not in record.layers and target_weights is not None
             and not torch.equal(target_weights[layer], live_weights[layer])
@@ -396,12 +396,13 @@ class EPLBManager:
         self._go_live({layer: target_map[layer] for layer in reweighted})
         self._old_rows = {layer: loc.physical_to_logical_map[layer].clone() for layer in record.layers}
         self._state = "moving"
-        if self._async_mover is not None:
-            try:
+        try:
+            if self._async_mover is not None:
                 self._start_async_moves()
-            except (ConfigError, TransferError) as exc:  # nothing moved: the old placement stays
-                self._fail(record, RebalanceError(f"rebalance {record.index}: the background move could not "
-                                                  f"start: {exc}"), exc)
+            else:
+                self._resolve_peers()
+        except (ConfigError, TransferError) as exc:  # nothing moved: the old placement stays
+            self._fail(record, RebalanceError(f"rebalance {record.index}: the move could not start: {exc}"), exc)
         logger.info(
             "EPLB rebalance %d (%s): solver %.3f s, %d layers to move, balancedness %.4f -> %.4f predicted",
             record.index, record.trigger, record.solver_s, len(record.layers),
@@ -422,8 +423,6 @@ class EPLBManager:
             self._move_layers(layers, live)
         except TransferError as exc:
             failed = getattr(exc, "layer", None)
-            if getattr(exc, "live_physical_to_logical_map", None) is not None:
-                live[failed] = exc.live_physical_to_logical_map
             self._go_live(live)
             record.stall_s += time.perf_counter() - start
             self._fail(record, RebalanceError(f"rebalance {record.index}: moving layer {failed} failed: {exc}"), exc)
@@ -435,13 +434,9 @@ class EPLBManager:
     def _move_layers(self, layers: list[int], live: dict[int, torch.Tensor]) -> None:
         """The chunk in one ``move_layers`` call: layer i's commit overlaps layer i+1's transfer.
         Fills ``live`` with the layers that moved; on LayerMoveError, with the layers before
-        the failed one (the caller adds the failed layer's live map)."""
+        the failed one and the failed layer's live map."""
         old_maps = [self.location.physical_to_logical_map[layer] for layer in layers]
         new_maps = [self._target.physical_to_logical_map[layer] for layer in layers]
-        extra = {}
-        if self._pull_peers() is not None:
-            extra["peers"] = self._peers
-        self._record.transport = "ipc" if extra else "nccl"
         try:
             results = self.layers_mover(
                 [(self.expert_weights[layer], old, new) for layer, old, new in zip(layers, old_maps, new_maps)],
@@ -450,13 +445,14 @@ class EPLBManager:
                 budget_bytes=self._budget_bytes,
                 gpus_per_node=self._gpus_per_node,
                 verify=self.args.eplb_verify_weights,
-                **extra,
+                peers=self._peers if self._record.transport == "ipc" else None,
             )
         except TransferError as exc:
             index = getattr(exc, "index", None)
             if index is not None:
                 for layer, new in zip(layers[:index], new_maps[:index]):
                     live[layer] = new
+                live[layers[index]] = exc.live_physical_to_logical_map
             raise
         record = self._record
         for layer, old, new, result in zip(layers, old_maps, new_maps, results):
@@ -464,24 +460,19 @@ class EPLBManager:
             record.slots_moved += int((old != new).sum())
             record.bytes_moved += result.bytes_sent + result.bytes_received
 
-    def _pull_peers(self):
-        """Blocking moves with ``--eplb-transport`` ipc/auto: the peers' weights for pulls
-        (``PeerViews``, exchanged over the EP group at the first move, and again if any rank's
-        weight tensors were reallocated since, e.g. by a weight reload; collective: every rank
-        moves at the same pass); None: NCCL P2P (or pulls impossible, with auto)."""
-        if self.args.eplb_transport == "nccl" or self.args.eplb_verify_weights or self._world == 1:
-            return None
-        tensors = [t for weights in self.expert_weights for t in weights]  # dense layers: none
-        stale = self._peers is None or any(t.data_ptr() not in self._peers.index for t in tensors)
-        if all_reduce_host(torch.tensor([float(stale)]), self.group, op="max")[0] > 0:  # every rank alike
-            from eplb_plugin.executor import PeerViews
+    def _resolve_peers(self) -> None:
+        """Blocking moves: how this rebalance's layers travel between same-host ranks
+        (``--eplb-transport``; ``record.transport``). The peers' weights for pulls are
+        exchanged at the first rebalance and again when any rank's weight tensors were
+        reallocated since (e.g. by a weight reload); collective over the EP group, at the same
+        pass on every rank. ConfigError where ipc was asked for and is impossible."""
+        from eplb_plugin.executor.peers import resolve_peers
 
-            self._peers = PeerViews.exchange(tensors, self.group)
-        if self.args.eplb_transport == "ipc" and not self._peers.active:
-            # Every rank learns it alike (the exchange agrees); the rebalance fails, nothing moved.
-            raise TransferError(f"--eplb-transport ipc is not possible here ({self._peers.reason}); "
-                                f"use auto or nccl")
-        return self._peers if self._peers.active else None
+        transport = "nccl" if self.args.eplb_verify_weights else self.args.eplb_transport
+        tensors = [t for weights in self.expert_weights for t in weights]  # dense layers: none
+        peers = resolve_peers(transport, tensors, self.group, known=self._peers)
+        self._peers = peers or self._peers
+        self._record.transport = "ipc" if peers is not None and peers.active else "nccl"
 
     def _start_async_moves(self) -> None:
         from eplb_plugin.executor import LayerMove

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
-from eplb_plugin.executor.peers import PeerViews, barrier_needed, check_transport
+from eplb_plugin.executor.peers import PeerViews, barrier_needed, check_transport, resolve_peers
 from eplb_plugin.executor.plan import LayerMoveSchedule, LayerTransferPlan, RankTransferPlan
 from eplb_plugin.executor.staging import (
     Agreement,
@@ -227,7 +227,11 @@ class AsyncExpertMover:
         self._reset(units)
         if not units:
             return
-        self._exchange_peers([t for move in moves for t in move.weights])
+        if not self._fixed_peers and not self.verify and self.control_group is not None:
+            # Collective over the control group: the serving thread, at the same pass boundary
+            # on every rank.
+            self.peers = resolve_peers(self.transport, [t for move in moves for t in move.weights],
+                                       self.control_group, known=self.peers)
         self._start_event = None
         if units[0].move.weights[0].is_cuda:
             # The thread's stream starts after what the serving stream queued (the last run's
@@ -236,16 +240,6 @@ class AsyncExpertMover:
             self._start_event.record()
         self._thread = threading.Thread(target=self._run, name="eplb-expert-mover", daemon=True)
         self._thread.start()
-
-    def _exchange_peers(self, tensors: list[torch.Tensor]) -> None:
-        """Where the peers' tensors are, for pulls (collective over the control group; the
-        serving thread, at the same pass boundary on every rank). Kept while the tensors are."""
-        if self._fixed_peers or self.transport == "nccl" or self.verify or self.control_group is None:
-            return
-        self.peers = PeerViews.exchange(tensors, self.control_group)
-        if self.transport == "ipc" and not self.peers.active:
-            raise ConfigError(f"transport='ipc' is not possible here ({self.peers.reason}); "
-                              f"use transport='auto' or 'nccl'")
 
     @property
     def pulls(self) -> bool:

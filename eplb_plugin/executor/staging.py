@@ -30,6 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from eplb_plugin.comm import is_nccl
 from eplb_plugin.errors import TransferError
 from eplb_plugin.executor.integrity import fingerprint
 from eplb_plugin.executor.peers import PeerViews
@@ -63,10 +64,6 @@ def wait_event(event, timeout_s: float, what: str, *, sleep_s: float = 0.0,
             raise TransferError(f"waited {timeout_s} s for {what}")
         time.sleep(sleep)
         sleep = min(2 * sleep, sleep_s)
-
-
-def is_nccl(group: dist.ProcessGroup | None) -> bool:
-    return group is not None and "nccl" in str(dist.get_backend(group))
 
 
 class StagingPool:
