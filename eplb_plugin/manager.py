@@ -392,8 +392,13 @@ class EPLBManager:
             self._counts, target_map, loc.ep_size, target_weights
         )
         self._planned_on = self._counts
-        self._pending_layers = list(record.layers)
-        self._go_live({layer: target_map[layer] for layer in reweighted})
+        # Layers without routed experts (dense layers: no weight tensors) move nothing: their
+        # new map goes live now, with the reweighted ones.
+        weightless = [layer for layer in record.layers if not self.expert_weights[layer]]
+        self._pending_layers = [layer for layer in record.layers if self.expert_weights[layer]]
+        record.slots_moved += sum(int((target_map[layer] != loc.physical_to_logical_map[layer]).sum())
+                                  for layer in weightless)
+        self._go_live({layer: target_map[layer] for layer in reweighted + weightless})
         self._old_rows = {layer: loc.physical_to_logical_map[layer].clone() for layer in record.layers}
         self._state = "moving"
         try:

@@ -324,6 +324,20 @@ def case_weights_reallocated_between_rebalances_are_exchanged_again(rank, group)
     assert weights_match(host.weights, host.manager.location, rank)
 
 
+def case_layers_without_weights_go_live_without_a_move(rank, group):
+    """A dense layer (no routed experts: no weight tensors, as the SGLang adapter passes it)
+    whose map the plan changes goes live at once; the other layers move, blocking or not."""
+    for non_blocking in (False, True):
+        host = Host(rank, group, _args(eplb_non_blocking=non_blocking, eplb_verify_weights=False))
+        host.weights[0] = []  # the list the manager holds
+        assert host.serve(5000, until=lambda m: m.history and m.history[0].end_pass is not None) == []
+        record, loc = host.manager.history[0], host.manager.location
+        assert record.error is None and 0 in record.layers and record.slots_moved > 0
+        want = expert_weights(loc, rank)
+        assert all(torch.equal(w, e) for got, exp in zip(host.weights[1:], want[1:]) for w, e in zip(got, exp))
+        host.manager.close()
+
+
 def case_ipc_transport_is_refused_for_cpu_weights_at_start_up(rank, group):
     with pytest.raises(ConfigError, match="--eplb-transport ipc.*not all on CUDA"):
         Host(rank, group, _args(eplb_transport="ipc"))

@@ -12,7 +12,8 @@ elastic-EP scaling. The project's ``EPLBManager`` is built at the first
 ``on_forward_pass_end()`` (the model exists then) with:
 
 - expert weights: the model's ``routed_experts_weights_of_layer`` (layer id -> tensors whose
-  dim 0 is the local slot); layers without routed experts (dense layers) never move;
+  dim 0 is the local slot); layers without routed experts (dense layers) have none, and the
+  manager makes their new maps live without a move;
 - the recorder SGLang holds (the project's, built by the ``init_new`` hook);
 - the placement of SGLang's global ``ExpertLocationMetadata``; each time layers go live, that
   metadata is updated in place for those layers (as SGLang's updater does), so dispatch uses
@@ -177,7 +178,6 @@ class SGLangEPLBManager:
             num_groups=getattr(layout, "num_groups", None),
             metrics=_metrics(args, self._rank),
             on_location_change=self._publish_location,
-            layers_mover=self._move_layers,
         )
         logger.info(
             "%s manager built: %d layers (%d with routed experts), %d slots over %d ranks, "
@@ -185,27 +185,6 @@ class SGLangEPLBManager:
             location.num_physical_experts, location.ep_size, args.eplb_rebalance_num_iterations,
         )
         return manager
-
-    def _move_layers(self, layers: list[tuple[Any, torch.Tensor, torch.Tensor]], group: Any = None, *,
-                     layer_ids: list[int], **kwargs: Any) -> list[Any]:
-        """A chunk through ``executor.move_layers``, pipelined across its layers; layers
-        without routed experts (dense layers) move nothing. A ``LayerMoveError``'s index is
-        given in the chunk's positions, as the manager reads it."""
-        from eplb_plugin.executor import LayerMoveError, MoveResult, move_layers
-
-        keep = [i for i, layer in enumerate(layer_ids) if layer in self._weights_of_layer]
-        nothing = MoveResult.from_plans([], expert_bytes=0, seconds=0.0, peak_staging_bytes=0)
-        results: list[Any] = [nothing for _ in layers]
-        if not keep:
-            return results
-        try:
-            moved = move_layers([layers[i] for i in keep], group, layer_ids=[layer_ids[i] for i in keep], **kwargs)
-        except LayerMoveError as exc:
-            exc.index = keep[exc.index]
-            raise
-        for i, result in zip(keep, moved):
-            results[i] = result
-        return results
 
     def _publish_location(self, location: Any) -> None:
         """Make SGLang's global metadata (dispatch tables included) follow the live placement."""
