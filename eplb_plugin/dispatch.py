@@ -93,8 +93,8 @@ class ExpertDispatcher:
         if not 0 <= rank < location.ep_size:
             raise ConfigError(f"rank {rank} is outside [0, ep_size={location.ep_size})")
         self.algorithm = algorithm
-        self.backend = backend
         self.rank = rank
+        self.num_gpus_per_node = num_gpus_per_node
         self.location = location
         self.device = torch.device(device)
         self.generator = generator
@@ -124,13 +124,13 @@ class ExpertDispatcher:
             size = scratch_numel(*self.logical_to_physical_map.shape[1:])
             self._scratch = torch.empty(size, dtype=torch.float32, device=self.device)
 
-    def update_(self, location: ExpertLocation, *, num_gpus_per_node: int | None = None) -> bool:
+    def update_(self, location: ExpertLocation) -> bool:
         """Take ``location``'s tables into this dispatcher's tensors, in place (so a CUDA
         graph that captured ``dispatch`` keeps reading the live tables). Stream-ordered:
         dispatches queued later see the new tables. Returns False, changing nothing, when
         the shapes differ (another slot count or replica width)."""
         fresh = ExpertDispatcher(location, rank=self.rank, algorithm=self.algorithm,
-                                 num_gpus_per_node=num_gpus_per_node, device=self.device)  # torch tables only
+                                 num_gpus_per_node=self.num_gpus_per_node, device=self.device)  # torch tables only
         pairs = [(self.static_table, fresh.static_table),
                  (self.logical_to_physical_map, fresh.logical_to_physical_map),
                  (self.replica_count, fresh.replica_count), (self.replica_shares, fresh.replica_shares),

@@ -40,7 +40,12 @@ from eplb_plugin.recorder import create_recorder
 from eplb_plugin.runtime.config import RunSpec, RuntimeConfig
 from eplb_plugin.runtime.graphs import PassGraph, capture_agreed
 from eplb_plugin.runtime.http import Command, ControlChannel, Reply
-from eplb_plugin.runtime.moe import default_exchange, ep_moe_forward, rms_normalize
+from eplb_plugin.runtime.moe import (
+    default_exchange,
+    ep_moe_forward,
+    grouped_mm_available,
+    rms_normalize,
+)
 from eplb_plugin.runtime.profiling import profile_pass
 from eplb_plugin.runtime.results import RSS_EVERY_PASSES, as_dict, resident_mb, summarize
 from eplb_plugin.runtime.weights import FFNShape, build_rank_weights, verify_rank_weights
@@ -143,14 +148,10 @@ class RankEngine:
             max_tokens_per_pass=self.tokens.stop - self.tokens.start,
         )
 
-    @property
-    def _gpus_per_node(self) -> int:
-        return self.world_size // self.run_spec.eplb.nnodes
-
     def _make_dispatcher(self, location: ExpertLocation) -> ExpertDispatcher:
         return ExpertDispatcher(
             location, rank=self.rank, algorithm=self.dispatch_algorithm,
-            num_gpus_per_node=self._gpus_per_node, device=self.device,
+            num_gpus_per_node=self.world_size // self.run_spec.eplb.nnodes, device=self.device,
             generator=torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.rank),
             backend=self.cfg.dispatch_backend,
         )
@@ -160,7 +161,7 @@ class RankEngine:
         self.location = location
         # A captured pass reads the dispatcher's tables: the new ones go into the same
         # memory (stream-ordered before the next replay), so the graph stays valid.
-        if self._graph is not None and self.dispatcher.update_(location, num_gpus_per_node=self._gpus_per_node):
+        if self._graph is not None and self.dispatcher.update_(location):
             return
         self._graph = None  # capture again at the next pass (if passes run as graphs)
         self.dispatcher = self._make_dispatcher(location)
@@ -168,11 +169,13 @@ class RankEngine:
     # ------------------------------------------------------------------ one pass
 
     def inputs(self, pass_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's share of pass ``pass_id``: (hidden [t, H], topk_ids [t, L, k] logical,
-        topk_weights [t, L, k]) on the device. Not part of the MoE step's time."""
+        """This rank's share of pass ``pass_id``: (hidden [t, H], topk_ids [L, t, k] logical,
+        topk_weights [L, t, k]) on the device, layer-major and contiguous so that each layer's
+        [t, k] slice is contiguous (no per-layer copies inside the pass). Not part of the MoE
+        step's time."""
         batch = self.workload.batch(pass_id)
-        ids = batch.topk_ids[self.tokens].to(self.device)
-        topk_weights = batch.topk_weights[self.tokens].to(self.device)
+        ids = batch.topk_ids[self.tokens].to(self.device).transpose(0, 1).contiguous()
+        topk_weights = batch.topk_weights[self.tokens].to(self.device).transpose(0, 1).contiguous()
         h = make_hidden(pass_id, self.cfg.batch_tokens, self.model.hidden_size, seed=self.cfg.seed,
                         dtype=self.cfg.torch_dtype, device=self.device)[self.tokens]
         return h, ids, topk_weights
@@ -200,7 +203,7 @@ class RankEngine:
         for layer in range(self.model.num_layers):
             with self.recorder.with_current_layer(layer):
                 res = ep_moe_forward(
-                    rms_normalize(h), ids[:, layer], topk_weights[:, layer], layer=layer,
+                    rms_normalize(h), ids[layer], topk_weights[layer], layer=layer,
                     dispatcher=self.dispatcher, weights=self.weights[layer], recorder=self.recorder,
                     group=self.group, world_size=self.world_size, rank=self.rank,
                     tokens_per_rank=self.tokens_per_rank, exchange=self.exchange,
@@ -214,10 +217,13 @@ class RankEngine:
         """Whether passes run as a CUDA graph: CUDA, asked for, the gather exchange (fixed
         shapes; alltoall reads split sizes on the host), a dispatch made of device ops
         on tables (static, weighted, dynamic; ``random`` draws from a host-seeded generator),
-        and a recorder mode whose hooks only count (per_token also copies ids per pass)."""
+        a recorder mode whose hooks only count (per_token also copies ids per pass), and the
+        grouped-GEMM expert path (else the experts read the slot ends on the host, which a
+        capture cannot do)."""
         mode = self.run_spec.eplb.expert_distribution_recorder_mode
         return (self.device.type == "cuda" and self.cfg.cuda_graph and self.exchange == "gather"
-                and self.dispatch_algorithm != "random" and mode != "per_token")
+                and self.dispatch_algorithm != "random" and mode != "per_token"
+                and grouped_mm_available(self.cfg.torch_dtype, self.device))
 
     def _ensure_graph(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
         """Capture the pass if it should run as a graph and none is live (collective).
@@ -227,8 +233,7 @@ class RankEngine:
         start = time.perf_counter()
         body = lambda h, ids, w: self._layers(h, ids, w)[:2]  # noqa: E731
         with self.recorder.counts_discarded():  # the warm-up passes are not traffic
-            self._graph = capture_agreed(body, inputs, group=self.group, world_size=self.world_size,
-                                         device=self.device)
+            self._graph = capture_agreed(body, inputs, group=self.group)
         self._graph_wanted = self._graph is not None  # a failed capture is not retried
         self.graph_captures += 1
         return time.perf_counter() - start
@@ -237,14 +242,14 @@ class RankEngine:
         """Wait until this rank's GPU is idle and every rank got here (collective), so that a
         pass's step time measures the pass, not how much later another rank started it
         (preparing a pass's inputs takes each rank a different host time)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         if self.world_size > 1:
             import torch.distributed as dist
 
+            # On NCCL the all-reduce runs after this rank's queued work, and completes once
+            # every rank's did: the synchronize below then covers both waits.
             dist.all_reduce(self._align_token, group=self.group)  # returns once every rank sent
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _pass_stats(self, command: int, received: torch.Tensor, step_s: float, compute_s: float) -> torch.Tensor:
         """One SUM all-reduce (collective): [1 + L * P + 2W] float64 -> the same, summed."""

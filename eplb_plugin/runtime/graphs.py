@@ -16,7 +16,7 @@ tables, so the whole pass can be captured:
   rank at the same pass: the capture runs collectives);
 - the recorder's count kernels are captured (the recorder counts while a capture is
   under way) and add to its per-pass buffer on each replay, as in SGLang;
-- capture is agreed on by every rank (a MIN all-reduce of a success flag): if any rank
+- capture is agreed on by every rank (a MAX all-reduce of a failure flag): if any rank
   cannot capture, every rank runs eagerly, so the collectives stay matched.
 """
 
@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from eplb_plugin.comm import all_reduce_host
+
 logger = logging.getLogger(__name__)
 
 WARMUP_PASSES = 2  # eager passes on a side stream before capture (allocator, cuBLAS, NCCL)
@@ -37,7 +39,7 @@ Layers = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 class PassGraph:
     """One captured pass: ``replay(h, ids, weights) -> (h_out, received)``.
 
-    layers: the eager pass body, ``(h [t, H], ids [t, L, k], weights [t, L, k]) ->
+    layers: the eager pass body, ``(h [t, H], ids [L, t, k], weights [L, t, k]) ->
     (h_out [t, H], received [L, S])``; it must not read device values on the host.
     """
 
@@ -60,19 +62,13 @@ class PassGraph:
         return self.outputs
 
 
-def capture_agreed(layers: Layers, inputs: tuple[torch.Tensor, ...], *, group: Any, world_size: int,
-                   device: torch.device) -> PassGraph | None:
-    """Capture on every rank, or on none (collective): None if any rank failed."""
+def capture_agreed(layers: Layers, inputs: tuple[torch.Tensor, ...], *, group: Any) -> PassGraph | None:
+    """Capture on every rank of ``group``, or on none (collective): None if any rank failed."""
     graph: PassGraph | None = None
     try:
         graph = PassGraph(layers, inputs)
     except Exception as exc:  # e.g. an op that reads a device value on the host
         logger.warning("CUDA graph capture failed, running eagerly: %s: %s", type(exc).__name__, exc)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        ok = torch.tensor([1 if graph is not None else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-        if not int(ok):
-            graph = None
+    if all_reduce_host(torch.tensor([0 if graph is not None else 1]), group, op="max")[0] > 0:
+        graph = None
     return graph

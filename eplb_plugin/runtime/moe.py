@@ -68,14 +68,20 @@ _GROUPED_MM_DTYPES = (torch.bfloat16,)
 _grouped_mm_broken: str | None = None  # why the grouped GEMM was given up, once it failed
 
 
+def grouped_mm_available(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``_sorted_ffn`` of ``dtype`` rows on ``device`` takes the grouped GEMMs (the slot
+    ends stay on the GPU), rather than the per-slot loop that reads them on the host."""
+    return (not _grouped_mm_broken and device.type == "cuda" and dtype in _GROUPED_MM_DTYPES
+            and hasattr(torch, "_grouped_mm"))
+
+
 def _grouped_ffn(grouped: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
     """All slots' FFNs as two grouped GEMMs (``torch._grouped_mm``, CUDA bf16 on Hopper), the
     way fused-MoE kernels run them: the cost follows the rows, not a launch per slot, and the
     group ends stay on the GPU. ends: [S] int end row of each slot's group; rows past the
     last end are not computed (their output rows are undefined). None where unavailable."""
     global _grouped_mm_broken
-    if (_grouped_mm_broken or not grouped.is_cuda or grouped.dtype not in _GROUPED_MM_DTYPES
-            or not hasattr(torch, "_grouped_mm")):
+    if not grouped_mm_available(grouped.dtype, grouped.device):
         return None
     offsets = ends.to(torch.int32)
     try:
@@ -280,6 +286,7 @@ def _forward_alltoall(hidden: torch.Tensor, physical: torch.Tensor, topk_weights
         start = time.thread_time()
         pair_out, recv_counts = run_local_experts(hidden[token_of_pair], slots % num_slots, w13, w2)
         compute_s = time.thread_time() - start if cpu_clock else 0.0
+        rows = valid  # pair_out[i] is pair valid[i]'s output
     else:
         import torch.distributed as dist
 
@@ -302,13 +309,13 @@ def _forward_alltoall(hidden: torch.Tensor, physical: torch.Tensor, topk_weights
         start = time.thread_time()
         recv_out, recv_counts = run_local_experts(recv_x, recv_slot, w13, w2)
         compute_s = time.thread_time() - start if cpu_clock else 0.0
-        sorted_out = _exchange(recv_out, recv_splits, send_splits, group)
-        pair_out = sorted_out.index_select(0, _inverse(order))
+        pair_out = _exchange(recv_out, recv_splits, send_splits, group)  # in send order
+        rows = valid[order]  # pair_out[i] is pair valid[order[i]]'s output: scattered there once
     # Combine in pair order (token-major), the same order as the dense reference: each pair
-    # lands in its own row of a [T * k, H] buffer (padded choices stay zero), then each
-    # token sums its k rows in choice order.
-    pair_weights = topk_weights.reshape(-1)[valid].to(pair_out.dtype).unsqueeze(1)
+    # lands in its own (token, choice) row of a [T * k, H] buffer (padded choices stay zero),
+    # then each token sums its k rows in choice order.
+    pair_weights = topk_weights.reshape(-1)[rows].to(pair_out.dtype).unsqueeze(1)
     per_choice = hidden.new_zeros(num_tokens * top_k, hidden.shape[1])
-    per_choice.index_copy_(0, valid, pair_out * pair_weights)
+    per_choice.index_copy_(0, rows, pair_out * pair_weights)
     out = per_choice.view(num_tokens, top_k, -1).sum(1)
     return MoEOutput(out=out, recv_counts=recv_counts, compute_s=compute_s)
