@@ -9,7 +9,6 @@ from collections import Counter, defaultdict
 import torch
 
 from eplb_plugin.executor.plan import (
-    LayerMoveSchedule,
     LayerTransferPlan,
     LocalCopy,
     RankTransferPlan,
@@ -207,4 +206,33 @@ class ReferenceLayerMoveSchedule:
                                                  gpus_per_node=self.gpus_per_node)
         return self._plans[k]
 
-    prefetch = LayerMoveSchedule.prefetch  # the rule is unchanged; only the plans it reads are checked
+    def prefetch(self, k: int) -> bool:
+        """Round k may be staged before round k-1 commits: on every rank it reads no slot that
+        round k-1 writes, and both rounds' staging fits the budget (recomputed here from the
+        plans' copies, sends and receives, not from ``plan.py``'s derived properties)."""
+        if k == 0 or not self.pipeline:
+            return False
+        prev, cur = self.plan(k - 1), self.plan(k)
+        for r in range(self.ep_size):
+            written = _written_slots(prev.ranks[r])
+            staged_sources = {c.src_local_slot for c in cur.ranks[r].local_copies} & _written_slots(cur.ranks[r])
+            reads = {s.src_local_slot for s in cur.ranks[r].sends} | staged_sources
+            if reads & written:
+                return False
+            if self.cap is not None and _staged_rows(prev.ranks[r]) + _staged_rows(cur.ranks[r]) > self.cap:
+                return False
+        return True
+
+
+def _written_slots(rank_plan: RankTransferPlan) -> set[int]:
+    """Local slots that a rank's share of a move writes (copy and receive destinations)."""
+    slots = {c.dst_local_slot for c in rank_plan.local_copies}
+    for v in rank_plan.recvs:
+        slots.update(v.dst_local_slots)
+    return slots
+
+
+def _staged_rows(rank_plan: RankTransferPlan) -> int:
+    """Staging rows a rank's share needs: one per received expert and per copy source it overwrites."""
+    sources = {c.src_local_slot for c in rank_plan.local_copies} & _written_slots(rank_plan)
+    return len(rank_plan.recvs) + len(sources)

@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_executor_transfer import SPECS, _same, identity_weights, random_map
+from test_executor_transfer import (
+    EXPERT_BYTES,
+    NUM_LOCAL,
+    TIMEOUT_S,
+    Boom,
+    _same,
+    identity_weights,
+    random_map,
+)
 
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.executor import (
@@ -20,14 +28,6 @@ from eplb_plugin.executor import (
 )
 
 from conftest import free_port, gloo_worker
-
-NUM_LOCAL = 4
-TIMEOUT_S = 30.0
-EXPERT_BYTES = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in SPECS)
-
-
-class Boom(RuntimeError):
-    pass
 
 
 def _rebalance(gen: torch.Generator, p: int, num_layers: int, unchanged: tuple[int, ...] = ()):

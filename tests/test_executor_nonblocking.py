@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_executor_transfer import (
+    EXPERT_BYTES,
     NUM_LOCAL,
-    SPECS,
     TIMEOUT_S,
     _same,
     identity_weights,
@@ -20,7 +17,7 @@ from test_executor_transfer import (
 from eplb_plugin.errors import TransferError
 from eplb_plugin.executor import AsyncExpertMover, LayerMove
 
-from conftest import destroy_process_group, free_port
+from conftest import free_port, gloo_worker
 
 NUM_LAYERS = 4
 
@@ -55,64 +52,57 @@ def _serve(mover, moves, mine, chunk: int) -> list[list[int]]:
     return committed
 
 
-def _worker(rank: int, world: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
-    try:
-        gen = torch.Generator().manual_seed(7)
-        expert = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in SPECS)
+def _cases(rank: int, world: int) -> None:
+    gen = torch.Generator().manual_seed(7)
 
-        # Case 1: every layer lands exactly, chunk by chunk, each pass sees whole layers only;
-        # one mover (one pair of groups) serves two rebalances, there and back.
-        for budget, chunk, verify in [(expert, 1, True), (None, 2, False), (10**9, 3, True), (2 * expert, 1, False)]:
-            moves, mine = _layers(rank, world, gen)
-            ptrs = [t.data_ptr() for m in moves for t in m.weights]
-            mover = AsyncExpertMover(budget_bytes=budget, verify=verify, timeout_s=TIMEOUT_S)
-            groups = (mover.transfer_group, mover.control_group)
-            for _ in range(2):
-                mover.start(moves)
-                _serve(mover, moves, mine, chunk)
-                mover.close()
-                assert mover.done and (mover.transfer_group, mover.control_group) == groups
-                for m in moves:
-                    assert torch.equal(m.live_map, m.new_physical_to_logical_map)
-                    assert _same(list(m.weights), identity_weights(m.layer, m.new_physical_to_logical_map[mine].tolist()))
-                assert [t.data_ptr() for m in moves for t in m.weights] == ptrs
-                moves = [LayerMove(m.layer, m.weights, m.new_physical_to_logical_map, m.old_physical_to_logical_map,
-                                   m.live_map) for m in moves]  # the next rebalance moves back
-
-        # Case 2: a failure on one rank while staging layer 2 surfaces on every rank; every
-        # layer still matches its live map, and layers 2-3 are still on their old maps.
+    # Case 1: every layer lands exactly, chunk by chunk, each pass sees whole layers only;
+    # one mover (one pair of groups) serves two rebalances, there and back.
+    for budget, chunk, verify in [(EXPERT_BYTES, 1, True), (None, 2, False), (10**9, 3, True), (2 * EXPERT_BYTES, 1, False)]:
         moves, mine = _layers(rank, world, gen)
+        ptrs = [t.data_ptr() for m in moves for t in m.weights]
+        mover = AsyncExpertMover(budget_bytes=budget, verify=verify, timeout_s=TIMEOUT_S)
+        groups = (mover.transfer_group, mover.control_group)
+        for _ in range(2):
+            mover.start(moves)
+            _serve(mover, moves, mine, chunk)
+            mover.close()
+            assert mover.done and (mover.transfer_group, mover.control_group) == groups
+            for m in moves:
+                assert torch.equal(m.live_map, m.new_physical_to_logical_map)
+                assert _same(list(m.weights), identity_weights(m.layer, m.new_physical_to_logical_map[mine].tolist()))
+            assert [t.data_ptr() for m in moves for t in m.weights] == ptrs
+            moves = [LayerMove(m.layer, m.weights, m.new_physical_to_logical_map, m.old_physical_to_logical_map,
+                               m.live_map) for m in moves]  # the next rebalance moves back
 
-        def hook(point, r, layer):
-            if point == "after_staging" and r == world - 1 and layer == 2:
-                raise RuntimeError("injected")
+    # Case 2: a failure on one rank while staging layer 2 surfaces on every rank; every
+    # layer still matches its live map, and layers 2-3 are still on their old maps.
+    moves, mine = _layers(rank, world, gen)
 
-        mover = AsyncExpertMover(budget_bytes=10**9, timeout_s=TIMEOUT_S, fault_hook=hook)
-        mover.start(moves)
-        with pytest.raises(TransferError, match="injected" if rank == world - 1 else "another rank"):
-            _serve(mover, moves, mine, 1)
-        mover.close()
-        assert _consistent(moves, mine)
-        # Layers 0-1 committed or dropped (staged data is dropped on failure); 2-3 never moved.
-        for m in moves:
-            done = torch.equal(m.live_map, m.new_physical_to_logical_map)
-            assert done or torch.equal(m.live_map, m.old_physical_to_logical_map)
-            assert not done or m.layer < 2
-        # The same mover retries from the live maps and finishes the rebalance.
-        mover.fault_hook = lambda point, r, layer: None
-        mover.start([LayerMove(m.layer, m.weights, m.live_map.clone(), m.new_physical_to_logical_map, m.live_map)
-                     for m in moves])
-        _serve(mover, moves, mine, 2)
-        mover.close()
-        for m in moves:
-            assert torch.equal(m.live_map, m.new_physical_to_logical_map) and _consistent([m], mine)
-    finally:
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it
-        destroy_process_group()
+    def hook(point, r, layer):
+        if point == "after_staging" and r == world - 1 and layer == 2:
+            raise RuntimeError("injected")
+
+    mover = AsyncExpertMover(budget_bytes=10**9, timeout_s=TIMEOUT_S, fault_hook=hook)
+    mover.start(moves)
+    with pytest.raises(TransferError, match="injected" if rank == world - 1 else "another rank"):
+        _serve(mover, moves, mine, 1)
+    mover.close()
+    assert _consistent(moves, mine)
+    # Layers 0-1 committed or dropped (staged data is dropped on failure); 2-3 never moved.
+    for m in moves:
+        done = torch.equal(m.live_map, m.new_physical_to_logical_map)
+        assert done or torch.equal(m.live_map, m.old_physical_to_logical_map)
+        assert not done or m.layer < 2
+    # The same mover retries from the live maps and finishes the rebalance.
+    mover.fault_hook = lambda point, r, layer: None
+    mover.start([LayerMove(m.layer, m.weights, m.live_map.clone(), m.new_physical_to_logical_map, m.live_map)
+                 for m in moves])
+    _serve(mover, moves, mine, 2)
+    mover.close()
+    for m in moves:
+        assert torch.equal(m.live_map, m.new_physical_to_logical_map) and _consistent([m], mine)
 
 
 def test_background_moves_commit_whole_layers_at_pass_boundaries_and_failures_surface():
     """2 gloo ranks: chunked commits land every layer exactly; an injected failure reaches all."""
-    mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=True)
+    mp.spawn(gloo_worker, args=(2, free_port(), _cases, TIMEOUT_S), nprocs=2, join=True)

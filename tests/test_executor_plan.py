@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_executor_transfer import random_map
@@ -264,21 +266,24 @@ def test_optimized_planners_match_the_straightforward_reference():
         reference_plan_layer_transfer,
     )
 
+    def draw(n: int) -> int:
+        return int(torch.randint(n, (1,), generator=g))
+
     g = torch.Generator().manual_seed(11)
-    for trial in range(300):
-        ep = [1, 2, 3, 4, 8][trial % 5]
-        num_local = 1 + trial % 12
+    # Every combination of rank count, node size, budget and kind of change occurs; the
+    # rest is drawn independently per trial.
+    for ep, per_node, cap, few in itertools.product([1, 2, 3, 4, 8], [None, 1, 2], [None, 1, 2, 3, 4, 5, 6],
+                                                    [False, True]):
+        num_local = 1 + draw(12)
         p = ep * num_local
-        e = max(1, p - trial % 5)
+        e = max(1, p - draw(5))
         old, new = random_map(g, p, e), random_map(g, p, e)
-        if trial % 3 == 0:  # a few changed slots only, as in a typical rebalance
+        if few:  # a few changed slots only, as in a typical rebalance
             new = old.clone()
-            idx = torch.randperm(p, generator=g)[: 1 + trial % 8]
+            idx = torch.randperm(p, generator=g)[: 1 + draw(8)]
             new[idx] = old[torch.randperm(p, generator=g)[: len(idx)]]
-        per_node = [None, 1, 2][trial % 3]
         assert plan_layer_transfer(old, new, ep_size=ep, gpus_per_node=per_node) == reference_plan_layer_transfer(
             old, new, ep_size=ep, gpus_per_node=per_node)
-        cap = [None, 1, 2, 3, 4, 6][trial % 6]
         got = plan_layer_rounds(old, new, ep_size=ep, max_staged_experts=cap)
         want = reference_plan_layer_rounds(old, new, ep_size=ep, max_staged_experts=cap)
         assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))

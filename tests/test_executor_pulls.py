@@ -9,6 +9,7 @@ it a rank can pull a slot its peer has not committed yet.
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import timedelta
 
@@ -17,7 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_executor_nonblocking import _serve
-from test_executor_transfer import SPECS, _same, identity_weights, random_map
+from test_executor_transfer import (
+    EXPERT_BYTES,
+    NUM_LOCAL,
+    TIMEOUT_S,
+    _same,
+    identity_weights,
+    random_map,
+)
 
 from eplb_plugin.errors import TransferError
 from eplb_plugin.executor import (
@@ -33,12 +41,9 @@ from eplb_plugin.executor import (
 )
 from eplb_plugin.executor.peers import PeerViews, SharedPeerViews, needs_barrier
 
-from conftest import destroy_process_group, free_port
+from conftest import destroy_process_group, free_port, gloo_worker
 
-NUM_LOCAL = 4
 NUM_LAYERS = 5
-TIMEOUT_S = 30.0
-EXPERT = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in SPECS)
 
 
 def _maps(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -91,7 +96,7 @@ def _cases(rank: int, world: int, weights, maps, peers, transport: str = "nccl")
 
     # Case 1: move_layers there and back, per budget: every slot lands exactly, in place,
     # and no expert travels by P2P.
-    for budget in [None, EXPERT, 2 * EXPERT, 10**9]:
+    for budget in [None, EXPERT_BYTES, 2 * EXPERT_BYTES, 10**9]:
         for _ in range(2):
             targets = [new if torch.equal(cur, old) else old for cur, (old, new) in zip(where, maps)]
             live = [cur.clone() for cur in where]
@@ -109,7 +114,7 @@ def _cases(rank: int, world: int, weights, maps, peers, transport: str = "nccl")
         with _P2PCounter() as p2p:
             for i, w in enumerate(weights):
                 target = maps[i][1] if torch.equal(where[i], maps[i][0]) else maps[i][0]
-                move_experts(w, where[i], target, layer=i, budget_bytes=EXPERT, verify=verify,
+                move_experts(w, where[i], target, layer=i, budget_bytes=EXPERT_BYTES, verify=verify,
                              timeout_s=TIMEOUT_S, peers=peers)
                 where[i] = target
         assert (p2p.count > 0) == verify
@@ -137,8 +142,8 @@ def _cases(rank: int, world: int, weights, maps, peers, transport: str = "nccl")
     # Case 4: the non-blocking mover pulls too: every pass sees whole layers, all land.
     moves = [LayerMove(i, w, cur, new if torch.equal(cur, old) else old, cur.clone())
              for i, (w, cur, (old, new)) in enumerate(zip(weights, where, maps))]
-    mover = (AsyncExpertMover(budget_bytes=EXPERT, timeout_s=TIMEOUT_S, peers=peers) if transport == "nccl"
-             else AsyncExpertMover(budget_bytes=EXPERT, timeout_s=TIMEOUT_S, transport=transport))
+    mover = (AsyncExpertMover(budget_bytes=EXPERT_BYTES, timeout_s=TIMEOUT_S, peers=peers) if transport == "nccl"
+             else AsyncExpertMover(budget_bytes=EXPERT_BYTES, timeout_s=TIMEOUT_S, transport=transport))
     with _P2PCounter() as p2p:
         mover.start(moves)
         assert mover.pulls
@@ -171,20 +176,15 @@ def _slow_commits() -> None:
         module.commit_round = slow
 
 
-def _worker(rank: int, world: int, port: int, weights_by_rank, maps) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+def _shared_memory_cases(weights_by_rank, maps, rank: int, world: int) -> None:
+    """The cases on CPU weights in shared memory (``functools.partial`` binds the first two)."""
     if rank == world - 1:
         _slow_commits()
-    try:
-        # CPU weights cannot be pulled through CUDA IPC: every rank learns so, and why.
-        views = PeerViews.exchange([t for layer in weights_by_rank[rank] for t in layer], dist.group.WORLD)
-        assert not views.active and not views.peers and "not on CUDA" in views.reason
-        peers = SharedPeerViews(rank, [[t for layer in w for t in layer] for w in weights_by_rank])
-        _cases(rank, world, weights_by_rank[rank], maps, peers)
-    finally:
-        dist.barrier()
-        destroy_process_group()
+    # CPU weights cannot be pulled through CUDA IPC: every rank learns so, and why.
+    views = PeerViews.exchange([t for layer in weights_by_rank[rank] for t in layer], dist.group.WORLD)
+    assert not views.active and not views.peers and "not on CUDA" in views.reason
+    peers = SharedPeerViews(rank, [[t for layer in w for t in layer] for w in weights_by_rank])
+    _cases(rank, world, weights_by_rank[rank], maps, peers)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -192,7 +192,8 @@ def test_pulled_moves_land_exactly_without_p2p_and_failures_keep_old_weights(wor
     maps = _maps(world)
     weights_by_rank = [[[t.share_memory_() for t in identity_weights(i, old[r * NUM_LOCAL:(r + 1) * NUM_LOCAL].tolist())]
                         for i, (old, _) in enumerate(maps)] for r in range(world)]
-    mp.spawn(_worker, args=(world, free_port(), weights_by_rank, maps), nprocs=world, join=True)
+    cases = functools.partial(_shared_memory_cases, weights_by_rank, maps)
+    mp.spawn(gloo_worker, args=(world, free_port(), cases, TIMEOUT_S), nprocs=world, join=True)
 
 
 def _gpu_worker(rank: int, world: int, port: int, maps) -> None:

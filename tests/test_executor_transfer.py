@@ -27,6 +27,7 @@ SPECS = [((3, 5), torch.float32), ((4,), torch.bfloat16), ((2, 3), torch.int8), 
          ((2,), torch.float8_e4m3fn)]
 NUM_LOCAL = 4
 TIMEOUT_S = 30.0
+EXPERT_BYTES = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in SPECS)  # one slot
 
 
 def identity_slot(layer: int, logical: int, ti: int) -> torch.Tensor:
@@ -68,10 +69,9 @@ def _cases(rank: int, world: int) -> None:
     p = NUM_LOCAL * world
     mine = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
     gen = torch.Generator().manual_seed(1234)  # same on every rank: same maps everywhere
-    expert = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in SPECS)
 
     # Case 1: random maps, several budgets (1 expert -> rounds, default, whole layer), verify on.
-    for layer, budget in enumerate([expert, None, 10**9, expert * 2, None, expert]):
+    for layer, budget in enumerate([EXPERT_BYTES, None, 10**9, EXPERT_BYTES * 2, None, EXPERT_BYTES]):
         num_logical = p - 1 - layer % 3
         old, new = random_map(gen, p, num_logical), random_map(gen, p, num_logical)
         w = identity_weights(layer, old[mine].tolist())
@@ -83,11 +83,11 @@ def _cases(rank: int, world: int) -> None:
         assert [t.data_ptr() for t in w] == ptrs  # in place: CUDA graphs stay valid
         assert torch.equal(live, new)
         assert res.slots_changed == int((old[mine] != new[mine]).sum())
-        assert res.bytes_received == res.experts_received * expert
+        assert res.bytes_received == res.experts_received * EXPERT_BYTES
         # Staging is exactly the pool the schedule asks for: the budget, except a forced cycle.
-        cap = (budget or 4 * expert) // expert
+        cap = (budget or 4 * EXPERT_BYTES) // EXPERT_BYTES
         sched = schedule_layer_move(old, new, ep_size=world, max_staged_experts=cap, pipeline=False)
-        assert res.rounds == len(sched.maps) and res.peak_staging_bytes == sched.pool_rows[rank] * expert
+        assert res.rounds == len(sched.maps) and res.peak_staging_bytes == sched.pool_rows[rank] * EXPERT_BYTES
         expected = {e: int(fingerprint(identity_weights(layer, [e]))[0]) for e in range(num_logical)}
         verify_slots(w, new[mine], expected, rank=rank, layer=layer)
 
@@ -98,14 +98,14 @@ def _cases(rank: int, world: int) -> None:
         old, new = random_map(gen, p, num_logical), random_map(gen, p, num_logical)
         w = identity_weights(layer, old[mine].tolist())
         live = old.clone()
-        res = move_experts(w, old, new, None, layer=layer, budget_bytes=budget_experts * expert,
+        res = move_experts(w, old, new, None, layer=layer, budget_bytes=budget_experts * EXPERT_BYTES,
                            live_map=live, timeout_s=TIMEOUT_S, pipeline=True)
         assert _same(w, identity_weights(layer, new[mine].tolist())), (layer, old, new)
         assert torch.equal(live, new)
         sched = schedule_layer_move(old, new, ep_size=world, max_staged_experts=budget_experts)
-        assert res.rounds == len(sched.maps) and res.peak_staging_bytes == sched.pool_rows[rank] * expert
+        assert res.rounds == len(sched.maps) and res.peak_staging_bytes == sched.pool_rows[rank] * EXPERT_BYTES
         forced = any(r.num_staged_experts > budget_experts for pl in sched.plans for r in pl.ranks)
-        assert forced or res.peak_staging_bytes <= budget_experts * expert
+        assert forced or res.peak_staging_bytes <= budget_experts * EXPERT_BYTES
 
     # Case 1c: consecutive slots travel as one message per tensor (and commit as one copy):
     # ranks 0 and 1 swap 3 experts, plus a duplicate fanned out to two slots on rank 0.
@@ -118,7 +118,7 @@ def _cases(rank: int, world: int) -> None:
     assert len(sched.maps) == 1
     assert pair_runs(sched.plans[0], 1, 0) == [(0, 0, 3)] and pair_runs(sched.plans[0], 0, 1) == [(0, 0, 4)]
     w = identity_weights(7, old[mine].tolist())
-    res = move_experts(w, old, new, layer=7, budget_bytes=100 * expert, timeout_s=TIMEOUT_S)
+    res = move_experts(w, old, new, layer=7, budget_bytes=100 * EXPERT_BYTES, timeout_s=TIMEOUT_S)
     assert _same(w, identity_weights(7, new[mine].tolist())) and res.rounds == 1
 
     # Case 2: an unchanged map moves zero bytes and leaves weights untouched.
@@ -158,7 +158,7 @@ def _cases(rank: int, world: int) -> None:
             raise Boom("round 2")
 
     with pytest.raises(LayerMoveError) as info:
-        move_experts(w, old, new, layer=5, budget_bytes=expert, live_map=live,
+        move_experts(w, old, new, layer=5, budget_bytes=EXPERT_BYTES, live_map=live,
                      timeout_s=TIMEOUT_S, fault_hook=second_round)
     mid = info.value.live_physical_to_logical_map
     assert not torch.equal(mid, old) and not torch.equal(mid, new) and torch.equal(live, mid)
@@ -176,23 +176,23 @@ def _cases(rank: int, world: int) -> None:
     live = old.clone()
     calls.clear()
     with pytest.raises(LayerMoveError) as info:
-        move_experts(w, old, new, layer=6, budget_bytes=2 * expert, live_map=live,
+        move_experts(w, old, new, layer=6, budget_bytes=2 * EXPERT_BYTES, live_map=live,
                      timeout_s=TIMEOUT_S, fault_hook=second_round, pipeline=True)
     assert torch.equal(info.value.live_physical_to_logical_map, sched.maps[0]) and torch.equal(live, sched.maps[0])
     assert _same(w, identity_weights(6, sched.maps[0][mine].tolist()))
     # The group is still usable: the same move now completes.
-    move_experts(w, sched.maps[0], new, layer=6, budget_bytes=2 * expert, timeout_s=TIMEOUT_S, pipeline=True)
+    move_experts(w, sched.maps[0], new, layer=6, budget_bytes=2 * EXPERT_BYTES, timeout_s=TIMEOUT_S, pipeline=True)
     assert _same(w, identity_weights(6, new[mine].tolist()))
 
     # Case 6: a whole rebalance with one agreed pool (prepare_staging): layers move exactly,
     # single-round and deferred multi-round; a failure at either point on one rank leaves
     # that layer on its last committed map everywhere, and the pool serves the next layers.
-    pool = prepare_staging(w, budget_bytes=2 * expert, timeout_s=TIMEOUT_S)
+    pool = prepare_staging(w, budget_bytes=2 * EXPERT_BYTES, timeout_s=TIMEOUT_S)
     assert pool.rows == 2
     for layer in range(3):
         old, new = random_map(gen, p, p - 1), random_map(gen, p, p - 1)
         w = identity_weights(20 + layer, old[mine].tolist())
-        move_experts(w, old, new, layer=20 + layer, budget_bytes=2 * expert, timeout_s=TIMEOUT_S, staging=pool)
+        move_experts(w, old, new, layer=20 + layer, budget_bytes=2 * EXPERT_BYTES, timeout_s=TIMEOUT_S, staging=pool)
         assert _same(w, identity_weights(20 + layer, new[mine].tolist()))
     for point, bad_rank, budget in [("before_transfer", 0, 2), ("after_staging", world - 1, 1)]:
         old = torch.arange(p)
@@ -207,12 +207,12 @@ def _cases(rank: int, world: int) -> None:
                 raise Boom(f"injected at {where}")
 
         with pytest.raises(LayerMoveError) as info:
-            move_experts(w, old, new, layer=30, budget_bytes=budget * expert, live_map=live,
+            move_experts(w, old, new, layer=30, budget_bytes=budget * EXPERT_BYTES, live_map=live,
                          timeout_s=TIMEOUT_S, fault_hook=hook6, staging=pool)
         mid = info.value.live_physical_to_logical_map
         assert torch.equal(live, mid) and _same(w, identity_weights(30, mid[mine].tolist()))
         assert torch.equal(mid, old) == (point == "before_transfer")
-        move_experts(w, mid, new, layer=30, budget_bytes=budget * expert, timeout_s=TIMEOUT_S, staging=pool)
+        move_experts(w, mid, new, layer=30, budget_bytes=budget * EXPERT_BYTES, timeout_s=TIMEOUT_S, staging=pool)
         assert _same(w, identity_weights(30, new[mine].tolist()))
 
 

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 import numpy as np
 import pytest
-from test_recorder_helpers import np_slot_count
+from test_recorder_helpers import np_slot_count, padded_ids
 
 from eplb_plugin.errors import ConfigError, CountsError
 from eplb_plugin.kernels import (
@@ -25,7 +25,6 @@ from eplb_plugin.kernels import (
     triton_available,
 )
 
-PAD_SHARE = 0.1  # share of ids replaced by -1 padding
 # Triton kernels run on the GPU where there is one, interpreted on the CPU otherwise.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOKENS = (1, 7, 1823)
@@ -37,19 +36,13 @@ INTERPRETED_CASES = [(1, 1, 8), (7, 6, 257), (37, 8, 65), (151, 7, 64)]
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 
 
-def _ids(gen: torch.Generator, tokens: int, top_k: int, high: int, dtype=torch.int32) -> torch.Tensor:
-    ids = torch.randint(0, high, (tokens, top_k), generator=gen, dtype=torch.int64)
-    pad = torch.rand((tokens, top_k), generator=gen) < PAD_SHARE
-    return ids.masked_fill(pad, -1).to(dtype)
-
-
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("top_k", TOP_K)
 @pytest.mark.parametrize("num_slots", SLOTS)
 def test_torch_count_matches_numpy(tokens, top_k, num_slots):
     """The torch path adds exactly numpy's histogram into the chosen row only."""
     gen = torch.Generator().manual_seed(tokens * 1000 + top_k * 10 + num_slots)
-    ids = _ids(gen, tokens, top_k, num_slots)
+    ids = padded_ids(gen, tokens, top_k, num_slots)
     counts = torch.zeros(3, num_slots, dtype=torch.int32)
     count_topk(ids, counts, 1, backend="torch")
     count_topk(ids, counts, 1, backend="torch")
@@ -66,7 +59,7 @@ def test_torch_fused_maps_and_counts_like_numpy(tokens, top_k, num_logical):
     gen = torch.Generator().manual_seed(tokens + top_k + num_logical)
     num_slots = num_logical + 5
     table = torch.randint(0, num_slots, (2, num_logical), generator=gen)
-    ids = _ids(gen, tokens, top_k, num_logical, dtype=torch.int64)
+    ids = padded_ids(gen, tokens, top_k, num_logical).to(torch.int64)
     counts = torch.zeros(2, num_slots, dtype=torch.int32)
     physical = map_and_count(ids, table, counts, 1, backend="torch")
     expected = np.where(ids.numpy() >= 0, table[1].numpy()[ids.numpy().clip(0)], -1)
@@ -81,7 +74,7 @@ def test_torch_fused_maps_and_counts_like_numpy(tokens, top_k, num_logical):
 def test_triton_count_matches_numpy(tokens, top_k, num_slots, dtype):
     """The Triton count kernel (interpreted on CPU) gives numpy's histogram exactly."""
     gen = torch.Generator().manual_seed(tokens * 7 + num_slots)
-    ids = _ids(gen, tokens, top_k, num_slots, dtype=dtype)
+    ids = padded_ids(gen, tokens, top_k, num_slots).to(dtype)
     ids[0, 0] = num_slots + 3  # out of range: skipped like padding
     counts = torch.zeros(2, num_slots, dtype=torch.int32, device=TRITON_DEVICE)
     count_topk(ids.to(TRITON_DEVICE), counts, 1, backend="triton")
@@ -97,7 +90,7 @@ def test_triton_count_with_several_iterations_per_program(monkeypatch):
     geo = launch_geometry(233, 31)
     assert geo.iters > 1 and geo.programs * geo.iters * geo.block >= 233
     gen = torch.Generator().manual_seed(5)
-    ids = _ids(gen, 233, 1, 31)
+    ids = padded_ids(gen, 233, 1, 31)
     counts = torch.zeros(1, 31, dtype=torch.int32, device=TRITON_DEVICE)
     count_topk(ids.to(TRITON_DEVICE), counts, 0, backend="triton")
     assert np.array_equal(counts[0].cpu().numpy(), np_slot_count(ids, 31))
@@ -110,7 +103,7 @@ def test_triton_fused_matches_reference(tokens, top_k, num_logical):
     gen = torch.Generator().manual_seed(tokens + 3 * num_logical)
     num_slots = num_logical + 3
     table = torch.randint(0, num_slots, (3, num_logical), generator=gen, dtype=torch.int32)
-    ids = _ids(gen, tokens, top_k, num_logical)
+    ids = padded_ids(gen, tokens, top_k, num_logical)
     counts = torch.zeros(3, num_slots, dtype=torch.int32, device=TRITON_DEVICE)
     out = torch.empty_like(ids, device=TRITON_DEVICE)
     physical = map_and_count(ids.to(TRITON_DEVICE), table.to(TRITON_DEVICE), counts, 2, out=out, backend="triton")
@@ -145,9 +138,9 @@ def test_empty_ids_count_nothing():
 def test_counts_captured_in_a_cuda_graph_keep_counting_on_replay():
     """Both kernels captured in one CUDA graph add their counts again on every replay."""
     gen = torch.Generator().manual_seed(21)
-    ids = _ids(gen, 37, 8, 257).cuda()
+    ids = padded_ids(gen, 37, 8, 257).cuda()
     table = torch.randint(0, 257, (2, 200), generator=gen, dtype=torch.int32).cuda()
-    logical = _ids(gen, 37, 8, 200).cuda()
+    logical = padded_ids(gen, 37, 8, 200).cuda()
     counts = torch.zeros(2, 257, dtype=torch.int32, device="cuda")
     out = torch.empty_like(logical)
     count_topk(ids, counts, 0)  # compile outside capture

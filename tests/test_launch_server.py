@@ -118,3 +118,6 @@ def test_torchrun_starts_the_ranks(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert _report(tmp_path)["ep_size"] == 2
+    # One launch of 2 ranks: rank 0 prints the summary once (each torchrun worker spawning
+    # its own ranks would print it twice).
+    assert done.stdout.count("weights verified (slots)") == 1, done.stdout

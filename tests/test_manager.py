@@ -138,6 +138,8 @@ def case_planning_in_a_process_rebalances_like_the_thread(rank, group):
     every rank agrees, and closing the manager stops the worker."""
     host = Host(rank, group, _args(eplb_plan_in_process=True))
     assert (host.manager._planner_process is not None) == (rank == 0)
+    if rank == 0:
+        assert host.manager.planner is host.manager._planner_process  # the worker plans, not the thread
     finished = lambda m: any(r.end_pass is not None for r in m.history)  # noqa: E731
     assert host.serve(5000, until=finished) == []
     done = [r for r in host.manager.history if r.end_pass is not None]
@@ -147,6 +149,9 @@ def case_planning_in_a_process_rebalances_like_the_thread(rank, group):
     maps = _gather(host.manager.location.physical_to_logical_map.tolist())
     assert maps[0] == maps[1]
     host.manager.close()
+    if rank == 0:  # the worker pool is shut down: it takes no more work
+        with pytest.raises(RuntimeError):
+            host.manager._planner_process._pool.submit(int)
 
 
 def case_planner_failure_surfaces_on_every_rank_and_keeps_the_placement(rank, group):

@@ -5,15 +5,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import eplb_plugin.algorithms
 from eplb_plugin.algorithms import plan
 from eplb_plugin.planner_process import PlannerProcess
 
 
-def test_the_worker_plans_exactly_what_plan_returns():
+def _forbid_planning_here(monkeypatch) -> None:
+    """Make ``algorithms.plan`` and every policy raise in this process: a planner that planned
+    in-process would fail, while the spawned worker imports them afresh and is unaffected."""
+    def in_process(*args, **kwargs):
+        raise AssertionError("planned in the calling process, not in the worker")
+
+    monkeypatch.setattr(eplb_plugin.algorithms, "plan", in_process)
+    for name in list(eplb_plugin.algorithms.ALGORITHMS):
+        monkeypatch.setitem(eplb_plugin.algorithms.ALGORITHMS, name, in_process)
+
+
+def test_the_worker_plans_exactly_what_plan_returns(monkeypatch):
     rng = np.random.default_rng(0)
     counts = torch.from_numpy(rng.zipf(1.5, (4, 16)).astype(np.float64))
     previous = torch.arange(20).remainder(16).repeat(4, 1)
     kwargs = dict(num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_equal")
+    want = plan(counts, previous=previous, **kwargs)
+    want_weighted = plan(counts, **dict(kwargs, algorithm="eplb_plugin"))
+    _forbid_planning_here(monkeypatch)
     planner = PlannerProcess("eplb_plugin_equal")
     assert planner.warm_up_error is None  # the worker planned a tiny placement before returning
     try:
@@ -21,10 +36,8 @@ def test_the_worker_plans_exactly_what_plan_returns():
         weighted = planner(counts, **dict(kwargs, algorithm="eplb_plugin"))
     finally:
         planner.close()
-    want = plan(counts, previous=previous, **kwargs)
     assert torch.equal(got.physical_to_logical_map, want.physical_to_logical_map)
     assert got.slots_moved == want.slots_moved and got.replica_weights is None
-    want_weighted = plan(counts, **dict(kwargs, algorithm="eplb_plugin"))
     assert torch.equal(weighted.physical_to_logical_map, want_weighted.physical_to_logical_map)
     assert want_weighted.replica_weights is not None  # the weighted policy returns weights
     assert torch.equal(weighted.replica_weights, want_weighted.replica_weights)

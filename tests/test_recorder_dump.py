@@ -126,11 +126,12 @@ class _OpCounter(TorchDispatchMode):
 
 
 def test_noop_recorder_allocates_and_launches_nothing():
-    """With recording off every hook and context is free: no tensor op runs at all."""
-    rec = create_recorder(None)
-    assert isinstance(rec, NoopRecorder) and not rec.recording
+    """With recording off, building the recorder and every hook and context are free: no
+    tensor op runs at all."""
     ids = torch.zeros(4, 2, dtype=torch.int32)
     with _OpCounter() as counter:
+        rec = create_recorder(None)
+        assert isinstance(rec, NoopRecorder) and not rec.recording
         with rec.with_forward_pass(0, None) as outputs, rec.with_current_layer(0), rec.disable_this_region():
             rec.on_select_experts(ids)
             rec.on_deepep_dispatch_normal([1, 2], None, None, None)

@@ -82,6 +82,7 @@ def test_ep_outputs_equal_dense_before_and_after_rebalances(tmp_path, exchange):
     results = {r["label"]: r for r in launch(cfg, runs, runs[0].eplb)}
 
     real, forced = results["real"], results["forced"]
+    assert real["exchange"] == forced["exchange"] == exchange
     assert real["num_rebalances"] >= 2 and real["slots_moved"] > 0
     assert real["final_physical_to_logical_map"] != real["initial_physical_to_logical_map"]
     assert forced["final_physical_to_logical_map"] == hand_map(MODEL.num_layers).tolist()

@@ -38,6 +38,7 @@ def summarize(engine: Any, stall_s: np.ndarray, wall_s: float, *, rss_mb: list[f
         "moe_step_s_per_pass": engine.step_s.round(7).tolist(),
         "expert_compute_s_per_pass": engine.compute_s.round(7).tolist(),
         "stall_s_per_pass": stall_s.round(7).tolist(),
+        "exchange": engine.exchange,  # "gather" or "alltoall": the one the passes ran
         "cuda_graph": engine._graph_wanted,
         "graph_captures": engine.graph_captures,  # capture attempts (1: captured once, kept across rebalances)
         "balancedness_mean": float(engine.balancedness[warmup:].mean()),
