@@ -318,7 +318,7 @@ def case_weights_reallocated_between_rebalances_are_exchanged_again(rank, group)
     assert first is not None and not first.active and "not on CUDA" in first.reason
     host.manager.rebalance_now()
     assert host.serve(5000, start=6000, hot=3, until=done(2)) == []
-    assert host.manager.history[1].transport == "nccl"  # it moved layers (through _pull_peers)
+    assert host.manager.history[1].transport == "nccl"  # its move resolved the transport (_resolve_peers)
     assert host.manager._peers is first  # same tensors: no new exchange
     for layer in host.weights:  # reallocate every tensor in place in the list the manager holds
         layer[:] = [t.clone() for t in layer]
