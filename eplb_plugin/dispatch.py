@@ -7,26 +7,65 @@ Algorithms (``--ep-dispatch-algorithm``):
   is a pure function of the placement and the rank, so every rank can compute every
   other rank's table identically.
 - ``random``: a uniformly random replica per token (a torch Generator makes it repeatable).
+- ``dynamic``: SGLang's name for the same thing (an even random spread), kept with SGLang's
+  meaning.
 - ``weighted``: each expert's tokens of the pass split over its replicas in the planned
   ``replica_weights`` proportions, by occurrence order (deterministic: the same token set
   gives the same choice on every rank).
-- ``dynamic``: per pass, shares water-filled toward the least-loaded GPUs using this pass's
-  own counts, then split by occurrence order as ``weighted``.
+- ``minmax`` (the project's own): per pass, each expert's tokens split over its replicas so
+  that the pass's maximum GPU load is (near) minimal given the placement
+  (``kernels/minmax.py``), then by occurrence order as ``weighted``. With ``count_group``
+  the ranks first all-gather their per-expert counts of the layer, so the split follows the
+  whole pass and each rank takes its own run of every expert's occurrences; without it each
+  rank splits its own tokens.
 
 Every path keeps ``-1`` (padding) as ``-1`` and does no host synchronization.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.distributed as dist
 
 from eplb_plugin.args import DISPATCH_ALGORITHMS
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.kernels._launch import use_triton
-from eplb_plugin.kernels.dynamic import dynamic_dispatch_triton, scratch_numel
+from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_gpu_shares, minmax_replica_shares
 from eplb_plugin.location import ExpertLocation
 
-DYNAMIC_WATERFILL_ITERATIONS = 6
+
+@dataclass(frozen=True)
+class DispatchInfo:
+    """What a dispatch algorithm promises. honours_replica_weights: splits by planned
+    weights (so a placement may be planned for a weighted split); follows_pass: the split
+    depends on the pass's own counts; graph_safe: only device ops on fixed-shape tables
+    (capturable in a CUDA graph)."""
+
+    name: str
+    honours_replica_weights: bool
+    follows_pass: bool
+    graph_safe: bool
+
+
+DISPATCH_INFO: dict[str, DispatchInfo] = {
+    info.name: info for info in (
+        DispatchInfo("static", honours_replica_weights=False, follows_pass=False, graph_safe=True),
+        DispatchInfo("random", honours_replica_weights=False, follows_pass=False, graph_safe=False),
+        DispatchInfo("dynamic", honours_replica_weights=False, follows_pass=False, graph_safe=False),
+        DispatchInfo("weighted", honours_replica_weights=True, follows_pass=False, graph_safe=True),
+        DispatchInfo("minmax", honours_replica_weights=False, follows_pass=True, graph_safe=True),
+    )
+}
+
+
+def dispatch_info(name: str) -> DispatchInfo:
+    """The facts of dispatch algorithm ``name``; ConfigError naming the known ones."""
+    if name not in DISPATCH_INFO:
+        raise ConfigError(f"--ep-dispatch-algorithm {name!r} is unknown; choose one of {list(DISPATCH_INFO)}")
+    return DISPATCH_INFO[name]
 
 
 def _nth_true(mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -70,9 +109,12 @@ def compute_static_dispatch_table(
 class ExpertDispatcher:
     """Maps logical ids to slots for one rank under one placement and algorithm.
 
-    Tables live on ``device``; ``dispatch`` allocates its output only. backend: "torch", or
-    "triton" / "auto" (Triton on CUDA) to run ``dynamic`` as one kernel per layer
-    (``kernels/dynamic.py``; the other algorithms are a few torch ops either way).
+    Tables live on ``device``; ``dispatch`` allocates its output only (and, for ``minmax``
+    with a ``count_group``, the gathered counts). backend: "torch", or "triton" / "auto"
+    (Triton on CUDA) to run ``minmax`` as Triton kernels (``kernels/minmax_triton.py``; the
+    other algorithms are a few torch ops either way). count_group: for ``minmax``, the
+    process group whose ranks dispatch one pass together (their per-expert counts are
+    all-gathered per layer; every rank of it must call ``dispatch`` for the same layers).
     """
 
     def __init__(
@@ -85,11 +127,11 @@ class ExpertDispatcher:
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
         backend: str = "torch",
+        count_group: Any = None,
     ):
-        if algorithm not in DISPATCH_ALGORITHMS:
-            raise ConfigError(
-                f"--ep-dispatch-algorithm {algorithm!r} is unknown; choose one of {list(DISPATCH_ALGORITHMS)}"
-            )
+        self.info = dispatch_info(algorithm)
+        if algorithm not in DISPATCH_ALGORITHMS:  # the flag's Literal and the table above agree
+            raise ConfigError(f"--ep-dispatch-algorithm {algorithm!r} is unknown; choose one of {list(DISPATCH_ALGORITHMS)}")
         if not 0 <= rank < location.ep_size:
             raise ConfigError(f"rank {rank} is outside [0, ep_size={location.ep_size})")
         self.algorithm = algorithm
@@ -98,6 +140,9 @@ class ExpertDispatcher:
         self.location = location
         self.device = torch.device(device)
         self.generator = generator
+        self.count_group = count_group
+        self.count_world = 1 if count_group is None else dist.get_world_size(count_group)
+        self.count_rank = 0 if count_group is None else dist.get_rank(count_group)
         self.num_local_physical_experts = location.num_local_physical_experts
         self.static_table = compute_static_dispatch_table(
             location, rank=rank, num_gpus_per_node=num_gpus_per_node
@@ -111,18 +156,14 @@ class ExpertDispatcher:
         self.replica_shares = torch.gather(
             padded, 1, torch.where(l2p >= 0, l2p, location.num_physical_experts).flatten(1)
         ).view_as(l2p).to(self.device)
-        # [L, E, X] what dynamic's water-filling starts from: which replicas are listed,
-        # their GPUs, and equal shares (placement-only, so built here, not per pass).
-        self.listed = self.logical_to_physical_map >= 0
-        self.slot_gpu = torch.where(self.listed, self.logical_to_physical_map // self.num_local_physical_experts, 0)
-        self.equal_shares = self.listed.to(torch.float32) / self.replica_count.unsqueeze(-1).to(torch.float32)
-        # dynamic on the Triton backend: one program per layer, scratch allocated once here
-        # (nothing is allocated under CUDA-graph capture).
-        self._kernel = algorithm == "dynamic" and use_triton(backend, self.replica_count)
-        self._scratch = None
-        if self._kernel:
-            size = scratch_numel(*self.logical_to_physical_map.shape[1:])
-            self._scratch = torch.empty(size, dtype=torch.float32, device=self.device)
+        # minmax's placement-only tables, built here (not per pass) and updated in place.
+        self.minmax = build_minmax_tables(location.physical_to_logical_map.to(self.device),
+                                          self.logical_to_physical_map, num_gpus=location.ep_size)
+        self._kernel = algorithm == "minmax" and use_triton(backend, self.replica_count)
+
+    def _tables(self) -> list[torch.Tensor]:
+        return [self.static_table, self.logical_to_physical_map, self.replica_count, self.replica_shares,
+                *self.minmax]
 
     def update_(self, location: ExpertLocation) -> bool:
         """Take ``location``'s tables into this dispatcher's tensors, in place (so a CUDA
@@ -131,10 +172,7 @@ class ExpertDispatcher:
         the shapes differ (another slot count or replica width)."""
         fresh = ExpertDispatcher(location, rank=self.rank, algorithm=self.algorithm,
                                  num_gpus_per_node=self.num_gpus_per_node, device=self.device)  # torch tables only
-        pairs = [(self.static_table, fresh.static_table),
-                 (self.logical_to_physical_map, fresh.logical_to_physical_map),
-                 (self.replica_count, fresh.replica_count), (self.replica_shares, fresh.replica_shares),
-                 (self.listed, fresh.listed), (self.slot_gpu, fresh.slot_gpu), (self.equal_shares, fresh.equal_shares)]
+        pairs = list(zip(self._tables(), fresh._tables()))
         if any(old.shape != new.shape or old.dtype != new.dtype for old, new in pairs):
             return False
         for old, new in pairs:
@@ -142,53 +180,68 @@ class ExpertDispatcher:
         self.location = location
         return True
 
-    def dispatch(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """topk_ids: [T, k] int, logical ids, -1 = padding -> [T, k] int64 physical slots."""
-        if self._kernel:
-            return dynamic_dispatch_triton(
-                topk_ids, self.logical_to_physical_map[layer], num_local=self.num_local_physical_experts,
-                num_gpus=self.location.ep_size, iterations=DYNAMIC_WATERFILL_ITERATIONS, scratch=self._scratch,
-            )
+    def dispatch(self, layer: int, topk_ids: torch.Tensor, *, counts_out: torch.Tensor | None = None) -> torch.Tensor:
+        """topk_ids: [T, k] int, logical ids, -1 = padding -> [T, k] int64 physical slots.
+
+        counts_out: an optional [L, P] int32 buffer (the recorder's) to which the Triton
+        ``minmax`` kernel adds this call's slot counts in the same launch.
+        """
+        if self.algorithm == "minmax":
+            return self._dispatch_minmax(layer, topk_ids, counts_out)
         ids = topk_ids.to(torch.int64)
         valid = ids >= 0
         safe = ids.clamp_min(0)
         if self.algorithm == "static":
             out = self.static_table[layer][safe]
-        elif self.algorithm == "random":
+        elif self.algorithm in ("random", "dynamic"):
             u = torch.rand(ids.shape, generator=self.generator, device=ids.device)
             idx = (u * self.replica_count[layer][safe]).to(torch.int64)
             out = self.logical_to_physical_map[layer][safe, idx]
         else:
-            shares = self.replica_shares[layer]
-            if self.algorithm == "dynamic":
-                shares = self._waterfill_shares(layer, safe, valid)
-            out = self._split_by_occurrence(layer, safe, valid, shares)
+            out = self._split_by_occurrence(layer, safe, valid, self.replica_shares[layer])
         return torch.where(valid, out, -1)
 
-    def _waterfill_shares(self, layer: int, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """[E, X] replica shares that even out this pass's GPU loads (few fixed-point steps)."""
+    def pass_counts(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """local: [E] int64, this rank's tokens per expert for one layer. Returns (total [E],
+        offset [E]: tokens of each expert on lower ranks of ``count_group``). Collective over
+        ``count_group`` when it has more than one rank."""
+        if self.count_world == 1:
+            return local, torch.zeros_like(local)
+        gathered = local.new_empty(self.count_world * local.numel())
+        dist.all_gather_into_tensor(gathered, local, group=self.count_group)
+        per_rank = gathered.view(self.count_world, -1)
+        return per_rank.sum(0), per_rank[: self.count_rank].sum(0)
+
+    def _dispatch_minmax(self, layer: int, topk_ids: torch.Tensor, counts_out: torch.Tensor | None) -> torch.Tensor:
+        if self._kernel:
+            from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+
+            return minmax_dispatch_triton(topk_ids, layer=layer, dispatcher=self, counts_out=counts_out)
+        ids = topk_ids.to(torch.int64)
+        valid = ids >= 0
+        safe = ids.clamp_min(0)
         num_experts = self.replica_count.shape[1]
-        listed, slot_gpu, shares = self.listed[layer], self.slot_gpu[layer], self.equal_shares[layer]
-        expert_tokens = torch.zeros(num_experts, device=ids.device, dtype=torch.float32)
-        expert_tokens.index_add_(0, ids.flatten(), valid.flatten().to(torch.float32))
-        num_gpus = self.location.ep_size
-        for _ in range(DYNAMIC_WATERFILL_ITERATIONS):
-            gpu_load = torch.zeros(num_gpus, device=ids.device).index_add_(
-                0, slot_gpu.flatten(), (shares * expert_tokens.unsqueeze(-1)).flatten()
-            )
-            # Scale each replica's share by how far its GPU sits below the expert's mean.
-            load_at = gpu_load[slot_gpu].clamp_min(1.0)
-            mean_at = (shares * load_at).sum(-1, keepdim=True)
-            shares = shares * (mean_at / load_at)
-            shares = torch.where(listed, shares, 0.0)
-            shares = shares / shares.sum(-1, keepdim=True).clamp_min(1e-12)
-        return shares
+        local = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+        local.index_add_(0, safe.flatten(), valid.flatten().to(torch.int64))
+        total, offset = self.pass_counts(local)
+        t = self.minmax
+        shares, _ = minmax_gpu_shares(total.unsqueeze(0), t.multi_experts[layer:layer + 1],
+                                      t.multi_gpus[layer:layer + 1], t.single_slots[layer:layer + 1])
+        fractions = minmax_replica_shares(shares[0], t.share_index[layer], t.replicas_on_gpu[layer], total,
+                                          self.replica_count[layer])
+        out = self._split_by_occurrence(layer, safe, valid, fractions, total=total, offset=offset)
+        if counts_out is not None:
+            counts_out[layer].index_add_(0, out[valid], torch.ones_like(out[valid], dtype=counts_out.dtype))
+        return torch.where(valid, out, -1)
 
     def _split_by_occurrence(
-        self, layer: int, ids: torch.Tensor, valid: torch.Tensor, shares: torch.Tensor
+        self, layer: int, ids: torch.Tensor, valid: torch.Tensor, shares: torch.Tensor,
+        *, total: torch.Tensor | None = None, offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The j-th token of expert e in this pass goes to the replica whose cumulative
-        quota (shares x the expert's token count) first exceeds j."""
+        quota (shares x the expert's tokens) first exceeds j. total / offset: the whole
+        pass's tokens per expert and this rank's first occurrence index ([E]; default: this
+        rank's tokens only)."""
         flat = torch.where(valid, ids, shares.shape[0]).flatten()  # padding sorts last
         order = torch.sort(flat, stable=True).indices
         sorted_ids = flat[order]
@@ -199,7 +252,10 @@ class ExpertDispatcher:
         position = torch.empty_like(flat)
         position[order] = torch.arange(flat.numel(), device=ids.device) - starts[sorted_ids]
         experts = ids.flatten()
-        quota = torch.cumsum(shares[experts], -1) * per_expert[experts].unsqueeze(-1)
+        if offset is not None:
+            position = position + offset[experts]
+        tokens = (per_expert[:-1] if total is None else total)[experts]
+        quota = torch.cumsum(shares[experts], -1) * tokens.unsqueeze(-1)
         idx = (quota <= position.unsqueeze(-1).to(quota.dtype) + 0.5).sum(-1)
         idx = torch.minimum(idx, self.replica_count[layer][experts] - 1)
         return self.logical_to_physical_map[layer][experts, idx].view_as(ids)

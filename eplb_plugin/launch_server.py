@@ -26,7 +26,14 @@ from eplb_plugin.args import EPLBArgs, add_eplb_args
 from eplb_plugin.configs import PRESET_NAMES
 from eplb_plugin.errors import EPLBError
 from eplb_plugin.kernels import BACKENDS
-from eplb_plugin.runtime.config import DTYPES, ModelShape, RunSpec, RuntimeConfig, WorkloadSpec
+from eplb_plugin.runtime.config import (
+    DISPATCH_COUNTS,
+    DTYPES,
+    ModelShape,
+    RunSpec,
+    RuntimeConfig,
+    WorkloadSpec,
+)
 from eplb_plugin.runtime.moe import EXCHANGES
 from eplb_plugin.runtime.workload import DEFAULT_DRIFT_EVERY_PASSES, DEFAULT_ZIPF_S, WORKLOAD_KINDS
 
@@ -70,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-exchange", default=None, choices=EXCHANGES,
                    help="How tokens reach their experts' ranks (default: gather on cuda, alltoall on cpu).")
     g.add_argument("--ep-dispatch-backend", default="auto", choices=BACKENDS,
-                   help="dynamic dispatch as one Triton kernel per layer (auto: on CUDA), or as torch ops.")
+                   help="minmax dispatch as Triton kernels (auto: on CUDA), or as torch ops.")
+    g.add_argument("--ep-dispatch-counts", default="global", choices=DISPATCH_COUNTS,
+                   help="minmax dispatch: split on the whole pass's per-expert counts (global: one small "
+                        "all-gather per layer) or on each rank's own tokens (local).")
     g.add_argument("--threads-per-rank", type=int, default=None, help="CPU threads per rank (default: cores / ranks).")
     return parser
 
@@ -88,6 +98,7 @@ def build_runs(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EP
         verify_weights=ns.verify_weights, http_host=ns.host, http_port=ns.port, progress=ns.progress,
         threads_per_rank=ns.threads_per_rank, cuda_graph=not ns.disable_cuda_graph,
         exchange=ns.moe_exchange, dispatch_backend=ns.ep_dispatch_backend,
+        dispatch_counts=ns.ep_dispatch_counts,
     )
     if ns.compare:
         off = dataclasses.replace(raw, enable_eplb=False, eplb_non_blocking=False).resolve()

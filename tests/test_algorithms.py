@@ -115,12 +115,12 @@ def test_cross_node_share_reported_with_several_nodes():
     assert plan(counts, num_physical_experts=16, num_gpus=4).cross_node_share is None
 
 
-def test_dynamic_dispatch_is_never_worse_than_equal_split():
+def test_minmax_dispatch_is_never_worse_than_equal_split():
     counts = np.random.default_rng(0).random((3, 2, 8)) ** 3 * 100
     p = plan(counts.sum(0), num_physical_experts=12, num_gpus=4, algorithm="deepseek")
     m = p.physical_to_logical_map.numpy()
     eq = per_pass_balancedness(counts, m, num_gpus=4, dispatch="random")
-    dyn = per_pass_balancedness(counts, m, num_gpus=4, dispatch="dynamic")
+    dyn = per_pass_balancedness(counts, m, num_gpus=4, dispatch="minmax")
     assert (dyn >= eq - 1e-9).all()
 
 
@@ -144,10 +144,10 @@ def test_beats_deepseek_on_qwen3_counts(num_gpus, redundant):
 def test_simulate_moves_fewer_slots_than_deepseek_and_reports_per_pass_balancedness():
     ids = np.load(trace_path("esft_dsv2lite_law_top6.npz"))["topk_ids"][:4096]
     counts = pass_counts(ids, num_logical=64, pass_tokens=256)
-    res = simulate(counts, num_physical=72, num_gpus=8, interval=4, window=4, dispatches=("random", "dynamic"))
-    assert res.balancedness["dynamic"].shape == (16,)
+    res = simulate(counts, num_physical=72, num_gpus=8, interval=4, window=4, dispatches=("random", "minmax"))
+    assert res.balancedness["minmax"].shape == (16,)
     assert len(res.slots_moved) == 3
     ds = simulate(counts, num_physical=72, num_gpus=8, interval=4, window=4, algorithm="deepseek",
                   dispatches=("random",))
     assert sum(res.slots_moved) < sum(ds.slots_moved)
-    assert (res.balancedness["dynamic"] >= res.balancedness["random"] - 1e-9).all()
+    assert (res.balancedness["minmax"] >= res.balancedness["random"] - 1e-9).all()

@@ -84,6 +84,6 @@ def test_simulate_writes_json_and_plot(tmp_path):
     assert main(["simulate", str(trace), "--ep-size", "8", "--redundant", "8", "--interval", "8",
                  "--out", str(out), "--plot", str(png)]) == 0
     report = json.loads(out.read_text())
-    assert set(report["summary"]["balancedness_mean"]) == {"static", "random", "weighted", "dynamic"}
+    assert set(report["summary"]["balancedness_mean"]) == {"static", "random", "dynamic", "weighted", "minmax"}
     assert png.stat().st_size > 0
     assert load_counts(trace).shape == (26, 64)

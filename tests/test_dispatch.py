@@ -30,7 +30,7 @@ def test_static_prefers_the_same_node_before_a_remote_one():
     assert picks == [2, 2, 4, 4]
 
 
-@pytest.mark.parametrize("algorithm", ["static", "random", "weighted", "dynamic"])
+@pytest.mark.parametrize("algorithm", ["static", "random", "dynamic", "weighted", "minmax"])
 def test_every_algorithm_keeps_padding_and_picks_a_replica_of_the_right_expert(algorithm):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(-1, 4, (1823, 6), generator=gen)
@@ -57,12 +57,30 @@ def test_weighted_choice_is_identical_on_every_rank():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
 
 
-def test_dynamic_fills_the_gpus_that_lack_other_work():
+def test_minmax_fills_the_gpus_that_lack_other_work():
     # Tokens: expert 0 x 6, experts 1, 2, 3 x 1 each: each GPU should end with 3 tokens.
     ids = torch.tensor([[0, 1], [0, -1], [0, 2], [0, 0], [3, 0]])
-    out = ExpertDispatcher(LOC, rank=0, algorithm="dynamic").dispatch(0, ids)
+    out = ExpertDispatcher(LOC, rank=0, algorithm="minmax").dispatch(0, ids)
     per_gpu = torch.bincount(out[out >= 0] // 2, minlength=3)
     assert per_gpu.tolist() == [3, 3, 3]
+
+
+def test_minmax_moves_a_shared_expert_away_from_a_gpu_whose_own_expert_is_hot():
+    # Expert 1 (on GPU 0 only) takes 5 tokens; expert 0's 6 tokens should all avoid GPU 0:
+    # loads 5 / 3 / 3 + the one token each of experts 2 and 3 = 5 / 4 / 4.
+    ids = torch.tensor([[1, 0]] * 5 + [[0, 2], [3, -1]])
+    out = ExpertDispatcher(LOC, rank=0, algorithm="minmax").dispatch(0, ids)
+    assert torch.bincount(out[out >= 0] // 2, minlength=3).tolist() == [5, 4, 4]
+
+
+def test_dynamic_keeps_sglang_meaning_an_even_random_spread():
+    """SGLang's ``dynamic`` picks a uniformly random replica per token: the same draws as
+    ``random`` here, never a split that follows the loads."""
+    ids = torch.zeros(3000, 1, dtype=torch.int64)
+    dyn = ExpertDispatcher(LOC, rank=0, algorithm="dynamic", generator=torch.Generator().manual_seed(5)).dispatch(0, ids)
+    rnd = ExpertDispatcher(LOC, rank=0, algorithm="random", generator=torch.Generator().manual_seed(5)).dispatch(0, ids)
+    assert torch.equal(dyn, rnd)
+    assert torch.bincount(dyn.flatten(), minlength=6)[[0, 2, 4]].min() > 900
 
 
 def test_unknown_algorithm_lists_the_known_ones():
@@ -77,9 +95,10 @@ def test_update_takes_a_new_placement_in_place():
     old = ExpertLocation.trivial(num_layers=2, num_logical_experts=8, num_physical_experts=10, ep_size=2)
     new = ExpertLocation.from_logical_count(counts, num_physical_experts=10, ep_size=2)
     ids = torch.randint(0, 8, (64, 3), generator=torch.Generator().manual_seed(1))
-    for algorithm in ("static", "weighted", "dynamic"):
+    for algorithm in ("static", "weighted", "minmax"):
         live = ExpertDispatcher(old, rank=1, algorithm=algorithm)
-        tensors = [live.static_table, live.logical_to_physical_map, live.replica_count, live.replica_shares]
+        tensors = [live.static_table, live.logical_to_physical_map, live.replica_count, live.replica_shares,
+                   *live.minmax]
         addresses = [t.data_ptr() for t in tensors]
         assert live.update_(new)
         assert [t.data_ptr() for t in tensors] == addresses

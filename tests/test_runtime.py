@@ -174,7 +174,7 @@ def test_grouped_gemm_expert_path_matches_the_per_slot_loop_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-@pytest.mark.parametrize("dispatch", ["static", "dynamic"])
+@pytest.mark.parametrize("dispatch", ["static", "minmax"])
 def test_cuda_graph_passes_compute_what_eager_passes_compute(tmp_path, dispatch):
     """On CUDA each pass runs as one captured graph; across a move (new tables copied into the
     captured ones, weights moved in place) it computes exactly what eager passes compute, and

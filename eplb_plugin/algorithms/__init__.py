@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..dispatch import DISPATCH_INFO
 from ..errors import ConfigError, CountsError, PlacementError
 from ..location import compute_logical_to_physical_map, replica_count
 from .balanced import plan_balanced, replica_weights
@@ -110,9 +111,10 @@ DEFAULT_ALGORITHM = "eplb_plugin"
 EQUAL_SPLIT_VARIANT = {"eplb_plugin": "eplb_plugin_equal"}
 
 
-# Dispatch algorithms that split an expert's tokens by planned replica weights (weighted) or by
-# the pass's own loads (dynamic); under the others a replica gets an equal share on average.
-WEIGHT_AWARE_DISPATCH = ("weighted", "dynamic")
+# Dispatch algorithms that split an expert's tokens by planned replica weights; under the
+# others a replica gets an equal share on average (minmax follows each pass, around an
+# equal-split plan: a weighted map concentrates replicas and leaves the pass's split no room).
+WEIGHT_AWARE_DISPATCH = tuple(name for name, info in DISPATCH_INFO.items() if info.honours_replica_weights)
 
 
 def algorithm_for_dispatch(algorithm: str, dispatch: str | None) -> str:

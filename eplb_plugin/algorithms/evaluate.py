@@ -5,10 +5,11 @@ Dispatch semantics, as a model of expected GPU load (the runtime ops live in
 
 - ``static``: a token goes to a replica on its sending rank if there is one, else to a fixed
   replica. With tokens originating uniformly over ranks, the expected split is equal.
-- ``random``: uniform over replicas: equal split.
+- ``random`` and ``dynamic`` (SGLang's name for it): uniform over replicas: equal split.
 - ``weighted``: split by the placement's replica weights (equal when it has none).
-- ``dynamic``: per pass, each expert's tokens of that pass are water-filled over its
-  replicas to minimize the max GPU load (needs the pass's own counts).
+- ``minmax``: per pass, each expert's tokens of that pass split over its replicas to
+  minimize the max GPU load (the dispatcher's own split, ``kernels/minmax.py``, on the
+  whole pass's counts).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import torch
 
 from ..balance import layer_balancedness
 from ..errors import ConfigError
-from .split import equal_slot_loads, gpu_sum, waterfill_slot_loads
+from ..kernels.minmax import build_minmax_tables, minmax_gpu_shares
+from ..location import compute_logical_to_physical_map
+from .split import equal_slot_loads, gpu_sum
 
-DISPATCHES = ("static", "random", "weighted", "dynamic")
+DISPATCHES = ("static", "random", "dynamic", "weighted", "minmax")
 
 
 def pass_counts(topk_ids: np.ndarray, *, num_logical: int, pass_tokens: int) -> np.ndarray:
@@ -50,15 +53,30 @@ def per_pass_balancedness(
     num_passes, num_layers, _ = counts.shape
     rows = counts.reshape(num_passes * num_layers, -1)
     maps = np.broadcast_to(phy2log, (num_passes, *phy2log.shape)).reshape(num_passes * num_layers, -1)
-    if dispatch == "dynamic":
-        slot = waterfill_slot_loads(rows, maps, num_gpus)
+    if dispatch == "minmax":
+        gpu = minmax_gpu_loads(counts, phy2log, num_gpus=num_gpus).reshape(num_passes * num_layers, -1)
     elif dispatch == "weighted" and replica_weights is not None:
         w = np.broadcast_to(replica_weights, (num_passes, *replica_weights.shape)).reshape(maps.shape)
-        slot = np.take_along_axis(rows, maps, axis=1) * w
+        gpu = gpu_sum(np.take_along_axis(rows, maps, axis=1) * w, num_gpus)
     else:
-        slot = equal_slot_loads(rows, maps)
-    bal = layer_balancedness(torch.from_numpy(gpu_sum(slot, num_gpus))).numpy()
+        gpu = gpu_sum(equal_slot_loads(rows, maps), num_gpus)
+    bal = layer_balancedness(torch.from_numpy(gpu)).numpy()
     return bal.reshape(num_passes, num_layers).mean(1)
+
+
+def minmax_gpu_loads(counts: np.ndarray, phy2log: np.ndarray, *, num_gpus: int) -> np.ndarray:
+    """GPU loads of every pass under ``minmax`` dispatch (fractional: before rounding to
+    tokens). counts: [B, L, E]; phy2log: [L, P]. Returns [B, L, G] float64."""
+    num_passes, num_layers, num_logical = counts.shape
+    phy = torch.as_tensor(np.ascontiguousarray(phy2log), dtype=torch.int64)
+    tables = build_minmax_tables(phy, compute_logical_to_physical_map(phy, num_logical), num_gpus=num_gpus)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(0).expand(num_passes, *t.shape).reshape(num_passes * num_layers, *t.shape[1:])
+
+    _, gpu = minmax_gpu_shares(torch.from_numpy(counts.reshape(num_passes * num_layers, num_logical)),
+                               rows(tables.multi_experts), rows(tables.multi_gpus), rows(tables.single_slots))
+    return gpu.double().numpy().reshape(num_passes, num_layers, num_gpus)
 
 
 @dataclass

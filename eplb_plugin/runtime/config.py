@@ -30,6 +30,8 @@ from eplb_plugin.runtime.workload import (
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+DISPATCH_COUNTS = ("global", "local")  # what minmax dispatch splits on (see RuntimeConfig)
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -119,10 +121,11 @@ class RuntimeConfig:
     and exchange allow it (``runtime/graphs.py``); False: eager.
     exchange: how tokens reach their experts' ranks, "gather" or "alltoall" (see
     ``runtime/moe.py``); None: gather on CUDA, alltoall on CPU.
-    dispatch_backend: ``ExpertDispatcher``'s backend: "auto" (the one-kernel ``dynamic``
-    dispatch of ``kernels/dynamic.py`` on CUDA, torch ops on CPU), "triton" or "torch".
-    Measured on 2 x H200 (EP2, 26 layers): the kernel takes dynamic dispatch from 32.6 to
-    28.0 ms per pass.
+    dispatch_backend: ``ExpertDispatcher``'s backend: "auto" (the ``minmax`` dispatch's
+    Triton kernels, ``kernels/minmax_triton.py``, on CUDA; torch ops on CPU), "triton" or
+    "torch".
+    dispatch_counts: what ``minmax`` splits on: "global" (the whole pass's per-expert
+    counts, all-gathered per layer over the EP group) or "local" (each rank's own tokens).
     profile_passes / profile_dir: rank 0 runs those passes of each run under torch.profiler
     and writes ``<run>_profile.txt`` (ops by device and host time, and the pass's host and
     device totals) into profile_dir.
@@ -143,6 +146,7 @@ class RuntimeConfig:
     cuda_graph: bool = True
     exchange: str | None = None
     dispatch_backend: str = "auto"
+    dispatch_counts: str = "global"
     profile_passes: tuple[int, ...] = ()
     profile_dir: str | None = None
     result_path: str | None = None
@@ -160,6 +164,8 @@ class RuntimeConfig:
             raise ConfigError(f"--moe-exchange {self.exchange!r} must be one of {list(EXCHANGES)}")
         if self.dispatch_backend not in BACKENDS:
             raise ConfigError(f"--ep-dispatch-backend {self.dispatch_backend!r} must be one of {list(BACKENDS)}")
+        if self.dispatch_counts not in DISPATCH_COUNTS:
+            raise ConfigError(f"--ep-dispatch-counts {self.dispatch_counts!r} must be one of {list(DISPATCH_COUNTS)}")
         if self.batch_tokens < 1:
             raise ConfigError(f"--batch-tokens must be >= 1 (got {self.batch_tokens})")
 

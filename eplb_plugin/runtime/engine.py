@@ -154,6 +154,7 @@ class RankEngine:
             num_gpus_per_node=self.world_size // self.run_spec.eplb.nnodes, device=self.device,
             generator=torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.rank),
             backend=self.cfg.dispatch_backend,
+            count_group=self.group if self.cfg.dispatch_counts == "global" and self.world_size > 1 else None,
         )
 
     def _on_location_change(self, location: ExpertLocation) -> None:
@@ -216,13 +217,14 @@ class RankEngine:
     def graphable(self) -> bool:
         """Whether passes run as a CUDA graph: CUDA, asked for, the gather exchange (fixed
         shapes; alltoall reads split sizes on the host), a dispatch made of device ops
-        on tables (static, weighted, dynamic; ``random`` draws from a host-seeded generator),
+        on tables (``DispatchInfo.graph_safe``: static, weighted, minmax; ``random`` and
+        ``dynamic`` draw from a host-seeded generator),
         a recorder mode whose hooks only count (per_token also copies ids per pass), and the
         grouped-GEMM expert path (else the experts read the slot ends on the host, which a
         capture cannot do)."""
         mode = self.run_spec.eplb.expert_distribution_recorder_mode
         return (self.device.type == "cuda" and self.cfg.cuda_graph and self.exchange == "gather"
-                and self.dispatch_algorithm != "random" and mode != "per_token"
+                and self.dispatcher.info.graph_safe and mode != "per_token"
                 and grouped_mm_available(self.cfg.torch_dtype, self.device))
 
     def _ensure_graph(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
