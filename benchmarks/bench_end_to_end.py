@@ -46,6 +46,7 @@ from _traces import ESFT_TRACES  # noqa: E402  (benchmarks/_traces.py)
 
 from eplb_plugin.args import EPLBArgs  # noqa: E402
 from eplb_plugin.balance import gpu_loads, layer_balancedness, slot_loads  # noqa: E402
+from eplb_plugin.dispatch import ExpertDispatcher  # noqa: E402
 from eplb_plugin.kernels import BACKENDS  # noqa: E402
 from eplb_plugin.location import ExpertLocation  # noqa: E402
 from eplb_plugin.runtime.config import ModelShape, RunSpec, RuntimeConfig, WorkloadSpec  # noqa: E402
@@ -75,11 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ep8-only", action="store_true", help="only the EP8 compute part (one device, no ranks)")
     p.add_argument("--ep8-batch-tokens", type=int, default=None,
                    help="tokens per pass for the EP8 compute part (default: --batch-tokens)")
-    p.add_argument("--dispatch", default="static,dynamic",
+    p.add_argument("--dispatch", default="static,minmax",
                    help="comma-separated --ep-dispatch-algorithm values, one EPLB run each (static is named 'eplb')")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run every pass eagerly on CUDA")
     p.add_argument("--dispatch-backend", default="auto", choices=BACKENDS,
-                   help="ExpertDispatcher backend (triton: dynamic dispatch as one kernel per layer)")
+                   help="ExpertDispatcher backend (triton: minmax dispatch as Triton kernels)")
     p.add_argument("--non-blocking", action="store_true", help="EPLB runs move weights with --eplb-non-blocking")
     p.add_argument("--plan-in-process", action="store_true", help="EPLB runs plan with --eplb-plan-in-process")
     p.add_argument("--profile-passes", default="",
@@ -155,8 +156,11 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
                                      num_physical_experts=m.num_logical_experts, ep_size=EP8)
     passes = list(range(rebalance_every, rebalance_every + EP8_SAMPLE_PASSES))
     counts = []  # [L, E] per pass, for passes 0 .. last sampled
+    routed = {}  # the sampled passes' topk_ids [T, L, k], for minmax dispatch
     for p in range(passes[-1] + 1):
         ids = w.batch(p).topk_ids
+        if p in passes:
+            routed[p] = ids
         c = torch.zeros(m.num_layers, m.num_logical_experts + 1, dtype=torch.float64)
         c.scatter_add_(1, torch.where(ids >= 0, ids, m.num_logical_experts).permute(1, 0, 2).reshape(m.num_layers, -1),
                        torch.ones(m.num_layers, ids.shape[0] * ids.shape[2], dtype=torch.float64))
@@ -175,10 +179,10 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
     expert_ffn(x[:16], w13[0], w2[0])  # warm-up (kernel selection, allocator)
     if cfg.device == "cpu":
         torch.set_num_threads(1)  # one core per simulated rank, as in the runtime's CPU ranks
-    for name in ("naive", "eplb", "uniform"):
+    for name in ("naive", "eplb", "eplb_minmax", "uniform"):
         steps, bals = [], []
         for p in passes:
-            if name == "eplb":
+            if name.startswith("eplb"):
                 window = torch.stack(counts[p - rebalance_every : p]).sum(0)  # the passes before p only
                 # Equal split on the GPU (static dispatch): plan with the equal-split variant.
                 loc = ExpertLocation.from_logical_count(window, num_physical_experts=num_physical, ep_size=EP8,
@@ -187,6 +191,12 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
                 loc = trivial
             load = uniform if name == "uniform" else counts[p]
             per_slot = slot_loads(load, loc.physical_to_logical_map, loc.replica_weights).round().long()  # [L, P]
+            if name == "eplb_minmax":  # the pass's own tokens as minmax dispatch sends them (whole pass)
+                dispatcher = ExpertDispatcher(loc, rank=0, algorithm="minmax")
+                per_slot = torch.stack([
+                    torch.bincount(dispatcher.dispatch(layer, routed[p][:, layer]).flatten().clamp_min(0),
+                                   weights=(routed[p][:, layer] >= 0).flatten().double(), minlength=num_physical)
+                    for layer in range(m.num_layers)]).round().long()
             bals.append(float(layer_balancedness(gpu_loads(per_slot, EP8)).mean()))
             for _ in range(2 if p == passes[0] else 1):  # the first pass runs twice: warm-up of new shapes
                 step = 0.0

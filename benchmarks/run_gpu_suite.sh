@@ -2,9 +2,9 @@
 # The GPU measurements still owed (see the latest closing note), in one call on 2 GPUs
 # (nvidia-h200-x2 through the device tool; about 8 minutes):
 #   bash benchmarks/run_gpu_suite.sh "$OUT" .gpu_traces
-# 1. the GPU tests, and the dynamic-dispatch kernel's tests on CUDA;  2. end to end, EP2, ESFT
-# replay, static and dynamic dispatch, planning in a process;  3. dynamic dispatch as one
-# Triton kernel per layer;  4. non-blocking moves next to the CUDA graphs;  5. the executor's
+# 1. the GPU tests, and the minmax-dispatch kernels' tests on CUDA;  2. end to end, EP2, ESFT
+# replay, static and minmax dispatch, planning in a process;  3. minmax dispatch as its
+# Triton kernels;  4. non-blocking moves next to the CUDA graphs;  5. the executor's
 # pause against a loop whose step is a whole DeepSeek-V3 forward pass (58 layers).
 # SM clocks and power are logged every 100 ms meanwhile (clocks.csv), to tell GPU clock
 # changes from the runtime's own variance. Each step has its own time limit; a failed step
@@ -36,11 +36,11 @@ step() {  # step NAME SECONDS COMMAND...
 workload=(--workload synthetic)
 [ -n "$traces" ] && workload=(--traces-dir "$traces")
 step gpu_tests 150 python -m pytest -q -rs -p no:cacheprovider -m gpu tests
-step kernel_tests 120 python -m pytest -q -rs -p no:cacheprovider tests/test_dynamic_kernel.py tests/test_kernels.py
+step kernel_tests 120 python -m pytest -q -rs -p no:cacheprovider tests/test_minmax_kernel.py tests/test_kernels.py
 step end_to_end 200 python benchmarks/bench_end_to_end.py --device cuda "${workload[@]}" --num-passes 300 \
-    --skip-ep8 --dispatch static,dynamic --plan-in-process --out "$out"
-step end_to_end_dynamic_kernel 200 python benchmarks/bench_end_to_end.py --device cuda "${workload[@]}" \
-    --num-passes 300 --skip-ep8 --dispatch dynamic --dispatch-backend triton --out "$out"
+    --skip-ep8 --dispatch static,minmax --plan-in-process --out "$out"
+step end_to_end_minmax_kernel 200 python benchmarks/bench_end_to_end.py --device cuda "${workload[@]}" \
+    --num-passes 300 --skip-ep8 --dispatch minmax --dispatch-backend triton --out "$out"
 step end_to_end_non_blocking 150 python benchmarks/bench_end_to_end.py --device cuda "${workload[@]}" \
     --num-passes 300 --skip-ep8 --dispatch static --non-blocking --out "$out"
 step executor_pause_per_pass 150 python benchmarks/bench_executor.py --pause-only --pause-step-layers 58 \

@@ -1,4 +1,6 @@
-"""The ``dynamic`` dispatch of one layer as one Triton program (``ExpertDispatcher`` backend).
+"""The earlier water-filling dispatch of one layer as one Triton program, kept as the baseline
+that ``benchmarks/bench_minmax_dispatch.py`` times ``minmax`` against (the dispatcher runs
+``minmax``, ``kernels/minmax_triton.py``, instead).
 
 The torch path of ``ExpertDispatcher.dispatch(algorithm="dynamic")`` runs about 70 small
 kernels per layer (six water-filling steps, then a sort-based split); inside a CUDA graph

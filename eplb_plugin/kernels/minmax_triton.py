@@ -1,0 +1,79 @@
+"""The ``minmax`` dispatch of one layer as two multi-program Triton kernels.
+
+1. ``minmax_histogram_kernel`` (one program per tile of ``TILE`` pairs): each tile's
+   per-expert counts into a ``[num_tiles, NB]`` scratch.
+2. ``minmax_assign_kernel`` (up to ``MAX_PROGRAMS`` programs, each over consecutive tiles):
+   every program sums the tile counts (the pass's per-expert tokens, and the tokens before
+   its first tile), solves the same small ``[M, G]`` split as ``kernels/minmax.py`` (the
+   same diffusion steps, in float32), then ranks each pair among its expert's pairs by a
+   sort of its tile and picks the replica whose cumulative quota first exceeds that rank.
+   It adds the chosen slots to the recorder's ``[L, P]`` counts in the same launch (one
+   atomic per slot per program).
+
+Both are CUDA-graph safe (no host reads; the scratch and output come from the caching
+allocator, which a capture serves from its private pool) and deterministic: every program
+runs the same arithmetic in the same order, so all programs (and all ranks) agree. The
+torch path of ``ExpertDispatcher`` is the reference; float32 sums in another order may move
+a pair that sits exactly on a quota boundary to the neighbouring replica.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from eplb_plugin.kernels._launch import MAX_PROGRAMS, _next_pow2, check_ids
+from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS, MINMAX_MOMENTUM
+
+if TYPE_CHECKING:
+    from eplb_plugin.dispatch import ExpertDispatcher
+
+TILE = 256  # pairs ranked together by one sort
+
+
+def minmax_dispatch_triton(
+    topk_ids: torch.Tensor, *, layer: int, dispatcher: ExpertDispatcher, counts_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
+    Returns [T, k] int64 physical slots (-1 kept). counts_out: optional [L, P] int32
+    recorder buffer; this call's slots are added to its row ``layer``. Collective over
+    ``dispatcher.count_group`` when it has several ranks (one all-gather of [E] counts)."""
+    from eplb_plugin.kernels import triton_kernels_minmax as k
+
+    check_ids("topk_ids", topk_ids)
+    tables = dispatcher.minmax
+    l2p = dispatcher.logical_to_physical_map[layer]
+    num_experts, width = l2p.shape
+    num_multi, num_gpus = tables.multi_gpus.shape[1:]
+    slots_per_gpu = tables.single_slots.shape[2]
+    flat = topk_ids.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    num_ids = flat.numel()
+    num_tiles = max(1, -(-num_ids // TILE))
+    nb = _next_pow2(num_experts + 1)  # one bin past the experts for padding
+    hist = torch.empty(num_tiles * nb, dtype=torch.int32, device=flat.device)
+    k.minmax_histogram_kernel[(num_tiles,)](flat, hist, num_ids, num_experts, TILE=TILE, NB=nb)
+    glob = dispatcher.count_world > 1
+    totals = hist
+    if glob:
+        local = hist.view(num_tiles, nb)[:, :num_experts].sum(0, dtype=torch.int64)
+        total, offset = dispatcher.pass_counts(local)
+        totals = torch.cat([total, offset]).to(torch.int32)
+    iters = -(-num_tiles // MAX_PROGRAMS)
+    programs = -(-num_tiles // iters)
+    out = torch.empty(num_ids, dtype=torch.int64, device=flat.device)
+    num_slots = dispatcher.location.num_physical_experts
+    counts = counts_out if counts_out is not None else out  # unused pointer when not counting
+    k.minmax_assign_kernel[(programs,)](
+        flat, hist, totals, out, counts, layer * (counts_out.stride(0) if counts_out is not None else 0),
+        l2p, dispatcher.replica_count[layer], tables.multi_experts[layer], tables.multi_gpus[layer],
+        tables.single_slots[layer], tables.share_index[layer], tables.replicas_on_gpu[layer],
+        num_ids, num_tiles, iters, num_experts, width, num_multi, num_gpus, slots_per_gpu, num_slots,
+        MINMAX_MOMENTUM,
+        GLOBAL=glob, COUNT=counts_out is not None, ITERATIONS=MINMAX_ITERATIONS, TILE=TILE, NB=nb,
+        BX=_next_pow2(width), BM=_next_pow2(num_multi), BG=_next_pow2(num_gpus), BS=_next_pow2(slots_per_gpu),
+        NPB=_next_pow2(num_slots + 1), num_warps=4,
+    )
+    return out.view(topk_ids.shape)
