@@ -33,7 +33,7 @@ import torch.distributed as dist
 from eplb_plugin.args import DISPATCH_ALGORITHMS
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.kernels._launch import use_triton
-from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_gpu_shares, minmax_replica_shares
+from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_choose, minmax_gpu_shares
 from eplb_plugin.location import ExpertLocation
 
 
@@ -158,7 +158,7 @@ class ExpertDispatcher:
         ).view_as(l2p).to(self.device)
         # minmax's placement-only tables, built here (not per pass) and updated in place.
         self.minmax = build_minmax_tables(location.physical_to_logical_map.to(self.device),
-                                          self.logical_to_physical_map, num_gpus=location.ep_size)
+                                          location.num_logical_experts, num_gpus=location.ep_size)
         self._kernel = algorithm == "minmax" and use_triton(backend, self.replica_count)
 
     def _tables(self) -> list[torch.Tensor]:
@@ -208,7 +208,7 @@ class ExpertDispatcher:
         if self.count_world == 1:
             return local, torch.zeros_like(local)
         gathered = local.new_empty(self.count_world * local.numel())
-        dist.all_gather_into_tensor(gathered, local, group=self.count_group)
+        _all_gather_single(gathered, local, group=self.count_group)
         per_rank = gathered.view(self.count_world, -1)
         return per_rank.sum(0), per_rank[: self.count_rank].sum(0)
 
@@ -227,35 +227,39 @@ class ExpertDispatcher:
         t = self.minmax
         shares, _ = minmax_gpu_shares(total.unsqueeze(0), t.multi_experts[layer:layer + 1],
                                       t.multi_gpus[layer:layer + 1], t.single_slots[layer:layer + 1])
-        fractions = minmax_replica_shares(shares[0], t.share_index[layer], t.replicas_on_gpu[layer], total,
-                                          self.replica_count[layer])
-        out = self._split_by_occurrence(layer, safe, valid, fractions, total=total, offset=offset)
+        position = _occurrence_index(safe, valid, num_experts) + offset[safe.flatten()]
+        out = minmax_choose(position, safe.flatten(), shares[0], t.multi_row[layer], t.slot_on_gpu[layer]).view_as(ids)
         if counts_out is not None:
             counts_out[layer].index_add_(0, out[valid], torch.ones_like(out[valid], dtype=counts_out.dtype))
         return torch.where(valid, out, -1)
 
-    def _split_by_occurrence(
-        self, layer: int, ids: torch.Tensor, valid: torch.Tensor, shares: torch.Tensor,
-        *, total: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _split_by_occurrence(self, layer: int, ids: torch.Tensor, valid: torch.Tensor,
+                             shares: torch.Tensor) -> torch.Tensor:
         """The j-th token of expert e in this pass goes to the replica whose cumulative
-        quota (shares x the expert's tokens) first exceeds j. total / offset: the whole
-        pass's tokens per expert and this rank's first occurrence index ([E]; default: this
-        rank's tokens only)."""
-        flat = torch.where(valid, ids, shares.shape[0]).flatten()  # padding sorts last
-        order = torch.sort(flat, stable=True).indices
-        sorted_ids = flat[order]
-        num_slots = shares.shape[0] + 1
-        per_expert = torch.zeros(num_slots, dtype=torch.int64, device=ids.device)
-        per_expert.index_add_(0, flat, torch.ones_like(flat))
-        starts = torch.cumsum(per_expert, 0) - per_expert
-        position = torch.empty_like(flat)
-        position[order] = torch.arange(flat.numel(), device=ids.device) - starts[sorted_ids]
+        quota (shares x the expert's tokens) first exceeds j."""
+        num_experts = shares.shape[0]
         experts = ids.flatten()
-        if offset is not None:
-            position = position + offset[experts]
-        tokens = (per_expert[:-1] if total is None else total)[experts]
-        quota = torch.cumsum(shares[experts], -1) * tokens.unsqueeze(-1)
+        position = _occurrence_index(ids, valid, num_experts)
+        tokens = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+        tokens.index_add_(0, experts, valid.flatten().to(torch.int64))
+        quota = torch.cumsum(shares[experts], -1) * tokens[experts].unsqueeze(-1)
         idx = (quota <= position.unsqueeze(-1).to(quota.dtype) + 0.5).sum(-1)
         idx = torch.minimum(idx, self.replica_count[layer][experts] - 1)
         return self.logical_to_physical_map[layer][experts, idx].view_as(ids)
+
+
+# torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there).
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+def _occurrence_index(ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[n] int64: each pair's index among the earlier pairs of its expert (flattened order).
+    ids: [T, k] int64 (valid entries), valid: [T, k] bool; padding gets an unused index."""
+    flat = torch.where(valid, ids, num_experts).flatten()  # padding sorts last
+    order = torch.sort(flat, stable=True).indices
+    per_expert = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    per_expert.index_add_(0, flat, torch.ones_like(flat))
+    starts = torch.cumsum(per_expert, 0) - per_expert
+    position = torch.empty_like(flat)
+    position[order] = torch.arange(flat.numel(), device=ids.device) - starts[flat[order]]
+    return position

@@ -23,7 +23,6 @@ import torch
 from ..balance import layer_balancedness
 from ..errors import ConfigError
 from ..kernels.minmax import build_minmax_tables, minmax_gpu_shares
-from ..location import compute_logical_to_physical_map
 from .split import equal_slot_loads, gpu_sum
 
 DISPATCHES = ("static", "random", "dynamic", "weighted", "minmax")
@@ -69,7 +68,7 @@ def minmax_gpu_loads(counts: np.ndarray, phy2log: np.ndarray, *, num_gpus: int) 
     tokens). counts: [B, L, E]; phy2log: [L, P]. Returns [B, L, G] float64."""
     num_passes, num_layers, num_logical = counts.shape
     phy = torch.as_tensor(np.ascontiguousarray(phy2log), dtype=torch.int64)
-    tables = build_minmax_tables(phy, compute_logical_to_physical_map(phy, num_logical), num_gpus=num_gpus)
+    tables = build_minmax_tables(phy, num_logical, num_gpus=num_gpus)
 
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.unsqueeze(0).expand(num_passes, *t.shape).reshape(num_passes * num_layers, *t.shape[1:])

@@ -35,63 +35,56 @@ class MinmaxTables(NamedTuple):
     """Placement-only tables of the ``minmax`` split, one row per layer (fixed widths, so a
     CUDA graph that captured the split keeps reading them when a new placement is copied in).
 
-    multi_experts: [L, M] int64, the replicated experts of each layer; -1 = unused row.
+    multi_experts: [L, M] int64, the replicated experts of each layer (replicas on two or
+        more GPUs); -1 = unused row.
     multi_gpus: [L, M, G] float32, 1.0 where that expert has a replica on that GPU.
     single_slots: [L, G, S] int64, the expert held by each GPU's slot when all its
         replicas are on that GPU (at its first slot only); -1 elsewhere (S = slots per GPU).
-    share_index: [L, E, X] int64, for each listed replica of a replicated expert its
-        ``m * G + gpu`` entry of the flattened [M, G] GPU shares; -1 otherwise.
-    replicas_on_gpu: [L, E, X] float32, how many of the expert's replicas sit on that
-        replica's GPU (its GPU share is split equally among them); 1 on padding.
+    multi_row: [L, E] int64, each expert's row in ``multi_experts``; -1 if not replicated.
+    slot_on_gpu: [L, E, G] int64, the expert's first slot on each GPU; -1 where it has none.
+        A GPU's share of an expert goes to that slot (a second copy on the same GPU would
+        serve the same GPU load).
     """
 
     multi_experts: torch.Tensor
     multi_gpus: torch.Tensor
     single_slots: torch.Tensor
-    share_index: torch.Tensor
-    replicas_on_gpu: torch.Tensor
+    multi_row: torch.Tensor
+    slot_on_gpu: torch.Tensor
 
 
-def build_minmax_tables(
-    physical_to_logical_map: torch.Tensor, logical_to_physical_map: torch.Tensor, *, num_gpus: int
-) -> MinmaxTables:
-    """physical_to_logical_map: [L, P] int; logical_to_physical_map: [L, E, X] int (-1 pad).
-    Returns the tables on the maps' device."""
+def build_minmax_tables(physical_to_logical_map: torch.Tensor, num_logical_experts: int, *,
+                        num_gpus: int) -> MinmaxTables:
+    """physical_to_logical_map: [L, P] int (every expert listed at least once). Returns the
+    tables on the map's device."""
     phy2log = physical_to_logical_map.long()
-    l2p = logical_to_physical_map.long()
     num_layers, num_slots = phy2log.shape
-    num_logical = l2p.shape[1]
+    num_logical = num_logical_experts
     slots_per_gpu = num_slots // num_gpus
     width = max(1, num_slots - num_logical)
     device = phy2log.device
-    # Step 1: which GPUs hold each expert ([L, E, G] replica counts), and which experts split.
-    slot_gpu = torch.arange(num_slots, device=device) // slots_per_gpu
-    per_gpu = torch.zeros(num_layers, num_logical, num_gpus, device=device)
-    per_gpu.index_put_((torch.arange(num_layers, device=device)[:, None], phy2log, slot_gpu.expand_as(phy2log)),
-                       torch.ones_like(phy2log, dtype=torch.float32), accumulate=True)
-    gpus_of_expert = (per_gpu > 0).sum(-1)
-    replicated = gpus_of_expert > 1  # [L, E]
+    layer = torch.arange(num_layers, device=device)[:, None].expand_as(phy2log)
+    slot = torch.arange(num_slots, device=device).expand_as(phy2log)
+    gpu = slot // slots_per_gpu
+    # Step 1: each expert's first slot on each GPU (scatter_reduce amin over its slots).
+    first = torch.full((num_layers, num_logical, num_gpus), num_slots, dtype=torch.int64, device=device)
+    first = first.flatten().scatter_reduce(0, (layer * num_logical * num_gpus + phy2log * num_gpus + gpu).flatten(),
+                                           slot.flatten(), reduce="amin").view_as(first)
+    has = first < num_slots
+    slot_on_gpu = torch.where(has, first, -1)
+    replicated = has.sum(-1) > 1  # [L, E]
     # Step 2: the replicated experts in id order, padded to M rows (-1).
     order = torch.sort(torch.where(replicated, 0, 1), dim=1, stable=True).indices[:, :width]
     used = torch.gather(replicated, 1, order)
     multi_experts = torch.where(used, order, -1)
-    multi_gpus = torch.where(used[..., None], torch.gather(per_gpu > 0, 1, order[..., None].expand(-1, -1, num_gpus)),
-                             False).to(torch.float32)
-    # Step 3: experts on one GPU only, listed at their first slot (a second copy on the same
-    # GPU serves the same load).
-    first_slot = torch.gather(l2p[..., 0], 1, phy2log) == torch.arange(num_slots, device=device)
-    single = torch.gather(~replicated, 1, phy2log) & first_slot
+    multi_gpus = (torch.gather(has, 1, order[..., None].expand(-1, -1, num_gpus)) & used[..., None]).to(torch.float32)
+    multi_row = torch.full((num_layers, num_logical + 1), -1, dtype=torch.int64, device=device)
+    multi_row.scatter_(1, torch.where(used, order, num_logical), torch.arange(width, device=device).expand(num_layers, -1))
+    # Step 3: experts on one GPU only, listed at their first slot there.
+    first_of_slot = torch.gather(first.flatten(1), 1, phy2log * num_gpus + gpu) == slot
+    single = torch.gather(~replicated, 1, phy2log) & first_of_slot
     single_slots = torch.where(single, phy2log, -1).view(num_layers, num_gpus, slots_per_gpu)
-    # Step 4: each listed replica's entry in the [M, G] shares and its GPU's replica count.
-    row_of = torch.full((num_layers, num_logical + 1), -1, dtype=torch.int64, device=device)
-    row_of.scatter_(1, torch.where(used, order, num_logical), torch.arange(width, device=device).expand(num_layers, -1))
-    row_of = row_of[:, :num_logical]
-    listed = l2p >= 0
-    gpu = torch.where(listed, l2p, 0) // slots_per_gpu
-    share_index = torch.where(listed & (row_of[..., None] >= 0), row_of[..., None] * num_gpus + gpu, -1)
-    on_gpu = torch.gather(per_gpu, 2, gpu)
-    replicas_on_gpu = torch.where(listed, on_gpu, 1.0).clamp_min(1.0)
-    return MinmaxTables(multi_experts, multi_gpus, single_slots, share_index, replicas_on_gpu)
+    return MinmaxTables(multi_experts, multi_gpus, single_slots, multi_row[:, :num_logical], slot_on_gpu)
 
 
 def minmax_gpu_shares(
@@ -108,7 +101,7 @@ def minmax_gpu_shares(
     c = torch.cat([counts.to(torch.float32), counts.new_zeros(counts.shape[0], 1, dtype=torch.float32)], 1)
     num_logical = counts.shape[1]
     base = torch.gather(c, 1, torch.where(single_slots >= 0, single_slots, num_logical).flatten(1))
-    base = base.view(single_slots.shape).sum(-1)  # [N, G] load of single-replica experts
+    base = base.view(single_slots.shape).sum(-1)  # [N, G] load of single-GPU experts
     demand = torch.gather(c, 1, torch.where(multi_experts >= 0, multi_experts, num_logical))  # [N, M]
     inc = multi_gpus
     degree = inc.sum(-1).clamp_min(1.0)  # [N, M]
@@ -133,18 +126,22 @@ def minmax_gpu_shares(
     return best, base + best.sum(1)
 
 
-def minmax_replica_shares(shares: torch.Tensor, share_index: torch.Tensor, replicas_on_gpu: torch.Tensor,
-                          counts: torch.Tensor, replica_count: torch.Tensor) -> torch.Tensor:
-    """One row's GPU shares -> each listed replica's fraction of its expert's tokens.
+def minmax_choose(position: torch.Tensor, experts: torch.Tensor, shares: torch.Tensor, multi_row: torch.Tensor,
+                  slot_on_gpu: torch.Tensor) -> torch.Tensor:
+    """The slot of each pair of one row (layer of a pass) from its occurrence index.
 
-    shares: [M, G] (``minmax_gpu_shares`` of one row); share_index, replicas_on_gpu: [E, X];
-    counts: [E]; replica_count: [E]. Returns [E, X] float32 (rows of unreplicated experts
-    hold an equal split; padding 0).
+    position: [n] int or float, the pair's index among its expert's pairs of the pass;
+    experts: [n] int64 logical ids (valid); shares: [M, G] (``minmax_gpu_shares`` of the
+    row); multi_row: [E]; slot_on_gpu: [E, G]. The j-th pair of a replicated expert goes to
+    the first GPU whose cumulative share (in GPU order) exceeds j + 0.5, clamped to the
+    expert's last GPU; an expert on one GPU keeps its first slot there. Returns [n] int64.
     """
-    flat = torch.cat([shares.flatten(), shares.new_zeros(1)])
-    tokens = flat[torch.where(share_index >= 0, share_index, flat.numel() - 1)] / replicas_on_gpu
-    fraction = tokens / counts.to(torch.float32).clamp_min(1.0).unsqueeze(-1)
-    listed = torch.arange(share_index.shape[1], device=share_index.device) < replica_count.unsqueeze(-1)
-    equal = listed.to(torch.float32) / replica_count.clamp_min(1).unsqueeze(-1).to(torch.float32)
-    replicated = (share_index >= 0).any(-1, keepdim=True) & (counts > 0).unsqueeze(-1)
-    return torch.where(replicated, fraction, equal)
+    row = multi_row[experts]
+    cum = torch.cumsum(torch.cat([shares, shares.new_zeros(1, shares.shape[1])])[row], -1)  # row -1: zeros
+    gpus = slot_on_gpu[experts]  # [n, G]
+    hosted = gpus >= 0
+    last = torch.where(hosted, torch.arange(gpus.shape[1], device=gpus.device), -1).amax(-1)
+    first = torch.where(hosted, torch.arange(gpus.shape[1], device=gpus.device), gpus.shape[1]).amin(-1)
+    pick = (cum <= position.to(cum.dtype).unsqueeze(-1) + 0.5).sum(-1)
+    pick = torch.where(row >= 0, torch.minimum(pick, last), first)
+    return torch.gather(gpus, 1, pick.unsqueeze(-1)).squeeze(-1)

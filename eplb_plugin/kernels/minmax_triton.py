@@ -1,12 +1,13 @@
 """The ``minmax`` dispatch of one layer as two multi-program Triton kernels.
 
-1. ``minmax_histogram_kernel`` (one program per tile of ``TILE`` pairs): each tile's
+1. ``minmax_histogram_kernel`` (one program per tile of up to ``MAX_TILE`` pairs): each tile's
    per-expert counts into a ``[num_tiles, NB]`` scratch.
 2. ``minmax_assign_kernel`` (up to ``MAX_PROGRAMS`` programs, each over consecutive tiles):
    every program sums the tile counts (the pass's per-expert tokens, and the tokens before
    its first tile), solves the same small ``[M, G]`` split as ``kernels/minmax.py`` (the
    same diffusion steps, in float32), then ranks each pair among its expert's pairs by a
-   sort of its tile and picks the replica whose cumulative quota first exceeds that rank.
+   sort of its tile and picks the GPU whose cumulative quota first exceeds that rank (and
+   the expert's first slot there), as ``minmax_choose``.
    It adds the chosen slots to the recorder's ``[L, P]`` counts in the same launch (one
    atomic per slot per program).
 
@@ -29,7 +30,9 @@ from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS, MINMAX_MOMENTUM
 if TYPE_CHECKING:
     from eplb_plugin.dispatch import ExpertDispatcher
 
-TILE = 256  # pairs ranked together by one sort
+MAX_TILE = 256  # pairs ranked together by one sort
+MIN_TILE = 32
+TILE_ELEMENTS = 2048  # elements of the [tile, G] per-pair tables of one step
 
 
 def minmax_dispatch_triton(
@@ -43,18 +46,19 @@ def minmax_dispatch_triton(
 
     check_ids("topk_ids", topk_ids)
     tables = dispatcher.minmax
-    l2p = dispatcher.logical_to_physical_map[layer]
-    num_experts, width = l2p.shape
+    num_experts = tables.multi_row.shape[1]
     num_multi, num_gpus = tables.multi_gpus.shape[1:]
     slots_per_gpu = tables.single_slots.shape[2]
+    bg = _next_pow2(num_gpus)
+    tile = max(MIN_TILE, min(MAX_TILE, TILE_ELEMENTS // bg))  # [tile, G] per-pair tables stay small
     flat = topk_ids.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
     num_ids = flat.numel()
-    num_tiles = max(1, -(-num_ids // TILE))
+    num_tiles = max(1, -(-num_ids // tile))
     nb = _next_pow2(num_experts + 1)  # one bin past the experts for padding
     hist = torch.empty(num_tiles * nb, dtype=torch.int32, device=flat.device)
-    k.minmax_histogram_kernel[(num_tiles,)](flat, hist, num_ids, num_experts, TILE=TILE, NB=nb)
+    k.minmax_histogram_kernel[(num_tiles,)](flat, hist, num_ids, num_experts, TILE=tile, NB=nb)
     glob = dispatcher.count_world > 1
     totals = hist
     if glob:
@@ -68,12 +72,10 @@ def minmax_dispatch_triton(
     counts = counts_out if counts_out is not None else out  # unused pointer when not counting
     k.minmax_assign_kernel[(programs,)](
         flat, hist, totals, out, counts, layer * (counts_out.stride(0) if counts_out is not None else 0),
-        l2p, dispatcher.replica_count[layer], tables.multi_experts[layer], tables.multi_gpus[layer],
-        tables.single_slots[layer], tables.share_index[layer], tables.replicas_on_gpu[layer],
-        num_ids, num_tiles, iters, num_experts, width, num_multi, num_gpus, slots_per_gpu, num_slots,
-        MINMAX_MOMENTUM,
-        GLOBAL=glob, COUNT=counts_out is not None, ITERATIONS=MINMAX_ITERATIONS, TILE=TILE, NB=nb,
-        BX=_next_pow2(width), BM=_next_pow2(num_multi), BG=_next_pow2(num_gpus), BS=_next_pow2(slots_per_gpu),
-        NPB=_next_pow2(num_slots + 1), num_warps=4,
+        tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer],
+        tables.multi_row[layer], tables.slot_on_gpu[layer],
+        num_ids, num_tiles, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots, MINMAX_MOMENTUM,
+        GLOBAL=glob, COUNT=counts_out is not None, ITERATIONS=MINMAX_ITERATIONS, TILE=tile, NB=nb,
+        BM=_next_pow2(num_multi), BG=bg, BS=_next_pow2(slots_per_gpu), NPB=_next_pow2(num_slots + 1), num_warps=4,
     )
     return out.view(topk_ids.shape)

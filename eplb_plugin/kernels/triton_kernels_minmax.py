@@ -32,18 +32,15 @@ def minmax_assign_kernel(
     out_ptr,  # [num_ids] int64 output: the physical slot of each pair (-1 for padding)
     counts_ptr,  # COUNT only: [L, P] int32 recorder counts
     counts_offset,  # layer * counts.stride(0)
-    l2p_ptr,  # [E, X] int64 replicas of each expert (-1 = none)
-    replica_count_ptr,  # [E] int64
     multi_experts_ptr,  # [M] int64, replicated experts (-1 = unused)
     multi_gpus_ptr,  # [M, G] float32, 1 where the expert has a replica on the GPU
     single_slots_ptr,  # [G, S] int64, experts on one GPU only (-1 = none)
-    share_index_ptr,  # [E, X] int64, each replica's m * G + gpu (-1: not replicated)
-    replicas_on_gpu_ptr,  # [E, X] float32
-    num_ids, num_tiles, iters, num_experts, width, num_multi, num_gpus, slots_per_gpu, num_slots,
+    multi_row_ptr,  # [E] int64, each expert's row in multi_experts (-1: not replicated)
+    slot_on_gpu_ptr,  # [E, G] int64, the expert's first slot on each GPU (-1: none)
+    num_ids, num_tiles, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots,
     momentum,
     GLOBAL: tl.constexpr, COUNT: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr,
-    NB: tl.constexpr, BX: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
-    NPB: tl.constexpr,
+    NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr,
 ):
     """Every program: the split of the whole pass (the same in all programs), then the slots
     of its tiles ``[pid * iters, (pid + 1) * iters)``. See ``minmax_triton.py``."""
@@ -97,11 +94,10 @@ def minmax_assign_kernel(
         peak = tl.max(base + tl.sum(x, axis=0), axis=0)
         best = tl.where(peak < best_peak, x, best)
         best_peak = tl.minimum(peak, best_peak)
-    shares = tl.reshape(best, [BM * BG])
-    replica_count = tl.load(replica_count_ptr + bins, mask=is_expert, other=1).to(tl.int32)
-    # Step 4: each pair's rank among its expert's pairs (a sort of the tile), then its replica.
+    cumulative = tl.reshape(tl.cumsum(best, axis=1), [BM * BG])  # each expert's GPU quotas, in GPU order
+    multi_row = tl.load(multi_row_ptr + bins, mask=is_expert, other=-1).to(tl.int32)
+    # Step 4: each pair's rank among its expert's pairs (a sort of the tile), then its GPU and slot.
     lanes = tl.arange(0, TILE)
-    x_idx = tl.arange(0, BX)
     running = before
     slot_hist = tl.zeros([NPB], dtype=tl.int32)
     for i in range(0, iters):
@@ -118,23 +114,17 @@ def minmax_assign_kernel(
         running += h
         valid = s_expert < num_experts
         e = tl.where(valid, s_expert, 0)
-        count = tl.gather(replica_count, e, 0)
-        tokens = tl.gather(c, e, 0)
-        row_off = e[:, None] * width + x_idx[None, :]
-        row_mask = valid[:, None] & (x_idx[None, :] < width)
-        row = tl.load(l2p_ptr + row_off, mask=row_mask, other=-1)
-        share_idx = tl.load(share_index_ptr + row_off, mask=row_mask, other=-1)
-        on_gpu = tl.load(replicas_on_gpu_ptr + row_off, mask=row_mask, other=1.0)
-        served = tl.reshape(tl.gather(shares, tl.reshape(tl.where(share_idx >= 0, share_idx, 0).to(tl.int32),
-                                                         [TILE * BX]), 0), [TILE, BX])
-        fraction = tl.where(share_idx >= 0, served / on_gpu, 0.0) / tl.maximum(tokens, 1.0)[:, None]
-        split = (tl.max(share_idx, axis=1) >= 0) & (tokens > 0)
-        equal_fraction = tl.where(x_idx[None, :] < count[:, None], 1.0 / tl.maximum(count, 1).to(tl.float32)[:, None], 0.0)
-        fraction = tl.where(split[:, None], fraction, equal_fraction)
-        quota = tl.cumsum(fraction, 1) * tokens[:, None]
-        pick = tl.sum(((quota <= position[:, None] + 0.5) & (x_idx[None, :] < width)).to(tl.int32), axis=1)
-        pick = tl.minimum(pick, count - 1)
-        physical = tl.sum(tl.where(x_idx[None, :] == pick[:, None], row, 0), axis=1)
+        row = tl.gather(multi_row, e, 0)
+        gpu_mask = valid[:, None] & (g_idx[None, :] < num_gpus)
+        gpus = tl.load(slot_on_gpu_ptr + e[:, None] * num_gpus + g_idx[None, :], mask=gpu_mask, other=-1)
+        hosted = gpus >= 0
+        last = tl.max(tl.where(hosted, g_idx[None, :], -1), axis=1)
+        first_gpu = tl.min(tl.where(hosted, g_idx[None, :], BG), axis=1)
+        quota = tl.reshape(tl.gather(cumulative, tl.reshape(tl.maximum(row, 0)[:, None] * BG + g_idx[None, :],
+                                                            [TILE * BG]), 0), [TILE, BG])
+        pick = tl.sum(((quota <= position[:, None] + 0.5) & gpu_mask).to(tl.int32), axis=1)
+        pick = tl.where(row >= 0, tl.minimum(pick, last), first_gpu)
+        physical = tl.sum(tl.where(g_idx[None, :] == pick[:, None], gpus, 0), axis=1)
         physical = tl.where(valid, physical, -1)
         tl.store(out_ptr + tile_start + s_lane, physical.to(tl.int64), mask=tile_start + s_lane < num_ids)
         if COUNT:
