@@ -87,6 +87,7 @@ def synthetic_ids(num_passes: int, tokens: int, seed: int = 0) -> np.ndarray:
 def time_variants(tokens: int, *, num_layers: int, replays: int) -> dict:
     """Per-layer microseconds of every variant, graph-captured and eager (CUDA)."""
     from eplb_plugin.kernels.dynamic import dynamic_dispatch_triton, scratch_numel
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
 
     gen = torch.Generator().manual_seed(tokens)
     popularity = torch.distributions.Gamma(0.5, 1.0).sample((num_layers, NUM_EXPERTS))
@@ -105,6 +106,8 @@ def time_variants(tokens: int, *, num_layers: int, replays: int) -> dict:
         "static_lookup_and_count": lambda layer: map_and_count(ids[layer], static, counts, layer, out=out),
         "count_only": lambda layer: count_topk(physical, counts, layer),
         "minmax_triton": lambda layer: triton_minmax.dispatch(layer, ids[layer], counts_out=counts),
+        **{f"minmax_triton_{w}_warps": (lambda layer, w=w: minmax_dispatch_triton(
+            ids[layer], layer=layer, dispatcher=triton_minmax, counts_out=counts, num_warps=w)) for w in (1, 4)},
         "minmax_torch": lambda layer: torch_minmax.dispatch(layer, ids[layer]),
         "dynamic_single_program": lambda layer: dynamic_dispatch_triton(
             ids[layer], triton_minmax.logical_to_physical_map[layer], num_local=NUM_SLOTS // EP, num_gpus=EP,

@@ -33,10 +33,13 @@ if TYPE_CHECKING:
 MAX_TILE = 256  # pairs ranked together by one sort
 MIN_TILE = 32
 TILE_ELEMENTS = 2048  # elements of the [tile, G] per-pair tables of one step
+PREFIX_TILES = 16  # more tiles than this: prefix sums by one scan, not a loop in every program
+NUM_WARPS = 2
 
 
 def minmax_dispatch_triton(
     topk_ids: torch.Tensor, *, layer: int, dispatcher: ExpertDispatcher, counts_out: torch.Tensor | None = None,
+    num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     Returns [T, k] int64 physical slots (-1 kept). counts_out: optional [L, P] int32
@@ -59,10 +62,14 @@ def minmax_dispatch_triton(
     nb = _next_pow2(num_experts + 1)  # one bin past the experts for padding
     hist = torch.empty(num_tiles * nb, dtype=torch.int32, device=flat.device)
     k.minmax_histogram_kernel[(num_tiles,)](flat, hist, num_ids, num_experts, TILE=tile, NB=nb)
+    prefix = num_tiles > PREFIX_TILES
+    if prefix:  # [num_tiles + 1, nb]: pairs before each tile, then all (one scan instead of each program's loop)
+        hist = torch.cat([torch.zeros_like(hist[:nb]), hist]).view(num_tiles + 1, nb).cumsum(0, dtype=torch.int32)
     glob = dispatcher.count_world > 1
     totals = hist
     if glob:
-        local = hist.view(num_tiles, nb)[:, :num_experts].sum(0, dtype=torch.int64)
+        per_tile = hist.view(-1, nb)
+        local = (per_tile[-1] if prefix else per_tile.sum(0, dtype=torch.int32))[:num_experts].long()
         total, offset = dispatcher.pass_counts(local)
         totals = torch.cat([total, offset]).to(torch.int32)
     iters = -(-num_tiles // MAX_PROGRAMS)
@@ -75,7 +82,7 @@ def minmax_dispatch_triton(
         tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer],
         tables.multi_row[layer], tables.slot_on_gpu[layer],
         num_ids, num_tiles, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots, MINMAX_MOMENTUM,
-        GLOBAL=glob, COUNT=counts_out is not None, ITERATIONS=MINMAX_ITERATIONS, TILE=tile, NB=nb,
-        BM=_next_pow2(num_multi), BG=bg, BS=_next_pow2(slots_per_gpu), NPB=_next_pow2(num_slots + 1), num_warps=4,
+        PREFIX=prefix, GLOBAL=glob, COUNT=counts_out is not None, ITERATIONS=MINMAX_ITERATIONS, TILE=tile, NB=nb,
+        BM=_next_pow2(num_multi), BG=bg, BS=_next_pow2(slots_per_gpu), NPB=_next_pow2(num_slots + 1), num_warps=num_warps,
     )
     return out.view(topk_ids.shape)

@@ -27,7 +27,8 @@ def minmax_histogram_kernel(
 @triton.jit
 def minmax_assign_kernel(
     ids_ptr,  # [num_ids] logical ids (as above)
-    hist_ptr,  # [num_tiles, NB] int32 from minmax_histogram_kernel
+    hist_ptr,  # [num_tiles, NB] int32 from minmax_histogram_kernel; PREFIX: [num_tiles + 1, NB] its
+    #            exclusive prefix sums over tiles (row t: pairs before tile t; last row: all)
     totals_ptr,  # GLOBAL only: [2 * num_experts] int32, the pass's tokens per expert, then this rank's offsets
     out_ptr,  # [num_ids] int64 output: the physical slot of each pair (-1 for padding)
     counts_ptr,  # COUNT only: [L, P] int32 recorder counts
@@ -39,7 +40,7 @@ def minmax_assign_kernel(
     slot_on_gpu_ptr,  # [E, G] int64, the expert's first slot on each GPU (-1: none)
     num_ids, num_tiles, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots,
     momentum,
-    GLOBAL: tl.constexpr, COUNT: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr,
+    PREFIX: tl.constexpr, GLOBAL: tl.constexpr, COUNT: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr,
     NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr,
 ):
     """Every program: the split of the whole pass (the same in all programs), then the slots
@@ -49,12 +50,16 @@ def minmax_assign_kernel(
     bins = tl.arange(0, NB)
     is_expert = bins < num_experts
     # Step 1: the pass's tokens per expert, and the tokens before this program's first tile.
-    total = tl.zeros([NB], dtype=tl.int32)
-    before = tl.zeros([NB], dtype=tl.int32)
-    for t in range(0, num_tiles):
-        h = tl.load(hist_ptr + t * NB + bins)
-        total += h
-        before += tl.where(t < first, h, 0)
+    if PREFIX:  # many tiles: two rows of the prefix sums
+        total = tl.load(hist_ptr + num_tiles * NB + bins)
+        before = tl.load(hist_ptr + first * NB + bins)
+    else:  # few tiles: sum them here (no extra launch)
+        total = tl.zeros([NB], dtype=tl.int32)
+        before = tl.zeros([NB], dtype=tl.int32)
+        for t in range(0, num_tiles):
+            h = tl.load(hist_ptr + t * NB + bins)
+            total += h
+            before += tl.where(t < first, h, 0)
     if GLOBAL:
         total = tl.load(totals_ptr + bins, mask=is_expert, other=0)
         before += tl.load(totals_ptr + num_experts + bins, mask=is_expert, other=0)
@@ -80,9 +85,9 @@ def minmax_assign_kernel(
     x = equal
     prev = equal
     best = equal
-    best_peak = tl.max(base + tl.sum(equal, axis=0), axis=0)
+    load = base + tl.sum(equal, axis=0)
+    best_peak = tl.max(load, axis=0)
     for _ in tl.static_range(ITERATIONS):
-        load = base + tl.sum(x, axis=0)
         level = tl.sum(inc * load[None, :], axis=1) / degree
         y = tl.maximum(x + step * (level[:, None] - load[None, :]), 0.0) * inc
         y_sum = tl.sum(y, axis=1)
@@ -91,7 +96,8 @@ def minmax_assign_kernel(
         z_sum = tl.sum(z, axis=1)
         x = tl.where(z_sum[:, None] > 0, z * (demand / tl.maximum(z_sum, 1e-30))[:, None], y)
         prev = y
-        peak = tl.max(base + tl.sum(x, axis=0), axis=0)
+        load = base + tl.sum(x, axis=0)
+        peak = tl.max(load, axis=0)
         best = tl.where(peak < best_peak, x, best)
         best_peak = tl.minimum(peak, best_peak)
     cumulative = tl.reshape(tl.cumsum(best, axis=1), [BM * BG])  # each expert's GPU quotas, in GPU order
