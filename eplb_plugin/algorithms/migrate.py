@@ -93,14 +93,16 @@ def _count_in(gpu_slots: np.ndarray, other: np.ndarray) -> np.ndarray:
     return (gpu_slots[..., :, None] == other[..., None, :]).sum(-1)
 
 
-def _shared_labels(new_gpus: np.ndarray, old_gpus: np.ndarray) -> np.ndarray:
-    """[L, G, S] twice -> [L, G, G] int64: labels (expert, occurrence within the GPU) that new
-    GPU a and old GPU b share, i.e. the multiset overlap of their experts."""
+def _shared_labels(new_gpus: np.ndarray, old_gpus: np.ndarray, rank_new: np.ndarray,
+                   rank_old: np.ndarray) -> np.ndarray:
+    """[L, G, S] experts and their ``_occurrence_rank``, new and old -> [L, G, G] int64: labels
+    (expert, occurrence within the GPU) that new GPU a and old GPU b share, i.e. the multiset
+    overlap of their experts."""
     num_layers, num_gpus, per_gpu = new_gpus.shape
     span = (int(max(new_gpus.max(), old_gpus.max())) + 1) * per_gpu
     layer = np.arange(num_layers)[:, None, None] * span
-    key_new = (layer + new_gpus * per_gpu + _occurrence_rank(new_gpus)).ravel()
-    key_old = (layer + old_gpus * per_gpu + _occurrence_rank(old_gpus)).ravel()
+    key_new = (layer + new_gpus * per_gpu + rank_new).ravel()
+    key_old = (layer + old_gpus * per_gpu + rank_old).ravel()
     gpu = np.broadcast_to(np.arange(num_gpus)[None, :, None], new_gpus.shape).ravel()
     order = np.argsort(key_old, kind="stable")
     sorted_old = key_old[order]
@@ -131,7 +133,8 @@ def align_to_previous(new: np.ndarray, previous: np.ndarray, *, num_gpus: int) -
     # Step 1: match new GPUs to old GPUs by the multiset overlap of their experts. A slot's
     # label (expert, occurrence within its GPU) is unique per GPU, so the overlap of two GPUs
     # is the number of labels they share.
-    overlap = _shared_labels(new_gpus, old_gpus)  # [L, G new, G old]
+    rank_new, rank_old = _occurrence_rank(new_gpus), _occurrence_rank(old_gpus)
+    overlap = _shared_labels(new_gpus, old_gpus, rank_new, rank_old)  # [L, G new, G old]
     source = np.empty((num_layers, num_gpus), dtype=np.int64)  # new GPU placed on each old GPU
     for layer in range(num_layers):
         src, dst = linear_sum_assignment(-overlap[layer])
@@ -140,8 +143,8 @@ def align_to_previous(new: np.ndarray, previous: np.ndarray, *, num_gpus: int) -
     # Step 2: inside each GPU, an old slot keeps its expert while the new GPU has a copy left
     # (the k-th copy in slot order stays if the new GPU holds more than k copies); new copies
     # matched that way are used up first in their own order.
-    kept = _count_in(old_gpus, todo) > _occurrence_rank(old_gpus)
-    used = _occurrence_rank(todo) < _count_in(todo, old_gpus)
+    kept = _count_in(old_gpus, todo) > rank_old
+    used = np.take_along_axis(rank_new, source[:, :, None], axis=1) < _count_in(todo, old_gpus)
     # Step 3: the remaining new experts, last first, fill the freed slots in slot order.
     position = np.arange(per_gpu)
     free_slots = np.argsort(kept, axis=-1, kind="stable")
@@ -149,7 +152,8 @@ def align_to_previous(new: np.ndarray, previous: np.ndarray, *, num_gpus: int) -
     fill = position < (~kept).sum(-1, keepdims=True)
     out = np.where(kept, old_gpus, -1)
     layer_idx, gpu_idx, k = np.nonzero(fill)
-    out[layer_idx, gpu_idx, free_slots[layer_idx, gpu_idx, k]] = todo[layer_idx, gpu_idx, remaining[layer_idx, gpu_idx, k]]
+    source_slot = remaining[layer_idx, gpu_idx, k]
+    out[layer_idx, gpu_idx, free_slots[layer_idx, gpu_idx, k]] = todo[layer_idx, gpu_idx, source_slot]
     return out.reshape(num_layers, num_slots)
 
 

@@ -86,8 +86,10 @@ def assign_gpus_to_nodes(weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: i
     slot_load = np.take_along_axis(weight / np.maximum(count, 1), phy2log, axis=1)
     slot_node = np.take_along_axis(home, phy2log // (num_logical // num_groups), axis=1)
     cell = (np.arange(num_layers)[:, None] * num_gpus + np.arange(num_slots) // per_gpu) * num_nodes + slot_node
-    affinity = np.bincount(cell.ravel(), weights=slot_load.ravel(), minlength=num_layers * num_gpus * num_nodes)
-    cost = -np.repeat(affinity.reshape(num_layers, num_gpus, num_nodes), gpus_per_node, axis=2)  # column = node position
+    affinity = np.bincount(cell.ravel(), weights=slot_load.ravel(),
+                           minlength=num_layers * num_gpus * num_nodes)
+    # column = node position
+    cost = -np.repeat(affinity.reshape(num_layers, num_gpus, num_nodes), gpus_per_node, axis=2)
     slots = np.arange(num_slots).reshape(num_gpus, per_gpu)
     out = np.empty_like(phy2log)
     for layer in range(num_layers):
