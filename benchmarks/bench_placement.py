@@ -1,6 +1,8 @@
 """Placement quality and solver time: the project's policy beside DeepSeek's recipe.
 
 Usage: python benchmarks/bench_placement.py   (writes benchmarks/results/placement_cpu.json)
+       python benchmarks/bench_placement.py --speed-only [repeats]   (solver timings only,
+           side by side with DeepSeek's recipe; writes benchmarks/results/placement_speed_cpu.json)
 Traces from ../shared/traces (or $EPLB_TRACES_DIR). CPU only; one thread for solver timings.
 """
 
@@ -74,21 +76,40 @@ def deepseek_like(num_layers: int = 58, seed: int = 0) -> np.ndarray:
     return rng.zipf(1.8, size=(num_layers, 256)).clip(max=200) * np.repeat(group_share, 32, axis=1) * 100
 
 
-def solver_time() -> dict:
+SPEED_SHAPES = {"flat": dict(num_gpus=32), "4_nodes_8_groups": dict(num_gpus=32, num_nodes=4, num_groups=8)}
+SPEED_POLICIES = ("deepseek", "deepseek_hierarchical", "eplb_plugin_equal", "auto")
+
+
+def solver_time(repeats: int = TIMING_REPEATS) -> dict:
+    """Planner wall time, 58 layers x 256 experts -> 288 slots on 32 GPUs, one thread.
+
+    Every policy runs once per repeat, interleaved, so a load spike on the machine hits all
+    of them alike; medians are reported with each policy's ratio to DeepSeek's recipe
+    measured in the same run. ``eplb_plugin_equal+previous`` is the migration-aware re-plan
+    (previous placement: DeepSeek's on counts from another seed).
+    """
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    cases = {"zipf1.6": torch.from_numpy(rng.zipf(1.6, size=(58, 256)).astype(np.float64).clip(max=1e5)),
-             "deepseek_v3_like": torch.from_numpy(deepseek_like())}
-    out = {}
-    for case, counts in cases.items():
-        for name in ("deepseek", "auto", "eplb_plugin_equal"):
-            plan(counts, num_physical_experts=288, num_gpus=32, algorithm=name)
-            times = []
-            for _ in range(TIMING_REPEATS):
-                t = time.perf_counter()
-                plan(counts, num_physical_experts=288, num_gpus=32, algorithm=name)
-                times.append(time.perf_counter() - t)
-            out[f"{case}/{name}"] = 1e3 * float(np.median(times))
+    cases = {"zipf1.6": rng.zipf(1.6, size=(58, 256)).astype(np.float64).clip(max=1e5),
+             "deepseek_v3_like": deepseek_like()}
+    out: dict = {"repeats": repeats, "ms": {}, "ratio_to_deepseek": {}}
+    for case, w in cases.items():
+        counts = torch.from_numpy(w)
+        previous = plan(torch.from_numpy(deepseek_like(seed=1)), num_physical_experts=288, num_gpus=32,
+                        algorithm="deepseek")
+        for shape, kw in SPEED_SHAPES.items():
+            runs = {name: dict(algorithm=name, **kw) for name in SPEED_POLICIES}
+            runs["eplb_plugin_equal+previous"] = dict(algorithm="eplb_plugin_equal", previous=previous, **kw)
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            for rep in range(repeats + 1):  # the first round warms up and is not counted
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    plan(counts, num_physical_experts=288, **run)
+                    if rep:
+                        times[name].append(time.perf_counter() - start)
+            ms = {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+            out["ms"][f"{case}/{shape}"] = ms
+            out["ratio_to_deepseek"][f"{case}/{shape}"] = {name: v / ms["deepseek"] for name, v in ms.items()}
     return out
 
 
@@ -114,11 +135,30 @@ def node_aware() -> list[dict]:
     return rows
 
 
+def print_solver_time(res: dict) -> None:
+    print(f"solver ms, 58x256 -> 288 on 32 GPUs, 1 thread, median of {res['repeats']} (x DeepSeek's recipe, same run)")
+    for key, ms in res["ms"].items():
+        ratio = res["ratio_to_deepseek"][key]
+        print(f" {key:<34} " + "  ".join(f"{name} {v:.1f} ({ratio[name]:.1f}x)" for name, v in ms.items()))
+
+
+def speed_only(repeats: int) -> None:
+    """``--speed-only``: just the side-by-side solver timings, to results/placement_speed_cpu.json."""
+    report = {"machine": machine(), "command": f"python benchmarks/bench_placement.py --speed-only {repeats}",
+              "solver_ms_58x256_to_288_on_32gpus_1thread": solver_time(repeats)}
+    print_solver_time(report["solver_ms_58x256_to_288_on_32gpus_1thread"])
+    out = ROOT / "benchmarks" / "results" / "placement_speed_cpu.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__, "cpu_count": os.cpu_count()}
+
+
 def main() -> None:
-    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "python": platform.python_version(), "torch": torch.__version__,
-                          "numpy": np.__version__, "cpu_count": os.cpu_count()},
-              "command": "python benchmarks/bench_placement.py"}
+    report = {"machine": machine(), "command": "python benchmarks/bench_placement.py"}
     report["in_sample_qwen3"] = in_sample()
     print("in-sample Qwen3-235B (balancedness)\n ep  red  naive   deepseek ours_eq  ours_w   (ours_w map, equal split)")
     for r in report["in_sample_qwen3"]:
@@ -133,8 +173,7 @@ def main() -> None:
               + f"  moved {r['slots_moved_share_mean']:.1%} (excl. first {r.get('slots_moved_share_mean_excl_first', 0):.1%},"
               f" max {r['slots_moved_share_max']:.1%}); solver {r['solver_ms_mean']:.1f} ms")
     report["solver_ms_58x256_to_288_on_32gpus_1thread"] = solver_time()
-    print("solver ms (58x256 -> 288 on 32 GPUs, 1 thread):",
-          {k: round(v, 1) for k, v in report["solver_ms_58x256_to_288_on_32gpus_1thread"].items()})
+    print_solver_time(report["solver_ms_58x256_to_288_on_32gpus_1thread"])
     report["node_aware_8_groups"] = node_aware()
     print("node-aware (8 groups): balancedness / cross-node share / group locality")
     for r in report["node_aware_8_groups"]:
@@ -146,4 +185,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--speed-only":
+        speed_only(int(sys.argv[2]) if len(sys.argv) > 2 else TIMING_REPEATS)
+    else:
+        main()

@@ -110,3 +110,26 @@ def test_node_aware_does_not_collapse_and_keeps_traffic_local(num_gpus, num_node
         loc = [group_locality(counts.numpy(), p.physical_to_logical_map.numpy(), num_nodes=num_nodes, num_groups=8)
                for p in (ours, flat)]
         assert loc[0] > loc[1]
+
+
+# Balancedness under equal split of the equal-split policy on 2026-12-06 (rounded down to 1e-6):
+# a faster planner must not trade these away.
+EQUAL_SPLIT_FLOOR = [
+    ("qwen3", 8, 1, 128, 0.999959), ("qwen3", 16, 1, 144, 0.999679), ("qwen3", 32, 1, 160, 0.995657),
+    ("qwen3", 64, 1, 192, 0.965628), ("qwen3", 16, 2, 144, 0.998399), ("qwen3", 64, 8, 192, 0.965628),
+    ("intent", 8, 1, 72, 0.999608), ("intent", 16, 1, 80, 0.998310),
+    ("law", 8, 1, 72, 0.999682), ("law", 16, 1, 80, 0.998901),
+]
+
+
+@pytest.mark.parametrize(("source", "num_gpus", "num_nodes", "num_physical", "floor"), EQUAL_SPLIT_FLOOR)
+def test_equal_split_policy_keeps_its_balancedness_on_real_counts(source, num_gpus, num_nodes, num_physical, floor):
+    """Qwen3-235B counts and the ESFT traces (whole trace summed), 8 groups where there are nodes."""
+    if source == "qwen3":
+        counts = _qwen3()
+    else:
+        ids = np.load(trace_path(f"esft_dsv2lite_{source}_top6.npz"))["topk_ids"]
+        counts = torch.from_numpy(pass_counts(ids, num_logical=64, pass_tokens=256).sum(0))
+    p = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus, num_nodes=num_nodes,
+             num_groups=8 if num_nodes > 1 else None, algorithm="eplb_plugin_equal")
+    assert placement_balancedness(counts, p.physical_to_logical_map, num_gpus) >= floor

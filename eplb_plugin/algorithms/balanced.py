@@ -97,37 +97,49 @@ def refine_swaps(phy2log: np.ndarray, slot_load: np.ndarray, num_gpus: int, *, i
     """Swap slots between the heaviest GPU and a few light ones, in place.
 
     phy2log, slot_load: [L, P]. A swap is taken only if it lowers the heaviest GPU's load
-    and the partner stays below the old maximum.
+    and the partner stays below the old maximum. A row without such a swap is left alone
+    from then on (its state, hence its answer, would not change), so later iterations work
+    on the rows still improving only.
     """
     num_layers, num_slots = slot_load.shape
     per_gpu = num_slots // num_gpus
     partners = min(SWAP_PARTNERS, num_gpus - 1)
     if partners < 1 or per_gpu < 1:
         return
-    rows = np.arange(num_layers)
+    width = partners * per_gpu
+    own = np.arange(per_gpu)
+    active = np.arange(num_layers)
     for _ in range(iters):
-        g = gpu_sum(slot_load, num_gpus)
+        n = active.size
+        base = (np.arange(n) * num_slots)[:, None]
+        loads = slot_load[active]
+        g = loads.reshape(n, num_gpus, per_gpu).sum(-1)
         by_load = np.argsort(g, axis=1)
-        heavy = by_load[:, -1]
-        light = by_load[:, :partners]
-        heavy_slots = heavy[:, None] * per_gpu + np.arange(per_gpu)
-        light_slots = (light[:, :, None] * per_gpu + np.arange(per_gpu)).reshape(num_layers, -1)
-        xa = np.take_along_axis(slot_load, heavy_slots, axis=1)[:, :, None]
-        xb = np.take_along_axis(slot_load, light_slots, axis=1)[:, None, :]
-        gh = g[rows, heavy][:, None, None]
-        gl = np.repeat(np.take_along_axis(g, light, axis=1), per_gpu, axis=1)[:, None, :]
+        heavy_slots = by_load[:, -1:] * per_gpu + own  # [n, S]
+        light_slots = (by_load[:, :partners, None] * per_gpu + own).reshape(n, width)
+        flat = loads.ravel()
+        xa = flat[heavy_slots + base][:, :, None]
+        xb = flat[light_slots + base][:, None, :]
+        gh = g.max(1)[:, None, None]
+        gl = np.repeat(np.take_along_axis(g, by_load[:, :partners], axis=1), per_gpu, axis=1)[:, None, :]
+        # gain = gh - max(gh - delta, gl + delta) where delta > 0, else 0 (in place: these
+        # [n, S, partners * S] arrays are most of the planner's time).
         delta = xa - xb
-        new_peak = np.maximum(gh - delta, gl + delta)
-        gain = np.where(delta > 0, gh - new_peak, 0.0).reshape(num_layers, -1)
+        gain = gh - delta
+        np.maximum(gain, np.add(gl, delta), out=gain)
+        np.subtract(gh, gain, out=gain)
+        np.copyto(gain, 0.0, where=delta <= 0)
+        gain = gain.reshape(n, -1)
         best = gain.argmax(1)
-        ok = gain[rows, best] > 1e-9 * (gh[:, 0, 0] + 1e-30)
+        ok = gain[np.arange(n), best] > 1e-9 * (gh[:, 0, 0] + 1e-30)
         if not ok.any():
             return
-        r = rows[ok]
-        a = heavy_slots[r, best[ok] // light_slots.shape[1]]
-        b = light_slots[r, best[ok] % light_slots.shape[1]]
+        r = active[ok]
+        a = heavy_slots[ok, best[ok] // width]
+        b = light_slots[ok, best[ok] % width]
         phy2log[r, a], phy2log[r, b] = phy2log[r, b], phy2log[r, a].copy()
         slot_load[r, a], slot_load[r, b] = slot_load[r, b], slot_load[r, a].copy()
+        active = r
 
 
 def pack_counts(weight: np.ndarray, count: np.ndarray, num_gpus: int) -> np.ndarray:

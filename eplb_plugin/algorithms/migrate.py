@@ -80,40 +80,81 @@ def plan_incremental(
     return phy2log, weights
 
 
+def _occurrence_rank(gpu_slots: np.ndarray) -> np.ndarray:
+    """[..., S] experts of one GPU's slots -> [..., S] how many earlier slots of that GPU hold the same expert."""
+    per_gpu = gpu_slots.shape[-1]
+    same = gpu_slots[..., :, None] == gpu_slots[..., None, :]
+    earlier = np.tri(per_gpu, k=-1, dtype=bool)
+    return (same & earlier).sum(-1)
+
+
+def _count_in(gpu_slots: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """[..., S], [..., S] -> [..., S]: copies of each slot's expert among ``other``'s slots."""
+    return (gpu_slots[..., :, None] == other[..., None, :]).sum(-1)
+
+
+def _shared_labels(new_gpus: np.ndarray, old_gpus: np.ndarray, rank_new: np.ndarray,
+                   rank_old: np.ndarray) -> np.ndarray:
+    """[L, G, S] experts and their ``_occurrence_rank``, new and old -> [L, G, G] int64: labels
+    (expert, occurrence within the GPU) that new GPU a and old GPU b share, i.e. the multiset
+    overlap of their experts."""
+    num_layers, num_gpus, per_gpu = new_gpus.shape
+    span = (int(max(new_gpus.max(), old_gpus.max())) + 1) * per_gpu
+    layer = np.arange(num_layers)[:, None, None] * span
+    key_new = (layer + new_gpus * per_gpu + rank_new).ravel()
+    key_old = (layer + old_gpus * per_gpu + rank_old).ravel()
+    gpu = np.broadcast_to(np.arange(num_gpus)[None, :, None], new_gpus.shape).ravel()
+    order = np.argsort(key_old, kind="stable")
+    sorted_old = key_old[order]
+    lo = np.searchsorted(sorted_old, key_new, side="left")
+    hits = np.searchsorted(sorted_old, key_new, side="right") - lo  # old slots with this label
+    # Step: one (new slot, old slot) pair per shared label, counted per (layer, new GPU, old GPU).
+    pair_new = np.repeat(np.arange(key_new.size), hits)
+    first = np.repeat(lo - np.cumsum(hits) + hits, hits)
+    pair_old = order[first + np.arange(pair_new.size)]
+    layer_of = pair_new // (num_gpus * per_gpu)
+    cell = (layer_of * num_gpus + gpu[pair_new]) * num_gpus + gpu[pair_old]
+    return np.bincount(cell, minlength=num_layers * num_gpus * num_gpus).reshape(num_layers, num_gpus, num_gpus)
+
+
 def align_to_previous(new: np.ndarray, previous: np.ndarray, *, num_gpus: int) -> np.ndarray:
     """Relabel GPUs and reorder slots inside each GPU of ``new`` so that as many slots as
     possible keep the expert they hold in ``previous`` (same GPU-level sets, fewer moves).
 
-    new, previous: [L, P] int64. Returns [L, P] int64.
+    new, previous: [L, P] int64. Returns [L, P] int64. Vectorized over layers; only the
+    GPU matching (scipy's linear assignment) runs once per layer.
     """
     from scipy.optimize import linear_sum_assignment
 
     num_layers, num_slots = new.shape
     per_gpu = num_slots // num_gpus
-    num_logical = int(max(new.max(), previous.max())) + 1
-    out = np.empty_like(new)
+    new_gpus = new.reshape(num_layers, num_gpus, per_gpu)
+    old_gpus = previous.reshape(num_layers, num_gpus, per_gpu)
+    # Step 1: match new GPUs to old GPUs by the multiset overlap of their experts. A slot's
+    # label (expert, occurrence within its GPU) is unique per GPU, so the overlap of two GPUs
+    # is the number of labels they share.
+    rank_new, rank_old = _occurrence_rank(new_gpus), _occurrence_rank(old_gpus)
+    overlap = _shared_labels(new_gpus, old_gpus, rank_new, rank_old)  # [L, G new, G old]
+    source = np.empty((num_layers, num_gpus), dtype=np.int64)  # new GPU placed on each old GPU
     for layer in range(num_layers):
-        # Step 1: match new GPUs to old GPUs by the multiset overlap of their experts.
-        occ_new = np.zeros((num_gpus, num_logical), dtype=np.int64)
-        occ_old = np.zeros((num_gpus, num_logical), dtype=np.int64)
-        np.add.at(occ_new, (np.arange(num_slots) // per_gpu, new[layer]), 1)
-        np.add.at(occ_old, (np.arange(num_slots) // per_gpu, previous[layer]), 1)
-        overlap = np.minimum(occ_new[:, None, :], occ_old[None, :, :]).sum(-1)
-        src, dst = linear_sum_assignment(-overlap)
-        # Step 2: inside each GPU, experts already there keep their slot.
-        for g_new, g_old in zip(src, dst):
-            old = list(previous[layer, g_old * per_gpu:(g_old + 1) * per_gpu])
-            todo = list(new[layer, g_new * per_gpu:(g_new + 1) * per_gpu])
-            slot = [-1] * per_gpu
-            for i, e in enumerate(old):
-                if e in todo:
-                    slot[i] = e
-                    todo.remove(e)
-            for i in range(per_gpu):
-                if slot[i] < 0:
-                    slot[i] = todo.pop()
-            out[layer, g_old * per_gpu:(g_old + 1) * per_gpu] = slot
-    return out
+        src, dst = linear_sum_assignment(-overlap[layer])
+        source[layer, dst] = src
+    todo = np.take_along_axis(new_gpus, source[:, :, None], axis=1)  # [L, G, S], in old GPU order
+    # Step 2: inside each GPU, an old slot keeps its expert while the new GPU has a copy left
+    # (the k-th copy in slot order stays if the new GPU holds more than k copies); new copies
+    # matched that way are used up first in their own order.
+    kept = _count_in(old_gpus, todo) > rank_old
+    used = np.take_along_axis(rank_new, source[:, :, None], axis=1) < _count_in(todo, old_gpus)
+    # Step 3: the remaining new experts, last first, fill the freed slots in slot order.
+    position = np.arange(per_gpu)
+    free_slots = np.argsort(kept, axis=-1, kind="stable")
+    remaining = np.argsort(np.where(used, per_gpu, -position), axis=-1, kind="stable")
+    fill = position < (~kept).sum(-1, keepdims=True)
+    out = np.where(kept, old_gpus, -1)
+    layer_idx, gpu_idx, k = np.nonzero(fill)
+    source_slot = remaining[layer_idx, gpu_idx, k]
+    out[layer_idx, gpu_idx, free_slots[layer_idx, gpu_idx, k]] = todo[layer_idx, gpu_idx, source_slot]
+    return out.reshape(num_layers, num_slots)
 
 
 def plan_migration_aware(

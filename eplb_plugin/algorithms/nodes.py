@@ -78,18 +78,22 @@ def assign_gpus_to_nodes(weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: i
         home, _ = balanced_packing(group_load, num_nodes)
     else:
         home = np.broadcast_to(np.arange(num_groups) % num_nodes, group_load.shape)
-    # Step 2: each GPU's load per home node, then GPUs to node positions by linear assignment.
+    # Step 2: each GPU's load per home node (all layers at once), then GPUs to node positions
+    # by linear assignment (scipy solves one layer per call).
+    num_slots = phy2log.shape[1]
     flat = (phy2log + num_logical * np.arange(num_layers)[:, None]).ravel()
     count = np.bincount(flat, minlength=num_layers * num_logical).reshape(num_layers, num_logical)
     slot_load = np.take_along_axis(weight / np.maximum(count, 1), phy2log, axis=1)
     slot_node = np.take_along_axis(home, phy2log // (num_logical // num_groups), axis=1)
+    cell = (np.arange(num_layers)[:, None] * num_gpus + np.arange(num_slots) // per_gpu) * num_nodes + slot_node
+    affinity = np.bincount(cell.ravel(), weights=slot_load.ravel(),
+                           minlength=num_layers * num_gpus * num_nodes)
+    # column = node position
+    cost = -np.repeat(affinity.reshape(num_layers, num_gpus, num_nodes), gpus_per_node, axis=2)
+    slots = np.arange(num_slots).reshape(num_gpus, per_gpu)
     out = np.empty_like(phy2log)
-    slots = np.arange(phy2log.shape[1]).reshape(num_gpus, per_gpu)
     for layer in range(num_layers):
-        affinity = np.zeros((num_gpus, num_nodes))
-        np.add.at(affinity, (np.arange(phy2log.shape[1]) // per_gpu, slot_node[layer]), slot_load[layer])
-        cost = -np.repeat(affinity, gpus_per_node, axis=1)  # column = node position
-        gpu, pos = linear_sum_assignment(cost)
+        gpu, pos = linear_sum_assignment(cost[layer])
         out[layer] = slots[gpu[np.argsort(pos)]].ravel()
     return out
 

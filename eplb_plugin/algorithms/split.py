@@ -54,20 +54,26 @@ def waterfill_slot_loads(
     movable = slot_count > 1
     if not movable.any():
         return x
-    slot_gpu = np.arange(num_slots) // slots_per_gpu
-    flat_expert = (phy2log + num_logical * np.arange(rows)[:, None]).ravel()
-    movable_per_gpu = movable.reshape(rows, num_gpus, slots_per_gpu).sum(-1)
-    step = np.where(movable, 1.0 / np.maximum(movable_per_gpu[:, slot_gpu], 1), 0.0)
-    expert_load = np.take_along_axis(load, phy2log, axis=1)
+    # Only replicated experts' slots move: iterate on those (flat), with each GPU's fixed
+    # load (its single-replica slots) added once.
+    row_of, slot_of = np.nonzero(movable)
+    gpu_of = row_of * num_gpus + slot_of // slots_per_gpu
+    expert_of = row_of * num_logical + phy2log[row_of, slot_of]
+    fixed = np.bincount(np.arange(rows * num_gpus).repeat(slots_per_gpu), weights=np.where(movable, 0.0, x).ravel(),
+                        minlength=rows * num_gpus)
+    movable_per_gpu = np.bincount(gpu_of, minlength=rows * num_gpus)
+    step = 1.0 / movable_per_gpu[gpu_of]
+    replicas = count.ravel()
+    per_slot_replicas = replicas[expert_of]
+    own = np.take_along_axis(load, phy2log, axis=1)[row_of, slot_of]
+    share = x[row_of, slot_of]
     # Step 2: diffuse: move each slot toward its expert's mean GPU load.
     for _ in range(iters):
-        g = x.reshape(rows, num_gpus, slots_per_gpu).sum(-1)[:, slot_gpu]
-        mean_g = np.bincount(flat_expert, weights=g.ravel(), minlength=rows * num_logical)
-        mean_g = mean_g.reshape(rows, num_logical) / np.maximum(count, 1)
-        x = x + step * (np.take_along_axis(mean_g, phy2log, axis=1) - g)
-        np.maximum(x, 0.0, out=x)
+        g = (fixed + np.bincount(gpu_of, weights=share, minlength=rows * num_gpus))[gpu_of]
+        mean_g = np.bincount(expert_of, weights=g, minlength=rows * num_logical)[expert_of] / per_slot_replicas
+        share = np.maximum(share + step * (mean_g - g), 0.0)
         # Step 3: renormalize so each expert's slots carry exactly its load.
-        total = np.bincount(flat_expert, weights=x.ravel(), minlength=rows * num_logical).reshape(rows, num_logical)
-        scale = np.take_along_axis(total, phy2log, axis=1)
-        x = np.where(scale > 0, x * expert_load / np.where(scale > 0, scale, 1.0), expert_load / slot_count)
+        scale = np.bincount(expert_of, weights=share, minlength=rows * num_logical)[expert_of]
+        share = np.where(scale > 0, share * own / np.where(scale > 0, scale, 1.0), own / per_slot_replicas)
+    x[row_of, slot_of] = share
     return x
