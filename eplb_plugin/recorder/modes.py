@@ -190,6 +190,11 @@ class PerTokenMode(PerPassMode):
             positions = getattr(forward_batch, "positions", None)
             if isinstance(positions, torch.Tensor):
                 self._metadata["positions"] = _to_host(positions)
+        # SGLang's per_token record keys: host values its scheduler already holds.
+        if forward_batch is not None:
+            self._metadata["extend_seq_lens"] = getattr(forward_batch, "extend_seq_lens_cpu", None)
+            mode = getattr(forward_batch, "forward_mode", None)
+            self._metadata["forward_mode"] = getattr(mode, "value", mode)
 
     def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
         tokens, top_k = topk_ids.shape
