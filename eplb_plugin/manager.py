@@ -121,7 +121,11 @@ class EPLBManager:
     planner: injectable for tests (default: algorithms.plan).
     layers_mover: moves a chunk of layers in one collective call, pipelined across layers
         (default: executor.move_layers); injectable for tests (e.g. with a fault_hook) and by
-        integrations (the SGLang adapter skips dense layers).
+        integrations (the SGLang adapter moves each run of like layers in its own call).
+    skip_rebalance: ``fn(window_balancedness) -> reason | None``, called on every rank at the
+        same pass once the window is summed; a reason skips the rebalance. Default: skip when
+        the window's balancedness is >= ``--eplb-min-rebalancing-utilization-threshold`` (a
+        host with another meaning for that flag, as SGLang, passes its own rule).
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class EPLBManager:
         plan_timeout_s: float = DEFAULT_PLAN_TIMEOUT_S,
         planner: Planner | None = None,
         layers_mover: Callable[..., Any] | None = None,
+        skip_rebalance: Callable[[float], str | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         if len(expert_weights) != location.num_layers:
@@ -172,6 +177,7 @@ class EPLBManager:
             planner = self._planner_process = PlannerProcess(self._algorithm)  # only rank 0 plans
         self.planner = planner or _default_planner
         self.layers_mover = layers_mover or _default_layers_mover
+        self.skip_rebalance = skip_rebalance or self._window_balanced
         self.clock = clock
         self.history: list[RebalanceRecord] = []
         self.num_passes = 0
@@ -217,6 +223,11 @@ class EPLBManager:
     @property
     def busy(self) -> bool:
         return self._state != "idle"
+
+    @property
+    def target_location(self) -> ExpertLocation | None:
+        """The placement the rebalance in progress moves to (None when none moves)."""
+        return self._target
 
     def on_forward_pass_end(self) -> None:
         """Advance the manager by one pass. Every rank calls it after every pass.
@@ -295,9 +306,9 @@ class EPLBManager:
         self._fill_achieved(record.balancedness_before)
         if physical.sum() == 0:
             return self._skip(record, "no tokens recorded in the window")
-        threshold = self.args.eplb_min_rebalancing_utilization_threshold
-        if record.balancedness_before >= threshold:
-            return self._skip(record, f"balancedness {record.balancedness_before:.4f} >= threshold {threshold}")
+        why = self.skip_rebalance(record.balancedness_before)
+        if why is not None:
+            return self._skip(record, why)
         record.layers = list(range(self.location.num_layers)) if layers is None else layers
         self._record = record
         self._counts = logical
@@ -311,6 +322,12 @@ class EPLBManager:
                 target=self._plan_in_background, args=(self._attempt,), name="eplb-planner", daemon=True
             )
             self._plan_thread.start()
+
+    def _window_balanced(self, window_balancedness: float) -> str | None:
+        threshold = self.args.eplb_min_rebalancing_utilization_threshold
+        if window_balancedness >= threshold:
+            return f"balancedness {window_balancedness:.4f} >= threshold {threshold}"
+        return None
 
     def _plan_in_background(self, attempt: _PlanAttempt) -> None:
         try:
