@@ -126,6 +126,10 @@ class EPLBManager:
         same pass once the window is summed; a reason skips the rebalance. Default: skip when
         the window's balancedness is >= ``--eplb-min-rebalancing-utilization-threshold`` (a
         host with another meaning for that flag, as SGLang, passes its own rule).
+    ready_to_move: ``fn(target_location) -> bool``, called on every rank at each pass
+        boundary where a chunk would move; False postpones the chunk to the next pass (every
+        rank must answer the same: agree by a collective). Lets a host prepare its own view of
+        the target (SGLang's dispatch metadata) off the serving thread. Default: always ready.
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class EPLBManager:
         planner: Planner | None = None,
         layers_mover: Callable[..., Any] | None = None,
         skip_rebalance: Callable[[float], str | None] | None = None,
+        ready_to_move: Callable[[ExpertLocation], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         if len(expert_weights) != location.num_layers:
@@ -178,6 +183,7 @@ class EPLBManager:
         self.planner = planner or _default_planner
         self.layers_mover = layers_mover or _default_layers_mover
         self.skip_rebalance = skip_rebalance or self._window_balanced
+        self.ready_to_move = ready_to_move
         self.clock = clock
         self.history: list[RebalanceRecord] = []
         self.num_passes = 0
@@ -242,7 +248,7 @@ class EPLBManager:
                 self._start(trigger, layers)
         if self._state == "planning":
             self._poll_plan()
-        if self._state == "moving":
+        if self._state == "moving" and (self.ready_to_move is None or self.ready_to_move(self._target)):
             self._move_chunk()
 
     def close(self) -> None:

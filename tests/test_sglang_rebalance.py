@@ -1,9 +1,11 @@
 """The adapter's rebalance as SGLang drives it: ``rebalance()`` (elastic EP's fault path), LPLB
-solvers re-initialized after updates, one metadata build per rebalance, weights re-read
+solvers re-initialized after updates, one metadata build per rebalance (off the serving
+thread), weights re-read
 after a reload, and SGLang's meaning of the utilization threshold."""
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -73,6 +75,14 @@ def _cases(rank: int, port: int) -> None:
     solver_maps: list[torch.Tensor] = []  # the global map each LPLB solver re-initialization saw
     moe_ep_setup.init_lplb_solvers = lambda *, model_config: solver_maps.append(
         expert_location.get_global_expert_location_metadata().physical_to_logical_map_cpu.clone())
+    build_threads: list[str] = []  # where each SGLang metadata build ran
+    build = expert_location.ExpertLocationMetadata.init_by_mapping
+
+    def recorded_build(*args, **kwargs):
+        build_threads.append(threading.current_thread().name)
+        return build(*args, **kwargs)
+
+    expert_location.ExpertLocationMetadata.init_by_mapping = staticmethod(recorded_build)
     trivial = metadata.physical_to_logical_map_cpu.clone()
     model = SimpleNamespace(routed_experts_weights_of_layer={
         1: _slot_weights(trivial[1], rank), 2: _slot_weights(trivial[2], rank)})
@@ -92,8 +102,9 @@ def _cases(rank: int, port: int) -> None:
     # Two chunks went live: the LPLB solvers were re-initialized after each, on the new map.
     changed = [layer for layer in (1, 2) if not torch.equal(first[layer], trivial[layer])]
     assert len(solver_maps) == len(changed) and torch.equal(solver_maps[-1], first)
-    # SGLang's metadata was built once for the rebalance, not once per chunk.
+    # SGLang's metadata was built once for the rebalance, not once per chunk, off the serving thread.
     assert adapter._publisher.builds == 1
+    assert build_threads == ["eplb-sglang-metadata"]
 
     # A weight reload replaces the tensors: the next rebalance moves the new ones.
     old_tensors = model.routed_experts_weights_of_layer
@@ -110,6 +121,7 @@ def _cases(rank: int, port: int) -> None:
         for dead, before in zip(old_tensors[layer], snapshot[layer]):
             assert torch.equal(dead, before), f"layer {layer}: the mover wrote to a replaced tensor"
     assert adapter._publisher.builds == 2
+    assert build_threads == ["eplb-sglang-metadata"] * 2
 
     adapter.disable_rebalance("elastic EP scale-up is pending")
     assert _run_to_end(adapter.rebalance()) == 0  # disabled: SGLang's rebalance() returns at once
@@ -121,7 +133,7 @@ def _cases(rank: int, port: int) -> None:
 def test_rebalance_lp_solvers_metadata_and_reloaded_weights_follow_sglang(monkeypatch):
     """On 2 gloo ranks: rebalance() moves every layer now (elastic EP's fault path); with lp
     dispatch the solvers are re-initialized after each chunk on the new map; SGLang's metadata
-    is built once per rebalance; after a weight reload the new tensors are moved, the replaced
+    is built once per rebalance, in a background thread; after a weight reload the new tensors are moved, the replaced
     ones untouched."""
     import torch.multiprocessing as mp
 

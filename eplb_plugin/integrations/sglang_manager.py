@@ -119,6 +119,7 @@ class SGLangEPLBManager:
         self._get_model = get_model
         self._manager: Any = None
         self._publisher: MetadataPublisher | None = None
+        self._agreed_target: torch.Tensor | None = None  # target whose metadata every rank has
         self._rebalance_disabled_reason: str | None = None
         self.failures: list[BaseException] = []
         recorder = get_global_expert_distribution_recorder()
@@ -163,7 +164,9 @@ class SGLangEPLBManager:
         """SGLang rebuilt the placement (elastic EP): rebuild the manager from it next pass."""
         if self._manager is not None:
             self._manager.close()
-        self._manager = None
+        if self._publisher is not None:
+            self._publisher.close()
+        self._manager, self._publisher, self._agreed_target = None, None, None
 
     @property
     def manager(self) -> Any:
@@ -239,6 +242,7 @@ class SGLangEPLBManager:
             metrics=_metrics(args, rank),
             on_location_change=self._publish_location,
             layers_mover=move_like_layers_together,
+            ready_to_move=self._metadata_ready,
             skip_rebalance=sglang_utilization_gate(
                 recorder, threshold=args.eplb_min_rebalancing_utilization_threshold,
                 report_mode=moe.expert_balancedness_report_mode, group=None),
@@ -249,6 +253,20 @@ class SGLangEPLBManager:
             location.num_physical_experts, location.ep_size, args.eplb_rebalance_num_iterations,
         )
         return manager
+
+    def _metadata_ready(self, target: Any) -> bool:
+        """Every rank, at each boundary where a chunk would move: SGLang's metadata of the
+        target is built (in the background) on every rank. One all-reduce per pass while any
+        rank is still building; none once all agreed for this target."""
+        from eplb_plugin.comm import all_reduce_host
+
+        if self._agreed_target is not None and torch.equal(self._agreed_target, target.physical_to_logical_map):
+            return True
+        waiting = torch.tensor([0.0 if self._publisher.prepare(target.physical_to_logical_map) else 1.0])
+        if all_reduce_host(waiting, None, op="max")[0] > 0:
+            return False
+        self._agreed_target = target.physical_to_logical_map.clone()
+        return True
 
     def _publish_location(self, location: Any) -> None:
         """Make SGLang's global metadata (dispatch tables included) follow the live placement."""

@@ -5,10 +5,11 @@ adapter writes their rows there, at the same pass boundary as the weights land.
 
 SGLang builds a rebalance's metadata once (``init_by_mapping`` over every layer: L x P
 ``.item()`` reads and L x E x ep_size nearest-replica searches, 0.1-0.4 s at DeepSeek-V3's
-size) and copies rows per chunk. ``MetadataPublisher`` does the same: the target's metadata
-is built once per rebalance (when its first layers go live, on the serving thread, as in
-SGLang), and each chunk copies only its live layers' rows: no rebuild and no device-to-host
-read per chunk. A live row that is not the target's (a layer a failed move
+size) and copies rows per chunk, all on the serving thread. ``MetadataPublisher`` builds the
+target's metadata once per rebalance too, but in a background thread started when the plan
+arrives (``prepare``; the manager's ``ready_to_move`` holds the first chunk until every rank
+has it), and each chunk copies only its live layers' rows (``publish``): no rebuild and no
+device-to-host read on the serving thread. A live row that is not the target's (a layer a failed move
 left on a partial map) gets metadata of its own, built for that map.
 
 With ``--ep-dispatch-algorithm lp`` SGLang re-initializes its LPLB solvers after every
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Any
 
 import torch
@@ -53,14 +55,31 @@ class MetadataPublisher:
         self._dispatch_algorithm = dispatch_algorithm
         self._target_map: torch.Tensor | None = None
         self._built: Any = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
         self.builds = 0  # full metadata builds so far (one per rebalance)
 
-    def _target_metadata(self, target_map: torch.Tensor) -> Any:
-        """The metadata of ``target_map`` [L, P], built at the first call of a rebalance."""
+    def prepare(self, target_map: torch.Tensor) -> bool:
+        """Build the metadata of ``target_map`` [L, P] (CPU) in a background thread, started at
+        the first call for this map; returns whether it is built. A failed build raises here,
+        before any weight moved."""
         if self._target_map is None or not torch.equal(self._target_map, target_map):
-            self._built = self._build(target_map)
-            self._target_map = target_map.clone()
-        return self._built
+            self._join()
+            self._target_map, self._built, self._error = target_map.clone(), None, None
+            self._thread = threading.Thread(target=self._build_target, name="eplb-sglang-metadata", daemon=True)
+            self._thread.start()
+        if self._thread is not None and not self._thread.is_alive():
+            self._join()
+        if self._error is not None:
+            error, self._error, self._target_map = self._error, None, None
+            raise error
+        return self._built is not None
+
+    def _build_target(self) -> None:
+        try:
+            self._built = self._build(self._target_map)
+        except BaseException as exc:  # re-raised on the serving thread by prepare()
+            self._error = exc
 
     def _build(self, physical_to_logical_map: torch.Tensor) -> Any:
         from sglang.srt.eplb.expert_location import ExpertLocationMetadata
@@ -70,30 +89,45 @@ class MetadataPublisher:
             self._model_config, physical_to_logical_map, moe_ep_rank=self._rank
         )
 
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
     def publish(self, live_map: torch.Tensor, target_map: torch.Tensor | None) -> list[int]:
         """Make SGLang's global metadata serve ``live_map`` [L, P] (CPU int64), on its way to
         the rebalance's ``target_map`` [L, P] (None: no rebalance in progress); returns the
-        layers whose rows changed."""
+        layers whose rows changed.
+
+        Rows on the target are copied from the prepared metadata; while it is still being
+        built they wait for a later call (only layers without routed experts, whose maps no
+        dispatch reads, go live before ``prepare`` is done: moves wait for it)."""
         from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
 
         current = get_global_expert_location_metadata()
         changed = (current.physical_to_logical_map_cpu != live_map).any(dim=1).nonzero().flatten().tolist()
-        if not changed:
-            return []
         on_target = [] if target_map is None else [
             layer for layer in changed if torch.equal(live_map[layer], target_map[layer])]
-        if on_target:
-            _copy_rows(current, self._target_metadata(target_map), on_target)
         off_target = [layer for layer in changed if layer not in on_target]
-        if off_target:
+        ready = (target_map is not None and self._built is not None and self._target_map is not None
+                 and torch.equal(self._target_map, target_map))
+        if not ready:
+            on_target = []
+        if on_target:
+            _copy_rows(current, self._built, on_target)
+        if off_target:  # a layer a failed move left on a partial map: metadata of its own
             _copy_rows(current, self._build(live_map), off_target)
-        if self._dispatch_algorithm == "lp":
+        published = sorted(on_target + off_target)
+        if published and self._dispatch_algorithm == "lp":
             from sglang.srt.model_executor.model_runner_components.moe_ep_setup import (
                 init_lplb_solvers,
             )
 
             init_lplb_solvers(model_config=self._model_config)  # as SGLang after each update
-        return changed
+        return published
+
+    def close(self) -> None:
+        self._join()
 
 
 def _copy_rows(current: Any, source: Any, layers: list[int]) -> None:
