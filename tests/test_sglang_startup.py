@@ -138,3 +138,21 @@ def test_a_chunk_of_layers_of_two_dtypes_moves_each_layer_to_its_new_map():
     assert len(results) == 4
     for layer, (w,) in enumerate(weights):
         assert torch.equal(w.float(), (new.view(4, 1) * 10 + layer).float()), f"layer {layer}"
+
+
+def test_a_planner_process_asked_for_starts_at_construction_not_at_the_first_pass(sglang_eplb, monkeypatch):
+    """With eplb_plan_in_process the worker is spawned and warmed up while SGLang starts (the
+    adapter's constructor), so the first forward pass does not wait seconds for it."""
+    from eplb_plugin.integrations.sglang import CONFIG_ENV
+    from eplb_plugin.planner_process import PlannerProcess
+
+    expert_distribution, expert_location, _ = sglang_eplb
+    monkeypatch.setenv(CONFIG_ENV, '{"eplb_plan_in_process": true}')
+    _eplb_runtime()
+    fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL)
+    _install_recorder(expert_distribution, expert_location)
+    adapter = _adapter()
+    try:
+        assert isinstance(adapter._planner, PlannerProcess) and adapter.manager is None
+    finally:
+        adapter._planner.close()

@@ -54,6 +54,11 @@ from eplb_plugin.integrations.sglang_metadata import MetadataPublisher, sglang_u
 logger = logging.getLogger(__name__)
 
 METRICS_PORT_ENV = "EPLB_PLUGIN_METRICS_PORT"
+# Where SGLang's rank 0 plans unless $EPLB_PLUGIN_CONFIG sets eplb_plan_in_process: measured on
+# the adapter next to a busy serving loop (benchmarks/bench_sglang_planning.py, CPU), a thread
+# left the loop's laps as they were and planned faster than a process (0.27 s vs 0.48 s), so
+# the thread is the default; the GPU test plan measures it again where the GIL is contended.
+SGLANG_PLAN_IN_PROCESS = False
 _REBALANCE_POLL_S = 0.001  # rebalance(): pause between lockstep polls of the planner
 
 # EPLBArgs field -> SGLang's resolved ``get_exec().moe`` leaf of the same meaning.
@@ -84,6 +89,7 @@ def eplb_args_from_sglang() -> Any:
     parallel = get_parallel()
     values["ep_size"] = parallel.ep_size
     values["nnodes"] = parallel.nnodes
+    values["eplb_plan_in_process"] = SGLANG_PLAN_IN_PROCESS
     values.update(plugin_settings())
     return EPLBArgs(**values)
 
@@ -115,6 +121,13 @@ class SGLangEPLBManager:
         world_size, pp_size = sglang_checks.parallel_sizes()
         sglang_checks.check_parallel_layout(world_size=world_size, ep_size=self._args.ep_size, pp_size=pp_size)
         self._world_size = world_size
+        self._rank = _sglang_rank(world_size)
+        self._planner = None
+        if self._args.eplb_plan_in_process and self._rank == 0:
+            from eplb_plugin.planner_process import PlannerProcess
+
+            # Spawned and warmed up now, during start-up, not at the first forward pass.
+            self._planner = PlannerProcess(self._algorithm)
         self._model_config = model_config
         self._get_model = get_model
         self._manager: Any = None
@@ -205,7 +218,7 @@ class SGLangEPLBManager:
             ModelConfigForExpertLocation,
             get_global_expert_location_metadata,
         )
-        from sglang.srt.runtime_context import get_exec, get_parallel
+        from sglang.srt.runtime_context import get_exec
 
         from eplb_plugin.location import ExpertLocation
         from eplb_plugin.manager import EPLBManager
@@ -226,7 +239,7 @@ class SGLangEPLBManager:
         sglang_checks.check_movable_weights(
             weights.by_layer(), num_local_slots=location.num_physical_experts // location.ep_size)
         layout = ModelConfigForExpertLocation.from_model_config(self._model_config)
-        rank = get_parallel().tp_rank if self._world_size > 1 else 0
+        rank = self._rank
         moe = get_exec().moe
         args = self._args
         self._publisher = MetadataPublisher(self._model_config, rank=rank,
@@ -239,6 +252,7 @@ class SGLangEPLBManager:
             group=None,  # the executor then uses WORLD, as SGLang's mover does
             rank=rank,
             num_groups=getattr(layout, "num_groups", None),
+            planner=self._planner,  # rank 0's planner process, if planning in a process
             metrics=_metrics(args, rank),
             on_location_change=self._publish_location,
             layers_mover=move_like_layers_together,
@@ -275,6 +289,13 @@ class SGLangEPLBManager:
             location.physical_to_logical_map, None if target is None else target.physical_to_logical_map)
         if changed:
             logger.info("%s %d layers now serve their new placement", LOG_PREFIX, len(changed))
+
+
+def _sglang_rank(world_size: int) -> int:
+    """This process's rank in SGLang's default group (the EP rank: --ep-size == world)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    return get_parallel().tp_rank if world_size > 1 else 0
 
 
 class LiveExpertWeights(Sequence):
