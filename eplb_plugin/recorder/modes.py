@@ -170,6 +170,8 @@ class PerTokenMode(PerPassMode):
     no id), reused every pass; each recorded pass is copied to host memory without blocking
     (``[L, T, top_k]`` int32 per record, the last ``buffer_size`` records kept). Under CUDA
     graphs the pass's token count comes from ``forward_batch.input_ids`` or ``num_tokens``.
+    Records also carry SGLang's ``input_ids``, ``positions``, ``extend_seq_lens`` and
+    ``forward_mode`` keys (ids and positions as host tensors, not lists: no host sync).
     """
 
     def __init__(self, rec: ExpertDistributionRecorder):
