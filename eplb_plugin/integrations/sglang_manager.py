@@ -158,13 +158,19 @@ class SGLangEPLBManager:
             return
         if not self._step(advance=False):
             return
-        self._manager.rebalance_now("sglang rebalance()")
-        while self._step():
+        requested = False
+        while True:
             if not self._manager.busy:
+                if requested:
+                    return
+                self._manager.rebalance_now("sglang rebalance()")
+                requested = True
+            if not self._step():
                 return
-            yield
-            # Lets the planning thread run while the ranks poll it in lockstep.
-            time.sleep(_REBALANCE_POLL_S)
+            if self._manager.busy:
+                yield
+                # Lets the planning thread run while the ranks poll it in lockstep.
+                time.sleep(_REBALANCE_POLL_S)
 
     def disable_rebalance(self, reason: str) -> None:
         self._rebalance_disabled_reason = reason
