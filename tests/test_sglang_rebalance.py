@@ -123,6 +123,15 @@ def _cases(rank: int, port: int) -> None:
     assert adapter._publisher.builds == 2
     assert build_threads == ["eplb-sglang-metadata"] * 2
 
+    # Called while the manager's own rebalance is in progress: that one finishes, then SGLang's.
+    adapter.manager.rebalance_now("interval")
+    adapter.on_forward_pass_end()
+    assert adapter.manager.busy
+    _run_to_end(adapter.rebalance())
+    assert [(r.trigger, r.end_pass is not None) for r in adapter.manager.history[-2:]] == [
+        ("interval", True), ("sglang rebalance()", True)]
+    assert not adapter.manager.busy and adapter.failures == []
+
     adapter.disable_rebalance("elastic EP scale-up is pending")
     assert _run_to_end(adapter.rebalance()) == 0  # disabled: SGLang's rebalance() returns at once
     adapter.manager.close()
