@@ -121,7 +121,15 @@ class EPLBManager:
     planner: injectable for tests (default: algorithms.plan).
     layers_mover: moves a chunk of layers in one collective call, pipelined across layers
         (default: executor.move_layers); injectable for tests (e.g. with a fault_hook) and by
-        integrations (the SGLang adapter skips dense layers).
+        integrations (the SGLang adapter moves each run of like layers in its own call).
+    skip_rebalance: ``fn(window_balancedness) -> reason | None``, called on every rank at the
+        same pass once the window is summed; a reason skips the rebalance. Default: skip when
+        the window's balancedness is >= ``--eplb-min-rebalancing-utilization-threshold`` (a
+        host with another meaning for that flag, as SGLang, passes its own rule).
+    ready_to_move: ``fn(target_location) -> bool``, called on every rank at each pass
+        boundary where a chunk would move; False postpones the chunk to the next pass (every
+        rank must answer the same: agree by a collective). Lets a host prepare its own view of
+        the target (SGLang's dispatch metadata) off the serving thread. Default: always ready.
     """
 
     def __init__(
@@ -140,6 +148,8 @@ class EPLBManager:
         plan_timeout_s: float = DEFAULT_PLAN_TIMEOUT_S,
         planner: Planner | None = None,
         layers_mover: Callable[..., Any] | None = None,
+        skip_rebalance: Callable[[float], str | None] | None = None,
+        ready_to_move: Callable[[ExpertLocation], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         if len(expert_weights) != location.num_layers:
@@ -172,6 +182,8 @@ class EPLBManager:
             planner = self._planner_process = PlannerProcess(self._algorithm)  # only rank 0 plans
         self.planner = planner or _default_planner
         self.layers_mover = layers_mover or _default_layers_mover
+        self.skip_rebalance = skip_rebalance or self._window_balanced
+        self.ready_to_move = ready_to_move
         self.clock = clock
         self.history: list[RebalanceRecord] = []
         self.num_passes = 0
@@ -218,6 +230,11 @@ class EPLBManager:
     def busy(self) -> bool:
         return self._state != "idle"
 
+    @property
+    def target_location(self) -> ExpertLocation | None:
+        """The placement the rebalance in progress moves to (None when none moves)."""
+        return self._target
+
     def on_forward_pass_end(self) -> None:
         """Advance the manager by one pass. Every rank calls it after every pass.
 
@@ -231,7 +248,7 @@ class EPLBManager:
                 self._start(trigger, layers)
         if self._state == "planning":
             self._poll_plan()
-        if self._state == "moving":
+        if self._state == "moving" and (self.ready_to_move is None or self.ready_to_move(self._target)):
             self._move_chunk()
 
     def close(self) -> None:
@@ -295,9 +312,9 @@ class EPLBManager:
         self._fill_achieved(record.balancedness_before)
         if physical.sum() == 0:
             return self._skip(record, "no tokens recorded in the window")
-        threshold = self.args.eplb_min_rebalancing_utilization_threshold
-        if record.balancedness_before >= threshold:
-            return self._skip(record, f"balancedness {record.balancedness_before:.4f} >= threshold {threshold}")
+        why = self.skip_rebalance(record.balancedness_before)
+        if why is not None:
+            return self._skip(record, why)
         record.layers = list(range(self.location.num_layers)) if layers is None else layers
         self._record = record
         self._counts = logical
@@ -311,6 +328,12 @@ class EPLBManager:
                 target=self._plan_in_background, args=(self._attempt,), name="eplb-planner", daemon=True
             )
             self._plan_thread.start()
+
+    def _window_balanced(self, window_balancedness: float) -> str | None:
+        threshold = self.args.eplb_min_rebalancing_utilization_threshold
+        if window_balancedness >= threshold:
+            return f"balancedness {window_balancedness:.4f} >= threshold {threshold}"
+        return None
 
     def _plan_in_background(self, attempt: _PlanAttempt) -> None:
         try:

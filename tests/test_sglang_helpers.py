@@ -77,7 +77,8 @@ def _cpu_device_module_shims() -> None:
         torch.cpu.is_current_stream_capturing = lambda: False
 
 
-def fake_runtime(*, ep_size: int, nnodes: int = 1, tp_rank: int = 0, chunked_prefill_size: int = 64, **moe: Any):
+def fake_runtime(*, ep_size: int, nnodes: int = 1, tp_rank: int = 0, chunked_prefill_size: int = 64,
+                 tp_size: int | None = None, pp_size: int = 1, enable_two_batch_overlap: bool = False, **moe: Any):
     """Install SGLang runtime config for EPLB code on CPU; returns the ``moe`` namespace."""
     from sglang.srt import runtime_context as rc
 
@@ -87,14 +88,15 @@ def fake_runtime(*, ep_size: int, nnodes: int = 1, tp_rank: int = 0, chunked_pre
         raise TypeError(f"unknown moe fields {sorted(unknown)}")
     moe_ns = SimpleNamespace(**{**MOE_DEFAULTS, **moe})
     rc._CONTEXT._config_bags = {
-        "exec": SimpleNamespace(moe=moe_ns, overlap=SimpleNamespace(enable_two_batch_overlap=False)),
+        "exec": SimpleNamespace(moe=moe_ns, overlap=SimpleNamespace(enable_two_batch_overlap=enable_two_batch_overlap)),
         "device": SimpleNamespace(device="cpu"),
         "schedule": SimpleNamespace(chunked_prefill_size=chunked_prefill_size),
     }
     rc._CONTEXT.resources.expert_location_metadata = None
     rc._CONTEXT.resources.expert_distribution_recorder = None
     rc._PARALLEL._stamp.update(
-        ep_size=ep_size, nnodes=nnodes, tp_size=ep_size, tp_rank=tp_rank,
+        ep_size=ep_size, nnodes=nnodes, tp_size=ep_size if tp_size is None else tp_size, tp_rank=tp_rank,
+        pp_size=pp_size,
         elastic_ep_initial_size=None, ep_join_rank_offset=0,
     )
     return moe_ns

@@ -187,3 +187,85 @@ def test_stat_approx_counts_deepep_receive_counts_as_sglang(sglang_modules):
     mine, sglang = ours.dump_record("object"), theirs.dump_record("object")
     _assert_same_window(mine["logical_count"], sglang["logical_count"])
 
+
+
+def _dump(rec, mode, directory):
+    """A recorder's dump as a dict: an object for stat modes, the file it wrote otherwise
+    (SGLang's per_pass / per_token dumps only write files)."""
+    if mode in ("stat", "stat_approx"):
+        return rec.dump_record("object")
+    before = set(directory.iterdir())
+    rec.dump_record()
+    (path,) = set(directory.iterdir()) - before
+    return torch.load(path, weights_only=False)
+
+
+def _capture_like_sglang(recorder, topk_ids_of_layer):
+    """SGLang's CUDA-graph capture of one batch size (``capture_one`` in the graph backends):
+    two eager warm-ups that call the model directly, outside ``with_forward_pass``; the MoE
+    layers' hooks fire as in a real pass."""
+    for _warm_up in range(2):
+        for layer, topk_ids in enumerate(topk_ids_of_layer):
+            with recorder.with_current_layer(layer):
+                recorder.on_select_experts(topk_ids=topk_ids)
+
+
+@pytest.mark.parametrize("mode", ["stat", "per_pass", "per_token"])
+def test_graph_capture_warm_ups_are_not_counted_as_traffic(sglang_modules, mode, tmp_path, monkeypatch):
+    """Two warm-ups of 128 identical tokens per captured batch size, then one recorded pass of
+    10 tokens: the dump holds exactly the 10 tokens' counts, as SGLang's own recorder's."""
+    expert_distribution, expert_location = sglang_modules
+    monkeypatch.setenv("SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR", str(tmp_path))
+    fake_runtime(ep_size=EP_SIZE, expert_distribution_recorder_mode=mode)
+    ours, theirs = _build_both(expert_distribution, _metadata(expert_location))
+    dummy = [torch.zeros(128, 2, dtype=torch.int32)] * NUM_LAYERS
+    real = [torch.tensor([[layer, 5]] * 10, dtype=torch.int32) for layer in range(NUM_LAYERS)]
+    expected = torch.zeros(NUM_LAYERS, NUM_PHYSICAL, dtype=torch.int64)
+    for layer in range(NUM_LAYERS):
+        expected[layer, layer] += 10
+        expected[layer, 5] += 10
+    dumps = []
+    for rec in (ours, theirs):
+        rec.start_record()
+        for _batch_size in range(2):
+            _capture_like_sglang(rec, dummy)
+        batch = SimpleNamespace(input_ids=torch.arange(10), positions=torch.arange(10),
+                                extend_seq_lens_cpu=[10], forward_mode=SimpleNamespace(value=1))
+        with rec.with_forward_pass(0, batch):
+            for layer, topk_ids in enumerate(real):
+                with rec.with_current_layer(layer):
+                    rec.on_select_experts(topk_ids=topk_ids)
+        dumps.append(_dump(rec, mode, tmp_path))
+    mine, sglang = dumps
+    if mode == "stat":
+        _assert_same_window(mine["logical_count"], sglang["logical_count"])
+        assert int(mine["logical_count"].sum()) == 2 * 10 * NUM_LAYERS
+    else:
+        (record,) = mine["records"]
+        assert torch.equal(record["global_physical_count"].to(torch.int64), expected)
+        assert torch.equal(sglang["records"][0]["global_physical_count"].to(torch.int64).cpu(), expected)
+
+
+def test_per_token_records_follow_sglangs_contract(sglang_modules, tmp_path, monkeypatch):
+    """per_token: capacity chunked_prefill_size * 8 tokens per pass (SGLang's), records carry
+    SGLang's extend_seq_lens and forward_mode keys, and two-batch overlap is refused."""
+    from eplb_plugin.errors import ConfigError
+    from eplb_plugin.integrations.sglang import _recorder_init_new
+
+    expert_distribution, expert_location = sglang_modules
+    monkeypatch.setenv("SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR", str(tmp_path))
+    fake_runtime(ep_size=EP_SIZE, expert_distribution_recorder_mode="per_token", chunked_prefill_size=1500)
+    ours, theirs = _build_both(expert_distribution, _metadata(expert_location))
+    assert ours.max_tokens_per_pass == 1500 * 8 > 8192
+    big = torch.randint(0, NUM_PHYSICAL, (9000, 2), dtype=torch.int32)
+    dumps = []
+    for rec in (ours, theirs):
+        _drive(rec, [[big] * NUM_LAYERS])
+        dumps.append(_dump(rec, "per_token", tmp_path))
+    mine, sglang = (d["records"][0] for d in dumps)
+    for key in ("extend_seq_lens", "forward_mode"):
+        assert mine[key] == sglang[key], key
+    assert torch.equal(mine["topk_ids_of_layer"], sglang["topk_ids_of_layer"])
+    fake_runtime(ep_size=EP_SIZE, expert_distribution_recorder_mode="per_token", enable_two_batch_overlap=True)
+    with pytest.raises(ConfigError, match="two-batch-overlap"):
+        _recorder_init_new(expert_distribution.ExpertDistributionRecorder.init_new, _metadata(expert_location), 0)

@@ -8,38 +8,58 @@ is loaded) as::
 
 and calls ``on_forward_pass_end()`` after every forward pass (all ranks), plus
 ``disable_rebalance(reason)`` / ``enable_rebalance()`` / ``reset_generator()`` around
-elastic-EP scaling. The project's ``EPLBManager`` is built at the first
-``on_forward_pass_end()`` (the model exists then) with:
+elastic-EP scaling and ``rebalance()`` (a generator, driven to its end) on the elastic-EP
+fault path.
+
+Start-up (the constructor, in ``ModelRunner.initialize``) refuses with a ConfigError what
+would fail later: a policy the plugin's manager does not plan with, a recorder mode without
+counts, ``stat_approx`` without an all-to-all backend, pipeline parallelism, or an EP size
+other than the default group's size (``sglang_checks``). The project's ``EPLBManager`` is
+built at the first ``on_forward_pass_end()`` (the model exists then) with:
 
 - expert weights: the model's ``routed_experts_weights_of_layer`` (layer id -> tensors whose
-  dim 0 is the local slot); layers without routed experts (dense layers) have none, and the
-  manager makes their new maps live without a move;
+  dim 0 is the local slot), read again at every access (``LiveExpertWeights``), so a weight
+  reload never leaves the mover writing to dead tensors; dense layers have none, and the
+  manager makes their new maps live without a move. Tensors the mover cannot write in place
+  turn rebalancing off (logged); layers of different dtypes move in separate calls;
 - the recorder SGLang holds (the project's, built by the ``init_new`` hook);
-- the placement of SGLang's global ``ExpertLocationMetadata``; each time layers go live, that
-  metadata is updated in place for those layers (as SGLang's updater does), so dispatch uses
-  the new map at the next pass;
+- the placement of SGLang's global ``ExpertLocationMetadata``; each time layers go live,
+  their rows of that metadata are updated in place (``sglang_metadata``: built once per
+  rebalance, LPLB solvers re-initialized under ``lp`` dispatch), so dispatch uses the new
+  map at the next pass;
+- SGLang's rule for ``--eplb-min-rebalancing-utilization-threshold``;
 - SGLang's default process group (SGLang's own mover uses WORLD ranks too).
 
-A failed rebalance (``RebalanceError``, raised on every rank at the same pass) is logged with
-its cause and serving continues on the old placement: raising it out of the forward pass
-would kill SGLang's scheduler (sgl-project/sglang#7224).
+Nothing raises out of ``on_forward_pass_end`` (that would kill SGLang's scheduler,
+sgl-project/sglang#7224): a failed rebalance (``RebalanceError``, raised on every rank at the
+same pass) is logged with its cause and serving continues on the old placement; any other
+error is logged, kept in ``failures``, and turns rebalancing off for the server.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from eplb_plugin.errors import ConfigError, RebalanceError
+from eplb_plugin.errors import ConfigError, RebalanceError, TransferError
+from eplb_plugin.integrations import sglang_checks
 from eplb_plugin.integrations.sglang import LOG_PREFIX
+from eplb_plugin.integrations.sglang_metadata import MetadataPublisher, sglang_utilization_gate
 
 logger = logging.getLogger(__name__)
 
 METRICS_PORT_ENV = "EPLB_PLUGIN_METRICS_PORT"
+# Where SGLang's rank 0 plans unless $EPLB_PLUGIN_CONFIG sets eplb_plan_in_process: measured on
+# the adapter next to a busy serving loop (benchmarks/bench_sglang_planning.py, CPU), a thread
+# left the loop's laps as they were and planned faster than a process (0.27 s vs 0.48 s), so
+# the thread is the default; the GPU test plan measures it again where the GIL is contended.
+SGLANG_PLAN_IN_PROCESS = False
+_REBALANCE_POLL_S = 0.001  # rebalance(): pause between lockstep polls of the planner
 
 # EPLBArgs field -> SGLang's resolved ``get_exec().moe`` leaf of the same meaning.
 _SGLANG_MOE_FIELDS = (
@@ -69,6 +89,7 @@ def eplb_args_from_sglang() -> Any:
     parallel = get_parallel()
     values["ep_size"] = parallel.ep_size
     values["nnodes"] = parallel.nnodes
+    values["eplb_plan_in_process"] = SGLANG_PLAN_IN_PROCESS
     values.update(plugin_settings())
     return EPLBArgs(**values)
 
@@ -87,32 +108,69 @@ class SGLangEPLBManager:
         **unused: Any,
     ):
         from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
+        from sglang.srt.runtime_context import get_exec
 
+        # Start-up: everything the adapter needs from flags and the process layout is checked
+        # here (SGLang builds the manager in ModelRunner.initialize), so a launch it cannot
+        # serve stops now with a ConfigError instead of at the first forward pass.
+        moe = get_exec().moe
+        self._args = eplb_args_from_sglang()
+        self._algorithm = sglang_checks.check_algorithm(self._args.eplb_algorithm, self._args.ep_dispatch_algorithm)
+        sglang_checks.check_recorder_mode(moe.expert_distribution_recorder_mode)
+        sglang_checks.check_count_source(moe.expert_distribution_recorder_mode, getattr(moe, "moe_a2a_backend", None))
+        world_size, pp_size = sglang_checks.parallel_sizes()
+        sglang_checks.check_parallel_layout(world_size=world_size, ep_size=self._args.ep_size, pp_size=pp_size)
+        self._world_size = world_size
+        self._rank = _sglang_rank(world_size)
+        self._planner = None
+        if self._args.eplb_plan_in_process and self._rank == 0:
+            from eplb_plugin.planner_process import PlannerProcess
+
+            # Spawned and warmed up now, during start-up, not at the first forward pass.
+            self._planner = PlannerProcess(self._algorithm)
         self._model_config = model_config
         self._get_model = get_model
         self._manager: Any = None
-        self._weights_of_layer: dict[int, list[torch.Tensor]] = {}
+        self._publisher: MetadataPublisher | None = None
+        self._agreed_target: torch.Tensor | None = None  # target whose metadata every rank has
         self._rebalance_disabled_reason: str | None = None
-        self.failures: list[RebalanceError] = []
+        self.failures: list[BaseException] = []
         recorder = get_global_expert_distribution_recorder()
         if not recorder.recording:
             recorder.start_record()
-        logger.info("%s EPLBManager active: the project's manager replaces SGLang's", LOG_PREFIX)
+        logger.info("%s EPLBManager active: the project's manager replaces SGLang's (policy %s)",
+                    LOG_PREFIX, self._algorithm)
 
     # ---------------------------------------------------------- SGLang's API
 
     def on_forward_pass_end(self) -> None:
-        """Every rank, after every forward pass (SGLang's ModelRunner calls it)."""
+        """Every rank, after every forward pass (SGLang's ModelRunner calls it). Never raises:
+        an exception here would kill SGLang's scheduler (sgl-project/sglang#7224)."""
         if self._rebalance_disabled_reason is not None:
             return
-        if self._manager is None:
-            self._manager = self._build()
-        try:
-            self._manager.on_forward_pass_end()
-        except RebalanceError as exc:
-            self.failures.append(exc)
-            logger.error("%s rebalance failed; serving continues on the old placement: %s",
-                         LOG_PREFIX, exc, exc_info=exc)
+        self._step()
+
+    def rebalance(self) -> Iterator[None]:
+        """SGLang's meaning: rebalance now from the recorded window, yielding between chunks;
+        the elastic-EP fault path drives it to the end. Every rank calls it at the same point.
+        A manager rebalance already in progress finishes first."""
+        if self._rebalance_disabled_reason is not None:
+            return
+        if not self._step(advance=False):
+            return
+        requested = False
+        while True:
+            if not self._manager.busy:
+                if requested:
+                    return
+                self._manager.rebalance_now("sglang rebalance()")
+                requested = True
+            if not self._step():
+                return
+            if self._manager.busy:
+                yield
+                # Lets the planning thread run while the ranks poll it in lockstep.
+                time.sleep(_REBALANCE_POLL_S)
 
     def disable_rebalance(self, reason: str) -> None:
         self._rebalance_disabled_reason = reason
@@ -125,23 +183,48 @@ class SGLangEPLBManager:
         """SGLang rebuilt the placement (elastic EP): rebuild the manager from it next pass."""
         if self._manager is not None:
             self._manager.close()
-        self._manager = None
+        if self._publisher is not None:
+            self._publisher.close()
+        self._manager, self._publisher, self._agreed_target = None, None, None
 
     @property
     def manager(self) -> Any:
         """The project's EPLBManager (None until the first forward pass)."""
         return self._manager
 
+    # ---------------------------------------------------------------- steps
+
+    def _step(self, advance: bool = True) -> bool:
+        """Build the manager if needed and (``advance``) advance it by one pass. Returns False
+        when rebalancing is off after a failure; every failure is logged and kept in
+        ``failures``, and serving continues on the placement whose weights are in place."""
+        try:
+            if self._manager is None:
+                self._manager = self._build()
+            if advance:
+                self._manager.on_forward_pass_end()
+            return True
+        except RebalanceError as exc:  # every rank, same pass: the old placement serves on
+            self.failures.append(exc)
+            logger.error("%s rebalance failed; serving continues on the old placement: %s",
+                         LOG_PREFIX, exc, exc_info=exc)
+            return True
+        except Exception as exc:  # the scheduler's boundary: stored, logged, rebalancing off
+            self.failures.append(exc)
+            self._rebalance_disabled_reason = f"{type(exc).__name__}: {exc}"
+            logger.error("%s rebalancing is off for this server (serving continues on the live "
+                         "placement): %s", LOG_PREFIX, self._rebalance_disabled_reason, exc_info=exc)
+            return False
+
     # ---------------------------------------------------------------- build
 
     def _build(self) -> Any:
-        import torch.distributed as dist
         from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
         from sglang.srt.eplb.expert_location import (
             ModelConfigForExpertLocation,
             get_global_expert_location_metadata,
         )
-        from sglang.srt.runtime_context import get_parallel
+        from sglang.srt.runtime_context import get_exec
 
         from eplb_plugin.location import ExpertLocation
         from eplb_plugin.manager import EPLBManager
@@ -154,55 +237,120 @@ class SGLangEPLBManager:
                 f"SGLang's recorder is {type(recorder).__name__}, not the plugin's: is the "
                 "ExpertDistributionRecorder.init_new hook applied (SGLANG_PLUGINS excludes eplb_plugin?)"
             )
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if world != metadata.ep_size:
-            raise ConfigError(
-                f"the plugin moves weights over SGLang's default group ({world} ranks), but "
-                f"--ep-size is {metadata.ep_size}; pipeline parallelism with EPLB is not supported"
-            )
-        self._weights_of_layer = dict(self._get_model().routed_experts_weights_of_layer)
         location = ExpertLocation.from_physical_to_logical_map(
             metadata.physical_to_logical_map_cpu, num_logical_experts=metadata.num_logical_experts,
             ep_size=metadata.ep_size, source="SGLang's expert location",
         )
+        weights = LiveExpertWeights(self._get_model, location.num_layers)
+        sglang_checks.check_movable_weights(
+            weights.by_layer(), num_local_slots=location.num_physical_experts // location.ep_size)
         layout = ModelConfigForExpertLocation.from_model_config(self._model_config)
-        self._rank = get_parallel().tp_rank if world > 1 else 0
-        args = eplb_args_from_sglang()
+        rank = self._rank
+        moe = get_exec().moe
+        args = self._args
+        self._publisher = MetadataPublisher(self._model_config, rank=rank,
+                                            dispatch_algorithm=moe.ep_dispatch_algorithm)
         manager = EPLBManager(
             args,
             location=location,
             recorder=recorder,
-            expert_weights=[self._weights_of_layer.get(layer, []) for layer in range(location.num_layers)],
+            expert_weights=weights,
             group=None,  # the executor then uses WORLD, as SGLang's mover does
-            rank=self._rank,
+            rank=rank,
             num_groups=getattr(layout, "num_groups", None),
-            metrics=_metrics(args, self._rank),
+            planner=self._planner,  # rank 0's planner process, if planning in a process
+            metrics=_metrics(args, rank),
             on_location_change=self._publish_location,
+            layers_mover=move_like_layers_together,
+            ready_to_move=self._metadata_ready,
+            skip_rebalance=sglang_utilization_gate(
+                recorder, threshold=args.eplb_min_rebalancing_utilization_threshold,
+                report_mode=moe.expert_balancedness_report_mode, group=None),
         )
         logger.info(
             "%s manager built: %d layers (%d with routed experts), %d slots over %d ranks, "
-            "rebalance every %d passes", LOG_PREFIX, location.num_layers, len(self._weights_of_layer),
+            "rebalance every %d passes", LOG_PREFIX, location.num_layers, len(weights.by_layer()),
             location.num_physical_experts, location.ep_size, args.eplb_rebalance_num_iterations,
         )
         return manager
 
+    def _metadata_ready(self, target: Any) -> bool:
+        """Every rank, at each boundary where a chunk would move: SGLang's metadata of the
+        target is built (in the background) on every rank. One all-reduce per pass while any
+        rank is still building; none once all agreed for this target."""
+        from eplb_plugin.comm import all_reduce_host
+
+        if self._agreed_target is not None and torch.equal(self._agreed_target, target.physical_to_logical_map):
+            return True
+        waiting = torch.tensor([0.0 if self._publisher.prepare(target.physical_to_logical_map) else 1.0])
+        if all_reduce_host(waiting, None, op="max")[0] > 0:
+            return False
+        self._agreed_target = target.physical_to_logical_map.clone()
+        return True
+
     def _publish_location(self, location: Any) -> None:
         """Make SGLang's global metadata (dispatch tables included) follow the live placement."""
-        from sglang.srt.eplb.expert_location import (
-            ExpertLocationMetadata,
-            get_global_expert_location_metadata,
-        )
+        target = self._manager.target_location if self._manager is not None else None
+        changed = self._publisher.publish(
+            location.physical_to_logical_map, None if target is None else target.physical_to_logical_map)
+        if changed:
+            logger.info("%s %d layers now serve their new placement", LOG_PREFIX, len(changed))
 
-        current = get_global_expert_location_metadata()
-        new_map = location.physical_to_logical_map
-        changed = (current.physical_to_logical_map_cpu != new_map).any(dim=1).nonzero().flatten().tolist()
-        if not changed:
-            return
-        new_metadata = ExpertLocationMetadata.init_by_mapping(
-            self._model_config, new_map, moe_ep_rank=self._rank
-        )
-        current.update(new_metadata, update_layer_ids=changed)
-        logger.info("%s %d layers now serve their new placement", LOG_PREFIX, len(changed))
+
+def _sglang_rank(world_size: int) -> int:
+    """This process's rank in SGLang's default group (the EP rank: --ep-size == world)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    return get_parallel().tp_rank if world_size > 1 else 0
+
+
+class LiveExpertWeights(Sequence):
+    """The model's routed-expert tensors per layer, read from the model at every access, so a
+    weight reload (which replaces the tensors) never leaves the mover writing to dead ones.
+
+    Item ``layer``: the tensors whose dim 0 is the local slot; [] for a dense layer.
+    """
+
+    def __init__(self, get_model: Callable[[], Any], num_layers: int):
+        self._get_model = get_model
+        self._num_layers = num_layers
+
+    def by_layer(self) -> dict[int, list[torch.Tensor]]:
+        return dict(self._get_model().routed_experts_weights_of_layer)
+
+    def __len__(self) -> int:
+        return self._num_layers
+
+    def __getitem__(self, layer):  # type: ignore[override]
+        if isinstance(layer, slice):
+            return [self[i] for i in range(*layer.indices(self._num_layers))]
+        if not 0 <= layer < self._num_layers:
+            raise IndexError(f"layer {layer} outside [0, {self._num_layers})")
+        return list(self._get_model().routed_experts_weights_of_layer.get(layer, []))
+
+
+def move_like_layers_together(layers: list[tuple], group: Any, *, layer_ids: list[int], **kwargs: Any) -> list:
+    """``executor.move_layers`` over a chunk whose layers may differ in dtype or per-slot shape
+    (a model with MoE layers of two kinds): each run of consecutive like layers moves in one
+    call. A failure's ``index`` is made relative to the whole chunk, so the manager knows
+    which layers landed."""
+    from eplb_plugin.executor import move_layers
+    from eplb_plugin.executor.staging import signature
+
+    results: list = []
+    start = 0
+    while start < len(layers):
+        end = start + 1
+        while end < len(layers) and signature(layers[end][0]) == signature(layers[start][0]):
+            end += 1
+        try:
+            results.extend(move_layers(layers[start:end], group, layer_ids=layer_ids[start:end], **kwargs))
+        except TransferError as exc:
+            if getattr(exc, "index", None) is not None:
+                exc.index += start
+            raise
+        start = end
+    return results
 
 
 def _metrics(args: Any, rank: int) -> Any:

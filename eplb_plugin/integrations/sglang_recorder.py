@@ -26,19 +26,54 @@ logger = logging.getLogger(__name__)
 
 
 
+PER_TOKEN_TOKENS_PER_CHUNK = 8  # SGLang sizes per_token buffers chunked_prefill_size * 8 tokens
+
+
 def sglang_recorder_kwargs() -> dict[str, Any]:
-    """The project's recorder options from SGLang's resolved flags (``get_exec().moe``)."""
+    """The project's recorder options from SGLang's resolved flags (``get_exec().moe``).
+
+    Raises ConfigError (at start-up: SGLang builds the recorder in ``ModelRunner.initialize``)
+    for what SGLang's own recorder refuses: ``stat_approx`` without an all-to-all backend
+    (nothing would count it), ``per_token`` with two-batch overlap (the two micro-batches'
+    rows would overwrite each other).
+    """
     import torch.distributed as dist
     from sglang.srt.runtime_context import get_exec
 
-    moe = get_exec().moe
+    from eplb_plugin.errors import ConfigError
+    from eplb_plugin.integrations.sglang_checks import check_count_source
+
+    execution = get_exec()
+    moe = execution.moe
+    mode = moe.expert_distribution_recorder_mode
+    check_count_source(mode, getattr(moe, "moe_a2a_backend", None))
     kwargs: dict[str, Any] = {}
     buffer_size = getattr(moe, "expert_distribution_recorder_buffer_size", None)
     if buffer_size is not None:
         kwargs["buffer_size"] = buffer_size
+    if mode == "per_token":
+        if getattr(getattr(execution, "overlap", None), "enable_two_batch_overlap", False):
+            raise ConfigError(
+                "--expert-distribution-recorder-mode per_token with --enable-two-batch-overlap: the "
+                "two micro-batches would overwrite each other's rows (SGLang refuses it too); drop one"
+            )
+        kwargs["max_tokens_per_pass"] = _per_token_capacity()
     if dist.is_available() and dist.is_initialized():
         kwargs["group"] = dist.group.WORLD  # SGLang's stat dump all-reduces over WORLD too
     return kwargs
+
+
+def _per_token_capacity() -> int:
+    """Tokens one pass may record per layer in per_token mode: SGLang's size,
+    ``chunked_prefill_size * 8`` (the recorder's default where chunked prefill is off)."""
+    from sglang.srt.runtime_context import get_schedule
+
+    from eplb_plugin.recorder.core import DEFAULT_MAX_TOKENS_PER_PASS
+
+    chunk = getattr(get_schedule(), "chunked_prefill_size", None)
+    if chunk is None or chunk <= 0:
+        return DEFAULT_MAX_TOKENS_PER_PASS
+    return chunk * PER_TOKEN_TOKENS_PER_CHUNK
 
 
 def init_new(original: Callable, expert_location_metadata: Any = None, rank: int = 0, *args: Any, **kwargs: Any) -> Any:

@@ -3,8 +3,10 @@
 Every hook adds to one preallocated ``[L, P]`` int32 device buffer (``pass_counts``) with a
 Triton kernel on CUDA (torch path on CPU): no host sync, no allocation on the Triton path,
 safe under CUDA-graph capture (hooks also count while a graph is being captured, and the
-captured kernels keep counting on replay). At each pass boundary (host code) the mode takes
-the pass's counts and the buffer is zeroed. The map each pass ran under is kept as a map
+captured kernels keep counting on replay). Only tokens of recorded forward passes count:
+hooks outside ``with_forward_pass`` (SGLang's graph capture and its eager warm-ups call the
+model directly) count nothing, and the buffer is zeroed when a recorded pass starts (as
+SGLang's gatherers reset) and when it ends, after the mode took the pass's counts. The map each pass ran under is kept as a map
 epoch, so counts recorded across a rebalance go to the right logical experts.
 """
 
@@ -90,6 +92,7 @@ class ExpertDistributionRecorder:
         self.pass_counts = torch.zeros((num_layers, num_physical), dtype=torch.int32, device=self.device)
         self._mode = MODES[mode](self)
         self._recording = False
+        self._in_pass = False  # inside a recorded forward pass
         self._disabled = False
         self._layer: int | None = None
         self._is_cuda = self.device.type == "cuda"
@@ -169,9 +172,11 @@ class ExpertDistributionRecorder:
         outputs: dict[str, Any] = {}
         recording = self._recording
         if recording:
+            self.pass_counts.zero_()  # nothing counted before the pass is the pass's
             self._mode.on_pass_start(forward_batch)
         try:
-            yield outputs
+            with self._setting("_in_pass", recording):
+                yield outputs
         finally:
             if recording and self._recording:
                 if num_tokens is not None and isinstance(self._mode, PerTokenMode):
@@ -184,8 +189,8 @@ class ExpertDistributionRecorder:
         """The layer to count into, or None when this hook should do nothing."""
         if self._disabled:
             return None
-        if not (self._recording or (self._is_cuda and torch.cuda.is_current_stream_capturing())):
-            return None
+        if not ((self._recording and self._in_pass) or (self._is_cuda and torch.cuda.is_current_stream_capturing())):
+            return None  # warm-ups and other calls outside a recorded pass are not traffic
         layer = self._layer if layer_idx is None else layer_idx
         if layer is None:
             raise ConfigError("recorder hook called outside with_current_layer(...) and without layer_idx")
@@ -297,6 +302,12 @@ class ExpertDistributionRecorder:
     def logical_count_ema(self) -> torch.Tensor | None:
         """[L, E] float32 exponentially decayed per-pass logical counts (None without ``decay``)."""
         return self._mode.ema if isinstance(self._mode, StatMode) else None
+
+    def physical_count_passes(self) -> torch.Tensor:
+        """Stat modes: [n, L, P] int64 on the device, the window's passes, oldest first."""
+        if not isinstance(self._mode, StatMode):
+            return self._mode.physical_count_window()  # raises: not a stat mode
+        return self._mode.window.physical_rows()
 
     @property
     def num_passes_in_window(self) -> int:

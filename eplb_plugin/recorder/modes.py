@@ -170,6 +170,8 @@ class PerTokenMode(PerPassMode):
     no id), reused every pass; each recorded pass is copied to host memory without blocking
     (``[L, T, top_k]`` int32 per record, the last ``buffer_size`` records kept). Under CUDA
     graphs the pass's token count comes from ``forward_batch.input_ids`` or ``num_tokens``.
+    Records also carry SGLang's ``input_ids``, ``positions``, ``extend_seq_lens`` and
+    ``forward_mode`` keys (ids and positions as host tensors, not lists: no host sync).
     """
 
     def __init__(self, rec: ExpertDistributionRecorder):
@@ -190,6 +192,11 @@ class PerTokenMode(PerPassMode):
             positions = getattr(forward_batch, "positions", None)
             if isinstance(positions, torch.Tensor):
                 self._metadata["positions"] = _to_host(positions)
+        # SGLang's per_token record keys: host values its scheduler already holds.
+        if forward_batch is not None:
+            self._metadata["extend_seq_lens"] = getattr(forward_batch, "extend_seq_lens_cpu", None)
+            mode = getattr(forward_batch, "forward_mode", None)
+            self._metadata["forward_mode"] = getattr(mode, "value", mode)
 
     def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
         tokens, top_k = topk_ids.shape
