@@ -41,7 +41,7 @@ import torch
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import balancedness, gpu_loads, placement_balancedness
 from eplb_plugin.comm import all_reduce_host, broadcast_host, group_info
-from eplb_plugin.errors import ConfigError, RebalanceError, TransferError
+from eplb_plugin.errors import ConfigError, PlacementError, RebalanceError, TransferError
 from eplb_plugin.location import ExpertLocation, equal_split_weights
 
 logger = logging.getLogger(__name__)
@@ -334,6 +334,8 @@ class EPLBManager:
             done = self._attempt.done
             timed_out = time.perf_counter() - self._plan_started > self.plan_timeout_s
             if done and self._attempt.error is None:
+                self._attempt.error = self._check_plan_shape(self._attempt.result)
+            if done and self._attempt.error is None:
                 status[0] = _Status.READY
             elif done or timed_out:
                 status[0] = _Status.FAILED
@@ -352,6 +354,24 @@ class EPLBManager:
                 message = f"planning failed on rank 0 ({cause!r})"
             self._fail(record, RebalanceError(f"rebalance {record.index}: {message}; keeping the old placement"), cause)
         self._receive_plan()
+
+    def _check_plan_shape(self, result: Any) -> PlacementError | None:
+        """Rank 0, before broadcasting: a plan whose map or weights have the wrong type or
+        shape (which would make the broadcast itself disagree) is a failed plan."""
+        loc = self.location
+        want = [loc.num_layers, loc.num_physical_experts]
+        map_ = getattr(result, "physical_to_logical_map", None)
+        if not isinstance(map_, torch.Tensor) or list(map_.shape) != want:
+            got = list(map_.shape) if isinstance(map_, torch.Tensor) else type(map_).__name__
+            return PlacementError(f"the planner returned a physical_to_logical_map of {got}, expected shape {want}")
+        if map_.is_complex() or map_.dtype == torch.bool or (
+                map_.is_floating_point() and not torch.equal(map_, map_.round())):
+            return PlacementError("the planner returned a physical_to_logical_map with non-integer ids")
+        weights = getattr(result, "replica_weights", None)
+        if weights is not None and (not isinstance(weights, torch.Tensor) or list(weights.shape) != want):
+            got = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+            return PlacementError(f"the planner returned replica_weights of {got}, expected shape {want}")
+        return None
 
     def _receive_plan(self) -> None:
         loc = self.location
@@ -384,10 +404,14 @@ class EPLBManager:
             layer for layer in planned if layer not in record.layers and target_weights is not None
             and not torch.equal(target_weights[layer], live_weights[layer])
         ]
-        self._target = ExpertLocation.from_physical_to_logical_map(
-            target_map, num_logical_experts=loc.num_logical_experts, ep_size=loc.ep_size,
-            replica_weights=target_weights, source=f"rebalance {record.index} plan",
-        )
+        try:  # every rank validates the plan it received (the same bytes: the same verdict)
+            self._target = ExpertLocation.from_physical_to_logical_map(
+                target_map, num_logical_experts=loc.num_logical_experts, ep_size=loc.ep_size,
+                replica_weights=target_weights, source=f"rebalance {record.index} plan",
+            )
+        except PlacementError as exc:  # nothing moved: the old placement stays
+            self._fail(record, RebalanceError(f"rebalance {record.index}: invalid plan: {exc}; "
+                                              "keeping the old placement"), exc)
         record.balancedness_predicted = placement_balancedness(
             self._counts, target_map, loc.ep_size, target_weights
         )

@@ -1,0 +1,104 @@
+"""Fault injection on real gloo ranks: a bad plan, a hung or gone rank, a rebalance past its
+timeout. Every case ends with the old placement serving (weights verified) or, for a rank
+that is really gone, with the survivors stopping with one line naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from eplb_plugin.errors import TransferError
+from eplb_plugin.executor import move_layers
+from eplb_plugin.manager import _default_planner
+
+from conftest import destroy_process_group, free_port
+from test_manager import NUM_EXPERTS, Host, _args, weights_match
+
+FAULT_TIMEOUT_S = 2.0  # the rebalance timeout the hung-rank cases set: detection in seconds
+
+
+def _invalid(kind: str):
+    """A planner whose plan is invalid in one way (rank 0 plans; the others never call it)."""
+
+    def planner(counts, **kwargs):
+        good = _default_planner(counts, **kwargs)
+        phy2log = good.physical_to_logical_map.clone()
+        if kind == "missing_replica":
+            phy2log[1] = 0  # layer 1: every slot holds expert 0, experts 1-7 have no replica
+        elif kind == "wrong_shape":
+            phy2log = phy2log[:, :-2]
+        elif kind == "out_of_range":
+            phy2log[0, 0] = NUM_EXPERTS
+        elif kind == "fractional":
+            phy2log = phy2log.to(torch.float32) + 0.5
+        return dataclasses.replace(good, physical_to_logical_map=phy2log, replica_weights=None)
+
+    return planner
+
+
+def case_an_invalid_plan_fails_only_that_rebalance(rank, group):
+    """A plan with an expert without a replica, a wrong shape, an id out of range or
+    fractional ids: RebalanceError on every rank at the same pass, the placement and the
+    weights unchanged, and the next rebalance (a valid plan) completes."""
+    for kind, words in (("missing_replica", "no replica"), ("wrong_shape", "expected shape"),
+                        ("out_of_range", "outside [0, 8)"), ("fractional", "non-integer")):
+        host = Host(rank, group, _args(eplb_rebalance_num_iterations=10_000), planner=_invalid(kind))
+        before = host.manager.location.physical_to_logical_map.clone()
+        host.serve(10)
+        host.manager.rebalance_now()
+        errors = host.serve(5000, start=10, until=lambda m: m.history and m.history[0].end_pass is not None)
+        assert len(errors) == 1, (kind, errors)
+        passes = [None, None]
+        dist.all_gather_object(passes, errors[0][0])
+        assert passes[0] == passes[1]
+        if rank == 0 or kind in ("missing_replica", "out_of_range"):  # rank 0 checks before broadcasting
+            assert words in errors[0][1], (kind, errors[0][1])
+        assert "keeping the old placement" in errors[0][1]
+        assert torch.equal(host.manager.location.physical_to_logical_map, before)
+        assert weights_match(host.weights, host.manager.location, rank)
+        host.manager.planner = _default_planner
+        host.manager.rebalance_now()
+        assert host.serve(5000, start=6000, until=lambda m: len(m.history) > 1 and m.history[-1].end_pass is not None) == []
+        assert host.manager.history[-1].error is None and host.manager.history[-1].slots_moved > 0, host.manager.history
+        assert weights_match(host.weights, host.manager.location, rank)
+
+
+CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
+
+
+def _worker(rank: int, port: int, results) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for case in CASES:
+            try:
+                case(rank, dist.group.WORLD)
+                results[(rank, case.__name__)] = "ok"
+            except Exception:  # reported per case; the next case still runs
+                results[(rank, case.__name__)] = traceback.format_exc()
+            dist.barrier()
+    finally:
+        destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results():
+    manager = mp.get_context("spawn").Manager()
+    shared = manager.dict()
+    mp.start_processes(_worker, args=(free_port(), shared), nprocs=2, start_method="spawn", join=True)
+    return dict(shared)
+
+
+@pytest.mark.parametrize("case", [c.__name__ for c in CASES])
+def test_fault_case_on_two_gloo_ranks(results, case):
+    for rank in range(2):
+        assert results.get((rank, case)) == "ok", results.get((rank, case), "case did not run")
