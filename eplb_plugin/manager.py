@@ -203,6 +203,7 @@ class EPLBManager:
             self._async_mover = AsyncExpertMover(
                 group, budget_bytes=self._budget_bytes, gpus_per_node=self._gpus_per_node,
                 verify=args.eplb_verify_weights, transport=args.eplb_transport,
+                timeout_s=args.eplb_rebalance_timeout_s,
             )
         self._peers = None  # PeerViews of every layer's weights (blocking moves), see _resolve_peers
         if hasattr(recorder, "start_record") and not getattr(recorder, "recording", True):
@@ -474,6 +475,7 @@ class EPLBManager:
                 budget_bytes=self._budget_bytes,
                 gpus_per_node=self._gpus_per_node,
                 verify=self.args.eplb_verify_weights,
+                timeout_s=self.args.eplb_rebalance_timeout_s,
                 peers=self._peers if self._record.transport == "ipc" else None,
             )
         except TransferError as exc:

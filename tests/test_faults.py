@@ -74,6 +74,61 @@ def case_an_invalid_plan_fails_only_that_rebalance(rank, group):
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
 
 
+def _hung_rank_worker(rank: int, port: int, verify: bool, results) -> None:
+    """Rank 1 stops answering inside a move (it sleeps past the rebalance timeout); rank 0
+    must fail the rebalance within about the timeout, keep the old placement and its weights."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        def hanging_mover(*args, **kwargs):
+            def hook(point, r, layer):
+                if point == "after_staging" and r == 1 and layer == 1:
+                    time.sleep(3 * FAULT_TIMEOUT_S)  # stopped answering (a hang, a SIGSTOP)
+
+            return move_layers(*args, fault_hook=hook, **kwargs)
+
+        args = _args(eplb_rebalance_num_iterations=10_000, eplb_verify_weights=verify,
+                     eplb_rebalance_timeout_s=FAULT_TIMEOUT_S)
+        host = Host(rank, dist.group.WORLD, args, layers_mover=hanging_mover)
+        before = host.manager.location.physical_to_logical_map.clone()
+        host.serve(10)
+        host.manager.rebalance_now()
+        start = time.monotonic()
+        errors = host.serve(5000, start=10, until=lambda m: m.history and m.history[0].end_pass is not None)
+        results[(rank, "seconds")] = time.monotonic() - start
+        results[(rank, "errors")] = [e for _, e in errors]
+        loc = host.manager.location
+        results[(rank, "layers_1_2_old")] = torch.equal(loc.physical_to_logical_map[1:], before[1:])
+        results[(rank, "weights_match")] = weights_match(host.weights, loc, rank)
+        results[(rank, "record_error")] = host.manager.history[0].error
+    except Exception:
+        results[(rank, "crash")] = traceback.format_exc()
+    # No barrier and no destroy: the timed-out wait closed the gloo pair (as a gone peer does).
+    os._exit(0)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_rank_that_stops_answering_mid_move_fails_the_rebalance_within_the_timeout(verify):
+    """--eplb-rebalance-timeout-s bounds a rebalance's waits: with rank 1 hung mid-move, rank
+    0 raises RebalanceError (a TransferError naming the wait, not gloo's raw RuntimeError)
+    within seconds, its failed layer and later layers stay on the old map, and every slot
+    holds the weights its live map says."""
+    shared = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_hung_rank_worker, args=(free_port(), verify, shared), nprocs=2,
+                       start_method="spawn", join=True)
+    got = dict(shared)
+    assert (0, "crash") not in got, got.get((0, "crash"))
+    assert len(got[(0, "errors")]) == 1, got
+    assert "layer 1" in got[(0, "errors")][0] and "no answer within 2 s" in got[(0, "errors")][0]
+    assert got[(0, "seconds")] < 10 * FAULT_TIMEOUT_S  # bounded by the timeout, not the group's 60 s
+    assert got[(0, "layers_1_2_old")] and got[(0, "weights_match")]
+    assert got[(0, "record_error")] == got[(0, "errors")][0]
+    # Rank 1 wakes to a closed connection: it fails the same rebalance, its weights intact.
+    assert (1, "crash") not in got, got.get((1, "crash"))
+    assert len(got[(1, "errors")]) == 1 and got[(1, "layers_1_2_old")] and got[(1, "weights_match")]
+
+
 def _worker(rank: int, port: int, results) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,

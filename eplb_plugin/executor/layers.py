@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from eplb_plugin.comm import group_info
-from eplb_plugin.errors import ConfigError
+from eplb_plugin.errors import ConfigError, TransferError
 from eplb_plugin.executor import transfer
 from eplb_plugin.executor.peers import PeerViews, barrier_needed, pulling
 from eplb_plugin.executor.plan import LayerMoveSchedule, RankTransferPlan
@@ -197,7 +197,11 @@ def move_layers(
             error = exc
         agreement.post(0, error is None)
         # Host wait: no rank posts P2P unless every rank has its pool.
-        if not agreement.result(0, timeout_s, "the staging pool's pre-flight agreement"):
+        try:
+            ok = agreement.result(0, timeout_s, "the staging pool's pre-flight agreement")
+        except TransferError as exc:  # a peer did not answer: nothing moved
+            raise fail(None, [0] * num, exc) from exc
+        if not ok:
             agreement.release()  # its one posted step was read
             raise fail(None, [0] * num, error) from error
     transfer._mark("pool_ready")
@@ -247,8 +251,24 @@ def move_layers(
         staged_units[u] = staged
 
     post(0)
+    landed = 0  # gloo: units known committed (the host read their flags)
     for u in range(len(units)):
-        flag = agreement.device_flag(u + 1, timeout_s)  # the stream (not the host) waits for the vote
+        try:
+            flag = agreement.device_flag(u + 1, timeout_s)  # the stream (not the host) waits for the vote
+        except TransferError as exc:  # gloo: a peer did not answer; units before u landed alike everywhere
+            committed = [0] * num
+            for i, _ in units[:landed]:
+                committed[i] += 1
+            if live_maps is not None:
+                for i, live in enumerate(live_maps):
+                    if live is not None:
+                        live.copy_(scheds[i].maps[committed[i] - 1] if committed[i] else olds[i])
+            pool = agreement = staging = None
+            staged_units.clear()
+            errors.clear()
+            raise fail(u, committed, exc) from exc
+        if not agreement.gpu and bool(flag):
+            landed = u + 1  # votes are cumulative: every earlier unit landed too
         early = u < last and prefetch(u + 1)
         if early:
             post(u + 1)  # its P2P runs while unit u commits

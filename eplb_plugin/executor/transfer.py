@@ -342,7 +342,11 @@ def move_experts(
         _mark("preflight_posted", agreement.stream if agreement.gpu and cur is not None else None)
         schedule.plan(0)  # host planning while the pre-flight vote travels
         # Host wait: no rank posts P2P unless every rank has its pool.
-        if not agreement.result(0, timeout_s, f"layer {layer}'s pre-flight agreement"):
+        try:
+            ok = agreement.result(0, timeout_s, f"layer {layer}'s pre-flight agreement")
+        except TransferError as exc:  # a peer did not answer: nothing moved
+            raise fail(-1, old, exc) from exc
+        if not ok:
             agreement.release()  # its one posted step was read
             raise fail(-1, old, error) from error
 
@@ -386,10 +390,22 @@ def move_experts(
     current = old
     if defer:
         queued: list[StagedRound] = []
+        landed = 0  # gloo: rounds known committed (the host read their flags)
         for k in range(n):
             post(k)
             staged = posted.pop(k)
-            flag = agreement.device_flag(k + 1, timeout_s)  # the stream (not the host) waits for the vote
+            try:
+                flag = agreement.device_flag(k + 1, timeout_s)  # the stream (not the host) waits for the vote
+            except TransferError as exc:  # gloo: a peer did not answer; rounds before k landed (or not) alike everywhere
+                current = schedule.maps[landed - 1] if landed else old
+                if live_map is not None:
+                    live_map.copy_(current)
+                pool = agreement = staged = None
+                queued.clear()
+                posted.clear()
+                raise fail(k, current, exc) from exc
+            if not agreement.gpu and bool(flag):
+                landed = k + 1  # votes are cumulative: a true flag means every earlier round landed too
             for w in staged.works:
                 w.wait()  # stream-level; releases NCCL's hold on the rows
             staged.works = []
@@ -423,7 +439,12 @@ def move_experts(
         if early:
             post(k + 1)  # its P2P runs while this round commits
         # The one host wait per round: round k's vote (its P2P landed on every rank).
-        ok = agreement.result(k + 1, timeout_s, f"layer {layer} round {k + 1}'s agreement")
+        try:
+            ok = agreement.result(k + 1, timeout_s, f"layer {layer} round {k + 1}'s agreement")
+        except TransferError as exc:  # a peer did not answer: rounds before k are committed
+            pool = agreement = None
+            posted.clear()
+            raise fail(k, current, exc) from exc
         _mark(f"voted{k}")
         staged = posted.pop(k)
         if ok and verify and nccl and staged.plan.recvs:
