@@ -14,13 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_manager import NUM_EXPERTS, Host, _args, weights_match
 
-from eplb_plugin.errors import TransferError
 from eplb_plugin.executor import move_layers
 from eplb_plugin.manager import _default_planner
 
 from conftest import destroy_process_group, free_port
-from test_manager import NUM_EXPERTS, Host, _args, weights_match
 
 FAULT_TIMEOUT_S = 2.0  # the rebalance timeout the hung-rank cases set: detection in seconds
 
