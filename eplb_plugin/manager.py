@@ -484,6 +484,11 @@ class EPLBManager:
                 for layer, new in zip(layers[:index], new_maps[:index]):
                     live[layer] = new
                 live[layers[index]] = exc.live_physical_to_logical_map
+            # What moved before the failure is recorded (it is live): slots and this rank's bytes.
+            record = self._record
+            record.slots_moved += sum(int((old != live[layer]).sum()) for layer, old in zip(layers, old_maps)
+                                      if layer in live)
+            record.bytes_moved += getattr(exc, "bytes_moved", 0)
             raise
         record = self._record
         for layer, old, new, result in zip(layers, old_maps, new_maps, results):
@@ -532,6 +537,8 @@ class EPLBManager:
             layers = self._async_mover.commit_ready(max_layers=chunk)
         except TransferError as exc:
             self._go_live(self._changed_live_maps())
+            record.slots_moved = sum(int((live != self._old_rows[layer]).sum()) for layer, live in self._live_maps.items())
+            record.bytes_moved = self._async_mover.bytes_committed
             record.stall_s += time.perf_counter() - start
             self._fail(record, RebalanceError(f"rebalance {record.index}: non-blocking move failed: {exc}"), exc)
         if layers:

@@ -70,6 +70,31 @@ def case_an_invalid_plan_fails_only_that_rebalance(rank, group):
         assert weights_match(host.weights, host.manager.location, rank)
 
 
+def case_a_rebalance_failing_part_way_records_what_moved(rank, group):
+    """A move that fails at layer 1 after layer 0 went live records layer 0's slots and this
+    rank's bytes (before: 0 and 0), pipelined or verified layer by layer."""
+    for verify in (False, True):
+        def failing_mover(*args, **kwargs):
+            def hook(point, r, layer):
+                if point == "after_staging" and r == 1 and layer == 1:
+                    raise RuntimeError("injected NCCL error")
+
+            return move_layers(*args, fault_hook=hook, **kwargs)
+
+        host = Host(rank, group, _args(eplb_verify_weights=verify), layers_mover=failing_mover)
+        before = host.manager.location.physical_to_logical_map.clone()
+        errors = host.serve(5000, until=lambda m: m.history and m.history[0].end_pass is not None)
+        assert len(errors) == 1 and "layer 1" in errors[0][1]
+        record, live = host.manager.history[0], host.manager.location.physical_to_logical_map
+        changed = int((live != before).sum())
+        assert changed > 0 and torch.equal(live[1:], before[1:])  # layer 0 moved, the rest did not
+        assert record.slots_moved == changed, (verify, record)
+        moved = [None, None]
+        dist.all_gather_object(moved, record.bytes_moved)
+        assert sum(moved) > 0 and sum(moved) % 2 == 0  # every byte sent is a byte received
+        assert weights_match(host.weights, host.manager.location, rank)
+
+
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
 
 

@@ -177,7 +177,10 @@ def move_layers(
             message = (f"rank {rank}: layer {ids[i]} move failed in round {units[u][1] + 1}/{len(scheds[i])} "
                        f"({cause}); layers before it are moved, it stays on its "
                        f"{'intermediate' if committed[i] else 'old'} map and later layers on their old maps")
-        return LayerMoveError(message, rank=rank, layer=ids[i], live_map=live[i], index=i, live_maps=live)
+        moved = sum(len(p.sends) + len(p.recvs) for j, c in enumerate(committed)
+                    for p in (scheds[j].plan(k).ranks[rank] for k in range(c)))
+        return LayerMoveError(message, rank=rank, layer=ids[i], live_map=live[i], index=i, live_maps=live,
+                              bytes_moved=moved * expert_bytes(layers[units[0][0]][0]))
 
     # Step 1: the pool. Rows per rank: the largest round (the schedules' bound, so no round is
     # planned before the first transfer) and, within the budget, room for two (double
@@ -314,7 +317,7 @@ def move_layers(
 def _move_one_by_one(layers: Sequence[LayerToMove], group, ids: list[int], scheds: list[LayerMoveSchedule], *,
                      budget_bytes, gpus_per_node, live_maps, timeout_s, fault_hook, staging) -> list[MoveResult]:
     """verify: one ``move_experts`` per layer; a failure at layer i leaves later layers untouched."""
-    results = []
+    results: list[MoveResult] = []
     for i, (weights, old, new) in enumerate(layers):
         live = live_maps[i] if live_maps is not None else None
         try:
@@ -326,6 +329,7 @@ def _move_one_by_one(layers: Sequence[LayerToMove], group, ids: list[int], sched
             maps = [layers[j][2].detach().to("cpu", torch.int64) for j in range(i)]
             maps += [exc.live_physical_to_logical_map]
             maps += [layers[j][1].detach().to("cpu", torch.int64) for j in range(i + 1, len(layers))]
+            moved = sum(r.bytes_sent + r.bytes_received for r in results) + exc.bytes_moved
             raise LayerMoveError(str(exc), rank=exc.rank, layer=ids[i], live_map=exc.live_physical_to_logical_map,
-                                 index=i, live_maps=maps) from exc
+                                 index=i, live_maps=maps, bytes_moved=moved) from exc
     return results

@@ -111,11 +111,13 @@ class LayerMoveError(TransferError):
 
     From ``move_layers``: ``layer`` is the failed layer's id, ``index`` its position in the
     call, and ``live_physical_to_logical_maps`` holds every layer's live [P] map, in call
-    order (one entry, the failed layer's, from ``move_experts``)."""
+    order (one entry, the failed layer's, from ``move_experts``). ``bytes_moved``: this
+    rank's bytes sent and received by the rounds (of every layer) that committed."""
 
     def __init__(self, message: str, *, rank: int, layer: int, live_map: torch.Tensor,
-                 index: int = 0, live_maps: Sequence[torch.Tensor] | None = None):
+                 index: int = 0, live_maps: Sequence[torch.Tensor] | None = None, bytes_moved: int = 0):
         super().__init__(message)
+        self.bytes_moved = bytes_moved  # this rank's traffic (sent + received) of the rounds that committed
         self.rank = rank
         self.layer = layer
         self.index = index
@@ -306,13 +308,16 @@ def move_experts(
     agreement = Agreement(group, device, n + 1, reuse=True)
     _mark("agreement_ready")
 
-    def fail(k: int, current: torch.Tensor, error: BaseException | None) -> LayerMoveError:
+    def fail(k: int, current: torch.Tensor, error: BaseException | None, landed: int | None = None) -> LayerMoveError:
+        """Round k failed; ``landed`` rounds committed (default: the k before it)."""
         cause = f"{type(error).__name__}: {error}" if error else "another rank failed"
         where = "before the transfer" if k < 0 else f"in round {k + 1}/{n}"
+        rounds = max(k, 0) if landed is None else landed
+        moved = sum(len(p.sends) + len(p.recvs) for p in (schedule.plan(j).ranks[rank] for j in range(rounds)))
         return LayerMoveError(
             f"rank {rank}: layer {layer} move failed {where} ({cause}); the layer stays on its "
             f"{'old' if k <= 0 else 'intermediate'} map",
-            rank=rank, layer=layer, live_map=current.clone(),
+            rank=rank, layer=layer, live_map=current.clone(), bytes_moved=moved * expert_bytes(weights),
         )
 
     error: BaseException | None = None
@@ -403,7 +408,7 @@ def move_experts(
                 pool = agreement = staged = None
                 queued.clear()
                 posted.clear()
-                raise fail(k, current, exc) from exc
+                raise fail(k, current, exc, landed=landed) from exc
             if not agreement.gpu and bool(flag):
                 landed = k + 1  # votes are cumulative: a true flag means every earlier round landed too
             for w in staged.works:
