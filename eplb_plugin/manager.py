@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CHECK_EVERY_PASSES = 32
 DEFAULT_PLAN_TIMEOUT_S = 300.0
+DEFAULT_HISTORY_LIMIT = 256  # rebalance records kept in ``history`` (the newest; totals stay exact)
 MIB = 1 << 20
 
 Planner = Callable[..., Any]
@@ -83,6 +84,30 @@ class RebalanceRecord:
     skipped: str | None = None
     error: str | None = None
     transport: str | None = None
+
+
+@dataclass
+class RebalanceTotals:
+    """Every rebalance's figures summed (exact whatever ``history`` kept): done, skipped and
+    failed counts, slots and this rank's bytes moved, serving-thread stall."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    slots_moved: int = 0
+    bytes_moved: int = 0
+    stall_s: float = 0.0
+
+    def add(self, record: RebalanceRecord) -> None:
+        if record.skipped is not None:
+            self.skipped += 1
+        elif record.error is not None:
+            self.failed += 1
+        else:
+            self.done += 1
+        self.slots_moved += record.slots_moved
+        self.bytes_moved += record.bytes_moved
+        self.stall_s += record.stall_s
 
 
 @dataclass
@@ -141,6 +166,7 @@ class EPLBManager:
         planner: Planner | None = None,
         layers_mover: Callable[..., Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        history_limit: int | None = DEFAULT_HISTORY_LIMIT,
     ):
         if len(expert_weights) != location.num_layers:
             raise ValueError(
@@ -173,7 +199,12 @@ class EPLBManager:
         self.planner = planner or _default_planner
         self.layers_mover = layers_mover or _default_layers_mover
         self.clock = clock
+        # The newest ``history_limit`` records (None: all); ``history_dropped`` older ones were
+        # dropped, their figures kept in ``totals``: a server's memory does not grow with passes.
         self.history: list[RebalanceRecord] = []
+        self.history_limit = history_limit
+        self.history_dropped = 0
+        self.totals = RebalanceTotals()
         self.num_passes = 0
         self._last_rebalance_pass = 0
         self._last_rebalance_time = clock()
@@ -282,8 +313,13 @@ class EPLBManager:
     # ------------------------------------------------------------------ gather + plan
 
     def _start(self, trigger: str, layers: list[int] | None) -> None:
-        record = RebalanceRecord(index=len(self.history), trigger=trigger, start_pass=self.num_passes)
+        record = RebalanceRecord(index=self.history_dropped + len(self.history), trigger=trigger,
+                                 start_pass=self.num_passes)
         self.history.append(record)
+        if self.history_limit is not None and len(self.history) > 2 * self.history_limit:
+            drop = len(self.history) - self.history_limit  # amortized: one cut per history_limit records
+            del self.history[:drop]
+            self.history_dropped += drop
         self._last_rebalance_pass = self.num_passes
         self._last_rebalance_time = self.clock()
         logical = self.recorder.logical_count_window().to("cpu", torch.float64)
@@ -587,6 +623,7 @@ class EPLBManager:
 
     def _finish(self, record: RebalanceRecord) -> None:
         record.end_pass = self.num_passes
+        self.totals.add(record)
         self._state, self._target, self._record = "idle", None, None
         logger.info(
             "EPLB rebalance %d done at pass %d: %d slots, %.1f MiB moved, stall %.3f s",
@@ -599,11 +636,13 @@ class EPLBManager:
     def _skip(self, record: RebalanceRecord, why: str) -> None:
         record.skipped = why
         record.end_pass = self.num_passes
+        self.totals.add(record)
         logger.info("EPLB rebalance %d skipped: %s", record.index, why)
 
     def _fail(self, record: RebalanceRecord, error: RebalanceError, cause: BaseException | None) -> None:
         record.error = str(error)
         record.end_pass = self.num_passes
+        self.totals.add(record)
         self._state, self._target, self._record, self._pending_layers = "idle", None, None, []
         logger.error("%s", error)
         self._export(record)

@@ -95,6 +95,20 @@ def case_a_rebalance_failing_part_way_records_what_moved(rank, group):
         assert weights_match(host.weights, host.manager.location, rank)
 
 
+def case_the_rebalance_history_is_bounded_and_its_totals_stay_exact(rank, group):
+    """With history_limit 2, many rebalances keep at most 4 records (the newest, indices
+    continuing), and the totals count every rebalance."""
+    host = Host(rank, group, _args(eplb_rebalance_num_iterations=3), history_limit=2)
+    assert host.serve(5000, until=lambda m: m.history_dropped + len(m.history) >= 12 and not m.busy) == []
+    m = host.manager
+    assert m.history_dropped > 0 and len(m.history) <= 4
+    assert [r.index for r in m.history] == list(range(m.history_dropped, m.history_dropped + len(m.history)))
+    started = m.history_dropped + len(m.history)
+    assert m.totals.done + m.totals.skipped + m.totals.failed == started and m.totals.failed == 0
+    assert m.totals.slots_moved >= sum(r.slots_moved for r in m.history) and m.totals.slots_moved > 0
+    assert weights_match(host.weights, m.location, rank)
+
+
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
 
 

@@ -138,6 +138,8 @@ class RankEngine:
         self.stall_s = np.zeros(n)
         self.gpu_load = np.zeros((n, model.num_layers, world_size), dtype=np.float32)
         self.rss_mb = np.zeros((n + RSS_EVERY_PASSES - 1) // RSS_EVERY_PASSES)
+        for series in (self.balancedness, self.step_s, self.compute_s, self.stall_s, self.gpu_load, self.rss_mb):
+            series.fill(0)  # touched now: the run's per-pass memory is resident from the start, not grown into
         self.rebalance_failures: list[str] = []
         self._graph: PassGraph | None = None
         self._graph_wanted = self.graphable()
@@ -438,8 +440,9 @@ class RankEngine:
     def _log_rebalances(self, bar: Any, seen: int) -> int:
         """Log each rebalance once it has finished (moved, skipped or failed); returns the new ``seen``."""
         history = self._history()
-        while seen < len(history):
-            r = as_dict(history[seen])
+        dropped = getattr(self.manager, "history_dropped", 0)  # records before history[0]
+        while seen - dropped < len(history):
+            r = as_dict(history[seen - dropped])
             if r.get("end_pass") is None and not r.get("skipped") and not r.get("error"):
                 break  # still planning or moving
             if self.rank == 0:
@@ -481,4 +484,9 @@ class RankEngine:
             return None
         result = summarize(self, stall.numpy(), wall_s, rss_mb=rss.tolist(), slots_checked=int(totals[0]),
                            slots_failed=int(totals[1]), verified=self.cfg.verify_weights)
+        dropped = getattr(self.manager, "history_dropped", 0)
+        if dropped:  # "rebalances" lists the newest records; the totals cover every one
+            done = self.manager.totals
+            result.update(rebalances_dropped=dropped, num_rebalances=done.done, slots_moved=done.slots_moved,
+                          bytes_moved=done.bytes_moved)
         return result | {"stopped": self.stopped} if self.stopped else result
