@@ -200,3 +200,19 @@ def test_a_stopped_rank_makes_health_report_a_stall_then_everyone_exits_naming_i
     run = launcher.report_json()["runs"][0]
     assert "rank 1 stopped answering" in run["stopped"] and run["slots_failed"] == 0
     launcher.assert_clean()
+
+
+def test_the_launchers_store_listens_on_loopback_only():
+    """The rendezvous store the launcher hosts listens on 127.0.0.1 alone (a TCPStore given
+    only a port listens on every interface)."""
+    from eplb_plugin.runtime.supervise import host_store
+
+    store, port = host_store("127.0.0.1", timeout_s=5.0)
+    store.set("k", "v")
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                listening.append(local)
+    assert listening == [f"0100007F:{port:04X}"]

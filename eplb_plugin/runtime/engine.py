@@ -410,6 +410,8 @@ class RankEngine:
         without any collective (this rank's own weights verified)."""
         error = name_unanswering(self.store, rank=self.rank, world_size=self.world_size, pass_id=done,
                                  cause=cause)
+        if self.store is not None and not error.lost:
+            raise cause  # every rank answered: not a lost peer but an error of its own
         self.stopped = str(error)
         if self.rank == 0 and done > 0:
             self._truncate(done)
