@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MANAGER = "eplb_plugin.manager:EPLBManager"
 PROGRESS_EVERY_PASSES = 5
+MAX_SERIES_BYTES = 4 << 30  # per-pass figures a run may keep (resident from its start)
 LIVE_WINDOW_PASSES = 20  # passes averaged for the progress bar's live balancedness
 REPLIES = {
     Command.START_RECORD: "Start recording the expert distribution.\n",
@@ -132,6 +133,10 @@ class RankEngine:
         elif args.expert_balancedness_report_mode != "off" or args.enable_expert_distribution_metrics:
             self.recorder.start_record()  # SGLang starts recording when it reports balancedness
         n = run.num_passes
+        series_bytes = n * (4 * 8 + 4 * model.num_layers * world_size)
+        if series_bytes > MAX_SERIES_BYTES:
+            raise ConfigError(f"--num-passes {n} would keep {series_bytes / 2**30:.1f} GiB of per-pass figures on "
+                              f"every rank (limit {MAX_SERIES_BYTES / 2**30:.0f} GiB); run fewer passes")
         self.balancedness = np.zeros(n)
         self.step_s = np.zeros(n)
         self.compute_s = np.zeros(n)
