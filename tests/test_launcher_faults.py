@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO_ROOT
 
 STARTUP_S = 120.0  # generous: the CI machine is shared
-DIST_TIMEOUT_S = 3.0  # --dist-timeout-s: a stopped rank is detected in seconds
+DIST_TIMEOUT_S = 5.0  # --dist-timeout-s: a stopped rank is detected in seconds
 STALL_S = 1.0  # --health-stall-s
 
 
@@ -196,7 +196,7 @@ def test_a_stopped_rank_makes_health_report_a_stall_then_everyone_exits_naming_i
     assert code == 1
     line = _last_line(err)
     assert line.startswith("python -m eplb_plugin.launch_server: rank 1 stopped answering (killed by the launcher)"), err
-    assert time.monotonic() - start < 60  # seconds after the 3 s timeout, not the default 300 s
+    assert time.monotonic() - start < 60  # seconds after the 5 s timeout, not the default 300 s
     run = launcher.report_json()["runs"][0]
     assert "rank 1 stopped answering" in run["stopped"] and run["slots_failed"] == 0
     launcher.assert_clean()
