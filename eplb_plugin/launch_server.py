@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text_report(results))
         print(f"total wall time {wall_s:.1f} s; report: " + ", ".join(str(p) for p in paths.values()))
     if failure is not None:
-        print(f"{parser.prog}: {failure}" + ("" if results else " (no pass finished: no report)"), file=sys.stderr)
+        print(f"{parser.prog}: {failure}" + ("" if results else " (no results from rank 0: no report)"), file=sys.stderr)
         return failure.exit_code
     failed = sum(r["slots_failed"] for r in results)
     if failed:

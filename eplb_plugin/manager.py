@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CHECK_EVERY_PASSES = 32
 DEFAULT_PLAN_TIMEOUT_S = 300.0
-DEFAULT_HISTORY_LIMIT = 256  # rebalance records kept in ``history`` (the newest; totals stay exact)
+DEFAULT_HISTORY_LIMIT = 64  # rebalance records kept in ``history`` (the newest; totals stay exact)
 MIB = 1 << 20
 
 Planner = Callable[..., Any]
@@ -316,8 +316,8 @@ class EPLBManager:
         record = RebalanceRecord(index=self.history_dropped + len(self.history), trigger=trigger,
                                  start_pass=self.num_passes)
         self.history.append(record)
-        if self.history_limit is not None and len(self.history) > 2 * self.history_limit:
-            drop = len(self.history) - self.history_limit  # amortized: one cut per history_limit records
+        if self.history_limit is not None and len(self.history) > self.history_limit:
+            drop = len(self.history) - self.history_limit  # the oldest (finished long ago)
             del self.history[:drop]
             self.history_dropped += drop
         self._last_rebalance_pass = self.num_passes
