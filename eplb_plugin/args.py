@@ -116,6 +116,13 @@ class EPLBArgs:
     eplb_verify_weights: bool = _flag(
         "Fingerprint every moved slot after a move (cheap; on in tests).", default=False, sglang=False
     )
+    eplb_rebalance_timeout_s: float = _flag(
+        "How long a rebalance's waits for other ranks (agreements, transfers) may take, in "
+        "seconds; past it the rebalance fails on every rank still answering and the old "
+        "placement stays.",
+        default=60.0,
+        sglang=False,
+    )
     eplb_plan_in_process: bool = _flag(
         "Plan in a separate process (spawned at start-up) instead of a thread, so the solver "
         "never holds the serving process's GIL.",
@@ -192,6 +199,8 @@ class EPLBArgs:
             raise ConfigError(f"--eplb-drift-threshold must be in (0, 1] (got {self.eplb_drift_threshold})")
         if self.eplb_transfer_budget_mb <= 0:
             raise ConfigError(f"--eplb-transfer-budget-mb must be > 0 (got {self.eplb_transfer_budget_mb})")
+        if not self.eplb_rebalance_timeout_s > 0:
+            raise ConfigError(f"--eplb-rebalance-timeout-s must be > 0 (got {self.eplb_rebalance_timeout_s})")
         if self.eplb_non_blocking and not self.enable_eplb:
             raise ConfigError("--eplb-non-blocking needs --enable-eplb")
 

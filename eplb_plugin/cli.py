@@ -18,6 +18,7 @@ from .algorithms.evaluate import DISPATCHES, pass_counts, simulate
 from .balance import placement_balancedness
 from .errors import CountsError, EPLBError
 from .location import ExpertLocation, weights_sidecar
+from .location_files import load_placement, read_counts, save_placement
 
 
 def load_counts(path: str | Path, *, pass_tokens: int | None = None) -> np.ndarray:
@@ -32,17 +33,7 @@ def load_counts(path: str | Path, *, pass_tokens: int | None = None) -> np.ndarr
         num_logical = int(ids.max()) + 1
         counts = pass_counts(ids, num_logical=num_logical, pass_tokens=pass_tokens or len(ids))
         return counts if pass_tokens else counts.sum(0)
-    if path.suffix == ".pt":
-        data = torch.load(path, weights_only=True, map_location="cpu")
-    else:
-        data = json.loads(path.read_text())
-    if isinstance(data, dict):
-        key = next((k for k in ("logical_count", "counts") if k in data), None)
-        if key is None:
-            raise CountsError(f"{path}: no 'logical_count' or 'counts' key (keys: {sorted(data)})")
-        data = data[key]
-    counts = torch.as_tensor(data).double().numpy()
-    return counts.sum(0) if counts.ndim == 3 else counts
+    return read_counts(str(path)).numpy()  # the loaders' checks: size, shape, NaN, negative
 
 
 def redundant_memory_bytes(preset, *, num_physical: int, num_gpus: int) -> int:
@@ -58,14 +49,16 @@ def _num_physical(args, num_logical: int) -> int:
     return num_logical + args.redundant if args.num_physical_experts is None else args.num_physical_experts
 
 
-def _save_map(path: Path, phy2log: torch.Tensor) -> None:
-    if path.suffix == ".pt":
-        torch.save({"physical_to_logical_map": phy2log}, path)
-    else:
-        path.write_text(json.dumps({"physical_to_logical_map": phy2log.tolist()}))
+def _save_map(path: Path, phy2log: torch.Tensor, *, ep_size: int, num_logical_experts: int) -> None:
+    """The map file (what stock SGLang loads) and its meta sidecar (EP size, shape)."""
+    save_placement(path, phy2log, ep_size=ep_size, num_logical_experts=num_logical_experts)
 
 
 def _cmd_plan(args) -> int:
+    if args.preset:
+        from .configs import get_preset
+
+        get_preset(args.preset)  # an unknown name fails here, before the solver runs
     counts = load_counts(args.counts)
     num_logical = counts.shape[1]
     num_physical = _num_physical(args, num_logical)
@@ -90,7 +83,7 @@ def _cmd_plan(args) -> int:
         mem = redundant_memory_bytes(get_preset(args.preset), num_physical=num_physical, num_gpus=args.ep_size)
         print(f"redundant experts per rank ({args.preset}): {mem / 2**30:.2f} GiB")
     out = Path(args.out)
-    _save_map(out, phy2log)
+    _save_map(out, phy2log, ep_size=args.ep_size, num_logical_experts=num_logical)
     if weights is not None:
         weights_sidecar(out).write_text(json.dumps(
             {"replica_weights": weights.tolist(), "physical_to_logical_map": phy2log.tolist()}))
@@ -143,13 +136,11 @@ def _plot(res, counts: np.ndarray, path: Path) -> None:
 
 def _cmd_inspect(args) -> int:
     counts = torch.from_numpy(load_counts(args.counts))
-    src = Path(args.placement)
-    data = torch.load(src, weights_only=True) if src.suffix == ".pt" else json.loads(src.read_text())
-    phy2log = torch.as_tensor(data["physical_to_logical_map"]).long()
-    weights = None
-    side = weights_sidecar(src)
-    if side.exists():
-        weights = torch.tensor(json.loads(side.read_text())["replica_weights"])
+    # The loaders' validation: shape against the counts, ids, replicas, EP size (and what
+    # the file's meta sidecar says it was made for), replica weights.
+    location = load_placement(args.placement, ep_size=args.ep_size, num_layers=counts.shape[0],
+                              num_logical_experts=counts.shape[1])
+    phy2log, weights = location.physical_to_logical_map, location.replica_weights
     print(f"balancedness, equal split: {placement_balancedness(counts, phy2log, args.ep_size):.4f}")
     if weights is not None:
         print(f"balancedness, replica weights: {placement_balancedness(counts, phy2log, args.ep_size, weights):.4f}")

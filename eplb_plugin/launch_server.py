@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minmax dispatch: split on the whole pass's per-expert counts (global: one small "
                         "all-gather per layer) or on each rank's own tokens (local).")
     g.add_argument("--threads-per-rank", type=int, default=None, help="CPU threads per rank (default: cores / ranks).")
+    g.add_argument("--dist-timeout-s", type=float, default=RuntimeConfig.timeout_s,
+                   help="How long a pass's collectives wait for a peer before the ranks stop, naming the rank "
+                        "that stopped answering (a rebalance's waits: --eplb-rebalance-timeout-s).")
+    g.add_argument("--health-stall-s", type=float, default=RuntimeConfig.stall_s,
+                   help="/health answers 503 'stalled' when no pass finished for this many seconds.")
+    g.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)  # tests: URL and rank pids land here
     return parser
 
 
@@ -99,6 +105,7 @@ def build_runs(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EP
         threads_per_rank=ns.threads_per_rank, cuda_graph=not ns.disable_cuda_graph,
         exchange=ns.moe_exchange, dispatch_backend=ns.ep_dispatch_backend,
         dispatch_counts=ns.ep_dispatch_counts,
+        timeout_s=ns.dist_timeout_s, stall_s=ns.health_stall_s, ready_file=ns.ready_file,
     )
     if ns.compare:
         off = dataclasses.replace(raw, enable_eplb=False, eplb_non_blocking=False).resolve()
@@ -119,23 +126,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     from eplb_plugin.runtime.launch import launch
     from eplb_plugin.runtime.report import text_report, write_report
+    from eplb_plugin.runtime.supervise import LaunchError
 
     start = time.perf_counter()
-    results = launch(cfg, runs, layout)
+    failure: LaunchError | None = None
+    try:
+        results = launch(cfg, runs, layout)
+    except LaunchError as exc:  # stopped by a signal, or a rank was lost: report what ran
+        failure, results = exc, exc.results
+    except EPLBError as exc:  # a bad input found before the ranks started (or on this rank)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     if results is None:  # not rank 0 / not node 0
         return 0
     wall_s = time.perf_counter() - start
     command = "python -m eplb_plugin.launch_server " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    paths = write_report(results, ns.report_dir, meta={"command": command, "total_wall_s": wall_s,
-                                                        "config": dataclasses.asdict(cfg)})
-    print(text_report(results))
-    print(f"total wall time {wall_s:.1f} s; report: " + ", ".join(str(p) for p in paths.values()))
+    if results:
+        paths = write_report(results, ns.report_dir, meta={"command": command, "total_wall_s": wall_s,
+                                                            "config": dataclasses.asdict(cfg),
+                                                            "failure": str(failure) if failure else None})
+        print(text_report(results))
+        print(f"total wall time {wall_s:.1f} s; report: " + ", ".join(str(p) for p in paths.values()))
+    if failure is not None:
+        print(f"{parser.prog}: {failure}" + ("" if results else " (no results from rank 0: no report)"), file=sys.stderr)
+        return failure.exit_code
     failed = sum(r["slots_failed"] for r in results)
     if failed:
         print(f"ERROR: {failed} slot(s) hold weights that do not match their expert", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

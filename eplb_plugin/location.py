@@ -10,7 +10,7 @@ Slots are rank-major: slot ``p`` lives on rank ``p // (P / ep_size)``. Maps:
 - ``replica_weights``: [L, P] float32 share of its expert's tokens each slot should get
   (the shares of one expert's slots sum to 1), or None for an equal split.
 
-Files: ``--init-expert-location`` accepts what SGLang 0.5.23 accepts (``trivial``; a ``.pt``
+Files (``location_files.py``): ``--init-expert-location`` accepts what SGLang 0.5.23 accepts (``trivial``; a ``.pt``
 read with ``weights_only=True``; a ``.json``; inline JSON) holding ``physical_to_logical_map``
 [L][P] or ``logical_count`` [L][E] / [B][L][E]. ``save`` writes files stock SGLang loads
 unchanged (only ``physical_to_logical_map``: SGLang passes any other key on as a keyword);
@@ -19,19 +19,16 @@ replica weights go to a sidecar ``<file>.weights.json`` that only the plugin rea
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from eplb_plugin.errors import CountsError, ExpertLocationFileError, PlacementError
+from eplb_plugin.errors import CountsError, PlacementError
 
 INLINE_SOURCE = "<inline JSON>"
-WEIGHTS_SUFFIX = ".weights.json"
 REPLICA_WEIGHT_TOLERANCE = 1e-3
 
 
@@ -105,16 +102,21 @@ class ExpertLocation:
         ep_size: int,
         replica_weights: Any = None,
         num_layers: int | None = None,
+        num_physical_experts: int | None = None,
         source: str = "physical_to_logical_map",
     ) -> ExpertLocation:
         """Validate a map [L, P] (tensor or nested lists) and derive the other views.
 
-        Raises PlacementError naming ``source`` when the shape, an id, a missing replica,
-        P's divisibility by ep_size or the replica weights are wrong.
+        Raises PlacementError naming ``source`` when the shape (against ``num_layers`` and
+        ``num_physical_experts`` when given, before anything is derived), an id (-1, an
+        unused slot as vLLM writes it, included), a missing replica, P's divisibility by
+        ep_size or the replica weights are wrong.
         """
         phy2log = _as_tensor(physical_to_logical_map, source, "physical_to_logical_map")
-        if phy2log.dtype.is_floating_point or phy2log.dtype == torch.bool:
-            if not torch.equal(phy2log, phy2log.round()):
+        if phy2log.dtype == torch.bool or phy2log.is_complex():
+            raise PlacementError(f"{source}: physical_to_logical_map has dtype {phy2log.dtype}; expected integer ids")
+        if phy2log.dtype.is_floating_point:
+            if not torch.isfinite(phy2log).all() or not torch.equal(phy2log, phy2log.round()):
                 raise PlacementError(f"{source}: physical_to_logical_map holds non-integer ids")
         phy2log = phy2log.to(torch.int64).cpu()
         if phy2log.dim() != 2:
@@ -127,13 +129,20 @@ class ExpertLocation:
             raise PlacementError(
                 f"{source}: physical_to_logical_map has {num_map_layers} layers, the model has {num_layers}"
             )
+        if num_physical_experts is not None and num_physical != num_physical_experts:
+            raise PlacementError(
+                f"{source}: physical_to_logical_map has {num_physical} slots per layer, but the model has "
+                f"{num_logical_experts} logical + redundant = {num_physical_experts} (check --ep-num-redundant-experts)"
+            )
         _check_sizes(num_logical_experts, num_physical, ep_size, source=source)
         bad = (phy2log < 0) | (phy2log >= num_logical_experts)
         if bad.any():
             layer, slot = (int(i) for i in bad.nonzero()[0])
+            value = int(phy2log[layer, slot])
             raise PlacementError(
-                f"{source}: physical_to_logical_map[{layer}][{slot}] = {int(phy2log[layer, slot])} "
-                f"is outside [0, {num_logical_experts})"
+                f"{source}: physical_to_logical_map[{layer}][{slot}] = {value} is outside [0, {num_logical_experts})"
+                + ("; -1 marks an unused slot (as vLLM writes maps), but every slot must hold an expert here"
+                   if value == -1 else "")
             )
         counts = replica_count(phy2log, num_logical_experts)
         missing = (counts == 0).nonzero()
@@ -196,31 +205,12 @@ class ExpertLocation:
         return {"physical_to_logical_map": self.physical_to_logical_map.tolist()}
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path`` (.json or .pt) for SGLang, and the replica-weights sidecar if any."""
-        path = Path(path)
-        if path.suffix == ".pt":
-            torch.save({"physical_to_logical_map": self.physical_to_logical_map.clone()}, path)
-        elif path.suffix == ".json":
-            path.write_text(json.dumps(self.to_sglang_dict()))
-        else:
-            raise PlacementError(f"placement file {path} must end in .json or .pt")
-        if self.replica_weights is not None:
-            sidecar = weights_sidecar(path)
-            sidecar.write_text(
-                json.dumps(
-                    {
-                        "physical_to_logical_map": self.physical_to_logical_map.tolist(),
-                        "replica_weights": self.replica_weights.tolist(),
-                    }
-                )
-            )
-        return path
+        """Write ``path`` (.json or .pt) for SGLang, the meta sidecar (EP size and shape), and
+        the replica-weights sidecar if any (``location_files.save_placement``)."""
+        from eplb_plugin.location_files import save_placement
 
-
-def weights_sidecar(path: str | Path) -> Path:
-    """The plugin-only file beside a placement file that holds its replica weights."""
-    path = Path(path)
-    return path.with_name(path.name + WEIGHTS_SUFFIX)
+        return save_placement(path, self.physical_to_logical_map, ep_size=self.ep_size,
+                              num_logical_experts=self.num_logical_experts, replica_weights=self.replica_weights)
 
 
 def replica_count(physical_to_logical_map: torch.Tensor, num_logical_experts: int) -> torch.Tensor:
@@ -262,6 +252,8 @@ def validate_logical_count(
     Raises CountsError for a wrong shape, NaN, infinite or negative counts.
     """
     count = _as_tensor(logical_count, source, "logical_count", error=CountsError)
+    if count.dtype == torch.bool or count.is_complex():
+        raise CountsError(f"{source}: logical_count has dtype {count.dtype}; expected real numbers")
     if count.dim() == 3:
         count = count.to(torch.float64).sum(0)
     if count.dim() != 2:
@@ -281,113 +273,7 @@ def validate_logical_count(
     return count
 
 
-def read_location_source(source: str) -> tuple[dict[str, Any], str]:
-    """Parse an ``--init-expert-location`` value into its dict, as SGLang does.
-
-    Returns (dict, a name for messages). ``.pt`` files load with ``weights_only=True``.
-    """
-    if source.endswith(".pt"):
-        name = source
-        try:
-            data = torch.load(source, weights_only=True, map_location="cpu")
-        except FileNotFoundError:
-            raise ExpertLocationFileError(name, None, "file not found") from None
-        except Exception as exc:  # torch raises many types for a bad archive; name it once
-            raise ExpertLocationFileError(name, None, f"not a loadable torch file ({exc})") from exc
-    elif source.endswith(".json"):
-        name = source
-        try:
-            data = json.loads(Path(source).read_text())
-        except FileNotFoundError:
-            raise ExpertLocationFileError(name, None, "file not found") from None
-        except json.JSONDecodeError as exc:
-            raise ExpertLocationFileError(name, None, f"invalid JSON ({exc})") from exc
-    else:
-        name = INLINE_SOURCE
-        try:
-            data = json.loads(source)
-        except json.JSONDecodeError as exc:
-            raise ExpertLocationFileError(
-                name, None, f"neither 'trivial', a .pt/.json path, nor valid JSON ({exc})"
-            ) from exc
-    if not isinstance(data, Mapping):
-        raise ExpertLocationFileError(name, None, f"expected a dict, got {type(data).__name__}")
-    return dict(data), name
-
-
-def load_init_expert_location(
-    source: str,
-    *,
-    num_layers: int,
-    num_logical_experts: int,
-    num_physical_experts: int,
-    ep_size: int,
-    num_nodes: int = 1,
-    num_groups: int | None = None,
-    algorithm: str = "auto",
-) -> ExpertLocation:
-    """Resolve ``--init-expert-location`` into a validated ExpertLocation.
-
-    Accepts ``trivial``, a ``.pt`` / ``.json`` path or inline JSON holding
-    ``physical_to_logical_map`` [L][P] (plus, from the plugin's sidecar, replica weights) or
-    ``logical_count`` [L][E] / [B][L][E] (planned with ``algorithm``).
-    Raises ExpertLocationFileError naming the source, the key and the problem.
-    """
-    if source == "trivial":
-        return ExpertLocation.trivial(
-            num_layers=num_layers,
-            num_logical_experts=num_logical_experts,
-            num_physical_experts=num_physical_experts,
-            ep_size=ep_size,
-        )
-    data, name = read_location_source(source)
-    try:
-        if "physical_to_logical_map" in data:
-            key = "physical_to_logical_map"
-            extra = set(data) - {key}
-            if extra:
-                raise PlacementError(f"unexpected keys {sorted(extra)} (SGLang passes them on and fails)")
-            weights = _sidecar_weights(source, data[key]) if name != INLINE_SOURCE else None
-            location = ExpertLocation.from_physical_to_logical_map(
-                data[key], num_logical_experts=num_logical_experts, ep_size=ep_size,
-                replica_weights=weights, num_layers=num_layers, source=name,
-            )
-            if location.num_physical_experts != num_physical_experts:
-                raise PlacementError(
-                    f"map has {location.num_physical_experts} slots per layer, but the model has "
-                    f"{num_logical_experts} logical + redundant = {num_physical_experts} "
-                    "(check --ep-num-redundant-experts)"
-                )
-            return location
-        if "logical_count" in data:
-            key = "logical_count"
-            count = validate_logical_count(
-                data[key], source=name, num_layers=num_layers, num_logical_experts=num_logical_experts
-            )
-            return ExpertLocation.from_logical_count(
-                count, num_physical_experts=num_physical_experts, ep_size=ep_size,
-                num_nodes=num_nodes, num_groups=num_groups, algorithm=algorithm, source=name,
-            )
-    except (PlacementError, CountsError) as exc:
-        if isinstance(exc, ExpertLocationFileError):
-            raise
-        raise ExpertLocationFileError(name, key, str(exc).removeprefix(f"{name}: ")) from exc
-    raise ExpertLocationFileError(
-        name, None, f"holds neither 'physical_to_logical_map' nor 'logical_count' (keys: {sorted(data)})"
-    )
-
-
 # ---------------------------------------------------------------------- helpers
-
-
-def _sidecar_weights(source: str, phy2log: Any) -> Any:
-    sidecar = weights_sidecar(source)
-    if not sidecar.exists():
-        return None
-    side = json.loads(sidecar.read_text())
-    if side.get("physical_to_logical_map") != _as_tensor(phy2log, source, "physical_to_logical_map").tolist():
-        raise PlacementError(f"sidecar {sidecar.name} belongs to another map; delete it or re-plan")
-    return side["replica_weights"]
 
 
 def _check_sizes(num_logical: int, num_physical: int, ep_size: int, *, source: str) -> None:
@@ -424,3 +310,18 @@ def _validate_replica_weights(weights: Any, phy2log: torch.Tensor, num_logical: 
     if not math.isclose(worst, 0.0, abs_tol=REPLICA_WEIGHT_TOLERANCE):
         raise PlacementError(f"{source}: replica_weights of an expert's slots must sum to 1 (off by {worst:.3g})")
     return w
+
+
+# The file I/O lives in location_files (re-exported here, where callers have imported it from).
+from eplb_plugin.location_files import (  # noqa: E402
+    WEIGHTS_SUFFIX,
+    load_init_expert_location,
+    read_location_source,
+    weights_sidecar,
+)
+
+__all__ = [
+    "INLINE_SOURCE", "REPLICA_WEIGHT_TOLERANCE", "WEIGHTS_SUFFIX", "ExpertLocation", "compute_logical_to_physical_map",
+    "equal_split_weights", "load_init_expert_location", "read_location_source", "replica_count",
+    "validate_logical_count", "weights_sidecar",
+]

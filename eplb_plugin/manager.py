@@ -41,13 +41,14 @@ import torch
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import balancedness, gpu_loads, placement_balancedness
 from eplb_plugin.comm import all_reduce_host, broadcast_host, group_info
-from eplb_plugin.errors import ConfigError, RebalanceError, TransferError
+from eplb_plugin.errors import ConfigError, PlacementError, RebalanceError, TransferError
 from eplb_plugin.location import ExpertLocation, equal_split_weights
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHECK_EVERY_PASSES = 32
 DEFAULT_PLAN_TIMEOUT_S = 300.0
+DEFAULT_HISTORY_LIMIT = 64  # rebalance records kept in ``history`` (the newest; totals stay exact)
 MIB = 1 << 20
 
 Planner = Callable[..., Any]
@@ -83,6 +84,30 @@ class RebalanceRecord:
     skipped: str | None = None
     error: str | None = None
     transport: str | None = None
+
+
+@dataclass
+class RebalanceTotals:
+    """Every rebalance's figures summed (exact whatever ``history`` kept): done, skipped and
+    failed counts, slots and this rank's bytes moved, serving-thread stall."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    slots_moved: int = 0
+    bytes_moved: int = 0
+    stall_s: float = 0.0
+
+    def add(self, record: RebalanceRecord) -> None:
+        if record.skipped is not None:
+            self.skipped += 1
+        elif record.error is not None:
+            self.failed += 1
+        else:
+            self.done += 1
+        self.slots_moved += record.slots_moved
+        self.bytes_moved += record.bytes_moved
+        self.stall_s += record.stall_s
 
 
 @dataclass
@@ -151,6 +176,7 @@ class EPLBManager:
         skip_rebalance: Callable[[float], str | None] | None = None,
         ready_to_move: Callable[[ExpertLocation], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        history_limit: int | None = DEFAULT_HISTORY_LIMIT,
     ):
         if len(expert_weights) != location.num_layers:
             raise ValueError(
@@ -185,7 +211,12 @@ class EPLBManager:
         self.skip_rebalance = skip_rebalance or self._window_balanced
         self.ready_to_move = ready_to_move
         self.clock = clock
+        # The newest ``history_limit`` records (None: all); ``history_dropped`` older ones were
+        # dropped, their figures kept in ``totals``: a server's memory does not grow with passes.
         self.history: list[RebalanceRecord] = []
+        self.history_limit = history_limit
+        self.history_dropped = 0
+        self.totals = RebalanceTotals()
         self.num_passes = 0
         self._last_rebalance_pass = 0
         self._last_rebalance_time = clock()
@@ -215,6 +246,7 @@ class EPLBManager:
             self._async_mover = AsyncExpertMover(
                 group, budget_bytes=self._budget_bytes, gpus_per_node=self._gpus_per_node,
                 verify=args.eplb_verify_weights, transport=args.eplb_transport,
+                timeout_s=args.eplb_rebalance_timeout_s,
             )
         self._peers = None  # PeerViews of every layer's weights (blocking moves), see _resolve_peers
         if hasattr(recorder, "start_record") and not getattr(recorder, "recording", True):
@@ -298,8 +330,13 @@ class EPLBManager:
     # ------------------------------------------------------------------ gather + plan
 
     def _start(self, trigger: str, layers: list[int] | None) -> None:
-        record = RebalanceRecord(index=len(self.history), trigger=trigger, start_pass=self.num_passes)
+        record = RebalanceRecord(index=self.history_dropped + len(self.history), trigger=trigger,
+                                 start_pass=self.num_passes)
         self.history.append(record)
+        if self.history_limit is not None and len(self.history) > self.history_limit:
+            drop = len(self.history) - self.history_limit  # the oldest (finished long ago)
+            del self.history[:drop]
+            self.history_dropped += drop
         self._last_rebalance_pass = self.num_passes
         self._last_rebalance_time = self.clock()
         logical = self.recorder.logical_count_window().to("cpu", torch.float64)
@@ -357,6 +394,8 @@ class EPLBManager:
             done = self._attempt.done
             timed_out = time.perf_counter() - self._plan_started > self.plan_timeout_s
             if done and self._attempt.error is None:
+                self._attempt.error = self._check_plan_shape(self._attempt.result)
+            if done and self._attempt.error is None:
                 status[0] = _Status.READY
             elif done or timed_out:
                 status[0] = _Status.FAILED
@@ -375,6 +414,24 @@ class EPLBManager:
                 message = f"planning failed on rank 0 ({cause!r})"
             self._fail(record, RebalanceError(f"rebalance {record.index}: {message}; keeping the old placement"), cause)
         self._receive_plan()
+
+    def _check_plan_shape(self, result: Any) -> PlacementError | None:
+        """Rank 0, before broadcasting: a plan whose map or weights have the wrong type or
+        shape (which would make the broadcast itself disagree) is a failed plan."""
+        loc = self.location
+        want = [loc.num_layers, loc.num_physical_experts]
+        map_ = getattr(result, "physical_to_logical_map", None)
+        if not isinstance(map_, torch.Tensor) or list(map_.shape) != want:
+            got = list(map_.shape) if isinstance(map_, torch.Tensor) else type(map_).__name__
+            return PlacementError(f"the planner returned a physical_to_logical_map of {got}, expected shape {want}")
+        if map_.is_complex() or map_.dtype == torch.bool or (
+                map_.is_floating_point() and not torch.equal(map_, map_.round())):
+            return PlacementError("the planner returned a physical_to_logical_map with non-integer ids")
+        weights = getattr(result, "replica_weights", None)
+        if weights is not None and (not isinstance(weights, torch.Tensor) or list(weights.shape) != want):
+            got = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+            return PlacementError(f"the planner returned replica_weights of {got}, expected shape {want}")
+        return None
 
     def _receive_plan(self) -> None:
         loc = self.location
@@ -407,10 +464,14 @@ class EPLBManager:
             layer for layer in planned if layer not in record.layers and target_weights is not None
             and not torch.equal(target_weights[layer], live_weights[layer])
         ]
-        self._target = ExpertLocation.from_physical_to_logical_map(
-            target_map, num_logical_experts=loc.num_logical_experts, ep_size=loc.ep_size,
-            replica_weights=target_weights, source=f"rebalance {record.index} plan",
-        )
+        try:  # every rank validates the plan it received (the same bytes: the same verdict)
+            self._target = ExpertLocation.from_physical_to_logical_map(
+                target_map, num_logical_experts=loc.num_logical_experts, ep_size=loc.ep_size,
+                replica_weights=target_weights, source=f"rebalance {record.index} plan",
+            )
+        except PlacementError as exc:  # nothing moved: the old placement stays
+            self._fail(record, RebalanceError(f"rebalance {record.index}: invalid plan: {exc}; "
+                                              "keeping the old placement"), exc)
         record.balancedness_predicted = placement_balancedness(
             self._counts, target_map, loc.ep_size, target_weights
         )
@@ -473,6 +534,7 @@ class EPLBManager:
                 budget_bytes=self._budget_bytes,
                 gpus_per_node=self._gpus_per_node,
                 verify=self.args.eplb_verify_weights,
+                timeout_s=self.args.eplb_rebalance_timeout_s,
                 peers=self._peers if self._record.transport == "ipc" else None,
             )
         except TransferError as exc:
@@ -481,6 +543,11 @@ class EPLBManager:
                 for layer, new in zip(layers[:index], new_maps[:index]):
                     live[layer] = new
                 live[layers[index]] = exc.live_physical_to_logical_map
+            # What moved before the failure is recorded (it is live): slots and this rank's bytes.
+            record = self._record
+            record.slots_moved += sum(int((old != live[layer]).sum()) for layer, old in zip(layers, old_maps)
+                                      if layer in live)
+            record.bytes_moved += getattr(exc, "bytes_moved", 0)
             raise
         record = self._record
         for layer, old, new, result in zip(layers, old_maps, new_maps, results):
@@ -529,6 +596,8 @@ class EPLBManager:
             layers = self._async_mover.commit_ready(max_layers=chunk)
         except TransferError as exc:
             self._go_live(self._changed_live_maps())
+            record.slots_moved = sum(int((live != self._old_rows[layer]).sum()) for layer, live in self._live_maps.items())
+            record.bytes_moved = self._async_mover.bytes_committed
             record.stall_s += time.perf_counter() - start
             self._fail(record, RebalanceError(f"rebalance {record.index}: non-blocking move failed: {exc}"), exc)
         if layers:
@@ -577,6 +646,7 @@ class EPLBManager:
 
     def _finish(self, record: RebalanceRecord) -> None:
         record.end_pass = self.num_passes
+        self.totals.add(record)
         self._state, self._target, self._record = "idle", None, None
         logger.info(
             "EPLB rebalance %d done at pass %d: %d slots, %.1f MiB moved, stall %.3f s",
@@ -589,11 +659,13 @@ class EPLBManager:
     def _skip(self, record: RebalanceRecord, why: str) -> None:
         record.skipped = why
         record.end_pass = self.num_passes
+        self.totals.add(record)
         logger.info("EPLB rebalance %d skipped: %s", record.index, why)
 
     def _fail(self, record: RebalanceRecord, error: RebalanceError, cause: BaseException | None) -> None:
         record.error = str(error)
         record.end_pass = self.num_passes
+        self.totals.add(record)
         self._state, self._target, self._record, self._pending_layers = "idle", None, None, []
         logger.error("%s", error)
         self._export(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.error
@@ -129,3 +130,47 @@ def test_record_and_dump_act_on_every_rank_and_read_back_as_a_trace(tmp_path):
         shard = shard_tokens(cfg.batch_tokens, rank=raw["records"][0]["rank"], world_size=2)
         want = torch.cat([built.batch(p).topk_ids[shard] for p in ids])
         assert torch.equal(read_sglang_per_token_dump(path), want)
+
+
+def test_health_reports_a_stall_with_503_naming_the_last_pass():
+    """Serving with no pass finished for stall_s: 503 "stalled" with the last pass; a pass
+    finishing makes it 200 again; not serving is never a stall."""
+    now = [0.0]
+    channel = ControlChannel(stall_s=5.0, clock=lambda: now[0])
+    channel.set_serving(True, run="r", passes=100, pass_id=0)
+    channel.pass_done(7)
+    now[0] = 4.0
+    assert channel.health().status == 200
+    now[0] = 12.5
+    reply = channel.health()
+    assert reply.status == 503
+    assert json.loads(reply.body) == {"status": "stalled", "run": "r", "passes": 100, "pass_id": 7,
+                                      "last_pass": 7, "seconds_since_last_pass": 12.5}
+    channel.pass_done(8)
+    assert channel.health().status == 200
+    channel.set_serving(False, run="r", passes=100)
+    now[0] = 100.0
+    assert channel.health().status == 200
+
+
+def test_a_command_answered_503_after_its_timeout_never_runs():
+    """A request that timed out before a pass boundary is told the command was not run, and
+    the serving loop then skips it."""
+    channel = ControlChannel()
+    channel.set_serving(True, run="r")
+    reply = channel.submit(Command.STOP_RECORD, timeout_s=0.05)
+    assert reply.status == 503 and "not run" in reply.body
+    assert channel.take() is None
+
+
+def test_an_idle_connection_is_closed_after_the_socket_timeout():
+    """A client that connects and sends nothing does not hold a server thread forever."""
+    import socket
+
+    channel = ControlChannel()
+    server = ControlServer(channel, socket_timeout_s=0.5).start()
+    try:
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            assert sock.recv(1) == b""  # the server closed it (before the 10 s client timeout)
+    finally:
+        server.close()

@@ -121,3 +121,15 @@ def test_torchrun_starts_the_ranks(tmp_path):
     # One launch of 2 ranks: rank 0 prints the summary once (each torchrun worker spawning
     # its own ranks would print it twice).
     assert done.stdout.count("weights verified (slots)") == 1, done.stdout
+
+
+def test_a_bad_init_expert_location_stops_the_launcher_with_one_line(tmp_path, capsys):
+    """The launcher loads --init-expert-location before starting ranks: a bad file is one
+    line naming the file, the key and the problem, exit 2, no multiprocessing traceback."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"physical_to_logical_map": [[0] * 18] * 2}))
+    code = main(["--ep-size", "2", "--ep-num-redundant-experts", "2", "--num-layers", "2",
+                 "--init-expert-location", str(bad), "--no-progress", "--report-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--init-expert-location {bad}, key 'physical_to_logical_map': logical expert 1 has no replica" in err

@@ -82,7 +82,7 @@ def test_logical_count_json_with_two_dims_loads(tmp_path):
         ({"physical_to_logical_map": [[0, 1, 2, 0, 0, 0], MAP[1]]}, "physical_to_logical_map", "no replica"),
         ({"physical_to_logical_map": [MAP[0]]}, "physical_to_logical_map", "1 layers"),
         ({"physical_to_logical_map": [[0, 1, 2, 3], [0, 1, 2, 3]]}, "physical_to_logical_map", "4 slots"),
-        ({"physical_to_logical_map": [[0, 1, 2], [3, 0]]}, "physical_to_logical_map", "rectangular"),
+        ({"physical_to_logical_map": [MAP[0], [3, 0]]}, "physical_to_logical_map", "rectangular"),
         ({"physical_to_logical_map": MAP, "rank": 0}, "physical_to_logical_map", "unexpected keys"),
         ({"logical_count": [[1, 2, 3, -4], [1, 1, 1, 1]]}, "logical_count", "negative"),
         ({"logical_count": [[1, 2, 3, float("nan")], [1, 1, 1, 1]]}, "logical_count", "NaN"),

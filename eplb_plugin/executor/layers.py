@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from eplb_plugin.comm import group_info
-from eplb_plugin.errors import ConfigError
+from eplb_plugin.errors import ConfigError, TransferError
 from eplb_plugin.executor import transfer
 from eplb_plugin.executor.peers import PeerViews, barrier_needed, pulling
 from eplb_plugin.executor.plan import LayerMoveSchedule, RankTransferPlan
@@ -177,7 +177,10 @@ def move_layers(
             message = (f"rank {rank}: layer {ids[i]} move failed in round {units[u][1] + 1}/{len(scheds[i])} "
                        f"({cause}); layers before it are moved, it stays on its "
                        f"{'intermediate' if committed[i] else 'old'} map and later layers on their old maps")
-        return LayerMoveError(message, rank=rank, layer=ids[i], live_map=live[i], index=i, live_maps=live)
+        moved = sum(len(p.sends) + len(p.recvs) for j, c in enumerate(committed)
+                    for p in (scheds[j].plan(k).ranks[rank] for k in range(c)))
+        return LayerMoveError(message, rank=rank, layer=ids[i], live_map=live[i], index=i, live_maps=live,
+                              bytes_moved=moved * expert_bytes(layers[units[0][0]][0]))
 
     # Step 1: the pool. Rows per rank: the largest round (the schedules' bound, so no round is
     # planned before the first transfer) and, within the budget, room for two (double
@@ -197,7 +200,11 @@ def move_layers(
             error = exc
         agreement.post(0, error is None)
         # Host wait: no rank posts P2P unless every rank has its pool.
-        if not agreement.result(0, timeout_s, "the staging pool's pre-flight agreement"):
+        try:
+            ok = agreement.result(0, timeout_s, "the staging pool's pre-flight agreement")
+        except TransferError as exc:  # a peer did not answer: nothing moved
+            raise fail(None, [0] * num, exc) from exc
+        if not ok:
             agreement.release()  # its one posted step was read
             raise fail(None, [0] * num, error) from error
     transfer._mark("pool_ready")
@@ -247,8 +254,24 @@ def move_layers(
         staged_units[u] = staged
 
     post(0)
+    landed = 0  # gloo: units known committed (the host read their flags)
     for u in range(len(units)):
-        flag = agreement.device_flag(u + 1, timeout_s)  # the stream (not the host) waits for the vote
+        try:
+            flag = agreement.device_flag(u + 1, timeout_s)  # the stream (not the host) waits for the vote
+        except TransferError as exc:  # gloo: a peer did not answer; units before u landed alike everywhere
+            committed = [0] * num
+            for i, _ in units[:landed]:
+                committed[i] += 1
+            if live_maps is not None:
+                for i, live in enumerate(live_maps):
+                    if live is not None:
+                        live.copy_(scheds[i].maps[committed[i] - 1] if committed[i] else olds[i])
+            pool = agreement = staging = None
+            staged_units.clear()
+            errors.clear()
+            raise fail(u, committed, exc) from exc
+        if not agreement.gpu and bool(flag):
+            landed = u + 1  # votes are cumulative: every earlier unit landed too
         early = u < last and prefetch(u + 1)
         if early:
             post(u + 1)  # its P2P runs while unit u commits
@@ -294,7 +317,7 @@ def move_layers(
 def _move_one_by_one(layers: Sequence[LayerToMove], group, ids: list[int], scheds: list[LayerMoveSchedule], *,
                      budget_bytes, gpus_per_node, live_maps, timeout_s, fault_hook, staging) -> list[MoveResult]:
     """verify: one ``move_experts`` per layer; a failure at layer i leaves later layers untouched."""
-    results = []
+    results: list[MoveResult] = []
     for i, (weights, old, new) in enumerate(layers):
         live = live_maps[i] if live_maps is not None else None
         try:
@@ -306,6 +329,7 @@ def _move_one_by_one(layers: Sequence[LayerToMove], group, ids: list[int], sched
             maps = [layers[j][2].detach().to("cpu", torch.int64) for j in range(i)]
             maps += [exc.live_physical_to_logical_map]
             maps += [layers[j][1].detach().to("cpu", torch.int64) for j in range(i + 1, len(layers))]
+            moved = sum(r.bytes_sent + r.bytes_received for r in results) + exc.bytes_moved
             raise LayerMoveError(str(exc), rank=exc.rank, layer=ids[i], live_map=exc.live_physical_to_logical_map,
-                                 index=i, live_maps=maps) from exc
+                                 index=i, live_maps=maps, bytes_moved=moved) from exc
     return results

@@ -38,7 +38,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -59,6 +58,7 @@ from eplb_plugin.executor.staging import (
     signature,
     stage_round,
     verify_committed,
+    wait_work,
 )
 from eplb_plugin.executor.transfer import (
     FaultHook,
@@ -279,7 +279,7 @@ class AsyncExpertMover:
         else:
             counts, work = self._control
             self._control = None
-            work.wait(timeout=timedelta(seconds=self.timeout_s))  # posted a pass ago: normally done
+            wait_work(work, self.timeout_s, "the mover's control agreement")  # posted a pass ago: normally done
             ready, ok = int(counts[0]), bool(counts[1])
         if not ok:
             self._fail()

@@ -66,6 +66,19 @@ def wait_event(event, timeout_s: float, what: str, *, sleep_s: float = 0.0,
         sleep = min(2 * sleep, sleep_s)
 
 
+def wait_work(work, timeout_s: float, what: str) -> None:
+    """Host wait for a gloo Work: TransferError (naming ``what``) instead of gloo's raw
+    RuntimeError when a peer does not answer within timeout_s or its connection closed.
+
+    On gloo a timed-out wait closes the connection to the peer it waited for: the group is
+    unusable afterwards (later collectives fail at once), which is how a gone peer surfaces.
+    """
+    try:
+        work.wait(timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as exc:
+        raise TransferError(f"{what}: no answer within {timeout_s:g} s ({exc})") from exc
+
+
 class StagingPool:
     """Staging rows: per weight tensor a [rows, *tensor.shape[1:]] buffer of its dtype.
 
@@ -268,7 +281,7 @@ def stage_round(
         k = tags[(snd, peer)] = tags.get((snd, peer), -1) + 1  # i-th message of this pair
         works.append((dist.isend if snd else dist.irecv)(x, _peer(group, peer), group=group, tag=k))
     for w in works:
-        w.wait(timeout=timedelta(seconds=timeout_s))  # gloo: the data must be here before the flag
+        wait_work(w, timeout_s, "a weight transfer")  # gloo: the data must be here before the flag
     del works  # a kept Work (e.g. in an exception's frames) would outlive the process group
     if verify and plan.recvs:
         check_received(staged)
@@ -431,8 +444,8 @@ class Agreement:
                 if self.events[i] is None:
                     self.works[i] = None  # no host read of this step (post(read=False))
             else:
-                self.works[i].wait(timeout=timedelta(seconds=timeout_s))
-                self.works[i] = None  # done; a kept Work would outlive the group
+                work, self.works[i] = self.works[i], None  # a kept Work would outlive the group
+                wait_work(work, timeout_s, f"the ranks' agreement on step {i}")
         return self.flags[i : i + 1].bool()
 
     def read_all(self, n: int) -> list[bool]:
@@ -452,7 +465,7 @@ class Agreement:
             self._pool_events.append(self.events[i])  # completed: free to record again
             self.events[i] = self.works[i] = None
             return bool(self.host[i])
-        if self.works[i] is not None:  # None: device_flag(i) already waited for it
-            self.works[i].wait(timeout=timedelta(seconds=timeout_s))  # gloo honours the timeout
-        self.works[i] = None  # a kept Work (e.g. in an exception's frames) outlives the group
+        work, self.works[i] = self.works[i], None  # a kept Work (e.g. in an exception's frames) outlives the group
+        if work is not None:  # None: device_flag(i) already waited for it
+            wait_work(work, timeout_s, what)  # gloo honours the timeout
         return bool(self.flags[i])

@@ -111,11 +111,13 @@ class LayerMoveError(TransferError):
 
     From ``move_layers``: ``layer`` is the failed layer's id, ``index`` its position in the
     call, and ``live_physical_to_logical_maps`` holds every layer's live [P] map, in call
-    order (one entry, the failed layer's, from ``move_experts``)."""
+    order (one entry, the failed layer's, from ``move_experts``). ``bytes_moved``: this
+    rank's bytes sent and received by the rounds (of every layer) that committed."""
 
     def __init__(self, message: str, *, rank: int, layer: int, live_map: torch.Tensor,
-                 index: int = 0, live_maps: Sequence[torch.Tensor] | None = None):
+                 index: int = 0, live_maps: Sequence[torch.Tensor] | None = None, bytes_moved: int = 0):
         super().__init__(message)
+        self.bytes_moved = bytes_moved  # this rank's traffic (sent + received) of the rounds that committed
         self.rank = rank
         self.layer = layer
         self.index = index
@@ -306,13 +308,16 @@ def move_experts(
     agreement = Agreement(group, device, n + 1, reuse=True)
     _mark("agreement_ready")
 
-    def fail(k: int, current: torch.Tensor, error: BaseException | None) -> LayerMoveError:
+    def fail(k: int, current: torch.Tensor, error: BaseException | None, landed: int | None = None) -> LayerMoveError:
+        """Round k failed; ``landed`` rounds committed (default: the k before it)."""
         cause = f"{type(error).__name__}: {error}" if error else "another rank failed"
         where = "before the transfer" if k < 0 else f"in round {k + 1}/{n}"
+        rounds = max(k, 0) if landed is None else landed
+        moved = sum(len(p.sends) + len(p.recvs) for p in (schedule.plan(j).ranks[rank] for j in range(rounds)))
         return LayerMoveError(
             f"rank {rank}: layer {layer} move failed {where} ({cause}); the layer stays on its "
             f"{'old' if k <= 0 else 'intermediate'} map",
-            rank=rank, layer=layer, live_map=current.clone(),
+            rank=rank, layer=layer, live_map=current.clone(), bytes_moved=moved * expert_bytes(weights),
         )
 
     error: BaseException | None = None
@@ -342,7 +347,11 @@ def move_experts(
         _mark("preflight_posted", agreement.stream if agreement.gpu and cur is not None else None)
         schedule.plan(0)  # host planning while the pre-flight vote travels
         # Host wait: no rank posts P2P unless every rank has its pool.
-        if not agreement.result(0, timeout_s, f"layer {layer}'s pre-flight agreement"):
+        try:
+            ok = agreement.result(0, timeout_s, f"layer {layer}'s pre-flight agreement")
+        except TransferError as exc:  # a peer did not answer: nothing moved
+            raise fail(-1, old, exc) from exc
+        if not ok:
             agreement.release()  # its one posted step was read
             raise fail(-1, old, error) from error
 
@@ -386,10 +395,22 @@ def move_experts(
     current = old
     if defer:
         queued: list[StagedRound] = []
+        landed = 0  # gloo: rounds known committed (the host read their flags)
         for k in range(n):
             post(k)
             staged = posted.pop(k)
-            flag = agreement.device_flag(k + 1, timeout_s)  # the stream (not the host) waits for the vote
+            try:
+                flag = agreement.device_flag(k + 1, timeout_s)  # the stream (not the host) waits for the vote
+            except TransferError as exc:  # gloo: a peer did not answer; rounds before k landed (or not) alike everywhere
+                current = schedule.maps[landed - 1] if landed else old
+                if live_map is not None:
+                    live_map.copy_(current)
+                pool = agreement = staged = None
+                queued.clear()
+                posted.clear()
+                raise fail(k, current, exc, landed=landed) from exc
+            if not agreement.gpu and bool(flag):
+                landed = k + 1  # votes are cumulative: a true flag means every earlier round landed too
             for w in staged.works:
                 w.wait()  # stream-level; releases NCCL's hold on the rows
             staged.works = []
@@ -423,7 +444,12 @@ def move_experts(
         if early:
             post(k + 1)  # its P2P runs while this round commits
         # The one host wait per round: round k's vote (its P2P landed on every rank).
-        ok = agreement.result(k + 1, timeout_s, f"layer {layer} round {k + 1}'s agreement")
+        try:
+            ok = agreement.result(k + 1, timeout_s, f"layer {layer} round {k + 1}'s agreement")
+        except TransferError as exc:  # a peer did not answer: rounds before k are committed
+            pool = agreement = None
+            posted.clear()
+            raise fail(k, current, exc) from exc
         _mark(f"voted{k}")
         staged = posted.pop(k)
         if ok and verify and nccl and staged.plan.recvs:

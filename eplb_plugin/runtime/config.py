@@ -153,7 +153,8 @@ class RuntimeConfig:
     dump_dir: str | None = None
     threads_per_rank: int | None = None
     ready_file: str | None = None  # rank 0 writes the HTTP URL here once serving (tests)
-    timeout_s: float = 300.0  # process-group timeout
+    timeout_s: float = 300.0  # process-group timeout: a pass's collectives wait this long for a peer
+    stall_s: float = 30.0  # /health answers 503 "stalled" when no pass finished for this long
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -168,6 +169,10 @@ class RuntimeConfig:
             raise ConfigError(f"--ep-dispatch-counts {self.dispatch_counts!r} must be one of {list(DISPATCH_COUNTS)}")
         if self.batch_tokens < 1:
             raise ConfigError(f"--batch-tokens must be >= 1 (got {self.batch_tokens})")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"--dist-timeout-s must be > 0 (got {self.timeout_s})")
+        if not self.stall_s > 0:
+            raise ConfigError(f"--health-stall-s must be > 0 (got {self.stall_s})")
 
     @property
     def torch_dtype(self) -> torch.dtype:

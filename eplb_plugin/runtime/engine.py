@@ -21,10 +21,12 @@ the final map says it holds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import importlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from eplb_plugin.runtime.moe import (
 )
 from eplb_plugin.runtime.profiling import profile_pass
 from eplb_plugin.runtime.results import RSS_EVERY_PASSES, as_dict, resident_mb, summarize
+from eplb_plugin.runtime.supervise import PeerLostError, name_unanswering, stop_reason
 from eplb_plugin.runtime.weights import FFNShape, build_rank_weights, verify_rank_weights
 from eplb_plugin.runtime.workload import shard_tokens
 
@@ -55,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MANAGER = "eplb_plugin.manager:EPLBManager"
 PROGRESS_EVERY_PASSES = 5
+MAX_SERIES_BYTES = 4 << 30  # per-pass figures a run may keep (resident from its start)
 LIVE_WINDOW_PASSES = 20  # passes averaged for the progress bar's live balancedness
 REPLIES = {
     Command.START_RECORD: "Start recording the expert distribution.\n",
@@ -82,14 +86,20 @@ class RankEngine:
     """One rank's state for one run: placement, weights, dispatcher, recorder, manager.
 
     group: the EP process group (None with one rank). channel: HTTP commands (rank 0 only).
+    store: the launcher's store, where a rank marks itself when a peer is lost (or None).
+    should_stop: this rank's stop request (a signal, its launcher gone) or None; every rank's
+    vote travels in the per-pass all-reduce, so all stop after the same pass.
     """
 
     def __init__(
         self, cfg: RuntimeConfig, run: RunSpec, *, rank: int, world_size: int, group: Any,
         device: torch.device, channel: ControlChannel | None = None, metrics: Any = None,
+        store: Any = None, should_stop: Callable[[], str | None] = stop_reason,
     ):
         self.cfg, self.run_spec, self.rank, self.world_size, self.group = cfg, run, rank, world_size, group
         self.device, self.channel, self.metrics = device, channel, metrics
+        self.store, self.should_stop = store, should_stop  # see runtime/supervise.py
+        self.stopped: str | None = None  # why the run ended before its last pass
         model, args = cfg.model, run.eplb
         self.model = model
         num_physical = model.num_logical_experts + args.ep_num_redundant_experts
@@ -123,12 +133,18 @@ class RankEngine:
         elif args.expert_balancedness_report_mode != "off" or args.enable_expert_distribution_metrics:
             self.recorder.start_record()  # SGLang starts recording when it reports balancedness
         n = run.num_passes
+        series_bytes = n * (4 * 8 + 4 * model.num_layers * world_size)
+        if series_bytes > MAX_SERIES_BYTES:
+            raise ConfigError(f"--num-passes {n} would keep {series_bytes / 2**30:.1f} GiB of per-pass figures on "
+                              f"every rank (limit {MAX_SERIES_BYTES / 2**30:.0f} GiB); run fewer passes")
         self.balancedness = np.zeros(n)
         self.step_s = np.zeros(n)
         self.compute_s = np.zeros(n)
         self.stall_s = np.zeros(n)
         self.gpu_load = np.zeros((n, model.num_layers, world_size), dtype=np.float32)
         self.rss_mb = np.zeros((n + RSS_EVERY_PASSES - 1) // RSS_EVERY_PASSES)
+        for series in (self.balancedness, self.step_s, self.compute_s, self.stall_s, self.gpu_load, self.rss_mb):
+            series.fill(0)  # touched now: the run's per-pass memory is resident from the start, not grown into
         self.rebalance_failures: list[str] = []
         self._graph: PassGraph | None = None
         self._graph_wanted = self.graphable()
@@ -253,12 +269,15 @@ class RankEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _pass_stats(self, command: int, received: torch.Tensor, step_s: float, compute_s: float) -> torch.Tensor:
-        """One SUM all-reduce (collective): [1 + L * P + 2W] float64 -> the same, summed."""
+    def _pass_stats(self, command: int, received: torch.Tensor, step_s: float, compute_s: float,
+                    stop: bool = False) -> torch.Tensor:
+        """One SUM all-reduce (collective): [1 + L * P + 2W + 1] float64 -> the same, summed.
+        The last element counts the ranks asking to stop."""
         num_layers, num_local = received.shape
         w = self.world_size
         num_physical = num_local * w
-        vec = torch.zeros(1 + num_layers * num_physical + 2 * w, dtype=torch.float64)
+        vec = torch.zeros(1 + num_layers * num_physical + 2 * w + 1, dtype=torch.float64)
+        vec[-1] = float(stop)
         if self.rank == 0:
             vec[0] = command
         slots = vec[1 : 1 + num_layers * num_physical].view(num_layers, num_physical)
@@ -306,6 +325,7 @@ class RankEngine:
         self._seen_history = 0
         self._bar = bar
         start_wall = time.perf_counter()
+        done = 0  # passes finished
         try:
             for p in range(n):
                 pending = self.channel.take() if self.channel is not None else None
@@ -333,7 +353,8 @@ class RankEngine:
                 if p in self.cfg.capture_passes and self.cfg.capture_dir:
                     torch.save({"pass": p, "tokens": (self.tokens.start, self.tokens.stop), "out": h.cpu()},
                                Path(self.cfg.capture_dir) / f"{spec.label}_rank{self.rank}_pass{p}.pt")
-                vec = self._pass_stats(int(pending.command) if pending else 0, received, step_s, compute_s)
+                vec = self._pass_stats(int(pending.command) if pending else 0, received, step_s, compute_s,
+                                       stop=self.should_stop() is not None)
                 self._account(p, vec)
                 command = Command(int(vec[0]))
                 if command != Command.NONE:
@@ -355,7 +376,7 @@ class RankEngine:
                 self.stall_s[p] = time.perf_counter() - t1 + capture_s
                 self._seen_history = self._log_rebalances(bar, self._seen_history)
                 if self.channel is not None:
-                    self.channel.status.update(pass_id=p + 1)
+                    self.channel.pass_done(p + 1)
                 if p % RSS_EVERY_PASSES == 0:
                     self.rss_mb[p // RSS_EVERY_PASSES] = resident_mb()
                 bar.update(1)
@@ -364,12 +385,50 @@ class RankEngine:
                     bar.set_postfix(bal=f"{self.balancedness[lo:p + 1].mean():.3f}",
                                     step_ms=f"{1e3 * self.step_s[lo:p + 1].mean():.2f}",
                                     rebal=len(self._history()), refresh=False)
+                done = p + 1
+                if vec[-1] > 0:  # some rank asked to stop: every rank stops after this pass
+                    self.stopped = f"stopped after pass {p} ({self.should_stop() or 'another rank was asked to stop'})"
+                    if self.rank == 0:
+                        bar.write(f"[{spec.label}] {self.stopped}; finishing the run")
+                    break
+        except RuntimeError as exc:  # a collective failed: a peer died or stopped answering
+            if self.world_size == 1 or isinstance(exc, EPLBError):
+                raise
+            raise self._peer_lost(done, exc, time.perf_counter() - start_wall) from exc
         finally:
             bar.close()
             if self.channel is not None:
                 self.channel.set_serving(False, run=spec.label, passes=n)
         wall_s = time.perf_counter() - start_wall
+        if done < n:
+            self._truncate(done)
         return self._finish(wall_s)
+
+    def _truncate(self, done: int) -> None:
+        """Keep the first ``done`` passes' series (a run that stopped early reports those)."""
+        self.run_spec = dataclasses.replace(self.run_spec, num_passes=max(done, 1))
+        for name in ("balancedness", "step_s", "compute_s", "stall_s", "gpu_load"):
+            setattr(self, name, getattr(self, name)[:done])
+        self.rss_mb = self.rss_mb[: -(-done // RSS_EVERY_PASSES)]
+
+    def _peer_lost(self, done: int, cause: BaseException, wall_s: float) -> PeerLostError:
+        """The error this rank stops with after a failed collective (naming the ranks that
+        stopped answering); on rank 0 it carries the results of the passes that ran, built
+        without any collective (this rank's own weights verified)."""
+        error = name_unanswering(self.store, rank=self.rank, world_size=self.world_size, pass_id=done,
+                                 cause=cause)
+        if self.store is not None and not error.lost:
+            raise cause  # every rank answered: not a lost peer but an error of its own
+        self.stopped = str(error)
+        if self.rank == 0 and done > 0:
+            self._truncate(done)
+            check = verify_rank_weights(self.weights, self.location, self.rank, self.shape) if self.cfg.verify_weights else None
+            error.partial = summarize(
+                self, self.stall_s, wall_s, rss_mb=self.rss_mb.tolist(),
+                slots_checked=check.slots_checked if check else 0,
+                slots_failed=len(check.failures) if check else 0, verified=self.cfg.verify_weights,
+            ) | {"stopped": self.stopped}
+        return error
 
     def _account(self, p: int, vec: torch.Tensor) -> None:
         w, num_layers = self.world_size, self.model.num_layers
@@ -390,8 +449,9 @@ class RankEngine:
     def _log_rebalances(self, bar: Any, seen: int) -> int:
         """Log each rebalance once it has finished (moved, skipped or failed); returns the new ``seen``."""
         history = self._history()
-        while seen < len(history):
-            r = as_dict(history[seen])
+        dropped = getattr(self.manager, "history_dropped", 0)  # records before history[0]
+        while seen - dropped < len(history):
+            r = as_dict(history[seen - dropped])
             if r.get("end_pass") is None and not r.get("skipped") and not r.get("error"):
                 break  # still planning or moving
             if self.rank == 0:
@@ -431,5 +491,11 @@ class RankEngine:
             logger.error("rank %d: %d slot(s) hold wrong weights: %s", self.rank, len(check.failures), check.failures[:8])
         if self.rank != 0:
             return None
-        return summarize(self, stall.numpy(), wall_s, rss_mb=rss.tolist(), slots_checked=int(totals[0]), slots_failed=int(totals[1]),
-                         verified=self.cfg.verify_weights)
+        result = summarize(self, stall.numpy(), wall_s, rss_mb=rss.tolist(), slots_checked=int(totals[0]),
+                           slots_failed=int(totals[1]), verified=self.cfg.verify_weights)
+        dropped = getattr(self.manager, "history_dropped", 0)
+        if dropped:  # "rebalances" lists the newest records; the totals cover every one
+            done = self.manager.totals
+            result.update(rebalances_dropped=dropped, num_rebalances=done.done, slots_moved=done.slots_moved,
+                          bytes_moved=done.bytes_moved)
+        return result | {"stopped": self.stopped} if self.stopped else result

@@ -7,7 +7,9 @@ Endpoints (localhost unless told otherwise):
   replies). The request thread queues a command in ``ControlChannel`` and waits; the
   engine on rank 0 takes it at the next pass boundary and ships it to every rank with the
   per-pass collective, so every rank acts at the same pass (stat dumps all-reduce).
-- ``/metrics``: Prometheus text. ``/health``: JSON with the run and pass.
+- ``/metrics``: Prometheus text. ``/health``: JSON with the run and pass; 503 with status
+  "stalled" (naming the last pass that finished) when a run is serving but no pass has
+  finished for ``stall_s`` seconds (a hung rank, a stuck collective).
 - Anything else: 404; a method other than GET/POST (HEAD on /health, /metrics): 405.
 
 A handler never raises into the server: bad input gets a 4xx, an unexpected error a 500.
@@ -20,6 +22,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -28,6 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 logger = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 120.0  # how long a request waits for the next pass boundary
+DEFAULT_STALL_S = 30.0  # /health: no pass finished for this long while serving = stalled
+SOCKET_TIMEOUT_S = 30.0  # an idle or slow connection is closed after this long
 MAX_BODY_BYTES = 1 << 20
 DRAIN_CAP_BYTES = 64 << 20
 
@@ -59,9 +64,14 @@ class Reply:
 
 @dataclass
 class PendingCommand:
+    """A command waiting for a pass boundary. ``state``: queued -> taken (the serving loop
+    runs it) or queued -> cancelled (its request timed out and was answered 503; it never
+    runs). Changed under the channel's lock."""
+
     command: Command
     done: threading.Event = field(default_factory=threading.Event)
     reply: Reply | None = None
+    state: str = "queued"
 
     def complete(self, reply: Reply) -> None:
         self.reply = reply
@@ -71,18 +81,40 @@ class PendingCommand:
 class ControlChannel:
     """Hands HTTP commands to the serving loop and their replies back (thread-safe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stall_s: float = DEFAULT_STALL_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._queue: queue.Queue[PendingCommand] = queue.Queue()
         self._lock = threading.Lock()
         self._serving = False
         self.status: dict[str, object] = {"status": "starting"}
         self.render_metrics: Callable[[], bytes] = lambda: b""
+        self.stall_s, self.clock = stall_s, clock
+        self._last_pass_at = clock()
+
+    def pass_done(self, pass_id: int) -> None:
+        """The serving loop finished pass ``pass_id - 1`` (``pass_id`` passes in all)."""
+        with self._lock:
+            self.status["pass_id"] = pass_id
+            self._last_pass_at = self.clock()
+
+    def health(self) -> Reply:
+        """200 with the status JSON, or 503 "stalled" when serving and no pass finished for
+        ``stall_s`` seconds."""
+        with self._lock:
+            status = dict(self.status)
+            since = self.clock() - self._last_pass_at
+            serving = self._serving
+        if serving and since > self.stall_s:
+            status.update(status="stalled", last_pass=status.get("pass_id", 0),
+                          seconds_since_last_pass=round(since, 1))
+            return Reply(503, json.dumps(status) + "\n")
+        return Reply(200, json.dumps(status) + "\n")
 
     def set_serving(self, serving: bool, **status: object) -> None:
         """Open (a run is passing) or close the channel; closing fails the waiting commands."""
         with self._lock:
             self._serving = serving
             self.status = {"status": "serving" if serving else "idle", **status}
+            self._last_pass_at = self.clock()
         if not serving:
             self.fail_pending(Reply(503, NOT_SERVING))
 
@@ -94,16 +126,26 @@ class ControlChannel:
             pending = PendingCommand(command)
             self._queue.put(pending)
         if not pending.done.wait(timeout_s):
-            return Reply(503, f"the serving loop did not reach a pass boundary within {timeout_s:.0f} s\n")
+            with self._lock:
+                if pending.state == "queued":  # never runs now: the client is told it did not
+                    pending.state = "cancelled"
+                    return Reply(503, f"the serving loop did not reach a pass boundary within {timeout_s:.0f} s; "
+                                      "the command was not run\n")
+            pending.done.wait()  # taken just now: it completes at this pass boundary
         assert pending.reply is not None
         return pending.reply
 
     def take(self) -> PendingCommand | None:
-        """The oldest waiting command, or None (serving loop, rank 0)."""
-        try:
-            return self._queue.get_nowait()
-        except queue.Empty:
-            return None
+        """The oldest waiting command (now taken: it will run), or None (serving loop, rank 0)."""
+        while True:
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                return None
+            with self._lock:
+                if pending.state == "queued":
+                    pending.state = "taken"
+                    return pending
 
     def fail_pending(self, reply: Reply) -> None:
         while (pending := self.take()) is not None:
@@ -113,6 +155,7 @@ class ControlChannel:
 class _Handler(BaseHTTPRequestHandler):
     channel: ControlChannel  # set on the subclass built by ControlServer
     server_version = "eplb-plugin"
+    timeout = SOCKET_TIMEOUT_S  # socket timeout: an idle connection does not hold a thread forever
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
         logger.debug("http %s - " + format, self.address_string(), *args)
@@ -157,8 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
                 metrics = Reply(200, self.channel.render_metrics().decode())
                 self._send(metrics, content_type="text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD")
             else:
-                health = Reply(200, json.dumps(self.channel.status) + "\n")
-                self._send(health, content_type="application/json", head=method == "HEAD")
+                self._send(self.channel.health(), content_type="application/json", head=method == "HEAD")
         except (ValueError, UnicodeDecodeError) as exc:  # a malformed header or body
             self._send(Reply(400, f"bad request: {exc}\n"))
         except Exception as exc:  # request boundary: log, answer 500, keep serving
@@ -178,8 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
 class ControlServer:
     """A ThreadingHTTPServer in a daemon thread, bound to ``host:port`` (port 0 = any free)."""
 
-    def __init__(self, channel: ControlChannel, *, host: str = "127.0.0.1", port: int = 0):
-        handler = type("EPLBHandler", (_Handler,), {"channel": channel})
+    def __init__(self, channel: ControlChannel, *, host: str = "127.0.0.1", port: int = 0,
+                 socket_timeout_s: float = SOCKET_TIMEOUT_S):
+        handler = type("EPLBHandler", (_Handler,), {"channel": channel, "timeout": socket_timeout_s})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.host, self.port = self.httpd.server_address[:2]
