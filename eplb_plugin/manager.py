@@ -205,8 +205,9 @@ class EPLBManager:
                 verify=args.eplb_verify_weights, transport=args.eplb_transport,
             )
         self._peers = None  # PeerViews of every layer's weights (blocking moves), see _resolve_peers
-        if hasattr(recorder, "start_record") and not getattr(recorder, "recording", True):
-            recorder.start_record()
+        # The window EPLB plans on records every pass from now on, whatever a user's dump
+        # session (start/stop/dump_expert_distribution_record) does.
+        recorder.keep_window_for_eplb()
 
     # ------------------------------------------------------------------ public
 

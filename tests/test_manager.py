@@ -350,6 +350,25 @@ def case_ipc_transport_is_refused_for_cpu_weights_at_start_up(rank, group):
         Host(rank, group, _args(eplb_transport="ipc", eplb_non_blocking=True))
 
 
+def case_a_users_stop_dump_or_start_never_empties_the_window_eplb_plans_on(rank, group):
+    """POST /stop_expert_distribution_record, then a dump, between rebalances: the next
+    rebalance still plans on every pass of its window and moves weights; a start after it
+    leaves the window as it was."""
+    host = Host(rank, group, _args(eplb_verify_weights=False))
+    host.serve(3)
+    host.recorder.stop_record()
+    host.serve(3, start=3)
+    host.recorder.dump_record("object")  # collective: the stat dump sums over ranks
+    assert host.serve(5000, start=6, until=lambda m: m.history and m.history[0].end_pass is not None) == []
+    record = host.manager.history[0]
+    assert record.skipped is None and record.error is None, record
+    assert record.start_pass == 10 and record.slots_moved > 0
+    assert weights_match(host.weights, host.manager.location, rank)
+    held = host.recorder.num_passes_in_window
+    host.recorder.start_record()
+    assert host.recorder.num_passes_in_window == held == 10
+
+
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
 
 
