@@ -93,3 +93,16 @@ def test_table_json_log_lines_and_metrics_agree_on_one_run(capfd):
     assert metrics["eplb_stall_seconds_sum"] == pytest.approx(sum(r["stall_s"] for r in ended))
     assert metrics["eplb_slots_moved_total"] == sum(r["slots_moved"] for r in ended)
     assert metrics["eplb_bytes_moved_total"] == sum(r["bytes_moved"] for r in ended)
+
+
+def test_progress_in_a_redirected_log_is_a_few_plain_lines(capfd):
+    """With stderr not a terminal (a log file), a 100-pass run prints one progress line per
+    tenth of the run, and no carriage-return redraws of a bar."""
+    args = EPLBArgs(ep_size=1).resolve()
+    cfg = RuntimeConfig(model=MODEL, batch_tokens=8, progress=True, threads_per_rank=1)
+    launch(cfg, [RunSpec("one", args, WorkloadSpec(seed=1), num_passes=100)], args)
+    captured = capfd.readouterr()
+    assert "\r" not in captured.err + captured.out
+    lines = [line for line in captured.out.splitlines() if line.startswith("[one] pass ")]
+    assert [line.split(":")[0] for line in lines] == [f"[one] pass {10 * i}/100" for i in range(1, 11)]
+    assert all(", step_ms " in line and ", rebal 0" in line for line in lines)

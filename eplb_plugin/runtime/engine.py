@@ -47,6 +47,7 @@ from eplb_plugin.runtime.moe import (
     rms_normalize,
 )
 from eplb_plugin.runtime.profiling import profile_pass
+from eplb_plugin.runtime.progress import Progress
 from eplb_plugin.runtime.results import (
     RSS_EVERY_PASSES,
     as_dict,
@@ -300,12 +301,9 @@ class RankEngine:
 
     def run(self) -> dict[str, Any] | None:
         """Serve every pass of the run; rank 0 returns the results (others None). Collective."""
-        from tqdm import tqdm
-
         spec, n = self.run_spec, self.run_spec.num_passes
         cuda = self.device.type == "cuda"
-        bar = tqdm(total=n, desc=f"{spec.label:>8}", disable=not (self.cfg.progress and self.rank == 0),
-                   dynamic_ncols=True, leave=True)
+        bar = Progress(spec.label, n, enabled=self.cfg.progress and self.rank == 0)  # a bar, or lines in a log
         if self.channel is not None:
             self.channel.set_serving(True, run=spec.label, passes=n, pass_id=0)
         self._seen_history = 0
@@ -363,7 +361,7 @@ class RankEngine:
                 if p % RSS_EVERY_PASSES == 0:
                     self.rss_mb[p // RSS_EVERY_PASSES] = resident_mb()
                 bar.update(1)
-                if p % PROGRESS_EVERY_PASSES == 0 or p == n - 1:
+                if (p + 1) % PROGRESS_EVERY_PASSES == 0 or p == n - 1:
                     lo = max(0, p + 1 - LIVE_WINDOW_PASSES)
                     bar.set_postfix(bal=f"{self.balancedness[lo:p + 1].mean():.3f}",
                                     step_ms=f"{1e3 * self.step_s[lo:p + 1].mean():.2f}",
