@@ -57,7 +57,7 @@ from eplb_plugin.runtime.weights import FFNShape, make_expert_weights  # noqa: E
 EP8 = 8
 EP8_REDUNDANT = 8
 EP8_SAMPLE_PASSES = 8  # passes timed for the EP8 compute part (each: L layers x 8 ranks)
-PER_PASS_KEYS = ("balancedness_per_pass", "moe_step_s_per_pass", "stall_s_per_pass")
+PER_PASS_KEYS = ("balancedness_per_pass", "moe_step_s_per_pass", "off_step_s_per_pass")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

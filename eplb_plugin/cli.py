@@ -1,6 +1,8 @@
 """The ``eplb`` command: plan, simulate, inspect.
 
 Add a subcommand by writing ``_add_<name>(subparsers)`` and one line in ``SUBCOMMANDS``.
+Help texts show every default (``HelpFormatter``), the policies with the host each suits
+(``POLICY_HELP``) and the model presets.
 """
 
 from __future__ import annotations
@@ -8,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .algorithms import ALGORITHMS, plan
-from .algorithms.evaluate import DISPATCHES, pass_counts, simulate
+from .algorithms.evaluate import pass_counts
 from .balance import placement_balancedness
 from .errors import CountsError, EPLBError
 from .location import ExpertLocation, weights_sidecar
@@ -91,49 +94,6 @@ def _cmd_plan(args) -> int:
     return 0
 
 
-def _cmd_simulate(args) -> int:
-    counts = np.concatenate([load_counts(t, pass_tokens=args.pass_tokens) for t in args.trace])
-    num_physical = _num_physical(args, counts.shape[2])
-    res = simulate(counts, num_physical=num_physical, num_gpus=args.ep_size, interval=args.interval,
-                   window=args.window, algorithm=args.algorithm, dispatches=tuple(args.dispatch), decay=args.decay)
-    summary = res.summary()
-    for d, v in summary["balancedness_mean"].items():
-        print(f"realized per-pass balancedness, {d}: {v:.4f}")
-    print(f"slots moved per rebalance: {summary['slots_moved_share_mean']:.1%} mean, "
-          f"{summary['slots_moved_share_max']:.1%} max; solver {summary['solver_ms_mean']:.1f} ms")
-    report = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "summary": summary,
-              "per_pass": {d: v.tolist() for d, v in res.balancedness.items()},
-              "rebalance_passes": res.rebalance_passes, "slots_moved": res.slots_moved,
-              "solver_seconds": res.solver_seconds}
-    out = Path(args.out)
-    out.write_text(json.dumps(report, indent=1))
-    if args.plot:
-        _plot(res, counts, Path(args.plot))
-    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
-    return 0
-
-
-def _plot(res, counts: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7))
-    for d, v in res.balancedness.items():
-        ax1.plot(v, label=d)
-    for b in res.rebalance_passes:
-        ax1.axvline(b, color="grey", lw=0.5, ls="--")
-    ax1.set(xlabel="pass", ylabel="balancedness", title="per-pass balancedness (dashed: rebalance)")
-    ax1.legend()
-    load = counts.sum(1)  # [B, E] summed over layers
-    ax2.imshow(load.T / load.sum(1).clip(min=1), aspect="auto", cmap="viridis")
-    ax2.set(xlabel="pass", ylabel="logical expert", title="expert load share (all layers)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def _cmd_inspect(args) -> int:
     counts = torch.from_numpy(load_counts(args.counts))
     # The loaders' validation: shape against the counts, ids, replicas, EP size (and what
@@ -151,44 +111,77 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (where it has one) and keeps the epilog's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = not (action.default is None or action.default is False or action.default == argparse.SUPPRESS)
+        if shown and not action.required and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+EPILOG_WIDTH = 96  # characters per line of the policy and preset lists
+
+# Which host each placement policy suits (``eplb <cmd> --help`` lists them).
+POLICY_HELP = {
+    "auto": "the project's default policy",
+    "eplb_plugin": "the project's policy: balanced replicas, node-aware with --nodes > 1, few moves when "
+                   "replanning; for SGLang with the plugin and for the reference runtime",
+    "eplb_plugin_equal": "the project's policy planned for an equal split of each expert's tokens over its "
+                         "replicas (what stock SGLang does with a map alone)",
+    "deepseek": "DeepSeek's EPLB recipe, global (SGLang's --eplb-algorithm deepseek); for stock SGLang",
+    "deepseek_hierarchical": "DeepSeek's hierarchical recipe: group-limited routing (--groups) packed "
+                             "per node (--nodes); for stock SGLang on several nodes",
+}
+
+
+def _policy_epilog() -> str:
+    from .configs import PRESET_NAMES
+
+    lines = ["placement policies (--algorithm):"]
+    for name in ("auto", *ALGORITHMS):
+        lines += textwrap.wrap(POLICY_HELP.get(name, ""), EPILOG_WIDTH, initial_indent=f"  {name:<22} ",
+                               subsequent_indent=" " * 25)
+    lines += ["", *textwrap.wrap("model presets (--preset): " + ", ".join(PRESET_NAMES), EPILOG_WIDTH)]
+    return "\n".join(lines)
+
+
 def _common(p) -> None:
     p.add_argument("--ep-size", type=int, required=True, help="number of GPUs (EP ranks)")
     p.add_argument("--redundant", type=int, default=0, help="redundant experts (P = E + redundant)")
     p.add_argument("--num-physical-experts", type=int, default=None, help="P, overrides --redundant")
-    p.add_argument("--algorithm", default="auto", choices=["auto", *ALGORITHMS])
+    p.add_argument("--algorithm", default="auto", choices=["auto", *ALGORITHMS],
+                   help="placement policy (see the list below)")
 
 
 def _add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="counts -> placement file for --init-expert-location")
+    p = sub.add_parser("plan", help="counts -> placement file for --init-expert-location",
+                       formatter_class=HelpFormatter, epilog=_policy_epilog())
     p.add_argument("counts", help="SGLang stat dump .pt, JSON with logical_count/counts, or per-token .npz")
     _common(p)
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--groups", type=int, default=None)
-    p.add_argument("--preset", default=None, help="model preset for the memory estimate")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the EP ranks span (node-aware placement when > 1)")
+    p.add_argument("--groups", type=int, default=None, help="expert groups of group-limited routing (DeepSeek-V3: 8)")
+    p.add_argument("--preset", default=None, help="model preset for the memory estimate (listed below)")
     p.add_argument("--out", required=True, help=".json or .pt; weights go to <out>.weights.json")
     p.set_defaults(func=_cmd_plan)
 
 
 def _add_simulate(sub) -> None:
-    p = sub.add_parser("simulate", help="replay per-token traces through window -> planner -> migration")
-    p.add_argument("trace", nargs="+", help="per-token .npz traces, concatenated in order")
-    _common(p)
-    p.add_argument("--pass-tokens", type=int, default=256)
-    p.add_argument("--interval", type=int, default=8, help="passes between rebalances")
-    p.add_argument("--window", type=int, default=8, help="passes the planner sees")
-    p.add_argument("--decay", type=float, default=None, help="use all history weighted decay**age instead")
-    p.add_argument("--dispatch", nargs="+", default=list(DISPATCHES), choices=DISPATCHES)
-    p.add_argument("--out", default="simulate.json")
-    p.add_argument("--plot", default=None, help="PNG path")
-    p.set_defaults(func=_cmd_simulate)
+    from .cli_simulate import add_simulate
+
+    add_simulate(sub, _common, HelpFormatter)
+    sub.choices["simulate"].epilog = _policy_epilog()
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="balancedness and hottest experts of a placement on counts")
-    p.add_argument("placement")
-    p.add_argument("counts")
-    p.add_argument("--ep-size", type=int, required=True)
-    p.add_argument("--top", type=int, default=8)
+    p = sub.add_parser("inspect", help="balancedness and hottest experts of a placement on counts",
+                       formatter_class=HelpFormatter)
+    p.add_argument("placement", help="placement file (.json or .pt with physical_to_logical_map), e.g. from eplb plan")
+    p.add_argument("counts", help="SGLang stat dump .pt, JSON with logical_count/counts, or per-token .npz")
+    p.add_argument("--ep-size", type=int, required=True, help="number of GPUs (EP ranks) the placement is for")
+    p.add_argument("--top", type=int, default=8, help="hottest experts to list")
     p.set_defaults(func=_cmd_inspect)
 
 
@@ -196,7 +189,10 @@ SUBCOMMANDS = {"plan": _add_plan, "simulate": _add_simulate, "inspect": _add_ins
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="eplb", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="eplb", description="Plan, simulate and inspect expert placements for EPLB.", formatter_class=HelpFormatter,
+        epilog="`eplb <command> --help` shows each command's options, defaults, policies and presets.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS.values():
         add(sub)

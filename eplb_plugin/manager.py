@@ -37,10 +37,11 @@ from enum import IntEnum
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import balancedness, gpu_loads, placement_balancedness
-from eplb_plugin.comm import all_reduce_host, broadcast_host, group_info
+from eplb_plugin.comm import all_reduce_host, broadcast_host, group_info, is_nccl
 from eplb_plugin.errors import ConfigError, PlacementError, RebalanceError, TransferError
 from eplb_plugin.location import ExpertLocation, equal_split_weights
 
@@ -62,11 +63,16 @@ class _Status(IntEnum):
 
 @dataclass
 class RebalanceRecord:
-    """One rebalance, as logged and exported. Balancedness is mean/max GPU load.
+    """One rebalance, as logged and exported: the one source of every rebalance figure (log
+    lines, Prometheus metrics, the runtime's report). Balancedness is mean/max GPU load.
 
     slots_moved counts slots of the whole EP group whose expert changed; bytes_moved is this
     rank's traffic (sent + received); transport: how same-host ranks moved it, "ipc"
-    (copy-engine pulls) or "nccl" (P2P), None before a move.
+    (copy-engine pulls) or the P2P backend ("nccl", "gloo"), None before a move.
+    stall_s: seconds this rank's serving thread spent on the rebalance, from the pass that
+    started it (trigger check and gather) to its end (plan polls and broadcast, moves,
+    commits). wall_s: seconds from its start to its end (the last layer live, the skip or
+    the failure); None while it runs. end_pass: the pass it ended at; None while it runs.
     """
 
     index: int
@@ -84,6 +90,7 @@ class RebalanceRecord:
     skipped: str | None = None
     error: str | None = None
     transport: str | None = None
+    wall_s: float | None = None
 
 
 @dataclass
@@ -226,6 +233,8 @@ class EPLBManager:
         self._plan_thread: threading.Thread | None = None
         self._attempt = _PlanAttempt()
         self._plan_started = 0.0
+        self._started = 0.0  # perf_counter at the current rebalance's start
+        self._charged_until = 0.0  # perf_counter up to which its serving-thread time is in stall_s
         self._target: ExpertLocation | None = None
         self._pending_layers: list[int] = []
         self._requested: str | None = None
@@ -249,8 +258,9 @@ class EPLBManager:
                 timeout_s=args.eplb_rebalance_timeout_s,
             )
         self._peers = None  # PeerViews of every layer's weights (blocking moves), see _resolve_peers
-        if hasattr(recorder, "start_record") and not getattr(recorder, "recording", True):
-            recorder.start_record()
+        # The window EPLB plans on records every pass from now on, whatever a user's dump
+        # session (start/stop/dump_expert_distribution_record) does.
+        recorder.keep_window_for_eplb()
 
     # ------------------------------------------------------------------ public
 
@@ -274,6 +284,7 @@ class EPLBManager:
         the placement then stays as it was and the next call carries on.
         """
         self.num_passes += 1
+        self._charged_until = time.perf_counter()
         if self._state == "idle":
             trigger, layers = self._check_triggers()
             if trigger is not None:
@@ -282,6 +293,14 @@ class EPLBManager:
             self._poll_plan()
         if self._state == "moving" and (self.ready_to_move is None or self.ready_to_move(self._target)):
             self._move_chunk()
+        if self._record is not None:
+            self._charge(self._record)
+
+    def _charge(self, record: RebalanceRecord) -> None:
+        """Add the serving thread's time since the last charge to the rebalance's stall."""
+        now = time.perf_counter()
+        record.stall_s += now - self._charged_until
+        self._charged_until = now
 
     def close(self) -> None:
         """Wait for a planning thread still running (it cannot be interrupted), stop the planner
@@ -339,6 +358,7 @@ class EPLBManager:
             self.history_dropped += drop
         self._last_rebalance_pass = self.num_passes
         self._last_rebalance_time = self.clock()
+        self._started = time.perf_counter()
         logical = self.recorder.logical_count_window().to("cpu", torch.float64)
         physical = self.recorder.physical_count_window().to("cpu", torch.float64)
         # Sum the window over ranks: every rank then plans from (and checks) the same counts.
@@ -506,17 +526,14 @@ class EPLBManager:
         record = self._record
         chunk = self.args.eplb_rebalance_layers_per_chunk or len(self._pending_layers)
         layers, self._pending_layers = self._pending_layers[:chunk], self._pending_layers[chunk:]
-        start = time.perf_counter()
         live: dict[int, torch.Tensor] = {}
         try:
             self._move_layers(layers, live)
         except TransferError as exc:
             failed = getattr(exc, "layer", None)
             self._go_live(live)
-            record.stall_s += time.perf_counter() - start
             self._fail(record, RebalanceError(f"rebalance {record.index}: moving layer {failed} failed: {exc}"), exc)
         self._go_live(live)
-        record.stall_s += time.perf_counter() - start
         if not self._pending_layers:
             self._finish(record)
 
@@ -567,7 +584,14 @@ class EPLBManager:
         tensors = [t for weights in self.expert_weights for t in weights]  # dense layers: none
         peers = resolve_peers(transport, tensors, self.group, known=self._peers)
         self._peers = peers or self._peers
-        self._record.transport = "ipc" if peers is not None and peers.active else "nccl"
+        self._record.transport = "ipc" if peers is not None and peers.active else self._p2p_backend()
+
+    def _p2p_backend(self) -> str:
+        """The backend point-to-point moves run on: the EP group's ("nccl", "gloo"), "local" with one rank."""
+        group, _, world = group_info(self.group)
+        if world == 1:
+            return "local"
+        return "nccl" if is_nccl(group) else str(dist.get_backend(group))
 
     def _start_async_moves(self) -> None:
         from eplb_plugin.executor import LayerMove
@@ -585,24 +609,21 @@ class EPLBManager:
             )
             for layer in self._pending_layers
         ])
-        self._record.transport = "ipc" if self._async_mover.pulls else "nccl"
+        self._record.transport = "ipc" if self._async_mover.pulls else self._p2p_backend()
 
     def _commit_async_chunk(self) -> None:
         """Non-blocking mode: commit what the background mover has staged, at this boundary."""
         record = self._record
         chunk = self.args.eplb_rebalance_layers_per_chunk or len(self._live_maps)
-        start = time.perf_counter()
         try:
             layers = self._async_mover.commit_ready(max_layers=chunk)
         except TransferError as exc:
             self._go_live(self._changed_live_maps())
             record.slots_moved = sum(int((live != self._old_rows[layer]).sum()) for layer, live in self._live_maps.items())
             record.bytes_moved = self._async_mover.bytes_committed
-            record.stall_s += time.perf_counter() - start
             self._fail(record, RebalanceError(f"rebalance {record.index}: non-blocking move failed: {exc}"), exc)
         if layers:
             self._go_live({layer: self._live_maps[layer] for layer in layers})
-        record.stall_s += time.perf_counter() - start
         if self._async_mover.done:
             record.slots_moved = sum(
                 int((self._target.physical_to_logical_map[layer] != self._old_rows[layer]).sum())
@@ -644,9 +665,15 @@ class EPLBManager:
         if self.on_location_change is not None:
             self.on_location_change(self.location)
 
-    def _finish(self, record: RebalanceRecord) -> None:
+    def _end(self, record: RebalanceRecord) -> None:
+        """The rebalance ended (done, skipped or failed) at this pass: its last stall and its wall time."""
+        self._charge(record)
         record.end_pass = self.num_passes
+        record.wall_s = time.perf_counter() - self._started
         self.totals.add(record)
+
+    def _finish(self, record: RebalanceRecord) -> None:
+        self._end(record)
         self._state, self._target, self._record = "idle", None, None
         logger.info(
             "EPLB rebalance %d done at pass %d: %d slots, %.1f MiB moved, stall %.3f s",
@@ -658,14 +685,13 @@ class EPLBManager:
 
     def _skip(self, record: RebalanceRecord, why: str) -> None:
         record.skipped = why
-        record.end_pass = self.num_passes
-        self.totals.add(record)
-        logger.info("EPLB rebalance %d skipped: %s", record.index, why)
+        self._end(record)
+        logger.info("EPLB rebalance %d skipped: %s (stall %.3f s)", record.index, why, record.stall_s)
+        self._export(record)
 
     def _fail(self, record: RebalanceRecord, error: RebalanceError, cause: BaseException | None) -> None:
         record.error = str(error)
-        record.end_pass = self.num_passes
-        self.totals.add(record)
+        self._end(record)
         self._state, self._target, self._record, self._pending_layers = "idle", None, None, []
         logger.error("%s", error)
         self._export(record)
@@ -678,7 +704,7 @@ class EPLBManager:
             done[-1].balancedness_achieved = window_balancedness
 
     def _export(self, record: RebalanceRecord) -> None:
-        if self.metrics is not None and hasattr(self.metrics, "observe_rebalance"):
+        if self.metrics is not None:
             self.metrics.observe_rebalance(record)
 
 

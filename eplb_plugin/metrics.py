@@ -9,9 +9,16 @@ once the event has completed. On CPU the copy is immediate.
 Names (all prefixed ``eplb_``): ``balancedness`` (mean over layers), ``layer_balancedness``
 {layer}, ``expert_tokens_total`` {layer} (tokens routed per layer), opt-in
 ``expert_tokens_per_expert_total`` {layer, expert} (L x P series: keep off for big models),
-``rebalances_total``, ``rebalance_errors_total``, ``predicted_balancedness``,
-``rebalance_seconds``, ``solver_seconds``, ``stall_seconds``
+``rebalances_total``, ``rebalance_errors_total``, ``rebalances_skipped_total``,
+``predicted_balancedness``, ``rebalance_seconds``, ``solver_seconds``, ``stall_seconds``
 (histograms), ``bytes_moved_total``, ``slots_moved_total``, ``count_updates_skipped_total``.
+
+Rebalance figures come from the manager's ``RebalanceRecord`` alone (``observe_rebalance``,
+called once per rebalance when it ends), so they agree with its log lines and the runtime's
+report: ``rebalances_total`` and ``rebalance_seconds`` / ``solver_seconds`` count the
+rebalances that moved (done); ``stall_seconds``, ``slots_moved_total`` and
+``bytes_moved_total`` count every ended rebalance (done, skipped or failed: each paused
+serving, and a failed one may have moved layers before it failed).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class EPLBMetrics:
         self.bytes_moved = Counter("bytes_moved", "Expert weight bytes moved between GPUs", namespace=ns, registry=r)
         self.slots_moved = Counter("slots_moved", "Slots whose expert changed in a rebalance", namespace=ns, registry=r)
         self.rebalance_errors = Counter("rebalance_errors", "Rebalances that failed (old placement kept)", namespace=ns, registry=r)
+        self.rebalances_skipped = Counter("rebalances_skipped", "Rebalances skipped (no tokens, or balanced enough)", namespace=ns, registry=r)
         self.predicted_balancedness = Gauge("predicted_balancedness", "Balancedness the last rebalance's plan predicted on its window", namespace=ns, registry=r)
         self.updates_skipped = Counter("count_updates_skipped", "Count updates dropped because the previous copy was still in flight", namespace=ns, registry=r)
         self._host: torch.Tensor | None = None  # pinned [L, P] landing buffer
@@ -108,46 +116,27 @@ class EPLBMetrics:
                         self.per_expert_tokens.labels(layer=str(layer), expert=str(slot)).inc(n)
 
     # ----------------------------------------------------------- rebalances
-    def record_rebalance(
-        self,
-        *,
-        rebalance_s: float | None = None,
-        solver_s: float | None = None,
-        stall_s: float | None = None,
-        bytes_moved: int = 0,
-        slots_moved: int = 0,
-    ) -> None:
-        """One completed rebalance: durations in seconds, bytes and slots moved."""
-        self.rebalances.inc()
-        if rebalance_s is not None:
-            self.rebalance_seconds.observe(rebalance_s)
-        if solver_s is not None:
-            self.solver_seconds.observe(solver_s)
-        if stall_s is not None:
-            self.stall_seconds.observe(stall_s)
-        self.bytes_moved.inc(bytes_moved)
-        self.slots_moved.inc(slots_moved)
-
     def observe_rebalance(self, record: Any) -> None:
-        """Export a manager ``RebalanceRecord`` (read by attribute: solver_s, stall_s, ...).
+        """Export a manager ``RebalanceRecord`` that has ended (done, skipped or failed).
 
-        Skipped rebalances export nothing; failed ones count in ``rebalance_errors_total``.
+        Every ended one adds its stall, slots and bytes; a failed one counts in
+        ``rebalance_errors_total``, a skipped one in ``rebalances_skipped_total``, a done one
+        in ``rebalances_total`` with its wall and solver times and predicted balancedness.
         """
-        if getattr(record, "error", None) is not None:
+        self.stall_seconds.observe(record.stall_s)
+        self.slots_moved.inc(record.slots_moved)
+        self.bytes_moved.inc(record.bytes_moved)
+        if record.error is not None:
             self.rebalance_errors.inc()
-            return
-        if getattr(record, "skipped", None) is not None:
-            return
-        self.record_rebalance(
-            rebalance_s=getattr(record, "rebalance_s", None),
-            solver_s=getattr(record, "solver_s", None),
-            stall_s=getattr(record, "stall_s", None),
-            bytes_moved=getattr(record, "bytes_moved", 0),
-            slots_moved=getattr(record, "slots_moved", 0),
-        )
-        predicted = getattr(record, "balancedness_predicted", None)
-        if predicted is not None and predicted == predicted:  # NaN = not predicted
-            self.predicted_balancedness.set(predicted)
+        elif record.skipped is not None:
+            self.rebalances_skipped.inc()
+        else:
+            self.rebalances.inc()
+            self.rebalance_seconds.observe(record.wall_s)
+            self.solver_seconds.observe(record.solver_s)
+            predicted = record.balancedness_predicted
+            if predicted == predicted:  # NaN = not predicted
+                self.predicted_balancedness.set(predicted)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry (publishes a landed copy first)."""

@@ -7,9 +7,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from eplb_plugin.cli import load_counts, main, redundant_memory_bytes
+from eplb_plugin.cli_simulate import baseline_balancedness
+from eplb_plugin.configs import get_preset
 
 from conftest import trace_path
 
@@ -78,12 +81,66 @@ def test_inspect_prints_balancedness_and_hottest(tmp_path, capsys):
     assert "hottest experts" in text and "replica weights" in text
 
 
-def test_simulate_writes_json_and_plot(tmp_path):
-    trace = trace_path("esft_dsv2lite_law_top6.npz")
-    out, png = tmp_path / "sim.json", tmp_path / "sim.png"
-    assert main(["simulate", str(trace), "--ep-size", "8", "--redundant", "8", "--interval", "8",
-                 "--out", str(out), "--plot", str(png)]) == 0
-    report = json.loads(out.read_text())
-    assert set(report["summary"]["balancedness_mean"]) == {"static", "random", "dynamic", "weighted", "minmax"}
+def test_simulate_reports_a_no_eplb_baseline_and_where_the_traffic_changes(tmp_path, capsys, monkeypatch):
+    """Two traces served in turn: the JSON and the printout carry the no-EPLB baseline beside
+    each dispatch, over all passes and after the first plan; the pass where the second trace
+    starts is listed; by default the JSON goes under the git-ignored eplb_runs/."""
+    monkeypatch.chdir(tmp_path)
+    first, second = trace_path("esft_dsv2lite_intent_top6.npz"), trace_path("esft_dsv2lite_law_top6.npz")
+    png = tmp_path / "sim.png"
+    assert main(["simulate", str(first), str(second), "--ep-size", "8", "--redundant", "8", "--interval", "8",
+                 "--dispatch", "static", "dynamic", "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "eplb_runs" / "simulate.json").read_text())
+    passes = len(load_counts(first, pass_tokens=256))
+    assert report["traffic_change_passes"] == [passes] and report["first_plan_pass"] == 8
+    for key in ("balancedness_mean", "balancedness_mean_after_first_plan"):
+        assert set(report["summary"][key]) == {"no EPLB", "static", "dynamic"}
+    baseline = np.array(report["per_pass"]["no EPLB"])
+    assert report["summary"]["balancedness_mean_after_first_plan"]["no EPLB"] == baseline[8:].mean()
+    assert np.array(report["baseline_per_layer"]).shape == (2 * passes, 26)
+    assert f"traffic changes at pass [{passes}]" in printed and "after the first plan (pass 8)" in printed
+    assert f"no EPLB (trivial placement)        {baseline.mean():.4f} | {baseline[8:].mean():.4f}" in printed
     assert png.stat().st_size > 0
-    assert load_counts(trace).shape == (26, 64)
+    assert load_counts(first).shape == (26, 64)
+
+
+def test_baseline_is_the_trivial_placement_under_an_equal_split():
+    """Hand example, 2 GPUs, one layer of loads (3, 1, 0, 0): with 4 slots GPU 0 holds experts
+    0 and 1 (4 tokens, GPU 1 none): 0.5; with 6 slots experts 0 and 1 get a second slot on GPU 1
+    and both GPUs take 2 tokens: 1.0."""
+    counts = np.array([[[3.0, 1.0, 0.0, 0.0]]])
+    assert baseline_balancedness(counts, num_physical=4, num_gpus=2).tolist() == [[0.5]]
+    assert baseline_balancedness(counts, num_physical=6, num_gpus=2).tolist() == [[1.0]]
+
+
+def test_help_shows_defaults_policies_with_their_hosts_and_presets(capsys):
+    """`eplb plan --help` and `eplb simulate --help` show defaults, every policy with the host it
+    suits, and every model preset."""
+    from eplb_plugin.algorithms import ALGORITHMS
+    from eplb_plugin.cli import POLICY_HELP
+    from eplb_plugin.configs import PRESET_NAMES
+
+    for command in ("plan", "simulate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: auto)" in text and "(default: 0)" in text
+        for name in ALGORITHMS:
+            assert " ".join(f"{name} {POLICY_HELP[name]}".split()) in text
+        assert ", ".join(PRESET_NAMES) in text
+    assert "(default: eplb_runs/simulate.json)" in text
+
+
+def test_synthetic_trace_example_writes_a_trace_plan_reads(tmp_path):
+    """examples/synthetic_trace.py (the README's input for the worked example) writes a per-token
+    trace of the preset's shape that `eplb plan` turns into a placement."""
+    import runpy
+
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "synthetic_trace.py"))
+    trace, out = tmp_path / "day.npz", tmp_path / "placement.json"
+    assert example["main"](["--model-preset", "tiny", "--passes", "3", "--tokens-per-pass", "8", "--out", str(trace)]) == 0
+    tiny = get_preset("tiny")
+    assert np.load(trace)["topk_ids"].shape == (24, tiny.num_layers, tiny.top_k)
+    assert main(["plan", str(trace), "--ep-size", "2", "--redundant", "2", "--out", str(out)]) == 0
+    assert np.array(json.loads(out.read_text())["physical_to_logical_map"]).shape[0] == tiny.num_layers

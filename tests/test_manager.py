@@ -217,7 +217,7 @@ def case_unverified_chunk_moves_layers_together_and_a_failed_layer_keeps_later_l
     assert host.serve(5000, start=300, until=lambda m: m.history[-1].end_pass is not None and len(m.history) > 1) == []
     record = host.manager.history[-1]
     assert record.error is None and record.slots_moved > 0 and record.bytes_moved > 0
-    assert record.transport == "nccl"  # --eplb-transport auto: CPU weights cannot be pulled
+    assert record.transport == "gloo"  # --eplb-transport auto: CPU weights cannot be pulled; P2P over gloo
     assert weights_match(host.weights, host.manager.location, rank)
 
 
@@ -283,7 +283,7 @@ def case_non_blocking_moves_land_while_serving_and_go_live_at_pass_boundaries(ra
     assert errors == []
     finished = [r for r in host.manager.history if r.end_pass is not None]
     assert len(finished) >= 2 and finished[0].slots_moved > 0 and finished[0].bytes_moved > 0
-    assert all(r.transport == "nccl" for r in finished)
+    assert all(r.transport == "gloo" for r in finished)
     assert weights_match(host.weights, host.manager.location, rank)
     assert torch.equal(host.recorder.physical_to_logical_map.cpu(), host.manager.location.physical_to_logical_map)
     host.manager.close()
@@ -318,13 +318,13 @@ def case_weights_reallocated_between_rebalances_are_exchanged_again(rank, group)
     assert first is not None and not first.active and "not on CUDA" in first.reason
     host.manager.rebalance_now()
     assert host.serve(5000, start=6000, hot=3, until=done(2)) == []
-    assert host.manager.history[1].transport == "nccl"  # its move resolved the transport (_resolve_peers)
+    assert host.manager.history[1].transport == "gloo"  # its move resolved the transport (_resolve_peers)
     assert host.manager._peers is first  # same tensors: no new exchange
     for layer in host.weights:  # reallocate every tensor in place in the list the manager holds
         layer[:] = [t.clone() for t in layer]
     host.manager.rebalance_now()
     assert host.serve(5000, start=12000, hot=5, until=done(3)) == []
-    assert host.manager.history[2].transport == "nccl" and host.manager._peers is not first
+    assert host.manager.history[2].transport == "gloo" and host.manager._peers is not first
     assert set(host.manager._peers.index) == {t.data_ptr() for layer in host.weights for t in layer}
     assert weights_match(host.weights, host.manager.location, rank)
 
@@ -348,6 +348,25 @@ def case_ipc_transport_is_refused_for_cpu_weights_at_start_up(rank, group):
         Host(rank, group, _args(eplb_transport="ipc"))
     with pytest.raises(ConfigError, match="--eplb-transport ipc.*not all on CUDA"):
         Host(rank, group, _args(eplb_transport="ipc", eplb_non_blocking=True))
+
+
+def case_a_users_stop_dump_or_start_never_empties_the_window_eplb_plans_on(rank, group):
+    """POST /stop_expert_distribution_record, then a dump, between rebalances: the next
+    rebalance still plans on every pass of its window and moves weights; a start after it
+    leaves the window as it was."""
+    host = Host(rank, group, _args(eplb_verify_weights=False))
+    host.serve(3)
+    host.recorder.stop_record()
+    host.serve(3, start=3)
+    host.recorder.dump_record("object")  # collective: the stat dump sums over ranks
+    assert host.serve(5000, start=6, until=lambda m: m.history and m.history[0].end_pass is not None) == []
+    record = host.manager.history[0]
+    assert record.skipped is None and record.error is None, record
+    assert record.start_pass == 10 and record.slots_moved > 0
+    assert weights_match(host.weights, host.manager.location, rank)
+    held = host.recorder.num_passes_in_window
+    host.recorder.start_record()
+    assert host.recorder.num_passes_in_window == held == 10
 
 
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]

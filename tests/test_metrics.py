@@ -7,6 +7,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from eplb_plugin.errors import CountsError
+from eplb_plugin.manager import RebalanceRecord
 from eplb_plugin.metrics import EPLBMetrics
 
 
@@ -42,22 +43,30 @@ def test_token_counters_accumulate_and_per_expert_is_opt_in():
     assert s[("eplb_expert_tokens_per_expert_total", (("expert", "2"), ("layer", "0")))] == 6
 
 
-def test_rebalance_records_counters_and_histograms():
-    """A rebalance increments counts and observes its durations."""
+def _record(**kw) -> RebalanceRecord:
+    """An ended rebalance record (done unless ``skipped`` or ``error`` is given)."""
+    return RebalanceRecord(**{"index": 0, "trigger": "interval", "start_pass": 10, "end_pass": 12, **kw})
+
+
+def test_a_done_rebalance_exports_its_records_figures():
+    """A done rebalance counts once and observes its wall, solver and stall times from the record."""
     m = EPLBMetrics()
-    m.record_rebalance(rebalance_s=0.7, solver_s=0.02, stall_s=0.3, bytes_moved=1 << 20, slots_moved=12)
+    m.observe_rebalance(_record(wall_s=0.7, solver_s=0.02, stall_s=0.3, bytes_moved=1 << 20, slots_moved=12,
+                                balancedness_predicted=0.97))
     s = _samples(m)
     assert s[("eplb_rebalances_total", ())] == 1
+    assert s[("eplb_rebalance_seconds_count", ())] == 1 and s[("eplb_rebalance_seconds_sum", ())] == pytest.approx(0.7)
     assert s[("eplb_bytes_moved_total", ())] == 1 << 20
     assert s[("eplb_slots_moved_total", ())] == 12
     assert s[("eplb_solver_seconds_sum", ())] == pytest.approx(0.02)
-    assert s[("eplb_stall_seconds_count", ())] == 1
+    assert s[("eplb_stall_seconds_count", ())] == 1 and s[("eplb_stall_seconds_sum", ())] == pytest.approx(0.3)
+    assert s[("eplb_predicted_balancedness", ())] == pytest.approx(0.97)
 
 
 def test_instances_have_private_registries():
     """Two instances register the same names without colliding."""
     a, b = EPLBMetrics(), EPLBMetrics()
-    a.record_rebalance(rebalance_s=1.0)
+    a.observe_rebalance(_record(wall_s=1.0))
     assert _samples(b)[("eplb_rebalances_total", ())] == 0
 
 
@@ -69,17 +78,15 @@ def test_bad_counts_raise():
         EPLBMetrics().update_from_counts(torch.zeros(2, 5, dtype=torch.int32), ep_size=2)
 
 
-def test_manager_records_are_exported_and_failures_counted():
-    """observe_rebalance reads a RebalanceRecord-like object; errors count, skips do not."""
-    from types import SimpleNamespace
-
+def test_failed_and_skipped_rebalances_count_apart_and_add_their_stall():
+    """A failed rebalance counts as an error, a skipped one as a skip; both add their stall and
+    what they moved, neither counts as a rebalance nor observes a rebalance time."""
     m = EPLBMetrics()
-    ok = SimpleNamespace(error=None, skipped=None, solver_s=0.5, stall_s=0.1, bytes_moved=10, slots_moved=2,
-                         balancedness_predicted=0.97)
-    m.observe_rebalance(ok)
-    m.observe_rebalance(SimpleNamespace(error="boom", skipped=None))
-    m.observe_rebalance(SimpleNamespace(error=None, skipped="no drift"))
+    m.observe_rebalance(_record(wall_s=0.5, solver_s=0.25, stall_s=0.125, slots_moved=2, bytes_moved=10))
+    m.observe_rebalance(_record(error="boom", stall_s=0.25, slots_moved=3, bytes_moved=5))
+    m.observe_rebalance(_record(skipped="no tokens recorded in the window", stall_s=0.5))
     s = _samples(m)
-    assert s[("eplb_rebalances_total", ())] == 1 and s[("eplb_rebalance_errors_total", ())] == 1
-    assert s[("eplb_predicted_balancedness", ())] == pytest.approx(0.97)
-    assert s[("eplb_slots_moved_total", ())] == 2
+    assert s[("eplb_rebalances_total", ())] == 1 and s[("eplb_rebalance_seconds_count", ())] == 1
+    assert s[("eplb_rebalance_errors_total", ())] == 1 and s[("eplb_rebalances_skipped_total", ())] == 1
+    assert s[("eplb_stall_seconds_count", ())] == 3 and s[("eplb_stall_seconds_sum", ())] == 0.875
+    assert s[("eplb_slots_moved_total", ())] == 5 and s[("eplb_bytes_moved_total", ())] == 15

@@ -1,7 +1,9 @@
 """The package imports cheaply and its presets match the published model configs."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +57,24 @@ def test_unknown_preset_lists_known_ones():
     with pytest.raises(ConfigError, match="tiny"):
         get_preset("gpt-5")
     assert "tiny" in PRESET_NAMES
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_installs_from_the_clone_never_from_a_package_index():
+    """eplb-plugin is not on a package index: no README command installs it by name."""
+    readme = (REPO / "README.md").read_text()
+    assert not re.search(r"pip install\s+['\"]?eplb[-_]plugin\b", readme)
+    assert "pip install -e ." in readme and "--index-url https://download.pytorch.org/whl/cpu" in readme
+
+
+def test_sglang_cpu_install_puts_sglang_after_the_modules_it_needs():
+    """scripts/install_sglang_cpu.sh removes an earlier sglang, installs the modules, then sglang
+    with --no-deps last, so pip's resolver never reports sglang's CUDA pins as conflicts."""
+    script = (REPO / "scripts" / "install_sglang_cpu.sh").read_text()
+    commands = [line.strip() for line in script.splitlines() if line.strip().startswith("python -m pip install")]
+    assert len(commands) == 2
+    modules, sglang = commands
+    assert "sglang" not in modules and sglang.endswith('--no-deps "sglang==0.5.23"')
+    assert script.index("pip uninstall -q -y sglang") < script.index(modules) < script.index("transformers==")

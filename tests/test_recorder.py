@@ -225,3 +225,35 @@ def test_counts_discarded_drops_only_what_the_block_counted():
             rec.on_select_experts(torch.tensor([[2, 3], [3, -1]]))
             assert int(rec.pass_counts.sum()) == 5
         assert torch.equal(rec.pass_counts, before)
+
+
+def test_eplb_window_records_every_pass_whatever_the_users_session_does():
+    """Once kept for EPLB, the window holds every pass while the user's session starts, stops
+    and dumps; the session's dump holds only the passes it recorded."""
+    gen = torch.Generator().manual_seed(16)
+    phy2log = random_map(gen, NUM_LAYERS, 8, 8 + NUM_REDUNDANT)
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=phy2log, num_logical_experts=8,
+                                     buffer_size=10, backend="torch")
+    rec.keep_window_for_eplb()
+    assert rec.recording and not rec.session_recording
+    before, _ = _run_passes(rec, gen, 2, 9, 4)
+    rec.start_record()
+    during, _ = _run_passes(rec, gen, 2, 9, 4)
+    rec.stop_record()
+    assert rec.recording  # the hooks still count, for EPLB
+    after, _ = _run_passes(rec, gen, 3, 9, 4)
+    dumped = rec.dump_record("object")["logical_count"].numpy()
+    assert np.array_equal(dumped, np_logical(during, phy2log.numpy(), 8))
+    rec.start_record()
+    every_pass = np.concatenate([before, during, after])
+    assert rec.num_passes_in_window == 7
+    assert np.array_equal(rec.physical_count_window().numpy(), every_pass.sum(0))
+    assert np.array_equal(rec.logical_count_window().numpy(), np_logical(every_pass, phy2log.numpy(), 8).sum(0))
+
+
+def test_eplb_window_needs_a_stat_mode():
+    """Keeping an EPLB window on a per_pass recorder is a ConfigError naming the flag."""
+    rec = ExpertDistributionRecorder("per_pass", physical_to_logical_map=torch.arange(4).repeat(2, 1),
+                                     num_logical_experts=4)
+    with pytest.raises(ConfigError, match="--expert-distribution-recorder-mode stat"):
+        rec.keep_window_for_eplb()

@@ -10,6 +10,7 @@ import torch
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.executor import move_experts
 from eplb_plugin.location import ExpertLocation
+from eplb_plugin.manager import RebalanceRecord
 from eplb_plugin.runtime.config import ModelShape, RunSpec, RuntimeConfig, WorkloadSpec
 from eplb_plugin.runtime.dense import dense_forward
 from eplb_plugin.runtime.engine import make_hidden
@@ -34,7 +35,7 @@ class ForcedMoveManager:
                  metrics=None, on_location_change=None):
         self.location, self.recorder, self.weights, self.group = location, recorder, expert_weights, group
         self.on_location_change = on_location_change
-        self.history: list[dict] = []
+        self.history: list[RebalanceRecord] = []
         self.passes = 0
 
     def on_forward_pass_end(self) -> None:
@@ -48,7 +49,8 @@ class ForcedMoveManager:
         self.location = ExpertLocation.from_physical_to_logical_map(
             new, num_logical_experts=self.location.num_logical_experts, ep_size=self.location.ep_size)
         self.on_location_change(self.location)
-        self.history.append({"index": 0, "start_pass": self.passes, "end_pass": self.passes, "slots_moved": moved})
+        self.history.append(RebalanceRecord(index=0, trigger="forced", start_pass=self.passes, end_pass=self.passes,
+                                            slots_moved=moved))
 
     def close(self) -> None:
         pass

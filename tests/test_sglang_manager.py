@@ -76,6 +76,9 @@ def _rebalance_on_rank(rank: int, port: int) -> None:
                 with recorder.with_current_layer(layer):
                     recorder.on_select_experts(topk_ids=hot)
         manager.on_forward_pass_end()
+        if pass_id == 0:  # SGLang's scheduler on POST /stop_ then /dump_expert_distribution_record
+            expert_distribution.get_global_expert_distribution_recorder().stop_record()
+            expert_distribution.get_global_expert_distribution_recorder().dump_record(output_mode="object")
         time.sleep(PASS_S)  # the planner runs in a background thread while passes go on
     assert manager.failures == []
     live = manager.manager.location.physical_to_logical_map
@@ -90,7 +93,8 @@ def _rebalance_on_rank(rank: int, port: int) -> None:
 
 def test_sglang_constructs_the_adapter_which_rebalances_sglangs_weights(monkeypatch):
     """Built with SGLang's keyword signature on 2 gloo ranks: after the interval the weights follow
-    the new map on every rank and SGLang's global expert-location metadata serves it."""
+    the new map on every rank and SGLang's global expert-location metadata serves it, though
+    the user stopped and dumped the expert distribution record after the first pass."""
     import torch.multiprocessing as mp
 
     with stubs_on_path():

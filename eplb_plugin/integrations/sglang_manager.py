@@ -136,8 +136,12 @@ class SGLangEPLBManager:
         self._rebalance_disabled_reason: str | None = None
         self.failures: list[BaseException] = []
         recorder = get_global_expert_distribution_recorder()
-        if not recorder.recording:
-            recorder.start_record()
+        if hasattr(recorder, "keep_window_for_eplb"):
+            # EPLB's window records from now on, whatever /start_, /stop_ and
+            # /dump_expert_distribution_record do to the user's session.
+            recorder.keep_window_for_eplb()
+        elif not recorder.recording:
+            recorder.start_record()  # SGLang's own recorder: _build refuses it at the first pass
         logger.info("%s EPLBManager active: the project's manager replaces SGLang's (policy %s)",
                     LOG_PREFIX, self._algorithm)
 

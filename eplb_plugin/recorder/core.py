@@ -8,6 +8,12 @@ hooks outside ``with_forward_pass`` (SGLang's graph capture and its eager warm-u
 model directly) count nothing, and the buffer is zeroed when a recorded pass starts (as
 SGLang's gatherers reset) and when it ends, after the mode took the pass's counts. The map each pass ran under is kept as a map
 epoch, so counts recorded across a rebalance go to the right logical experts.
+
+Two consumers read the counts, independently: the user's dump session (``start_record`` /
+``stop_record`` / ``dump_record``, SGLang's endpoints) and, once a manager called
+``keep_window_for_eplb()``, the stat window EPLB rebalances on. The EPLB window records
+every pass whatever the session does: stopping, starting or dumping a session never empties
+or pauses it (else a user's stop would silently stop every automatic rebalance).
 """
 
 from __future__ import annotations
@@ -90,8 +96,9 @@ class ExpertDistributionRecorder:
         self.map_epoch = 0
         self.maps_by_epoch: dict[int, torch.Tensor] = {0: physical_to_logical_map.to(self.device, copy=True)}
         self.pass_counts = torch.zeros((num_layers, num_physical), dtype=torch.int32, device=self.device)
-        self._mode = MODES[mode](self)
-        self._recording = False
+        self._mode: Any = MODES[mode](self)  # the user's dump session; None until a session needs it
+        self._eplb_window: StatMode | None = None  # the window EPLB rebalances on (keep_window_for_eplb)
+        self._recording = False  # the user's session records
         self._in_pass = False  # inside a recorded forward pass
         self._disabled = False
         self._layer: int | None = None
@@ -129,7 +136,14 @@ class ExpertDistributionRecorder:
         self._check_map(new_map, self.num_logical_experts, (self.num_layers, self.num_physical_experts))
         self.map_epoch += 1
         self.maps_by_epoch[self.map_epoch] = new_map.to(self.device, copy=True)
-        keep = self._mode.referenced_epochs() | {self.map_epoch}
+        self._prune_maps()
+
+    def _prune_maps(self) -> None:
+        """Keep the live map and those some held pass (session or EPLB window) was recorded under."""
+        keep = {self.map_epoch}
+        for mode in (self._mode, self._eplb_window):
+            if mode is not None:
+                keep |= mode.referenced_epochs()
         self.maps_by_epoch = {e: m for e, m in self.maps_by_epoch.items() if e in keep}
 
     # ------------------------------------------------------------- contexts
@@ -168,20 +182,27 @@ class ExpertDistributionRecorder:
     def with_forward_pass(
         self, forward_pass_id: int, forward_batch: Any = None, *, num_tokens: int | None = None
     ) -> Iterator[dict[str, Any]]:
-        """One forward pass; at its end a recording recorder hands the pass's counts to its mode."""
+        """One forward pass; at its end the pass's counts go to the recording session's mode
+        and to the EPLB window, if any."""
         outputs: dict[str, Any] = {}
-        recording = self._recording
+        recording = self.recording  # the user's session or EPLB's window
+        session = self._recording
         if recording:
             self.pass_counts.zero_()  # nothing counted before the pass is the pass's
+        if session:
             self._mode.on_pass_start(forward_batch)
         try:
             with self._setting("_in_pass", recording):
                 yield outputs
         finally:
-            if recording and self._recording:
+            session = session and self._recording
+            if session:
                 if num_tokens is not None and isinstance(self._mode, PerTokenMode):
                     self._mode.set_num_tokens(num_tokens)
                 self._mode.on_pass_end(forward_pass_id, self.pass_counts, self.map_epoch)
+            if self._eplb_window is not None:
+                self._eplb_window.on_pass_end(forward_pass_id, self.pass_counts, self.map_epoch)
+            if session or self._eplb_window is not None:
                 self.pass_counts.zero_()
 
     # ---------------------------------------------------------------- hooks
@@ -189,7 +210,7 @@ class ExpertDistributionRecorder:
         """The layer to count into, or None when this hook should do nothing."""
         if self._disabled:
             return None
-        if not ((self._recording and self._in_pass) or (self._is_cuda and torch.cuda.is_current_stream_capturing())):
+        if not ((self.recording and self._in_pass) or (self._is_cuda and torch.cuda.is_current_stream_capturing())):
             return None  # warm-ups and other calls outside a recorded pass are not traffic
         layer = self._layer if layer_idx is None else layer_idx
         if layer is None:
@@ -203,7 +224,8 @@ class ExpertDistributionRecorder:
             return
         if not self._count_dispatch:
             count_topk(topk_ids, self.pass_counts, layer, backend=self.backend)
-        self._mode.on_topk(layer, topk_ids)
+        if self._mode is not None:
+            self._mode.on_topk(layer, topk_ids)
 
     def record_logical(
         self, layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, *, out: torch.Tensor | None = None
@@ -216,7 +238,8 @@ class ExpertDistributionRecorder:
         if active is None or self._count_dispatch:
             return _map_only(layer, topk_ids, dispatch_table, out)
         physical = map_and_count(topk_ids, dispatch_table, self.pass_counts, layer, out=out, backend=self.backend)
-        self._mode.on_topk(layer, physical)
+        if self._mode is not None:
+            self._mode.on_topk(layer, physical)
         return physical
 
     def _add_local_counts(self, layer: int, local_counts: torch.Tensor) -> None:
@@ -256,21 +279,50 @@ class ExpertDistributionRecorder:
 
     def get_current_pass_count_buffer(self, layer_idx: int) -> torch.Tensor | None:
         """This pass's [P] int32 counts of one layer while recording, else None (SGLang's API)."""
-        return self.pass_counts[layer_idx] if self._recording else None
+        return self.pass_counts[layer_idx] if self.recording else None
 
     # --------------------------------------------------------------- control
+    def _session(self) -> Any:
+        """The user's session mode, built on first use once the EPLB window took the first one."""
+        if self._mode is None:
+            self._mode = MODES[self.mode](self)
+        return self._mode
+
     def _reset(self) -> None:
-        self.pass_counts.zero_()
-        self._mode.reset()
-        self.maps_by_epoch = {self.map_epoch: self.physical_to_logical_map}
+        """Forget the user's session (the EPLB window keeps every pass it holds)."""
+        if self._eplb_window is None:
+            self.pass_counts.zero_()  # with an EPLB window every pass end zeroes it already
+        self._session().reset()
+        self._prune_maps()
+
+    def keep_window_for_eplb(self) -> None:
+        """From now on every pass goes into a stat window of its own that EPLB rebalances on
+        (``logical_count_window`` / ``physical_count_window`` read it), whatever the user's
+        session does. The manager calls it once at start-up; calling it again does nothing.
+
+        Stat modes only (ConfigError otherwise). The session's window becomes EPLB's when it
+        holds nothing, so no second ring buffer is allocated unless a user session records.
+        """
+        if self._eplb_window is not None:
+            return
+        if not isinstance(self._mode, StatMode):
+            raise ConfigError(
+                f"EPLB rebalances on a stat window, but the recorder mode is {self.mode!r}: "
+                "set --expert-distribution-recorder-mode stat or stat_approx"
+            )
+        if self._recording or self._mode.window.num_passes:
+            self._eplb_window = StatMode(self)  # the session keeps what it recorded
+        else:
+            self._eplb_window, self._mode = self._mode, None
 
     def start_record(self) -> None:
-        """Forget everything recorded so far and start recording."""
+        """Start the user's session, forgetting what it recorded before (never the EPLB window)."""
         self._reset()
         self._recording = True
 
     def stop_record(self) -> None:
-        """Stop recording (what was recorded stays until the next dump or start)."""
+        """Stop the user's session (what it recorded stays until the next dump or start). The
+        EPLB window, if any, keeps recording."""
         self._recording = False
 
     def dump_record(self, output_mode: OutputMode = "file", *, name: str | None = None) -> Any:
@@ -281,37 +333,51 @@ class ExpertDistributionRecorder:
         """
         if output_mode not in ("file", "object"):
             raise ConfigError(f"output_mode={output_mode!r} is not one of ('file', 'object')")
-        output = self._mode.dump(output_mode, name)
+        output = self._session().dump(output_mode, name)
         self._reset()
         return output
 
     @property
     def recording(self) -> bool:
+        """Whether the hooks count: the user's session records or EPLB keeps a window (SGLang's
+        dispatchers read this to decide whether to call the hooks)."""
+        return self._recording or self._eplb_window is not None
+
+    @property
+    def session_recording(self) -> bool:
+        """Whether the user's session records (between start_record and stop_record)."""
         return self._recording
 
     # ------------------------------------------------------- window (manager)
+    def _window(self) -> Any:
+        """The mode holding the window EPLB reads: its own once kept, else the session's."""
+        return self._eplb_window if self._eplb_window is not None else self._session()
+
     def logical_count_window(self) -> torch.Tensor:
         """Stat modes: [L, E] int64 on the device, the window summed, each pass by its own map."""
-        return self._mode.logical_count_window()
+        return self._window().logical_count_window()
 
     def physical_count_window(self) -> torch.Tensor:
         """Stat modes: [L, P] int64 on the device, the window summed per slot."""
-        return self._mode.physical_count_window()
+        return self._window().physical_count_window()
 
     @property
     def logical_count_ema(self) -> torch.Tensor | None:
         """[L, E] float32 exponentially decayed per-pass logical counts (None without ``decay``)."""
-        return self._mode.ema if isinstance(self._mode, StatMode) else None
+        window = self._window()
+        return window.ema if isinstance(window, StatMode) else None
 
     def physical_count_passes(self) -> torch.Tensor:
         """Stat modes: [n, L, P] int64 on the device, the window's passes, oldest first."""
-        if not isinstance(self._mode, StatMode):
-            return self._mode.physical_count_window()  # raises: not a stat mode
-        return self._mode.window.physical_rows()
+        window = self._window()
+        if not isinstance(window, StatMode):
+            return window.physical_count_window()  # raises: not a stat mode
+        return window.window.physical_rows()
 
     @property
     def num_passes_in_window(self) -> int:
-        return self._mode.window.num_passes if isinstance(self._mode, StatMode) else len(self._mode.records)
+        window = self._window()
+        return window.window.num_passes if isinstance(window, StatMode) else len(window.records)
 
 
 def _map_only(layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -365,3 +431,4 @@ class NoopRecorder:
         raise ConfigError("the expert distribution recorder is off: set --expert-distribution-recorder-mode to record")
 
     start_record = stop_record = dump_record = logical_count_window = physical_count_window = _off
+    keep_window_for_eplb = _off

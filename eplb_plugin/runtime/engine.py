@@ -49,7 +49,15 @@ from eplb_plugin.runtime.moe import (
     rms_normalize,
 )
 from eplb_plugin.runtime.profiling import profile_pass
-from eplb_plugin.runtime.results import RSS_EVERY_PASSES, as_dict, resident_mb, summarize
+from eplb_plugin.runtime.progress import Progress
+from eplb_plugin.runtime.results import (
+    RSS_EVERY_PASSES,
+    as_dict,
+    outcome,
+    rebalance_line,
+    resident_mb,
+    summarize,
+)
 from eplb_plugin.runtime.supervise import PeerLostError, name_unanswering, stop_reason
 from eplb_plugin.runtime.weights import FFNShape, build_rank_weights, verify_rank_weights
 from eplb_plugin.runtime.workload import shard_tokens
@@ -140,7 +148,7 @@ class RankEngine:
         self.balancedness = np.zeros(n)
         self.step_s = np.zeros(n)
         self.compute_s = np.zeros(n)
-        self.stall_s = np.zeros(n)
+        self.stall_s = np.zeros(n)  # per pass, time outside the MoE step (results' off_step_s_per_pass)
         self.gpu_load = np.zeros((n, model.num_layers, world_size), dtype=np.float32)
         self.rss_mb = np.zeros((n + RSS_EVERY_PASSES - 1) // RSS_EVERY_PASSES)
         for series in (self.balancedness, self.step_s, self.compute_s, self.stall_s, self.gpu_load, self.rss_mb):
@@ -314,12 +322,9 @@ class RankEngine:
 
     def run(self) -> dict[str, Any] | None:
         """Serve every pass of the run; rank 0 returns the results (others None). Collective."""
-        from tqdm import tqdm
-
         spec, n = self.run_spec, self.run_spec.num_passes
         cuda = self.device.type == "cuda"
-        bar = tqdm(total=n, desc=f"{spec.label:>8}", disable=not (self.cfg.progress and self.rank == 0),
-                   dynamic_ncols=True, leave=True)
+        bar = Progress(spec.label, n, enabled=self.cfg.progress and self.rank == 0)  # a bar, or lines in a log
         if self.channel is not None:
             self.channel.set_serving(True, run=spec.label, passes=n, pass_id=0)
         self._seen_history = 0
@@ -366,9 +371,8 @@ class RankEngine:
                     try:
                         self.manager.on_forward_pass_end()
                     except (RebalanceError, TransferError) as exc:  # old placement keeps serving
-                        self.rebalance_failures.append(f"pass {p}: {exc}")
-                        if self.rank == 0:
-                            bar.write(f"[{spec.label}] rebalance failed at pass {p}, serving on: {exc}")
+                        # Logged from its record (_log_rebalances), passes counted from 1 as there.
+                        self.rebalance_failures.append(f"pass {p + 1}: {exc}")
                     if cuda:
                         # A move's last copies may still be queued: they are the stall's, not
                         # the next pass's step time.
@@ -380,11 +384,11 @@ class RankEngine:
                 if p % RSS_EVERY_PASSES == 0:
                     self.rss_mb[p // RSS_EVERY_PASSES] = resident_mb()
                 bar.update(1)
-                if p % PROGRESS_EVERY_PASSES == 0 or p == n - 1:
+                if (p + 1) % PROGRESS_EVERY_PASSES == 0 or p == n - 1:
                     lo = max(0, p + 1 - LIVE_WINDOW_PASSES)
                     bar.set_postfix(bal=f"{self.balancedness[lo:p + 1].mean():.3f}",
                                     step_ms=f"{1e3 * self.step_s[lo:p + 1].mean():.2f}",
-                                    rebal=len(self._history()), refresh=False)
+                                    rebal=self._seen_history, refresh=False)
                 done = p + 1
                 if vec[-1] > 0:  # some rank asked to stop: every rank stops after this pass
                     self.stopped = f"stopped after pass {p} ({self.should_stop() or 'another rank was asked to stop'})"
@@ -446,24 +450,17 @@ class RankEngine:
     def _history(self) -> list[Any]:
         return list(getattr(self.manager, "history", []) or [])
 
-    def _log_rebalances(self, bar: Any, seen: int) -> int:
-        """Log each rebalance once it has finished (moved, skipped or failed); returns the new ``seen``."""
+    def _log_rebalances(self, bar: Any, seen: int, *, run_ended: bool = False) -> int:
+        """Log each rebalance once it has ended (done, skipped or failed), and at the end of the
+        run those still in progress (unfinished); returns the new ``seen``."""
         history = self._history()
         dropped = getattr(self.manager, "history_dropped", 0)  # records before history[0]
         while seen - dropped < len(history):
             r = as_dict(history[seen - dropped])
-            if r.get("end_pass") is None and not r.get("skipped") and not r.get("error"):
+            if outcome(r) == "unfinished" and not run_ended:
                 break  # still planning or moving
             if self.rank == 0:
-                bar.write(
-                    f"[{self.run_spec.label}] rebalance {r.get('index', seen)} ({r.get('trigger', '')}): "
-                    f"passes {r.get('start_pass')}-{r.get('end_pass')}, slots moved {r.get('slots_moved')}, "
-                    f"stall {1e3 * float(r.get('stall_s') or 0):.1f} ms, balancedness "
-                    f"{float(r.get('balancedness_before', float('nan'))):.3f} -> "
-                    f"{float(r.get('balancedness_predicted', float('nan'))):.3f} (predicted)"
-                    + (f", skipped: {r['skipped']}" if r.get("skipped") else "")
-                    + (f", ERROR: {r['error']}" if r.get("error") else "")
-                )
+                bar.write(rebalance_line(self.run_spec.label, r))
             seen += 1
         return seen
 
@@ -472,7 +469,7 @@ class RankEngine:
         if self.manager is not None:
             self.manager.close()
             self.location = getattr(self.manager, "location", self.location)
-            self._log_rebalances(self._bar, self._seen_history)  # those finished in the last pass
+            self._log_rebalances(self._bar, self._seen_history, run_ended=True)  # the last ones, and unfinished
         stall = torch.from_numpy(np.concatenate([self.stall_s, self.rss_mb]))
         check = verify_rank_weights(self.weights, self.location, self.rank, self.shape) if self.cfg.verify_weights else None
         totals = torch.tensor(

@@ -26,11 +26,12 @@ def _rows(runs: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         ("balancedness, last 10% of passes", col(lambda r: f"{np.mean(r['balancedness_per_pass'][-max(1, r['num_passes'] // 10):]):.3f}")),
         ("MoE step time, mean (ms)", col(lambda r: f"{r['moe_step_ms_mean']:.2f}")),
         ("expert compute, slowest rank (ms)", col(lambda r: f"{r['expert_compute_ms_mean']:.2f}")),
-        ("rebalances", col(lambda r: str(r["num_rebalances"]))),
-        ("rebalances failed (old placement kept)", col(lambda r: str(len(r.get("rebalance_failures", []))))),
+        ("rebalances done / skipped / failed / unfinished",
+         col(lambda r: " / ".join(str(r[k]) for k in ("num_rebalances", "num_rebalances_skipped",
+                                                       "num_rebalances_failed", "num_rebalances_unfinished")))),
         ("slots moved", col(lambda r: str(r["slots_moved"]))),
-        ("bytes moved (MiB)", col(lambda r: f"{r['bytes_moved'] / 2**20:.1f}")),
-        ("rebalance stall total / max (ms)", col(lambda r: f"{1e3 * r['stall_s_total']:.0f} / {r['stall_ms_max']:.0f}")),
+        ("bytes moved by rank 0 (MiB)", col(lambda r: f"{r['bytes_moved'] / 2**20:.1f}")),
+        ("rebalance stall, total / max (ms)", col(lambda r: f"{1e3 * r['stall_s_total']:.1f} / {r['stall_ms_max']:.1f}")),
         ("weights verified (slots)", col(lambda r: f"{r['slots_checked'] - r['slots_failed']}/{r['slots_checked']}"
                                            if r["weights_verified"] else "off")),
         ("wall time (s)", col(lambda r: f"{r['wall_s']:.1f}")),
@@ -42,6 +43,8 @@ def text_report(runs: Sequence[dict[str, Any]]) -> str:
 
     "expert compute, slowest rank" is the CPU time of the expert FFNs on the busiest rank
     (thread CPU time, so it does not depend on how many cores the ranks share); on CUDA it is 0.
+    Rebalance rows are the rank-0 manager's records summed (``results.rebalance_totals``):
+    a stall is the serving-thread time of a rebalance, skipped and failed ones included.
     """
     rows = _rows(runs)
     width = max(len(name) for name, _ in rows) + 2

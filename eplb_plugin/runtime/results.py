@@ -1,4 +1,9 @@
-"""A run's results as plain JSON-able values (rank 0), from a finished ``RankEngine``."""
+"""A run's results as plain JSON-able values (rank 0), from a finished ``RankEngine``.
+
+Every rebalance figure (counts, slots and bytes moved, stall) is computed here from the
+manager's rebalance records, the same records its log lines print (``rebalance_line``) and
+its Prometheus metrics export, so the table, the JSON, the log and ``/metrics`` agree.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +22,61 @@ def as_dict(record: Any) -> dict[str, Any]:
     return dict(record) if isinstance(record, dict) else {"record": repr(record)}
 
 
-def summarize(engine: Any, stall_s: np.ndarray, wall_s: float, *, rss_mb: list[float], slots_checked: int,
+def outcome(record: dict[str, Any]) -> str:
+    """"done", "skipped", "failed", or "unfinished" (still planning or moving when the run ended)."""
+    if record.get("error"):
+        return "failed"
+    if record.get("skipped"):
+        return "skipped"
+    return "done" if record.get("end_pass") is not None else "unfinished"
+
+
+OUTCOMES = ("done", "skipped", "failed", "unfinished")
+
+
+def rebalance_line(label: str, r: dict[str, Any]) -> str:
+    """The log line of one rebalance record (printed once it ended, or at the end of the run)."""
+    what = outcome(r)
+    passes = f"passes {r['start_pass']}-{r['end_pass']}" if what != "unfinished" else f"from pass {r['start_pass']}"
+    line = (f"[{label}] rebalance {r['index']} ({r['trigger']}) {what}: {passes}, slots moved {r['slots_moved']}, "
+            f"stall {1e3 * r['stall_s']:.1f} ms, balancedness {r['balancedness_before']:.3f} -> "
+            f"{r['balancedness_predicted']:.3f} (predicted)")
+    if what == "skipped":
+        line += f": {r['skipped']}"
+    elif what == "failed":
+        line += f": {r['error']}"
+    elif what == "unfinished":
+        line += ": the run ended before its new placement went live"
+    return line
+
+
+def rebalance_totals(rebalances: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run totals from the records: how many ended each way, and the slots, bytes (this rank's)
+    and stall of every record (a skipped or failed rebalance paused serving too)."""
+    outcomes = [outcome(r) for r in rebalances]
+    stalls = [float(r["stall_s"]) for r in rebalances]
+    return {
+        "num_rebalances": outcomes.count("done"),
+        **{f"num_rebalances_{o}": outcomes.count(o) for o in OUTCOMES[1:]},
+        "slots_moved": int(sum(r["slots_moved"] for r in rebalances)),
+        "bytes_moved": int(sum(r["bytes_moved"] for r in rebalances)),
+        "stall_s_total": float(sum(stalls)),
+        "stall_ms_max": 1e3 * max(stalls, default=0.0),
+    }
+
+
+def summarize(engine: Any, off_step_s: np.ndarray, wall_s: float, *, rss_mb: list[float], slots_checked: int,
               slots_failed: int, verified: bool) -> dict[str, Any]:
-    """The run's results as plain JSON-able values (rank 0)."""
+    """The run's results as plain JSON-able values (rank 0).
+
+    off_step_s: [passes] seconds each pass spent outside the MoE step (the manager's work,
+    graph captures), max over ranks. Rebalance figures come from the records alone.
+    """
     n = engine.run_spec.num_passes
     warmup = min(5, n // 10)  # the first passes pay one-time costs (connections, allocator)
     window = max(1, n // 10)
     rebalances = [as_dict(r) for r in engine._history()]
-    done = [r for r in rebalances if not r.get("skipped") and not r.get("error")]
+    metrics = getattr(engine, "metrics", None)
     return {
         "label": engine.run_spec.label,
         "workload": dataclasses.asdict(engine.run_spec.workload),
@@ -37,23 +89,20 @@ def summarize(engine: Any, stall_s: np.ndarray, wall_s: float, *, rss_mb: list[f
         "balancedness_per_pass": engine.balancedness.round(5).tolist(),
         "moe_step_s_per_pass": engine.step_s.round(7).tolist(),
         "expert_compute_s_per_pass": engine.compute_s.round(7).tolist(),
-        "stall_s_per_pass": stall_s.round(7).tolist(),
+        "off_step_s_per_pass": off_step_s.round(7).tolist(),
         "exchange": engine.exchange,  # "gather" or "alltoall": the one the passes ran
         "cuda_graph": engine._graph_wanted,
         "graph_captures": engine.graph_captures,  # capture attempts (1: captured once, kept across rebalances)
         "balancedness_mean": float(engine.balancedness[warmup:].mean()),
         "moe_step_ms_mean": float(1e3 * engine.step_s[warmup:].mean()),
         "expert_compute_ms_mean": float(1e3 * engine.compute_s[warmup:].mean()),
-        "stall_s_total": float(stall_s.sum()),
-        "stall_ms_max": float(1e3 * stall_s.max()),
         "wall_s": wall_s,
         "gpu_load_share_first": _share(engine.gpu_load[:window]),
         "gpu_load_share_last": _share(engine.gpu_load[-window:]),
         "rebalances": rebalances,
-        "num_rebalances": len(done),
-        "slots_moved": int(sum(int(r.get("slots_moved") or 0) for r in done)),
-        "bytes_moved": int(sum(int(r.get("bytes_moved") or 0) for r in done)),
+        **rebalance_totals(rebalances),
         "rebalance_failures": engine.rebalance_failures,
+        "metrics_at_end": metrics.render().decode() if metrics is not None else None,  # /metrics' text
         "rss_mb_every_passes": RSS_EVERY_PASSES,
         "rss_mb_max_over_ranks": [round(x, 2) for x in rss_mb],
         "weights_verified": verified,
