@@ -126,6 +126,18 @@ class _PlanAttempt:
     done: bool = False
 
 
+MAX_PLAN_PASSES = 128  # per-pass policies see at most this many rows (consecutive passes summed)
+
+
+def plan_passes(rows: torch.Tensor) -> torch.Tensor:
+    """[n, L, E] per-pass counts -> at most MAX_PLAN_PASSES rows, consecutive passes summed
+    into equal buckets (bounds what every rank all-reduces and the planner reads)."""
+    if rows.shape[0] <= MAX_PLAN_PASSES:
+        return rows
+    bucket = torch.arange(rows.shape[0]) * MAX_PLAN_PASSES // rows.shape[0]
+    return torch.zeros(MAX_PLAN_PASSES, *rows.shape[1:], dtype=rows.dtype).index_add_(0, bucket, rows)
+
+
 def _default_planner(counts: torch.Tensor, **kwargs: Any) -> Any:
     from eplb_plugin.algorithms import plan
 
@@ -205,9 +217,10 @@ class EPLBManager:
         # stall serving at the first rebalance.
         import scipy.optimize  # noqa: F401  (imported lazily by the migration-aware policies)
 
-        from eplb_plugin.algorithms import algorithm_for_dispatch
+        from eplb_plugin.algorithms import PER_PASS_POLICIES, algorithm_for_dispatch
 
         self._algorithm = algorithm_for_dispatch(args.eplb_algorithm, args.ep_dispatch_algorithm)
+        self._per_pass_plan = self._algorithm in PER_PASS_POLICIES  # plans from [B, L, E] window rows
         self._planner_process = None
         if planner is None and args.eplb_plan_in_process and self.rank == 0:
             from eplb_plugin.planner_process import PlannerProcess
@@ -241,6 +254,7 @@ class EPLBManager:
         self._budget_bytes = int(args.eplb_transfer_budget_mb * MIB)
         self._gpus_per_node = args.num_gpus_per_node if args.nnodes > 1 else None
         self._counts = torch.zeros(0)
+        self._plan_counts = torch.zeros(0)
         self._live_maps: dict[int, torch.Tensor] = {}
         self._old_rows: dict[int, torch.Tensor] = {}
         self._async_mover = None
@@ -359,7 +373,10 @@ class EPLBManager:
         self._last_rebalance_pass = self.num_passes
         self._last_rebalance_time = self.clock()
         self._started = time.perf_counter()
-        logical = self.recorder.logical_count_window().to("cpu", torch.float64)
+        if self._per_pass_plan:  # [B, L, E]: the window's passes, in buckets
+            logical = plan_passes(self.recorder.logical_count_passes().to("cpu", torch.float64))
+        else:
+            logical = self.recorder.logical_count_window().to("cpu", torch.float64)
         physical = self.recorder.physical_count_window().to("cpu", torch.float64)
         # Sum the window over ranks: every rank then plans from (and checks) the same counts.
         summed = all_reduce_host(torch.cat([logical.flatten(), physical.flatten()]), self.group)
@@ -374,7 +391,8 @@ class EPLBManager:
             return self._skip(record, why)
         record.layers = list(range(self.location.num_layers)) if layers is None else layers
         self._record = record
-        self._counts = logical
+        self._plan_counts = logical  # what the planner reads: [L, E], or [B, L, E] for per-pass policies
+        self._counts = logical.sum(0) if logical.dim() == 3 else logical  # [L, E]
         self._state = "planning"
         # A fresh box per attempt: a planner that timed out and finishes late writes into its
         # own attempt, never into a later one.
@@ -395,7 +413,7 @@ class EPLBManager:
     def _plan_in_background(self, attempt: _PlanAttempt) -> None:
         try:
             attempt.result = self.planner(
-                self._counts,
+                self._plan_counts,
                 num_physical_experts=self.location.num_physical_experts,
                 num_gpus=self.location.ep_size,
                 num_nodes=self.args.nnodes,

@@ -369,6 +369,28 @@ def case_a_users_stop_dump_or_start_never_empties_the_window_eplb_plans_on(rank,
     assert host.recorder.num_passes_in_window == held == 10
 
 
+def case_a_per_pass_policy_plans_from_the_windows_passes_summed_over_ranks(rank, group):
+    """deepseek_vec gets the window's passes [B, L, E] (each summed over ranks), not their sum."""
+    seen = []
+
+    def recording_planner(counts, **kwargs):
+        from eplb_plugin.algorithms import plan
+
+        seen.append(counts.clone())
+        return plan(counts, **kwargs)
+
+    host = Host(rank, group, _args(eplb_algorithm="deepseek_vec"), planner=recording_planner)
+    finished = lambda m: any(r.end_pass is not None for r in m.history)  # noqa: E731
+    assert host.serve(200, until=finished) == []
+    assert all(r.error is None for r in host.manager.history), host.manager.history
+    if rank == 0:  # only rank 0 plans
+        counts = seen[0]
+        assert counts.shape == (10, NUM_LAYERS, NUM_EXPERTS), counts.shape
+        per_rank = 2 * TOKENS * TOP_K  # both ranks' tokens in every pass
+        assert counts.sum(dim=(1, 2)).tolist() == [per_rank * NUM_LAYERS] * 10
+    assert weights_match(host.weights, host.manager.location, rank)
+
+
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
 
 

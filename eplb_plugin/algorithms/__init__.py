@@ -25,6 +25,7 @@ from ..errors import ConfigError, CountsError, PlacementError
 from ..location import compute_logical_to_physical_map, replica_count
 from .balanced import plan_balanced, replica_weights
 from .deepseek import deepseek
+from .deepseek_vec import deepseek_vec
 from .migrate import plan_migration_aware
 from .nodes import cross_node_share, plan_node_aware
 from .split import equal_slot_loads, gpu_sum
@@ -55,15 +56,16 @@ class Placement:
         return replica_count(self.physical_to_logical_map, num_logical)
 
 
-# Step functions: (weight [L, E] float64, P, G, nodes, groups, previous map | None) -> (map, weights | None)
+# Step functions: (weight [L, E] float64, P, G, nodes, groups, previous map | None, per_pass
+# [B, L, E] | None) -> (map, weights | None)
 PolicyFn = Callable[..., "tuple[np.ndarray, np.ndarray | None]"]
 
 
-def _deepseek(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous):
+def _deepseek(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
     return deepseek(weight, num_physical, num_gpus=num_gpus), None
 
 
-def _deepseek_hierarchical(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous):
+def _deepseek_hierarchical(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
     phy2log = deepseek(
         weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, hierarchical=True
     )
@@ -85,18 +87,22 @@ def _fresh(weight, num_physical, *, num_gpus, num_nodes, num_groups, with_weight
     return phy2log, weights
 
 
-def _ours(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous):
+def _ours(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
     if previous is not None:
         return plan_migration_aware(weight, previous, num_gpus=num_gpus)
     return _fresh(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
                   with_weights=True)
 
 
-def _ours_equal(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous):
+def _ours_equal(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
     if previous is not None:
         return plan_migration_aware(weight, previous, num_gpus=num_gpus)[0], None
     return _fresh(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
                   with_weights=False)
+
+
+def _deepseek_vec(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
+    return deepseek_vec(weight[None] if per_pass is None else per_pass, num_physical, num_gpus=num_gpus), None
 
 
 ALGORITHMS: dict[str, PolicyFn] = {
@@ -104,7 +110,10 @@ ALGORITHMS: dict[str, PolicyFn] = {
     "eplb_plugin_equal": _ours_equal,
     "deepseek": _deepseek,
     "deepseek_hierarchical": _deepseek_hierarchical,
+    "deepseek_vec": _deepseek_vec,
 }
+# Policies that plan from the window's per-pass counts [B, L, E] (the others from their sum).
+PER_PASS_POLICIES = frozenset({"deepseek_vec"})
 DEFAULT_ALGORITHM = "eplb_plugin"
 # Policies whose map is designed for replica weights, and their equal-split counterpart (used
 # where weights cannot be passed on, e.g. SGLang's rebalance_experts).
@@ -135,19 +144,16 @@ def _algorithm_name(algorithm) -> str:
         raise ConfigError(f"algorithm={algorithm!r} must be a name; known: auto, {', '.join(ALGORITHMS)}")
     if name == "auto":
         return DEFAULT_ALGORITHM
-    if name == "deepseek_vec":
-        return "deepseek"
     if name not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {name!r}; known: auto, {', '.join(ALGORITHMS)}")
     return name
 
 
 def _validate_counts(logical_count) -> np.ndarray:
+    """[L, E] or [B, L, E] finite, non-negative counts as float64 (shape kept)."""
     counts = logical_count.detach().cpu().double().numpy() if isinstance(logical_count, torch.Tensor) \
         else np.asarray(logical_count, dtype=np.float64)
-    if counts.ndim == 3:
-        counts = counts.sum(0)
-    if counts.ndim != 2 or counts.shape[0] == 0 or counts.shape[1] == 0:
+    if counts.ndim not in (2, 3) or 0 in counts.shape:
         raise CountsError(f"logical_count has shape {tuple(counts.shape)}; expected [L, E] or [B, L, E]")
     if not np.isfinite(counts).all():
         raise CountsError("logical_count holds NaN or infinite entries; pass finite token counts")
@@ -187,13 +193,15 @@ def plan(
 ) -> Placement:
     """Plan a placement.
 
-    logical_count: [L, E] or [B, L, E] tokens per logical expert (summed over B), >= 0.
+    logical_count: [L, E] or [B, L, E] tokens per logical expert, >= 0: per-pass policies
+        (``PER_PASS_POLICIES``) plan from the B passes, the others from their sum.
     previous: an earlier Placement or [L, P] map; migration-aware policies keep slots where
         moving buys little, and ``slots_moved`` is reported against it.
     Raises CountsError / ConfigError / PlacementError for bad input.
     """
     name = _algorithm_name(algorithm)
-    counts = _validate_counts(logical_count)
+    per_pass = _validate_counts(logical_count)
+    counts = per_pass.sum(0) if per_pass.ndim == 3 else per_pass
     num_layers, num_logical = counts.shape
     _validate_shape(num_logical, num_physical_experts, num_gpus, num_nodes, num_groups)
     prev = _previous_map(previous, (num_layers, num_physical_experts))
@@ -201,7 +209,8 @@ def plan(
         raise PlacementError(f"previous map holds experts outside 0..{num_logical - 1}")
     start = time.perf_counter()
     phy2log, weights = ALGORITHMS[name](
-        counts, num_physical_experts, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, previous=prev
+        counts, num_physical_experts, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, previous=prev,
+        per_pass=per_pass if per_pass.ndim == 3 else None,
     )
     elapsed = time.perf_counter() - start
     moved = None if prev is None else int((phy2log != prev).sum())
@@ -236,4 +245,4 @@ def rebalance_experts(
     return phy2log, compute_logical_to_physical_map(phy2log, num_logical), placement.replica_count(num_logical)
 
 
-__all__ = ["ALGORITHMS", "Placement", "algorithm_for_dispatch", "plan", "rebalance_experts"]
+__all__ = ["ALGORITHMS", "PER_PASS_POLICIES", "Placement", "algorithm_for_dispatch", "plan", "rebalance_experts"]

@@ -29,7 +29,7 @@ def check_algorithm(eplb_algorithm: str, ep_dispatch_algorithm: str | None) -> s
     try:
         return algorithm_for_dispatch(eplb_algorithm, ep_dispatch_algorithm)
     except ConfigError as exc:
-        known = ", ".join(("auto", "deepseek_vec", *ALGORITHMS))
+        known = ", ".join(("auto", *ALGORITHMS))
         raise ConfigError(
             f"--eplb-algorithm {eplb_algorithm!r} is not a policy the eplb_plugin manager plans with "
             f"(it replaces SGLang's EPLBManager); use one of: {known}, or turn the plugin off "

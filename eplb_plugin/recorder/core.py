@@ -357,6 +357,13 @@ class ExpertDistributionRecorder:
         """Stat modes: [L, E] int64 on the device, the window summed, each pass by its own map."""
         return self._window().logical_count_window()
 
+    def logical_count_passes(self) -> torch.Tensor:
+        """Stat modes: [n, L, E] on the device, the window's passes (oldest first), each by its own map."""
+        window = self._window()
+        if not isinstance(window, StatMode):
+            return window.logical_count_window()  # raises: not a stat mode
+        return window.logical_count_passes()
+
     def physical_count_window(self) -> torch.Tensor:
         """Stat modes: [L, P] int64 on the device, the window summed per slot."""
         return self._window().physical_count_window()

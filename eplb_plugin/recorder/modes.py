@@ -82,6 +82,9 @@ class StatMode:
     def physical_count_window(self) -> torch.Tensor:
         return self.window.physical_sum()
 
+    def logical_count_passes(self) -> torch.Tensor:
+        return self.window.logical_rows(self._rec.maps_by_epoch, self._rec.num_logical_experts)
+
     def dump(self, output_mode: str, name: str | None) -> Any:
         rec = self._rec
         logical = self.window.logical_rows(rec.maps_by_epoch, rec.num_logical_experts)

@@ -1,0 +1,133 @@
+"""Realized per-pass balance of planner x dispatch on drifting real traffic (CPU replay).
+
+ESFT intent then law (``../shared/traces`` or ``$EPLB_TRACES_DIR``), cut into passes of
+``--pass-tokens`` tokens, each pass's tokens sharded over the EP ranks as the runtime does.
+Every ``--every`` passes the planner re-plans on the last ``--every`` passes (with the
+current placement as ``previous``); every pass after the first plan is scored on its own:
+
+- ``static``: each rank's static table (``dispatch.compute_static_dispatch_table``), exact;
+- ``minmax``: the per-pass split on the whole pass's counts (``--ep-dispatch-counts global``);
+- ``minmax_local``: each rank splits its own tokens (``--ep-dispatch-counts local``).
+
+References: the clairvoyant plan (made on the next ``--every`` passes) and the same-pass
+plan (made on the pass it serves), both with the project's equal-split policy. Slots moved
+per rebalance are counted against the previous placement (the first plan, from the trivial
+placement, excluded). Exits cleanly where the traces are absent.
+
+    python benchmarks/bench_per_pass_balance.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _traces import ESFT_TRACES, esft_topk_ids, traces_dir  # benchmarks/_traces.py
+from bench_realized_balance import NUM_LOGICAL, rank_counts
+
+from eplb_plugin.algorithms import plan
+from eplb_plugin.algorithms.evaluate import minmax_gpu_loads
+from eplb_plugin.balance import gpu_loads, layer_balancedness
+from eplb_plugin.dispatch import compute_static_dispatch_table
+from eplb_plugin.location import ExpertLocation
+
+PLANNERS = ("eplb_plugin_equal", "deepseek", "deepseek_vec")
+
+
+def static_gpu_loads(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """[L, G] loads of one pass under every rank's static table. per_rank: [R, L, E]."""
+    loc = ExpertLocation.from_physical_to_logical_map(torch.from_numpy(phy2log), num_logical_experts=NUM_LOGICAL,
+                                                      ep_size=num_gpus)
+    num_layers, num_slots = phy2log.shape
+    slot = np.zeros((num_layers, num_slots))
+    for r in range(per_rank.shape[0]):
+        table = compute_static_dispatch_table(loc, rank=r).numpy()  # [L, E]
+        for layer in range(num_layers):
+            np.add.at(slot[layer], table[layer], per_rank[r, layer])
+    return gpu_loads(torch.from_numpy(slot), num_gpus).numpy()
+
+
+def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> dict[str, float]:
+    """Balancedness of one pass under each dispatch. per_rank: [R, L, E] counts."""
+    loads = {
+        "static": static_gpu_loads(per_rank, phy2log, num_gpus),
+        "minmax": minmax_gpu_loads(per_rank.sum(0)[None], phy2log, num_gpus=num_gpus)[0],
+        "minmax_local": minmax_gpu_loads(per_rank, phy2log, num_gpus=num_gpus).sum(0),
+    }
+    return {name: float(layer_balancedness(torch.from_numpy(v)).mean()) for name, v in loads.items()}
+
+
+def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: int, planner: str,
+           source: str = "past") -> dict:
+    """source: "past" (the last ``every`` passes), "next" (clairvoyant) or "same" (each pass)."""
+    num_layers = counts[0].shape[1]
+    phy2log = np.broadcast_to(np.arange(num_slots) % NUM_LOGICAL, (num_layers, num_slots)).copy()
+    scores: dict[str, list[float]] = {}
+    moved, solver = [], []
+    for p in range(every, len(counts)):
+        due = source == "same" or p % every == 0
+        if due:
+            rows = {"past": range(p - every, p), "next": range(p, min(p + every, len(counts))), "same": [p]}[source]
+            window = np.stack([counts[q].sum(0) for q in rows])  # [B, L, E] whole-pass counts
+            start = time.perf_counter()
+            new = plan(window, num_physical_experts=num_slots, num_gpus=num_gpus, algorithm=planner,
+                       previous=phy2log).physical_to_logical_map.numpy()
+            solver.append(time.perf_counter() - start)
+            if p > every:
+                moved.append(float((new != phy2log).mean()))
+            phy2log = new
+        for name, value in score(counts[p], phy2log, num_gpus).items():
+            scores.setdefault(name, []).append(value)
+    return {"balancedness_per_pass_mean": {k: float(np.mean(v)) for k, v in scores.items()},
+            "slots_moved_share_mean": float(np.mean(moved)) if moved else 0.0,
+            "solver_ms_mean": 1e3 * float(np.mean(solver))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pass-tokens", type=int, default=256)
+    ap.add_argument("--every", type=int, default=8)
+    ap.add_argument("--setups", default="8:72,16:80", help="EP size:slots pairs")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    ns = ap.parse_args(argv)
+    if not all((traces_dir() / name).exists() for name in ESFT_TRACES):
+        print(f"skipped: the ESFT traces are not in {traces_dir()}")
+        return 0
+    t0 = time.perf_counter()
+    ids = esft_topk_ids()
+    num_passes = ids.shape[0] // ns.pass_tokens
+    results: dict = {}
+    for setup in ns.setups.split(","):
+        num_gpus, num_slots = map(int, setup.split(":"))
+        counts = [rank_counts(ids, p, ns.pass_tokens, num_gpus) for p in range(num_passes)]
+        runs = {planner: replay(counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner=planner)
+                for planner in PLANNERS}
+        runs["clairvoyant (eplb_plugin_equal on the next passes)"] = replay(
+            counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_equal", source="next")
+        runs["same pass (eplb_plugin_equal on the pass served)"] = replay(
+            counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_equal", source="same")
+        results[f"EP{num_gpus}_{num_slots}slots"] = runs
+        for name, r in runs.items():
+            bal = r["balancedness_per_pass_mean"]
+            print(f"EP{num_gpus:<3}{num_slots:>4} slots  {name:>52}: static {bal['static']:.4f}  "
+                  f"minmax {bal['minmax']:.4f}  minmax_local {bal['minmax_local']:.4f}  "
+                  f"moved {100 * r['slots_moved_share_mean']:5.1f}%  solver {r['solver_ms_mean']:.1f} ms")
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "per_pass_balance_esft_cpu.json"
+    path.write_text(json.dumps({
+        "benchmark": "per_pass_balance", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "traces": list(ESFT_TRACES), "pass_tokens": ns.pass_tokens, "every": ns.every,
+        "scored": "every pass after the first plan", "results": results, "wall_s": time.perf_counter() - t0,
+    }, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
