@@ -36,7 +36,7 @@ from eplb_plugin.balance import gpu_loads, layer_balancedness
 from eplb_plugin.dispatch import compute_static_dispatch_table
 from eplb_plugin.location import ExpertLocation
 
-PLANNERS = ("eplb_plugin_equal", "deepseek", "deepseek_vec")
+PLANNERS = ("eplb_plugin_equal", "eplb_plugin_perpass", "deepseek", "deepseek_vec")
 
 
 def static_gpu_loads(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from .deepseek import deepseek
 from .deepseek_vec import deepseek_vec
 from .migrate import plan_migration_aware
 from .nodes import cross_node_share, plan_node_aware
+from .perpass import refine_for_minmax
 from .split import equal_slot_loads, gpu_sum
 
 
@@ -105,15 +106,23 @@ def _deepseek_vec(weight, num_physical, *, num_gpus, num_nodes, num_groups, prev
     return deepseek_vec(weight[None] if per_pass is None else per_pass, num_physical, num_gpus=num_gpus), None
 
 
+def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
+    start, _ = _ours_equal(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
+                           previous=previous)
+    return refine_for_minmax(start, weight[None] if per_pass is None else per_pass, num_gpus=num_gpus,
+                             num_nodes=num_nodes), None
+
+
 ALGORITHMS: dict[str, PolicyFn] = {
     "eplb_plugin": _ours,
     "eplb_plugin_equal": _ours_equal,
+    "eplb_plugin_perpass": _ours_perpass,
     "deepseek": _deepseek,
     "deepseek_hierarchical": _deepseek_hierarchical,
     "deepseek_vec": _deepseek_vec,
 }
 # Policies that plan from the window's per-pass counts [B, L, E] (the others from their sum).
-PER_PASS_POLICIES = frozenset({"deepseek_vec"})
+PER_PASS_POLICIES = frozenset({"deepseek_vec", "eplb_plugin_perpass"})
 DEFAULT_ALGORITHM = "eplb_plugin"
 # Policies whose map is designed for replica weights, and their equal-split counterpart (used
 # where weights cannot be passed on, e.g. SGLang's rebalance_experts).

@@ -1,0 +1,93 @@
+"""The project's per-pass policy (``eplb_plugin_perpass``): a placement for ``minmax`` dispatch,
+planned on the window's passes rather than their sum.
+
+Under ``minmax`` each pass's tokens of a replicated expert are split so that the pass's
+largest GPU load is (near) minimal, so what matters is not only each GPU's mean load but
+which GPUs can hand load to which, pass by pass. Starting from the equal-split plan of the
+window's sum (migration-aware when a previous placement is given):
+
+1. Each round, every layer draws ``candidates`` changes: a swap of two slots on different
+   GPUs (within one node when there are several), or a slot of an expert with spare replicas
+   given to an expert drawn by its window load.
+2. Every candidate is scored on the window's passes with ``minmax``'s own split
+   (``kernels/minmax.py``): the mean over passes of the per-pass balancedness.
+3. Each layer keeps its best candidate when it beats the current map.
+
+It buys per-pass balance with moves: on the ESFT replay (EP8 / 72 and EP16 / 80 slots) it
+changes about a third of the slots per rebalance, where the equal-split plan changes a tenth
+(``benchmarks/bench_per_pass_balance.py``). A move budget is not applied yet.
+
+Pure torch on CPU, vectorized over layers and candidates; seeded, so a plan is repeatable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..kernels.minmax import build_minmax_tables, minmax_gpu_shares
+
+PERPASS_ROUNDS = 20
+PERPASS_CANDIDATES = 16  # changes tried per layer per round
+PERPASS_MAX_PASSES = 16  # window passes scored (more are summed into this many buckets)
+PERPASS_SCORE_ITERATIONS = 10  # diffusion steps when scoring (ranking candidates needs fewer)
+PERPASS_SEED = 0
+
+
+def mean_pass_balancedness(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
+    """maps: [N, P] int64; counts: [N, W, E] float32 (W passes per map). Returns [N]: the mean
+    over the W passes of mean/max GPU load under ``minmax`` dispatch."""
+    num_maps, num_passes, num_logical = counts.shape
+    rows = maps.repeat_interleave(num_passes, 0)
+    tables = build_minmax_tables(rows, num_logical, num_gpus=num_gpus)
+    _, gpu = minmax_gpu_shares(counts.reshape(num_maps * num_passes, num_logical), tables.multi_experts,
+                               tables.multi_gpus, tables.single_slots, iterations=PERPASS_SCORE_ITERATIONS)
+    return (gpu.mean(-1) / gpu.amax(-1).clamp_min(1e-9)).view(num_maps, num_passes).mean(1)
+
+
+def _buckets(per_pass: np.ndarray) -> torch.Tensor:
+    """[B, L, E] -> [L, W, E] float32 with W <= PERPASS_MAX_PASSES (consecutive passes summed)."""
+    rows = torch.from_numpy(np.ascontiguousarray(per_pass, dtype=np.float32))
+    if rows.shape[0] > PERPASS_MAX_PASSES:
+        bucket = torch.arange(rows.shape[0]) * PERPASS_MAX_PASSES // rows.shape[0]
+        rows = torch.zeros(PERPASS_MAX_PASSES, *rows.shape[1:]).index_add_(0, bucket, rows)
+    return rows.permute(1, 0, 2).contiguous()
+
+
+def refine_for_minmax(
+    start: np.ndarray, per_pass: np.ndarray, *, num_gpus: int, num_nodes: int = 1, rounds: int = PERPASS_ROUNDS, candidates: int = PERPASS_CANDIDATES, seed: int = PERPASS_SEED,
+) -> np.ndarray:
+    """start: [L, P] int map to refine (rank-major; with nodes, node-major too); per_pass:
+    [B, L, E] window counts. Returns [L, P] int64; no layer scores worse than in ``start``."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = _buckets(per_pass)  # [L, W, E]
+    current = torch.from_numpy(np.ascontiguousarray(start, dtype=np.int64))
+    num_layers, num_slots = current.shape
+    num_logical = counts.shape[2]
+    slots_per_node = num_slots // num_nodes
+    best = mean_pass_balancedness(current, counts, num_gpus=num_gpus)
+    layer_idx = torch.arange(num_layers)[:, None].expand(num_layers, candidates)
+    cand_idx = torch.arange(candidates)[None].expand(num_layers, candidates)
+    popularity = counts.sum(1) + 1e-3  # [L, E]
+    for _ in range(rounds):
+        # Step 1: candidate changes, drawn per layer.
+        cand = current.unsqueeze(1).repeat(1, candidates, 1)  # [L, K, P]
+        i = torch.randint(0, num_slots, (num_layers, candidates), generator=gen)
+        j = (i // slots_per_node) * slots_per_node + torch.randint(0, slots_per_node, i.shape, generator=gen)
+        swap = torch.rand(i.shape, generator=gen) < 0.5
+        at_i, at_j = cand[layer_idx, cand_idx, i], cand[layer_idx, cand_idx, j]
+        cand[layer_idx[swap], cand_idx[swap], i[swap]] = at_j[swap]
+        cand[layer_idx[swap], cand_idx[swap], j[swap]] = at_i[swap]
+        replicas = torch.zeros(num_layers, num_logical).scatter_add_(1, current, torch.ones(num_layers, num_slots))
+        spare = ~swap & (replicas.gather(1, at_i) >= 2)  # the expert keeps a replica elsewhere
+        drawn = torch.multinomial(popularity, candidates, replacement=True, generator=gen)
+        cand[layer_idx[spare], cand_idx[spare], i[spare]] = drawn[spare]
+        # Step 2: score every candidate on the window's passes.
+        score = mean_pass_balancedness(cand.view(-1, num_slots), counts.repeat_interleave(candidates, 0),
+                                       num_gpus=num_gpus).view(num_layers, candidates)
+        # Step 3: keep each layer's best candidate where it improves.
+        top, arg = score.max(1)
+        better = top > best + 1e-6
+        current[better] = cand[torch.arange(num_layers)[better], arg[better]]
+        best = torch.where(better, top, best)
+    return current.numpy()
