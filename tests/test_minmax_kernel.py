@@ -33,7 +33,7 @@ def _case(seed: int, num_experts: int, num_slots: int, ep: int, tokens: int, top
 @pytest.mark.parametrize("seed, num_experts, num_slots, ep, tokens, top_k",
                          [(0, 16, 20, 4, 37, 4), (1, 64, 72, 8, 333, 6), (2, 8, 16, 2, 5, 2),
                           (3, 256, 288, 8, 97, 8),  # DeepSeek-V3's experts and slots
-                          (6, 16, 20, 4, 1500, 4)])  # more tiles than PREFIX_TILES: prefix sums by a scan
+                          (6, 16, 20, 4, 1500, 4)])  # many tiles, several per program
 def test_kernel_dispatches_like_the_torch_path(seed, num_experts, num_slots, ep, tokens, top_k):
     """Every pair goes to a replica of its own expert (padding stays -1); per-slot loads
     match the torch path's within one pair (float sums in another order may move a pair on

@@ -33,20 +33,19 @@ if TYPE_CHECKING:
 MAX_TILE = 256  # pairs ranked together by one sort
 MIN_TILE = 32
 TILE_ELEMENTS = 2048  # elements of the [tile, G] per-pair tables of one step
-PREFIX_TILES = 16  # more tiles than this: prefix sums by one scan, not a loop in every program
-NUM_WARPS = 4  # H100, 512 and 16,384 tokens: 4 warps 22.5 / 148 us a layer, 2 warps 37 / 178, 1 warp 80 / 363
+NUM_WARPS = 8  # H100, 512 tokens: 8 warps 17.8 us a layer, 4 warps 22.2, 2 warps 37.3, 1 warp 80
 
 
 def minmax_dispatch_triton(
     topk_ids: torch.Tensor, *, layer: int, dispatcher: ExpertDispatcher, counts_out: torch.Tensor | None = None,
-    num_warps: int = NUM_WARPS, iterations: int = MINMAX_ITERATIONS, prefix_tiles: int = PREFIX_TILES,
+    num_warps: int = NUM_WARPS, iterations: int = MINMAX_ITERATIONS,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     Returns [T, k] int64 physical slots (-1 kept). counts_out: optional [L, P] int32
     recorder buffer; this call's slots are added to its row ``layer``. Collective over
     ``dispatcher.count_group`` when it has several ranks (one all-gather of [E] counts).
-    num_warps / iterations / prefix_tiles: launch and split settings (the benchmark varies
-    them; the defaults are the measured best)."""
+    num_warps / iterations: launch and split settings (the benchmark varies them; the
+    defaults are the measured best)."""
     from eplb_plugin.kernels import triton_kernels_minmax as k
 
     check_ids("topk_ids", topk_ids)
@@ -64,14 +63,10 @@ def minmax_dispatch_triton(
     nb = _next_pow2(num_experts + 1)  # one bin past the experts for padding
     hist = torch.empty(num_tiles * nb, dtype=torch.int32, device=flat.device)
     k.minmax_histogram_kernel[(num_tiles,)](flat, hist, num_ids, num_experts, TILE=tile, NB=nb)
-    prefix = num_tiles > prefix_tiles
-    if prefix:  # [num_tiles + 1, nb]: pairs before each tile, then all (one scan instead of each program's loop)
-        hist = torch.cat([torch.zeros_like(hist[:nb]), hist]).view(num_tiles + 1, nb).cumsum(0, dtype=torch.int32)
     glob = dispatcher.count_world > 1
     totals = hist
     if glob:
-        per_tile = hist.view(-1, nb)
-        local = (per_tile[-1] if prefix else per_tile.sum(0, dtype=torch.int32))[:num_experts].long()
+        local = hist.view(num_tiles, nb).sum(0, dtype=torch.int32)[:num_experts].long()
         total, offset = dispatcher.pass_counts(local)
         totals = torch.cat([total, offset]).to(torch.int32)
     iters = -(-num_tiles // MAX_PROGRAMS)
@@ -84,7 +79,7 @@ def minmax_dispatch_triton(
         tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer],
         tables.multi_row[layer], tables.slot_on_gpu[layer],
         num_ids, num_tiles, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots, MINMAX_MOMENTUM,
-        PREFIX=prefix, GLOBAL=glob, COUNT=counts_out is not None, ITERATIONS=iterations, TILE=tile, NB=nb,
+        GLOBAL=glob, COUNT=counts_out is not None, ITERATIONS=iterations, TILE=tile, NB=nb,
         BM=_next_pow2(num_multi), BG=bg, BS=_next_pow2(slots_per_gpu), NPB=_next_pow2(num_slots + 1), num_warps=num_warps,
     )
     return out.view(topk_ids.shape)

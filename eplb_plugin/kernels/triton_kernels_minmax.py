@@ -27,8 +27,7 @@ def minmax_histogram_kernel(
 @triton.jit
 def minmax_assign_kernel(
     ids_ptr,  # [num_ids] logical ids (as above)
-    hist_ptr,  # [num_tiles, NB] int32 from minmax_histogram_kernel; PREFIX: [num_tiles + 1, NB] its
-    #            exclusive prefix sums over tiles (row t: pairs before tile t; last row: all)
+    hist_ptr,  # [num_tiles, NB] int32 from minmax_histogram_kernel
     totals_ptr,  # GLOBAL only: [2 * num_experts] int32, the pass's tokens per expert, then this rank's offsets
     out_ptr,  # [num_ids] int64 output: the physical slot of each pair (-1 for padding)
     counts_ptr,  # COUNT only: [L, P] int32 recorder counts
@@ -40,7 +39,7 @@ def minmax_assign_kernel(
     slot_on_gpu_ptr,  # [E, G] int64, the expert's first slot on each GPU (-1: none)
     num_ids, num_tiles, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots,
     momentum,
-    PREFIX: tl.constexpr, GLOBAL: tl.constexpr, COUNT: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr,
+    GLOBAL: tl.constexpr, COUNT: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr,
     NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr,
 ):
     """Every program: the split of the whole pass (the same in all programs), then the slots
@@ -50,16 +49,12 @@ def minmax_assign_kernel(
     bins = tl.arange(0, NB)
     is_expert = bins < num_experts
     # Step 1: the pass's tokens per expert, and the tokens before this program's first tile.
-    if PREFIX:  # many tiles: two rows of the prefix sums
-        total = tl.load(hist_ptr + num_tiles * NB + bins)
-        before = tl.load(hist_ptr + first * NB + bins)
-    else:  # few tiles: sum them here (no extra launch)
-        total = tl.zeros([NB], dtype=tl.int32)
-        before = tl.zeros([NB], dtype=tl.int32)
-        for t in range(0, num_tiles):
-            h = tl.load(hist_ptr + t * NB + bins)
-            total += h
-            before += tl.where(t < first, h, 0)
+    total = tl.zeros([NB], dtype=tl.int32)
+    before = tl.zeros([NB], dtype=tl.int32)
+    for t in range(0, num_tiles):  # (a torch scan over tiles instead was slower: 150 vs 85 us at 16,384 tokens)
+        h = tl.load(hist_ptr + t * NB + bins)
+        total += h
+        before += tl.where(t < first, h, 0)
     if GLOBAL:
         total = tl.load(totals_ptr + bins, mask=is_expert, other=0)
         before += tl.load(totals_ptr + num_experts + bins, mask=is_expert, other=0)
