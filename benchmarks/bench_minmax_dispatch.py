@@ -31,29 +31,13 @@ import torch
 from _traces import ESFT_TRACES, esft_topk_ids, traces_dir  # benchmarks/_traces.py
 
 from eplb_plugin.algorithms import plan
-from eplb_plugin.algorithms.evaluate import pass_counts
+from eplb_plugin.algorithms.evaluate import exact_min_max_load, pass_counts
 from eplb_plugin.balance import gpu_loads
 from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.kernels import count_topk, map_and_count
 from eplb_plugin.location import ExpertLocation
 
 NUM_EXPERTS, NUM_SLOTS, EP, TOP_K = 256, 288, 8, 8  # DeepSeek-V3 at EP8 with 32 redundant experts
-
-
-def lp_min_max_load(counts: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> float:
-    """Exact min over fractional splits of the max GPU load (HiGHS)."""
-    from scipy.optimize import linprog
-    from scipy.sparse import csr_matrix
-
-    per_gpu = phy2log.shape[0] // num_gpus
-    pairs = sorted({(int(e), p // per_gpu) for p, e in enumerate(phy2log)})
-    n = len(pairs)
-    a_eq = csr_matrix((np.ones(n), ([e for e, _ in pairs], range(n))), shape=(counts.shape[0], n + 1))
-    a_ub = csr_matrix(([1.0] * n + [-1.0] * num_gpus, ([g for _, g in pairs] + list(range(num_gpus)),
-                                                        list(range(n)) + [n] * num_gpus)), shape=(num_gpus, n + 1))
-    cost = np.zeros(n + 1)
-    cost[-1] = 1.0
-    return float(linprog(cost, A_ub=a_ub, b_ub=np.zeros(num_gpus), A_eq=a_eq, b_eq=counts, method="highs").x[-1])
 
 
 def quality(ids: np.ndarray, *, num_gpus: int, num_slots: int, num_logical: int, pass_tokens: int,
@@ -70,7 +54,7 @@ def quality(ids: np.ndarray, *, num_gpus: int, num_slots: int, num_logical: int,
         for layer in layers:
             out = dispatcher.dispatch(layer, topk[:, layer])
             peak = gpu_loads(torch.bincount(out.flatten(), minlength=num_slots), num_gpus).max().item()
-            ratios.append(peak / lp_min_max_load(counts[b, layer], phy2log[layer].numpy(), num_gpus))
+            ratios.append(peak / exact_min_max_load(counts[b, layer], phy2log[layer].numpy(), num_gpus=num_gpus))
     r = np.array(ratios)
     return {"layers_scored": int(r.size), "max_load_over_lp_mean": float(r.mean()),
             "max_load_over_lp_p99": float(np.percentile(r, 99)), "max_load_over_lp_max": float(r.max())}

@@ -5,30 +5,12 @@ import pytest
 import torch
 
 from eplb_plugin.algorithms import plan
-from eplb_plugin.algorithms.evaluate import minmax_gpu_loads, pass_counts
+from eplb_plugin.algorithms.evaluate import exact_min_max_load, minmax_gpu_loads, pass_counts
 from eplb_plugin.balance import gpu_loads
 from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.location import ExpertLocation
 
 from conftest import free_port, trace_path
-
-
-def lp_min_max_load(counts: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> float:
-    """The exact optimum: min over fractional splits of the max GPU load (HiGHS)."""
-    from scipy.optimize import linprog
-    from scipy.sparse import csr_matrix
-
-    slots_per_gpu = phy2log.shape[0] // num_gpus
-    pairs = sorted({(int(e), p // slots_per_gpu) for p, e in enumerate(phy2log)})
-    n = len(pairs)
-    a_eq = csr_matrix((np.ones(n), ([e for e, _ in pairs], range(n))), shape=(counts.shape[0], n + 1))
-    a_ub = csr_matrix(([1.0] * n + [-1.0] * num_gpus, ([g for _, g in pairs] + list(range(num_gpus)),
-                                                        list(range(n)) + [n] * num_gpus)), shape=(num_gpus, n + 1))
-    cost = np.zeros(n + 1)
-    cost[-1] = 1.0
-    res = linprog(cost, A_ub=a_ub, b_ub=np.zeros(num_gpus), A_eq=a_eq, b_eq=counts, method="highs")
-    assert res.status == 0, res.message
-    return float(res.x[-1])
 
 
 def test_hand_example_reaches_the_exact_optimum():
@@ -37,6 +19,10 @@ def test_hand_example_reaches_the_exact_optimum():
     counts = np.array([[[10.0, 6.0, 0.0]]])  # 6 fixed on GPU 0: expert 0 sends 8 to GPU 1, 2 to GPU 0
     load = minmax_gpu_loads(counts, phy2log, num_gpus=2)[0, 0]
     assert load.tolist() == pytest.approx([8.0, 8.0], abs=1e-3)
+
+
+def test_the_exact_optimum_of_the_hand_example_is_eight():
+    assert exact_min_max_load(np.array([10.0, 6.0, 0.0]), np.array([0, 1, 0, 2]), num_gpus=2) == pytest.approx(8.0)
 
 
 def test_two_copies_on_one_gpu_count_once():
@@ -64,7 +50,7 @@ def test_dispatched_tokens_stay_within_one_percent_of_the_lp_optimum(num_gpus, n
         for layer in range(0, 26, 3):
             out = dispatcher.dispatch(layer, topk[:, layer])
             peak = gpu_loads(torch.bincount(out.flatten(), minlength=num_physical), num_gpus).max().item()
-            ratios.append(peak / lp_min_max_load(counts[b, layer], phy2log[layer].numpy(), num_gpus))
+            ratios.append(peak / exact_min_max_load(counts[b, layer], phy2log[layer].numpy(), num_gpus=num_gpus))
     assert min(ratios) >= 1 - 1e-6
     assert np.mean(ratios) <= 1.01 and max(ratios) <= 1.05
 

@@ -78,6 +78,27 @@ def minmax_gpu_loads(counts: np.ndarray, phy2log: np.ndarray, *, num_gpus: int) 
     return gpu.double().numpy().reshape(num_passes, num_layers, num_gpus)
 
 
+def exact_min_max_load(counts: np.ndarray, phy2log: np.ndarray, *, num_gpus: int) -> float:
+    """The exact optimum ``minmax`` approximates, for one layer of one pass: the smallest
+    possible max GPU load over fractional splits of each expert's tokens among its replicas'
+    GPUs (an LP, solved by scipy's HiGHS). counts: [E]; phy2log: [P]."""
+    from scipy.optimize import linprog
+    from scipy.sparse import csr_matrix
+
+    slots_per_gpu = phy2log.shape[0] // num_gpus
+    pairs = sorted({(int(e), p // slots_per_gpu) for p, e in enumerate(phy2log)})  # (expert, GPU)
+    n = len(pairs)
+    a_eq = csr_matrix((np.ones(n), ([e for e, _ in pairs], range(n))), shape=(counts.shape[0], n + 1))
+    a_ub = csr_matrix(([1.0] * n + [-1.0] * num_gpus, ([g for _, g in pairs] + list(range(num_gpus)),
+                                                        list(range(n)) + [n] * num_gpus)), shape=(num_gpus, n + 1))
+    cost = np.zeros(n + 1)
+    cost[-1] = 1.0  # variables: each pair's tokens, then the max load
+    res = linprog(cost, A_ub=a_ub, b_ub=np.zeros(num_gpus), A_eq=a_eq, b_eq=counts, method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"HiGHS could not solve the min-max split: {res.message}")
+    return float(res.x[-1])
+
+
 @dataclass
 class SimResult:
     """Replay outcome. balancedness[d]: [B] per pass under dispatch d."""
