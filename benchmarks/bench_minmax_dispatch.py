@@ -91,9 +91,9 @@ def time_variants(tokens: int, *, num_layers: int, replays: int) -> dict:
         "count_only": lambda layer: count_topk(physical, counts, layer),
         "minmax_triton": lambda layer: triton_minmax.dispatch(layer, ids[layer], counts_out=counts),
         **{f"minmax_triton_{w}_warps": (lambda layer, w=w: minmax_dispatch_triton(
-            ids[layer], layer=layer, dispatcher=triton_minmax, counts_out=counts, num_warps=w)) for w in (4,)},
+            ids[layer], triton_minmax.minmax, layer=layer, num_slots=NUM_SLOTS, counts_out=counts, num_warps=w)) for w in (4,)},
         "minmax_triton_no_split_steps": lambda layer: minmax_dispatch_triton(  # equal shares: the rest's cost
-            ids[layer], layer=layer, dispatcher=triton_minmax, counts_out=counts, iterations=0),
+            ids[layer], triton_minmax.minmax, layer=layer, num_slots=NUM_SLOTS, counts_out=counts, iterations=0),
         "minmax_torch": lambda layer: torch_minmax.dispatch(layer, ids[layer]),
         "dynamic_single_program": lambda layer: dynamic_dispatch_triton(
             ids[layer], triton_minmax.logical_to_physical_map[layer], num_local=NUM_SLOTS // EP, num_gpus=EP,

@@ -24,48 +24,17 @@ Every path keeps ``-1`` (padding) as ``-1`` and does no host synchronization.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from eplb_plugin.args import DISPATCH_ALGORITHMS
+from eplb_plugin.dispatch_info import dispatch_info
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.kernels._launch import use_triton
 from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_choose, minmax_gpu_shares
 from eplb_plugin.location import ExpertLocation
-
-
-@dataclass(frozen=True)
-class DispatchInfo:
-    """What a dispatch algorithm promises. honours_replica_weights: splits by planned
-    weights (so a placement may be planned for a weighted split); follows_pass: the split
-    depends on the pass's own counts; graph_safe: only device ops on fixed-shape tables
-    (capturable in a CUDA graph)."""
-
-    name: str
-    honours_replica_weights: bool
-    follows_pass: bool
-    graph_safe: bool
-
-
-DISPATCH_INFO: dict[str, DispatchInfo] = {
-    info.name: info for info in (
-        DispatchInfo("static", honours_replica_weights=False, follows_pass=False, graph_safe=True),
-        DispatchInfo("random", honours_replica_weights=False, follows_pass=False, graph_safe=False),
-        DispatchInfo("dynamic", honours_replica_weights=False, follows_pass=False, graph_safe=False),
-        DispatchInfo("weighted", honours_replica_weights=True, follows_pass=False, graph_safe=True),
-        DispatchInfo("minmax", honours_replica_weights=False, follows_pass=True, graph_safe=True),
-    )
-}
-
-
-def dispatch_info(name: str) -> DispatchInfo:
-    """The facts of dispatch algorithm ``name``; ConfigError naming the known ones."""
-    if name not in DISPATCH_INFO:
-        raise ConfigError(f"--ep-dispatch-algorithm {name!r} is unknown; choose one of {list(DISPATCH_INFO)}")
-    return DISPATCH_INFO[name]
 
 
 def _nth_true(mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -216,7 +185,9 @@ class ExpertDispatcher:
         if self._kernel:
             from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
 
-            return minmax_dispatch_triton(topk_ids, layer=layer, dispatcher=self, counts_out=counts_out)
+            exchange = self.pass_counts if self.count_world > 1 else None
+            return minmax_dispatch_triton(topk_ids, self.minmax, layer=layer, num_slots=self.location.num_physical_experts,
+                                          exchange=exchange, counts_out=counts_out)
         ids = topk_ids.to(torch.int64)
         valid = ids >= 0
         safe = ids.clamp_min(0)

@@ -99,3 +99,11 @@ def test_plugin_only_flags_can_extend_a_host_parser():
     parser = add_eplb_args(argparse.ArgumentParser(), only_plugin_flags=True)
     options = {s for action in parser._actions for s in action.option_strings}
     assert "--eplb-rebalance-interval-s" in options and "--ep-size" not in options
+
+
+def test_dispatch_flag_choices_are_the_registered_algorithms():
+    """The --ep-dispatch-algorithm Literal and the dispatch registry name the same algorithms."""
+    from eplb_plugin.args import DISPATCH_ALGORITHMS
+    from eplb_plugin.dispatch_info import DISPATCH_INFO
+
+    assert list(DISPATCH_ALGORITHMS) == list(DISPATCH_INFO)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..dispatch import DISPATCH_INFO
+from ..dispatch_info import DISPATCH_INFO
 from ..errors import ConfigError, CountsError, PlacementError
 from ..location import compute_logical_to_physical_map, replica_count
 from .balanced import plan_balanced, replica_weights

@@ -20,15 +20,15 @@ a pair that sits exactly on a quota boundary to the neighbouring replica.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
 from eplb_plugin.kernels._launch import MAX_PROGRAMS, _next_pow2, check_ids
-from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS, MINMAX_MOMENTUM
+from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS, MINMAX_MOMENTUM, MinmaxTables
 
-if TYPE_CHECKING:
-    from eplb_plugin.dispatch import ExpertDispatcher
+# this rank's [E] counts -> (the pass's [E] counts, tokens on lower ranks [E]); collective
+CountExchange = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 MAX_TILE = 256  # pairs ranked together by one sort
 MIN_TILE = 32
@@ -37,19 +37,21 @@ NUM_WARPS = 8  # H100, 512 tokens: 8 warps 17.8 us a layer, 4 warps 22.2, 2 warp
 
 
 def minmax_dispatch_triton(
-    topk_ids: torch.Tensor, *, layer: int, dispatcher: ExpertDispatcher, counts_out: torch.Tensor | None = None,
+    topk_ids: torch.Tensor, tables: MinmaxTables, *, layer: int, num_slots: int,
+    exchange: CountExchange | None = None, counts_out: torch.Tensor | None = None,
     num_warps: int = NUM_WARPS, iterations: int = MINMAX_ITERATIONS,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
-    Returns [T, k] int64 physical slots (-1 kept). counts_out: optional [L, P] int32
-    recorder buffer; this call's slots are added to its row ``layer``. Collective over
-    ``dispatcher.count_group`` when it has several ranks (one all-gather of [E] counts).
+    tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
+    int64 physical slots (-1 kept). exchange: with several ranks, how this rank's [E] counts
+    become the pass's counts and its offsets (``ExpertDispatcher.pass_counts``, collective);
+    None = this rank's tokens only. counts_out: optional [L, P] int32 recorder buffer; this
+    call's slots are added to its row ``layer``.
     num_warps / iterations: launch and split settings (the benchmark varies them; the
     defaults are the measured best)."""
     from eplb_plugin.kernels import triton_kernels_minmax as k
 
     check_ids("topk_ids", topk_ids)
-    tables = dispatcher.minmax
     num_experts = tables.multi_row.shape[1]
     num_multi, num_gpus = tables.multi_gpus.shape[1:]
     slots_per_gpu = tables.single_slots.shape[2]
@@ -63,16 +65,15 @@ def minmax_dispatch_triton(
     nb = _next_pow2(num_experts + 1)  # one bin past the experts for padding
     hist = torch.empty(num_tiles * nb, dtype=torch.int32, device=flat.device)
     k.minmax_histogram_kernel[(num_tiles,)](flat, hist, num_ids, num_experts, TILE=tile, NB=nb)
-    glob = dispatcher.count_world > 1
+    glob = exchange is not None
     totals = hist
     if glob:
         local = hist.view(num_tiles, nb).sum(0, dtype=torch.int32)[:num_experts].long()
-        total, offset = dispatcher.pass_counts(local)
+        total, offset = exchange(local)
         totals = torch.cat([total, offset]).to(torch.int32)
     iters = -(-num_tiles // MAX_PROGRAMS)
     programs = -(-num_tiles // iters)
     out = torch.empty(num_ids, dtype=torch.int64, device=flat.device)
-    num_slots = dispatcher.location.num_physical_experts
     counts = counts_out if counts_out is not None else out  # unused pointer when not counting
     k.minmax_assign_kernel[(programs,)](
         flat, hist, totals, out, counts, layer * (counts_out.stride(0) if counts_out is not None else 0),
