@@ -134,6 +134,10 @@ POLICY_HELP = {
     "deepseek": "DeepSeek's EPLB recipe, global (SGLang's --eplb-algorithm deepseek); for stock SGLang",
     "deepseek_hierarchical": "DeepSeek's hierarchical recipe: group-limited routing (--groups) packed "
                              "per node (--nodes); for stock SGLang on several nodes",
+    "eplb_plugin_perpass": "the project's policy for minmax dispatch: planned on the window's passes "
+                           "(a [B, L, E] input), moves more slots; for the reference runtime",
+    "deepseek_vec": "SGLang's time-resolved recipe, planned on the window's passes (SGLang's "
+                    "--eplb-algorithm deepseek_vec); for stock SGLang",
 }
 
 
