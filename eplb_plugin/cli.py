@@ -13,30 +13,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .algorithms import ALGORITHMS, plan
-from .algorithms.evaluate import pass_counts
 from .balance import placement_balancedness
-from .errors import CountsError, EPLBError
+from .cli_inputs import load_counts, num_physical_from_args
+from .errors import EPLBError
 from .location import ExpertLocation, weights_sidecar
-from .location_files import load_placement, read_counts, save_placement
-
-
-def load_counts(path: str | Path, *, pass_tokens: int | None = None) -> np.ndarray:
-    """Counts from an SGLang stat dump ``.pt``, a JSON with ``logical_count``/``counts``, or a
-    per-token ``.npz`` (``topk_ids [T, L, k]``). Returns [L, E], or [B, L, E] when
-    ``pass_tokens`` cuts a per-token trace into passes."""
-    path = Path(path)
-    if not path.exists():
-        raise CountsError(f"counts file {path} does not exist")
-    if path.suffix == ".npz":
-        ids = np.load(path)["topk_ids"]
-        num_logical = int(ids.max()) + 1
-        counts = pass_counts(ids, num_logical=num_logical, pass_tokens=pass_tokens or len(ids))
-        return counts if pass_tokens else counts.sum(0)
-    return read_counts(str(path)).numpy()  # the loaders' checks: size, shape, NaN, negative
+from .location_files import load_placement, save_placement
 
 
 def redundant_memory_bytes(preset, *, num_physical: int, num_gpus: int) -> int:
@@ -46,10 +30,6 @@ def redundant_memory_bytes(preset, *, num_physical: int, num_gpus: int) -> int:
     """
     redundant_per_rank = (num_physical - preset.num_logical_experts) / num_gpus
     return int(redundant_per_rank * preset.num_layers * preset.expert_bytes)
-
-
-def _num_physical(args, num_logical: int) -> int:
-    return num_logical + args.redundant if args.num_physical_experts is None else args.num_physical_experts
 
 
 def _save_map(path: Path, phy2log: torch.Tensor, *, ep_size: int, num_logical_experts: int) -> None:
@@ -64,7 +44,7 @@ def _cmd_plan(args) -> int:
         get_preset(args.preset)  # an unknown name fails here, before the solver runs
     counts = load_counts(args.counts)
     num_logical = counts.shape[1]
-    num_physical = _num_physical(args, num_logical)
+    num_physical = num_physical_from_args(args, num_logical)
     placement = plan(counts, num_physical_experts=num_physical, num_gpus=args.ep_size, num_nodes=args.nodes,
                      num_groups=args.groups, algorithm=args.algorithm)
     c = torch.from_numpy(counts)

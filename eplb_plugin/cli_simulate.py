@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .algorithms.evaluate import DISPATCHES, per_pass_balancedness, simulate
+from .cli_inputs import load_counts, num_physical_from_args
 
 DEFAULT_OUT = "eplb_runs/simulate.json"  # eplb_runs/ is git-ignored
 BASELINE = "no EPLB"
@@ -55,12 +56,11 @@ def baseline_balancedness(counts: np.ndarray, *, num_physical: int, num_gpus: in
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from .cli import _num_physical, load_counts
 
     parts = [load_counts(t, pass_tokens=args.pass_tokens) for t in args.trace]
     counts = np.concatenate(parts)
     changes = [int(x) for x in np.cumsum([len(p) for p in parts])[:-1]]  # first pass of each later trace
-    num_physical = _num_physical(args, counts.shape[2])
+    num_physical = num_physical_from_args(args, counts.shape[2])
     res = simulate(counts, num_physical=num_physical, num_gpus=args.ep_size, interval=args.interval,
                    window=args.window, algorithm=args.algorithm, dispatches=tuple(args.dispatch), decay=args.decay)
     baseline_layers = baseline_balancedness(counts, num_physical=num_physical, num_gpus=args.ep_size)
