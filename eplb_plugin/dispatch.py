@@ -200,8 +200,8 @@ class ExpertDispatcher:
                                       t.multi_gpus[layer:layer + 1], t.single_slots[layer:layer + 1])
         position = _occurrence_index(safe, valid, num_experts) + offset[safe.flatten()]
         out = minmax_choose(position, safe.flatten(), shares[0], t.multi_row[layer], t.slot_on_gpu[layer]).view_as(ids)
-        if counts_out is not None:
-            counts_out[layer].index_add_(0, out[valid], torch.ones_like(out[valid], dtype=counts_out.dtype))
+        if counts_out is not None:  # padding adds 0 (no boolean indexing: no host sync)
+            counts_out[layer].index_add_(0, torch.where(valid, out, 0).flatten(), valid.flatten().to(counts_out.dtype))
         return torch.where(valid, out, -1)
 
     def _split_by_occurrence(self, layer: int, ids: torch.Tensor, valid: torch.Tensor,

@@ -99,3 +99,24 @@ def test_ranks_with_a_count_group_choose_as_one_whole_pass():
     assert torch.equal(torch.cat([got[r][0] for r in range(world)]), whole)
     locals_ = [ExpertDispatcher(loc, rank=r, algorithm="minmax").dispatch(0, ids.chunk(world)[r]) for r in range(world)]
     assert all(torch.equal(got[r][1], locals_[r]) for r in range(world))
+
+
+def test_minmax_counts_its_slots_for_the_recorder_once():
+    """Inside a recorded pass the dispatcher adds its slots to the recorder's buffer and the
+    hook, told so, does not count them again; outside a pass there is no buffer to add to."""
+    from eplb_plugin.recorder.core import ExpertDistributionRecorder
+
+    phy2log = torch.tensor([[0, 1, 0, 2, 0, 3]] * 2)
+    loc = ExpertLocation.from_physical_to_logical_map(phy2log, num_logical_experts=4, ep_size=3)
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=phy2log, num_logical_experts=4, backend="torch")
+    rec.start_record()
+    dispatcher = ExpertDispatcher(loc, rank=0, algorithm="minmax")
+    ids = torch.tensor([[0, 1], [0, -1], [0, 2], [0, 0], [3, 0]])
+    assert rec.select_counts_buffer(0) is None  # not inside a recorded pass
+    with rec.with_forward_pass(0), rec.with_current_layer(1):
+        counts = rec.select_counts_buffer()
+        out = dispatcher.dispatch(1, ids, counts_out=counts)
+        rec.on_select_experts(out, counted=True)
+        assert counts is rec.pass_counts
+        assert rec.pass_counts[1].tolist() == torch.bincount(out[out >= 0], minlength=6).tolist()
+        assert int(rec.pass_counts[0].sum()) == 0

@@ -66,13 +66,17 @@ def dense_output(cfg: RuntimeConfig, workload: WorkloadSpec, pass_id: int) -> to
     return dense_forward(hidden, batch.topk_ids, batch.topk_weights, weights)
 
 
-@pytest.mark.parametrize("exchange", ["alltoall", "gather"])
-def test_ep_outputs_equal_dense_before_and_after_rebalances(tmp_path, exchange):
-    """Two gloo ranks, float64, both exchanges: every captured pass equals the dense reference,
+@pytest.mark.parametrize(("exchange", "dispatch", "counts"), [
+    ("alltoall", "static", "global"), ("gather", "static", "global"),
+    ("gather", "minmax", "global"), ("alltoall", "minmax", "local")])
+def test_ep_outputs_equal_dense_before_and_after_rebalances(tmp_path, exchange, dispatch, counts):
+    """Two gloo ranks, float64, both exchanges, static and minmax dispatch (minmax on the whole
+    pass's counts and on each rank's own; it counts for the recorder in the dispatcher, and
+    the rebalances below need those counts): every captured pass equals the dense reference,
     before and after the real manager's rebalances and a forced move that puts 3 replicas of
     one expert on a rank. (37 tokens: the ranks hold 19 and 18, so gather pads one.)"""
     base = EPLBArgs(ep_size=2, ep_num_redundant_experts=4, enable_eplb=True, eplb_rebalance_num_iterations=4,
-                    eplb_verify_weights=True)
+                    eplb_verify_weights=True, ep_dispatch_algorithm=dispatch)
     workload = WorkloadSpec(seed=3, drift_every_passes=5)
     runs = [
         RunSpec("real", base.resolve(), workload, num_passes=30),
@@ -80,7 +84,7 @@ def test_ep_outputs_equal_dense_before_and_after_rebalances(tmp_path, exchange):
     ]
     cfg = RuntimeConfig(model=MODEL, batch_tokens=37, dtype="float64", seed=1, progress=False,
                         capture_passes=(0, 5, 13, 29), capture_dir=str(tmp_path), threads_per_rank=1,
-                        exchange=exchange)
+                        exchange=exchange, dispatch_counts=counts)
     results = {r["label"]: r for r in launch(cfg, runs, runs[0].eplb)}
 
     real, forced = results["real"], results["forced"]

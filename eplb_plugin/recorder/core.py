@@ -217,12 +217,14 @@ class ExpertDistributionRecorder:
             raise ConfigError("recorder hook called outside with_current_layer(...) and without layer_idx")
         return layer
 
-    def on_select_experts(self, topk_ids: torch.Tensor, *, layer_idx: int | None = None) -> None:
-        """topk_ids: [T, k] int32/int64 physical slot ids after dispatch; -1 = padding."""
+    def on_select_experts(self, topk_ids: torch.Tensor, *, layer_idx: int | None = None, counted: bool = False) -> None:
+        """topk_ids: [T, k] int32/int64 physical slot ids after dispatch; -1 = padding.
+        counted: the dispatcher already added them to ``select_counts_buffer()`` (its kernel
+        counts as it maps), so only the mode sees them."""
         layer = self._active_layer(layer_idx)
         if layer is None:
             return
-        if not self._count_dispatch:
+        if not self._count_dispatch and not counted:
             count_topk(topk_ids, self.pass_counts, layer, backend=self.backend)
         if self._mode is not None:
             self._mode.on_topk(layer, topk_ids)
@@ -276,6 +278,14 @@ class ExpertDistributionRecorder:
         self._add_local_counts(layer, local_physical_count_of_layer)
 
     on_dispatch_receive_counts = on_deepep_dispatch_low_latency
+
+    def select_counts_buffer(self, layer_idx: int | None = None) -> torch.Tensor | None:
+        """The [L, P] int32 buffer a dispatcher that counts in its own kernel adds this layer's
+        slots to (then ``on_select_experts(..., counted=True)``), or None when the hook would
+        not count them: recording off, outside a recorded pass, or counts taken from the
+        dispatcher's receive counts (stat_approx)."""
+        layer = self._active_layer(layer_idx)
+        return None if layer is None or self._count_dispatch else self.pass_counts
 
     def get_current_pass_count_buffer(self, layer_idx: int) -> torch.Tensor | None:
         """This pass's [P] int32 counts of one layer while recording, else None (SGLang's API)."""
@@ -429,6 +439,9 @@ class NoopRecorder:
         return _map_only(layer, topk_ids, dispatch_table, out)
 
     def get_current_pass_count_buffer(self, layer_idx: int) -> None:
+        return None
+
+    def select_counts_buffer(self, layer_idx: int | None = None) -> None:
         return None
 
     def set_physical_to_logical_map(self, new_map: torch.Tensor) -> None:
