@@ -6,6 +6,7 @@ after a reload, and SGLang's meaning of the utilization threshold."""
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -124,6 +125,15 @@ def _cases(rank: int, port: int) -> None:
     assert build_threads == ["eplb-sglang-metadata"] * 2
 
     # Called while the manager's own rebalance is in progress: that one finishes, then SGLang's.
+    # Its plan takes a while, so it is still in progress after this pass on every rank
+    # (a fast plan could land and move within the same pass end).
+    plan_fn = adapter.manager.planner
+
+    def slow_planner(*args, **kwargs):
+        time.sleep(0.5)
+        return plan_fn(*args, **kwargs)
+
+    adapter.manager.planner = slow_planner
     adapter.manager.rebalance_now("interval")
     adapter.on_forward_pass_end()
     assert adapter.manager.busy
