@@ -39,7 +39,7 @@ def in_sample() -> list[dict]:
         p = 128 + redundant
         ds = plan(counts, num_physical_experts=p, num_gpus=gpus, algorithm="deepseek")
         equal = plan(counts, num_physical_experts=p, num_gpus=gpus, algorithm="eplb_plugin_equal")
-        ours = plan(counts, num_physical_experts=p, num_gpus=gpus)
+        ours = plan(counts, num_physical_experts=p, num_gpus=gpus, split="weighted")
         naive = torch.arange(p).remainder(128).expand(counts.shape[0], -1)
         rows.append({
             "ep": gpus, "redundant": redundant,
@@ -77,7 +77,7 @@ def deepseek_like(num_layers: int = 58, seed: int = 0) -> np.ndarray:
 
 
 SPEED_SHAPES = {"flat": dict(num_gpus=32), "4_nodes_8_groups": dict(num_gpus=32, num_nodes=4, num_groups=8)}
-SPEED_POLICIES = ("deepseek", "deepseek_hierarchical", "eplb_plugin_equal", "auto")
+SPEED_POLICIES = ("deepseek", "deepseek_hierarchical", "eplb_plugin_equal")
 
 
 def solver_time(repeats: int = TIMING_REPEATS) -> dict:
@@ -99,6 +99,7 @@ def solver_time(repeats: int = TIMING_REPEATS) -> dict:
                         algorithm="deepseek")
         for shape, kw in SPEED_SHAPES.items():
             runs = {name: dict(algorithm=name, **kw) for name in SPEED_POLICIES}
+            runs["auto"] = dict(algorithm="auto", split="weighted", **kw)  # the weighted-split plan
             runs["eplb_plugin_equal+previous"] = dict(algorithm="eplb_plugin_equal", previous=previous, **kw)
             times: dict[str, list[float]] = {name: [] for name in runs}
             for rep in range(repeats + 1):  # the first round warms up and is not counted
@@ -126,7 +127,7 @@ def node_aware() -> list[dict]:
         w = sources[src]
         for name in ("deepseek", "deepseek_hierarchical", "eplb_plugin_equal", "auto"):
             p = plan(torch.from_numpy(w), num_physical_experts=w.shape[1] + redundant, num_gpus=gpus,
-                     num_nodes=nodes, num_groups=8, algorithm=name)
+                     num_nodes=nodes, num_groups=8, algorithm=name, split="equal" if name == "eplb_plugin_equal" else "weighted")
             m = p.physical_to_logical_map
             rows.append({"counts": src, "ep": gpus, "nodes": nodes, "redundant": redundant, "policy": name,
                          "balancedness": placement_balancedness(torch.from_numpy(w), m, gpus, p.replica_weights),

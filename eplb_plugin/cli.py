@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .algorithms import ALGORITHMS, plan
+from .algorithms import ALGORITHMS, SPLITS, plan
 from .balance import placement_balancedness
 from .cli_inputs import load_counts, num_physical_from_args
 from .errors import EPLBError
@@ -46,7 +46,7 @@ def _cmd_plan(args) -> int:
     num_logical = counts.shape[1]
     num_physical = num_physical_from_args(args, num_logical)
     placement = plan(counts, num_physical_experts=num_physical, num_gpus=args.ep_size, num_nodes=args.nodes,
-                     num_groups=args.groups, algorithm=args.algorithm)
+                     num_groups=args.groups, algorithm=args.algorithm, split=args.split)
     c = torch.from_numpy(counts)
     trivial = ExpertLocation.trivial(num_layers=counts.shape[0], num_logical_experts=num_logical,
                                      num_physical_experts=num_physical, ep_size=args.ep_size).physical_to_logical_map
@@ -70,7 +70,8 @@ def _cmd_plan(args) -> int:
     if weights is not None:
         weights_sidecar(out).write_text(json.dumps(
             {"replica_weights": weights.tolist(), "physical_to_logical_map": phy2log.tolist()}))
-    print(f"wrote {out}" + (f" and {weights_sidecar(out)}" if weights is not None else ""))
+    print(f"wrote {out}" + (f" and {weights_sidecar(out)} (replica weights: stock SGLang ignores this file and "
+                            "splits equally; plan with --split equal for it)" if weights is not None else ""))
     return 0
 
 
@@ -106,11 +107,11 @@ EPILOG_WIDTH = 96  # characters per line of the policy and preset lists
 
 # Which host each placement policy suits (``eplb <cmd> --help`` lists them).
 POLICY_HELP = {
-    "auto": "the project's default policy",
+    "auto": "the project's default policy (eplb_plugin)",
     "eplb_plugin": "the project's policy: balanced replicas, node-aware with --nodes > 1, few moves when "
-                   "replanning; for SGLang with the plugin and for the reference runtime",
-    "eplb_plugin_equal": "the project's policy planned for an equal split of each expert's tokens over its "
-                         "replicas (what stock SGLang does with a map alone)",
+                   "replanning; planned for --split (equal by default; weighted adds replica weights for the "
+                   "runtime's weighted dispatch); for SGLang with the plugin and for the reference runtime",
+    "eplb_plugin_equal": "the earlier spelling of eplb_plugin with an equal split, whatever --split says",
     "deepseek": "DeepSeek's EPLB recipe, global (SGLang's --eplb-algorithm deepseek); for stock SGLang",
     "deepseek_hierarchical": "DeepSeek's hierarchical recipe: group-limited routing (--groups) packed "
                              "per node (--nodes); for stock SGLang on several nodes",
@@ -148,7 +149,10 @@ def _add_plan(sub) -> None:
     p.add_argument("--nodes", type=int, default=1, help="nodes the EP ranks span (node-aware placement when > 1)")
     p.add_argument("--groups", type=int, default=None, help="expert groups of group-limited routing (DeepSeek-V3: 8)")
     p.add_argument("--preset", default=None, help="model preset for the memory estimate (listed below)")
-    p.add_argument("--out", required=True, help=".json or .pt; weights go to <out>.weights.json")
+    p.add_argument("--split", default="equal", choices=SPLITS,
+                   help="how the host splits an expert's tokens over its replicas: equal (stock SGLang; "
+                        "static, random, dynamic and minmax dispatch) or weighted (the runtime's weighted dispatch)")
+    p.add_argument("--out", required=True, help=".json or .pt; with --split weighted, weights go to <out>.weights.json")
     p.set_defaults(func=_cmd_plan)
 
 

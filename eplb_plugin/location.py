@@ -176,8 +176,10 @@ class ExpertLocation:
         previous: ExpertLocation | None = None,
         num_layers: int | None = None,
         source: str = "logical_count",
+        split: str = "equal",
     ) -> ExpertLocation:
-        """Plan a placement from loads [L, E] or [B, L, E] with a placement policy."""
+        """Plan a placement from loads [L, E] or [B, L, E] with a placement policy, for an
+        ``equal`` (default) or ``weighted`` split of each expert's tokens over its replicas."""
         from eplb_plugin.algorithms import plan  # the planner imports this module
 
         count = validate_logical_count(logical_count, source=source, num_layers=num_layers)
@@ -189,6 +191,7 @@ class ExpertLocation:
             num_groups=num_groups,
             algorithm=algorithm,
             previous=previous.physical_to_logical_map if previous is not None else None,
+            split=split,
         )
         return cls.from_physical_to_logical_map(
             placement.physical_to_logical_map,

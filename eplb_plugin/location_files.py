@@ -328,13 +328,13 @@ def read_counts(source: str, *, num_layers: int | None = None, num_logical_exper
 
 def load_init_expert_location(
     source: str, *, num_layers: int, num_logical_experts: int, num_physical_experts: int, ep_size: int,
-    num_nodes: int = 1, num_groups: int | None = None, algorithm: str = "auto",
+    num_nodes: int = 1, num_groups: int | None = None, algorithm: str = "auto", split: str = "equal",
 ) -> ExpertLocation:
     """Resolve ``--init-expert-location`` into a validated ExpertLocation.
 
     Accepts ``trivial``, a ``.pt`` / ``.json`` path or inline JSON holding
     ``physical_to_logical_map`` [L][P] (plus, from the plugin's sidecar, replica weights) or
-    ``logical_count`` [L][E] / [B][L][E] (planned with ``algorithm``).
+    ``logical_count`` [L][E] / [B][L][E] (planned with ``algorithm`` for ``split``).
     Raises ExpertLocationFileError naming the source, the key and the problem.
     """
     if source == "trivial":
@@ -352,7 +352,7 @@ def load_init_expert_location(
                                 data={COUNT_KEY: data[COUNT_KEY]}, name=name)
             return ExpertLocation.from_logical_count(
                 count, num_physical_experts=num_physical_experts, ep_size=ep_size, num_nodes=num_nodes,
-                num_groups=num_groups, algorithm=algorithm, source=name,
+                num_groups=num_groups, algorithm=algorithm, source=name, split=split,
             )
         except (PlacementError, CountsError) as exc:
             if isinstance(exc, ExpertLocationFileError):

@@ -217,9 +217,10 @@ class EPLBManager:
         # stall serving at the first rebalance.
         import scipy.optimize  # noqa: F401  (imported lazily by the migration-aware policies)
 
-        from eplb_plugin.algorithms import PER_PASS_POLICIES, algorithm_for_dispatch
+        from eplb_plugin.algorithms import PER_PASS_POLICIES, resolve_algorithm, split_for_dispatch
 
-        self._algorithm = algorithm_for_dispatch(args.eplb_algorithm, args.ep_dispatch_algorithm)
+        self._algorithm = resolve_algorithm(args.eplb_algorithm)
+        self._split = split_for_dispatch(args.ep_dispatch_algorithm)  # what the host's dispatch does
         self._per_pass_plan = self._algorithm in PER_PASS_POLICIES  # plans from [B, L, E] window rows
         self._planner_process = None
         if planner is None and args.eplb_plan_in_process and self.rank == 0:
@@ -419,6 +420,7 @@ class EPLBManager:
                 num_nodes=self.args.nnodes,
                 num_groups=self.num_groups,
                 algorithm=self._algorithm,
+                split=self._split,
                 previous=self.location.physical_to_logical_map,
             )
         except BaseException as exc:  # stored and re-raised on the serving thread

@@ -60,7 +60,7 @@ def test_every_logical_expert_keeps_a_replica_and_width_is_fixed(algorithm):
 def test_replica_weights_sum_to_one_per_expert():
     """Each expert's slot shares sum to 1."""
     counts = torch.tensor([[900.0, 10, 20, 30, 40, 50, 60, 70]] * 3)
-    p = plan(counts, num_physical_experts=12, num_gpus=4)
+    p = plan(counts, num_physical_experts=12, num_gpus=4, split="weighted")
     sums = torch.zeros(3, 8).scatter_add_(1, p.physical_to_logical_map, p.replica_weights)
     assert torch.allclose(sums, torch.ones(3, 8), atol=1e-5)
 
@@ -131,7 +131,7 @@ def test_beats_deepseek_on_qwen3_counts(num_gpus, redundant):
     num_physical = 128 + redundant
     ds = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus, algorithm="deepseek")
     equal = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus, algorithm="eplb_plugin_equal")
-    ours = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus)
+    ours = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus, split="weighted")
     b_ds = placement_balancedness(counts, ds.physical_to_logical_map, num_gpus)
     b_eq = placement_balancedness(counts, equal.physical_to_logical_map, num_gpus)
     b_w = placement_balancedness(counts, ours.physical_to_logical_map, num_gpus, ours.replica_weights)

@@ -41,7 +41,7 @@ def test_plan_weights_sum_to_one_and_reach_the_mean_with_zero_experts():
     rng = np.random.default_rng(4)
     counts = torch.from_numpy(rng.zipf(1.7, size=(5, 24)).astype(np.float64))
     counts[:, 3] = 0
-    p = plan(counts, num_physical_experts=32, num_gpus=8)
+    p = plan(counts, num_physical_experts=32, num_gpus=8, split="weighted")
     sums = torch.zeros(5, 24).scatter_add_(1, p.physical_to_logical_map, p.replica_weights)
     assert torch.allclose(sums, torch.ones(5, 24), atol=1e-5)
     assert placement_balancedness(counts, p.physical_to_logical_map, 8, p.replica_weights) > 0.99999
@@ -51,7 +51,7 @@ def test_plan_weights_sum_to_one_and_reach_the_mean_with_zero_experts():
 def test_qwen3_weighted_in_sample_is_perfect_and_equal_variant_serves_sglang(num_gpus, redundant):
     """Chain plan: >= 0.99999 with weights; rebalance_experts (no weights) plans for equal split."""
     counts = _qwen3()
-    p = plan(counts, num_physical_experts=128 + redundant, num_gpus=num_gpus)
+    p = plan(counts, num_physical_experts=128 + redundant, num_gpus=num_gpus, split="weighted")
     assert placement_balancedness(counts, p.physical_to_logical_map, num_gpus, p.replica_weights) > 0.99999
     phy2log, _, _ = rebalance_experts(counts, 128 + redundant, (128 + redundant) // num_gpus, None, 1, "auto")
     ds = plan(counts, num_physical_experts=128 + redundant, num_gpus=num_gpus, algorithm="deepseek")
@@ -133,3 +133,26 @@ def test_equal_split_policy_keeps_its_balancedness_on_real_counts(source, num_gp
     p = plan(counts, num_physical_experts=num_physical, num_gpus=num_gpus, num_nodes=num_nodes,
              num_groups=8 if num_nodes > 1 else None, algorithm="eplb_plugin_equal")
     assert placement_balancedness(counts, p.physical_to_logical_map, num_gpus) >= floor
+
+
+def test_the_default_plan_suits_an_equal_split_on_qwen3_counts_through_every_entry_point(tmp_path):
+    """Stock SGLang splits an expert's tokens equally (it ignores replica weights): the default
+    plan scores >= 0.99 under an equal split at EP32 with 32 redundant experts, through
+    plan(), `eplb plan` and SGLang's rebalance_experts entry point."""
+    import json as json_
+
+    from eplb_plugin.algorithms import rebalance_experts
+    from eplb_plugin.cli import main
+
+    counts = _qwen3()
+    default = plan(counts, num_physical_experts=160, num_gpus=32)
+    assert default.replica_weights is None
+    assert placement_balancedness(counts, default.physical_to_logical_map, 32) >= 0.99
+    source = tmp_path / "counts.json"
+    source.write_text(json_.dumps({"logical_count": counts.tolist()}))
+    out = tmp_path / "placement.json"
+    assert main(["plan", str(source), "--ep-size", "32", "--redundant", "32", "--out", str(out)]) == 0
+    from_cli = torch.tensor(json_.loads(out.read_text())["physical_to_logical_map"])
+    assert placement_balancedness(counts, from_cli, 32) >= 0.99
+    phy2log, _, _ = rebalance_experts(counts, 160, 5, None, 1, "eplb_plugin")
+    assert placement_balancedness(counts, phy2log, 32) >= 0.99

@@ -24,15 +24,21 @@ def _counts_json(tmp_path, key="logical_count"):
     return path
 
 
-def test_plan_writes_map_only_file_and_weights_sidecar(tmp_path, capsys):
+def test_plan_writes_map_only_file_and_weights_sidecar_only_for_a_weighted_split(tmp_path, capsys):
+    """By default (equal split, what stock SGLang does) only the map is written; with --split
+    weighted the replica weights go to a sidecar, and the output says stock SGLang ignores it."""
     out = tmp_path / "placement.json"
     assert main(["plan", str(_counts_json(tmp_path)), "--ep-size", "4", "--redundant", "4", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert list(data) == ["physical_to_logical_map"]
     assert np.array(data["physical_to_logical_map"]).shape == (3, 20)
+    assert not Path(str(out) + ".weights.json").exists()
+    assert "balancedness before" in capsys.readouterr().out
+    assert main(["plan", str(_counts_json(tmp_path)), "--ep-size", "4", "--redundant", "4", "--split", "weighted",
+                 "--out", str(out)]) == 0
     side = json.loads(Path(str(out) + ".weights.json").read_text())
     assert np.array(side["replica_weights"]).shape == (3, 20)
-    assert "balancedness before" in capsys.readouterr().out
+    assert "stock SGLang ignores this file" in capsys.readouterr().out
 
 
 def test_plan_reads_pt_stat_dump_and_writes_pt(tmp_path):
@@ -75,7 +81,7 @@ def test_plan_preset_prints_memory_from_the_real_preset(tmp_path, capsys):
 def test_inspect_prints_balancedness_and_hottest(tmp_path, capsys):
     counts = _counts_json(tmp_path)
     out = tmp_path / "p.json"
-    main(["plan", str(counts), "--ep-size", "4", "--out", str(out)])
+    main(["plan", str(counts), "--ep-size", "4", "--split", "weighted", "--out", str(out)])
     assert main(["inspect", str(out), str(counts), "--ep-size", "4", "--top", "3"]) == 0
     text = capsys.readouterr().out
     assert "hottest experts" in text and "replica weights" in text

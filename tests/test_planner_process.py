@@ -27,13 +27,13 @@ def test_the_worker_plans_exactly_what_plan_returns(monkeypatch):
     previous = torch.arange(20).remainder(16).repeat(4, 1)
     kwargs = dict(num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_equal")
     want = plan(counts, previous=previous, **kwargs)
-    want_weighted = plan(counts, **dict(kwargs, algorithm="eplb_plugin"))
+    want_weighted = plan(counts, **dict(kwargs, algorithm="eplb_plugin", split="weighted"))
     _forbid_planning_here(monkeypatch)
     planner = PlannerProcess("eplb_plugin_equal")
     assert planner.warm_up_error is None  # the worker planned a tiny placement before returning
     try:
         got = planner(counts, previous=previous, **kwargs)
-        weighted = planner(counts, **dict(kwargs, algorithm="eplb_plugin"))
+        weighted = planner(counts, **dict(kwargs, algorithm="eplb_plugin", split="weighted"))
     finally:
         planner.close()
     assert torch.equal(got.physical_to_logical_map, want.physical_to_logical_map)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_sglang_helpers import fake_model_layout, fake_runtime, import_sglang_or_skip
 
-from eplb_plugin.algorithms import algorithm_for_dispatch, rebalance_experts
+from eplb_plugin.algorithms import rebalance_experts
 from eplb_plugin.location import ExpertLocation, load_init_expert_location
 from eplb_plugin.recorder import ExpertDistributionRecorder
 
@@ -100,8 +100,8 @@ def test_init_expert_location_plans_from_the_projects_stat_dump(sglang_eplb, tmp
     fake_runtime(ep_size=EP_SIZE, ep_num_redundant_experts=NUM_REDUNDANT, init_expert_location=str(path),
                  eplb_algorithm="eplb_plugin")
     metadata = sglang_eplb.compute_initial_expert_location_metadata(None, moe_ep_rank=0)
-    # SGLang cannot carry replica weights, so under its name the planner's equal-split variant runs.
+    # SGLang cannot carry replica weights: the plan is for an equal split (the default).
     expected = load_init_expert_location(str(path), num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL,
                                          num_physical_experts=NUM_PHYSICAL, ep_size=EP_SIZE,
-                                         algorithm=algorithm_for_dispatch("eplb_plugin", "static"))
+                                         algorithm="eplb_plugin")
     assert torch.equal(metadata.physical_to_logical_map.cpu(), expected.physical_to_logical_map)

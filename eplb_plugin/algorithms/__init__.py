@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -62,11 +63,11 @@ class Placement:
 PolicyFn = Callable[..., "tuple[np.ndarray, np.ndarray | None]"]
 
 
-def _deepseek(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
+def _deepseek(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal"):
     return deepseek(weight, num_physical, num_gpus=num_gpus), None
 
 
-def _deepseek_hierarchical(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
+def _deepseek_hierarchical(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal"):
     phy2log = deepseek(
         weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, hierarchical=True
     )
@@ -88,25 +89,26 @@ def _fresh(weight, num_physical, *, num_gpus, num_nodes, num_groups, with_weight
     return phy2log, weights
 
 
-def _ours(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
+def _ours(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal"):
+    weighted = split == "weighted"
     if previous is not None:
-        return plan_migration_aware(weight, previous, num_gpus=num_gpus)
+        phy2log, weights = plan_migration_aware(weight, previous, num_gpus=num_gpus)
+        return phy2log, weights if weighted else None
     return _fresh(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
-                  with_weights=True)
+                  with_weights=weighted)
 
 
-def _ours_equal(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
-    if previous is not None:
-        return plan_migration_aware(weight, previous, num_gpus=num_gpus)[0], None
-    return _fresh(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
-                  with_weights=False)
+def _ours_equal(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal"):
+    """The earlier spelling of ``eplb_plugin`` with ``split="equal"`` (kept for old flags)."""
+    return _ours(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
+                 previous=previous)
 
 
-def _deepseek_vec(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
+def _deepseek_vec(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal"):
     return deepseek_vec(weight[None] if per_pass is None else per_pass, num_physical, num_gpus=num_gpus), None
 
 
-def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None):
+def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal"):
     start, _ = _ours_equal(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
                            previous=previous)
     return refine_for_minmax(start, weight[None] if per_pass is None else per_pass, num_gpus=num_gpus,
@@ -124,30 +126,22 @@ ALGORITHMS: dict[str, PolicyFn] = {
 # Policies that plan from the window's per-pass counts [B, L, E] (the others from their sum).
 PER_PASS_POLICIES = frozenset({"deepseek_vec", "eplb_plugin_perpass"})
 DEFAULT_ALGORITHM = "eplb_plugin"
-# Policies whose map is designed for replica weights, and their equal-split counterpart (used
-# where weights cannot be passed on, e.g. SGLang's rebalance_experts).
-EQUAL_SPLIT_VARIANT = {"eplb_plugin": "eplb_plugin_equal"}
+Split = Literal["equal", "weighted"]
+SPLITS: tuple[str, ...] = get_args(Split)
 
 
-# Dispatch algorithms that split an expert's tokens by planned replica weights; under the
-# others a replica gets an equal share on average (minmax follows each pass, around an
-# equal-split plan: a weighted map concentrates replicas and leaves the pass's split no room).
-WEIGHT_AWARE_DISPATCH = tuple(name for name, info in DISPATCH_INFO.items() if info.honours_replica_weights)
+def split_for_dispatch(dispatch: str | None) -> Split:
+    """The replica split a placement should be planned for under ``dispatch``: "weighted"
+    only where the dispatch honours replica weights (``DispatchInfo``); "equal" otherwise,
+    unset included (stock SGLang splits equally, and minmax follows each pass around an
+    equal-split plan: a weighted map concentrates replicas and leaves the pass's split no room)."""
+    info = DISPATCH_INFO.get(dispatch) if dispatch is not None else None  # SGLang's lp / fake: equal
+    return "weighted" if info is not None and info.honours_replica_weights else "equal"
 
 
-def algorithm_for_dispatch(algorithm: str, dispatch: str | None) -> str:
-    """The policy to plan with when tokens are dispatched by ``dispatch``.
-
-    A policy whose map relies on replica weights is swapped for its equal-split variant
-    when the dispatch cannot follow weights (``static``, ``random``, or unset).
-    """
-    name = _algorithm_name(algorithm)
-    if dispatch in WEIGHT_AWARE_DISPATCH:
-        return name
-    return EQUAL_SPLIT_VARIANT.get(name, name)
-
-
-def _algorithm_name(algorithm) -> str:
+def resolve_algorithm(algorithm) -> str:
+    """The registered policy name for ``algorithm`` (``auto`` = the default; SGLang's enum
+    accepted); ConfigError naming the known ones."""
     name = getattr(algorithm, "name", algorithm)  # SGLang passes an enum
     if not isinstance(name, str):
         raise ConfigError(f"algorithm={algorithm!r} must be a name; known: auto, {', '.join(ALGORITHMS)}")
@@ -198,7 +192,7 @@ def _previous_map(previous, shape) -> np.ndarray | None:
 
 def plan(
     logical_count, *, num_physical_experts: int, num_gpus: int, num_nodes: int = 1,
-    num_groups: int | None = None, algorithm: str = "auto", previous=None,
+    num_groups: int | None = None, algorithm: str = "auto", previous=None, split: str = "equal",
 ) -> Placement:
     """Plan a placement.
 
@@ -206,9 +200,14 @@ def plan(
         (``PER_PASS_POLICIES``) plan from the B passes, the others from their sum.
     previous: an earlier Placement or [L, P] map; migration-aware policies keep slots where
         moving buys little, and ``slots_moved`` is reported against it.
+    split: how the host splits an expert's tokens over its replicas: "equal" (stock SGLang,
+        static / random / minmax dispatch) or "weighted" (``weighted`` dispatch: the
+        placement then carries replica weights where the policy makes them).
     Raises CountsError / ConfigError / PlacementError for bad input.
     """
-    name = _algorithm_name(algorithm)
+    name = resolve_algorithm(algorithm)
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is unknown; choose one of {list(SPLITS)}")
     per_pass = _validate_counts(logical_count)
     counts = per_pass.sum(0) if per_pass.ndim == 3 else per_pass
     num_layers, num_logical = counts.shape
@@ -219,7 +218,7 @@ def plan(
     start = time.perf_counter()
     phy2log, weights = ALGORITHMS[name](
         counts, num_physical_experts, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, previous=prev,
-        per_pass=per_pass if per_pass.ndim == 3 else None,
+        per_pass=per_pass if per_pass.ndim == 3 else None, split=split,
     )
     elapsed = time.perf_counter() - start
     moved = None if prev is None else int((phy2log != prev).sum())
@@ -237,13 +236,11 @@ def rebalance_experts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SGLang 0.5.23's entry point: returns (phy2log [L, P], log2phy [L, E, P-E+1], replica_count [L, E]).
 
-    The tuple carries no replica weights, so ``auto`` / ``eplb_plugin`` plan for equal split here.
+    The tuple carries no replica weights: SGLang splits equally, so every policy plans for that.
     """
     if num_local_physical_experts <= 0:
         raise ConfigError(f"num_local_physical_experts={num_local_physical_experts} must be positive")
-    name = _algorithm_name(algorithm)
-    # SGLang splits each expert's tokens equally over its replicas: plan for that.
-    name = EQUAL_SPLIT_VARIANT.get(name, name)
+    name = resolve_algorithm(algorithm)
     placement = plan(
         tokens_per_expert, num_physical_experts=num_physical_experts,
         num_gpus=num_physical_experts // num_local_physical_experts, num_nodes=num_nodes,
@@ -254,4 +251,5 @@ def rebalance_experts(
     return phy2log, compute_logical_to_physical_map(phy2log, num_logical), placement.replica_count(num_logical)
 
 
-__all__ = ["ALGORITHMS", "PER_PASS_POLICIES", "Placement", "algorithm_for_dispatch", "plan", "rebalance_experts"]
+__all__ = ["ALGORITHMS", "PER_PASS_POLICIES", "SPLITS", "Placement", "plan", "rebalance_experts", "resolve_algorithm",
+           "split_for_dispatch"]

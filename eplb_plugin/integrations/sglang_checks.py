@@ -24,10 +24,10 @@ COUNTING_MODES = ("stat", "stat_approx")  # the recorder modes the manager can p
 def check_algorithm(eplb_algorithm: str, ep_dispatch_algorithm: str | None) -> str:
     """The policy the manager will plan with; ConfigError for a name SGLang knows and the
     plugin's manager does not (``elasticity_aware``, ``deepseek_vec_hierarchical``)."""
-    from eplb_plugin.algorithms import ALGORITHMS, algorithm_for_dispatch
+    from eplb_plugin.algorithms import ALGORITHMS, resolve_algorithm
 
     try:
-        return algorithm_for_dispatch(eplb_algorithm, ep_dispatch_algorithm)
+        return resolve_algorithm(eplb_algorithm)
     except ConfigError as exc:
         known = ", ".join(("auto", *ALGORITHMS))
         raise ConfigError(

@@ -264,7 +264,7 @@ def launch(cfg: RuntimeConfig, runs: Sequence[RunSpec], dist_args: EPLBArgs) -> 
 def check_runs(cfg: RuntimeConfig, runs: Sequence[RunSpec], ep_size: int) -> None:
     """Load each run's ``--init-expert-location`` here, before any rank starts, so that a bad
     file is one typed error (ExpertLocationFileError) from the launcher."""
-    from eplb_plugin.algorithms import algorithm_for_dispatch
+    from eplb_plugin.algorithms import resolve_algorithm, split_for_dispatch
     from eplb_plugin.location import load_init_expert_location
 
     model = cfg.model
@@ -276,7 +276,7 @@ def check_runs(cfg: RuntimeConfig, runs: Sequence[RunSpec], ep_size: int) -> Non
             args.init_expert_location, num_layers=model.num_layers, num_logical_experts=model.num_logical_experts,
             num_physical_experts=model.num_logical_experts + args.ep_num_redundant_experts, ep_size=ep_size,
             num_nodes=args.nnodes, num_groups=model.num_groups,
-            algorithm=algorithm_for_dispatch(args.eplb_algorithm, args.ep_dispatch_algorithm),
+            algorithm=resolve_algorithm(args.eplb_algorithm), split=split_for_dispatch(args.ep_dispatch_algorithm),
         )
 
 
