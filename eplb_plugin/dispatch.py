@@ -127,12 +127,13 @@ class ExpertDispatcher:
         ).view_as(l2p).to(self.device)
         # minmax's placement-only tables, built here (not per pass) and updated in place.
         self.minmax = build_minmax_tables(location.physical_to_logical_map.to(self.device),
-                                          location.num_logical_experts, num_gpus=location.ep_size)
+                                          location.num_logical_experts, num_gpus=location.ep_size) \
+            if algorithm == "minmax" else None
         self._kernel = algorithm == "minmax" and use_triton(backend, self.replica_count)
 
     def _tables(self) -> list[torch.Tensor]:
         return [self.static_table, self.logical_to_physical_map, self.replica_count, self.replica_shares,
-                *self.minmax]
+                *(self.minmax or ())]
 
     def update_(self, location: ExpertLocation) -> bool:
         """Take ``location``'s tables into this dispatcher's tensors, in place (so a CUDA
@@ -186,6 +187,7 @@ class ExpertDispatcher:
             from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
 
             exchange = self.pass_counts if self.count_world > 1 else None
+            assert self.minmax is not None  # built for minmax in __init__
             return minmax_dispatch_triton(topk_ids, self.minmax, layer=layer, num_slots=self.location.num_physical_experts,
                                           exchange=exchange, counts_out=counts_out)
         ids = topk_ids.to(torch.int64)
@@ -196,6 +198,7 @@ class ExpertDispatcher:
         local.index_add_(0, safe.flatten(), valid.flatten().to(torch.int64))
         total, offset = self.pass_counts(local)
         t = self.minmax
+        assert t is not None  # built for minmax in __init__
         shares, _ = minmax_gpu_shares(total.unsqueeze(0), t.multi_experts[layer:layer + 1],
                                       t.multi_gpus[layer:layer + 1], t.single_slots[layer:layer + 1])
         position = _occurrence_index(safe, valid, num_experts) + offset[safe.flatten()]

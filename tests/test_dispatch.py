@@ -98,7 +98,7 @@ def test_update_takes_a_new_placement_in_place():
     for algorithm in ("static", "weighted", "minmax"):
         live = ExpertDispatcher(old, rank=1, algorithm=algorithm)
         tensors = [live.static_table, live.logical_to_physical_map, live.replica_count, live.replica_shares,
-                   *live.minmax]
+                   *(live.minmax or ())]
         addresses = [t.data_ptr() for t in tensors]
         assert live.update_(new)
         assert [t.data_ptr() for t in tensors] == addresses
