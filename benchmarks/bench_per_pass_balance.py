@@ -28,28 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from _traces import ESFT_TRACES, esft_topk_ids, traces_dir  # benchmarks/_traces.py
-from bench_realized_balance import NUM_LOGICAL, rank_counts
+from bench_realized_balance import NUM_LOGICAL, rank_counts, static_gpu_loads
 
 from eplb_plugin.algorithms import plan
 from eplb_plugin.algorithms.evaluate import minmax_gpu_loads
-from eplb_plugin.balance import gpu_loads, layer_balancedness
-from eplb_plugin.dispatch import compute_static_dispatch_table
-from eplb_plugin.location import ExpertLocation
+from eplb_plugin.balance import layer_balancedness
 
 PLANNERS = ("eplb_plugin_equal", "eplb_plugin_perpass", "deepseek", "deepseek_vec")
-
-
-def static_gpu_loads(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
-    """[L, G] loads of one pass under every rank's static table. per_rank: [R, L, E]."""
-    loc = ExpertLocation.from_physical_to_logical_map(torch.from_numpy(phy2log), num_logical_experts=NUM_LOGICAL,
-                                                      ep_size=num_gpus)
-    num_layers, num_slots = phy2log.shape
-    slot = np.zeros((num_layers, num_slots))
-    for r in range(per_rank.shape[0]):
-        table = compute_static_dispatch_table(loc, rank=r).numpy()  # [L, E]
-        for layer in range(num_layers):
-            np.add.at(slot[layer], table[layer], per_rank[r, layer])
-    return gpu_loads(torch.from_numpy(slot), num_gpus).numpy()
 
 
 def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> dict[str, float]:

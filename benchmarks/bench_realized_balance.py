@@ -47,6 +47,19 @@ def rank_counts(ids: np.ndarray, pass_id: int, batch_tokens: int, ep: int) -> np
     return out
 
 
+def static_gpu_loads(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """[L, G] loads of one pass under every rank's static table. per_rank: [R, L, E]."""
+    loc = ExpertLocation.from_physical_to_logical_map(torch.from_numpy(phy2log), num_logical_experts=NUM_LOGICAL,
+                                                      ep_size=num_gpus)
+    num_layers, num_slots = phy2log.shape
+    slot = np.zeros((num_layers, num_slots))
+    for r in range(per_rank.shape[0]):
+        table = compute_static_dispatch_table(loc, rank=r).numpy()  # [L, E]
+        for layer in range(num_layers):
+            np.add.at(slot[layer], table[layer], per_rank[r, layer])
+    return gpu_loads(torch.from_numpy(slot), num_gpus).numpy()
+
+
 def realized(counts: list[np.ndarray], ep: int, redundant: int, every: int, oracle: bool = False) -> np.ndarray:
     """Per-pass balancedness of static dispatch tables under the replanned placements."""
     num_layers = counts[0].shape[1]
@@ -58,13 +71,7 @@ def realized(counts: list[np.ndarray], ep: int, redundant: int, every: int, orac
             window = per_rank.sum(0) if oracle else sum(c.sum(0) for c in counts[max(0, p - every) : p])
             phy = plan(window, num_physical_experts=slots, num_gpus=ep, algorithm="eplb_plugin_equal",
                        previous=None if oracle else phy).physical_to_logical_map
-        loc = ExpertLocation.from_physical_to_logical_map(phy, num_logical_experts=NUM_LOGICAL, ep_size=ep)
-        slot = np.zeros((num_layers, slots))
-        for r in range(ep):
-            table = compute_static_dispatch_table(loc, rank=r).numpy()  # [L, E]
-            for layer in range(num_layers):
-                np.add.at(slot[layer], table[layer], per_rank[r, layer])
-        out.append(balancedness(gpu_loads(torch.from_numpy(slot), ep)))
+        out.append(balancedness(torch.from_numpy(static_gpu_loads(per_rank, phy.numpy(), ep))))
     return np.array(out)
 
 

@@ -153,8 +153,9 @@ class ExpertDispatcher:
     def dispatch(self, layer: int, topk_ids: torch.Tensor, *, counts_out: torch.Tensor | None = None) -> torch.Tensor:
         """topk_ids: [T, k] int, logical ids, -1 = padding -> [T, k] int64 physical slots.
 
-        counts_out: an optional [L, P] int32 buffer (the recorder's) to which the Triton
-        ``minmax`` kernel adds this call's slot counts in the same launch.
+        counts_out: an optional [L, P] int32 buffer (the recorder's) to which algorithms with
+        ``DispatchInfo.counts_slots`` (``minmax``: in the same launch) add this call's slots;
+        the others ignore it.
         """
         if self.algorithm == "minmax":
             return self._dispatch_minmax(layer, topk_ids, counts_out)

@@ -13,12 +13,14 @@ class DispatchInfo:
     """What a dispatch algorithm promises. honours_replica_weights: splits by planned
     weights (so a placement may be planned for a weighted split); follows_pass: the split
     depends on the pass's own counts; graph_safe: only device ops on fixed-shape tables
-    (capturable in a CUDA graph)."""
+    (capturable in a CUDA graph); counts_slots: ``dispatch(counts_out=)`` adds the chosen
+    slots to the recorder's buffer itself (no separate count kernel)."""
 
     name: str
     honours_replica_weights: bool
     follows_pass: bool
     graph_safe: bool
+    counts_slots: bool = False
 
 
 DISPATCH_INFO: dict[str, DispatchInfo] = {
@@ -27,7 +29,7 @@ DISPATCH_INFO: dict[str, DispatchInfo] = {
         DispatchInfo("dynamic", honours_replica_weights=False, follows_pass=False, graph_safe=False),
         DispatchInfo("random", honours_replica_weights=False, follows_pass=False, graph_safe=False),
         DispatchInfo("weighted", honours_replica_weights=True, follows_pass=False, graph_safe=True),
-        DispatchInfo("minmax", honours_replica_weights=False, follows_pass=True, graph_safe=True),
+        DispatchInfo("minmax", honours_replica_weights=False, follows_pass=True, graph_safe=True, counts_slots=True),
     )
 }
 

@@ -22,7 +22,7 @@ import torch
 
 from ..balance import layer_balancedness
 from ..errors import ConfigError
-from ..kernels.minmax import build_minmax_tables, minmax_gpu_shares
+from ..kernels.minmax import minmax_loads
 from .split import equal_slot_loads, gpu_sum
 
 DISPATCHES = ("static", "random", "dynamic", "weighted", "minmax")
@@ -67,14 +67,8 @@ def minmax_gpu_loads(counts: np.ndarray, phy2log: np.ndarray, *, num_gpus: int) 
     """GPU loads of every pass under ``minmax`` dispatch (fractional: before rounding to
     tokens). counts: [B, L, E]; phy2log: [L, P]. Returns [B, L, G] float64."""
     num_passes, num_layers, num_logical = counts.shape
-    phy = torch.as_tensor(np.ascontiguousarray(phy2log), dtype=torch.int64)
-    tables = build_minmax_tables(phy, num_logical, num_gpus=num_gpus)
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.unsqueeze(0).expand(num_passes, *t.shape).reshape(num_passes * num_layers, *t.shape[1:])
-
-    _, gpu = minmax_gpu_shares(torch.from_numpy(counts.reshape(num_passes * num_layers, num_logical)),
-                               rows(tables.multi_experts), rows(tables.multi_gpus), rows(tables.single_slots))
+    maps = torch.as_tensor(np.ascontiguousarray(phy2log), dtype=torch.int64).repeat(num_passes, 1)  # [B * L, P]
+    gpu = minmax_loads(maps, torch.from_numpy(counts.reshape(num_passes * num_layers, num_logical)), num_gpus=num_gpus)
     return gpu.double().numpy().reshape(num_passes, num_layers, num_gpus)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..kernels.minmax import build_minmax_tables, minmax_gpu_shares
+from ..kernels.minmax import minmax_loads
 
 PERPASS_ROUNDS = 20
 PERPASS_CANDIDATES = 16  # changes tried per layer per round
@@ -38,10 +38,8 @@ def mean_pass_balancedness(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus
     """maps: [N, P] int64; counts: [N, W, E] float32 (W passes per map). Returns [N]: the mean
     over the W passes of mean/max GPU load under ``minmax`` dispatch."""
     num_maps, num_passes, num_logical = counts.shape
-    rows = maps.repeat_interleave(num_passes, 0)
-    tables = build_minmax_tables(rows, num_logical, num_gpus=num_gpus)
-    _, gpu = minmax_gpu_shares(counts.reshape(num_maps * num_passes, num_logical), tables.multi_experts,
-                               tables.multi_gpus, tables.single_slots, iterations=PERPASS_SCORE_ITERATIONS)
+    gpu = minmax_loads(maps.repeat_interleave(num_passes, 0), counts.reshape(num_maps * num_passes, num_logical),
+                       num_gpus=num_gpus, iterations=PERPASS_SCORE_ITERATIONS)
     return (gpu.mean(-1) / gpu.amax(-1).clamp_min(1e-9)).view(num_maps, num_passes).mean(1)
 
 

@@ -145,3 +145,13 @@ def minmax_choose(position: torch.Tensor, experts: torch.Tensor, shares: torch.T
     pick = (cum <= position.to(cum.dtype).unsqueeze(-1) + 0.5).sum(-1)
     pick = torch.where(row >= 0, torch.minimum(pick, last), first)
     return torch.gather(gpus, 1, pick.unsqueeze(-1)).squeeze(-1)
+
+
+def minmax_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int,
+                 iterations: int = MINMAX_ITERATIONS) -> torch.Tensor:
+    """GPU loads under the split (fractional: before rounding to tokens) of R independent
+    rows, each a map and one pass's counts. maps: [R, P] int64; counts: [R, E]. Returns [R, G]."""
+    tables = build_minmax_tables(maps, counts.shape[1], num_gpus=num_gpus)
+    _, gpu = minmax_gpu_shares(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots,
+                               iterations=iterations)
+    return gpu

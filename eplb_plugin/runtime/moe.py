@@ -200,8 +200,8 @@ def ep_moe_forward(
         # Static dispatch is a table lookup: map and count in one fused kernel.
         physical = recorder.record_logical(layer, topk_ids, dispatcher.static_table).long()
     else:
-        # minmax counts the slots it picks in its own kernel, into the recorder's buffer.
-        counts = recorder.select_counts_buffer() if dispatcher.algorithm == "minmax" else None
+        # A dispatch that counts the slots it picks (minmax, in its own kernel) adds them to the recorder's buffer.
+        counts = recorder.select_counts_buffer() if dispatcher.info.counts_slots else None
         physical = dispatcher.dispatch(layer, topk_ids, counts_out=counts)  # [T, k] int64, -1 kept
         recorder.on_select_experts(physical, counted=counts is not None)
     if exchange == "gather":
