@@ -8,7 +8,9 @@ Cost, per layer, ``--num-layers`` layers captured in one CUDA graph and replayed
 eagerly, per call), for T tokens x top-8 onto DeepSeek-V3's 256 experts in 288 slots at EP8:
 - static_lookup_and_count: the static table lookup fused with counting (the floor);
 - count_only: the recorder's count kernel on physical ids;
-- minmax_triton: the two minmax kernels (split, choice and count in one pass);
+- minmax_triton: the minmax kernels (totals + split, then choice and count), with the
+  settings varied (assign warps, split warps, no split steps); its graph's slot loads are
+  checked against the torch path's after the replays;
 - minmax_torch: the dispatcher's torch path (the reference), graph-captured;
 - dynamic_single_program: the earlier water-filling kernel (one program per layer, 6 steps).
 
@@ -71,7 +73,7 @@ def synthetic_ids(num_passes: int, tokens: int, seed: int = 0) -> np.ndarray:
 def time_variants(tokens: int, *, num_layers: int, replays: int) -> dict:
     """Per-layer microseconds of every variant, graph-captured and eager (CUDA)."""
     from eplb_plugin.kernels.dynamic import dynamic_dispatch_triton, scratch_numel
-    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
 
     gen = torch.Generator().manual_seed(tokens)
     popularity = torch.distributions.Gamma(0.5, 1.0).sample((num_layers, NUM_EXPERTS))
@@ -86,14 +88,19 @@ def time_variants(tokens: int, *, num_layers: int, replays: int) -> dict:
     physical = torch_minmax.dispatch(0, ids[0])
     out = torch.empty_like(ids[0])
     scratch = torch.empty(scratch_numel(*triton_minmax.logical_to_physical_map.shape[1:]), device="cuda")
+    tables = triton_minmax.minmax
+    assert tables is not None
+    settings = {"minmax_triton_assign_4_warps": {"num_warps": 4}, "minmax_triton_split_2_warps": {"split_warps": 2},
+                "minmax_triton_split_4_warps": {"split_warps": 4},
+                "minmax_triton_no_split_steps": {"iterations": 0}}  # equal shares: the rest's cost
+    scratches = {name: minmax_scratch(tables) for name in settings}  # kept across calls, as the dispatcher does
     variants = {
         "static_lookup_and_count": lambda layer: map_and_count(ids[layer], static, counts, layer, out=out),
         "count_only": lambda layer: count_topk(physical, counts, layer),
         "minmax_triton": lambda layer: triton_minmax.dispatch(layer, ids[layer], counts_out=counts),
-        **{f"minmax_triton_{w}_warps": (lambda layer, w=w: minmax_dispatch_triton(
-            ids[layer], triton_minmax.minmax, layer=layer, num_slots=NUM_SLOTS, counts_out=counts, num_warps=w)) for w in (4,)},
-        "minmax_triton_no_split_steps": lambda layer: minmax_dispatch_triton(  # equal shares: the rest's cost
-            ids[layer], triton_minmax.minmax, layer=layer, num_slots=NUM_SLOTS, counts_out=counts, iterations=0),
+        **{name: (lambda layer, kw=kw, sc=scratches[name]: minmax_dispatch_triton(
+            ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=sc, counts_out=counts, **kw))
+           for name, kw in settings.items()},
         "minmax_torch": lambda layer: torch_minmax.dispatch(layer, ids[layer]),
         "dynamic_single_program": lambda layer: dynamic_dispatch_triton(
             ids[layer], triton_minmax.logical_to_physical_map[layer], num_local=NUM_SLOTS // EP, num_gpus=EP,
@@ -127,6 +134,14 @@ def time_variants(tokens: int, *, num_layers: int, replays: int) -> dict:
         torch.cuda.synchronize()  # eager calls done
         eager_us = (time.perf_counter() - t0) * 1e6 / (3 * num_layers)
         result[name] = {"graph_us_per_layer": graph_us, "eager_us_per_layer": eager_us}
+        if name == "minmax_triton":  # one more replay on zeroed counts: the graph's slots vs the torch path's
+            counts.zero_()
+            graph.replay()
+            want = torch.stack([torch.bincount(torch_minmax.dispatch(layer, ids[layer]).flatten(), minlength=NUM_SLOTS)
+                                for layer in range(num_layers)])
+            peak = gpu_loads(counts.long(), EP).amax(1).float() / gpu_loads(want, EP).amax(1).float()
+            result[name].update(graph_slot_load_max_abs_diff_vs_torch=int((counts.long() - want).abs().max()),
+                                graph_peak_over_torch_peak_max=float(peak.max()))
         print(f"{tokens:>6} tokens  {name:>26}: graph {graph_us:8.2f} us/layer   eager {eager_us:8.1f} us/call")
     return result
 

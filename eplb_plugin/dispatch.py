@@ -14,7 +14,9 @@ Algorithms (``--ep-dispatch-algorithm``):
   gives the same choice on every rank).
 - ``minmax`` (the project's own): per pass, each expert's tokens split over its replicas so
   that the pass's maximum GPU load is (near) minimal given the placement
-  (``kernels/minmax.py``), then by occurrence order as ``weighted``. With ``count_group``
+  (``kernels/minmax.py``), then by occurrence order as ``weighted`` (the Triton kernels
+  number each expert's tokens by atomic tickets instead: the same tokens per slot, though
+  which token of an expert lands on which replica may differ). With ``count_group``
   the ranks first all-gather their per-expert counts of the layer, so the split follows the
   whole pass and each rank takes its own run of every expert's occurrences; without it each
   rank splits its own tokens.
@@ -34,6 +36,7 @@ from eplb_plugin.dispatch_info import dispatch_info
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.kernels._launch import use_triton
 from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_choose, minmax_gpu_shares
+from eplb_plugin.kernels.minmax_triton import minmax_scratch
 from eplb_plugin.location import ExpertLocation
 
 
@@ -130,6 +133,8 @@ class ExpertDispatcher:
                                           location.num_logical_experts, num_gpus=location.ep_size) \
             if algorithm == "minmax" else None
         self._kernel = algorithm == "minmax" and use_triton(backend, self.replica_count)
+        # the kernels' per-layer counters and quotas (kept across placements copied in place)
+        self._scratch = minmax_scratch(self.minmax) if self._kernel and self.minmax is not None else None
 
     def _tables(self) -> list[torch.Tensor]:
         return [self.static_table, self.logical_to_physical_map, self.replica_count, self.replica_shares,
@@ -190,7 +195,7 @@ class ExpertDispatcher:
             exchange = self.pass_counts if self.count_world > 1 else None
             assert self.minmax is not None  # built for minmax in __init__
             return minmax_dispatch_triton(topk_ids, self.minmax, layer=layer, num_slots=self.location.num_physical_experts,
-                                          exchange=exchange, counts_out=counts_out)
+                                          scratch=self._scratch, exchange=exchange, counts_out=counts_out)
         ids = topk_ids.to(torch.int64)
         valid = ids >= 0
         safe = ids.clamp_min(0)

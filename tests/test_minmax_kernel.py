@@ -65,3 +65,51 @@ def test_kernel_follows_a_new_placement_copied_in_place():
     want = ExpertDispatcher(new, rank=0, algorithm="minmax").dispatch(0, ids)
     got_load = torch.bincount(got[got >= 0], minlength=20)
     assert (got_load - torch.bincount(want[want >= 0], minlength=20)).abs().max() <= 1
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_repeated_calls_leave_the_totals_zeroed_and_serve_the_same_slot_loads():
+    """The kernels keep per-layer counters between calls (the totals and the done count are
+    zero between calls: the split zeroes them, and the tickets before the assign), so a
+    captured graph can replay them: every call of a layer serves the same tokens per slot."""
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
+
+    location, ids = _case(7, 64, 72, 8, 700, 6)
+    dispatcher = ExpertDispatcher(location, rank=0, algorithm="minmax", backend="triton", device=DEVICE)
+    assert dispatcher.minmax is not None
+    scratch = minmax_scratch(dispatcher.minmax)
+    loads = []
+    for _ in range(3):
+        for layer in (1, 0):
+            out = minmax_dispatch_triton(ids.to(DEVICE), dispatcher.minmax, layer=layer, num_slots=72, scratch=scratch)
+            nb = (scratch.counters.shape[1] - 1) // 2
+            assert not scratch.counters[:, :nb].any() and not scratch.counters[:, -1].any()
+            if layer == 0:
+                loads.append(torch.bincount(out[out >= 0].cpu(), minlength=72))
+    assert all(torch.equal(load, loads[0]) for load in loads)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_ranks_splitting_on_the_pass_counts_serve_what_one_dispatcher_of_the_whole_pass_serves():
+    """With an exchange (``--ep-dispatch-counts global``) each rank's kernels split on the
+    pass's counts and place its pairs after the lower ranks' pairs of each expert: the slots
+    both ranks choose together carry the whole-pass torch path's loads (within a pair per
+    rank at quota boundaries)."""
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+
+    location, ids = _case(8, 64, 72, 8, 600, 6)
+    parts = (ids[:250], ids[250:])
+    local = [torch.bincount(p[p >= 0], minlength=64) for p in parts]
+    kernel = ExpertDispatcher(location, rank=0, algorithm="minmax", backend="triton", device=DEVICE)
+    assert kernel.minmax is not None
+    load = torch.zeros(72, dtype=torch.int64)
+    for rank, part in enumerate(parts):
+        def exchange(mine, rank=rank):
+            assert torch.equal(mine.cpu(), local[rank])
+            return (local[0] + local[1]).to(mine.device), (local[0] if rank else torch.zeros_like(local[0])).to(mine.device)
+
+        out = minmax_dispatch_triton(part.to(DEVICE), kernel.minmax, layer=1, num_slots=72, exchange=exchange).cpu()
+        assert torch.equal(location.physical_to_logical_map[1][out[part >= 0]], part[part >= 0])
+        load += torch.bincount(out[out >= 0], minlength=72)
+    whole = ExpertDispatcher(location, rank=0, algorithm="minmax").dispatch(1, ids)
+    assert (load - torch.bincount(whole[whole >= 0], minlength=72)).abs().max() <= 2

@@ -1,26 +1,37 @@
-"""The ``minmax`` dispatch of one layer as two multi-program Triton kernels.
+"""The ``minmax`` dispatch of one layer as two Triton kernels (three with counts exchanged
+between ranks), CUDA-graph safe.
 
-1. ``minmax_histogram_kernel`` (one program per tile of up to ``MAX_TILE`` pairs): each tile's
-   per-expert counts into a ``[num_tiles, NB]`` scratch.
-2. ``minmax_assign_kernel`` (up to ``MAX_PROGRAMS`` programs, each over consecutive tiles):
-   every program sums the tile counts (the pass's per-expert tokens, and the tokens before
-   its first tile), solves the same small ``[M, G]`` split as ``kernels/minmax.py`` (the
-   same diffusion steps, in float32), then ranks each pair among its expert's pairs by a
-   sort of its tile and picks the GPU whose cumulative quota first exceeds that rank (and
-   the expert's first slot there), as ``minmax_choose``.
-   It adds the chosen slots to the recorder's ``[L, P]`` counts in the same launch (one
-   atomic per slot per program).
+1. ``minmax_totals_kernel`` (one program per tile of ``TOTALS_TILE`` pairs, few warps):
+   each tile's tokens per expert added atomically to the layer's scratch totals. The
+   program that finishes last (a counter in the scratch) solves the small ``[M, G]`` split
+   of ``kernels/minmax.py`` on the totals (the same diffusion steps, in float32) and
+   writes each replicated expert's cumulative GPU quotas. With an ``exchange`` (several
+   ranks, ``--ep-dispatch-counts global``) the totals go through it instead and
+   ``minmax_split_kernel`` (one program) solves the split on the pass's counts.
+2. ``minmax_assign_kernel`` (up to ``MAX_PROGRAMS`` programs over tiles): a pair of a
+   replicated expert takes a ticket from its expert's counter (atomic: one expert's tickets
+   are 0 .. n - 1 in some order) and goes to the first GPU whose cumulative quota exceeds
+   it (plus the expert's pairs on lower ranks), at the expert's first slot there, as
+   ``minmax_choose``. It adds the chosen slots to the recorder's ``[L, P]`` counts in the
+   same launch (one atomic per slot per program).
 
-Both are CUDA-graph safe (no host reads; the scratch and output come from the caching
-allocator, which a capture serves from its private pool) and deterministic: every program
-runs the same arithmetic in the same order, so all programs (and all ranks) agree. The
-torch path of ``ExpertDispatcher`` is the reference; float32 sums in another order may move
-a pair that sits exactly on a quota boundary to the neighbouring replica.
+The split is solved once per layer (not once per program) by a program of few warps, so
+its reductions stay inside a warp; tickets replace ranking pairs by a sort. Which pair of
+an expert gets which ticket depends on the order the atomics land, so two runs may send
+different pairs of one expert to different replicas, but the tokens each slot serves (and
+the recorder's counts) are the same every run and on every rank. The torch path of
+``ExpertDispatcher`` is the reference; float32 sums in another order may move a pair that
+sits exactly on a quota boundary to the neighbouring replica.
+
+The scratch (``MinmaxScratch``, per layer) carries counters from kernel to kernel: the split
+zeroes the totals after reading them and resets the tickets before the assign, so calls of
+one layer must not overlap (one stream per dispatcher).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -30,57 +41,103 @@ from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS, MINMAX_MOMENTUM, Minma
 # this rank's [E] counts -> (the pass's [E] counts, tokens on lower ranks [E]); collective
 CountExchange = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
-MAX_TILE = 256  # pairs ranked together by one sort
+# Launch settings, the fastest measured on an H100 inside a CUDA graph (58 layers; 512 and
+# 16,384 tokens x top-8 onto 288 slots at EP8): benchmarks/profile_minmax_kernels.py,
+# results in benchmarks/results/NVIDIA_H100_80GB_HBM3/minmax_kernel_settings_*.json.
+ASSIGN_TILE_ELEMENTS = 1024  # elements of the assign kernel's [tile, G] per-pair tables
 MIN_TILE = 32
-TILE_ELEMENTS = 2048  # elements of the [tile, G] per-pair tables of one step
-NUM_WARPS = 8  # H100, 512 tokens: 8 warps 17.8 us a layer, 4 warps 22.2, 2 warps 37.3, 1 warp 80
+MAX_TILE = 1024
+TOTALS_TILE = 1024  # pairs one program of the totals kernel counts...
+SMALL_TOTALS_TILE = 256  # ...and in passes of up to SMALL_PASS_IDS pairs (more programs, shorter)
+SMALL_PASS_IDS = 8192
+NUM_WARPS = 4  # the assign kernel's warps
+SPLIT_WARPS = 4  # the totals / split kernels' warps (1: 2x slower split; 2 and 8: slower too)
+
+class MinmaxScratch(NamedTuple):
+    """Per-layer state of the kernels: ``counters`` [L, 2 NB + 1] int32 (totals, tickets,
+    programs done; see ``triton_kernels_minmax``), ``quotas`` [L, BM * BG] float32 (written
+    by the split, read by the assign)."""
+
+    counters: torch.Tensor
+    quotas: torch.Tensor
+
+
+def _sizes(tables: MinmaxTables) -> tuple[int, int, int]:
+    """(NB, BM, BG): the kernels' padded widths for ``tables``."""
+    num_experts = tables.multi_row.shape[1]
+    num_multi, num_gpus = tables.multi_gpus.shape[1:]
+    return _next_pow2(num_experts + 1), _next_pow2(num_multi), _next_pow2(num_gpus)
+
+
+def minmax_scratch(tables: MinmaxTables) -> MinmaxScratch:
+    """Zeroed scratch for ``tables`` (on their device); keep it with the tables (its shape
+    depends only on their widths, so it outlives placements copied in place)."""
+    nb, bm, bg = _sizes(tables)
+    num_layers = tables.multi_row.shape[0]
+    device = tables.multi_row.device
+    return MinmaxScratch(torch.zeros(num_layers, 2 * nb + 1, dtype=torch.int32, device=device),
+                         torch.zeros(num_layers, bm * bg, dtype=torch.float32, device=device))
 
 
 def minmax_dispatch_triton(
     topk_ids: torch.Tensor, tables: MinmaxTables, *, layer: int, num_slots: int,
-    exchange: CountExchange | None = None, counts_out: torch.Tensor | None = None,
-    num_warps: int = NUM_WARPS, iterations: int = MINMAX_ITERATIONS,
+    scratch: MinmaxScratch | None = None, exchange: CountExchange | None = None,
+    counts_out: torch.Tensor | None = None, num_warps: int = NUM_WARPS, split_warps: int = SPLIT_WARPS,
+    iterations: int = MINMAX_ITERATIONS, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
+    totals_tile: int | None = None,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
-    int64 physical slots (-1 kept). exchange: with several ranks, how this rank's [E] counts
-    become the pass's counts and its offsets (``ExpertDispatcher.pass_counts``, collective);
-    None = this rank's tokens only. counts_out: optional [L, P] int32 recorder buffer; this
-    call's slots are added to its row ``layer``.
-    num_warps / iterations: launch and split settings (the benchmark varies them; the
-    defaults are the measured best)."""
+    int64 physical slots (-1 kept). scratch: from ``minmax_scratch(tables)``, kept by the
+    caller across calls (None: a fresh one, for one-off calls). exchange: with several
+    ranks, how this rank's [E] counts become the pass's counts and its offsets
+    (``ExpertDispatcher.pass_counts``, collective); None = this rank's tokens only.
+    counts_out: optional [L, P] int32 recorder buffer; this call's slots are added to its
+    row ``layer``. num_warps / split_warps / iterations / assign_tile_elements /
+    totals_tile (None: by the pass's size): launch and split settings (the benchmarks vary
+    them; the defaults are the measured best)."""
     from eplb_plugin.kernels import triton_kernels_minmax as k
 
     check_ids("topk_ids", topk_ids)
+    if scratch is None:
+        scratch = minmax_scratch(tables)
     num_experts = tables.multi_row.shape[1]
     num_multi, num_gpus = tables.multi_gpus.shape[1:]
     slots_per_gpu = tables.single_slots.shape[2]
-    bg = _next_pow2(num_gpus)
-    tile = max(MIN_TILE, min(MAX_TILE, TILE_ELEMENTS // bg))  # [tile, G] per-pair tables stay small
+    nb, bm, bg = _sizes(tables)
+    bs = _next_pow2(slots_per_gpu)
     flat = topk_ids.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
     num_ids = flat.numel()
-    num_tiles = max(1, -(-num_ids // tile))
-    nb = _next_pow2(num_experts + 1)  # one bin past the experts for padding
-    hist = torch.empty(num_tiles * nb, dtype=torch.int32, device=flat.device)
-    k.minmax_histogram_kernel[(num_tiles,)](flat, hist, num_ids, num_experts, TILE=tile, NB=nb)
+    counters, quotas = scratch.counters[layer], scratch.quotas[layer]
+    split_tables = (tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer])
     glob = exchange is not None
-    totals = hist
+    if totals_tile is None:
+        totals_tile = SMALL_TOTALS_TILE if num_ids <= SMALL_PASS_IDS else TOTALS_TILE
+    k.minmax_totals_kernel[(max(1, -(-num_ids // totals_tile)),)](
+        flat, counters, quotas, *split_tables, num_ids, num_experts, num_multi, num_gpus, slots_per_gpu,
+        MINMAX_MOMENTUM, SPLIT=not glob, ITERATIONS=iterations, TILE=totals_tile, NB=nb, BM=bm, BG=bg, BS=bs,
+        num_warps=split_warps,
+    )
+    offsets = counters  # unused pointer without an exchange
     if glob:
-        local = hist.view(num_tiles, nb).sum(0, dtype=torch.int32)[:num_experts].long()
-        total, offset = exchange(local)
-        totals = torch.cat([total, offset]).to(torch.int32)
+        total, offset = exchange(counters[:num_experts].long())
+        offsets = offset.to(torch.int32)
+        k.minmax_split_kernel[(1,)](
+            total.to(torch.int32), counters, quotas, *split_tables, num_experts, num_multi, num_gpus, slots_per_gpu,
+            MINMAX_MOMENTUM, ITERATIONS=iterations, NB=nb, BM=bm, BG=bg, BS=bs, num_warps=split_warps,
+        )
+    tile = max(MIN_TILE, min(MAX_TILE, assign_tile_elements // bg))  # [tile, G] per-pair tables stay small
+    num_tiles = max(1, -(-num_ids // tile))
     iters = -(-num_tiles // MAX_PROGRAMS)
     programs = -(-num_tiles // iters)
     out = torch.empty(num_ids, dtype=torch.int64, device=flat.device)
     counts = counts_out if counts_out is not None else out  # unused pointer when not counting
     k.minmax_assign_kernel[(programs,)](
-        flat, hist, totals, out, counts, layer * (counts_out.stride(0) if counts_out is not None else 0),
-        tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer],
-        tables.multi_row[layer], tables.slot_on_gpu[layer],
-        num_ids, num_tiles, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots, MINMAX_MOMENTUM,
-        GLOBAL=glob, COUNT=counts_out is not None, ITERATIONS=iterations, TILE=tile, NB=nb,
-        BM=_next_pow2(num_multi), BG=bg, BS=_next_pow2(slots_per_gpu), NPB=_next_pow2(num_slots + 1), num_warps=num_warps,
+        flat, counters, quotas, offsets, out, counts, layer * (counts_out.stride(0) if counts_out is not None else 0),
+        tables.multi_row[layer], tables.slot_on_gpu[layer], num_ids, iters, num_experts, num_gpus, num_slots,
+        GLOBAL=glob, COUNT=counts_out is not None, TILE=tile, NB=nb, BG=bg, NPB=_next_pow2(num_slots + 1),
+        num_warps=num_warps,
     )
     return out.view(topk_ids.shape)

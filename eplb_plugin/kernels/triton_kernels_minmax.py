@@ -1,6 +1,11 @@
 """Triton kernels of the ``minmax`` dispatch (host side: ``minmax_triton.py``). Imported
 lazily: this module needs triton. Set ``TRITON_INTERPRET=1`` before it is first imported
-to run them on CPU."""
+to run them on CPU.
+
+Scratch of one layer (int32): ``[0, NB)`` the pass's tokens per expert and ``2 NB`` the
+programs done, both zero between calls (the split zeroes them after reading); ``[NB, 2 NB)``
+each expert's ticket counter (its pairs placed so far), zeroed by the split before the
+assign kernel draws from it."""
 
 from __future__ import annotations
 
@@ -9,58 +14,15 @@ import triton.language as tl
 
 
 @triton.jit
-def minmax_histogram_kernel(
-    ids_ptr,  # [num_ids] int32/int64 logical ids of one layer's (token, choice) pairs; -1 = padding
-    hist_ptr,  # [num_tiles, NB] int32 output: pairs per expert in each tile (bin NB - 1: padding)
-    num_ids,
-    num_experts,
-    TILE: tl.constexpr,
-    NB: tl.constexpr,  # power of two > num_experts
+def _split(
+    c,  # [NB] float32, the pass's tokens per expert (0 past the experts)
+    quotas_ptr,  # [BM * BG] float32 output: each replicated expert's cumulative GPU quotas
+    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
+    num_multi, num_gpus, slots_per_gpu, momentum,
+    ITERATIONS: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid * TILE + tl.arange(0, TILE)
-    ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1).to(tl.int32)
-    ids = tl.where((ids >= 0) & (ids < num_experts), ids, NB - 1)
-    tl.store(hist_ptr + pid * NB + tl.arange(0, NB), tl.histogram(ids, NB))
-
-
-@triton.jit
-def minmax_assign_kernel(
-    ids_ptr,  # [num_ids] logical ids (as above)
-    hist_ptr,  # [num_tiles, NB] int32 from minmax_histogram_kernel
-    totals_ptr,  # GLOBAL only: [2 * num_experts] int32, the pass's tokens per expert, then this rank's offsets
-    out_ptr,  # [num_ids] int64 output: the physical slot of each pair (-1 for padding)
-    counts_ptr,  # COUNT only: [L, P] int32 recorder counts
-    counts_offset,  # layer * counts.stride(0)
-    multi_experts_ptr,  # [M] int64, replicated experts (-1 = unused)
-    multi_gpus_ptr,  # [M, G] float32, 1 where the expert has a replica on the GPU
-    single_slots_ptr,  # [G, S] int64, experts on one GPU only (-1 = none)
-    multi_row_ptr,  # [E] int64, each expert's row in multi_experts (-1: not replicated)
-    slot_on_gpu_ptr,  # [E, G] int64, the expert's first slot on each GPU (-1: none)
-    num_ids, num_tiles, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots,
-    momentum,
-    GLOBAL: tl.constexpr, COUNT: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr,
-    NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr,
-):
-    """Every program: the split of the whole pass (the same in all programs), then the slots
-    of its tiles ``[pid * iters, (pid + 1) * iters)``. See ``minmax_triton.py``."""
-    pid = tl.program_id(0)
-    first = pid * iters
-    bins = tl.arange(0, NB)
-    is_expert = bins < num_experts
-    # Step 1: the pass's tokens per expert, and the tokens before this program's first tile.
-    total = tl.zeros([NB], dtype=tl.int32)
-    before = tl.zeros([NB], dtype=tl.int32)
-    for t in range(0, num_tiles):  # (a torch scan over tiles instead was slower: 150 vs 85 us at 16,384 tokens)
-        h = tl.load(hist_ptr + t * NB + bins)
-        total += h
-        before += tl.where(t < first, h, 0)
-    if GLOBAL:
-        total = tl.load(totals_ptr + bins, mask=is_expert, other=0)
-        before += tl.load(totals_ptr + num_experts + bins, mask=is_expert, other=0)
-    total = tl.where(is_expert, total, 0)
-    c = total.to(tl.float32)
-    # Step 2: base load of each GPU (experts on one GPU only) and the replicated experts' demand.
+    """The split of ``kernels/minmax.py`` (``minmax_gpu_shares``) in float32: diffusion with
+    momentum on the ``[M, G]`` table, the iterate with the lowest peak kept."""
     g_idx = tl.arange(0, BG)
     s_idx = tl.arange(0, BS)
     gs_mask = (g_idx[:, None] < num_gpus) & (s_idx[None, :] < slots_per_gpu)
@@ -73,7 +35,6 @@ def minmax_assign_kernel(
     demand = tl.where(multi >= 0, tl.gather(c, tl.where(multi >= 0, multi, 0).to(tl.int32), 0), 0.0)
     inc = tl.load(multi_gpus_ptr + m_idx[:, None] * num_gpus + g_idx[None, :],
                   mask=(m_idx[:, None] < num_multi) & (g_idx[None, :] < num_gpus), other=0.0)
-    # Step 3: diffusion with momentum, keeping the iterate with the lowest peak (as minmax_gpu_shares).
     degree = tl.maximum(tl.sum(inc, axis=1), 1.0)
     step = inc / tl.maximum(tl.sum(inc, axis=0), 1.0)[None, :]
     equal = inc * (demand / degree)[:, None]
@@ -95,39 +56,109 @@ def minmax_assign_kernel(
         peak = tl.max(load, axis=0)
         best = tl.where(peak < best_peak, x, best)
         best_peak = tl.minimum(peak, best_peak)
-    cumulative = tl.reshape(tl.cumsum(best, axis=1), [BM * BG])  # each expert's GPU quotas, in GPU order
-    multi_row = tl.load(multi_row_ptr + bins, mask=is_expert, other=-1).to(tl.int32)
-    # Step 4: each pair's rank among its expert's pairs (a sort of the tile), then its GPU and slot.
+    tl.store(quotas_ptr + m_idx[:, None] * BG + g_idx[None, :], tl.cumsum(best, axis=1))
+
+
+@triton.jit
+def minmax_totals_kernel(
+    ids_ptr,  # [num_ids] int32/int64 logical ids of one layer's (token, choice) pairs; -1 = padding
+    scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch (see the module docstring)
+    quotas_ptr,  # SPLIT only: [BM * BG] float32 output
+    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
+    num_ids, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+    SPLIT: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
+    BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
+):
+    """One program per tile: the tile's tokens per expert added to the scratch totals. With
+    SPLIT, the program that finishes last solves the split on the totals, writes the quotas
+    and zeroes totals and counters for the assign kernel and the next call."""
+    pid = tl.program_id(0)
+    offs = pid * TILE + tl.arange(0, TILE)
+    ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1).to(tl.int32)
+    ids = tl.where((ids >= 0) & (ids < num_experts), ids, NB - 1)
+    bins = tl.arange(0, NB)
+    h = tl.histogram(ids, NB)  # (one atomic per pair instead: 27 us more per layer at 16,384 tokens on H100)
+    tl.atomic_add(scratch_ptr + bins, h, mask=(bins < num_experts) & (h > 0), sem="relaxed")
+    if SPLIT:
+        tl.debug_barrier()  # every thread's totals are in before this program counts itself done
+        done = tl.atomic_add(scratch_ptr + 2 * NB, 1, sem="acq_rel")
+        if done == tl.num_programs(0) - 1:
+            total = tl.load(scratch_ptr + bins, volatile=True)
+            _split(total.to(tl.float32), quotas_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
+                   num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, BM=BM, BG=BG, BS=BS)
+            tl.store(scratch_ptr + bins, tl.zeros([NB], dtype=tl.int32))
+            tl.store(scratch_ptr + NB + bins, tl.zeros([NB], dtype=tl.int32))
+            tl.store(scratch_ptr + 2 * NB, 0)
+
+
+@triton.jit
+def minmax_split_kernel(
+    totals_ptr,  # [num_experts] int32, the pass's tokens per expert over all ranks
+    scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch: zeroed here
+    quotas_ptr,  # [BM * BG] float32 output
+    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
+    num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+    ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
+):
+    """One program: the split on counts exchanged between ranks (``minmax_totals_kernel``
+    without SPLIT ran first), then the scratch zeroed."""
+    bins = tl.arange(0, NB)
+    total = tl.load(totals_ptr + bins, mask=bins < num_experts, other=0)
+    _split(total.to(tl.float32), quotas_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
+           num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, BM=BM, BG=BG, BS=BS)
+    tl.store(scratch_ptr + bins, tl.zeros([NB], dtype=tl.int32))
+    tl.store(scratch_ptr + NB + bins, tl.zeros([NB], dtype=tl.int32))
+    tl.store(scratch_ptr + 2 * NB, 0)
+
+
+@triton.jit
+def minmax_assign_kernel(
+    ids_ptr,  # [num_ids] logical ids (as above)
+    scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch: the ticket counters at NB
+    quotas_ptr,  # [BM * BG] float32 from the split
+    offsets_ptr,  # GLOBAL only: [num_experts] int32, each expert's pairs on lower ranks
+    out_ptr,  # [num_ids] int64 output: the physical slot of each pair (-1 for padding)
+    counts_ptr,  # COUNT only: [L, P] int32 recorder counts
+    counts_offset,  # layer * counts.stride(0)
+    multi_row_ptr,  # [E] int64, each expert's row in multi_experts (-1: not replicated)
+    slot_on_gpu_ptr,  # [E, G] int64, the expert's first slot on each GPU (-1: none)
+    num_ids, iters, num_experts, num_gpus, num_slots,
+    GLOBAL: tl.constexpr, COUNT: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
+    BG: tl.constexpr, NPB: tl.constexpr,
+):
+    """Each program over tiles ``[pid * iters, (pid + 1) * iters)``: a pair of a replicated
+    expert draws a ticket (its expert's counter, atomically: the tickets of one expert are
+    0 .. n - 1 in some order), plus the expert's pairs on lower ranks with GLOBAL, and goes
+    to the first GPU whose cumulative quota exceeds that position, at the expert's first
+    slot there; a pair of an expert held on one GPU goes to its first slot there."""
+    pid = tl.program_id(0)
+    g_idx = tl.arange(0, BG)
     lanes = tl.arange(0, TILE)
-    running = before
     slot_hist = tl.zeros([NPB], dtype=tl.int32)
     for i in range(0, iters):
-        tile_start = (first + i) * TILE
-        offs = tile_start + lanes
-        ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1).to(tl.int32)
-        expert = tl.where((ids >= 0) & (ids < num_experts), ids, NB - 1)
-        keys = tl.sort(expert * TILE + lanes)
-        s_expert = keys // TILE
-        s_lane = keys % TILE
-        h = tl.histogram(expert, NB)
-        run_start = tl.cumsum(h, 0) - h
-        position = (tl.gather(running, s_expert, 0) + lanes - tl.gather(run_start, s_expert, 0)).to(tl.float32)
-        running += h
-        valid = s_expert < num_experts
-        e = tl.where(valid, s_expert, 0)
-        row = tl.gather(multi_row, e, 0)
+        offs = (pid * iters + i) * TILE + lanes
+        ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
+        valid = (ids >= 0) & (ids < num_experts)
+        e = tl.where(valid, ids, 0).to(tl.int32)
+        row = tl.load(multi_row_ptr + e, mask=valid, other=-1).to(tl.int32)
+        split = valid & (row >= 0)
+        # One ticket per pair (a ticket per expert per tile after sorting the tile measured
+        # no faster on H100: the sort costs what the atomics save).
+        position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
+        if GLOBAL:
+            position += tl.load(offsets_ptr + e, mask=split, other=0)
         gpu_mask = valid[:, None] & (g_idx[None, :] < num_gpus)
         gpus = tl.load(slot_on_gpu_ptr + e[:, None] * num_gpus + g_idx[None, :], mask=gpu_mask, other=-1)
         hosted = gpus >= 0
         last = tl.max(tl.where(hosted, g_idx[None, :], -1), axis=1)
         first_gpu = tl.min(tl.where(hosted, g_idx[None, :], BG), axis=1)
-        quota = tl.reshape(tl.gather(cumulative, tl.reshape(tl.maximum(row, 0)[:, None] * BG + g_idx[None, :],
-                                                            [TILE * BG]), 0), [TILE, BG])
-        pick = tl.sum(((quota <= position[:, None] + 0.5) & gpu_mask).to(tl.int32), axis=1)
-        pick = tl.where(row >= 0, tl.minimum(pick, last), first_gpu)
+        quota = tl.load(quotas_ptr + tl.maximum(row, 0)[:, None] * BG + g_idx[None, :], mask=split[:, None] & gpu_mask,
+                        other=0.0)
+        pick = tl.sum(((quota <= position.to(tl.float32)[:, None] + 0.5) & gpu_mask).to(tl.int32), axis=1)
+        pick = tl.where(split, tl.minimum(pick, last), first_gpu)
         physical = tl.sum(tl.where(g_idx[None, :] == pick[:, None], gpus, 0), axis=1)
         physical = tl.where(valid, physical, -1)
-        tl.store(out_ptr + tile_start + s_lane, physical.to(tl.int64), mask=tile_start + s_lane < num_ids)
+        tl.store(out_ptr + offs, physical.to(tl.int64), mask=offs < num_ids)
         if COUNT:
             slot_hist += tl.histogram(tl.where(valid, physical, NPB - 1).to(tl.int32), NPB)
     if COUNT:
