@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, get_args, get_type_hints
 from eplb_plugin.errors import ConfigError
 
 RecorderMode = Literal["stat", "stat_approx", "per_pass", "per_token"]
-DispatchAlgorithm = Literal["static", "dynamic", "random", "weighted", "minmax"]
+DispatchAlgorithm = Literal["static", "random", "dynamic", "weighted", "minmax"]
 BalancednessReportMode = Literal["off", "server_log", "prometheus", "both"]
 
 RECORDER_MODES: tuple[str, ...] = get_args(RecorderMode)

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eplb_plugin.args import DISPATCH_ALGORITHMS
 from eplb_plugin.dispatch_info import dispatch_info
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.kernels._launch import use_triton
@@ -98,9 +97,7 @@ class ExpertDispatcher:
         backend: str = "torch",
         count_group: Any = None,
     ):
-        self.info = dispatch_info(algorithm)
-        if algorithm not in DISPATCH_ALGORITHMS:  # the flag's Literal and the table above agree
-            raise ConfigError(f"--ep-dispatch-algorithm {algorithm!r} is unknown; choose one of {list(DISPATCH_ALGORITHMS)}")
+        self.info = dispatch_info(algorithm)  # ConfigError naming the known ones
         if not 0 <= rank < location.ep_size:
             raise ConfigError(f"rank {rank} is outside [0, ep_size={location.ep_size})")
         self.algorithm = algorithm
@@ -128,8 +125,8 @@ class ExpertDispatcher:
         # minmax's placement-only tables, built here (not per pass) and updated in place.
         self.minmax = build_minmax_tables(location.physical_to_logical_map.to(self.device),
                                           location.num_logical_experts, num_gpus=location.ep_size) \
-            if algorithm == "minmax" else None
-        self._kernel = algorithm == "minmax" and use_triton(backend, self.replica_count)
+            if self.info.pick == "minmax" else None
+        self._kernel = self.info.pick == "minmax" and use_triton(backend, self.replica_count)
 
     def _tables(self) -> list[torch.Tensor]:
         return [self.static_table, self.logical_to_physical_map, self.replica_count, self.replica_shares,
@@ -157,14 +154,15 @@ class ExpertDispatcher:
         ``DispatchInfo.counts_slots`` (``minmax``: in the same launch) add this call's slots;
         the others ignore it.
         """
-        if self.algorithm == "minmax":
+        pick = self.info.pick
+        if pick == "minmax":
             return self._dispatch_minmax(layer, topk_ids, counts_out)
         ids = topk_ids.to(torch.int64)
         valid = ids >= 0
         safe = ids.clamp_min(0)
-        if self.algorithm == "static":
+        if pick == "table":
             out = self.static_table[layer][safe]
-        elif self.algorithm in ("random", "dynamic"):
+        elif pick == "uniform":
             u = torch.rand(ids.shape, generator=self.generator, device=ids.device)
             idx = (u * self.replica_count[layer][safe]).to(torch.int64)
             out = self.logical_to_physical_map[layer][safe, idx]
