@@ -61,3 +61,37 @@ def test_dispatch_registry_matches_the_flag_and_states_each_algorithms_facts():
     assert [n for n, f in facts.items() if not f.graph_safe] == ["random", "dynamic"]
     with pytest.raises(ConfigError, match="--ep-dispatch-algorithm 'lp' is unknown"):
         dispatch_info("lp")
+
+
+def test_policy_registry_states_which_policies_plan_per_pass_and_which_sglang_has():
+    """Every registered policy plans through plan(); the per-pass ones and SGLang's own are
+    the registered facts, and the views callers read (ALGORITHMS, PER_PASS_POLICIES) agree."""
+    from eplb_plugin.algorithms import ALGORITHMS, PER_PASS_POLICIES, POLICIES, resolve_algorithm
+
+    assert list(ALGORITHMS) == list(POLICIES)
+    assert PER_PASS_POLICIES == {"deepseek_vec", "eplb_plugin_perpass"}
+    assert {p.name for p in POLICIES.entries() if p.sglang_has_it} == {"deepseek", "deepseek_hierarchical",
+                                                                       "deepseek_vec"}
+    assert all(p.suits for p in POLICIES.entries())
+    assert resolve_algorithm("auto") in POLICIES
+    with pytest.raises(ConfigError, match="unknown algorithm 'greedy'; known: auto, eplb_plugin"):
+        resolve_algorithm("greedy")
+
+
+def test_a_policy_registered_in_one_place_plans_through_plan(monkeypatch):
+    """Adding a policy is one registration: plan() and resolve_algorithm() then know it."""
+    import numpy as np
+    import torch
+
+    from eplb_plugin import algorithms
+
+    def trivial(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal"):
+        return np.arange(num_physical)[None].repeat(weight.shape[0], 0) % weight.shape[1], None
+
+    registry: Registry[algorithms.Policy] = Registry("placement policy")
+    for policy in algorithms.POLICIES.entries():
+        registry.register(policy)
+    registry.register(algorithms.Policy("round_robin", trivial, "a test policy"))
+    monkeypatch.setattr(algorithms, "POLICIES", registry)
+    placement = algorithms.plan(torch.ones(2, 4), num_physical_experts=6, num_gpus=2, algorithm="round_robin")
+    assert placement.physical_to_logical_map.tolist() == [[0, 1, 2, 3, 0, 1]] * 2
