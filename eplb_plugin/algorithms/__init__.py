@@ -166,7 +166,7 @@ def split_for_dispatch(dispatch: str | None) -> Split:
     only where the dispatch honours replica weights (``DispatchInfo``); "equal" otherwise,
     unset included (stock SGLang splits equally, and minmax follows each pass around an
     equal-split plan: a weighted map concentrates replicas and leaves the pass's split no room)."""
-    info = DISPATCH_INFO.get(dispatch) if dispatch in DISPATCH_INFO else None  # SGLang's lp / fake: equal
+    info = DISPATCH_INFO.get(dispatch) if dispatch is not None and dispatch in DISPATCH_INFO else None  # SGLang's lp / fake: equal
     return "weighted" if info is not None and info.honours_replica_weights else "equal"
 
 
