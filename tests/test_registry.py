@@ -95,3 +95,19 @@ def test_a_policy_registered_in_one_place_plans_through_plan(monkeypatch):
     monkeypatch.setattr(algorithms, "POLICIES", registry)
     placement = algorithms.plan(torch.ones(2, 4), num_physical_experts=6, num_gpus=2, algorithm="round_robin")
     assert placement.physical_to_logical_map.tolist() == [[0, 1, 2, 3, 0, 1]] * 2
+
+
+def test_recorder_mode_registry_matches_the_flag_and_states_each_modes_facts():
+    """--expert-distribution-recorder-mode's Literal names the registered mode types, in order;
+    the modes EPLB accepts are those that feed rebalancing, per_token alone is not graph-safe,
+    stat_approx alone counts from the dispatcher, and each mode is registered under its name."""
+    from eplb_plugin.args import COUNTING_RECORDER_MODES, RECORDER_MODES
+    from eplb_plugin.recorder import MODES
+
+    assert MODES.names() == RECORDER_MODES
+    assert all(MODES.get(name).name == name for name in MODES)
+    assert tuple(n for n in MODES if MODES.get(n).feeds_rebalancing) == COUNTING_RECORDER_MODES
+    assert [n for n in MODES if not MODES.get(n).graph_safe] == ["per_token"]
+    assert [n for n in MODES if MODES.get(n).count_source == "dispatch"] == ["stat_approx"]
+    with pytest.raises(ConfigError, match="recorder mode 'stats' is unknown; choose one of"):
+        MODES.get("stats")
