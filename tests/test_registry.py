@@ -111,3 +111,16 @@ def test_recorder_mode_registry_matches_the_flag_and_states_each_modes_facts():
     assert [n for n in MODES if MODES.get(n).count_source == "dispatch"] == ["stat_approx"]
     with pytest.raises(ConfigError, match="recorder mode 'stats' is unknown; choose one of"):
         MODES.get("stats")
+
+
+def test_transport_registry_matches_the_flag_and_only_ipc_requires_pulls():
+    """--eplb-transport's Literal names the registered transports, in order; nccl never pulls,
+    auto pulls where it can, ipc pulls or refuses."""
+    from eplb_plugin.args import TRANSPORT_NAMES
+    from eplb_plugin.executor.transports import TRANSPORTS
+
+    assert TRANSPORTS.names() == TRANSPORT_NAMES
+    assert [n for n in TRANSPORTS if TRANSPORTS.get(n).pulls] == ["ipc", "auto"]
+    assert [n for n in TRANSPORTS if TRANSPORTS.get(n).requires_pulls] == ["ipc"]
+    with pytest.raises(ConfigError, match="--eplb-transport 'rdma' is unknown; choose one of"):
+        TRANSPORTS.get("rdma")
