@@ -33,7 +33,7 @@ class DispatchInfo:
 
 DISPATCH_INFO: Registry[DispatchInfo] = Registry("--ep-dispatch-algorithm")
 DISPATCH_INFO.register(DispatchInfo("static", honours_replica_weights=False, follows_pass=False, graph_safe=True,
-                                    pick="table"))
+                                    pick="table", counts_slots=True))
 DISPATCH_INFO.register(DispatchInfo("random", honours_replica_weights=False, follows_pass=False, graph_safe=False,
                                     pick="uniform"))
 DISPATCH_INFO.register(DispatchInfo("dynamic", honours_replica_weights=False, follows_pass=False, graph_safe=False,

@@ -50,7 +50,7 @@ def test_a_name_registered_twice_or_missing_is_refused():
 def test_dispatch_registry_matches_the_flag_and_states_each_algorithms_facts():
     """--ep-dispatch-algorithm's Literal names the registered algorithms, in order; only
     weighted honours replica weights, only minmax follows the pass, random draws are not
-    graph-safe."""
+    graph-safe, and the table (static) and minmax dispatchers count the slots they map."""
     from eplb_plugin.args import DISPATCH_ALGORITHMS
     from eplb_plugin.dispatch_info import DISPATCH_INFO, dispatch_info
 
@@ -59,6 +59,7 @@ def test_dispatch_registry_matches_the_flag_and_states_each_algorithms_facts():
     assert [n for n, f in facts.items() if f.honours_replica_weights] == ["weighted"]
     assert [n for n, f in facts.items() if f.follows_pass] == ["minmax"]
     assert [n for n, f in facts.items() if not f.graph_safe] == ["random", "dynamic"]
+    assert [n for n, f in facts.items() if f.counts_slots] == ["static", "minmax"]
     with pytest.raises(ConfigError, match="--ep-dispatch-algorithm 'lp' is unknown"):
         dispatch_info("lp")
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from eplb_plugin.errors import ConfigError, PlacementError
-from eplb_plugin.kernels import count_topk, map_and_count, map_reference
+from eplb_plugin.kernels import count_topk
 from eplb_plugin.recorder.modes import MODES, RecorderMode, StatMode
 from eplb_plugin.recorder.spec import MapEpochs, RecorderSpec
 from eplb_plugin.recorder.window import UNBOUNDED
@@ -246,21 +246,6 @@ class ExpertDistributionRecorder:
         if self._mode is not None:
             self._mode.on_topk(layer, topk_ids)
 
-    def record_logical(
-        self, layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, *, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Dispatch logical ids by ``dispatch_table [L, E]`` and count them in one kernel.
-
-        topk_ids: [T, k] logical ids, -1 = padding. Returns physical ids [T, k] (-1 kept).
-        """
-        active = self._active_layer(layer)
-        if active is None or self._count_dispatch:
-            return _map_only(layer, topk_ids, dispatch_table, out)
-        physical = map_and_count(topk_ids, dispatch_table, self.pass_counts, layer, out=out, backend=self.backend)
-        if self._mode is not None:
-            self._mode.on_topk(layer, physical)
-        return physical
-
     def _add_local_counts(self, layer: int, local_counts: torch.Tensor) -> None:
         per_rank = self.num_physical_experts // self.ep_size
         n = min(per_rank, local_counts.shape[0])
@@ -415,12 +400,6 @@ class ExpertDistributionRecorder:
         return window.window.num_passes if isinstance(window, StatMode) else len(window.records)
 
 
-def _map_only(layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """``record_logical`` when nothing counts: the table lookup alone (into ``out`` if given)."""
-    physical = map_reference(topk_ids, dispatch_table[layer])
-    return physical if out is None else out.copy_(physical)
-
-
 class NoopRecorder:
     """The recorder when recording is off: allocates nothing, launches nothing."""
 
@@ -452,9 +431,6 @@ class NoopRecorder:
         pass
 
     on_dispatch_receive_counts = on_deepep_dispatch_low_latency
-
-    def record_logical(self, layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        return _map_only(layer, topk_ids, dispatch_table, out)
 
     def get_current_pass_count_buffer(self, layer_idx: int) -> None:
         return None
