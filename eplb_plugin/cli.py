@@ -19,8 +19,9 @@ from .algorithms import ALGORITHMS, POLICIES, SPLITS, plan
 from .balance import placement_balancedness
 from .cli_inputs import load_counts, num_physical_from_args
 from .errors import EPLBError
-from .location import ExpertLocation, weights_sidecar
+from .location import ExpertLocation
 from .location_files import load_placement, save_placement
+from .placement_format import weights_sidecar
 
 
 def redundant_memory_bytes(preset, *, num_physical: int, num_gpus: int) -> int:

@@ -23,7 +23,7 @@ import torch
 
 from ..dispatch_info import DISPATCH_INFO
 from ..errors import ConfigError, CountsError, PlacementError
-from ..location import compute_logical_to_physical_map, replica_count
+from ..maps import compute_logical_to_physical_map, replica_count
 from ..registry import Registry
 from .balanced import plan_balanced, replica_weights
 from .deepseek import deepseek

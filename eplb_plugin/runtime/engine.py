@@ -37,7 +37,8 @@ from eplb_plugin.algorithms import resolve_algorithm, split_for_dispatch
 from eplb_plugin.balance import gpu_loads, layer_balancedness
 from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.errors import ConfigError, EPLBError, RebalanceError, TransferError
-from eplb_plugin.location import ExpertLocation, load_init_expert_location
+from eplb_plugin.location import ExpertLocation
+from eplb_plugin.location_files import load_init_expert_location
 from eplb_plugin.recorder import MODES, create_recorder
 from eplb_plugin.runtime.config import RunSpec, RuntimeConfig
 from eplb_plugin.runtime.graphs import PassGraph, capture_agreed
