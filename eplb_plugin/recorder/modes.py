@@ -68,8 +68,29 @@ class RecorderMode(Protocol):
 MODES: Registry[type[RecorderMode]] = Registry("recorder mode")
 
 
+class _Mode:
+    """What the modes share: the recorder's spec and maps, the default facts, and hooks that
+    do nothing unless a mode overrides them."""
+
+    feeds_rebalancing: ClassVar[bool] = False
+    graph_safe: ClassVar[bool] = True
+    count_source: ClassVar[CountSource] = "select_experts"
+
+    def __init__(self, spec: RecorderSpec, maps: MapEpochs):
+        self._spec, self._maps = spec, maps
+
+    def on_pass_start(self, forward_batch: Any) -> None:
+        pass
+
+    def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
+        pass
+
+    def set_num_tokens(self, num_tokens: int) -> None:
+        pass
+
+
 @MODES.register
-class StatMode:
+class StatMode(_Mode):
     """``stat`` / ``stat_approx``: ring buffer of per-pass counts with map epochs, optional EMA.
 
     Dump (rank 0 writes): ``{"rank", "logical_count": int32 [B, L, E] (oldest pass first,
@@ -81,24 +102,13 @@ class StatMode:
 
     name: ClassVar[str] = "stat"
     feeds_rebalancing: ClassVar[bool] = True
-    graph_safe: ClassVar[bool] = True
-    count_source: ClassVar[CountSource] = "select_experts"
 
     def __init__(self, spec: RecorderSpec, maps: MapEpochs):
-        self._spec, self._maps = spec, maps
+        super().__init__(spec, maps)
         self.window = CountWindow(spec.buffer_size, spec.num_layers, spec.num_physical_experts, spec.device)
         self.ema: torch.Tensor | None = None
         if spec.decay is not None:
             self.ema = torch.zeros((spec.num_layers, spec.num_logical_experts), dtype=torch.float32, device=spec.device)
-
-    def on_pass_start(self, forward_batch: Any) -> None:
-        pass
-
-    def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
-        pass
-
-    def set_num_tokens(self, num_tokens: int) -> None:
-        pass
 
     def on_pass_end(self, forward_pass_id: int, pass_counts: torch.Tensor, epoch: int) -> None:
         self.window.append(pass_counts, epoch)
@@ -156,7 +166,7 @@ class StatApproxMode(StatMode):
 
 
 @MODES.register
-class PerPassMode:
+class PerPassMode(_Mode):
     """``per_pass``: every recorded pass's ``[L, P]`` counts, kept on the device.
 
     Keeps the last ``buffer_size`` passes (all with ``-1``): ``L * P * 4`` bytes of device
@@ -167,22 +177,10 @@ class PerPassMode:
     """
 
     name: ClassVar[str] = "per_pass"
-    feeds_rebalancing: ClassVar[bool] = False
-    graph_safe: ClassVar[bool] = True
-    count_source: ClassVar[CountSource] = "select_experts"
 
     def __init__(self, spec: RecorderSpec, maps: MapEpochs):
-        self._spec, self._maps = spec, maps
+        super().__init__(spec, maps)
         self.records: deque[dict[str, Any]] = deque(maxlen=None if spec.buffer_size == UNBOUNDED else spec.buffer_size)
-
-    def on_pass_start(self, forward_batch: Any) -> None:
-        pass
-
-    def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
-        pass
-
-    def set_num_tokens(self, num_tokens: int) -> None:
-        pass
 
     def _record(self, forward_pass_id: int, counts: torch.Tensor, epoch: int) -> dict[str, Any]:
         """One pass's record; ``counts`` is kept as given (a copy of the pass's buffer)."""
