@@ -74,6 +74,9 @@ def test_policy_registry_states_which_policies_plan_per_pass_and_which_sglang_ha
     assert {p.name for p in POLICIES.entries() if p.sglang_has_it} == {"deepseek", "deepseek_hierarchical",
                                                                        "deepseek_vec"}
     assert all(p.suits for p in POLICIES.entries())
+    from eplb_plugin.integrations.sglang import plugin_algorithm_names
+
+    assert set(plugin_algorithm_names()) == {p.name for p in POLICIES.entries() if not p.sglang_has_it}
     assert resolve_algorithm("auto") in POLICIES
     with pytest.raises(ConfigError, match="unknown algorithm 'greedy'; known: auto, eplb_plugin"):
         resolve_algorithm("greedy")
