@@ -43,8 +43,8 @@ from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import balancedness, gpu_loads, placement_balancedness
 from eplb_plugin.comm import all_reduce_host, broadcast_host, group_info, is_nccl
 from eplb_plugin.errors import ConfigError, PlacementError, RebalanceError, TransferError
-from eplb_plugin.executor.transports import IPC, NCCL, TRANSPORTS
 from eplb_plugin.location import ExpertLocation, equal_split_weights
+from eplb_plugin.transports import IPC, NCCL, TRANSPORTS
 
 logger = logging.getLogger(__name__)
 

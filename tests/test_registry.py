@@ -121,7 +121,7 @@ def test_transport_registry_matches_the_flag_and_only_ipc_requires_pulls():
     """--eplb-transport's Literal names the registered transports, in order; nccl never pulls,
     auto pulls where it can, ipc pulls or refuses."""
     from eplb_plugin.args import TRANSPORT_NAMES
-    from eplb_plugin.executor.transports import TRANSPORTS
+    from eplb_plugin.transports import TRANSPORTS
 
     assert TRANSPORTS.names() == TRANSPORT_NAMES
     assert [n for n in TRANSPORTS if TRANSPORTS.get(n).pulls] == ["ipc", "auto"]

@@ -24,7 +24,7 @@ from eplb_plugin.executor.plan import (
     schedule_layer_move,
 )
 from eplb_plugin.executor.transfer import LayerMoveError, MoveResult, move_experts, prepare_staging
-from eplb_plugin.executor.transports import TRANSPORTS, Transport
+from eplb_plugin.transports import TRANSPORTS, Transport
 
 __all__ = [
     "AsyncExpertMover",

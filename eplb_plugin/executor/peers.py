@@ -40,7 +40,7 @@ import torch.distributed as dist
 from eplb_plugin.comm import all_reduce_host, group_info
 from eplb_plugin.errors import ConfigError, TransferError
 from eplb_plugin.executor.plan import LayerTransferPlan
-from eplb_plugin.executor.transports import TRANSPORTS, Transport
+from eplb_plugin.transports import TRANSPORTS, Transport
 
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the (unified) addresses
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1

@@ -1,6 +1,7 @@
 """How ranks on one host move expert weights (``--eplb-transport``): the registered
-transports and what each promises (a leaf module: the manager and the executor read it;
-the flag's ``Literal`` in ``args.py`` is tested against it)."""
+transports and what each promises (a leaf module: the manager reads it without importing
+the executor, and ``executor/peers.py`` acts on it; the flag's ``Literal`` in ``args.py`` is
+tested against it)."""
 
 from __future__ import annotations
 
