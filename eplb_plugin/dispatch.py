@@ -81,8 +81,8 @@ class ExpertDispatcher:
     Tables live on ``device``; ``dispatch`` allocates its output only (and, for ``minmax``
     with a ``count_group``, the gathered counts). backend: "torch", or "triton" / "auto"
     (Triton on CUDA) to run ``minmax`` as Triton kernels (``kernels/minmax_triton.py``) and
-    ``static`` with the recorder's buffer as the fused map+count kernel
-    (``kernels/fused.py``); the other algorithms are a few torch ops either way. count_group: for ``minmax``, the
+    ``static`` with the recorder's buffer as the fused map+count kernel (``kernels/fused.py``);
+    the other algorithms are a few torch ops either way. count_group: for ``minmax``, the
     process group whose ranks dispatch one pass together (their per-expert counts are
     all-gathered per layer; every rank of it must call ``dispatch`` for the same layers).
     """
@@ -128,8 +128,8 @@ class ExpertDispatcher:
         # minmax's placement-only tables, built here (not per pass) and updated in place.
         self.minmax = build_minmax_tables(location.physical_to_logical_map.to(self.device),
                                           location.num_logical_experts, num_gpus=location.ep_size) \
-            if self.info.pick == "minmax" else None
-        self._kernel = self.info.pick == "minmax" and use_triton(backend, self.replica_count)
+            if algorithm == "minmax" else None
+        self._kernel = algorithm == "minmax" and use_triton(backend, self.replica_count)
 
     def _tables(self) -> list[torch.Tensor]:
         return [self.static_table, self.logical_to_physical_map, self.replica_count, self.replica_shares,
