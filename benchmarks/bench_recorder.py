@@ -42,6 +42,16 @@ PAD_SHARE = 0.1
 HIDDEN, INTERMEDIATE = 7168, 2048  # DeepSeek-V3 expert FFN
 
 
+def static_dispatch(rec: ExpertDistributionRecorder, layer: int, logical: torch.Tensor, table: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Static dispatch as the runtime runs it: the fused map+count kernel adds the slots to the
+    recorder's buffer (``ExpertDispatcher.dispatch(counts_out=)``); a lookup when it is not counting."""
+    counts = rec.select_counts_buffer(layer)
+    if counts is None:
+        return table[layer].long()[logical.long().clamp_min(0)].where(logical >= 0, -1)
+    return map_and_count(logical, table, counts, layer, out=out)
+
+
 def routed_ids(tokens: int, top_k: int, high: int, device, seed: int = 0) -> torch.Tensor:
     """[T, k] int32 skewed ids (a few hot experts), ~10% -1 padding."""
     gen = torch.Generator().manual_seed(seed)
@@ -137,7 +147,7 @@ def check_graph_replay(args, device) -> dict:
         for layer in range(args.layers):
             with rec.with_current_layer(layer):
                 rec.on_select_experts(ids[layer])
-        rec.record_logical(0, logical, table)
+        static_dispatch(rec, 0, logical, table)
 
     rec.start_record()
     with rec.with_forward_pass(0):
@@ -174,7 +184,7 @@ def check_host_syncs(args, device) -> dict:
                     for layer in range(args.layers):
                         with rec.with_current_layer(layer):
                             rec.on_select_experts(ids)
-                        rec.record_logical(layer, ids, table, out=out)
+                        static_dispatch(rec, layer, ids, table, out=out)
         except RuntimeError as exc:
             return {"host_syncs_per_pass": "at least 1", "error": str(exc)}
         finally:

@@ -19,15 +19,16 @@ from typing import Any, Literal, Optional, get_args, get_type_hints
 from eplb_plugin.errors import ConfigError
 
 RecorderMode = Literal["stat", "stat_approx", "per_pass", "per_token"]
-DispatchAlgorithm = Literal["static", "dynamic", "random", "weighted", "minmax"]
+DispatchAlgorithm = Literal["static", "random", "dynamic", "weighted", "minmax"]
 BalancednessReportMode = Literal["off", "server_log", "prometheus", "both"]
+Transport = Literal["nccl", "ipc", "auto"]  # how the executor moves weights between ranks of one host
 
 RECORDER_MODES: tuple[str, ...] = get_args(RecorderMode)
 DISPATCH_ALGORITHMS: tuple[str, ...] = get_args(DispatchAlgorithm)
 REPORT_MODES: tuple[str, ...] = get_args(BalancednessReportMode)
+TRANSPORT_NAMES: tuple[str, ...] = get_args(Transport)
 # Recorder modes whose dump carries ``logical_count``, the input a rebalance needs.
 COUNTING_RECORDER_MODES = ("stat", "stat_approx")
-TRANSPORTS = ("nccl", "ipc", "auto")  # how the executor moves weights between ranks of one host
 
 
 def _flag(help_text: str, *, choices: tuple[str, ...] | None = None, sglang: bool = True, **kw: Any):
@@ -106,10 +107,10 @@ class EPLBArgs:
         default=False,
         sglang=False,
     )
-    eplb_transport: str = _flag(
+    eplb_transport: Transport = _flag(
         "How ranks on one host move expert weights: nccl (P2P kernels), ipc (the receiver pulls "
         "with copy engines through CUDA IPC, taking no SMs from serving), auto (ipc where possible).",
-        choices=TRANSPORTS,
+        choices=TRANSPORT_NAMES,
         default="auto",
         sglang=False,
     )

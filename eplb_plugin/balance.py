@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from eplb_plugin.location import replica_count
+from eplb_plugin.maps import replica_count
 
 
 def gpu_loads(slot_load: torch.Tensor, num_gpus: int) -> torch.Tensor:

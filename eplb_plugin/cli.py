@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .algorithms import ALGORITHMS, SPLITS, plan
+from .algorithms import ALGORITHMS, POLICIES, SPLITS, plan
 from .balance import placement_balancedness
 from .cli_inputs import load_counts, num_physical_from_args
 from .errors import EPLBError
-from .location import ExpertLocation, weights_sidecar
+from .location import ExpertLocation
 from .location_files import load_placement, save_placement
+from .placement_format import weights_sidecar
 
 
 def redundant_memory_bytes(preset, *, num_physical: int, num_gpus: int) -> int:
@@ -105,21 +106,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 EPILOG_WIDTH = 96  # characters per line of the policy and preset lists
 
-# Which host each placement policy suits (``eplb <cmd> --help`` lists them).
-POLICY_HELP = {
-    "auto": "the project's default policy (eplb_plugin)",
-    "eplb_plugin": "the project's policy: balanced replicas, node-aware with --nodes > 1, few moves when "
-                   "replanning; planned for --split (equal by default; weighted adds replica weights for the "
-                   "runtime's weighted dispatch); for SGLang with the plugin and for the reference runtime",
-    "eplb_plugin_equal": "the earlier spelling of eplb_plugin with an equal split, whatever --split says",
-    "deepseek": "DeepSeek's EPLB recipe, global (SGLang's --eplb-algorithm deepseek); for stock SGLang",
-    "deepseek_hierarchical": "DeepSeek's hierarchical recipe: group-limited routing (--groups) packed "
-                             "per node (--nodes); for stock SGLang on several nodes",
-    "eplb_plugin_perpass": "the project's policy for minmax dispatch: planned on the window's passes "
-                           "(a [B, L, E] input), moves more slots; for the reference runtime",
-    "deepseek_vec": "SGLang's time-resolved recipe, planned on the window's passes (SGLang's "
-                    "--eplb-algorithm deepseek_vec); for stock SGLang",
-}
+# Which host each placement policy suits (``eplb <cmd> --help`` lists them; ``Policy.suits``).
+POLICY_HELP = {"auto": "the project's default policy (eplb_plugin)", **{p.name: p.suits for p in POLICIES.entries()}}
 
 
 def _policy_epilog() -> str:

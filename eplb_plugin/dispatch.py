@@ -31,10 +31,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eplb_plugin.args import DISPATCH_ALGORITHMS
 from eplb_plugin.dispatch_info import dispatch_info
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.kernels._launch import use_triton
+from eplb_plugin.kernels.fused import map_and_count
 from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_choose, minmax_gpu_shares
 from eplb_plugin.kernels.minmax_triton import minmax_scratch
 from eplb_plugin.location import ExpertLocation
@@ -83,8 +83,9 @@ class ExpertDispatcher:
 
     Tables live on ``device``; ``dispatch`` allocates its output only (and, for ``minmax``
     with a ``count_group``, the gathered counts). backend: "torch", or "triton" / "auto"
-    (Triton on CUDA) to run ``minmax`` as Triton kernels (``kernels/minmax_triton.py``; the
-    other algorithms are a few torch ops either way). count_group: for ``minmax``, the
+    (Triton on CUDA) to run ``minmax`` as Triton kernels (``kernels/minmax_triton.py``) and
+    ``static`` with the recorder's buffer as the fused map+count kernel (``kernels/fused.py``);
+    the other algorithms are a few torch ops either way. count_group: for ``minmax``, the
     process group whose ranks dispatch one pass together (their per-expert counts are
     all-gathered per layer; every rank of it must call ``dispatch`` for the same layers).
     """
@@ -101,9 +102,7 @@ class ExpertDispatcher:
         backend: str = "torch",
         count_group: Any = None,
     ):
-        self.info = dispatch_info(algorithm)
-        if algorithm not in DISPATCH_ALGORITHMS:  # the flag's Literal and the table above agree
-            raise ConfigError(f"--ep-dispatch-algorithm {algorithm!r} is unknown; choose one of {list(DISPATCH_ALGORITHMS)}")
+        self.info = dispatch_info(algorithm)  # ConfigError naming the known ones
         if not 0 <= rank < location.ep_size:
             raise ConfigError(f"rank {rank} is outside [0, ep_size={location.ep_size})")
         self.algorithm = algorithm
@@ -112,6 +111,7 @@ class ExpertDispatcher:
         self.location = location
         self.device = torch.device(device)
         self.generator = generator
+        self.backend = backend
         self.count_group = count_group
         self.count_world = 1 if count_group is None else dist.get_world_size(count_group)
         self.count_rank = 0 if count_group is None else dist.get_rank(count_group)
@@ -159,17 +159,20 @@ class ExpertDispatcher:
         """topk_ids: [T, k] int, logical ids, -1 = padding -> [T, k] int64 physical slots.
 
         counts_out: an optional [L, P] int32 buffer (the recorder's) to which algorithms with
-        ``DispatchInfo.counts_slots`` (``minmax``: in the same launch) add this call's slots;
-        the others ignore it.
+        ``DispatchInfo.counts_slots`` add this call's slots in the kernel that maps them
+        (``static``: the fused map+count kernel; ``minmax``: its own); the others ignore it.
         """
-        if self.algorithm == "minmax":
+        pick = self.info.pick
+        if pick == "minmax":
             return self._dispatch_minmax(layer, topk_ids, counts_out)
+        if pick == "table" and counts_out is not None:
+            return map_and_count(topk_ids, self.static_table, counts_out, layer, backend=self.backend).long()
         ids = topk_ids.to(torch.int64)
         valid = ids >= 0
         safe = ids.clamp_min(0)
-        if self.algorithm == "static":
+        if pick == "table":
             out = self.static_table[layer][safe]
-        elif self.algorithm in ("random", "dynamic"):
+        elif pick == "uniform":
             u = torch.rand(ids.shape, generator=self.generator, device=ids.device)
             idx = (u * self.replica_count[layer][safe]).to(torch.int64)
             out = self.logical_to_physical_map[layer][safe, idx]

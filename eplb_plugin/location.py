@@ -26,7 +26,10 @@ from typing import Any
 
 import torch
 
+from eplb_plugin.algorithms import plan
 from eplb_plugin.errors import CountsError, PlacementError
+from eplb_plugin.maps import compute_logical_to_physical_map, equal_split_weights, replica_count
+from eplb_plugin.placement_format import WEIGHTS_SUFFIX, save_placement, weights_sidecar
 
 INLINE_SOURCE = "<inline JSON>"
 REPLICA_WEIGHT_TOLERANCE = 1e-3
@@ -180,8 +183,6 @@ class ExpertLocation:
     ) -> ExpertLocation:
         """Plan a placement from loads [L, E] or [B, L, E] with a placement policy, for an
         ``equal`` (default) or ``weighted`` split of each expert's tokens over its replicas."""
-        from eplb_plugin.algorithms import plan  # the planner imports this module
-
         count = validate_logical_count(logical_count, source=source, num_layers=num_layers)
         placement = plan(
             count,
@@ -209,41 +210,9 @@ class ExpertLocation:
 
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (.json or .pt) for SGLang, the meta sidecar (EP size and shape), and
-        the replica-weights sidecar if any (``location_files.save_placement``)."""
-        from eplb_plugin.location_files import save_placement
-
+        the replica-weights sidecar if any (``placement_format.save_placement``)."""
         return save_placement(path, self.physical_to_logical_map, ep_size=self.ep_size,
                               num_logical_experts=self.num_logical_experts, replica_weights=self.replica_weights)
-
-
-def replica_count(physical_to_logical_map: torch.Tensor, num_logical_experts: int) -> torch.Tensor:
-    """[L, P] map -> [L, E] int64: how many slots hold each logical expert."""
-    phy2log = physical_to_logical_map.to(torch.int64)
-    counts = torch.zeros(phy2log.shape[0], num_logical_experts, dtype=torch.int64)
-    return counts.scatter_add_(1, phy2log, torch.ones_like(phy2log))
-
-
-def equal_split_weights(physical_to_logical_map: torch.Tensor, num_logical_experts: int) -> torch.Tensor:
-    """[L, P] float32: 1 / replica count of each slot's expert (an equal split over replicas)."""
-    phy2log = physical_to_logical_map.to(torch.int64)
-    return 1.0 / torch.gather(replica_count(phy2log, num_logical_experts), 1, phy2log).to(torch.float32)
-
-
-def compute_logical_to_physical_map(physical_to_logical_map: torch.Tensor, num_logical_experts: int) -> torch.Tensor:
-    """[L, P] -> [L, E, P - E + 1]: each expert's slots ascending, -1 padded (fixed width)."""
-    num_layers, num_physical = physical_to_logical_map.shape
-    width = num_physical - num_logical_experts + 1
-    phy2log = physical_to_logical_map.to(torch.int64)
-    # Sort slots by (expert, slot): a stable sort on the expert id keeps slots ascending.
-    order = torch.sort(phy2log, dim=1, stable=True).indices
-    sorted_experts = torch.gather(phy2log, 1, order)
-    counts = replica_count(phy2log, num_logical_experts)
-    starts = torch.cumsum(counts, 1) - counts
-    rank_in_expert = torch.arange(num_physical).expand(num_layers, -1) - torch.gather(starts, 1, sorted_experts)
-    out = torch.full((num_layers, num_logical_experts, width), -1, dtype=torch.int64)
-    layer_idx = torch.arange(num_layers).unsqueeze(1).expand(-1, num_physical)
-    out[layer_idx, sorted_experts, rank_in_expert] = order
-    return out
 
 
 def validate_logical_count(
@@ -315,16 +284,7 @@ def _validate_replica_weights(weights: Any, phy2log: torch.Tensor, num_logical: 
     return w
 
 
-# The file I/O lives in location_files (re-exported here, where callers have imported it from).
-from eplb_plugin.location_files import (  # noqa: E402
-    WEIGHTS_SUFFIX,
-    load_init_expert_location,
-    read_location_source,
-    weights_sidecar,
-)
-
 __all__ = [
     "INLINE_SOURCE", "REPLICA_WEIGHT_TOLERANCE", "WEIGHTS_SUFFIX", "ExpertLocation", "compute_logical_to_physical_map",
-    "equal_split_weights", "load_init_expert_location", "read_location_source", "replica_count",
-    "validate_logical_count", "weights_sidecar",
+    "equal_split_weights", "replica_count", "validate_logical_count", "weights_sidecar",
 ]

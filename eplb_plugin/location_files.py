@@ -35,29 +35,24 @@ import torch
 
 from eplb_plugin.errors import CountsError, ExpertLocationFileError, PlacementError
 from eplb_plugin.location import INLINE_SOURCE, ExpertLocation, validate_logical_count
+from eplb_plugin.placement_format import (
+    COUNT_KEY,
+    MAP_KEY,
+    META_KEY,
+    meta_sidecar,
+    weights_sidecar,
+)
 
-WEIGHTS_SUFFIX = ".weights.json"
-META_SUFFIX = ".meta.json"
-META_KEY = "eplb_placement"
-MAP_KEY = "physical_to_logical_map"
-COUNT_KEY = "logical_count"
+# Re-exported: the file formats' names and the writer, where callers import them from.
+from eplb_plugin.placement_format import META_SUFFIX as META_SUFFIX
+from eplb_plugin.placement_format import WEIGHTS_SUFFIX as WEIGHTS_SUFFIX
+from eplb_plugin.placement_format import save_placement as save_placement
+
 MAX_COUNT_PASSES = 4096  # a [B, L, E] counts input holds at most this many passes
 JSON_BYTES_PER_NUMBER = 24  # a number and its separator in JSON text, generously
 PT_BYTES_PER_NUMBER = 8  # int64 / float64 in a .pt
 FIXED_OVERHEAD_BYTES = 1 << 20  # keys, headers, small files
 UNBOUNDED_NUMBERS = 1 << 26  # counts files read without a model shape (eplb tools): 64M numbers
-
-
-def weights_sidecar(path: str | Path) -> Path:
-    """The plugin-only file beside a placement file that holds its replica weights."""
-    path = Path(path)
-    return path.with_name(path.name + WEIGHTS_SUFFIX)
-
-
-def meta_sidecar(path: str | Path) -> Path:
-    """The plugin-only file beside a placement file that says what it was made for."""
-    path = Path(path)
-    return path.with_name(path.name + META_SUFFIX)
 
 
 def max_source_bytes(*, num_layers: int | None, num_logical_experts: int | None,
@@ -361,31 +356,3 @@ def load_init_expert_location(
     raise ExpertLocationFileError(
         name, None, f"holds neither 'physical_to_logical_map' nor 'logical_count' (keys: {sorted(data)})"
     )
-
-
-# ---------------------------------------------------------------------- writing
-
-
-def save_placement(path: str | Path, physical_to_logical_map: torch.Tensor, *, ep_size: int,
-                   num_logical_experts: int, replica_weights: torch.Tensor | None = None) -> Path:
-    """Write ``path`` (.json or .pt: the map alone, as stock SGLang loads it), the meta
-    sidecar (what it was made for), and the weights sidecar when there are weights; a
-    weights sidecar left from an earlier file of that name is removed (it would belong to
-    another map)."""
-    path = Path(path)
-    phy2log = physical_to_logical_map.detach().to("cpu", torch.int64)
-    if path.suffix == ".pt":
-        torch.save({MAP_KEY: phy2log.clone()}, path)
-    elif path.suffix == ".json":
-        path.write_text(json.dumps({MAP_KEY: phy2log.tolist()}))
-    else:
-        raise PlacementError(f"placement file {path} must end in .json or .pt")
-    meta_sidecar(path).write_text(json.dumps({META_KEY: {
-        "ep_size": ep_size, "num_layers": phy2log.shape[0], "num_logical_experts": num_logical_experts,
-        "num_physical_experts": phy2log.shape[1]}}))
-    sidecar = weights_sidecar(path)
-    if replica_weights is not None:
-        sidecar.write_text(json.dumps({MAP_KEY: phy2log.tolist(), "replica_weights": replica_weights.tolist()}))
-    else:
-        sidecar.unlink(missing_ok=True)
-    return path

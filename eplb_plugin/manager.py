@@ -44,6 +44,7 @@ from eplb_plugin.balance import balancedness, gpu_loads, placement_balancedness
 from eplb_plugin.comm import all_reduce_host, broadcast_host, group_info, is_nccl
 from eplb_plugin.errors import ConfigError, PlacementError, RebalanceError, TransferError
 from eplb_plugin.location import ExpertLocation, equal_split_weights
+from eplb_plugin.transports import IPC, NCCL, TRANSPORTS
 
 logger = logging.getLogger(__name__)
 
@@ -259,9 +260,11 @@ class EPLBManager:
         self._live_maps: dict[int, torch.Tensor] = {}
         self._old_rows: dict[int, torch.Tensor] = {}
         self._async_mover = None
-        if args.eplb_transport == "ipc" and not all(t.is_cuda for weights in expert_weights for t in weights):
-            raise ConfigError("--eplb-transport ipc pulls weights through CUDA IPC, but the expert weights are "
-                              "not all on CUDA devices; use auto or nccl")
+        transport = TRANSPORTS.get(args.eplb_transport)
+        if transport.requires_pulls and not all(t.is_cuda for weights in expert_weights for t in weights):
+            others = [name for name in TRANSPORTS if not TRANSPORTS.get(name).requires_pulls]
+            raise ConfigError(f"--eplb-transport {transport.name} pulls weights through CUDA IPC, but the expert "
+                              f"weights are not all on CUDA devices; use {' or '.join(others)}")
         if args.eplb_non_blocking:
             from eplb_plugin.executor import AsyncExpertMover
 
@@ -273,6 +276,7 @@ class EPLBManager:
                 timeout_s=args.eplb_rebalance_timeout_s,
             )
         self._peers = None  # PeerViews of every layer's weights (blocking moves), see _resolve_peers
+        self._pulls = False  # this rebalance's blocking moves pull through self._peers (_resolve_peers)
         # The window EPLB plans on records every pass from now on, whatever a user's dump
         # session (start/stop/dump_expert_distribution_record) does.
         recorder.keep_window_for_eplb()
@@ -572,7 +576,7 @@ class EPLBManager:
                 gpus_per_node=self._gpus_per_node,
                 verify=self.args.eplb_verify_weights,
                 timeout_s=self.args.eplb_rebalance_timeout_s,
-                peers=self._peers if self._record.transport == "ipc" else None,
+                peers=self._peers if self._pulls else None,
             )
         except TransferError as exc:
             index = getattr(exc, "index", None)
@@ -600,11 +604,12 @@ class EPLBManager:
         pass on every rank. ConfigError where ipc was asked for and is impossible."""
         from eplb_plugin.executor.peers import resolve_peers
 
-        transport = "nccl" if self.args.eplb_verify_weights else self.args.eplb_transport
+        transport = NCCL.name if self.args.eplb_verify_weights else self.args.eplb_transport
         tensors = [t for weights in self.expert_weights for t in weights]  # dense layers: none
         peers = resolve_peers(transport, tensors, self.group, known=self._peers)
         self._peers = peers or self._peers
-        self._record.transport = "ipc" if peers is not None and peers.active else self._p2p_backend()
+        self._pulls = peers is not None and peers.active
+        self._record.transport = IPC.name if self._pulls else self._p2p_backend()
 
     def _p2p_backend(self) -> str:
         """The backend point-to-point moves run on: the EP group's ("nccl", "gloo"), "local" with one rank."""
@@ -629,7 +634,7 @@ class EPLBManager:
             )
             for layer in self._pending_layers
         ])
-        self._record.transport = "ipc" if self._async_mover.pulls else self._p2p_backend()
+        self._record.transport = IPC.name if self._async_mover.pulls else self._p2p_backend()
 
     def _commit_async_chunk(self) -> None:
         """Non-blocking mode: commit what the background mover has staged, at this boundary."""

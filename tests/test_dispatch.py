@@ -110,3 +110,30 @@ def test_update_takes_a_new_placement_in_place():
     before = live.static_table.clone()
     assert not live.update_(wider)
     assert torch.equal(live.static_table, before) and live.location is old
+
+
+def test_static_dispatch_maps_and_counts_into_the_recorders_buffer_in_one_kernel():
+    """Given the recorder's buffer, static dispatch returns static_table[layer, id] (-1 kept),
+    the same as without it, and adds those slots to the buffer; the recorder, told they were
+    counted, does not count them again."""
+    import numpy as np
+    from test_recorder_helpers import np_slot_count, padded_ids, random_map
+
+    from eplb_plugin.recorder import ExpertDistributionRecorder
+
+    gen = torch.Generator().manual_seed(14)
+    phy2log = random_map(gen, 3, 8, 12)
+    loc = ExpertLocation.from_physical_to_logical_map(phy2log, num_logical_experts=8, ep_size=2)
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=phy2log, num_logical_experts=8, backend="torch")
+    rec.start_record()
+    dispatcher = ExpertDispatcher(loc, rank=1, algorithm="static")
+    ids = padded_ids(gen, 23, 6, 8)
+    with rec.with_forward_pass(0), rec.with_current_layer(2):
+        counts = rec.select_counts_buffer()
+        physical = dispatcher.dispatch(2, ids, counts_out=counts)
+        rec.on_select_experts(physical, counted=counts is not None)
+    expected = torch.where(ids >= 0, dispatcher.static_table[2][ids.clamp(min=0).long()], -1)
+    assert counts is not None and torch.equal(physical, expected)
+    assert torch.equal(dispatcher.dispatch(2, ids), expected)
+    assert np.array_equal(rec.physical_count_window()[2].numpy(), np_slot_count(expected, 12))
+    assert int(rec.physical_count_window()[:2].sum()) == 0

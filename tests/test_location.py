@@ -9,9 +9,9 @@ from eplb_plugin.errors import ExpertLocationFileError, PlacementError
 from eplb_plugin.location import (
     ExpertLocation,
     compute_logical_to_physical_map,
-    load_init_expert_location,
     weights_sidecar,
 )
+from eplb_plugin.location_files import load_init_expert_location
 
 SHAPE = dict(num_layers=2, num_logical_experts=4, num_physical_experts=6, ep_size=2)
 MAP = [[0, 1, 2, 3, 0, 0], [3, 2, 1, 0, 1, 3]]

@@ -12,8 +12,13 @@ import torch
 from eplb_plugin import cli
 from eplb_plugin import location as location_module
 from eplb_plugin.errors import ExpertLocationFileError, PlacementError
-from eplb_plugin.location import ExpertLocation, load_init_expert_location, weights_sidecar
-from eplb_plugin.location_files import max_source_bytes, meta_sidecar, save_placement
+from eplb_plugin.location import ExpertLocation, weights_sidecar
+from eplb_plugin.location_files import (
+    load_init_expert_location,
+    max_source_bytes,
+    meta_sidecar,
+    save_placement,
+)
 
 SHAPE = dict(num_layers=2, num_logical_experts=4, num_physical_experts=6, ep_size=2)
 MAP = [[0, 1, 2, 3, 0, 0], [3, 2, 1, 0, 1, 3]]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 import eplb_plugin.algorithms
-from eplb_plugin.algorithms import plan
+from eplb_plugin.algorithms import Policy, plan
 from eplb_plugin.planner_process import PlannerProcess
+from eplb_plugin.registry import Registry
 
 
 def _forbid_planning_here(monkeypatch) -> None:
@@ -17,8 +20,10 @@ def _forbid_planning_here(monkeypatch) -> None:
         raise AssertionError("planned in the calling process, not in the worker")
 
     monkeypatch.setattr(eplb_plugin.algorithms, "plan", in_process)
-    for name in list(eplb_plugin.algorithms.ALGORITHMS):
-        monkeypatch.setitem(eplb_plugin.algorithms.ALGORITHMS, name, in_process)
+    forbidden: Registry[Policy] = Registry("placement policy")
+    for policy in eplb_plugin.algorithms.POLICIES.entries():
+        forbidden.register(dataclasses.replace(policy, plan=in_process))
+    monkeypatch.setattr(eplb_plugin.algorithms, "POLICIES", forbidden)
 
 
 def test_the_worker_plans_exactly_what_plan_returns(monkeypatch):

@@ -163,19 +163,6 @@ def test_stat_approx_counts_dispatch_receive_counts_into_this_ranks_slots():
     assert out.tolist() == [[[0, 0, 0, 0, 1, 2, 3, 4], [0, 0, 0, 0, 5, 0, 0, 7]]]
 
 
-def test_fused_record_logical_dispatches_and_counts():
-    """record_logical returns table[layer, id] (-1 kept) and counts those slots."""
-    gen = torch.Generator().manual_seed(14)
-    rec, phy2log = _recorder("stat", gen, 8)
-    table = torch.randint(0, 8 + NUM_REDUNDANT, (NUM_LAYERS, 8), generator=gen)
-    ids = padded_ids(gen, 23, 6, 8)
-    with rec.with_forward_pass(0):
-        physical = rec.record_logical(2, ids, table)
-    expected = torch.where(ids >= 0, table[2][ids.clamp(min=0).long()], -1)
-    assert torch.equal(physical.long(), expected)
-    assert np.array_equal(rec.physical_count_window()[2].numpy(), np_slot_count(expected, 8 + NUM_REDUNDANT))
-
-
 def test_hooks_count_nothing_while_not_recording_or_disabled():
     """Outside start/stop and inside disable_this_region the hooks leave the counts alone."""
     gen = torch.Generator().manual_seed(15)

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from test_recorder_helpers import np_logical, np_slot_count, padded_ids, random_map
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eplb_plugin import location
 from eplb_plugin.errors import ConfigError
+from eplb_plugin.location_files import load_init_expert_location
 from eplb_plugin.recorder import (
     DUMP_DIR_ENV,
     ExpertDistributionRecorder,
@@ -99,7 +99,7 @@ def test_stat_dump_feeds_back_as_init_expert_location(tmp_path):
     """The stat dump is a valid --init-expert-location source (logical_count [B, L, E])."""
     rec, _, _ = _recorded("stat", torch.Generator().manual_seed(5), dump_dir=tmp_path)
     path = rec.dump_record()
-    loc = location.load_init_expert_location(str(path), num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL,
+    loc = load_init_expert_location(str(path), num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL,
                                              num_physical_experts=NUM_PHYSICAL, ep_size=2)
     assert tuple(loc.physical_to_logical_map.shape) == (NUM_LAYERS, NUM_PHYSICAL)
 

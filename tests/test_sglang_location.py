@@ -9,7 +9,8 @@ import torch
 from test_sglang_helpers import fake_model_layout, fake_runtime, import_sglang_or_skip
 
 from eplb_plugin.algorithms import rebalance_experts
-from eplb_plugin.location import ExpertLocation, load_init_expert_location
+from eplb_plugin.location import ExpertLocation
+from eplb_plugin.location_files import load_init_expert_location
 from eplb_plugin.recorder import ExpertDistributionRecorder
 
 import_sglang_or_skip()

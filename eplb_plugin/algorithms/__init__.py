@@ -23,7 +23,8 @@ import torch
 
 from ..dispatch_info import DISPATCH_INFO
 from ..errors import ConfigError, CountsError, PlacementError
-from ..location import compute_logical_to_physical_map, replica_count
+from ..maps import compute_logical_to_physical_map, replica_count
+from ..registry import Registry
 from .balanced import plan_balanced, replica_weights
 from .deepseek import deepseek
 from .deepseek_vec import deepseek_vec
@@ -90,7 +91,7 @@ def _fresh(weight, num_physical, *, num_gpus, num_nodes, num_groups, with_weight
 
 
 def _ours(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal"):
-    weighted = split == "weighted"
+    weighted = split != "equal"  # a weighted split: the plan carries replica weights
     if previous is not None:
         phy2log, weights = plan_migration_aware(weight, previous, num_gpus=num_gpus)
         return phy2log, weights if weighted else None
@@ -115,16 +116,46 @@ def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, prev
                              num_nodes=num_nodes), None
 
 
-ALGORITHMS: dict[str, PolicyFn] = {
-    "eplb_plugin": _ours,
-    "eplb_plugin_equal": _ours_equal,
-    "eplb_plugin_perpass": _ours_perpass,
-    "deepseek": _deepseek,
-    "deepseek_hierarchical": _deepseek_hierarchical,
-    "deepseek_vec": _deepseek_vec,
-}
-# Policies that plan from the window's per-pass counts [B, L, E] (the others from their sum).
-PER_PASS_POLICIES = frozenset({"deepseek_vec", "eplb_plugin_perpass"})
+@dataclass(frozen=True)
+class Policy:
+    """A placement policy. plan: its step function (signature above); per_pass: plans from
+    the window's per-pass counts [B, L, E] (the others from their sum); sglang_has_it: stock
+    SGLang implements a policy of this name itself (the plugin routes only the others to
+    this planner); suits: which host it suits, for ``eplb <cmd> --help``."""
+
+    name: str
+    plan: PolicyFn
+    suits: str
+    per_pass: bool = False
+    sglang_has_it: bool = False
+
+
+POLICIES: Registry[Policy] = Registry("placement policy")
+POLICIES.register(Policy(
+    "eplb_plugin", _ours,
+    "the project's policy: balanced replicas, node-aware with --nodes > 1, few moves when replanning; planned "
+    "for --split (equal by default; weighted adds replica weights for the runtime's weighted dispatch); for "
+    "SGLang with the plugin and for the reference runtime"))
+POLICIES.register(Policy(
+    "eplb_plugin_equal", _ours_equal, "the earlier spelling of eplb_plugin with an equal split, whatever --split says"))
+POLICIES.register(Policy(
+    "eplb_plugin_perpass", _ours_perpass,
+    "the project's policy for minmax dispatch: planned on the window's passes (a [B, L, E] input), moves more "
+    "slots; for the reference runtime", per_pass=True))
+POLICIES.register(Policy(
+    "deepseek", _deepseek, "DeepSeek's EPLB recipe, global (SGLang's --eplb-algorithm deepseek); for stock SGLang",
+    sglang_has_it=True))
+POLICIES.register(Policy(
+    "deepseek_hierarchical", _deepseek_hierarchical,
+    "DeepSeek's hierarchical recipe: group-limited routing (--groups) packed per node (--nodes); for stock SGLang "
+    "on several nodes", sglang_has_it=True))
+POLICIES.register(Policy(
+    "deepseek_vec", _deepseek_vec,
+    "SGLang's time-resolved recipe, planned on the window's passes (SGLang's --eplb-algorithm deepseek_vec); for "
+    "stock SGLang", per_pass=True, sglang_has_it=True))
+# Views of the registry, for callers that read them by these names.
+ALGORITHMS: dict[str, PolicyFn] = {policy.name: policy.plan for policy in POLICIES.entries()}
+PER_PASS_POLICIES = frozenset(policy.name for policy in POLICIES.entries() if policy.per_pass)
 DEFAULT_ALGORITHM = "eplb_plugin"
 Split = Literal["equal", "weighted"]
 SPLITS: tuple[str, ...] = get_args(Split)
@@ -135,7 +166,7 @@ def split_for_dispatch(dispatch: str | None) -> Split:
     only where the dispatch honours replica weights (``DispatchInfo``); "equal" otherwise,
     unset included (stock SGLang splits equally, and minmax follows each pass around an
     equal-split plan: a weighted map concentrates replicas and leaves the pass's split no room)."""
-    info = DISPATCH_INFO.get(dispatch) if dispatch is not None else None  # SGLang's lp / fake: equal
+    info = DISPATCH_INFO.get(dispatch) if dispatch is not None and dispatch in DISPATCH_INFO else None  # SGLang's lp / fake: equal
     return "weighted" if info is not None and info.honours_replica_weights else "equal"
 
 
@@ -144,11 +175,11 @@ def resolve_algorithm(algorithm) -> str:
     accepted); ConfigError naming the known ones."""
     name = getattr(algorithm, "name", algorithm)  # SGLang passes an enum
     if not isinstance(name, str):
-        raise ConfigError(f"algorithm={algorithm!r} must be a name; known: auto, {', '.join(ALGORITHMS)}")
+        raise ConfigError(f"algorithm={algorithm!r} must be a name; known: auto, {', '.join(POLICIES)}")
     if name == "auto":
         return DEFAULT_ALGORITHM
-    if name not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {name!r}; known: auto, {', '.join(ALGORITHMS)}")
+    if name not in POLICIES:
+        raise ConfigError(f"unknown algorithm {name!r}; known: auto, {', '.join(POLICIES)}")
     return name
 
 
@@ -197,7 +228,7 @@ def plan(
     """Plan a placement.
 
     logical_count: [L, E] or [B, L, E] tokens per logical expert, >= 0: per-pass policies
-        (``PER_PASS_POLICIES``) plan from the B passes, the others from their sum.
+        (``Policy.per_pass``) plan from the B passes, the others from their sum.
     previous: an earlier Placement or [L, P] map; migration-aware policies keep slots where
         moving buys little, and ``slots_moved`` is reported against it.
     split: how the host splits an expert's tokens over its replicas: "equal" (stock SGLang,
@@ -216,7 +247,7 @@ def plan(
     if prev is not None and (prev.min() < 0 or prev.max() >= num_logical):
         raise PlacementError(f"previous map holds experts outside 0..{num_logical - 1}")
     start = time.perf_counter()
-    phy2log, weights = ALGORITHMS[name](
+    phy2log, weights = POLICIES.get(name).plan(
         counts, num_physical_experts, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, previous=prev,
         per_pass=per_pass if per_pass.ndim == 3 else None, split=split,
     )
@@ -251,5 +282,5 @@ def rebalance_experts(
     return phy2log, compute_logical_to_physical_map(phy2log, num_logical), placement.replica_count(num_logical)
 
 
-__all__ = ["ALGORITHMS", "PER_PASS_POLICIES", "SPLITS", "Placement", "plan", "rebalance_experts", "resolve_algorithm",
-           "split_for_dispatch"]
+__all__ = ["ALGORITHMS", "PER_PASS_POLICIES", "POLICIES", "SPLITS", "Placement", "Policy", "plan", "rebalance_experts",
+           "resolve_algorithm", "split_for_dispatch"]

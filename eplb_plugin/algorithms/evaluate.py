@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from ..balance import layer_balancedness
-from ..errors import ConfigError
+from ..dispatch_info import DISPATCH_INFO
 from ..kernels.minmax import minmax_loads
 from .split import equal_slot_loads, gpu_sum
 
-DISPATCHES = ("static", "random", "dynamic", "weighted", "minmax")
+DISPATCHES = DISPATCH_INFO.names()
 
 
 def pass_counts(topk_ids: np.ndarray, *, num_logical: int, pass_tokens: int) -> np.ndarray:
@@ -47,14 +47,13 @@ def per_pass_balancedness(
 
     counts: [B, L, E]; phy2log: [L, P]; replica_weights: [L, P] or None. Returns [B].
     """
-    if dispatch not in DISPATCHES:
-        raise ConfigError(f"unknown dispatch {dispatch!r}; known: {', '.join(DISPATCHES)}")
+    info = DISPATCH_INFO.get(dispatch)  # ConfigError naming the known ones
     num_passes, num_layers, _ = counts.shape
     rows = counts.reshape(num_passes * num_layers, -1)
     maps = np.broadcast_to(phy2log, (num_passes, *phy2log.shape)).reshape(num_passes * num_layers, -1)
-    if dispatch == "minmax":
+    if info.follows_pass:  # the pass's own split: minmax's
         gpu = minmax_gpu_loads(counts, phy2log, num_gpus=num_gpus).reshape(num_passes * num_layers, -1)
-    elif dispatch == "weighted" and replica_weights is not None:
+    elif info.honours_replica_weights and replica_weights is not None:
         w = np.broadcast_to(replica_weights, (num_passes, *replica_weights.shape)).reshape(maps.shape)
         gpu = gpu_sum(np.take_along_axis(rows, maps, axis=1) * w, num_gpus)
     else:

@@ -9,7 +9,7 @@ are pure CPU and may be computed ahead, off the serving path.
 from eplb_plugin.executor.integrity import fingerprint, verify_slots
 from eplb_plugin.executor.layers import move_layers
 from eplb_plugin.executor.nonblocking import AsyncExpertMover, LayerMove
-from eplb_plugin.executor.peers import TRANSPORTS, PeerViews, SharedPeerViews
+from eplb_plugin.executor.peers import PeerViews, SharedPeerViews
 from eplb_plugin.executor.plan import (
     LayerMoveSchedule,
     LayerTransferPlan,
@@ -24,6 +24,7 @@ from eplb_plugin.executor.plan import (
     schedule_layer_move,
 )
 from eplb_plugin.executor.transfer import LayerMoveError, MoveResult, move_experts, prepare_staging
+from eplb_plugin.transports import TRANSPORTS, Transport
 
 __all__ = [
     "AsyncExpertMover",
@@ -40,6 +41,7 @@ __all__ = [
     "Send",
     "SharedPeerViews",
     "TRANSPORTS",
+    "Transport",
     "fingerprint",
     "move_experts",
     "move_layers",

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from eplb_plugin.args import TRANSPORTS
 from eplb_plugin.comm import all_reduce_host, group_info
 from eplb_plugin.errors import ConfigError, TransferError
 from eplb_plugin.executor.plan import LayerTransferPlan
+from eplb_plugin.transports import TRANSPORTS, Transport
 
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the (unified) addresses
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1
@@ -280,26 +280,27 @@ def copy_stream(device: torch.device):
     return _COPY_STREAMS[index]
 
 
-def check_transport(transport: str) -> None:
-    if transport not in TRANSPORTS:
-        raise ConfigError(f"transport={transport!r}; choose one of {', '.join(TRANSPORTS)}")
+def check_transport(transport: str) -> Transport:
+    """The registered transport ``transport``; ConfigError naming the known ones."""
+    return TRANSPORTS.get(transport)
 
 
 def resolve_peers(transport: str, tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None, *,
                   known: PeerViews | None = None) -> PeerViews | None:
     """The views a move's pulls go through under ``transport`` (TRANSPORTS), or None for
-    NCCL P2P ("nccl", or a single rank). Otherwise collective over group: ``known`` (views
+    P2P (a transport without pulls, or a single rank). Otherwise collective over group: ``known`` (views
     from an earlier call) is kept while every rank's tensors are the ones it describes
     (agreed by an all-reduce), else they are exchanged again (``PeerViews.exchange``); the
-    result may be inactive (pulls impossible, its ``reason`` says why), which "ipc" refuses
-    with a ConfigError on every rank alike."""
-    check_transport(transport)
+    result may be inactive (pulls impossible, its ``reason`` says why), which a transport
+    that requires pulls (ipc) refuses with a ConfigError on every rank alike."""
+    kind = check_transport(transport)
     group, _, world = group_info(group)
-    if transport == "nccl" or world == 1:
+    if not kind.pulls or world == 1:
         return None
     stale = known is None or any(t.data_ptr() not in known.index for t in tensors)
     if all_reduce_host(torch.tensor([float(stale)]), group, op="max")[0] > 0:  # every rank alike
         known = PeerViews.exchange(tensors, group)
-    if transport == "ipc" and not known.active:
-        raise ConfigError(f"transport ipc is not possible here ({known.reason}); use auto or nccl")
+    if kind.requires_pulls and not known.active:
+        others = [name for name in TRANSPORTS if not TRANSPORTS.get(name).requires_pulls]
+        raise ConfigError(f"transport {transport} is not possible here ({known.reason}); use {' or '.join(others)}")
     return known

@@ -7,7 +7,7 @@ from typing import Any
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.recorder.core import ExpertDistributionRecorder, NoopRecorder
 from eplb_plugin.recorder.dump import DUMP_DIR_ENV, dump_dir, safe_dump_path
-from eplb_plugin.recorder.modes import MODES
+from eplb_plugin.recorder.modes import MODES, RecorderMode
 from eplb_plugin.recorder.window import physical_to_logical
 
 
@@ -16,7 +16,7 @@ def create_recorder(mode: str | None, **kwargs: Any) -> ExpertDistributionRecord
     if mode is None:
         return NoopRecorder()
     if mode not in MODES:
-        raise ConfigError(f"recorder mode={mode!r} is not one of {tuple(MODES)} (or None for off)")
+        raise ConfigError(f"recorder mode={mode!r} is not one of {MODES.names()} (or None for off)")
     return ExpertDistributionRecorder(mode, **kwargs)
 
 
@@ -25,6 +25,7 @@ __all__ = [
     "MODES",
     "ExpertDistributionRecorder",
     "NoopRecorder",
+    "RecorderMode",
     "create_recorder",
     "dump_dir",
     "physical_to_logical",

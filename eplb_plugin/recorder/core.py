@@ -26,8 +26,9 @@ from typing import Any, Literal
 import torch
 
 from eplb_plugin.errors import ConfigError, PlacementError
-from eplb_plugin.kernels import count_topk, map_and_count, map_reference
-from eplb_plugin.recorder.modes import MODES, PerTokenMode, StatMode
+from eplb_plugin.kernels import count_topk
+from eplb_plugin.recorder.modes import MODES, RecorderMode, StatMode
+from eplb_plugin.recorder.spec import MapEpochs, RecorderSpec
 from eplb_plugin.recorder.window import UNBOUNDED
 
 DEFAULT_BUFFER_SIZE_PASSES = 1000  # SGLang's default rebalance interval, in passes
@@ -51,7 +52,8 @@ class ExpertDistributionRecorder:
         ``ema = decay * ema + (1 - decay) * pass_logical_count``.
     group: process group summed over by stat dumps (None or one rank: no communication).
     count_source: which hooks count: "select_experts" (``on_select_experts``) or "dispatch"
-        (DeepEP receive counts / ``masked_m``); "auto" = dispatch for stat_approx.
+        (DeepEP receive counts / ``masked_m``); "auto" = the mode's own (``RecorderMode.count_source``:
+        dispatch for stat_approx).
     backend: kernel backend, "auto" | "triton" | "torch".
     """
 
@@ -74,7 +76,8 @@ class ExpertDistributionRecorder:
         top_k: int = DEFAULT_TOP_K,
     ):
         if mode not in MODES:
-            raise ConfigError(f"recorder mode={mode!r} is not one of {tuple(MODES)}")
+            raise ConfigError(f"recorder mode={mode!r} is not one of {MODES.names()}")
+        mode_type = MODES.get(mode)
         if buffer_size != UNBOUNDED and buffer_size < 1:
             raise ConfigError(f"buffer_size={buffer_size} must be >= 1 or -1 (without bound)")
         if decay is not None and not 0.0 <= decay < 1.0:
@@ -92,11 +95,18 @@ class ExpertDistributionRecorder:
         self.decay, self.group, self.dump_dir, self.backend = decay, group, dump_dir, backend
         self.max_tokens_per_pass, self.top_k = max_tokens_per_pass, top_k
         self.device = torch.device(device) if device is not None else physical_to_logical_map.device
-        self._count_dispatch = count_source == "dispatch" or (count_source == "auto" and mode == "stat_approx")
-        self.map_epoch = 0
-        self.maps_by_epoch: dict[int, torch.Tensor] = {0: physical_to_logical_map.to(self.device, copy=True)}
+        source = mode_type.count_source if count_source == "auto" else count_source
+        self._count_dispatch = source == "dispatch"
+        self._mode_type = mode_type
+        self.spec = RecorderSpec(
+            num_layers=num_layers, num_physical_experts=num_physical, num_logical_experts=num_logical_experts,
+            buffer_size=buffer_size, device=self.device, rank=rank, ep_size=ep_size, decay=decay, group=group,
+            dump_dir=dump_dir, max_tokens_per_pass=max_tokens_per_pass, top_k=top_k,
+        )
+        self.maps = MapEpochs(physical_to_logical_map.to(self.device, copy=True))
         self.pass_counts = torch.zeros((num_layers, num_physical), dtype=torch.int32, device=self.device)
-        self._mode: Any = MODES[mode](self)  # the user's dump session; None until a session needs it
+        # The user's dump session; None until a session needs it.
+        self._mode: RecorderMode | None = mode_type(self.spec, self.maps)
         self._eplb_window: StatMode | None = None  # the window EPLB rebalances on (keep_window_for_eplb)
         self._recording = False  # the user's session records
         self._in_pass = False  # inside a recorded forward pass
@@ -129,22 +139,29 @@ class ExpertDistributionRecorder:
     @property
     def physical_to_logical_map(self) -> torch.Tensor:
         """The live map, [L, P] on the recorder's device."""
-        return self.maps_by_epoch[self.map_epoch]
+        return self.maps.live
+
+    @property
+    def map_epoch(self) -> int:
+        return self.maps.epoch
+
+    @property
+    def maps_by_epoch(self) -> dict[int, torch.Tensor]:
+        return self.maps.by_epoch
 
     def set_physical_to_logical_map(self, new_map: torch.Tensor) -> None:
         """Start a new map epoch (call at a pass boundary, after a rebalance). The map is copied."""
         self._check_map(new_map, self.num_logical_experts, (self.num_layers, self.num_physical_experts))
-        self.map_epoch += 1
-        self.maps_by_epoch[self.map_epoch] = new_map.to(self.device, copy=True)
+        self.maps.advance(new_map.to(self.device, copy=True))
         self._prune_maps()
 
     def _prune_maps(self) -> None:
         """Keep the live map and those some held pass (session or EPLB window) was recorded under."""
-        keep = {self.map_epoch}
+        keep: set[int] = set()
         for mode in (self._mode, self._eplb_window):
             if mode is not None:
                 keep |= mode.referenced_epochs()
-        self.maps_by_epoch = {e: m for e, m in self.maps_by_epoch.items() if e in keep}
+        self.maps.keep_only(keep)
 
     # ------------------------------------------------------------- contexts
     @contextlib.contextmanager
@@ -190,16 +207,16 @@ class ExpertDistributionRecorder:
         if recording:
             self.pass_counts.zero_()  # nothing counted before the pass is the pass's
         if session:
-            self._mode.on_pass_start(forward_batch)
+            self._session().on_pass_start(forward_batch)
         try:
             with self._setting("_in_pass", recording):
                 yield outputs
         finally:
             session = session and self._recording
             if session:
-                if num_tokens is not None and isinstance(self._mode, PerTokenMode):
-                    self._mode.set_num_tokens(num_tokens)
-                self._mode.on_pass_end(forward_pass_id, self.pass_counts, self.map_epoch)
+                if num_tokens is not None:
+                    self._session().set_num_tokens(num_tokens)
+                self._session().on_pass_end(forward_pass_id, self.pass_counts, self.map_epoch)
             if self._eplb_window is not None:
                 self._eplb_window.on_pass_end(forward_pass_id, self.pass_counts, self.map_epoch)
             if session or self._eplb_window is not None:
@@ -228,21 +245,6 @@ class ExpertDistributionRecorder:
             count_topk(topk_ids, self.pass_counts, layer, backend=self.backend)
         if self._mode is not None:
             self._mode.on_topk(layer, topk_ids)
-
-    def record_logical(
-        self, layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, *, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Dispatch logical ids by ``dispatch_table [L, E]`` and count them in one kernel.
-
-        topk_ids: [T, k] logical ids, -1 = padding. Returns physical ids [T, k] (-1 kept).
-        """
-        active = self._active_layer(layer)
-        if active is None or self._count_dispatch:
-            return _map_only(layer, topk_ids, dispatch_table, out)
-        physical = map_and_count(topk_ids, dispatch_table, self.pass_counts, layer, out=out, backend=self.backend)
-        if self._mode is not None:
-            self._mode.on_topk(layer, physical)
-        return physical
 
     def _add_local_counts(self, layer: int, local_counts: torch.Tensor) -> None:
         per_rank = self.num_physical_experts // self.ep_size
@@ -292,10 +294,10 @@ class ExpertDistributionRecorder:
         return self.pass_counts[layer_idx] if self.recording else None
 
     # --------------------------------------------------------------- control
-    def _session(self) -> Any:
+    def _session(self) -> RecorderMode:
         """The user's session mode, built on first use once the EPLB window took the first one."""
         if self._mode is None:
-            self._mode = MODES[self.mode](self)
+            self._mode = self._mode_type(self.spec, self.maps)
         return self._mode
 
     def _reset(self) -> None:
@@ -315,13 +317,14 @@ class ExpertDistributionRecorder:
         """
         if self._eplb_window is not None:
             return
-        if not isinstance(self._mode, StatMode):
+        if not isinstance(self._mode, StatMode) or not self._mode_type.feeds_rebalancing:
+            feeding = [name for name in MODES if MODES.get(name).feeds_rebalancing]
             raise ConfigError(
                 f"EPLB rebalances on a stat window, but the recorder mode is {self.mode!r}: "
-                "set --expert-distribution-recorder-mode stat or stat_approx"
+                f"set --expert-distribution-recorder-mode {' or '.join(feeding)}"
             )
         if self._recording or self._mode.window.num_passes:
-            self._eplb_window = StatMode(self)  # the session keeps what it recorded
+            self._eplb_window = StatMode(self.spec, self.maps)  # the session keeps what it recorded
         else:
             self._eplb_window, self._mode = self._mode, None
 
@@ -397,12 +400,6 @@ class ExpertDistributionRecorder:
         return window.window.num_passes if isinstance(window, StatMode) else len(window.records)
 
 
-def _map_only(layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """``record_logical`` when nothing counts: the table lookup alone (into ``out`` if given)."""
-    physical = map_reference(topk_ids, dispatch_table[layer])
-    return physical if out is None else out.copy_(physical)
-
-
 class NoopRecorder:
     """The recorder when recording is off: allocates nothing, launches nothing."""
 
@@ -434,9 +431,6 @@ class NoopRecorder:
         pass
 
     on_dispatch_receive_counts = on_deepep_dispatch_low_latency
-
-    def record_logical(self, layer: int, topk_ids: torch.Tensor, dispatch_table: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        return _map_only(layer, topk_ids, dispatch_table, out)
 
     def get_current_pass_count_buffer(self, layer_idx: int) -> None:
         return None

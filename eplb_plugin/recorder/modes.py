@@ -1,14 +1,17 @@
-"""One class per recorder mode, keyed by SGLang's mode names in ``MODES``.
+"""One class per recorder mode, registered under SGLang's mode names in ``MODES``.
 
 A mode receives each recorded pass's ``[L, P]`` int32 device counts at the pass boundary
-(``on_pass_end``), keeps what its mode keeps, and builds the dump. ``stat`` and
-``stat_approx`` differ only in where the counts come from (see ``core``).
+(``on_pass_end``), keeps what its mode keeps, and builds the dump (the ``RecorderMode``
+protocol). Each states its facts: whether its window feeds rebalancing, whether its hooks
+only count (so a pass can run as a CUDA graph), and where its counts come from. ``stat`` and
+``stat_approx`` differ only in the last. A mode reads the recorder's ``RecorderSpec`` and
+``MapEpochs`` (``spec.py``), never the recorder.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -16,11 +19,13 @@ import torch.distributed as dist
 from eplb_plugin.balance import balancedness, gpu_loads
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.recorder import dump as dump_io
+from eplb_plugin.recorder.spec import MapEpochs, RecorderSpec
 from eplb_plugin.recorder.window import UNBOUNDED, CountWindow, physical_to_logical
+from eplb_plugin.registry import Registry
 
-if TYPE_CHECKING:
-    from eplb_plugin.recorder.core import ExpertDistributionRecorder
-
+# Which hooks count a mode's slots: the router's choices after dispatch (``on_select_experts``)
+# or the dispatcher's per-slot receive counts (DeepEP's, or the runtime's).
+CountSource = Literal["select_experts", "dispatch"]
 GATHERER_KEY = "primary"  # SGLang's single-pass gatherer key, kept in per-pass records
 
 
@@ -38,7 +43,54 @@ def _wait_for_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class StatMode:
+class RecorderMode(Protocol):
+    """What the recorder asks of a mode. feeds_rebalancing: its window holds per-pass counts
+    a rebalance plans from; graph_safe: its hooks only count on the device (a pass can run
+    as a CUDA graph); count_source: where its counts come from by default."""
+
+    name: ClassVar[str]
+    feeds_rebalancing: ClassVar[bool]
+    graph_safe: ClassVar[bool]
+    count_source: ClassVar[CountSource]
+
+    def __init__(self, spec: RecorderSpec, maps: MapEpochs) -> None: ...
+    def on_pass_start(self, forward_batch: Any) -> None: ...
+    def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None: ...
+    def set_num_tokens(self, num_tokens: int) -> None: ...
+    def on_pass_end(self, forward_pass_id: int, pass_counts: torch.Tensor, epoch: int) -> None: ...
+    def referenced_epochs(self) -> set[int]: ...
+    def reset(self) -> None: ...
+    def logical_count_window(self) -> torch.Tensor: ...
+    def physical_count_window(self) -> torch.Tensor: ...
+    def dump(self, output_mode: str, name: str | None) -> Any: ...
+
+
+MODES: Registry[type[RecorderMode]] = Registry("recorder mode")
+
+
+class _Mode:
+    """What the modes share: the recorder's spec and maps, the default facts, and hooks that
+    do nothing unless a mode overrides them."""
+
+    feeds_rebalancing: ClassVar[bool] = False
+    graph_safe: ClassVar[bool] = True
+    count_source: ClassVar[CountSource] = "select_experts"
+
+    def __init__(self, spec: RecorderSpec, maps: MapEpochs):
+        self._spec, self._maps = spec, maps
+
+    def on_pass_start(self, forward_batch: Any) -> None:
+        pass
+
+    def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
+        pass
+
+    def set_num_tokens(self, num_tokens: int) -> None:
+        pass
+
+
+@MODES.register
+class StatMode(_Mode):
     """``stat`` / ``stat_approx``: ring buffer of per-pass counts with map epochs, optional EMA.
 
     Dump (rank 0 writes): ``{"rank", "logical_count": int32 [B, L, E] (oldest pass first,
@@ -48,24 +100,22 @@ class StatMode:
     None when ``ep_size == 1`` or no pass is held (SGLang gives None when it does not track it).
     """
 
-    def __init__(self, rec: ExpertDistributionRecorder):
-        self._rec = rec
-        self.window = CountWindow(rec.buffer_size, rec.num_layers, rec.num_physical_experts, rec.device)
+    name: ClassVar[str] = "stat"
+    feeds_rebalancing: ClassVar[bool] = True
+
+    def __init__(self, spec: RecorderSpec, maps: MapEpochs):
+        super().__init__(spec, maps)
+        self.window = CountWindow(spec.buffer_size, spec.num_layers, spec.num_physical_experts, spec.device)
         self.ema: torch.Tensor | None = None
-        if rec.decay is not None:
-            self.ema = torch.zeros((rec.num_layers, rec.num_logical_experts), dtype=torch.float32, device=rec.device)
-
-    def on_pass_start(self, forward_batch: Any) -> None:
-        pass
-
-    def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
-        pass
+        if spec.decay is not None:
+            self.ema = torch.zeros((spec.num_layers, spec.num_logical_experts), dtype=torch.float32, device=spec.device)
 
     def on_pass_end(self, forward_pass_id: int, pass_counts: torch.Tensor, epoch: int) -> None:
         self.window.append(pass_counts, epoch)
         if self.ema is not None:
-            decay = self._rec.decay
-            logical = physical_to_logical(pass_counts, self._rec.physical_to_logical_map, self._rec.num_logical_experts)
+            decay = self._spec.decay
+            assert decay is not None  # ema exists only with a decay
+            logical = physical_to_logical(pass_counts, self._maps.live, self._spec.num_logical_experts)
             self.ema.mul_(decay).add_(logical, alpha=1.0 - decay)
 
     def referenced_epochs(self) -> set[int]:
@@ -77,17 +127,17 @@ class StatMode:
             self.ema.zero_()
 
     def logical_count_window(self) -> torch.Tensor:
-        return self.window.logical_sum(self._rec.maps_by_epoch, self._rec.num_logical_experts)
+        return self.window.logical_sum(self._maps.by_epoch, self._spec.num_logical_experts)
 
     def physical_count_window(self) -> torch.Tensor:
         return self.window.physical_sum()
 
     def logical_count_passes(self) -> torch.Tensor:
-        return self.window.logical_rows(self._rec.maps_by_epoch, self._rec.num_logical_experts)
+        return self.window.logical_rows(self._maps.by_epoch, self._spec.num_logical_experts)
 
     def dump(self, output_mode: str, name: str | None) -> Any:
-        rec = self._rec
-        logical = self.window.logical_rows(rec.maps_by_epoch, rec.num_logical_experts)
+        rec = self._spec
+        logical = self.window.logical_rows(self._maps.by_epoch, rec.num_logical_experts)
         _all_reduce(logical, rec.group)
         utilization = None
         if rec.ep_size > 1 and self.window.num_passes > 0:
@@ -106,7 +156,17 @@ class StatMode:
         return dump_io.write_dump(output, dump_io.default_name(None) if name is None else name, rec.dump_dir)
 
 
-class PerPassMode:
+@MODES.register
+class StatApproxMode(StatMode):
+    """``stat_approx``: ``stat`` whose counts come from the dispatcher's per-slot receive
+    counts (DeepEP's ``num_recv_tokens_per_expert_list`` / ``masked_m``, or the runtime's)."""
+
+    name: ClassVar[str] = "stat_approx"
+    count_source: ClassVar[CountSource] = "dispatch"
+
+
+@MODES.register
+class PerPassMode(_Mode):
     """``per_pass``: every recorded pass's ``[L, P]`` counts, kept on the device.
 
     Keeps the last ``buffer_size`` passes (all with ``-1``): ``L * P * 4`` bytes of device
@@ -116,21 +176,17 @@ class PerPassMode:
     (the last two keys beyond SGLang's let a reader map each record with its own map).
     """
 
-    def __init__(self, rec: ExpertDistributionRecorder):
-        self._rec = rec
-        self.records: deque[dict[str, Any]] = deque(maxlen=None if rec.buffer_size == UNBOUNDED else rec.buffer_size)
+    name: ClassVar[str] = "per_pass"
 
-    def on_pass_start(self, forward_batch: Any) -> None:
-        pass
-
-    def on_topk(self, layer: int, topk_ids: torch.Tensor) -> None:
-        pass
+    def __init__(self, spec: RecorderSpec, maps: MapEpochs):
+        super().__init__(spec, maps)
+        self.records: deque[dict[str, Any]] = deque(maxlen=None if spec.buffer_size == UNBOUNDED else spec.buffer_size)
 
     def _record(self, forward_pass_id: int, counts: torch.Tensor, epoch: int) -> dict[str, Any]:
         """One pass's record; ``counts`` is kept as given (a copy of the pass's buffer)."""
         return {
             "forward_pass_id": forward_pass_id,
-            "rank": self._rec.rank,
+            "rank": self._spec.rank,
             "gatherer_key": GATHERER_KEY,
             "global_physical_count": counts,
             "physical_to_logical_map_epoch": epoch,
@@ -146,19 +202,19 @@ class PerPassMode:
         self.records.clear()
 
     def logical_count_window(self) -> torch.Tensor:
-        raise ConfigError(f"logical_count_window needs recorder mode 'stat' or 'stat_approx' (got {self._rec.mode!r})")
+        raise ConfigError(f"logical_count_window needs recorder mode 'stat' or 'stat_approx' (got {self.name!r})")
 
     physical_count_window = logical_count_window
 
     def dump(self, output_mode: str, name: str | None) -> Any:
-        rec = self._rec
+        rec, maps = self._spec, self._maps
         _wait_for_device(rec.device)
         records = [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in self.records]
         output = {
             "records": records,
-            "last_physical_to_logical_map": rec.physical_to_logical_map.cpu(),
+            "last_physical_to_logical_map": maps.live.cpu(),
             "physical_to_logical_map_by_epoch": {
-                e: rec.maps_by_epoch[e].cpu() for e in sorted(self.referenced_epochs() | {rec.map_epoch})
+                e: maps.by_epoch[e].cpu() for e in sorted(self.referenced_epochs() | {maps.epoch})
             },
         }
         if output_mode == "object":
@@ -166,6 +222,7 @@ class PerPassMode:
         return dump_io.write_dump(output, dump_io.default_name(rec.rank) if name is None else name, rec.dump_dir)
 
 
+@MODES.register
 class PerTokenMode(PerPassMode):
     """``per_token``: per_pass plus each pass's physical ``topk_ids`` per layer.
 
@@ -177,10 +234,13 @@ class PerTokenMode(PerPassMode):
     ``forward_mode`` keys (ids and positions as host tensors, not lists: no host sync).
     """
 
-    def __init__(self, rec: ExpertDistributionRecorder):
-        super().__init__(rec)
+    name: ClassVar[str] = "per_token"
+    graph_safe: ClassVar[bool] = False  # each pass's ids are also copied to the host
+
+    def __init__(self, spec: RecorderSpec, maps: MapEpochs):
+        super().__init__(spec, maps)
         self.topk_ids_of_layer = torch.full(
-            (rec.num_layers, rec.max_tokens_per_pass, rec.top_k), -1, dtype=torch.int32, device=rec.device
+            (spec.num_layers, spec.max_tokens_per_pass, spec.top_k), -1, dtype=torch.int32, device=spec.device
         )
         self._tokens = 0
         self._metadata: dict[str, Any] = {}
@@ -232,10 +292,3 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     host.copy_(t, non_blocking=True)
     return host
 
-
-MODES: dict[str, type] = {
-    "stat": StatMode,
-    "stat_approx": StatMode,
-    "per_pass": PerPassMode,
-    "per_token": PerTokenMode,
-}

@@ -37,8 +37,9 @@ from eplb_plugin.algorithms import resolve_algorithm, split_for_dispatch
 from eplb_plugin.balance import gpu_loads, layer_balancedness
 from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.errors import ConfigError, EPLBError, RebalanceError, TransferError
-from eplb_plugin.location import ExpertLocation, load_init_expert_location
-from eplb_plugin.recorder import create_recorder
+from eplb_plugin.location import ExpertLocation
+from eplb_plugin.location_files import load_init_expert_location
+from eplb_plugin.recorder import MODES, create_recorder
 from eplb_plugin.runtime.config import RunSpec, RuntimeConfig
 from eplb_plugin.runtime.graphs import PassGraph, capture_agreed
 from eplb_plugin.runtime.http import Command, ControlChannel, Reply
@@ -243,12 +244,12 @@ class RankEngine:
         shapes; alltoall reads split sizes on the host), a dispatch made of device ops
         on tables (``DispatchInfo.graph_safe``: static, weighted, minmax; ``random`` and
         ``dynamic`` draw from a host-seeded generator),
-        a recorder mode whose hooks only count (per_token also copies ids per pass), and the
-        grouped-GEMM expert path (else the experts read the slot ends on the host, which a
-        capture cannot do)."""
+        a recorder mode whose hooks only count (``RecorderMode.graph_safe``; per_token also
+        copies ids per pass), and the grouped-GEMM expert path (else the experts read the slot
+        ends on the host, which a capture cannot do)."""
         mode = self.run_spec.eplb.expert_distribution_recorder_mode
         return (self.device.type == "cuda" and self.cfg.cuda_graph and self.exchange == "gather"
-                and self.dispatcher.info.graph_safe and mode != "per_token"
+                and self.dispatcher.info.graph_safe and (mode is None or MODES.get(mode).graph_safe)
                 and grouped_mm_available(self.cfg.torch_dtype, self.device))
 
     def _ensure_graph(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:

@@ -265,7 +265,7 @@ def check_runs(cfg: RuntimeConfig, runs: Sequence[RunSpec], ep_size: int) -> Non
     """Load each run's ``--init-expert-location`` here, before any rank starts, so that a bad
     file is one typed error (ExpertLocationFileError) from the launcher."""
     from eplb_plugin.algorithms import resolve_algorithm, split_for_dispatch
-    from eplb_plugin.location import load_init_expert_location
+    from eplb_plugin.location_files import load_init_expert_location
 
     model = cfg.model
     for run in runs:

@@ -196,14 +196,11 @@ def ep_moe_forward(
     exchange = exchange or default_exchange(hidden.device)
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange={exchange!r} must be one of {EXCHANGES}")
-    if dispatcher.algorithm == "static":
-        # Static dispatch is a table lookup: map and count in one fused kernel.
-        physical = recorder.record_logical(layer, topk_ids, dispatcher.static_table).long()
-    else:
-        # A dispatch that counts the slots it picks (minmax, in its own kernel) adds them to the recorder's buffer.
-        counts = recorder.select_counts_buffer() if dispatcher.info.counts_slots else None
-        physical = dispatcher.dispatch(layer, topk_ids, counts_out=counts)  # [T, k] int64, -1 kept
-        recorder.on_select_experts(physical, counted=counts is not None)
+    # A dispatch that counts the slots it picks as it maps them (static: the fused map+count
+    # kernel; minmax: its own) adds them to the recorder's buffer; the recorder is told.
+    counts = recorder.select_counts_buffer() if dispatcher.info.counts_slots else None
+    physical = dispatcher.dispatch(layer, topk_ids, counts_out=counts)  # [T, k] int64, -1 kept
+    recorder.on_select_experts(physical, counted=counts is not None)
     if exchange == "gather":
         result = _forward_gather(hidden, physical, topk_weights, weights, group=group, world_size=world_size,
                                  rank=rank, tokens_per_rank=tokens_per_rank)
