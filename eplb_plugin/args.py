@@ -124,6 +124,13 @@ class EPLBArgs:
         default=60.0,
         sglang=False,
     )
+    eplb_move_budget_mb: Optional[float] = _flag(
+        "At most this many MiB of expert weights move per rebalance (all ranks together): the planner "
+        "spends them where the per-pass balance gains most per slot moved (policies with a move budget: "
+        "eplb_plugin_perpass). Default: no limit.",
+        default=None,
+        sglang=False,
+    )
     eplb_plan_in_process: bool = _flag(
         "Plan in a separate process (spawned at start-up) instead of a thread, so the solver "
         "never holds the serving process's GIL.",
@@ -202,6 +209,8 @@ class EPLBArgs:
             raise ConfigError(f"--eplb-transfer-budget-mb must be > 0 (got {self.eplb_transfer_budget_mb})")
         if not self.eplb_rebalance_timeout_s > 0:
             raise ConfigError(f"--eplb-rebalance-timeout-s must be > 0 (got {self.eplb_rebalance_timeout_s})")
+        if self.eplb_move_budget_mb is not None and not self.eplb_move_budget_mb > 0:
+            raise ConfigError(f"--eplb-move-budget-mb must be > 0 (got {self.eplb_move_budget_mb})")
         if self.eplb_non_blocking and not self.enable_eplb:
             raise ConfigError("--eplb-non-blocking needs --enable-eplb")
 

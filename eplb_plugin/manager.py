@@ -223,6 +223,7 @@ class EPLBManager:
         self._algorithm = resolve_algorithm(args.eplb_algorithm)
         self._split = split_for_dispatch(args.ep_dispatch_algorithm)  # what the host's dispatch does
         self._per_pass_plan = self._algorithm in PER_PASS_POLICIES  # plans from [B, L, E] window rows
+        self._max_slots_moved = self._move_budget_slots(args, expert_weights)
         self._planner_process = None
         if planner is None and args.eplb_plan_in_process and self.rank == 0:
             from eplb_plugin.planner_process import PlannerProcess
@@ -409,6 +410,24 @@ class EPLBManager:
             )
             self._plan_thread.start()
 
+    def _move_budget_slots(self, args: EPLBArgs, expert_weights: Sequence[Sequence[torch.Tensor]]) -> int | None:
+        """--eplb-move-budget-mb as slots per rebalance (the budget over one expert's bytes in
+        the first MoE layer; a model's MoE layers share expert sizes); None without a budget."""
+        from eplb_plugin.algorithms import POLICIES
+
+        if args.eplb_move_budget_mb is None:
+            return None
+        if not POLICIES.get(self._algorithm).move_budget:
+            takes = [p.name for p in POLICIES.entries() if p.move_budget]
+            raise ConfigError(f"--eplb-move-budget-mb needs a policy that takes a move budget ({takes}); "
+                              f"--eplb-algorithm resolves to {self._algorithm!r}")
+        slot_bytes = sum(t[0].numel() * t.element_size() for t in expert_weights[0]) if expert_weights else 0
+        slots = int(args.eplb_move_budget_mb * MIB // max(slot_bytes, 1))
+        if slots < 1:
+            raise ConfigError(f"--eplb-move-budget-mb {args.eplb_move_budget_mb} is below one expert's weights "
+                              f"({slot_bytes / MIB:.3f} MiB): no slot could ever move")
+        return slots
+
     def _window_balanced(self, window_balancedness: float) -> str | None:
         threshold = self.args.eplb_min_rebalancing_utilization_threshold
         if window_balancedness >= threshold:
@@ -426,6 +445,7 @@ class EPLBManager:
                 algorithm=self._algorithm,
                 split=self._split,
                 previous=self.location.physical_to_logical_map,
+                **({} if self._max_slots_moved is None else {"max_slots_moved": self._max_slots_moved}),
             )
         except BaseException as exc:  # stored and re-raised on the serving thread
             attempt.error = exc

@@ -391,6 +391,37 @@ def case_a_per_pass_policy_plans_from_the_windows_passes_summed_over_ranks(rank,
     assert weights_match(host.weights, host.manager.location, rank)
 
 
+def case_a_move_budget_reaches_the_planner_in_slots_and_bounds_what_moves(rank, group):
+    """--eplb-move-budget-mb becomes slots (the budget over one expert's bytes): the planner
+    gets it, and every rebalance moves at most that many slots; a budget below one expert,
+    or with a policy that takes none, is refused at start-up."""
+    seen = []
+
+    def recording_planner(counts, **kwargs):
+        from eplb_plugin.algorithms import plan
+
+        seen.append(kwargs.get("max_slots_moved"))
+        return plan(counts, **kwargs)
+
+    location = ExpertLocation.trivial(num_layers=NUM_LAYERS, num_logical_experts=NUM_EXPERTS,
+                                      num_physical_experts=NUM_SLOTS, ep_size=2)
+    slot_mb = sum(t[0].numel() * t.element_size() for t in expert_weights(location, rank)[0]) / (1 << 20)
+    args = _args(eplb_algorithm="eplb_plugin_perpass", ep_dispatch_algorithm="minmax", eplb_move_budget_mb=3.5 * slot_mb)
+    host = Host(rank, group, args, planner=recording_planner)
+    finished = lambda m: sum(r.end_pass is not None for r in m.history) >= 2  # noqa: E731
+    assert host.serve(400, until=finished) == []
+    records = [r for r in host.manager.history if r.end_pass is not None]
+    assert all(r.error is None and r.slots_moved <= 3 for r in records), records
+    assert records[0].slots_moved > 0, records  # the budget is spent, not refused
+    if rank == 0:
+        assert seen and set(seen) == {3}
+    assert weights_match(host.weights, host.manager.location, rank)
+    with pytest.raises(ConfigError, match="below one expert"):
+        Host(rank, group, _args(eplb_algorithm="eplb_plugin_perpass", eplb_move_budget_mb=0.5 * slot_mb))
+    with pytest.raises(ConfigError, match="needs a policy that takes a move budget.*eplb_plugin_perpass"):
+        Host(rank, group, _args(eplb_move_budget_mb=10 * slot_mb))
+
+
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
 
 

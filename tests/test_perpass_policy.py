@@ -1,11 +1,13 @@
 """The per-pass policy: placements scored on the window's passes under minmax dispatch."""
 
 import numpy as np
+import pytest
 import torch
 
 from eplb_plugin.algorithms import plan
 from eplb_plugin.algorithms.evaluate import pass_counts, per_pass_balancedness
 from eplb_plugin.algorithms.perpass import mean_pass_balancedness
+from eplb_plugin.errors import ConfigError
 
 from conftest import trace_path
 
@@ -45,3 +47,37 @@ def test_the_plan_is_repeatable():
     a = plan(counts, num_physical_experts=72, num_gpus=8, algorithm="eplb_plugin_perpass").physical_to_logical_map
     b = plan(counts, num_physical_experts=72, num_gpus=8, algorithm="eplb_plugin_perpass").physical_to_logical_map
     assert torch.equal(a, b)
+
+
+def _synthetic_window(seed: int, passes: int = 8, layers: int = 4, experts: int = 16):
+    gen = np.random.default_rng(seed)
+    hot = gen.gamma(0.5, 1.0, size=(layers, experts))
+    return gen.poisson(hot[None] * gen.gamma(2.0, 0.5, size=(passes, layers, experts)) * 40).astype(np.float64)
+
+
+def test_a_move_budget_bounds_the_slots_moved_and_never_scores_below_the_live_map():
+    """With the live map and a budget of k slots, the plan differs from the live map in at
+    most k slots (over all layers), keeps every expert, and scores at least the live map on
+    the window it plans from; a budget of 0 keeps the live map."""
+    live = plan(_synthetic_window(1), num_physical_experts=20, num_gpus=4,
+                algorithm="eplb_plugin_perpass").physical_to_logical_map
+    counts = _synthetic_window(2)  # the traffic moved on
+    rows = torch.from_numpy(counts).float().permute(1, 0, 2)
+    free = plan(counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass", previous=live)
+    for budget in (0, 3, 6):
+        new = plan(counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass", previous=live,
+                   max_slots_moved=budget)
+        assert new.slots_moved is not None and new.slots_moved <= budget < free.slots_moved
+        assert all(set(new.physical_to_logical_map[layer].tolist()) == set(range(16)) for layer in range(4))
+        ours = mean_pass_balancedness(new.physical_to_logical_map, rows, num_gpus=4)
+        assert (ours >= mean_pass_balancedness(live, rows, num_gpus=4) - 1e-6).all()
+        if budget == 0:
+            assert torch.equal(new.physical_to_logical_map, live)
+
+
+def test_a_move_budget_is_refused_for_a_policy_without_one_and_when_negative():
+    counts = _synthetic_window(3)
+    with pytest.raises(ConfigError, match="does not take a move budget.*eplb_plugin_perpass"):
+        plan(counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin", max_slots_moved=4)
+    with pytest.raises(ConfigError, match="non-negative"):
+        plan(counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass", max_slots_moved=-1)

@@ -30,7 +30,7 @@ from .deepseek import deepseek
 from .deepseek_vec import deepseek_vec
 from .migrate import plan_migration_aware
 from .nodes import cross_node_share, plan_node_aware
-from .perpass import refine_for_minmax
+from .perpass import align_to_live, refine_for_minmax
 from .split import equal_slot_loads, gpu_sum
 
 
@@ -109,11 +109,17 @@ def _deepseek_vec(weight, num_physical, *, num_gpus, num_nodes, num_groups, prev
     return deepseek_vec(weight[None] if per_pass is None else per_pass, num_physical, num_gpus=num_gpus), None
 
 
-def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal"):
+def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal",
+                  max_moves=None):
     start, _ = _ours_equal(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
                            previous=previous)
-    return refine_for_minmax(start, weight[None] if per_pass is None else per_pass, num_gpus=num_gpus,
-                             num_nodes=num_nodes), None
+    budgeted = previous is not None and max_moves is not None
+    if budgeted and int((start != previous).sum()) > max_moves:
+        start = previous  # the equal plan alone moves more than the budget: refine the live map
+    refined = refine_for_minmax(start, weight[None] if per_pass is None else per_pass, num_gpus=num_gpus,
+                                num_nodes=num_nodes, previous=previous if budgeted else None,
+                                max_moves=max_moves if budgeted else None)
+    return (refined if previous is None else align_to_live(refined, previous, num_gpus=num_gpus)), None
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,7 @@ class Policy:
     suits: str
     per_pass: bool = False
     sglang_has_it: bool = False
+    move_budget: bool = False  # honours plan(max_slots_moved=) (its step function takes max_moves=)
 
 
 POLICIES: Registry[Policy] = Registry("placement policy")
@@ -141,7 +148,7 @@ POLICIES.register(Policy(
 POLICIES.register(Policy(
     "eplb_plugin_perpass", _ours_perpass,
     "the project's policy for minmax dispatch: planned on the window's passes (a [B, L, E] input), moves more "
-    "slots; for the reference runtime", per_pass=True))
+    "slots unless given a move budget; for the reference runtime", per_pass=True, move_budget=True))
 POLICIES.register(Policy(
     "deepseek", _deepseek, "DeepSeek's EPLB recipe, global (SGLang's --eplb-algorithm deepseek); for stock SGLang",
     sglang_has_it=True))
@@ -224,6 +231,7 @@ def _previous_map(previous, shape) -> np.ndarray | None:
 def plan(
     logical_count, *, num_physical_experts: int, num_gpus: int, num_nodes: int = 1,
     num_groups: int | None = None, algorithm: str = "auto", previous=None, split: str = "equal",
+    max_slots_moved: int | None = None,
 ) -> Placement:
     """Plan a placement.
 
@@ -234,9 +242,22 @@ def plan(
     split: how the host splits an expert's tokens over its replicas: "equal" (stock SGLang,
         static / random / minmax dispatch) or "weighted" (``weighted`` dispatch: the
         placement then carries replica weights where the policy makes them).
+    max_slots_moved: at most this many slots (all layers together) may differ from
+        ``previous`` (the move budget of one rebalance; bytes / one expert's bytes); only
+        for policies with ``Policy.move_budget``; ignored without ``previous``.
     Raises CountsError / ConfigError / PlacementError for bad input.
     """
     name = resolve_algorithm(algorithm)
+    policy = POLICIES.get(name)
+    budget: dict = {}
+    if max_slots_moved is not None:
+        if isinstance(max_slots_moved, bool) or not isinstance(max_slots_moved, (int, np.integer)) \
+                or max_slots_moved < 0:
+            raise ConfigError(f"max_slots_moved={max_slots_moved!r} must be a non-negative int")
+        if not policy.move_budget:
+            takes = [p.name for p in POLICIES.entries() if p.move_budget]
+            raise ConfigError(f"policy {name!r} does not take a move budget (max_slots_moved); policies that do: {takes}")
+        budget = {"max_moves": int(max_slots_moved)}
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is unknown; choose one of {list(SPLITS)}")
     per_pass = _validate_counts(logical_count)
@@ -247,9 +268,9 @@ def plan(
     if prev is not None and (prev.min() < 0 or prev.max() >= num_logical):
         raise PlacementError(f"previous map holds experts outside 0..{num_logical - 1}")
     start = time.perf_counter()
-    phy2log, weights = POLICIES.get(name).plan(
+    phy2log, weights = policy.plan(
         counts, num_physical_experts, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, previous=prev,
-        per_pass=per_pass if per_pass.ndim == 3 else None, split=split,
+        per_pass=per_pass if per_pass.ndim == 3 else None, split=split, **budget,
     )
     elapsed = time.perf_counter() - start
     moved = None if prev is None else int((phy2log != prev).sum())

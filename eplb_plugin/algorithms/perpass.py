@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..kernels.minmax import minmax_loads
 
 PERPASS_ROUNDS = 20
@@ -52,40 +53,100 @@ def _buckets(per_pass: np.ndarray) -> torch.Tensor:
     return rows.permute(1, 0, 2).contiguous()
 
 
+def align_to_live(new: np.ndarray, live: np.ndarray, *, num_gpus: int) -> np.ndarray:
+    """The same placement as ``new`` ([L, P]) with each GPU's slots reordered so that as
+    many as possible keep their expert in ``live``: a slot's order within its GPU changes
+    no load, but each slot whose expert changes is a move."""
+    out = np.array(new, dtype=np.int64, copy=True)
+    num_layers, num_slots = out.shape
+    per_gpu = num_slots // num_gpus
+    for layer in range(num_layers):
+        for g in range(num_gpus):
+            lo, hi = g * per_gpu, (g + 1) * per_gpu
+            wanted = list(out[layer, lo:hi])
+            placed = [-1] * per_gpu
+            for s in range(per_gpu):  # slots whose live expert stays on this GPU keep it
+                expert = int(live[layer, lo + s])
+                if expert in wanted:
+                    wanted.remove(expert)
+                    placed[s] = expert
+            rest = iter(wanted)
+            out[layer, lo:hi] = [e if e >= 0 else next(rest) for e in placed]
+    return out
+
+
 def refine_for_minmax(
-    start: np.ndarray, per_pass: np.ndarray, *, num_gpus: int, num_nodes: int = 1, rounds: int = PERPASS_ROUNDS, candidates: int = PERPASS_CANDIDATES, seed: int = PERPASS_SEED,
+    start: np.ndarray, per_pass: np.ndarray, *, num_gpus: int, num_nodes: int = 1, rounds: int = PERPASS_ROUNDS,
+    candidates: int = PERPASS_CANDIDATES, seed: int = PERPASS_SEED, previous: np.ndarray | None = None,
+    max_moves: int | None = None,
 ) -> np.ndarray:
     """start: [L, P] int map to refine (rank-major; with nodes, node-major too); per_pass:
-    [B, L, E] window counts. Returns [L, P] int64; no layer scores worse than in ``start``."""
+    [B, L, E] window counts. Returns [L, P] int64; no layer scores worse than in ``start``.
+
+    previous / max_moves: the live map and how many slots (over all layers) may differ from
+    it in the result. With both, changes are also drawn that put a slot back to its live
+    expert, a change that adds moves is taken only while the budget lasts, the layers' best
+    changes by gain per added move first, and ``start`` must itself be within the budget."""
     gen = torch.Generator().manual_seed(seed)
     counts = _buckets(per_pass)  # [L, W, E]
-    current = torch.from_numpy(np.ascontiguousarray(start, dtype=np.int64))
+    current = torch.tensor(np.asarray(start), dtype=torch.int64)  # a copy: refined in place
     num_layers, num_slots = current.shape
     num_logical = counts.shape[2]
     slots_per_node = num_slots // num_nodes
+    budgeted = previous is not None and max_moves is not None
+    live = torch.tensor(np.asarray(previous), dtype=torch.int64) if budgeted else current
+    moves = (current != live).sum(1)  # [L]
     best = mean_pass_balancedness(current, counts, num_gpus=num_gpus)
     layer_idx = torch.arange(num_layers)[:, None].expand(num_layers, candidates)
     cand_idx = torch.arange(candidates)[None].expand(num_layers, candidates)
+    if budgeted and int(moves.sum()) > max_moves:
+        raise ConfigError(f"start differs from previous in {int(moves.sum())} slots, over max_moves={max_moves}")
     popularity = counts.sum(1) + 1e-3  # [L, E]
     for _ in range(rounds):
         # Step 1: candidate changes, drawn per layer.
         cand = current.unsqueeze(1).repeat(1, candidates, 1)  # [L, K, P]
         i = torch.randint(0, num_slots, (num_layers, candidates), generator=gen)
         j = (i // slots_per_node) * slots_per_node + torch.randint(0, slots_per_node, i.shape, generator=gen)
-        swap = torch.rand(i.shape, generator=gen) < 0.5
+        kind = torch.rand(i.shape, generator=gen)
+        swap = kind < 0.5
         at_i, at_j = cand[layer_idx, cand_idx, i], cand[layer_idx, cand_idx, j]
         cand[layer_idx[swap], cand_idx[swap], i[swap]] = at_j[swap]
         cand[layer_idx[swap], cand_idx[swap], j[swap]] = at_i[swap]
         replicas = torch.zeros(num_layers, num_logical).scatter_add_(1, current, torch.ones(num_layers, num_slots))
         spare = ~swap & (replicas.gather(1, at_i) >= 2)  # the expert keeps a replica elsewhere
+        if budgeted:  # a quarter of the draws: a moved slot back to its live expert
+            back = kind >= 0.75
+            moved_slot = torch.multinomial((current != live).float() + 1e-9, candidates, replacement=True, generator=gen)
+            was = live.gather(1, moved_slot)
+            now = current.gather(1, moved_slot)
+            back &= (replicas.gather(1, now) >= 2) | (was == now)
+            cand[layer_idx[back], cand_idx[back], moved_slot[back]] = was[back]
+            spare &= ~back
         drawn = torch.multinomial(popularity, candidates, replacement=True, generator=gen)
         cand[layer_idx[spare], cand_idx[spare], i[spare]] = drawn[spare]
         # Step 2: score every candidate on the window's passes.
         score = mean_pass_balancedness(cand.view(-1, num_slots), counts.repeat_interleave(candidates, 0),
                                        num_gpus=num_gpus).view(num_layers, candidates)
-        # Step 3: keep each layer's best candidate where it improves.
-        top, arg = score.max(1)
-        better = top > best + 1e-6
+        # Step 3: keep each layer's best candidate where it improves (within the budget).
+        gain = score - best[:, None]
+        if not budgeted:
+            top, arg = score.max(1)
+            better = top > best + 1e-6
+        else:
+            added = (cand != live[:, None]).sum(-1) - moves[:, None]  # [L, K]
+            value = torch.where(added <= 0, gain + 1.0, gain / added.clamp_min(1))  # free changes first
+            value = torch.where(gain > 1e-6, value, -1.0)
+            top_value, arg = value.max(1)
+            better = top_value > 0
+            cost = added[torch.arange(num_layers), arg].clamp_min(0)
+            order = torch.argsort(top_value, descending=True)
+            spend = torch.cumsum(torch.where(better, cost, 0)[order], 0)
+            room = max_moves - int(moves.sum())
+            within = torch.zeros_like(better)
+            within[order] = spend <= room
+            better &= within
+            top = score[torch.arange(num_layers), arg]
         current[better] = cand[torch.arange(num_layers)[better], arg[better]]
         best = torch.where(better, top, best)
+        moves = (current != live).sum(1)
     return current.numpy()
