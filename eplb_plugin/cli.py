@@ -18,7 +18,8 @@ import torch
 from .algorithms import ALGORITHMS, POLICIES, SPLITS, plan
 from .balance import placement_balancedness
 from .cli_inputs import load_counts, num_physical_from_args
-from .errors import EPLBError
+from .dispatch_info import DISPATCH_INFO
+from .errors import ConfigError, EPLBError
 from .location import ExpertLocation
 from .location_files import load_placement, save_placement
 from .placement_format import weights_sidecar
@@ -43,9 +44,13 @@ def _cmd_plan(args) -> int:
         from .configs import get_preset
 
         get_preset(args.preset)  # an unknown name fails here, before the solver runs
-    counts = load_counts(args.counts)
+    passes = load_counts(args.counts, pass_tokens=args.pass_tokens)  # [L, E], or [B, L, E] with --pass-tokens
+    counts = passes.sum(0) if passes.ndim == 3 else passes
     num_logical = counts.shape[1]
-    num_physical = num_physical_from_args(args, num_logical)
+    num_physical = _slots_for_budget(args, num_logical) if args.gpu_memory_budget_gib is not None \
+        else num_physical_from_args(args, num_logical)
+    if args.sizing:
+        _print_sizing(args, passes, num_logical, num_physical)
     placement = plan(counts, num_physical_experts=num_physical, num_gpus=args.ep_size, num_nodes=args.nodes,
                      num_groups=args.groups, algorithm=args.algorithm, split=args.split)
     c = torch.from_numpy(counts)
@@ -74,6 +79,53 @@ def _cmd_plan(args) -> int:
     print(f"wrote {out}" + (f" and {weights_sidecar(out)} (replica weights: stock SGLang ignores this file and "
                             "splits equally; plan with --split equal for it)" if weights is not None else ""))
     return 0
+
+
+def _slots_for_budget(args, num_logical: int) -> int:
+    """P for ``--gpu-memory-budget-gib``: the most redundant experts whose weights fit it on
+    every GPU (the preset gives one expert's bytes); says so and plans with none when even
+    one redundant expert per GPU does not fit."""
+    from .algorithms.sizing import max_redundant_for_memory
+    from .configs import get_preset
+
+    if args.preset is None:
+        raise ConfigError("--gpu-memory-budget-gib needs --preset: the preset gives one expert's size")
+    if args.redundant or args.num_physical_experts is not None:
+        raise ConfigError("give --gpu-memory-budget-gib or --redundant / --num-physical-experts, not both")
+    if not args.gpu_memory_budget_gib >= 0:
+        raise ConfigError(f"--gpu-memory-budget-gib must be >= 0 (got {args.gpu_memory_budget_gib})")
+    preset = get_preset(args.preset)
+    one = preset.expert_bytes * preset.num_layers  # one redundant slot per GPU, every MoE layer
+    redundant = max_redundant_for_memory(args.gpu_memory_budget_gib * 2**30, expert_bytes=preset.expert_bytes,
+                                         num_layers=preset.num_layers, num_logical=num_logical, num_gpus=args.ep_size)
+    if redundant == 0:
+        print(f"--gpu-memory-budget-gib {args.gpu_memory_budget_gib}: below one redundant expert per GPU "
+              f"({one / 2**30:.2f} GiB over the {preset.num_layers} MoE layers of {preset.name}); "
+              "planning with no redundant experts")
+    else:
+        print(f"--gpu-memory-budget-gib {args.gpu_memory_budget_gib}: {redundant} redundant experts "
+              f"({(num_logical + redundant) // args.ep_size - num_logical // args.ep_size} per GPU, "
+              f"{one / 2**30:.2f} GiB each)")
+    return num_logical + redundant
+
+
+def _print_sizing(args, passes, num_logical: int, num_physical: int) -> None:
+    """Expected realized balance against redundant slots, up to the planned count (at least
+    four per GPU when no budget caps it)."""
+    from .algorithms.sizing import redundancy_curve, redundant_choices
+
+    top = num_physical - num_logical
+    if args.gpu_memory_budget_gib is None:
+        top = max(top, 4 * args.ep_size)
+    curve = redundancy_curve(passes, num_gpus=args.ep_size, redundant=redundant_choices(num_logical, args.ep_size, top),
+                             dispatch=args.dispatch, algorithm=args.algorithm, num_nodes=args.nodes,
+                             num_groups=args.groups)
+    where = "held-out passes (planned on the first half, scored on the second)" if curve[0].held_out else \
+        "in sample (an upper bound: give per-pass counts, e.g. a .npz with --pass-tokens, for held-out figures)"
+    print(f"expected balancedness per pass under {args.dispatch} dispatch, {where}:")
+    print("  redundant  per GPU  balancedness")
+    for point in curve:
+        print(f"  {point.redundant:>9}  {point.per_gpu:>7}  {point.balancedness:.4f}")
 
 
 def _cmd_inspect(args) -> int:
@@ -141,6 +193,15 @@ def _add_plan(sub) -> None:
                    help="how the host splits an expert's tokens over its replicas: equal (stock SGLang; "
                         "static, random, dynamic and minmax dispatch) or weighted (the runtime's weighted dispatch)")
     p.add_argument("--out", required=True, help=".json or .pt; with --split weighted, weights go to <out>.weights.json")
+    p.add_argument("--gpu-memory-budget-gib", type=float, default=None,
+                   help="GPU memory each rank may spend on redundant experts; with --preset, plans with the most "
+                        "redundant experts that fit (instead of --redundant)")
+    p.add_argument("--sizing", action="store_true",
+                   help="also print the expected per-pass balancedness for each count of redundant experts")
+    p.add_argument("--dispatch", default="static", choices=list(DISPATCH_INFO.names()),
+                   help="the host's --ep-dispatch-algorithm, for --sizing")
+    p.add_argument("--pass-tokens", type=int, default=None,
+                   help="for a per-token .npz: cut it into passes of this many tokens (--sizing then scores held-out passes)")
     p.set_defaults(func=_cmd_plan)
 
 

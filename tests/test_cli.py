@@ -150,3 +150,52 @@ def test_synthetic_trace_example_writes_a_trace_plan_reads(tmp_path):
     assert np.load(trace)["topk_ids"].shape == (24, tiny.num_layers, tiny.top_k)
     assert main(["plan", str(trace), "--ep-size", "2", "--redundant", "2", "--out", str(out)]) == 0
     assert np.array(json.loads(out.read_text())["physical_to_logical_map"]).shape[0] == tiny.num_layers
+
+
+def _topk_npz(tmp_path, *, tokens=2048, layers=2, experts=16, top_k=2, seed=0):
+    """A per-token trace [T, L, k] whose hot experts shift halfway (written here, not a shared trace)."""
+    gen = np.random.default_rng(seed)
+    ids = np.empty((tokens, layers, top_k), dtype=np.int64)
+    for layer in range(layers):
+        popularity = gen.gamma(0.5, 1.0, experts)
+        popularity /= popularity.sum()
+        for t in range(tokens):
+            ids[t, layer] = gen.choice(experts, top_k, replace=False, p=popularity)
+    path = tmp_path / "trace.npz"
+    np.savez(path, topk_ids=ids)
+    return path
+
+
+def test_plan_sizing_prints_held_out_balance_for_each_count_of_redundant_experts(tmp_path, capsys):
+    """--sizing with per-pass counts plans on the first half of the passes and scores the
+    second half under the given dispatch, one row per redundant count (one more per GPU)."""
+    src = _topk_npz(tmp_path)
+    assert main(["plan", str(src), "--ep-size", "4", "--redundant", "4", "--sizing", "--dispatch", "minmax",
+                 "--pass-tokens", "128", "--out", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "under minmax dispatch, held-out passes" in out
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 4, 8, 12, 16] and [int(r[1]) for r in rows] == [0, 1, 2, 3, 4]
+    assert all(0 < float(r[2]) <= 1 for r in rows) and float(rows[-1][2]) > float(rows[0][2])
+
+
+def test_plan_memory_budget_takes_the_redundant_experts_that_fit_or_says_none_fit(tmp_path, capsys):
+    """--gpu-memory-budget-gib with a preset plans with the most redundant experts whose
+    weights fit on every GPU; a budget below one expert per GPU says so and plans with none;
+    without a preset, with --redundant too, or negative, it is refused in one line."""
+    preset = get_preset("deepseek-v2-lite")
+    per_slot_gib = preset.expert_bytes * preset.num_layers / 2**30
+    src, out = _counts_json(tmp_path), tmp_path / "p.json"
+    args = ["plan", str(src), "--ep-size", "4", "--preset", "deepseek-v2-lite", "--out", str(out)]
+    assert main([*args, "--gpu-memory-budget-gib", str(2.5 * per_slot_gib)]) == 0
+    assert np.array(json.loads(out.read_text())["physical_to_logical_map"]).shape == (3, 16 + 8)
+    assert "8 redundant experts (2 per GPU" in capsys.readouterr().out
+    assert main([*args, "--gpu-memory-budget-gib", str(0.5 * per_slot_gib)]) == 0
+    assert np.array(json.loads(out.read_text())["physical_to_logical_map"]).shape == (3, 16)
+    assert "below one redundant expert per GPU" in capsys.readouterr().out
+    for bad, why in ((["--gpu-memory-budget-gib", "1", "--redundant", "4"], "not both"),
+                     (["--gpu-memory-budget-gib", "-1"], "must be >= 0")):
+        assert main([*args, *bad]) == 2
+        assert why in capsys.readouterr().err
+    assert main(["plan", str(src), "--ep-size", "4", "--gpu-memory-budget-gib", "1", "--out", str(out)]) == 2
+    assert "needs --preset" in capsys.readouterr().err

@@ -1,0 +1,75 @@
+"""Redundancy sizing: how much per-pass balance each count of redundant slots buys, and how
+many redundant slots a per-GPU memory budget allows.
+
+``redundancy_curve`` plans with each candidate count of redundant slots and scores the plan
+on passes it did not see: with per-pass counts ``[B, L, E]`` it plans on the first half
+of the passes and scores every pass of the second half under the host's dispatch (the
+realized balance a rebalance on the first half would have served); with one ``[L, E]``
+window it can only score in sample (an upper bound, marked as such).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+from .evaluate import per_pass_balancedness
+
+
+@dataclass(frozen=True)
+class SizingPoint:
+    """One row of the curve: ``redundant`` slots (``per_gpu`` each), the expected mean
+    per-pass balancedness under ``dispatch``, and whether it was scored on held-out passes."""
+
+    redundant: int
+    per_gpu: int
+    balancedness: float
+    held_out: bool
+
+
+def redundant_choices(num_logical: int, num_gpus: int, max_redundant: int) -> list[int]:
+    """Redundant slot counts from 0 up to ``max_redundant`` that keep P = E + r divisible by
+    the GPUs (one more slot per GPU each step; the first step fills up to a multiple)."""
+    first = (-num_logical) % num_gpus
+    return [0] * (first != 0) + list(range(first, max_redundant + 1, num_gpus))
+
+
+def max_redundant_for_memory(budget_bytes_per_gpu: float, *, expert_bytes: int, num_layers: int,
+                             num_logical: int, num_gpus: int) -> int:
+    """The most redundant slots (all GPUs together) whose weights fit ``budget_bytes_per_gpu``
+    on every GPU: a redundant slot per GPU costs one expert in every MoE layer."""
+    if budget_bytes_per_gpu < 0:
+        raise ConfigError(f"the memory budget must be >= 0 (got {budget_bytes_per_gpu} bytes)")
+    per_gpu = int(budget_bytes_per_gpu // (expert_bytes * num_layers))
+    fits = [r for r in redundant_choices(num_logical, num_gpus, per_gpu * num_gpus + num_gpus)
+            if (num_logical + r) // num_gpus - num_logical // num_gpus <= per_gpu]
+    return max(fits, default=0)
+
+
+def redundancy_curve(counts: np.ndarray, *, num_gpus: int, redundant: list[int], dispatch: str = "static",
+                     algorithm: str = "auto", num_nodes: int = 1, num_groups: int | None = None) -> list[SizingPoint]:
+    """counts: [L, E] (one window) or [B, L, E] (passes; B >= 2 scores on held-out passes).
+    redundant: slot counts to try (each keeping E + r divisible by ``num_gpus``). The plan
+    is made for the split ``dispatch`` performs (``split_for_dispatch``)."""
+    from . import plan, split_for_dispatch
+
+    counts = np.asarray(counts, dtype=np.float64)
+    per_pass = counts if counts.ndim == 3 else counts[None]
+    num_logical = per_pass.shape[2]
+    held_out = per_pass.shape[0] >= 2
+    fit, score = (per_pass[: per_pass.shape[0] // 2], per_pass[per_pass.shape[0] // 2:]) if held_out \
+        else (per_pass, per_pass)
+    points = []
+    for r in redundant:
+        if (num_logical + r) % num_gpus:
+            raise ConfigError(f"{num_logical} experts + {r} redundant slots do not divide over {num_gpus} GPUs")
+        placement = plan(fit, num_physical_experts=num_logical + r, num_gpus=num_gpus, num_nodes=num_nodes,
+                         num_groups=num_groups, algorithm=algorithm, split=split_for_dispatch(dispatch))
+        weights = placement.replica_weights
+        bal = per_pass_balancedness(score, placement.physical_to_logical_map.numpy(), num_gpus=num_gpus,
+                                    dispatch=dispatch, replica_weights=None if weights is None else weights.numpy())
+        points.append(SizingPoint(r, (num_logical + r) // num_gpus - num_logical // num_gpus, float(bal.mean()),
+                                  held_out))
+    return points
