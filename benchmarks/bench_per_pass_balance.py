@@ -9,7 +9,8 @@ current placement as ``previous``); every pass after the first plan is scored on
 - ``minmax``: the per-pass split on the whole pass's counts (``--ep-dispatch-counts global``);
 - ``minmax_local``: each rank splits its own tokens (``--ep-dispatch-counts local``).
 
-References: the clairvoyant plan (made on the next ``--every`` passes) and the same-pass
+The per-pass policy also runs with a move budget of ``MOVE_BUDGET_SHARE`` of the slots per
+rebalance. References: the clairvoyant plan (made on the next ``--every`` passes) and the same-pass
 plan (made on the pass it serves), both with the project's equal-split policy. Slots moved
 per rebalance are counted against the previous placement (the first plan, from the trivial
 placement, excluded). Exits cleanly where the traces are absent.
@@ -35,6 +36,7 @@ from eplb_plugin.algorithms.evaluate import minmax_gpu_loads
 from eplb_plugin.balance import layer_balancedness
 
 PLANNERS = ("eplb_plugin_equal", "eplb_plugin_perpass", "deepseek", "deepseek_vec")
+MOVE_BUDGET_SHARE = 0.10  # the budgeted per-pass row: at most this share of slots moved per rebalance
 
 
 def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> dict[str, float]:
@@ -48,8 +50,10 @@ def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> dict[str,
 
 
 def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: int, planner: str,
-           source: str = "past") -> dict:
-    """source: "past" (the last ``every`` passes), "next" (clairvoyant) or "same" (each pass)."""
+           source: str = "past", budget_share: float | None = None) -> dict:
+    """source: "past" (the last ``every`` passes), "next" (clairvoyant) or "same" (each pass).
+    budget_share: a move budget of this share of all slots per rebalance (not on the first
+    plan, which starts from the trivial placement)."""
     num_layers = counts[0].shape[1]
     phy2log = np.broadcast_to(np.arange(num_slots) % NUM_LOGICAL, (num_layers, num_slots)).copy()
     scores: dict[str, list[float]] = {}
@@ -60,8 +64,10 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
             rows = {"past": range(p - every, p), "next": range(p, min(p + every, len(counts))), "same": [p]}[source]
             window = np.stack([counts[q].sum(0) for q in rows])  # [B, L, E] whole-pass counts
             start = time.perf_counter()
+            budget = {} if budget_share is None or p == every else \
+                {"max_slots_moved": int(budget_share * phy2log.size)}
             new = plan(window, num_physical_experts=num_slots, num_gpus=num_gpus, algorithm=planner,
-                       previous=phy2log).physical_to_logical_map.numpy()
+                       previous=phy2log, **budget).physical_to_logical_map.numpy()
             solver.append(time.perf_counter() - start)
             if p > every:
                 moved.append(float((new != phy2log).mean()))
@@ -92,6 +98,9 @@ def main(argv=None) -> int:
         counts = [rank_counts(ids, p, ns.pass_tokens, num_gpus) for p in range(num_passes)]
         runs = {planner: replay(counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner=planner)
                 for planner in PLANNERS}
+        runs[f"eplb_plugin_perpass, move budget {MOVE_BUDGET_SHARE:.0%} of slots"] = replay(
+            counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_perpass",
+            budget_share=MOVE_BUDGET_SHARE)
         runs["clairvoyant (eplb_plugin_equal on the next passes)"] = replay(
             counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_equal", source="next")
         runs["same pass (eplb_plugin_equal on the pass served)"] = replay(
