@@ -48,7 +48,7 @@ import torch
 
 from eplb_plugin.errors import ConfigError, RebalanceError, TransferError
 from eplb_plugin.integrations import sglang_checks
-from eplb_plugin.integrations.sglang import LOG_PREFIX
+from eplb_plugin.integrations.sglang_common import LOG_PREFIX
 from eplb_plugin.integrations.sglang_metadata import MetadataPublisher, sglang_utilization_gate
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def eplb_args_from_sglang() -> Any:
     from sglang.srt.runtime_context import get_exec, get_parallel
 
     from eplb_plugin.args import EPLBArgs
-    from eplb_plugin.integrations.sglang import plugin_settings
+    from eplb_plugin.integrations.sglang_common import plugin_settings
 
     moe = get_exec().moe
     values: dict[str, Any] = {name: getattr(moe, name) for name in _SGLANG_MOE_FIELDS if hasattr(moe, name)}
