@@ -14,7 +14,13 @@ target                                                                      type
 ``sglang.srt.eplb.eplb_algorithms.rebalance_experts``                       AROUND   runs the project's planner
 ``sglang.srt.eplb.expert_distribution.ExpertDistributionRecorder.init_new`` AROUND   the project's recorder
 ``sglang.srt.eplb.eplb_manager.EPLBManager``                                REPLACE  the project's manager
+``sglang.srt.eplb.expert_location_dispatch.ExpertLocationDispatchInfo``     AROUND   ``.init_new``: the layer id
+``sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical``   AROUND   runs ``minmax`` dispatch
+``sglang.srt.eplb.expert_location.ExpertLocationMetadata.update``           AFTER    ``minmax`` tables follow
 ==========================================================================  =======  ===========
+
+``add_cli_args`` also offers the project's ``minmax`` in ``--ep-dispatch-algorithm``
+(``sglang_dispatch``: SGLang's own names keep their meaning).
 
 Resolving a target imports its module; SGLang's engine imports these ``sglang.srt.eplb``
 modules in every process anyway, so the hooks add no import of note. SGLang only logs hook
@@ -39,8 +45,10 @@ from typing import Any
 from eplb_plugin.args import EPLBArgs, flag_name
 from eplb_plugin.integrations.sglang_common import (
     CONFIG_ENV,
+    DISPATCH_FLAG,
     ENABLE_ENV,
     LOG_PREFIX,
+    is_plugin_dispatch,
     plugin_field_names,
     plugin_settings,
 )
@@ -66,10 +74,11 @@ def _argv_requests_plugin(argv: list[str]) -> bool:
         name, _, inline = arg.partition("=")
         if name in _TRIGGER_FLAGS or name in plugin_flags:
             return True
-        if name == "--eplb-algorithm":
-            value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
-            if value.startswith(_PLUGIN_ALGORITHM_PREFIX):
-                return True
+        value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
+        if name == "--eplb-algorithm" and value.startswith(_PLUGIN_ALGORITHM_PREFIX):
+            return True
+        if name == DISPATCH_FLAG and is_plugin_dispatch(value):
+            return True
     return False
 
 
@@ -79,7 +88,8 @@ def plugin_requested(argv: list[str] | None = None, environ: dict[str, str] | No
     ``$EPLB_PLUGIN_ENABLE`` decides when set ("1"/"0"). Otherwise the plugin is on when
     ``$EPLB_PLUGIN_CONFIG`` is set or the command line (``sys.argv``, which SGLang's spawned
     children inherit) has ``--enable-eplb``, ``--expert-distribution-recorder-mode``,
-    ``--eplb-algorithm eplb_plugin*`` or one of the plugin's flags. ``sglang.Engine(...)``
+    ``--eplb-algorithm eplb_plugin*``, ``--ep-dispatch-algorithm minmax`` or one of the
+    plugin's flags. ``sglang.Engine(...)``
     and ``--config file.yaml`` users set ``EPLB_PLUGIN_ENABLE=1``.
     """
     env = os.environ if environ is None else environ
@@ -116,14 +126,21 @@ def _add_plugin_flags(result: Any, parser: Any) -> None:
     existing = {s for action in parser._actions for s in action.option_strings}
     skip = tuple(n for n in plugin_field_names() if flag_name(n) in existing)
     add_eplb_args(parser, only_plugin_flags=True, skip=skip)
+    from eplb_plugin.integrations.sglang_dispatch import add_dispatch_choices
+
+    add_dispatch_choices(parser)
 
 
 def _capture_plugin_flags(original: Callable, cls: Any, args: Any, *rest: Any, **kw: Any) -> Any:
     """AROUND ``ServerArgs.from_cli_args``: move the plugin's flags into ``$EPLB_PLUGIN_CONFIG``.
 
     SGLang keeps only its own fields; the environment reaches every child it spawns. Values
-    given on the command line override those already in the variable.
+    given on the command line override those already in the variable. A plugin dispatch
+    algorithm that a SGLang fast path would bypass is refused here, in the launcher.
     """
+    from eplb_plugin.integrations.sglang_checks import check_dispatch_algorithm
+
+    check_dispatch_algorithm(getattr(args, "ep_dispatch_algorithm", None), os.environ)
     defaults = EPLBArgs()
     given = {
         name: getattr(args, name)
@@ -181,6 +198,24 @@ def _recorder_init_new(original: Callable, *args: Any, **kwargs: Any) -> Any:
     return init_new(original, *args, **kwargs)
 
 
+def _dispatch_info_init_new(original: Callable, *args: Any, **kwargs: Any) -> Any:
+    from eplb_plugin.integrations.sglang_dispatch import dispatch_info_init_new
+
+    return dispatch_info_init_new(original, *args, **kwargs)
+
+
+def _topk_ids_logical_to_physical(original: Callable, *args: Any, **kwargs: Any) -> Any:
+    from eplb_plugin.integrations.sglang_dispatch import topk_ids_logical_to_physical
+
+    return topk_ids_logical_to_physical(original, *args, **kwargs)
+
+
+def _metadata_update(result: Any, *args: Any, **kwargs: Any) -> Any:
+    from eplb_plugin.integrations.sglang_dispatch import metadata_rows_updated
+
+    return metadata_rows_updated(result, *args, **kwargs)
+
+
 def hook_specs() -> list[tuple[str, str, Any]]:
     """(target, hook type name, hook) for every hook the plugin registers."""
     from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
@@ -192,6 +227,11 @@ def hook_specs() -> list[tuple[str, str, Any]]:
         ("sglang.srt.eplb.eplb_algorithms.rebalance_experts", "AROUND", _rebalance_experts),
         ("sglang.srt.eplb.expert_distribution.ExpertDistributionRecorder.init_new", "AROUND", _recorder_init_new),
         ("sglang.srt.eplb.eplb_manager.EPLBManager", "REPLACE", SGLangEPLBManager),
+        ("sglang.srt.eplb.expert_location_dispatch.ExpertLocationDispatchInfo.init_new", "AROUND",
+         _dispatch_info_init_new),
+        ("sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical", "AROUND",
+         _topk_ids_logical_to_physical),
+        ("sglang.srt.eplb.expert_location.ExpertLocationMetadata.update", "AFTER", _metadata_update),
     ]
 
 

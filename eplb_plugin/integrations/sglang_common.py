@@ -19,6 +19,16 @@ from eplb_plugin.errors import ConfigError
 ENABLE_ENV = "EPLB_PLUGIN_ENABLE"  # "1": hooks on; "0": off whatever the flags say
 CONFIG_ENV = "EPLB_PLUGIN_CONFIG"  # the plugin's own settings: inline JSON or a .json path
 LOG_PREFIX = "[eplb_plugin]"
+# The project's dispatch algorithms the plugin adds to SGLang's --ep-dispatch-algorithm
+# (``sglang_dispatch``). SGLang's names keep SGLang's meaning; ``random`` is SGLang's
+# ``dynamic`` already and ``weighted`` needs replica weights, which SGLang's metadata lacks.
+PLUGIN_DISPATCH_ALGORITHMS: tuple[str, ...] = ("minmax",)
+DISPATCH_FLAG = "--ep-dispatch-algorithm"
+
+
+def is_plugin_dispatch(name: str | None) -> bool:
+    """Whether ``name`` is one of the plugin's dispatch algorithms (not SGLang's own)."""
+    return name in PLUGIN_DISPATCH_ALGORITHMS
 
 
 def plugin_field_names() -> tuple[str, ...]:
