@@ -324,3 +324,20 @@ def test_a_plugin_dispatch_info_without_a_layer_is_refused_clearly():
     info = SimpleNamespace(ep_dispatch_algorithm="minmax", num_physical_experts=NUM_PHYSICAL)
     with pytest.raises(ConfigError, match="no layer id.*init_new hook"):
         topk_ids_logical_to_physical(None, torch.zeros(2, 2, dtype=torch.int32), info)
+
+
+def test_the_mapping_reads_no_tensor_data_on_the_host(sglang_location, monkeypatch):
+    """No host synchronization: the whole minmax mapping runs on meta tensors (which hold no
+    data, so any .item(), .tolist() or data-dependent shape would raise)."""
+    from types import SimpleNamespace
+
+    from eplb_plugin.integrations.sglang_dispatch import topk_ids_logical_to_physical
+
+    phy2log = _placement(7).physical_to_logical_map
+    metadata = SimpleNamespace(physical_to_logical_map=phy2log.to("meta"), physical_to_logical_map_cpu=phy2log,
+                               num_logical_experts=NUM_LOGICAL, ep_size=EP_SIZE)
+    monkeypatch.setattr(sglang_location, "get_global_expert_location_metadata", lambda: metadata)
+    info = SimpleNamespace(ep_dispatch_algorithm="minmax", num_physical_experts=NUM_PHYSICAL, layer_id=1)
+    ids = _pass_ids(8).to("meta")
+    physical = topk_ids_logical_to_physical(None, ids, info)
+    assert physical.device.type == "meta" and physical.shape == ids.shape and physical.dtype == torch.int32

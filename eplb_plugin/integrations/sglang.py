@@ -198,26 +198,11 @@ def _recorder_init_new(original: Callable, *args: Any, **kwargs: Any) -> Any:
     return init_new(original, *args, **kwargs)
 
 
-def _dispatch_info_init_new(original: Callable, *args: Any, **kwargs: Any) -> Any:
-    from eplb_plugin.integrations.sglang_dispatch import dispatch_info_init_new
-
-    return dispatch_info_init_new(original, *args, **kwargs)
-
-
-def _topk_ids_logical_to_physical(original: Callable, *args: Any, **kwargs: Any) -> Any:
-    from eplb_plugin.integrations.sglang_dispatch import topk_ids_logical_to_physical
-
-    return topk_ids_logical_to_physical(original, *args, **kwargs)
-
-
-def _metadata_update(result: Any, *args: Any, **kwargs: Any) -> Any:
-    from eplb_plugin.integrations.sglang_dispatch import metadata_rows_updated
-
-    return metadata_rows_updated(result, *args, **kwargs)
-
-
 def hook_specs() -> list[tuple[str, str, Any]]:
-    """(target, hook type name, hook) for every hook the plugin registers."""
+    """(target, hook type name, hook) for every hook the plugin registers. The dispatch hooks
+    are SGLang's hot path (every MoE layer, inside its compiled top-k): they are the bodies
+    themselves, not lazy-import wrappers."""
+    from eplb_plugin.integrations import sglang_dispatch
     from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
 
     return [
@@ -228,10 +213,11 @@ def hook_specs() -> list[tuple[str, str, Any]]:
         ("sglang.srt.eplb.expert_distribution.ExpertDistributionRecorder.init_new", "AROUND", _recorder_init_new),
         ("sglang.srt.eplb.eplb_manager.EPLBManager", "REPLACE", SGLangEPLBManager),
         ("sglang.srt.eplb.expert_location_dispatch.ExpertLocationDispatchInfo.init_new", "AROUND",
-         _dispatch_info_init_new),
+         sglang_dispatch.dispatch_info_init_new),
         ("sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical", "AROUND",
-         _topk_ids_logical_to_physical),
-        ("sglang.srt.eplb.expert_location.ExpertLocationMetadata.update", "AFTER", _metadata_update),
+         sglang_dispatch.topk_ids_logical_to_physical),
+        ("sglang.srt.eplb.expert_location.ExpertLocationMetadata.update", "AFTER",
+         sglang_dispatch.metadata_rows_updated),
     ]
 
 

@@ -122,6 +122,8 @@ class LiveMinmaxTables:
                     self._tables = MinmaxTables(*(t.to(device) for t in built))
                     self._metadata = metadata
                     self.builds += 1
+                    logger.info("%s minmax dispatch tables built: %d layers x %d slots over %d GPUs",
+                                LOG_PREFIX, *metadata.physical_to_logical_map_cpu.shape, metadata.ep_size)
         return self._tables
 
     def update_rows(self, metadata: Any, source: MinmaxTables, layers: list[int]) -> None:

@@ -25,8 +25,8 @@ built at the first ``on_forward_pass_end()`` (the model exists then) with:
 - the recorder SGLang holds (the project's, built by the ``init_new`` hook);
 - the placement of SGLang's global ``ExpertLocationMetadata``; each time layers go live,
   their rows of that metadata are updated in place (``sglang_metadata``: built once per
-  rebalance, LPLB solvers re-initialized under ``lp`` dispatch), so dispatch uses the new
-  map at the next pass;
+  rebalance, LPLB solvers re-initialized under ``lp`` dispatch, ``minmax``'s tables copied
+  with the rows), so dispatch uses the new map at the next pass;
 - SGLang's rule for ``--eplb-min-rebalancing-utilization-threshold``;
 - SGLang's default process group (SGLang's own mover uses WORLD ranks too).
 
