@@ -213,7 +213,7 @@ class ExpertDispatcher:
 def minmax_dispatch(
     topk_ids: torch.Tensor, tables: MinmaxTables, *, layer: int, num_slots: int, use_kernel: bool,
     exchange: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    counts_out: torch.Tensor | None = None,
+    counts_out: torch.Tensor | None = None, num_valid_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``minmax`` choice of one layer of one pass, for any host of the tables.
 
@@ -222,9 +222,19 @@ def minmax_dispatch(
     Triton kernels (CUDA) instead of the torch reference. exchange: this rank's [E] counts ->
     (the pass's [E] counts, tokens of each expert on lower ranks), collective; None = the
     split follows ``topk_ids``' own counts. counts_out: optional [L, P] int32 buffer to which
-    the chosen slots are added (row ``layer``). Returns [T, k] int64 physical slots, -1 kept.
+    the chosen slots are added (row ``layer``). num_valid_rows: optional one-element int
+    tensor (on ``topk_ids``' device): rows at or past it pad the batch (a CUDA graph's fixed
+    size); they are left out of the split and of ``counts_out`` and get a slot of their
+    expert (the host masks them next). Returns [T, k] int64 physical slots, -1 kept.
     No host synchronization.
     """
+    if num_valid_rows is not None:
+        in_batch = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(-1) < num_valid_rows.reshape(-1)[:1]
+        out = minmax_dispatch(torch.where(in_batch, topk_ids, -1), tables, layer=layer, num_slots=num_slots,
+                              use_kernel=use_kernel, exchange=exchange, counts_out=counts_out)
+        padding = ~in_batch & (topk_ids >= 0)
+        some_slot = tables.slot_on_gpu[layer].amax(-1)  # [E]: a slot of each expert (-1 = none on that GPU)
+        return torch.where(padding, some_slot[topk_ids.clamp_min(0).long()], out)
     if use_kernel:
         from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
 

@@ -65,3 +65,23 @@ def test_kernel_follows_a_new_placement_copied_in_place():
     want = ExpertDispatcher(new, rank=0, algorithm="minmax").dispatch(0, ids)
     got_load = torch.bincount(got[got >= 0], minlength=20)
     assert (got_load - torch.bincount(want[want >= 0], minlength=20)).abs().max() <= 1
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_kernel_leaves_rows_that_pad_the_batch_out_like_the_torch_path():
+    """minmax_dispatch(num_valid_rows=) on the kernels: the real rows' choice is the kernels'
+    choice for those rows alone, padding rows keep a slot of their expert, counts the real rows."""
+    from eplb_plugin.dispatch import minmax_dispatch
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+
+    location, ids = _case(7, 16, 20, 4, 61, 4)
+    tables = build_minmax_tables(location.physical_to_logical_map.to(DEVICE), 16, num_gpus=4)
+    real = 45
+    counts = torch.zeros(2, 20, dtype=torch.int32, device=DEVICE)
+    got = minmax_dispatch(ids.to(DEVICE), tables, layer=1, num_slots=20, use_kernel=True, counts_out=counts,
+                          num_valid_rows=torch.tensor([real], device=DEVICE)).cpu()
+    alone = minmax_dispatch(ids[:real].to(DEVICE), tables, layer=1, num_slots=20, use_kernel=True).cpu()
+    assert torch.equal(got[:real], alone)
+    pad = ids[real:]
+    assert torch.equal(location.physical_to_logical_map[1][got[real:][pad >= 0]], pad[pad >= 0])
+    assert torch.equal(counts[1].cpu(), torch.bincount(alone[alone >= 0], minlength=20).to(torch.int32))

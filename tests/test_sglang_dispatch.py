@@ -30,6 +30,7 @@ pytestmark = pytest.mark.sglang
 
 NUM_LAYERS, NUM_LOGICAL, EP_SIZE, NUM_PHYSICAL = 3, 12, 4, 16
 SUBPROCESS_TIMEOUT_S = 180
+REAL_ROWS = 17  # of the 23 rows select_experts gets in the padded-batch case
 
 
 def _placement(seed: int) -> ExpertLocation:
@@ -139,6 +140,22 @@ SGLANG_SCRIPT = """
             out["logical_ids"] = torch.topk(logits, 3, dim=-1).indices.tolist()
             out["recorded"] = recorder.pass_counts[1].tolist()
     out["recorder"] = type(recorder).__module__
+
+    # A padded batch (a CUDA graph's size): SGLang's forward context bounds the real rows.
+    # The padding rows all pick a replicated expert, which would shift its split if counted.
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+    bound = torch.tensor([case["real_rows"]])
+    logits[case["real_rows"]:, case["hot"]] = 50.0
+    out["padded_logical_ids"] = torch.topk(logits, 3, dim=-1).indices.tolist()
+    with forward_context(ForwardContext(attn_backend=None, moe_num_token_non_padded=lambda: bound)):
+        with recorder.with_forward_pass(1, batch):
+            with recorder.with_current_layer(2):
+                result = topk.select_experts(
+                    hidden_states=torch.zeros(23, 4), router_logits=logits,
+                    topk_config=topk.TopKConfig(top_k=3, torch_native=True), layer_id=2,
+                    num_token_non_padded=bound, expert_location_dispatch_info=ExpertLocationDispatchInfo.init_new(2))
+                out["padded_select_ids"] = result.topk_ids.tolist()
+                out["padded_recorded"] = recorder.pass_counts[2].tolist()
     print("RESULT " + json.dumps(out))
 """
 
@@ -150,7 +167,8 @@ def sglang_run():
     ids = [_pass_ids(seed) for seed in range(NUM_LAYERS)]
     case = {"phy2log": location.physical_to_logical_map.tolist(),
             "log2phy": location.logical_to_physical_map.tolist(), "ep_size": EP_SIZE,
-            "redundant": NUM_PHYSICAL - NUM_LOGICAL, "ids": [i.tolist() for i in ids]}
+            "redundant": NUM_PHYSICAL - NUM_LOGICAL, "ids": [i.tolist() for i in ids], "real_rows": REAL_ROWS,
+            "hot": int(location.logical_replica_count[2].argmax())}
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(SGLANG_SCRIPT)], capture_output=True, text=True,
         timeout=SUBPROCESS_TIMEOUT_S,
@@ -215,6 +233,20 @@ def test_select_experts_maps_with_minmax_and_the_recorder_counts_each_slot_once(
     assert torch.equal(phy2log[1][physical], logical)
     assert torch.equal(physical, _reference_minmax(phy2log, 1, logical))
     assert out["recorded"] == torch.bincount(physical.flatten(), minlength=NUM_PHYSICAL).tolist()
+
+
+
+def test_rows_that_pad_the_batch_stay_out_of_the_split_and_the_counts(sglang_run):
+    """Under a forward context whose bound says 17 of 23 rows are real (a CUDA graph's padded
+    batch), the real rows get exactly the split of the real rows alone, SGLang masks the
+    padding rows, and the recorder counts only the real rows."""
+    location, _, out = sglang_run
+    physical = torch.tensor(out["padded_select_ids"])
+    logical = torch.tensor(out["padded_logical_ids"])
+    phy2log = location.physical_to_logical_map
+    assert torch.equal(physical[REAL_ROWS:], torch.full_like(physical[REAL_ROWS:], -1))
+    assert torch.equal(physical[:REAL_ROWS], _reference_minmax(phy2log, 2, logical[:REAL_ROWS]))
+    assert out["padded_recorded"] == torch.bincount(physical[:REAL_ROWS].flatten(), minlength=NUM_PHYSICAL).tolist()
 
 
 # ---------------------------------------------------------------------- in process

@@ -28,9 +28,11 @@ same tokens, so these are the whole pass's counts and every rank picks the same 
 split is deterministic: SGLang's rank-invariance holds). With DP attention and an all-to-all
 backend each rank splits its own tokens only (the runtime's ``--ep-dispatch-counts global``
 all-gather, ``ExpertDispatcher.pass_counts``, is not done here: a collective inside SGLang's
-top-k would have to run on every rank for every layer, captured graphs included). Rows SGLang
-pads a batch with (CUDA graphs) are mapped before SGLang masks them, so they count in the
-split, not in the recorder.
+top-k would have to run on every rank for every layer, captured graphs included). Rows that
+pad the batch (a CUDA graph's fixed size, DP padding) stay out of the split: ``init_new`` reads
+SGLang's bound (``moe_num_token_non_padded`` of the forward context, a device tensor, as
+SGLang's top-k does) and the mapping gives those rows a slot of their expert, which SGLang
+then masks.
 
 Recorder: the mapping counts nothing itself; SGLang then passes the physical ids it returned
 to ``on_select_experts`` (the project's recorder counts them there, once). SGLang's fused
@@ -160,9 +162,11 @@ def plugin_dispatch_info_class() -> type:
     @dataclasses.dataclass
     class PluginDispatchInfo(ExpertLocationDispatchInfo):  # type: ignore[misc, valid-type]
         """SGLang's per-layer dispatch info for a plugin algorithm; layer_id: the row of the
-        live tables the mapping reads."""
+        live tables the mapping reads; num_token_non_padded: SGLang's bound of the batch's
+        real rows (a one-element device tensor; None = every row is real)."""
 
         layer_id: int = -1
+        num_token_non_padded: torch.Tensor | None = None
 
     return PluginDispatchInfo
 
@@ -174,7 +178,18 @@ def dispatch_info_init_new(original: Any, cls: Any, *args: Any, **kwargs: Any) -
         return info
     layer_id = kwargs["layer_id"] if "layer_id" in kwargs else args[0]
     fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
-    return plugin_dispatch_info_class()(**fields, layer_id=int(layer_id))
+    return plugin_dispatch_info_class()(**fields, layer_id=int(layer_id), num_token_non_padded=_padding_bound())
+
+
+def _padding_bound() -> torch.Tensor | None:
+    """SGLang's bound of this forward's real MoE rows, as its top-k reads it (None outside a
+    forward, or where the real rows are not a prefix)."""
+    from sglang.srt.model_executor.forward_context import get_forward_context, has_forward_context
+
+    if not has_forward_context():
+        return None
+    get_bound = get_forward_context().moe_num_token_non_padded
+    return None if get_bound is None else get_bound()
 
 
 def topk_ids_logical_to_physical(original: Any, topk_ids: torch.Tensor, info: Any, *args: Any, **kwargs: Any) -> Any:
@@ -187,17 +202,20 @@ def topk_ids_logical_to_physical(original: Any, topk_ids: torch.Tensor, info: An
             f"{DISPATCH_FLAG} {info.ep_dispatch_algorithm}: SGLang's dispatch info carries no layer id "
             "(is the ExpertLocationDispatchInfo.init_new hook applied? SGLANG_PLUGINS must include eplb_plugin)"
         )
-    return map_topk_ids(topk_ids, layer_id, info.num_physical_experts)
+    return map_topk_ids(topk_ids, layer_id, info.num_physical_experts, getattr(info, "num_token_non_padded", None))
 
 
 @torch.compiler.disable
-def map_topk_ids(topk_ids: torch.Tensor, layer_id: int, num_physical_experts: int) -> torch.Tensor:
+def map_topk_ids(topk_ids: torch.Tensor, layer_id: int, num_physical_experts: int,
+                 num_token_non_padded: torch.Tensor | None = None) -> torch.Tensor:
     """topk_ids: [T, k] logical ids (-1 = padding) of this rank's tokens for MoE layer
     ``layer_id`` -> [T, k] physical slots of the same dtype, by ``minmax`` over the live
-    placement of SGLang's global metadata (see the module doc for whose counts)."""
+    placement of SGLang's global metadata (see the module doc for whose counts).
+    num_token_non_padded: one-element device tensor, rows at or past it pad the batch."""
     from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
 
     tables = LIVE_TABLES.for_metadata(get_global_expert_location_metadata())
+    bound = None if num_token_non_padded is None else num_token_non_padded.to(topk_ids.device, non_blocking=True)
     physical = minmax_dispatch(topk_ids, tables, layer=layer_id, num_slots=num_physical_experts,
-                               use_kernel=use_triton("auto", topk_ids))
+                               use_kernel=use_triton("auto", topk_ids), num_valid_rows=bound)
     return physical if physical.dtype == topk_ids.dtype else physical.to(topk_ids.dtype)
