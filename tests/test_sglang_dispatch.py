@@ -100,6 +100,14 @@ SGLANG_SCRIPT = """
     out["parsed"] = args.ep_dispatch_algorithm
     out["sglang_name"] = parse(["--enable-eplb", "--ep-dispatch-algorithm", "dynamic"])[0].ep_dispatch_algorithm
     _, out["unknown"] = parse(["--enable-eplb", "--ep-dispatch-algorithm", "waterfill"])
+    from eplb_plugin.errors import ConfigError
+    os.environ["SGLANG_OPT_DEEPGEMM_MEGA_GATE"] = "1"
+    try:
+        parse(["--enable-eplb", "--ep-dispatch-algorithm", "minmax"])
+        out["mega_gate"] = "accepted"
+    except ConfigError as exc:
+        out["mega_gate"] = str(exc)
+    del os.environ["SGLANG_OPT_DEEPGEMM_MEGA_GATE"]
 
     sys.path.insert(0, os.environ["EPLB_TESTS_DIR"])
     from test_sglang_helpers import fake_runtime
@@ -182,13 +190,15 @@ def sglang_run():
 
 def test_the_flag_accepts_minmax_only_with_the_plugin_and_still_refuses_unknown_names(sglang_run):
     """Stock SGLang refuses minmax; with the plugin's hooks it parses, SGLang's names keep
-    parsing, and an unknown name is refused naming every valid one."""
+    parsing, an unknown name is refused naming every valid one, and minmax with SGLang's mega
+    gate (which would bypass it) is refused when the launcher reads the flags."""
     _, _, out = sglang_run
     assert "invalid choice: 'minmax'" in out["before_plugins"]
     assert all(out["applied"].values()), out["applied"]
     assert out["parsed"] == "minmax" and out["sglang_name"] == "dynamic"
     assert "invalid choice: 'waterfill'" in out["unknown"]
     assert "'static', 'dynamic', 'fake', 'lp', 'minmax'" in out["unknown"], out["unknown"]
+    assert "SGLANG_OPT_DEEPGEMM_MEGA_GATE=1" in out["mega_gate"]  # refused in the launcher
 
 
 def test_sglangs_mapping_runs_the_projects_minmax_for_each_layer(sglang_run):
@@ -373,3 +383,20 @@ def test_the_mapping_reads_no_tensor_data_on_the_host(sglang_location, monkeypat
     ids = _pass_ids(8).to("meta")
     physical = topk_ids_logical_to_physical(None, ids, info)
     assert physical.device.type == "meta" and physical.shape == ids.shape and physical.dtype == torch.int32
+
+
+def test_the_plugin_offers_only_project_algorithms_that_sglang_lacks():
+    """Every name the plugin adds is in the project's dispatch registry and none is one of
+    SGLang's (SGLang's names keep SGLang's meaning)."""
+    import typing
+
+    with stubs_on_path():
+        from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo
+
+    from eplb_plugin.dispatch_info import DISPATCH_INFO
+    from eplb_plugin.integrations.sglang_common import PLUGIN_DISPATCH_ALGORITHMS
+
+    sglang_names = typing.get_args(ExpertLocationDispatchInfo.__dataclass_fields__["ep_dispatch_algorithm"].type)
+    assert "dynamic" in sglang_names
+    for name in PLUGIN_DISPATCH_ALGORITHMS:
+        assert name in DISPATCH_INFO and name not in sglang_names

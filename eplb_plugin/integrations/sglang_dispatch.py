@@ -128,6 +128,10 @@ class LiveMinmaxTables:
                                 LOG_PREFIX, *metadata.physical_to_logical_map_cpu.shape, metadata.ep_size)
         return self._tables
 
+    def built_for(self, metadata: Any) -> bool:
+        """Whether the live tables are ``metadata``'s (a metadata never used for minmax has none)."""
+        return self._tables is not None and self._metadata is metadata
+
     def update_rows(self, metadata: Any, source: MinmaxTables, layers: list[int]) -> None:
         """``layers`` of ``metadata`` now serve ``source``'s rows (tables of the whole map)."""
         if layers:
@@ -142,7 +146,7 @@ def metadata_rows_updated(result: Any, metadata: Any, other: Any, update_layer_i
     """AFTER ``ExpertLocationMetadata.update(other, update_layer_ids)`` (SGLang's own updater,
     e.g. elastic EP): the live tables follow the rows SGLang rewrote. Only for the metadata
     the tables were built from (no tables yet: nothing to follow)."""
-    if LIVE_TABLES._metadata is not metadata or not update_layer_ids:
+    if not update_layer_ids or not LIVE_TABLES.built_for(metadata):
         return None
     source = tables_for_map(other.physical_to_logical_map_cpu, num_logical_experts=metadata.num_logical_experts,
                             ep_size=metadata.ep_size)
@@ -155,8 +159,8 @@ def metadata_rows_updated(result: Any, metadata: Any, other: Any, update_layer_i
 
 @functools.cache
 def plugin_dispatch_info_class() -> type:
-    """SGLang's ``ExpertLocationDispatchInfo`` plus the layer id (built on first use: SGLang
-    is imported only inside functions)."""
+    """SGLang's ``ExpertLocationDispatchInfo`` plus the layer id and the batch's padding bound
+    (the class is made on first use: SGLang is imported only inside functions)."""
     from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo
 
     @dataclasses.dataclass
