@@ -129,6 +129,13 @@ SGLANG_SCRIPT = """
         out["mapped"].append(topk.topk_ids_logical_to_physical(torch.tensor(ids, dtype=torch.int32), info).tolist())
     out["dtype"] = str(topk.topk_ids_logical_to_physical(torch.tensor(case["ids"][0], dtype=torch.int32),
                                                          ExpertLocationDispatchInfo.init_new(0)).dtype)
+    import dataclasses
+    unknown = dataclasses.replace(ExpertLocationDispatchInfo.init_new(0), ep_dispatch_algorithm="waterfill")
+    try:
+        topk.topk_ids_logical_to_physical(torch.tensor(case["ids"][0], dtype=torch.int32), unknown)
+        out["unknown_mapping"] = "mapped"
+    except NotImplementedError as exc:
+        out["unknown_mapping"] = str(exc)
 
     # A whole select_experts on CPU with the project's recorder: SGLang maps, then counts.
     recorder = expert_distribution.ExpertDistributionRecorder.init_new(metadata, 0)
@@ -216,6 +223,7 @@ def test_sglangs_mapping_runs_the_projects_minmax_for_each_layer(sglang_run):
         assert torch.equal(physical, expected), f"layer {layer}"
         assert torch.equal(_gpu_loads(physical), _gpu_loads(expected))
     assert out["dtype"] == "torch.int32"
+    assert "waterfill" in out["unknown_mapping"]  # a name neither SGLang nor the plugin knows: SGLang's error
 
 
 def test_minmax_peak_gpu_load_is_the_fractional_split_to_within_a_token_per_replicated_expert(sglang_run):

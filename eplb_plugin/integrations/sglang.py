@@ -5,19 +5,19 @@ model-runner process, detokenizer, DP controller). ``register()`` is cheap, idem
 does nothing unless EPLB is asked for (see ``plugin_requested``). When asked, it registers
 these hooks with SGLang's ``HookRegistry`` (applied by ``load_plugins()``):
 
-==========================================================================  =======  ===========
-target                                                                      type     effect
-==========================================================================  =======  ===========
-``sglang.srt.server_args.ServerArgs.add_cli_args``                          AFTER    adds the plugin's own flags
-``sglang.srt.server_args.ServerArgs.from_cli_args``                         AROUND   exports them to children
-``sglang.srt.eplb.eplb_algorithms.compute_algorithm``                       AROUND   accepts ``eplb_plugin*``
-``sglang.srt.eplb.eplb_algorithms.rebalance_experts``                       AROUND   runs the project's planner
-``sglang.srt.eplb.expert_distribution.ExpertDistributionRecorder.init_new`` AROUND   the project's recorder
-``sglang.srt.eplb.eplb_manager.EPLBManager``                                REPLACE  the project's manager
-``sglang.srt.eplb.expert_location_dispatch.ExpertLocationDispatchInfo``     AROUND   ``.init_new``: the layer id
-``sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical``   AROUND   runs ``minmax`` dispatch
-``sglang.srt.eplb.expert_location.ExpertLocationMetadata.update``           AFTER    ``minmax`` tables follow
-==========================================================================  =======  ===========
+================================================================================  =======  ==========================================
+target                                                                            type     effect
+================================================================================  =======  ==========================================
+``sglang.srt.server_args.ServerArgs.add_cli_args``                                AFTER    adds the plugin's own flags and ``minmax``
+``sglang.srt.server_args.ServerArgs.from_cli_args``                               AROUND   exports them to children
+``sglang.srt.eplb.eplb_algorithms.compute_algorithm``                             AROUND   accepts ``eplb_plugin*``
+``sglang.srt.eplb.eplb_algorithms.rebalance_experts``                             AROUND   runs the project's planner
+``sglang.srt.eplb.expert_distribution.ExpertDistributionRecorder.init_new``       AROUND   the project's recorder
+``sglang.srt.eplb.eplb_manager.EPLBManager``                                      REPLACE  the project's manager
+``sglang.srt.eplb.expert_location_dispatch.ExpertLocationDispatchInfo.init_new``  AROUND   adds the layer id and the padding bound
+``sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical``         AROUND   runs ``minmax``
+``sglang.srt.eplb.expert_location.ExpertLocationMetadata.update``                 AFTER    ``minmax`` tables follow
+================================================================================  =======  ==========================================
 
 ``add_cli_args`` also offers the project's ``minmax`` in ``--ep-dispatch-algorithm``
 (``sglang_dispatch``: SGLang's own names keep their meaning).
@@ -89,8 +89,8 @@ def plugin_requested(argv: list[str] | None = None, environ: dict[str, str] | No
     ``$EPLB_PLUGIN_CONFIG`` is set or the command line (``sys.argv``, which SGLang's spawned
     children inherit) has ``--enable-eplb``, ``--expert-distribution-recorder-mode``,
     ``--eplb-algorithm eplb_plugin*``, ``--ep-dispatch-algorithm minmax`` or one of the
-    plugin's flags. ``sglang.Engine(...)``
-    and ``--config file.yaml`` users set ``EPLB_PLUGIN_ENABLE=1``.
+    plugin's flags. ``sglang.Engine(...)`` and ``--config file.yaml`` users set
+    ``EPLB_PLUGIN_ENABLE=1``.
     """
     env = os.environ if environ is None else environ
     explicit = env.get(ENABLE_ENV, "").strip().lower()
