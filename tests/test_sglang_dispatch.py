@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -408,3 +409,108 @@ def test_the_plugin_offers_only_project_algorithms_that_sglang_lacks():
     assert "dynamic" in sglang_names
     for name in PLUGIN_DISPATCH_ALGORITHMS:
         assert name in DISPATCH_INFO and name not in sglang_names
+
+
+# ---------------------------------------------------------------------- a rebalance, 2 ranks
+
+RB_WORLD, RB_LAYERS, RB_LOGICAL, RB_PHYSICAL = 2, 3, 6, 8  # layer 0 is dense (no routed experts)
+
+
+def _rb_slot_weights(phy2log_row: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    per_rank = RB_PHYSICAL // RB_WORLD
+    e = phy2log_row[rank * per_rank:(rank + 1) * per_rank].to(torch.float32)
+    return [(e.view(-1, 1) * 10 + torch.arange(3)).contiguous()]
+
+
+def _rebalance_worker(rank: int, port: int, errors) -> None:
+    try:
+        _rebalance_case(rank, port)
+    except BaseException as exc:  # reported to the parent, which fails the test
+        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+
+
+def _rebalance_case(rank: int, port: int) -> None:
+    import threading
+
+    import torch.distributed as dist
+    from sglang.srt.eplb import expert_distribution, expert_location
+    from sglang.srt.eplb import expert_location_dispatch as eld
+
+    from eplb_plugin.integrations import sglang_dispatch, sglang_metadata
+    from eplb_plugin.integrations.sglang import _recorder_init_new
+    from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
+
+    from conftest import destroy_process_group
+
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool (hangs)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RB_WORLD)
+    fake_runtime(ep_size=RB_WORLD, tp_rank=rank, enable_eplb=True, eplb_rebalance_num_iterations=1000,
+                 expert_distribution_recorder_mode="stat", ep_num_redundant_experts=RB_PHYSICAL - RB_LOGICAL,
+                 eplb_algorithm="eplb_plugin", eplb_rebalance_layers_per_chunk=1, ep_dispatch_algorithm="minmax")
+    metadata = expert_location.ExpertLocationMetadata.init_trivial(None, moe_ep_rank=rank)
+    expert_location.set_global_expert_location_metadata(metadata, allow_overwrite=True)
+    recorder = _recorder_init_new(expert_distribution.ExpertDistributionRecorder.init_new, metadata, rank)
+    expert_distribution.set_global_expert_distribution_recorder(recorder)
+    build_threads: list[str] = []  # where each minmax table build for the publisher ran
+    build = sglang_metadata.tables_for_map
+
+    def recorded_build(*args, **kwargs):
+        build_threads.append(threading.current_thread().name)
+        return build(*args, **kwargs)
+
+    sglang_metadata.tables_for_map = recorded_build
+    trivial = metadata.physical_to_logical_map_cpu.clone()
+    model = SimpleNamespace(routed_experts_weights_of_layer={
+        1: _rb_slot_weights(trivial[1], rank), 2: _rb_slot_weights(trivial[2], rank)})
+    adapter = SGLangEPLBManager(model_config=None, get_model=lambda: model, get_expert_location_updater=lambda: None,
+                                get_expert_backup_client=lambda: None, get_weight_updater=lambda: None)
+    init_new = eld.ExpertLocationDispatchInfo.init_new.__func__
+
+    def mapped(layer: int, ids: torch.Tensor) -> torch.Tensor:  # what SGLang's top-k runs, hooks applied
+        info = sglang_dispatch.dispatch_info_init_new(init_new, eld.ExpertLocationDispatchInfo, layer)
+        return sglang_dispatch.topk_ids_logical_to_physical(eld.topk_ids_logical_to_physical, ids, info)
+
+    hot = torch.tensor([[2, 3], [2, 3], [3, 2], [4, 2], [2, 5]], dtype=torch.int32)
+    for pass_id in range(3):
+        with recorder.with_forward_pass(pass_id, None):
+            for layer in (1, 2):
+                with recorder.with_current_layer(layer):
+                    recorder.on_select_experts(topk_ids=mapped(layer, hot))
+        adapter.on_forward_pass_end()
+    live = sglang_dispatch.LIVE_TABLES.for_metadata(metadata)
+    addresses = [t.data_ptr() for t in live]
+    for _ in adapter.rebalance():  # every layer now, one chunk per yield
+        pass
+    assert adapter.failures == []
+    new = adapter.manager.location.physical_to_logical_map
+    assert not torch.equal(new[1:], trivial[1:]), f"no rebalance happened: {adapter.manager.history}"
+    assert expert_location.get_global_expert_location_metadata() is metadata
+    assert [t.data_ptr() for t in sglang_dispatch.LIVE_TABLES.for_metadata(metadata)] == addresses
+    for name, got, want in zip(live._fields, live, sglang_dispatch.tables_for_map(
+            new, num_logical_experts=RB_LOGICAL, ep_size=RB_WORLD)):
+        assert torch.equal(got, want), name
+    assert build_threads == ["eplb-sglang-metadata"]  # once per rebalance, off the serving thread
+    for layer in (1, 2):  # every token's slot holds its expert under the new placement
+        assert torch.equal(new[layer][mapped(layer, hot).long()], hot.long()), f"layer {layer}"
+    adapter.manager.close()
+    dist.barrier()
+    destroy_process_group()
+
+
+def test_a_rebalance_under_minmax_moves_the_tables_with_the_weights(monkeypatch):
+    """On 2 gloo ranks with --ep-dispatch-algorithm minmax: the plugin's manager rebalances
+    (SGLang's rebalance() path), the target's minmax tables are built once, in the metadata
+    thread, and copied into the live tensors as layers go live; afterwards SGLang's mapping
+    sends every token to a slot holding its expert under the new placement."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    with stubs_on_path():
+        import sglang.srt.eplb.eplb_manager  # noqa: F401  imported once; forked ranks share it
+    fake_model_layout(monkeypatch, num_layers=RB_LAYERS, num_logical_experts=RB_LOGICAL)
+    errors = mp.get_context("fork").SimpleQueue()
+    mp.start_processes(_rebalance_worker, args=(free_port(), errors), nprocs=RB_WORLD, join=True,
+                       start_method="fork")
+    assert errors.empty(), errors.get()
