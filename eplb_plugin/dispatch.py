@@ -26,6 +26,7 @@ Every path keeps ``-1`` (padding) as ``-1`` and does no host synchronization.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,8 +36,13 @@ from eplb_plugin.dispatch_info import dispatch_info
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.kernels._launch import use_triton
 from eplb_plugin.kernels.fused import map_and_count
-from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_choose, minmax_gpu_shares
-from eplb_plugin.kernels.minmax_triton import minmax_scratch
+from eplb_plugin.kernels.minmax import (
+    MinmaxTables,
+    build_minmax_tables,
+    minmax_choose,
+    minmax_gpu_shares,
+)
+from eplb_plugin.kernels.minmax_triton import MinmaxScratch, minmax_scratch
 from eplb_plugin.location import ExpertLocation
 
 
@@ -192,29 +198,10 @@ class ExpertDispatcher:
         return per_rank.sum(0), per_rank[: self.count_rank].sum(0)
 
     def _dispatch_minmax(self, layer: int, topk_ids: torch.Tensor, counts_out: torch.Tensor | None) -> torch.Tensor:
-        if self._kernel:
-            from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
-
-            exchange = self.pass_counts if self.count_world > 1 else None
-            assert self.minmax is not None  # built for minmax in __init__
-            return minmax_dispatch_triton(topk_ids, self.minmax, layer=layer, num_slots=self.location.num_physical_experts,
-                                          scratch=self._scratch, exchange=exchange, counts_out=counts_out)
-        ids = topk_ids.to(torch.int64)
-        valid = ids >= 0
-        safe = ids.clamp_min(0)
-        num_experts = self.replica_count.shape[1]
-        local = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-        local.index_add_(0, safe.flatten(), valid.flatten().to(torch.int64))
-        total, offset = self.pass_counts(local)
-        t = self.minmax
-        assert t is not None  # built for minmax in __init__
-        shares, _ = minmax_gpu_shares(total.unsqueeze(0), t.multi_experts[layer:layer + 1],
-                                      t.multi_gpus[layer:layer + 1], t.single_slots[layer:layer + 1])
-        position = _occurrence_index(safe, valid, num_experts) + offset[safe.flatten()]
-        out = minmax_choose(position, safe.flatten(), shares[0], t.multi_row[layer], t.slot_on_gpu[layer]).view_as(ids)
-        if counts_out is not None:  # padding adds 0 (no boolean indexing: no host sync)
-            counts_out[layer].index_add_(0, torch.where(valid, out, 0).flatten(), valid.flatten().to(counts_out.dtype))
-        return torch.where(valid, out, -1)
+        assert self.minmax is not None  # built for minmax in __init__
+        return minmax_dispatch(topk_ids, self.minmax, layer=layer, num_slots=self.location.num_physical_experts,
+                               use_kernel=self._kernel, exchange=self.pass_counts if self.count_world > 1 else None,
+                               counts_out=counts_out, scratch=self._scratch)
 
     def _split_by_occurrence(self, layer: int, ids: torch.Tensor, valid: torch.Tensor,
                              shares: torch.Tensor) -> torch.Tensor:
@@ -229,6 +216,55 @@ class ExpertDispatcher:
         idx = (quota <= position.unsqueeze(-1).to(quota.dtype) + 0.5).sum(-1)
         idx = torch.minimum(idx, self.replica_count[layer][experts] - 1)
         return self.logical_to_physical_map[layer][experts, idx].view_as(ids)
+
+
+def minmax_dispatch(
+    topk_ids: torch.Tensor, tables: MinmaxTables, *, layer: int, num_slots: int, use_kernel: bool,
+    exchange: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    counts_out: torch.Tensor | None = None, num_valid_rows: torch.Tensor | None = None,
+    scratch: MinmaxScratch | None = None,
+) -> torch.Tensor:
+    """The ``minmax`` choice of one layer of one pass, for any host of the tables.
+
+    topk_ids: [T, k] int32/int64 logical ids, -1 = padding; tables: ``MinmaxTables`` of the
+    live placement (all layers; row ``layer`` is read); num_slots: P. use_kernel: run the
+    Triton kernels (CUDA) instead of the torch reference. exchange: this rank's [E] counts ->
+    (the pass's [E] counts, tokens of each expert on lower ranks), collective; None = the
+    split follows ``topk_ids``' own counts. counts_out: optional [L, P] int32 buffer to which
+    the chosen slots are added (row ``layer``). num_valid_rows: optional one-element int
+    tensor (on ``topk_ids``' device): rows at or past it pad the batch (a CUDA graph's fixed
+    size); they are left out of the split and of ``counts_out`` and get a slot of their
+    expert (the host masks them next). scratch: the kernels' per-layer counters for these
+    tables (``minmax_scratch``), kept by the host across calls (None: fresh ones each call).
+    Returns [T, k] int64 physical slots, -1 kept. No host synchronization.
+    """
+    if num_valid_rows is not None:
+        in_batch = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(-1) < num_valid_rows.reshape(-1)[:1]
+        out = minmax_dispatch(torch.where(in_batch, topk_ids, -1), tables, layer=layer, num_slots=num_slots,
+                              use_kernel=use_kernel, exchange=exchange, counts_out=counts_out, scratch=scratch)
+        padding = ~in_batch & (topk_ids >= 0)
+        some_slot = tables.slot_on_gpu[layer].amax(-1)  # [E]: a slot of each expert (-1 = none on that GPU)
+        return torch.where(padding, some_slot[topk_ids.clamp_min(0).long()], out)
+    if use_kernel:
+        from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+
+        return minmax_dispatch_triton(topk_ids, tables, layer=layer, num_slots=num_slots, scratch=scratch,
+                                      exchange=exchange, counts_out=counts_out)
+    ids = topk_ids.to(torch.int64)
+    valid = ids >= 0
+    safe = ids.clamp_min(0)
+    num_experts = tables.multi_row.shape[1]
+    local = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    local.index_add_(0, safe.flatten(), valid.flatten().to(torch.int64))
+    total, offset = (local, torch.zeros_like(local)) if exchange is None else exchange(local)
+    shares, _ = minmax_gpu_shares(total.unsqueeze(0), tables.multi_experts[layer:layer + 1],
+                                  tables.multi_gpus[layer:layer + 1], tables.single_slots[layer:layer + 1])
+    position = _occurrence_index(safe, valid, num_experts) + offset[safe.flatten()]
+    out = minmax_choose(position, safe.flatten(), shares[0], tables.multi_row[layer],
+                        tables.slot_on_gpu[layer]).view_as(ids)
+    if counts_out is not None:  # padding adds 0 (no boolean indexing: no host sync)
+        counts_out[layer].index_add_(0, torch.where(valid, out, 0).flatten(), valid.flatten().to(counts_out.dtype))
+    return torch.where(valid, out, -1)
 
 
 # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there).

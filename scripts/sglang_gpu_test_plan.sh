@@ -25,6 +25,11 @@
 #               no "rebalancing is off" line, and the per-chunk stall (log) stays in ms.
 #   lp          --ep-dispatch-algorithm lp: rebalances run and outputs stay identical (the
 #               LPLB solvers are re-initialized after each update, item 5).
+#   minmax      --ep-dispatch-algorithm minmax (the project's per-pass split, through the
+#               plugin's hooks): with DeepEP + DP attention (each rank splits its own tokens)
+#               and without an all-to-all backend (every rank splits the same tokens and must
+#               pick the same slots), rebalances run under CUDA graphs, the tables follow them
+#               and greedy outputs stay identical; then load time against static dispatch.
 #   mtp         Speculative decoding (MTP / EAGLE): the draft worker has no EPLB, the target
 #               rebalances, outputs identical.
 #   planning    Planning in a thread vs a process (item 10) where the GIL is contended by a
@@ -172,6 +177,28 @@ case_lp() {
     --ep-dispatch-algorithm lp
 }
 
+case_minmax() {
+  check_rebalanced_and_same_output minmax "${EPLB_FLAGS[@]}" --eplb-rebalance-num-iterations 200 \
+    --eplb-rebalance-layers-per-chunk 1 --ep-dispatch-algorithm minmax
+  if ! grep -q "minmax dispatch tables built" "$OUT/minmax/server.log"; then
+    record FAIL minmax "no 'minmax dispatch tables built' line: SGLang's mapping did not run minmax"
+  fi
+  check_rebalanced_and_same_output minmax_no_a2a --tp "$NGPU" --ep-size "$NGPU" --enable-eplb \
+    --eplb-algorithm eplb_plugin --ep-num-redundant-experts 32 --eplb-rebalance-num-iterations 200 \
+    --ep-dispatch-algorithm minmax
+  local algorithm
+  for algorithm in static minmax; do
+    mkdir -p "$OUT/minmax_load_$algorithm"
+    start_server "minmax_load_$algorithm" "${EPLB_FLAGS[@]}" --eplb-rebalance-num-iterations 200 \
+      --ep-dispatch-algorithm "$algorithm"
+    load 512 64  # warm: the first rebalances land
+    local start end
+    start=$(date +%s.%N); load 1024 64; end=$(date +%s.%N)
+    stop_server
+    record INFO "minmax_load_$algorithm" "load_s=$(python -c "print(round($end - $start, 2))")"
+  done
+}
+
 case_mtp() {
   check_rebalanced_and_same_output mtp "${EPLB_FLAGS[@]}" --eplb-rebalance-num-iterations 200 \
     --speculative-algorithm EAGLE --speculative-num-steps 1 --speculative-eagle-topk 1 \
@@ -220,7 +247,7 @@ case_pd() {
   else record FAIL pd "prefill rebalances=$p decode rebalances=$d"; fi
 }
 
-ALL=(warmup replay deepep rebalance lp mtp planning pd)
+ALL=(warmup replay deepep rebalance lp minmax mtp planning pd)
 for name in "${@:-${ALL[@]}}"; do
   if ! declare -F "case_$name" >/dev/null; then log "unknown case $name; known: ${ALL[*]}"; exit 2; fi
   "case_$name" || { stop_server; record FAIL "$name" "did not complete (see $OUT/$name*/server.log)"; }

@@ -73,6 +73,26 @@ def test_minmax_moves_a_shared_expert_away_from_a_gpu_whose_own_expert_is_hot():
     assert torch.bincount(out[out >= 0] // 2, minlength=3).tolist() == [5, 4, 4]
 
 
+def test_minmax_leaves_rows_that_pad_the_batch_out_of_the_split_and_the_counts():
+    """num_valid_rows: the first rows split alone (padding rows full of expert 0 would move
+    expert 0's tokens), the padding rows get a slot of their own expert, and only the real
+    rows are counted."""
+    from eplb_plugin.dispatch import minmax_dispatch
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+
+    tables = build_minmax_tables(LOC.physical_to_logical_map, 4, num_gpus=3)
+    real = torch.tensor([[1, 0]] * 5 + [[0, 2], [3, -1]])
+    ids = torch.cat([real, torch.tensor([[0, 0]] * 6)])
+    counts = torch.zeros(1, 6, dtype=torch.int32)
+    out = minmax_dispatch(ids, tables, layer=0, num_slots=6, use_kernel=False, counts_out=counts,
+                          num_valid_rows=torch.tensor([len(real)]))
+    alone = minmax_dispatch(real, tables, layer=0, num_slots=6, use_kernel=False)
+    assert torch.equal(out[:len(real)], alone)
+    assert not torch.equal(minmax_dispatch(ids, tables, layer=0, num_slots=6, use_kernel=False)[:len(real)], alone)
+    assert (LOC.physical_to_logical_map[0][out[len(real):]] == 0).all()
+    assert counts[0].tolist() == torch.bincount(alone[alone >= 0], minlength=6).tolist()
+
+
 def test_dynamic_keeps_sglang_meaning_an_even_random_spread():
     """SGLang's ``dynamic`` picks a uniformly random replica per token: the same draws as
     ``random`` here, never a split that follows the loads."""

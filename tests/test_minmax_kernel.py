@@ -113,3 +113,26 @@ def test_ranks_splitting_on_the_pass_counts_serve_what_one_dispatcher_of_the_who
         load += torch.bincount(out[out >= 0], minlength=72)
     whole = ExpertDispatcher(location, rank=0, algorithm="minmax").dispatch(1, ids)
     assert (load - torch.bincount(whole[whole >= 0], minlength=72)).abs().max() <= 2
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_kernel_leaves_rows_that_pad_the_batch_out_like_the_torch_path():
+    """minmax_dispatch(num_valid_rows=) on the kernels: the real rows get the slot loads the
+    kernels give those rows alone (which pair of an expert takes which replica follows the
+    order the tickets land), padding rows keep a slot of their expert, counts the real rows."""
+    from eplb_plugin.dispatch import minmax_dispatch
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+
+    location, ids = _case(7, 16, 20, 4, 61, 4)
+    tables = build_minmax_tables(location.physical_to_logical_map.to(DEVICE), 16, num_gpus=4)
+    real = 45
+    counts = torch.zeros(2, 20, dtype=torch.int32, device=DEVICE)
+    got = minmax_dispatch(ids.to(DEVICE), tables, layer=1, num_slots=20, use_kernel=True, counts_out=counts,
+                          num_valid_rows=torch.tensor([real], device=DEVICE)).cpu()
+    alone = minmax_dispatch(ids[:real].to(DEVICE), tables, layer=1, num_slots=20, use_kernel=True).cpu()
+    assert torch.equal(got[:real] == -1, alone == -1)
+    assert torch.equal(torch.bincount(got[:real][got[:real] >= 0], minlength=20),
+                       torch.bincount(alone[alone >= 0], minlength=20))
+    pad = ids[real:]
+    assert torch.equal(location.physical_to_logical_map[1][got[real:][pad >= 0]], pad[pad >= 0])
+    assert torch.equal(counts[1].cpu(), torch.bincount(alone[alone >= 0], minlength=20).to(torch.int32))

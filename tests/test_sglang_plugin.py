@@ -39,6 +39,9 @@ def _run(script: str, **env: str) -> subprocess.CompletedProcess:
         (["--eplb-algorithm", "eplb_plugin"], {}, True),
         (["--eplb-algorithm=eplb_plugin_equal"], {}, True),
         (["--eplb-algorithm", "deepseek"], {}, False),
+        (["--ep-dispatch-algorithm", "minmax"], {}, True),
+        (["--ep-dispatch-algorithm=minmax"], {}, True),
+        (["--ep-dispatch-algorithm", "dynamic"], {}, False),
         (["--eplb-non-blocking"], {}, True),
         ([], {ENABLE_ENV: "1"}, True),
         (["--enable-eplb"], {ENABLE_ENV: "0"}, False),
@@ -80,7 +83,8 @@ def test_importing_the_package_and_integration_does_not_import_sglang():
         """
         import sys
         import eplb_plugin, eplb_plugin.integrations.sglang, eplb_plugin.integrations.sglang_manager
-        import eplb_plugin.integrations.sglang_recorder
+        import eplb_plugin.integrations.sglang_recorder, eplb_plugin.integrations.sglang_dispatch
+        import eplb_plugin.integrations.sglang_common, eplb_plugin.integrations.sglang_metadata
         assert not any(m == "sglang" or m.startswith("sglang.") for m in sys.modules), "sglang imported"
         print("OK")
         """

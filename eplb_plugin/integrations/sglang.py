@@ -5,16 +5,22 @@ model-runner process, detokenizer, DP controller). ``register()`` is cheap, idem
 does nothing unless EPLB is asked for (see ``plugin_requested``). When asked, it registers
 these hooks with SGLang's ``HookRegistry`` (applied by ``load_plugins()``):
 
-==========================================================================  =======  ===========
-target                                                                      type     effect
-==========================================================================  =======  ===========
-``sglang.srt.server_args.ServerArgs.add_cli_args``                          AFTER    adds the plugin's own flags
-``sglang.srt.server_args.ServerArgs.from_cli_args``                         AROUND   exports them to children
-``sglang.srt.eplb.eplb_algorithms.compute_algorithm``                       AROUND   accepts ``eplb_plugin*``
-``sglang.srt.eplb.eplb_algorithms.rebalance_experts``                       AROUND   runs the project's planner
-``sglang.srt.eplb.expert_distribution.ExpertDistributionRecorder.init_new`` AROUND   the project's recorder
-``sglang.srt.eplb.eplb_manager.EPLBManager``                                REPLACE  the project's manager
-==========================================================================  =======  ===========
+================================================================================  =======  ==========================================
+target                                                                            type     effect
+================================================================================  =======  ==========================================
+``sglang.srt.server_args.ServerArgs.add_cli_args``                                AFTER    adds the plugin's own flags and ``minmax``
+``sglang.srt.server_args.ServerArgs.from_cli_args``                               AROUND   exports them to children
+``sglang.srt.eplb.eplb_algorithms.compute_algorithm``                             AROUND   accepts ``eplb_plugin*``
+``sglang.srt.eplb.eplb_algorithms.rebalance_experts``                             AROUND   runs the project's planner
+``sglang.srt.eplb.expert_distribution.ExpertDistributionRecorder.init_new``       AROUND   the project's recorder
+``sglang.srt.eplb.eplb_manager.EPLBManager``                                      REPLACE  the project's manager
+``sglang.srt.eplb.expert_location_dispatch.ExpertLocationDispatchInfo.init_new``  AROUND   adds the layer id and the padding bound
+``sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical``         AROUND   runs ``minmax``
+``sglang.srt.eplb.expert_location.ExpertLocationMetadata.update``                 AFTER    ``minmax`` tables follow
+================================================================================  =======  ==========================================
+
+``add_cli_args`` also offers the project's ``minmax`` in ``--ep-dispatch-algorithm``
+(``sglang_dispatch``: SGLang's own names keep their meaning).
 
 Resolving a target imports its module; SGLang's engine imports these ``sglang.srt.eplb``
 modules in every process anyway, so the hooks add no import of note. SGLang only logs hook
@@ -34,19 +40,23 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from eplb_plugin.args import EPLBArgs, flag_name
-from eplb_plugin.errors import ConfigError
+from eplb_plugin.integrations.sglang_common import (
+    CONFIG_ENV,
+    DISPATCH_FLAG,
+    ENABLE_ENV,
+    LOG_PREFIX,
+    is_plugin_dispatch,
+    plugin_field_names,
+    plugin_settings,
+)
 
 logger = logging.getLogger(__name__)
 
-ENABLE_ENV = "EPLB_PLUGIN_ENABLE"  # "1": hooks on; "0": off whatever the flags say
-CONFIG_ENV = "EPLB_PLUGIN_CONFIG"  # the plugin's own settings: inline JSON or a .json path
 ALLOW_UNTESTED_ENV = "EPLB_PLUGIN_ALLOW_UNTESTED_SGLANG"
 TESTED_SGLANG = ("0.5.21", "0.5.23")  # inclusive; CI runs 0.5.23
-LOG_PREFIX = "[eplb_plugin]"
 
 # SGLang flags whose presence on the command line turns the plugin on.
 _TRIGGER_FLAGS = ("--enable-eplb", "--expert-distribution-recorder-mode")
@@ -58,49 +68,17 @@ _registered = False
 # ---------------------------------------------------------------------- settings
 
 
-def plugin_field_names() -> tuple[str, ...]:
-    """EPLBArgs fields SGLang has no flag for (the plugin adds them)."""
-    return tuple(f.name for f in dataclasses.fields(EPLBArgs) if not f.metadata["sglang"])
-
-
-def plugin_settings(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """The plugin's own settings from ``$EPLB_PLUGIN_CONFIG`` (inline JSON or a .json path).
-
-    Keys are EPLBArgs field names (``eplb_transfer_budget_mb``) or flag names
-    (``eplb-transfer-budget-mb``). Raises ConfigError naming an unknown key or bad JSON.
-    """
-    env = os.environ if environ is None else environ
-    raw = env.get(CONFIG_ENV, "").strip()
-    if not raw:
-        return {}
-    source = raw
-    try:
-        text = Path(raw).read_text() if raw.endswith(".json") else raw
-        data = json.loads(text)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"${CONFIG_ENV}={source!r}: not a readable .json file nor inline JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"${CONFIG_ENV}={source!r}: expected a JSON object, got {type(data).__name__}")
-    known = plugin_field_names()
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = key.lstrip("-").replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"${CONFIG_ENV}: unknown key {key!r}; known: {', '.join(known)}")
-        out[name] = value
-    return out
-
-
 def _argv_requests_plugin(argv: list[str]) -> bool:
     plugin_flags = {flag_name(n) for n in plugin_field_names()}
     for i, arg in enumerate(argv):
         name, _, inline = arg.partition("=")
         if name in _TRIGGER_FLAGS or name in plugin_flags:
             return True
-        if name == "--eplb-algorithm":
-            value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
-            if value.startswith(_PLUGIN_ALGORITHM_PREFIX):
-                return True
+        value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
+        if name == "--eplb-algorithm" and value.startswith(_PLUGIN_ALGORITHM_PREFIX):
+            return True
+        if name == DISPATCH_FLAG and is_plugin_dispatch(value):
+            return True
     return False
 
 
@@ -110,8 +88,9 @@ def plugin_requested(argv: list[str] | None = None, environ: dict[str, str] | No
     ``$EPLB_PLUGIN_ENABLE`` decides when set ("1"/"0"). Otherwise the plugin is on when
     ``$EPLB_PLUGIN_CONFIG`` is set or the command line (``sys.argv``, which SGLang's spawned
     children inherit) has ``--enable-eplb``, ``--expert-distribution-recorder-mode``,
-    ``--eplb-algorithm eplb_plugin*`` or one of the plugin's flags. ``sglang.Engine(...)``
-    and ``--config file.yaml`` users set ``EPLB_PLUGIN_ENABLE=1``.
+    ``--eplb-algorithm eplb_plugin*``, ``--ep-dispatch-algorithm minmax`` or one of the
+    plugin's flags. ``sglang.Engine(...)`` and ``--config file.yaml`` users set
+    ``EPLB_PLUGIN_ENABLE=1``.
     """
     env = os.environ if environ is None else environ
     explicit = env.get(ENABLE_ENV, "").strip().lower()
@@ -147,14 +126,21 @@ def _add_plugin_flags(result: Any, parser: Any) -> None:
     existing = {s for action in parser._actions for s in action.option_strings}
     skip = tuple(n for n in plugin_field_names() if flag_name(n) in existing)
     add_eplb_args(parser, only_plugin_flags=True, skip=skip)
+    from eplb_plugin.integrations.sglang_dispatch import add_dispatch_choices
+
+    add_dispatch_choices(parser)
 
 
 def _capture_plugin_flags(original: Callable, cls: Any, args: Any, *rest: Any, **kw: Any) -> Any:
     """AROUND ``ServerArgs.from_cli_args``: move the plugin's flags into ``$EPLB_PLUGIN_CONFIG``.
 
     SGLang keeps only its own fields; the environment reaches every child it spawns. Values
-    given on the command line override those already in the variable.
+    given on the command line override those already in the variable. A plugin dispatch
+    algorithm that a SGLang fast path would bypass is refused here, in the launcher.
     """
+    from eplb_plugin.integrations.sglang_checks import check_dispatch_algorithm
+
+    check_dispatch_algorithm(getattr(args, "ep_dispatch_algorithm", None), os.environ)
     defaults = EPLBArgs()
     given = {
         name: getattr(args, name)
@@ -213,7 +199,10 @@ def _recorder_init_new(original: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def hook_specs() -> list[tuple[str, str, Any]]:
-    """(target, hook type name, hook) for every hook the plugin registers."""
+    """(target, hook type name, hook) for every hook the plugin registers. The dispatch hooks
+    are SGLang's hot path (every MoE layer, inside its compiled top-k): they are the bodies
+    themselves, not lazy-import wrappers."""
+    from eplb_plugin.integrations import sglang_dispatch
     from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
 
     return [
@@ -223,6 +212,12 @@ def hook_specs() -> list[tuple[str, str, Any]]:
         ("sglang.srt.eplb.eplb_algorithms.rebalance_experts", "AROUND", _rebalance_experts),
         ("sglang.srt.eplb.expert_distribution.ExpertDistributionRecorder.init_new", "AROUND", _recorder_init_new),
         ("sglang.srt.eplb.eplb_manager.EPLBManager", "REPLACE", SGLangEPLBManager),
+        ("sglang.srt.eplb.expert_location_dispatch.ExpertLocationDispatchInfo.init_new", "AROUND",
+         sglang_dispatch.dispatch_info_init_new),
+        ("sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical", "AROUND",
+         sglang_dispatch.topk_ids_logical_to_physical),
+        ("sglang.srt.eplb.expert_location.ExpertLocationMetadata.update", "AFTER",
+         sglang_dispatch.metadata_rows_updated),
     ]
 
 

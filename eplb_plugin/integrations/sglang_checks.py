@@ -17,8 +17,11 @@ from typing import Any
 import torch
 
 from eplb_plugin.errors import ConfigError
+from eplb_plugin.integrations.sglang_common import DISPATCH_FLAG, is_plugin_dispatch
 
 COUNTING_MODES = ("stat", "stat_approx")  # the recorder modes the manager can plan from
+# SGLang's DeepGEMM mega gate maps ids itself, with the even spread for any name but static.
+MEGA_GATE_ENV = "SGLANG_OPT_DEEPGEMM_MEGA_GATE"
 
 
 def check_algorithm(eplb_algorithm: str, ep_dispatch_algorithm: str | None) -> str:
@@ -56,6 +59,16 @@ def check_count_source(mode: str | None, moe_a2a_backend: str | None) -> None:
             "dispatches, but --moe-a2a-backend is 'none' (nothing would be counted and no rebalance "
             "would run; SGLang refuses it too); use --expert-distribution-recorder-mode stat, or set "
             "--moe-a2a-backend deepep"
+        )
+
+
+def check_dispatch_algorithm(name: str | None, environ: Mapping[str, str]) -> None:
+    """Start-up refusal of a plugin dispatch that a SGLang fast path would bypass."""
+    if is_plugin_dispatch(name) and environ.get(MEGA_GATE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(
+            f"{DISPATCH_FLAG} {name} with {MEGA_GATE_ENV}=1: SGLang's mega gate maps expert ids "
+            f"itself (an even spread for any algorithm but static) and would bypass {name}; unset "
+            f"{MEGA_GATE_ENV} or choose one of SGLang's algorithms"
         )
 
 

@@ -12,9 +12,10 @@ elastic-EP scaling and ``rebalance()`` (a generator, driven to its end) on the e
 fault path.
 
 Start-up (the constructor, in ``ModelRunner.initialize``) refuses with a ConfigError what
-would fail later: a policy the plugin's manager does not plan with, a recorder mode without
-counts, ``stat_approx`` without an all-to-all backend, pipeline parallelism, or an EP size
-other than the default group's size (``sglang_checks``). The project's ``EPLBManager`` is
+would fail later: a policy the plugin's manager does not plan with, ``minmax`` dispatch that
+SGLang's mega gate would bypass, a recorder mode without counts, ``stat_approx`` without an
+all-to-all backend, pipeline parallelism, or an EP size other than the default group's size
+(``sglang_checks``). The project's ``EPLBManager`` is
 built at the first ``on_forward_pass_end()`` (the model exists then) with:
 
 - expert weights: the model's ``routed_experts_weights_of_layer`` (layer id -> tensors whose
@@ -25,8 +26,8 @@ built at the first ``on_forward_pass_end()`` (the model exists then) with:
 - the recorder SGLang holds (the project's, built by the ``init_new`` hook);
 - the placement of SGLang's global ``ExpertLocationMetadata``; each time layers go live,
   their rows of that metadata are updated in place (``sglang_metadata``: built once per
-  rebalance, LPLB solvers re-initialized under ``lp`` dispatch), so dispatch uses the new
-  map at the next pass;
+  rebalance, LPLB solvers re-initialized under ``lp`` dispatch, ``minmax``'s tables copied
+  with the rows), so dispatch uses the new map at the next pass;
 - SGLang's rule for ``--eplb-min-rebalancing-utilization-threshold``;
 - SGLang's default process group (SGLang's own mover uses WORLD ranks too).
 
@@ -48,7 +49,7 @@ import torch
 
 from eplb_plugin.errors import ConfigError, RebalanceError, TransferError
 from eplb_plugin.integrations import sglang_checks
-from eplb_plugin.integrations.sglang import LOG_PREFIX
+from eplb_plugin.integrations.sglang_common import LOG_PREFIX
 from eplb_plugin.integrations.sglang_metadata import MetadataPublisher, sglang_utilization_gate
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def eplb_args_from_sglang() -> Any:
     from sglang.srt.runtime_context import get_exec, get_parallel
 
     from eplb_plugin.args import EPLBArgs
-    from eplb_plugin.integrations.sglang import plugin_settings
+    from eplb_plugin.integrations.sglang_common import plugin_settings
 
     moe = get_exec().moe
     values: dict[str, Any] = {name: getattr(moe, name) for name in _SGLANG_MOE_FIELDS if hasattr(moe, name)}
@@ -117,6 +118,7 @@ class SGLangEPLBManager:
         self._args = eplb_args_from_sglang()
         self._algorithm = sglang_checks.check_algorithm(self._args.eplb_algorithm, self._args.ep_dispatch_algorithm)
         sglang_checks.check_recorder_mode(moe.expert_distribution_recorder_mode)
+        sglang_checks.check_dispatch_algorithm(self._args.ep_dispatch_algorithm, os.environ)
         sglang_checks.check_count_source(moe.expert_distribution_recorder_mode, getattr(moe, "moe_a2a_backend", None))
         world_size, pp_size = sglang_checks.parallel_sizes()
         sglang_checks.check_parallel_layout(world_size=world_size, ep_size=self._args.ep_size, pp_size=pp_size)

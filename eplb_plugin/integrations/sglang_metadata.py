@@ -13,7 +13,9 @@ device-to-host read on the serving thread. A live row that is not the target's (
 left on a partial map) gets metadata of its own, built for that map.
 
 With ``--ep-dispatch-algorithm lp`` SGLang re-initializes its LPLB solvers after every
-update (they hold the placement's structure); so does ``publish``.
+update (they hold the placement's structure); so does ``publish``. With the plugin's ``minmax``
+the background build also makes the target's ``minmax`` tables, and ``publish`` copies their
+rows into the live tables (``sglang_dispatch.LIVE_TABLES``) with the metadata's rows.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 
 from eplb_plugin.balance import gpu_loads
+from eplb_plugin.integrations.sglang_common import is_plugin_dispatch
+from eplb_plugin.integrations.sglang_dispatch import LIVE_TABLES, tables_for_map
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +57,10 @@ class MetadataPublisher:
         self._model_config = model_config
         self._rank = rank
         self._dispatch_algorithm = dispatch_algorithm
+        self._minmax = is_plugin_dispatch(dispatch_algorithm)  # the plugin's dispatch tables follow too
         self._target_map: torch.Tensor | None = None
         self._built: Any = None
+        self._built_tables: Any = None  # the target's minmax tables (CPU), built with _built
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.builds = 0  # full metadata builds so far (one per rebalance)
@@ -65,7 +71,7 @@ class MetadataPublisher:
         before any weight moved."""
         if self._target_map is None or not torch.equal(self._target_map, target_map):
             self._join()
-            self._target_map, self._built, self._error = target_map.clone(), None, None
+            self._target_map, self._built, self._built_tables, self._error = target_map.clone(), None, None, None
             self._thread = threading.Thread(target=self._build_target, name="eplb-sglang-metadata", daemon=True)
             self._thread.start()
         if self._thread is not None and not self._thread.is_alive():
@@ -77,7 +83,10 @@ class MetadataPublisher:
 
     def _build_target(self) -> None:
         try:
-            self._built = self._build(self._target_map)
+            built = self._build(self._target_map)
+            if self._minmax:
+                self._built_tables = self._tables(self._target_map, built)
+            self._built = built  # last: publish() reads both once this is set
         except BaseException as exc:  # re-raised on the serving thread by prepare()
             self._error = exc
 
@@ -88,6 +97,11 @@ class MetadataPublisher:
         return ExpertLocationMetadata.init_by_mapping(
             self._model_config, physical_to_logical_map, moe_ep_rank=self._rank
         )
+
+    @staticmethod
+    def _tables(physical_to_logical_map: torch.Tensor, metadata: Any) -> Any:
+        return tables_for_map(physical_to_logical_map, num_logical_experts=metadata.num_logical_experts,
+                              ep_size=metadata.ep_size)
 
     def _join(self) -> None:
         if self._thread is not None:
@@ -115,8 +129,13 @@ class MetadataPublisher:
             on_target = []
         if on_target:
             _copy_rows(current, self._built, on_target)
+            if self._minmax:
+                LIVE_TABLES.update_rows(current, self._built_tables, on_target)
         if off_target:  # a layer a failed move left on a partial map: metadata of its own
-            _copy_rows(current, self._build(live_map), off_target)
+            own = self._build(live_map)
+            _copy_rows(current, own, off_target)
+            if self._minmax:
+                LIVE_TABLES.update_rows(current, self._tables(live_map, own), off_target)
         published = sorted(on_target + off_target)
         if published and self._dispatch_algorithm == "lp":
             from sglang.srt.model_executor.model_runner_components.moe_ep_setup import (

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from eplb_plugin.integrations.sglang import LOG_PREFIX
+from eplb_plugin.integrations.sglang_common import LOG_PREFIX
 
 logger = logging.getLogger(__name__)
 
