@@ -103,8 +103,9 @@ def test_a_policy_registered_in_one_place_plans_through_plan(monkeypatch):
 
 def test_recorder_mode_registry_matches_the_flag_and_states_each_modes_facts():
     """--expert-distribution-recorder-mode's Literal names the registered mode types, in order;
-    the modes EPLB accepts are those that feed rebalancing, per_token alone is not graph-safe,
-    stat_approx alone counts from the dispatcher, and each mode is registered under its name."""
+    the modes EPLB accepts are those that feed rebalancing, per_token alone is not graph-safe
+    and keeps token rows, stat_approx alone counts from the dispatcher, and each mode is
+    registered under its name."""
     from eplb_plugin.args import COUNTING_RECORDER_MODES, RECORDER_MODES
     from eplb_plugin.recorder import MODES
 
@@ -113,6 +114,7 @@ def test_recorder_mode_registry_matches_the_flag_and_states_each_modes_facts():
     assert tuple(n for n in MODES if MODES.get(n).feeds_rebalancing) == COUNTING_RECORDER_MODES
     assert [n for n in MODES if not MODES.get(n).graph_safe] == ["per_token"]
     assert [n for n in MODES if MODES.get(n).count_source == "dispatch"] == ["stat_approx"]
+    assert [n for n in MODES if MODES.get(n).token_rows] == ["per_token"]
     with pytest.raises(ConfigError, match="recorder mode 'stats' is unknown; choose one of"):
         MODES.get("stats")
 

@@ -18,8 +18,10 @@ import torch
 
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.integrations.sglang_common import DISPATCH_FLAG, is_plugin_dispatch
+from eplb_plugin.recorder.modes import MODES
 
-COUNTING_MODES = ("stat", "stat_approx")  # the recorder modes the manager can plan from
+# the recorder modes the manager can plan from
+COUNTING_MODES = tuple(name for name in MODES.names() if MODES.get(name).feeds_rebalancing)
 # SGLang's DeepGEMM mega gate maps ids itself, with the even spread for any name but static.
 MEGA_GATE_ENV = "SGLANG_OPT_DEEPGEMM_MEGA_GATE"
 
@@ -53,7 +55,7 @@ def check_recorder_mode(mode: str | None) -> None:
 def check_count_source(mode: str | None, moe_a2a_backend: str | None) -> None:
     """``stat_approx`` counts the all-to-all dispatcher's receive counts; without an
     all-to-all backend no hook delivers them and nothing would ever be counted."""
-    if mode == "stat_approx" and (moe_a2a_backend in (None, "none")):
+    if mode in MODES.names() and MODES.get(mode).count_source == "dispatch" and moe_a2a_backend in (None, "none"):
         raise ConfigError(
             "--expert-distribution-recorder-mode stat_approx counts the tokens an all-to-all backend "
             "dispatches, but --moe-a2a-backend is 'none' (nothing would be counted and no rebalance "

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from eplb_plugin.integrations.sglang_common import LOG_PREFIX
+from eplb_plugin.recorder.modes import MODES
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def sglang_recorder_kwargs() -> dict[str, Any]:
     buffer_size = getattr(moe, "expert_distribution_recorder_buffer_size", None)
     if buffer_size is not None:
         kwargs["buffer_size"] = buffer_size
-    if mode == "per_token":
+    if mode in MODES.names() and MODES.get(mode).token_rows:
         if getattr(getattr(execution, "overlap", None), "enable_two_batch_overlap", False):
             raise ConfigError(
                 "--expert-distribution-recorder-mode per_token with --enable-two-batch-overlap: the "

@@ -46,12 +46,14 @@ def _wait_for_device(device: torch.device) -> None:
 class RecorderMode(Protocol):
     """What the recorder asks of a mode. feeds_rebalancing: its window holds per-pass counts
     a rebalance plans from; graph_safe: its hooks only count on the device (a pass can run
-    as a CUDA graph); count_source: where its counts come from by default."""
+    as a CUDA graph); count_source: where its counts come from by default; token_rows: it
+    keeps each pass's token rows (sized by the most tokens a pass can hold)."""
 
     name: ClassVar[str]
     feeds_rebalancing: ClassVar[bool]
     graph_safe: ClassVar[bool]
     count_source: ClassVar[CountSource]
+    token_rows: ClassVar[bool]
 
     def __init__(self, spec: RecorderSpec, maps: MapEpochs) -> None: ...
     def on_pass_start(self, forward_batch: Any) -> None: ...
@@ -75,6 +77,7 @@ class _Mode:
     feeds_rebalancing: ClassVar[bool] = False
     graph_safe: ClassVar[bool] = True
     count_source: ClassVar[CountSource] = "select_experts"
+    token_rows: ClassVar[bool] = False
 
     def __init__(self, spec: RecorderSpec, maps: MapEpochs):
         self._spec, self._maps = spec, maps
@@ -236,6 +239,7 @@ class PerTokenMode(PerPassMode):
 
     name: ClassVar[str] = "per_token"
     graph_safe: ClassVar[bool] = False  # each pass's ids are also copied to the host
+    token_rows: ClassVar[bool] = True
 
     def __init__(self, spec: RecorderSpec, maps: MapEpochs):
         super().__init__(spec, maps)
