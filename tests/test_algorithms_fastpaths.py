@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eplb_plugin.algorithms import balanced
-from eplb_plugin.algorithms.balanced import refine_swaps
+from eplb_plugin.algorithms import packing
 from eplb_plugin.algorithms.deepseek import deepseek
 from eplb_plugin.algorithms.migrate import align_to_previous
 from eplb_plugin.algorithms.nodes import assign_gpus_to_nodes
+from eplb_plugin.algorithms.packing import refine_swaps
 from eplb_plugin.algorithms.split import replica_counts, waterfill_slot_loads
 
 
@@ -137,7 +137,7 @@ def test_swap_refinement_stops_evaluating_rows_that_cannot_improve(monkeypatch):
         seen.append(a.shape[0])
         return real_argsort(a, *args, **kwargs)
 
-    monkeypatch.setattr(balanced.np, "argsort", spy)
+    monkeypatch.setattr(packing.np, "argsort", spy)
     alone_map, alone_load = phy2log[1:].copy(), slot_load[1:].copy()
     refine_swaps(phy2log, slot_load, 4)
     monkeypatch.undo()
