@@ -145,3 +145,65 @@ def test_swap_refinement_stops_evaluating_rows_that_cannot_improve(monkeypatch):
     assert seen[0] == 2 and len(seen) > 2 and set(seen[1:]) == {1}
     assert np.array_equal(phy2log[1], alone_map[0]) and np.array_equal(slot_load[1], alone_load[0])
     assert slot_load[0].tolist() == [5.0, 1, 5, 1, 5, 1, 5, 1]
+
+
+def test_hierarchical_peak_bound_never_exceeds_the_recipes_peak():
+    """Odd sizes (30 experts in 6 groups, 3 nodes of 2 GPUs, 42 slots), skewed counts."""
+    from eplb_plugin.algorithms.nodes import hierarchical_peak_bound
+    from eplb_plugin.algorithms.split import peak_load
+
+    rng = np.random.default_rng(7)
+    weight = rng.zipf(1.4, size=(9, 30)).astype(np.float64)
+    hier = deepseek(weight, 42, num_gpus=6, num_nodes=3, num_groups=6, hierarchical=True)
+    bound = hierarchical_peak_bound(weight, num_gpus=6, num_nodes=3, num_groups=6)
+    assert (bound <= peak_load(weight, hier, 6) * (1 + 1e-12)).all()
+    assert (bound >= weight.sum(1) / 6 * (1 - 1e-12)).all()  # never below the mean GPU load
+
+
+def test_node_aware_plan_runs_the_hierarchical_recipe_only_where_its_bound_leaves_it_a_chance(monkeypatch):
+    """Layer 0 spreads its load over the groups (the recipe may be taken there); layers 1-2
+    put 80% of it in one group, so one node would carry 1.6x the mean GPU load: the recipe
+    runs on layer 0 alone, and the plan equals the one computed with the recipe on every layer."""
+    import torch
+
+    from eplb_plugin.algorithms import nodes, plan
+
+    rng = np.random.default_rng(11)
+    counts = rng.integers(50, 60, size=(3, 24)).astype(np.float64)
+    counts[1:, :6] *= 20  # group 0 (experts 0-5) hot
+    kw = dict(num_physical_experts=32, num_gpus=8, num_nodes=2, num_groups=4)
+    rows_seen: list[int] = []
+    real = nodes.deepseek
+
+    def spy(weight, *args, **kwargs):
+        rows_seen.append(weight.shape[0])
+        return real(weight, *args, **kwargs)
+
+    monkeypatch.setattr(nodes, "deepseek", spy)
+    fast = plan(torch.from_numpy(counts), **kw)
+    assert rows_seen == [1]
+    monkeypatch.setattr(nodes, "hierarchical_peak_bound", lambda weight, **_: np.zeros(weight.shape[0]))
+    every = plan(torch.from_numpy(counts), **kw)
+    assert rows_seen == [1, 3]
+    assert torch.equal(fast.physical_to_logical_map, every.physical_to_logical_map)
+
+
+def test_migration_aware_plan_for_an_equal_split_computes_no_replica_weights(monkeypatch):
+    """Water-filling only serves a weighted split: the equal-split re-plan skips it and
+    returns the same map as the weighted one."""
+    import torch
+
+    from eplb_plugin.algorithms import migrate, plan
+
+    rng = np.random.default_rng(3)
+    counts = torch.from_numpy(rng.zipf(1.5, size=(4, 20)).astype(np.float64))
+    previous = plan(torch.from_numpy(rng.zipf(1.5, size=(4, 20)).astype(np.float64)), num_physical_experts=24,
+                    num_gpus=4, algorithm="deepseek")
+    calls: list[int] = []
+    real = migrate.replica_weights
+    monkeypatch.setattr(migrate, "replica_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    equal = plan(counts, num_physical_experts=24, num_gpus=4, previous=previous)
+    assert equal.replica_weights is None and calls == []
+    weighted = plan(counts, num_physical_experts=24, num_gpus=4, previous=previous, split="weighted")
+    assert calls == [1] and weighted.replica_weights is not None
+    assert torch.equal(equal.physical_to_logical_map, weighted.physical_to_logical_map)

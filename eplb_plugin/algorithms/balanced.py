@@ -26,7 +26,7 @@ import numpy as np
 from .chain import chain_plan, shares_from_loads
 from .deepseek import deepseek
 from .packing import counts_to_slots, refine_swaps, round_robin_pack
-from .split import equal_slot_loads, gpu_sum, replica_counts, waterfill_slot_loads
+from .split import gpu_sum, peak_load, replica_counts, waterfill_slot_loads
 
 BISECT_ITERS = 30
 COUNT_ROUNDS = 40
@@ -119,11 +119,6 @@ def balanced_plan(
         fails[keep] = 0
         fails[rows[~better]] += 1
     return phy2log
-
-
-def peak_load(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
-    """Max GPU load per layer under equal split. [L, E], [L, P] -> [L]."""
-    return gpu_sum(equal_slot_loads(weight, phy2log), num_gpus).max(1)
 
 
 def best_of(weight: np.ndarray, candidates: list[np.ndarray], num_gpus: int) -> np.ndarray:

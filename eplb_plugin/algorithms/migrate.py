@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .balanced import peak_load, replica_weights
+from .balanced import replica_weights
 from .deepseek import deepseek
-from .split import replica_counts
+from .split import peak_load, replica_counts
 
 MAX_MOVE_SHARE = 0.15
 MIN_GAIN = 0.002
@@ -159,7 +159,8 @@ def align_to_previous(new: np.ndarray, previous: np.ndarray, *, num_gpus: int) -
 
 def plan_migration_aware(
     weight: np.ndarray, previous: np.ndarray, *, num_gpus: int, gain_per_slot: float = GAIN_PER_SLOT,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_weights: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Re-plan per layer only where it pays for its moves.
 
     Step 1: a fresh plan (DeepSeek's recipe: under per-pass dynamic dispatch it realizes as
@@ -168,7 +169,7 @@ def plan_migration_aware(
     Step 2: a layer takes it when the drop of its max GPU load (equal split, on ``weight``,
     as a share of the mean GPU load) exceeds ``gain_per_slot`` times the share of the
     layer's slots that would move; other layers keep their placement.
-    Returns (phy2log [L, P], water-filled replica weights [L, P]).
+    Returns (phy2log [L, P], water-filled replica weights [L, P], or None without ``with_weights``).
     """
     num_physical = previous.shape[1]
     fresh = align_to_previous(deepseek(weight, num_physical, num_gpus=num_gpus), previous, num_gpus=num_gpus)
@@ -178,4 +179,4 @@ def plan_migration_aware(
     take = (moved > 0) & (gain > gain_per_slot * moved)
     phy2log = previous.copy()
     phy2log[take] = fresh[take]
-    return phy2log, replica_weights(weight, phy2log, num_gpus)
+    return phy2log, replica_weights(weight, phy2log, num_gpus) if with_weights else None
