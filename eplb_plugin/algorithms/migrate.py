@@ -104,14 +104,25 @@ def _shared_labels(new_gpus: np.ndarray, old_gpus: np.ndarray, rank_new: np.ndar
     key_new = (layer + new_gpus * per_gpu + rank_new).ravel()
     key_old = (layer + old_gpus * per_gpu + rank_old).ravel()
     gpu = np.broadcast_to(np.arange(num_gpus)[None, :, None], new_gpus.shape).ravel()
-    order = np.argsort(key_old, kind="stable")
-    sorted_old = key_old[order]
-    lo = np.searchsorted(sorted_old, key_new, side="left")
-    hits = np.searchsorted(sorted_old, key_new, side="right") - lo  # old slots with this label
-    # Step: one (new slot, old slot) pair per shared label, counted per (layer, new GPU, old GPU).
-    pair_new = np.repeat(np.arange(key_new.size), hits)
-    first = np.repeat(lo - np.cumsum(hits) + hits, hits)
-    pair_old = order[first + np.arange(pair_new.size)]
+    count_old = np.bincount(key_old, minlength=num_layers * span)
+    hits = count_old[key_new]  # old slots with this label
+    # Step 1: a label held by one old slot (an expert's only copy, mostly): a direct lookup.
+    owner = np.empty(num_layers * span, dtype=np.int64)  # read only where count_old == 1
+    owner[key_old] = np.arange(key_old.size)
+    pair_new = np.nonzero(hits == 1)[0]
+    pair_old = owner[key_new[pair_new]]
+    # Step 2: a label held by several old slots (a replicated expert's first copies): one
+    # (new slot, old slot) pair each, enumerated through a sort of those old slots only.
+    many = np.nonzero(hits > 1)[0]
+    if many.size:
+        shared = np.nonzero(count_old[key_old] > 1)[0]
+        order = shared[np.argsort(key_old[shared], kind="stable")]
+        lo = np.searchsorted(key_old[order], key_new[many], side="left")
+        reps = hits[many]
+        first = np.repeat(lo - np.cumsum(reps) + reps, reps)
+        pair_new = np.concatenate([pair_new, np.repeat(many, reps)])
+        pair_old = np.concatenate([pair_old, order[first + np.arange(int(reps.sum()))]])
+    # Step 3: count the pairs per (layer, new GPU, old GPU).
     layer_of = pair_new // (num_gpus * per_gpu)
     cell = (layer_of * num_gpus + gpu[pair_new]) * num_gpus + gpu[pair_old]
     return np.bincount(cell, minlength=num_layers * num_gpus * num_gpus).reshape(num_layers, num_gpus, num_gpus)
