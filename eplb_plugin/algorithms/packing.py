@@ -66,13 +66,16 @@ def refine_swaps(phy2log: np.ndarray, slot_load: np.ndarray, num_gpus: int, *, i
         xb = flat[light_slots + base][:, None, :]
         gh = g.max(1)[:, None, None]
         gl = np.repeat(np.take_along_axis(g, by_load[:, :partners], axis=1), per_gpu, axis=1)[:, None, :]
-        # gain = gh - max(gh - delta, gl + delta) where delta > 0, else 0 (in place: these
-        # [n, S, partners * S] arrays are most of the planner's time).
+        # gain = gh - max(gh - delta, gl + delta) = min(gh - (gh - delta), gh - (gl + delta)),
+        # the same floats (gh - x is monotone in x); <= 0 where delta <= 0, so no swap that
+        # does not help is taken. In place: these [n, S, partners * S] arrays are most of
+        # the planner's time.
         delta = xa - xb
-        gain = gh - delta
-        np.maximum(gain, np.add(gl, delta), out=gain)
+        gain = np.subtract(gh, delta)
         np.subtract(gh, gain, out=gain)
-        np.copyto(gain, 0.0, where=delta <= 0)
+        other = np.add(gl, delta, out=delta)
+        np.subtract(gh, other, out=other)
+        np.minimum(gain, other, out=gain)
         gain = gain.reshape(n, -1)
         best = gain.argmax(1)
         ok = gain[np.arange(n), best] > 1e-9 * (gh[:, 0, 0] + 1e-30)
