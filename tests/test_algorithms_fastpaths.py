@@ -207,3 +207,26 @@ def test_migration_aware_plan_for_an_equal_split_computes_no_replica_weights(mon
     weighted = plan(counts, num_physical_experts=24, num_gpus=4, previous=previous, split="weighted")
     assert calls == [1] and weighted.replica_weights is not None
     assert torch.equal(equal.physical_to_logical_map, weighted.physical_to_logical_map)
+
+
+def test_trying_a_rows_remaining_donors_at_once_gives_the_same_plan_in_fewer_rounds(monkeypatch):
+    """The replica-count search with every row's remaining donors tried in one round equals
+    the one-donor-per-round search, and re-packs fewer times (odd sizes: 9 GPUs, 45 slots)."""
+    from eplb_plugin.algorithms import balanced
+
+    rng = np.random.default_rng(4)
+    weight = rng.zipf(1.7, size=(12, 37)).astype(np.float64) * rng.random((12, 37))
+    plans, calls = [], []
+    real = balanced.pack_counts
+
+    def spy(*args, **kwargs):
+        calls[-1] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(balanced, "pack_counts", spy)
+    for rows_at_once in (0, 10**6):
+        monkeypatch.setattr(balanced, "SPECULATE_ROWS", rows_at_once)
+        calls.append(0)
+        plans.append(balanced.balanced_plan(weight, 45, num_gpus=9))
+    assert np.array_equal(plans[0], plans[1])
+    assert 1 < calls[1] < calls[0]

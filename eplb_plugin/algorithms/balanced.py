@@ -31,6 +31,7 @@ from .split import gpu_sum, peak_load, replica_counts, waterfill_slot_loads
 BISECT_ITERS = 30
 COUNT_ROUNDS = 40
 COUNT_PATIENCE = 3
+SPECULATE_ROWS = 16  # rows left at which a row's remaining donors are tried at once (step 4)
 GOOD_ENOUGH = 5e-4  # a layer within 0.05% of the mean GPU load is not searched further
 CHAIN_EXACT = 1e-9  # a chain layer this close to the mean reached it (else compare with the equal plan)
 
@@ -93,31 +94,50 @@ def balanced_plan(
         return phy2log
     # Step 4: move one replica to the largest slot of the heaviest GPU from the expert that
     # loses least by giving one up; re-pack; keep if the peak drops. A row that fails
-    # COUNT_PATIENCE times in a row (trying the next donor each time) stops.
+    # COUNT_PATIENCE times in a row (trying the next donor each time) stops; a row takes part
+    # in at most ``rounds`` tries. Rows are independent, and a rejected try leaves its row as
+    # it was, so once few rows are left (the time then goes to per-step overhead, not to
+    # data) a row's remaining donors are tried at once and the first that helps is kept:
+    # the same plan as trying them one per round, in fewer rounds.
     fails = np.zeros(num_layers, dtype=np.int64)
-    for _ in range(rounds):
-        rows = np.nonzero((fails < COUNT_PATIENCE) & (peak > mean_gpu * (1 + GOOD_ENOUGH)))[0]
+    tries_made = np.zeros(num_layers, dtype=np.int64)
+    while True:
+        rows = np.nonzero((fails < COUNT_PATIENCE) & (tries_made < rounds)
+                          & (peak > mean_gpu * (1 + GOOD_ENOUGH)))[0]
         if rows.size == 0:
             break
+        tries = np.minimum(COUNT_PATIENCE - fails[rows], rounds - tries_made[rows]) \
+            if rows.size <= SPECULATE_ROWS else np.ones(rows.size, dtype=np.int64)
         ar = np.arange(rows.size)
-        w, cnt, cur = weight[rows], count[rows].copy(), phy2log[rows]
+        w, cnt, cur = weight[rows], count[rows], phy2log[rows]
         x = np.take_along_axis(w / cnt, cur, axis=1)
         heavy = x.reshape(rows.size, num_gpus, per_gpu).sum(-1).argmax(1)
         heavy_slots = heavy[:, None] * per_gpu + np.arange(per_gpu)
         taker = cur[ar, heavy_slots[ar, np.take_along_axis(x, heavy_slots, axis=1).argmax(1)]]
         loss = np.where(cnt >= 2, w / np.maximum(cnt - 1, 1), np.inf)
         loss[ar, taker] = np.inf
-        donor = np.argsort(loss, axis=1, kind="stable")[ar, np.minimum(fails[rows], num_logical - 1)]
-        valid = np.isfinite(loss[ar, donor])
-        cnt[ar, taker] += valid
-        cnt[ar, donor] -= valid
-        trial = pack_counts(w, cnt, num_gpus)
-        trial_peak = peak_load(w, trial, num_gpus)
-        better = trial_peak < peak[rows] * (1 - 1e-12)
-        keep = rows[better]
-        phy2log[keep], count[keep], peak[keep] = trial[better], cnt[better], trial_peak[better]
-        fails[keep] = 0
-        fails[rows[~better]] += 1
+        by_loss = np.argsort(loss, axis=1, kind="stable")
+        # One candidate per (row, try): try k of a row offers its (fails + k)-th donor.
+        of = np.repeat(ar, tries)
+        first_of_row = np.cumsum(tries) - tries
+        k = np.arange(of.size) - first_of_row[of]
+        cand = np.arange(of.size)
+        donor = by_loss[of, np.minimum(fails[rows][of] + k, num_logical - 1)]
+        valid = np.isfinite(loss[of, donor])
+        trial_count = cnt[of]
+        trial_count[cand, taker[of]] += valid
+        trial_count[cand, donor] -= valid
+        trial = pack_counts(w[of], trial_count, num_gpus)
+        trial_peak = peak_load(w[of], trial, num_gpus)
+        better = trial_peak < peak[rows][of] * (1 - 1e-12)
+        # The first try that helps wins (later ones would have run against a new plan).
+        first = np.minimum.reduceat(np.where(better, k, tries[of]), first_of_row)
+        won = first < tries
+        tries_made[rows] += np.where(won, first + 1, tries)
+        fails[rows] = np.where(won, 0, fails[rows] + tries)
+        pick = first_of_row[won] + first[won]
+        keep = rows[won]
+        phy2log[keep], count[keep], peak[keep] = trial[pick], trial_count[pick], trial_peak[pick]
     return phy2log
 
 
