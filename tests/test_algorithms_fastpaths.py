@@ -230,3 +230,36 @@ def test_trying_a_rows_remaining_donors_at_once_gives_the_same_plan_in_fewer_rou
         plans.append(balanced.balanced_plan(weight, 45, num_gpus=9))
     assert np.array_equal(plans[0], plans[1])
     assert 1 < calls[1] < calls[0]
+
+
+def _migration_reference(weight, previous, num_gpus, gain_per_slot):
+    """Every layer aligned, then kept where the drop of its peak pays for its moved slots."""
+    from eplb_plugin.algorithms.split import peak_load
+
+    fresh = align_to_previous(deepseek(weight, previous.shape[1], num_gpus=num_gpus), previous, num_gpus=num_gpus)
+    mean = weight.sum(1) / num_gpus
+    gain = (peak_load(weight, previous, num_gpus) - peak_load(weight, fresh, num_gpus)) / mean
+    moved = (fresh != previous).mean(1)
+    take = (moved > 0) & (gain > gain_per_slot * moved)
+    return np.where(take[:, None], fresh, previous)
+
+
+def test_migration_aware_plan_aligns_only_layers_whose_gain_could_pay_for_a_move(monkeypatch):
+    """Layers whose previous placement is the recipe's plan for today's counts gain nothing and
+    are not aligned; the others are; the plan equals aligning every layer (odd sizes: 7 GPUs,
+    35 slots, 29 experts)."""
+    from eplb_plugin.algorithms import migrate
+
+    rng = np.random.default_rng(9)
+    weight = rng.zipf(1.5, size=(10, 29)).astype(np.float64)
+    previous = deepseek(rng.zipf(1.5, size=(10, 29)).astype(np.float64), 35, num_gpus=7)
+    previous[::2] = deepseek(weight[::2], 35, num_gpus=7)  # even layers: already today's plan
+    rows_aligned: list[int] = []
+    real = migrate.align_to_previous
+    monkeypatch.setattr(migrate, "align_to_previous",
+                        lambda new, prev, **kw: rows_aligned.append(new.shape[0]) or real(new, prev, **kw))
+    got, _ = migrate.plan_migration_aware(weight, previous, num_gpus=7, with_weights=False)
+    assert rows_aligned and rows_aligned[0] <= 5
+    monkeypatch.undo()
+    assert np.array_equal(got, _migration_reference(weight, previous, 7, migrate.GAIN_PER_SLOT))
+    assert np.array_equal(got[::2], previous[::2])

@@ -179,15 +179,24 @@ def plan_migration_aware(
     (GPU relabelling and slot order that keep the most slots unchanged).
     Step 2: a layer takes it when the drop of its max GPU load (equal split, on ``weight``,
     as a share of the mean GPU load) exceeds ``gain_per_slot`` times the share of the
-    layer's slots that would move; other layers keep their placement.
+    layer's slots that would move; other layers keep their placement (a layer whose drop
+    could not pay for one moved slot is not aligned at all).
     Returns (phy2log [L, P], water-filled replica weights [L, P], or None without ``with_weights``).
     """
     num_physical = previous.shape[1]
-    fresh = align_to_previous(deepseek(weight, num_physical, num_gpus=num_gpus), previous, num_gpus=num_gpus)
+    fresh = deepseek(weight, num_physical, num_gpus=num_gpus)
     mean_gpu = np.maximum(weight.sum(1) / num_gpus, 1e-30)
-    gain = (peak_load(weight, previous, num_gpus) - peak_load(weight, fresh, num_gpus)) / mean_gpu
-    moved = (fresh != previous).mean(1)
-    take = (moved > 0) & (gain > gain_per_slot * moved)
+    old_peak = peak_load(weight, previous, num_gpus)
+    # Alignment only reorders GPUs and slots, so the peak it will have is known now: a layer
+    # whose gain cannot pay for even one moved slot keeps its placement and is not aligned
+    # (the 1e-6 margin covers the rounding of a sum taken in another slot order).
+    could_take = (old_peak - peak_load(weight, fresh, num_gpus)) / mean_gpu > gain_per_slot / num_physical * (1 - 1e-6)
+    rows = np.nonzero(could_take)[0]
     phy2log = previous.copy()
-    phy2log[take] = fresh[take]
+    if rows.size:
+        aligned = align_to_previous(fresh[rows], previous[rows], num_gpus=num_gpus)
+        gain = (old_peak[rows] - peak_load(weight[rows], aligned, num_gpus)) / mean_gpu[rows]
+        moved = (aligned != previous[rows]).mean(1)
+        take = (moved > 0) & (gain > gain_per_slot * moved)
+        phy2log[rows[take]] = aligned[take]
     return phy2log, replica_weights(weight, phy2log, num_gpus) if with_weights else None
