@@ -8,7 +8,8 @@ Fresh plan, vectorized over layers (numpy):
    slot per GPU, each round's heaviest slot to the currently lightest GPU. Every GPU gets
    exactly ``P / G`` slots and no GPU fills up early.
 3. Swap refinement: repeatedly swap one slot of the heaviest GPU with one slot of a light
-   GPU when that lowers the heavier of the two.
+   GPU when that lowers the heavier of the two (steps 2-3 live in ``packing.py``, shared
+   with the chain plan).
 4. Replica-move refinement: move one replica from an expert that has spare replicas to the
    expert whose slot is the heaviest, when the layer's max GPU load drops.
 5. Per layer, keep the better of this plan and DeepSeek's recipe (never worse).
