@@ -77,7 +77,7 @@ def deepseek_like(num_layers: int = 58, seed: int = 0) -> np.ndarray:
 
 
 SPEED_SHAPES = {"flat": dict(num_gpus=32), "4_nodes_8_groups": dict(num_gpus=32, num_nodes=4, num_groups=8)}
-SPEED_POLICIES = ("deepseek", "deepseek_hierarchical", "eplb_plugin_equal")
+SPEED_POLICIES = ("deepseek", "deepseek_hierarchical", "eplb_plugin")
 
 
 def solver_time(repeats: int = TIMING_REPEATS) -> dict:
@@ -85,32 +85,47 @@ def solver_time(repeats: int = TIMING_REPEATS) -> dict:
 
     Every policy runs once per repeat, interleaved, so a load spike on the machine hits all
     of them alike; medians are reported with each policy's ratio to DeepSeek's recipe
-    measured in the same run. ``eplb_plugin_equal+previous`` is the migration-aware re-plan
-    (previous placement: DeepSeek's on counts from another seed).
+    measured in the same run, and each plan's balancedness under the split it is made for.
+    ``cpu_ms`` is the process CPU time of the same calls: on a shared machine it moves far less
+    with other people's load than wall time does (the planners use one thread).
+    ``eplb_plugin`` is the default (equal split); ``eplb_plugin+previous`` its migration-aware
+    re-plan (previous placement: DeepSeek's on counts from another seed);
+    ``eplb_plugin_weighted`` the plan for a weighted split.
     """
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     cases = {"zipf1.6": rng.zipf(1.6, size=(58, 256)).astype(np.float64).clip(max=1e5),
              "deepseek_v3_like": deepseek_like()}
-    out: dict = {"repeats": repeats, "ms": {}, "ratio_to_deepseek": {}}
+    out: dict = {"repeats": repeats, "ms": {}, "ratio_to_deepseek": {}, "cpu_ms": {}, "cpu_ratio_to_deepseek": {},
+                 "balancedness": {}}
     for case, w in cases.items():
         counts = torch.from_numpy(w)
         previous = plan(torch.from_numpy(deepseek_like(seed=1)), num_physical_experts=288, num_gpus=32,
                         algorithm="deepseek")
         for shape, kw in SPEED_SHAPES.items():
             runs = {name: dict(algorithm=name, **kw) for name in SPEED_POLICIES}
-            runs["auto"] = dict(algorithm="auto", split="weighted", **kw)  # the weighted-split plan
-            runs["eplb_plugin_equal+previous"] = dict(algorithm="eplb_plugin_equal", previous=previous, **kw)
+            runs["eplb_plugin+previous"] = dict(algorithm="eplb_plugin", previous=previous, **kw)
+            runs["eplb_plugin_weighted"] = dict(algorithm="eplb_plugin", split="weighted", **kw)
             times: dict[str, list[float]] = {name: [] for name in runs}
+            cpu: dict[str, list[float]] = {name: [] for name in runs}
+            quality: dict[str, float] = {}
             for rep in range(repeats + 1):  # the first round warms up and is not counted
                 for name, run in runs.items():
-                    start = time.perf_counter()
-                    plan(counts, num_physical_experts=288, **run)
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    p = plan(counts, num_physical_experts=288, **run)
                     if rep:
                         times[name].append(time.perf_counter() - start)
+                        cpu[name].append(time.process_time() - start_cpu)
+                    else:
+                        quality[name] = placement_balancedness(counts, p.physical_to_logical_map, 32,
+                                                               p.replica_weights)
             ms = {name: 1e3 * float(np.median(t)) for name, t in times.items()}
             out["ms"][f"{case}/{shape}"] = ms
             out["ratio_to_deepseek"][f"{case}/{shape}"] = {name: v / ms["deepseek"] for name, v in ms.items()}
+            cpu_ms = {name: 1e3 * float(np.median(t)) for name, t in cpu.items()}
+            out["cpu_ms"][f"{case}/{shape}"] = cpu_ms
+            out["cpu_ratio_to_deepseek"][f"{case}/{shape}"] = {name: v / cpu_ms["deepseek"] for name, v in cpu_ms.items()}
+            out["balancedness"][f"{case}/{shape}"] = quality
     return out
 
 
@@ -137,10 +152,13 @@ def node_aware() -> list[dict]:
 
 
 def print_solver_time(res: dict) -> None:
-    print(f"solver ms, 58x256 -> 288 on 32 GPUs, 1 thread, median of {res['repeats']} (x DeepSeek's recipe, same run)")
+    print(f"solver ms, 58x256 -> 288 on 32 GPUs, 1 thread, median of {res['repeats']} "
+          "(x DeepSeek's recipe, same run; balancedness)")
     for key, ms in res["ms"].items():
-        ratio = res["ratio_to_deepseek"][key]
-        print(f" {key:<34} " + "  ".join(f"{name} {v:.1f} ({ratio[name]:.1f}x)" for name, v in ms.items()))
+        ratio, quality = res["ratio_to_deepseek"][key], res["balancedness"][key]
+        cpu_ratio = res["cpu_ratio_to_deepseek"][key]
+        print(f" {key:<34} " + "  ".join(f"{name} {v:.1f} ({ratio[name]:.1f}x, CPU {cpu_ratio[name]:.1f}x; "
+                                          f"{quality[name]:.4f})" for name, v in ms.items()))
 
 
 def speed_only(repeats: int) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eplb_plugin.algorithms import balanced
-from eplb_plugin.algorithms.balanced import refine_swaps
+from eplb_plugin.algorithms import packing
 from eplb_plugin.algorithms.deepseek import deepseek
 from eplb_plugin.algorithms.migrate import align_to_previous
 from eplb_plugin.algorithms.nodes import assign_gpus_to_nodes
+from eplb_plugin.algorithms.packing import refine_swaps
 from eplb_plugin.algorithms.split import replica_counts, waterfill_slot_loads
 
 
@@ -137,7 +137,7 @@ def test_swap_refinement_stops_evaluating_rows_that_cannot_improve(monkeypatch):
         seen.append(a.shape[0])
         return real_argsort(a, *args, **kwargs)
 
-    monkeypatch.setattr(balanced.np, "argsort", spy)
+    monkeypatch.setattr(packing.np, "argsort", spy)
     alone_map, alone_load = phy2log[1:].copy(), slot_load[1:].copy()
     refine_swaps(phy2log, slot_load, 4)
     monkeypatch.undo()
@@ -145,3 +145,121 @@ def test_swap_refinement_stops_evaluating_rows_that_cannot_improve(monkeypatch):
     assert seen[0] == 2 and len(seen) > 2 and set(seen[1:]) == {1}
     assert np.array_equal(phy2log[1], alone_map[0]) and np.array_equal(slot_load[1], alone_load[0])
     assert slot_load[0].tolist() == [5.0, 1, 5, 1, 5, 1, 5, 1]
+
+
+def test_hierarchical_peak_bound_never_exceeds_the_recipes_peak():
+    """Odd sizes (30 experts in 6 groups, 3 nodes of 2 GPUs, 42 slots), skewed counts."""
+    from eplb_plugin.algorithms.nodes import hierarchical_peak_bound
+    from eplb_plugin.algorithms.split import peak_load
+
+    rng = np.random.default_rng(7)
+    weight = rng.zipf(1.4, size=(9, 30)).astype(np.float64)
+    hier = deepseek(weight, 42, num_gpus=6, num_nodes=3, num_groups=6, hierarchical=True)
+    bound = hierarchical_peak_bound(weight, num_gpus=6, num_nodes=3, num_groups=6)
+    assert (bound <= peak_load(weight, hier, 6) * (1 + 1e-12)).all()
+    assert (bound >= weight.sum(1) / 6 * (1 - 1e-12)).all()  # never below the mean GPU load
+
+
+def test_node_aware_plan_runs_the_hierarchical_recipe_only_where_its_bound_leaves_it_a_chance(monkeypatch):
+    """Layer 0 spreads its load over the groups (the recipe may be taken there); layers 1-2
+    put 80% of it in one group, so one node would carry 1.6x the mean GPU load: the recipe
+    runs on layer 0 alone, and the plan equals the one computed with the recipe on every layer."""
+    import torch
+
+    from eplb_plugin.algorithms import nodes, plan
+
+    rng = np.random.default_rng(11)
+    counts = rng.integers(50, 60, size=(3, 24)).astype(np.float64)
+    counts[1:, :6] *= 20  # group 0 (experts 0-5) hot
+    kw = dict(num_physical_experts=32, num_gpus=8, num_nodes=2, num_groups=4)
+    rows_seen: list[int] = []
+    real = nodes.deepseek
+
+    def spy(weight, *args, **kwargs):
+        rows_seen.append(weight.shape[0])
+        return real(weight, *args, **kwargs)
+
+    monkeypatch.setattr(nodes, "deepseek", spy)
+    fast = plan(torch.from_numpy(counts), **kw)
+    assert rows_seen == [1]
+    monkeypatch.setattr(nodes, "hierarchical_peak_bound", lambda weight, **_: np.zeros(weight.shape[0]))
+    every = plan(torch.from_numpy(counts), **kw)
+    assert rows_seen == [1, 3]
+    assert torch.equal(fast.physical_to_logical_map, every.physical_to_logical_map)
+
+
+def test_migration_aware_plan_for_an_equal_split_computes_no_replica_weights(monkeypatch):
+    """Water-filling only serves a weighted split: the equal-split re-plan skips it and
+    returns the same map as the weighted one."""
+    import torch
+
+    from eplb_plugin.algorithms import migrate, plan
+
+    rng = np.random.default_rng(3)
+    counts = torch.from_numpy(rng.zipf(1.5, size=(4, 20)).astype(np.float64))
+    previous = plan(torch.from_numpy(rng.zipf(1.5, size=(4, 20)).astype(np.float64)), num_physical_experts=24,
+                    num_gpus=4, algorithm="deepseek")
+    calls: list[int] = []
+    real = migrate.replica_weights
+    monkeypatch.setattr(migrate, "replica_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    equal = plan(counts, num_physical_experts=24, num_gpus=4, previous=previous)
+    assert equal.replica_weights is None and calls == []
+    weighted = plan(counts, num_physical_experts=24, num_gpus=4, previous=previous, split="weighted")
+    assert calls == [1] and weighted.replica_weights is not None
+    assert torch.equal(equal.physical_to_logical_map, weighted.physical_to_logical_map)
+
+
+def test_trying_a_rows_remaining_donors_at_once_gives_the_same_plan_in_fewer_rounds(monkeypatch):
+    """The replica-count search with every row's remaining donors tried in one round equals
+    the one-donor-per-round search, and re-packs fewer times (odd sizes: 9 GPUs, 45 slots)."""
+    from eplb_plugin.algorithms import balanced
+
+    rng = np.random.default_rng(4)
+    weight = rng.zipf(1.7, size=(12, 37)).astype(np.float64) * rng.random((12, 37))
+    plans, calls = [], []
+    real = balanced.pack_counts
+
+    def spy(*args, **kwargs):
+        calls[-1] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(balanced, "pack_counts", spy)
+    for rows_at_once in (0, 10**6):
+        monkeypatch.setattr(balanced, "SPECULATE_ROWS", rows_at_once)
+        calls.append(0)
+        plans.append(balanced.balanced_plan(weight, 45, num_gpus=9))
+    assert np.array_equal(plans[0], plans[1])
+    assert 1 < calls[1] < calls[0]
+
+
+def _migration_reference(weight, previous, num_gpus, gain_per_slot):
+    """Every layer aligned, then kept where the drop of its peak pays for its moved slots."""
+    from eplb_plugin.algorithms.split import peak_load
+
+    fresh = align_to_previous(deepseek(weight, previous.shape[1], num_gpus=num_gpus), previous, num_gpus=num_gpus)
+    mean = weight.sum(1) / num_gpus
+    gain = (peak_load(weight, previous, num_gpus) - peak_load(weight, fresh, num_gpus)) / mean
+    moved = (fresh != previous).mean(1)
+    take = (moved > 0) & (gain > gain_per_slot * moved)
+    return np.where(take[:, None], fresh, previous)
+
+
+def test_migration_aware_plan_aligns_only_layers_whose_gain_could_pay_for_a_move(monkeypatch):
+    """Layers whose previous placement is the recipe's plan for today's counts gain nothing and
+    are not aligned; the others are; the plan equals aligning every layer (odd sizes: 7 GPUs,
+    35 slots, 29 experts)."""
+    from eplb_plugin.algorithms import migrate
+
+    rng = np.random.default_rng(9)
+    weight = rng.zipf(1.5, size=(10, 29)).astype(np.float64)
+    previous = deepseek(rng.zipf(1.5, size=(10, 29)).astype(np.float64), 35, num_gpus=7)
+    previous[::2] = deepseek(weight[::2], 35, num_gpus=7)  # even layers: already today's plan
+    rows_aligned: list[int] = []
+    real = migrate.align_to_previous
+    monkeypatch.setattr(migrate, "align_to_previous",
+                        lambda new, prev, **kw: rows_aligned.append(new.shape[0]) or real(new, prev, **kw))
+    got, _ = migrate.plan_migration_aware(weight, previous, num_gpus=7, with_weights=False)
+    assert rows_aligned and rows_aligned[0] <= 5
+    monkeypatch.undo()
+    assert np.array_equal(got, _migration_reference(weight, previous, 7, migrate.GAIN_PER_SLOT))
+    assert np.array_equal(got[::2], previous[::2])

@@ -93,8 +93,7 @@ def _fresh(weight, num_physical, *, num_gpus, num_nodes, num_groups, with_weight
 def _ours(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal"):
     weighted = split != "equal"  # a weighted split: the plan carries replica weights
     if previous is not None:
-        phy2log, weights = plan_migration_aware(weight, previous, num_gpus=num_gpus)
-        return phy2log, weights if weighted else None
+        return plan_migration_aware(weight, previous, num_gpus=num_gpus, with_weights=weighted)
     return _fresh(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
                   with_weights=weighted)
 

@@ -8,7 +8,8 @@ Fresh plan, vectorized over layers (numpy):
    slot per GPU, each round's heaviest slot to the currently lightest GPU. Every GPU gets
    exactly ``P / G`` slots and no GPU fills up early.
 3. Swap refinement: repeatedly swap one slot of the heaviest GPU with one slot of a light
-   GPU when that lowers the heavier of the two.
+   GPU when that lowers the heavier of the two (steps 2-3 live in ``packing.py``, shared
+   with the chain plan).
 4. Replica-move refinement: move one replica from an expert that has spare replicas to the
    expert whose slot is the heaviest, when the layer's max GPU load drops.
 5. Per layer, keep the better of this plan and DeepSeek's recipe (never worse).
@@ -23,14 +24,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .chain import chain_plan, shares_from_loads
 from .deepseek import deepseek
-from .split import equal_slot_loads, gpu_sum, replica_counts, waterfill_slot_loads
+from .packing import counts_to_slots, refine_swaps, round_robin_pack
+from .split import gpu_sum, peak_load, replica_counts, waterfill_slot_loads
 
 BISECT_ITERS = 30
-SWAP_ITERS = 40
-SWAP_PARTNERS = 8
 COUNT_ROUNDS = 40
 COUNT_PATIENCE = 3
+SPECULATE_ROWS = 16  # rows left at which a row's remaining donors are tried at once (step 4)
 GOOD_ENOUGH = 5e-4  # a layer within 0.05% of the mean GPU load is not searched further
 CHAIN_EXACT = 1e-9  # a chain layer this close to the mean reached it (else compare with the equal plan)
 
@@ -67,81 +69,6 @@ def divisor_counts(weight: np.ndarray, num_physical: int, minimum: np.ndarray | 
     return count
 
 
-def counts_to_slots(count: np.ndarray, num_physical: int) -> np.ndarray:
-    """[L, E] replica counts -> [L, P] list of experts, each repeated count times."""
-    num_layers, num_logical = count.shape
-    flat = np.repeat(np.tile(np.arange(num_logical), num_layers), count.ravel())
-    return flat.reshape(num_layers, num_physical)
-
-
-def round_robin_pack(slot_load: np.ndarray, num_gpus: int) -> np.ndarray:
-    """Order slots so that rank-major GPUs get balanced loads.
-
-    slot_load: [L, P]. Returns perm [L, P]: new slot q holds old slot perm[:, q].
-    """
-    num_layers, num_slots = slot_load.shape
-    per_gpu = num_slots // num_gpus
-    rows = np.arange(num_layers)[:, None]
-    order = np.argsort(-slot_load, axis=1, kind="stable")
-    gpu_load = np.zeros((num_layers, num_gpus))
-    perm = np.empty((num_layers, num_slots), dtype=np.int64)
-    for k in range(per_gpu):
-        items = order[:, k * num_gpus:(k + 1) * num_gpus]
-        lightest = np.argsort(gpu_load, axis=1, kind="stable")
-        perm[rows, lightest * per_gpu + k] = items
-        gpu_load[rows, lightest] += np.take_along_axis(slot_load, items, axis=1)
-    return perm
-
-
-def refine_swaps(phy2log: np.ndarray, slot_load: np.ndarray, num_gpus: int, *, iters: int = SWAP_ITERS) -> None:
-    """Swap slots between the heaviest GPU and a few light ones, in place.
-
-    phy2log, slot_load: [L, P]. A swap is taken only if it lowers the heaviest GPU's load
-    and the partner stays below the old maximum. A row without such a swap is left alone
-    from then on (its state, hence its answer, would not change), so later iterations work
-    on the rows still improving only.
-    """
-    num_layers, num_slots = slot_load.shape
-    per_gpu = num_slots // num_gpus
-    partners = min(SWAP_PARTNERS, num_gpus - 1)
-    if partners < 1 or per_gpu < 1:
-        return
-    width = partners * per_gpu
-    own = np.arange(per_gpu)
-    active = np.arange(num_layers)
-    for _ in range(iters):
-        n = active.size
-        base = (np.arange(n) * num_slots)[:, None]
-        loads = slot_load[active]
-        g = loads.reshape(n, num_gpus, per_gpu).sum(-1)
-        by_load = np.argsort(g, axis=1)
-        heavy_slots = by_load[:, -1:] * per_gpu + own  # [n, S]
-        light_slots = (by_load[:, :partners, None] * per_gpu + own).reshape(n, width)
-        flat = loads.ravel()
-        xa = flat[heavy_slots + base][:, :, None]
-        xb = flat[light_slots + base][:, None, :]
-        gh = g.max(1)[:, None, None]
-        gl = np.repeat(np.take_along_axis(g, by_load[:, :partners], axis=1), per_gpu, axis=1)[:, None, :]
-        # gain = gh - max(gh - delta, gl + delta) where delta > 0, else 0 (in place: these
-        # [n, S, partners * S] arrays are most of the planner's time).
-        delta = xa - xb
-        gain = gh - delta
-        np.maximum(gain, np.add(gl, delta), out=gain)
-        np.subtract(gh, gain, out=gain)
-        np.copyto(gain, 0.0, where=delta <= 0)
-        gain = gain.reshape(n, -1)
-        best = gain.argmax(1)
-        ok = gain[np.arange(n), best] > 1e-9 * (gh[:, 0, 0] + 1e-30)
-        if not ok.any():
-            return
-        r = active[ok]
-        a = heavy_slots[ok, best[ok] // width]
-        b = light_slots[ok, best[ok] % width]
-        phy2log[r, a], phy2log[r, b] = phy2log[r, b], phy2log[r, a].copy()
-        slot_load[r, a], slot_load[r, b] = slot_load[r, b], slot_load[r, a].copy()
-        active = r
-
-
 def pack_counts(weight: np.ndarray, count: np.ndarray, num_gpus: int) -> np.ndarray:
     """Steps 2-3 for given replica counts. weight, count: [L, E]. Returns phy2log [L, P]."""
     num_physical = int(count[0].sum())
@@ -168,37 +95,51 @@ def balanced_plan(
         return phy2log
     # Step 4: move one replica to the largest slot of the heaviest GPU from the expert that
     # loses least by giving one up; re-pack; keep if the peak drops. A row that fails
-    # COUNT_PATIENCE times in a row (trying the next donor each time) stops.
+    # COUNT_PATIENCE times in a row (trying the next donor each time) stops; a row takes part
+    # in at most ``rounds`` tries. Rows are independent, and a rejected try leaves its row as
+    # it was, so once few rows are left (the time then goes to per-step overhead, not to
+    # data) a row's remaining donors are tried at once and the first that helps is kept:
+    # the same plan as trying them one per round, in fewer rounds.
     fails = np.zeros(num_layers, dtype=np.int64)
-    for _ in range(rounds):
-        rows = np.nonzero((fails < COUNT_PATIENCE) & (peak > mean_gpu * (1 + GOOD_ENOUGH)))[0]
+    tries_made = np.zeros(num_layers, dtype=np.int64)
+    while True:
+        rows = np.nonzero((fails < COUNT_PATIENCE) & (tries_made < rounds)
+                          & (peak > mean_gpu * (1 + GOOD_ENOUGH)))[0]
         if rows.size == 0:
             break
+        tries = np.minimum(COUNT_PATIENCE - fails[rows], rounds - tries_made[rows]) \
+            if rows.size <= SPECULATE_ROWS else np.ones(rows.size, dtype=np.int64)
         ar = np.arange(rows.size)
-        w, cnt, cur = weight[rows], count[rows].copy(), phy2log[rows]
+        w, cnt, cur = weight[rows], count[rows], phy2log[rows]
         x = np.take_along_axis(w / cnt, cur, axis=1)
         heavy = x.reshape(rows.size, num_gpus, per_gpu).sum(-1).argmax(1)
         heavy_slots = heavy[:, None] * per_gpu + np.arange(per_gpu)
         taker = cur[ar, heavy_slots[ar, np.take_along_axis(x, heavy_slots, axis=1).argmax(1)]]
         loss = np.where(cnt >= 2, w / np.maximum(cnt - 1, 1), np.inf)
         loss[ar, taker] = np.inf
-        donor = np.argsort(loss, axis=1, kind="stable")[ar, np.minimum(fails[rows], num_logical - 1)]
-        valid = np.isfinite(loss[ar, donor])
-        cnt[ar, taker] += valid
-        cnt[ar, donor] -= valid
-        trial = pack_counts(w, cnt, num_gpus)
-        trial_peak = peak_load(w, trial, num_gpus)
-        better = trial_peak < peak[rows] * (1 - 1e-12)
-        keep = rows[better]
-        phy2log[keep], count[keep], peak[keep] = trial[better], cnt[better], trial_peak[better]
-        fails[keep] = 0
-        fails[rows[~better]] += 1
+        by_loss = np.argsort(loss, axis=1, kind="stable")
+        # One candidate per (row, try): try k of a row offers its (fails + k)-th donor.
+        of = np.repeat(ar, tries)
+        first_of_row = np.cumsum(tries) - tries
+        k = np.arange(of.size) - first_of_row[of]
+        cand = np.arange(of.size)
+        donor = by_loss[of, np.minimum(fails[rows][of] + k, num_logical - 1)]
+        valid = np.isfinite(loss[of, donor])
+        trial_count = cnt[of]
+        trial_count[cand, taker[of]] += valid
+        trial_count[cand, donor] -= valid
+        trial = pack_counts(w[of], trial_count, num_gpus)
+        trial_peak = peak_load(w[of], trial, num_gpus)
+        better = trial_peak < peak[rows][of] * (1 - 1e-12)
+        # The first try that helps wins (later ones would have run against a new plan).
+        first = np.minimum.reduceat(np.where(better, k, tries[of]), first_of_row)
+        won = first < tries
+        tries_made[rows] += np.where(won, first + 1, tries)
+        fails[rows] = np.where(won, 0, fails[rows] + tries)
+        pick = first_of_row[won] + first[won]
+        keep = rows[won]
+        phy2log[keep], count[keep], peak[keep] = trial[pick], trial_count[pick], trial_peak[pick]
     return phy2log
-
-
-def peak_load(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
-    """Max GPU load per layer under equal split. [L, E], [L, P] -> [L]."""
-    return gpu_sum(equal_slot_loads(weight, phy2log), num_gpus).max(1)
 
 
 def best_of(weight: np.ndarray, candidates: list[np.ndarray], num_gpus: int) -> np.ndarray:
@@ -220,8 +161,6 @@ def plan_balanced(
     equal-split plan below with water-filled weights, per layer whichever is better.
     Otherwise: steps 1-5 of the module docstring (``rounds`` bounds step 4's search).
     """
-    from .chain import chain_plan, shares_from_loads  # chain imports this module's packing
-
     num_layers, num_logical = weight.shape
     if with_weights and num_physical - num_logical >= num_gpus and num_physical // num_gpus >= 2:
         phy2log, slot_load = chain_plan(weight, num_physical, num_gpus=num_gpus)

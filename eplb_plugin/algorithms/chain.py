@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .balanced import refine_swaps, round_robin_pack
+from .packing import refine_swaps, round_robin_pack
 
 BIN_SWAP_ITERS = 0  # the chain absorbs bin imbalance; swaps cost time and buy nothing measurable
 FEASIBLE_TOL = 1e-12

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .balanced import peak_load, replica_weights
+from .balanced import replica_weights
 from .deepseek import deepseek
-from .split import replica_counts
+from .split import peak_load, replica_counts
 
 MAX_MOVE_SHARE = 0.15
 MIN_GAIN = 0.002
@@ -104,14 +104,25 @@ def _shared_labels(new_gpus: np.ndarray, old_gpus: np.ndarray, rank_new: np.ndar
     key_new = (layer + new_gpus * per_gpu + rank_new).ravel()
     key_old = (layer + old_gpus * per_gpu + rank_old).ravel()
     gpu = np.broadcast_to(np.arange(num_gpus)[None, :, None], new_gpus.shape).ravel()
-    order = np.argsort(key_old, kind="stable")
-    sorted_old = key_old[order]
-    lo = np.searchsorted(sorted_old, key_new, side="left")
-    hits = np.searchsorted(sorted_old, key_new, side="right") - lo  # old slots with this label
-    # Step: one (new slot, old slot) pair per shared label, counted per (layer, new GPU, old GPU).
-    pair_new = np.repeat(np.arange(key_new.size), hits)
-    first = np.repeat(lo - np.cumsum(hits) + hits, hits)
-    pair_old = order[first + np.arange(pair_new.size)]
+    count_old = np.bincount(key_old, minlength=num_layers * span)
+    hits = count_old[key_new]  # old slots with this label
+    # Step 1: a label held by one old slot (an expert's only copy, mostly): a direct lookup.
+    owner = np.empty(num_layers * span, dtype=np.int64)  # read only where count_old == 1
+    owner[key_old] = np.arange(key_old.size)
+    pair_new = np.nonzero(hits == 1)[0]
+    pair_old = owner[key_new[pair_new]]
+    # Step 2: a label held by several old slots (a replicated expert's first copies): one
+    # (new slot, old slot) pair each, enumerated through a sort of those old slots only.
+    many = np.nonzero(hits > 1)[0]
+    if many.size:
+        shared = np.nonzero(count_old[key_old] > 1)[0]
+        order = shared[np.argsort(key_old[shared], kind="stable")]
+        lo = np.searchsorted(key_old[order], key_new[many], side="left")
+        reps = hits[many]
+        first = np.repeat(lo - np.cumsum(reps) + reps, reps)
+        pair_new = np.concatenate([pair_new, np.repeat(many, reps)])
+        pair_old = np.concatenate([pair_old, order[first + np.arange(int(reps.sum()))]])
+    # Step 3: count the pairs per (layer, new GPU, old GPU).
     layer_of = pair_new // (num_gpus * per_gpu)
     cell = (layer_of * num_gpus + gpu[pair_new]) * num_gpus + gpu[pair_old]
     return np.bincount(cell, minlength=num_layers * num_gpus * num_gpus).reshape(num_layers, num_gpus, num_gpus)
@@ -159,7 +170,8 @@ def align_to_previous(new: np.ndarray, previous: np.ndarray, *, num_gpus: int) -
 
 def plan_migration_aware(
     weight: np.ndarray, previous: np.ndarray, *, num_gpus: int, gain_per_slot: float = GAIN_PER_SLOT,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_weights: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Re-plan per layer only where it pays for its moves.
 
     Step 1: a fresh plan (DeepSeek's recipe: under per-pass dynamic dispatch it realizes as
@@ -167,15 +179,24 @@ def plan_migration_aware(
     (GPU relabelling and slot order that keep the most slots unchanged).
     Step 2: a layer takes it when the drop of its max GPU load (equal split, on ``weight``,
     as a share of the mean GPU load) exceeds ``gain_per_slot`` times the share of the
-    layer's slots that would move; other layers keep their placement.
-    Returns (phy2log [L, P], water-filled replica weights [L, P]).
+    layer's slots that would move; other layers keep their placement (a layer whose drop
+    could not pay for one moved slot is not aligned at all).
+    Returns (phy2log [L, P], water-filled replica weights [L, P], or None without ``with_weights``).
     """
     num_physical = previous.shape[1]
-    fresh = align_to_previous(deepseek(weight, num_physical, num_gpus=num_gpus), previous, num_gpus=num_gpus)
+    fresh = deepseek(weight, num_physical, num_gpus=num_gpus)
     mean_gpu = np.maximum(weight.sum(1) / num_gpus, 1e-30)
-    gain = (peak_load(weight, previous, num_gpus) - peak_load(weight, fresh, num_gpus)) / mean_gpu
-    moved = (fresh != previous).mean(1)
-    take = (moved > 0) & (gain > gain_per_slot * moved)
+    old_peak = peak_load(weight, previous, num_gpus)
+    # Alignment only reorders GPUs and slots, so the peak it will have is known now: a layer
+    # whose gain cannot pay for even one moved slot keeps its placement and is not aligned
+    # (the 1e-6 margin covers the rounding of a sum taken in another slot order).
+    could_take = (old_peak - peak_load(weight, fresh, num_gpus)) / mean_gpu > gain_per_slot / num_physical * (1 - 1e-6)
+    rows = np.nonzero(could_take)[0]
     phy2log = previous.copy()
-    phy2log[take] = fresh[take]
-    return phy2log, replica_weights(weight, phy2log, num_gpus)
+    if rows.size:
+        aligned = align_to_previous(fresh[rows], previous[rows], num_gpus=num_gpus)
+        gain = (old_peak[rows] - peak_load(weight[rows], aligned, num_gpus)) / mean_gpu[rows]
+        moved = (aligned != previous[rows]).mean(1)
+        take = (moved > 0) & (gain > gain_per_slot * moved)
+        phy2log[rows[take]] = aligned[take]
+    return phy2log, replica_weights(weight, phy2log, num_gpus) if with_weights else None

@@ -10,7 +10,8 @@
 
 The hierarchical plan is kept where its max GPU load is within ``NODE_TOLERANCE`` of the
 flat one; where groups are as many as nodes (or a hot group overloads its node) it is not,
-and the flat plan takes over, so the policy does not collapse there.
+and the flat plan takes over, so the policy does not collapse there. The recipe is run only
+for layers where ``hierarchical_peak_bound`` leaves it a chance (same plan, less work).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .deepseek import balanced_packing, deepseek
-from .split import gpu_sum
+from .split import peak_load
 
 NODE_TOLERANCE = 0.01  # accept 1% more peak GPU load (share of the mean) for node-local groups
 
@@ -98,9 +99,24 @@ def assign_gpus_to_nodes(weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: i
     return out
 
 
+def hierarchical_peak_bound(weight: np.ndarray, *, num_gpus: int, num_nodes: int, num_groups: int) -> np.ndarray:
+    """A lower bound on the max GPU load of DeepSeek's hierarchical recipe, per layer.
+
+    The recipe packs groups onto nodes first (``balanced_packing`` of the group loads) and
+    keeps every replica of a node's experts on that node, so some GPU of the most loaded
+    node carries at least that node's load over its GPUs. weight: [L, E]. Returns [L].
+    """
+    num_layers = weight.shape[0]
+    group_load = weight.reshape(num_layers, num_groups, -1).sum(-1)
+    node, _ = balanced_packing(group_load, num_nodes)
+    node_load = np.zeros((num_layers, num_nodes))
+    np.add.at(node_load, (np.arange(num_layers)[:, None], node), group_load)
+    return node_load.max(1) / (num_gpus // num_nodes)
+
+
 def plan_node_aware(weight: np.ndarray, flat: np.ndarray, flat_peak: np.ndarray, num_physical: int, *,
                     num_gpus: int, num_nodes: int, num_groups: int | None,
-                    tolerance: float = NODE_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
+                    tolerance: float = NODE_TOLERANCE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """weight: [L, E]; flat: [L, P] the flat plan; flat_peak: [L] its max GPU load.
 
     Returns (phy2log [L, P], perm [L, P] applied to the flat plan's slots, took_hierarchical [L] bool).
@@ -112,13 +128,20 @@ def plan_node_aware(weight: np.ndarray, flat: np.ndarray, flat_peak: np.ndarray,
     perm = assign_gpus_to_nodes(weight, flat, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups) \
         if groups > 1 else np.broadcast_to(np.arange(num_physical), flat.shape).copy()
     placed = np.take_along_axis(flat, perm, axis=1)
+    take = np.zeros(num_layers, dtype=bool)
     if groups % num_nodes:
-        return placed, perm, np.zeros(num_layers, dtype=bool)
-    hier = deepseek(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups,
-                    hierarchical=True)
-    count = np.zeros_like(weight)
-    np.add.at(count, (np.arange(num_layers)[:, None], hier), 1.0)
-    hier_peak = gpu_sum(np.take_along_axis(weight / np.maximum(count, 1), hier, axis=1), num_gpus).max(1)
-    mean = weight.sum(1) / num_gpus
-    take = hier_peak <= flat_peak + tolerance * mean
-    return np.where(take[:, None], hier, placed), perm, take
+        return placed, perm, take
+    # The recipe is row-independent: run it only on layers whose bound leaves it a chance
+    # (a 1e-9 margin keeps rounding in the bound from ruling out a layer that would take it).
+    limit = flat_peak + tolerance * (weight.sum(1) / num_gpus)
+    bound = hierarchical_peak_bound(weight, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups)
+    rows = np.nonzero(bound <= limit * (1 + 1e-9))[0]
+    if rows.size == 0:
+        return placed, perm, take
+    w = weight[rows]
+    hier = deepseek(w, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups, hierarchical=True)
+    take[rows] = peak_load(w, hier, num_gpus) <= limit[rows]
+    out = placed.copy()
+    out[rows] = np.where(take[rows, None], hier, placed[rows])
+    return out, perm, take
+

@@ -29,6 +29,11 @@ def gpu_sum(slot_load: np.ndarray, num_gpus: int) -> np.ndarray:
     return slot_load.reshape(slot_load.shape[0], num_gpus, -1).sum(-1)
 
 
+def peak_load(load: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Max GPU load per row under an equal split. load: [N, E]; phy2log: [N, P]. Returns [N]."""
+    return gpu_sum(equal_slot_loads(load, phy2log), num_gpus).max(1)
+
+
 def waterfill_slot_loads(
     load: np.ndarray, phy2log: np.ndarray, num_gpus: int, *, iters: int = WATERFILL_ITERS
 ) -> np.ndarray:
