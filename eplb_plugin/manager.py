@@ -292,6 +292,24 @@ class EPLBManager:
     def busy(self) -> bool:
         return self._state != "idle"
 
+    def redundancy_curve(self, max_per_gpu: int = 4) -> list:
+        """Expected balancedness per pass against redundant slots (0 .. ``max_per_gpu`` per
+        GPU), planned with this manager's policy for its dispatch on the counts the last
+        rebalance planned from (summed over ranks; per-pass policies' passes score held out,
+        see ``algorithms.sizing``). Rank 0 plans, so rank 0 holds the counts; [] before the
+        first rebalance has gathered them. Runs the planner once per row: call it off the
+        serving path."""
+        from eplb_plugin.algorithms.sizing import redundancy_curve, redundant_choices
+
+        counts = self._plan_counts
+        if counts.numel() == 0:
+            return []
+        num_logical, num_gpus = self.location.num_logical_experts, self.location.ep_size
+        return redundancy_curve(counts.numpy(), num_gpus=num_gpus,
+                                redundant=redundant_choices(num_logical, num_gpus, max_per_gpu * num_gpus),
+                                dispatch=self.args.ep_dispatch_algorithm or "static", algorithm=self._algorithm,
+                                num_nodes=self.args.nnodes, num_groups=self.num_groups)
+
     @property
     def target_location(self) -> ExpertLocation | None:
         """The placement the rebalance in progress moves to (None when none moves)."""

@@ -384,6 +384,9 @@ def case_a_per_pass_policy_plans_from_the_windows_passes_summed_over_ranks(rank,
     assert host.serve(200, until=finished) == []
     assert all(r.error is None for r in host.manager.history), host.manager.history
     if rank == 0:  # only rank 0 plans
+        curve = host.manager.redundancy_curve(max_per_gpu=2)  # on the window's passes: held out
+        assert [(p.redundant, p.per_gpu, p.held_out) for p in curve] == [(0, 0, True), (2, 1, True), (4, 2, True)]
+        assert all(0 < p.balancedness <= 1 for p in curve)
         counts = seen[0]
         assert counts.shape == (10, NUM_LAYERS, NUM_EXPERTS), counts.shape
         per_rank = 2 * TOKENS * TOP_K  # both ranks' tokens in every pass
