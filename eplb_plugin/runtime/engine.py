@@ -120,7 +120,8 @@ class RankEngine:
         elif args.expert_balancedness_report_mode != "off" or args.enable_expert_distribution_metrics:
             self.recorder.start_record()  # SGLang starts recording when it reports balancedness
         self.series = PassSeries(run.num_passes, num_layers=model.num_layers, world_size=world_size)
-        self.rebalance_failures: list[str] = []
+        self.rebalance_failures: list[str] = []  # the newest FAILURES_KEPT (runtime/serving.py)
+        self.rebalance_failures_total = 0
         self._graph: PassGraph | None = None
         self._graph_wanted = self.graphable()
         self.graph_captures = 0

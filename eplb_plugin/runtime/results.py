@@ -104,7 +104,8 @@ def summarize(engine: Any, off_step_s: np.ndarray, wall_s: float, *, rss_mb: lis
         "gpu_load_share_last": _share(series.gpu_load[-window:]),
         "rebalances": rebalances,
         **rebalance_totals(rebalances),
-        "rebalance_failures": engine.rebalance_failures,
+        "rebalance_failures": list(engine.rebalance_failures),  # the newest (runtime/serving.py's FAILURES_KEPT)
+        "rebalance_failures_total": engine.rebalance_failures_total,
         "metrics_at_end": metrics.render().decode() if metrics is not None else None,  # /metrics' text
         "rss_mb_every_passes": RSS_EVERY_PASSES,
         "rss_mb_max_over_ranks": [round(x, 2) for x in rss_mb],

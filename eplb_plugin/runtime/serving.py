@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_EVERY_PASSES = 5
 LIVE_WINDOW_PASSES = 20  # passes averaged for the progress bar's live balancedness
+FAILURES_KEPT = 64  # failed rebalances' messages kept (the newest; rebalance_failures_total counts all)
 
 
 class RunLoop:
@@ -148,6 +149,8 @@ class RunLoop:
             except (RebalanceError, TransferError) as exc:  # old placement keeps serving
                 # Logged from its record (_log_rebalances), passes counted from 1 as there.
                 e.rebalance_failures.append(f"pass {p + 1}: {exc}")
+                e.rebalance_failures_total += 1
+                del e.rebalance_failures[:-FAILURES_KEPT]
             if e.device.type == "cuda":
                 # A move's last copies may still be queued: they are the stall's, not
                 # the next pass's step time.
