@@ -1,7 +1,7 @@
 """Soak: a long run of the reference runtime with frequent rebalances; does memory stay flat?
 
 Serves ``--num-passes`` passes on ``--ep-size`` gloo ranks (the tiny preset), rebalancing
-every ``--rebalance-every`` passes. Every ``RSS_EVERY_PASSES`` passes each rank notes three
+every ``--rebalance-every`` passes. Every ``RSS_EVERY_PASSES`` passes each rank notes four
 figures (the max over ranks is kept):
 
 - rss: its resident memory (what the issue asks to stay flat; it also moves when glibc keeps
@@ -13,6 +13,15 @@ figures (the max over ranks is kept):
   gloo's buffers too, and no freed memory the allocator keeps;
 - rss anon: resident anonymous memory (``RssAnon``: RSS less the file-backed pages, such as
   a library's code paged in the first time a rare path runs).
+
+With ``--collect-before-samples`` (the default) each rank runs a full garbage collection
+(``gc.collect()``) right before each sample, outside the timed pass, so the figures measure
+what is live rather than when CPython last collected: its collector runs once the tracked
+objects allocated, less those freed, pass a threshold, and in a steady serving loop that
+count barely rises (a 1,600-pass probe of this run saw no automatic collection after
+start-up), so unreachable cycles and the interpreter's free lists, which only a collection
+frees, add a creep to every figure sampled without one (``--no-collect-before-samples``
+measures it; ``benchmarks/results/soak_cpu_no_collect.json``).
 
 After the warm-up (the first quarter), each figure's growth is the median of the last quarter
 minus the median of the second quarter, per pass between the quarters' centres; a few noisy
@@ -36,6 +45,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -61,6 +71,7 @@ FLAT_BYTES_PER_PASS = 16.0  # the verdict: every figure's quarter growth below t
 TOP_LINES = 12  # tracemalloc lines reported per rank
 SOAK_DIR_ENV = "EPLB_SOAK_DIR"  # where each rank writes its figures (set by main for the ranks)
 SOAK_SNAPSHOT_ENV = "EPLB_SOAK_SNAPSHOT_PASS"  # the pass after which the first snapshot is taken
+SOAK_COLLECT_ENV = "EPLB_SOAK_COLLECT"  # "1": a full garbage collection before each sample
 
 
 class _MallInfo2(ctypes.Structure):
@@ -69,8 +80,10 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
+@functools.cache
 def _libc() -> Any:
-    """glibc with ``mallinfo2``'s result type, or None off glibc."""
+    """glibc with ``mallinfo2``'s result type, or None off glibc (loaded once: each load builds
+    ctypes classes, garbage the soak itself would add)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallinfo2.restype = _MallInfo2
@@ -105,7 +118,9 @@ class SoakManager(EPLBManager):
         self._soak_rank = kwargs["rank"]
         self._soak_passes = 0
         self._soak_snapshot_pass = int(os.environ[SOAK_SNAPSHOT_ENV])
-        self._soak_samples: dict[str, list[float]] = {"malloc_in_use_mb": [], "rss_anon_mb": []}
+        self._soak_samples: dict[str, list[float]] = {"malloc_in_use_mb": [], "rss_anon_mb": [],
+                                                      "unreachable_objects_collected": []}
+        self._soak_collect = os.environ[SOAK_COLLECT_ENV] == "1"
         self._soak_start: collections.Counter[str] | None = None  # live objects by type at the first snapshot
         self._soak_dir = Path(os.environ[SOAK_DIR_ENV])
 
@@ -114,6 +129,8 @@ class SoakManager(EPLBManager):
         pass_id = self._soak_passes  # the pass that just ended
         self._soak_passes += 1
         if pass_id % RSS_EVERY_PASSES == 0:
+            # The runtime samples RSS and the traced heap right after this turn, at the same pass.
+            self._soak_samples["unreachable_objects_collected"].append(gc.collect() if self._soak_collect else 0)
             self._soak_samples["malloc_in_use_mb"].append(malloc_in_use_mb())
             self._soak_samples["rss_anon_mb"].append(rss_anon_mb())
         if self._soak_passes == self._soak_snapshot_pass and tracemalloc.is_tracing():
@@ -204,6 +221,8 @@ def main() -> int:
     parser.add_argument("--batch-tokens", type=int, default=32)
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/soak_cpu.json")
+    parser.add_argument("--collect-before-samples", action=argparse.BooleanOptionalAction, default=True,
+                        help="A full garbage collection on each rank before each sample (see the docstring).")
     ns = parser.parse_args()
     if ns.num_passes < 4 * RSS_EVERY_PASSES:
         parser.error(f"--num-passes must be >= {4 * RSS_EVERY_PASSES} (a sample per quarter at least)")
@@ -218,7 +237,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="eplb_soak_") as soak_dir:
         # The spawned ranks inherit these: they trace Python allocations from their start and
         # find where to write their figures.
-        os.environ.update({"PYTHONTRACEMALLOC": "1", SOAK_DIR_ENV: soak_dir, SOAK_SNAPSHOT_ENV: str(snapshot_pass)})
+        os.environ.update({"PYTHONTRACEMALLOC": "1", SOAK_DIR_ENV: soak_dir, SOAK_SNAPSHOT_ENV: str(snapshot_pass),
+                           SOAK_COLLECT_ENV: "1" if ns.collect_before_samples else "0"})
         result = launch(cfg, [RunSpec("soak", args, WorkloadSpec(), ns.num_passes)], args)[0]
         ranks = [json.loads(Path(soak_dir, f"rank{r}.json").read_text()) for r in range(ns.ep_size)]
     wall_s = time.perf_counter() - start
@@ -245,6 +265,10 @@ def main() -> int:
         "slots_checked": result["slots_checked"],
         "slots_failed": result["slots_failed"],
         "samples_every_passes": RSS_EVERY_PASSES,
+        "collect_before_samples": ns.collect_before_samples,
+        "unreachable_objects_per_collection_median_by_rank": [
+            float(np.median(r["unreachable_objects_collected"][1:])) for r in ranks
+        ],
         "warmup_passes": warmup,
         "flat": flat,
         "flat_threshold_bytes_per_pass": FLAT_BYTES_PER_PASS,
