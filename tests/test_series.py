@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 import torch
 
@@ -36,3 +38,18 @@ def test_a_run_whose_series_would_not_fit_is_refused():
     """A pass count whose per-pass figures would pass the limit is refused, naming --num-passes."""
     with pytest.raises(ConfigError, match="--num-passes"):
         PassSeries(10**9, num_layers=64, world_size=64)
+
+
+def test_memory_samples_hold_rss_and_the_heap_only_while_traced():
+    """Passes 0 and RSS_EVERY_PASSES fill samples 0 and 1; the traced heap is 0 unless
+    tracemalloc traces (then it counts what was allocated while tracing)."""
+    series = PassSeries(2 * RSS_EVERY_PASSES, num_layers=1, world_size=1)
+    series.sample_memory(0)
+    tracemalloc.start()
+    try:
+        kept = [bytearray(1 << 16)]  # 64 KiB allocated while tracing
+        series.sample_memory(RSS_EVERY_PASSES)
+    finally:
+        tracemalloc.stop()
+    assert series.rss_mb[0] > 0 and series.rss_mb[1] > 0
+    assert series.traced_mb[0] == 0 and series.traced_mb[1] >= len(kept[0]) / 2**20
