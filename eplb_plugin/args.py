@@ -236,14 +236,14 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def _value_type(annotation: Any) -> type:
+def value_type(annotation: Any) -> type:
     """The argparse ``type`` of a field: unwrap Optional[...] and Literal[...]."""
     args = [a for a in get_args(annotation) if a is not type(None)]
     if not args:
         return annotation
     if all(isinstance(a, str) for a in args):  # a Literal of names
         return str
-    return _value_type(args[0])
+    return value_type(args[0])
 
 
 def add_eplb_args(
@@ -268,7 +268,7 @@ def add_eplb_args(
             continue
         group.add_argument(
             name,
-            type=_value_type(hints[f.name]),
+            type=value_type(hints[f.name]),
             default=f.default,
             choices=f.metadata["choices"],
             help=f.metadata["help"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import re
 
@@ -10,7 +12,8 @@ import pytest
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.launch_server import build_parser, build_runs, main
-from eplb_plugin.runtime.config import RuntimeConfig
+from eplb_plugin.runtime.config import ModelShape, RunSpec, RuntimeConfig, WorkloadSpec
+from eplb_plugin.runtime.flags import config_kwargs, option_of
 
 
 def test_no_flags_give_the_dataclass_defaults():
@@ -18,6 +21,42 @@ def test_no_flags_give_the_dataclass_defaults():
     ns = build_parser().parse_args([])
     assert EPLBArgs.from_namespace(ns) == EPLBArgs()
     assert (ns.model_preset, ns.workload, ns.device, ns.port) == ("tiny", "synthetic", "cpu", None)
+
+
+def test_every_runtime_config_field_is_a_flag_with_the_fields_default_and_help():
+    """Every field of RuntimeConfig (but the preset-built model), of WorkloadSpec, and RunSpec's
+    pass count is an option whose default and help are the field's; parsing nothing builds
+    the dataclasses' defaults."""
+    parser = build_parser()
+    fields = [f for f in dataclasses.fields(RuntimeConfig) if f.name != "model"]
+    fields += list(dataclasses.fields(WorkloadSpec))
+    fields += [f for f in dataclasses.fields(RunSpec) if f.name == "num_passes"]
+    for f in fields:
+        action = parser._option_string_actions[option_of(f)]
+        default = tuple(action.default) if isinstance(action.default, list) else action.default
+        assert default == (not f.default if f.metadata["negate"] else f.default), f.name
+        assert action.help == (argparse.SUPPRESS if f.metadata["hidden"] else f.metadata["help"]), f.name
+    ns = parser.parse_args([])
+    for cls in (RuntimeConfig, WorkloadSpec):
+        kwargs = config_kwargs(cls, ns)
+        assert kwargs == {f.name: f.default for f in dataclasses.fields(cls) if f.name != "model"}, cls
+    cfg, runs, _ = build_runs(parser.parse_args([]))
+    assert cfg == RuntimeConfig(model=ModelShape.from_preset("tiny"))
+    assert runs[0].workload == WorkloadSpec()
+    assert runs[0].num_passes == RunSpec("x", runs[0].eplb).num_passes
+
+
+def test_renamed_negated_and_repeated_runtime_flags_reach_their_fields():
+    """--port/--host, --disable-cuda-graph, repeated --trace, several --profile-passes and
+    --dist-timeout-s set http_port/http_host, cuda_graph, traces, profile_passes, timeout_s;
+    the dtype defaults to the device's."""
+    ns = build_parser().parse_args(["--port", "0", "--host", "0.0.0.0", "--disable-cuda-graph", "--trace", "a.npz",
+                                    "--trace", "b.npz", "--profile-passes", "3", "5", "--dist-timeout-s", "7"])
+    cfg, runs, _ = build_runs(ns)
+    assert (cfg.http_port, cfg.http_host, cfg.cuda_graph, cfg.profile_passes, cfg.timeout_s) == (
+        0, "0.0.0.0", False, (3, 5), 7.0)
+    assert runs[0].workload.traces == ("a.npz", "b.npz")
+    assert (cfg.dtype, RuntimeConfig(model=cfg.model, device="cuda").dtype) == ("float32", "bfloat16")
 
 
 def test_compare_runs_the_same_workload_without_then_with_eplb():

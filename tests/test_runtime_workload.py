@@ -48,6 +48,22 @@ def test_synthetic_is_deterministic_skewed_and_drifts():
     torch.testing.assert_close(a.batch(3).topk_weights.sum(-1), torch.ones(400, 3))
 
 
+def test_synthetic_keeps_a_bounded_cache_over_many_drift_epochs():
+    """A long run crosses thousands of drift epochs: the workload keeps a fixed number of
+    epoch orders (not one per epoch), and an epoch asked for again, earlier or later, gives
+    the same order as a fresh workload's."""
+    def make():
+        return SyntheticWorkload(num_layers=2, num_logical_experts=16, top_k=4, tokens_per_pass=8, seed=3,
+                                 drift_every_passes=1)
+
+    long_run, fresh = make(), make()
+    for pass_id in range(5000):
+        long_run.popularity(pass_id)
+    assert len(long_run._perms) <= SyntheticWorkload.CACHED_EPOCHS
+    for pass_id in (4999, 17, 0, 2500, 5001):
+        assert torch.equal(long_run.popularity(pass_id), fresh.popularity(pass_id)), pass_id
+
+
 def test_uniform_gives_every_expert_the_same_tokens():
     """Token t picks (t * k + j) % E: with T * k divisible by E every expert gets T * k / E."""
     ids = UniformWorkload(num_layers=2, num_logical_experts=16, top_k=4, tokens_per_pass=64).batch(5).topk_ids

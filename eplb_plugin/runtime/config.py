@@ -16,6 +16,7 @@ from eplb_plugin.args import EPLBArgs
 from eplb_plugin.configs import get_preset
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.kernels import BACKENDS
+from eplb_plugin.runtime.flags import flag
 from eplb_plugin.runtime.moe import EXCHANGES
 from eplb_plugin.runtime.workload import (
     DEFAULT_DRIFT_EVERY_PASSES,
@@ -31,6 +32,8 @@ from eplb_plugin.runtime.workload import (
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DISPATCH_COUNTS = ("global", "local")  # what minmax dispatch splits on (see RuntimeConfig)
+DEVICES = ("cpu", "cuda")
+DEFAULT_NUM_PASSES = 300
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,18 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """kind: synthetic | trace | uniform; traces: files concatenated in order (trace)."""
+    """The routing a run serves (each field is a flag: ``runtime/flags.py``)."""
 
-    kind: str = "synthetic"
-    traces: tuple[str, ...] = ()
-    seed: int = 0
-    zipf_s: float = DEFAULT_ZIPF_S
-    drift_every_passes: int = DEFAULT_DRIFT_EVERY_PASSES
+    kind: str = flag("synthetic (skewed, drifting), trace (replay --trace files), uniform (perfect balance).",
+                     name="--workload", choices=WORKLOAD_KINDS, default="synthetic")
+    traces: tuple[str, ...] = flag(
+        "Per-token .npz (topk_ids [T, L, k]) or SGLang per_token dump .pt; repeatable, concatenated.",
+        name="--trace", repeat=True, metavar="PATH", default=(),
+    )
+    seed: int = flag("Seed of the synthetic workload, activations and weights.", default=0)
+    zipf_s: float = flag("Synthetic skew: expert popularity ~ 1/rank^s.", default=DEFAULT_ZIPF_S)
+    drift_every_passes: int = flag("Synthetic drift: the hot experts change every this many passes.",
+                                   default=DEFAULT_DRIFT_EVERY_PASSES)
 
     def build(self, model: ModelShape, tokens_per_pass: int) -> Workload:
         if self.kind not in WORKLOAD_KINDS:
@@ -97,7 +105,7 @@ class RunSpec:
     label: str
     eplb: EPLBArgs
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
-    num_passes: int = 100
+    num_passes: int = flag("Forward passes per run.", default=DEFAULT_NUM_PASSES)
     manager_factory: str | None = None  # "module:attr"; overrides RuntimeConfig.manager_factory
 
     def __post_init__(self) -> None:
@@ -107,58 +115,71 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Shared by every run of one launch.
-
-    batch_tokens: global tokens per forward pass (split over the EP ranks).
-    device: "cpu" (gloo) or "cuda" (NCCL, one GPU per rank). dtype: a key of DTYPES.
-    http_port: None = no HTTP server; 0 = a free port (printed); else that port.
-    manager_factory: "module:attr" of the EPLB manager class (default: EPLBManager).
-    capture_passes / capture_dir: each rank saves its final hidden states of those passes
-    (tests compare them with the dense reference).
-    result_path: where rank 0 writes the runs' results as JSON (the launcher reads it).
-    threads_per_rank: torch intra-op threads per rank on CPU (default: cores / local ranks).
-    cuda_graph: on CUDA, run each pass's MoE layers as one CUDA graph where the dispatch
-    and exchange allow it (``runtime/graphs.py``); False: eager.
-    exchange: how tokens reach their experts' ranks, "gather" or "alltoall" (see
-    ``runtime/moe.py``); None: gather on CUDA, alltoall on CPU.
-    dispatch_backend: ``ExpertDispatcher``'s backend: "auto" (the ``minmax`` dispatch's
-    Triton kernels, ``kernels/minmax_triton.py``, on CUDA; torch ops on CPU), "triton" or
-    "torch".
-    dispatch_counts: what ``minmax`` splits on: "global" (the whole pass's per-expert
-    counts, all-gathered per layer over the EP group) or "local" (each rank's own tokens).
-    profile_passes / profile_dir: rank 0 runs those passes of each run under torch.profiler
-    and writes ``<run>_profile.txt`` (ops by device and host time, and the pass's host and
-    device totals) into profile_dir.
-    """
+    """Shared by every run of one launch. Every field but ``model`` (``--model-preset`` and
+    its overrides) is a flag whose default and help are the field's (``runtime/flags.py``)."""
 
     model: ModelShape
-    batch_tokens: int = 512
-    device: str = "cpu"
-    dtype: str = "float32"
-    seed: int = 0
-    verify_weights: bool = True
-    http_host: str = "127.0.0.1"
-    http_port: int | None = None
-    progress: bool = True
-    manager_factory: str | None = None
-    capture_passes: tuple[int, ...] = ()
-    capture_dir: str | None = None
-    cuda_graph: bool = True
-    exchange: str | None = None
-    dispatch_backend: str = "auto"
-    dispatch_counts: str = "global"
-    profile_passes: tuple[int, ...] = ()
-    profile_dir: str | None = None
-    result_path: str | None = None
-    dump_dir: str | None = None
-    threads_per_rank: int | None = None
-    ready_file: str | None = None  # rank 0 writes the HTTP URL here once serving (tests)
-    timeout_s: float = 300.0  # process-group timeout: a pass's collectives wait this long for a peer
-    stall_s: float = 30.0  # /health answers 503 "stalled" when no pass finished for this long
+    batch_tokens: int = flag("Global tokens per forward pass (split over the EP ranks).", default=512)
+    device: str = flag("cpu (gloo) or cuda (NCCL, a GPU per rank).", choices=DEVICES, default="cpu")
+    dtype: str | None = flag("Weight dtype (default: float32 on cpu, bfloat16 on cuda).", choices=tuple(DTYPES),
+                             default=None)
+    seed: int = flag("Seed of the synthetic workload, activations and weights.", default=0)
+    verify_weights: bool = flag("At the end, check every slot's weights against its expert's fingerprint.",
+                                default=True)
+    http_host: str = flag("HTTP host (localhost unless told otherwise).", name="--host", default="127.0.0.1")
+    http_port: int | None = flag("HTTP port on rank 0 (0: a free port, printed; default: no HTTP).", name="--port",
+                                 default=None)
+    progress: bool = flag("Show the progress bar.", default=True)
+    manager_factory: str | None = flag("module:attr of the EPLB manager class (default: EPLBManager).",
+                                       default=None)
+    capture_passes: tuple[int, ...] = flag(
+        "Each rank saves its final hidden states of these passes into --capture-dir (tests compare them "
+        "with the dense reference).", hidden=True, metavar="PASS", default=(),
+    )
+    capture_dir: str | None = flag("Where --capture-passes' hidden states go.", hidden=True, default=None)
+    cuda_graph: bool = flag(
+        "On CUDA, run passes eagerly (default: each pass's MoE layers as one CUDA graph where the dispatch and "
+        "exchange allow it, runtime/graphs.py).", name="--disable-cuda-graph", negate=True, default=True,
+    )
+    exchange: str | None = flag(
+        "How tokens reach their experts' ranks (runtime/moe.py; default: gather on cuda, alltoall on cpu).",
+        name="--moe-exchange", choices=EXCHANGES, default=None,
+    )
+    dispatch_backend: str = flag(
+        "minmax dispatch as Triton kernels (kernels/minmax_triton.py; auto: on CUDA), or as torch ops.",
+        name="--ep-dispatch-backend", choices=BACKENDS, default="auto",
+    )
+    dispatch_counts: str = flag(
+        "minmax dispatch: split on the whole pass's per-expert counts (global: one small all-gather per layer) "
+        "or on each rank's own tokens (local).", name="--ep-dispatch-counts", choices=DISPATCH_COUNTS,
+        default="global",
+    )
+    profile_passes: tuple[int, ...] = flag(
+        "Rank 0 runs these passes of each run under torch.profiler and writes <run>_profile.txt (ops by device "
+        "and host time, the pass's totals) into --profile-dir.", metavar="PASS", default=(),
+    )
+    profile_dir: str | None = flag("Where --profile-passes' tables go.", default=None)
+    result_path: str | None = flag("Where rank 0 writes the runs' results as JSON (the launcher reads it).",
+                                   hidden=True, default=None)
+    dump_dir: str | None = flag(
+        "Where the recorder's dumps go (default: $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR, else the system temp dir).",
+        name="--expert-distribution-recorder-dir", default=None,
+    )
+    threads_per_rank: int | None = flag("CPU threads per rank (default: cores / local ranks).", default=None)
+    ready_file: str | None = flag("Rank 0 writes the HTTP URL here once serving, and each rank its pid (tests).",
+                                  hidden=True, default=None)
+    timeout_s: float = flag(
+        "How long a pass's collectives wait for a peer before the ranks stop, naming the rank that stopped "
+        "answering (a rebalance's waits: --eplb-rebalance-timeout-s).", name="--dist-timeout-s", default=300.0,
+    )
+    stall_s: float = flag("/health answers 503 'stalled' when no pass finished for this many seconds.",
+                          name="--health-stall-s", default=30.0)
 
     def __post_init__(self) -> None:
-        if self.device not in ("cpu", "cuda"):
+        if self.device not in DEVICES:
             raise ConfigError(f"--device {self.device!r} must be 'cpu' or 'cuda'")
+        if self.dtype is None:  # the device's default
+            object.__setattr__(self, "dtype", "bfloat16" if self.device == "cuda" else "float32")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is unknown; choose one of {list(DTYPES)}")
         if self.exchange is not None and self.exchange not in EXCHANGES:
@@ -176,7 +197,7 @@ class RuntimeConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[self.dtype or "float32"]
 
     def replace(self, **changes: object) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)

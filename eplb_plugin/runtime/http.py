@@ -27,6 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from eplb_plugin.errors import EPLBError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,33 @@ class Reply:
     status: int
     body: str
     headers: dict[str, str] = field(default_factory=dict)
+
+
+REPLIES = {
+    Command.START_RECORD: "Start recording the expert distribution.\n",
+    Command.STOP_RECORD: "Stop recording the expert distribution.\n",
+    Command.DUMP_RECORD: "Dump expert distribution record.\n",
+}
+
+
+def execute_command(recorder: Any, command: Command) -> Reply:
+    """Run a recorder command on this rank (every rank runs it at the same pass: a stat
+    dump is collective) and return the reply rank 0 sends: SGLang's text, with the dump's
+    path in ``X-Dump-Path``; 400 for a refused command, 500 when the dump cannot be written."""
+    try:
+        if command == Command.START_RECORD:
+            recorder.start_record()
+        elif command == Command.STOP_RECORD:
+            recorder.stop_record()
+        elif command == Command.DUMP_RECORD:
+            path = recorder.dump_record("file")
+            headers = {"X-Dump-Path": str(path)} if path is not None else {}
+            return Reply(200, REPLIES[command], headers)
+        return Reply(200, REPLIES[command])
+    except EPLBError as exc:  # e.g. the recorder is off, a bad dump name
+        return Reply(400, f"{exc}\n")
+    except OSError as exc:  # the dump directory is not writable
+        return Reply(500, f"dump failed: {exc}\n")
 
 
 @dataclass

@@ -65,17 +65,20 @@ def rebalance_totals(rebalances: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def summarize(engine: Any, off_step_s: np.ndarray, wall_s: float, *, rss_mb: list[float], slots_checked: int,
-              slots_failed: int, verified: bool) -> dict[str, Any]:
+def summarize(engine: Any, off_step_s: np.ndarray, wall_s: float, *, rss_mb: list[float], traced_mb: list[float],
+              slots_checked: int, slots_failed: int, verified: bool) -> dict[str, Any]:
     """The run's results as plain JSON-able values (rank 0).
 
     off_step_s: [passes] seconds each pass spent outside the MoE step (the manager's work,
-    graph captures), max over ranks. Rebalance figures come from the records alone.
+    graph captures), max over ranks. rss_mb, traced_mb: resident memory and the Python heap
+    tracemalloc traces (0 when not tracing), max over ranks, every RSS_EVERY_PASSES passes.
+    Rebalance figures come from the records alone.
     """
+    series = engine.series
     n = engine.run_spec.num_passes
     warmup = min(5, n // 10)  # the first passes pay one-time costs (connections, allocator)
     window = max(1, n // 10)
-    rebalances = [as_dict(r) for r in engine._history()]
+    rebalances = [as_dict(r) for r in engine.history()]
     metrics = getattr(engine, "metrics", None)
     return {
         "label": engine.run_spec.label,
@@ -86,25 +89,27 @@ def summarize(engine: Any, off_step_s: np.ndarray, wall_s: float, *, rss_mb: lis
         "batch_tokens": engine.cfg.batch_tokens,
         "ep_size": engine.world_size,
         "num_physical_experts": engine.location.num_physical_experts,
-        "balancedness_per_pass": engine.balancedness.round(5).tolist(),
-        "moe_step_s_per_pass": engine.step_s.round(7).tolist(),
-        "expert_compute_s_per_pass": engine.compute_s.round(7).tolist(),
+        "balancedness_per_pass": series.balancedness.round(5).tolist(),
+        "moe_step_s_per_pass": series.step_s.round(7).tolist(),
+        "expert_compute_s_per_pass": series.compute_s.round(7).tolist(),
         "off_step_s_per_pass": off_step_s.round(7).tolist(),
         "exchange": engine.exchange,  # "gather" or "alltoall": the one the passes ran
         "cuda_graph": engine._graph_wanted,
         "graph_captures": engine.graph_captures,  # capture attempts (1: captured once, kept across rebalances)
-        "balancedness_mean": float(engine.balancedness[warmup:].mean()),
-        "moe_step_ms_mean": float(1e3 * engine.step_s[warmup:].mean()),
-        "expert_compute_ms_mean": float(1e3 * engine.compute_s[warmup:].mean()),
+        "balancedness_mean": float(series.balancedness[warmup:].mean()),
+        "moe_step_ms_mean": float(1e3 * series.step_s[warmup:].mean()),
+        "expert_compute_ms_mean": float(1e3 * series.compute_s[warmup:].mean()),
         "wall_s": wall_s,
-        "gpu_load_share_first": _share(engine.gpu_load[:window]),
-        "gpu_load_share_last": _share(engine.gpu_load[-window:]),
+        "gpu_load_share_first": _share(series.gpu_load[:window]),
+        "gpu_load_share_last": _share(series.gpu_load[-window:]),
         "rebalances": rebalances,
         **rebalance_totals(rebalances),
-        "rebalance_failures": engine.rebalance_failures,
+        "rebalance_failures": list(engine.rebalance_failures),  # the newest (runtime/serving.py's FAILURES_KEPT)
+        "rebalance_failures_total": engine.rebalance_failures_total,
         "metrics_at_end": metrics.render().decode() if metrics is not None else None,  # /metrics' text
         "rss_mb_every_passes": RSS_EVERY_PASSES,
         "rss_mb_max_over_ranks": [round(x, 2) for x in rss_mb],
+        "traced_mb_max_over_ranks": [round(x, 4) for x in traced_mb],
         "weights_verified": verified,
         "slots_checked": slots_checked,
         "slots_failed": slots_failed,

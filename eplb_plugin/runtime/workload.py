@@ -71,6 +71,8 @@ def _generator(*parts: int) -> torch.Generator:
 class SyntheticWorkload:
     """Skewed, drifting routing. Deterministic in (seed, pass_id); see the module docstring."""
 
+    CACHED_EPOCHS = 4  # drift epochs whose expert order is kept (the most recently used)
+
     def __init__(
         self,
         *,
@@ -95,7 +97,7 @@ class SyntheticWorkload:
         ranks = torch.arange(num_logical_experts, dtype=torch.float64)
         self._zipf = (1.0 / (ranks + 1.0) ** zipf_s).to(torch.float32)  # [E], by popularity rank
         self._num_swaps = max(1, num_logical_experts // 8)  # hot experts replaced per drift
-        self._perms: list[torch.Tensor] = []  # per drift epoch: [L, E] expert of each rank
+        self._perms: dict[int, torch.Tensor] = {}  # drift epoch -> [L, E] expert of each rank (newest used last)
 
     def popularity(self, pass_id: int) -> torch.Tensor:
         """[L, E] float32: each expert's sampling weight in this pass's drift epoch."""
@@ -105,22 +107,32 @@ class SyntheticWorkload:
         return probs
 
     def _epoch_perm(self, epoch: int) -> torch.Tensor:
-        # Epoch e's order is epoch e-1's with its hottest experts swapped with random others
-        # (computed once per epoch and cached: a few [L, E] tensors).
-        while len(self._perms) <= epoch:
-            e = len(self._perms)
-            if e == 0:
+        # Epoch e's order is epoch e-1's with its hottest experts swapped with random others,
+        # so it is computed from the nearest cached epoch at or before e (from scratch when
+        # none is). Only the CACHED_EPOCHS most recently used orders are kept: a run crosses
+        # num_passes / drift_every_passes epochs and must not keep one [L, E] tensor each.
+        if epoch in self._perms:
+            perm = self._perms.pop(epoch)
+        else:
+            start = max((e for e in self._perms if e < epoch), default=None)
+            if start is None:
                 g = _generator(self.seed, 0)
-                perm = torch.stack([torch.randperm(self.num_logical_experts, generator=g) for _ in range(self.num_layers)])
+                start, perm = 0, torch.stack(
+                    [torch.randperm(self.num_logical_experts, generator=g) for _ in range(self.num_layers)]
+                )
             else:
-                perm = self._perms[-1].clone()
+                perm = self._perms[start]
+            for e in range(start + 1, epoch + 1):
+                perm = perm.clone()
                 g = _generator(self.seed, e)
                 for layer in range(self.num_layers):
                     for hot in range(self._num_swaps):
                         other = int(torch.randint(self._num_swaps, self.num_logical_experts, (1,), generator=g))
                         perm[layer, [hot, other]] = perm[layer, [other, hot]]
-            self._perms.append(perm)
-        return self._perms[epoch]
+        self._perms[epoch] = perm  # now the most recently used
+        while len(self._perms) > self.CACHED_EPOCHS:
+            del self._perms[next(iter(self._perms))]  # the least recently used
+        return perm
 
     def batch(self, pass_id: int) -> RoutingBatch:
         g = _generator(self.seed, 1_000_000 + pass_id)
