@@ -70,6 +70,33 @@ def synthetic_ids(num_passes: int, tokens: int, seed: int = 0) -> np.ndarray:
     return ids.view(-1, 1, TOP_K).numpy()
 
 
+def capture_layers(fn, num_layers: int):
+    """Warm ``fn(layer)`` up on every layer, then capture all layers in one CUDA graph."""
+    for layer in range(num_layers):  # compile and warm up
+        fn(layer)
+    torch.cuda.synchronize()  # warm-up done before capture
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for layer in range(num_layers):
+                fn(layer)
+    torch.cuda.synchronize()  # capture done
+    return graph
+
+
+def replay_us(graph, *, replays: int, num_layers: int) -> float:
+    """Microseconds per layer of ``graph`` (captured by ``capture_layers``), over ``replays``."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()  # read the events
+    return start.elapsed_time(end) * 1e3 / (replays * num_layers)
+
+
 def time_variants(tokens: int, *, num_layers: int, replays: int) -> dict:
     """Per-layer microseconds of every variant, graph-captured and eager (CUDA)."""
     from eplb_plugin.kernels.dynamic import dynamic_dispatch_triton, scratch_numel
@@ -108,24 +135,8 @@ def time_variants(tokens: int, *, num_layers: int, replays: int) -> dict:
     }
     result = {}
     for name, fn in variants.items():
-        for layer in range(num_layers):  # compile and warm up
-            fn(layer)
-        torch.cuda.synchronize()  # warm-up done before capture
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                for layer in range(num_layers):
-                    fn(layer)
-        torch.cuda.synchronize()  # capture done
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()  # read the events
-        graph_us = start.elapsed_time(end) * 1e3 / (replays * num_layers)
+        graph = capture_layers(fn, num_layers)
+        graph_us = replay_us(graph, replays=replays, num_layers=num_layers)
         torch.cuda.synchronize()  # eager timing starts from an idle device
         t0 = time.perf_counter()
         for _ in range(3):

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_minmax_dispatch import EP, NUM_EXPERTS, NUM_SLOTS, TOP_K
+from bench_minmax_dispatch import EP, NUM_EXPERTS, NUM_SLOTS, TOP_K, capture_layers, replay_us
 
 from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
@@ -26,21 +26,7 @@ from eplb_plugin.location import ExpertLocation
 
 
 def graph_us(fn, num_layers: int, replays: int) -> float:
-    for layer in range(num_layers):
-        fn(layer)
-    torch.cuda.synchronize()  # warm-up done before capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in range(num_layers):
-            fn(layer)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()  # read the events
-    return start.elapsed_time(end) * 1e3 / (replays * num_layers)
+    return replay_us(capture_layers(fn, num_layers), replays=replays, num_layers=num_layers)
 
 
 def _variant(ids, tables, counts, kw):

@@ -55,3 +55,32 @@ def gloo_worker(rank: int, world: int, port: int, cases, timeout_s: float) -> No
     finally:
         dist.barrier()  # no rank tears gloo down while a peer still talks to it
         destroy_process_group()
+
+
+def _forked_rank(rank: int, case, port: int, errors) -> None:
+    try:
+        case(rank, port)
+    except BaseException as exc:  # reported to the parent, which fails the test
+        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
+        raise
+
+
+def run_forked_ranks(case, world_size: int) -> None:
+    """Run ``case(rank, port)`` in ``world_size`` forked processes (they share what the
+    parent imported) and fail with the first rank's error."""
+    import torch.multiprocessing as mp
+
+    errors = mp.get_context("fork").SimpleQueue()
+    mp.start_processes(_forked_rank, args=(case, free_port(), errors), nprocs=world_size, join=True,
+                       start_method="fork")
+    assert errors.empty(), errors.get()
+
+
+def distinct_slot_weights(phy2log_row, rank: int, per_rank: int, *, with_int: bool = True) -> list:
+    """Weights of one rank's slots that name the expert each holds (a float tensor, and with
+    ``with_int`` an int one), so a test can tell every slot's expert from its weights."""
+    import torch
+
+    e = phy2log_row[rank * per_rank:(rank + 1) * per_rank].to(torch.float32)
+    weights = [(e.view(-1, 1) * 10 + torch.arange(3)).contiguous()]
+    return weights + [(e * 3).to(torch.int32).view(-1, 1).contiguous()] if with_int else weights

@@ -26,6 +26,8 @@ from eplb_plugin.errors import ConfigError
 from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_choose, minmax_gpu_shares
 from eplb_plugin.location import ExpertLocation
 
+from conftest import distinct_slot_weights
+
 import_sglang_or_skip()
 pytestmark = pytest.mark.sglang
 
@@ -417,17 +419,7 @@ RB_WORLD, RB_LAYERS, RB_LOGICAL, RB_PHYSICAL = 2, 3, 6, 8  # layer 0 is dense (n
 
 
 def _rb_slot_weights(phy2log_row: torch.Tensor, rank: int) -> list[torch.Tensor]:
-    per_rank = RB_PHYSICAL // RB_WORLD
-    e = phy2log_row[rank * per_rank:(rank + 1) * per_rank].to(torch.float32)
-    return [(e.view(-1, 1) * 10 + torch.arange(3)).contiguous()]
-
-
-def _rebalance_worker(rank: int, port: int, errors) -> None:
-    try:
-        _rebalance_case(rank, port)
-    except BaseException as exc:  # reported to the parent, which fails the test
-        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
-        raise
+    return distinct_slot_weights(phy2log_row, rank, RB_PHYSICAL // RB_WORLD, with_int=False)
 
 
 def _rebalance_case(rank: int, port: int) -> None:
@@ -503,14 +495,10 @@ def test_a_rebalance_under_minmax_moves_the_tables_with_the_weights(monkeypatch)
     (SGLang's rebalance() path), the target's minmax tables are built once, in the metadata
     thread, and copied into the live tensors as layers go live; afterwards SGLang's mapping
     sends every token to a slot holding its expert under the new placement."""
-    import torch.multiprocessing as mp
 
-    from conftest import free_port
+    from conftest import run_forked_ranks
 
     with stubs_on_path():
         import sglang.srt.eplb.eplb_manager  # noqa: F401  imported once; forked ranks share it
     fake_model_layout(monkeypatch, num_layers=RB_LAYERS, num_logical_experts=RB_LOGICAL)
-    errors = mp.get_context("fork").SimpleQueue()
-    mp.start_processes(_rebalance_worker, args=(free_port(), errors), nprocs=RB_WORLD, join=True,
-                       start_method="fork")
-    assert errors.empty(), errors.get()
+    run_forked_ranks(_rebalance_case, RB_WORLD)

@@ -15,7 +15,7 @@ from test_sglang_helpers import (
     stubs_on_path,
 )
 
-from conftest import destroy_process_group, free_port
+from conftest import destroy_process_group, distinct_slot_weights, run_forked_ranks
 
 import_sglang_or_skip()
 pytestmark = pytest.mark.sglang
@@ -30,17 +30,7 @@ WORLD = 2
 
 
 def _slot_weights(phy2log_row: torch.Tensor, rank: int) -> list[torch.Tensor]:
-    per_rank = NUM_PHYSICAL // WORLD
-    e = phy2log_row[rank * per_rank:(rank + 1) * per_rank].to(torch.float32)
-    return [(e.view(-1, 1) * 10 + torch.arange(3)).contiguous(), (e * 3).to(torch.int32).view(-1, 1).contiguous()]
-
-
-def _worker(rank: int, port: int, errors) -> None:
-    try:
-        _rebalance_on_rank(rank, port)
-    except BaseException as exc:  # reported to the parent, which fails the test
-        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
-        raise
+    return distinct_slot_weights(phy2log_row, rank, NUM_PHYSICAL // WORLD)
 
 
 def _rebalance_on_rank(rank: int, port: int) -> None:
@@ -95,11 +85,8 @@ def test_sglang_constructs_the_adapter_which_rebalances_sglangs_weights(monkeypa
     """Built with SGLang's keyword signature on 2 gloo ranks: after the interval the weights follow
     the new map on every rank and SGLang's global expert-location metadata serves it, though
     the user stopped and dumped the expert distribution record after the first pass."""
-    import torch.multiprocessing as mp
 
     with stubs_on_path():
         import sglang.srt.eplb.eplb_manager  # noqa: F401  imported once; forked ranks share it
     fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL)
-    errors = mp.get_context("fork").SimpleQueue()
-    mp.start_processes(_worker, args=(free_port(), errors), nprocs=WORLD, join=True, start_method="fork")
-    assert errors.empty(), errors.get()
+    run_forked_ranks(_rebalance_on_rank, WORLD)

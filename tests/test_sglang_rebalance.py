@@ -19,7 +19,7 @@ from test_sglang_helpers import (
     stubs_on_path,
 )
 
-from conftest import destroy_process_group, free_port
+from conftest import destroy_process_group, distinct_slot_weights, run_forked_ranks
 
 import_sglang_or_skip()
 pytestmark = pytest.mark.sglang
@@ -30,16 +30,7 @@ PER_RANK = NUM_PHYSICAL // WORLD
 
 
 def _slot_weights(phy2log_row: torch.Tensor, rank: int) -> list[torch.Tensor]:
-    e = phy2log_row[rank * PER_RANK:(rank + 1) * PER_RANK].to(torch.float32)
-    return [(e.view(-1, 1) * 10 + torch.arange(3)).contiguous(), (e * 3).to(torch.int32).view(-1, 1).contiguous()]
-
-
-def _worker(rank: int, port: int, errors) -> None:
-    try:
-        _cases(rank, port)
-    except BaseException as exc:  # reported to the parent, which fails the test
-        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
-        raise
+    return distinct_slot_weights(phy2log_row, rank, PER_RANK)
 
 
 def _traffic(recorder, adapter, hot: torch.Tensor, passes: int = 3) -> None:
@@ -154,15 +145,12 @@ def test_rebalance_lp_solvers_metadata_and_reloaded_weights_follow_sglang(monkey
     dispatch the solvers are re-initialized after each chunk on the new map; SGLang's metadata
     is built once per rebalance, in a background thread; after a weight reload the new tensors are moved, the replaced
     ones untouched."""
-    import torch.multiprocessing as mp
 
     with stubs_on_path():
         import sglang.srt.eplb.eplb_manager  # noqa: F401  imported once; forked ranks share it
         import sglang.srt.model_executor.model_runner_components.moe_ep_setup  # noqa: F401
     fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL)
-    errors = mp.get_context("fork").SimpleQueue()
-    mp.start_processes(_worker, args=(free_port(), errors), nprocs=WORLD, join=True, start_method="fork")
-    assert errors.empty(), errors.get()
+    run_forked_ranks(_cases, WORLD)
 
 
 def _stat_recorder(passes: list[torch.Tensor]):

@@ -17,12 +17,14 @@ import triton.language as tl
 def _split(
     c,  # [NB] float32, the pass's tokens per expert (0 past the experts)
     quotas_ptr,  # [BM * BG] float32 output: each replicated expert's cumulative GPU quotas
+    scratch_ptr,  # [2 * NB + 1] int32, the layer's scratch: reset once the split is solved
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
     num_multi, num_gpus, slots_per_gpu, momentum,
-    ITERATIONS: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
+    ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
 ):
     """The split of ``kernels/minmax.py`` (``minmax_gpu_shares``) in float32: diffusion with
-    momentum on the ``[M, G]`` table, the iterate with the lowest peak kept."""
+    momentum on the ``[M, G]`` table, the iterate with the lowest peak kept; then the
+    scratch's totals, tickets and done count zeroed (for the assign kernel and the next call)."""
     g_idx = tl.arange(0, BG)
     s_idx = tl.arange(0, BS)
     gs_mask = (g_idx[:, None] < num_gpus) & (s_idx[None, :] < slots_per_gpu)
@@ -57,6 +59,10 @@ def _split(
         best = tl.where(peak < best_peak, x, best)
         best_peak = tl.minimum(peak, best_peak)
     tl.store(quotas_ptr + m_idx[:, None] * BG + g_idx[None, :], tl.cumsum(best, axis=1))
+    bins = tl.arange(0, NB)
+    tl.store(scratch_ptr + bins, tl.zeros([NB], dtype=tl.int32))
+    tl.store(scratch_ptr + NB + bins, tl.zeros([NB], dtype=tl.int32))
+    tl.store(scratch_ptr + 2 * NB, 0)
 
 
 @triton.jit
@@ -84,11 +90,9 @@ def minmax_totals_kernel(
         done = tl.atomic_add(scratch_ptr + 2 * NB, 1, sem="acq_rel")
         if done == tl.num_programs(0) - 1:
             total = tl.load(scratch_ptr + bins, volatile=True)
-            _split(total.to(tl.float32), quotas_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
-                   num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, BM=BM, BG=BG, BS=BS)
-            tl.store(scratch_ptr + bins, tl.zeros([NB], dtype=tl.int32))
-            tl.store(scratch_ptr + NB + bins, tl.zeros([NB], dtype=tl.int32))
-            tl.store(scratch_ptr + 2 * NB, 0)
+            _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr,
+                   single_slots_ptr, num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS,
+                   NB=NB, BM=BM, BG=BG, BS=BS)
 
 
 @triton.jit
@@ -104,11 +108,8 @@ def minmax_split_kernel(
     without SPLIT ran first), then the scratch zeroed."""
     bins = tl.arange(0, NB)
     total = tl.load(totals_ptr + bins, mask=bins < num_experts, other=0)
-    _split(total.to(tl.float32), quotas_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
-           num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, BM=BM, BG=BG, BS=BS)
-    tl.store(scratch_ptr + bins, tl.zeros([NB], dtype=tl.int32))
-    tl.store(scratch_ptr + NB + bins, tl.zeros([NB], dtype=tl.int32))
-    tl.store(scratch_ptr + 2 * NB, 0)
+    _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
+           num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""RankEngine: one EP rank's state and pass body for one run (the loop: ``runtime/serving.py``).
+"""RankEngine: one EP rank's state and pass body for one run (``runtime/serving.py`` serves the
+passes around it: ``RunLoop(engine).run()``).
 
 Each pass, on every rank (the loop is collective: every rank runs the same passes):
 
@@ -45,7 +46,6 @@ from eplb_plugin.runtime.moe import (
     rms_normalize,
 )
 from eplb_plugin.runtime.series import PassSeries, PassStats, pack_pass_stats, unpack_pass_stats
-from eplb_plugin.runtime.serving import RunLoop
 from eplb_plugin.runtime.supervise import stop_reason
 from eplb_plugin.runtime.weights import FFNShape, build_rank_weights
 from eplb_plugin.runtime.workload import shard_tokens
@@ -274,9 +274,3 @@ class RankEngine:
         """The manager's rebalance records kept (the newest; none without a manager)."""
         return list(getattr(self.manager, "history", []) or [])
 
-    # ------------------------------------------------------------------ the run
-
-    def run(self) -> dict[str, Any] | None:
-        """Serve every pass of the run (``runtime/serving.py``); rank 0 returns the results
-        (others None). Collective."""
-        return RunLoop(self).run()

@@ -73,6 +73,7 @@ def run_rank(
     then written the results of what ran to ``cfg.result_path``.
     """
     from eplb_plugin.runtime.engine import RankEngine
+    from eplb_plugin.runtime.serving import RunLoop
 
     if cfg.device == "cuda":
         device = torch.device("cuda", local_rank)
@@ -109,7 +110,7 @@ def run_rank(
             engine = RankEngine(cfg, run, rank=rank, world_size=world_size, group=group, device=device,
                                 channel=channel, metrics=run_metrics, store=store)
             try:
-                result = engine.run()
+                result = RunLoop(engine).run()
             except PeerLostError as exc:
                 lost = exc
                 if exc.partial is not None:

@@ -18,21 +18,19 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from eplb_plugin.errors import EPLBError, RebalanceError, TransferError
+from eplb_plugin.runtime.engine import RankEngine
 from eplb_plugin.runtime.http import Command, PendingCommand, execute_command
 from eplb_plugin.runtime.profiling import profile_pass
 from eplb_plugin.runtime.progress import Progress
 from eplb_plugin.runtime.results import as_dict, outcome, rebalance_line, summarize
 from eplb_plugin.runtime.supervise import PeerLostError, name_unanswering
 from eplb_plugin.runtime.weights import verify_rank_weights
-
-if TYPE_CHECKING:
-    from eplb_plugin.runtime.engine import RankEngine
 
 logger = logging.getLogger(__name__)
 
