@@ -243,7 +243,7 @@ def minmax_dispatch(
         out = minmax_dispatch(torch.where(in_batch, topk_ids, -1), tables, layer=layer, num_slots=num_slots,
                               use_kernel=use_kernel, exchange=exchange, counts_out=counts_out, scratch=scratch)
         padding = ~in_batch & (topk_ids >= 0)
-        some_slot = tables.slot_on_gpu[layer].amax(-1)  # [E]: a slot of each expert (-1 = none on that GPU)
+        some_slot = tables.home_slot[layer]  # [E]: a slot of each expert
         return torch.where(padding, some_slot[topk_ids.clamp_min(0).long()], out)
     if use_kernel:
         from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton

@@ -47,6 +47,8 @@ class MinmaxTables(NamedTuple):
     slot_on_gpu: [L, E, G] int64, the expert's first slot on each GPU; -1 where it has none.
         A GPU's share of an expert goes to that slot (a second copy on the same GPU would
         serve the same GPU load).
+    home_slot: [L, E] int64, a slot of each expert (for an expert on one GPU: its first slot
+        there, where all its tokens go).
     """
 
     multi_experts: torch.Tensor
@@ -54,6 +56,7 @@ class MinmaxTables(NamedTuple):
     single_slots: torch.Tensor
     multi_row: torch.Tensor
     slot_on_gpu: torch.Tensor
+    home_slot: torch.Tensor
 
 
 def build_minmax_tables(physical_to_logical_map: torch.Tensor, num_logical_experts: int, *,
@@ -87,7 +90,8 @@ def build_minmax_tables(physical_to_logical_map: torch.Tensor, num_logical_exper
     first_of_slot = torch.gather(first.flatten(1), 1, phy2log * num_gpus + gpu) == slot
     single = torch.gather(~replicated, 1, phy2log) & first_of_slot
     single_slots = torch.where(single, phy2log, -1).view(num_layers, num_gpus, slots_per_gpu)
-    return MinmaxTables(multi_experts, multi_gpus, single_slots, multi_row[:, :num_logical], slot_on_gpu)
+    return MinmaxTables(multi_experts, multi_gpus, single_slots, multi_row[:, :num_logical], slot_on_gpu,
+                        slot_on_gpu.amax(-1))
 
 
 def minmax_gpu_shares(

@@ -136,7 +136,8 @@ def minmax_dispatch_triton(
     counts = counts_out if counts_out is not None else out  # unused pointer when not counting
     k.minmax_assign_kernel[(programs,)](
         flat, counters, quotas, offsets, out, counts, layer * (counts_out.stride(0) if counts_out is not None else 0),
-        tables.multi_row[layer], tables.slot_on_gpu[layer], num_ids, iters, num_experts, num_gpus, num_slots,
+        tables.multi_row[layer], tables.slot_on_gpu[layer], tables.home_slot[layer],
+        num_ids, iters, num_experts, num_gpus, num_slots,
         GLOBAL=glob, COUNT=counts_out is not None, TILE=tile, NB=nb, BG=bg, NPB=_next_pow2(num_slots + 1),
         num_warps=num_warps,
     )

@@ -123,6 +123,7 @@ def minmax_assign_kernel(
     counts_offset,  # layer * counts.stride(0)
     multi_row_ptr,  # [E] int64, each expert's row in multi_experts (-1: not replicated)
     slot_on_gpu_ptr,  # [E, G] int64, the expert's first slot on each GPU (-1: none)
+    home_slot_ptr,  # [E] int64, a slot of each expert (its only GPU's first, when on one GPU)
     num_ids, iters, num_experts, num_gpus, num_slots,
     GLOBAL: tl.constexpr, COUNT: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
     BG: tl.constexpr, NPB: tl.constexpr,
@@ -143,21 +144,19 @@ def minmax_assign_kernel(
         e = tl.where(valid, ids, 0).to(tl.int32)
         row = tl.load(multi_row_ptr + e, mask=valid, other=-1).to(tl.int32)
         split = valid & (row >= 0)
-        # One ticket per pair (a ticket per expert per tile after sorting the tile measured
-        # no faster on H100: the sort costs what the atomics save).
+        # One ticket per pair (measured slower on H100 at 512 and 16,384 tokens: a ticket per
+        # expert per tile, ranked by a sort of the tile or by a scan of its [tile, M] one-hot).
         position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
         if GLOBAL:
             position += tl.load(offsets_ptr + e, mask=split, other=0)
-        gpu_mask = valid[:, None] & (g_idx[None, :] < num_gpus)
-        gpus = tl.load(slot_on_gpu_ptr + e[:, None] * num_gpus + g_idx[None, :], mask=gpu_mask, other=-1)
-        hosted = gpus >= 0
-        last = tl.max(tl.where(hosted, g_idx[None, :], -1), axis=1)
-        first_gpu = tl.min(tl.where(hosted, g_idx[None, :], BG), axis=1)
-        quota = tl.load(quotas_ptr + tl.maximum(row, 0)[:, None] * BG + g_idx[None, :], mask=split[:, None] & gpu_mask,
-                        other=0.0)
-        pick = tl.sum(((quota <= position.to(tl.float32)[:, None] + 0.5) & gpu_mask).to(tl.int32), axis=1)
-        pick = tl.where(split, tl.minimum(pick, last), first_gpu)
-        physical = tl.sum(tl.where(g_idx[None, :] == pick[:, None], gpus, 0), axis=1)
+        # An expert on one GPU: its home slot. A replicated one: the first GPU whose
+        # cumulative quota exceeds the ticket, at the expert's first slot there.
+        home = tl.load(home_slot_ptr + e, mask=valid, other=-1)
+        quota = tl.load(quotas_ptr + tl.maximum(row, 0)[:, None] * BG + g_idx[None, :],
+                        mask=split[:, None] & (g_idx[None, :] < num_gpus), other=float("inf"))
+        pick = tl.sum((quota <= position.to(tl.float32)[:, None] + 0.5).to(tl.int32), axis=1)
+        chosen = tl.load(slot_on_gpu_ptr + e * num_gpus + tl.minimum(pick, num_gpus - 1), mask=split, other=-1)
+        physical = tl.where(split & (chosen >= 0), chosen, home)  # (a float tie past the last quota: home)
         physical = tl.where(valid, physical, -1)
         tl.store(out_ptr + offs, physical.to(tl.int64), mask=offs < num_ids)
         if COUNT:
