@@ -6,16 +6,20 @@ largest GPU load is (near) minimal, so what matters is not only each GPU's mean 
 which GPUs can hand load to which, pass by pass. Starting from the equal-split plan of the
 window's sum (migration-aware when a previous placement is given):
 
-1. Each round, every layer draws ``candidates`` changes: a swap of two slots on different
-   GPUs (within one node when there are several), or a slot of an expert with spare replicas
-   given to an expert drawn by its window load.
+1. Each round, every layer draws ``candidates`` changes: a swap of two slots (within one
+   node when there are several), or a slot of an expert with spare replicas given to an
+   expert drawn by its window load. With one node, half the draws aim: a slot on the GPU
+   that peaks in most of the window's passes swapped with one on the least loaded GPU, or a
+   spare replica on the least loaded GPU given to an expert of the peaking one.
 2. Every candidate is scored on the window's passes with ``minmax``'s own split
    (``kernels/minmax.py``): the mean over passes of the per-pass balancedness.
 3. Each layer keeps its best candidate when it beats the current map.
 
 It buys per-pass balance with moves: on the ESFT replay (EP8 / 72 and EP16 / 80 slots) it
-changes about a third of the slots per rebalance, where the equal-split plan changes a tenth
-(``benchmarks/bench_per_pass_balance.py``). A move budget is not applied yet.
+changes a third to a half of the slots per rebalance, where the equal-split plan changes a
+tenth (``benchmarks/bench_per_pass_balance.py``). With a move budget (``previous`` and
+``max_moves``) it refines within the budget, taking changes by gain per moved slot and also
+drawing changes that put a slot back to its live expert.
 
 Pure torch on CPU, vectorized over layers and candidates; seeded, so a plan is repeatable.
 """
@@ -78,7 +82,7 @@ def align_to_live(new: np.ndarray, live: np.ndarray, *, num_gpus: int) -> np.nda
 def refine_for_minmax(
     start: np.ndarray, per_pass: np.ndarray, *, num_gpus: int, num_nodes: int = 1, rounds: int = PERPASS_ROUNDS,
     candidates: int = PERPASS_CANDIDATES, seed: int = PERPASS_SEED, previous: np.ndarray | None = None,
-    max_moves: int | None = None,
+    max_moves: int | None = None, aimed: bool = True,
 ) -> np.ndarray:
     """start: [L, P] int map to refine (rank-major; with nodes, node-major too); per_pass:
     [B, L, E] window counts. Returns [L, P] int64; no layer scores worse than in ``start``.
@@ -91,7 +95,7 @@ def refine_for_minmax(
     counts = _buckets(per_pass)  # [L, W, E]
     current = torch.tensor(np.asarray(start), dtype=torch.int64)  # a copy: refined in place
     num_layers, num_slots = current.shape
-    num_logical = counts.shape[2]
+    num_passes, num_logical = counts.shape[1], counts.shape[2]
     slots_per_node = num_slots // num_nodes
     budgeted = previous is not None and max_moves is not None
     live = torch.tensor(np.asarray(previous), dtype=torch.int64) if budgeted else current
@@ -123,6 +127,25 @@ def refine_for_minmax(
             cand[layer_idx[back], cand_idx[back], moved_slot[back]] = was[back]
             spare &= ~back
         drawn = torch.multinomial(popularity, candidates, replacement=True, generator=gen)
+        if aimed and num_nodes == 1:  # half the draws aim: slot i on the GPU that peaks most often, j on the least loaded
+            gpu = minmax_loads(current.repeat_interleave(num_passes, 0), counts.reshape(-1, num_logical),
+                               num_gpus=num_gpus, iterations=PERPASS_SCORE_ITERATIONS).view(num_layers, num_passes, -1)
+            peaks = torch.zeros(num_layers, num_gpus).scatter_add_(1, gpu.argmax(-1), torch.ones(num_layers, num_passes))
+            hot, cold = peaks.argmax(1), gpu.mean(1).argmin(1)  # [L]
+            per_gpu = num_slots // num_gpus
+            aim = torch.rand(i.shape, generator=gen) < 0.5
+            if budgeted:
+                aim &= ~back
+            cand[layer_idx[aim], cand_idx[aim]] = current[layer_idx[aim]]  # aimed rows start afresh
+            hot_slot = hot[:, None] * per_gpu + torch.randint(0, per_gpu, i.shape, generator=gen)
+            cold_slot = cold[:, None] * per_gpu + torch.randint(0, per_gpu, i.shape, generator=gen)
+            at_h, at_c = current.gather(1, hot_slot), current.gather(1, cold_slot)
+            a_swap = aim & swap
+            cand[layer_idx[a_swap], cand_idx[a_swap], hot_slot[a_swap]] = at_c[a_swap]
+            cand[layer_idx[a_swap], cand_idx[a_swap], cold_slot[a_swap]] = at_h[a_swap]
+            a_give = aim & ~swap & (replicas.gather(1, at_c) >= 2)  # a spare replica on the cold GPU ...
+            cand[layer_idx[a_give], cand_idx[a_give], cold_slot[a_give]] = at_h[a_give]  # ... hosts a hot expert
+            spare &= ~aim
         cand[layer_idx[spare], cand_idx[spare], i[spare]] = drawn[spare]
         # Step 2: score every candidate on the window's passes.
         score = mean_pass_balancedness(cand.view(-1, num_slots), counts.repeat_interleave(candidates, 0),

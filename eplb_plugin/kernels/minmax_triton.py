@@ -1,7 +1,7 @@
 """The ``minmax`` dispatch of one layer as two Triton kernels (three with counts exchanged
 between ranks), CUDA-graph safe.
 
-1. ``minmax_totals_kernel`` (one program per tile of ``TOTALS_TILE`` pairs, few warps):
+1. ``minmax_totals_kernel`` (one program per tile of ``TOTALS_TILE`` pairs):
    each tile's tokens per expert added atomically to the layer's scratch totals. The
    program that finishes last (a counter in the scratch) solves the small ``[M, G]`` split
    of ``kernels/minmax.py`` on the totals (the same diffusion steps, in float32) and
@@ -12,11 +12,12 @@ between ranks), CUDA-graph safe.
    replicated expert takes a ticket from its expert's counter (atomic: one expert's tickets
    are 0 .. n - 1 in some order) and goes to the first GPU whose cumulative quota exceeds
    it (plus the expert's pairs on lower ranks), at the expert's first slot there, as
-   ``minmax_choose``. It adds the chosen slots to the recorder's ``[L, P]`` counts in the
+   ``minmax_choose``; a pair of an expert on one GPU goes to its ``home_slot``. It adds the chosen slots to the recorder's ``[L, P]`` counts in the
    same launch (one atomic per slot per program).
 
-The split is solved once per layer (not once per program) by a program of few warps, so
-its reductions stay inside a warp; tickets replace ranking pairs by a sort. Which pair of
+The split is solved once per layer (not again in every program), and tickets replace
+ranking each tile's pairs by a sort (a ticket per expert per tile, ranked by a sort or by a
+scan, measured slower on an H100; see ``minmax_assign_kernel``). Which pair of
 an expert gets which ticket depends on the order the atomics land, so two runs may send
 different pairs of one expert to different replicas, but the tokens each slot serves (and
 the recorder's counts) are the same every run and on every rank. The torch path of
