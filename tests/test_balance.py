@@ -1,5 +1,6 @@
 """The one balancedness definition, on hand-computed examples."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from eplb_plugin.balance import (
     placement_balancedness,
     slot_loads,
 )
+from eplb_plugin.maps import replica_count
 
 
 def test_balancedness_is_mean_over_layers_of_mean_over_max_gpu_load():
@@ -40,3 +42,11 @@ def test_replicas_split_equally_unless_weighted():
 def test_gpu_count_must_divide_slots():
     with pytest.raises(ValueError, match="divide"):
         gpu_loads(torch.ones(1, 6), 4)
+
+
+def test_replica_count_gives_the_same_int64_counts_for_numpy_and_torch_maps():
+    phy2log = [[0, 1, 0, 2, 3, 0], [3, 3, 1, 2, 0, 1]]
+    from_torch = replica_count(torch.tensor(phy2log), 4)
+    from_numpy = replica_count(np.array(phy2log, dtype=np.int32), 4)
+    assert from_torch.dtype == torch.int64 and from_numpy.dtype == np.int64
+    assert from_numpy.tolist() == from_torch.tolist() == [[3, 1, 1, 1], [1, 2, 1, 2]]

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..maps import replica_count
 from .chain import chain_plan, shares_from_loads
 from .deepseek import deepseek
 from .packing import counts_to_slots, refine_swaps, round_robin_pack
-from .split import gpu_sum, peak_load, replica_counts, waterfill_slot_loads
+from .split import gpu_sum, peak_load, waterfill_slot_loads
 
 BISECT_ITERS = 30
 COUNT_ROUNDS = 40
@@ -196,6 +197,6 @@ def replica_weights(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> n
     num_logical = weight.shape[1]
     x = waterfill_slot_loads(weight, phy2log, num_gpus)
     own = np.take_along_axis(weight.astype(np.float64), phy2log, axis=1)
-    count = np.take_along_axis(replica_counts(phy2log, num_logical), phy2log, axis=1)
+    count = np.take_along_axis(replica_count(phy2log, num_logical), phy2log, axis=1)
     share = np.where(own > 0, x / np.where(own > 0, own, 1.0), 1.0 / count)
     return share.astype(np.float32)
