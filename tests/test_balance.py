@@ -50,3 +50,12 @@ def test_replica_count_gives_the_same_int64_counts_for_numpy_and_torch_maps():
     from_numpy = replica_count(np.array(phy2log, dtype=np.int32), 4)
     assert from_torch.dtype == torch.int64 and from_numpy.dtype == np.int64
     assert from_numpy.tolist() == from_torch.tolist() == [[3, 1, 1, 1], [1, 2, 1, 2]]
+
+
+def test_gpu_loads_sums_numpy_slot_loads_like_tensors_and_stays_numpy():
+    slot = [[1.0, 2.0, 3.0, 4.0], [0.0, 5.0, 5.0, 0.0]]
+    from_numpy = gpu_loads(np.array(slot), 2)
+    assert isinstance(from_numpy, np.ndarray) and from_numpy.dtype == np.float64
+    assert from_numpy.tolist() == gpu_loads(torch.tensor(slot), 2).tolist() == [[3.0, 7.0], [5.0, 5.0]]
+    with pytest.raises(ValueError, match="divide"):
+        gpu_loads(np.ones((1, 6)), 4)

@@ -21,6 +21,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from ..balance import gpu_loads
 from ..dispatch_info import DISPATCH_INFO
 from ..errors import ConfigError, CountsError, PlacementError
 from ..maps import compute_logical_to_physical_map, replica_count
@@ -31,7 +32,7 @@ from .deepseek_vec import deepseek_vec
 from .migrate import plan_migration_aware
 from .nodes import cross_node_share, plan_node_aware
 from .perpass import align_to_live, refine_for_minmax
-from .split import equal_slot_loads, gpu_sum
+from .split import equal_slot_loads
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _fresh(weight, num_physical, *, num_gpus, num_nodes, num_groups, with_weight
     if num_nodes == 1:
         return phy2log, weights
     share = equal_slot_loads(weight, phy2log) if weights is None else np.take_along_axis(weight, phy2log, 1) * weights
-    phy2log, perm, hier = plan_node_aware(weight, phy2log, gpu_sum(share, num_gpus).max(1), num_physical,
+    phy2log, perm, hier = plan_node_aware(weight, phy2log, gpu_loads(share, num_gpus).max(1), num_physical,
                                           num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups)
     if weights is not None:
         weights = np.take_along_axis(weights, perm, axis=1)

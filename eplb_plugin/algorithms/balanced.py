@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..balance import gpu_loads
 from ..maps import replica_count
 from .chain import chain_plan, shares_from_loads
 from .deepseek import deepseek
 from .packing import counts_to_slots, refine_swaps, round_robin_pack
-from .split import gpu_sum, peak_load, waterfill_slot_loads
+from .split import peak_load, waterfill_slot_loads
 
 BISECT_ITERS = 30
 COUNT_ROUNDS = 40
@@ -167,12 +168,12 @@ def plan_balanced(
         phy2log, slot_load = chain_plan(weight, num_physical, num_gpus=num_gpus)
         weights = shares_from_loads(weight, phy2log, slot_load)
         mean = weight.sum(1) / num_gpus
-        peak = gpu_sum(slot_load, num_gpus).max(1)
+        peak = gpu_loads(slot_load, num_gpus).max(1)
         miss = peak > mean * (1 + CHAIN_EXACT)
         if miss.any():
             rows = np.nonzero(miss)[0]
             eq, eq_w = equal_plan(weight[rows], num_physical, num_gpus=num_gpus, rounds=rounds)
-            eq_peak = gpu_sum(np.take_along_axis(weight[rows], eq, axis=1) * eq_w, num_gpus).max(1)
+            eq_peak = gpu_loads(np.take_along_axis(weight[rows], eq, axis=1) * eq_w, num_gpus).max(1)
             better = eq_peak < peak[rows]
             phy2log[rows[better]] = eq[better]
             weights[rows[better]] = eq_w[better]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..balance import gpu_loads
 from ..maps import replica_count
 
 WATERFILL_ITERS = 60
@@ -19,14 +20,9 @@ def equal_slot_loads(load: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
     return np.take_along_axis(load / np.maximum(count, 1), phy2log, axis=1)
 
 
-def gpu_sum(slot_load: np.ndarray, num_gpus: int) -> np.ndarray:
-    """[N, P] slot loads -> [N, G] GPU loads (rank-major slots)."""
-    return slot_load.reshape(slot_load.shape[0], num_gpus, -1).sum(-1)
-
-
 def peak_load(load: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     """Max GPU load per row under an equal split. load: [N, E]; phy2log: [N, P]. Returns [N]."""
-    return gpu_sum(equal_slot_loads(load, phy2log), num_gpus).max(1)
+    return gpu_loads(equal_slot_loads(load, phy2log), num_gpus).max(1)
 
 
 def waterfill_slot_loads(
