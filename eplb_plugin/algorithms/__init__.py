@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..balance import gpu_loads
+from ..counts import checked_count_values
 from ..dispatch_info import DISPATCH_INFO
 from ..errors import ConfigError, CountsError, PlacementError
 from ..maps import compute_logical_to_physical_map, replica_count
@@ -192,15 +193,11 @@ def resolve_algorithm(algorithm) -> str:
 
 def _validate_counts(logical_count) -> np.ndarray:
     """[L, E] or [B, L, E] finite, non-negative counts as float64 (shape kept)."""
-    counts = logical_count.detach().cpu().double().numpy() if isinstance(logical_count, torch.Tensor) \
-        else np.asarray(logical_count, dtype=np.float64)
-    if counts.ndim not in (2, 3) or 0 in counts.shape:
+    counts = logical_count if isinstance(logical_count, torch.Tensor) \
+        else torch.tensor(np.asarray(logical_count, dtype=np.float64))
+    if counts.dim() not in (2, 3) or 0 in counts.shape:
         raise CountsError(f"logical_count has shape {tuple(counts.shape)}; expected [L, E] or [B, L, E]")
-    if not np.isfinite(counts).all():
-        raise CountsError("logical_count holds NaN or infinite entries; pass finite token counts")
-    if (counts < 0).any():
-        raise CountsError(f"logical_count holds negative entries (min {counts.min()}); counts must be >= 0")
-    return counts
+    return checked_count_values(counts).numpy()
 
 
 def _validate_shape(num_logical, num_physical, num_gpus, num_nodes, num_groups) -> None:
