@@ -13,6 +13,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from eplb_plugin.errors import UsageError
 from eplb_plugin.maps import replica_count
 
 _Loads = TypeVar("_Loads", torch.Tensor, np.ndarray)
@@ -26,7 +27,7 @@ def gpu_loads(slot_load: _Loads, num_gpus: int) -> _Loads:
     """
     num_slots = slot_load.shape[-1]
     if num_gpus <= 0 or num_slots % num_gpus:
-        raise ValueError(
+        raise UsageError(
             f"num_gpus={num_gpus} must be positive and divide the number of slots {num_slots}"
         )
     if isinstance(slot_load, np.ndarray):

@@ -11,6 +11,7 @@ from eplb_plugin.balance import (
     placement_balancedness,
     slot_loads,
 )
+from eplb_plugin.errors import EPLBError, UsageError
 from eplb_plugin.maps import replica_count
 
 
@@ -59,3 +60,9 @@ def test_gpu_loads_sums_numpy_slot_loads_like_tensors_and_stays_numpy():
     assert from_numpy.tolist() == gpu_loads(torch.tensor(slot), 2).tolist() == [[3.0, 7.0], [5.0, 5.0]]
     with pytest.raises(ValueError, match="divide"):
         gpu_loads(np.ones((1, 6)), 4)
+
+
+def test_a_caller_passing_a_gpu_count_that_does_not_divide_the_slots_gets_a_usage_error_that_is_a_value_error():
+    with pytest.raises(UsageError, match="divide") as info:
+        gpu_loads(torch.ones(2, 6), 4)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, EPLBError)
