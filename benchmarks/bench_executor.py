@@ -62,8 +62,8 @@ from eplb_plugin.executor import (  # noqa: E402
     PeerViews,
     move_experts,
     move_layers,
-    prepare_staging,
 )
+from eplb_plugin.executor.transfer import prepare_staging  # noqa: E402
 
 HIDDEN, INTER, BLOCK = 7168, 2048, 128  # DeepSeek-V3 expert: hidden, intermediate, fp8 block
 
@@ -412,7 +412,8 @@ def bench_rebalance(args, device, fp8: bool, weights, old, new, per: int, ref: d
 def checks(args, device) -> dict:
     """Correctness on this backend: verify mode, a failure injected mid-move (pipelined),
     and the non-blocking mover with verify. Weights are checked exactly against the maps."""
-    from eplb_plugin.executor import LayerMoveError, schedule_layer_move
+    from eplb_plugin.executor import LayerMoveError
+    from eplb_plugin.executor.plan import schedule_layer_move
 
     slots, n, rank = args.experts + 2, args.experts, dist.get_rank()
     mine = make_weights(slots, False, args.small, device, seed=rank)

@@ -8,24 +8,33 @@ forward pass, "realized" when scored on traffic the placement did not see.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+import numpy as np
 import torch
 
+from eplb_plugin.errors import UsageError
 from eplb_plugin.maps import replica_count
 
+_Loads = TypeVar("_Loads", torch.Tensor, np.ndarray)
 
-def gpu_loads(slot_load: torch.Tensor, num_gpus: int) -> torch.Tensor:
+
+def gpu_loads(slot_load: _Loads, num_gpus: int) -> _Loads:
     """Sum slot loads into GPU loads.
 
     slot_load: [..., P] tokens per physical slot; P divisible by num_gpus, rank-major.
-    Returns [..., num_gpus] float64.
+    Returns [..., num_gpus] float64, a numpy array for a numpy input and a tensor for a tensor.
     """
     num_slots = slot_load.shape[-1]
     if num_gpus <= 0 or num_slots % num_gpus:
-        raise ValueError(
+        raise UsageError(
             f"num_gpus={num_gpus} must be positive and divide the number of slots {num_slots}"
         )
-    shaped = slot_load.to(torch.float64).reshape(*slot_load.shape[:-1], num_gpus, -1)
-    return shaped.sum(-1)
+    if isinstance(slot_load, np.ndarray):
+        as_float: _Loads = np.asarray(slot_load, dtype=np.float64)
+    else:
+        as_float = slot_load.to(torch.float64)
+    return as_float.reshape(*slot_load.shape[:-1], num_gpus, -1).sum(-1)
 
 
 def layer_balancedness(gpu_load: torch.Tensor) -> torch.Tensor:

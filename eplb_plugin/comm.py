@@ -12,12 +12,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from eplb_plugin.errors import UsageError
+
 
 def group_info(group: Any) -> tuple[Any, int, int]:
     """(group, this rank in it, its size); (None, 0, 1) when torch.distributed is not set up."""
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
-            raise ValueError("a process group was given but torch.distributed is not initialized")
+            raise UsageError("a process group was given but torch.distributed is not initialized")
         return None, 0, 1
     group = group if group is not None else dist.group.WORLD
     return group, dist.get_rank(group), dist.get_world_size(group)

@@ -1,7 +1,7 @@
 """Typed exceptions for user errors.
 
-Library code raises these for bad input (a user's flag, file, map or count) and keeps
-``assert`` for its own invariants. Every message names the argument, the value and the fix.
+Library code raises these for bad input (a user's flag, file, map or count; a caller's
+wrong argument) and keeps ``assert`` for its own invariants. Every message names the argument, the value and the fix.
 """
 
 from __future__ import annotations
@@ -13,6 +13,11 @@ class EPLBError(Exception):
 
 class ConfigError(EPLBError, ValueError):
     """Contradictory or out-of-range flags (names both flags where two disagree)."""
+
+
+class UsageError(EPLBError, ValueError):
+    """API misuse: a caller passed an argument of the wrong shape, value or kind to a function
+    (not a user's flag or file: those are ConfigError, PlacementError, CountsError)."""
 
 
 class PlacementError(EPLBError, ValueError):

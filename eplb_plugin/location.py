@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from eplb_plugin.algorithms import plan
+from eplb_plugin.counts import checked_count_values
 from eplb_plugin.errors import CountsError, PlacementError
 from eplb_plugin.maps import compute_logical_to_physical_map, equal_split_weights, replica_count
 from eplb_plugin.placement_format import WEIGHTS_SUFFIX, save_placement, weights_sidecar
@@ -224,18 +225,11 @@ def validate_logical_count(
     Raises CountsError for a wrong shape, NaN, infinite or negative counts.
     """
     count = _as_tensor(logical_count, source, "logical_count", error=CountsError)
-    if count.dtype == torch.bool or count.is_complex():
-        raise CountsError(f"{source}: logical_count has dtype {count.dtype}; expected real numbers")
-    if count.dim() == 3:
-        count = count.to(torch.float64).sum(0)
-    if count.dim() != 2:
+    if count.dim() not in (2, 3):
         raise CountsError(f"{source}: logical_count must be [L, E] or [B, L, E], got shape {list(count.shape)}")
-    count = count.to(torch.float64).cpu()
-    if not torch.isfinite(count).all():
-        raise CountsError(f"{source}: logical_count holds NaN or infinite values")
-    if (count < 0).any():
-        layer, expert = (int(i) for i in (count < 0).nonzero()[0])
-        raise CountsError(f"{source}: logical_count[{layer}][{expert}] = {float(count[layer, expert])} is negative")
+    if count.dim() == 3 and count.dtype != torch.bool and not count.is_complex():
+        count = count.to(torch.float64).sum(0)  # passes summed before the value check, as always
+    count = checked_count_values(count, source=source)
     if num_layers is not None and count.shape[0] != num_layers:
         raise CountsError(f"{source}: logical_count has {count.shape[0]} layers, the model has {num_layers}")
     if num_logical_experts is not None and count.shape[1] != num_logical_experts:

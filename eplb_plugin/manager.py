@@ -42,7 +42,13 @@ import torch.distributed as dist
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import balancedness, gpu_loads, placement_balancedness
 from eplb_plugin.comm import all_reduce_host, broadcast_host, group_info, is_nccl
-from eplb_plugin.errors import ConfigError, PlacementError, RebalanceError, TransferError
+from eplb_plugin.errors import (
+    ConfigError,
+    PlacementError,
+    RebalanceError,
+    TransferError,
+    UsageError,
+)
 from eplb_plugin.location import ExpertLocation, equal_split_weights
 from eplb_plugin.transports import IPC, NCCL, TRANSPORTS
 
@@ -199,7 +205,7 @@ class EPLBManager:
         history_limit: int | None = DEFAULT_HISTORY_LIMIT,
     ):
         if len(expert_weights) != location.num_layers:
-            raise ValueError(
+            raise UsageError(
                 f"expert_weights has {len(expert_weights)} layers, the placement has {location.num_layers}"
             )
         self.args = args
@@ -208,7 +214,7 @@ class EPLBManager:
         self.expert_weights = expert_weights
         self.group, self.rank, _ = group_info(group)
         if rank != self.rank:
-            raise ValueError(f"rank={rank} differs from this process's rank {self.rank} in the EP group")
+            raise UsageError(f"rank={rank} differs from this process's rank {self.rank} in the EP group")
         self.num_groups = num_groups
         self.metrics = metrics
         self.on_location_change = on_location_change

@@ -4,11 +4,22 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+import numpy as np
 import torch
 
+_Map = TypeVar("_Map", torch.Tensor, np.ndarray)
 
-def replica_count(physical_to_logical_map: torch.Tensor, num_logical_experts: int) -> torch.Tensor:
-    """[L, P] map -> [L, E] int64: how many slots hold each logical expert."""
+
+def replica_count(physical_to_logical_map: _Map, num_logical_experts: int) -> _Map:
+    """[L, P] map -> [L, E] int64: how many slots hold each logical expert.
+
+    The one count for both array kinds: a numpy map gives a numpy array, a tensor a tensor.
+    """
+    if isinstance(physical_to_logical_map, np.ndarray):
+        as_tensor = torch.from_numpy(np.array(physical_to_logical_map, dtype=np.int64))
+        return replica_count(as_tensor, num_logical_experts).numpy()
     phy2log = physical_to_logical_map.to(torch.int64)
     counts = torch.zeros(phy2log.shape[0], num_logical_experts, dtype=torch.int64)
     return counts.scatter_add_(1, phy2log, torch.ones_like(phy2log))

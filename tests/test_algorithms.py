@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from eplb_plugin.algorithms import ALGORITHMS, plan, rebalance_experts
 from eplb_plugin.algorithms.evaluate import pass_counts, per_pass_balancedness, simulate
 from eplb_plugin.balance import placement_balancedness
 from eplb_plugin.errors import ConfigError, CountsError, PlacementError
+from eplb_plugin.location import validate_logical_count
 
 from conftest import trace_path
 
@@ -101,6 +103,16 @@ def test_bad_input_raises_typed_error(counts, kwargs, error):
     args = {"num_physical_experts": 4, "num_gpus": 2, **kwargs}
     with pytest.raises(error):
         plan(counts, **args)
+
+
+def test_plan_and_expert_location_refuse_bad_count_values_alike():
+    """One value check: plan() and validate_logical_count name the same problem."""
+    for bad, fragment in (([[1.0, -2.0, 1.0, 1.0]], "logical_count[0][1] = -2.0 is negative"),
+                          ([[1.0, float("inf"), 1.0, 1.0]], "NaN or infinite")):
+        with pytest.raises(CountsError, match=re.escape(fragment)):
+            plan(torch.tensor(bad), num_physical_experts=4, num_gpus=2)
+        with pytest.raises(CountsError, match=re.escape(fragment)):
+            validate_logical_count(bad)
 
 
 def test_unknown_algorithm_lists_known_names():

@@ -10,7 +10,8 @@ from eplb_plugin.algorithms.deepseek import deepseek
 from eplb_plugin.algorithms.migrate import align_to_previous
 from eplb_plugin.algorithms.nodes import assign_gpus_to_nodes
 from eplb_plugin.algorithms.packing import refine_swaps
-from eplb_plugin.algorithms.split import replica_counts, waterfill_slot_loads
+from eplb_plugin.algorithms.split import waterfill_slot_loads
+from eplb_plugin.maps import replica_count
 
 
 def _align_reference(new, previous, num_gpus):
@@ -67,7 +68,7 @@ def _waterfill_reference(load, phy2log, num_gpus, iters):
     """Every slot every iteration (single-replica slots get step 0)."""
     rows, num_slots = phy2log.shape
     per_gpu = num_slots // num_gpus
-    count = replica_counts(phy2log, load.shape[1])
+    count = replica_count(phy2log, load.shape[1])
     slot_count = np.take_along_axis(count, phy2log, axis=1)
     own = np.take_along_axis(load, phy2log, axis=1)
     x = own / slot_count
@@ -110,7 +111,7 @@ def test_node_assignment_is_a_maximum_affinity_assignment_per_layer():
     weight = rng.zipf(1.6, size=(5, 32)).astype(np.float64)
     phy2log = deepseek(weight, 48, num_gpus=8)
     perm = assign_gpus_to_nodes(weight, phy2log, num_gpus=8, num_nodes=2, num_groups=4)
-    slot_load = np.take_along_axis(weight / replica_counts(phy2log, 32), phy2log, axis=1)
+    slot_load = np.take_along_axis(weight / replica_count(phy2log, 32), phy2log, axis=1)
     group_home, _ = balanced_packing(weight.reshape(5, 4, 8).sum(-1), 2)
     slot_home = np.take_along_axis(group_home, phy2log // 8, axis=1)
     for layer in range(5):

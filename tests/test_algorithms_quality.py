@@ -13,8 +13,8 @@ from eplb_plugin.algorithms.chain import chain_plan
 from eplb_plugin.algorithms.deepseek import deepseek
 from eplb_plugin.algorithms.evaluate import pass_counts, simulate
 from eplb_plugin.algorithms.nodes import group_locality
-from eplb_plugin.algorithms.split import gpu_sum, waterfill_slot_loads
-from eplb_plugin.balance import placement_balancedness
+from eplb_plugin.algorithms.split import waterfill_slot_loads
+from eplb_plugin.balance import gpu_loads, placement_balancedness
 
 from conftest import trace_path
 
@@ -33,7 +33,7 @@ def test_chain_plan_puts_every_gpu_at_the_mean_load():
     np.add.at(per_expert, (np.arange(7)[:, None], phy2log), slot_load)
     assert np.allclose(per_expert, weight)
     assert (slot_load >= 0).all()
-    assert np.allclose(gpu_sum(slot_load, 8), weight.sum(1, keepdims=True) / 8)
+    assert np.allclose(gpu_loads(slot_load, 8), weight.sum(1, keepdims=True) / 8)
 
 
 def test_plan_weights_sum_to_one_and_reach_the_mean_with_zero_experts():
@@ -67,7 +67,7 @@ def test_dynamic_split_matches_the_lp_optimum():
     counts = pass_counts(ids, num_logical=64, pass_tokens=256)
     phy2log = deepseek(counts[:8].sum(0), 80, num_gpus=16)
     load = counts[9]
-    wf = gpu_sum(waterfill_slot_loads(load, phy2log, 16), 16).max(1)
+    wf = gpu_loads(waterfill_slot_loads(load, phy2log, 16), 16).max(1)
     for layer in range(0, 26, 5):
         num_slots = 80
         c = np.zeros(num_slots + 1)

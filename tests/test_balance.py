@@ -1,5 +1,6 @@
 """The one balancedness definition, on hand-computed examples."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,8 @@ from eplb_plugin.balance import (
     placement_balancedness,
     slot_loads,
 )
+from eplb_plugin.errors import EPLBError, UsageError
+from eplb_plugin.maps import replica_count
 
 
 def test_balancedness_is_mean_over_layers_of_mean_over_max_gpu_load():
@@ -40,3 +43,26 @@ def test_replicas_split_equally_unless_weighted():
 def test_gpu_count_must_divide_slots():
     with pytest.raises(ValueError, match="divide"):
         gpu_loads(torch.ones(1, 6), 4)
+
+
+def test_replica_count_gives_the_same_int64_counts_for_numpy_and_torch_maps():
+    phy2log = [[0, 1, 0, 2, 3, 0], [3, 3, 1, 2, 0, 1]]
+    from_torch = replica_count(torch.tensor(phy2log), 4)
+    from_numpy = replica_count(np.array(phy2log, dtype=np.int32), 4)
+    assert from_torch.dtype == torch.int64 and from_numpy.dtype == np.int64
+    assert from_numpy.tolist() == from_torch.tolist() == [[3, 1, 1, 1], [1, 2, 1, 2]]
+
+
+def test_gpu_loads_sums_numpy_slot_loads_like_tensors_and_stays_numpy():
+    slot = [[1.0, 2.0, 3.0, 4.0], [0.0, 5.0, 5.0, 0.0]]
+    from_numpy = gpu_loads(np.array(slot), 2)
+    assert isinstance(from_numpy, np.ndarray) and from_numpy.dtype == np.float64
+    assert from_numpy.tolist() == gpu_loads(torch.tensor(slot), 2).tolist() == [[3.0, 7.0], [5.0, 5.0]]
+    with pytest.raises(ValueError, match="divide"):
+        gpu_loads(np.ones((1, 6)), 4)
+
+
+def test_a_caller_passing_a_gpu_count_that_does_not_divide_the_slots_gets_a_usage_error_that_is_a_value_error():
+    with pytest.raises(UsageError, match="divide") as info:
+        gpu_loads(torch.ones(2, 6), 4)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, EPLBError)

@@ -23,9 +23,9 @@ from eplb_plugin.executor import (
     LayerMoveSchedule,
     move_experts,
     move_layers,
-    prepare_staging,
     transfer,
 )
+from eplb_plugin.executor.transfer import prepare_staging
 
 from conftest import free_port, gloo_worker
 

@@ -21,6 +21,8 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from ..balance import gpu_loads
+from ..counts import checked_count_values
 from ..dispatch_info import DISPATCH_INFO
 from ..errors import ConfigError, CountsError, PlacementError
 from ..maps import compute_logical_to_physical_map, replica_count
@@ -31,7 +33,7 @@ from .deepseek_vec import deepseek_vec
 from .migrate import plan_migration_aware
 from .nodes import cross_node_share, plan_node_aware
 from .perpass import align_to_live, refine_for_minmax
-from .split import equal_slot_loads, gpu_sum
+from .split import equal_slot_loads
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def _fresh(weight, num_physical, *, num_gpus, num_nodes, num_groups, with_weight
     if num_nodes == 1:
         return phy2log, weights
     share = equal_slot_loads(weight, phy2log) if weights is None else np.take_along_axis(weight, phy2log, 1) * weights
-    phy2log, perm, hier = plan_node_aware(weight, phy2log, gpu_sum(share, num_gpus).max(1), num_physical,
+    phy2log, perm, hier = plan_node_aware(weight, phy2log, gpu_loads(share, num_gpus).max(1), num_physical,
                                           num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups)
     if weights is not None:
         weights = np.take_along_axis(weights, perm, axis=1)
@@ -191,15 +193,11 @@ def resolve_algorithm(algorithm) -> str:
 
 def _validate_counts(logical_count) -> np.ndarray:
     """[L, E] or [B, L, E] finite, non-negative counts as float64 (shape kept)."""
-    counts = logical_count.detach().cpu().double().numpy() if isinstance(logical_count, torch.Tensor) \
-        else np.asarray(logical_count, dtype=np.float64)
-    if counts.ndim not in (2, 3) or 0 in counts.shape:
+    counts = logical_count if isinstance(logical_count, torch.Tensor) \
+        else torch.tensor(np.asarray(logical_count, dtype=np.float64))
+    if counts.dim() not in (2, 3) or 0 in counts.shape:
         raise CountsError(f"logical_count has shape {tuple(counts.shape)}; expected [L, E] or [B, L, E]")
-    if not np.isfinite(counts).all():
-        raise CountsError("logical_count holds NaN or infinite entries; pass finite token counts")
-    if (counts < 0).any():
-        raise CountsError(f"logical_count holds negative entries (min {counts.min()}); counts must be >= 0")
-    return counts
+    return checked_count_values(counts).numpy()
 
 
 def _validate_shape(num_logical, num_physical, num_gpus, num_nodes, num_groups) -> None:

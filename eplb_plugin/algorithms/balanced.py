@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..balance import gpu_loads
+from ..maps import replica_count
 from .chain import chain_plan, shares_from_loads
 from .deepseek import deepseek
 from .packing import counts_to_slots, refine_swaps, round_robin_pack
-from .split import gpu_sum, peak_load, replica_counts, waterfill_slot_loads
+from .split import peak_load, waterfill_slot_loads
 
 BISECT_ITERS = 30
 COUNT_ROUNDS = 40
@@ -166,12 +168,12 @@ def plan_balanced(
         phy2log, slot_load = chain_plan(weight, num_physical, num_gpus=num_gpus)
         weights = shares_from_loads(weight, phy2log, slot_load)
         mean = weight.sum(1) / num_gpus
-        peak = gpu_sum(slot_load, num_gpus).max(1)
+        peak = gpu_loads(slot_load, num_gpus).max(1)
         miss = peak > mean * (1 + CHAIN_EXACT)
         if miss.any():
             rows = np.nonzero(miss)[0]
             eq, eq_w = equal_plan(weight[rows], num_physical, num_gpus=num_gpus, rounds=rounds)
-            eq_peak = gpu_sum(np.take_along_axis(weight[rows], eq, axis=1) * eq_w, num_gpus).max(1)
+            eq_peak = gpu_loads(np.take_along_axis(weight[rows], eq, axis=1) * eq_w, num_gpus).max(1)
             better = eq_peak < peak[rows]
             phy2log[rows[better]] = eq[better]
             weights[rows[better]] = eq_w[better]
@@ -196,6 +198,6 @@ def replica_weights(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> n
     num_logical = weight.shape[1]
     x = waterfill_slot_loads(weight, phy2log, num_gpus)
     own = np.take_along_axis(weight.astype(np.float64), phy2log, axis=1)
-    count = np.take_along_axis(replica_counts(phy2log, num_logical), phy2log, axis=1)
+    count = np.take_along_axis(replica_count(phy2log, num_logical), phy2log, axis=1)
     share = np.where(own > 0, x / np.where(own > 0, own, 1.0), 1.0 / count)
     return share.astype(np.float32)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UsageError
 from .packing import refine_swaps, round_robin_pack
 
 BIN_SWAP_ITERS = 0  # the chain absorbs bin imbalance; swaps cost time and buy nothing measurable
@@ -40,7 +41,7 @@ def chain_plan(weight: np.ndarray, num_physical: int, *, num_gpus: int) -> tuple
     slots_per_gpu = num_physical // num_gpus
     per_bin = slots_per_gpu - 1
     if num_physical - num_logical < num_gpus or per_bin < 1:
-        raise ValueError(f"chain_plan needs P - E >= G; got P={num_physical}, E={num_logical}, G={num_gpus}")
+        raise UsageError(f"chain_plan needs P - E >= G; got P={num_physical}, E={num_logical}, G={num_gpus}")
     rows = np.arange(num_layers)
     w = weight.astype(np.float64)
     mean = w.sum(1) / num_gpus

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..balance import layer_balancedness
+from ..balance import gpu_loads, layer_balancedness
 from ..dispatch_info import DISPATCH_INFO
 from ..kernels.minmax import minmax_loads
-from .split import equal_slot_loads, gpu_sum
+from .split import equal_slot_loads
 
 DISPATCHES = DISPATCH_INFO.names()
 
@@ -55,9 +55,9 @@ def per_pass_balancedness(
         gpu = minmax_gpu_loads(counts, phy2log, num_gpus=num_gpus).reshape(num_passes * num_layers, -1)
     elif info.honours_replica_weights and replica_weights is not None:
         w = np.broadcast_to(replica_weights, (num_passes, *replica_weights.shape)).reshape(maps.shape)
-        gpu = gpu_sum(np.take_along_axis(rows, maps, axis=1) * w, num_gpus)
+        gpu = gpu_loads(np.take_along_axis(rows, maps, axis=1) * w, num_gpus)
     else:
-        gpu = gpu_sum(equal_slot_loads(rows, maps), num_gpus)
+        gpu = gpu_loads(equal_slot_loads(rows, maps), num_gpus)
     bal = layer_balancedness(torch.from_numpy(gpu)).numpy()
     return bal.reshape(num_passes, num_layers).mean(1)
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..maps import replica_count
 from .balanced import replica_weights
 from .deepseek import deepseek
-from .split import peak_load, replica_counts
+from .split import peak_load
 
 MAX_MOVE_SHARE = 0.15
 MIN_GAIN = 0.002
@@ -42,7 +43,7 @@ def plan_incremental(
     active = np.ones(num_layers, dtype=bool)
     for _ in range(budget):
         # Step 1: current state: replicas, per-GPU occupancy, GPU loads under equal split.
-        count = replica_counts(phy2log, num_logical)
+        count = replica_count(phy2log, num_logical)
         occupancy = np.zeros((num_layers, num_logical, num_gpus))
         np.add.at(occupancy, (rows[:, None], phy2log, slot_gpu[None, :]), 1.0)
         per_replica = weight / np.maximum(count, 1)

@@ -8,30 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..balance import gpu_loads
+from ..maps import replica_count
+
 WATERFILL_ITERS = 60
-
-
-def replica_counts(phy2log: np.ndarray, num_logical: int) -> np.ndarray:
-    """Replicas per logical expert. phy2log: [N, P] int. Returns [N, E] int64."""
-    rows = phy2log.shape[0]
-    flat = (phy2log + num_logical * np.arange(rows)[:, None]).ravel()
-    return np.bincount(flat, minlength=rows * num_logical).reshape(rows, num_logical)
 
 
 def equal_slot_loads(load: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
     """Each expert's load split equally over its replicas. load: [N, E]; returns [N, P]."""
-    count = replica_counts(phy2log, load.shape[1])
+    count = replica_count(phy2log, load.shape[1])
     return np.take_along_axis(load / np.maximum(count, 1), phy2log, axis=1)
-
-
-def gpu_sum(slot_load: np.ndarray, num_gpus: int) -> np.ndarray:
-    """[N, P] slot loads -> [N, G] GPU loads (rank-major slots)."""
-    return slot_load.reshape(slot_load.shape[0], num_gpus, -1).sum(-1)
 
 
 def peak_load(load: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     """Max GPU load per row under an equal split. load: [N, E]; phy2log: [N, P]. Returns [N]."""
-    return gpu_sum(equal_slot_loads(load, phy2log), num_gpus).max(1)
+    return gpu_loads(equal_slot_loads(load, phy2log), num_gpus).max(1)
 
 
 def waterfill_slot_loads(
@@ -53,7 +44,7 @@ def waterfill_slot_loads(
     slots_per_gpu = num_slots // num_gpus
     load = load.astype(np.float64)
     # Step 1: equal split to start; find the slots that may move (expert has >= 2 replicas).
-    count = replica_counts(phy2log, num_logical)
+    count = replica_count(phy2log, num_logical)
     slot_count = np.take_along_axis(count, phy2log, axis=1)
     x = np.take_along_axis(load, phy2log, axis=1) / slot_count
     movable = slot_count > 1

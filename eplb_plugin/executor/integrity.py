@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from eplb_plugin.errors import TransferError
+from eplb_plugin.errors import TransferError, UsageError
 
 _MODULUS = (1 << 40) - 87  # keeps the combined value below 2**52 before each reduction
 _COMBINE = 4099
@@ -35,7 +35,7 @@ def fingerprint(
     Returns [len(slots)] int64 on the tensors' device, values in [0, 2**40).
     """
     if not tensors:
-        raise ValueError("fingerprint needs at least one tensor")
+        raise UsageError("fingerprint needs at least one tensor")
     device = tensors[0].device
     idx = list(range(tensors[0].shape[0])) if slots is None else list(slots)
     acc = torch.zeros(len(idx), dtype=torch.int64, device=device)

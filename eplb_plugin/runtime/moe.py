@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from eplb_plugin.dispatch import ExpertDispatcher
+from eplb_plugin.errors import UsageError
 
 # dtypes that hold every local slot index exactly (< 2**24 slots per rank).
 _EXACT_INT_DTYPES = (torch.float32, torch.float64)
@@ -195,7 +196,7 @@ def ep_moe_forward(
     """
     exchange = exchange or default_exchange(hidden.device)
     if exchange not in EXCHANGES:
-        raise ValueError(f"exchange={exchange!r} must be one of {EXCHANGES}")
+        raise UsageError(f"exchange={exchange!r} must be one of {EXCHANGES}")
     # A dispatch that counts the slots it picks as it maps them (static: the fused map+count
     # kernel; minmax: its own) adds them to the recorder's buffer; the recorder is told.
     counts = recorder.select_counts_buffer() if dispatcher.info.counts_slots else None
@@ -220,7 +221,7 @@ def _forward_gather(hidden: torch.Tensor, physical: torch.Tensor, topk_weights: 
     hidden_size = hidden.shape[1]
     rows = tokens_per_rank if tokens_per_rank is not None else num_tokens
     if rows < num_tokens:
-        raise ValueError(f"tokens_per_rank={rows} is below this rank's {num_tokens} tokens")
+        raise UsageError(f"tokens_per_rank={rows} is below this rank's {num_tokens} tokens")
     # Slots and combine weights travel together as int32 words (weights as float32 bits).
     meta = torch.cat([physical.to(torch.int32), topk_weights.to(torch.float32).view(torch.int32)], 1)
     x = hidden

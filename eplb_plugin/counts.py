@@ -1,0 +1,26 @@
+"""The one check of token counts' values (a leaf module: ``ExpertLocation``'s counts
+validation and the placement policies' ``plan`` both call it; each keeps its own shape rules)."""
+
+from __future__ import annotations
+
+import torch
+
+from eplb_plugin.errors import CountsError
+
+
+def checked_count_values(count: torch.Tensor, *, source: str | None = None) -> torch.Tensor:
+    """Real, finite, non-negative counts -> float64 on CPU, shape kept.
+
+    Raises CountsError naming ``source`` (when given) and, for a negative count, its index.
+    """
+    prefix = f"{source}: " if source else ""
+    if count.dtype == torch.bool or count.is_complex():
+        raise CountsError(f"{prefix}logical_count has dtype {count.dtype}; expected real numbers")
+    count = count.detach().to(torch.float64).cpu()
+    if not torch.isfinite(count).all():
+        raise CountsError(f"{prefix}logical_count holds NaN or infinite values")
+    if (count < 0).any():
+        where = tuple(int(i) for i in (count < 0).nonzero()[0])
+        index = "".join(f"[{i}]" for i in where)
+        raise CountsError(f"{prefix}logical_count{index} = {float(count[where])} is negative")
+    return count
