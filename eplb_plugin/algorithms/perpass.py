@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import UsageError
 from ..kernels.minmax import minmax_loads
 
 PERPASS_ROUNDS = 20
@@ -90,7 +90,10 @@ def refine_for_minmax(
     previous / max_moves: the live map and how many slots (over all layers) may differ from
     it in the result. With both, changes are also drawn that put a slot back to its live
     expert, a change that adds moves is taken only while the budget lasts, the layers' best
-    changes by gain per added move first, and ``start`` must itself be within the budget."""
+    changes by gain per added move first, and ``start`` must itself be within the budget
+    (UsageError otherwise). aimed: with one node, half the draws swap slots between the GPU
+    that peaks in most of the window's passes and the least loaded one, or give a spare
+    replica on the latter to an expert of the former."""
     gen = torch.Generator().manual_seed(seed)
     counts = _buckets(per_pass)  # [L, W, E]
     current = torch.tensor(np.asarray(start), dtype=torch.int64)  # a copy: refined in place
@@ -104,7 +107,7 @@ def refine_for_minmax(
     layer_idx = torch.arange(num_layers)[:, None].expand(num_layers, candidates)
     cand_idx = torch.arange(candidates)[None].expand(num_layers, candidates)
     if budgeted and int(moves.sum()) > max_moves:
-        raise ConfigError(f"start differs from previous in {int(moves.sum())} slots, over max_moves={max_moves}")
+        raise UsageError(f"start differs from previous in {int(moves.sum())} slots, over max_moves={max_moves}")
     popularity = counts.sum(1) + 1e-3  # [L, E]
     for _ in range(rounds):
         # Step 1: candidate changes, drawn per layer.
@@ -127,7 +130,7 @@ def refine_for_minmax(
             cand[layer_idx[back], cand_idx[back], moved_slot[back]] = was[back]
             spare &= ~back
         drawn = torch.multinomial(popularity, candidates, replacement=True, generator=gen)
-        if aimed and num_nodes == 1:  # half the draws aim: slot i on the GPU that peaks most often, j on the least loaded
+        if aimed and num_nodes == 1:  # half the draws aim at the GPU that peaks most often and the coldest one
             gpu = minmax_loads(current.repeat_interleave(num_passes, 0), counts.reshape(-1, num_logical),
                                num_gpus=num_gpus, iterations=PERPASS_SCORE_ITERATIONS).view(num_layers, num_passes, -1)
             peaks = torch.zeros(num_layers, num_gpus).scatter_add_(1, gpu.argmax(-1), torch.ones(num_layers, num_passes))
