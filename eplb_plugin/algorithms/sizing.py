@@ -32,8 +32,7 @@ class SizingPoint:
 def redundant_choices(num_logical: int, num_gpus: int, max_redundant: int) -> list[int]:
     """Redundant slot counts from 0 up to ``max_redundant`` that keep P = E + r divisible by
     the GPUs (one more slot per GPU each step; the first step fills up to a multiple)."""
-    first = (-num_logical) % num_gpus
-    return [0] * (first != 0) + list(range(first, max_redundant + 1, num_gpus))
+    return list(range((-num_logical) % num_gpus, max_redundant + 1, num_gpus))
 
 
 def max_redundant_for_memory(budget_bytes_per_gpu: float, *, expert_bytes: int, num_layers: int,
