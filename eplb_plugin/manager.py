@@ -436,7 +436,8 @@ class EPLBManager:
 
     def _move_budget_slots(self, args: EPLBArgs, expert_weights: Sequence[Sequence[torch.Tensor]]) -> int | None:
         """--eplb-move-budget-mb as slots per rebalance (the budget over one expert's bytes in
-        the first MoE layer; a model's MoE layers share expert sizes); None without a budget."""
+        the first layer that holds expert weights; a model's MoE layers share expert sizes);
+        None without a budget or without expert weights."""
         from eplb_plugin.algorithms import POLICIES
 
         if args.eplb_move_budget_mb is None:
@@ -445,8 +446,10 @@ class EPLBManager:
             takes = [p.name for p in POLICIES.entries() if p.move_budget]
             raise ConfigError(f"--eplb-move-budget-mb needs a policy that takes a move budget ({takes}); "
                               f"--eplb-algorithm resolves to {self._algorithm!r}")
-        slot_bytes = sum(t[0].numel() * t.element_size() for t in expert_weights[0]) if expert_weights else 0
-        slots = int(args.eplb_move_budget_mb * MIB // max(slot_bytes, 1))
+        slot_bytes = next((sum(t[0].numel() * t.element_size() for t in layer) for layer in expert_weights if layer), 0)
+        if slot_bytes == 0:  # no layer holds expert weights here: nothing ever moves
+            return None
+        slots = int(args.eplb_move_budget_mb * MIB // slot_bytes)
         if slots < 1:
             raise ConfigError(f"--eplb-move-budget-mb {args.eplb_move_budget_mb} is below one expert's weights "
                               f"({slot_bytes / MIB:.3f} MiB): no slot could ever move")
