@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any
 
 import torch
@@ -63,9 +63,24 @@ Planner = Callable[..., Any]
 
 
 class _Status(IntEnum):
+    """Rank 0's verdict on the plan in progress, broadcast to every rank each pass."""
+
     PENDING = 0
     READY = 1
     FAILED = 2
+
+
+class Phase(str, Enum):
+    """Where the manager is in a rebalance: idle -> planning -> moving -> idle; planning and
+    moving also end in idle when the rebalance is skipped or fails."""
+
+    IDLE = "idle"
+    PLANNING = "planning"
+    MOVING = "moving"
+
+
+_NEXT_PHASES = {Phase.IDLE: {Phase.PLANNING}, Phase.PLANNING: {Phase.MOVING, Phase.IDLE},
+                Phase.MOVING: {Phase.IDLE}}
 
 
 @dataclass
@@ -250,7 +265,7 @@ class EPLBManager:
         self._last_rebalance_pass = 0
         self._last_rebalance_time = clock()
         self._planned_on: torch.Tensor | None = None  # [L, E] float64 loads of the last plan
-        self._state = "idle"
+        self._phase = Phase.IDLE
         self._record: RebalanceRecord | None = None
         self._plan_thread: threading.Thread | None = None
         self._attempt = _PlanAttempt()
@@ -296,7 +311,18 @@ class EPLBManager:
 
     @property
     def busy(self) -> bool:
-        return self._state != "idle"
+        return self._phase is not Phase.IDLE
+
+    @property
+    def phase(self) -> Phase:
+        """idle, planning or moving (``Phase``)."""
+        return self._phase
+
+    def _enter(self, phase: Phase) -> None:
+        """Move to ``phase``; a transition the state machine does not have is a bug, raised."""
+        if phase not in _NEXT_PHASES[self._phase]:
+            raise RuntimeError(f"EPLB manager: no transition from {self._phase.value} to {phase.value}")
+        self._phase = phase
 
     def redundancy_curve(self, max_per_gpu: int = 4) -> list:
         """Expected balancedness per pass against redundant slots (0 .. ``max_per_gpu`` per
@@ -329,13 +355,13 @@ class EPLBManager:
         """
         self.num_passes += 1
         self._charged_until = time.perf_counter()
-        if self._state == "idle":
+        if self._phase is Phase.IDLE:
             trigger, layers = self._check_triggers()
             if trigger is not None:
                 self._start(trigger, layers)
-        if self._state == "planning":
+        if self._phase is Phase.PLANNING:
             self._poll_plan()
-        if self._state == "moving" and (self.ready_to_move is None or self.ready_to_move(self._target)):
+        if self._phase is Phase.MOVING and (self.ready_to_move is None or self.ready_to_move(self._target)):
             self._move_chunk()
         if self._record is not None:
             self._charge(self._record)
@@ -423,7 +449,7 @@ class EPLBManager:
         self._record = record
         self._plan_counts = logical  # what the planner reads: [L, E], or [B, L, E] for per-pass policies
         self._counts = logical.sum(0) if logical.dim() == 3 else logical  # [L, E]
-        self._state = "planning"
+        self._enter(Phase.PLANNING)
         # A fresh box per attempt: a planner that timed out and finishes late writes into its
         # own attempt, never into a later one.
         self._attempt = _PlanAttempt()
@@ -575,7 +601,7 @@ class EPLBManager:
                                   for layer in weightless)
         self._go_live({layer: target_map[layer] for layer in reweighted + weightless})
         self._old_rows = {layer: loc.physical_to_logical_map[layer].clone() for layer in record.layers}
-        self._state = "moving"
+        self._enter(Phase.MOVING)
         try:
             if self._async_mover is not None:
                 self._start_async_moves()
@@ -746,7 +772,8 @@ class EPLBManager:
 
     def _finish(self, record: RebalanceRecord) -> None:
         self._end(record)
-        self._state, self._target, self._record = "idle", None, None
+        self._enter(Phase.IDLE)
+        self._target, self._record = None, None
         logger.info(
             "EPLB rebalance %d done at pass %d: %d slots, %.1f MiB moved, stall %.3f s",
             record.index, self.num_passes, record.slots_moved, record.bytes_moved / MIB, record.stall_s,
@@ -764,7 +791,9 @@ class EPLBManager:
     def _fail(self, record: RebalanceRecord, error: RebalanceError, cause: BaseException | None) -> None:
         record.error = str(error)
         self._end(record)
-        self._state, self._target, self._record, self._pending_layers = "idle", None, None, []
+        if self._phase is not Phase.IDLE:  # a rebalance that failed before planning never left idle
+            self._enter(Phase.IDLE)
+        self._target, self._record, self._pending_layers = None, None, []
         logger.error("%s", error)
         self._export(record)
         raise error from cause

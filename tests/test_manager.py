@@ -425,6 +425,25 @@ def case_a_move_budget_reaches_the_planner_in_slots_and_bounds_what_moves(rank, 
         Host(rank, group, _args(eplb_move_budget_mb=10 * slot_mb))
 
 
+def case_a_rebalance_goes_idle_planning_moving_idle_and_no_other_way(rank, group):
+    """A rebalance that moves enters planning, moving and idle, in that order (all may
+    happen within one pass); ``phase`` reads idle between rebalances; a transition the state
+    machine lacks is refused."""
+    from eplb_plugin.manager import Phase
+
+    host = Host(rank, group, _args(eplb_verify_weights=False))
+    entered = []
+    enter = host.manager._enter
+    host.manager._enter = lambda phase: (entered.append(phase), enter(phase))[-1]
+    finished = lambda m: bool(m.history) and m.history[0].end_pass is not None  # noqa: E731
+    assert host.serve(200, until=finished) == []
+    assert host.manager.history[0].slots_moved > 0
+    assert entered == [Phase.PLANNING, Phase.MOVING, Phase.IDLE], entered
+    assert host.manager.phase is Phase.IDLE and not host.manager.busy
+    with pytest.raises(RuntimeError, match="no transition from idle to moving"):
+        enter(Phase.MOVING)
+
+
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
 
 
