@@ -51,6 +51,7 @@ from eplb_plugin.errors import (
 )
 from eplb_plugin.location import ExpertLocation, equal_split_weights
 from eplb_plugin.transports import IPC, NCCL, TRANSPORTS
+from eplb_plugin.triggers import checks_due, decide, drifted_layers, interval_due, local_verdict
 
 logger = logging.getLogger(__name__)
 
@@ -388,33 +389,22 @@ class EPLBManager:
         if self._requested is not None:
             trigger, self._requested = self._requested, None
             return trigger, None
-        since = self.num_passes - self._last_rebalance_pass
-        if since >= self.args.eplb_rebalance_num_iterations:
+        if interval_due(self.num_passes - self._last_rebalance_pass, self.args.eplb_rebalance_num_iterations):
             return "interval", None
         timed = self.args.eplb_rebalance_interval_s is not None
         drifting = self.args.eplb_drift_threshold is not None and self._planned_on is not None
-        if not (timed or drifting) or self.num_passes % self.check_every_passes:
+        if not checks_due(self.num_passes, self.check_every_passes, timed=timed, drifting=drifting):
             return None, None
-        # Both checks run on every rank at the same pass; their verdicts are all-reduced so a
-        # rank whose clock runs ahead cannot start a rebalance alone.
-        verdict = torch.zeros(1 + self.location.num_layers, dtype=torch.float64)
-        if timed and self.clock() - self._last_rebalance_time >= self.args.eplb_rebalance_interval_s:
-            verdict[0] = 1
+        drifted = None
         if drifting:
-            verdict[1:] = self._drifted_layers_mask().to(torch.float64)
-        verdict = all_reduce_host(verdict, self.group, op="max")
-        if verdict[0] > 0:
-            return "time", None
-        drifted = verdict[1:].nonzero().flatten().tolist()
-        return ("drift", drifted) if drifted else (None, None)
-
-    def _drifted_layers_mask(self) -> torch.Tensor:
-        """[L] bool: this rank's window load vs the last plan's, cosine below the threshold."""
-        current = self.recorder.logical_count_window().to("cpu", torch.float64)
-        planned = self._planned_on
-        cosine = torch.nn.functional.cosine_similarity(current, planned, dim=1)
-        has_tokens = current.sum(1) > 0
-        return has_tokens & (cosine < self.args.eplb_drift_threshold)
+            drifted = drifted_layers(self.recorder.logical_count_window().to("cpu", torch.float64),
+                                     self._planned_on, self.args.eplb_drift_threshold)
+        verdict = local_verdict(elapsed_s=self.clock() - self._last_rebalance_time,
+                                interval_s=self.args.eplb_rebalance_interval_s, drifted=drifted,
+                                num_layers=self.location.num_layers)
+        # Every rank runs the checks at the same pass; the max over ranks is the verdict, so a
+        # rank whose clock runs ahead cannot start a rebalance alone.
+        return decide(all_reduce_host(verdict, self.group, op="max"))
 
     # ------------------------------------------------------------------ gather + plan
 
