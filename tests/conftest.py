@@ -57,6 +57,39 @@ def gloo_worker(rank: int, world: int, port: int, cases, timeout_s: float) -> No
         destroy_process_group()
 
 
+def _cases_worker(rank: int, world: int, port: int, cases, results) -> None:
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # A failed assertion on one rank leaves the other waiting in a collective: time out soon.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for case in cases:
+            try:
+                case(rank, dist.group.WORLD)
+                results[(rank, case.__name__)] = "ok"
+            except Exception:  # any failure is reported per case; the next case still runs
+                results[(rank, case.__name__)] = traceback.format_exc()
+            dist.barrier()  # the next case starts on every rank from a clean state
+    finally:
+        destroy_process_group()
+
+
+def run_gloo_cases(cases, world: int = 2) -> dict:
+    """Run every ``case(rank, group)`` (module-level functions) on ``world`` spawned gloo
+    ranks, one after the other; returns {(rank, case name): "ok" or the traceback}."""
+    import torch.multiprocessing as mp
+
+    shared = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_cases_worker, args=(world, free_port(), cases, shared), nprocs=world, start_method="spawn",
+                       join=True)
+    return dict(shared)
+
+
 def _forked_rank(rank: int, case, port: int, errors) -> None:
     try:
         case(rank, port)

@@ -19,7 +19,7 @@ from test_manager import NUM_EXPERTS, Host, _args, weights_match
 from eplb_plugin.executor import move_layers
 from eplb_plugin.manager import _default_planner
 
-from conftest import destroy_process_group, free_port
+from conftest import free_port, run_gloo_cases
 
 FAULT_TIMEOUT_S = 2.0  # the rebalance timeout the hung-rank cases set: detection in seconds
 
@@ -167,28 +167,9 @@ def test_a_rank_that_stops_answering_mid_move_fails_the_rebalance_within_the_tim
     assert len(got[(1, "errors")]) == 1 and got[(1, "layers_1_2_old")] and got[(1, "weights_match")]
 
 
-def _worker(rank: int, port: int, results) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        for case in CASES:
-            try:
-                case(rank, dist.group.WORLD)
-                results[(rank, case.__name__)] = "ok"
-            except Exception:  # reported per case; the next case still runs
-                results[(rank, case.__name__)] = traceback.format_exc()
-            dist.barrier()
-    finally:
-        destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def results():
-    manager = mp.get_context("spawn").Manager()
-    shared = manager.dict()
-    mp.start_processes(_worker, args=(free_port(), shared), nprocs=2, start_method="spawn", join=True)
-    return dict(shared)
+    return run_gloo_cases(CASES)
 
 
 @pytest.mark.parametrize("case", [c.__name__ for c in CASES])

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
-import os
 import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.dispatch import ExpertDispatcher
@@ -20,7 +16,7 @@ from eplb_plugin.location import ExpertLocation
 from eplb_plugin.manager import EPLBManager, _default_planner
 from eplb_plugin.recorder import ExpertDistributionRecorder
 
-from conftest import destroy_process_group, free_port
+from conftest import run_gloo_cases
 
 NUM_LAYERS, NUM_EXPERTS, NUM_SLOTS, TOKENS, TOP_K = 3, 8, 12, 64, 2
 
@@ -447,29 +443,9 @@ def case_a_rebalance_goes_idle_planning_moving_idle_and_no_other_way(rank, group
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
 
 
-def _worker(rank: int, port: int, results) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    # A failed assertion on one rank leaves the other waiting in a collective: time out soon.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        for case in CASES:
-            try:
-                case(rank, dist.group.WORLD)
-                results[(rank, case.__name__)] = "ok"
-            except Exception:  # any failure is reported per case; the next case still runs
-                results[(rank, case.__name__)] = traceback.format_exc()
-            dist.barrier()  # the next case starts on both ranks from a clean state
-    finally:
-        destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def results():
-    manager = mp.get_context("spawn").Manager()
-    shared = manager.dict()
-    mp.start_processes(_worker, args=(free_port(), shared), nprocs=2, start_method="spawn", join=True)
-    return dict(shared)
+    return run_gloo_cases(CASES)
 
 
 @pytest.mark.parametrize("case", [c.__name__ for c in CASES])

@@ -255,17 +255,23 @@ def move_layers(
 
     post(0)
     landed = 0  # gloo: units known committed (the host read their flags)
+    def settle(num_units: int) -> list[int]:
+        """Units [0, num_units) committed on every rank: the rounds each layer committed, and
+        each live map set to the map those rounds reach (the old one with none)."""
+        committed = [0] * num
+        for i, _ in units[:num_units]:
+            committed[i] += 1
+        if live_maps is not None:
+            for i, live in enumerate(live_maps):
+                if live is not None:
+                    live.copy_(scheds[i].maps[committed[i] - 1] if committed[i] else olds[i])
+        return committed
+
     for u in range(len(units)):
         try:
             flag = agreement.device_flag(u + 1, timeout_s)  # the stream (not the host) waits for the vote
         except TransferError as exc:  # gloo: a peer did not answer; units before u landed alike everywhere
-            committed = [0] * num
-            for i, _ in units[:landed]:
-                committed[i] += 1
-            if live_maps is not None:
-                for i, live in enumerate(live_maps):
-                    if live is not None:
-                        live.copy_(scheds[i].maps[committed[i] - 1] if committed[i] else olds[i])
+            committed = settle(landed)
             pool = agreement = staging = None
             staged_units.clear()
             errors.clear()
@@ -291,13 +297,7 @@ def move_layers(
     if not agreement.result(len(units), timeout_s, f"the agreement on {len(units)} rounds of {num} layers"):
         done = agreement.read_all(len(units) + 1)[1:].index(False)
     transfer._mark("voted")
-    committed = [0] * num
-    for i, _ in units[:done]:
-        committed[i] += 1
-    if live_maps is not None:
-        for i, live in enumerate(live_maps):
-            if live is not None:
-                live.copy_(scheds[i].maps[committed[i] - 1] if committed[i] else olds[i])
+    committed = settle(done)
     if done < len(units):
         error = next((e for e in errors[done:] if e is not None), None)
         # The error's traceback keeps this frame: drop the pool and agreement now.
