@@ -30,9 +30,9 @@ from ..registry import Registry
 from .balanced import plan_balanced, replica_weights
 from .deepseek import deepseek
 from .deepseek_vec import deepseek_vec
-from .migrate import plan_migration_aware
+from .migrate import align_to_previous, plan_migration_aware
 from .nodes import cross_node_share, plan_node_aware
-from .perpass import align_to_live, refine_for_minmax
+from .perpass import refine_for_minmax
 from .split import equal_slot_loads
 
 
@@ -120,7 +120,8 @@ def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, prev
     refined = refine_for_minmax(start, weight[None] if per_pass is None else per_pass, num_gpus=num_gpus,
                                 num_nodes=num_nodes, previous=previous if budgeted else None,
                                 max_moves=max_moves if budgeted else None)
-    return (refined if previous is None else align_to_live(refined, previous, num_gpus=num_gpus)), None
+    # GPUs relabelled and slots reordered to keep live slots: the same loads, fewer moves
+    return (refined if previous is None else align_to_previous(refined, previous, num_gpus=num_gpus)), None
 
 
 @dataclass(frozen=True)

@@ -57,28 +57,6 @@ def _buckets(per_pass: np.ndarray) -> torch.Tensor:
     return rows.permute(1, 0, 2).contiguous()
 
 
-def align_to_live(new: np.ndarray, live: np.ndarray, *, num_gpus: int) -> np.ndarray:
-    """The same placement as ``new`` ([L, P]) with each GPU's slots reordered so that as
-    many as possible keep their expert in ``live``: a slot's order within its GPU changes
-    no load, but each slot whose expert changes is a move."""
-    out = np.array(new, dtype=np.int64, copy=True)
-    num_layers, num_slots = out.shape
-    per_gpu = num_slots // num_gpus
-    for layer in range(num_layers):
-        for g in range(num_gpus):
-            lo, hi = g * per_gpu, (g + 1) * per_gpu
-            wanted = list(out[layer, lo:hi])
-            placed = [-1] * per_gpu
-            for s in range(per_gpu):  # slots whose live expert stays on this GPU keep it
-                expert = int(live[layer, lo + s])
-                if expert in wanted:
-                    wanted.remove(expert)
-                    placed[s] = expert
-            rest = iter(wanted)
-            out[layer, lo:hi] = [e if e >= 0 else next(rest) for e in placed]
-    return out
-
-
 def refine_for_minmax(
     start: np.ndarray, per_pass: np.ndarray, *, num_gpus: int, num_nodes: int = 1, rounds: int = PERPASS_ROUNDS,
     candidates: int = PERPASS_CANDIDATES, seed: int = PERPASS_SEED, previous: np.ndarray | None = None,
