@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_manager import NUM_EXPERTS, Host, _args, weights_match
+from test_manager import NUM_EXPERTS, Host, _args, mover_failing_at_layer_1, weights_match
 
 from eplb_plugin.executor import move_layers
 from eplb_plugin.manager import _default_planner
@@ -74,14 +74,7 @@ def case_a_rebalance_failing_part_way_records_what_moved(rank, group):
     """A move that fails at layer 1 after layer 0 went live records layer 0's slots and this
     rank's bytes (before: 0 and 0), pipelined or verified layer by layer."""
     for verify in (False, True):
-        def failing_mover(*args, **kwargs):
-            def hook(point, r, layer):
-                if point == "after_staging" and r == 1 and layer == 1:
-                    raise RuntimeError("injected NCCL error")
-
-            return move_layers(*args, fault_hook=hook, **kwargs)
-
-        host = Host(rank, group, _args(eplb_verify_weights=verify), layers_mover=failing_mover)
+        host = Host(rank, group, _args(eplb_verify_weights=verify), layers_mover=mover_failing_at_layer_1)
         before = host.manager.location.physical_to_logical_map.clone()
         errors = host.serve(5000, until=lambda m: m.history and m.history[0].end_pass is not None)
         assert len(errors) == 1 and "layer 1" in errors[0][1]

@@ -188,18 +188,20 @@ def case_transfer_failure_on_one_rank_leaves_every_rank_on_the_old_placement(ran
     assert weights_match(host.weights, host.manager.location, rank)
 
 
+def mover_failing_at_layer_1(*args, **kwargs):
+    """move_layers with an NCCL error injected on rank 1 once layer 1 is staged."""
+    def hook(point, r, layer):
+        if point == "after_staging" and r == 1 and layer == 1:
+            raise RuntimeError("injected NCCL error")
+
+    return move_layers(*args, fault_hook=hook, **kwargs)
+
+
 def case_unverified_chunk_moves_layers_together_and_a_failed_layer_keeps_later_layers_old(rank, group):
     """Without verify a chunk's layers are pipelined in one move_layers call; a failure at layer 1 on rank 1
     keeps layer 0 moved (live) and layers 1-2 old, weights matching, and the next
     rebalance completes."""
-    def failing_layers_mover(*args, **kwargs):
-        def hook(point, r, layer):
-            if point == "after_staging" and r == 1 and layer == 1:
-                raise RuntimeError("injected NCCL error")
-
-        return move_layers(*args, fault_hook=hook, **kwargs)
-
-    host = Host(rank, group, _args(eplb_verify_weights=False), layers_mover=failing_layers_mover)
+    host = Host(rank, group, _args(eplb_verify_weights=False), layers_mover=mover_failing_at_layer_1)
     before = host.manager.location.physical_to_logical_map.clone()
     errors = host.serve(5000, until=lambda m: m.history and m.history[0].end_pass is not None)
     assert len(errors) == 1 and "layer 1" in errors[0][1]
