@@ -49,3 +49,11 @@ def decide(verdict: torch.Tensor) -> tuple[str | None, list[int] | None]:
         return "time", None
     drifted = verdict[1:].nonzero().flatten().tolist()
     return ("drift", drifted) if drifted else (None, None)
+
+
+def window_balanced(window_balancedness: float, threshold: float) -> str | None:
+    """Why a rebalance is skipped by ``--eplb-min-rebalancing-utilization-threshold``: the
+    window summed over ranks is already at least that balanced; None when it is not."""
+    if window_balancedness >= threshold:
+        return f"balancedness {window_balancedness:.4f} >= threshold {threshold}"
+    return None

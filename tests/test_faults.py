@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from test_manager import NUM_EXPERTS, Host, _args, mover_failing_at_layer_1, weights_match
 
 from eplb_plugin.executor import move_layers
-from eplb_plugin.manager import _default_planner
+from eplb_plugin.manager.planning import default_planner
 
 from conftest import free_port, run_gloo_cases
 
@@ -28,7 +28,7 @@ def _invalid(kind: str):
     """A planner whose plan is invalid in one way (rank 0 plans; the others never call it)."""
 
     def planner(counts, **kwargs):
-        good = _default_planner(counts, **kwargs)
+        good = default_planner(counts, **kwargs)
         phy2log = good.physical_to_logical_map.clone()
         if kind == "missing_replica":
             phy2log[1] = 0  # layer 1: every slot holds expert 0, experts 1-7 have no replica
@@ -63,7 +63,7 @@ def case_an_invalid_plan_fails_only_that_rebalance(rank, group):
         assert "keeping the old placement" in errors[0][1]
         assert torch.equal(host.manager.location.physical_to_logical_map, before)
         assert weights_match(host.weights, host.manager.location, rank)
-        host.manager.planner = _default_planner
+        host.manager.planner = default_planner
         host.manager.rebalance_now()
         assert host.serve(5000, start=6000, until=lambda m: len(m.history) > 1 and m.history[-1].end_pass is not None) == []
         assert host.manager.history[-1].error is None and host.manager.history[-1].slots_moved > 0, host.manager.history

@@ -13,7 +13,9 @@ from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.errors import ConfigError, RebalanceError
 from eplb_plugin.executor import move_layers
 from eplb_plugin.location import ExpertLocation
-from eplb_plugin.manager import EPLBManager, _default_planner
+from eplb_plugin.manager import EPLBManager
+from eplb_plugin.manager.movers import BackgroundMover
+from eplb_plugin.manager.planning import default_planner
 from eplb_plugin.recorder import ExpertDistributionRecorder
 
 from conftest import run_gloo_cases
@@ -275,7 +277,7 @@ def case_layers_per_chunk_go_live_one_pass_at_a_time(rank, group):
 
 def case_non_blocking_moves_land_while_serving_and_go_live_at_pass_boundaries(rank, group):
     host = Host(rank, group, _args(eplb_non_blocking=True, eplb_rebalance_layers_per_chunk=1))
-    assert host.manager._async_mover is not None
+    assert isinstance(host.manager.mover, BackgroundMover)
     host.manager.layers_mover = lambda *a, **k: pytest.fail("the blocking mover ran in non-blocking mode")
     errors = host.serve(5000, until=lambda m: len([r for r in m.history if r.end_pass is not None]) >= 2)
     assert errors == []
@@ -290,7 +292,7 @@ def case_non_blocking_moves_land_while_serving_and_go_live_at_pass_boundaries(ra
 def case_a_planner_past_its_timeout_fails_and_its_late_plan_is_dropped(rank, group):
     def slow_planner(*args, **kwargs):
         time.sleep(1.0)
-        return _default_planner(*args, **kwargs)
+        return default_planner(*args, **kwargs)
 
     host = Host(rank, group, _args(eplb_rebalance_num_iterations=10_000), planner=slow_planner, plan_timeout_s=0.2)
     before = host.manager.location.physical_to_logical_map.clone()
@@ -312,18 +314,18 @@ def case_weights_reallocated_between_rebalances_are_exchanged_again(rank, group)
     host.manager.rebalance_now()
     done = lambda n: lambda m: len([r for r in m.history if r.end_pass is not None]) >= n  # noqa: E731
     assert host.serve(5000, start=10, until=done(1)) == []
-    first = host.manager._peers
+    first = host.manager.mover.peers
     assert first is not None and not first.active and "not on CUDA" in first.reason
     host.manager.rebalance_now()
     assert host.serve(5000, start=6000, hot=3, until=done(2)) == []
-    assert host.manager.history[1].transport == "gloo"  # its move resolved the transport (_resolve_peers)
-    assert host.manager._peers is first  # same tensors: no new exchange
+    assert host.manager.history[1].transport == "gloo"  # its move resolved the transport (the blocking mover's start)
+    assert host.manager.mover.peers is first  # same tensors: no new exchange
     for layer in host.weights:  # reallocate every tensor in place in the list the manager holds
         layer[:] = [t.clone() for t in layer]
     host.manager.rebalance_now()
     assert host.serve(5000, start=12000, hot=5, until=done(3)) == []
-    assert host.manager.history[2].transport == "gloo" and host.manager._peers is not first
-    assert set(host.manager._peers.index) == {t.data_ptr() for layer in host.weights for t in layer}
+    assert host.manager.history[2].transport == "gloo" and host.manager.mover.peers is not first
+    assert set(host.manager.mover.peers.index) == {t.data_ptr() for layer in host.weights for t in layer}
     assert weights_match(host.weights, host.manager.location, rank)
 
 

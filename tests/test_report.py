@@ -9,7 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from eplb_plugin.args import EPLBArgs
-from eplb_plugin.manager import EPLBManager, _default_planner
+from eplb_plugin.manager import EPLBManager
+from eplb_plugin.manager.planning import default_planner
 from eplb_plugin.runtime.config import ModelShape, RunSpec, RuntimeConfig, WorkloadSpec
 from eplb_plugin.runtime.launch import launch
 from eplb_plugin.runtime.report import text_report
@@ -34,7 +35,7 @@ class ScriptedPlanManager(EPLBManager):
             raise ValueError("scripted planner failure")
         if index == HELD_PLAN:
             self._release.wait()
-        return _default_planner(counts, **kwargs)
+        return default_planner(counts, **kwargs)
 
     def close(self) -> None:
         self._release.set()

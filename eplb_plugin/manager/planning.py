@@ -1,0 +1,201 @@
+"""Planning a rebalance: the window every rank plans from, one job per attempt behind the
+``PlanningJob`` protocol, and the collectives by which every rank learns rank 0's verdict
+and plan.
+
+Only rank 0 plans. ``ThreadPlanningJob`` runs the planner in a daemon thread, so serving never
+waits for the solver; the planner may itself be a ``planner_process.PlannerProcess``, whose
+worker process then plans while the thread waits on it without holding the GIL. A fresh job
+per attempt: a planner that timed out and finishes late writes into its own, abandoned job,
+never into a later one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+from eplb_plugin.comm import all_reduce_host, broadcast_host
+from eplb_plugin.errors import ConfigError
+from eplb_plugin.manager.protocols import LoadWindow, Planner
+from eplb_plugin.manager.records import MIB
+from eplb_plugin.manager.targets import check_plan_shape, plan_passes
+
+
+class PlanOutcome(NamedTuple):
+    """What a finished planning job produced: the planner's Placement, or the error it raised."""
+
+    placement: Any
+    error: BaseException | None
+
+    def checked(self, *, num_layers: int, num_physical_experts: int) -> PlanOutcome:
+        """This outcome, or a failed one where the placement is malformed (``check_plan_shape``)."""
+        if self.error is not None:
+            return self
+        error = check_plan_shape(self.placement, num_layers=num_layers, num_physical_experts=num_physical_experts)
+        return self if error is None else PlanOutcome(None, error)
+
+
+@runtime_checkable
+class PlanningJob(Protocol):
+    """One planning attempt, started when it is built (see ``PlanningJobFactory``)."""
+
+    def poll(self) -> PlanOutcome | None:
+        """None while the plan runs; then its outcome (the same at every call). Never blocks."""
+        ...
+
+    def cancel(self, wait_s: float) -> None:
+        """Abandon the attempt; wait at most ``wait_s`` for work that cannot be interrupted."""
+        ...
+
+
+class PlanningJobFactory(Protocol):
+    """Starts a job that runs ``planner(counts, **kwargs)``."""
+
+    def __call__(self, planner: Planner, counts: torch.Tensor, kwargs: dict[str, Any]) -> PlanningJob: ...
+
+
+class ThreadPlanningJob:
+    """A planning attempt in a daemon thread (a ``PlanningJobFactory`` as its constructor).
+
+    A planner's exception is stored and handed to the serving thread by ``poll``, never only
+    logged."""
+
+    def __init__(self, planner: Planner, counts: torch.Tensor, kwargs: dict[str, Any]):
+        self._outcome: PlanOutcome | None = None
+        self._thread = threading.Thread(target=self._run, args=(planner, counts, kwargs), name="eplb-planner",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, planner: Planner, counts: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        try:
+            placement = planner(counts, **kwargs)
+        except BaseException as exc:  # stored and re-raised on the serving thread
+            self._outcome = PlanOutcome(None, exc)
+            return
+        self._outcome = PlanOutcome(placement, None)
+
+    def poll(self) -> PlanOutcome | None:
+        return self._outcome
+
+    def cancel(self, wait_s: float) -> None:
+        """A running planner cannot be interrupted: wait for it at most ``wait_s`` seconds."""
+        self._thread.join(timeout=wait_s)
+
+
+def default_planner(counts: torch.Tensor, **kwargs: Any) -> Any:
+    """``algorithms.plan`` (imported when first called)."""
+    from eplb_plugin.algorithms import plan
+
+    return plan(counts, **kwargs)
+
+
+class PlanStatus(IntEnum):
+    """Rank 0's verdict on the plan in progress, broadcast to every rank each pass."""
+
+    PENDING = 0
+    READY = 1
+    FAILED = 2
+
+
+def rank0_status(outcome: PlanOutcome | None, *, timed_out: bool) -> PlanStatus:
+    """Rank 0's verdict: ready once a plan came without error, failed once one came with an
+    error or the timeout passed first, else pending."""
+    if outcome is not None and outcome.error is None:
+        return PlanStatus.READY
+    if outcome is not None or timed_out:
+        return PlanStatus.FAILED
+    return PlanStatus.PENDING
+
+
+def failure_message(cause: BaseException | None, *, rank: int, plan_timeout_s: float) -> str:
+    """Why planning failed, as this rank knows it (rank 0 holds the cause; None: timed out)."""
+    if rank != 0:
+        return "planning failed on rank 0"
+    if cause is None:
+        return f"planning took longer than {plan_timeout_s} s"
+    return f"planning failed on rank 0 ({cause!r})"
+
+
+def agree_on_status(status: PlanStatus, group: Any) -> PlanStatus:
+    """Rank 0's status on every rank. Collective: every rank calls it at the same pass."""
+    return PlanStatus(int(broadcast_host(torch.tensor([int(status)], dtype=torch.int64), group)[0]))
+
+
+def broadcast_plan(placement: Any, *, shape: tuple[int, int], group: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rank 0's plan on every rank: (map [L, P] int64, replica weights [L, P] float32 or None).
+
+    placement: rank 0's checked Placement (None on the other ranks). Collective: every rank
+    calls it at the same pass; rank 0's plan is the plan, so every rank moves the same
+    experts to the same slots."""
+    new_map = torch.zeros(shape, dtype=torch.int64)
+    weights = torch.zeros(shape, dtype=torch.float32)
+    has_weights = torch.zeros(1, dtype=torch.int64)
+    if placement is not None:
+        new_map = placement.physical_to_logical_map.to(torch.int64).cpu()
+        if placement.replica_weights is not None:
+            weights = placement.replica_weights.to(torch.float32).cpu()
+            has_weights[0] = 1
+    new_map = broadcast_host(new_map, group)
+    weights = broadcast_host(weights, group)
+    has_weights = broadcast_host(has_weights, group)
+    return new_map, (weights if has_weights[0] else None)
+
+
+def gather_window(window: LoadWindow, group: Any, *, per_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The load window summed over ranks, float64 on CPU: (logical counts, [L, E], or
+    [B, L, E] with ``per_pass``: the window's passes in at most MAX_PLAN_PASSES buckets;
+    physical counts, [L, P]). Collective: every rank calls it at the same pass, and then plans
+    from (and checks) the same counts."""
+    if per_pass:
+        logical = plan_passes(window.logical_count_passes().to("cpu", torch.float64))
+    else:
+        logical = window.logical_count_window().to("cpu", torch.float64)
+    physical = window.physical_count_window().to("cpu", torch.float64)
+    summed = all_reduce_host(torch.cat([logical.flatten(), physical.flatten()]), group)
+    return summed[: logical.numel()].view_as(logical), summed[logical.numel():].view_as(physical)
+
+
+def move_budget_slots(budget_mb: float | None, *, algorithm: str,
+                      expert_weights: Sequence[Sequence[torch.Tensor]]) -> int | None:
+    """--eplb-move-budget-mb as slots per rebalance (the budget over one expert's bytes in
+    the first layer that holds expert weights; a model's MoE layers share expert sizes);
+    None without a budget or without expert weights. ConfigError for a policy that takes no
+    move budget, or a budget below one expert."""
+    from eplb_plugin.algorithms import POLICIES
+
+    if budget_mb is None:
+        return None
+    if not POLICIES.get(algorithm).move_budget:
+        takes = [p.name for p in POLICIES.entries() if p.move_budget]
+        raise ConfigError(f"--eplb-move-budget-mb needs a policy that takes a move budget ({takes}); "
+                          f"--eplb-algorithm resolves to {algorithm!r}")
+    slot_bytes = next((sum(t[0].numel() * t.element_size() for t in layer) for layer in expert_weights if layer), 0)
+    if slot_bytes == 0:  # no layer holds expert weights here: nothing ever moves
+        return None
+    slots = int(budget_mb * MIB // slot_bytes)
+    if slots < 1:
+        raise ConfigError(f"--eplb-move-budget-mb {budget_mb} is below one expert's weights "
+                          f"({slot_bytes / MIB:.3f} MiB): no slot could ever move")
+    return slots
+
+
+def redundancy_curve(plan_counts: torch.Tensor, *, location: Any, args: Any, algorithm: str,
+                     num_groups: int | None, max_per_gpu: int) -> list:
+    """Expected balancedness per pass against redundant slots (0 .. ``max_per_gpu`` per
+    GPU), planned with ``algorithm`` for ``args``' dispatch on ``plan_counts`` ([L, E], or
+    [B, L, E] for per-pass policies, whose passes score held out: ``algorithms.sizing``);
+    [] for empty counts."""
+    from eplb_plugin.algorithms.sizing import redundancy_curve as curve
+    from eplb_plugin.algorithms.sizing import redundant_choices
+
+    if plan_counts.numel() == 0:
+        return []
+    num_logical, num_gpus = location.num_logical_experts, location.ep_size
+    return curve(plan_counts.numpy(), num_gpus=num_gpus,
+                 redundant=redundant_choices(num_logical, num_gpus, max_per_gpu * num_gpus),
+                 dispatch=args.ep_dispatch_algorithm or "static", algorithm=algorithm,
+                 num_nodes=args.nnodes, num_groups=num_groups)
