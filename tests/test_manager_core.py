@@ -1,0 +1,131 @@
+"""EPLBManager's state machine driven by a fake planning job and a fake load window, on one
+process without torch.distributed (every collective returns early)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from eplb_plugin.args import EPLBArgs
+from eplb_plugin.errors import RebalanceError
+from eplb_plugin.location import ExpertLocation
+from eplb_plugin.manager import EPLBManager, Phase
+from eplb_plugin.manager.planning import PlanOutcome
+
+NUM_LAYERS, NUM_EXPERTS, NUM_SLOTS = 2, 4, 6
+# The trivial map is [0, 1, 2, 3, 0, 1] in both layers; the plan swaps layer 0's first two
+# slots (2 slots change) and gives layer 1's last two slots to expert 2 (2 slots change).
+PLANNED = torch.tensor([[1, 0, 2, 3, 0, 1], [0, 1, 2, 3, 2, 2]])
+
+
+class FakeWindow:
+    """A LoadWindow with fixed counts: expert 2 takes most tokens in every layer."""
+
+    def __init__(self, location: ExpertLocation):
+        self.physical_to_logical_map = location.physical_to_logical_map.clone()
+        self.logical = torch.tensor([[10.0, 10.0, 100.0, 10.0]] * NUM_LAYERS)
+        self.kept = False
+        self.maps: list[torch.Tensor] = []
+
+    def logical_count_window(self) -> torch.Tensor:
+        return self.logical
+
+    def logical_count_passes(self) -> torch.Tensor:
+        return self.logical[None]
+
+    def physical_count_window(self) -> torch.Tensor:
+        """Each expert's tokens split equally over its replicas: [L, P]."""
+        phy2log = self.physical_to_logical_map
+        replicas = torch.stack([torch.bincount(row, minlength=NUM_EXPERTS) for row in phy2log])
+        return torch.gather(self.logical, 1, phy2log) / torch.gather(replicas, 1, phy2log)
+
+    def keep_window_for_eplb(self) -> None:
+        self.kept = True
+
+    def set_physical_to_logical_map(self, new_map: torch.Tensor) -> None:
+        self.physical_to_logical_map = new_map.clone()
+        self.maps.append(new_map.clone())
+
+
+class FakeJob:
+    """A PlanningJob whose outcome the test sets; records what it was started with."""
+
+    def __init__(self, planner, counts, kwargs):
+        self.counts, self.kwargs = counts, kwargs
+        self.outcome: PlanOutcome | None = None
+        self.cancelled: float | None = None
+
+    def poll(self) -> PlanOutcome | None:
+        return self.outcome
+
+    def cancel(self, wait_s: float) -> None:
+        self.cancelled = wait_s
+
+
+def build(**kwargs):
+    """A manager over one process, its window, its weights (one [P, 1] tensor per layer whose
+    rows name the slot's expert) and the planning jobs it starts."""
+    location = ExpertLocation.trivial(num_layers=NUM_LAYERS, num_logical_experts=NUM_EXPERTS,
+                                      num_physical_experts=NUM_SLOTS, ep_size=2)
+    window = FakeWindow(location)
+    weights = [[location.physical_to_logical_map[layer].to(torch.float32).view(-1, 1)] for layer in range(NUM_LAYERS)]
+    jobs: list[FakeJob] = []
+
+    def start_job(planner, counts, job_kwargs):
+        jobs.append(FakeJob(planner, counts, job_kwargs))
+        return jobs[-1]
+
+    args = EPLBArgs(ep_size=2, enable_eplb=True, eplb_rebalance_num_iterations=10_000).resolve()
+    manager = EPLBManager(args, location=location, recorder=window, expert_weights=weights,
+                          planning_job=start_job, **kwargs)
+    return manager, window, weights, jobs
+
+
+def test_a_planning_job_holds_the_manager_in_planning_until_its_plan_comes_then_the_plan_goes_live():
+    manager, window, weights, jobs = build()
+    assert window.kept and manager.phase is Phase.IDLE
+    manager.rebalance_now()
+    for _ in range(4):
+        manager.on_forward_pass_end()
+        assert manager.phase is Phase.PLANNING and len(jobs) == 1
+    job = jobs[0]
+    assert torch.equal(job.counts, window.logical.to(torch.float64))
+    assert job.kwargs["num_physical_experts"] == NUM_SLOTS and job.kwargs["num_gpus"] == 2
+    assert torch.equal(job.kwargs["previous"], ExpertLocation.trivial(
+        num_layers=NUM_LAYERS, num_logical_experts=NUM_EXPERTS, num_physical_experts=NUM_SLOTS,
+        ep_size=2).physical_to_logical_map)
+    assert manager.history[0].end_pass is None
+    job.outcome = PlanOutcome(SimpleNamespace(physical_to_logical_map=PLANNED, replica_weights=None), None)
+    manager.on_forward_pass_end()
+    record = manager.history[0]
+    assert manager.phase is Phase.IDLE and record.error is None and record.skipped is None
+    assert (record.start_pass, record.end_pass, record.layers, record.slots_moved) == (1, 5, [0, 1], 4)
+    assert torch.equal(manager.location.physical_to_logical_map, PLANNED)
+    assert torch.equal(window.maps[-1], PLANNED)
+    assert [w[0].flatten().tolist() for w in weights] == PLANNED.to(torch.float32).tolist()
+    assert manager.totals.done == 1
+
+
+@pytest.mark.parametrize("outcome, words", [
+    (PlanOutcome(None, ValueError("solver exploded")), "planning failed on rank 0 \\(ValueError"),
+    (PlanOutcome(SimpleNamespace(physical_to_logical_map=PLANNED[:, :4], replica_weights=None), None),
+     "planning failed on rank 0 .*expected shape \\[2, 6\\]"),
+    (None, "planning took longer than 0.0 s"),
+])
+def test_a_failed_malformed_or_late_plan_fails_the_rebalance_and_keeps_the_placement(outcome, words):
+    manager, window, weights, jobs = build(plan_timeout_s=0.0 if outcome is None else 60.0)
+    before = manager.location.physical_to_logical_map.clone()
+    manager.rebalance_now()
+    if outcome is not None:
+        manager.on_forward_pass_end()
+        assert manager.phase is Phase.PLANNING
+        jobs[0].outcome = outcome
+    with pytest.raises(RebalanceError, match=f"rebalance 0: {words}.*keeping the old placement"):
+        manager.on_forward_pass_end()
+    assert manager.phase is Phase.IDLE and manager.history[0].error and manager.totals.failed == 1
+    assert torch.equal(manager.location.physical_to_logical_map, before) and window.maps == []
+    assert [w[0].flatten().tolist() for w in weights] == before.to(torch.float32).tolist()
+    manager.close()
+    assert jobs[0].cancelled == manager.plan_timeout_s  # close waits for the last job
