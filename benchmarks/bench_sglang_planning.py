@@ -63,6 +63,7 @@ def run(mode: str, *, passes: int, interval: int, ops: int) -> dict:
 
     from eplb_plugin.integrations.sglang import CONFIG_ENV, _recorder_init_new
     from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
+    from eplb_plugin.manager import Phase
 
     os.environ[CONFIG_ENV] = json.dumps({"eplb_plan_in_process": mode == "process"})
     _sglang_runtime(interval)
@@ -84,7 +85,7 @@ def run(mode: str, *, passes: int, interval: int, ops: int) -> dict:
             recorder.pass_counts.add_((skew * 64).to(torch.int32))
         adapter.on_forward_pass_end()
         laps.append(time.perf_counter() - start)
-        planning.append(adapter.manager._state == "planning")
+        planning.append(adapter.manager.phase is Phase.PLANNING)
     history = [r for r in adapter.manager.history if r.end_pass is not None and r.skipped is None]
     adapter.manager.close()
     if adapter._planner is not None:
