@@ -11,6 +11,7 @@ from eplb_plugin.manager.planning import (
     PlanningJob,
     PlanOutcome,
     PlanStatus,
+    PolicyChoice,
     ThreadPlanningJob,
     broadcast_plan,
     failure_message,
@@ -72,3 +73,24 @@ def test_one_rank_receives_its_own_plan_with_or_without_replica_weights():
     _, weights = broadcast_plan(SimpleNamespace(physical_to_logical_map=phy2log, replica_weights=planned),
                                 shape=(2, 3), group=None)
     assert weights.dtype == torch.float32 and weights.tolist() == planned.tolist()
+
+
+def test_the_policy_is_resolved_once_and_a_move_budget_reaches_the_planner_in_slots():
+    from eplb_plugin.args import EPLBArgs
+    from eplb_plugin.location import ExpertLocation
+
+    # Layer 0 is dense (no weights); one expert of layer 1 is 256 x 1024 float32 = 1 MiB.
+    weights = [[], [torch.zeros(6, 256, 1024)]]
+    args = EPLBArgs(ep_size=2, enable_eplb=True, eplb_algorithm="eplb_plugin_perpass", ep_dispatch_algorithm="minmax",
+                    eplb_move_budget_mb=3.5).resolve()
+    choice = PolicyChoice.resolve(args, expert_weights=weights)
+    assert choice == PolicyChoice(algorithm="eplb_plugin_perpass", split="equal", per_pass=True, max_slots_moved=3)
+    live = ExpertLocation.trivial(num_layers=2, num_logical_experts=4, num_physical_experts=6, ep_size=2)
+    kwargs = choice.plan_kwargs(live, num_nodes=1, num_groups=None)
+    assert kwargs.pop("previous") is live.physical_to_logical_map
+    assert kwargs == dict(num_physical_experts=6, num_gpus=2, num_nodes=1, num_groups=None,
+                          algorithm="eplb_plugin_perpass", split="equal", max_slots_moved=3)
+    unbudgeted = PolicyChoice.resolve(EPLBArgs(ep_size=2, enable_eplb=True, eplb_algorithm="deepseek_vec",
+                                               ep_dispatch_algorithm="weighted").resolve(), expert_weights=weights)
+    assert unbudgeted == PolicyChoice(algorithm="deepseek_vec", split="weighted", per_pass=True, max_slots_moved=None)
+    assert "max_slots_moved" not in unbudgeted.plan_kwargs(live, num_nodes=1, num_groups=None)

@@ -120,22 +120,12 @@ class EPLBManager:
         self.on_location_change = on_location_change
         self.check_every_passes = check_every_passes
         self.plan_timeout_s = plan_timeout_s
-        # Import the policies now: an import inside the planning thread would hold the GIL and
-        # stall serving at the first rebalance.
-        import scipy.optimize  # noqa: F401  (imported lazily by the migration-aware policies)
-
-        from eplb_plugin.algorithms import PER_PASS_POLICIES, resolve_algorithm, split_for_dispatch
-
-        self._algorithm = resolve_algorithm(args.eplb_algorithm)
-        self._split = split_for_dispatch(args.ep_dispatch_algorithm)  # what the host's dispatch does
-        self._per_pass_plan = self._algorithm in PER_PASS_POLICIES  # plans from [B, L, E] window rows
-        self._max_slots_moved = planning.move_budget_slots(args.eplb_move_budget_mb, algorithm=self._algorithm,
-                                                           expert_weights=expert_weights)
+        self._policy = planning.PolicyChoice.resolve(args, expert_weights=expert_weights)
         self._planner_process = None
         if planner is None and args.eplb_plan_in_process and self.rank == 0:
             from eplb_plugin.planner_process import PlannerProcess
 
-            planner = self._planner_process = PlannerProcess(self._algorithm)  # only rank 0 plans
+            planner = self._planner_process = PlannerProcess(self._policy.algorithm)  # only rank 0 plans
         self.planner = planner or planning.default_planner
         self.layers_mover = layers_mover or default_layers_mover
         self.skip_rebalance = skip_rebalance or (
@@ -201,7 +191,7 @@ class EPLBManager:
         Rank 0 plans, so rank 0 holds the counts; [] before the first rebalance has gathered
         them. Runs the planner once per row: call it off the serving path."""
         return planning.redundancy_curve(self._plan_counts, location=self.location, args=self.args,
-                                         algorithm=self._algorithm, num_groups=self.num_groups,
+                                         algorithm=self._policy.algorithm, num_groups=self.num_groups,
                                          max_per_gpu=max_per_gpu)
 
     @property
@@ -273,7 +263,7 @@ class EPLBManager:
         self._last_rebalance_pass = self.num_passes
         self._last_rebalance_time = self.clock()
         self._started = time.perf_counter()
-        logical, physical = planning.gather_window(self.recorder, self.group, per_pass=self._per_pass_plan)
+        logical, physical = planning.gather_window(self.recorder, self.group, per_pass=self._policy.per_pass)
         record.balancedness_before = balancedness(gpu_loads(physical, self.location.ep_size))
         self._history.fill_achieved(record.balancedness_before)
         if physical.sum() == 0:
@@ -289,19 +279,8 @@ class EPLBManager:
         self._outcome = None
         self._plan_started = time.perf_counter()
         if self.rank == 0:
-            self._job = self.planning_job(self.planner, self._plan_counts, self._plan_kwargs())
-
-    def _plan_kwargs(self) -> dict[str, Any]:
-        return dict(
-            num_physical_experts=self.location.num_physical_experts,
-            num_gpus=self.location.ep_size,
-            num_nodes=self.args.nnodes,
-            num_groups=self.num_groups,
-            algorithm=self._algorithm,
-            split=self._split,
-            previous=self.location.physical_to_logical_map,
-            **({} if self._max_slots_moved is None else {"max_slots_moved": self._max_slots_moved}),
-        )
+            kwargs = self._policy.plan_kwargs(self.location, num_nodes=self.args.nnodes, num_groups=self.num_groups)
+            self._job = self.planning_job(self.planner, self._plan_counts, kwargs)
 
     def _poll_plan(self) -> None:
         status = PlanStatus.PENDING

@@ -13,16 +13,56 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from eplb_plugin.args import EPLBArgs
 from eplb_plugin.comm import all_reduce_host, broadcast_host
 from eplb_plugin.errors import ConfigError
+from eplb_plugin.location import ExpertLocation
 from eplb_plugin.manager.protocols import LoadWindow, Planner
 from eplb_plugin.manager.records import MIB
 from eplb_plugin.manager.targets import check_plan_shape, plan_passes
+
+
+@dataclass(frozen=True)
+class PolicyChoice:
+    """What the planner is asked, resolved once from the flags.
+
+    algorithm: the placement policy ``--eplb-algorithm`` resolves to; split: how the host's
+    dispatch splits an expert's tokens over its replicas; per_pass: the policy plans from the
+    window's passes ([B, L, E]) instead of their sum; max_slots_moved: ``--eplb-move-budget-mb``
+    in slots (None: no budget)."""
+
+    algorithm: str
+    split: str
+    per_pass: bool
+    max_slots_moved: int | None
+
+    @classmethod
+    def resolve(cls, args: EPLBArgs, *, expert_weights: Sequence[Sequence[torch.Tensor]]) -> PolicyChoice:
+        """ConfigError for a move budget the policy cannot take or below one expert."""
+        # Import the policies now: an import inside the planning thread would hold the GIL and
+        # stall serving at the first rebalance.
+        import scipy.optimize  # noqa: F401  (imported lazily by the migration-aware policies)
+
+        from eplb_plugin.algorithms import PER_PASS_POLICIES, resolve_algorithm, split_for_dispatch
+
+        algorithm = resolve_algorithm(args.eplb_algorithm)
+        return cls(algorithm=algorithm, split=split_for_dispatch(args.ep_dispatch_algorithm),
+                   per_pass=algorithm in PER_PASS_POLICIES,
+                   max_slots_moved=move_budget_slots(args.eplb_move_budget_mb, algorithm=algorithm,
+                                                     expert_weights=expert_weights))
+
+    def plan_kwargs(self, live: ExpertLocation, *, num_nodes: int, num_groups: int | None) -> dict[str, Any]:
+        """The planner's keyword arguments for a plan from the ``live`` ExpertLocation."""
+        budget = {} if self.max_slots_moved is None else {"max_slots_moved": self.max_slots_moved}
+        return dict(num_physical_experts=live.num_physical_experts, num_gpus=live.ep_size, num_nodes=num_nodes,
+                    num_groups=num_groups, algorithm=self.algorithm, split=self.split,
+                    previous=live.physical_to_logical_map, **budget)
 
 
 class PlanOutcome(NamedTuple):
@@ -183,7 +223,7 @@ def move_budget_slots(budget_mb: float | None, *, algorithm: str,
     return slots
 
 
-def redundancy_curve(plan_counts: torch.Tensor, *, location: Any, args: Any, algorithm: str,
+def redundancy_curve(plan_counts: torch.Tensor, *, location: ExpertLocation, args: EPLBArgs, algorithm: str,
                      num_groups: int | None, max_per_gpu: int) -> list:
     """Expected balancedness per pass against redundant slots (0 .. ``max_per_gpu`` per
     GPU), planned with ``algorithm`` for ``args``' dispatch on ``plan_counts`` ([L, E], or
