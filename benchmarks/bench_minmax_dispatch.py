@@ -9,8 +9,9 @@ eagerly, per call), for T tokens x top-8 onto DeepSeek-V3's 256 experts in 288 s
 - static_lookup_and_count: the static table lookup fused with counting (the floor);
 - count_only: the recorder's count kernel on physical ids;
 - minmax_triton: the minmax kernels (totals + split, then choice and count), with the
-  settings varied (assign warps, split warps, no split steps); its graph's slot loads are
-  checked against the torch path's after the replays;
+  settings varied (the ticket kernels or the per-chunk bases at every size, the chunk, no
+  split steps); its graph's slot loads are checked against the torch path's after the
+  replays;
 - minmax_torch: the dispatcher's torch path (the reference), graph-captured;
 - dynamic_single_program: the earlier water-filling kernel (one program per layer, 6 steps).
 
@@ -97,7 +98,7 @@ def replay_us(graph, *, replays: int, num_layers: int) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * num_layers)
 
 
-def time_variants(tokens: int, *, num_layers: int, replays: int) -> dict:
+def time_variants(tokens: int, *, num_layers: int, replays: int, skip: tuple[str, ...] = ()) -> dict:
     """Per-layer microseconds of every variant, graph-captured and eager (CUDA)."""
     from eplb_plugin.kernels.dynamic import dynamic_dispatch_triton, scratch_numel
     from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
@@ -117,8 +118,8 @@ def time_variants(tokens: int, *, num_layers: int, replays: int) -> dict:
     scratch = torch.empty(scratch_numel(*triton_minmax.logical_to_physical_map.shape[1:]), device="cuda")
     tables = triton_minmax.minmax
     assert tables is not None
-    settings = {"minmax_triton_assign_4_warps": {"num_warps": 4}, "minmax_triton_split_2_warps": {"split_warps": 2},
-                "minmax_triton_split_4_warps": {"split_warps": 4},
+    settings = {"minmax_triton_tickets": {"bases": False}, "minmax_triton_bases": {"bases": True},
+                "minmax_triton_bases_chunk_128": {"bases": True, "chunk": 128},
                 "minmax_triton_no_split_steps": {"iterations": 0}}  # equal shares: the rest's cost
     scratches = {name: minmax_scratch(tables) for name in settings}  # kept across calls, as the dispatcher does
     variants = {
@@ -135,6 +136,8 @@ def time_variants(tokens: int, *, num_layers: int, replays: int) -> dict:
     }
     result = {}
     for name, fn in variants.items():
+        if name in skip:
+            continue
         graph = capture_layers(fn, num_layers)
         graph_us = replay_us(graph, replays=replays, num_layers=num_layers)
         torch.cuda.synchronize()  # eager timing starts from an idle device
@@ -164,6 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-layers", type=int, default=58)
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip", default="", help="variants not timed, comma-separated (e.g. dynamic_single_program)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     ns = ap.parse_args(argv)
     report: dict = {"benchmark": "minmax_dispatch", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
@@ -174,7 +178,8 @@ def main(argv=None) -> int:
         report.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__,
                       shape={"experts": NUM_EXPERTS, "slots": NUM_SLOTS, "ep": EP, "top_k": TOP_K,
                              "layers_per_graph": ns.num_layers},
-                      cost={int(t): time_variants(int(t), num_layers=ns.num_layers, replays=ns.replays)
+                      cost={int(t): time_variants(int(t), num_layers=ns.num_layers, replays=ns.replays,
+                                                  skip=tuple(filter(None, ns.skip.split(","))))
                             for t in ns.tokens.split(",")})
     if not ns.skip_quality:
         q = {}

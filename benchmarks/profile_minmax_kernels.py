@@ -1,18 +1,20 @@
-"""The minmax kernels' settings, each timed inside a CUDA graph (58 layers, DeepSeek-V3 at
-EP8: 256 experts, 288 slots, top-8): how the cost splits between the totals, the split and
-the assign, per warp count and tile size. A tuning aid for ``kernels/minmax_triton.py``
-(its defaults are the best rows here); needs CUDA. The results committed as
-``minmax_kernel_settings_*.json`` also hold variants measured slower and since removed:
-totals by one atomic per pair (``per_pair_totals``) and tickets per expert per sorted tile
-(``tile_tickets``); iterations 0 is the cost without the split's steps.
+"""The minmax kernels of large passes (``triton_kernels_minmax_bases``) per setting and in
+parts, each timed inside a CUDA graph (58 layers, DeepSeek-V3 at EP8: 256 experts, 288
+slots, top-8): the whole dispatch per setting (tile of the totals kernel, chunk of the
+assign kernel, warps), and the totals kernel (with its split and counts) and the assign
+kernel each alone. A tuning aid for ``kernels/minmax_triton.py`` (its defaults are the best
+rows here); needs CUDA. ``--old DIR``: also time the kernels of an older checkout (DIR holds
+its ``minmax_triton.py`` as ``old_minmax_triton.py``, importing ``old_triton_kernels_minmax``).
+The results committed as ``minmax_kernel_settings_*.json`` also hold earlier designs (see
+each file's note).
 
-    python benchmarks/profile_minmax_kernels.py [--tokens 512,16384]
+    python benchmarks/profile_minmax_kernels.py [--tokens 512,16384] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -21,18 +23,95 @@ import torch
 from bench_minmax_dispatch import EP, NUM_EXPERTS, NUM_SLOTS, TOP_K, capture_layers, replay_us
 
 from eplb_plugin.dispatch import ExpertDispatcher
+from eplb_plugin.kernels import count_topk
 from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
 from eplb_plugin.location import ExpertLocation
+
+SETTINGS = (  # (totals_tile, chunk, num_warps, split_warps); None: by the pass's size
+    (None, 64, 4, 4), (None, 128, 4, 4), (None, 64, 8, 4), (512, 64, 4, 4), (2048, 64, 4, 4), (128, 64, 4, 4),
+)
 
 
 def graph_us(fn, num_layers: int, replays: int) -> float:
     return replay_us(capture_layers(fn, num_layers), replays=replays, num_layers=num_layers)
 
 
-def _variant(ids, tables, counts, kw):
+def parts(ids, tables, counts, num_layers: int, replays: int) -> dict:
+    """The totals kernel (and its split) alone and the assign kernel alone, at the defaults."""
+    from eplb_plugin.kernels import minmax_triton as host
+    from eplb_plugin.kernels import triton_kernels_minmax_bases as k
+
+    launches = {}
+    real = {name: getattr(k, name) for name in ("bases_totals_kernel", "bases_assign_kernel")}
+
+    class Recorder:  # stands in for a kernel: keeps its launch, runs nothing
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.__setitem__(self.name, (grid, a, kw))
+
     scratch = minmax_scratch(tables)
-    return lambda layer: minmax_dispatch_triton(ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=scratch,
-                                                counts_out=counts, **kw)
+    keep = []
+    for layer in range(num_layers):  # record each layer's launches (buffers kept alive)
+        for name in real:
+            setattr(k, name, Recorder(name))
+        try:
+            keep.append(host.minmax_dispatch_triton(ids[layer], tables, layer=layer, num_slots=NUM_SLOTS,
+                                                    scratch=scratch, counts_out=counts, bases=True))
+        finally:
+            for name, fn in real.items():
+                setattr(k, name, fn)
+        keep.append(dict(launches))
+    per_layer = keep[1::2]
+
+    def run(name):
+        return lambda layer: real[name][per_layer[layer][name][0]](*per_layer[layer][name][1],
+                                                                    **per_layer[layer][name][2])
+
+    totals = graph_us(run("bases_totals_kernel"), num_layers, replays)  # leaves each layer's bases and quotas
+    return {"totals_and_split_only": totals, "assign_only": graph_us(run("bases_assign_kernel"), num_layers, replays)}
+
+
+def profile(tokens: int, *, num_layers: int, replays: int, old) -> list[dict]:
+    """Rows of every variant at ``tokens`` tokens."""
+    rows: list[dict] = []
+    gen = torch.Generator().manual_seed(tokens)
+    popularity = torch.distributions.Gamma(0.5, 1.0).sample((num_layers, NUM_EXPERTS))
+    loc = ExpertLocation.from_logical_count(popularity, num_physical_experts=NUM_SLOTS, ep_size=EP,
+                                            algorithm="eplb_plugin_equal")
+    ids = torch.stack([torch.multinomial(popularity[layer], tokens * TOP_K, replacement=True, generator=gen)
+                       for layer in range(num_layers)]).view(num_layers, tokens, TOP_K).cuda()
+    dispatcher = ExpertDispatcher(loc, rank=0, algorithm="minmax", backend="triton", device="cuda")
+    tables = dispatcher.minmax
+    assert tables is not None
+    counts = torch.zeros(num_layers, NUM_SLOTS, dtype=torch.int32, device="cuda")
+    physical = dispatcher.dispatch(0, ids[0])
+
+    def add(name, fn, **kw):
+        us = graph_us(fn, num_layers, replays)
+        rows.append({"tokens": tokens, "variant": name, **kw, "graph_us_per_layer": us})
+        print(f"{tokens:>6} tok {name} {kw}: {us:7.2f} us/layer", flush=True)
+
+    add("count_only", lambda layer: count_topk(physical, counts, layer))
+    if old is not None:
+        old_scratch = old.minmax_scratch(tables)
+        add("old_kernels", lambda layer: old.minmax_dispatch_triton(
+            ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=old_scratch, counts_out=counts))
+    for totals_tile, chunk, warps, split_warps in SETTINGS:
+        kw = dict(totals_tile=totals_tile, chunk=chunk, num_warps=warps, split_warps=split_warps, bases=True)
+        scratch = minmax_scratch(tables)
+        add("minmax_triton", lambda layer, kw=kw, scratch=scratch: minmax_dispatch_triton(
+            ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=scratch, counts_out=counts, **kw),
+            **kw)
+    scratch = minmax_scratch(tables)
+    add("minmax_triton_no_split_steps", lambda layer: minmax_dispatch_triton(
+        ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=scratch, counts_out=counts, iterations=0,
+        bases=True))
+    for name, us in parts(ids, tables, counts, num_layers, replays).items():
+        rows.append({"tokens": tokens, "variant": name, "graph_us_per_layer": us})
+        print(f"{tokens:>6} tok {name}: {us:7.2f} us/layer", flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -40,30 +119,18 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="512,16384")
     ap.add_argument("--num-layers", type=int, default=58)
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--old", default=None)
     ap.add_argument("--out", default=None)
     ns = ap.parse_args(argv)
+    old = None
+    if ns.old:
+        sys.path.insert(0, ns.old)
+        old = importlib.import_module("old_minmax_triton")
     rows = []
     for tokens in (int(t) for t in ns.tokens.split(",")):
-        gen = torch.Generator().manual_seed(tokens)
-        popularity = torch.distributions.Gamma(0.5, 1.0).sample((ns.num_layers, NUM_EXPERTS))
-        loc = ExpertLocation.from_logical_count(popularity, num_physical_experts=NUM_SLOTS, ep_size=EP,
-                                                algorithm="eplb_plugin_equal")
-        ids = torch.stack([torch.multinomial(popularity[layer], tokens * TOP_K, replacement=True, generator=gen)
-                           for layer in range(ns.num_layers)]).view(ns.num_layers, tokens, TOP_K).cuda()
-        tables = ExpertDispatcher(loc, rank=0, algorithm="minmax", backend="triton", device="cuda").minmax
-        assert tables is not None
-        counts = torch.zeros(ns.num_layers, NUM_SLOTS, dtype=torch.int32, device="cuda")
-        grid = itertools.product((2, 4), (4, 8), (0, 8, 16), (256, 1024), (1024, 2048))
-        for split_warps, warps, iterations, totals_tile, assign_elems in grid:
-            if iterations == 0 and (split_warps, totals_tile) != (4, 256):
-                continue
-            kw = dict(num_warps=warps, split_warps=split_warps, iterations=iterations, totals_tile=totals_tile,
-                      assign_tile_elements=assign_elems)
-            us = graph_us(_variant(ids, tables, counts, kw), ns.num_layers, ns.replays)
-            rows.append({"tokens": tokens, **kw, "graph_us_per_layer": us})
-            print(f"{tokens:>6} tok {kw}: {us:7.2f} us/layer", flush=True)
-    best = {t: min((r for r in rows if r["tokens"] == t and r["iterations"] > 0), key=lambda r: r["graph_us_per_layer"])
-            for t in {r["tokens"] for r in rows}}
+        rows += profile(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old)
+    best = {t: min((r for r in rows if r["tokens"] == t and r["variant"] == "minmax_triton"),
+                   key=lambda r: r["graph_us_per_layer"]) for t in {r["tokens"] for r in rows}}
     print("best:", json.dumps(best))
     if ns.out:
         out = Path(ns.out) / torch.cuda.get_device_name().replace(" ", "_")

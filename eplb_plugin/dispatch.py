@@ -15,8 +15,9 @@ Algorithms (``--ep-dispatch-algorithm``):
 - ``minmax`` (the project's own): per pass, each expert's tokens split over its replicas so
   that the pass's maximum GPU load is (near) minimal given the placement
   (``kernels/minmax.py``), then by occurrence order as ``weighted`` (the Triton kernels
-  number each expert's tokens by atomic tickets instead: the same tokens per slot, though
-  which token of an expert lands on which replica may differ). With ``count_group``
+  number each expert's tokens in the order their atomics land instead, per pair or per
+  tile: the same tokens per slot, though which token of an expert lands on which replica
+  may differ). With ``count_group``
   the ranks first all-gather their per-expert counts of the layer, so the split follows the
   whole pass and each rank takes its own run of every expert's occurrences; without it each
   rank splits its own tokens.

@@ -33,7 +33,8 @@ def _case(seed: int, num_experts: int, num_slots: int, ep: int, tokens: int, top
 @pytest.mark.parametrize("seed, num_experts, num_slots, ep, tokens, top_k",
                          [(0, 16, 20, 4, 37, 4), (1, 64, 72, 8, 333, 6), (2, 8, 16, 2, 5, 2),
                           (3, 256, 288, 8, 97, 8),  # DeepSeek-V3's experts and slots
-                          (6, 16, 20, 4, 1500, 4)])  # many tiles, several per program
+                          (6, 16, 20, 4, 1500, 4),  # many tiles
+                          (9, 64, 72, 8, 2100, 4)])  # a large pass: the kernels with per-chunk bases
 def test_kernel_dispatches_like_the_torch_path(seed, num_experts, num_slots, ep, tokens, top_k):
     """Every pair goes to a replica of its own expert (padding stays -1); per-slot loads
     match the torch path's within one pair (float sums in another order may move a pair on
@@ -136,3 +137,39 @@ def test_kernel_leaves_rows_that_pad_the_batch_out_like_the_torch_path():
     pad = ids[real:]
     assert torch.equal(location.physical_to_logical_map[1][got[real:][pad >= 0]], pad[pad >= 0])
     assert torch.equal(counts[1].cpu(), torch.bincount(alone[alone >= 0], minlength=20).to(torch.int32))
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("seed, num_experts, num_slots, ep, tokens, top_k, tile",
+                         [(0, 16, 20, 4, 37, 4, 256), (1, 64, 72, 8, 333, 6, 256), (3, 256, 288, 8, 97, 8, 128),
+                          (6, 16, 20, 4, 1500, 4, 1024)])
+@pytest.mark.parametrize("glob", [False, True])
+def test_the_large_pass_kernels_on_any_pass(seed, num_experts, num_slots, ep, tokens, top_k, tile, glob):
+    """The kernels of large passes (``bases=True``), also on small ones and with a count
+    exchange of two ranks: each pair on a replica of its expert, the slot loads of the
+    torch path within one pair per rank, counts exactly the slots chosen, totals zeroed."""
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
+
+    location, ids = _case(seed, num_experts, num_slots, ep, tokens, top_k)
+    tables = ExpertDispatcher(location, rank=0, algorithm="minmax", backend="triton", device=DEVICE).minmax
+    assert tables is not None
+    scratch = minmax_scratch(tables)
+    counts = torch.zeros(2, num_slots, dtype=torch.int32, device=DEVICE)
+    cut = tokens // 3 if glob else tokens
+    parts = (ids[:cut], ids[cut:]) if glob else (ids,)
+    local = [torch.bincount(p[p >= 0], minlength=num_experts) for p in parts]
+    load = torch.zeros(num_slots, dtype=torch.int64)
+    for rank, part in enumerate(parts):
+        def exchange(mine, rank=rank):
+            return sum(local).to(mine.device), sum(local[:rank], torch.zeros_like(local[0])).to(mine.device)
+
+        out = minmax_dispatch_triton(part.to(DEVICE), tables, layer=1, num_slots=num_slots, scratch=scratch,
+                                     exchange=exchange if glob else None, counts_out=counts, bases=True,
+                                     totals_tile=tile, chunk=64).cpu()
+        assert torch.equal(out == -1, part == -1)
+        assert torch.equal(location.physical_to_logical_map[1][out[part >= 0]], part[part >= 0])
+        load += torch.bincount(out[out >= 0], minlength=num_slots)
+        assert not scratch.counters[1, :(scratch.counters.shape[1] - 1) // 2].any() and not scratch.counters[1, -1]
+    assert torch.equal(counts[1].cpu(), load.to(torch.int32))
+    whole = ExpertDispatcher(location, rank=0, algorithm="minmax").dispatch(1, ids)
+    assert (load - torch.bincount(whole[whole >= 0], minlength=num_slots)).abs().max() <= len(parts)

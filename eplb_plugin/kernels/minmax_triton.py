@@ -27,6 +27,16 @@ sits exactly on a quota boundary to the neighbouring replica.
 The scratch (``MinmaxScratch``, per layer) carries counters from kernel to kernel: the split
 zeroes the totals after reading them and resets the tickets before the assign, so calls of
 one layer must not overlap (one stream per dispatcher).
+
+Passes of more than ``SMALL_PASS_IDS`` pairs take the kernels of
+``triton_kernels_minmax_bases`` instead (H100, per layer in a CUDA graph: 16,384 tokens
+x top-8, the bases 22.7-23.0 us, the tickets 31-35 us; 512 tokens, the tickets 9.5-10.0 us,
+the bases 10.9-11.9 us): no atomic per pair. The totals
+kernel's atomic on the totals returns each tile's base per expert, and a histogram keyed by
+(chunk, replicated expert) gives each chunk of ``CHUNK`` pairs its bases, stored per call;
+the assign kernel (one program per chunk, no loop, no atomics) ranks a chunk's pairs of
+one expert by a scan of the chunk's one-hot; the split's program adds the recorder's counts
+from the quotas (the pairs each slot gets follow from the totals and the quotas alone).
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ SMALL_TOTALS_TILE = 256  # ...and in passes of up to SMALL_PASS_IDS pairs (more 
 SMALL_PASS_IDS = 8192
 NUM_WARPS = 4  # the assign kernel's warps
 SPLIT_WARPS = 4  # the totals / split kernels' warps (1: 2x slower split; 2 and 8: slower too)
+CHUNK = 64  # large passes: pairs of one assign program (128: 23.3 us at 16,384 tokens, 64: 22.8)
 
 class MinmaxScratch(NamedTuple):
     """Per-layer state of the kernels: ``counters`` [L, 2 NB + 1] int32 (totals, tickets,
@@ -85,7 +96,7 @@ def minmax_dispatch_triton(
     scratch: MinmaxScratch | None = None, exchange: CountExchange | None = None,
     counts_out: torch.Tensor | None = None, num_warps: int = NUM_WARPS, split_warps: int = SPLIT_WARPS,
     iterations: int = MINMAX_ITERATIONS, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
-    totals_tile: int | None = None,
+    totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
@@ -95,8 +106,9 @@ def minmax_dispatch_triton(
     (``ExpertDispatcher.pass_counts``, collective); None = this rank's tokens only.
     counts_out: optional [L, P] int32 recorder buffer; this call's slots are added to its
     row ``layer``. num_warps / split_warps / iterations / assign_tile_elements /
-    totals_tile (None: by the pass's size): launch and split settings (the benchmarks vary
-    them; the defaults are the measured best)."""
+    totals_tile (None: by the pass's size) / chunk: launch and split settings (the
+    benchmarks vary them; the defaults are the measured best). bases: the kernels of large
+    passes (True), the ticket kernels (False), or by the pass's size (None)."""
     from eplb_plugin.kernels import triton_kernels_minmax as k
 
     check_ids("topk_ids", topk_ids)
@@ -116,6 +128,10 @@ def minmax_dispatch_triton(
     glob = exchange is not None
     if totals_tile is None:
         totals_tile = SMALL_TOTALS_TILE if num_ids <= SMALL_PASS_IDS else TOTALS_TILE
+    if bases if bases is not None else num_ids > SMALL_PASS_IDS:
+        return _dispatch_bases(flat, tables, layer=layer, counters=counters, quotas=quotas, exchange=exchange,
+                               counts_out=counts_out, num_warps=num_warps, split_warps=split_warps,
+                               iterations=iterations, totals_tile=totals_tile, chunk=chunk).view(topk_ids.shape)
     k.minmax_totals_kernel[(max(1, -(-num_ids // totals_tile)),)](
         flat, counters, quotas, *split_tables, num_ids, num_experts, num_multi, num_gpus, slots_per_gpu,
         MINMAX_MOMENTUM, SPLIT=not glob, ITERATIONS=iterations, TILE=totals_tile, NB=nb, BM=bm, BG=bg, BS=bs,
@@ -143,3 +159,51 @@ def minmax_dispatch_triton(
         num_warps=num_warps,
     )
     return out.view(topk_ids.shape)
+
+
+def _dispatch_bases(
+    flat: torch.Tensor, tables: MinmaxTables, *, layer: int, counters: torch.Tensor, quotas: torch.Tensor,
+    exchange: CountExchange | None, counts_out: torch.Tensor | None, num_warps: int, split_warps: int,
+    iterations: int, totals_tile: int, chunk: int,
+) -> torch.Tensor:
+    """``minmax_dispatch_triton`` by the kernels of ``triton_kernels_minmax_bases`` (flat
+    ids, this layer's scratch); returns the flat slots."""
+    from eplb_plugin.kernels import triton_kernels_minmax_bases as k
+
+    num_experts = tables.multi_row.shape[1]
+    num_multi, num_gpus = tables.multi_gpus.shape[1:]
+    slots_per_gpu = tables.single_slots.shape[2]
+    nb, bm, bg = _sizes(tables)
+    bs = _next_pow2(slots_per_gpu)
+    num_ids = flat.numel()
+    place_tables = (tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer],
+                    tables.multi_row[layer], tables.slot_on_gpu[layer], tables.home_slot[layer])
+    glob = exchange is not None
+    count = counts_out is not None
+    counts = counts_out if counts_out is not None else counters  # unused pointer when not counting
+    counts_offset = layer * counts_out.stride(0) if counts_out is not None else 0
+    chunk = min(chunk, totals_tile)
+    num_tiles = max(1, -(-num_ids // totals_tile))
+    bases = torch.empty(num_tiles * (totals_tile // chunk) * bm, dtype=torch.int32, device=flat.device)
+    k.bases_totals_kernel[(num_tiles,)](
+        flat, counters, bases, quotas, counts, counts_offset, *place_tables, num_ids, num_experts, num_multi,
+        num_gpus, slots_per_gpu, MINMAX_MOMENTUM, SPLIT=not glob, COUNT=count and not glob, ITERATIONS=iterations,
+        TILE=totals_tile, SUB=chunk, NB=nb, BM=bm, BG=bg, BS=bs, num_warps=split_warps,
+    )
+    offsets = counters  # unused pointer without an exchange
+    if glob:
+        assert exchange is not None
+        total, offset = exchange(counters[:num_experts].long())
+        offsets = offset.to(torch.int32)
+        k.bases_split_kernel[(1,)](
+            total.to(torch.int32), offsets, counters, quotas, counts, counts_offset, *place_tables, num_experts,
+            num_multi, num_gpus, slots_per_gpu, MINMAX_MOMENTUM, COUNT=count, ITERATIONS=iterations, NB=nb, BM=bm,
+            BG=bg, BS=bs, num_warps=split_warps,
+        )
+    out = torch.empty(num_ids, dtype=torch.int64, device=flat.device)
+    k.bases_assign_kernel[(max(1, -(-num_ids // chunk)),)](
+        flat, bases, quotas, offsets, out, tables.multi_row[layer], tables.slot_on_gpu[layer],
+        tables.home_slot[layer], num_ids, num_experts, num_gpus,
+        GLOBAL=glob, SUB=chunk, BM=bm, BG=bg, num_warps=num_warps,
+    )
+    return out
