@@ -10,7 +10,7 @@ current placement as ``previous``); every pass after the first plan is scored on
 - ``minmax_local``: each rank splits its own tokens (``--ep-dispatch-counts local``).
 
 The per-pass policy also runs with a move budget of ``MOVE_BUDGET_SHARE`` of the slots per
-rebalance. References: the clairvoyant plan (made on the next ``--every`` passes) and the same-pass
+rebalance, with unused budget carried over as the manager does by default and as a hard cap. References: the clairvoyant plan (made on the next ``--every`` passes) and the same-pass
 plan (made on the pass it serves), both with the project's equal-split policy. Slots moved
 per rebalance are counted against the previous placement (the first plan, from the trivial
 placement, excluded). Exits cleanly where the traces are absent.
@@ -33,10 +33,13 @@ from bench_realized_balance import NUM_LOGICAL, rank_counts, static_gpu_loads
 
 from eplb_plugin.algorithms import plan
 from eplb_plugin.algorithms.evaluate import minmax_gpu_loads
+from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import layer_balancedness
+from eplb_plugin.manager.planning import MoveCredit
 
 PLANNERS = ("eplb_plugin_equal", "eplb_plugin_perpass", "deepseek", "deepseek_vec")
-MOVE_BUDGET_SHARE = 0.10  # the budgeted per-pass row: at most this share of slots moved per rebalance
+MOVE_BUDGET_SHARE = 0.10  # the budgeted per-pass rows: this share of slots moved per rebalance on average
+MOVE_BUDGET_CARRY = EPLBArgs.eplb_move_budget_carry  # the manager's default (--eplb-move-budget-carry)
 
 
 def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> dict[str, float]:
@@ -50,27 +53,30 @@ def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> dict[str,
 
 
 def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: int, planner: str,
-           source: str = "past", budget_share: float | None = None) -> dict:
+           source: str = "past", budget_share: float | None = None, carry: int = MOVE_BUDGET_CARRY) -> dict:
     """source: "past" (the last ``every`` passes), "next" (clairvoyant) or "same" (each pass).
-    budget_share: a move budget of this share of all slots per rebalance (not on the first
+    budget_share: a move budget of this share of all slots per rebalance, unused budget
+    carried over ``carry`` rebalances as the manager does (``MoveCredit``; not on the first
     plan, which starts from the trivial placement)."""
     num_layers = counts[0].shape[1]
     phy2log = np.broadcast_to(np.arange(num_slots) % NUM_LOGICAL, (num_layers, num_slots)).copy()
     scores: dict[str, list[float]] = {}
     moved, solver = [], []
+    credit = None if budget_share is None else MoveCredit(int(budget_share * phy2log.size), carry=carry)
     for p in range(every, len(counts)):
         due = source == "same" or p % every == 0
         if due:
             rows = {"past": range(p - every, p), "next": range(p, min(p + every, len(counts))), "same": [p]}[source]
             window = np.stack([counts[q].sum(0) for q in rows])  # [B, L, E] whole-pass counts
             start = time.perf_counter()
-            budget = {} if budget_share is None or p == every else \
-                {"max_slots_moved": int(budget_share * phy2log.size)}
+            budget = {} if credit is None or p == every else {"max_slots_moved": credit.grant()}
             new = plan(window, num_physical_experts=num_slots, num_gpus=num_gpus, algorithm=planner,
                        previous=phy2log, **budget).physical_to_logical_map.numpy()
             solver.append(time.perf_counter() - start)
             if p > every:
                 moved.append(float((new != phy2log).mean()))
+                if credit is not None:
+                    credit.spend(int((new != phy2log).sum()))
             phy2log = new
         for name, value in score(counts[p], phy2log, num_gpus).items():
             scores.setdefault(name, []).append(value)
@@ -98,9 +104,12 @@ def main(argv=None) -> int:
         counts = [rank_counts(ids, p, ns.pass_tokens, num_gpus) for p in range(num_passes)]
         runs = {planner: replay(counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner=planner)
                 for planner in PLANNERS}
-        runs[f"eplb_plugin_perpass, move budget {MOVE_BUDGET_SHARE:.0%} of slots"] = replay(
+        runs[f"eplb_plugin_perpass, move budget {MOVE_BUDGET_SHARE:.0%} of slots, carry {MOVE_BUDGET_CARRY}"] = replay(
             counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_perpass",
             budget_share=MOVE_BUDGET_SHARE)
+        runs[f"eplb_plugin_perpass, move budget {MOVE_BUDGET_SHARE:.0%} of slots, hard cap (carry 0)"] = replay(
+            counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_perpass",
+            budget_share=MOVE_BUDGET_SHARE, carry=0)
         runs["clairvoyant (eplb_plugin_equal on the next passes)"] = replay(
             counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_equal", source="next")
         runs["same pass (eplb_plugin_equal on the pass served)"] = replay(

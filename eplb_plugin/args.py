@@ -125,10 +125,18 @@ class EPLBArgs:
         sglang=False,
     )
     eplb_move_budget_mb: Optional[float] = _flag(
-        "At most this many MiB of expert weights move per rebalance (all ranks together): the planner "
-        "spends them where the per-pass balance gains most per slot moved (policies with a move budget: "
-        "eplb_plugin_perpass). Default: no limit.",
+        "At most this many MiB of expert weights move per rebalance on average (all ranks together): "
+        "the planner spends them where the per-pass balance gains most per slot moved (policies with a "
+        "move budget: eplb_plugin_perpass); unused budget carries over (--eplb-move-budget-carry). "
+        "Default: no limit.",
         default=None,
+        sglang=False,
+    )
+    eplb_move_budget_carry: int = _flag(
+        "With --eplb-move-budget-mb: how many rebalances' unused budget is kept for later ones, so a "
+        "shift in traffic can be followed in one rebalance while the average stays within the budget "
+        "(one rebalance moves at most (1 + this) budgets); 0 makes the budget a hard per-rebalance cap.",
+        default=3,
         sglang=False,
     )
     eplb_plan_in_process: bool = _flag(
@@ -211,6 +219,9 @@ class EPLBArgs:
             raise ConfigError(f"--eplb-rebalance-timeout-s must be > 0 (got {self.eplb_rebalance_timeout_s})")
         if self.eplb_move_budget_mb is not None and not self.eplb_move_budget_mb > 0:
             raise ConfigError(f"--eplb-move-budget-mb must be > 0 (got {self.eplb_move_budget_mb})")
+        if isinstance(self.eplb_move_budget_carry, bool) or not isinstance(self.eplb_move_budget_carry, int) \
+                or self.eplb_move_budget_carry < 0:
+            raise ConfigError(f"--eplb-move-budget-carry must be an int >= 0 (got {self.eplb_move_budget_carry!r})")
         if self.eplb_non_blocking and not self.enable_eplb:
             raise ConfigError("--eplb-non-blocking needs --enable-eplb")
 

@@ -409,7 +409,8 @@ def case_a_move_budget_reaches_the_planner_in_slots_and_bounds_what_moves(rank, 
     location = ExpertLocation.trivial(num_layers=NUM_LAYERS, num_logical_experts=NUM_EXPERTS,
                                       num_physical_experts=NUM_SLOTS, ep_size=2)
     slot_mb = sum(t[0].numel() * t.element_size() for t in expert_weights(location, rank)[0]) / (1 << 20)
-    args = _args(eplb_algorithm="eplb_plugin_perpass", ep_dispatch_algorithm="minmax", eplb_move_budget_mb=3.5 * slot_mb)
+    args = _args(eplb_algorithm="eplb_plugin_perpass", ep_dispatch_algorithm="minmax", eplb_move_budget_mb=3.5 * slot_mb,
+                 eplb_move_budget_carry=0)  # a hard cap per rebalance
     host = Host(rank, group, args, planner=recording_planner)
     finished = lambda m: sum(r.end_pass is not None for r in m.history) >= 2  # noqa: E731
     assert host.serve(400, until=finished) == []
@@ -419,6 +420,25 @@ def case_a_move_budget_reaches_the_planner_in_slots_and_bounds_what_moves(rank, 
     if rank == 0:
         assert seen and set(seen) == {3}
     assert weights_match(host.weights, host.manager.location, rank)
+
+    # Carried over (--eplb-move-budget-carry 2): each plan may move what earlier ones left,
+    # up to 3 budgets, and the slots moved stay within 3 per rebalance on average.
+    seen.clear()
+    carried = Host(rank, group, _args(eplb_algorithm="eplb_plugin_perpass", ep_dispatch_algorithm="minmax",
+                                      eplb_move_budget_mb=3.5 * slot_mb, eplb_move_budget_carry=2),
+                   planner=recording_planner)
+    finished = lambda m: sum(r.end_pass is not None for r in m.history) >= 3  # noqa: E731
+    assert carried.serve(600, until=finished) == []
+    records = [r for r in carried.manager.history if r.end_pass is not None]
+    assert all(r.error is None for r in records), records
+    if rank == 0:
+        left = 0
+        for budget, record in zip(seen, records):
+            assert budget == min(left + 3, 9), (seen, records)
+            assert record.slots_moved <= budget, (seen, records)
+            left = budget - record.slots_moved
+    assert sum(r.slots_moved for r in records) <= 3 * len(records), records
+    assert weights_match(carried.weights, carried.manager.location, rank)
     with pytest.raises(ConfigError, match="below one expert"):
         Host(rank, group, _args(eplb_algorithm="eplb_plugin_perpass", eplb_move_budget_mb=0.5 * slot_mb))
     with pytest.raises(ConfigError, match="needs a policy that takes a move budget.*eplb_plugin_perpass"):

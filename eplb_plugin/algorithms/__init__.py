@@ -32,7 +32,7 @@ from .deepseek import deepseek
 from .deepseek_vec import deepseek_vec
 from .migrate import align_to_previous, plan_migration_aware
 from .nodes import cross_node_share, plan_node_aware
-from .perpass import refine_for_minmax
+from .perpass import plan_within_budget, refine_for_minmax
 from .split import equal_slot_loads
 
 
@@ -112,16 +112,17 @@ def _deepseek_vec(weight, num_physical, *, num_gpus, num_nodes, num_groups, prev
 
 def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal",
                   max_moves=None):
-    start, _ = _ours_equal(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
+    fresh, _ = _ours_equal(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
                            previous=previous)
-    budgeted = previous is not None and max_moves is not None
-    if budgeted and int((start != previous).sum()) > max_moves:
-        start = previous  # the equal plan alone moves more than the budget: refine the live map
-    refined = refine_for_minmax(start, weight[None] if per_pass is None else per_pass, num_gpus=num_gpus,
-                                num_nodes=num_nodes, previous=previous if budgeted else None,
-                                max_moves=max_moves if budgeted else None)
+    window = weight[None] if per_pass is None else per_pass
+    if previous is not None and max_moves is not None:  # stale layers only, within the budget
+        fresh = align_to_previous(fresh, previous, num_gpus=num_gpus)
+        planned = plan_within_budget(fresh, previous, window, num_gpus=num_gpus, num_nodes=num_nodes,
+                                     max_moves=max_moves)
+    else:
+        planned = refine_for_minmax(fresh, window, num_gpus=num_gpus, num_nodes=num_nodes)
     # GPUs relabelled and slots reordered to keep live slots: the same loads, fewer moves
-    return (refined if previous is None else align_to_previous(refined, previous, num_gpus=num_gpus)), None
+    return (planned if previous is None else align_to_previous(planned, previous, num_gpus=num_gpus)), None
 
 
 @dataclass(frozen=True)

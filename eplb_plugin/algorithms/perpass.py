@@ -18,8 +18,15 @@ window's sum (migration-aware when a previous placement is given):
 It buys per-pass balance with moves: on the ESFT replay (EP8 / 72 and EP16 / 80 slots) it
 changes a third to a half of the slots per rebalance, where the equal-split plan changes a
 tenth (``benchmarks/bench_per_pass_balance.py``). With a move budget (``previous`` and
-``max_moves``) it refines within the budget, taking changes by gain per moved slot and also
-drawing changes that put a slot back to its live expert.
+``max_moves``, ``plan_within_budget``) it re-plans only the layers where the live map has
+gone stale, a layer whose live map scores below a fresh equal-split plan of the window's
+sum on the window's passes: those start from the fresh plan where it is worth its moves
+(up to half the budget, best gain per moved slot first), then all of them are refined
+within the budget, taking changes by gain per moved slot and also drawing changes that put
+a slot back to its live expert. Layers that are not stale keep their slots: small
+window-to-window gains there do not hold on the next passes (on the ESFT replay, moving
+them changed nothing measurable), so the budget is kept for when the traffic shifts (the
+manager carries unused budget over, ``--eplb-move-budget-carry``).
 
 Pure torch on CPU, vectorized over layers and candidates; seeded, so a plan is repeatable.
 """
@@ -60,7 +67,7 @@ def _buckets(per_pass: np.ndarray) -> torch.Tensor:
 def refine_for_minmax(
     start: np.ndarray, per_pass: np.ndarray, *, num_gpus: int, num_nodes: int = 1, rounds: int = PERPASS_ROUNDS,
     candidates: int = PERPASS_CANDIDATES, seed: int = PERPASS_SEED, previous: np.ndarray | None = None,
-    max_moves: int | None = None, aimed: bool = True,
+    max_moves: int | None = None, aimed: bool = True, frozen: np.ndarray | None = None,
 ) -> np.ndarray:
     """start: [L, P] int map to refine (rank-major; with nodes, node-major too); per_pass:
     [B, L, E] window counts. Returns [L, P] int64; no layer scores worse than in ``start``.
@@ -71,7 +78,8 @@ def refine_for_minmax(
     changes by gain per added move first, and ``start`` must itself be within the budget
     (UsageError otherwise). aimed: with one node, half the draws swap slots between the GPU
     that peaks in most of the window's passes and the least loaded one, or give a spare
-    replica on the latter to an expert of the former."""
+    replica on the latter to an expert of the former. frozen: [L] bool, layers kept as in
+    ``start``."""
     gen = torch.Generator().manual_seed(seed)
     counts = _buckets(per_pass)  # [L, W, E]
     current = torch.tensor(np.asarray(start), dtype=torch.int64)  # a copy: refined in place
@@ -150,7 +158,38 @@ def refine_for_minmax(
             within[order] = spend <= room
             better &= within
             top = score[torch.arange(num_layers), arg]
+        if frozen is not None:
+            better &= ~torch.as_tensor(np.asarray(frozen, dtype=bool))
         current[better] = cand[torch.arange(num_layers)[better], arg[better]]
         best = torch.where(better, top, best)
         moves = (current != live).sum(1)
     return current.numpy()
+
+
+def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *, num_gpus: int,
+                       num_nodes: int = 1, max_moves: int) -> np.ndarray:
+    """fresh: [L, P] equal-split plan of the window's sum, aligned to ``live`` (the live map,
+    [L, P]); per_pass: [B, L, E]. Returns [L, P] int64 differing from ``live`` in at most
+    ``max_moves`` slots, changed only in stale layers (the live map scores below the fresh
+    one on the window's passes; none stale: ``live``).
+
+    Step 1: stale layers take their fresh map, best window gain per moved slot first, while
+    the moves stay within half the budget. Step 2: ``refine_for_minmax`` over the stale layers
+    from there, within the whole budget."""
+    counts = _buckets(per_pass)
+    live_t = torch.as_tensor(np.asarray(live), dtype=torch.int64)
+    fresh_t = torch.as_tensor(np.asarray(fresh), dtype=torch.int64)
+    live_score = mean_pass_balancedness(live_t, counts, num_gpus=num_gpus)
+    gain = mean_pass_balancedness(fresh_t, counts, num_gpus=num_gpus) - live_score  # [L]
+    stale = gain > 1e-6
+    if not bool(stale.any()):
+        return live_t.numpy().copy()
+    cost = (fresh_t != live_t).sum(1)  # [L] slots the fresh map moves
+    start = live_t.clone()
+    spent = 0
+    for layer in torch.argsort(gain / cost.clamp_min(1), descending=True).tolist():
+        if stale[layer] and spent + int(cost[layer]) <= max_moves // 2:
+            start[layer] = fresh_t[layer]
+            spent += int(cost[layer])
+    return refine_for_minmax(start.numpy(), per_pass, num_gpus=num_gpus, num_nodes=num_nodes, previous=live_t.numpy(),
+                             max_moves=max_moves, frozen=~stale.numpy())

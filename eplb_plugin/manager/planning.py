@@ -57,12 +57,43 @@ class PolicyChoice:
                    max_slots_moved=move_budget_slots(args.eplb_move_budget_mb, algorithm=algorithm,
                                                      expert_weights=expert_weights))
 
-    def plan_kwargs(self, live: ExpertLocation, *, num_nodes: int, num_groups: int | None) -> dict[str, Any]:
-        """The planner's keyword arguments for a plan from the ``live`` ExpertLocation."""
-        budget = {} if self.max_slots_moved is None else {"max_slots_moved": self.max_slots_moved}
+    def credit(self, args: EPLBArgs) -> MoveCredit | None:
+        """The move budget's account (``--eplb-move-budget-carry``); None without a budget."""
+        if self.max_slots_moved is None:
+            return None
+        return MoveCredit(per_rebalance=self.max_slots_moved, carry=args.eplb_move_budget_carry)
+
+    def plan_kwargs(self, live: ExpertLocation, *, num_nodes: int, num_groups: int | None,
+                    max_slots_moved: int | None = None) -> dict[str, Any]:
+        """The planner's keyword arguments for a plan from the ``live`` ExpertLocation;
+        max_slots_moved: this plan's move budget (the credit granted; default: the budget per
+        rebalance)."""
+        slots = self.max_slots_moved if max_slots_moved is None else max_slots_moved
+        budget = {} if slots is None else {"max_slots_moved": slots}
         return dict(num_physical_experts=live.num_physical_experts, num_gpus=live.ep_size, num_nodes=num_nodes,
                     num_groups=num_groups, algorithm=self.algorithm, split=self.split,
                     previous=live.physical_to_logical_map, **budget)
+
+
+@dataclass
+class MoveCredit:
+    """The move budget across rebalances, in slots: each plan is granted ``per_rebalance``
+    more, unused slots carry over up to ``(1 + carry) * per_rebalance``, and the slots a
+    plan changes are spent, so the average per rebalance stays within ``per_rebalance``
+    while one rebalance can follow a shift in traffic with the budget saved before it."""
+
+    per_rebalance: int
+    carry: int
+    balance: int = 0
+
+    def grant(self) -> int:
+        """Add one rebalance's budget; the slots the next plan may move."""
+        self.balance = min(self.balance + self.per_rebalance, (1 + self.carry) * self.per_rebalance)
+        return self.balance
+
+    def spend(self, slots: int) -> None:
+        """A plan that changes ``slots`` slots was accepted."""
+        self.balance = max(0, self.balance - slots)
 
 
 class PlanOutcome(NamedTuple):
