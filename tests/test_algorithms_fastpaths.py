@@ -228,7 +228,7 @@ def test_trying_a_rows_remaining_donors_at_once_gives_the_same_plan_in_fewer_rou
     for rows_at_once in (0, 10**6):
         monkeypatch.setattr(balanced, "SPECULATE_ROWS", rows_at_once)
         calls.append(0)
-        plans.append(balanced.balanced_plan(weight, 45, num_gpus=9))
+        plans.append(balanced.balanced_plan_numpy(weight, 45, num_gpus=9))
     assert np.array_equal(plans[0], plans[1])
     assert 1 < calls[1] < calls[0]
 

@@ -18,6 +18,9 @@ Fresh plan, vectorized over layers (numpy):
 With replica weights and at least one redundant slot per GPU, ``plan_balanced`` uses the
 chain plan of ``chain.py`` instead (perfect in-sample), keeping steps 1-6 per layer where
 they are better.
+
+Steps 1-4 and the recipe of step 5 run compiled (``balanced_jit.py``, ``deepseek_jit.py``)
+for large plans where numba is installed (``compiled.py``): the same plan, several times faster.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import numpy as np
 from ..balance import gpu_loads
 from ..maps import replica_count
 from .chain import chain_plan, shares_from_loads
+from .compiled import balanced_kernels, wanted
 from .deepseek import deepseek
-from .packing import counts_to_slots, refine_swaps, round_robin_pack
+from .packing import SWAP_ITERS, SWAP_PARTNERS, counts_to_slots, refine_swaps, round_robin_pack
 from .split import peak_load, waterfill_slot_loads
 
 BISECT_ITERS = 30
@@ -39,16 +43,22 @@ GOOD_ENOUGH = 5e-4  # a layer within 0.05% of the mean GPU load is not searched 
 CHAIN_EXACT = 1e-9  # a chain layer this close to the mean reached it (else compare with the equal plan)
 
 
-def divisor_counts(weight: np.ndarray, num_physical: int, minimum: np.ndarray | None = None) -> np.ndarray:
+def divisor_counts(weight: np.ndarray, num_physical: int, minimum: np.ndarray | None = None, *,
+                   compiled: bool | None = None) -> np.ndarray:
     """Replicas per expert, each >= ``minimum`` (default 1), summing to num_physical,
     minimizing the max load per replica given the minimum.
 
     weight: [L, E] float >= 0; minimum: [L, E] int with row sums <= num_physical.
+    compiled: steps 2-3 compiled where numba is installed (the same counts; not with ``minimum``);
+        None = by size (``compiled.worth_compiling``).
     Returns [L, E] int64.
     """
     num_layers, num_logical = weight.shape
     # Step 1: a tiny floor keeps all-zero layers well posed (extra replicas go to index order).
     w = weight + 1e-9 * (weight.mean(1, keepdims=True) + 1.0)
+    kernels = balanced_kernels() if minimum is None and wanted(compiled, num_layers, num_physical) else None
+    if kernels is not None:  # steps 2-3 compiled, the same counts
+        return kernels.divisor_rows(np.ascontiguousarray(w, dtype=np.float64), num_physical, BISECT_ITERS)
     floor = np.ones_like(w) if minimum is None else minimum.astype(np.float64)
     lo = np.zeros((num_layers, 1))
     hi = w.max(1, keepdims=True)
@@ -84,13 +94,33 @@ def pack_counts(weight: np.ndarray, count: np.ndarray, num_gpus: int) -> np.ndar
 
 
 def balanced_plan(
+    weight: np.ndarray, num_physical: int, *, num_gpus: int, rounds: int = COUNT_ROUNDS,
+    compiled: bool | None = None,
+) -> np.ndarray:
+    """Steps 1-4 of the module docstring for one flat set of GPUs. weight: [L, E] -> [L, P] int64.
+
+    Compiled (``balanced_jit``) where numba is installed and ``compiled`` asks for it (None: by
+    size, ``compiled.worth_compiling``), else ``balanced_plan_numpy``: the same plan.
+    """
+    kernels = balanced_kernels() if wanted(compiled, weight.shape[0], num_physical) else None
+    if kernels is None:
+        return balanced_plan_numpy(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
+    weight = np.ascontiguousarray(weight, dtype=np.float64)
+    count = divisor_counts(weight, num_physical, compiled=True)
+    phy2log = np.empty((weight.shape[0], num_physical), dtype=np.int64)
+    kernels.search_rows(weight, count, weight.sum(1) / num_gpus, num_gpus, rounds, COUNT_PATIENCE, GOOD_ENOUGH,
+                        SWAP_ITERS, min(SWAP_PARTNERS, num_gpus - 1), phy2log)
+    return phy2log
+
+
+def balanced_plan_numpy(
     weight: np.ndarray, num_physical: int, *, num_gpus: int, rounds: int = COUNT_ROUNDS
 ) -> np.ndarray:
-    """Steps 1-4 of the module docstring for one flat set of GPUs. weight: [L, E] -> [L, P] int64."""
+    """``balanced_plan`` in numpy, vectorized over layers (the reference of the compiled form)."""
     num_layers, num_logical = weight.shape
     per_gpu = num_physical // num_gpus
     mean_gpu = weight.sum(1) / num_gpus
-    count = divisor_counts(weight, num_physical)
+    count = divisor_counts(weight, num_physical, compiled=False)
     phy2log = pack_counts(weight, count, num_gpus)
     peak = peak_load(weight, phy2log, num_gpus)
     if num_physical == num_logical:
@@ -187,7 +217,7 @@ def equal_plan(
     """Steps 1-6: the plan for equal split, per layer the better of ours and DeepSeek's.
     weight: [L, E]. Returns (phy2log [L, P] int64, water-filled weights [L, P] | None)."""
     ours = balanced_plan(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
-    reference = deepseek(weight, num_physical, num_gpus=num_gpus)
+    reference = deepseek(weight, num_physical, num_gpus=num_gpus, compiled=None)
     phy2log = best_of(weight, [ours, reference], num_gpus)
     weights = replica_weights(weight, phy2log, num_gpus) if with_weights else None
     return phy2log, weights

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .compiled import recipe_kernels, wanted
+
 
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
     """Pack ``n`` weighted items into ``num_packs`` packs of ``n / num_packs`` items each.
@@ -67,31 +69,38 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
 
 
 def rebalance_hierarchical(
-    weight: np.ndarray, num_physical: int, *, num_groups: int, num_nodes: int, num_gpus: int
+    weight: np.ndarray, num_physical: int, *, num_groups: int, num_nodes: int, num_gpus: int,
+    compiled: bool | None = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """DeepSeek's hierarchical recipe; with num_groups = num_nodes = 1 it is the global one.
 
     weight: [L, E] float; E divisible by num_groups, num_groups by num_nodes, num_gpus by
-    num_nodes, num_physical by num_gpus.
+    num_nodes, num_physical by num_gpus. compiled: run the two loops compiled where numba is
+    installed (the same output); None = by size (``compiled.worth_compiling``).
     Returns (phy2log [L, P] int64, replica_rank [L, P] int64, replica_count [L, E] int64).
     """
+    kernels = recipe_kernels() if wanted(compiled, weight.shape[0], num_physical) else None
+    packing, replicate = (balanced_packing, replicate_experts) if kernels is None else (
+        kernels.balanced_packing_rows, kernels.replicate_experts_rows)
+    if kernels is not None:
+        weight = np.ascontiguousarray(weight, dtype=np.float64)
     num_layers, num_logical = weight.shape
     group_size = num_logical // num_groups
     groups_per_node = num_groups // num_nodes
     slots_per_gpu = num_physical // num_gpus
     # Step 1: pack expert groups onto nodes; mlog = the node-major order of logical experts.
     tokens_per_group = weight.reshape(num_layers, num_groups, group_size).sum(-1)
-    group_pack, group_rank = balanced_packing(tokens_per_group, num_nodes)
+    group_pack, group_rank = packing(tokens_per_group, num_nodes)
     log2mlog = (
         ((group_pack * groups_per_node + group_rank) * group_size)[:, :, None] + np.arange(group_size)
     ).reshape(num_layers, num_logical)
     mlog2log = _inverse(log2mlog)
     # Step 2: replicate within each node (nodes stacked as extra rows).
     tokens_per_mlog = np.take_along_axis(weight, mlog2log, axis=1).reshape(-1, num_logical // num_nodes)
-    phy2mlog, phy_rank, mlog_count = replicate_experts(tokens_per_mlog, num_physical // num_nodes)
+    phy2mlog, phy_rank, mlog_count = replicate(np.ascontiguousarray(tokens_per_mlog), num_physical // num_nodes)
     # Step 3: pack each node's slots onto its GPUs.
     tokens_per_phy = np.take_along_axis(tokens_per_mlog / mlog_count, phy2mlog, axis=1)
-    pack_index, rank_in_pack = balanced_packing(tokens_per_phy, num_gpus // num_nodes)
+    pack_index, rank_in_pack = packing(tokens_per_phy, num_gpus // num_nodes)
     pphy2phy = _inverse(pack_index * slots_per_gpu + rank_in_pack)
     # Step 4: back to global slot and logical ids.
     pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, axis=1)
@@ -105,12 +114,13 @@ def rebalance_hierarchical(
 
 def deepseek(
     weight: np.ndarray, num_physical: int, *, num_gpus: int, num_nodes: int = 1,
-    num_groups: int | None = None, hierarchical: bool = False,
+    num_groups: int | None = None, hierarchical: bool = False, compiled: bool | None = False,
 ) -> np.ndarray:
     """DeepSeek's recipe. weight: [L, E] float. Returns phy2log [L, P] int64.
 
     ``hierarchical`` applies only when groups divide over nodes and nodes divide the GPUs
-    (as in the reference); otherwise the global recipe runs.
+    (as in the reference); otherwise the global recipe runs. ``compiled``: see
+    ``rebalance_hierarchical`` (the project's policy runs the recipe as a candidate this way).
     """
     use_groups = (
         hierarchical and num_groups is not None and num_groups % num_nodes == 0
@@ -118,8 +128,9 @@ def deepseek(
     )
     if use_groups:
         phy2log, _, _ = rebalance_hierarchical(
-            weight, num_physical, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_gpus
+            weight, num_physical, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_gpus, compiled=compiled
         )
     else:
-        phy2log, _, _ = rebalance_hierarchical(weight, num_physical, num_groups=1, num_nodes=1, num_gpus=num_gpus)
+        phy2log, _, _ = rebalance_hierarchical(weight, num_physical, num_groups=1, num_nodes=1, num_gpus=num_gpus,
+                                               compiled=compiled)
     return phy2log

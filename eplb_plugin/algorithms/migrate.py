@@ -185,7 +185,7 @@ def plan_migration_aware(
     Returns (phy2log [L, P], water-filled replica weights [L, P], or None without ``with_weights``).
     """
     num_physical = previous.shape[1]
-    fresh = deepseek(weight, num_physical, num_gpus=num_gpus)
+    fresh = deepseek(weight, num_physical, num_gpus=num_gpus, compiled=None)
     mean_gpu = np.maximum(weight.sum(1) / num_gpus, 1e-30)
     old_peak = peak_load(weight, previous, num_gpus)
     # Alignment only reorders GPUs and slots, so the peak it will have is known now: a layer

@@ -139,7 +139,8 @@ def plan_node_aware(weight: np.ndarray, flat: np.ndarray, flat_peak: np.ndarray,
     if rows.size == 0:
         return placed, perm, take
     w = weight[rows]
-    hier = deepseek(w, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups, hierarchical=True)
+    hier = deepseek(w, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups, hierarchical=True,
+                    compiled=None)
     take[rows] = peak_load(w, hier, num_gpus) <= limit[rows]
     out = placed.copy()
     out[rows] = np.where(take[rows, None], hier, placed[rows])
