@@ -24,7 +24,7 @@ from eplb_plugin.location import ExpertLocation
 
 WORLD, NUM_LAYERS, NUM_LOGICAL, NUM_PHYSICAL, TOP_K = 3, 3, 10, 15, 3
 ROWS = {0: (29, 17, 40), 1: (23, 31, 12), 2: (26, 0, 35)}  # layer -> real rows of each rank (rank 1 idle in layer 2)
-PADDED_LAYER, PAD_ROWS = 1, 6  # rank 0's batch of that layer carries 6 padding rows (hot expert)
+PADDED_LAYER, PAD_ROWS = 1, 12  # rank 0's batch of that layer carries 12 padding rows (one busy expert)
 SUBPROCESS_TIMEOUT_S = 180
 
 import_sglang_or_skip()
@@ -58,6 +58,17 @@ def _whole_pass(layer: int) -> tuple[torch.Tensor, list[int]]:
     parts = [_rank_ids(layer, r) for r in range(WORLD)]
     starts = [sum(p.shape[0] for p in parts[:r]) for r in range(WORLD)]
     return torch.cat(parts), starts
+
+
+def _busiest_split_expert(layer: int) -> int:
+    """The expert with the most tokens of the pass among those with slots on several GPUs
+    (the ones minmax splits)."""
+    phy2log = _placement().physical_to_logical_map[layer]
+    gpus = phy2log.new_zeros(NUM_LOGICAL, WORLD, dtype=torch.bool)
+    gpus[phy2log, torch.arange(NUM_PHYSICAL) // (NUM_PHYSICAL // WORLD)] = True
+    whole, _ = _whole_pass(layer)
+    tokens = torch.bincount(whole[whole >= 0].long(), minlength=NUM_LOGICAL)
+    return int((tokens * (gpus.sum(1) > 1)).argmax())
 
 
 def _one_dispatcher(ids: torch.Tensor, layer: int) -> torch.Tensor:
@@ -126,8 +137,9 @@ def _map_own_tokens(rank: int) -> dict[int, torch.Tensor]:
             out[layer] = ids.long()
             continue
         real_rows = ids.shape[0]
-        if layer == PADDED_LAYER and rank == 0:  # padding rows all pick one expert: they would shift the split
-            ids = torch.cat([ids, torch.full((PAD_ROWS, TOP_K), 1, dtype=torch.int32)])
+        if layer == PADDED_LAYER and rank == 0:  # padding rows all pick a replicated expert: counted, they would shift the split
+            hot = _busiest_split_expert(layer)
+            ids = torch.cat([ids, torch.full((PAD_ROWS, TOP_K), hot, dtype=torch.int32)])
         bound = torch.tensor([real_rows])
         with forward_context(ForwardContext(attn_backend=None, moe_num_token_non_padded=lambda bound=bound: bound)):
             info = sglang_dispatch.dispatch_info_init_new(init_new, eld.ExpertLocationDispatchInfo, layer)
