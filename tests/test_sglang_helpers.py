@@ -137,7 +137,8 @@ def fake_runtime(*, ep_size: int, nnodes: int = 1, tp_rank: int = 0, chunked_pre
         pp_size=pp_size, dwdp_size=1,
         elastic_ep_initial_size=None, ep_join_rank_offset=0,
     )
-    from sglang.srt.layers.moe.utils import MoeA2ABackend
+    with stubs_on_path():  # sglang.srt.layers.moe imports a multimodal config that wants torchvision
+        from sglang.srt.layers.moe.utils import MoeA2ABackend
 
     rc.get_flags().moe.a2a_backend = MoeA2ABackend(moe_ns.moe_a2a_backend)  # as SGLang's flags resolve it
     return moe_ns
