@@ -22,17 +22,23 @@ RecorderMode = Literal["stat", "stat_approx", "per_pass", "per_token"]
 DispatchAlgorithm = Literal["static", "random", "dynamic", "weighted", "minmax"]
 BalancednessReportMode = Literal["off", "server_log", "prometheus", "both"]
 Transport = Literal["nccl", "ipc", "auto"]  # how the executor moves weights between ranks of one host
+# what minmax dispatch splits on: the whole pass's per-expert counts, or each rank's own tokens'
+DispatchCounts = Literal["global", "local"]
 
 RECORDER_MODES: tuple[str, ...] = get_args(RecorderMode)
 DISPATCH_ALGORITHMS: tuple[str, ...] = get_args(DispatchAlgorithm)
 REPORT_MODES: tuple[str, ...] = get_args(BalancednessReportMode)
 TRANSPORT_NAMES: tuple[str, ...] = get_args(Transport)
+DISPATCH_COUNTS: tuple[str, ...] = get_args(DispatchCounts)
 # Recorder modes whose dump carries ``logical_count``, the input a rebalance needs.
 COUNTING_RECORDER_MODES = ("stat", "stat_approx")
 
 
-def _flag(help_text: str, *, choices: tuple[str, ...] | None = None, sglang: bool = True, **kw: Any):
-    return field(metadata={"help": help_text, "choices": choices, "sglang": sglang}, **kw)
+def _flag(help_text: str, *, choices: tuple[str, ...] | None = None, sglang: bool = True, runtime: bool = True,
+          **kw: Any):
+    """sglang: SGLang has this flag (the plugin adds it only where not); runtime: the
+    project's runtime (``launch_server``) offers it too."""
+    return field(metadata={"help": help_text, "choices": choices, "sglang": sglang, "runtime": runtime}, **kw)
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,16 @@ class EPLBArgs:
         "never holds the serving process's GIL.",
         default=False,
         sglang=False,
+    )
+    eplb_dispatch_counts: DispatchCounts = _flag(
+        "SGLang with --ep-dispatch-algorithm minmax: split on the whole pass's per-expert counts (global: one "
+        "all-gather of [E] counts per MoE layer over the MoE EP group, only where each rank routes its own "
+        "tokens, i.e. with an all-to-all backend) or on each rank's own tokens (local). The runtime's "
+        "equivalent is --ep-dispatch-counts.",
+        choices=DISPATCH_COUNTS,
+        default="local",
+        sglang=False,
+        runtime=False,
     )
 
     # ------------------------------------------------------------------ resolution
@@ -265,13 +281,15 @@ def add_eplb_args(
 ) -> argparse.ArgumentParser:
     """Add every EPLBArgs flag to ``parser``, defaults read from the dataclass.
 
-    only_plugin_flags: add only the flags SGLang lacks (for extending SGLang's parser).
-    skip: field names not to add (a host parser that already has them).
+    only_plugin_flags: add only the flags SGLang lacks (for extending SGLang's parser);
+    otherwise (the runtime's parser) every flag the runtime offers. skip: field names not to
+    add (a host parser that already has them).
     """
     group = parser.add_argument_group("EPLB")
     hints = get_type_hints(EPLBArgs)
     for f in dataclasses.fields(EPLBArgs):
-        if f.name in skip or (only_plugin_flags and f.metadata["sglang"]):
+        offered = not f.metadata["sglang"] if only_plugin_flags else f.metadata["runtime"]
+        if f.name in skip or not offered:
             continue
         name = flag_name(f.name)
         if hints[f.name] is bool:

@@ -195,8 +195,7 @@ class ExpertDispatcher:
             return local, torch.zeros_like(local)
         gathered = local.new_empty(self.count_world * local.numel())
         _all_gather_single(gathered, local, group=self.count_group)
-        per_rank = gathered.view(self.count_world, -1)
-        return per_rank.sum(0), per_rank[: self.count_rank].sum(0)
+        return split_gathered_counts(gathered.view(self.count_world, -1), self.count_rank)
 
     def _dispatch_minmax(self, layer: int, topk_ids: torch.Tensor, counts_out: torch.Tensor | None) -> torch.Tensor:
         assert self.minmax is not None  # built for minmax in __init__
@@ -217,6 +216,13 @@ class ExpertDispatcher:
         idx = (quota <= position.unsqueeze(-1).to(quota.dtype) + 0.5).sum(-1)
         idx = torch.minimum(idx, self.replica_count[layer][experts] - 1)
         return self.logical_to_physical_map[layer][experts, idx].view_as(ids)
+
+
+def split_gathered_counts(per_rank: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_rank: [W, E] every rank's tokens per expert of one layer, in rank order -> (the
+    pass's [E] counts, offset [E]: tokens of each expert on ranks below ``rank``), what a
+    count exchange of ``minmax_dispatch`` returns."""
+    return per_rank.sum(0), per_rank[:rank].sum(0)
 
 
 def minmax_dispatch(

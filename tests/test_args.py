@@ -26,8 +26,11 @@ def test_defaults_match_sglang_0_5_23():
 
 
 def test_every_field_is_a_flag_with_its_own_name():
-    parser = add_eplb_args(argparse.ArgumentParser())
-    options = {s for action in parser._actions for s in action.option_strings}
+    """Each field is the flag of its name in the runtime's parser, or (SGLang-only fields) in
+    the parser the plugin extends SGLang's with."""
+    runtime = add_eplb_args(argparse.ArgumentParser())
+    plugin = add_eplb_args(argparse.ArgumentParser(), only_plugin_flags=True)
+    options = {s for p in (runtime, plugin) for action in p._actions for s in action.option_strings}
     for f in dataclasses.fields(EPLBArgs):
         assert "--" + f.name.replace("_", "-") in options
 
@@ -107,3 +110,15 @@ def test_dispatch_flag_choices_are_the_registered_algorithms():
     from eplb_plugin.dispatch_info import DISPATCH_INFO
 
     assert list(DISPATCH_ALGORITHMS) == list(DISPATCH_INFO)
+
+
+def test_sglang_only_flags_extend_sglangs_parser_and_stay_out_of_the_runtimes():
+    """--eplb-dispatch-counts concerns SGLang's mapping (the runtime's own is
+    --ep-dispatch-counts): the plugin offers it to SGLang's parser, the runtime's parser
+    lacks it, and parsing nothing still gives the dataclass's defaults (local)."""
+    plugin = add_eplb_args(argparse.ArgumentParser(), only_plugin_flags=True)
+    runtime = add_eplb_args(argparse.ArgumentParser())
+    assert "--eplb-dispatch-counts" in {s for a in plugin._actions for s in a.option_strings}
+    assert "--eplb-dispatch-counts" not in {s for a in runtime._actions for s in a.option_strings}
+    assert EPLBArgs.from_cli([]) == EPLBArgs() and EPLBArgs().eplb_dispatch_counts == "local"
+    assert plugin.parse_args(["--eplb-dispatch-counts", "global"]).eplb_dispatch_counts == "global"

@@ -5,11 +5,7 @@ the tables following the live placement."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,8 +14,8 @@ from test_sglang_helpers import (
     fake_model_layout,
     fake_runtime,
     import_sglang_or_skip,
+    run_sglang_script,
     stubs_on_path,
-    subprocess_env,
 )
 
 from eplb_plugin.errors import ConfigError
@@ -78,20 +74,8 @@ def _gpu_loads(physical: torch.Tensor) -> torch.Tensor:
 
 
 SGLANG_SCRIPT = """
-    import argparse, contextlib, io, json, os, sys
     from types import SimpleNamespace
     import torch
-    from sglang.srt.server_args import ServerArgs
-
-    def parse(argv):
-        parser = argparse.ArgumentParser()
-        ServerArgs.add_cli_args(parser)
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err):
-                return ServerArgs.from_cli_args(parser.parse_args(["--model-path", "m", *argv])), ""
-        except SystemExit:
-            return None, err.getvalue()
 
     out = {}
     _, out["before_plugins"] = parse(["--enable-eplb", "--ep-dispatch-algorithm", "minmax"])
@@ -187,15 +171,8 @@ def sglang_run():
             "log2phy": location.logical_to_physical_map.tolist(), "ep_size": EP_SIZE,
             "redundant": NUM_PHYSICAL - NUM_LOGICAL, "ids": [i.tolist() for i in ids], "real_rows": REAL_ROWS,
             "hot": int(location.logical_replica_count[2].argmax())}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SGLANG_SCRIPT)], capture_output=True, text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-        env=subprocess_env(EPLB_PLUGIN_ENABLE="1", SGLANG_PLUGINS="eplb_plugin", MINMAX_CASE=json.dumps(case),
-                           EPLB_TESTS_DIR=str(Path(__file__).resolve().parent)),
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, result.stderr[-4000:]
-    return location, ids, json.loads(lines[-1][len("RESULT "):])
+    out = run_sglang_script(SGLANG_SCRIPT, timeout_s=SUBPROCESS_TIMEOUT_S, MINMAX_CASE=json.dumps(case))
+    return location, ids, out
 
 
 def test_the_flag_accepts_minmax_only_with_the_plugin_and_still_refuses_unknown_names(sglang_run):

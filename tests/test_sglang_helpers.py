@@ -67,6 +67,43 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# The head of a script for a fresh SGLang process: ``parse(argv)`` runs SGLang's own argparse
+# and ``ServerArgs.from_cli_args`` -> (ServerArgs, "") or (None, argparse's error text).
+SERVER_ARGS_PARSE = """
+import argparse, contextlib, io, json, os, sys
+from sglang.srt.server_args import ServerArgs
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return ServerArgs.from_cli_args(parser.parse_args(["--model-path", "m", *argv])), ""
+    except SystemExit:
+        return None, err.getvalue()
+"""
+
+
+def run_sglang_script(body: str, *, timeout_s: float, **env: str) -> dict[str, Any]:
+    """Run ``SERVER_ARGS_PARSE`` then ``body`` (indented text, dedented here) in a fresh
+    Python with the plugin enabled (hooks apply once per process); ``body`` prints
+    ``RESULT <json>``, returned parsed. Fails with the child's stderr."""
+    import json
+    import subprocess
+    import textwrap
+
+    script = SERVER_ARGS_PARSE + textwrap.dedent(body)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout_s,
+        env=subprocess_env(EPLB_PLUGIN_ENABLE="1", SGLANG_PLUGINS="eplb_plugin",
+                           EPLB_TESTS_DIR=str(Path(__file__).resolve().parent), **env),
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def _cpu_device_module_shims() -> None:
     """SGLang calls these through ``torch.get_device_module()``; the CPU module lacks them."""
     import torch
@@ -88,7 +125,8 @@ def fake_runtime(*, ep_size: int, nnodes: int = 1, tp_rank: int = 0, chunked_pre
         raise TypeError(f"unknown moe fields {sorted(unknown)}")
     moe_ns = SimpleNamespace(**{**MOE_DEFAULTS, **moe})
     rc._CONTEXT._config_bags = {
-        "exec": SimpleNamespace(moe=moe_ns, overlap=SimpleNamespace(enable_two_batch_overlap=enable_two_batch_overlap)),
+        "exec": SimpleNamespace(moe=moe_ns, overlap=SimpleNamespace(enable_two_batch_overlap=enable_two_batch_overlap),
+                                comm=SimpleNamespace(enable_symm_mem=False)),
         "device": SimpleNamespace(device="cpu"),
         "schedule": SimpleNamespace(chunked_prefill_size=chunked_prefill_size),
     }
@@ -96,9 +134,13 @@ def fake_runtime(*, ep_size: int, nnodes: int = 1, tp_rank: int = 0, chunked_pre
     rc._CONTEXT.resources.expert_distribution_recorder = None
     rc._PARALLEL._stamp.update(
         ep_size=ep_size, nnodes=nnodes, tp_size=ep_size if tp_size is None else tp_size, tp_rank=tp_rank,
-        pp_size=pp_size,
+        pp_size=pp_size, dwdp_size=1,
         elastic_ep_initial_size=None, ep_join_rank_offset=0,
     )
+    with stubs_on_path():  # sglang.srt.layers.moe imports a multimodal config that wants torchvision
+        from sglang.srt.layers.moe.utils import MoeA2ABackend
+
+    rc.get_flags().moe.a2a_backend = MoeA2ABackend(moe_ns.moe_a2a_backend)  # as SGLang's flags resolve it
     return moe_ns
 
 

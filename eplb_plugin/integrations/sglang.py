@@ -17,7 +17,11 @@ target                                                                          
 ``sglang.srt.eplb.expert_location_dispatch.ExpertLocationDispatchInfo.init_new``  AROUND   adds the layer id and the padding bound
 ``sglang.srt.eplb.expert_location_dispatch.topk_ids_logical_to_physical``         AROUND   runs ``minmax``
 ``sglang.srt.eplb.expert_location.ExpertLocationMetadata.update``                 AFTER    ``minmax`` tables follow
+``sglang.srt.layers.moe.topk.TopK.empty_topk_output``                             AFTER    an idle rank joins the count all-gather
+``sglang.srt.layers.moe.hash_topk.HashTopK.empty_topk_output``                    AFTER    the same, for hash routing
 ================================================================================  =======  ==========================================
+
+The last two only with ``--eplb-dispatch-counts global`` (``sglang_counts``).
 
 ``add_cli_args`` also offers the project's ``minmax`` in ``--ep-dispatch-algorithm``
 (``sglang_dispatch``: SGLang's own names keep their meaning).
@@ -203,8 +207,13 @@ def hook_specs() -> list[tuple[str, str, Any]]:
     are SGLang's hot path (every MoE layer, inside its compiled top-k): they are the bodies
     themselves, not lazy-import wrappers."""
     from eplb_plugin.integrations import sglang_dispatch
+    from eplb_plugin.integrations.sglang_counts import dispatch_counts_setting
     from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
 
+    idle_ranks_join = [
+        (f"sglang.srt.layers.moe.{module}.empty_topk_output", "AFTER", sglang_dispatch.empty_topk_output_joins_exchange)
+        for module in ("topk.TopK", "hash_topk.HashTopK")
+    ] if dispatch_counts_setting() == "global" else []
     return [
         ("sglang.srt.server_args.ServerArgs.add_cli_args", "AFTER", _add_plugin_flags),
         ("sglang.srt.server_args.ServerArgs.from_cli_args", "AROUND", _capture_plugin_flags),
@@ -218,6 +227,7 @@ def hook_specs() -> list[tuple[str, str, Any]]:
          sglang_dispatch.topk_ids_logical_to_physical),
         ("sglang.srt.eplb.expert_location.ExpertLocationMetadata.update", "AFTER",
          sglang_dispatch.metadata_rows_updated),
+        *idle_ranks_join,
     ]
 
 

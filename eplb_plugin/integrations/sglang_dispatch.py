@@ -22,14 +22,17 @@ target's tables in its background thread and copies rows at the pass boundary wh
 weights land; SGLang's own updater: the AFTER hook on ``ExpertLocationMetadata.update``), so
 a CUDA graph that captured the mapping keeps reading the live tables.
 
-Counts: the split follows the counts of the ``topk_ids`` the mapping is given, i.e. this
-rank's tokens of the pass. Without an all-to-all backend every EP rank runs the MoE over the
-same tokens, so these are the whole pass's counts and every rank picks the same slots (the
-split is deterministic: SGLang's rank-invariance holds). With DP attention and an all-to-all
-backend each rank splits its own tokens only (the runtime's ``--ep-dispatch-counts global``
-all-gather, ``ExpertDispatcher.pass_counts``, is not done here: a collective inside SGLang's
-top-k would have to run on every rank for every layer, captured graphs included). Rows that
-pad the batch (a CUDA graph's fixed size, DP padding) stay out of the split: ``init_new`` reads
+Counts (``sglang_counts``, ``--eplb-dispatch-counts``): by default (``local``) the split
+follows the counts of the ``topk_ids`` the mapping is given, i.e. this rank's tokens of the
+pass. Without an all-to-all backend every EP rank runs the MoE over the same tokens, so these
+are the whole pass's counts and every rank picks the same slots (the split is deterministic:
+SGLang's rank-invariance holds). With an all-to-all backend (DeepEP, with or without DP
+attention) each rank routes its own tokens: ``local`` splits those alone; ``global`` all-gathers
+every rank's ``[E]`` counts of the layer over the MoE EP group first (``LIVE_TABLES.exchange``,
+resolved with the tables), so the ranks' slots together are one split of the whole pass, and
+a rank with no tokens joins the all-gather from ``TopK.empty_topk_output``
+(``empty_topk_output_joins_exchange``). Rows that pad the batch (a CUDA graph's fixed size,
+DP padding) stay out of the split and the counts, exchanged or not: ``init_new`` reads
 SGLang's bound (``moe_num_token_non_padded`` of the forward context, a device tensor, as
 SGLang's top-k does) and the mapping gives those rows a slot of their expert, which SGLang
 then masks.
@@ -61,6 +64,7 @@ from eplb_plugin.integrations.sglang_common import (
     PLUGIN_DISPATCH_ALGORITHMS,
     is_plugin_dispatch,
 )
+from eplb_plugin.integrations.sglang_counts import GroupCountExchange, resolve_count_exchange
 from eplb_plugin.kernels._launch import use_triton
 from eplb_plugin.kernels.minmax import MinmaxTables, build_minmax_tables
 from eplb_plugin.kernels.minmax_triton import MinmaxScratch, minmax_scratch
@@ -105,12 +109,14 @@ class LiveMinmaxTables:
     """The ``minmax`` tables of SGLang's global metadata, on the metadata's device (one per
     process). ``for_metadata`` builds them the first time a metadata object is used (an
     eager pass: SGLang warms up before it captures graphs); later placements are copied into
-    the same tensors (``update_rows``)."""
+    the same tensors (``update_rows``). ``exchange``: the count exchange the mapping runs
+    (``sglang_counts.resolve_count_exchange``, resolved with the tables; None = local counts)."""
 
     def __init__(self) -> None:
         self._metadata: Any = None
         self._tables: MinmaxTables | None = None
         self.scratch: MinmaxScratch | None = None
+        self.exchange: GroupCountExchange | None = None
         self._lock = threading.Lock()
         self.builds = 0
 
@@ -125,6 +131,7 @@ class LiveMinmaxTables:
                                            ep_size=metadata.ep_size)
                     self._tables = MinmaxTables(*(t.to(device) for t in built))
                     self.scratch = minmax_scratch(self._tables)  # the kernels' counters, kept across calls
+                    self.exchange = resolve_count_exchange(ep_size=metadata.ep_size)
                     self._metadata = metadata
                     self.builds += 1
                     logger.info("%s minmax dispatch tables built: %d layers x %d slots over %d GPUs",
@@ -224,5 +231,27 @@ def map_topk_ids(topk_ids: torch.Tensor, layer_id: int, num_physical_experts: in
     tables = LIVE_TABLES.for_metadata(get_global_expert_location_metadata())
     bound = None if num_token_non_padded is None else num_token_non_padded.to(topk_ids.device, non_blocking=True)
     physical = minmax_dispatch(topk_ids, tables, layer=layer_id, num_slots=num_physical_experts,
-                               use_kernel=use_triton("auto", topk_ids), num_valid_rows=bound, scratch=LIVE_TABLES.scratch)
+                               use_kernel=use_triton("auto", topk_ids), exchange=LIVE_TABLES.exchange,
+                               num_valid_rows=bound, scratch=LIVE_TABLES.scratch)
     return physical if physical.dtype == topk_ids.dtype else physical.to(topk_ids.dtype)
+
+
+def empty_topk_output_joins_exchange(result: Any, topk: Any, device: Any = None, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``TopK.empty_topk_output(device, *, layer_id=None)`` (and ``HashTopK``'s): a rank
+    with no tokens this forward skips the top-k, so under ``minmax`` with a count exchange it
+    joins the layer's all-gather here with zero counts (as SGLang's ``lp`` solver joins its
+    all-reduce there); otherwise nothing. Draft layers map nothing (no dispatch info) and
+    skip it on every rank."""
+    if getattr(topk, "is_draft", False):
+        return None
+    from sglang.srt.runtime_context import get_exec
+
+    if not is_plugin_dispatch(get_exec().moe.ep_dispatch_algorithm):
+        return None
+    from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+    metadata = get_global_expert_location_metadata()
+    LIVE_TABLES.for_metadata(metadata)  # resolves the exchange where this rank has not mapped yet
+    if LIVE_TABLES.exchange is not None:
+        LIVE_TABLES.exchange(torch.zeros(metadata.num_logical_experts, dtype=torch.int64, device=device))
+    return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eplb_plugin.args import EPLBArgs
+from eplb_plugin.args import DISPATCH_COUNTS, EPLBArgs
 from eplb_plugin.configs import get_preset
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.kernels import BACKENDS
@@ -31,7 +31,6 @@ from eplb_plugin.runtime.workload import (
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-DISPATCH_COUNTS = ("global", "local")  # what minmax dispatch splits on (see RuntimeConfig)
 DEVICES = ("cpu", "cuda")
 DEFAULT_NUM_PASSES = 300
 
