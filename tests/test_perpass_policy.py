@@ -75,6 +75,38 @@ def test_a_move_budget_bounds_the_slots_moved_and_never_scores_below_the_live_ma
             assert torch.equal(new.physical_to_logical_map, live)
 
 
+def test_with_a_budget_only_stale_layers_change_and_a_shift_is_followed_with_the_budget_carried():
+    """plan_within_budget changes only layers whose live map scores below the fresh plan on
+    the window's passes: layers already at the fresh plan keep their slots, and with no
+    stale layer the live map comes back as it is. After the traffic shifts, a budget
+    carried over from earlier rebalances (three budgets at once) buys a better plan on the
+    window than one budget."""
+    from eplb_plugin.algorithms import _ours_equal
+    from eplb_plugin.algorithms.migrate import align_to_previous
+    from eplb_plugin.algorithms.perpass import plan_within_budget
+
+    before, after = _synthetic_window(1), _synthetic_window(2)  # the traffic moved on
+    live = plan(before, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass").physical_to_logical_map
+    live = live.numpy()
+    fresh = align_to_previous(_ours_equal(after.sum(0), 20, num_gpus=4, num_nodes=1, num_groups=None,
+                                          previous=live)[0], live, num_gpus=4)
+    rows = torch.from_numpy(after).float().permute(1, 0, 2)
+    live_score = mean_pass_balancedness(torch.from_numpy(live), rows, num_gpus=4)
+    assert (mean_pass_balancedness(torch.from_numpy(fresh), rows, num_gpus=4) > live_score + 1e-6).all()
+    mixed = live.copy()
+    mixed[[0, 2]] = fresh[[0, 2]]  # layers 0 and 2 already at the fresh plan: not stale
+    new = plan_within_budget(fresh, mixed, after, num_gpus=4, max_moves=40)
+    assert (new[[0, 2]] == mixed[[0, 2]]).all() and (new[[1, 3]] != mixed[[1, 3]]).any()
+    assert int((new != mixed).sum()) <= 40
+    again = plan_within_budget(fresh, fresh, after, num_gpus=4, max_moves=40)
+    assert (again == fresh).all()  # nothing stale: nothing moves
+    one = plan_within_budget(fresh, live, after, num_gpus=4, max_moves=3)
+    three = plan_within_budget(fresh, live, after, num_gpus=4, max_moves=9)
+    assert int((one != live).sum()) <= 3 and int((three != live).sum()) <= 9
+    scores = [float(mean_pass_balancedness(torch.from_numpy(m), rows, num_gpus=4).mean()) for m in (live, one, three)]
+    assert scores[0] < scores[1] < scores[2], scores
+
+
 def test_a_move_budget_is_refused_for_a_policy_without_one_and_when_negative():
     counts = _synthetic_window(3)
     with pytest.raises(ConfigError, match="does not take a move budget.*eplb_plugin_perpass"):
