@@ -98,17 +98,24 @@ def replay_us(graph, *, replays: int, num_layers: int) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * num_layers)
 
 
-def time_variants(tokens: int, *, num_layers: int, replays: int, skip: tuple[str, ...] = ()) -> dict:
-    """Per-layer microseconds of every variant, graph-captured and eager (CUDA)."""
-    from eplb_plugin.kernels.dynamic import dynamic_dispatch_triton, scratch_numel
-    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
-
+def skewed_pass(tokens: int, *, num_layers: int) -> tuple[ExpertLocation, torch.Tensor]:
+    """The timed workload: per-layer Gamma(0.5) expert popularity (seeded by ``tokens``), its
+    equal-split placement and one pass of ``tokens`` tokens drawn from it, [L, T, k] on CUDA."""
     gen = torch.Generator().manual_seed(tokens)
     popularity = torch.distributions.Gamma(0.5, 1.0).sample((num_layers, NUM_EXPERTS))
     loc = ExpertLocation.from_logical_count(popularity, num_physical_experts=NUM_SLOTS, ep_size=EP,
                                             algorithm="eplb_plugin_equal")
     ids = torch.stack([torch.multinomial(popularity[layer], tokens * TOP_K, replacement=True, generator=gen)
                        for layer in range(num_layers)]).view(num_layers, tokens, TOP_K).cuda()
+    return loc, ids
+
+
+def time_variants(tokens: int, *, num_layers: int, replays: int, skip: tuple[str, ...] = ()) -> dict:
+    """Per-layer microseconds of every variant, graph-captured and eager (CUDA)."""
+    from eplb_plugin.kernels.dynamic import dynamic_dispatch_triton, scratch_numel
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
+
+    loc, ids = skewed_pass(tokens, num_layers=num_layers)
     counts = torch.zeros(num_layers, NUM_SLOTS, dtype=torch.int32, device="cuda")
     triton_minmax = ExpertDispatcher(loc, rank=0, algorithm="minmax", backend="triton", device="cuda")
     torch_minmax = ExpertDispatcher(loc, rank=0, algorithm="minmax", backend="torch", device="cuda")

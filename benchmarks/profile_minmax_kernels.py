@@ -20,12 +20,16 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_minmax_dispatch import EP, NUM_EXPERTS, NUM_SLOTS, TOP_K, capture_layers, replay_us
+from bench_minmax_dispatch import (
+    NUM_SLOTS,
+    capture_layers,
+    replay_us,
+    skewed_pass,
+)
 
 from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.kernels import count_topk
 from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
-from eplb_plugin.location import ExpertLocation
 
 SETTINGS = (  # (totals_tile, chunk, num_warps, split_warps); None: by the pass's size
     (None, 64, 4, 4), (None, 128, 4, 4), (None, 64, 8, 4), (512, 64, 4, 4), (2048, 64, 4, 4), (128, 64, 4, 4),
@@ -76,12 +80,7 @@ def parts(ids, tables, counts, num_layers: int, replays: int) -> dict:
 def profile(tokens: int, *, num_layers: int, replays: int, old) -> list[dict]:
     """Rows of every variant at ``tokens`` tokens."""
     rows: list[dict] = []
-    gen = torch.Generator().manual_seed(tokens)
-    popularity = torch.distributions.Gamma(0.5, 1.0).sample((num_layers, NUM_EXPERTS))
-    loc = ExpertLocation.from_logical_count(popularity, num_physical_experts=NUM_SLOTS, ep_size=EP,
-                                            algorithm="eplb_plugin_equal")
-    ids = torch.stack([torch.multinomial(popularity[layer], tokens * TOP_K, replacement=True, generator=gen)
-                       for layer in range(num_layers)]).view(num_layers, tokens, TOP_K).cuda()
+    loc, ids = skewed_pass(tokens, num_layers=num_layers)
     dispatcher = ExpertDispatcher(loc, rank=0, algorithm="minmax", backend="triton", device="cuda")
     tables = dispatcher.minmax
     assert tables is not None

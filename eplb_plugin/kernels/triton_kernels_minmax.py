@@ -113,6 +113,25 @@ def minmax_split_kernel(
 
 
 @triton.jit
+def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr, out_ptr, offs,
+                 num_ids, num_gpus, BG: tl.constexpr):
+    """Stores and returns the slot of each pair, given its expert ``e`` and, for a pair of a
+    replicated expert (``split``, its row ``row``), its ``position`` among the expert's
+    pairs of the pass: an expert on one GPU takes its home slot; a replicated one the first
+    GPU whose cumulative quota exceeds the position, at the expert's first slot there;
+    padding (not ``valid``) -1. Shared by both assign kernels."""
+    home = tl.load(home_slot_ptr + e, mask=valid, other=-1)
+    quota = tl.load(quotas_ptr + tl.maximum(row, 0)[:, None] * BG + g_idx[None, :],
+                    mask=split[:, None] & (g_idx[None, :] < num_gpus), other=float("inf"))
+    pick = tl.sum((quota <= position.to(tl.float32)[:, None] + 0.5).to(tl.int32), axis=1)
+    chosen = tl.load(slot_on_gpu_ptr + e * num_gpus + tl.minimum(pick, num_gpus - 1), mask=split, other=-1)
+    physical = tl.where(split & (chosen >= 0), chosen, home)  # (a float tie past the last quota: home)
+    physical = tl.where(valid, physical, -1)
+    tl.store(out_ptr + offs, physical.to(tl.int64), mask=offs < num_ids)
+    return physical
+
+
+@triton.jit
 def minmax_assign_kernel(
     ids_ptr,  # [num_ids] logical ids (as above)
     scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch: the ticket counters at NB
@@ -149,16 +168,8 @@ def minmax_assign_kernel(
         position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
         if GLOBAL:
             position += tl.load(offsets_ptr + e, mask=split, other=0)
-        # An expert on one GPU: its home slot. A replicated one: the first GPU whose
-        # cumulative quota exceeds the ticket, at the expert's first slot there.
-        home = tl.load(home_slot_ptr + e, mask=valid, other=-1)
-        quota = tl.load(quotas_ptr + tl.maximum(row, 0)[:, None] * BG + g_idx[None, :],
-                        mask=split[:, None] & (g_idx[None, :] < num_gpus), other=float("inf"))
-        pick = tl.sum((quota <= position.to(tl.float32)[:, None] + 0.5).to(tl.int32), axis=1)
-        chosen = tl.load(slot_on_gpu_ptr + e * num_gpus + tl.minimum(pick, num_gpus - 1), mask=split, other=-1)
-        physical = tl.where(split & (chosen >= 0), chosen, home)  # (a float tie past the last quota: home)
-        physical = tl.where(valid, physical, -1)
-        tl.store(out_ptr + offs, physical.to(tl.int64), mask=offs < num_ids)
+        physical = _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr,
+                                out_ptr, offs, num_ids, num_gpus, BG)
         if COUNT:
             slot_hist += tl.histogram(tl.where(valid, physical, NPB - 1).to(tl.int32), NPB)
     if COUNT:

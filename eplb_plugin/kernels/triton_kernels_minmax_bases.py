@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from eplb_plugin.kernels.triton_kernels_minmax import _split
+from eplb_plugin.kernels.triton_kernels_minmax import _place_pairs, _split
 
 
 @triton.jit
@@ -173,13 +173,5 @@ def bases_assign_kernel(
     position = tl.sum(hot * (tl.cumsum(hot, axis=0) - 1 + base[None, :]), axis=1)
     if GLOBAL:
         position += tl.load(offsets_ptr + e, mask=split, other=0)
-    # An expert on one GPU: its home slot. A replicated one: the first GPU whose cumulative
-    # quota exceeds the position, at the expert's first slot there.
-    home = tl.load(home_slot_ptr + e, mask=valid, other=-1)
-    quota = tl.load(quotas_ptr + tl.maximum(row, 0)[:, None] * BG + g_idx[None, :],
-                    mask=split[:, None] & (g_idx[None, :] < num_gpus), other=float("inf"))
-    pick = tl.sum((quota <= position.to(tl.float32)[:, None] + 0.5).to(tl.int32), axis=1)
-    chosen = tl.load(slot_on_gpu_ptr + e * num_gpus + tl.minimum(pick, num_gpus - 1), mask=split, other=-1)
-    physical = tl.where(split & (chosen >= 0), chosen, home)  # (a float tie past the last quota: home)
-    physical = tl.where(valid, physical, -1)
-    tl.store(out_ptr + offs, physical.to(tl.int64), mask=offs < num_ids)
+    _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr, out_ptr, offs,
+                 num_ids, num_gpus, BG)
