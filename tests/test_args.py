@@ -122,3 +122,16 @@ def test_sglang_only_flags_extend_sglangs_parser_and_stay_out_of_the_runtimes():
     assert "--eplb-dispatch-counts" not in {s for a in runtime._actions for s in a.option_strings}
     assert EPLBArgs.from_cli([]) == EPLBArgs() and EPLBArgs().eplb_dispatch_counts == "local"
     assert plugin.parse_args(["--eplb-dispatch-counts", "global"]).eplb_dispatch_counts == "global"
+
+
+@pytest.mark.parametrize("carry", [-1, 1.5, True])
+def test_a_move_budget_carry_that_is_not_a_whole_number_of_rebalances_is_refused(carry):
+    with pytest.raises(ConfigError, match="--eplb-move-budget-carry must be an int >= 0"):
+        EPLBArgs(ep_size=2, enable_eplb=True, eplb_move_budget_carry=carry).resolve()
+
+
+def test_the_move_budget_carry_flag_parses_with_its_default():
+    parser = argparse.ArgumentParser()
+    add_eplb_args(parser)
+    assert EPLBArgs.from_namespace(parser.parse_args([])).eplb_move_budget_carry == 3
+    assert EPLBArgs.from_namespace(parser.parse_args(["--eplb-move-budget-carry", "0"])).eplb_move_budget_carry == 0
