@@ -74,9 +74,10 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
                        previous=phy2log, **budget).physical_to_logical_map.numpy()
             solver.append(time.perf_counter() - start)
             if p > every:
-                moved.append(float((new != phy2log).mean()))
+                changed = int((new != phy2log).sum())
+                moved.append(changed / phy2log.size)
                 if credit is not None:
-                    credit.spend(int((new != phy2log).sum()))
+                    credit.spend(changed)
             phy2log = new
         for name, value in score(counts[p], phy2log, num_gpus).items():
             scores.setdefault(name, []).append(value)

@@ -95,6 +95,7 @@ def refine_for_minmax(
     if budgeted and int(moves.sum()) > max_moves:
         raise UsageError(f"start differs from previous in {int(moves.sum())} slots, over max_moves={max_moves}")
     popularity = counts.sum(1) + 1e-3  # [L, E]
+    kept = None if frozen is None else torch.as_tensor(np.asarray(frozen, dtype=bool))
     for _ in range(rounds):
         # Step 1: candidate changes, drawn per layer.
         cand = current.unsqueeze(1).repeat(1, candidates, 1)  # [L, K, P]
@@ -158,8 +159,8 @@ def refine_for_minmax(
             within[order] = spend <= room
             better &= within
             top = score[torch.arange(num_layers), arg]
-        if frozen is not None:
-            better &= ~torch.as_tensor(np.asarray(frozen, dtype=bool))
+        if kept is not None:
+            better &= ~kept
         current[better] = cand[torch.arange(num_layers)[better], arg[better]]
         best = torch.where(better, top, best)
         moves = (current != live).sum(1)

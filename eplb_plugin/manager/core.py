@@ -320,7 +320,7 @@ class EPLBManager:
             self._fail(record, RebalanceError(f"rebalance {record.index}: invalid plan: {exc}; "
                                               "keeping the old placement"), exc)
         if self._move_credit is not None:
-            self._move_credit.spend(int((self._target.physical_to_logical_map != loc.physical_to_logical_map).sum()))
+            self._move_credit.spend(targets.slots_changed(loc.physical_to_logical_map, self._target.physical_to_logical_map))
         record.balancedness_predicted = placement_balancedness(
             self._counts, target.physical_to_logical_map, loc.ep_size, target.replica_weights
         )
