@@ -24,3 +24,12 @@ def checked_count_values(count: torch.Tensor, *, source: str | None = None) -> t
         index = "".join(f"[{i}]" for i in where)
         raise CountsError(f"{prefix}logical_count{index} = {float(count[where])} is negative")
     return count
+
+
+def bucket_passes(rows: torch.Tensor, max_passes: int) -> torch.Tensor:
+    """[n, ...] per-pass rows -> at most ``max_passes`` rows, consecutive passes summed into
+    equal buckets (``rows`` itself when it has no more)."""
+    if rows.shape[0] <= max_passes:
+        return rows
+    bucket = torch.arange(rows.shape[0]) * max_passes // rows.shape[0]
+    return torch.zeros(max_passes, *rows.shape[1:], dtype=rows.dtype).index_add_(0, bucket, rows)

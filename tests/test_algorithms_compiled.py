@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("numba")
 
-from eplb_plugin.algorithms import balanced, compiled, plan  # noqa: E402
+from eplb_plugin.algorithms import balanced, balanced_jit, compiled, plan  # noqa: E402
 from eplb_plugin.algorithms.balanced_jit import pairwise_sum  # noqa: E402
 from eplb_plugin.algorithms.deepseek import deepseek  # noqa: E402
 
@@ -80,11 +82,18 @@ def test_plan_without_numba_is_the_same_placement(monkeypatch):
     cases = [dict(num_physical_experts=56, num_gpus=8),
              dict(num_physical_experts=64, num_gpus=8, num_nodes=2, num_groups=4),
              dict(num_physical_experts=64, num_gpus=16, split="weighted")]
+    searches: list[int] = []
+    real_search = balanced_jit.search_rows
+    monkeypatch.setattr(balanced_jit, "search_rows", lambda *a, **k: searches.append(1) or real_search(*a, **k))
     fast = [plan(counts, **kw) for kw in cases]
-    monkeypatch.setattr(compiled, "balanced_kernels", lambda: None)
-    monkeypatch.setattr(compiled, "recipe_kernels", lambda: None)
+    assert searches  # the compiled search ran
+    # Where the policies look the kernels up (they import the names, not the module).
+    monkeypatch.setattr(balanced, "balanced_kernels", lambda: None)
+    monkeypatch.setattr(importlib.import_module("eplb_plugin.algorithms.deepseek"), "recipe_kernels", lambda: None)
+    searches.clear()
     for kw, got in zip(cases, fast):
         slow = plan(counts, **kw)
+        assert not searches  # numpy planned it
         assert torch.equal(got.physical_to_logical_map, slow.physical_to_logical_map)
         assert (got.replica_weights is None) == (slow.replica_weights is None)
         if got.replica_weights is not None:

@@ -103,17 +103,27 @@ def test_ranks_splitting_on_the_pass_counts_serve_what_one_dispatcher_of_the_who
     local = [torch.bincount(p[p >= 0], minlength=64) for p in parts]
     kernel = ExpertDispatcher(location, rank=0, algorithm="minmax", backend="triton", device=DEVICE)
     assert kernel.minmax is not None
-    load = torch.zeros(72, dtype=torch.int64)
-    for rank, part in enumerate(parts):
-        def exchange(mine, rank=rank):
-            assert torch.equal(mine.cpu(), local[rank])
-            return (local[0] + local[1]).to(mine.device), (local[0] if rank else torch.zeros_like(local[0])).to(mine.device)
+    called = []
 
-        out = minmax_dispatch_triton(part.to(DEVICE), kernel.minmax, layer=1, num_slots=72, exchange=exchange).cpu()
-        assert torch.equal(location.physical_to_logical_map[1][out[part >= 0]], part[part >= 0])
-        load += torch.bincount(out[out >= 0], minlength=72)
+    def loads() -> torch.Tensor:
+        load = torch.zeros(72, dtype=torch.int64)
+        for rank, part in enumerate(parts):
+            def exchange(mine, rank=rank):
+                called.append(rank)
+                assert torch.equal(mine.cpu(), local[rank])
+                return (local[0] + local[1]).to(mine.device), \
+                    (local[0] if rank else torch.zeros_like(local[0])).to(mine.device)
+
+            out = minmax_dispatch_triton(part.to(DEVICE), kernel.minmax, layer=1, num_slots=72,
+                                         exchange=exchange).cpu()
+            assert torch.equal(location.physical_to_logical_map[1][out[part >= 0]], part[part >= 0])
+            load += torch.bincount(out[out >= 0], minlength=72)
+        return load
+
     whole = ExpertDispatcher(location, rank=0, algorithm="minmax").dispatch(1, ids)
-    assert (load - torch.bincount(whole[whole >= 0], minlength=72)).abs().max() <= 2
+    want = torch.bincount(whole[whole >= 0], minlength=72)
+    assert (loads() - want).abs().max() <= 2
+    assert called == [0, 1]  # every rank's kernels took the pass's counts from the exchange
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
@@ -159,8 +169,10 @@ def test_the_large_pass_kernels_on_any_pass(seed, num_experts, num_slots, ep, to
     parts = (ids[:cut], ids[cut:]) if glob else (ids,)
     local = [torch.bincount(p[p >= 0], minlength=num_experts) for p in parts]
     load = torch.zeros(num_slots, dtype=torch.int64)
+    called: list[int] = []
     for rank, part in enumerate(parts):
         def exchange(mine, rank=rank):
+            called.append(rank)
             return sum(local).to(mine.device), sum(local[:rank], torch.zeros_like(local[0])).to(mine.device)
 
         out = minmax_dispatch_triton(part.to(DEVICE), tables, layer=1, num_slots=num_slots, scratch=scratch,
@@ -171,5 +183,6 @@ def test_the_large_pass_kernels_on_any_pass(seed, num_experts, num_slots, ep, to
         load += torch.bincount(out[out >= 0], minlength=num_slots)
         assert not scratch.counters[1, :(scratch.counters.shape[1] - 1) // 2].any() and not scratch.counters[1, -1]
     assert torch.equal(counts[1].cpu(), load.to(torch.int32))
+    assert called == ([0, 1] if glob else [])  # every rank exchanged its counts
     whole = ExpertDispatcher(location, rank=0, algorithm="minmax").dispatch(1, ids)
     assert (load - torch.bincount(whole[whole >= 0], minlength=num_slots)).abs().max() <= len(parts)

@@ -337,12 +337,12 @@ def test_minmax_is_refused_at_start_up_where_sglangs_mega_gate_would_bypass_it()
 def test_the_manager_plans_for_an_equal_split_under_minmax(sglang_location):
     """The plugin's manager reads minmax from SGLang's resolved flags and plans for the split
     minmax works from (equal), as split_for_dispatch says."""
-    from eplb_plugin.algorithms import split_for_dispatch
     from eplb_plugin.integrations.sglang_manager import eplb_args_from_sglang
+    from eplb_plugin.manager.planning import PolicyChoice
 
     args = eplb_args_from_sglang()
     assert args.ep_dispatch_algorithm == "minmax"
-    assert split_for_dispatch(args.ep_dispatch_algorithm) == "equal"
+    assert PolicyChoice.resolve(args, expert_weights=[]).split == "equal"  # what the manager asks the planner
 
 
 def test_a_plugin_dispatch_info_without_a_layer_is_refused_clearly():

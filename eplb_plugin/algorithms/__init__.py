@@ -116,7 +116,6 @@ def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, prev
                            previous=previous)
     window = weight[None] if per_pass is None else per_pass
     if previous is not None and max_moves is not None:  # stale layers only, within the budget
-        fresh = align_to_previous(fresh, previous, num_gpus=num_gpus)
         planned = plan_within_budget(fresh, previous, window, num_gpus=num_gpus, num_nodes=num_nodes,
                                      max_moves=max_moves)
     else:
@@ -169,6 +168,15 @@ PER_PASS_POLICIES = frozenset(policy.name for policy in POLICIES.entries() if po
 DEFAULT_ALGORITHM = "eplb_plugin"
 Split = Literal["equal", "weighted"]
 SPLITS: tuple[str, ...] = get_args(Split)
+
+
+def check_move_budget(name: str, *, what: str, who: str) -> None:
+    """ConfigError unless the policy ``name`` takes a move budget (``Policy.move_budget``):
+    ``what`` names the budget given, ``who`` the setting that chose the policy."""
+    if not POLICIES.get(name).move_budget:
+        takes = [p.name for p in POLICIES.entries() if p.move_budget]
+        raise ConfigError(f"{what} needs a policy that takes a move budget: {who} resolves to {name!r}, which does "
+                          f"not take a move budget; policies that do: {takes}")
 
 
 def split_for_dispatch(dispatch: str | None) -> Split:
@@ -253,9 +261,7 @@ def plan(
         if isinstance(max_slots_moved, bool) or not isinstance(max_slots_moved, (int, np.integer)) \
                 or max_slots_moved < 0:
             raise ConfigError(f"max_slots_moved={max_slots_moved!r} must be a non-negative int")
-        if not policy.move_budget:
-            takes = [p.name for p in POLICIES.entries() if p.move_budget]
-            raise ConfigError(f"policy {name!r} does not take a move budget (max_slots_moved); policies that do: {takes}")
+        check_move_budget(name, what="max_slots_moved", who="algorithm")
         budget = {"max_moves": int(max_slots_moved)}
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is unknown; choose one of {list(SPLITS)}")

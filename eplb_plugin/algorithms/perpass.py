@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..counts import bucket_passes
 from ..errors import UsageError
 from ..kernels.minmax import minmax_loads
 
@@ -46,28 +47,32 @@ PERPASS_SCORE_ITERATIONS = 10  # diffusion steps when scoring (ranking candidate
 PERPASS_SEED = 0
 
 
-def mean_pass_balancedness(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
-    """maps: [N, P] int64; counts: [N, W, E] float32 (W passes per map). Returns [N]: the mean
-    over the W passes of mean/max GPU load under ``minmax`` dispatch."""
+def _pass_gpu_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
+    """maps: [N, P] int64; counts: [N, W, E] float32. Returns [N, W, G]: each pass's GPU
+    loads under ``minmax`` dispatch."""
     num_maps, num_passes, num_logical = counts.shape
     gpu = minmax_loads(maps.repeat_interleave(num_passes, 0), counts.reshape(num_maps * num_passes, num_logical),
                        num_gpus=num_gpus, iterations=PERPASS_SCORE_ITERATIONS)
-    return (gpu.mean(-1) / gpu.amax(-1).clamp_min(1e-9)).view(num_maps, num_passes).mean(1)
+    return gpu.view(num_maps, num_passes, num_gpus)
+
+
+def mean_pass_balancedness(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
+    """maps: [N, P] int64; counts: [N, W, E] float32 (W passes per map). Returns [N]: the mean
+    over the W passes of mean/max GPU load under ``minmax`` dispatch."""
+    gpu = _pass_gpu_loads(maps, counts, num_gpus=num_gpus)
+    return (gpu.mean(-1) / gpu.amax(-1).clamp_min(1e-9)).mean(1)
 
 
 def _buckets(per_pass: np.ndarray) -> torch.Tensor:
     """[B, L, E] -> [L, W, E] float32 with W <= PERPASS_MAX_PASSES (consecutive passes summed)."""
     rows = torch.from_numpy(np.ascontiguousarray(per_pass, dtype=np.float32))
-    if rows.shape[0] > PERPASS_MAX_PASSES:
-        bucket = torch.arange(rows.shape[0]) * PERPASS_MAX_PASSES // rows.shape[0]
-        rows = torch.zeros(PERPASS_MAX_PASSES, *rows.shape[1:]).index_add_(0, bucket, rows)
-    return rows.permute(1, 0, 2).contiguous()
+    return bucket_passes(rows, PERPASS_MAX_PASSES).permute(1, 0, 2).contiguous()
 
 
 def refine_for_minmax(
     start: np.ndarray, per_pass: np.ndarray, *, num_gpus: int, num_nodes: int = 1, rounds: int = PERPASS_ROUNDS,
     candidates: int = PERPASS_CANDIDATES, seed: int = PERPASS_SEED, previous: np.ndarray | None = None,
-    max_moves: int | None = None, aimed: bool = True, frozen: np.ndarray | None = None,
+    max_moves: int | None = None,
 ) -> np.ndarray:
     """start: [L, P] int map to refine (rank-major; with nodes, node-major too); per_pass:
     [B, L, E] window counts. Returns [L, P] int64; no layer scores worse than in ``start``.
@@ -76,10 +81,9 @@ def refine_for_minmax(
     it in the result. With both, changes are also drawn that put a slot back to its live
     expert, a change that adds moves is taken only while the budget lasts, the layers' best
     changes by gain per added move first, and ``start`` must itself be within the budget
-    (UsageError otherwise). aimed: with one node, half the draws swap slots between the GPU
-    that peaks in most of the window's passes and the least loaded one, or give a spare
-    replica on the latter to an expert of the former. frozen: [L] bool, layers kept as in
-    ``start``."""
+    (UsageError otherwise). With one node, half the draws swap slots between the GPU that
+    peaks in most of the window's passes and the least loaded one, or give a spare replica
+    on the latter to an expert of the former."""
     gen = torch.Generator().manual_seed(seed)
     counts = _buckets(per_pass)  # [L, W, E]
     current = torch.tensor(np.asarray(start), dtype=torch.int64)  # a copy: refined in place
@@ -95,7 +99,6 @@ def refine_for_minmax(
     if budgeted and int(moves.sum()) > max_moves:
         raise UsageError(f"start differs from previous in {int(moves.sum())} slots, over max_moves={max_moves}")
     popularity = counts.sum(1) + 1e-3  # [L, E]
-    kept = None if frozen is None else torch.as_tensor(np.asarray(frozen, dtype=bool))
     for _ in range(rounds):
         # Step 1: candidate changes, drawn per layer.
         cand = current.unsqueeze(1).repeat(1, candidates, 1)  # [L, K, P]
@@ -117,9 +120,8 @@ def refine_for_minmax(
             cand[layer_idx[back], cand_idx[back], moved_slot[back]] = was[back]
             spare &= ~back
         drawn = torch.multinomial(popularity, candidates, replacement=True, generator=gen)
-        if aimed and num_nodes == 1:  # half the draws aim at the GPU that peaks most often and the coldest one
-            gpu = minmax_loads(current.repeat_interleave(num_passes, 0), counts.reshape(-1, num_logical),
-                               num_gpus=num_gpus, iterations=PERPASS_SCORE_ITERATIONS).view(num_layers, num_passes, -1)
+        if num_nodes == 1:  # half the draws aim at the GPU that peaks most often and the coldest one
+            gpu = _pass_gpu_loads(current, counts, num_gpus=num_gpus)  # [L, W, G]
             peaks = torch.zeros(num_layers, num_gpus).scatter_add_(1, gpu.argmax(-1), torch.ones(num_layers, num_passes))
             hot, cold = peaks.argmax(1), gpu.mean(1).argmin(1)  # [L]
             per_gpu = num_slots // num_gpus
@@ -159,8 +161,6 @@ def refine_for_minmax(
             within[order] = spend <= room
             better &= within
             top = score[torch.arange(num_layers), arg]
-        if kept is not None:
-            better &= ~kept
         current[better] = cand[torch.arange(num_layers)[better], arg[better]]
         best = torch.where(better, top, best)
         moves = (current != live).sum(1)
@@ -169,28 +169,31 @@ def refine_for_minmax(
 
 def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *, num_gpus: int,
                        num_nodes: int = 1, max_moves: int) -> np.ndarray:
-    """fresh: [L, P] equal-split plan of the window's sum, aligned to ``live`` (the live map,
+    """fresh: [L, P] a fresh plan of the window's sum, aligned to ``live`` (the live map,
     [L, P]); per_pass: [B, L, E]. Returns [L, P] int64 differing from ``live`` in at most
     ``max_moves`` slots, changed only in stale layers (the live map scores below the fresh
     one on the window's passes; none stale: ``live``).
 
     Step 1: stale layers take their fresh map, best window gain per moved slot first, while
-    the moves stay within half the budget. Step 2: ``refine_for_minmax`` over the stale layers
-    from there, within the whole budget."""
+    the moves stay within half the budget. Step 2: ``refine_for_minmax`` of the stale layers
+    alone from there, within the whole budget (the others keep their live rows, no moves)."""
     counts = _buckets(per_pass)
     live_t = torch.as_tensor(np.asarray(live), dtype=torch.int64)
     fresh_t = torch.as_tensor(np.asarray(fresh), dtype=torch.int64)
-    live_score = mean_pass_balancedness(live_t, counts, num_gpus=num_gpus)
-    gain = mean_pass_balancedness(fresh_t, counts, num_gpus=num_gpus) - live_score  # [L]
-    stale = gain > 1e-6
-    if not bool(stale.any()):
-        return live_t.numpy().copy()
+    gain = mean_pass_balancedness(fresh_t, counts, num_gpus=num_gpus) \
+        - mean_pass_balancedness(live_t, counts, num_gpus=num_gpus)  # [L]
+    stale = (gain > 1e-6).nonzero().flatten()
+    planned = live_t.numpy().copy()
+    if stale.numel() == 0:
+        return planned
     cost = (fresh_t != live_t).sum(1)  # [L] slots the fresh map moves
     start = live_t.clone()
     spent = 0
     for layer in torch.argsort(gain / cost.clamp_min(1), descending=True).tolist():
-        if stale[layer] and spent + int(cost[layer]) <= max_moves // 2:
+        if gain[layer] > 1e-6 and spent + int(cost[layer]) <= max_moves // 2:
             start[layer] = fresh_t[layer]
             spent += int(cost[layer])
-    return refine_for_minmax(start.numpy(), per_pass, num_gpus=num_gpus, num_nodes=num_nodes, previous=live_t.numpy(),
-                             max_moves=max_moves, frozen=~stale.numpy())
+    rows = stale.numpy()
+    planned[rows] = refine_for_minmax(start[rows].numpy(), np.asarray(per_pass)[:, rows], num_gpus=num_gpus,
+                                      num_nodes=num_nodes, previous=planned[rows], max_moves=max_moves)
+    return planned

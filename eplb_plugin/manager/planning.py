@@ -22,6 +22,7 @@ import torch
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.comm import all_reduce_host, broadcast_host
 from eplb_plugin.errors import ConfigError
+from eplb_plugin.executor.staging import expert_bytes
 from eplb_plugin.location import ExpertLocation
 from eplb_plugin.manager.protocols import LoadWindow, Planner
 from eplb_plugin.manager.records import MIB
@@ -236,15 +237,12 @@ def move_budget_slots(budget_mb: float | None, *, algorithm: str,
     the first layer that holds expert weights; a model's MoE layers share expert sizes);
     None without a budget or without expert weights. ConfigError for a policy that takes no
     move budget, or a budget below one expert."""
-    from eplb_plugin.algorithms import POLICIES
+    from eplb_plugin.algorithms import check_move_budget
 
     if budget_mb is None:
         return None
-    if not POLICIES.get(algorithm).move_budget:
-        takes = [p.name for p in POLICIES.entries() if p.move_budget]
-        raise ConfigError(f"--eplb-move-budget-mb needs a policy that takes a move budget ({takes}); "
-                          f"--eplb-algorithm resolves to {algorithm!r}")
-    slot_bytes = next((sum(t[0].numel() * t.element_size() for t in layer) for layer in expert_weights if layer), 0)
+    check_move_budget(algorithm, what="--eplb-move-budget-mb", who="--eplb-algorithm")
+    slot_bytes = next((expert_bytes(layer) for layer in expert_weights if layer), 0)
     if slot_bytes == 0:  # no layer holds expert weights here: nothing ever moves
         return None
     slots = int(budget_mb * MIB // slot_bytes)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from eplb_plugin.counts import bucket_passes
 from eplb_plugin.errors import PlacementError
 from eplb_plugin.location import ExpertLocation, equal_split_weights
 
@@ -22,10 +23,7 @@ MAX_PLAN_PASSES = 128  # per-pass policies see at most this many rows (consecuti
 def plan_passes(rows: torch.Tensor) -> torch.Tensor:
     """[n, L, E] per-pass counts -> at most MAX_PLAN_PASSES rows, consecutive passes summed
     into equal buckets (bounds what every rank all-reduces and the planner reads)."""
-    if rows.shape[0] <= MAX_PLAN_PASSES:
-        return rows
-    bucket = torch.arange(rows.shape[0]) * MAX_PLAN_PASSES // rows.shape[0]
-    return torch.zeros(MAX_PLAN_PASSES, *rows.shape[1:], dtype=rows.dtype).index_add_(0, bucket, rows)
+    return bucket_passes(rows, MAX_PLAN_PASSES)
 
 
 def check_plan_shape(result: Any, *, num_layers: int, num_physical_experts: int) -> PlacementError | None:
