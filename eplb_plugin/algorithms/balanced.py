@@ -43,23 +43,22 @@ GOOD_ENOUGH = 5e-4  # a layer within 0.05% of the mean GPU load is not searched 
 CHAIN_EXACT = 1e-9  # a chain layer this close to the mean reached it (else compare with the equal plan)
 
 
-def divisor_counts(weight: np.ndarray, num_physical: int, minimum: np.ndarray | None = None, *,
-                   compiled: bool | None = None) -> np.ndarray:
-    """Replicas per expert, each >= ``minimum`` (default 1), summing to num_physical,
-    minimizing the max load per replica given the minimum.
+def divisor_counts(weight: np.ndarray, num_physical: int, *, compiled: bool | None = None) -> np.ndarray:
+    """Replicas per expert, each >= 1, summing to num_physical, minimizing the max load per
+    replica.
 
-    weight: [L, E] float >= 0; minimum: [L, E] int with row sums <= num_physical.
-    compiled: steps 2-3 compiled where numba is installed (the same counts; not with ``minimum``);
+    weight: [L, E] float >= 0.
+    compiled: steps 2-3 compiled where numba is installed (the same counts);
         None = by size (``compiled.worth_compiling``).
     Returns [L, E] int64.
     """
     num_layers, num_logical = weight.shape
     # Step 1: a tiny floor keeps all-zero layers well posed (extra replicas go to index order).
     w = weight + 1e-9 * (weight.mean(1, keepdims=True) + 1.0)
-    kernels = balanced_kernels() if minimum is None and wanted(compiled, num_layers, num_physical) else None
+    kernels = balanced_kernels() if wanted(compiled, num_layers, num_physical) else None
     if kernels is not None:  # steps 2-3 compiled, the same counts
         return kernels.divisor_rows(np.ascontiguousarray(w, dtype=np.float64), num_physical, BISECT_ITERS)
-    floor = np.ones_like(w) if minimum is None else minimum.astype(np.float64)
+    floor = np.ones_like(w)
     lo = np.zeros((num_layers, 1))
     hi = w.max(1, keepdims=True)
     # Step 2: bisection on tau: count(tau) = max(1, ceil(w / tau)) is non-increasing in tau.

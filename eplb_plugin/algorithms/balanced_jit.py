@@ -241,7 +241,7 @@ def _pack(w, count, num_gpus, swap_iters, partners, phy2log, slot_load, g, work,
 
 
 @numba.njit(cache=True)
-def _scratch(num_logical, num_gpus, per_gpu, partners):  # pragma: no cover - compiled
+def _scratch(num_logical, num_gpus, per_gpu):  # pragma: no cover - compiled
     """Work arrays of ``_pack`` and ``_refine_swaps``: (experts' loads per replica, their
     order, GPUs by load, light candidates, their slot loads side by side, their GPU loads, gains)."""
     width = num_gpus * per_gpu  # room for every GPU as a light candidate
@@ -268,7 +268,7 @@ def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, good_enough
     trial_count = np.empty(num_logical, dtype=np.int64)
     loss = np.empty(num_logical)
     donors = np.empty(patience + 1, dtype=np.int64)
-    work = _scratch(num_logical, num_gpus, per_gpu, partners)
+    work = _scratch(num_logical, num_gpus, per_gpu)
     for r in range(num_layers):
         w, cnt, cur = weight[r], count[r], phy2log[r]
         _pack(w, cnt, num_gpus, swap_iters, partners, cur, slot_load, g, work, True)

@@ -25,9 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
-from .packing import refine_swaps, round_robin_pack
+from .packing import round_robin_pack
 
-BIN_SWAP_ITERS = 0  # the chain absorbs bin imbalance; swaps cost time and buy nothing measurable
 FEASIBLE_TOL = 1e-12
 
 
@@ -53,8 +52,6 @@ def chain_plan(weight: np.ndarray, num_physical: int, *, num_gpus: int) -> tuple
     perm = round_robin_pack(item_load, num_gpus)
     items = np.take_along_axis(items, perm, 1)
     item_load = np.take_along_axis(item_load, perm, 1)
-    if BIN_SWAP_ITERS:
-        refine_swaps(items, item_load, num_gpus, iters=BIN_SWAP_ITERS)
     bins = items.reshape(num_layers, num_gpus, per_bin)
     bin_load = item_load.reshape(num_layers, num_gpus, per_bin)
     surplus = bin_load.sum(-1) - mean[:, None]

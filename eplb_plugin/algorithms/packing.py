@@ -1,5 +1,5 @@
-"""Packing slots onto GPUs: the steps the equal-split plan (``balanced.py``) and the chain
-plan (``chain.py``) share. Numpy, vectorized over rows (a row is one layer); rows are
+"""Packing slots onto GPUs: the equal-split plan's steps (``balanced.py``; the chain plan,
+``chain.py``, shares the round-robin pack). Numpy, vectorized over rows (a row is one layer); rows are
 independent. Slots are rank-major: GPU g holds slots g*S .. (g+1)*S - 1 (S = P / G).
 """
 

@@ -118,7 +118,6 @@ class LiveMinmaxTables:
         self.scratch: MinmaxScratch | None = None
         self.exchange: GroupCountExchange | None = None
         self._lock = threading.Lock()
-        self.builds = 0
 
     def for_metadata(self, metadata: Any) -> MinmaxTables:
         """The live tables of ``metadata`` (SGLang's ``ExpertLocationMetadata``)."""
@@ -133,7 +132,6 @@ class LiveMinmaxTables:
                     self.scratch = minmax_scratch(self._tables)  # the kernels' counters, kept across calls
                     self.exchange = resolve_count_exchange(ep_size=metadata.ep_size)
                     self._metadata = metadata
-                    self.builds += 1
                     logger.info("%s minmax dispatch tables built: %d layers x %d slots over %d GPUs",
                                 LOG_PREFIX, *metadata.physical_to_logical_map_cpu.shape, metadata.ep_size)
         return self._tables
