@@ -70,11 +70,12 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
             window = np.stack([counts[q].sum(0) for q in rows])  # [B, L, E] whole-pass counts
             start = time.perf_counter()
             budget = {} if credit is None or p == every else {"max_slots_moved": credit.grant()}
-            new = plan(window, num_physical_experts=num_slots, num_gpus=num_gpus, algorithm=planner,
-                       previous=phy2log, **budget).physical_to_logical_map.numpy()
+            placement = plan(window, num_physical_experts=num_slots, num_gpus=num_gpus, algorithm=planner,
+                             previous=phy2log, **budget)
             solver.append(time.perf_counter() - start)
+            new = placement.physical_to_logical_map.numpy()
             if p > every:
-                changed = int((new != phy2log).sum())
+                changed = int(placement.slots_moved)
                 moved.append(changed / phy2log.size)
                 if credit is not None:
                     credit.spend(changed)

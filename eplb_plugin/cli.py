@@ -85,7 +85,7 @@ def _slots_for_budget(args, num_logical: int) -> int:
     """P for ``--gpu-memory-budget-gib``: the most redundant experts whose weights fit it on
     every GPU (the preset gives one expert's bytes); says so and plans with none when even
     one redundant expert per GPU does not fit."""
-    from .algorithms.sizing import max_redundant_for_memory
+    from .algorithms.sizing import max_redundant_for_memory, redundant_per_gpu
     from .configs import get_preset
 
     if args.preset is None:
@@ -104,7 +104,7 @@ def _slots_for_budget(args, num_logical: int) -> int:
               "planning with no redundant experts")
     else:
         print(f"--gpu-memory-budget-gib {args.gpu_memory_budget_gib}: {redundant} redundant experts "
-              f"({(num_logical + redundant) // args.ep_size - num_logical // args.ep_size} per GPU, "
+              f"({redundant_per_gpu(num_logical, redundant, args.ep_size)} per GPU, "
               f"{one / 2**30:.2f} GiB each)")
     return num_logical + redundant
 

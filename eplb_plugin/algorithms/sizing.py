@@ -35,6 +35,12 @@ def redundant_choices(num_logical: int, num_gpus: int, max_redundant: int) -> li
     return list(range((-num_logical) % num_gpus, max_redundant + 1, num_gpus))
 
 
+def redundant_per_gpu(num_logical: int, redundant: int, num_gpus: int) -> int:
+    """Redundant slots on the GPU that holds most of them (slots per GPU over the slots
+    without redundancy)."""
+    return (num_logical + redundant) // num_gpus - num_logical // num_gpus
+
+
 def max_redundant_for_memory(budget_bytes_per_gpu: float, *, expert_bytes: int, num_layers: int,
                              num_logical: int, num_gpus: int) -> int:
     """The most redundant slots (all GPUs together) whose weights fit ``budget_bytes_per_gpu``
@@ -43,7 +49,7 @@ def max_redundant_for_memory(budget_bytes_per_gpu: float, *, expert_bytes: int, 
         raise ConfigError(f"the memory budget must be >= 0 (got {budget_bytes_per_gpu} bytes)")
     per_gpu = int(budget_bytes_per_gpu // (expert_bytes * num_layers))
     fits = [r for r in redundant_choices(num_logical, num_gpus, per_gpu * num_gpus + num_gpus)
-            if (num_logical + r) // num_gpus - num_logical // num_gpus <= per_gpu]
+            if redundant_per_gpu(num_logical, r, num_gpus) <= per_gpu]
     return max(fits, default=0)
 
 
@@ -69,6 +75,5 @@ def redundancy_curve(counts: np.ndarray, *, num_gpus: int, redundant: list[int],
         weights = placement.replica_weights
         bal = per_pass_balancedness(score, placement.physical_to_logical_map.numpy(), num_gpus=num_gpus,
                                     dispatch=dispatch, replica_weights=None if weights is None else weights.numpy())
-        points.append(SizingPoint(r, (num_logical + r) // num_gpus - num_logical // num_gpus, float(bal.mean()),
-                                  held_out))
+        points.append(SizingPoint(r, redundant_per_gpu(num_logical, r, num_gpus), float(bal.mean()), held_out))
     return points
