@@ -4,19 +4,21 @@ SGLang's flags keep their meaning (checked against ``sglang/srt/arg_groups/field
 ``parallel_hook.py`` of 0.5.23). The plugin adds what SGLang lacks: a time-based trigger, a
 per-layer drift trigger (as xLLM has), the weight mover's memory budget and mode.
 
-``add_eplb_args`` builds argparse options whose defaults are read from the dataclass, so
-parsing no arguments gives ``EPLBArgs()``; ``EPLBArgs.resolve`` applies SGLang's implied
-settings and rejects contradictions with an error that names both flags.
+``add_eplb_args`` builds argparse options whose defaults are read from the dataclass
+(``flagspec.py``, as for the runtime's configs), so parsing no arguments gives
+``EPLBArgs()``; ``EPLBArgs.resolve`` applies SGLang's implied settings and rejects
+contradictions with an error that names both flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, get_args, get_type_hints
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, get_args
 
 from eplb_plugin.errors import ConfigError
+from eplb_plugin.flagspec import add_flags, flag
 
 RecorderMode = Literal["stat", "stat_approx", "per_pass", "per_token"]
 DispatchAlgorithm = Literal["static", "random", "dynamic", "weighted", "minmax"]
@@ -36,9 +38,9 @@ COUNTING_RECORDER_MODES = ("stat", "stat_approx")
 
 def _flag(help_text: str, *, choices: tuple[str, ...] | None = None, sglang: bool = True, runtime: bool = True,
           **kw: Any):
-    """sglang: SGLang has this flag (the plugin adds it only where not); runtime: the
-    project's runtime (``launch_server``) offers it too."""
-    return field(metadata={"help": help_text, "choices": choices, "sglang": sglang, "runtime": runtime}, **kw)
+    """An EPLBArgs flag (``flagspec.flag``). sglang: SGLang has this flag (the plugin adds it
+    only where not); runtime: the project's runtime (``launch_server``) offers it too."""
+    return flag(help_text, choices=choices, tags={"sglang": sglang, "runtime": runtime}, **kw)
 
 
 @dataclass(frozen=True)
@@ -202,9 +204,9 @@ class EPLBArgs:
             "--eplb-rebalance-num-iterations": self.eplb_rebalance_num_iterations,
             "--nnodes": self.nnodes,
         }
-        for flag, value in positive.items():
+        for option, value in positive.items():
             if value < 1:
-                raise ConfigError(f"{flag} must be >= 1 (got {value})")
+                raise ConfigError(f"{option} must be >= 1 (got {value})")
         if self.eplb_rebalance_layers_per_chunk is not None and self.eplb_rebalance_layers_per_chunk < 1:
             raise ConfigError(
                 f"--eplb-rebalance-layers-per-chunk must be >= 1 or unset (got {self.eplb_rebalance_layers_per_chunk})"
@@ -259,20 +261,6 @@ class EPLBArgs:
         return cls.from_namespace(parser.parse_args(argv))
 
 
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def value_type(annotation: Any) -> type:
-    """The argparse ``type`` of a field: unwrap Optional[...] and Literal[...]."""
-    args = [a for a in get_args(annotation) if a is not type(None)]
-    if not args:
-        return annotation
-    if all(isinstance(a, str) for a in args):  # a Literal of names
-        return str
-    return value_type(args[0])
-
-
 def add_eplb_args(
     parser: argparse.ArgumentParser,
     *,
@@ -285,21 +273,9 @@ def add_eplb_args(
     otherwise (the runtime's parser) every flag the runtime offers. skip: field names not to
     add (a host parser that already has them).
     """
-    group = parser.add_argument_group("EPLB")
-    hints = get_type_hints(EPLBArgs)
-    for f in dataclasses.fields(EPLBArgs):
-        offered = not f.metadata["sglang"] if only_plugin_flags else f.metadata["runtime"]
-        if f.name in skip or not offered:
-            continue
-        name = flag_name(f.name)
-        if hints[f.name] is bool:
-            group.add_argument(name, action="store_true", default=f.default, help=f.metadata["help"])
-            continue
-        group.add_argument(
-            name,
-            type=value_type(hints[f.name]),
-            default=f.default,
-            choices=f.metadata["choices"],
-            help=f.metadata["help"],
-        )
+
+    def offered(f: dataclasses.Field) -> bool:
+        return f.name not in skip and (not f.metadata["sglang"] if only_plugin_flags else f.metadata["runtime"])
+
+    add_flags(parser.add_argument_group("EPLB"), EPLBArgs, include=offered)
     return parser

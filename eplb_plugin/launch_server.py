@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from eplb_plugin.args import EPLBArgs, add_eplb_args
 from eplb_plugin.configs import PRESET_NAMES
 from eplb_plugin.errors import EPLBError
+from eplb_plugin.flagspec import add_flags, config_kwargs
 from eplb_plugin.runtime.config import ModelShape, RunSpec, RuntimeConfig, WorkloadSpec
-from eplb_plugin.runtime.flags import add_config_args, config_kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers", type=int, default=None, help="Override the preset's MoE layer count.")
     g.add_argument("--hidden-size", type=int, default=None, help="Override the preset's hidden size.")
     g.add_argument("--moe-intermediate-size", type=int, default=None, help="Override the preset's expert FFN size.")
-    add_config_args(g, RuntimeConfig, WorkloadSpec, RunSpec)
+    add_flags(g, RuntimeConfig, WorkloadSpec, RunSpec)
     g.add_argument("--compare", action="store_true",
                    help="Serve the workload twice, without EPLB then with it, and report side by side.")
     g.add_argument("--report-dir", default="eplb_report", help="Where report.txt/.json/.png go.")

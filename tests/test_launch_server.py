@@ -11,9 +11,9 @@ import pytest
 
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.errors import ConfigError
+from eplb_plugin.flagspec import config_kwargs, option_of
 from eplb_plugin.launch_server import build_parser, build_runs, main
 from eplb_plugin.runtime.config import ModelShape, RunSpec, RuntimeConfig, WorkloadSpec
-from eplb_plugin.runtime.flags import config_kwargs, option_of
 
 
 def test_no_flags_give_the_dataclass_defaults():

@@ -46,7 +46,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from eplb_plugin.args import EPLBArgs, flag_name
+from eplb_plugin.args import EPLBArgs
+from eplb_plugin.flagspec import flag_name
 from eplb_plugin.integrations.sglang_common import (
     CONFIG_ENV,
     DISPATCH_FLAG,

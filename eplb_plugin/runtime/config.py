@@ -15,8 +15,8 @@ import torch
 from eplb_plugin.args import DISPATCH_COUNTS, EPLBArgs
 from eplb_plugin.configs import get_preset
 from eplb_plugin.errors import ConfigError
+from eplb_plugin.flagspec import flag
 from eplb_plugin.kernels import BACKENDS
-from eplb_plugin.runtime.flags import flag
 from eplb_plugin.runtime.moe import EXCHANGES
 from eplb_plugin.runtime.workload import (
     DEFAULT_DRIFT_EVERY_PASSES,
@@ -69,7 +69,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """The routing a run serves (each field is a flag: ``runtime/flags.py``)."""
+    """The routing a run serves (each field is a flag: ``flagspec.py``)."""
 
     kind: str = flag("synthetic (skewed, drifting), trace (replay --trace files), uniform (perfect balance).",
                      name="--workload", choices=WORKLOAD_KINDS, default="synthetic")
@@ -115,7 +115,7 @@ class RunSpec:
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Shared by every run of one launch. Every field but ``model`` (``--model-preset`` and
-    its overrides) is a flag whose default and help are the field's (``runtime/flags.py``)."""
+    its overrides) is a flag whose default and help are the field's (``flagspec.py``)."""
 
     model: ModelShape
     batch_tokens: int = flag("Global tokens per forward pass (split over the EP ranks).", default=512)
