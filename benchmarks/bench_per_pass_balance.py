@@ -62,14 +62,15 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
     phy2log = np.broadcast_to(np.arange(num_slots) % NUM_LOGICAL, (num_layers, num_slots)).copy()
     scores: dict[str, list[float]] = {}
     moved, solver = [], []
-    credit = None if budget_share is None else MoveCredit(int(budget_share * phy2log.size), carry=carry)
+    per_rebalance = None if budget_share is None else int(budget_share * phy2log.size)
+    credit = MoveCredit(carry=carry)
     for p in range(every, len(counts)):
         due = source == "same" or p % every == 0
         if due:
             rows = {"past": range(p - every, p), "next": range(p, min(p + every, len(counts))), "same": [p]}[source]
             window = np.stack([counts[q].sum(0) for q in rows])  # [B, L, E] whole-pass counts
             start = time.perf_counter()
-            budget = {} if credit is None or p == every else {"max_slots_moved": credit.grant()}
+            budget = {} if per_rebalance is None or p == every else {"max_slots_moved": credit.grant(per_rebalance)}
             placement = plan(window, num_physical_experts=num_slots, num_gpus=num_gpus, algorithm=planner,
                              previous=phy2log, **budget)
             solver.append(time.perf_counter() - start)
@@ -77,7 +78,7 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
             if p > every:
                 changed = int(placement.slots_moved)
                 moved.append(changed / phy2log.size)
-                if credit is not None:
+                if per_rebalance is not None:
                     credit.spend(changed)
             phy2log = new
         for name, value in score(counts[p], phy2log, num_gpus).items():

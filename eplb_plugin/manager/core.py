@@ -121,7 +121,7 @@ class EPLBManager:
         self.check_every_passes = check_every_passes
         self.plan_timeout_s = plan_timeout_s
         self._policy = planning.PolicyChoice.resolve(args, expert_weights=expert_weights)
-        self._move_credit = self._policy.credit(args)  # every rank keeps the same account
+        self._move_credit = planning.MoveCredit(carry=args.eplb_move_budget_carry)  # the same on every rank
         self._planner_process = None
         if planner is None and args.eplb_plan_in_process and self.rank == 0:
             from eplb_plugin.planner_process import PlannerProcess
@@ -279,7 +279,8 @@ class EPLBManager:
         self._enter(Phase.PLANNING)
         self._outcome = None
         self._plan_started = time.perf_counter()
-        budget = None if self._move_credit is None else self._move_credit.grant()
+        per_rebalance = self._policy.max_slots_moved
+        budget = None if per_rebalance is None else self._move_credit.grant(per_rebalance)
         if self.rank == 0:
             kwargs = self._policy.plan_kwargs(self.location, num_nodes=self.args.nnodes, num_groups=self.num_groups,
                                               max_slots_moved=budget)
@@ -319,7 +320,7 @@ class EPLBManager:
         except PlacementError as exc:  # nothing moved: the old placement stays
             self._fail(record, RebalanceError(f"rebalance {record.index}: invalid plan: {exc}; "
                                               "keeping the old placement"), exc)
-        if self._move_credit is not None:
+        if self._policy.max_slots_moved is not None:
             self._move_credit.spend(targets.slots_changed(loc.physical_to_logical_map, self._target.physical_to_logical_map))
         record.balancedness_predicted = placement_balancedness(
             self._counts, target.physical_to_logical_map, loc.ep_size, target.replica_weights

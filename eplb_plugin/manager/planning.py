@@ -36,7 +36,8 @@ class PolicyChoice:
     algorithm: the placement policy ``--eplb-algorithm`` resolves to; split: how the host's
     dispatch splits an expert's tokens over its replicas; per_pass: the policy plans from the
     window's passes ([B, L, E]) instead of their sum; max_slots_moved: ``--eplb-move-budget-mb``
-    in slots (None: no budget)."""
+    in slots, the one figure of the budget per rebalance that ``MoveCredit.grant`` adds (None:
+    no budget)."""
 
     algorithm: str
     split: str
@@ -58,12 +59,6 @@ class PolicyChoice:
                    max_slots_moved=move_budget_slots(args.eplb_move_budget_mb, algorithm=algorithm,
                                                      expert_weights=expert_weights))
 
-    def credit(self, args: EPLBArgs) -> MoveCredit | None:
-        """The move budget's account (``--eplb-move-budget-carry``); None without a budget."""
-        if self.max_slots_moved is None:
-            return None
-        return MoveCredit(per_rebalance=self.max_slots_moved, carry=args.eplb_move_budget_carry)
-
     def plan_kwargs(self, live: ExpertLocation, *, num_nodes: int, num_groups: int | None,
                     max_slots_moved: int | None = None) -> dict[str, Any]:
         """The planner's keyword arguments for a plan from the ``live`` ExpertLocation;
@@ -78,18 +73,19 @@ class PolicyChoice:
 
 @dataclass
 class MoveCredit:
-    """The move budget across rebalances, in slots: each plan is granted ``per_rebalance``
-    more, unused slots carry over up to ``(1 + carry) * per_rebalance``, and the slots a
-    plan changes are spent, so the average per rebalance stays within ``per_rebalance``
-    while one rebalance can follow a shift in traffic with the budget saved before it."""
+    """The move budget's account across rebalances, in slots: each plan is granted one
+    rebalance's budget more (``grant(per_rebalance)``; the manager's is
+    ``PolicyChoice.max_slots_moved``), unused slots carry over up to ``1 + carry`` budgets
+    (``--eplb-move-budget-carry``), and the slots a plan changes are spent, so the average
+    per rebalance stays within the budget while one rebalance can follow a shift in traffic
+    with the budget saved before it."""
 
-    per_rebalance: int
     carry: int
     balance: int = 0
 
-    def grant(self) -> int:
-        """Add one rebalance's budget; the slots the next plan may move."""
-        self.balance = min(self.balance + self.per_rebalance, (1 + self.carry) * self.per_rebalance)
+    def grant(self, per_rebalance: int) -> int:
+        """Add one rebalance's budget, ``per_rebalance`` slots; the slots the next plan may move."""
+        self.balance = min(self.balance + per_rebalance, (1 + self.carry) * per_rebalance)
         return self.balance
 
     def spend(self, slots: int) -> None:
