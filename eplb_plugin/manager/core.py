@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -186,6 +186,18 @@ class EPLBManager:
             raise RuntimeError(f"EPLB manager: no transition from {self._phase.value} to {phase.value}")
         self._phase = phase
 
+    def _in_progress(self) -> RebalanceRecord:
+        """The record of the rebalance in progress (set while planning and moving)."""
+        if self._record is None:
+            raise RuntimeError(f"EPLB manager: no rebalance in progress while {self._phase.value}")
+        return self._record
+
+    def _moving_to(self) -> ExpertLocation:
+        """The placement the rebalance moves to (set from its plan's arrival to its end)."""
+        if self._target is None:
+            raise RuntimeError(f"EPLB manager: no target placement while {self._phase.value}")
+        return self._target
+
     def redundancy_curve(self, max_per_gpu: int = 4) -> list:
         """Expected balancedness per pass against redundant slots (0 .. ``max_per_gpu`` per
         GPU) on the counts the last rebalance planned from (``planning.redundancy_curve``).
@@ -214,7 +226,7 @@ class EPLBManager:
                 self._start(trigger, layers)
         if self._phase is Phase.PLANNING:
             self._poll_plan()
-        if self._phase is Phase.MOVING and (self.ready_to_move is None or self.ready_to_move(self._target)):
+        if self._phase is Phase.MOVING and (self.ready_to_move is None or self.ready_to_move(self._moving_to())):
             self._move_chunk()
         if self._record is not None:
             self._charge(self._record)
@@ -243,13 +255,14 @@ class EPLBManager:
         if triggers.interval_due(self.num_passes - self._last_rebalance_pass, self.args.eplb_rebalance_num_iterations):
             return "interval", None
         timed = self.args.eplb_rebalance_interval_s is not None
-        drifting = self.args.eplb_drift_threshold is not None and self._planned_on is not None
+        planned_on, threshold = self._planned_on, self.args.eplb_drift_threshold
+        drifting = threshold is not None and planned_on is not None
         if not triggers.checks_due(self.num_passes, self.check_every_passes, timed=timed, drifting=drifting):
             return None, None
         drifted = None
-        if drifting:
+        if threshold is not None and planned_on is not None:  # drifting, spelled out for the type checker
             drifted = triggers.drifted_layers(self.recorder.logical_count_window().to("cpu", torch.float64),
-                                              self._planned_on, self.args.eplb_drift_threshold)
+                                              planned_on, threshold)
         verdict = triggers.local_verdict(elapsed_s=self.clock() - self._last_rebalance_time,
                                          interval_s=self.args.eplb_rebalance_interval_s, drifted=drifted,
                                          num_layers=self.location.num_layers)
@@ -299,7 +312,7 @@ class EPLBManager:
         status = planning.agree_on_status(status, self.group)
         if status is PlanStatus.PENDING:
             return
-        record = self._record
+        record = self._in_progress()
         record.solver_s = time.perf_counter() - self._plan_started
         if status is PlanStatus.FAILED:
             cause = self._outcome.error if self._outcome is not None else None
@@ -308,7 +321,7 @@ class EPLBManager:
         self._receive_plan()
 
     def _receive_plan(self) -> None:
-        loc, record = self.location, self._record
+        loc, record = self.location, self._in_progress()
         placement = self._outcome.placement if self.rank == 0 and self._outcome is not None else None
         new_map, new_weights = planning.broadcast_plan(placement, shape=(loc.num_layers, loc.num_physical_experts),
                                                        group=self.group)
@@ -316,12 +329,13 @@ class EPLBManager:
         # Layers whose map changes move weights; a change of replica weights alone goes live now.
         record.layers = target.changed
         try:  # every rank validates the plan it received (the same bytes: the same verdict)
-            self._target = target.location(loc, source=f"rebalance {record.index} plan")
+            self._target = target_location = target.location(loc, source=f"rebalance {record.index} plan")
         except PlacementError as exc:  # nothing moved: the old placement stays
             self._fail(record, RebalanceError(f"rebalance {record.index}: invalid plan: {exc}; "
                                               "keeping the old placement"), exc)
         if self._policy.max_slots_moved is not None:
-            self._move_credit.spend(targets.slots_changed(loc.physical_to_logical_map, self._target.physical_to_logical_map))
+            self._move_credit.spend(targets.slots_changed(loc.physical_to_logical_map,
+                                                          target_location.physical_to_logical_map))
         record.balancedness_predicted = placement_balancedness(
             self._counts, target.physical_to_logical_map, loc.ep_size, target.replica_weights
         )
@@ -337,7 +351,7 @@ class EPLBManager:
         self._enter(Phase.MOVING)
         try:
             record.transport = self.mover.start(moving, live_map=self.location.physical_to_logical_map,
-                                                target_map=self._target.physical_to_logical_map)
+                                                target_map=target_location.physical_to_logical_map)
         except (ConfigError, TransferError) as exc:  # nothing moved: the old placement stays
             self._fail(record, RebalanceError(f"rebalance {record.index}: the move could not start: {exc}"), exc)
         logger.info(
@@ -349,7 +363,7 @@ class EPLBManager:
     # ------------------------------------------------------------------ move
 
     def _move_chunk(self) -> None:
-        record = self._record
+        record = self._in_progress()
         step = self.mover.step(self.args.eplb_rebalance_layers_per_chunk)
         self._go_live(step.live)
         record.slots_moved = self._weightless_slots + self.mover.slots_moved
@@ -364,7 +378,7 @@ class EPLBManager:
         rank) live, at a pass boundary; tell the recorder and the host."""
         if not live:
             return
-        self.location = targets.live_location(self.location, self._target, live)
+        self.location = targets.live_location(self.location, self._moving_to(), live)
         new_map = self.location.physical_to_logical_map
         self.recorder.set_physical_to_logical_map(new_map.to(self.recorder.physical_to_logical_map.device))
         if self.on_location_change is not None:
@@ -394,7 +408,7 @@ class EPLBManager:
         logger.info("EPLB rebalance %d skipped: %s (stall %.3f s)", record.index, why, record.stall_s)
         self._export(record)
 
-    def _fail(self, record: RebalanceRecord, error: RebalanceError, cause: BaseException | None) -> None:
+    def _fail(self, record: RebalanceRecord, error: RebalanceError, cause: BaseException | None) -> NoReturn:
         record.error = str(error)
         self._end(record)
         if self._phase is not Phase.IDLE:  # a rebalance that failed before planning never left idle
