@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from eplb_plugin.errors import ConfigError
-from eplb_plugin.recorder.core import ExpertDistributionRecorder, NoopRecorder
+from eplb_plugin.recorder.core import ExpertDistributionRecorder
 from eplb_plugin.recorder.dump import DUMP_DIR_ENV, dump_dir, safe_dump_path
 from eplb_plugin.recorder.modes import MODES, RecorderMode
+from eplb_plugin.recorder.noop import NoopRecorder
 from eplb_plugin.recorder.window import physical_to_logical
 
 
