@@ -12,10 +12,14 @@ at the start and end of each pass, the measurement points), realized per-pass ba
 
 Also the "EP8 compute part" (BENCHMARKS.md): on one device, each simulated EP8 rank's share
 of the expert work is timed separately (the experts that rank would hold, with the tokens
-it would receive, replicas splitting their expert's tokens equally) and the slowest rank is
-the step; summed over layers. It is measured, not modelled, but it is the compute part of
-an EP8 step only (no communication). Placements: naive (trivial, no redundancy), EPLB
-(planned on the previous window of passes, so realized), uniform routing.
+the dispatch sends it) and the slowest rank is the layer's time, plus one rank's dispatch
+of its share of the pass (with the recorder's count); summed over layers. On CUDA every
+piece is captured in a CUDA graph and timed over replays, as the runtime serves. It is
+measured, not modelled, but it is the compute part of an EP8 step only (no communication,
+no count all-gather). Placements (``EP8_PLACEMENTS``): naive (trivial, no redundancy),
+EPLB with static dispatch and with ``minmax`` (the equal-split policy), EPLB with the
+per-pass policy and ``minmax``, all planned on the previous window of passes (realized),
+and uniform routing.
 
 CPU:  python benchmarks/bench_end_to_end.py --device cpu            (gloo, 4 ranks, tiny)
 GPU:  python benchmarks/bench_end_to_end.py --device cuda --traces-dir <dir with the ESFT .npz>
@@ -57,6 +61,15 @@ from eplb_plugin.runtime.weights import FFNShape, make_expert_weights  # noqa: E
 EP8 = 8
 EP8_REDUNDANT = 8
 EP8_SAMPLE_PASSES = 8  # passes timed for the EP8 compute part (each: L layers x 8 ranks)
+EP8_REPLAYS = 10  # CUDA graph replays timed per rank and layer
+# The EP8 compute part's placements: name -> (policy planned on the window, None: trivial; dispatch).
+EP8_PLACEMENTS = {
+    "naive": (None, "static"),
+    "eplb": ("eplb_plugin_equal", "static"),
+    "eplb_minmax": ("eplb_plugin_equal", "minmax"),
+    "eplb_perpass_minmax": ("eplb_plugin_perpass", "minmax"),
+    "uniform": (None, "static"),
+}
 PER_PASS_KEYS = ("balancedness_per_pass", "moe_step_s_per_pass", "off_step_s_per_pass")
 
 
@@ -126,19 +139,22 @@ def setup(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EPLBArg
 
 # ---------------------------------------------------------------------- EP8 compute part
 
+def _rank_slots(per_rank_counts: list[int], device: torch.device) -> torch.Tensor:
+    """[S] rows per local slot -> [sum] local slot id of each row."""
+    counts = torch.tensor(per_rank_counts, device=device)
+    return torch.repeat_interleave(torch.arange(len(per_rank_counts), device=device), counts)
+
+
 def _time_rank(tokens_per_slot: list[int], w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, cuda: bool) -> float:
-    """Seconds to run one simulated rank's slots (slot s on tokens_per_slot[s] rows)."""
+    """Seconds to run one simulated rank's slots (slot s on tokens_per_slot[s] rows).
+
+    CUDA: the runtime's own expert path (grouped GEMM on Hopper) over this rank's rows,
+    captured in a CUDA graph (as the runtime serves) and replayed ``EP8_REPLAYS`` times
+    between two events: the mean replay, free of launch overhead and host jitter."""
     if cuda:
-        # The runtime's own expert path (grouped GEMM on Hopper) over this rank's rows.
-        local_slot = torch.repeat_interleave(torch.arange(len(tokens_per_slot), device=x.device),
-                                             torch.tensor(tokens_per_slot, device=x.device))
+        local_slot = _rank_slots(tokens_per_slot, x.device)
         rows = x[: local_slot.numel()]  # x holds batch_tokens * top_k rows: every pair fits
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run_local_experts(rows, local_slot, w13, w2)
-        end.record()
-        end.synchronize()  # measurement point: this rank's kernels have finished
-        return start.elapsed_time(end) / 1e3
+        return _graph_seconds(lambda: run_local_experts(rows, local_slot, w13, w2))
     t0 = time.perf_counter()
     for s, n in enumerate(tokens_per_slot):
         if n:
@@ -146,17 +162,72 @@ def _time_rank(tokens_per_slot: list[int], w13: torch.Tensor, w2: torch.Tensor, 
     return time.perf_counter() - t0
 
 
+def _graph_seconds(work) -> float:
+    """Mean seconds of one replay of ``work`` captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        work()  # warm-up outside the capture (allocator, kernel selection)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        work()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(EP8_REPLAYS):
+        graph.replay()
+    end.record()
+    end.synchronize()  # measurement point: the replays have finished
+    return start.elapsed_time(end) / 1e3 / EP8_REPLAYS
+
+
+def _realized_slot_loads(loc: ExpertLocation, dispatch: str, ids: torch.Tensor) -> torch.Tensor:
+    """[L, P] tokens per slot as the dispatch sends one pass ([T, L, k] ids): ``static``, each
+    EP8 rank its own contiguous share of the tokens with its own table; ``minmax``, the whole
+    pass's counts (``--ep-dispatch-counts global``)."""
+    num_layers, num_physical = loc.num_layers, loc.num_physical_experts
+    if dispatch == "minmax":
+        shards = [(ExpertDispatcher(loc, rank=0, algorithm="minmax"), ids)]
+    else:
+        shards = [(ExpertDispatcher(loc, rank=r, algorithm="static"), part)
+                  for r, part in enumerate(ids.tensor_split(EP8, dim=0))]
+    out = torch.zeros(num_layers, num_physical, dtype=torch.float64)
+    for dispatcher, part in shards:
+        for layer in range(num_layers):
+            slots = dispatcher.dispatch(layer, part[:, layer]).flatten()
+            out[layer] += torch.bincount(slots[slots >= 0], minlength=num_physical).double()
+    return out
+
+
+def _dispatch_seconds(loc: ExpertLocation, dispatch: str, ids: torch.Tensor, device: torch.device) -> float:
+    """Seconds per layer of one rank's dispatch of its share of the pass (the recorder's
+    count in the same kernel), all layers in one CUDA graph. The count all-gather of
+    ``--ep-dispatch-counts global`` is not included (one device)."""
+    dispatcher = ExpertDispatcher(loc, rank=0, algorithm=dispatch, device=device, backend="triton")
+    share = ids.tensor_split(EP8, dim=0)[0].to(device)
+    counts = torch.zeros(loc.num_layers, loc.num_physical_experts, dtype=torch.int32, device=device)
+
+    def work() -> None:
+        for layer in range(loc.num_layers):
+            dispatcher.dispatch(layer, share[:, layer], counts_out=counts)
+
+    return _graph_seconds(work) / loc.num_layers
+
+
 def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every: int) -> dict:
-    """Slowest simulated EP8 rank's expert time per pass (summed over layers), three placements."""
+    """Slowest simulated EP8 rank's MoE time per pass (dispatch + experts, summed over
+    layers), for each of ``EP8_PLACEMENTS``."""
     m = cfg.model
-    device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
+    cuda = cfg.device == "cuda"
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     w = workload.build(m, cfg.batch_tokens)
     num_physical = m.num_logical_experts + EP8_REDUNDANT
     trivial = ExpertLocation.trivial(num_layers=m.num_layers, num_logical_experts=m.num_logical_experts,
                                      num_physical_experts=m.num_logical_experts, ep_size=EP8)
     passes = list(range(rebalance_every, rebalance_every + EP8_SAMPLE_PASSES))
     counts = []  # [L, E] per pass, for passes 0 .. last sampled
-    routed = {}  # the sampled passes' topk_ids [T, L, k], for minmax dispatch
+    routed = {}  # the sampled passes' topk_ids [T, L, k]
     for p in range(passes[-1] + 1):
         ids = w.batch(p).topk_ids
         if p in passes:
@@ -174,39 +245,44 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
     uniform = torch.full((m.num_layers, m.num_logical_experts), cfg.batch_tokens * m.top_k / m.num_logical_experts,
                          dtype=torch.float64)
     out: dict = {"label": "EP8 compute part (one device, each simulated EP8 rank's expert FFNs timed alone; "
-                          "step = slowest rank, summed over layers; no communication)",
+                          "step = sum over layers of the rank's dispatch + the slowest rank's experts; "
+                          "no communication)",
+                 "timing": f"CUDA graph per rank and layer, mean of {EP8_REPLAYS} replays" if cuda
+                           else "eager, one core",
                  "ep_size": EP8, "sample_passes": passes, "placements": {}}
     expert_ffn(x[:16], w13[0], w2[0])  # warm-up (kernel selection, allocator)
-    if cfg.device == "cpu":
+    if not cuda:
         torch.set_num_threads(1)  # one core per simulated rank, as in the runtime's CPU ranks
-    for name in ("naive", "eplb", "eplb_minmax", "uniform"):
-        steps, bals = [], []
+    for name, (policy, dispatch) in EP8_PLACEMENTS.items():
+        steps, expert_steps, dispatch_us, bals = [], [], [], []
         for p in passes:
-            if name.startswith("eplb"):
-                window = torch.stack(counts[p - rebalance_every : p]).sum(0)  # the passes before p only
-                # Equal split on the GPU (static dispatch): plan with the equal-split variant.
-                loc = ExpertLocation.from_logical_count(window, num_physical_experts=num_physical, ep_size=EP8,
-                                                        algorithm="eplb_plugin_equal")
-            else:
+            if policy is None:
                 loc = trivial
-            load = uniform if name == "uniform" else counts[p]
-            per_slot = slot_loads(load, loc.physical_to_logical_map, loc.replica_weights).round().long()  # [L, P]
-            if name == "eplb_minmax":  # the pass's own tokens as minmax dispatch sends them (whole pass)
-                dispatcher = ExpertDispatcher(loc, rank=0, algorithm="minmax")
-                per_slot = torch.stack([
-                    torch.bincount(dispatcher.dispatch(layer, routed[p][:, layer]).flatten().clamp_min(0),
-                                   weights=(routed[p][:, layer] >= 0).flatten().double(), minlength=num_physical)
-                    for layer in range(m.num_layers)]).round().long()
+            else:  # planned on the passes before p only: realized, not fitted
+                window = torch.stack(counts[p - rebalance_every : p])  # [B, L, E]
+                loc = ExpertLocation.from_logical_count(window, num_physical_experts=num_physical, ep_size=EP8,
+                                                        algorithm=policy)
+            if name == "uniform":
+                per_slot = slot_loads(uniform, loc.physical_to_logical_map, loc.replica_weights)
+            else:
+                per_slot = _realized_slot_loads(loc, dispatch, routed[p])
+            per_slot = per_slot.round().long()  # [L, P]
             bals.append(float(layer_balancedness(gpu_loads(per_slot, EP8)).mean()))
-            for _ in range(2 if p == passes[0] else 1):  # the first pass runs twice: warm-up of new shapes
-                step = 0.0
-                for layer in range(m.num_layers):
-                    per_rank = per_slot[layer].view(EP8, -1).tolist()
-                    step += max(_time_rank(r, w13, w2, x, cfg.device == "cuda") for r in per_rank)
-            steps.append(step)
-        out["placements"][name] = {"step_ms_median": 1e3 * float(np.median(steps)),
+            per_layer = 0.0 if not cuda else _dispatch_seconds(loc, dispatch, routed[p], device)
+            experts = sum(max(_time_rank(r, w13, w2, x, cuda) for r in per_slot[layer].view(EP8, -1).tolist())
+                          for layer in range(m.num_layers))
+            expert_steps.append(experts)
+            dispatch_us.append(1e6 * per_layer)
+            steps.append(experts + per_layer * m.num_layers)
+        out["placements"][name] = {"policy": policy, "dispatch": dispatch,
+                                   "step_ms_median": 1e3 * float(np.median(steps)),
+                                   "expert_step_ms_median": 1e3 * float(np.median(expert_steps)),
+                                   "dispatch_us_per_layer_median": float(np.median(dispatch_us)),
                                    "step_ms_per_pass": [1e3 * s for s in steps],
                                    "balancedness_mean": float(np.mean(bals))}
+    uni = out["placements"]["uniform"]["step_ms_median"]
+    for v in out["placements"].values():
+        v["step_over_uniform"] = v["step_ms_median"] / uni
     return out
 
 
@@ -266,10 +342,16 @@ def main(argv=None) -> int:
         ms = summary[label]["moe_step_ms_mean"]
         print(f"{label} / uniform step: {ms / uni_ms:.3f}  no_eplb / {label}: {off_ms / ms:.3f}")
     if ep8:
-        for name, v in ep8["placements"].items():
-            print(f"EP8 compute part, {name:>7}: slowest-rank step {v['step_ms_median']:.2f} ms (median), balancedness {v['balancedness_mean']:.3f}")
+        _print_ep8(ep8)
     print(f"wrote {path}")
     return 0 if all(s["slots_failed"] == 0 for s in summary.values()) else 1
+
+
+def _print_ep8(ep8: dict) -> None:
+    for name, v in ep8["placements"].items():
+        print(f"EP8 compute part, {name:>19}: step {v['step_ms_median']:.3f} ms (median; experts "
+              f"{v['expert_step_ms_median']:.3f}, dispatch {v['dispatch_us_per_layer_median']:.1f} us/layer), "
+              f"{v['step_over_uniform']:.3f}x uniform, balancedness {v['balancedness_mean']:.3f}")
 
 
 def _write_ep8_only(ns, argv, cfg: RuntimeConfig, workload: WorkloadSpec, ep8: dict, t0: float) -> int:
@@ -286,9 +368,7 @@ def _write_ep8_only(ns, argv, cfg: RuntimeConfig, workload: WorkloadSpec, ep8: d
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"end_to_end_ep8_{cfg.device}_{time.strftime('%Y%m%d_%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=1, default=str))
-    for name, v in ep8["placements"].items():
-        print(f"EP8 compute part, {name:>7}: slowest-rank step {v['step_ms_median']:.2f} ms (median), "
-              f"balancedness {v['balancedness_mean']:.3f}")
+    _print_ep8(ep8)
     print(f"wrote {path}")
     return 0
 
