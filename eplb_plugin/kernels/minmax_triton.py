@@ -7,7 +7,8 @@ between ranks), CUDA-graph safe.
    of ``kernels/minmax.py`` on the totals (the same diffusion steps, in float32) and
    writes each replicated expert's cumulative GPU quotas. With an ``exchange`` (several
    ranks, ``--ep-dispatch-counts global``) the totals go through it instead and
-   ``minmax_split_kernel`` (one program) solves the split on the pass's counts.
+   ``minmax_split_kernel`` (one program, shared with the kernels of large passes) solves
+   the split on the pass's counts.
 2. ``minmax_assign_kernel`` (up to ``MAX_PROGRAMS`` programs over tiles): a pair of a
    replicated expert takes a ticket from its expert's counter (atomic: one expert's tickets
    are 0 .. n - 1 in some order) and goes to the first GPU whose cumulative quota exceeds
@@ -142,8 +143,9 @@ def minmax_dispatch_triton(
         total, offset = exchange(counters[:num_experts].long())
         offsets = offset.to(torch.int32)
         k.minmax_split_kernel[(1,)](
-            total.to(torch.int32), counters, quotas, *split_tables, num_experts, num_multi, num_gpus, slots_per_gpu,
-            MINMAX_MOMENTUM, ITERATIONS=iterations, NB=nb, BM=bm, BG=bg, BS=bs, num_warps=split_warps,
+            total.to(torch.int32), offsets, counters, quotas, counters, 0, *split_tables, tables.multi_row[layer],
+            tables.slot_on_gpu[layer], tables.home_slot[layer], num_experts, num_multi, num_gpus, slots_per_gpu,
+            MINMAX_MOMENTUM, COUNT=False, ITERATIONS=iterations, NB=nb, BM=bm, BG=bg, BS=bs, num_warps=split_warps,
         )
     tile = max(MIN_TILE, min(MAX_TILE, assign_tile_elements // bg))  # [tile, G] per-pair tables stay small
     num_tiles = max(1, -(-num_ids // tile))
@@ -168,6 +170,7 @@ def _dispatch_bases(
 ) -> torch.Tensor:
     """``minmax_dispatch_triton`` by the kernels of ``triton_kernels_minmax_bases`` (flat
     ids, this layer's scratch); returns the flat slots."""
+    from eplb_plugin.kernels import triton_kernels_minmax as shared
     from eplb_plugin.kernels import triton_kernels_minmax_bases as k
 
     num_experts = tables.multi_row.shape[1]
@@ -195,7 +198,7 @@ def _dispatch_bases(
         assert exchange is not None
         total, offset = exchange(counters[:num_experts].long())
         offsets = offset.to(torch.int32)
-        k.bases_split_kernel[(1,)](
+        shared.minmax_split_kernel[(1,)](
             total.to(torch.int32), offsets, counters, quotas, counts, counts_offset, *place_tables, num_experts,
             num_multi, num_gpus, slots_per_gpu, MINMAX_MOMENTUM, COUNT=count, ITERATIONS=iterations, NB=nb, BM=bm,
             BG=bg, BS=bs, num_warps=split_warps,
