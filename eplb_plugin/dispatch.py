@@ -240,23 +240,24 @@ def minmax_dispatch(
     split follows ``topk_ids``' own counts. counts_out: optional [L, P] int32 buffer to which
     the chosen slots are added (row ``layer``). num_valid_rows: optional one-element int
     tensor (on ``topk_ids``' device): rows at or past it pad the batch (a CUDA graph's fixed
-    size); they are left out of the split and of ``counts_out`` and get a slot of their
-    expert (the host masks them next). scratch: the kernels' per-layer counters for these
+    size); they are left out of the split, the exchange and ``counts_out`` and get their
+    expert's ``home_slot`` (the host masks them next); the kernels read the bound on the
+    device, so the kernel path adds no torch op for it. scratch: the kernels' per-layer counters for these
     tables (``minmax_scratch``), kept by the host across calls (None: fresh ones each call).
     Returns [T, k] int64 physical slots, -1 kept. No host synchronization.
     """
-    if num_valid_rows is not None:
-        in_batch = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(-1) < num_valid_rows.reshape(-1)[:1]
-        out = minmax_dispatch(torch.where(in_batch, topk_ids, -1), tables, layer=layer, num_slots=num_slots,
-                              use_kernel=use_kernel, exchange=exchange, counts_out=counts_out, scratch=scratch)
-        padding = ~in_batch & (topk_ids >= 0)
-        some_slot = tables.home_slot[layer]  # [E]: a slot of each expert
-        return torch.where(padding, some_slot[topk_ids.clamp_min(0).long()], out)
-    if use_kernel:
+    if use_kernel:  # the kernels read num_valid_rows themselves (no torch op here)
         from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
 
         return minmax_dispatch_triton(topk_ids, tables, layer=layer, num_slots=num_slots, scratch=scratch,
-                                      exchange=exchange, counts_out=counts_out)
+                                      exchange=exchange, counts_out=counts_out, num_valid_rows=num_valid_rows)
+    if num_valid_rows is not None:
+        in_batch = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(-1) < num_valid_rows.reshape(-1)[:1]
+        out = minmax_dispatch(torch.where(in_batch, topk_ids, -1), tables, layer=layer, num_slots=num_slots,
+                              use_kernel=False, exchange=exchange, counts_out=counts_out)
+        padding = ~in_batch & (topk_ids >= 0)
+        some_slot = tables.home_slot[layer]  # [E]: a slot of each expert
+        return torch.where(padding, some_slot[topk_ids.clamp_min(0).long()], out)
     ids = topk_ids.to(torch.int64)
     valid = ids >= 0
     safe = ids.clamp_min(0)

@@ -127,26 +127,66 @@ def test_ranks_splitting_on_the_pass_counts_serve_what_one_dispatcher_of_the_who
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_kernel_leaves_rows_that_pad_the_batch_out_like_the_torch_path():
-    """minmax_dispatch(num_valid_rows=) on the kernels: the real rows get the slot loads the
-    kernels give those rows alone (which pair of an expert takes which replica follows the
-    order the tickets land), padding rows keep a slot of their expert, counts the real rows."""
+@pytest.mark.parametrize("bases", [False, True])
+@pytest.mark.parametrize("glob", [False, True])
+def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and_the_counts(bases, glob):
+    """minmax_dispatch(num_valid_rows=) on the kernels, which read the bound themselves: the
+    real rows get the slot loads the kernels give those rows alone, the exchange sees the
+    real rows' counts only, padding rows' pairs get their expert's home slot (-1 kept), and
+    counts_out holds the real rows' slots."""
     from eplb_plugin.dispatch import minmax_dispatch
     from eplb_plugin.kernels.minmax import build_minmax_tables
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
 
     location, ids = _case(7, 16, 20, 4, 61, 4)
     tables = build_minmax_tables(location.physical_to_logical_map.to(DEVICE), 16, num_gpus=4)
+    scratch = minmax_scratch(tables)
     real = 45
+    local = torch.bincount(ids[:real][ids[:real] >= 0], minlength=16)
+    seen = []
+
+    def exchange(mine):
+        seen.append(mine.cpu().long())
+        return mine, torch.zeros_like(mine)
+
     counts = torch.zeros(2, 20, dtype=torch.int32, device=DEVICE)
-    got = minmax_dispatch(ids.to(DEVICE), tables, layer=1, num_slots=20, use_kernel=True, counts_out=counts,
-                          num_valid_rows=torch.tensor([real], device=DEVICE)).cpu()
+    got = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=1, num_slots=20, scratch=scratch, counts_out=counts,
+                                 exchange=exchange if glob else None, bases=bases,
+                                 num_valid_rows=torch.tensor([real], device=DEVICE)).cpu()
     alone = minmax_dispatch(ids[:real].to(DEVICE), tables, layer=1, num_slots=20, use_kernel=True).cpu()
     assert torch.equal(got[:real] == -1, alone == -1)
-    assert torch.equal(torch.bincount(got[:real][got[:real] >= 0], minlength=20),
-                       torch.bincount(alone[alone >= 0], minlength=20))
+    real_load = torch.bincount(got[:real][got[:real] >= 0], minlength=20)
+    assert torch.equal(real_load, torch.bincount(alone[alone >= 0], minlength=20))
     pad = ids[real:]
-    assert torch.equal(location.physical_to_logical_map[1][got[real:][pad >= 0]], pad[pad >= 0])
-    assert torch.equal(counts[1].cpu(), torch.bincount(alone[alone >= 0], minlength=20).to(torch.int32))
+    assert torch.equal(got[real:], torch.where(pad >= 0, tables.home_slot[1].cpu()[pad.clamp_min(0)], -1))
+    assert torch.equal(counts[1].cpu(), real_load.to(torch.int32)) and not counts[0].any()
+    if glob:
+        assert len(seen) == 1 and torch.equal(seen[0], local)
+    nb = (scratch.counters.shape[1] - 1) // 2
+    assert not scratch.counters[:, :nb].any() and not scratch.counters[:, -1].any()
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("bound, dtype", [(0, torch.int32), (61, torch.int64), (1000, torch.int32), (-3, torch.int64)])
+def test_a_bound_of_no_rows_or_of_every_row_is_clamped(bound, dtype):
+    """The kernels clamp the bound to [0, T]: 0 or below leaves every row out (each pair at
+    its home slot, nothing counted), T or more keeps every row (as no bound)."""
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+
+    location, ids = _case(3, 16, 20, 4, 61, 4)
+    tables = build_minmax_tables(location.physical_to_logical_map.to(DEVICE), 16, num_gpus=4)
+    counts = torch.zeros(2, 20, dtype=torch.int32, device=DEVICE)
+    got = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=0, num_slots=20, counts_out=counts,
+                                 num_valid_rows=torch.tensor([bound], dtype=dtype, device=DEVICE)).cpu()
+    if bound <= 0:
+        assert torch.equal(got, torch.where(ids >= 0, tables.home_slot[0].cpu()[ids.clamp_min(0)], -1))
+        assert not counts.any()
+    else:
+        unbounded = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=0, num_slots=20).cpu()
+        load = torch.bincount(got[got >= 0], minlength=20)
+        assert torch.equal(load, torch.bincount(unbounded[unbounded >= 0], minlength=20))
+        assert torch.equal(counts[0].cpu(), load.to(torch.int32))
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")

@@ -98,6 +98,7 @@ def minmax_dispatch_triton(
     counts_out: torch.Tensor | None = None, num_warps: int = NUM_WARPS, split_warps: int = SPLIT_WARPS,
     iterations: int = MINMAX_ITERATIONS, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
     totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
+    num_valid_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
@@ -109,7 +110,11 @@ def minmax_dispatch_triton(
     row ``layer``. num_warps / split_warps / iterations / assign_tile_elements /
     totals_tile (None: by the pass's size) / chunk: launch and split settings (the
     benchmarks vary them; the defaults are the measured best). bases: the kernels of large
-    passes (True), the ticket kernels (False), or by the pass's size (None)."""
+    passes (True), the ticket kernels (False), or by the pass's size (None).
+    num_valid_rows: optional one-element int tensor on the ids' device, read by the kernels:
+    rows at or past it pad the batch (a CUDA graph's fixed size), left out of the split, the
+    exchange's counts and ``counts_out``; their pairs get their expert's home slot
+    (``tables.home_slot``; -1 stays -1)."""
     from eplb_plugin.kernels import triton_kernels_minmax as k
 
     check_ids("topk_ids", topk_ids)
@@ -124,6 +129,9 @@ def minmax_dispatch_triton(
     if not flat.is_contiguous():
         flat = flat.contiguous()
     num_ids = flat.numel()
+    top_k = num_ids // topk_ids.shape[0] if topk_ids.dim() > 1 and topk_ids.shape[0] else 1
+    bounded = num_valid_rows is not None
+    bound = num_valid_rows if num_valid_rows is not None else flat  # unused pointer without a bound
     counters, quotas = scratch.counters[layer], scratch.quotas[layer]
     split_tables = (tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer])
     glob = exchange is not None
@@ -131,11 +139,11 @@ def minmax_dispatch_triton(
         totals_tile = SMALL_TOTALS_TILE if num_ids <= SMALL_PASS_IDS else TOTALS_TILE
     if bases if bases is not None else num_ids > SMALL_PASS_IDS:
         return _dispatch_bases(flat, tables, layer=layer, counters=counters, quotas=quotas, exchange=exchange,
-                               counts_out=counts_out, num_warps=num_warps, split_warps=split_warps,
+                               bound=bound, bounded=bounded, top_k=top_k, counts_out=counts_out, num_warps=num_warps, split_warps=split_warps,
                                iterations=iterations, totals_tile=totals_tile, chunk=chunk).view(topk_ids.shape)
     k.minmax_totals_kernel[(max(1, -(-num_ids // totals_tile)),)](
-        flat, counters, quotas, *split_tables, num_ids, num_experts, num_multi, num_gpus, slots_per_gpu,
-        MINMAX_MOMENTUM, SPLIT=not glob, ITERATIONS=iterations, TILE=totals_tile, NB=nb, BM=bm, BG=bg, BS=bs,
+        flat, bound, counters, quotas, *split_tables, num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu,
+        MINMAX_MOMENTUM, SPLIT=not glob, BOUND=bounded, ITERATIONS=iterations, TILE=totals_tile, NB=nb, BM=bm, BG=bg, BS=bs,
         num_warps=split_warps,
     )
     offsets = counters  # unused pointer without an exchange
@@ -154,10 +162,11 @@ def minmax_dispatch_triton(
     out = torch.empty(num_ids, dtype=torch.int64, device=flat.device)
     counts = counts_out if counts_out is not None else out  # unused pointer when not counting
     k.minmax_assign_kernel[(programs,)](
-        flat, counters, quotas, offsets, out, counts, layer * (counts_out.stride(0) if counts_out is not None else 0),
+        flat, bound, counters, quotas, offsets, out, counts,
+        layer * (counts_out.stride(0) if counts_out is not None else 0),
         tables.multi_row[layer], tables.slot_on_gpu[layer], tables.home_slot[layer],
-        num_ids, iters, num_experts, num_gpus, num_slots,
-        GLOBAL=glob, COUNT=counts_out is not None, TILE=tile, NB=nb, BG=bg, NPB=_next_pow2(num_slots + 1),
+        num_ids, top_k, iters, num_experts, num_gpus, num_slots,
+        GLOBAL=glob, COUNT=counts_out is not None, BOUND=bounded, TILE=tile, NB=nb, BG=bg, NPB=_next_pow2(num_slots + 1),
         num_warps=num_warps,
     )
     return out.view(topk_ids.shape)
@@ -165,7 +174,8 @@ def minmax_dispatch_triton(
 
 def _dispatch_bases(
     flat: torch.Tensor, tables: MinmaxTables, *, layer: int, counters: torch.Tensor, quotas: torch.Tensor,
-    exchange: CountExchange | None, counts_out: torch.Tensor | None, num_warps: int, split_warps: int,
+    exchange: CountExchange | None, bound: torch.Tensor, bounded: bool, top_k: int,
+    counts_out: torch.Tensor | None, num_warps: int, split_warps: int,
     iterations: int, totals_tile: int, chunk: int,
 ) -> torch.Tensor:
     """``minmax_dispatch_triton`` by the kernels of ``triton_kernels_minmax_bases`` (flat
@@ -189,8 +199,9 @@ def _dispatch_bases(
     num_tiles = max(1, -(-num_ids // totals_tile))
     bases = torch.empty(num_tiles * (totals_tile // chunk) * bm, dtype=torch.int32, device=flat.device)
     k.bases_totals_kernel[(num_tiles,)](
-        flat, counters, bases, quotas, counts, counts_offset, *place_tables, num_ids, num_experts, num_multi,
-        num_gpus, slots_per_gpu, MINMAX_MOMENTUM, SPLIT=not glob, COUNT=count and not glob, ITERATIONS=iterations,
+        flat, bound, counters, bases, quotas, counts, counts_offset, *place_tables, num_ids, top_k, num_experts,
+        num_multi, num_gpus, slots_per_gpu, MINMAX_MOMENTUM, SPLIT=not glob, COUNT=count and not glob, BOUND=bounded,
+        ITERATIONS=iterations,
         TILE=totals_tile, SUB=chunk, NB=nb, BM=bm, BG=bg, BS=bs, num_warps=split_warps,
     )
     offsets = counters  # unused pointer without an exchange
@@ -205,8 +216,8 @@ def _dispatch_bases(
         )
     out = torch.empty(num_ids, dtype=torch.int64, device=flat.device)
     k.bases_assign_kernel[(max(1, -(-num_ids // chunk)),)](
-        flat, bases, quotas, offsets, out, tables.multi_row[layer], tables.slot_on_gpu[layer],
-        tables.home_slot[layer], num_ids, num_experts, num_gpus,
-        GLOBAL=glob, SUB=chunk, BM=bm, BG=bg, num_warps=num_warps,
+        flat, bound, bases, quotas, offsets, out, tables.multi_row[layer], tables.slot_on_gpu[layer],
+        tables.home_slot[layer], num_ids, top_k, num_experts, num_gpus,
+        GLOBAL=glob, BOUND=bounded, SUB=chunk, BM=bm, BG=bg, num_warps=num_warps,
     )
     return out

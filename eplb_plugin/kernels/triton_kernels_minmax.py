@@ -117,6 +117,18 @@ def _solve(
 
 
 @triton.jit
+def _real_pairs(bound_ptr, top_k, num_ids, BOUND: tl.constexpr):
+    """The pairs of the batch's real rows: the first ``bound * top_k`` of the ``num_ids``
+    (``bound_ptr``: a one-element int tensor, the rows that do not pad the batch, read on
+    the device; clamped to ``[0, num_ids]``); all ``num_ids`` without BOUND. Shared by
+    every kernel that reads the ids."""
+    num_real = num_ids
+    if BOUND:
+        num_real = tl.minimum(tl.maximum(tl.load(bound_ptr).to(tl.int64) * top_k, 0), num_ids).to(tl.int32)
+    return num_real
+
+
+@triton.jit
 def _add_to_totals(ids, scratch_ptr, num_experts, NB: tl.constexpr):
     """A tile's pairs added to the scratch totals by one vector atomic. ids: [TILE] int32,
     each pair's expert (NB - 1 for padding). Returns (the tile's tokens per expert [NB], the
@@ -140,11 +152,12 @@ def _last_to_finish(scratch_ptr, NB: tl.constexpr):
 @triton.jit
 def minmax_totals_kernel(
     ids_ptr,  # [num_ids] int32/int64 logical ids of one layer's (token, choice) pairs; -1 = padding
+    bound_ptr,  # BOUND only: [1] int, the batch's real rows (pairs past bound * top_k pad it: not counted)
     scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch (see the module docstring)
     quotas_ptr,  # SPLIT only: [BM * BG] float32 output
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
-    num_ids, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
-    SPLIT: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
+    num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+    SPLIT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
     BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
 ):
     """One program per tile: the tile's tokens per expert added to the scratch totals. With
@@ -152,7 +165,7 @@ def minmax_totals_kernel(
     and zeroes totals and counters for the assign kernel and the next call."""
     pid = tl.program_id(0)
     offs = pid * TILE + tl.arange(0, TILE)
-    ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1).to(tl.int32)
+    ids = tl.load(ids_ptr + offs, mask=offs < _real_pairs(bound_ptr, top_k, num_ids, BOUND), other=-1).to(tl.int32)
     ids = tl.where((ids >= 0) & (ids < num_experts), ids, NB - 1)
     _add_to_totals(ids, scratch_ptr, num_experts, NB)
     if SPLIT:
@@ -199,7 +212,8 @@ def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_
     replicated expert (``split``, its row ``row``), its ``position`` among the expert's
     pairs of the pass: an expert on one GPU takes its home slot; a replicated one the first
     GPU whose cumulative quota exceeds the position, at the expert's first slot there;
-    padding (not ``valid``) -1. Shared by both assign kernels."""
+    an id that is not an expert (-1) gives -1; a valid pair that is not ``split`` (a
+    padding row's, too) its home slot. Shared by both assign kernels."""
     home = tl.load(home_slot_ptr + e, mask=valid, other=-1)
     quota = tl.load(quotas_ptr + tl.maximum(row, 0)[:, None] * BG + g_idx[None, :],
                     mask=split[:, None] & (g_idx[None, :] < num_gpus), other=float("inf"))
@@ -214,6 +228,7 @@ def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_
 @triton.jit
 def minmax_assign_kernel(
     ids_ptr,  # [num_ids] logical ids (as above)
+    bound_ptr,  # BOUND only: [1] int, the batch's real rows (a padding row's pair: its home slot, not counted)
     scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch: the ticket counters at NB
     quotas_ptr,  # [BM * BG] float32 from the split
     offsets_ptr,  # GLOBAL only: [num_experts] int32, each expert's pairs on lower ranks
@@ -223,8 +238,8 @@ def minmax_assign_kernel(
     multi_row_ptr,  # [E] int64, each expert's row in multi_experts (-1: not replicated)
     slot_on_gpu_ptr,  # [E, G] int64, the expert's first slot on each GPU (-1: none)
     home_slot_ptr,  # [E] int64, a slot of each expert (its only GPU's first, when on one GPU)
-    num_ids, iters, num_experts, num_gpus, num_slots,
-    GLOBAL: tl.constexpr, COUNT: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
+    num_ids, top_k, iters, num_experts, num_gpus, num_slots,
+    GLOBAL: tl.constexpr, COUNT: tl.constexpr, BOUND: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
     BG: tl.constexpr, NPB: tl.constexpr,
 ):
     """Each program over tiles ``[pid * iters, (pid + 1) * iters)``: a pair of a replicated
@@ -236,13 +251,17 @@ def minmax_assign_kernel(
     g_idx = tl.arange(0, BG)
     lanes = tl.arange(0, TILE)
     slot_hist = tl.zeros([NPB], dtype=tl.int32)
+    num_real = _real_pairs(bound_ptr, top_k, num_ids, BOUND)
     for i in range(0, iters):
         offs = (pid * iters + i) * TILE + lanes
         ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
         valid = (ids >= 0) & (ids < num_experts)
         e = tl.where(valid, ids, 0).to(tl.int32)
-        row = tl.load(multi_row_ptr + e, mask=valid, other=-1).to(tl.int32)
-        split = valid & (row >= 0)
+        real = valid
+        if BOUND:  # a padding row's pair takes no ticket and is not counted
+            real = valid & (offs < num_real)
+        row = tl.load(multi_row_ptr + e, mask=real, other=-1).to(tl.int32)
+        split = real & (row >= 0)
         # One ticket per pair (measured slower on H100 at 512 and 16,384 tokens: a ticket per
         # expert per tile, ranked by a sort of the tile or by a scan of its [tile, M] one-hot).
         position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
@@ -251,7 +270,7 @@ def minmax_assign_kernel(
         physical = _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr,
                                 out_ptr, offs, num_ids, num_gpus, BG)
         if COUNT:
-            slot_hist += tl.histogram(tl.where(valid, physical, NPB - 1).to(tl.int32), NPB)
+            slot_hist += tl.histogram(tl.where(real, physical, NPB - 1).to(tl.int32), NPB)
     if COUNT:
         slot_bins = tl.arange(0, NPB)
         tl.atomic_add(counts_ptr + counts_offset + slot_bins, slot_hist,

@@ -19,6 +19,7 @@ from eplb_plugin.kernels.triton_kernels_minmax import (
     _add_to_totals,
     _last_to_finish,
     _place_pairs,
+    _real_pairs,
     _solve,
 )
 
@@ -26,13 +27,14 @@ from eplb_plugin.kernels.triton_kernels_minmax import (
 @triton.jit
 def bases_totals_kernel(
     ids_ptr,  # [num_ids] int32/int64 logical ids of one layer's (token, choice) pairs; -1 = padding
+    bound_ptr,  # BOUND only: [1] int, the batch's real rows (pairs past bound * top_k pad it: not counted)
     scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch (see the module docstring)
     bases_ptr,  # [num_tiles * TILE / SUB * BM] int32 output: each replicated expert's pairs before each chunk
     quotas_ptr,  # SPLIT only: [BM * BG] float32 output
     counts_ptr, counts_offset,  # SPLIT and COUNT only: [L, P] int32 recorder counts, layer * stride
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
-    num_ids, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
-    SPLIT: tl.constexpr, COUNT: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr,
+    num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+    SPLIT: tl.constexpr, COUNT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr,
     NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
 ):
     """One program per tile: the tile's tokens per expert added to the scratch totals by one
@@ -44,7 +46,7 @@ def bases_totals_kernel(
     pid = tl.program_id(0)
     lanes = tl.arange(0, TILE)
     offs = pid * TILE + lanes
-    ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1).to(tl.int32)
+    ids = tl.load(ids_ptr + offs, mask=offs < _real_pairs(bound_ptr, top_k, num_ids, BOUND), other=-1).to(tl.int32)
     valid = (ids >= 0) & (ids < num_experts)
     ids = tl.where(valid, ids, NB - 1)
     row = tl.load(multi_row_ptr + ids, mask=valid, other=-1).to(tl.int32)
@@ -71,6 +73,7 @@ def bases_totals_kernel(
 @triton.jit
 def bases_assign_kernel(
     ids_ptr,  # [num_ids] logical ids (as above)
+    bound_ptr,  # BOUND only: [1] int, the batch's real rows (a padding row's pair: its home slot)
     bases_ptr,  # [num_chunks * BM] int32 from the totals kernel
     quotas_ptr,  # [BM * BG] float32 from the split
     offsets_ptr,  # GLOBAL only: [num_experts] int32, each expert's pairs on lower ranks
@@ -78,8 +81,8 @@ def bases_assign_kernel(
     multi_row_ptr,  # [E] int64, each expert's row in multi_experts (-1: not replicated)
     slot_on_gpu_ptr,  # [E, G] int64, the expert's first slot on each GPU (-1: none)
     home_slot_ptr,  # [E] int64, a slot of each expert (its only GPU's first, when on one GPU)
-    num_ids, num_experts, num_gpus,
-    GLOBAL: tl.constexpr, SUB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
+    num_ids, top_k, num_experts, num_gpus,
+    GLOBAL: tl.constexpr, BOUND: tl.constexpr, SUB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
 ):
     """One program per chunk of SUB pairs: the position of a pair of a replicated expert
     among its expert's pairs is the chunk's base (from the totals kernel) plus the expert's
@@ -95,8 +98,11 @@ def bases_assign_kernel(
     ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
     valid = (ids >= 0) & (ids < num_experts)
     e = tl.where(valid, ids, 0).to(tl.int32)
-    row = tl.load(multi_row_ptr + e, mask=valid, other=-1).to(tl.int32)
-    split = valid & (row >= 0)
+    real = valid
+    if BOUND:  # a padding row's pair has no position
+        real = valid & (offs < _real_pairs(bound_ptr, top_k, num_ids, BOUND))
+    row = tl.load(multi_row_ptr + e, mask=real, other=-1).to(tl.int32)
+    split = real & (row >= 0)
     hot = (row[:, None] == m_idx[None, :]).to(tl.int32)  # [SUB, BM]
     position = tl.sum(hot * (tl.cumsum(hot, axis=0) - 1 + base[None, :]), axis=1)
     if GLOBAL:
