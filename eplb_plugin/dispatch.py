@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from eplb_plugin.dispatch_info import dispatch_info
 from eplb_plugin.errors import ConfigError
-from eplb_plugin.kernels._launch import use_triton
+from eplb_plugin.kernels._launch import check_out_dtype, use_triton
 from eplb_plugin.kernels.fused import map_and_count
 from eplb_plugin.kernels.minmax import (
     MinmaxTables,
@@ -229,7 +229,7 @@ def minmax_dispatch(
     topk_ids: torch.Tensor, tables: MinmaxTables, *, layer: int, num_slots: int, use_kernel: bool,
     exchange: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     counts_out: torch.Tensor | None = None, num_valid_rows: torch.Tensor | None = None,
-    scratch: MinmaxScratch | None = None,
+    scratch: MinmaxScratch | None = None, out_dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
     """The ``minmax`` choice of one layer of one pass, for any host of the tables.
 
@@ -244,20 +244,23 @@ def minmax_dispatch(
     expert's ``home_slot`` (the host masks them next); the kernels read the bound on the
     device, so the kernel path adds no torch op for it. scratch: the kernels' per-layer counters for these
     tables (``minmax_scratch``), kept by the host across calls (None: fresh ones each call).
-    Returns [T, k] int64 physical slots, -1 kept. No host synchronization.
+    Returns [T, k] physical slots of ``out_dtype`` (int64 or int32: the kernels write it, so
+    a host that wants int32 casts nothing), -1 kept. No host synchronization.
     """
     if use_kernel:  # the kernels read num_valid_rows themselves (no torch op here)
         from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
 
         return minmax_dispatch_triton(topk_ids, tables, layer=layer, num_slots=num_slots, scratch=scratch,
-                                      exchange=exchange, counts_out=counts_out, num_valid_rows=num_valid_rows)
+                                      exchange=exchange, counts_out=counts_out, num_valid_rows=num_valid_rows,
+                                      out_dtype=out_dtype)
+    check_out_dtype(out_dtype)
     if num_valid_rows is not None:
         in_batch = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(-1) < num_valid_rows.reshape(-1)[:1]
         out = minmax_dispatch(torch.where(in_batch, topk_ids, -1), tables, layer=layer, num_slots=num_slots,
-                              use_kernel=False, exchange=exchange, counts_out=counts_out)
+                              use_kernel=False, exchange=exchange, counts_out=counts_out, out_dtype=out_dtype)
         padding = ~in_batch & (topk_ids >= 0)
         some_slot = tables.home_slot[layer]  # [E]: a slot of each expert
-        return torch.where(padding, some_slot[topk_ids.clamp_min(0).long()], out)
+        return torch.where(padding, some_slot[topk_ids.clamp_min(0).long()].to(out_dtype), out)
     ids = topk_ids.to(torch.int64)
     valid = ids >= 0
     safe = ids.clamp_min(0)
@@ -272,7 +275,7 @@ def minmax_dispatch(
                         tables.slot_on_gpu[layer]).view_as(ids)
     if counts_out is not None:  # padding adds 0 (no boolean indexing: no host sync)
         counts_out[layer].index_add_(0, torch.where(valid, out, 0).flatten(), valid.flatten().to(counts_out.dtype))
-    return torch.where(valid, out, -1)
+    return torch.where(valid, out, -1).to(out_dtype)
 
 
 # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there).

@@ -226,3 +226,43 @@ def test_the_large_pass_kernels_on_any_pass(seed, num_experts, num_slots, ep, to
     assert called == ([0, 1] if glob else [])  # every rank exchanged its counts
     whole = ExpertDispatcher(location, rank=0, algorithm="minmax").dispatch(1, ids)
     assert (load - torch.bincount(whole[whole >= 0], minlength=num_slots)).abs().max() <= len(parts)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("bases", [False, True])
+def test_the_kernels_write_int32_slots_when_asked(bases):
+    """out_dtype=torch.int32 (SGLang's topk_ids dtype): the kernels write int32 slots with
+    the int64 output's slot loads, -1 kept, every pair on a replica of its expert."""
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+
+    location, ids = _case(1, 64, 72, 8, 333, 6)
+    tables = build_minmax_tables(location.physical_to_logical_map.to(DEVICE), 64, num_gpus=8)
+    wide = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=1, num_slots=72, bases=bases).cpu()
+    narrow = minmax_dispatch_triton(ids.to(torch.int32).to(DEVICE), tables, layer=1, num_slots=72, bases=bases,
+                                    out_dtype=torch.int32).cpu()
+    assert wide.dtype == torch.int64 and narrow.dtype == torch.int32
+    assert torch.equal(narrow == -1, ids == -1)
+    assert torch.equal(location.physical_to_logical_map[1][narrow[ids >= 0].long()], ids[ids >= 0])
+    assert torch.equal(torch.bincount(narrow[narrow >= 0].long(), minlength=72),
+                       torch.bincount(wide[wide >= 0], minlength=72))
+
+
+def test_the_torch_path_writes_the_dtype_asked_and_refuses_others():
+    """minmax_dispatch(out_dtype=) on the torch path: int32 holds the int64 result exactly;
+    a float dtype is refused by name."""
+    from eplb_plugin.dispatch import minmax_dispatch
+    from eplb_plugin.errors import ConfigError
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+
+    location, ids = _case(2, 16, 20, 4, 37, 4)
+    tables = build_minmax_tables(location.physical_to_logical_map, 16, num_gpus=4)
+    wide = minmax_dispatch(ids, tables, layer=0, num_slots=20, use_kernel=False)
+    narrow = minmax_dispatch(ids, tables, layer=0, num_slots=20, use_kernel=False, out_dtype=torch.int32,
+                             num_valid_rows=torch.tensor([30]))
+    assert narrow.dtype == torch.int32
+    assert torch.equal(narrow[:30].long(), minmax_dispatch(ids[:30], tables, layer=0, num_slots=20,
+                                                           use_kernel=False))
+    assert wide.dtype == torch.int64
+    with pytest.raises(ConfigError, match="out_dtype"):
+        minmax_dispatch(ids, tables, layer=0, num_slots=20, use_kernel=False, out_dtype=torch.float32)

@@ -228,10 +228,9 @@ def map_topk_ids(topk_ids: torch.Tensor, layer_id: int, num_physical_experts: in
 
     tables = LIVE_TABLES.for_metadata(get_global_expert_location_metadata())
     bound = None if num_token_non_padded is None else num_token_non_padded.to(topk_ids.device, non_blocking=True)
-    physical = minmax_dispatch(topk_ids, tables, layer=layer_id, num_slots=num_physical_experts,
-                               use_kernel=use_triton("auto", topk_ids), exchange=LIVE_TABLES.exchange,
-                               num_valid_rows=bound, scratch=LIVE_TABLES.scratch)
-    return physical if physical.dtype == topk_ids.dtype else physical.to(topk_ids.dtype)
+    return minmax_dispatch(topk_ids, tables, layer=layer_id, num_slots=num_physical_experts,
+                           use_kernel=use_triton("auto", topk_ids), exchange=LIVE_TABLES.exchange,
+                           num_valid_rows=bound, scratch=LIVE_TABLES.scratch, out_dtype=topk_ids.dtype)
 
 
 def empty_topk_output_joins_exchange(result: Any, topk: Any, device: Any = None, *args: Any, **kwargs: Any) -> None:

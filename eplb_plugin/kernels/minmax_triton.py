@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import torch
 
-from eplb_plugin.kernels._launch import MAX_PROGRAMS, _next_pow2, check_ids
+from eplb_plugin.kernels._launch import MAX_PROGRAMS, _next_pow2, check_ids, check_out_dtype
 from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS, MINMAX_MOMENTUM, MinmaxTables
 
 # this rank's [E] counts -> (the pass's [E] counts, tokens on lower ranks [E]); collective
@@ -98,11 +98,11 @@ def minmax_dispatch_triton(
     counts_out: torch.Tensor | None = None, num_warps: int = NUM_WARPS, split_warps: int = SPLIT_WARPS,
     iterations: int = MINMAX_ITERATIONS, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
     totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
-    num_valid_rows: torch.Tensor | None = None,
+    num_valid_rows: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
-    int64 physical slots (-1 kept). scratch: from ``minmax_scratch(tables)``, kept by the
+    physical slots (-1 kept) of ``out_dtype`` (int64 or int32, written by the kernels). scratch: from ``minmax_scratch(tables)``, kept by the
     caller across calls (None: a fresh one, for one-off calls). exchange: with several
     ranks, how this rank's [E] counts become the pass's counts and its offsets
     (``ExpertDispatcher.pass_counts``, collective); None = this rank's tokens only.
@@ -118,6 +118,7 @@ def minmax_dispatch_triton(
     from eplb_plugin.kernels import triton_kernels_minmax as k
 
     check_ids("topk_ids", topk_ids)
+    check_out_dtype(out_dtype)
     if scratch is None:
         scratch = minmax_scratch(tables)
     num_experts = tables.multi_row.shape[1]
@@ -140,7 +141,8 @@ def minmax_dispatch_triton(
     if bases if bases is not None else num_ids > SMALL_PASS_IDS:
         return _dispatch_bases(flat, tables, layer=layer, counters=counters, quotas=quotas, exchange=exchange,
                                bound=bound, bounded=bounded, top_k=top_k, counts_out=counts_out, num_warps=num_warps, split_warps=split_warps,
-                               iterations=iterations, totals_tile=totals_tile, chunk=chunk).view(topk_ids.shape)
+                               iterations=iterations, totals_tile=totals_tile, chunk=chunk,
+                               out_dtype=out_dtype).view(topk_ids.shape)
     k.minmax_totals_kernel[(max(1, -(-num_ids // totals_tile)),)](
         flat, bound, counters, quotas, *split_tables, num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu,
         MINMAX_MOMENTUM, SPLIT=not glob, BOUND=bounded, ITERATIONS=iterations, TILE=totals_tile, NB=nb, BM=bm, BG=bg, BS=bs,
@@ -159,7 +161,7 @@ def minmax_dispatch_triton(
     num_tiles = max(1, -(-num_ids // tile))
     iters = -(-num_tiles // MAX_PROGRAMS)
     programs = -(-num_tiles // iters)
-    out = torch.empty(num_ids, dtype=torch.int64, device=flat.device)
+    out = torch.empty(num_ids, dtype=out_dtype, device=flat.device)
     counts = counts_out if counts_out is not None else out  # unused pointer when not counting
     k.minmax_assign_kernel[(programs,)](
         flat, bound, counters, quotas, offsets, out, counts,
@@ -176,7 +178,7 @@ def _dispatch_bases(
     flat: torch.Tensor, tables: MinmaxTables, *, layer: int, counters: torch.Tensor, quotas: torch.Tensor,
     exchange: CountExchange | None, bound: torch.Tensor, bounded: bool, top_k: int,
     counts_out: torch.Tensor | None, num_warps: int, split_warps: int,
-    iterations: int, totals_tile: int, chunk: int,
+    iterations: int, totals_tile: int, chunk: int, out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """``minmax_dispatch_triton`` by the kernels of ``triton_kernels_minmax_bases`` (flat
     ids, this layer's scratch); returns the flat slots."""
@@ -214,7 +216,7 @@ def _dispatch_bases(
             num_multi, num_gpus, slots_per_gpu, MINMAX_MOMENTUM, COUNT=count, ITERATIONS=iterations, NB=nb, BM=bm,
             BG=bg, BS=bs, num_warps=split_warps,
         )
-    out = torch.empty(num_ids, dtype=torch.int64, device=flat.device)
+    out = torch.empty(num_ids, dtype=out_dtype, device=flat.device)
     k.bases_assign_kernel[(max(1, -(-num_ids // chunk)),)](
         flat, bound, bases, quotas, offsets, out, tables.multi_row[layer], tables.slot_on_gpu[layer],
         tables.home_slot[layer], num_ids, top_k, num_experts, num_gpus,

@@ -221,7 +221,7 @@ def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_
     chosen = tl.load(slot_on_gpu_ptr + e * num_gpus + tl.minimum(pick, num_gpus - 1), mask=split, other=-1)
     physical = tl.where(split & (chosen >= 0), chosen, home)  # (a float tie past the last quota: home)
     physical = tl.where(valid, physical, -1)
-    tl.store(out_ptr + offs, physical.to(tl.int64), mask=offs < num_ids)
+    tl.store(out_ptr + offs, physical.to(out_ptr.dtype.element_ty), mask=offs < num_ids)
     return physical
 
 
@@ -232,7 +232,7 @@ def minmax_assign_kernel(
     scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch: the ticket counters at NB
     quotas_ptr,  # [BM * BG] float32 from the split
     offsets_ptr,  # GLOBAL only: [num_experts] int32, each expert's pairs on lower ranks
-    out_ptr,  # [num_ids] int64 output: the physical slot of each pair (-1 for padding)
+    out_ptr,  # [num_ids] int32/int64 output: the physical slot of each pair (-1 for padding)
     counts_ptr,  # COUNT only: [L, P] int32 recorder counts
     counts_offset,  # layer * counts.stride(0)
     multi_row_ptr,  # [E] int64, each expert's row in multi_experts (-1: not replicated)

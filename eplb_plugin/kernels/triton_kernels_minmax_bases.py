@@ -77,7 +77,7 @@ def bases_assign_kernel(
     bases_ptr,  # [num_chunks * BM] int32 from the totals kernel
     quotas_ptr,  # [BM * BG] float32 from the split
     offsets_ptr,  # GLOBAL only: [num_experts] int32, each expert's pairs on lower ranks
-    out_ptr,  # [num_ids] int64 output: the physical slot of each pair (-1 for padding)
+    out_ptr,  # [num_ids] int32/int64 output: the physical slot of each pair (-1 for padding)
     multi_row_ptr,  # [E] int64, each expert's row in multi_experts (-1: not replicated)
     slot_on_gpu_ptr,  # [E, G] int64, the expert's first slot on each GPU (-1: none)
     home_slot_ptr,  # [E] int64, a slot of each expert (its only GPU's first, when on one GPU)
