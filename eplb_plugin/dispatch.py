@@ -188,8 +188,8 @@ class ExpertDispatcher:
         return torch.where(valid, out, -1)
 
     def pass_counts(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """local: [E] int64, this rank's tokens per expert for one layer. Returns (total [E],
-        offset [E]: tokens of each expert on lower ranks of ``count_group``). Collective over
+        """local: [E] int32, this rank's tokens per expert for one layer. Returns (total [E],
+        offset [E]: tokens of each expert on lower ranks of ``count_group``), in local's dtype. Collective over
         ``count_group`` when it has more than one rank."""
         if self.count_world == 1:
             return local, torch.zeros_like(local)
@@ -220,9 +220,10 @@ class ExpertDispatcher:
 
 def split_gathered_counts(per_rank: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """per_rank: [W, E] every rank's tokens per expert of one layer, in rank order -> (the
-    pass's [E] counts, offset [E]: tokens of each expert on ranks below ``rank``), what a
+    pass's [E] counts, offset [E]: tokens of each expert on ranks below ``rank``), in
+    ``per_rank``'s dtype (int32 for the kernels: a plain sum would widen to int64), what a
     count exchange of ``minmax_dispatch`` returns."""
-    return per_rank.sum(0), per_rank[:rank].sum(0)
+    return per_rank.sum(0, dtype=per_rank.dtype), per_rank[:rank].sum(0, dtype=per_rank.dtype)
 
 
 def minmax_dispatch(
@@ -235,8 +236,9 @@ def minmax_dispatch(
 
     topk_ids: [T, k] int32/int64 logical ids, -1 = padding; tables: ``MinmaxTables`` of the
     live placement (all layers; row ``layer`` is read); num_slots: P. use_kernel: run the
-    Triton kernels (CUDA) instead of the torch reference. exchange: this rank's [E] counts ->
-    (the pass's [E] counts, tokens of each expert on lower ranks), collective; None = the
+    Triton kernels (CUDA) instead of the torch reference. exchange: this rank's [E] int32
+    counts -> (the pass's [E] counts, tokens of each expert on lower ranks), int32 (what the
+    kernels read; both paths exchange int32), collective; None = the
     split follows ``topk_ids``' own counts. counts_out: optional [L, P] int32 buffer to which
     the chosen slots are added (row ``layer``). num_valid_rows: optional one-element int
     tensor (on ``topk_ids``' device): rows at or past it pad the batch (a CUDA graph's fixed
@@ -265,8 +267,8 @@ def minmax_dispatch(
     valid = ids >= 0
     safe = ids.clamp_min(0)
     num_experts = tables.multi_row.shape[1]
-    local = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    local.index_add_(0, safe.flatten(), valid.flatten().to(torch.int64))
+    local = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)  # int32: the kernels' exchange dtype
+    local.index_add_(0, safe.flatten(), valid.flatten().to(torch.int32))
     total, offset = (local, torch.zeros_like(local)) if exchange is None else exchange(local)
     shares, _ = minmax_gpu_shares(total.unsqueeze(0), tables.multi_experts[layer:layer + 1],
                                   tables.multi_gpus[layer:layer + 1], tables.single_slots[layer:layer + 1])

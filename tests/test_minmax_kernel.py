@@ -110,6 +110,7 @@ def test_ranks_splitting_on_the_pass_counts_serve_what_one_dispatcher_of_the_who
         for rank, part in enumerate(parts):
             def exchange(mine, rank=rank):
                 called.append(rank)
+                assert mine.dtype == torch.int32  # the kernels' dtype: exchanged without a conversion
                 assert torch.equal(mine.cpu(), local[rank])
                 return (local[0] + local[1]).to(mine.device), \
                     (local[0] if rank else torch.zeros_like(local[0])).to(mine.device)
@@ -213,6 +214,7 @@ def test_the_large_pass_kernels_on_any_pass(seed, num_experts, num_slots, ep, to
     for rank, part in enumerate(parts):
         def exchange(mine, rank=rank):
             called.append(rank)
+            assert mine.dtype == torch.int32
             return sum(local).to(mine.device), sum(local[:rank], torch.zeros_like(local[0])).to(mine.device)
 
         out = minmax_dispatch_triton(part.to(DEVICE), tables, layer=1, num_slots=num_slots, scratch=scratch,

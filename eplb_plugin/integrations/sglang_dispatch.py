@@ -250,5 +250,5 @@ def empty_topk_output_joins_exchange(result: Any, topk: Any, device: Any = None,
     metadata = get_global_expert_location_metadata()
     LIVE_TABLES.for_metadata(metadata)  # resolves the exchange where this rank has not mapped yet
     if LIVE_TABLES.exchange is not None:
-        LIVE_TABLES.exchange(torch.zeros(metadata.num_logical_experts, dtype=torch.int64, device=device))
+        LIVE_TABLES.exchange(torch.zeros(metadata.num_logical_experts, dtype=torch.int32, device=device))
     return None

@@ -50,7 +50,8 @@ import torch
 from eplb_plugin.kernels._launch import MAX_PROGRAMS, _next_pow2, check_ids, check_out_dtype
 from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS, MINMAX_MOMENTUM, MinmaxTables
 
-# this rank's [E] counts -> (the pass's [E] counts, tokens on lower ranks [E]); collective
+# this rank's [E] int32 counts -> (the pass's [E] counts, tokens on lower ranks [E]), int32 (the
+# dtype the kernels read: another is converted, one more op); collective
 CountExchange = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 # Launch settings, the fastest measured on an H100 inside a CUDA graph (58 layers; 512 and
@@ -104,7 +105,7 @@ def minmax_dispatch_triton(
     tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
     physical slots (-1 kept) of ``out_dtype`` (int64 or int32, written by the kernels). scratch: from ``minmax_scratch(tables)``, kept by the
     caller across calls (None: a fresh one, for one-off calls). exchange: with several
-    ranks, how this rank's [E] counts become the pass's counts and its offsets
+    ranks, how this rank's [E] int32 counts become the pass's counts and its offsets, int32
     (``ExpertDispatcher.pass_counts``, collective); None = this rank's tokens only.
     counts_out: optional [L, P] int32 recorder buffer; this call's slots are added to its
     row ``layer``. num_warps / split_warps / iterations / assign_tile_elements /
@@ -150,7 +151,7 @@ def minmax_dispatch_triton(
     )
     offsets = counters  # unused pointer without an exchange
     if glob:
-        total, offset = exchange(counters[:num_experts].long())
+        total, offset = exchange(counters[:num_experts])  # int32 in and out: no conversion
         offsets = offset.to(torch.int32)
         k.minmax_split_kernel[(1,)](
             total.to(torch.int32), offsets, counters, quotas, counters, 0, *split_tables, tables.multi_row[layer],
@@ -209,7 +210,7 @@ def _dispatch_bases(
     offsets = counters  # unused pointer without an exchange
     if glob:
         assert exchange is not None
-        total, offset = exchange(counters[:num_experts].long())
+        total, offset = exchange(counters[:num_experts])  # int32 in and out: no conversion
         offsets = offset.to(torch.int32)
         shared.minmax_split_kernel[(1,)](
             total.to(torch.int32), offsets, counters, quotas, counts, counts_offset, *place_tables, num_experts,
