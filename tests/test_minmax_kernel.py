@@ -61,6 +61,7 @@ def test_kernel_follows_a_new_placement_copied_in_place():
     old, ids = _case(4, 16, 20, 4, 50, 4)
     new, _ = _case(5, 16, 20, 4, 50, 4)
     kernel = ExpertDispatcher(old, rank=0, algorithm="minmax", backend="triton", device=DEVICE)
+    kernel.dispatch(0, ids.to(DEVICE))  # the layer's launch arguments are made (and kept) here
     assert kernel.update_(new)
     got = kernel.dispatch(0, ids.to(DEVICE)).cpu()
     want = ExpertDispatcher(new, rank=0, algorithm="minmax").dispatch(0, ids)
@@ -268,3 +269,61 @@ def test_the_torch_path_writes_the_dtype_asked_and_refuses_others():
     assert wide.dtype == torch.int64
     with pytest.raises(ConfigError, match="out_dtype"):
         minmax_dispatch(ids, tables, layer=0, num_slots=20, use_kernel=False, out_dtype=torch.float32)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("bases", [False, True])
+@pytest.mark.parametrize("glob", [False, True])
+def test_the_kernel_path_runs_no_torch_op_but_its_output_allocation(monkeypatch, bases, glob):
+    """What SGLang's mapping runs per layer (int32 ids, a padding bound, int32 slots, the
+    recorder's buffer, an exchange) is the kernels' launches alone: no torch op besides
+    allocating the output (and the large passes' chunk bases) and views; the padding
+    bound, the dtypes and the exchange's counts need no conversion (the launches are
+    recorded, not run)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from eplb_plugin.dispatch import minmax_dispatch
+    from eplb_plugin.kernels import minmax_triton as host
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+
+    launched: list[str] = []
+
+    class Launch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    for module in host._kernels():
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, Launch(name))
+    location, ids = _case(3, 16, 20, 4, 2100 if bases else 61, 4)  # > SMALL_PASS_IDS pairs: the bases kernels
+    tables = build_minmax_tables(location.physical_to_logical_map.to(DEVICE), 16, num_gpus=4)
+    scratch = host.minmax_scratch(tables)
+    ids = ids.to(torch.int32).to(DEVICE)
+    bound = torch.tensor([50], dtype=torch.int32, device=DEVICE)
+    counts = torch.zeros(2, 20, dtype=torch.int32, device=DEVICE)
+    pass_counts = (torch.zeros(16, dtype=torch.int32, device=DEVICE),) * 2
+
+    def call():
+        return minmax_dispatch(ids, tables, layer=1, num_slots=20, use_kernel=True, num_valid_rows=bound,
+                               out_dtype=torch.int32, scratch=scratch, counts_out=counts,
+                               exchange=(lambda mine: pass_counts) if glob else None)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    call()  # the first call of a layer makes its launch arguments
+    ops: list[str] = []
+    launched.clear()
+    with Ops():
+        out = call()
+    assert out.dtype == torch.int32 and out.shape == ids.shape
+    assert set(ops) <= {"empty", "view", "slice"}, ops
+    assert ops.count("empty") == (2 if bases else 1)
+    assert launched == ([f"{'bases' if bases else 'minmax'}_totals_kernel"] + ["minmax_split_kernel"] * glob
+                        + [f"{'bases' if bases else 'minmax'}_assign_kernel"])
