@@ -32,7 +32,8 @@ joins the all-gather with zero counts, exactly as SGLang's ``lp`` solver joins i
 all-reduce there. SGLang validated that idle path for ``lp`` on the DeepSeek-V2 family and
 GLM-4 MoE Lite / GLM-MoE-DSA; a model whose idle path skips ``empty_topk_output`` would hang
 under ``global``, as it would under ``lp``. Padding rows (``moe_num_token_non_padded``) are
-set to ``-1`` before the counts are taken, so they never reach the exchange.
+left out of the counts before they are exchanged (the kernels read the bound on the device;
+the torch path sets those rows to ``-1``), so they never reach the exchange.
 
 Why ``local`` stays the default: the balance gain of ``global`` is measured (CPU replay of
 ESFT traffic, 256-token passes split over the EP ranks, ``benchmarks/bench_per_pass_balance.py``,

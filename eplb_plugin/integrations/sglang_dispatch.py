@@ -35,7 +35,9 @@ a rank with no tokens joins the all-gather from ``TopK.empty_topk_output``
 DP padding) stay out of the split and the counts, exchanged or not: ``init_new`` reads
 SGLang's bound (``moe_num_token_non_padded`` of the forward context, a device tensor, as
 SGLang's top-k does) and the mapping gives those rows a slot of their expert, which SGLang
-then masks.
+then masks. On CUDA the kernels read that bound themselves and write SGLang's int32 slots
+directly, so the mapping is the kernels' launches alone (no torch op per layer besides
+allocating the output).
 
 Recorder: the mapping counts nothing itself; SGLang then passes the physical ids it returned
 to ``on_select_experts`` (the project's recorder counts them there, once). SGLang's fused
