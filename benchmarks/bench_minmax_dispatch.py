@@ -12,6 +12,10 @@ eagerly, per call), for T tokens x top-8 onto DeepSeek-V3's 256 experts in 288 s
   settings varied (the ticket kernels or the per-chunk bases at every size, the chunk, no
   split steps); its graph's slot loads are checked against the torch path's after the
   replays;
+- minmax_sglang / minmax_sglang_exchange: what SGLang's mapping runs per layer (int32 ids,
+  a padding bound of 7/8 of the rows, int32 slots; with a one-rank count exchange of the
+  split_gathered_counts kind, the all-gather left out); written so that this file also runs
+  on checkouts whose minmax_dispatch has no out_dtype (it casts then, as SGLang's hook did);
 - minmax_torch: the dispatcher's torch path (the reference), graph-captured;
 - dynamic_single_program: the earlier water-filling kernel (one program per layer, 6 steps).
 
@@ -23,6 +27,7 @@ before) at EP8 / 72 slots and EP16 / 80, and on synthetic DeepSeek-V3-sized pass
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import sys
@@ -36,7 +41,7 @@ from _traces import ESFT_TRACES, esft_topk_ids, traces_dir  # benchmarks/_traces
 from eplb_plugin.algorithms import plan
 from eplb_plugin.algorithms.evaluate import exact_min_max_load, pass_counts
 from eplb_plugin.balance import gpu_loads
-from eplb_plugin.dispatch import ExpertDispatcher
+from eplb_plugin.dispatch import ExpertDispatcher, minmax_dispatch, split_gathered_counts
 from eplb_plugin.kernels import count_topk, map_and_count
 from eplb_plugin.location import ExpertLocation
 
@@ -129,6 +134,17 @@ def time_variants(tokens: int, *, num_layers: int, replays: int, skip: tuple[str
                 "minmax_triton_bases_chunk_128": {"bases": True, "chunk": 128},
                 "minmax_triton_no_split_steps": {"iterations": 0}}  # equal shares: the rest's cost
     scratches = {name: minmax_scratch(tables) for name in settings}  # kept across calls, as the dispatcher does
+    ids32 = ids.to(torch.int32)
+    bound = torch.tensor([tokens - tokens // 8], dtype=torch.int32, device="cuda")  # 1/8 of the rows pad
+    int32_out = "out_dtype" in inspect.signature(minmax_dispatch).parameters
+    sglang_scratches = [minmax_scratch(tables), minmax_scratch(tables)]
+
+    def sglang_mapping(layer: int, exchange=None, scratch=sglang_scratches[0]) -> torch.Tensor:
+        out = minmax_dispatch(ids32[layer], tables, layer=layer, num_slots=NUM_SLOTS, use_kernel=True,
+                              num_valid_rows=bound, scratch=scratch, exchange=exchange,
+                              **({"out_dtype": torch.int32} if int32_out else {}))
+        return out if out.dtype == torch.int32 else out.to(torch.int32)
+
     variants = {
         "static_lookup_and_count": lambda layer: map_and_count(ids[layer], static, counts, layer, out=out),
         "count_only": lambda layer: count_topk(physical, counts, layer),
@@ -136,6 +152,9 @@ def time_variants(tokens: int, *, num_layers: int, replays: int, skip: tuple[str
         **{name: (lambda layer, kw=kw, sc=scratches[name]: minmax_dispatch_triton(
             ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=sc, counts_out=counts, **kw))
            for name, kw in settings.items()},
+        "minmax_sglang": sglang_mapping,
+        "minmax_sglang_exchange": lambda layer: sglang_mapping(
+            layer, lambda local: split_gathered_counts(local.view(1, -1), 0), sglang_scratches[1]),
         "minmax_torch": lambda layer: torch_minmax.dispatch(layer, ids[layer]),
         "dynamic_single_program": lambda layer: dynamic_dispatch_triton(
             ids[layer], triton_minmax.logical_to_physical_map[layer], num_local=NUM_SLOTS // EP, num_gpus=EP,

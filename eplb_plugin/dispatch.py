@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from eplb_plugin.dispatch_info import dispatch_info
 from eplb_plugin.errors import ConfigError
-from eplb_plugin.kernels._launch import use_triton
+from eplb_plugin.kernels._launch import check_out_dtype, use_triton
 from eplb_plugin.kernels.fused import map_and_count
 from eplb_plugin.kernels.minmax import (
     MinmaxTables,
@@ -188,8 +188,8 @@ class ExpertDispatcher:
         return torch.where(valid, out, -1)
 
     def pass_counts(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """local: [E] int64, this rank's tokens per expert for one layer. Returns (total [E],
-        offset [E]: tokens of each expert on lower ranks of ``count_group``). Collective over
+        """local: [E] int32, this rank's tokens per expert for one layer. Returns (total [E],
+        offset [E]: tokens of each expert on lower ranks of ``count_group``), in local's dtype. Collective over
         ``count_group`` when it has more than one rank."""
         if self.count_world == 1:
             return local, torch.zeros_like(local)
@@ -220,49 +220,55 @@ class ExpertDispatcher:
 
 def split_gathered_counts(per_rank: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """per_rank: [W, E] every rank's tokens per expert of one layer, in rank order -> (the
-    pass's [E] counts, offset [E]: tokens of each expert on ranks below ``rank``), what a
+    pass's [E] counts, offset [E]: tokens of each expert on ranks below ``rank``), in
+    ``per_rank``'s dtype (int32 for the kernels: a plain sum would widen to int64), what a
     count exchange of ``minmax_dispatch`` returns."""
-    return per_rank.sum(0), per_rank[:rank].sum(0)
+    return per_rank.sum(0, dtype=per_rank.dtype), per_rank[:rank].sum(0, dtype=per_rank.dtype)
 
 
 def minmax_dispatch(
     topk_ids: torch.Tensor, tables: MinmaxTables, *, layer: int, num_slots: int, use_kernel: bool,
     exchange: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     counts_out: torch.Tensor | None = None, num_valid_rows: torch.Tensor | None = None,
-    scratch: MinmaxScratch | None = None,
+    scratch: MinmaxScratch | None = None, out_dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
     """The ``minmax`` choice of one layer of one pass, for any host of the tables.
 
     topk_ids: [T, k] int32/int64 logical ids, -1 = padding; tables: ``MinmaxTables`` of the
     live placement (all layers; row ``layer`` is read); num_slots: P. use_kernel: run the
-    Triton kernels (CUDA) instead of the torch reference. exchange: this rank's [E] counts ->
-    (the pass's [E] counts, tokens of each expert on lower ranks), collective; None = the
+    Triton kernels (CUDA) instead of the torch reference. exchange: this rank's [E] int32
+    counts -> (the pass's [E] counts, tokens of each expert on lower ranks), int32 (what the
+    kernels read; both paths exchange int32), collective; None = the
     split follows ``topk_ids``' own counts. counts_out: optional [L, P] int32 buffer to which
     the chosen slots are added (row ``layer``). num_valid_rows: optional one-element int
     tensor (on ``topk_ids``' device): rows at or past it pad the batch (a CUDA graph's fixed
-    size); they are left out of the split and of ``counts_out`` and get a slot of their
-    expert (the host masks them next). scratch: the kernels' per-layer counters for these
+    size); they are left out of the split, the exchange and ``counts_out`` and get their
+    expert's ``home_slot`` (the host masks them next); the kernels read the bound on the
+    device, so the kernel path adds no torch op for it. scratch: the kernels' per-layer counters for these
     tables (``minmax_scratch``), kept by the host across calls (None: fresh ones each call).
-    Returns [T, k] int64 physical slots, -1 kept. No host synchronization.
+    Returns [T, k] physical slots of ``out_dtype`` (int64 or int32: the kernels write it, so
+    a host that wants int32 casts nothing), -1 kept. No host synchronization.
     """
-    if num_valid_rows is not None:
-        in_batch = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(-1) < num_valid_rows.reshape(-1)[:1]
-        out = minmax_dispatch(torch.where(in_batch, topk_ids, -1), tables, layer=layer, num_slots=num_slots,
-                              use_kernel=use_kernel, exchange=exchange, counts_out=counts_out, scratch=scratch)
-        padding = ~in_batch & (topk_ids >= 0)
-        some_slot = tables.home_slot[layer]  # [E]: a slot of each expert
-        return torch.where(padding, some_slot[topk_ids.clamp_min(0).long()], out)
-    if use_kernel:
+    if use_kernel:  # the kernels read num_valid_rows themselves (no torch op here)
         from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
 
         return minmax_dispatch_triton(topk_ids, tables, layer=layer, num_slots=num_slots, scratch=scratch,
-                                      exchange=exchange, counts_out=counts_out)
+                                      exchange=exchange, counts_out=counts_out, num_valid_rows=num_valid_rows,
+                                      out_dtype=out_dtype)
+    check_out_dtype(out_dtype)
+    if num_valid_rows is not None:
+        in_batch = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(-1) < num_valid_rows.reshape(-1)[:1]
+        out = minmax_dispatch(torch.where(in_batch, topk_ids, -1), tables, layer=layer, num_slots=num_slots,
+                              use_kernel=False, exchange=exchange, counts_out=counts_out, out_dtype=out_dtype)
+        padding = ~in_batch & (topk_ids >= 0)
+        some_slot = tables.home_slot[layer]  # [E]: a slot of each expert
+        return torch.where(padding, some_slot[topk_ids.clamp_min(0).long()].to(out_dtype), out)
     ids = topk_ids.to(torch.int64)
     valid = ids >= 0
     safe = ids.clamp_min(0)
     num_experts = tables.multi_row.shape[1]
-    local = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    local.index_add_(0, safe.flatten(), valid.flatten().to(torch.int64))
+    local = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)  # int32: the kernels' exchange dtype
+    local.index_add_(0, safe.flatten(), valid.flatten().to(torch.int32))
     total, offset = (local, torch.zeros_like(local)) if exchange is None else exchange(local)
     shares, _ = minmax_gpu_shares(total.unsqueeze(0), tables.multi_experts[layer:layer + 1],
                                   tables.multi_gpus[layer:layer + 1], tables.single_slots[layer:layer + 1])
@@ -271,7 +277,7 @@ def minmax_dispatch(
                         tables.slot_on_gpu[layer]).view_as(ids)
     if counts_out is not None:  # padding adds 0 (no boolean indexing: no host sync)
         counts_out[layer].index_add_(0, torch.where(valid, out, 0).flatten(), valid.flatten().to(counts_out.dtype))
-    return torch.where(valid, out, -1)
+    return torch.where(valid, out, -1).to(out_dtype)
 
 
 # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there).

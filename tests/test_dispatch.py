@@ -157,3 +157,16 @@ def test_static_dispatch_maps_and_counts_into_the_recorders_buffer_in_one_kernel
     assert torch.equal(dispatcher.dispatch(2, ids), expected)
     assert np.array_equal(rec.physical_count_window()[2].numpy(), np_slot_count(expected, 12))
     assert int(rec.physical_count_window()[:2].sum()) == 0
+
+
+def test_gathered_counts_split_into_the_pass_and_the_lower_ranks_in_their_own_dtype():
+    """split_gathered_counts keeps int32 (the kernels' exchange dtype; a plain sum would
+    widen to int64 and cost a conversion per layer) and sums exactly."""
+    from eplb_plugin.dispatch import split_gathered_counts
+
+    per_rank = torch.tensor([[1, 0, 5], [2, 3, 0], [4, 4, 4]], dtype=torch.int32)
+    total, offset = split_gathered_counts(per_rank, 2)
+    assert total.dtype == offset.dtype == torch.int32
+    assert total.tolist() == [7, 7, 9] and offset.tolist() == [3, 3, 5]
+    total, offset = split_gathered_counts(per_rank, 0)
+    assert offset.dtype == torch.int32 and offset.tolist() == [0, 0, 0]

@@ -61,6 +61,7 @@ def test_kernel_follows_a_new_placement_copied_in_place():
     old, ids = _case(4, 16, 20, 4, 50, 4)
     new, _ = _case(5, 16, 20, 4, 50, 4)
     kernel = ExpertDispatcher(old, rank=0, algorithm="minmax", backend="triton", device=DEVICE)
+    kernel.dispatch(0, ids.to(DEVICE))  # the layer's launch arguments are made (and kept) here
     assert kernel.update_(new)
     got = kernel.dispatch(0, ids.to(DEVICE)).cpu()
     want = ExpertDispatcher(new, rank=0, algorithm="minmax").dispatch(0, ids)
@@ -110,6 +111,7 @@ def test_ranks_splitting_on_the_pass_counts_serve_what_one_dispatcher_of_the_who
         for rank, part in enumerate(parts):
             def exchange(mine, rank=rank):
                 called.append(rank)
+                assert mine.dtype == torch.int32  # the kernels' dtype: exchanged without a conversion
                 assert torch.equal(mine.cpu(), local[rank])
                 return (local[0] + local[1]).to(mine.device), \
                     (local[0] if rank else torch.zeros_like(local[0])).to(mine.device)
@@ -127,26 +129,66 @@ def test_ranks_splitting_on_the_pass_counts_serve_what_one_dispatcher_of_the_who
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_kernel_leaves_rows_that_pad_the_batch_out_like_the_torch_path():
-    """minmax_dispatch(num_valid_rows=) on the kernels: the real rows get the slot loads the
-    kernels give those rows alone (which pair of an expert takes which replica follows the
-    order the tickets land), padding rows keep a slot of their expert, counts the real rows."""
+@pytest.mark.parametrize("bases", [False, True])
+@pytest.mark.parametrize("glob", [False, True])
+def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and_the_counts(bases, glob):
+    """minmax_dispatch(num_valid_rows=) on the kernels, which read the bound themselves: the
+    real rows get the slot loads the kernels give those rows alone, the exchange sees the
+    real rows' counts only, padding rows' pairs get their expert's home slot (-1 kept), and
+    counts_out holds the real rows' slots."""
     from eplb_plugin.dispatch import minmax_dispatch
     from eplb_plugin.kernels.minmax import build_minmax_tables
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
 
     location, ids = _case(7, 16, 20, 4, 61, 4)
     tables = build_minmax_tables(location.physical_to_logical_map.to(DEVICE), 16, num_gpus=4)
+    scratch = minmax_scratch(tables)
     real = 45
+    local = torch.bincount(ids[:real][ids[:real] >= 0], minlength=16)
+    seen = []
+
+    def exchange(mine):
+        seen.append(mine.cpu().long())
+        return mine, torch.zeros_like(mine)
+
     counts = torch.zeros(2, 20, dtype=torch.int32, device=DEVICE)
-    got = minmax_dispatch(ids.to(DEVICE), tables, layer=1, num_slots=20, use_kernel=True, counts_out=counts,
-                          num_valid_rows=torch.tensor([real], device=DEVICE)).cpu()
+    got = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=1, num_slots=20, scratch=scratch, counts_out=counts,
+                                 exchange=exchange if glob else None, bases=bases,
+                                 num_valid_rows=torch.tensor([real], device=DEVICE)).cpu()
     alone = minmax_dispatch(ids[:real].to(DEVICE), tables, layer=1, num_slots=20, use_kernel=True).cpu()
     assert torch.equal(got[:real] == -1, alone == -1)
-    assert torch.equal(torch.bincount(got[:real][got[:real] >= 0], minlength=20),
-                       torch.bincount(alone[alone >= 0], minlength=20))
+    real_load = torch.bincount(got[:real][got[:real] >= 0], minlength=20)
+    assert torch.equal(real_load, torch.bincount(alone[alone >= 0], minlength=20))
     pad = ids[real:]
-    assert torch.equal(location.physical_to_logical_map[1][got[real:][pad >= 0]], pad[pad >= 0])
-    assert torch.equal(counts[1].cpu(), torch.bincount(alone[alone >= 0], minlength=20).to(torch.int32))
+    assert torch.equal(got[real:], torch.where(pad >= 0, tables.home_slot[1].cpu()[pad.clamp_min(0)], -1))
+    assert torch.equal(counts[1].cpu(), real_load.to(torch.int32)) and not counts[0].any()
+    if glob:
+        assert len(seen) == 1 and torch.equal(seen[0], local)
+    nb = (scratch.counters.shape[1] - 1) // 2
+    assert not scratch.counters[:, :nb].any() and not scratch.counters[:, -1].any()
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("bound, dtype", [(0, torch.int32), (61, torch.int64), (1000, torch.int32), (-3, torch.int64)])
+def test_a_bound_of_no_rows_or_of_every_row_is_clamped(bound, dtype):
+    """The kernels clamp the bound to [0, T]: 0 or below leaves every row out (each pair at
+    its home slot, nothing counted), T or more keeps every row (as no bound)."""
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+
+    location, ids = _case(3, 16, 20, 4, 61, 4)
+    tables = build_minmax_tables(location.physical_to_logical_map.to(DEVICE), 16, num_gpus=4)
+    counts = torch.zeros(2, 20, dtype=torch.int32, device=DEVICE)
+    got = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=0, num_slots=20, counts_out=counts,
+                                 num_valid_rows=torch.tensor([bound], dtype=dtype, device=DEVICE)).cpu()
+    if bound <= 0:
+        assert torch.equal(got, torch.where(ids >= 0, tables.home_slot[0].cpu()[ids.clamp_min(0)], -1))
+        assert not counts.any()
+    else:
+        unbounded = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=0, num_slots=20).cpu()
+        load = torch.bincount(got[got >= 0], minlength=20)
+        assert torch.equal(load, torch.bincount(unbounded[unbounded >= 0], minlength=20))
+        assert torch.equal(counts[0].cpu(), load.to(torch.int32))
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
@@ -173,6 +215,7 @@ def test_the_large_pass_kernels_on_any_pass(seed, num_experts, num_slots, ep, to
     for rank, part in enumerate(parts):
         def exchange(mine, rank=rank):
             called.append(rank)
+            assert mine.dtype == torch.int32
             return sum(local).to(mine.device), sum(local[:rank], torch.zeros_like(local[0])).to(mine.device)
 
         out = minmax_dispatch_triton(part.to(DEVICE), tables, layer=1, num_slots=num_slots, scratch=scratch,
@@ -186,3 +229,101 @@ def test_the_large_pass_kernels_on_any_pass(seed, num_experts, num_slots, ep, to
     assert called == ([0, 1] if glob else [])  # every rank exchanged its counts
     whole = ExpertDispatcher(location, rank=0, algorithm="minmax").dispatch(1, ids)
     assert (load - torch.bincount(whole[whole >= 0], minlength=num_slots)).abs().max() <= len(parts)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("bases", [False, True])
+def test_the_kernels_write_int32_slots_when_asked(bases):
+    """out_dtype=torch.int32 (SGLang's topk_ids dtype): the kernels write int32 slots with
+    the int64 output's slot loads, -1 kept, every pair on a replica of its expert."""
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+
+    location, ids = _case(1, 64, 72, 8, 333, 6)
+    tables = build_minmax_tables(location.physical_to_logical_map.to(DEVICE), 64, num_gpus=8)
+    wide = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=1, num_slots=72, bases=bases).cpu()
+    narrow = minmax_dispatch_triton(ids.to(torch.int32).to(DEVICE), tables, layer=1, num_slots=72, bases=bases,
+                                    out_dtype=torch.int32).cpu()
+    assert wide.dtype == torch.int64 and narrow.dtype == torch.int32
+    assert torch.equal(narrow == -1, ids == -1)
+    assert torch.equal(location.physical_to_logical_map[1][narrow[ids >= 0].long()], ids[ids >= 0])
+    assert torch.equal(torch.bincount(narrow[narrow >= 0].long(), minlength=72),
+                       torch.bincount(wide[wide >= 0], minlength=72))
+
+
+def test_the_torch_path_writes_the_dtype_asked_and_refuses_others():
+    """minmax_dispatch(out_dtype=) on the torch path: int32 holds the int64 result exactly;
+    a float dtype is refused by name."""
+    from eplb_plugin.dispatch import minmax_dispatch
+    from eplb_plugin.errors import ConfigError
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+
+    location, ids = _case(2, 16, 20, 4, 37, 4)
+    tables = build_minmax_tables(location.physical_to_logical_map, 16, num_gpus=4)
+    wide = minmax_dispatch(ids, tables, layer=0, num_slots=20, use_kernel=False)
+    narrow = minmax_dispatch(ids, tables, layer=0, num_slots=20, use_kernel=False, out_dtype=torch.int32,
+                             num_valid_rows=torch.tensor([30]))
+    assert narrow.dtype == torch.int32
+    assert torch.equal(narrow[:30].long(), minmax_dispatch(ids[:30], tables, layer=0, num_slots=20,
+                                                           use_kernel=False))
+    assert wide.dtype == torch.int64
+    with pytest.raises(ConfigError, match="out_dtype"):
+        minmax_dispatch(ids, tables, layer=0, num_slots=20, use_kernel=False, out_dtype=torch.float32)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("bases", [False, True])
+@pytest.mark.parametrize("glob", [False, True])
+def test_the_kernel_path_runs_no_torch_op_but_its_output_allocation(monkeypatch, bases, glob):
+    """What SGLang's mapping runs per layer (int32 ids, a padding bound, int32 slots, the
+    recorder's buffer, an exchange) is the kernels' launches alone: no torch op besides
+    allocating the output (and the large passes' chunk bases) and views; the padding
+    bound, the dtypes and the exchange's counts need no conversion (the launches are
+    recorded, not run)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from eplb_plugin.dispatch import minmax_dispatch
+    from eplb_plugin.kernels import minmax_triton as host
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+
+    launched: list[str] = []
+
+    class Launch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    for module in host._kernels():
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, Launch(name))
+    location, ids = _case(3, 16, 20, 4, 2100 if bases else 61, 4)  # > SMALL_PASS_IDS pairs: the bases kernels
+    tables = build_minmax_tables(location.physical_to_logical_map.to(DEVICE), 16, num_gpus=4)
+    scratch = host.minmax_scratch(tables)
+    ids = ids.to(torch.int32).to(DEVICE)
+    bound = torch.tensor([50], dtype=torch.int32, device=DEVICE)
+    counts = torch.zeros(2, 20, dtype=torch.int32, device=DEVICE)
+    pass_counts = (torch.zeros(16, dtype=torch.int32, device=DEVICE),) * 2
+
+    def call():
+        return minmax_dispatch(ids, tables, layer=1, num_slots=20, use_kernel=True, num_valid_rows=bound,
+                               out_dtype=torch.int32, scratch=scratch, counts_out=counts,
+                               exchange=(lambda mine: pass_counts) if glob else None)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    call()  # the first call of a layer makes its launch arguments
+    ops: list[str] = []
+    launched.clear()
+    with Ops():
+        out = call()
+    assert out.dtype == torch.int32 and out.shape == ids.shape
+    assert set(ops) <= {"empty", "view", "slice"}, ops
+    assert ops.count("empty") == (2 if bases else 1)
+    assert launched == ([f"{'bases' if bases else 'minmax'}_totals_kernel"] + ["minmax_split_kernel"] * glob
+                        + [f"{'bases' if bases else 'minmax'}_assign_kernel"])

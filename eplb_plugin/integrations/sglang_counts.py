@@ -32,7 +32,8 @@ joins the all-gather with zero counts, exactly as SGLang's ``lp`` solver joins i
 all-reduce there. SGLang validated that idle path for ``lp`` on the DeepSeek-V2 family and
 GLM-4 MoE Lite / GLM-MoE-DSA; a model whose idle path skips ``empty_topk_output`` would hang
 under ``global``, as it would under ``lp``. Padding rows (``moe_num_token_non_padded``) are
-set to ``-1`` before the counts are taken, so they never reach the exchange.
+left out of the counts before they are exchanged (the kernels read the bound on the device;
+the torch path sets those rows to ``-1``), so they never reach the exchange.
 
 Why ``local`` stays the default: the balance gain of ``global`` is measured (CPU replay of
 ESFT traffic, 256-token passes split over the EP ranks, ``benchmarks/bench_per_pass_balance.py``,
@@ -41,7 +42,7 @@ balancedness 0.929 global against 0.899 local at EP8 / 72 slots, 0.876 against 0
 EP16 / 80 slots; through SGLang's own mapping, ``benchmarks/bench_sglang_dispatch.py``, EP8 /
 72 slots, 32 tokens per rank: ``global`` serves what one split of the whole pass serves, its
 ``no_a2a/minmax`` row, 0.816, against ``a2a/minmax_local`` 0.795 and ``a2a/static`` 0.759),
-but its cost is not: one more all-gather of ``[E]`` int64 per MoE layer on
+but its cost is not: one more all-gather of ``[E]`` int32 per MoE layer on
 the serving path, which this project could not time (no multi-GPU machine) and which adds a
 collective where DeepEP's low-latency decode is latency-bound. Larger per-rank batches also
 narrow the gap (each rank's counts approach the pass's proportions). Turn ``global`` on where
@@ -67,8 +68,10 @@ COUNTS_FLAG = "--eplb-dispatch-counts"
 
 class GroupCountExchange:
     """``minmax_dispatch``'s ``exchange`` over a SGLang ``GroupCoordinator`` (``group``):
-    local [E] int64 this rank's tokens per expert of one layer -> (the pass's [E], tokens of
-    each expert on lower ranks of the group [E]). Collective over ``group``: every rank calls
+    local [E] int32 this rank's tokens per expert of one layer -> (the pass's [E], tokens of
+    each expert on lower ranks of the group [E]), int32: the dtype the kernels read, so the
+    exchange adds no conversion (every rank must gather the same dtype: the idle rank's join
+    in ``sglang_dispatch.empty_topk_output_joins_exchange`` sends int32 zeros). Collective over ``group``: every rank calls
     it once per MoE layer of every forward, in the same order. No host synchronization."""
 
     def __init__(self, group: Any) -> None:

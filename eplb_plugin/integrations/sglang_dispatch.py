@@ -35,7 +35,9 @@ a rank with no tokens joins the all-gather from ``TopK.empty_topk_output``
 DP padding) stay out of the split and the counts, exchanged or not: ``init_new`` reads
 SGLang's bound (``moe_num_token_non_padded`` of the forward context, a device tensor, as
 SGLang's top-k does) and the mapping gives those rows a slot of their expert, which SGLang
-then masks.
+then masks. On CUDA the kernels read that bound themselves and write SGLang's int32 slots
+directly, so the mapping is the kernels' launches alone (no torch op per layer besides
+allocating the output).
 
 Recorder: the mapping counts nothing itself; SGLang then passes the physical ids it returned
 to ``on_select_experts`` (the project's recorder counts them there, once). SGLang's fused
@@ -228,10 +230,9 @@ def map_topk_ids(topk_ids: torch.Tensor, layer_id: int, num_physical_experts: in
 
     tables = LIVE_TABLES.for_metadata(get_global_expert_location_metadata())
     bound = None if num_token_non_padded is None else num_token_non_padded.to(topk_ids.device, non_blocking=True)
-    physical = minmax_dispatch(topk_ids, tables, layer=layer_id, num_slots=num_physical_experts,
-                               use_kernel=use_triton("auto", topk_ids), exchange=LIVE_TABLES.exchange,
-                               num_valid_rows=bound, scratch=LIVE_TABLES.scratch)
-    return physical if physical.dtype == topk_ids.dtype else physical.to(topk_ids.dtype)
+    return minmax_dispatch(topk_ids, tables, layer=layer_id, num_slots=num_physical_experts,
+                           use_kernel=use_triton("auto", topk_ids), exchange=LIVE_TABLES.exchange,
+                           num_valid_rows=bound, scratch=LIVE_TABLES.scratch, out_dtype=topk_ids.dtype)
 
 
 def empty_topk_output_joins_exchange(result: Any, topk: Any, device: Any = None, *args: Any, **kwargs: Any) -> None:
@@ -251,5 +252,5 @@ def empty_topk_output_joins_exchange(result: Any, topk: Any, device: Any = None,
     metadata = get_global_expert_location_metadata()
     LIVE_TABLES.for_metadata(metadata)  # resolves the exchange where this rank has not mapped yet
     if LIVE_TABLES.exchange is not None:
-        LIVE_TABLES.exchange(torch.zeros(metadata.num_logical_experts, dtype=torch.int64, device=device))
+        LIVE_TABLES.exchange(torch.zeros(metadata.num_logical_experts, dtype=torch.int32, device=device))
     return None

@@ -71,6 +71,12 @@ def check_counts(counts: torch.Tensor) -> None:
         raise CountsError(f"counts must be an [L, P] int32 tensor (got {tuple(counts.shape)} {counts.dtype})")
 
 
+def check_out_dtype(out_dtype: torch.dtype) -> None:
+    """Raise unless ``out_dtype`` is a slot id dtype the kernels write (int32 or int64)."""
+    if out_dtype not in (torch.int32, torch.int64):
+        raise ConfigError(f"out_dtype must be torch.int32 or torch.int64 (got {out_dtype})")
+
+
 def check_ids(name: str, ids: torch.Tensor) -> None:
     """Raise for ids that are not an integer tensor."""
     if ids.dtype not in (torch.int32, torch.int64):

@@ -7,7 +7,8 @@ between ranks), CUDA-graph safe.
    of ``kernels/minmax.py`` on the totals (the same diffusion steps, in float32) and
    writes each replicated expert's cumulative GPU quotas. With an ``exchange`` (several
    ranks, ``--ep-dispatch-counts global``) the totals go through it instead and
-   ``minmax_split_kernel`` (one program) solves the split on the pass's counts.
+   ``minmax_split_kernel`` (one program, shared with the kernels of large passes) solves
+   the split on the pass's counts.
 2. ``minmax_assign_kernel`` (up to ``MAX_PROGRAMS`` programs over tiles): a pair of a
    replicated expert takes a ticket from its expert's counter (atomic: one expert's tickets
    are 0 .. n - 1 in some order) and goes to the first GPU whose cumulative quota exceeds
@@ -26,7 +27,9 @@ sits exactly on a quota boundary to the neighbouring replica.
 
 The scratch (``MinmaxScratch``, per layer) carries counters from kernel to kernel: the split
 zeroes the totals after reading them and resets the tickets before the assign, so calls of
-one layer must not overlap (one stream per dispatcher).
+one layer must not overlap (one stream per dispatcher). It also keeps each layer's launch
+arguments (the tables' and its own rows, the widths), and the grids are cached per pass size
+(``_geometry``), so a call does little Python work beyond the launches.
 
 Passes of more than ``SMALL_PASS_IDS`` pairs take the kernels of
 ``triton_kernels_minmax_bases`` instead (H100, per layer in a CUDA graph: 16,384 tokens
@@ -41,15 +44,17 @@ from the quotas (the pairs each slot gets follow from the totals and the quotas 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from eplb_plugin.kernels._launch import MAX_PROGRAMS, _next_pow2, check_ids
+from eplb_plugin.kernels._launch import MAX_PROGRAMS, _next_pow2, check_ids, check_out_dtype
 from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS, MINMAX_MOMENTUM, MinmaxTables
 
-# this rank's [E] counts -> (the pass's [E] counts, tokens on lower ranks [E]); collective
+# this rank's [E] int32 counts -> (the pass's [E] counts, tokens on lower ranks [E]), int32 (the
+# dtype the kernels read: another is converted, one more op); collective
 CountExchange = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 # Launch settings, the fastest measured on an H100 inside a CUDA graph (58 layers; 512 and
@@ -65,13 +70,47 @@ NUM_WARPS = 4  # the assign kernel's warps
 SPLIT_WARPS = 4  # the totals / split kernels' warps (1: 2x slower split; 2 and 8: slower too)
 CHUNK = 64  # large passes: pairs of one assign program (128: 23.3 us at 16,384 tokens, 64: 22.8)
 
-class MinmaxScratch(NamedTuple):
-    """Per-layer state of the kernels: ``counters`` [L, 2 NB + 1] int32 (totals, tickets,
-    programs done; see ``triton_kernels_minmax``), ``quotas`` [L, BM * BG] float32 (written
-    by the split, read by the assign)."""
+class _LayerArgs(NamedTuple):
+    """One layer's kernel arguments, made once per (tables, layer) and kept in its scratch:
+    the rows of the tables and of the scratch (views: tables copied in place stay valid),
+    and the widths the kernels take."""
 
+    tables: MinmaxTables  # whose rows these are (a call with other tables makes its own)
     counters: torch.Tensor
     quotas: torch.Tensor
+    totals: torch.Tensor  # counters[:num_experts], what an exchange gathers
+    split: tuple[torch.Tensor, ...]  # multi_experts, multi_gpus, single_slots rows
+    place: tuple[torch.Tensor, ...]  # multi_row, slot_on_gpu, home_slot rows
+    num_experts: int
+    num_multi: int
+    num_gpus: int
+    slots_per_gpu: int
+    nb: int
+    bm: int
+    bg: int
+    bs: int
+
+
+class MinmaxScratch:
+    """Per-layer state of the kernels: ``counters`` [L, 2 NB + 1] int32 (totals, tickets,
+    programs done; see ``triton_kernels_minmax``), ``quotas`` [L, BM * BG] float32 (written
+    by the split, read by the assign); plus each layer's launch arguments, made on its first
+    call (``layer_args``), so a call (eager, or one a CUDA graph captures) does little
+    Python work."""
+
+    __slots__ = ("counters", "quotas", "_layers")
+
+    def __init__(self, counters: torch.Tensor, quotas: torch.Tensor) -> None:
+        self.counters = counters
+        self.quotas = quotas
+        self._layers: dict[int, _LayerArgs] = {}
+
+    def layer_args(self, tables: MinmaxTables, layer: int) -> _LayerArgs:
+        """The kernel arguments of ``layer`` of ``tables`` (cached per layer for these tables)."""
+        args = self._layers.get(layer)
+        if args is None or args.tables is not tables:
+            args = self._layers[layer] = _make_layer_args(tables, layer, self)
+        return args
 
 
 def _sizes(tables: MinmaxTables) -> tuple[int, int, int]:
@@ -79,6 +118,18 @@ def _sizes(tables: MinmaxTables) -> tuple[int, int, int]:
     num_experts = tables.multi_row.shape[1]
     num_multi, num_gpus = tables.multi_gpus.shape[1:]
     return _next_pow2(num_experts + 1), _next_pow2(num_multi), _next_pow2(num_gpus)
+
+
+def _make_layer_args(tables: MinmaxTables, layer: int, scratch: MinmaxScratch) -> _LayerArgs:
+    nb, bm, bg = _sizes(tables)
+    num_multi, num_gpus = tables.multi_gpus.shape[1:]
+    slots_per_gpu = tables.single_slots.shape[2]
+    return _LayerArgs(
+        tables, scratch.counters[layer], scratch.quotas[layer], scratch.counters[layer, :tables.multi_row.shape[1]],
+        (tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer]),
+        (tables.multi_row[layer], tables.slot_on_gpu[layer], tables.home_slot[layer]),
+        tables.multi_row.shape[1], num_multi, num_gpus, slots_per_gpu, nb, bm, bg, _next_pow2(slots_per_gpu),
+    )
 
 
 def minmax_scratch(tables: MinmaxTables) -> MinmaxScratch:
@@ -91,119 +142,128 @@ def minmax_scratch(tables: MinmaxTables) -> MinmaxScratch:
                          torch.zeros(num_layers, bm * bg, dtype=torch.float32, device=device))
 
 
+class _Geometry(NamedTuple):
+    """The grids and tiles of one call's launches (``_geometry``)."""
+
+    bases: bool  # the kernels of large passes
+    totals_grid: tuple[int]
+    totals_tile: int
+    assign_grid: tuple[int]
+    tile: int  # the ticket assign kernel's pairs per loop step
+    iters: int  # its loop steps per program
+    chunk: int  # the bases assign kernel's pairs per program
+    bases_numel: int  # its per-chunk bases buffer
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(num_ids: int, bm: int, bg: int, bases: bool | None, totals_tile: int | None, chunk: int,
+              assign_tile_elements: int) -> _Geometry:
+    """Launch geometry for ``num_ids`` pairs (cached: a server sees few batch sizes)."""
+    use_bases = bases if bases is not None else num_ids > SMALL_PASS_IDS
+    if totals_tile is None:
+        totals_tile = SMALL_TOTALS_TILE if num_ids <= SMALL_PASS_IDS else TOTALS_TILE
+    num_tiles = max(1, -(-num_ids // totals_tile))
+    if use_bases:
+        chunk = min(chunk, totals_tile)
+        return _Geometry(True, (num_tiles,), totals_tile, (max(1, -(-num_ids // chunk)),), 0, 0, chunk,
+                         num_tiles * (totals_tile // chunk) * bm)
+    tile = max(MIN_TILE, min(MAX_TILE, assign_tile_elements // bg))  # [tile, G] per-pair tables stay small
+    assign_tiles = max(1, -(-num_ids // tile))
+    iters = -(-assign_tiles // MAX_PROGRAMS)
+    return _Geometry(False, (num_tiles,), totals_tile, (-(-assign_tiles // iters),), tile, iters, chunk, 0)
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    """The kernel modules (imported on first use: they need triton)."""
+    from eplb_plugin.kernels import triton_kernels_minmax, triton_kernels_minmax_bases
+
+    return triton_kernels_minmax, triton_kernels_minmax_bases
+
+
 def minmax_dispatch_triton(
     topk_ids: torch.Tensor, tables: MinmaxTables, *, layer: int, num_slots: int,
     scratch: MinmaxScratch | None = None, exchange: CountExchange | None = None,
     counts_out: torch.Tensor | None = None, num_warps: int = NUM_WARPS, split_warps: int = SPLIT_WARPS,
     iterations: int = MINMAX_ITERATIONS, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
     totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
+    num_valid_rows: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
-    int64 physical slots (-1 kept). scratch: from ``minmax_scratch(tables)``, kept by the
-    caller across calls (None: a fresh one, for one-off calls). exchange: with several
-    ranks, how this rank's [E] counts become the pass's counts and its offsets
-    (``ExpertDispatcher.pass_counts``, collective); None = this rank's tokens only.
-    counts_out: optional [L, P] int32 recorder buffer; this call's slots are added to its
-    row ``layer``. num_warps / split_warps / iterations / assign_tile_elements /
-    totals_tile (None: by the pass's size) / chunk: launch and split settings (the
-    benchmarks vary them; the defaults are the measured best). bases: the kernels of large
-    passes (True), the ticket kernels (False), or by the pass's size (None)."""
-    from eplb_plugin.kernels import triton_kernels_minmax as k
-
+    physical slots (-1 kept) of ``out_dtype`` (int64 or int32, written by the kernels).
+    scratch: from ``minmax_scratch(tables)``, kept by the caller across calls (None: a fresh
+    one, for one-off calls). exchange: with several ranks, how this rank's [E] int32 counts
+    become the pass's counts and its offsets, int32 (``ExpertDispatcher.pass_counts``,
+    collective); None = this rank's tokens only. counts_out: optional [L, P] int32 recorder
+    buffer; this call's slots are added to its row ``layer``. num_warps / split_warps /
+    iterations / assign_tile_elements / totals_tile (None: by the pass's size) / chunk:
+    launch and split settings (the benchmarks vary them; the defaults are the measured
+    best). bases: the kernels of large passes (True), the ticket kernels (False), or by the
+    pass's size (None). num_valid_rows: optional one-element int tensor on the ids' device,
+    read by the kernels: rows at or past it pad the batch (a CUDA graph's fixed size), left
+    out of the split, the exchange's counts and ``counts_out``; their pairs get their
+    expert's home slot (``tables.home_slot``; -1 stays -1)."""
     check_ids("topk_ids", topk_ids)
+    check_out_dtype(out_dtype)
     if scratch is None:
         scratch = minmax_scratch(tables)
-    num_experts = tables.multi_row.shape[1]
-    num_multi, num_gpus = tables.multi_gpus.shape[1:]
-    slots_per_gpu = tables.single_slots.shape[2]
-    nb, bm, bg = _sizes(tables)
-    bs = _next_pow2(slots_per_gpu)
+    a = scratch.layer_args(tables, layer)
     flat = topk_ids.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
     num_ids = flat.numel()
-    counters, quotas = scratch.counters[layer], scratch.quotas[layer]
-    split_tables = (tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer])
-    glob = exchange is not None
-    if totals_tile is None:
-        totals_tile = SMALL_TOTALS_TILE if num_ids <= SMALL_PASS_IDS else TOTALS_TILE
-    if bases if bases is not None else num_ids > SMALL_PASS_IDS:
-        return _dispatch_bases(flat, tables, layer=layer, counters=counters, quotas=quotas, exchange=exchange,
-                               counts_out=counts_out, num_warps=num_warps, split_warps=split_warps,
-                               iterations=iterations, totals_tile=totals_tile, chunk=chunk).view(topk_ids.shape)
-    k.minmax_totals_kernel[(max(1, -(-num_ids // totals_tile)),)](
-        flat, counters, quotas, *split_tables, num_ids, num_experts, num_multi, num_gpus, slots_per_gpu,
-        MINMAX_MOMENTUM, SPLIT=not glob, ITERATIONS=iterations, TILE=totals_tile, NB=nb, BM=bm, BG=bg, BS=bs,
-        num_warps=split_warps,
-    )
-    offsets = counters  # unused pointer without an exchange
-    if glob:
-        total, offset = exchange(counters[:num_experts].long())
-        offsets = offset.to(torch.int32)
-        k.minmax_split_kernel[(1,)](
-            total.to(torch.int32), counters, quotas, *split_tables, num_experts, num_multi, num_gpus, slots_per_gpu,
-            MINMAX_MOMENTUM, ITERATIONS=iterations, NB=nb, BM=bm, BG=bg, BS=bs, num_warps=split_warps,
-        )
-    tile = max(MIN_TILE, min(MAX_TILE, assign_tile_elements // bg))  # [tile, G] per-pair tables stay small
-    num_tiles = max(1, -(-num_ids // tile))
-    iters = -(-num_tiles // MAX_PROGRAMS)
-    programs = -(-num_tiles // iters)
-    out = torch.empty(num_ids, dtype=torch.int64, device=flat.device)
-    counts = counts_out if counts_out is not None else out  # unused pointer when not counting
-    k.minmax_assign_kernel[(programs,)](
-        flat, counters, quotas, offsets, out, counts, layer * (counts_out.stride(0) if counts_out is not None else 0),
-        tables.multi_row[layer], tables.slot_on_gpu[layer], tables.home_slot[layer],
-        num_ids, iters, num_experts, num_gpus, num_slots,
-        GLOBAL=glob, COUNT=counts_out is not None, TILE=tile, NB=nb, BG=bg, NPB=_next_pow2(num_slots + 1),
-        num_warps=num_warps,
-    )
-    return out.view(topk_ids.shape)
-
-
-def _dispatch_bases(
-    flat: torch.Tensor, tables: MinmaxTables, *, layer: int, counters: torch.Tensor, quotas: torch.Tensor,
-    exchange: CountExchange | None, counts_out: torch.Tensor | None, num_warps: int, split_warps: int,
-    iterations: int, totals_tile: int, chunk: int,
-) -> torch.Tensor:
-    """``minmax_dispatch_triton`` by the kernels of ``triton_kernels_minmax_bases`` (flat
-    ids, this layer's scratch); returns the flat slots."""
-    from eplb_plugin.kernels import triton_kernels_minmax_bases as k
-
-    num_experts = tables.multi_row.shape[1]
-    num_multi, num_gpus = tables.multi_gpus.shape[1:]
-    slots_per_gpu = tables.single_slots.shape[2]
-    nb, bm, bg = _sizes(tables)
-    bs = _next_pow2(slots_per_gpu)
-    num_ids = flat.numel()
-    place_tables = (tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer],
-                    tables.multi_row[layer], tables.slot_on_gpu[layer], tables.home_slot[layer])
+    geo = _geometry(num_ids, a.bm, a.bg, bases, totals_tile, chunk, assign_tile_elements)
+    top_k = num_ids // topk_ids.shape[0] if topk_ids.dim() > 1 and topk_ids.shape[0] else 1
+    bounded = num_valid_rows is not None
+    bound = num_valid_rows if num_valid_rows is not None else flat  # unused pointer without a bound
     glob = exchange is not None
     count = counts_out is not None
-    counts = counts_out if counts_out is not None else counters  # unused pointer when not counting
+    counts = counts_out if counts_out is not None else a.counters  # unused pointer when not counting
     counts_offset = layer * counts_out.stride(0) if counts_out is not None else 0
-    chunk = min(chunk, totals_tile)
-    num_tiles = max(1, -(-num_ids // totals_tile))
-    bases = torch.empty(num_tiles * (totals_tile // chunk) * bm, dtype=torch.int32, device=flat.device)
-    k.bases_totals_kernel[(num_tiles,)](
-        flat, counters, bases, quotas, counts, counts_offset, *place_tables, num_ids, num_experts, num_multi,
-        num_gpus, slots_per_gpu, MINMAX_MOMENTUM, SPLIT=not glob, COUNT=count and not glob, ITERATIONS=iterations,
-        TILE=totals_tile, SUB=chunk, NB=nb, BM=bm, BG=bg, BS=bs, num_warps=split_warps,
-    )
-    offsets = counters  # unused pointer without an exchange
-    if glob:
-        assert exchange is not None
-        total, offset = exchange(counters[:num_experts].long())
-        offsets = offset.to(torch.int32)
-        k.bases_split_kernel[(1,)](
-            total.to(torch.int32), offsets, counters, quotas, counts, counts_offset, *place_tables, num_experts,
-            num_multi, num_gpus, slots_per_gpu, MINMAX_MOMENTUM, COUNT=count, ITERATIONS=iterations, NB=nb, BM=bm,
-            BG=bg, BS=bs, num_warps=split_warps,
+    out = torch.empty(topk_ids.shape, dtype=out_dtype, device=flat.device)
+    k, kb = _kernels()
+    if geo.bases:
+        bases_buf = torch.empty(geo.bases_numel, dtype=torch.int32, device=flat.device)
+        kb.bases_totals_kernel[geo.totals_grid](
+            flat, bound, a.counters, bases_buf, a.quotas, counts, counts_offset, *a.split, *a.place, num_ids, top_k,
+            a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, MINMAX_MOMENTUM, SPLIT=not glob,
+            COUNT=count and not glob, BOUND=bounded, ITERATIONS=iterations, TILE=geo.totals_tile, SUB=geo.chunk,
+            NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, num_warps=split_warps,
         )
-    out = torch.empty(num_ids, dtype=torch.int64, device=flat.device)
-    k.bases_assign_kernel[(max(1, -(-num_ids // chunk)),)](
-        flat, bases, quotas, offsets, out, tables.multi_row[layer], tables.slot_on_gpu[layer],
-        tables.home_slot[layer], num_ids, num_experts, num_gpus,
-        GLOBAL=glob, SUB=chunk, BM=bm, BG=bg, num_warps=num_warps,
+        offsets = _split_on_exchange(k, a, exchange, counts, counts_offset, count=count, iterations=iterations,
+                                     split_warps=split_warps) if glob else a.counters  # (unused pointer)
+        kb.bases_assign_kernel[geo.assign_grid](
+            flat, bound, bases_buf, a.quotas, offsets, out, *a.place, num_ids, top_k, a.num_experts, a.num_gpus,
+            GLOBAL=glob, BOUND=bounded, SUB=geo.chunk, BM=a.bm, BG=a.bg, num_warps=num_warps,
+        )
+        return out
+    k.minmax_totals_kernel[geo.totals_grid](
+        flat, bound, a.counters, a.quotas, *a.split, num_ids, top_k, a.num_experts, a.num_multi, a.num_gpus,
+        a.slots_per_gpu, MINMAX_MOMENTUM, SPLIT=not glob, BOUND=bounded, ITERATIONS=iterations, TILE=geo.totals_tile,
+        NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, num_warps=split_warps,
+    )
+    # the ticket kernels count in their assign kernel, so the split (with an exchange) does not
+    offsets = _split_on_exchange(k, a, exchange, counts, counts_offset, count=False, iterations=iterations,
+                                 split_warps=split_warps) if glob else a.counters  # (unused pointer)
+    k.minmax_assign_kernel[geo.assign_grid](
+        flat, bound, a.counters, a.quotas, offsets, out, counts, counts_offset, *a.place, num_ids, top_k, geo.iters,
+        a.num_experts, a.num_gpus, num_slots, GLOBAL=glob, COUNT=count, BOUND=bounded, TILE=geo.tile, NB=a.nb,
+        BG=a.bg, NPB=_next_pow2(num_slots + 1), num_warps=num_warps,
     )
     return out
+
+
+def _split_on_exchange(k: Any, a: _LayerArgs, exchange: CountExchange, counts: torch.Tensor, counts_offset: int, *,
+                       count: bool, iterations: int, split_warps: int) -> torch.Tensor:
+    """This rank's totals (the scratch's, int32) through ``exchange``, then the split on the
+    pass's counts (``minmax_split_kernel``, counting this rank's slots with ``count``).
+    Returns the [E] int32 offsets the assign kernels read."""
+    total, offset = exchange(a.totals)  # int32 in and out: no conversion
+    offsets = offset.to(torch.int32)
+    k.minmax_split_kernel[(1,)](
+        total.to(torch.int32), offsets, a.counters, a.quotas, counts, counts_offset, *a.split, *a.place,
+        a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, MINMAX_MOMENTUM, COUNT=count, ITERATIONS=iterations,
+        NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, num_warps=split_warps,
+    )
+    return offsets

@@ -66,13 +66,98 @@ def _split(
 
 
 @triton.jit
+def _solve(
+    total,  # [NB] int32, the pass's tokens per expert (0 past the experts)
+    local,  # [NB] int32, this rank's tokens per expert (COUNT only)
+    first,  # [NB] int32, each expert's tokens on lower ranks (COUNT only)
+    scratch_ptr, quotas_ptr, counts_ptr, counts_offset,
+    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
+    num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+    COUNT: tl.constexpr, ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
+    BS: tl.constexpr,
+):
+    """The split on ``total`` (``_split``: its quotas written, the scratch zeroed); with
+    COUNT, the slots this rank's pairs will take (what the assign kernel chooses for
+    positions ``first .. first + local - 1`` of each expert) added to the recorder's counts."""
+    m_idx = tl.arange(0, BM)
+    g_idx = tl.arange(0, BG)
+    bins = tl.arange(0, NB)
+    if COUNT:  # the tables the counts need, loaded before the split (their latency hidden by it)
+        in_range = bins < num_experts
+        row_of = tl.load(multi_row_ptr + bins, mask=in_range, other=0)
+        home = tl.load(home_slot_ptr + bins, mask=in_range, other=0)
+        multi = tl.load(multi_experts_ptr + m_idx, mask=m_idx < num_multi, other=-1)
+        used = multi >= 0
+        mi = tl.where(used, multi, 0).to(tl.int32)
+        hosted = used[:, None] & (g_idx[None, :] < num_gpus)
+        slot = tl.load(slot_on_gpu_ptr + mi[:, None] * num_gpus + g_idx[None, :], mask=hosted, other=-1)
+        fallback = tl.load(home_slot_ptr + mi, mask=used, other=0)
+        slot = tl.where(slot >= 0, slot, fallback[:, None])
+    _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
+           num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
+    if COUNT:
+        tl.debug_barrier()  # the quotas this program stored, read back as the assign kernel reads them
+        cum = tl.load(quotas_ptr + m_idx[:, None] * BG + g_idx[None, :])
+        # An expert on one GPU: all its pairs at its home slot.
+        tl.atomic_add(counts_ptr + counts_offset + home, local,
+                      mask=in_range & (row_of < 0) & (local > 0), sem="relaxed")
+        # A replicated one: position j goes to the first GPU g with quota[g] <= j + 0.5 false,
+        # i.e. j < t[g] = ceil(quota[g] - 0.5) (exact in float32 below 2^22 pairs), the last
+        # GPU taking the rest; count positions lo .. hi - 1 below each t[g].
+        lo = tl.gather(first, mi, 0)
+        hi = lo + tl.gather(local, mi, 0)
+        y = cum - 0.5
+        t = y.to(tl.int32)
+        t = t + (t.to(tl.float32) < y).to(tl.int32)  # ceil
+        t = tl.where(g_idx[None, :] < num_gpus - 1, t, hi[:, None])
+        below = tl.minimum(tl.maximum(t, lo[:, None]), hi[:, None]) - lo[:, None]  # [BM, BG] positions before t[g]
+        prev = tl.sum(tl.where(g_idx[None, None, :] == g_idx[None, :, None] - 1, below[:, None, :], 0), axis=2)
+        n = below - prev
+        tl.atomic_add(counts_ptr + counts_offset + slot, n, mask=hosted & (n > 0), sem="relaxed")
+
+
+@triton.jit
+def _real_pairs(bound_ptr, top_k, num_ids, BOUND: tl.constexpr):
+    """The pairs of the batch's real rows: the first ``bound * top_k`` of the ``num_ids``
+    (``bound_ptr``: a one-element int tensor, the rows that do not pad the batch, read on
+    the device; clamped to ``[0, num_ids]``); all ``num_ids`` without BOUND. Shared by
+    every kernel that reads the ids."""
+    num_real = num_ids
+    if BOUND:
+        num_real = tl.minimum(tl.maximum(tl.load(bound_ptr).to(tl.int64) * top_k, 0), num_ids).to(tl.int32)
+    return num_real
+
+
+@triton.jit
+def _add_to_totals(ids, scratch_ptr, num_experts, NB: tl.constexpr):
+    """A tile's pairs added to the scratch totals by one vector atomic. ids: [TILE] int32,
+    each pair's expert (NB - 1 for padding). Returns (the tile's tokens per expert [NB], the
+    totals before the add [NB]: the tile's base per expert, its pairs in tiles whose atomics
+    landed earlier). Shared by both totals kernels."""
+    bins = tl.arange(0, NB)
+    h = tl.histogram(ids, NB)  # (one atomic per pair instead: 27 us more per layer at 16,384 tokens on H100)
+    before = tl.atomic_add(scratch_ptr + bins, h, mask=(bins < num_experts) & (h > 0), sem="relaxed")
+    return h, before
+
+
+@triton.jit
+def _last_to_finish(scratch_ptr, NB: tl.constexpr):
+    """Whether this program is the last of its launch to add its totals (the done count at
+    ``2 NB``): that one solves the split. Shared by both totals kernels."""
+    tl.debug_barrier()  # every thread's totals are in before this program counts itself done
+    done = tl.atomic_add(scratch_ptr + 2 * NB, 1, sem="acq_rel")
+    return done == tl.num_programs(0) - 1
+
+
+@triton.jit
 def minmax_totals_kernel(
     ids_ptr,  # [num_ids] int32/int64 logical ids of one layer's (token, choice) pairs; -1 = padding
+    bound_ptr,  # BOUND only: [1] int, the batch's real rows (pairs past bound * top_k pad it: not counted)
     scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch (see the module docstring)
     quotas_ptr,  # SPLIT only: [BM * BG] float32 output
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
-    num_ids, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
-    SPLIT: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
+    num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+    SPLIT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
     BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
 ):
     """One program per tile: the tile's tokens per expert added to the scratch totals. With
@@ -80,16 +165,12 @@ def minmax_totals_kernel(
     and zeroes totals and counters for the assign kernel and the next call."""
     pid = tl.program_id(0)
     offs = pid * TILE + tl.arange(0, TILE)
-    ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1).to(tl.int32)
+    ids = tl.load(ids_ptr + offs, mask=offs < _real_pairs(bound_ptr, top_k, num_ids, BOUND), other=-1).to(tl.int32)
     ids = tl.where((ids >= 0) & (ids < num_experts), ids, NB - 1)
-    bins = tl.arange(0, NB)
-    h = tl.histogram(ids, NB)  # (one atomic per pair instead: 27 us more per layer at 16,384 tokens on H100)
-    tl.atomic_add(scratch_ptr + bins, h, mask=(bins < num_experts) & (h > 0), sem="relaxed")
+    _add_to_totals(ids, scratch_ptr, num_experts, NB)
     if SPLIT:
-        tl.debug_barrier()  # every thread's totals are in before this program counts itself done
-        done = tl.atomic_add(scratch_ptr + 2 * NB, 1, sem="acq_rel")
-        if done == tl.num_programs(0) - 1:
-            total = tl.load(scratch_ptr + bins, volatile=True)
+        if _last_to_finish(scratch_ptr, NB):
+            total = tl.load(scratch_ptr + tl.arange(0, NB), volatile=True)
             _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr,
                    single_slots_ptr, num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS,
                    NB=NB, BM=BM, BG=BG, BS=BS)
@@ -98,18 +179,30 @@ def minmax_totals_kernel(
 @triton.jit
 def minmax_split_kernel(
     totals_ptr,  # [num_experts] int32, the pass's tokens per expert over all ranks
-    scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch: zeroed here
+    offsets_ptr,  # COUNT only: [num_experts] int32, each expert's tokens on lower ranks
+    scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch (this rank's totals): zeroed here
     quotas_ptr,  # [BM * BG] float32 output
-    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
+    counts_ptr, counts_offset,  # COUNT only: [L, P] int32 recorder counts, layer * stride
+    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
     num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
-    ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
+    COUNT: tl.constexpr, ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
+    BS: tl.constexpr,
 ):
-    """One program: the split on counts exchanged between ranks (``minmax_totals_kernel``
-    without SPLIT ran first), then the scratch zeroed."""
+    """One program: the split on counts exchanged between ranks (a totals kernel without
+    SPLIT ran first), with COUNT this rank's slots counted (``_solve``), then the scratch
+    zeroed. Shared by both kernel sets (the ticket kernels count in their assign kernel)."""
     bins = tl.arange(0, NB)
-    total = tl.load(totals_ptr + bins, mask=bins < num_experts, other=0)
-    _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
-           num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
+    in_range = bins < num_experts
+    total = tl.load(totals_ptr + bins, mask=in_range, other=0)
+    if COUNT:
+        local = tl.load(scratch_ptr + bins, mask=in_range, other=0)
+        first = tl.load(offsets_ptr + bins, mask=in_range, other=0)
+    else:  # not read by _solve
+        local = total
+        first = total
+    _solve(total, local, first, scratch_ptr, quotas_ptr, counts_ptr, counts_offset, multi_experts_ptr,
+           multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, num_experts, num_multi,
+           num_gpus, slots_per_gpu, momentum, COUNT=COUNT, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
 
 
 @triton.jit
@@ -119,7 +212,8 @@ def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_
     replicated expert (``split``, its row ``row``), its ``position`` among the expert's
     pairs of the pass: an expert on one GPU takes its home slot; a replicated one the first
     GPU whose cumulative quota exceeds the position, at the expert's first slot there;
-    padding (not ``valid``) -1. Shared by both assign kernels."""
+    an id that is not an expert (-1) gives -1; a valid pair that is not ``split`` (a
+    padding row's, too) its home slot. Shared by both assign kernels."""
     home = tl.load(home_slot_ptr + e, mask=valid, other=-1)
     quota = tl.load(quotas_ptr + tl.maximum(row, 0)[:, None] * BG + g_idx[None, :],
                     mask=split[:, None] & (g_idx[None, :] < num_gpus), other=float("inf"))
@@ -127,24 +221,25 @@ def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_
     chosen = tl.load(slot_on_gpu_ptr + e * num_gpus + tl.minimum(pick, num_gpus - 1), mask=split, other=-1)
     physical = tl.where(split & (chosen >= 0), chosen, home)  # (a float tie past the last quota: home)
     physical = tl.where(valid, physical, -1)
-    tl.store(out_ptr + offs, physical.to(tl.int64), mask=offs < num_ids)
+    tl.store(out_ptr + offs, physical.to(out_ptr.dtype.element_ty), mask=offs < num_ids)
     return physical
 
 
 @triton.jit
 def minmax_assign_kernel(
     ids_ptr,  # [num_ids] logical ids (as above)
+    bound_ptr,  # BOUND only: [1] int, the batch's real rows (a padding row's pair: its home slot, not counted)
     scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch: the ticket counters at NB
     quotas_ptr,  # [BM * BG] float32 from the split
     offsets_ptr,  # GLOBAL only: [num_experts] int32, each expert's pairs on lower ranks
-    out_ptr,  # [num_ids] int64 output: the physical slot of each pair (-1 for padding)
+    out_ptr,  # [num_ids] int32/int64 output: the physical slot of each pair (-1 for padding)
     counts_ptr,  # COUNT only: [L, P] int32 recorder counts
     counts_offset,  # layer * counts.stride(0)
     multi_row_ptr,  # [E] int64, each expert's row in multi_experts (-1: not replicated)
     slot_on_gpu_ptr,  # [E, G] int64, the expert's first slot on each GPU (-1: none)
     home_slot_ptr,  # [E] int64, a slot of each expert (its only GPU's first, when on one GPU)
-    num_ids, iters, num_experts, num_gpus, num_slots,
-    GLOBAL: tl.constexpr, COUNT: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
+    num_ids, top_k, iters, num_experts, num_gpus, num_slots,
+    GLOBAL: tl.constexpr, COUNT: tl.constexpr, BOUND: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
     BG: tl.constexpr, NPB: tl.constexpr,
 ):
     """Each program over tiles ``[pid * iters, (pid + 1) * iters)``: a pair of a replicated
@@ -156,13 +251,17 @@ def minmax_assign_kernel(
     g_idx = tl.arange(0, BG)
     lanes = tl.arange(0, TILE)
     slot_hist = tl.zeros([NPB], dtype=tl.int32)
+    num_real = _real_pairs(bound_ptr, top_k, num_ids, BOUND)
     for i in range(0, iters):
         offs = (pid * iters + i) * TILE + lanes
         ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
         valid = (ids >= 0) & (ids < num_experts)
         e = tl.where(valid, ids, 0).to(tl.int32)
-        row = tl.load(multi_row_ptr + e, mask=valid, other=-1).to(tl.int32)
-        split = valid & (row >= 0)
+        real = valid
+        if BOUND:  # a padding row's pair takes no ticket and is not counted
+            real = valid & (offs < num_real)
+        row = tl.load(multi_row_ptr + e, mask=real, other=-1).to(tl.int32)
+        split = real & (row >= 0)
         # One ticket per pair (measured slower on H100 at 512 and 16,384 tokens: a ticket per
         # expert per tile, ranked by a sort of the tile or by a scan of its [tile, M] one-hot).
         position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
@@ -171,7 +270,7 @@ def minmax_assign_kernel(
         physical = _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr,
                                 out_ptr, offs, num_ids, num_gpus, BG)
         if COUNT:
-            slot_hist += tl.histogram(tl.where(valid, physical, NPB - 1).to(tl.int32), NPB)
+            slot_hist += tl.histogram(tl.where(real, physical, NPB - 1).to(tl.int32), NPB)
     if COUNT:
         slot_bins = tl.arange(0, NPB)
         tl.atomic_add(counts_ptr + counts_offset + slot_bins, slot_hist,

@@ -6,77 +6,35 @@ them on CPU.
 
 The scratch of one layer is the one of ``triton_kernels_minmax`` (``[2 NB + 1]`` int32):
 ``[0, NB)`` the pass's tokens per expert and ``2 NB`` the programs done, zero between calls
-(the split zeroes them); the ticket counters ``[NB, 2 NB)`` are not used here."""
+(the split zeroes them); the ticket counters ``[NB, 2 NB)`` are not used here. The split,
+the totals' atomic and the placement are ``triton_kernels_minmax``'s helpers, and with counts
+exchanged between ranks its ``minmax_split_kernel`` (with COUNT) solves the split."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from eplb_plugin.kernels.triton_kernels_minmax import _place_pairs, _split
-
-
-@triton.jit
-def _solve(
-    total,  # [NB] int32, the pass's tokens per expert (0 past the experts)
-    local,  # [NB] int32, this rank's tokens per expert (COUNT only)
-    first,  # [NB] int32, each expert's tokens on lower ranks (COUNT only)
-    scratch_ptr, quotas_ptr, counts_ptr, counts_offset,
-    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
-    num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
-    COUNT: tl.constexpr, ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
-    BS: tl.constexpr,
-):
-    """The split on ``total`` (``_split``: its quotas written, the scratch zeroed); with
-    COUNT, the slots this rank's pairs will take (what the assign kernel chooses for
-    positions ``first .. first + local - 1`` of each expert) added to the recorder's counts."""
-    m_idx = tl.arange(0, BM)
-    g_idx = tl.arange(0, BG)
-    bins = tl.arange(0, NB)
-    if COUNT:  # the tables the counts need, loaded before the split (their latency hidden by it)
-        in_range = bins < num_experts
-        row_of = tl.load(multi_row_ptr + bins, mask=in_range, other=0)
-        home = tl.load(home_slot_ptr + bins, mask=in_range, other=0)
-        multi = tl.load(multi_experts_ptr + m_idx, mask=m_idx < num_multi, other=-1)
-        used = multi >= 0
-        mi = tl.where(used, multi, 0).to(tl.int32)
-        hosted = used[:, None] & (g_idx[None, :] < num_gpus)
-        slot = tl.load(slot_on_gpu_ptr + mi[:, None] * num_gpus + g_idx[None, :], mask=hosted, other=-1)
-        fallback = tl.load(home_slot_ptr + mi, mask=used, other=0)
-        slot = tl.where(slot >= 0, slot, fallback[:, None])
-    _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
-           num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
-    if COUNT:
-        tl.debug_barrier()  # the quotas this program stored, read back as the assign kernel reads them
-        cum = tl.load(quotas_ptr + m_idx[:, None] * BG + g_idx[None, :])
-        # An expert on one GPU: all its pairs at its home slot.
-        tl.atomic_add(counts_ptr + counts_offset + home, local,
-                      mask=in_range & (row_of < 0) & (local > 0), sem="relaxed")
-        # A replicated one: position j goes to the first GPU g with quota[g] <= j + 0.5 false,
-        # i.e. j < t[g] = ceil(quota[g] - 0.5) (exact in float32 below 2^22 pairs), the last
-        # GPU taking the rest; count positions lo .. hi - 1 below each t[g].
-        lo = tl.gather(first, mi, 0)
-        hi = lo + tl.gather(local, mi, 0)
-        y = cum - 0.5
-        t = y.to(tl.int32)
-        t = t + (t.to(tl.float32) < y).to(tl.int32)  # ceil
-        t = tl.where(g_idx[None, :] < num_gpus - 1, t, hi[:, None])
-        below = tl.minimum(tl.maximum(t, lo[:, None]), hi[:, None]) - lo[:, None]  # [BM, BG] positions before t[g]
-        prev = tl.sum(tl.where(g_idx[None, None, :] == g_idx[None, :, None] - 1, below[:, None, :], 0), axis=2)
-        n = below - prev
-        tl.atomic_add(counts_ptr + counts_offset + slot, n, mask=hosted & (n > 0), sem="relaxed")
+from eplb_plugin.kernels.triton_kernels_minmax import (
+    _add_to_totals,
+    _last_to_finish,
+    _place_pairs,
+    _real_pairs,
+    _solve,
+)
 
 
 @triton.jit
 def bases_totals_kernel(
     ids_ptr,  # [num_ids] int32/int64 logical ids of one layer's (token, choice) pairs; -1 = padding
+    bound_ptr,  # BOUND only: [1] int, the batch's real rows (pairs past bound * top_k pad it: not counted)
     scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch (see the module docstring)
     bases_ptr,  # [num_tiles * TILE / SUB * BM] int32 output: each replicated expert's pairs before each chunk
     quotas_ptr,  # SPLIT only: [BM * BG] float32 output
     counts_ptr, counts_offset,  # SPLIT and COUNT only: [L, P] int32 recorder counts, layer * stride
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
-    num_ids, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
-    SPLIT: tl.constexpr, COUNT: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr,
+    num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+    SPLIT: tl.constexpr, COUNT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr,
     NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
 ):
     """One program per tile: the tile's tokens per expert added to the scratch totals by one
@@ -88,13 +46,11 @@ def bases_totals_kernel(
     pid = tl.program_id(0)
     lanes = tl.arange(0, TILE)
     offs = pid * TILE + lanes
-    ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1).to(tl.int32)
+    ids = tl.load(ids_ptr + offs, mask=offs < _real_pairs(bound_ptr, top_k, num_ids, BOUND), other=-1).to(tl.int32)
     valid = (ids >= 0) & (ids < num_experts)
     ids = tl.where(valid, ids, NB - 1)
     row = tl.load(multi_row_ptr + ids, mask=valid, other=-1).to(tl.int32)
-    bins = tl.arange(0, NB)
-    h = tl.histogram(ids, NB)  # (one atomic per pair instead: 27 us more per layer at 16,384 tokens on H100)
-    before = tl.atomic_add(scratch_ptr + bins, h, mask=(bins < num_experts) & (h > 0), sem="relaxed")
+    h, before = _add_to_totals(ids, scratch_ptr, num_experts, NB)
     CHUNKS: tl.constexpr = TILE // SUB
     key = tl.where(row >= 0, (lanes // SUB) * BM + row, CHUNKS * BM)  # (chunk, row); the rest past the chunks
     per_chunk = tl.reshape(tl.histogram(key, 2 * CHUNKS * BM), [2 * CHUNKS, BM])
@@ -106,10 +62,8 @@ def bases_totals_kernel(
     tl.store(bases_ptr + (pid * CHUNKS + c_idx[:, None]) * BM + m_idx[None, :], chunk_base,
              mask=(c_idx[:, None] < CHUNKS) & (m_idx[None, :] < BM))
     if SPLIT:
-        tl.debug_barrier()  # every thread's totals are in before this program counts itself done
-        done = tl.atomic_add(scratch_ptr + 2 * NB, 1, sem="acq_rel")
-        if done == tl.num_programs(0) - 1:
-            total = tl.load(scratch_ptr + bins, volatile=True)
+        if _last_to_finish(scratch_ptr, NB):
+            total = tl.load(scratch_ptr + tl.arange(0, NB), volatile=True)
             _solve(total, total, tl.zeros([NB], dtype=tl.int32), scratch_ptr, quotas_ptr, counts_ptr, counts_offset,
                    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr,
                    home_slot_ptr, num_experts, num_multi, num_gpus, slots_per_gpu, momentum, COUNT=COUNT,
@@ -117,41 +71,18 @@ def bases_totals_kernel(
 
 
 @triton.jit
-def bases_split_kernel(
-    totals_ptr,  # [num_experts] int32, the pass's tokens per expert over all ranks
-    offsets_ptr,  # [num_experts] int32, each expert's tokens on lower ranks
-    scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch (this rank's totals): zeroed here
-    quotas_ptr,  # [BM * BG] float32 output
-    counts_ptr, counts_offset,  # COUNT only: [L, P] int32 recorder counts, layer * stride
-    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
-    num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
-    COUNT: tl.constexpr, ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
-    BS: tl.constexpr,
-):
-    """One program: the split on counts exchanged between ranks (``bases_totals_kernel``
-    without SPLIT ran first), this rank's slots counted, then the scratch zeroed."""
-    bins = tl.arange(0, NB)
-    in_range = bins < num_experts
-    total = tl.load(totals_ptr + bins, mask=in_range, other=0)
-    local = tl.load(scratch_ptr + bins, mask=in_range, other=0)
-    first = tl.load(offsets_ptr + bins, mask=in_range, other=0)
-    _solve(total, local, first, scratch_ptr, quotas_ptr, counts_ptr, counts_offset, multi_experts_ptr,
-           multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, num_experts, num_multi,
-           num_gpus, slots_per_gpu, momentum, COUNT=COUNT, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
-
-
-@triton.jit
 def bases_assign_kernel(
     ids_ptr,  # [num_ids] logical ids (as above)
+    bound_ptr,  # BOUND only: [1] int, the batch's real rows (a padding row's pair: its home slot)
     bases_ptr,  # [num_chunks * BM] int32 from the totals kernel
     quotas_ptr,  # [BM * BG] float32 from the split
     offsets_ptr,  # GLOBAL only: [num_experts] int32, each expert's pairs on lower ranks
-    out_ptr,  # [num_ids] int64 output: the physical slot of each pair (-1 for padding)
+    out_ptr,  # [num_ids] int32/int64 output: the physical slot of each pair (-1 for padding)
     multi_row_ptr,  # [E] int64, each expert's row in multi_experts (-1: not replicated)
     slot_on_gpu_ptr,  # [E, G] int64, the expert's first slot on each GPU (-1: none)
     home_slot_ptr,  # [E] int64, a slot of each expert (its only GPU's first, when on one GPU)
-    num_ids, num_experts, num_gpus,
-    GLOBAL: tl.constexpr, SUB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
+    num_ids, top_k, num_experts, num_gpus,
+    GLOBAL: tl.constexpr, BOUND: tl.constexpr, SUB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
 ):
     """One program per chunk of SUB pairs: the position of a pair of a replicated expert
     among its expert's pairs is the chunk's base (from the totals kernel) plus the expert's
@@ -167,8 +98,11 @@ def bases_assign_kernel(
     ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
     valid = (ids >= 0) & (ids < num_experts)
     e = tl.where(valid, ids, 0).to(tl.int32)
-    row = tl.load(multi_row_ptr + e, mask=valid, other=-1).to(tl.int32)
-    split = valid & (row >= 0)
+    real = valid
+    if BOUND:  # a padding row's pair has no position
+        real = valid & (offs < _real_pairs(bound_ptr, top_k, num_ids, BOUND))
+    row = tl.load(multi_row_ptr + e, mask=real, other=-1).to(tl.int32)
+    split = real & (row >= 0)
     hot = (row[:, None] == m_idx[None, :]).to(tl.int32)  # [SUB, BM]
     position = tl.sum(hot * (tl.cumsum(hot, axis=0) - 1 + base[None, :]), axis=1)
     if GLOBAL:
