@@ -235,8 +235,18 @@ def case_time_trigger_fires_on_every_rank_when_one_clock_is_due(rank, group):
 
 
 def case_drift_trigger_replans_only_drifted_layers(rank, group):
+    """A drift rebalance plans the drifted layers alone (the planner sees their counts and
+    live maps only, so a move budget is spent on them) and the other layers keep their maps."""
+    planned_layers = []
+
+    def recording_planner(counts, **kwargs):
+        from eplb_plugin.algorithms import plan
+
+        planned_layers.append((counts.shape[-2], kwargs["previous"].shape[0]))
+        return plan(counts, **kwargs)
+
     host = Host(rank, group, _args(eplb_rebalance_num_iterations=10, eplb_drift_threshold=0.9),
-                check_every_passes=5)
+                check_every_passes=5, planner=recording_planner)
     host.serve(5000, hot=5, until=lambda m: m.history and m.history[0].end_pass is not None)
     assert [r.trigger for r in host.manager.history] == ["interval"]
     planned = host.manager.location.physical_to_logical_map.clone()
@@ -248,6 +258,10 @@ def case_drift_trigger_replans_only_drifted_layers(rank, group):
     drifts = [r for r in host.manager.history[1:] if r.trigger == "drift"]
     assert drifts and len(drifts) == len(host.manager.history) - 1
     assert all(r.layers and set(r.layers) <= {0, 2} for r in drifts), [r.layers for r in drifts]
+    if rank == 0:  # the interval rebalance planned every layer, each drift one its drifted layers (0, 2)
+        assert planned_layers[0] == (NUM_LAYERS, NUM_LAYERS), planned_layers
+        assert len(planned_layers) == 1 + len(drifts), planned_layers
+        assert all(n == m and 1 <= n <= 2 for n, m in planned_layers[1:]), planned_layers
     assert torch.equal(host.manager.location.physical_to_logical_map[1], planned[1])
     assert weights_match(host.weights, host.manager.location, rank)
 
@@ -413,7 +427,7 @@ def case_a_move_budget_reaches_the_planner_in_slots_and_bounds_what_moves(rank, 
                  eplb_move_budget_carry=0)  # a hard cap per rebalance
     host = Host(rank, group, args, planner=recording_planner)
     finished = lambda m: sum(r.end_pass is not None for r in m.history) >= 2  # noqa: E731
-    assert host.serve(400, until=finished) == []
+    assert host.serve(5000, until=finished) == []
     records = [r for r in host.manager.history if r.end_pass is not None]
     assert all(r.error is None and r.slots_moved <= 3 for r in records), records
     assert records[0].slots_moved > 0, records  # the budget is spent, not refused
@@ -428,7 +442,7 @@ def case_a_move_budget_reaches_the_planner_in_slots_and_bounds_what_moves(rank, 
                                       eplb_move_budget_mb=3.5 * slot_mb, eplb_move_budget_carry=2),
                    planner=recording_planner)
     finished = lambda m: sum(r.end_pass is not None for r in m.history) >= 3  # noqa: E731
-    assert carried.serve(600, until=finished) == []
+    assert carried.serve(5000, until=finished) == []
     records = [r for r in carried.manager.history if r.end_pass is not None]
     assert all(r.error is None for r in records), records
     if rank == 0:

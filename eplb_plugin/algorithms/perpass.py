@@ -18,15 +18,15 @@ window's sum (migration-aware when a previous placement is given):
 It buys per-pass balance with moves: on the ESFT replay (EP8 / 72 and EP16 / 80 slots) it
 changes a third to a half of the slots per rebalance, where the equal-split plan changes a
 tenth (``benchmarks/bench_per_pass_balance.py``). With a move budget (``previous`` and
-``max_moves``, ``plan_within_budget``) it re-plans only the layers where the live map has
-gone stale, a layer whose live map scores below a fresh equal-split plan of the window's
-sum on the window's passes: those start from the fresh plan where it is worth its moves
-(up to half the budget, best gain per moved slot first), then all of them are refined
-within the budget, taking changes by gain per moved slot and also drawing changes that put
-a slot back to its live expert. Layers that are not stale keep their slots: small
-window-to-window gains there do not hold on the next passes (on the ESFT replay, moving
-them changed nothing measurable), so the budget is kept for when the traffic shifts (the
-manager carries unused budget over, ``--eplb-move-budget-carry``).
+``max_moves``, ``plan_within_budget``) it re-plans only the layers that are stale (the live
+map scores below a fresh equal-split plan of the window's sum on the window's passes) or
+whose traffic has shifted (a plan made on half the window's passes beats the live map on
+the other half, beyond the passes' noise: ``shifted_layers``). Those layers walk a greedy
+path from their live map toward the plan made without a budget, and the budget goes along
+the paths where the gain per moved slot is steepest; then they are refined within the
+budget. Layers that are neither keep their slots: small window-to-window gains do not hold
+on the next passes, so the budget is kept for when the traffic shifts (the manager carries
+unused budget over, ``--eplb-move-budget-carry``).
 
 Pure torch on CPU, vectorized over layers and candidates; seeded, so a plan is repeatable.
 """
@@ -39,12 +39,15 @@ import torch
 from ..counts import bucket_passes
 from ..errors import UsageError
 from ..kernels.minmax import minmax_loads
+from .migrate import align_to_previous
 
 PERPASS_ROUNDS = 20
 PERPASS_CANDIDATES = 16  # changes tried per layer per round
 PERPASS_MAX_PASSES = 16  # window passes scored (more are summed into this many buckets)
 PERPASS_SCORE_ITERATIONS = 10  # diffusion steps when scoring (ranking candidates needs fewer)
 PERPASS_SEED = 0
+SHIFT_T = 2.0  # standard errors a held-out gain must clear for a layer to count as shifted
+SHIFT_MIN_FOLD_PASSES = 2  # passes per fold below which no shift test runs
 
 
 def _pass_gpu_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
@@ -56,11 +59,17 @@ def _pass_gpu_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) 
     return gpu.view(num_maps, num_passes, num_gpus)
 
 
+def _pass_balancedness(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
+    """maps: [N, P] int64; counts: [N, W, E] float32. Returns [N, W]: each pass's mean/max GPU
+    load under ``minmax`` dispatch."""
+    gpu = _pass_gpu_loads(maps, counts, num_gpus=num_gpus)
+    return gpu.mean(-1) / gpu.amax(-1).clamp_min(1e-9)
+
+
 def mean_pass_balancedness(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
     """maps: [N, P] int64; counts: [N, W, E] float32 (W passes per map). Returns [N]: the mean
     over the W passes of mean/max GPU load under ``minmax`` dispatch."""
-    gpu = _pass_gpu_loads(maps, counts, num_gpus=num_gpus)
-    return (gpu.mean(-1) / gpu.amax(-1).clamp_min(1e-9)).mean(1)
+    return _pass_balancedness(maps, counts, num_gpus=num_gpus).mean(1)
 
 
 def _buckets(per_pass: np.ndarray) -> torch.Tensor:
@@ -167,33 +176,158 @@ def refine_for_minmax(
     return current.numpy()
 
 
+def shifted_layers(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *, num_gpus: int,
+                   num_nodes: int = 1) -> torch.Tensor:
+    """[L] bool: layers where a plan made for the window's traffic beats the live map on
+    passes it was not made from, beyond the passes' noise. Two folds: the fresh plan refined
+    on the even passes is scored on the odd ones against the live map, and the other way
+    round; a layer has shifted when the mean of those per-pass gains is more than
+    ``SHIFT_T`` standard errors above 0 (a one-sided t-test). Under steady traffic both maps
+    are out of sample on the held-out passes and the refined one has seen half the passes,
+    so small window-to-window gains (which do not hold on the next passes) are not taken for
+    a shift. Fewer than ``2 * SHIFT_MIN_FOLD_PASSES`` passes: no layer has (no test)."""
+    per_pass = np.asarray(per_pass)
+    num_layers = per_pass.shape[1]
+    if per_pass.shape[0] < 2 * SHIFT_MIN_FOLD_PASSES:
+        return torch.zeros(num_layers, dtype=torch.bool)
+    live_t = torch.as_tensor(np.asarray(live), dtype=torch.int64)
+    gains = []
+    for fit, held in ((per_pass[0::2], per_pass[1::2]), (per_pass[1::2], per_pass[0::2])):
+        fitted = torch.as_tensor(refine_for_minmax(fresh, fit, num_gpus=num_gpus, num_nodes=num_nodes))
+        counts = _buckets(held)
+        gains.append(_pass_balancedness(fitted, counts, num_gpus=num_gpus)
+                     - _pass_balancedness(live_t, counts, num_gpus=num_gpus))
+    gain = torch.cat(gains, 1)  # [L, held-out passes of both folds]
+    stderr = gain.std(1) / gain.shape[1] ** 0.5
+    return gain.mean(1) > SHIFT_T * stderr.clamp_min(1e-9)
+
+
+def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, num_gpus: int,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A greedy path of valid maps from ``live`` to ``target`` ([L, P] each), one change
+    per step and layer: a change sets a slot to its target expert when the expert it holds
+    keeps a replica elsewhere, or else swaps it with a slot that holds that target expert and
+    wants this one (a pure swap); each step draws ``PERPASS_CANDIDATES`` of a layer's valid
+    changes and takes the one whose map scores best on ``counts``. A layer stops where no
+    valid change is left (a cycle of three or more single replicas stays as it is live).
+
+    Returns (cost [L, S]: slots changed after each step, cumulative; score [L, S]; changes
+    [S - 1, L, 4]: per step and layer the slots and experts written, (slot, expert, slot,
+    expert), -1 where none); step 0 is ``live``."""
+    current = live.clone()
+    num_layers, num_slots = current.shape
+    num_logical = counts.shape[2]
+    k = PERPASS_CANDIDATES
+    rows = torch.arange(num_layers)
+    layer_idx, cand_idx = rows[:, None].expand(num_layers, k), torch.arange(k)[None].expand(num_layers, k)
+    cost = [torch.zeros(num_layers, dtype=torch.int64)]
+    score = [mean_pass_balancedness(current, counts, num_gpus=num_gpus)]
+    changes = []
+    for _ in range(2 * num_slots):  # every step closes at least one difference
+        differs = current != target
+        if not differs.any():
+            break
+        replicas = torch.zeros(num_layers, num_logical).scatter_add_(1, current, torch.ones(num_layers, num_slots))
+        single = differs & (replicas.gather(1, current) >= 2)  # [L, P]
+        # a pure swap's partner: a differing slot that holds this slot's target and wants its expert
+        partner_ok = differs[:, None] & (current[:, None] == target[..., None]) \
+            & (target[:, None] == current[..., None])  # [L, P, P]
+        swap = differs & ~single & partner_ok.any(-1)
+        valid = single | swap
+        if not valid.any():
+            break
+        # [L, K] drawn among the valid changes (a layer with none draws anything: never taken)
+        slot = torch.multinomial(valid.float() + (~valid.any(1, keepdim=True)).float(), k, replacement=True,
+                                 generator=gen)
+        leaving, coming = current.gather(1, slot), target.gather(1, slot)
+        valid_single, valid_swap = single.gather(1, slot), swap.gather(1, slot)
+        partner = partner_ok.float().argmax(-1).gather(1, slot)
+        cand = current.unsqueeze(1).repeat(1, k, 1)
+        ok = valid_single | valid_swap
+        cand[layer_idx[ok], cand_idx[ok], slot[ok]] = coming[ok]
+        cand[layer_idx[valid_swap], cand_idx[valid_swap], partner[valid_swap]] = leaving[valid_swap]
+        scored = mean_pass_balancedness(cand.view(-1, num_slots), counts.repeat_interleave(k, 0),
+                                        num_gpus=num_gpus).view(num_layers, k)
+        best, arg = torch.where(ok, scored, -1.0).max(1)
+        step = ok.any(1)
+        pick = arg[:, None]
+        change = torch.stack([slot.gather(1, pick)[:, 0], coming.gather(1, pick)[:, 0],
+                              torch.where(valid_swap.gather(1, pick), partner.gather(1, pick), -1)[:, 0],
+                              leaving.gather(1, pick)[:, 0]], 1)
+        change[~step] = -1
+        change[:, 3] = torch.where(change[:, 2] >= 0, change[:, 3], -1)
+        current[step] = cand[rows[step], arg[step]]
+        changes.append(change)
+        cost.append(cost[-1] + (change[:, [0, 2]] >= 0).sum(1))
+        score.append(torch.where(step, best, score[-1]))
+    empty = torch.empty(0, num_layers, 4, dtype=torch.int64)
+    return torch.stack(cost, 1), torch.stack(score, 1), torch.stack(changes) if changes else empty
+
+
+def _spend_along(cost: torch.Tensor, score: torch.Tensor, budget: int) -> list[int]:
+    """cost, score: [L, S] along each layer's path. Returns the step each layer stops at:
+    the budget goes to the steepest gains per slot over all layers (each path's upper
+    concave hull, its segments taken by slope while they fit and gain)."""
+    segments = []  # (gain per slot, layer, from step, to step, slots)
+    for layer in range(cost.shape[0]):
+        c, v = cost[layer].tolist(), score[layer].tolist()
+        hull = [0]  # the upper concave hull of (c, v) from step 0
+        for j in range(1, len(c)):
+            if c[j] == c[hull[-1]]:
+                if v[j] > v[hull[-1]] and len(hull) > 1:
+                    hull[-1] = j
+                continue
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                if (v[b] - v[a]) * (c[j] - c[a]) <= (v[j] - v[a]) * (c[b] - c[a]):
+                    hull.pop()  # b lies on or below the chord from a to j
+                else:
+                    break
+            hull.append(j)
+        for a, b in zip(hull, hull[1:]):
+            if v[b] > v[a]:
+                segments.append(((v[b] - v[a]) / (c[b] - c[a]), layer, a, b, c[b] - c[a]))
+    stop, spent = [0] * cost.shape[0], 0
+    for _, layer, a, b, slots in sorted(segments, key=lambda seg: -seg[0]):
+        if stop[layer] == a and spent + slots <= budget:
+            stop[layer], spent = b, spent + slots
+    return stop
+
+
 def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *, num_gpus: int,
                        num_nodes: int = 1, max_moves: int) -> np.ndarray:
     """fresh: [L, P] a fresh plan of the window's sum, aligned to ``live`` (the live map,
     [L, P]); per_pass: [B, L, E]. Returns [L, P] int64 differing from ``live`` in at most
-    ``max_moves`` slots, changed only in stale layers (the live map scores below the fresh
-    one on the window's passes; none stale: ``live``).
+    ``max_moves`` slots, changed only in layers that are stale (the live map scores below
+    the fresh one on the window's passes) or have shifted (``shifted_layers``); none: ``live``.
 
-    Step 1: stale layers take their fresh map, best window gain per moved slot first, while
-    the moves stay within half the budget. Step 2: ``refine_for_minmax`` of the stale layers
-    alone from there, within the whole budget (the others keep their live rows, no moves)."""
+    Step 1: those layers' target is the fresh plan refined on the window (the plan without a
+    budget), aligned to the live map. Step 2: each layer's greedy path from its live map to
+    its target (``_path_to``), and the budget spent along the paths where the gain per moved
+    slot is steepest (``_spend_along``). Step 3: ``refine_for_minmax`` of those layers from
+    there, within the whole budget (the others keep their live rows, no moves)."""
+    per_pass = np.asarray(per_pass)
     counts = _buckets(per_pass)
     live_t = torch.as_tensor(np.asarray(live), dtype=torch.int64)
     fresh_t = torch.as_tensor(np.asarray(fresh), dtype=torch.int64)
-    gain = mean_pass_balancedness(fresh_t, counts, num_gpus=num_gpus) \
-        - mean_pass_balancedness(live_t, counts, num_gpus=num_gpus)  # [L]
-    stale = (gain > 1e-6).nonzero().flatten()
+    stale = mean_pass_balancedness(fresh_t, counts, num_gpus=num_gpus) \
+        > mean_pass_balancedness(live_t, counts, num_gpus=num_gpus) + 1e-6  # [L]
+    stale |= shifted_layers(fresh, live, per_pass, num_gpus=num_gpus, num_nodes=num_nodes)
     planned = live_t.numpy().copy()
-    if stale.numel() == 0:
+    rows = stale.nonzero().flatten().numpy()
+    if rows.size == 0 or max_moves == 0:
         return planned
-    cost = (fresh_t != live_t).sum(1)  # [L] slots the fresh map moves
-    start = live_t.clone()
-    spent = 0
-    for layer in torch.argsort(gain / cost.clamp_min(1), descending=True).tolist():
-        if gain[layer] > 1e-6 and spent + int(cost[layer]) <= max_moves // 2:
-            start[layer] = fresh_t[layer]
-            spent += int(cost[layer])
-    rows = stale.numpy()
-    planned[rows] = refine_for_minmax(start[rows].numpy(), np.asarray(per_pass)[:, rows], num_gpus=num_gpus,
-                                      num_nodes=num_nodes, previous=planned[rows], max_moves=max_moves)
+    target = refine_for_minmax(fresh[rows], per_pass[:, rows], num_gpus=num_gpus, num_nodes=num_nodes)
+    target_t = torch.as_tensor(align_to_previous(target, planned[rows], num_gpus=num_gpus))
+    cost, score, changes = _path_to(live_t[rows], target_t, counts[torch.as_tensor(rows)], num_gpus=num_gpus,
+                                    gen=torch.Generator().manual_seed(PERPASS_SEED))
+    start = planned[rows].copy()
+    for layer, stop in enumerate(_spend_along(cost, score, max_moves)):
+        for slot, expert, partner, other in changes[:stop, layer].tolist():
+            if slot >= 0:  # -1: the layer took no step that round
+                start[layer, slot] = expert
+            if partner >= 0:
+                start[layer, partner] = other
+    planned[rows] = refine_for_minmax(start, per_pass[:, rows], num_gpus=num_gpus, num_nodes=num_nodes,
+                                      previous=planned[rows], max_moves=max_moves)
     return planned

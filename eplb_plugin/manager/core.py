@@ -153,6 +153,7 @@ class EPLBManager:
         self._requested: str | None = None
         self._counts = torch.zeros(0)
         self._plan_counts = torch.zeros(0)
+        self._plan_layers: list[int] | None = None  # the layers a drift rebalance plans (None: all)
         # The blocking mover moves through whatever ``self.layers_mover`` is when it moves.
         self.mover: Mover = make_mover(args, group=group, expert_weights=expert_weights,
                                        layers_mover=lambda *a, **k: self.layers_mover(*a, **k))
@@ -294,10 +295,13 @@ class EPLBManager:
         self._plan_started = time.perf_counter()
         per_rebalance = self._policy.max_slots_moved
         budget = None if per_rebalance is None else self._move_credit.grant(per_rebalance)
+        # A drift rebalance plans its layers alone: a move budget is theirs, and the others keep their maps.
+        self._plan_layers = None if len(record.layers) == self.location.num_layers else record.layers
         if self.rank == 0:
             kwargs = self._policy.plan_kwargs(self.location, num_nodes=self.args.nnodes, num_groups=self.num_groups,
                                               max_slots_moved=budget)
-            self._job = self.planning_job(self.planner, self._plan_counts, kwargs)
+            counts, kwargs = planning.on_layers(self._plan_counts, kwargs, self._plan_layers)
+            self._job = self.planning_job(self.planner, counts, kwargs)
 
     def _poll_plan(self) -> None:
         status = PlanStatus.PENDING
@@ -305,7 +309,9 @@ class EPLBManager:
             outcome = self._job.poll()
             if outcome is not None:  # a malformed plan would make the broadcast itself disagree
                 loc = self.location
-                outcome = outcome.checked(num_layers=loc.num_layers, num_physical_experts=loc.num_physical_experts)
+                planned = loc.num_layers if self._plan_layers is None else len(self._plan_layers)
+                outcome = outcome.checked(num_layers=planned, num_physical_experts=loc.num_physical_experts)
+                outcome = outcome.on_all_layers(self._plan_layers, loc)
             self._outcome = outcome
             timed_out = time.perf_counter() - self._plan_started > self.plan_timeout_s
             status = planning.rank0_status(outcome, timed_out=timed_out)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from eplb_plugin.algorithms import Placement
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.comm import all_reduce_host, broadcast_host
 from eplb_plugin.errors import ConfigError
@@ -105,6 +106,32 @@ class PlanOutcome(NamedTuple):
             return self
         error = check_plan_shape(self.placement, num_layers=num_layers, num_physical_experts=num_physical_experts)
         return self if error is None else PlanOutcome(None, error)
+
+    def on_all_layers(self, layers: list[int] | None, live: ExpertLocation) -> PlanOutcome:
+        """A checked plan of ``layers`` alone (``on_layers``) as a plan of every layer: the
+        others keep ``live``'s maps and weights. layers None: this outcome as it is."""
+        if self.error is not None or layers is None:
+            return self
+        rows = torch.as_tensor(layers)
+        full = live.physical_to_logical_map.clone()
+        full[rows] = self.placement.physical_to_logical_map.to(full.dtype).cpu()
+        weights = self.placement.replica_weights
+        if weights is not None:
+            weights, planned = live.effective_replica_weights().clone(), weights
+            weights[rows] = planned.to(weights.dtype).cpu()
+        return PlanOutcome(Placement(full, weights, slots_moved=getattr(self.placement, "slots_moved", None),
+                                     solver_seconds=getattr(self.placement, "solver_seconds", 0.0)), None)
+
+
+def on_layers(counts: torch.Tensor, kwargs: dict[str, Any], layers: list[int] | None,
+              ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The planner's input for a plan of ``layers`` alone (a drift rebalance): the counts
+    ([L, E] or [B, L, E]) and the live map (``previous``) of those layers, so that a move
+    budget is spent on them. layers None: every layer, the input as it is."""
+    if layers is None:
+        return counts, kwargs
+    rows = torch.as_tensor(layers)
+    return counts.index_select(-2, rows), {**kwargs, "previous": kwargs["previous"][rows]}
 
 
 @runtime_checkable
