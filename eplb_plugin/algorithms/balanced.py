@@ -38,6 +38,8 @@ from .split import peak_load, waterfill_slot_loads
 BISECT_ITERS = 30
 COUNT_ROUNDS = 40
 COUNT_PATIENCE = 3
+FAR_PATIENCE = 4  # the patience of a layer whose peak is more than FAR_FROM_MEAN above the mean GPU load
+FAR_FROM_MEAN = 0.01
 SPECULATE_ROWS = 16  # rows left at which a row's remaining donors are tried at once (step 4)
 GOOD_ENOUGH = 5e-4  # a layer within 0.05% of the mean GPU load is not searched further
 CHAIN_EXACT = 1e-9  # a chain layer this close to the mean reached it (else compare with the equal plan)
@@ -107,8 +109,8 @@ def balanced_plan(
     weight = np.ascontiguousarray(weight, dtype=np.float64)
     count = divisor_counts(weight, num_physical, compiled=True)
     phy2log = np.empty((weight.shape[0], num_physical), dtype=np.int64)
-    kernels.search_rows(weight, count, weight.sum(1) / num_gpus, num_gpus, rounds, COUNT_PATIENCE, GOOD_ENOUGH,
-                        SWAP_ITERS, min(SWAP_PARTNERS, num_gpus - 1), phy2log)
+    kernels.search_rows(weight, count, weight.sum(1) / num_gpus, num_gpus, rounds, COUNT_PATIENCE, FAR_PATIENCE,
+                        FAR_FROM_MEAN, GOOD_ENOUGH, SWAP_ITERS, min(SWAP_PARTNERS, num_gpus - 1), phy2log)
     return phy2log
 
 
@@ -126,19 +128,21 @@ def balanced_plan_numpy(
         return phy2log
     # Step 4: move one replica to the largest slot of the heaviest GPU from the expert that
     # loses least by giving one up; re-pack; keep if the peak drops. A row that fails
-    # COUNT_PATIENCE times in a row (trying the next donor each time) stops; a row takes part
-    # in at most ``rounds`` tries. Rows are independent, and a rejected try leaves its row as
-    # it was, so once few rows are left (the time then goes to per-step overhead, not to
-    # data) a row's remaining donors are tried at once and the first that helps is kept:
-    # the same plan as trying them one per round, in fewer rounds.
+    # COUNT_PATIENCE times in a row (FAR_PATIENCE while its peak is more than FAR_FROM_MEAN
+    # above the mean; trying the next donor each time) stops; a row takes part in at most
+    # ``rounds`` tries. Rows are independent, and a rejected try leaves its row as it was
+    # (its peak, hence its patience, too), so once few rows are left (the time then goes to
+    # per-step overhead, not to data) a row's remaining donors are tried at once and the
+    # first that helps is kept: the same plan as trying them one per round, in fewer rounds.
     fails = np.zeros(num_layers, dtype=np.int64)
     tries_made = np.zeros(num_layers, dtype=np.int64)
     while True:
-        rows = np.nonzero((fails < COUNT_PATIENCE) & (tries_made < rounds)
+        patience = np.where(peak > mean_gpu * (1 + FAR_FROM_MEAN), FAR_PATIENCE, COUNT_PATIENCE)
+        rows = np.nonzero((fails < patience) & (tries_made < rounds)
                           & (peak > mean_gpu * (1 + GOOD_ENOUGH)))[0]
         if rows.size == 0:
             break
-        tries = np.minimum(COUNT_PATIENCE - fails[rows], rounds - tries_made[rows]) \
+        tries = np.minimum(patience[rows] - fails[rows], rounds - tries_made[rows]) \
             if rows.size <= SPECULATE_ROWS else np.ones(rows.size, dtype=np.int64)
         ar = np.arange(rows.size)
         w, cnt, cur = weight[rows], count[rows], phy2log[rows]

@@ -128,8 +128,10 @@ def _best_swap(slot_load, g, heavy, gpus, n, per_gpu, xb, gl, top, gain):  # pra
         for s in range(per_gpu):
             xb[p * per_gpu + s] = slot_load[gpus[p] * per_gpu + s]
             gl[p * per_gpu + s] = g[gpus[p]]
-            top[p * per_gpu + s] = -np.inf
-    for a in range(per_gpu):
+    xa = slot_load[heavy * per_gpu]
+    for j in range(width):
+        top[j] = _gain(gh, gl[j], xa - xb[j])
+    for a in range(1, per_gpu):
         xa = slot_load[heavy * per_gpu + a]
         for j in range(width):
             value = _gain(gh, gl[j], xa - xb[j])
@@ -164,8 +166,7 @@ def _refine_swaps(phy2log, slot_load, g, num_gpus, iters, partners, work):  # pr
     if partners < 1 or per_gpu < 1:
         return
     by_load, xb, gl, high, gain = work[3], work[4], work[5], work[6], work[7]
-    for j in range(num_gpus):
-        by_load[j] = j
+    by_load[:] = work[2]  # the packing's last order: the GPUs about by load already
     _sort_in_place(g, by_load)
     for _ in range(iters):
         heavy = by_load[num_gpus - 1]
@@ -239,15 +240,16 @@ def _scratch(num_logical, num_gpus, per_gpu):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
-def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, good_enough, swap_iters,
-                partners, phy2log):  # pragma: no cover - compiled
+def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, far_patience, far, good_enough,
+                swap_iters, partners, phy2log):  # pragma: no cover - compiled
     """Steps 2-4 of ``balanced.py`` for every layer, into phy2log [L, P] int64.
 
     weight: [L, E] float64; count: [L, E] int64 (step 1's counts, updated in place);
     mean_gpu: [L] float64, the layer's mean GPU load. Step 4 per layer as ``balanced_plan``
     does it: move one replica to the taker (the largest slot of the heaviest GPU) from the
     next donor by loss, re-pack, keep it if the peak drops; stop after ``patience`` misses
-    in a row, ``rounds`` tries, or once the peak is within ``good_enough`` of the mean.
+    in a row (``far_patience`` while the peak is more than ``far`` above the mean),
+    ``rounds`` tries, or once the peak is within ``good_enough`` of the mean.
     """
     num_layers, num_logical = weight.shape
     num_slots = phy2log.shape[1]
@@ -256,7 +258,7 @@ def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, good_enough
     trial, trial_load, trial_g = np.empty(num_slots, dtype=np.int64), np.empty(num_slots), np.empty(num_gpus)
     trial_count = np.empty(num_logical, dtype=np.int64)
     loss = np.empty(num_logical)
-    donors = np.empty(patience + 1, dtype=np.int64)
+    donors = np.empty(max(patience, far_patience) + 1, dtype=np.int64)
     work = _scratch(num_logical, num_gpus, per_gpu)
     for r in range(num_layers):
         w, cnt, cur = weight[r], count[r], phy2log[r]
@@ -265,7 +267,8 @@ def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, good_enough
             continue
         peak = g.max()
         fails, tries = 0, 0
-        while fails < patience and tries < rounds and peak > mean_gpu[r] * (1 + good_enough):
+        while (fails < (far_patience if peak > mean_gpu[r] * (1 + far) else patience) and tries < rounds
+               and peak > mean_gpu[r] * (1 + good_enough)):
             tries += 1
             heavy = np.argmax(g)
             top = heavy * per_gpu + np.argmax(slot_load[heavy * per_gpu:(heavy + 1) * per_gpu])

@@ -91,12 +91,11 @@ def assign_gpus_to_nodes(weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: i
                            minlength=num_layers * num_gpus * num_nodes)
     # column = node position
     cost = -np.repeat(affinity.reshape(num_layers, num_gpus, num_nodes), gpus_per_node, axis=2)
-    slots = np.arange(num_slots).reshape(num_gpus, per_gpu)
-    out = np.empty_like(phy2log)
-    for layer in range(num_layers):
-        gpu, pos = linear_sum_assignment(cost[layer])
-        out[layer] = slots[gpu[np.argsort(pos)]].ravel()
-    return out
+    pos = np.empty((num_layers, num_gpus), dtype=np.int64)
+    for layer in range(num_layers):  # square: the rows (GPUs) come back in order
+        pos[layer] = linear_sum_assignment(cost[layer])[1]
+    gpu_at = np.argsort(pos, axis=1)  # the GPU placed at each position
+    return (gpu_at[:, :, None] * per_gpu + np.arange(per_gpu)).reshape(num_layers, num_slots)
 
 
 def hierarchical_peak_bound(weight: np.ndarray, *, num_gpus: int, num_nodes: int, num_groups: int) -> np.ndarray:
