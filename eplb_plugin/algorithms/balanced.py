@@ -103,15 +103,25 @@ def balanced_plan(
     Compiled (``balanced_jit``) where numba is installed and ``compiled`` asks for it (None: by
     size, ``compiled.worth_compiling``), else ``balanced_plan_numpy``: the same plan.
     """
+    return balanced_plan_and_peak(weight, num_physical, num_gpus=num_gpus, rounds=rounds, compiled=compiled)[0]
+
+
+def balanced_plan_and_peak(
+    weight: np.ndarray, num_physical: int, *, num_gpus: int, rounds: int = COUNT_ROUNDS,
+    compiled: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``balanced_plan`` and its max GPU load per layer (``split.peak_load``): ([L, P] int64, [L] float64)."""
     kernels = balanced_kernels() if wanted(compiled, weight.shape[0], num_physical) else None
     if kernels is None:
-        return balanced_plan_numpy(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
+        phy2log = balanced_plan_numpy(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
+        return phy2log, peak_load(weight, phy2log, num_gpus)
     weight = np.ascontiguousarray(weight, dtype=np.float64)
     count = divisor_counts(weight, num_physical, compiled=True)
     phy2log = np.empty((weight.shape[0], num_physical), dtype=np.int64)
+    peak = np.empty(weight.shape[0])
     kernels.search_rows(weight, count, weight.sum(1) / num_gpus, num_gpus, rounds, COUNT_PATIENCE, FAR_PATIENCE,
-                        FAR_FROM_MEAN, GOOD_ENOUGH, SWAP_ITERS, min(SWAP_PARTNERS, num_gpus - 1), phy2log)
-    return phy2log
+                        FAR_FROM_MEAN, GOOD_ENOUGH, SWAP_ITERS, min(SWAP_PARTNERS, num_gpus - 1), phy2log, peak)
+    return phy2log, peak
 
 
 def balanced_plan_numpy(
@@ -177,12 +187,11 @@ def balanced_plan_numpy(
     return phy2log
 
 
-def best_of(weight: np.ndarray, candidates: list[np.ndarray], num_gpus: int) -> np.ndarray:
-    """Per layer, the candidate map with the lowest max GPU load (first wins ties)."""
-    peaks = np.stack([peak_load(weight, c, num_gpus) for c in candidates])
-    pick = peaks.argmin(0)
+def best_of(candidates: list[np.ndarray], peaks: list[np.ndarray]) -> np.ndarray:
+    """Per layer, the candidate map [L, P] with the lowest max GPU load peaks[i] [L] (first wins ties)."""
+    pick = np.stack(peaks).argmin(0)
     stacked = np.stack(candidates)
-    return stacked[pick, np.arange(weight.shape[0])]
+    return stacked[pick, np.arange(stacked.shape[1])]
 
 
 def plan_balanced(
@@ -219,9 +228,9 @@ def equal_plan(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Steps 1-6: the plan for equal split, per layer the better of ours and DeepSeek's.
     weight: [L, E]. Returns (phy2log [L, P] int64, water-filled weights [L, P] | None)."""
-    ours = balanced_plan(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
+    ours, ours_peak = balanced_plan_and_peak(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
     reference = deepseek(weight, num_physical, num_gpus=num_gpus, compiled=None)
-    phy2log = best_of(weight, [ours, reference], num_gpus)
+    phy2log = best_of([ours, reference], [ours_peak, peak_load(weight, reference, num_gpus)])
     weights = replica_weights(weight, phy2log, num_gpus) if with_weights else None
     return phy2log, weights
 

@@ -241,8 +241,9 @@ def _scratch(num_logical, num_gpus, per_gpu):  # pragma: no cover - compiled
 
 @numba.njit(cache=True)
 def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, far_patience, far, good_enough,
-                swap_iters, partners, phy2log):  # pragma: no cover - compiled
-    """Steps 2-4 of ``balanced.py`` for every layer, into phy2log [L, P] int64.
+                swap_iters, partners, phy2log, peak_out):  # pragma: no cover - compiled
+    """Steps 2-4 of ``balanced.py`` for every layer, into phy2log [L, P] int64 and its max
+    GPU load per layer into peak_out [L] float64 (``split.peak_load``'s floats).
 
     weight: [L, E] float64; count: [L, E] int64 (step 1's counts, updated in place);
     mean_gpu: [L] float64, the layer's mean GPU load. Step 4 per layer as ``balanced_plan``
@@ -263,9 +264,10 @@ def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, far_patienc
     for r in range(num_layers):
         w, cnt, cur = weight[r], count[r], phy2log[r]
         _pack(w, cnt, num_gpus, swap_iters, partners, cur, slot_load, g, work, True)
+        peak = g.max()
+        peak_out[r] = peak
         if num_slots == num_logical:
             continue
-        peak = g.max()
         fails, tries = 0, 0
         while (fails < (far_patience if peak > mean_gpu[r] * (1 + far) else patience) and tries < rounds
                and peak > mean_gpu[r] * (1 + good_enough)):
@@ -293,6 +295,7 @@ def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, far_patienc
                 g[:] = trial_g
                 cnt[:] = trial_count
                 peak, fails = trial_peak, 0
+                peak_out[r] = peak
             else:
                 fails += 1
 
