@@ -269,17 +269,19 @@ def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, far_patienc
         if num_slots == num_logical:
             continue
         fails, tries = 0, 0
+        taker = -1  # the taker and its donors by loss: the same until a try is kept
         while (fails < (far_patience if peak > mean_gpu[r] * (1 + far) else patience) and tries < rounds
                and peak > mean_gpu[r] * (1 + good_enough)):
             tries += 1
-            heavy = np.argmax(g)
-            top = heavy * per_gpu + np.argmax(slot_load[heavy * per_gpu:(heavy + 1) * per_gpu])
-            taker = cur[top]
-            for e in range(num_logical):
-                loss[e] = w[e] / max(cnt[e] - 1, 1) if cnt[e] >= 2 else np.inf
-            loss[taker] = np.inf
+            if taker < 0:
+                heavy = np.argmax(g)
+                top = heavy * per_gpu + np.argmax(slot_load[heavy * per_gpu:(heavy + 1) * per_gpu])
+                taker = cur[top]
+                for e in range(num_logical):
+                    loss[e] = w[e] / max(cnt[e] - 1, 1) if cnt[e] >= 2 else np.inf
+                loss[taker] = np.inf
+                _smallest(loss, min(donors.shape[0], num_logical), donors)
             k = min(fails, num_logical - 1)
-            _smallest(loss, k + 1, donors)
             donor = donors[k]
             if not np.isfinite(loss[donor]):  # no donor left: the re-pack would be the same plan
                 fails += 1
@@ -294,7 +296,7 @@ def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, far_patienc
                 slot_load[:] = trial_load
                 g[:] = trial_g
                 cnt[:] = trial_count
-                peak, fails = trial_peak, 0
+                peak, fails, taker = trial_peak, 0, -1
                 peak_out[r] = peak
             else:
                 fails += 1
