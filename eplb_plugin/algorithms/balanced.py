@@ -9,9 +9,12 @@ Fresh plan, vectorized over layers (numpy):
    exactly ``P / G`` slots and no GPU fills up early.
 3. Swap refinement: repeatedly swap one slot of the heaviest GPU with one slot of a light
    GPU when that lowers the heavier of the two (steps 2-3 live in ``packing.py``, shared
-   with the chain plan).
+   with the chain plan). Equal loads are ordered by GPU index, so the plan is defined
+   everywhere (not by the tie order of the machine's sort).
 4. Replica-move refinement: move one replica from an expert that has spare replicas to the
-   expert whose slot is the heaviest, when the layer's max GPU load drops.
+   expert whose slot is the heaviest, when the layer's max GPU load drops; a layer stops
+   after ``COUNT_PATIENCE`` misses in a row (``FAR_PATIENCE`` while its peak is more than
+   ``FAR_FROM_MEAN`` above the mean GPU load, where one more try pays most often).
 5. Per layer, keep the better of this plan and DeepSeek's recipe (never worse).
 6. Replica weights: water-fill each expert's tokens over its replicas on the planning counts.
 
@@ -38,7 +41,7 @@ from .split import peak_load, waterfill_slot_loads
 BISECT_ITERS = 30
 COUNT_ROUNDS = 40
 COUNT_PATIENCE = 3
-FAR_PATIENCE = 4  # the patience of a layer whose peak is more than FAR_FROM_MEAN above the mean GPU load
+FAR_PATIENCE = 4  # COUNT_PATIENCE of a layer whose peak is more than FAR_FROM_MEAN above the mean GPU load
 FAR_FROM_MEAN = 0.01
 SPECULATE_ROWS = 16  # rows left at which a row's remaining donors are tried at once (step 4)
 GOOD_ENOUGH = 5e-4  # a layer within 0.05% of the mean GPU load is not searched further

@@ -5,12 +5,12 @@ The numpy form in ``balanced.py`` / ``packing.py`` spends its time on per-call o
 about 500 dependent steps (re-packs of the replica-count search, each with up to 40 swap
 iterations) of small array operations. Here each layer runs the same steps as plain loops.
 The plan is the numpy form's, float for float: the same divisions, GPU loads summed the way
-numpy sums (``pairwise_sum``), the same stable sorts and first maxima. The swap step orders
-GPUs with numpy's unstable ``np.argsort``, whose order among equal loads no rule here
-reproduces: where that order could change the swap (``_settled``), numpy's sort itself is
-called (``objmode``, about 2 us). The tests compare the two forms on many cases. Imported only
-where numba is installed (``compiled.py``; the numpy form plans otherwise); compiled on first
-use and cached on disk.
+numpy sums (``pairwise_sum``), the same stable orders (ties by index) and first maxima; the
+tests compare the two forms on many cases. Most of the time goes to the swap step: there
+the GPUs stay sorted by load across swaps (a swap moves two of them), and the first best
+swap is found from per-light-slot maxima in loops that vectorize. Imported only where numba
+is installed (``compiled.py``; the numpy form plans otherwise); compiled on first use and
+cached on disk.
 """
 
 from __future__ import annotations
