@@ -113,14 +113,14 @@ def _gain(gh, gl, delta):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
-def _best_swap(slot_load, g, heavy, gpus, n, per_gpu, xb, gl, top, gain):  # pragma: no cover - compiled
+def _best_swap(slot_load, g, heavy, gpus, n, per_gpu, xb, gl, top):  # pragma: no cover - compiled
     """The first maximum of the swap gains of GPU ``heavy`` with the light GPUs gpus[:n], in
     (heavy slot, light GPU, light slot) order (``packing.refine_swaps``'s formula, float for
     float): returns (its flat index, the gain).
 
     Loops that vectorize: the gains with, per light slot, their maximum over the heavy
     slots; then the largest of those and, among the light slots that reach it, the first
-    heavy slot. xb, gl, top [n * S], gain [S * n * S]: work arrays.
+    heavy slot. xb, gl, top [n * S]: work arrays.
     """
     width = n * per_gpu
     gh = g[heavy]
@@ -165,7 +165,7 @@ def _refine_swaps(phy2log, slot_load, g, num_gpus, iters, partners, work):  # pr
     per_gpu = slot_load.shape[0] // num_gpus
     if partners < 1 or per_gpu < 1:
         return
-    by_load, xb, gl, high, gain = work[3], work[4], work[5], work[6], work[7]
+    by_load, xb, gl, top = work[3], work[4], work[5], work[6]
     by_load[:] = work[2]  # the packing's last order: the GPUs about by load already
     _sort_in_place(g, by_load)
     for _ in range(iters):
@@ -174,8 +174,8 @@ def _refine_swaps(phy2log, slot_load, g, num_gpus, iters, partners, work):  # pr
         n = partners
         while n < num_gpus - 1 and g[by_load[n]] == edge:
             n += 1
-        best, top = _best_swap(slot_load, g, heavy, by_load, n, per_gpu, xb, gl, high, gain)
-        if not top > 1e-9 * (g[heavy] + 1e-30):
+        best, gain = _best_swap(slot_load, g, heavy, by_load, n, per_gpu, xb, gl, top)
+        if not gain > 1e-9 * (g[heavy] + 1e-30):
             return
         width = n * per_gpu
         a = heavy * per_gpu + best // width
@@ -232,11 +232,10 @@ def _pack(w, count, num_gpus, swap_iters, partners, phy2log, slot_load, g, work,
 def _scratch(num_logical, num_gpus, per_gpu):  # pragma: no cover - compiled
     """Work arrays of ``_pack`` and ``_refine_swaps``: (experts' loads per replica, their
     order, GPUs by load in the packing, GPUs by load in the swaps, the light slots' loads
-    side by side, their GPU loads, their best gains, the gains)."""
+    side by side, their GPU loads, their best gains)."""
     width = num_gpus * per_gpu  # room for every GPU as a light candidate
     return (np.empty(num_logical), np.arange(num_logical), np.empty(num_gpus, dtype=np.int64),
-            np.empty(num_gpus, dtype=np.int64), np.empty(width), np.empty(width), np.empty(width),
-            np.empty(per_gpu * width))
+            np.empty(num_gpus, dtype=np.int64), np.empty(width), np.empty(width), np.empty(width))
 
 
 @numba.njit(cache=True)
