@@ -89,7 +89,8 @@ def test_plan_without_numba_is_the_same_placement(monkeypatch):
     assert searches  # the compiled search ran
     # Where the policies look the kernels up (they import the names, not the module).
     monkeypatch.setattr(balanced, "balanced_kernels", lambda: None)
-    monkeypatch.setattr(importlib.import_module("eplb_plugin.algorithms.deepseek"), "recipe_kernels", lambda: None)
+    for module in ("deepseek", "nodes"):
+        monkeypatch.setattr(importlib.import_module(f"eplb_plugin.algorithms.{module}"), "recipe_kernels", lambda: None)
     searches.clear()
     for kw, got in zip(cases, fast):
         slow = plan(counts, **kw)

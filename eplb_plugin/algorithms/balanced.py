@@ -9,9 +9,12 @@ Fresh plan, vectorized over layers (numpy):
    exactly ``P / G`` slots and no GPU fills up early.
 3. Swap refinement: repeatedly swap one slot of the heaviest GPU with one slot of a light
    GPU when that lowers the heavier of the two (steps 2-3 live in ``packing.py``, shared
-   with the chain plan).
+   with the chain plan). Equal loads are ordered by GPU index, so the plan is defined
+   everywhere (not by the tie order of the machine's sort).
 4. Replica-move refinement: move one replica from an expert that has spare replicas to the
-   expert whose slot is the heaviest, when the layer's max GPU load drops.
+   expert whose slot is the heaviest, when the layer's max GPU load drops; a layer stops
+   after ``COUNT_PATIENCE`` misses in a row (``FAR_PATIENCE`` while its peak is more than
+   ``FAR_FROM_MEAN`` above the mean GPU load, where one more try pays most often).
 5. Per layer, keep the better of this plan and DeepSeek's recipe (never worse).
 6. Replica weights: water-fill each expert's tokens over its replicas on the planning counts.
 
@@ -38,6 +41,8 @@ from .split import peak_load, waterfill_slot_loads
 BISECT_ITERS = 30
 COUNT_ROUNDS = 40
 COUNT_PATIENCE = 3
+FAR_PATIENCE = 4  # COUNT_PATIENCE of a layer whose peak is more than FAR_FROM_MEAN above the mean GPU load
+FAR_FROM_MEAN = 0.01
 SPECULATE_ROWS = 16  # rows left at which a row's remaining donors are tried at once (step 4)
 GOOD_ENOUGH = 5e-4  # a layer within 0.05% of the mean GPU load is not searched further
 CHAIN_EXACT = 1e-9  # a chain layer this close to the mean reached it (else compare with the equal plan)
@@ -101,15 +106,25 @@ def balanced_plan(
     Compiled (``balanced_jit``) where numba is installed and ``compiled`` asks for it (None: by
     size, ``compiled.worth_compiling``), else ``balanced_plan_numpy``: the same plan.
     """
+    return balanced_plan_and_peak(weight, num_physical, num_gpus=num_gpus, rounds=rounds, compiled=compiled)[0]
+
+
+def balanced_plan_and_peak(
+    weight: np.ndarray, num_physical: int, *, num_gpus: int, rounds: int = COUNT_ROUNDS,
+    compiled: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``balanced_plan`` and its max GPU load per layer (``split.peak_load``): ([L, P] int64, [L] float64)."""
     kernels = balanced_kernels() if wanted(compiled, weight.shape[0], num_physical) else None
     if kernels is None:
-        return balanced_plan_numpy(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
+        phy2log = balanced_plan_numpy(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
+        return phy2log, peak_load(weight, phy2log, num_gpus)
     weight = np.ascontiguousarray(weight, dtype=np.float64)
     count = divisor_counts(weight, num_physical, compiled=True)
     phy2log = np.empty((weight.shape[0], num_physical), dtype=np.int64)
-    kernels.search_rows(weight, count, weight.sum(1) / num_gpus, num_gpus, rounds, COUNT_PATIENCE, GOOD_ENOUGH,
-                        SWAP_ITERS, min(SWAP_PARTNERS, num_gpus - 1), phy2log)
-    return phy2log
+    peak = np.empty(weight.shape[0])
+    kernels.search_rows(weight, count, weight.sum(1) / num_gpus, num_gpus, rounds, COUNT_PATIENCE, FAR_PATIENCE,
+                        FAR_FROM_MEAN, GOOD_ENOUGH, SWAP_ITERS, min(SWAP_PARTNERS, num_gpus - 1), phy2log, peak)
+    return phy2log, peak
 
 
 def balanced_plan_numpy(
@@ -126,19 +141,21 @@ def balanced_plan_numpy(
         return phy2log
     # Step 4: move one replica to the largest slot of the heaviest GPU from the expert that
     # loses least by giving one up; re-pack; keep if the peak drops. A row that fails
-    # COUNT_PATIENCE times in a row (trying the next donor each time) stops; a row takes part
-    # in at most ``rounds`` tries. Rows are independent, and a rejected try leaves its row as
-    # it was, so once few rows are left (the time then goes to per-step overhead, not to
-    # data) a row's remaining donors are tried at once and the first that helps is kept:
-    # the same plan as trying them one per round, in fewer rounds.
+    # COUNT_PATIENCE times in a row (FAR_PATIENCE while its peak is more than FAR_FROM_MEAN
+    # above the mean; trying the next donor each time) stops; a row takes part in at most
+    # ``rounds`` tries. Rows are independent, and a rejected try leaves its row as it was
+    # (its peak, hence its patience, too), so once few rows are left (the time then goes to
+    # per-step overhead, not to data) a row's remaining donors are tried at once and the
+    # first that helps is kept: the same plan as trying them one per round, in fewer rounds.
     fails = np.zeros(num_layers, dtype=np.int64)
     tries_made = np.zeros(num_layers, dtype=np.int64)
     while True:
-        rows = np.nonzero((fails < COUNT_PATIENCE) & (tries_made < rounds)
+        patience = np.where(peak > mean_gpu * (1 + FAR_FROM_MEAN), FAR_PATIENCE, COUNT_PATIENCE)
+        rows = np.nonzero((fails < patience) & (tries_made < rounds)
                           & (peak > mean_gpu * (1 + GOOD_ENOUGH)))[0]
         if rows.size == 0:
             break
-        tries = np.minimum(COUNT_PATIENCE - fails[rows], rounds - tries_made[rows]) \
+        tries = np.minimum(patience[rows] - fails[rows], rounds - tries_made[rows]) \
             if rows.size <= SPECULATE_ROWS else np.ones(rows.size, dtype=np.int64)
         ar = np.arange(rows.size)
         w, cnt, cur = weight[rows], count[rows], phy2log[rows]
@@ -173,12 +190,11 @@ def balanced_plan_numpy(
     return phy2log
 
 
-def best_of(weight: np.ndarray, candidates: list[np.ndarray], num_gpus: int) -> np.ndarray:
-    """Per layer, the candidate map with the lowest max GPU load (first wins ties)."""
-    peaks = np.stack([peak_load(weight, c, num_gpus) for c in candidates])
-    pick = peaks.argmin(0)
+def best_of(candidates: list[np.ndarray], peaks: list[np.ndarray]) -> np.ndarray:
+    """Per layer, the candidate map [L, P] with the lowest max GPU load peaks[i] [L] (first wins ties)."""
+    pick = np.stack(peaks).argmin(0)
     stacked = np.stack(candidates)
-    return stacked[pick, np.arange(weight.shape[0])]
+    return stacked[pick, np.arange(stacked.shape[1])]
 
 
 def plan_balanced(
@@ -215,9 +231,9 @@ def equal_plan(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Steps 1-6: the plan for equal split, per layer the better of ours and DeepSeek's.
     weight: [L, E]. Returns (phy2log [L, P] int64, water-filled weights [L, P] | None)."""
-    ours = balanced_plan(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
+    ours, ours_peak = balanced_plan_and_peak(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
     reference = deepseek(weight, num_physical, num_gpus=num_gpus, compiled=None)
-    phy2log = best_of(weight, [ours, reference], num_gpus)
+    phy2log = best_of([ours, reference], [ours_peak, peak_load(weight, reference, num_gpus)])
     weights = replica_weights(weight, phy2log, num_gpus) if with_weights else None
     return phy2log, weights
 

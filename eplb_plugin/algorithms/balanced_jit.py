@@ -5,12 +5,12 @@ The numpy form in ``balanced.py`` / ``packing.py`` spends its time on per-call o
 about 500 dependent steps (re-packs of the replica-count search, each with up to 40 swap
 iterations) of small array operations. Here each layer runs the same steps as plain loops.
 The plan is the numpy form's, float for float: the same divisions, GPU loads summed the way
-numpy sums (``pairwise_sum``), the same stable sorts and first maxima. The swap step orders
-GPUs with numpy's unstable ``np.argsort``, whose order among equal loads no rule here
-reproduces: where that order could change the swap (``_settled``), numpy's sort itself is
-called (``objmode``, about 2 us). The tests compare the two forms on many cases. Imported only
-where numba is installed (``compiled.py``; the numpy form plans otherwise); compiled on first
-use and cached on disk.
+numpy sums (``pairwise_sum``), the same stable orders (ties by index) and first maxima; the
+tests compare the two forms on many cases. Most of the time goes to the swap step: there
+the GPUs stay sorted by load across swaps (a swap moves two of them), and the first best
+swap is found from per-light-slot maxima in loops that vectorize. Imported only where numba
+is installed (``compiled.py``; the numpy form plans otherwise); compiled on first use and
+cached on disk.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _gpu_loads(slot_load, num_gpus, out):  # pragma: no cover - compiled
         out[g] = pairwise_sum(slot_load, g * per_gpu, per_gpu)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _before(values, i, j):  # pragma: no cover - compiled
     """Item i sorts before item j in a stable ascending sort of values."""
     return values[i] < values[j] or (values[i] == values[j] and i < j)
@@ -75,6 +75,21 @@ def _sort_in_place(values, order):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
+def _resort(values, order, at):  # pragma: no cover - compiled
+    """Move order[at] to its place in ``order``, sorted by (value, index) but for it; returns
+    that place."""
+    item = order[at]
+    while at > 0 and _before(values, item, order[at - 1]):
+        order[at] = order[at - 1]
+        at -= 1
+    while at < order.shape[0] - 1 and _before(values, order[at + 1], item):
+        order[at] = order[at + 1]
+        at += 1
+    order[at] = item
+    return at
+
+
+@numba.njit(cache=True)
 def _smallest(values, count, out):  # pragma: no cover - compiled
     """The ``count`` first items of a stable ascending argsort of values, into out[:count]."""
     n = 0
@@ -89,120 +104,91 @@ def _smallest(values, count, out):  # pragma: no cover - compiled
         n = min(n + 1, count)
 
 
-@numba.njit(cache=True)
-def _first_max(values, n):  # pragma: no cover - compiled
-    """np.argmax(values[:n]) (the first maximum; no NaN): the maximum over 4 lanes, then its first index."""
-    m0, m1, m2, m3 = values[0], values[0], values[0], values[0]
-    for i in range(0, n - n % 4, 4):
-        m0, m1 = max(m0, values[i]), max(m1, values[i + 1])
-        m2, m3 = max(m2, values[i + 2]), max(m3, values[i + 3])
-    m = max(max(m0, m1), max(m2, m3))
-    for i in range(n - n % 4, n):
-        m = max(m, values[i])
-    first = 0
-    while values[first] != m:
-        first += 1
-    return first
+@numba.njit(cache=True, inline="always")
+def _gain(gh, gl, delta):  # pragma: no cover - compiled
+    """What moving ``delta`` from a GPU of load gh to one of load gl gains: min(gh - (gh - delta),
+    gh - (gl + delta)), ``packing.refine_swaps``'s floats."""
+    own, other = gh - (gh - delta), gh - (gl + delta)
+    return own if own < other else other
 
 
 @numba.njit(cache=True)
-def _gains(slot_load, g, heavy, gpus, n, per_gpu, xb, gl, gain):  # pragma: no cover - compiled
-    """Gains of swapping each slot of ``heavy`` with each slot of gpus[:n], in (heavy slot,
-    GPU, slot) order into gain[:S * n * S] (``packing.refine_swaps``'s formula, float for
-    float). Returns the index of the first maximum."""
+def _best_swap(slot_load, g, heavy, gpus, n, per_gpu, xb, gl, top):  # pragma: no cover - compiled
+    """The first maximum of the swap gains of GPU ``heavy`` with the light GPUs gpus[:n], in
+    (heavy slot, light GPU, light slot) order (``packing.refine_swaps``'s formula, float for
+    float): returns (its flat index, the gain).
+
+    Loops that vectorize: the gains with, per light slot, their maximum over the heavy
+    slots; then the largest of those and, among the light slots that reach it, the first
+    heavy slot. xb, gl, top [n * S]: work arrays.
+    """
     width = n * per_gpu
     gh = g[heavy]
-    for p in range(n):  # the light GPUs' slots side by side, for a loop that vectorizes
+    for p in range(n):  # the light GPUs' slots side by side
         for s in range(per_gpu):
             xb[p * per_gpu + s] = slot_load[gpus[p] * per_gpu + s]
             gl[p * per_gpu + s] = g[gpus[p]]
-    for a in range(per_gpu):
+    xa = slot_load[heavy * per_gpu]
+    for j in range(width):
+        top[j] = _gain(gh, gl[j], xa - xb[j])
+    for a in range(1, per_gpu):
         xa = slot_load[heavy * per_gpu + a]
         for j in range(width):
-            delta = xa - xb[j]
-            own, other = gh - (gh - delta), gh - (gl[j] + delta)
-            gain[a * width + j] = own if own < other else other
-    return _first_max(gain, per_gpu * width)
-
-
-@numba.njit(cache=True)
-def _settled(g, gain, best, cand, n, m, need, per_gpu):  # pragma: no cover - compiled
-    """Whether the first best swap over the candidate light GPUs cand[:n] (cand[:m] below
-    the boundary load, the rest at it, ``need`` of which numpy's sort takes) is the one
-    numpy's order would pick, whatever that order does with equal loads."""
-    width = n * per_gpu
-    row, c = best // width, (best % width) // per_gpu
-    v = g[cand[c]]
-    if c >= m and n - m > need:  # at the boundary, and numpy may leave it out
-        return False
-    for c2 in range(n):  # another GPU of the same load holding an equal gain: order decides
-        if c2 != c and g[cand[c2]] == v:
-            for s in range(per_gpu):
-                if gain[row * width + c2 * per_gpu + s] == gain[best]:
-                    return False
-    return True
-
-
-@numba.njit(cache=True)
-def _numpy_order(g):  # pragma: no cover - compiled
-    """``np.argsort(g)``: numpy's own (unstable) order, by a call back into Python."""
-    with numba.objmode(order="int64[:]"):
-        order = np.argsort(g)
-    return order
+            value = _gain(gh, gl[j], xa - xb[j])
+            top[j] = value if value > top[j] else top[j]
+    m0, m1, m2, m3 = top[0], top[0], top[0], top[0]  # the largest, in 4 lanes (exact: no rounding)
+    for j in range(0, width - width % 4, 4):
+        m0, m1 = (top[j] if top[j] > m0 else m0), (top[j + 1] if top[j + 1] > m1 else m1)
+        m2, m3 = (top[j + 2] if top[j + 2] > m2 else m2), (top[j + 3] if top[j + 3] > m3 else m3)
+    best = max(max(m0, m1), max(m2, m3))
+    for j in range(width - width % 4, width):
+        best = top[j] if top[j] > best else best
+    best_at = per_gpu * width
+    for j in range(width):  # the light slots that reach it: their first heavy slot (scored again)
+        if top[j] == best:
+            a = 0
+            while _gain(gh, gl[j], slot_load[heavy * per_gpu + a] - xb[j]) != best:
+                a += 1
+            best_at = min(best_at, a * width + j)
+    return best_at, best
 
 
 @numba.njit(cache=True)
 def _refine_swaps(phy2log, slot_load, g, num_gpus, iters, partners, work):  # pragma: no cover - compiled
     """``packing.refine_swaps`` for one layer, in place; g [G]: its GPU loads, kept current.
 
-    The swap is numpy's: the first maximum of the gains in (heavy slot, light GPU, light
-    slot) order, the heavy and light GPUs in ``np.argsort`` order. That sort is not stable,
-    so where loads tie the candidates are every GPU that order could take; numpy's own sort
-    is asked (``objmode``) only when the heavy GPU ties or the choice hangs on the tie.
-    work: ``_scratch``.
+    GPUs in a stable order by load (kept sorted by insertion: a swap changes two loads);
+    the heavy GPU is the last, the light candidates every GPU up to and including the
+    ``partners``-th lightest load (all GPUs at that load). The swap is the first maximum of
+    the gains in (heavy slot, light GPU, light slot) order. work: ``_scratch``.
     """
     per_gpu = slot_load.shape[0] // num_gpus
     if partners < 1 or per_gpu < 1:
         return
-    cand, xb, gl, gain = work[3], work[4], work[5], work[6]
+    by_load, xb, gl, top = work[3], work[4], work[5], work[6]
+    by_load[:] = work[2]  # the packing's last order: the GPUs about by load already
+    _sort_in_place(g, by_load)
     for _ in range(iters):
-        heavy, tied = 0, False
-        for j in range(1, num_gpus):
-            if g[j] >= g[heavy]:
-                tied = g[j] == g[heavy]
-                heavy = j
-        settled = False
-        if not tied:
-            _smallest(g, partners, cand)  # the stable order's light GPUs
-            bound = g[cand[partners - 1]]
-            m = 0
-            while g[cand[m]] < bound:
-                m += 1
-            n = m
-            for j in range(num_gpus):  # every GPU at the boundary load
-                if g[j] == bound:
-                    cand[n] = j
-                    n += 1
-            best = _gains(slot_load, g, heavy, cand, n, per_gpu, xb, gl, gain)
-            if not gain[best] > 1e-9 * (g[heavy] + 1e-30):
-                return
-            settled = _settled(g, gain, best, cand, n, m, partners - m, per_gpu)
-        if not settled:
-            order = _numpy_order(g)
-            heavy = order[num_gpus - 1]
-            cand[:partners] = order[:partners]
-            n = partners
-            best = _gains(slot_load, g, heavy, cand, n, per_gpu, xb, gl, gain)
-            if not gain[best] > 1e-9 * (g[heavy] + 1e-30):
-                return
+        heavy = by_load[num_gpus - 1]
+        edge = g[by_load[partners - 1]]
+        n = partners
+        while n < num_gpus - 1 and g[by_load[n]] == edge:
+            n += 1
+        best, gain = _best_swap(slot_load, g, heavy, by_load, n, per_gpu, xb, gl, top)
+        if not gain > 1e-9 * (g[heavy] + 1e-30):
+            return
         width = n * per_gpu
         a = heavy * per_gpu + best // width
-        to = cand[(best % width) // per_gpu]
+        at = (best % width) // per_gpu
+        to = by_load[at]
         b = to * per_gpu + best % per_gpu
         phy2log[a], phy2log[b] = phy2log[b], phy2log[a]
         slot_load[a], slot_load[b] = slot_load[b], slot_load[a]
         g[heavy] = pairwise_sum(slot_load, heavy * per_gpu, per_gpu)  # only these two GPUs changed
         g[to] = pairwise_sum(slot_load, to * per_gpu, per_gpu)
+        # The heavy GPU lost load, the light one gained: both to their places (the light one
+        # one further up where the heavy one went below it).
+        _resort(g, by_load, at + (_resort(g, by_load, num_gpus - 1) <= at))
 
 
 @numba.njit(cache=True)
@@ -220,12 +206,14 @@ def _pack(w, count, num_gpus, swap_iters, partners, phy2log, slot_load, g, work,
         order[:] = np.argsort(per, kind="mergesort")
     else:
         _sort_in_place(per, order)
-    lightest[:] = np.arange(num_gpus)
-    g[:] = 0.0
+    for j in range(num_gpus):
+        lightest[j] = j
+        g[j] = 0.0
     e, left = order[0], count[order[0]]
     q = 1
     for k in range(per_gpu):
-        lightest[:] = lightest[::-1].copy()  # the lightest took the heaviest slots: about the reverse order now
+        for j in range(num_gpus // 2):  # the lightest took the heaviest slots: about the reverse order now
+            lightest[j], lightest[num_gpus - 1 - j] = lightest[num_gpus - 1 - j], lightest[j]
         _sort_in_place(g, lightest)
         for j in range(num_gpus):
             while left == 0:
@@ -243,22 +231,25 @@ def _pack(w, count, num_gpus, swap_iters, partners, phy2log, slot_load, g, work,
 @numba.njit(cache=True)
 def _scratch(num_logical, num_gpus, per_gpu):  # pragma: no cover - compiled
     """Work arrays of ``_pack`` and ``_refine_swaps``: (experts' loads per replica, their
-    order, GPUs by load, light candidates, their slot loads side by side, their GPU loads, gains)."""
+    order, GPUs by load in the packing, GPUs by load in the swaps, the light slots' loads
+    side by side, their GPU loads, their best gains)."""
     width = num_gpus * per_gpu  # room for every GPU as a light candidate
     return (np.empty(num_logical), np.arange(num_logical), np.empty(num_gpus, dtype=np.int64),
-            np.empty(num_gpus, dtype=np.int64), np.empty(width), np.empty(width), np.empty(per_gpu * width))
+            np.empty(num_gpus, dtype=np.int64), np.empty(width), np.empty(width), np.empty(width))
 
 
 @numba.njit(cache=True)
-def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, good_enough, swap_iters,
-                partners, phy2log):  # pragma: no cover - compiled
-    """Steps 2-4 of ``balanced.py`` for every layer, into phy2log [L, P] int64.
+def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, far_patience, far, good_enough,
+                swap_iters, partners, phy2log, peak_out):  # pragma: no cover - compiled
+    """Steps 2-4 of ``balanced.py`` for every layer, into phy2log [L, P] int64 and its max
+    GPU load per layer into peak_out [L] float64 (``split.peak_load``'s floats).
 
     weight: [L, E] float64; count: [L, E] int64 (step 1's counts, updated in place);
     mean_gpu: [L] float64, the layer's mean GPU load. Step 4 per layer as ``balanced_plan``
     does it: move one replica to the taker (the largest slot of the heaviest GPU) from the
     next donor by loss, re-pack, keep it if the peak drops; stop after ``patience`` misses
-    in a row, ``rounds`` tries, or once the peak is within ``good_enough`` of the mean.
+    in a row (``far_patience`` while the peak is more than ``far`` above the mean),
+    ``rounds`` tries, or once the peak is within ``good_enough`` of the mean.
     """
     num_layers, num_logical = weight.shape
     num_slots = phy2log.shape[1]
@@ -267,25 +258,29 @@ def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, good_enough
     trial, trial_load, trial_g = np.empty(num_slots, dtype=np.int64), np.empty(num_slots), np.empty(num_gpus)
     trial_count = np.empty(num_logical, dtype=np.int64)
     loss = np.empty(num_logical)
-    donors = np.empty(patience + 1, dtype=np.int64)
+    donors = np.empty(max(patience, far_patience) + 1, dtype=np.int64)
     work = _scratch(num_logical, num_gpus, per_gpu)
     for r in range(num_layers):
         w, cnt, cur = weight[r], count[r], phy2log[r]
         _pack(w, cnt, num_gpus, swap_iters, partners, cur, slot_load, g, work, True)
+        peak = g.max()
+        peak_out[r] = peak
         if num_slots == num_logical:
             continue
-        peak = g.max()
         fails, tries = 0, 0
-        while fails < patience and tries < rounds and peak > mean_gpu[r] * (1 + good_enough):
+        taker = -1  # the taker and its donors by loss: the same until a try is kept
+        while (fails < (far_patience if peak > mean_gpu[r] * (1 + far) else patience) and tries < rounds
+               and peak > mean_gpu[r] * (1 + good_enough)):
             tries += 1
-            heavy = np.argmax(g)
-            top = heavy * per_gpu + np.argmax(slot_load[heavy * per_gpu:(heavy + 1) * per_gpu])
-            taker = cur[top]
-            for e in range(num_logical):
-                loss[e] = w[e] / max(cnt[e] - 1, 1) if cnt[e] >= 2 else np.inf
-            loss[taker] = np.inf
+            if taker < 0:
+                heavy = np.argmax(g)
+                top = heavy * per_gpu + np.argmax(slot_load[heavy * per_gpu:(heavy + 1) * per_gpu])
+                taker = cur[top]
+                for e in range(num_logical):
+                    loss[e] = w[e] / max(cnt[e] - 1, 1) if cnt[e] >= 2 else np.inf
+                loss[taker] = np.inf
+                _smallest(loss, min(donors.shape[0], num_logical), donors)
             k = min(fails, num_logical - 1)
-            _smallest(loss, k + 1, donors)
             donor = donors[k]
             if not np.isfinite(loss[donor]):  # no donor left: the re-pack would be the same plan
                 fails += 1
@@ -300,9 +295,20 @@ def search_rows(weight, count, mean_gpu, num_gpus, rounds, patience, good_enough
                 slot_load[:] = trial_load
                 g[:] = trial_g
                 cnt[:] = trial_count
-                peak, fails = trial_peak, 0
+                peak, fails, taker = trial_peak, 0, -1
+                peak_out[r] = peak
             else:
                 fails += 1
+
+
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _replicas_at(w, tau):  # pragma: no cover - compiled
+    """sum(max(1, ceil(w / tau))): a sum of integers, exact in any order (so ``reassoc``
+    lets it vectorize; the divisions stay exact)."""
+    total = 0.0
+    for e in range(w.shape[0]):
+        total += max(1.0, np.ceil(w[e] / tau))
+    return total
 
 
 @numba.njit(cache=True)
@@ -313,12 +319,9 @@ def divisor_rows(w, num_physical, bisect_iters):  # pragma: no cover - compiled
     count = np.empty((num_layers, num_logical), dtype=np.int64)
     for r in range(num_layers):
         lo, hi = 0.0, w[r].max()
-        for _ in range(bisect_iters):  # the totals are sums of integers: exact in any order
+        for _ in range(bisect_iters):
             mid = 0.5 * (lo + hi)
-            total = 0.0
-            for e in range(num_logical):
-                total += max(1.0, np.ceil(w[r, e] / mid))
-            if total > num_physical:
+            if _replicas_at(w[r], mid) > num_physical:
                 lo = mid
             else:
                 hi = mid

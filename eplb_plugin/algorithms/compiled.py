@@ -1,9 +1,8 @@
 """Which planner steps run compiled (numba), and from what size.
 
 The compiled forms (``balanced_jit``, ``deepseek_jit``) plan exactly what the numpy forms
-plan. Loading them costs once per process: importing numba, reading its disk cache and
-compiling the call back into numpy's sort, about 0.7 s here (the first run on a machine
-compiles everything: 10-20 s). Plans smaller than ``COMPILED_MIN_SLOTS`` layer-slots stay in
+plan. Loading them costs once per process: importing numba and reading its disk cache
+(the first run on a machine compiles everything: 10-20 s). Plans smaller than ``COMPILED_MIN_SLOTS`` layer-slots stay in
 numpy, where they take milliseconds anyway; so does everything where numba is not installed.
 """
 

@@ -70,21 +70,52 @@ def balanced_packing_rows(weight, num_packs):  # pragma: no cover - compiled
 @numba.njit(cache=True)
 def replicate_experts_rows(weight, num_physical):  # pragma: no cover - compiled
     """``deepseek.replicate_experts``: weight [L, E] float64 -> (phy2log [L, P], replica_rank [L, P],
-    replica_count [L, E]) int64."""
+    replica_count [L, E]) int64.
+
+    Only the R = P - E first experts by (load descending, id) can take a redundant slot: for
+    any other, the R before it would all need a second replica first. So each slot's argmax
+    (the highest load per replica, the first on ties) runs over those R alone.
+    """
     num_layers, num_logical = weight.shape
+    num_redundant = num_physical - num_logical
     phy2log = np.empty((num_layers, num_physical), dtype=np.int64)
     rank = np.zeros((num_layers, num_physical), dtype=np.int64)
     count = np.ones((num_layers, num_logical), dtype=np.int64)
     per = np.empty(num_logical)
+    top = np.empty(max(num_redundant, 1), dtype=np.int64)
     for r in range(num_layers):
-        for slot in range(num_physical):
-            phy2log[r, slot] = slot % num_logical
+        for e in range(num_logical):
+            phy2log[r, e] = e  # one replica each; the redundant slots are filled below
+            per[e] = -weight[r, e]
+        if num_redundant == 0:
+            continue
+        n = min(num_redundant, num_logical)
+        _first_by_load(per, n, top)  # by (-load, id): sorted, so the lowest id first on ties
         for e in range(num_logical):
             per[e] = weight[r, e]  # load per replica: the numpy form's weight / count, kept current
         for slot in range(num_logical, num_physical):
-            best = np.argmax(per)  # the highest load per replica, the first on ties
+            best = top[0]
+            for k in range(1, n):  # the highest load per replica, the lowest id on ties
+                c = top[k]
+                if per[c] > per[best] or (per[c] == per[best] and c < best):
+                    best = c
             phy2log[r, slot] = best
             rank[r, slot] = count[r, best]
             count[r, best] += 1
             per[best] = weight[r, best] / count[r, best]
     return phy2log, rank, count
+
+
+@numba.njit(cache=True)
+def _first_by_load(values, count, out):  # pragma: no cover - compiled
+    """The ``count`` first items of a stable ascending argsort of values, into out[:count]."""
+    n = 0
+    for i in range(values.shape[0]):
+        if n == count and not values[i] < values[out[n - 1]]:
+            continue
+        k = min(n, count - 1)
+        while k > 0 and values[i] < values[out[k - 1]]:
+            out[k] = out[k - 1]
+            k -= 1
+        out[k] = i
+        n = min(n + 1, count)

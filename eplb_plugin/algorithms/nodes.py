@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .compiled import recipe_kernels, wanted
 from .deepseek import balanced_packing, deepseek
 from .split import peak_load
 
@@ -61,6 +62,15 @@ def group_locality(weight: np.ndarray, phy2log: np.ndarray, *, num_nodes: int, n
     return 1.0 if total <= 0 else float(per.max(-1).sum() / total)
 
 
+def _pack_groups(group_load: np.ndarray, num_nodes: int, *, compiled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``deepseek.balanced_packing`` of the group loads [L, groups] onto nodes; compiled where
+    numba is installed and ``compiled`` asks for it (the same packing)."""
+    kernels = recipe_kernels() if compiled else None
+    if kernels is None:
+        return balanced_packing(group_load, num_nodes)
+    return kernels.balanced_packing_rows(np.ascontiguousarray(group_load, dtype=np.float64), num_nodes)
+
+
 def assign_gpus_to_nodes(weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: int, num_nodes: int,
                          num_groups: int) -> np.ndarray:
     """Reorder the GPUs of a flat plan so that each node holds the groups homed on it.
@@ -76,7 +86,7 @@ def assign_gpus_to_nodes(weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: i
     # Step 1: home groups on nodes (balanced by group load; with fewer groups than nodes, round robin).
     group_load = weight.reshape(num_layers, num_groups, -1).sum(-1)
     if num_groups % num_nodes == 0:
-        home, _ = balanced_packing(group_load, num_nodes)
+        home, _ = _pack_groups(group_load, num_nodes, compiled=wanted(None, num_layers, phy2log.shape[1]))
     else:
         home = np.broadcast_to(np.arange(num_groups) % num_nodes, group_load.shape)
     # Step 2: each GPU's load per home node (all layers at once), then GPUs to node positions
@@ -91,24 +101,25 @@ def assign_gpus_to_nodes(weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: i
                            minlength=num_layers * num_gpus * num_nodes)
     # column = node position
     cost = -np.repeat(affinity.reshape(num_layers, num_gpus, num_nodes), gpus_per_node, axis=2)
-    slots = np.arange(num_slots).reshape(num_gpus, per_gpu)
-    out = np.empty_like(phy2log)
-    for layer in range(num_layers):
-        gpu, pos = linear_sum_assignment(cost[layer])
-        out[layer] = slots[gpu[np.argsort(pos)]].ravel()
-    return out
+    pos = np.empty((num_layers, num_gpus), dtype=np.int64)
+    for layer in range(num_layers):  # square: the rows (GPUs) come back in order
+        pos[layer] = linear_sum_assignment(cost[layer])[1]
+    gpu_at = np.argsort(pos, axis=1)  # the GPU placed at each position
+    return (gpu_at[:, :, None] * per_gpu + np.arange(per_gpu)).reshape(num_layers, num_slots)
 
 
-def hierarchical_peak_bound(weight: np.ndarray, *, num_gpus: int, num_nodes: int, num_groups: int) -> np.ndarray:
+def hierarchical_peak_bound(weight: np.ndarray, *, num_gpus: int, num_nodes: int, num_groups: int,
+                            compiled: bool = False) -> np.ndarray:
     """A lower bound on the max GPU load of DeepSeek's hierarchical recipe, per layer.
 
     The recipe packs groups onto nodes first (``balanced_packing`` of the group loads) and
     keeps every replica of a node's experts on that node, so some GPU of the most loaded
     node carries at least that node's load over its GPUs. weight: [L, E]. Returns [L].
+    compiled: pack the groups compiled where numba is installed (the same packing).
     """
     num_layers = weight.shape[0]
     group_load = weight.reshape(num_layers, num_groups, -1).sum(-1)
-    node, _ = balanced_packing(group_load, num_nodes)
+    node, _ = _pack_groups(group_load, num_nodes, compiled=compiled)
     node_load = np.zeros((num_layers, num_nodes))
     np.add.at(node_load, (np.arange(num_layers)[:, None], node), group_load)
     return node_load.max(1) / (num_gpus // num_nodes)
@@ -134,7 +145,8 @@ def plan_node_aware(weight: np.ndarray, flat: np.ndarray, flat_peak: np.ndarray,
     # The recipe is row-independent: run it only on layers whose bound leaves it a chance
     # (a 1e-9 margin keeps rounding in the bound from ruling out a layer that would take it).
     limit = flat_peak + tolerance * (weight.sum(1) / num_gpus)
-    bound = hierarchical_peak_bound(weight, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups)
+    bound = hierarchical_peak_bound(weight, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups,
+                                    compiled=wanted(None, num_layers, num_physical))
     rows = np.nonzero(bound <= limit * (1 + 1e-9))[0]
     if rows.size == 0:
         return placed, perm, take
