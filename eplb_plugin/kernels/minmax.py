@@ -14,7 +14,7 @@ with momentum: every step each replica's share moves toward its expert's mean GP
 overshoot), then each expert's shares are renormalized to its tokens; the iterate with the
 lowest maximum is kept. ``MINMAX_ITERATIONS`` (8) steps land within 0.6% of the exact
 optimum on average over the project's traces (16 steps: 0.3%, at about 3 us more per layer
-in the Triton kernel; worst layer of a pass about 5%; an LP solves it exactly, see
+in the Triton kernel; worst layer of a pass up to about 6%; an LP solves it exactly, see
 ``benchmarks/bench_minmax_dispatch.py``).
 
 Shares then become token choices by occurrence order: the j-th token of expert e in the
