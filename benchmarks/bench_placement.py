@@ -3,11 +3,13 @@
 Usage: python benchmarks/bench_placement.py   (writes benchmarks/results/placement_cpu.json)
        python benchmarks/bench_placement.py --speed-only [repeats]   (solver timings only,
            side by side with DeepSeek's recipe; writes benchmarks/results/placement_speed_cpu.json)
+       --out DIR writes there instead.
 Traces from ../shared/traces (or $EPLB_TRACES_DIR). CPU only; one thread for solver timings.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -161,14 +163,14 @@ def print_solver_time(res: dict) -> None:
                                           f"{quality[name]:.4f})" for name, v in ms.items()))
 
 
-def speed_only(repeats: int) -> None:
-    """``--speed-only``: just the side-by-side solver timings, to results/placement_speed_cpu.json."""
+def speed_only(repeats: int, out_dir: Path) -> None:
+    """``--speed-only``: just the side-by-side solver timings, to placement_speed_cpu.json."""
     report = {"machine": machine(), "command": f"python benchmarks/bench_placement.py --speed-only {repeats}",
               "solver_ms_58x256_to_288_on_32gpus_1thread": solver_time(repeats)}
     print_solver_time(report["solver_ms_58x256_to_288_on_32gpus_1thread"])
-    out = ROOT / "benchmarks" / "results" / "placement_speed_cpu.json"
+    out = out_dir / "placement_speed_cpu.json"
     out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
 
 
 def machine() -> dict:
@@ -176,7 +178,7 @@ def machine() -> dict:
             "torch": torch.__version__, "numpy": np.__version__, "cpu_count": os.cpu_count()}
 
 
-def main() -> None:
+def main(out_dir: Path) -> None:
     report = {"machine": machine(), "command": "python benchmarks/bench_placement.py"}
     report["in_sample_qwen3"] = in_sample()
     print("in-sample Qwen3-235B (balancedness)\n ep  red  naive   deepseek ours_eq  ours_w   (ours_w map, equal split)")
@@ -198,13 +200,19 @@ def main() -> None:
     for r in report["node_aware_8_groups"]:
         print(f" {r['counts']:<17} EP{r['ep']:<3} {r['nodes']} nodes {r['policy']:<22} {r['balancedness']:.4f} "
               f"{r['cross_node_share']:.3f} {r['group_locality']:.3f}")
-    out = ROOT / "benchmarks" / "results" / "placement_cpu.json"
+    out = out_dir / "placement_cpu.json"
     out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--speed-only":
-        speed_only(int(sys.argv[2]) if len(sys.argv) > 2 else TIMING_REPEATS)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--speed-only", nargs="?", type=int, const=TIMING_REPEATS, default=None, metavar="REPEATS",
+                    help=f"only the solver timings beside DeepSeek's recipe (default repeats: {TIMING_REPEATS})")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON")
+    ns = ap.parse_args()
+    ns.out.mkdir(parents=True, exist_ok=True)
+    if ns.speed_only is not None:
+        speed_only(ns.speed_only, ns.out)
     else:
-        main()
+        main(ns.out)
