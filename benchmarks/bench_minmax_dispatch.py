@@ -16,6 +16,13 @@ eagerly, per call), for T tokens x top-8 onto DeepSeek-V3's 256 experts in 288 s
   a padding bound of 7/8 of the rows, int32 slots; with a one-rank count exchange of the
   split_gathered_counts kind, the all-gather left out); written so that this file also runs
   on checkouts whose minmax_dispatch has no out_dtype (it casts then, as SGLang's hook did);
+- minmax_sglang_recorded_two_counts / minmax_sglang_recorded: that mapping, then the project
+  recorder's ``on_select_experts`` on its slots (stat mode, inside a recorded pass), as SGLang
+  runs them per layer with recording on: before, the mapping counted nothing and the hook ran
+  its count kernel (two_counts); now the mapping counts into the recorder's
+  ``select_counts_buffer`` in its own launch and the hook counts nothing. SGLang's padding
+  mask between the two runs in both and is left out. On a checkout whose recorder does not
+  skip a layer whose buffer was taken, minmax_sglang_recorded counts twice (and is wrong);
 - minmax_torch: the dispatcher's torch path (the reference), graph-captured;
 - dynamic_single_program: the earlier water-filling kernel (one program per layer, 6 steps).
 
@@ -44,6 +51,7 @@ from eplb_plugin.balance import gpu_loads
 from eplb_plugin.dispatch import ExpertDispatcher, minmax_dispatch, split_gathered_counts
 from eplb_plugin.kernels import count_topk, map_and_count
 from eplb_plugin.location import ExpertLocation
+from eplb_plugin.recorder import ExpertDistributionRecorder
 
 NUM_EXPERTS, NUM_SLOTS, EP, TOP_K = 256, 288, 8, 8  # DeepSeek-V3 at EP8 with 32 redundant experts
 
@@ -135,15 +143,24 @@ def time_variants(tokens: int, *, num_layers: int, replays: int, skip: tuple[str
                 "minmax_triton_no_split_steps": {"iterations": 0}}  # equal shares: the rest's cost
     scratches = {name: minmax_scratch(tables) for name in settings}  # kept across calls, as the dispatcher does
     ids32 = ids.to(torch.int32)
-    bound = torch.tensor([tokens - tokens // 8], dtype=torch.int32, device="cuda")  # 1/8 of the rows pad
+    real_rows = tokens - tokens // 8  # 1/8 of the rows pad
+    bound = torch.tensor([real_rows], dtype=torch.int32, device="cuda")
     int32_out = "out_dtype" in inspect.signature(minmax_dispatch).parameters
     sglang_scratches = [minmax_scratch(tables), minmax_scratch(tables)]
 
-    def sglang_mapping(layer: int, exchange=None, scratch=sglang_scratches[0]) -> torch.Tensor:
+    def sglang_mapping(layer: int, exchange=None, scratch=sglang_scratches[0], counts_out=None) -> torch.Tensor:
         out = minmax_dispatch(ids32[layer], tables, layer=layer, num_slots=NUM_SLOTS, use_kernel=True,
-                              num_valid_rows=bound, scratch=scratch, exchange=exchange,
+                              num_valid_rows=bound, scratch=scratch, exchange=exchange, counts_out=counts_out,
                               **({"out_dtype": torch.int32} if int32_out else {}))
         return out if out.dtype == torch.int32 else out.to(torch.int32)
+
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=loc.physical_to_logical_map.cuda(),
+                                     num_logical_experts=NUM_EXPERTS, buffer_size=1)
+    rec.start_record()
+
+    def sglang_recorded(layer: int, *, fused: bool) -> None:
+        counts = rec.select_counts_buffer(layer) if fused else None
+        rec.on_select_experts(sglang_mapping(layer, counts_out=counts), layer_idx=layer)
 
     variants = {
         "static_lookup_and_count": lambda layer: map_and_count(ids[layer], static, counts, layer, out=out),
@@ -155,6 +172,8 @@ def time_variants(tokens: int, *, num_layers: int, replays: int, skip: tuple[str
         "minmax_sglang": sglang_mapping,
         "minmax_sglang_exchange": lambda layer: sglang_mapping(
             layer, lambda local: split_gathered_counts(local.view(1, -1), 0), sglang_scratches[1]),
+        "minmax_sglang_recorded_two_counts": lambda layer: sglang_recorded(layer, fused=False),
+        "minmax_sglang_recorded": lambda layer: sglang_recorded(layer, fused=True),
         "minmax_torch": lambda layer: torch_minmax.dispatch(layer, ids[layer]),
         "dynamic_single_program": lambda layer: dynamic_dispatch_triton(
             ids[layer], triton_minmax.logical_to_physical_map[layer], num_local=NUM_SLOTS // EP, num_gpus=EP,
@@ -164,26 +183,42 @@ def time_variants(tokens: int, *, num_layers: int, replays: int, skip: tuple[str
     for name, fn in variants.items():
         if name in skip:
             continue
-        graph = capture_layers(fn, num_layers)
-        graph_us = replay_us(graph, replays=replays, num_layers=num_layers)
-        torch.cuda.synchronize()  # eager timing starts from an idle device
-        t0 = time.perf_counter()
-        for _ in range(3):
-            for layer in range(num_layers):
-                fn(layer)
-        torch.cuda.synchronize()  # eager calls done
-        eager_us = (time.perf_counter() - t0) * 1e6 / (3 * num_layers)
-        result[name] = {"graph_us_per_layer": graph_us, "eager_us_per_layer": eager_us}
+        with rec.with_forward_pass(0):  # the recorder's hooks count inside a recorded pass only
+            result[name] = time_variant(fn, num_layers=num_layers, replays=replays)
         if name == "minmax_triton":  # one more replay on zeroed counts: the graph's slots vs the torch path's
             counts.zero_()
-            graph.replay()
+            result[name]["graph"].replay()
             want = torch.stack([torch.bincount(torch_minmax.dispatch(layer, ids[layer]).flatten(), minlength=NUM_SLOTS)
                                 for layer in range(num_layers)])
             peak = gpu_loads(counts.long(), EP).amax(1).float() / gpu_loads(want, EP).amax(1).float()
             result[name].update(graph_slot_load_max_abs_diff_vs_torch=int((counts.long() - want).abs().max()),
                                 graph_peak_over_torch_peak_max=float(peak.max()))
-        print(f"{tokens:>6} tokens  {name:>26}: graph {graph_us:8.2f} us/layer   eager {eager_us:8.1f} us/call")
+        if name == "minmax_sglang_recorded":  # one replay on zeroed counts: each real pair counted once
+            rec.pass_counts.zero_()
+            result[name]["graph"].replay()
+            torch.cuda.synchronize()  # read the counts
+            real_pairs = (ids32[:, :real_rows] >= 0).sum(dim=(1, 2)).to(torch.int32)
+            result[name]["graph_counts_each_real_pair_once"] = torch.equal(rec.pass_counts.sum(1, dtype=torch.int32),
+                                                                           real_pairs)
+        del result[name]["graph"]
+        print(f"{tokens:>6} tokens  {name:>34}: graph {result[name]['graph_us_per_layer']:8.2f} us/layer   "
+              f"eager {result[name]['eager_us_per_layer']:8.1f} us/call")
     return result
+
+
+def time_variant(fn, *, num_layers: int, replays: int) -> dict:
+    """Graph-replayed and eager microseconds per layer of ``fn(layer)``; the graph is kept
+    under "graph" for the caller's checks."""
+    graph = capture_layers(fn, num_layers)
+    graph_us = replay_us(graph, replays=replays, num_layers=num_layers)
+    torch.cuda.synchronize()  # eager timing starts from an idle device
+    t0 = time.perf_counter()
+    for _ in range(3):
+        for layer in range(num_layers):
+            fn(layer)
+    torch.cuda.synchronize()  # eager calls done
+    eager_us = (time.perf_counter() - t0) * 1e6 / (3 * num_layers)
+    return {"graph_us_per_layer": graph_us, "eager_us_per_layer": eager_us, "graph": graph}
 
 
 def main(argv=None) -> int:

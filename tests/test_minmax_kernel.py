@@ -327,3 +327,52 @@ def test_the_kernel_path_runs_no_torch_op_but_its_output_allocation(monkeypatch,
     assert ops.count("empty") == (2 if bases else 1)
     assert launched == ([f"{'bases' if bases else 'minmax'}_totals_kernel"] + ["minmax_split_kernel"] * glob
                         + [f"{'bases' if bases else 'minmax'}_assign_kernel"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("tokens", [61, 2100])  # the ticket kernels, the bases kernels
+def test_a_graph_of_sglangs_mapping_and_hook_counts_each_layer_once_on_every_replay(tokens):
+    """SGLang's sequence per layer (the mapping takes the recorder's buffer and counts in its
+    launch, SGLang masks the padding rows, then calls on_select_experts) captured in one CUDA
+    graph: every replay adds each layer's real rows' slots once, as the torch path counts them."""
+    from eplb_plugin.dispatch import minmax_dispatch
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+    from eplb_plugin.kernels.minmax_triton import minmax_scratch
+    from eplb_plugin.recorder import ExpertDistributionRecorder
+
+    location, ids = _case(11, 16, 20, 4, tokens, 4)
+    phy2log = location.physical_to_logical_map.cuda()
+    tables = build_minmax_tables(phy2log, 16, num_gpus=4)
+    scratch = minmax_scratch(tables)
+    ids = ids.to(torch.int32).cuda()
+    real = tokens - tokens // 8
+    bound = torch.tensor([real], dtype=torch.int32, device="cuda")
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=phy2log, num_logical_experts=16)
+    outs = []
+
+    def forward():
+        outs.clear()
+        for layer in range(2):
+            with rec.with_current_layer(layer):
+                out = minmax_dispatch(ids, tables, layer=layer, num_slots=20, use_kernel=True, scratch=scratch,
+                                      counts_out=rec.select_counts_buffer(layer), num_valid_rows=bound,
+                                      out_dtype=torch.int32)
+                out[real:] = -1  # SGLang's mask of the padding rows
+                rec.on_select_experts(out)
+                outs.append(out)
+
+    rec.start_record()
+    with rec.with_forward_pass(0):
+        forward()  # compiles the kernels
+    torch.cuda.synchronize()  # warm-up done before capture
+    graph = torch.cuda.CUDAGraph()
+    with rec.counts_discarded(), torch.cuda.graph(graph):
+        forward()
+    for p in range(1, 4):
+        with rec.with_forward_pass(p):
+            graph.replay()
+        torch.cuda.synchronize()  # read this replay's slots
+        want = torch.stack([torch.bincount(o[o >= 0].long(), minlength=20) for o in outs]).cpu()
+        assert torch.equal(rec.physical_count_passes()[-1].cpu(), want)
+        assert torch.equal(want.sum(1), torch.full((2,), int((ids[:real] >= 0).sum())))

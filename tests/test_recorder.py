@@ -244,3 +244,63 @@ def test_eplb_window_needs_a_stat_mode():
                                      num_logical_experts=4)
     with pytest.raises(ConfigError, match="--expert-distribution-recorder-mode stat"):
         rec.keep_window_for_eplb()
+
+
+def test_a_layer_whose_buffer_a_dispatcher_took_is_counted_once_by_the_dispatcher():
+    """select_counts_buffer(layer) notes the layer: its next on_select_experts (SGLang's, which
+    cannot pass counted=True) adds nothing, so the dispatcher's own count is the only one;
+    the next layer's hook, with no buffer taken, counts as before."""
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=torch.arange(4).repeat(3, 1),
+                                     num_logical_experts=4, backend="torch")
+    rec.start_record()
+    ids = torch.tensor([[0, 1], [1, -1], [3, 1]])
+    with rec.with_forward_pass(0):
+        with rec.with_current_layer(1):
+            counts = rec.select_counts_buffer(1)
+            assert counts is rec.pass_counts
+            counts[1].index_add_(0, ids[ids >= 0], torch.ones(5, dtype=torch.int32))  # the dispatcher's count
+            rec.on_select_experts(ids)
+        with rec.with_current_layer(2):
+            rec.on_select_experts(ids)
+    assert rec.physical_count_window().tolist() == [[0, 0, 0, 0], [1, 3, 0, 1], [1, 3, 0, 1]]
+
+
+def test_a_buffer_taken_without_its_hook_never_skips_another_hooks_count():
+    """A noted layer is forgotten at the next hook (whatever its layer) and at pass
+    boundaries; a buffer asked for another row than the current layer's is refused."""
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=torch.arange(4).repeat(2, 1),
+                                     num_logical_experts=4, backend="torch")
+    rec.start_record()
+    ids = torch.tensor([[0, 1]])
+    with rec.with_forward_pass(0):
+        with rec.with_current_layer(0):
+            assert rec.select_counts_buffer(1) is None  # the hook would count row 0, not 1
+            assert rec.select_counts_buffer(0) is rec.pass_counts  # ...then no hook of layer 0
+        with rec.with_current_layer(1):
+            rec.on_select_experts(ids)  # counts: the note was layer 0's
+        with rec.with_current_layer(0):
+            rec.on_select_experts(ids)  # counts: the note went with the last hook
+        with rec.with_current_layer(1):
+            rec.select_counts_buffer()
+    with rec.with_forward_pass(1), rec.with_current_layer(1):
+        rec.on_select_experts(ids)  # counts: last pass's note is gone
+    assert rec.physical_count_passes().tolist() == [[[1, 1, 0, 0], [1, 1, 0, 0]], [[0, 0, 0, 0], [1, 1, 0, 0]]]
+
+
+def test_no_buffer_is_handed_out_where_the_hook_would_not_count():
+    """Outside a recorded pass, with recording stopped, inside disable_this_region and under
+    stat_approx (counts from the dispatcher's receive counts) there is no buffer, so a
+    dispatcher counts nothing, as the hook would."""
+    phy2log = torch.arange(4).repeat(2, 1)
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=phy2log, num_logical_experts=4, backend="torch")
+    rec.start_record()
+    assert rec.select_counts_buffer(0) is None
+    with rec.with_forward_pass(0), rec.with_current_layer(0), rec.disable_this_region():
+        assert rec.select_counts_buffer(0) is None
+    rec.stop_record()
+    with rec.with_forward_pass(1), rec.with_current_layer(0):
+        assert rec.select_counts_buffer(0) is None
+    approx = ExpertDistributionRecorder("stat_approx", physical_to_logical_map=phy2log, num_logical_experts=4)
+    approx.start_record()
+    with approx.with_forward_pass(0), approx.with_current_layer(0):
+        assert approx.select_counts_buffer(0) is None

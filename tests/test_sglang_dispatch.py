@@ -158,6 +158,61 @@ SGLANG_SCRIPT = """
                     num_token_non_padded=bound, expert_location_dispatch_info=ExpertLocationDispatchInfo.init_new(2))
                 out["padded_select_ids"] = result.topk_ids.tolist()
                 out["padded_recorded"] = recorder.pass_counts[2].tolist()
+
+    # Each layer is counted once whoever counts it: the mapping (minmax, through the recorder's
+    # buffer) or the hook (SGLang's own algorithms); per mode, off, and on the kernels.
+    from eplb_plugin.integrations import sglang_dispatch
+    from eplb_plugin.recorder import ExpertDistributionRecorder
+
+    def select(rec, layer, info=None, bound=None, seed=6):
+        logits = torch.randn(23, phy2log.max().item() + 1, generator=torch.Generator().manual_seed(seed))
+        info = info or ExpertLocationDispatchInfo.init_new(layer)
+        with rec.with_forward_pass(7, batch), rec.with_current_layer(layer):
+            ids = topk.select_experts(hidden_states=torch.zeros(23, 4), router_logits=logits,
+                                      topk_config=topk.TopKConfig(top_k=3, torch_native=True), layer_id=layer,
+                                      num_token_non_padded=bound, expert_location_dispatch_info=info).topk_ids
+            counts = getattr(rec, "pass_counts", None)  # SGLang's no-op recorder has none
+            return ids.tolist(), None if counts is None else counts[layer].tolist()
+
+    def recorder_of(mode):
+        rec = ExpertDistributionRecorder.from_metadata(metadata, 0, mode=mode, max_tokens_per_pass=64, top_k=3)
+        expert_distribution.set_global_expert_distribution_recorder(rec)
+        rec.start_record()
+        return rec
+
+    out["by_mode"] = {}
+    for mode in ("stat", "per_pass", "per_token", "stat_approx"):
+        rec = recorder_of(mode)
+        ids, _ = select(rec, 1)
+        dumped = rec.dump_record("object")
+        entry = {"ids": ids}
+        if mode == "stat":
+            entry["logical"] = dumped["logical_count"].tolist()
+        elif mode in ("per_pass", "per_token"):
+            entry["recorded"] = dumped["records"][0]["global_physical_count"][1].tolist()
+        if mode == "per_token":
+            entry["topk_ids"] = dumped["records"][0]["topk_ids_of_layer"][1].tolist()
+        if mode == "stat_approx":
+            entry["recorded"] = rec.pass_counts.tolist()
+        out["by_mode"][mode] = entry
+    rec = recorder_of("stat")
+    rec.stop_record()
+    out["stopped"] = select(rec, 1)
+    expert_distribution.set_global_expert_distribution_recorder(None)  # SGLang's no-op recorder
+    out["off_ids"] = select(expert_distribution.get_global_expert_distribution_recorder(), 1)[0]
+    rec = recorder_of("stat")
+    with rec.with_forward_pass(8, batch), rec.with_current_layer(2):  # the mapping alone, then SGLang's hook
+        mapped = topk.topk_ids_logical_to_physical(torch.tensor(case["ids"][2], dtype=torch.int32),
+                                                   ExpertLocationDispatchInfo.init_new(2))
+        out["mapping_counted"] = rec.pass_counts[2].tolist()
+        rec.on_select_experts(mapped)
+        out["mapping_then_hook"] = [mapped.tolist(), rec.pass_counts[2].tolist()]
+    out["dynamic"] = select(rec, 1, dataclasses.replace(ExpertLocationDispatchInfo.init_new(1),
+                                                        ep_dispatch_algorithm="dynamic"))
+    # The Triton kernels (interpreted on CPU), a padded batch: only the real rows count.
+    sglang_dispatch.use_triton = lambda backend, tensor: True
+    with forward_context(ForwardContext(attn_backend=None, moe_num_token_non_padded=lambda: bound)):
+        out["kernels"] = select(rec, 0, bound=bound)
     print("RESULT " + json.dumps(out))
 """
 
@@ -171,7 +226,8 @@ def sglang_run():
             "log2phy": location.logical_to_physical_map.tolist(), "ep_size": EP_SIZE,
             "redundant": NUM_PHYSICAL - NUM_LOGICAL, "ids": [i.tolist() for i in ids], "real_rows": REAL_ROWS,
             "hot": int(location.logical_replica_count[2].argmax())}
-    out = run_sglang_script(SGLANG_SCRIPT, timeout_s=SUBPROCESS_TIMEOUT_S, MINMAX_CASE=json.dumps(case))
+    out = run_sglang_script(SGLANG_SCRIPT, timeout_s=SUBPROCESS_TIMEOUT_S, MINMAX_CASE=json.dumps(case),
+                           TRITON_INTERPRET="1")
     return location, ids, out
 
 
@@ -245,6 +301,67 @@ def test_rows_that_pad_the_batch_stay_out_of_the_split_and_the_counts(sglang_run
     assert torch.equal(physical[REAL_ROWS:], torch.full_like(physical[REAL_ROWS:], -1))
     assert torch.equal(physical[:REAL_ROWS], _reference_minmax(phy2log, 2, logical[:REAL_ROWS]))
     assert out["padded_recorded"] == torch.bincount(physical[:REAL_ROWS].flatten(), minlength=NUM_PHYSICAL).tolist()
+
+
+def _slot_count(physical: list) -> list[int]:
+    ids = torch.tensor(physical)
+    return torch.bincount(ids[ids >= 0], minlength=NUM_PHYSICAL).tolist()
+
+
+def test_the_mapping_counts_for_the_recorder_so_each_mode_sees_each_slot_once(sglang_run):
+    """Under minmax the mapping adds its slots to the recorder's buffer and the recorder's
+    hook adds nothing: stat, per_pass and per_token hold each slot once (per_token also the
+    ids), stat_approx (counted from the dispatcher's receive counts) nothing from select_experts."""
+    location, _, out = sglang_run
+    modes = out["by_mode"]
+    ids = modes["stat"]["ids"]
+    assert all(m["ids"] == ids for m in modes.values())  # one split, whoever records it
+    logical = torch.zeros(NUM_LOGICAL, dtype=torch.long)
+    logical.index_add_(0, location.physical_to_logical_map[1], torch.tensor(_slot_count(ids)))
+    assert modes["stat"]["logical"][0][1] == logical.tolist()
+    assert modes["per_pass"]["recorded"] == _slot_count(ids)
+    assert modes["per_token"]["recorded"] == _slot_count(ids) and modes["per_token"]["topk_ids"] == ids
+    assert not any(any(row) for row in modes["stat_approx"]["recorded"])
+
+
+def test_the_mapping_counts_in_its_own_launch_and_the_hook_then_adds_nothing(sglang_run):
+    """topk_ids_logical_to_physical under minmax has already counted its slots into the
+    recorder's buffer when it returns; SGLang's on_select_experts on them adds nothing."""
+    _, _, out = sglang_run
+    physical, after_hook = out["mapping_then_hook"]
+    assert out["mapping_counted"] == _slot_count(physical) == after_hook
+    assert sum(after_hook) > 0
+
+
+def test_recording_off_or_stopped_leaves_the_mapping_alone_and_counts_nothing(sglang_run):
+    """With SGLang's no-op recorder, or the project's stopped, the mapping asks for no buffer:
+    the same slots, nothing counted."""
+    _, _, out = sglang_run
+    ids = out["by_mode"]["stat"]["ids"]
+    stopped_ids, stopped_counts = out["stopped"]
+    assert stopped_ids == ids and out["off_ids"] == ids
+    assert not any(stopped_counts)
+
+
+def test_sglangs_own_algorithms_are_still_counted_by_the_recorders_hook(sglang_run):
+    """dynamic maps through SGLang's own code (no buffer taken), so the hook counts its slots, once."""
+    location, _, out = sglang_run
+    physical, recorded = out["dynamic"]
+    assert torch.equal(location.physical_to_logical_map[1][torch.tensor(physical)],
+                       torch.topk(torch.randn(23, NUM_LOGICAL, generator=torch.Generator().manual_seed(6)), 3).indices)
+    assert recorded == _slot_count(physical)
+
+
+def test_the_kernels_count_the_real_rows_of_a_padded_batch_once(sglang_run):
+    """On the Triton kernels (interpreted here) the mapping's own count holds the real rows'
+    slots once: the padding rows SGLang masks to -1 count nothing."""
+    location, _, out = sglang_run
+    physical, recorded = out["kernels"]
+    ids = torch.tensor(physical)
+    assert torch.equal(ids[REAL_ROWS:], torch.full_like(ids[REAL_ROWS:], -1))
+    logical = torch.topk(torch.randn(23, NUM_LOGICAL, generator=torch.Generator().manual_seed(6)), 3).indices
+    assert torch.equal(location.physical_to_logical_map[0][ids[:REAL_ROWS]], logical[:REAL_ROWS])
+    assert recorded == _slot_count(physical)
 
 
 # ---------------------------------------------------------------------- in process

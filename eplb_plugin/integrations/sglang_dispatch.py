@@ -39,8 +39,12 @@ then masks. On CUDA the kernels read that bound themselves and write SGLang's in
 directly, so the mapping is the kernels' launches alone (no torch op per layer besides
 allocating the output).
 
-Recorder: the mapping counts nothing itself; SGLang then passes the physical ids it returned
-to ``on_select_experts`` (the project's recorder counts them there, once). SGLang's fused
+Recorder: the mapping counts the slots it picks into the project's recorder in its own launch
+(the kernels' ``counts_out``: the recorder's ``select_counts_buffer`` for the layer, real rows
+only, as SGLang records the ids after masking the padding to -1), and the recorder's
+``on_select_experts``, which SGLang calls next with those ids, then counts nothing for that
+layer: each layer is counted once. Where the recorder would not count (off, SGLang's own,
+outside a recorded pass, ``stat_approx``) the mapping counts nothing. SGLang's fused
 map-and-count kernel (``eplb_map_record_fused``) serves ``static`` only and stays out of the way.
 
 No host synchronization in the mapping (on CUDA it runs as the project's Triton kernels,
@@ -232,7 +236,18 @@ def map_topk_ids(topk_ids: torch.Tensor, layer_id: int, num_physical_experts: in
     bound = None if num_token_non_padded is None else num_token_non_padded.to(topk_ids.device, non_blocking=True)
     return minmax_dispatch(topk_ids, tables, layer=layer_id, num_slots=num_physical_experts,
                            use_kernel=use_triton("auto", topk_ids), exchange=LIVE_TABLES.exchange,
-                           num_valid_rows=bound, scratch=LIVE_TABLES.scratch, out_dtype=topk_ids.dtype)
+                           counts_out=recorder_counts(layer_id), num_valid_rows=bound, scratch=LIVE_TABLES.scratch,
+                           out_dtype=topk_ids.dtype)
+
+
+def recorder_counts(layer_id: int) -> torch.Tensor | None:
+    """The [L, P] int32 buffer of SGLang's global recorder that the mapping adds ``layer_id``'s
+    slots to (the recorder then skips its own count of them), or None: the recorder would
+    not count them, or is not the project's (SGLang's no-op has no ``select_counts_buffer``)."""
+    from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
+
+    select = getattr(get_global_expert_distribution_recorder(), "select_counts_buffer", None)
+    return None if select is None else select(layer_id)
 
 
 def empty_topk_output_joins_exchange(result: Any, topk: Any, device: Any = None, *args: Any, **kwargs: Any) -> None:

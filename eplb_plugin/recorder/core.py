@@ -112,6 +112,9 @@ class ExpertDistributionRecorder:
         self._in_pass = False  # inside a recorded forward pass
         self._disabled = False
         self._layer: int | None = None
+        # The layer whose slots a dispatcher's kernel adds as it maps them (select_counts_buffer
+        # handed out the buffer for it): the next on_select_experts, if for that layer, counts nothing.
+        self._counted_layer: int | None = None
         self._is_cuda = self.device.type == "cuda"
 
     @classmethod
@@ -204,6 +207,7 @@ class ExpertDistributionRecorder:
         outputs: dict[str, Any] = {}
         recording = self.recording  # the user's session or EPLB's window
         session = self._recording
+        self._counted_layer = None  # a count handed out for another pass's hook is not this pass's
         if recording:
             self.pass_counts.zero_()  # nothing counted before the pass is the pass's
         if session:
@@ -212,6 +216,7 @@ class ExpertDistributionRecorder:
             with self._setting("_in_pass", recording):
                 yield outputs
         finally:
+            self._counted_layer = None
             session = session and self._recording
             if session:
                 if num_tokens is not None:
@@ -237,10 +242,13 @@ class ExpertDistributionRecorder:
     def on_select_experts(self, topk_ids: torch.Tensor, *, layer_idx: int | None = None, counted: bool = False) -> None:
         """topk_ids: [T, k] int32/int64 physical slot ids after dispatch; -1 = padding.
         counted: the dispatcher already added them to ``select_counts_buffer()`` (its kernel
-        counts as it maps), so only the mode sees them."""
+        counts as it maps), so only the mode sees them; also True where
+        ``select_counts_buffer`` handed out this layer since the last hook (SGLang's mapping)."""
+        noted, self._counted_layer = self._counted_layer, None
         layer = self._active_layer(layer_idx)
         if layer is None:
             return
+        counted = counted or noted == layer
         if not self._count_dispatch and not counted:
             count_topk(topk_ids, self.pass_counts, layer, backend=self.backend)
         if self._mode is not None:
@@ -283,11 +291,18 @@ class ExpertDistributionRecorder:
 
     def select_counts_buffer(self, layer_idx: int | None = None) -> torch.Tensor | None:
         """The [L, P] int32 buffer a dispatcher that counts in its own kernel adds this layer's
-        slots to (then ``on_select_experts(..., counted=True)``), or None when the hook would
-        not count them: recording off, outside a recorded pass, or counts taken from the
-        dispatcher's receive counts (stat_approx)."""
+        slots to (row ``layer_idx``, default the current layer), or None when the hook would
+        not count them: recording off, outside a recorded pass, counts taken from the
+        dispatcher's receive counts (stat_approx), or ``layer_idx`` not the current layer
+        (the hook would count another row). Handing it out notes the layer: its next
+        ``on_select_experts`` counts nothing (the modes' per-slot counts are the same; per_token
+        still keeps the ids). Under CUDA-graph capture the graph holds the dispatcher's count,
+        not the hook's, and replays that."""
         layer = self._active_layer(layer_idx)
-        return None if layer is None or self._count_dispatch else self.pass_counts
+        if layer is None or self._count_dispatch or (self._layer is not None and layer != self._layer):
+            return None
+        self._counted_layer = layer
+        return self.pass_counts
 
     def get_current_pass_count_buffer(self, layer_idx: int) -> torch.Tensor | None:
         """This pass's [P] int32 counts of one layer while recording, else None (SGLang's API)."""
