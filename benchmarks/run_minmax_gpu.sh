@@ -4,7 +4,8 @@
 # 1. the minmax kernels' tests and the dispatch tests on CUDA; 2. the kernels' cost inside a
 # CUDA graph beside the static lookup, the count kernel and the single-program baseline
 # (bench_minmax_dispatch.py); 3. the EP8 compute part (DeepSeek-V2-Lite sizes, ESFT replay)
-# at 2048 and 8192 tokens per pass: naive, EPLB with static dispatch, EPLB with minmax, uniform.
+# at 2048 and 8192 tokens per pass: naive, EPLB with static dispatch, EPLB with minmax, the
+# per-pass policy with minmax, uniform routing (on the experts alone and on as many slots).
 set -uo pipefail
 dest=${1:?usage: run_minmax_gpu.sh OUT_DIR [TRACES_DIR]}
 traces=${2:-}
