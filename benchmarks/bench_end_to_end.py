@@ -48,6 +48,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _traces import ESFT_TRACES  # noqa: E402  (benchmarks/_traces.py)
+from bench_minmax_dispatch import replay_us  # noqa: E402
 
 from eplb_plugin.args import EPLBArgs  # noqa: E402
 from eplb_plugin.balance import gpu_loads, layer_balancedness, slot_loads  # noqa: E402
@@ -177,14 +178,7 @@ def _graph_seconds(work) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         work()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(EP8_REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()  # measurement point: the replays have finished
-    return start.elapsed_time(end) / 1e3 / EP8_REPLAYS
+    return replay_us(graph, replays=EP8_REPLAYS, num_layers=1) / 1e6
 
 
 def _realized_slot_loads(loc: ExpertLocation, dispatch: str, ids: torch.Tensor) -> torch.Tensor:
