@@ -155,7 +155,8 @@ def test_the_path_to_the_target_is_valid_at_every_step_and_the_budget_goes_to_th
     recorded cost is the slots that differ from the live map and its score the map's score;
     it ends at the target or where only cycles of three or more single replicas are left (a
     layer whose difference is such a cycle takes no step). The budget
-    goes along the paths by gain per slot and never past the budget."""
+    goes along the paths by gain per slot and never past the budget; a path for a budget of k
+    slots stops after k steps, the same steps as the longer path's first k."""
     from eplb_plugin.algorithms.perpass import _buckets, _path_to, _spend_along
 
     counts_np = _synthetic_window(2)
@@ -168,7 +169,7 @@ def test_the_path_to_the_target_is_valid_at_every_step_and_the_budget_goes_to_th
     single = [e for e in range(16) if int((live[3] == e).sum()) == 1]
     slots = [int((live[3] == e).nonzero()[0]) for e in single[:3]]
     target[3, slots] = live[3, [slots[1], slots[2], slots[0]]]  # a 3-cycle of single replicas
-    cost, score, changes = _path_to(live, target, counts, num_gpus=4, gen=torch.Generator().manual_seed(0))
+    cost, score, changes = _path_to(live, target, counts, num_gpus=4, max_cost=40, gen=torch.Generator().manual_seed(0))
     assert int(cost[3, -1]) == 0 and (changes[:, 3] == -1).all()
     for layer in range(3):
         current = live[layer].clone()
@@ -185,6 +186,8 @@ def test_the_path_to_the_target_is_valid_at_every_step_and_the_budget_goes_to_th
         assert all(int((current == current[q]).sum()) == 1 and current[q] != target[layer, q] for q in left)
         assert not any(int(current[q]) == int(target[layer, r]) and int(current[r]) == int(target[layer, q])
                        for q in left for r in left)
+    _, _, short = _path_to(live, target, counts, num_gpus=4, max_cost=3, gen=torch.Generator().manual_seed(0))
+    assert short.shape[0] == 3 and torch.equal(short, changes[:3])  # a budget of 3 needs at most 3 steps
     for budget in (0, 4, 10, 1000):
         stop = _spend_along(cost, score, budget)
         spent = sum(int(cost[layer, s]) for layer, s in enumerate(stop))

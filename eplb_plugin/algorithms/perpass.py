@@ -202,14 +202,16 @@ def shifted_layers(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *,
     return gain.mean(1) > SHIFT_T * stderr.clamp_min(1e-9)
 
 
-def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, num_gpus: int,
+def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, num_gpus: int, max_cost: int,
              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A greedy path of valid maps from ``live`` to ``target`` ([L, P] each), one change
     per step and layer: a change sets a slot to its target expert when the expert it holds
     keeps a replica elsewhere, or else swaps it with a slot that holds that target expert and
     wants this one (a pure swap); each step draws ``PERPASS_CANDIDATES`` of a layer's valid
     changes and takes the one whose map scores best on ``counts``. A layer stops where no
-    valid change is left (a cycle of three or more single replicas stays as it is live).
+    valid change is left (a cycle of three or more single replicas stays as it is live), and
+    every layer stops after ``max_cost`` steps (each step changes a slot or two: a longer
+    prefix would not fit that budget).
 
     Returns (cost [L, S]: slots changed after each step, cumulative; score [L, S]; changes
     [S - 1, L, 4]: per step and layer the slots and experts written, (slot, expert, slot,
@@ -223,7 +225,7 @@ def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, 
     cost = [torch.zeros(num_layers, dtype=torch.int64)]
     score = [mean_pass_balancedness(current, counts, num_gpus=num_gpus)]
     changes = []
-    for _ in range(2 * num_slots):  # every step closes at least one difference
+    for _ in range(min(num_slots, max_cost)):  # every step closes at least one difference
         differs = current != target
         if not differs.any():
             break
@@ -312,15 +314,15 @@ def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray
     fresh_t = torch.as_tensor(np.asarray(fresh), dtype=torch.int64)
     stale = mean_pass_balancedness(fresh_t, counts, num_gpus=num_gpus) \
         > mean_pass_balancedness(live_t, counts, num_gpus=num_gpus) + 1e-6  # [L]
-    stale |= shifted_layers(fresh, live, per_pass, num_gpus=num_gpus, num_nodes=num_nodes)
+    stale |= shifted_layers(fresh_t.numpy(), live_t.numpy(), per_pass, num_gpus=num_gpus, num_nodes=num_nodes)
     planned = live_t.numpy().copy()
     rows = stale.nonzero().flatten().numpy()
     if rows.size == 0 or max_moves == 0:
         return planned
-    target = refine_for_minmax(fresh[rows], per_pass[:, rows], num_gpus=num_gpus, num_nodes=num_nodes)
+    target = refine_for_minmax(fresh_t.numpy()[rows], per_pass[:, rows], num_gpus=num_gpus, num_nodes=num_nodes)
     target_t = torch.as_tensor(align_to_previous(target, planned[rows], num_gpus=num_gpus))
     cost, score, changes = _path_to(live_t[rows], target_t, counts[torch.as_tensor(rows)], num_gpus=num_gpus,
-                                    gen=torch.Generator().manual_seed(PERPASS_SEED))
+                                    max_cost=max_moves, gen=torch.Generator().manual_seed(PERPASS_SEED))
     start = planned[rows].copy()
     for layer, stop in enumerate(_spend_along(cost, score, max_moves)):
         for slot, expert, partner, other in changes[:stop, layer].tolist():
