@@ -11,7 +11,9 @@
 The hierarchical plan is kept where its max GPU load is within ``NODE_TOLERANCE`` of the
 flat one; where groups are as many as nodes (or a hot group overloads its node) it is not,
 and the flat plan takes over, so the policy does not collapse there. The recipe is run only
-for layers where ``hierarchical_peak_bound`` leaves it a chance (same plan, less work).
+for layers where ``hierarchical_peak_bound`` leaves it a chance (same plan, less work). The
+GPU-to-node assignment runs compiled (``nodes_jit.py``) for large plans where numba is
+installed: SciPy's assignment, tie for tie, without a call per layer.
 """
 
 from __future__ import annotations

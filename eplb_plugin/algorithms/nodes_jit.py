@@ -21,6 +21,23 @@ import numpy as np
 def min_cost_assignment(cost, col_of_row):  # pragma: no cover - compiled
     """A minimum-cost assignment of the rows of a square cost matrix [n, n] float64 (finite)
     to its columns, into col_of_row [n] int64: ``scipy.optimize.linear_sum_assignment(cost)[1]``.
+    (``_assign`` with its own work arrays.)"""
+    _assign(cost, col_of_row, _scratch(cost.shape[0]))
+
+
+@numba.njit(cache=True)
+def _scratch(n):  # pragma: no cover - compiled
+    """Work arrays of ``_assign`` for n rows: prices, the reached columns' distances and
+    rows, the row of each column, the rows seen, the reached columns, and the columns not
+    reached yet in list order (id, distance, price, row reached from, free)."""
+    return (np.empty(n), np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64),
+            np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n),
+            np.empty(n), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.bool_))
+
+
+@numba.njit(cache=True)
+def _assign(cost, col_of_row, work):  # pragma: no cover - compiled
+    """``min_cost_assignment`` into col_of_row, with the work arrays of ``_scratch``.
 
     Rows join one at a time; each by the shortest augmenting path from it (Dijkstra on the
     reduced costs over the columns not reached yet, kept in a list that starts from the last
@@ -31,16 +48,12 @@ def min_cost_assignment(cost, col_of_row):  # pragma: no cover - compiled
     order and keep their comparisons out of branches.
     """
     n = cost.shape[0]
-    row_price, col_price = np.zeros(n), np.zeros(n)
-    dist = np.empty(n)
-    came_from = np.empty(n, dtype=np.int64)  # the row each reached column was reached from
-    row_of_col = np.full(n, -1, dtype=np.int64)
+    row_price, col_price, dist, came_from, row_of_col, row_seen, reached = work[:7]
+    todo, todo_dist, todo_price, todo_from, todo_free = work[7:]
+    row_price[:] = 0.0
+    col_price[:] = 0.0
+    row_of_col[:] = -1
     col_of_row[:] = -1
-    row_seen = np.empty(n, dtype=np.bool_)
-    reached = np.empty(n, dtype=np.int64)
-    # The columns not reached yet, in list order: id, distance, price, row reached from, free.
-    todo, todo_dist, todo_price = np.empty(n, dtype=np.int64), np.empty(n), np.empty(n)
-    todo_from, todo_free = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.bool_)
     for start in range(n):
         # Step 1: the shortest augmenting path from row ``start`` to a free column.
         for k in range(n):
@@ -112,6 +125,7 @@ def assign_rows(weight, phy2log, home, num_gpus, num_nodes):  # pragma: no cover
     affinity = np.empty((num_gpus, num_nodes))
     cost = np.empty((num_gpus, num_gpus))
     pos = np.empty(num_gpus, dtype=np.int64)
+    work = _scratch(num_gpus)
     for r in range(num_layers):
         count[:] = 0
         for s in range(num_slots):
@@ -124,7 +138,7 @@ def assign_rows(weight, phy2log, home, num_gpus, num_nodes):  # pragma: no cover
         for g in range(num_gpus):  # column = node position
             for q in range(num_gpus):
                 cost[g, q] = -affinity[g, q // gpus_per_node]
-        min_cost_assignment(cost, pos)
+        _assign(cost, pos, work)
         for g in range(num_gpus):  # GPU g goes to position pos[g]
             for s in range(per_gpu):
                 perm[r, pos[g] * per_gpu + s] = g * per_gpu + s
