@@ -122,6 +122,8 @@ def assign_rows(weight, phy2log, home, num_gpus, num_nodes):  # pragma: no cover
     group_size = num_logical // home.shape[1]
     perm = np.empty((num_layers, num_slots), dtype=np.int64)
     count = np.empty(num_logical, dtype=np.int64)
+    share = np.empty(num_logical)
+    group_of = np.arange(num_logical) // group_size
     affinity = np.empty((num_gpus, num_nodes))
     cost = np.empty((num_gpus, num_gpus))
     pos = np.empty(num_gpus, dtype=np.int64)
@@ -130,14 +132,18 @@ def assign_rows(weight, phy2log, home, num_gpus, num_nodes):  # pragma: no cover
         count[:] = 0
         for s in range(num_slots):
             count[phy2log[r, s]] += 1
-        # Each GPU's load per home node: slot loads (equal split) added in slot order.
+        for e in range(num_logical):  # each replica's load (equal split)
+            share[e] = weight[r, e] / max(count[e], 1)
+        # Each GPU's load per home node: its slots' loads added in slot order.
         affinity[:] = 0.0
-        for s in range(num_slots):
-            e = phy2log[r, s]
-            affinity[s // per_gpu, home[r, e // group_size]] += weight[r, e] / max(count[e], 1)
+        for g in range(num_gpus):
+            for s in range(g * per_gpu, (g + 1) * per_gpu):
+                e = phy2log[r, s]
+                affinity[g, home[r, group_of[e]]] += share[e]
         for g in range(num_gpus):  # column = node position
-            for q in range(num_gpus):
-                cost[g, q] = -affinity[g, q // gpus_per_node]
+            for node in range(num_nodes):
+                for q in range(node * gpus_per_node, (node + 1) * gpus_per_node):
+                    cost[g, q] = -affinity[g, node]
         _assign(cost, pos, work)
         for g in range(num_gpus):  # GPU g goes to position pos[g]
             for s in range(per_gpu):
