@@ -10,9 +10,13 @@ import torch
 
 pytest.importorskip("numba")
 
-from eplb_plugin.algorithms import balanced, balanced_jit, compiled, plan  # noqa: E402
+from scipy.optimize import linear_sum_assignment  # noqa: E402
+
+from eplb_plugin.algorithms import balanced, balanced_jit, compiled, nodes, plan  # noqa: E402
 from eplb_plugin.algorithms.balanced_jit import pairwise_sum  # noqa: E402
 from eplb_plugin.algorithms.deepseek import deepseek  # noqa: E402
+from eplb_plugin.algorithms.nodes_jit import min_cost_assignment  # noqa: E402
+from eplb_plugin.algorithms.split import peak_load  # noqa: E402
 
 
 def _counts(rng, num_layers, num_logical, kind):
@@ -74,6 +78,58 @@ def test_pairwise_sum_is_numpys_sum():
         assert pairwise_sum(values, 700 - n, n) == values[700 - n:].sum()
 
 
+def test_compiled_assignment_is_scipys_on_matrices_full_of_ties():
+    """Node-position costs (each node's column repeated per GPU of it, zeros included), small
+    integers and random floats, 1 to 33 rows: scipy's ``linear_sum_assignment`` columns, tie for tie."""
+    rng = np.random.default_rng(6)
+    for n in [1, 2, 3, 5, 8, 12, 16, 32, 33]:
+        for trial in range(60):
+            kind = trial % 4
+            if kind == 0:
+                cost = rng.random((n, n))
+            elif kind == 1:
+                cost = rng.integers(0, 3, size=(n, n)).astype(np.float64)
+            else:  # columns in blocks of equal costs, like GPUs to node positions
+                blocks = int(rng.integers(1, n + 1))
+                per_block = rng.zipf(1.5, size=(n, blocks)).astype(np.float64) if kind == 2 \
+                    else rng.integers(0, 4, size=(n, blocks)).astype(np.float64)
+                cost = -np.repeat(per_block, -(-n // blocks), axis=1)[:, :n]
+            cost = np.ascontiguousarray(cost)
+            got = np.empty(n, dtype=np.int64)
+            min_cost_assignment(cost, got)
+            assert np.array_equal(got, linear_sum_assignment(cost)[1]), (n, trial)
+
+
+@pytest.mark.parametrize(("num_logical", "num_groups", "num_nodes", "num_gpus", "num_physical"),
+                         [(48, 8, 4, 32, 64), (30, 6, 3, 6, 42), (24, 4, 2, 8, 32), (36, 4, 3, 9, 45), (40, 5, 2, 4, 40)])
+def test_compiled_node_assignment_is_the_numpy_one(num_logical, num_groups, num_nodes, num_gpus, num_physical):
+    """GPUs to nodes compiled (``nodes_jit``) and in numpy with scipy: the same order, with
+    groups packed onto nodes and homed round robin (groups not a multiple of nodes), ties and zero layers."""
+    rng = np.random.default_rng(num_logical + num_nodes)
+    for kind in ("zipf", "lognormal", "ties"):
+        weight = _counts(rng, 9, num_logical, kind)
+        phy2log = balanced.balanced_plan(weight, num_physical, num_gpus=num_gpus)
+        kw = dict(num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups)
+        assert np.array_equal(nodes.assign_gpus_to_nodes(weight, phy2log, compiled=True, **kw),
+                              nodes.assign_gpus_to_nodes(weight, phy2log, compiled=False, **kw))
+
+
+@pytest.mark.parametrize("compiled_search", [True, False])
+def test_the_equal_plans_peak_is_its_maps_peak(monkeypatch, compiled_search):
+    """The peak an equal-split plan hands on (the search's, or the recipe's where that wins)
+    is ``split.peak_load`` of the map, float for float, so the node step need not recompute it."""
+    monkeypatch.setattr(compiled, "COMPILED_MIN_SLOTS", 0)  # small plans compiled as well
+    if not compiled_search:
+        monkeypatch.setattr(balanced, "balanced_kernels", lambda: None)
+    rng = np.random.default_rng(8)
+    for num_logical, num_gpus, num_physical in SHAPES:
+        for kind in ("zipf", "lognormal", "ties"):
+            weight = _counts(rng, 7, num_logical, kind)
+            fresh = balanced.plan_balanced(weight, num_physical, num_gpus=num_gpus, with_weights=False)
+            assert fresh.weights is None and fresh.peak is not None
+            assert np.array_equal(fresh.peak, peak_load(weight, fresh.phy2log, num_gpus))
+
+
 def test_plan_without_numba_is_the_same_placement(monkeypatch):
     """The numpy fallback (numba absent) plans the same maps through ``plan``, node-aware and weighted too."""
     monkeypatch.setattr(compiled, "COMPILED_MIN_SLOTS", 0)  # small plans compiled as well
@@ -91,6 +147,7 @@ def test_plan_without_numba_is_the_same_placement(monkeypatch):
     monkeypatch.setattr(balanced, "balanced_kernels", lambda: None)
     for module in ("deepseek", "nodes"):
         monkeypatch.setattr(importlib.import_module(f"eplb_plugin.algorithms.{module}"), "recipe_kernels", lambda: None)
+    monkeypatch.setattr(nodes, "node_kernels", lambda: None)
     searches.clear()
     for kw, got in zip(cases, fast):
         slow = plan(counts, **kw)

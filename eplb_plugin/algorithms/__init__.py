@@ -33,7 +33,6 @@ from .deepseek_vec import deepseek_vec
 from .migrate import align_to_previous, plan_migration_aware
 from .nodes import cross_node_share, plan_node_aware
 from .perpass import plan_within_budget, refine_for_minmax
-from .split import equal_slot_loads
 
 
 @dataclass(frozen=True)
@@ -79,11 +78,13 @@ def _deepseek_hierarchical(weight, num_physical, *, num_gpus, num_nodes, num_gro
 
 def _fresh(weight, num_physical, *, num_gpus, num_nodes, num_groups, with_weights):
     """Flat plan; with several nodes, node-aware (``nodes.plan_node_aware``)."""
-    phy2log, weights = plan_balanced(weight, num_physical, num_gpus=num_gpus, with_weights=with_weights)
+    phy2log, weights, peak = plan_balanced(weight, num_physical, num_gpus=num_gpus, with_weights=with_weights)
     if num_nodes == 1:
         return phy2log, weights
-    share = equal_slot_loads(weight, phy2log) if weights is None else np.take_along_axis(weight, phy2log, 1) * weights
-    phy2log, perm, hier = plan_node_aware(weight, phy2log, gpu_loads(share, num_gpus).max(1), num_physical,
+    if peak is None:  # planned with replica weights: the peak under them (the planner gives the equal-split one)
+        assert weights is not None
+        peak = gpu_loads(np.take_along_axis(weight, phy2log, 1) * weights, num_gpus).max(1)
+    phy2log, perm, hier = plan_node_aware(weight, phy2log, peak, num_physical,
                                           num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups)
     if weights is not None:
         weights = np.take_along_axis(weights, perm, axis=1)

@@ -28,6 +28,8 @@ for large plans where numba is installed (``compiled.py``): the same plan, sever
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..balance import gpu_loads
@@ -197,11 +199,21 @@ def best_of(candidates: list[np.ndarray], peaks: list[np.ndarray]) -> np.ndarray
     return stacked[pick, np.arange(stacked.shape[1])]
 
 
+class FreshPlan(NamedTuple):
+    """A fresh plan: phy2log [L, P] int64; weights [L, P] float32 replica weights (None =
+    equal split); peak [L] float64, its max GPU load under an equal split where weights is
+    None (``split.peak_load``'s floats), else None."""
+
+    phy2log: np.ndarray
+    weights: np.ndarray | None
+    peak: np.ndarray | None
+
+
 def plan_balanced(
     weight: np.ndarray, num_physical: int, *, num_gpus: int, with_weights: bool = True,
     rounds: int = COUNT_ROUNDS,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Fresh plan. weight: [L, E] float. Returns (phy2log [L, P] int64, weights [L, P] | None).
+) -> FreshPlan:
+    """Fresh plan. weight: [L, E] float. Returns ``FreshPlan`` (phy2log, weights | None, peak | None).
 
     with_weights and P - E >= G: the chain plan (``chain.py``: every GPU at the mean load
     under its replica weights); layers where the chain misses the mean fall back to the
@@ -217,25 +229,29 @@ def plan_balanced(
         miss = peak > mean * (1 + CHAIN_EXACT)
         if miss.any():
             rows = np.nonzero(miss)[0]
-            eq, eq_w = equal_plan(weight[rows], num_physical, num_gpus=num_gpus, rounds=rounds)
+            eq, eq_w, _ = equal_plan(weight[rows], num_physical, num_gpus=num_gpus, rounds=rounds)
             eq_peak = gpu_loads(np.take_along_axis(weight[rows], eq, axis=1) * eq_w, num_gpus).max(1)
             better = eq_peak < peak[rows]
             phy2log[rows[better]] = eq[better]
             weights[rows[better]] = eq_w[better]
-        return phy2log, weights
+        return FreshPlan(phy2log, weights, None)
     return equal_plan(weight, num_physical, num_gpus=num_gpus, rounds=rounds, with_weights=with_weights)
 
 
 def equal_plan(
     weight: np.ndarray, num_physical: int, *, num_gpus: int, rounds: int = COUNT_ROUNDS, with_weights: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> FreshPlan:
     """Steps 1-6: the plan for equal split, per layer the better of ours and DeepSeek's.
-    weight: [L, E]. Returns (phy2log [L, P] int64, water-filled weights [L, P] | None)."""
+    weight: [L, E]. Returns ``FreshPlan`` (phy2log [L, P] int64, water-filled weights [L, P] | None,
+    peak [L] only without weights)."""
     ours, ours_peak = balanced_plan_and_peak(weight, num_physical, num_gpus=num_gpus, rounds=rounds)
     reference = deepseek(weight, num_physical, num_gpus=num_gpus, compiled=None)
-    phy2log = best_of([ours, reference], [ours_peak, peak_load(weight, reference, num_gpus)])
-    weights = replica_weights(weight, phy2log, num_gpus) if with_weights else None
-    return phy2log, weights
+    reference_peak = peak_load(weight, reference, num_gpus)
+    phy2log = best_of([ours, reference], [ours_peak, reference_peak])
+    if with_weights:
+        return FreshPlan(phy2log, replica_weights(weight, phy2log, num_gpus), None)
+    # The peak of the map best_of picked: the lower one (the same float either way).
+    return FreshPlan(phy2log, None, np.minimum(ours_peak, reference_peak))
 
 
 def replica_weights(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:

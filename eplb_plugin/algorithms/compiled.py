@@ -1,6 +1,6 @@
 """Which planner steps run compiled (numba), and from what size.
 
-The compiled forms (``balanced_jit``, ``deepseek_jit``) plan exactly what the numpy forms
+The compiled forms (``balanced_jit``, ``deepseek_jit``, ``nodes_jit``) plan exactly what the numpy forms
 plan. Loading them costs once per process: importing numba and reading its disk cache
 (the first run on a machine compiles everything: 10-20 s). Plans smaller than ``COMPILED_MIN_SLOTS`` layer-slots stay in
 numpy, where they take milliseconds anyway; so does everything where numba is not installed.
@@ -42,3 +42,13 @@ def recipe_kernels() -> ModuleType | None:
     except ImportError:
         return None
     return deepseek_jit
+
+
+@functools.cache
+def node_kernels() -> ModuleType | None:
+    """``nodes_jit`` (the node-aware policy's GPU-to-node assignment), or None without numba."""
+    try:
+        from . import nodes_jit
+    except ImportError:
+        return None
+    return nodes_jit

@@ -11,14 +11,18 @@
 The hierarchical plan is kept where its max GPU load is within ``NODE_TOLERANCE`` of the
 flat one; where groups are as many as nodes (or a hot group overloads its node) it is not,
 and the flat plan takes over, so the policy does not collapse there. The recipe is run only
-for layers where ``hierarchical_peak_bound`` leaves it a chance (same plan, less work).
+for layers where ``hierarchical_peak_bound`` leaves it a chance (same plan, less work). The
+GPU-to-node assignment runs compiled (``nodes_jit.py``) for large plans where numba is
+installed: SciPy's assignment, tie for tie, without a call per layer.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from .compiled import recipe_kernels, wanted
+from .compiled import node_kernels, recipe_kernels, wanted
 from .deepseek import balanced_packing, deepseek
 from .split import peak_load
 
@@ -71,31 +75,58 @@ def _pack_groups(group_load: np.ndarray, num_nodes: int, *, compiled: bool) -> t
     return kernels.balanced_packing_rows(np.ascontiguousarray(group_load, dtype=np.float64), num_nodes)
 
 
-def assign_gpus_to_nodes(weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: int, num_nodes: int,
-                         num_groups: int) -> np.ndarray:
-    """Reorder the GPUs of a flat plan so that each node holds the groups homed on it.
+class GroupHomes(NamedTuple):
+    """Where each expert group is homed: load [L, groups] float64 (the group's tokens) and
+    node [L, groups] int64 (its node)."""
 
-    weight: [L, E]; phy2log: [L, P] rank-major. Returns perm [L, P] int64: new slot q holds
-    old slot perm[:, q] (GPU sets unchanged).
-    """
-    from scipy.optimize import linear_sum_assignment
+    load: np.ndarray
+    node: np.ndarray
 
-    num_layers, num_logical = weight.shape
-    per_gpu = phy2log.shape[1] // num_gpus
-    gpus_per_node = num_gpus // num_nodes
-    # Step 1: home groups on nodes (balanced by group load; with fewer groups than nodes, round robin).
+
+def home_groups(weight: np.ndarray, *, num_nodes: int, num_groups: int, compiled: bool = False) -> GroupHomes:
+    """Home groups on nodes: balanced packing of group loads (``balanced_packing``, the
+    recipe's step 1); with groups not a multiple of nodes, round robin. weight: [L, E].
+    compiled: pack compiled where numba is installed (the same packing)."""
+    num_layers = weight.shape[0]
     group_load = weight.reshape(num_layers, num_groups, -1).sum(-1)
     if num_groups % num_nodes == 0:
-        home, _ = _pack_groups(group_load, num_nodes, compiled=wanted(None, num_layers, phy2log.shape[1]))
+        node, _ = _pack_groups(group_load, num_nodes, compiled=compiled)
     else:
-        home = np.broadcast_to(np.arange(num_groups) % num_nodes, group_load.shape)
+        node = np.broadcast_to(np.arange(num_groups) % num_nodes, group_load.shape)
+    return GroupHomes(group_load, node)
+
+
+def assign_gpus_to_nodes(weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: int, num_nodes: int,
+                         num_groups: int, homes: GroupHomes | None = None,
+                         compiled: bool | None = None) -> np.ndarray:
+    """Reorder the GPUs of a flat plan so that each node holds the groups homed on it.
+
+    weight: [L, E]; phy2log: [L, P] rank-major; homes: ``home_groups``'s answer if known.
+    compiled: step 2 compiled (``nodes_jit``) where numba is installed (the same order);
+    None = by size (``compiled.worth_compiling``). Returns perm [L, P] int64: new slot q
+    holds old slot perm[:, q] (GPU sets unchanged).
+    """
+    num_layers, num_logical = weight.shape
+    num_slots = phy2log.shape[1]
+    per_gpu = num_slots // num_gpus
+    gpus_per_node = num_gpus // num_nodes
+    use_kernels = wanted(compiled, num_layers, num_slots)
+    # Step 1: home groups on nodes (balanced by group load; with fewer groups than nodes, round robin).
+    if homes is None:
+        homes = home_groups(weight, num_nodes=num_nodes, num_groups=num_groups, compiled=use_kernels)
+    kernels = node_kernels() if use_kernels else None
+    if kernels is not None:  # step 2 compiled, the same order
+        return kernels.assign_rows(np.ascontiguousarray(weight, dtype=np.float64),
+                                   np.ascontiguousarray(phy2log, dtype=np.int64),
+                                   np.ascontiguousarray(homes.node, dtype=np.int64), num_gpus, num_nodes)
+    from scipy.optimize import linear_sum_assignment
+
     # Step 2: each GPU's load per home node (all layers at once), then GPUs to node positions
     # by linear assignment (scipy solves one layer per call).
-    num_slots = phy2log.shape[1]
     flat = (phy2log + num_logical * np.arange(num_layers)[:, None]).ravel()
     count = np.bincount(flat, minlength=num_layers * num_logical).reshape(num_layers, num_logical)
     slot_load = np.take_along_axis(weight / np.maximum(count, 1), phy2log, axis=1)
-    slot_node = np.take_along_axis(home, phy2log // (num_logical // num_groups), axis=1)
+    slot_node = np.take_along_axis(homes.node, phy2log // (num_logical // num_groups), axis=1)
     cell = (np.arange(num_layers)[:, None] * num_gpus + np.arange(num_slots) // per_gpu) * num_nodes + slot_node
     affinity = np.bincount(cell.ravel(), weights=slot_load.ravel(),
                            minlength=num_layers * num_gpus * num_nodes)
@@ -109,19 +140,20 @@ def assign_gpus_to_nodes(weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: i
 
 
 def hierarchical_peak_bound(weight: np.ndarray, *, num_gpus: int, num_nodes: int, num_groups: int,
-                            compiled: bool = False) -> np.ndarray:
+                            compiled: bool = False, homes: GroupHomes | None = None) -> np.ndarray:
     """A lower bound on the max GPU load of DeepSeek's hierarchical recipe, per layer.
 
     The recipe packs groups onto nodes first (``balanced_packing`` of the group loads) and
     keeps every replica of a node's experts on that node, so some GPU of the most loaded
     node carries at least that node's load over its GPUs. weight: [L, E]. Returns [L].
     compiled: pack the groups compiled where numba is installed (the same packing).
+    homes: ``home_groups``'s answer if known (groups a multiple of nodes).
     """
     num_layers = weight.shape[0]
-    group_load = weight.reshape(num_layers, num_groups, -1).sum(-1)
-    node, _ = _pack_groups(group_load, num_nodes, compiled=compiled)
+    if homes is None:
+        homes = home_groups(weight, num_nodes=num_nodes, num_groups=num_groups, compiled=compiled)
     node_load = np.zeros((num_layers, num_nodes))
-    np.add.at(node_load, (np.arange(num_layers)[:, None], node), group_load)
+    np.add.at(node_load, (np.arange(num_layers)[:, None], homes.node), homes.load)
     return node_load.max(1) / (num_gpus // num_nodes)
 
 
@@ -136,7 +168,10 @@ def plan_node_aware(weight: np.ndarray, flat: np.ndarray, flat_peak: np.ndarray,
     groups = num_groups if num_groups else num_nodes
     if num_logical % groups:
         groups = num_nodes if num_logical % num_nodes == 0 else 1
-    perm = assign_gpus_to_nodes(weight, flat, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups) \
+    compiled = wanted(None, num_layers, num_physical)
+    homes = home_groups(weight, num_nodes=num_nodes, num_groups=groups, compiled=compiled) if groups > 1 else None
+    perm = assign_gpus_to_nodes(weight, flat, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups,
+                                homes=homes, compiled=compiled) \
         if groups > 1 else np.broadcast_to(np.arange(num_physical), flat.shape).copy()
     placed = np.take_along_axis(flat, perm, axis=1)
     take = np.zeros(num_layers, dtype=bool)
@@ -146,7 +181,7 @@ def plan_node_aware(weight: np.ndarray, flat: np.ndarray, flat_peak: np.ndarray,
     # (a 1e-9 margin keeps rounding in the bound from ruling out a layer that would take it).
     limit = flat_peak + tolerance * (weight.sum(1) / num_gpus)
     bound = hierarchical_peak_bound(weight, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=groups,
-                                    compiled=wanted(None, num_layers, num_physical))
+                                    compiled=compiled, homes=homes)
     rows = np.nonzero(bound <= limit * (1 + 1e-9))[0]
     if rows.size == 0:
         return placed, perm, take
