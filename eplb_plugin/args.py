@@ -32,6 +32,13 @@ DISPATCH_ALGORITHMS: tuple[str, ...] = get_args(DispatchAlgorithm)
 REPORT_MODES: tuple[str, ...] = get_args(BalancednessReportMode)
 TRANSPORT_NAMES: tuple[str, ...] = get_args(Transport)
 DISPATCH_COUNTS: tuple[str, ...] = get_args(DispatchCounts)
+
+
+def check_dispatch_counts(value: object, flag: str) -> str:
+    """``value`` if it is one of ``DISPATCH_COUNTS``; ConfigError naming ``flag`` and the valid ones."""
+    if value not in DISPATCH_COUNTS:
+        raise ConfigError(f"{flag} {value!r} is not one of {list(DISPATCH_COUNTS)}")
+    return str(value)
 # Recorder modes whose dump carries ``logical_count``, the input a rebalance needs.
 COUNTING_RECORDER_MODES = ("stat", "stat_approx")
 

@@ -308,16 +308,18 @@ def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray
     its target (``_path_to``), and the budget spent along the paths where the gain per moved
     slot is steepest (``_spend_along``). Step 3: ``refine_for_minmax`` of those layers from
     there, within the whole budget (the others keep their live rows, no moves)."""
+    live_t = torch.as_tensor(np.asarray(live), dtype=torch.int64)
+    if max_moves == 0:  # nothing may move: no scoring, no shift test
+        return live_t.numpy().copy()
     per_pass = np.asarray(per_pass)
     counts = _buckets(per_pass)
-    live_t = torch.as_tensor(np.asarray(live), dtype=torch.int64)
     fresh_t = torch.as_tensor(np.asarray(fresh), dtype=torch.int64)
     stale = mean_pass_balancedness(fresh_t, counts, num_gpus=num_gpus) \
         > mean_pass_balancedness(live_t, counts, num_gpus=num_gpus) + 1e-6  # [L]
     stale |= shifted_layers(fresh_t.numpy(), live_t.numpy(), per_pass, num_gpus=num_gpus, num_nodes=num_nodes)
     planned = live_t.numpy().copy()
     rows = stale.nonzero().flatten().numpy()
-    if rows.size == 0 or max_moves == 0:
+    if rows.size == 0:
         return planned
     target = refine_for_minmax(fresh_t.numpy()[rows], per_pass[:, rows], num_gpus=num_gpus, num_nodes=num_nodes)
     target_t = torch.as_tensor(align_to_previous(target, planned[rows], num_gpus=num_gpus))

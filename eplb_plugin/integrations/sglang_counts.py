@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from eplb_plugin.args import DISPATCH_COUNTS, EPLBArgs
+from eplb_plugin.args import EPLBArgs, check_dispatch_counts
 from eplb_plugin.dispatch import split_gathered_counts
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.integrations.sglang_common import LOG_PREFIX, plugin_settings
@@ -87,19 +87,15 @@ class GroupCountExchange:
 def dispatch_counts_setting(environ: dict[str, str] | None = None) -> str:
     """``--eplb-dispatch-counts`` as the plugin's settings carry it to SGLang's processes
     (``$EPLB_PLUGIN_CONFIG``); ConfigError naming the valid values for another."""
-    value = plugin_settings(environ).get("eplb_dispatch_counts", EPLBArgs.eplb_dispatch_counts)
-    if value not in DISPATCH_COUNTS:
-        raise ConfigError(f"{COUNTS_FLAG} {value!r} is not one of {list(DISPATCH_COUNTS)}")
-    return str(value)
+    return check_dispatch_counts(plugin_settings(environ).get("eplb_dispatch_counts", EPLBArgs.eplb_dispatch_counts),
+                                 COUNTS_FLAG)
 
 
 def resolve_count_exchange(*, ep_size: int, setting: str | None = None) -> GroupCountExchange | None:
     """The exchange SGLang's ``minmax`` mapping runs in this process, or None (the split
     follows this rank's own ``topk_ids``). setting: ``--eplb-dispatch-counts`` (None: the
     plugin's settings); ep_size: the placement's EP size (SGLang's metadata)."""
-    setting = dispatch_counts_setting() if setting is None else setting
-    if setting not in DISPATCH_COUNTS:
-        raise ConfigError(f"{COUNTS_FLAG} {setting!r} is not one of {list(DISPATCH_COUNTS)}")
+    setting = dispatch_counts_setting() if setting is None else check_dispatch_counts(setting, COUNTS_FLAG)
     if setting == "local":
         return None
     from sglang.srt.layers.moe.utils import is_moe_input_scattered_across_dp_ranks

@@ -214,7 +214,7 @@ def minmax_dispatch_triton(
         flat = flat.contiguous()
     num_ids = flat.numel()
     geo = _geometry(num_ids, a.bm, a.bg, bases, totals_tile, chunk, assign_tile_elements)
-    top_k = num_ids // topk_ids.shape[0] if topk_ids.dim() > 1 and topk_ids.shape[0] else 1
+    top_k = topk_ids.shape[-1] if topk_ids.dim() > 1 else 1
     bounded = num_valid_rows is not None
     bound = num_valid_rows if num_valid_rows is not None else flat  # unused pointer without a bound
     glob = exchange is not None
@@ -259,10 +259,9 @@ def _split_on_exchange(k: Any, a: _LayerArgs, exchange: CountExchange, counts: t
     """This rank's totals (the scratch's, int32) through ``exchange``, then the split on the
     pass's counts (``minmax_split_kernel``, counting this rank's slots with ``count``).
     Returns the [E] int32 offsets the assign kernels read."""
-    total, offset = exchange(a.totals)  # int32 in and out: no conversion
-    offsets = offset.to(torch.int32)
+    total, offsets = exchange(a.totals)  # int32 in and out: no conversion
     k.minmax_split_kernel[(1,)](
-        total.to(torch.int32), offsets, a.counters, a.quotas, counts, counts_offset, *a.split, *a.place,
+        total, offsets, a.counters, a.quotas, counts, counts_offset, *a.split, *a.place,
         a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, MINMAX_MOMENTUM, COUNT=count, ITERATIONS=iterations,
         NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, num_warps=split_warps,
     )

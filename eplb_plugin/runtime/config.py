@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eplb_plugin.args import DISPATCH_COUNTS, EPLBArgs
+from eplb_plugin.args import DISPATCH_COUNTS, EPLBArgs, check_dispatch_counts
 from eplb_plugin.configs import get_preset
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.flagspec import flag
@@ -185,8 +185,7 @@ class RuntimeConfig:
             raise ConfigError(f"--moe-exchange {self.exchange!r} must be one of {list(EXCHANGES)}")
         if self.dispatch_backend not in BACKENDS:
             raise ConfigError(f"--ep-dispatch-backend {self.dispatch_backend!r} must be one of {list(BACKENDS)}")
-        if self.dispatch_counts not in DISPATCH_COUNTS:
-            raise ConfigError(f"--ep-dispatch-counts {self.dispatch_counts!r} must be one of {list(DISPATCH_COUNTS)}")
+        check_dispatch_counts(self.dispatch_counts, "--ep-dispatch-counts")
         if self.batch_tokens < 1:
             raise ConfigError(f"--batch-tokens must be >= 1 (got {self.batch_tokens})")
         if not self.timeout_s > 0:
