@@ -48,7 +48,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _traces import ESFT_TRACES  # noqa: E402  (benchmarks/_traces.py)
-from bench_minmax_dispatch import replay_us  # noqa: E402
+from bench_minmax_dispatch import capture_layers, replay_us  # noqa: E402
 
 from eplb_plugin.args import EPLBArgs  # noqa: E402
 from eplb_plugin.balance import gpu_loads, layer_balancedness, slot_loads  # noqa: E402
@@ -59,6 +59,7 @@ from eplb_plugin.runtime.config import ModelShape, RunSpec, RuntimeConfig, Workl
 from eplb_plugin.runtime.launch import launch  # noqa: E402
 from eplb_plugin.runtime.moe import expert_ffn, run_local_experts  # noqa: E402
 from eplb_plugin.runtime.weights import FFNShape, make_expert_weights  # noqa: E402
+from eplb_plugin.runtime.workload import shard_tokens  # noqa: E402
 
 EP8 = 8
 EP8_REDUNDANT = 8
@@ -170,15 +171,7 @@ def _time_rank(tokens_per_slot: list[int], w13: torch.Tensor, w2: torch.Tensor, 
 
 def _graph_seconds(work) -> float:
     """Mean seconds of one replay of ``work`` captured in a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        work()  # warm-up outside the capture (allocator, kernel selection)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        work()
-    return replay_us(graph, replays=EP8_REPLAYS, num_layers=1) / 1e6
+    return replay_us(capture_layers(lambda _: work(), 1), replays=EP8_REPLAYS, num_layers=1) / 1e6
 
 
 def _realized_slot_loads(loc: ExpertLocation, dispatch: str, ids: torch.Tensor) -> torch.Tensor:
@@ -189,8 +182,8 @@ def _realized_slot_loads(loc: ExpertLocation, dispatch: str, ids: torch.Tensor) 
     if dispatch == "minmax":
         shards = [(ExpertDispatcher(loc, rank=0, algorithm="minmax"), ids)]
     else:
-        shards = [(ExpertDispatcher(loc, rank=r, algorithm="static"), part)
-                  for r, part in enumerate(ids.tensor_split(EP8, dim=0))]
+        shards = [(ExpertDispatcher(loc, rank=r, algorithm="static"),
+                   ids[shard_tokens(ids.shape[0], rank=r, world_size=EP8)]) for r in range(EP8)]
     out = torch.zeros(num_layers, num_physical, dtype=torch.float64)
     for dispatcher, part in shards:
         for layer in range(num_layers):
@@ -204,7 +197,7 @@ def _dispatch_seconds(loc: ExpertLocation, dispatch: str, ids: torch.Tensor, dev
     count in the same kernel), all layers in one CUDA graph. The count all-gather of
     ``--ep-dispatch-counts global`` is not included (one device)."""
     dispatcher = ExpertDispatcher(loc, rank=0, algorithm=dispatch, device=device, backend="triton")
-    share = ids.tensor_split(EP8, dim=0)[0].to(device)
+    share = ids[shard_tokens(ids.shape[0], rank=0, world_size=EP8)].to(device)
     counts = torch.zeros(loc.num_layers, loc.num_physical_experts, dtype=torch.int32, device=device)
 
     def work() -> None:
