@@ -121,6 +121,9 @@ def test_the_equal_plans_peak_is_its_maps_peak(monkeypatch, compiled_search):
     monkeypatch.setattr(compiled, "COMPILED_MIN_SLOTS", 0)  # small plans compiled as well
     if not compiled_search:
         monkeypatch.setattr(balanced, "balanced_kernels", lambda: None)
+    searches: list[int] = []
+    real_search = balanced_jit.search_rows
+    monkeypatch.setattr(balanced_jit, "search_rows", lambda *a, **k: searches.append(1) or real_search(*a, **k))
     rng = np.random.default_rng(8)
     for num_logical, num_gpus, num_physical in SHAPES:
         for kind in ("zipf", "lognormal", "ties"):
@@ -128,6 +131,7 @@ def test_the_equal_plans_peak_is_its_maps_peak(monkeypatch, compiled_search):
             fresh = balanced.plan_balanced(weight, num_physical, num_gpus=num_gpus, with_weights=False)
             assert fresh.weights is None and fresh.peak is not None
             assert np.array_equal(fresh.peak, peak_load(weight, fresh.phy2log, num_gpus))
+    assert bool(searches) == compiled_search  # the search the case names ran
 
 
 def test_plan_without_numba_is_the_same_placement(monkeypatch):

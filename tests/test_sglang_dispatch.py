@@ -211,8 +211,17 @@ SGLANG_SCRIPT = """
                                                         ep_dispatch_algorithm="dynamic"))
     # The Triton kernels (interpreted on CPU), a padded batch: only the real rows count.
     sglang_dispatch.use_triton = lambda backend, tensor: True
+    import eplb_plugin.kernels.minmax_triton as minmax_triton
+    real_launch, bounds = minmax_triton.minmax_dispatch_triton, []
+
+    def launch(*args, **kwargs):  # what the kernels were given: the padding bound they read
+        bounds.append(None if kwargs["num_valid_rows"] is None else int(kwargs["num_valid_rows"].reshape(-1)[0]))
+        return real_launch(*args, **kwargs)
+
+    minmax_triton.minmax_dispatch_triton = launch
     with forward_context(ForwardContext(attn_backend=None, moe_num_token_non_padded=lambda: bound)):
         out["kernels"] = select(rec, 0, bound=bound)
+    out["kernel_bounds"] = bounds
     print("RESULT " + json.dumps(out))
 """
 
@@ -357,6 +366,7 @@ def test_the_kernels_count_the_real_rows_of_a_padded_batch_once(sglang_run):
     slots once: the padding rows SGLang masks to -1 count nothing."""
     location, _, out = sglang_run
     physical, recorded = out["kernels"]
+    assert out["kernel_bounds"] == [REAL_ROWS]  # one kernel launch, given the batch's bound
     ids = torch.tensor(physical)
     assert torch.equal(ids[REAL_ROWS:], torch.full_like(ids[REAL_ROWS:], -1))
     logical = torch.topk(torch.randn(23, NUM_LOGICAL, generator=torch.Generator().manual_seed(6)), 3).indices
