@@ -16,12 +16,14 @@ per rebalance are counted against the previous placement (the first plan, from t
 placement, excluded). Exits cleanly where the traces are absent.
 
     python benchmarks/bench_per_pass_balance.py
+    python benchmarks/bench_per_pass_balance.py --planner-time   # solver time at DeepSeek-V3 scale
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,13 +90,58 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
             "solver_ms_mean": 1e3 * float(np.mean(solver))}
 
 
+def planner_time(*, num_layers: int = 58, num_logical: int = 256, num_slots: int = 288, num_gpus: int = 32,
+                 passes: int = 8, budget_share: float = MOVE_BUDGET_SHARE, seed: int = 0) -> dict:
+    """The per-pass policy's solver time at DeepSeek-V3 scale (58 MoE layers x 256 experts
+    onto 288 slots, EP32) on synthetic windows of ``passes`` passes (skewed expert
+    popularity, per-pass noise): the plan without a budget from the trivial placement, then
+    budgeted re-plans (``budget_share`` of the slots) of the same traffic (steady: the
+    shift test alone) and of traffic whose popularity was drawn afresh (after a shift: the
+    shift test, the target, the paths and the refinement)."""
+    gen = np.random.default_rng(seed)
+
+    def window() -> np.ndarray:
+        hot = gen.gamma(0.7, 1.0, size=(num_layers, num_logical))
+        return gen.poisson(hot[None] * gen.gamma(4.0, 0.25, size=(passes, num_layers, num_logical)) * 30)
+
+    first, shifted = window().astype(np.float64), window().astype(np.float64)
+    kwargs = dict(num_physical_experts=num_slots, num_gpus=num_gpus, algorithm="eplb_plugin_perpass")
+    max_moves = int(budget_share * num_layers * num_slots)
+    out: dict = {"num_layers": num_layers, "num_logical": num_logical, "num_slots": num_slots, "num_gpus": num_gpus,
+                 "passes": passes, "max_slots_moved": max_moves, "torch_threads": torch.get_num_threads()}
+    start = time.perf_counter()
+    live = plan(first, **kwargs).physical_to_logical_map
+    out["unbudgeted_s"] = time.perf_counter() - start
+    for name, counts in (("steady", first), ("after_shift", shifted)):
+        start = time.perf_counter()
+        placement = plan(counts, previous=live, max_slots_moved=max_moves, **kwargs)
+        out[f"budgeted_{name}_s"] = time.perf_counter() - start
+        out[f"budgeted_{name}_slots_moved"] = int(placement.slots_moved)
+        print(f"{name}: {out[f'budgeted_{name}_s']:.1f} s, {placement.slots_moved} slots moved", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pass-tokens", type=int, default=256)
     ap.add_argument("--every", type=int, default=8)
     ap.add_argument("--setups", default="8:72,16:80", help="EP size:slots pairs")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    ap.add_argument("--planner-time", action="store_true",
+                    help="time the per-pass policy at DeepSeek-V3 scale on synthetic windows (no traces needed)")
+    ap.add_argument("--tag", default="cpu", help="--planner-time: the result file's suffix (which machine)")
     ns = ap.parse_args(argv)
+    if ns.planner_time:
+        t0 = time.perf_counter()
+        result = planner_time()
+        out = Path(ns.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"per_pass_planner_time_{ns.tag}.json"
+        path.write_text(json.dumps({"benchmark": "per_pass_planner_time", "cpu_count": os.cpu_count(),
+                                    "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+                                    **result, "wall_s": time.perf_counter() - t0}, indent=1))
+        print(json.dumps(result), f"\nwrote {path}")
+        return 0
     if not all((traces_dir() / name).exists() for name in ESFT_TRACES):
         print(f"skipped: the ESFT traces are not in {traces_dir()}")
         return 0

@@ -38,7 +38,7 @@ import torch
 
 from ..counts import bucket_passes
 from ..errors import UsageError
-from ..kernels.minmax import minmax_loads
+from ..kernels.minmax import build_minmax_tables, minmax_gpu_shares
 from .migrate import align_to_previous
 
 PERPASS_ROUNDS = 20
@@ -48,14 +48,21 @@ PERPASS_SCORE_ITERATIONS = 10  # diffusion steps when scoring (ranking candidate
 PERPASS_SEED = 0
 SHIFT_T = 2.0  # standard errors a held-out gain must clear for a layer to count as shifted
 SHIFT_MIN_FOLD_PASSES = 2  # passes per fold below which no shift test runs
+PATH_SINGLE = 16  # a path's first rounds take one change each ...
+PATH_GROWTH = 4  # ... then one more per round every PATH_GROWTH rounds
+PATH_LOOKAHEAD = 16  # slots a path runs past the budget's reach before it stops
 
 
 def _pass_gpu_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
     """maps: [N, P] int64; counts: [N, W, E] float32. Returns [N, W, G]: each pass's GPU
     loads under ``minmax`` dispatch."""
     num_maps, num_passes, num_logical = counts.shape
-    gpu = minmax_loads(maps.repeat_interleave(num_passes, 0), counts.reshape(num_maps * num_passes, num_logical),
-                       num_gpus=num_gpus, iterations=PERPASS_SCORE_ITERATIONS)
+    tables = build_minmax_tables(maps, num_logical, num_gpus=num_gpus)  # once per map, not per pass
+    _, gpu = minmax_gpu_shares(counts.reshape(num_maps * num_passes, num_logical),
+                               tables.multi_experts.repeat_interleave(num_passes, 0),
+                               tables.multi_gpus.repeat_interleave(num_passes, 0),
+                               tables.single_slots.repeat_interleave(num_passes, 0),
+                               iterations=PERPASS_SCORE_ITERATIONS)
     return gpu.view(num_maps, num_passes, num_gpus)
 
 
@@ -205,13 +212,17 @@ def shifted_layers(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *,
 def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, num_gpus: int, max_cost: int,
              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A greedy path of valid maps from ``live`` to ``target`` ([L, P] each), one change
-    per step and layer: a change sets a slot to its target expert when the expert it holds
-    keeps a replica elsewhere, or else swaps it with a slot that holds that target expert and
-    wants this one (a pure swap); each step draws ``PERPASS_CANDIDATES`` of a layer's valid
-    changes and takes the one whose map scores best on ``counts``. A layer stops where no
-    valid change is left (a cycle of three or more single replicas stays as it is live), and
-    every layer stops after ``max_cost`` steps (each step changes a slot or two: a longer
-    prefix would not fit that budget).
+    per step: a change sets a slot to its target expert when the expert it holds keeps a
+    replica elsewhere, or else swaps it with a slot that holds that target expert and wants
+    this one (a pure swap). Each round draws ``PERPASS_CANDIDATES`` of every layer's valid
+    changes, scores each on ``counts`` and takes the best; from round ``r`` on it takes up to
+    ``1 + r // PATH_GROWTH`` of them (``PERPASS_CANDIDATES // 2`` at most), best first, on
+    distinct slots and never the last replica of an expert, and scores each prefix. So the
+    early, steep part of a path (where a budget is spent) is greedy one change at a time,
+    and a long path takes O(sqrt(its length)) rounds. A layer stops where no valid change is
+    left (a cycle of three or more single replicas stays as it is live), and every layer
+    stops after ``max_cost`` steps (each step changes a slot or two: a longer prefix would
+    not fit that budget).
 
     Returns (cost [L, S]: slots changed after each step, cumulative; score [L, S]; changes
     [S - 1, L, 4]: per step and layer the slots and experts written, (slot, expert, slot,
@@ -224,8 +235,11 @@ def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, 
     layer_idx, cand_idx = rows[:, None].expand(num_layers, k), torch.arange(k)[None].expand(num_layers, k)
     cost = [torch.zeros(num_layers, dtype=torch.int64)]
     score = [mean_pass_balancedness(current, counts, num_gpus=num_gpus)]
-    changes = []
-    for _ in range(min(num_slots, max_cost)):  # every step closes at least one difference
+    changes: list[torch.Tensor] = []
+    active = torch.ones(num_layers, dtype=torch.bool)
+    for round_ in range(min(num_slots, max_cost)):  # every round closes at least one difference
+        if len(changes) >= max_cost:
+            break
         differs = current != target
         if not differs.any():
             break
@@ -243,25 +257,76 @@ def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, 
                                  generator=gen)
         leaving, coming = current.gather(1, slot), target.gather(1, slot)
         valid_single, valid_swap = single.gather(1, slot), swap.gather(1, slot)
-        partner = partner_ok.float().argmax(-1).gather(1, slot)
+        partner = torch.where(valid_swap, partner_ok.float().argmax(-1).gather(1, slot), -1)
         cand = current.unsqueeze(1).repeat(1, k, 1)
         ok = valid_single | valid_swap
         cand[layer_idx[ok], cand_idx[ok], slot[ok]] = coming[ok]
         cand[layer_idx[valid_swap], cand_idx[valid_swap], partner[valid_swap]] = leaving[valid_swap]
-        scored = mean_pass_balancedness(cand.view(-1, num_slots), counts.repeat_interleave(k, 0),
-                                        num_gpus=num_gpus).view(num_layers, k)
-        best, arg = torch.where(ok, scored, -1.0).max(1)
-        step = ok.any(1)
-        pick = arg[:, None]
-        change = torch.stack([slot.gather(1, pick)[:, 0], coming.gather(1, pick)[:, 0],
-                              torch.where(valid_swap.gather(1, pick), partner.gather(1, pick), -1)[:, 0],
-                              leaving.gather(1, pick)[:, 0]], 1)
-        change[~step] = -1
-        change[:, 3] = torch.where(change[:, 2] >= 0, change[:, 3], -1)
-        current[step] = cand[rows[step], arg[step]]
-        changes.append(change)
-        cost.append(cost[-1] + (change[:, [0, 2]] >= 0).sum(1))
-        score.append(torch.where(step, best, score[-1]))
+        ok &= active[:, None]
+        moving = ok.any(1).nonzero().flatten()  # only these layers are scored
+        if moving.numel() == 0:
+            break
+        scored = torch.full((num_layers, k), -1.0)
+        scored[moving] = torch.where(ok[moving], mean_pass_balancedness(
+            cand[moving].view(-1, num_slots), counts[moving].repeat_interleave(k, 0), num_gpus=num_gpus,
+        ).view(-1, k), -1.0)
+        take = min(k // 2, 1 + max(0, round_ - PATH_SINGLE) // PATH_GROWTH, max_cost - len(changes))
+        # Take up to ``take`` changes per layer, best first: distinct slots, and an expert
+        # keeps at least one replica (a single change removes one of ``leaving``'s).
+        order = torch.argsort(scored, dim=1, descending=True, stable=True)
+        used = torch.zeros(num_layers, num_slots, dtype=torch.bool)
+        removed = torch.zeros(num_layers, num_logical)
+        taken = torch.zeros(num_layers, dtype=torch.int64)
+        round_changes = torch.full((take, num_layers, 4), -1, dtype=torch.int64)
+        for rank in range(k):
+            c = order[:, rank:rank + 1]
+            s_, p_ = slot.gather(1, c)[:, 0], partner.gather(1, c)[:, 0]
+            out, into = leaving.gather(1, c)[:, 0], coming.gather(1, c)[:, 0]
+            is_single = valid_single.gather(1, c)[:, 0]
+            accept = ok.gather(1, c)[:, 0] & (taken < take) & ~used[rows, s_] \
+                & ((p_ < 0) | ~used[rows, p_.clamp_min(0)]) \
+                & (~is_single | (removed[rows, out] + 1 < replicas[rows, out]))
+            if not accept.any():
+                continue
+            at = taken[accept]
+            round_changes[at, rows[accept]] = torch.stack(
+                [s_, into, p_, torch.where(p_ >= 0, out, -1)], 1)[accept]
+            used[rows[accept], s_[accept]] = True
+            swapped = accept & (p_ >= 0)
+            used[rows[swapped], p_[swapped]] = True
+            removed[rows[accept & is_single], out[accept & is_single]] += 1
+            taken += accept.long()
+            if bool((taken >= take).all()):
+                break
+        # Apply the round's changes in order, scoring every prefix (one change: its own score).
+        prefixes = []
+        for change in round_changes:
+            step = change[:, 0] >= 0
+            current[rows[step], change[step, 0]] = change[step, 1]
+            swapped = change[:, 2] >= 0
+            current[rows[swapped], change[swapped, 2]] = change[swapped, 3]
+            prefixes.append(current.clone())
+            changes.append(change)
+            cost.append(cost[-1] + (change[:, [0, 2]] >= 0).sum(1))
+        if take == 1:
+            best = scored.gather(1, order[:, :1])[:, 0]
+            score.append(torch.where(round_changes[0, :, 0] >= 0, best, score[-1]))
+        else:
+            scores = torch.zeros(num_layers, take)
+            scores[moving] = mean_pass_balancedness(
+                torch.stack(prefixes, 1)[moving].view(-1, num_slots), counts[moving].repeat_interleave(take, 0),
+                num_gpus=num_gpus).view(-1, take)
+            for j in range(take):
+                score.append(torch.where(round_changes[j, :, 0] >= 0, scores[:, j], score[-1]))
+        # A layer stops once its path runs PATH_LOOKAHEAD slots past where the budget, spent
+        # over the paths so far, would stop it while the budget is binding: the paths only
+        # get longer, so the slope the budget reaches down to only rises.
+        if int(cost[-1].sum()) > max_cost:
+            cost_t, score_t = torch.stack(cost, 1), torch.stack(score, 1)
+            stop = torch.tensor(_spend_along(cost_t, score_t, max_cost))
+            spent = cost_t[rows, stop]
+            if int(spent.sum()) + PATH_LOOKAHEAD > max_cost:
+                active &= cost[-1] - spent < PATH_LOOKAHEAD
     empty = torch.empty(0, num_layers, 4, dtype=torch.int64)
     return torch.stack(cost, 1), torch.stack(score, 1), torch.stack(changes) if changes else empty
 
