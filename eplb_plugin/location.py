@@ -29,7 +29,13 @@ import torch
 from eplb_plugin.algorithms import plan
 from eplb_plugin.counts import checked_count_values
 from eplb_plugin.errors import CountsError, PlacementError
-from eplb_plugin.maps import compute_logical_to_physical_map, equal_split_weights, replica_count
+from eplb_plugin.maps import (
+    checked_replica_count,
+    compute_logical_to_physical_map,
+    equal_split_weights,
+    integer_map_ids,
+    replica_count,
+)
 from eplb_plugin.placement_format import WEIGHTS_SUFFIX, save_placement, weights_sidecar
 
 INLINE_SOURCE = "<inline JSON>"
@@ -117,12 +123,7 @@ class ExpertLocation:
         ep_size or the replica weights are wrong.
         """
         phy2log = _as_tensor(physical_to_logical_map, source, "physical_to_logical_map")
-        if phy2log.dtype == torch.bool or phy2log.is_complex():
-            raise PlacementError(f"{source}: physical_to_logical_map has dtype {phy2log.dtype}; expected integer ids")
-        if phy2log.dtype.is_floating_point:
-            if not torch.isfinite(phy2log).all() or not torch.equal(phy2log, phy2log.round()):
-                raise PlacementError(f"{source}: physical_to_logical_map holds non-integer ids")
-        phy2log = phy2log.to(torch.int64).cpu()
+        phy2log = integer_map_ids(phy2log, source)
         if phy2log.dim() != 2:
             raise PlacementError(
                 f"{source}: physical_to_logical_map must be [num_layers, num_physical_experts], "
@@ -139,23 +140,7 @@ class ExpertLocation:
                 f"{num_logical_experts} logical + redundant = {num_physical_experts} (check --ep-num-redundant-experts)"
             )
         _check_sizes(num_logical_experts, num_physical, ep_size, source=source)
-        bad = (phy2log < 0) | (phy2log >= num_logical_experts)
-        if bad.any():
-            layer, slot = (int(i) for i in bad.nonzero()[0])
-            value = int(phy2log[layer, slot])
-            raise PlacementError(
-                f"{source}: physical_to_logical_map[{layer}][{slot}] = {value} is outside [0, {num_logical_experts})"
-                + ("; -1 marks an unused slot (as vLLM writes maps), but every slot must hold an expert here"
-                   if value == -1 else "")
-            )
-        counts = replica_count(phy2log, num_logical_experts)
-        missing = (counts == 0).nonzero()
-        if len(missing):
-            layer, expert = (int(i) for i in missing[0])
-            raise PlacementError(
-                f"{source}: logical expert {expert} has no replica in layer {layer} "
-                f"({len(missing)} (layer, expert) pairs without one); every expert needs a slot"
-            )
+        counts = checked_replica_count(phy2log, num_logical_experts, source)
         weights = None
         if replica_weights is not None:
             weights = _validate_replica_weights(replica_weights, phy2log, num_logical_experts, source)

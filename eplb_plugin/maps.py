@@ -9,6 +9,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from .errors import PlacementError
+
 _Map = TypeVar("_Map", torch.Tensor, np.ndarray)
 
 
@@ -46,3 +48,37 @@ def compute_logical_to_physical_map(physical_to_logical_map: torch.Tensor, num_l
     layer_idx = torch.arange(num_layers).unsqueeze(1).expand(-1, num_physical)
     out[layer_idx, sorted_experts, rank_in_expert] = order
     return out
+
+
+def integer_map_ids(phy2log: torch.Tensor, source: str) -> torch.Tensor:
+    """A map's ids as int64 on the CPU; PlacementError naming ``source`` for bool, complex or
+    non-integer (fractional, NaN, infinite) ids."""
+    if phy2log.dtype == torch.bool or phy2log.is_complex():
+        raise PlacementError(f"{source}: physical_to_logical_map has dtype {phy2log.dtype}; expected integer ids")
+    if phy2log.dtype.is_floating_point:
+        if not torch.isfinite(phy2log).all() or not torch.equal(phy2log, phy2log.round()):
+            raise PlacementError(f"{source}: physical_to_logical_map holds non-integer ids")
+    return phy2log.to(torch.int64).cpu()
+
+
+def checked_replica_count(phy2log: torch.Tensor, num_logical_experts: int, source: str) -> torch.Tensor:
+    """[L, P] int64 map -> [L, E] replica counts, after checking that every id names a logical
+    expert and every expert has a slot in every layer (PlacementError naming ``source``)."""
+    bad = (phy2log < 0) | (phy2log >= num_logical_experts)
+    if bad.any():
+        layer, slot = (int(i) for i in bad.nonzero()[0])
+        value = int(phy2log[layer, slot])
+        raise PlacementError(
+            f"{source}: physical_to_logical_map[{layer}][{slot}] = {value} is outside [0, {num_logical_experts})"
+            + ("; -1 marks an unused slot (as vLLM writes maps), but every slot must hold an expert here"
+               if value == -1 else "")
+        )
+    counts = replica_count(phy2log, num_logical_experts)
+    missing = (counts == 0).nonzero()
+    if len(missing):
+        layer, expert = (int(i) for i in missing[0])
+        raise PlacementError(
+            f"{source}: logical expert {expert} has no replica in layer {layer} "
+            f"({len(missing)} (layer, expert) pairs without one); every expert needs a slot"
+        )
+    return counts

@@ -163,3 +163,28 @@ def test_simulate_moves_fewer_slots_than_deepseek_and_reports_per_pass_balancedn
                   dispatches=("random",))
     assert sum(res.slots_moved) < sum(ds.slots_moved)
     assert (res.balancedness["minmax"] >= res.balancedness["random"] - 1e-9).all()
+
+
+def test_a_previous_map_is_checked_as_a_placement_before_planning():
+    """A previous map in which an expert has no slot, or with fractional ids, is refused
+    (PlacementError naming the expert and layer) rather than planned from: its missing
+    experts' tokens would score as no load and the broken map would be kept."""
+    counts = np.random.default_rng(0).integers(0, 50, (8, 4, 16)).astype(float)
+    previous = plan(counts, num_physical_experts=24, num_gpus=4).physical_to_logical_map.clone()
+    broken = previous.clone()
+    broken[0] = 0
+    for algorithm in ("eplb_plugin", "eplb_plugin_perpass"):
+        with pytest.raises(PlacementError, match="previous map: logical expert 1 has no replica in layer 0"):
+            plan(counts, num_physical_experts=24, num_gpus=4, algorithm=algorithm, previous=broken)
+    with pytest.raises(PlacementError, match="previous map: physical_to_logical_map holds non-integer ids"):
+        plan(counts, num_physical_experts=24, num_gpus=4, previous=previous.double() + 0.7)
+    assert plan(counts, num_physical_experts=24, num_gpus=4, previous=previous.double()).slots_moved == 0
+
+
+@pytest.mark.parametrize("name", ["num_gpus", "num_physical_experts", "num_nodes", "num_groups"])
+@pytest.mark.parametrize("value", [True, 4.0, "4"])
+def test_plan_sizes_must_be_ints(name, value):
+    args = {"num_physical_experts": 16, "num_gpus": 4, name: value}
+    for algorithm in ("eplb_plugin", "deepseek_vec"):
+        with pytest.raises(ConfigError, match=f"{name}={value!r} must be an int"):
+            plan(torch.ones(2, 2, 8), algorithm=algorithm, **args)

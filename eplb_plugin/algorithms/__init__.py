@@ -25,7 +25,12 @@ from ..balance import gpu_loads
 from ..counts import checked_count_values
 from ..dispatch_info import DISPATCH_INFO
 from ..errors import ConfigError, CountsError, PlacementError
-from ..maps import compute_logical_to_physical_map, replica_count
+from ..maps import (
+    checked_replica_count,
+    compute_logical_to_physical_map,
+    integer_map_ids,
+    replica_count,
+)
 from ..registry import Registry
 from .balanced import plan_balanced, replica_weights
 from .deepseek import deepseek
@@ -212,6 +217,12 @@ def _validate_counts(logical_count) -> np.ndarray:
 
 
 def _validate_shape(num_logical, num_physical, num_gpus, num_nodes, num_groups) -> None:
+    sizes = {"num_physical_experts": num_physical, "num_gpus": num_gpus, "num_nodes": num_nodes,
+             "num_groups": num_groups}
+    for name, value in sizes.items():
+        if not (value is None and name == "num_groups") and (
+                isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise ConfigError(f"{name}={value!r} must be an int")
     if num_gpus <= 0 or num_nodes <= 0:
         raise ConfigError(f"num_gpus={num_gpus} and num_nodes={num_nodes} must be positive")
     if num_physical < num_logical:
@@ -226,14 +237,17 @@ def _validate_shape(num_logical, num_physical, num_gpus, num_nodes, num_groups) 
         raise ConfigError(f"num_groups={num_groups} does not divide the {num_logical} logical experts")
 
 
-def _previous_map(previous, shape) -> np.ndarray | None:
+def _previous_map(previous, shape: tuple[int, int], num_logical: int) -> np.ndarray | None:
+    """The previous placement's map as int64 [L, P], checked as a live placement is: integer
+    ids of this plan's experts, every expert with a slot in every layer (PlacementError)."""
     if previous is None:
         return None
     phy2log = previous.physical_to_logical_map if isinstance(previous, Placement) else previous
-    phy2log = torch.as_tensor(phy2log).cpu().numpy().astype(np.int64)
-    if phy2log.shape != shape:
-        raise PlacementError(f"previous map has shape {phy2log.shape}; expected {shape} for this plan")
-    return phy2log
+    phy2log = integer_map_ids(torch.as_tensor(phy2log), "previous map")
+    if tuple(phy2log.shape) != shape:
+        raise PlacementError(f"previous map has shape {tuple(phy2log.shape)}; expected {shape} for this plan")
+    checked_replica_count(phy2log, num_logical, "previous map")
+    return phy2log.numpy()
 
 
 def plan(
@@ -270,9 +284,7 @@ def plan(
     counts = per_pass.sum(0) if per_pass.ndim == 3 else per_pass
     num_layers, num_logical = counts.shape
     _validate_shape(num_logical, num_physical_experts, num_gpus, num_nodes, num_groups)
-    prev = _previous_map(previous, (num_layers, num_physical_experts))
-    if prev is not None and (prev.min() < 0 or prev.max() >= num_logical):
-        raise PlacementError(f"previous map holds experts outside 0..{num_logical - 1}")
+    prev = _previous_map(previous, (num_layers, num_physical_experts), num_logical)
     start = time.perf_counter()
     phy2log, weights = policy.plan(
         counts, num_physical_experts, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, previous=prev,
