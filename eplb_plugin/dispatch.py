@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from eplb_plugin.dispatch_info import dispatch_info
-from eplb_plugin.errors import ConfigError
+from eplb_plugin.errors import ConfigError, UsageError
 from eplb_plugin.kernels._launch import check_out_dtype, use_triton
 from eplb_plugin.kernels.fused import map_and_count
 from eplb_plugin.kernels.minmax import (
@@ -169,6 +169,10 @@ class ExpertDispatcher:
         ``DispatchInfo.counts_slots`` add this call's slots in the kernel that maps them
         (``static``: the fused map+count kernel; ``minmax``: its own); the others ignore it.
         """
+        if topk_ids.dtype.is_floating_point or topk_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise UsageError(f"topk_ids has dtype {topk_ids.dtype}; expected integer expert ids")
+        if not 0 <= layer < self.static_table.shape[0]:
+            raise UsageError(f"layer {layer} is outside 0..{self.static_table.shape[0] - 1}")
         pick = self.info.pick
         if pick == "minmax":
             return self._dispatch_minmax(layer, topk_ids, counts_out)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from eplb_plugin.dispatch import ExpertDispatcher, compute_static_dispatch_table
-from eplb_plugin.errors import ConfigError
+from eplb_plugin.errors import ConfigError, UsageError
 from eplb_plugin.location import ExpertLocation
 
 # 3 ranks x 2 slots. Expert 0 on every rank; experts 1, 2, 3 once each.
@@ -170,3 +170,16 @@ def test_gathered_counts_split_into_the_pass_and_the_lower_ranks_in_their_own_dt
     assert total.tolist() == [7, 7, 9] and offset.tolist() == [3, 3, 5]
     total, offset = split_gathered_counts(per_rank, 0)
     assert offset.dtype == torch.int32 and offset.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("algorithm", ["static", "random", "dynamic", "weighted", "minmax"])
+def test_every_algorithm_refuses_float_ids_and_a_layer_outside_the_map(algorithm):
+    """Float ids would be truncated to other experts, and a layer of -1 would read the last
+    layer's tables under one algorithm and fail deep inside another: both are refused alike."""
+    dispatcher = ExpertDispatcher(LOC, rank=0, algorithm=algorithm, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UsageError, match="topk_ids has dtype torch.float32; expected integer expert ids"):
+        dispatcher.dispatch(0, torch.tensor([[0.7, 1.2]]))
+    for layer in (-1, 1):
+        with pytest.raises(UsageError, match=f"layer {layer} is outside 0..0"):
+            dispatcher.dispatch(layer, torch.tensor([[0, 1]]))
+    assert dispatcher.dispatch(0, torch.tensor([[0, 1]])).shape == (1, 2)
