@@ -381,7 +381,10 @@ def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray
     fresh_t = torch.as_tensor(np.asarray(fresh), dtype=torch.int64)
     stale = mean_pass_balancedness(fresh_t, counts, num_gpus=num_gpus) \
         > mean_pass_balancedness(live_t, counts, num_gpus=num_gpus) + 1e-6  # [L]
-    stale |= shifted_layers(fresh_t.numpy(), live_t.numpy(), per_pass, num_gpus=num_gpus, num_nodes=num_nodes)
+    steady = (~stale).nonzero().flatten()  # the shift test runs on the layers not already stale
+    if steady.numel():
+        stale[steady] = shifted_layers(fresh_t[steady].numpy(), live_t[steady].numpy(), per_pass[:, steady.numpy()],
+                                       num_gpus=num_gpus, num_nodes=num_nodes)
     planned = live_t.numpy().copy()
     rows = stale.nonzero().flatten().numpy()
     if rows.size == 0:
