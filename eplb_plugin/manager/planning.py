@@ -47,18 +47,17 @@ class PolicyChoice:
 
     @classmethod
     def resolve(cls, args: EPLBArgs, *, expert_weights: Sequence[Sequence[torch.Tensor]]) -> PolicyChoice:
-        """ConfigError for a move budget the policy cannot take or below one expert."""
+        """ConfigError for an unknown policy, a move budget the policy cannot take or one below one expert."""
         # Import the policies now: an import inside the planning thread would hold the GIL and
         # stall serving at the first rebalance.
         import scipy.optimize  # noqa: F401  (imported lazily by the migration-aware policies)
 
-        from eplb_plugin.algorithms import PER_PASS_POLICIES, resolve_algorithm, split_for_dispatch
+        from eplb_plugin.algorithms import PER_PASS_POLICIES, split_for_dispatch
 
-        algorithm = resolve_algorithm(args.eplb_algorithm)
+        algorithm = args.policy()
         return cls(algorithm=algorithm, split=split_for_dispatch(args.ep_dispatch_algorithm),
                    per_pass=algorithm in PER_PASS_POLICIES,
-                   max_slots_moved=move_budget_slots(args.eplb_move_budget_mb, algorithm=algorithm,
-                                                     expert_weights=expert_weights))
+                   max_slots_moved=move_budget_slots(args.eplb_move_budget_mb, expert_weights=expert_weights))
 
     def plan_kwargs(self, live: ExpertLocation, *, num_nodes: int, num_groups: int | None,
                     max_slots_moved: int | None = None) -> dict[str, Any]:
@@ -254,17 +253,13 @@ def gather_window(window: LoadWindow, group: Any, *, per_pass: bool) -> tuple[to
     return summed[: logical.numel()].view_as(logical), summed[logical.numel():].view_as(physical)
 
 
-def move_budget_slots(budget_mb: float | None, *, algorithm: str,
-                      expert_weights: Sequence[Sequence[torch.Tensor]]) -> int | None:
+def move_budget_slots(budget_mb: float | None, *, expert_weights: Sequence[Sequence[torch.Tensor]]) -> int | None:
     """--eplb-move-budget-mb as slots per rebalance (the budget over one expert's bytes in
     the first layer that holds expert weights; a model's MoE layers share expert sizes);
-    None without a budget or without expert weights. ConfigError for a policy that takes no
-    move budget, or a budget below one expert."""
-    from eplb_plugin.algorithms import check_move_budget
-
+    None without a budget or without expert weights. ConfigError for a budget below one
+    expert (``EPLBArgs.policy`` refuses a policy that takes no budget)."""
     if budget_mb is None:
         return None
-    check_move_budget(algorithm, what="--eplb-move-budget-mb", who="--eplb-algorithm")
     slot_bytes = next((expert_bytes(layer) for layer in expert_weights if layer), 0)
     if slot_bytes == 0:  # no layer holds expert weights here: nothing ever moves
         return None
