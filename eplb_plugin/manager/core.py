@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHECK_EVERY_PASSES = 32
 DEFAULT_PLAN_TIMEOUT_S = 300.0
 DEFAULT_HISTORY_LIMIT = 64  # rebalance records kept in ``history`` (the newest; totals stay exact)
+PLANNER_BUSY_REASON = ("the plan of an earlier rebalance, past its timeout, is still running (one plan at a time); "
+                       "planning resumes once it ends")
 
 
 class Phase(str, Enum):
@@ -144,6 +146,7 @@ class EPLBManager:
         self._phase = Phase.IDLE
         self._record: RebalanceRecord | None = None
         self._job: PlanningJob | None = None  # rank 0's planning attempt (the latest)
+        self._planner_busy = False  # rank 0: the latest attempt, timed out, still ran when this rebalance began
         self._outcome: PlanOutcome | None = None  # what it produced, checked (rank 0)
         self._plan_started = 0.0
         self._started = 0.0  # perf_counter at the current rebalance's start
@@ -297,7 +300,10 @@ class EPLBManager:
         budget = None if per_rebalance is None else self._move_credit.grant(per_rebalance)
         # A drift rebalance plans its layers alone: a move budget is theirs, and the others keep their maps.
         self._plan_layers = None if len(record.layers) == self.location.num_layers else record.layers
-        if self.rank == 0:
+        # At most one plan runs: while a timed-out plan still runs (it cannot be interrupted),
+        # rank 0 starts none and _poll_plan tells every rank to skip this rebalance.
+        self._planner_busy = self.rank == 0 and self._job is not None and self._job.poll() is None
+        if self.rank == 0 and not self._planner_busy:
             kwargs = self._policy.plan_kwargs(self.location, num_nodes=self.args.nnodes, num_groups=self.num_groups,
                                               max_slots_moved=budget)
             counts, kwargs = planning.on_layers(self._plan_counts, kwargs, self._plan_layers)
@@ -305,7 +311,9 @@ class EPLBManager:
 
     def _poll_plan(self) -> None:
         status = PlanStatus.PENDING
-        if self.rank == 0 and self._job is not None:
+        if self._planner_busy:
+            status = PlanStatus.PLANNER_BUSY
+        elif self.rank == 0 and self._job is not None:
             outcome = self._job.poll()
             if outcome is not None:  # a malformed plan would make the broadcast itself disagree
                 loc = self.location
@@ -319,6 +327,8 @@ class EPLBManager:
         if status is PlanStatus.PENDING:
             return
         record = self._in_progress()
+        if status is PlanStatus.PLANNER_BUSY:
+            return self._skip(record, PLANNER_BUSY_REASON)
         record.solver_s = time.perf_counter() - self._plan_started
         if status is PlanStatus.FAILED:
             cause = self._outcome.error if self._outcome is not None else None
@@ -411,6 +421,9 @@ class EPLBManager:
     def _skip(self, record: RebalanceRecord, why: str) -> None:
         record.skipped = why
         self._end(record)
+        if self._phase is not Phase.IDLE:  # skipped while planning
+            self._enter(Phase.IDLE)
+        self._record = None
         logger.info("EPLB rebalance %d skipped: %s (stall %.3f s)", record.index, why, record.stall_s)
         self._export(record)
 

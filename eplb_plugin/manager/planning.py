@@ -193,6 +193,7 @@ class PlanStatus(IntEnum):
     PENDING = 0
     READY = 1
     FAILED = 2
+    PLANNER_BUSY = 3  # no plan started: an earlier one, past its timeout, still runs (skip)
 
 
 def rank0_status(outcome: PlanOutcome | None, *, timed_out: bool) -> PlanStatus:
