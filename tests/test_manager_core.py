@@ -188,3 +188,53 @@ def test_planning_threads_never_stack_behind_a_planner_past_its_timeout():
             manager.on_forward_pass_end()
     assert len(calls) == 2
     manager.close()
+
+
+class MinmaxWindow(FakeWindow):
+    """Two passes, each split by minmax dispatch: the first's hot expert (0) has a replica on
+    each GPU, the second's (2) one replica; the physical window is what that dispatch
+    realized (each GPU's load on its first slot)."""
+
+    def __init__(self, location: ExpertLocation):
+        super().__init__(location)
+        self.passes = torch.tensor([[[100.0, 10.0, 10.0, 10.0]] * NUM_LAYERS, [[10.0, 10.0, 100.0, 10.0]] * NUM_LAYERS])
+
+    def logical_count_passes(self) -> torch.Tensor:
+        return self.passes
+
+    def logical_count_window(self) -> torch.Tensor:
+        return self.passes.sum(0)
+
+    def physical_count_window(self) -> torch.Tensor:
+        from eplb_plugin.algorithms.evaluate import minmax_gpu_loads
+
+        gpu = minmax_gpu_loads(self.passes.numpy(), self.physical_to_logical_map.numpy(), num_gpus=2).sum(0)
+        slots = torch.zeros(NUM_LAYERS, NUM_SLOTS, dtype=torch.float64)
+        slots[:, ::NUM_SLOTS // 2] = torch.from_numpy(gpu)
+        return slots
+
+
+def test_under_minmax_a_plan_that_moves_nothing_predicts_the_balancedness_the_window_realized():
+    """The predicted balancedness scores the plan with the dispatch that runs (minmax splits
+    each pass), as the window's own figure was realized: a plan that keeps the live map
+    predicts exactly that figure (an equal split of the window's sum predicted 130/175, minmax
+    on the window's sum 1.0)."""
+    location = ExpertLocation.trivial(num_layers=NUM_LAYERS, num_logical_experts=NUM_EXPERTS,
+                                      num_physical_experts=NUM_SLOTS, ep_size=2)
+    weights = [[location.physical_to_logical_map[layer].to(torch.float32).view(-1, 1)] for layer in range(NUM_LAYERS)]
+
+    def keep_live_map(counts, *, previous, **kwargs):
+        return SimpleNamespace(physical_to_logical_map=previous.clone(), replica_weights=None)
+
+    args = EPLBArgs(ep_size=2, enable_eplb=True, eplb_rebalance_num_iterations=10_000, ep_dispatch_algorithm="minmax",
+                    eplb_algorithm="eplb_plugin_perpass").resolve()
+    manager = EPLBManager(args, location=location, recorder=MinmaxWindow(location), expert_weights=weights,
+                          planner=keep_live_map)
+    manager.rebalance_now()
+    while not manager.history or manager.history[0].end_pass is None:
+        manager.on_forward_pass_end()
+    record = manager.history[0]
+    assert record.error is None and record.slots_moved == 0
+    assert record.balancedness_before == pytest.approx(130 / 165)  # GPU loads 65 + 100 and 65 + 30
+    assert record.balancedness_predicted == pytest.approx(record.balancedness_before, abs=1e-9)
+    manager.close()
