@@ -242,8 +242,9 @@ class EPLBArgs:
             "--eplb-move-budget-mb": self.eplb_move_budget_mb,
         }
         for option, amount in amounts.items():
-            if amount is not None and not (math.isfinite(amount) and amount > 0):
-                raise ConfigError(f"{option} must be finite and > 0 (got {amount})")
+            number = isinstance(amount, (int, float)) and not isinstance(amount, bool)
+            if amount is not None and not (number and math.isfinite(amount) and amount > 0):
+                raise ConfigError(f"{option} must be finite and > 0 (got {amount!r})")
         if isinstance(self.eplb_move_budget_carry, bool) or not isinstance(self.eplb_move_budget_carry, int) \
                 or self.eplb_move_budget_carry < 0:
             raise ConfigError(f"--eplb-move-budget-carry must be an int >= 0 (got {self.eplb_move_budget_carry!r})")

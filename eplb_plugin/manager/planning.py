@@ -6,7 +6,7 @@ Only rank 0 plans. ``ThreadPlanningJob`` runs the planner in a daemon thread, so
 waits for the solver; the planner may itself be a ``planner_process.PlannerProcess``, whose
 worker process then plans while the thread waits on it without holding the GIL. A fresh job
 per attempt: a planner that timed out and finishes late writes into its own, abandoned job,
-never into a later one.
+never into a later one; while it runs the manager starts no other (``PlanStatus.PLANNER_BUSY``).
 """
 
 from __future__ import annotations
