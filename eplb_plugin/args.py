@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, get_args
 
@@ -180,7 +181,9 @@ class EPLBArgs:
         ``--ep-size`` > 1; a non-trivial ``--init-expert-location`` implies ``static``
         dispatch; metrics imply ``stat``; the buffer size follows the rebalance interval.
         """
-        self._check_ranges()
+        self.check_values()
+        self._check_layout()
+        self.policy()
         updates: dict[str, Any] = {}
         mode = self.expert_distribution_recorder_mode
         wants_stats = self.enable_expert_distribution_metrics or self.expert_balancedness_report_mode != "off"
@@ -205,7 +208,9 @@ class EPLBArgs:
             updates["expert_distribution_recorder_buffer_size"] = self.eplb_rebalance_num_iterations
         return dataclasses.replace(self, **updates) if updates else self
 
-    def _check_ranges(self) -> None:
+    def check_values(self) -> None:
+        """ConfigError naming the flag for a value out of its range, one flag at a time (the
+        runtime's ``resolve`` and the SGLang adapter, whose own flags SGLang parses, both run it)."""
         positive = {
             "--ep-size": self.ep_size,
             "--eplb-rebalance-num-iterations": self.eplb_rebalance_num_iterations,
@@ -228,27 +233,47 @@ class EPLBArgs:
             raise ConfigError(f"--expert-distribution-recorder-buffer-size must be >= 1 or -1 (got {size})")
         if self.ep_num_redundant_experts < 0:
             raise ConfigError(f"--ep-num-redundant-experts must be >= 0 (got {self.ep_num_redundant_experts})")
+        if self.eplb_drift_threshold is not None and not 0.0 < self.eplb_drift_threshold <= 1.0:
+            raise ConfigError(f"--eplb-drift-threshold must be in (0, 1] (got {self.eplb_drift_threshold})")
+        amounts = {  # inf or NaN would reach the waits and the planner (inf MiB -> NaN slots)
+            "--eplb-rebalance-interval-s": self.eplb_rebalance_interval_s,
+            "--eplb-transfer-budget-mb": self.eplb_transfer_budget_mb,
+            "--eplb-rebalance-timeout-s": self.eplb_rebalance_timeout_s,
+            "--eplb-move-budget-mb": self.eplb_move_budget_mb,
+        }
+        for option, amount in amounts.items():
+            number = isinstance(amount, (int, float)) and not isinstance(amount, bool)
+            if amount is not None and not (number and math.isfinite(amount) and amount > 0):
+                raise ConfigError(f"{option} must be finite and > 0 (got {amount!r})")
+        if isinstance(self.eplb_move_budget_carry, bool) or not isinstance(self.eplb_move_budget_carry, int) \
+                or self.eplb_move_budget_carry < 0:
+            raise ConfigError(f"--eplb-move-budget-carry must be an int >= 0 (got {self.eplb_move_budget_carry!r})")
+
+    def _check_layout(self) -> None:
+        """The runtime's process layout and mode flags, which SGLang checks for itself."""
         if not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
         if self.nnodes > 1 and self.dist_init_addr is None:
             raise ConfigError(f"--nnodes {self.nnodes} needs --dist-init-addr host:port of the first node")
         if self.ep_size % self.nnodes:
             raise ConfigError(f"--ep-size {self.ep_size} must be divisible by --nnodes {self.nnodes}")
-        if self.eplb_rebalance_interval_s is not None and self.eplb_rebalance_interval_s <= 0:
-            raise ConfigError(f"--eplb-rebalance-interval-s must be > 0 (got {self.eplb_rebalance_interval_s})")
-        if self.eplb_drift_threshold is not None and not 0.0 < self.eplb_drift_threshold <= 1.0:
-            raise ConfigError(f"--eplb-drift-threshold must be in (0, 1] (got {self.eplb_drift_threshold})")
-        if self.eplb_transfer_budget_mb <= 0:
-            raise ConfigError(f"--eplb-transfer-budget-mb must be > 0 (got {self.eplb_transfer_budget_mb})")
-        if not self.eplb_rebalance_timeout_s > 0:
-            raise ConfigError(f"--eplb-rebalance-timeout-s must be > 0 (got {self.eplb_rebalance_timeout_s})")
-        if self.eplb_move_budget_mb is not None and not self.eplb_move_budget_mb > 0:
-            raise ConfigError(f"--eplb-move-budget-mb must be > 0 (got {self.eplb_move_budget_mb})")
-        if isinstance(self.eplb_move_budget_carry, bool) or not isinstance(self.eplb_move_budget_carry, int) \
-                or self.eplb_move_budget_carry < 0:
-            raise ConfigError(f"--eplb-move-budget-carry must be an int >= 0 (got {self.eplb_move_budget_carry!r})")
         if self.eplb_non_blocking and not self.enable_eplb:
             raise ConfigError("--eplb-non-blocking needs --enable-eplb")
+
+    def policy(self) -> str:
+        """The registered placement policy ``--eplb-algorithm`` names (``auto``: the project's).
+        ConfigError naming the flag and the known policies for an unknown name, and for
+        ``--eplb-move-budget-mb`` with a policy that takes no move budget."""
+        from eplb_plugin.algorithms import POLICIES, check_move_budget, resolve_algorithm
+
+        try:
+            name = resolve_algorithm(self.eplb_algorithm)
+        except ConfigError as exc:
+            raise ConfigError(f"--eplb-algorithm {self.eplb_algorithm!r} is not a known policy; "
+                              f"known: auto, {', '.join(POLICIES)}") from exc
+        if self.eplb_move_budget_mb is not None:
+            check_move_budget(name, what="--eplb-move-budget-mb", who="--eplb-algorithm")
+        return name
 
     @property
     def num_gpus_per_node(self) -> int:

@@ -135,3 +135,29 @@ def test_the_move_budget_carry_flag_parses_with_its_default():
     add_eplb_args(parser)
     assert EPLBArgs.from_namespace(parser.parse_args([])).eplb_move_budget_carry == 3
     assert EPLBArgs.from_namespace(parser.parse_args(["--eplb-move-budget-carry", "0"])).eplb_move_budget_carry == 0
+
+
+@pytest.mark.parametrize("field, option", [
+    ("eplb_move_budget_mb", "--eplb-move-budget-mb"),
+    ("eplb_transfer_budget_mb", "--eplb-transfer-budget-mb"),
+    ("eplb_rebalance_interval_s", "--eplb-rebalance-interval-s"),
+    ("eplb_rebalance_timeout_s", "--eplb-rebalance-timeout-s"),
+])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -3.0, 0.0, "100", True])
+def test_an_amount_that_is_not_finite_and_positive_is_refused_naming_its_flag(field, option, value):
+    """An infinite or NaN budget, interval or timeout would reach the planner or the waits
+    (inf MiB of budget became NaN slots); it is refused like a negative one, and so is a value
+    that is not a number ($EPLB_PLUGIN_CONFIG's JSON can carry one)."""
+    with pytest.raises(ConfigError, match=f"{option} must be finite and > 0"):
+        EPLBArgs(ep_size=2, enable_eplb=True, **{field: value}).resolve()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("eplb_min_rebalancing_utilization_threshold", float("nan")),
+    ("eplb_min_rebalancing_utilization_threshold", float("inf")),
+    ("eplb_drift_threshold", float("nan")),
+    ("eplb_drift_threshold", float("inf")),
+])
+def test_a_threshold_that_is_nan_or_infinite_is_refused(field, value):
+    with pytest.raises(ConfigError, match="--" + field.replace("_", "-")):
+        EPLBArgs(ep_size=2, enable_eplb=True, **{field: value}).resolve()

@@ -167,3 +167,29 @@ def test_a_bad_init_expert_location_stops_the_launcher_with_one_line(tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"--init-expert-location {bad}, key 'physical_to_logical_map': logical expert 1 has no replica" in err
+
+
+def test_an_unknown_placement_policy_stops_the_parser_naming_the_flag_and_the_policies(capsys):
+    """--eplb-algorithm is checked against the policy registry before any rank starts."""
+    from eplb_plugin.algorithms import POLICIES
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--enable-eplb", "--ep-size", "2", "--eplb-algorithm", "bogus"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert f"--eplb-algorithm 'bogus' is not a known policy; known: auto, {', '.join(POLICIES)}" in err
+
+
+def test_slots_that_do_not_split_over_the_ranks_stop_the_launcher_before_any_rank_starts(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """The tiny preset's 16 experts + 3 redundant = 19 slots over 2 ranks: one line naming
+    both flags and the nearest redundant count that splits, exit 2, no rank spawned."""
+    import torch.multiprocessing as mp
+
+    monkeypatch.setattr(mp, "get_context", lambda *a: pytest.fail("a rank was spawned"))
+    code = main(["--ep-size", "2", "--ep-num-redundant-experts", "3", "--no-progress",
+                 "--report-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("--ep-num-redundant-experts 3: 16 experts + 3 redundant = 19 slots, not divisible by --ep-size 2 "
+            "(use --ep-num-redundant-experts 4)") in err

@@ -129,3 +129,112 @@ def test_a_failed_malformed_or_late_plan_fails_the_rebalance_and_keeps_the_place
     assert [w[0].flatten().tolist() for w in weights] == before.to(torch.float32).tolist()
     manager.close()
     assert jobs[0].cancelled == manager.plan_timeout_s  # close waits for the last job
+
+
+def test_a_rebalance_due_while_a_timed_out_plan_still_runs_is_skipped_until_that_plan_ends():
+    """At most one plan runs: a rebalance due while the plan of an earlier, timed-out one is
+    still running is skipped (counted, with its reason) without starting another; once that
+    plan ends, the next rebalance plans again, and the late plan is never used."""
+    manager, window, weights, jobs = build(plan_timeout_s=0.0)
+    before = manager.location.physical_to_logical_map.clone()
+    manager.rebalance_now()
+    with pytest.raises(RebalanceError, match="longer than 0.0 s"):
+        manager.on_forward_pass_end()
+    for _ in range(2):
+        manager.rebalance_now()
+        manager.on_forward_pass_end()
+    assert len(jobs) == 1 and manager.phase is Phase.IDLE
+    assert [r.skipped for r in manager.history[1:]] == [
+        "the plan of an earlier rebalance, past its timeout, is still running (one plan at a time); "
+        "planning resumes once it ends"] * 2
+    assert (manager.totals.failed, manager.totals.skipped) == (1, 2)
+    jobs[0].outcome = PlanOutcome(SimpleNamespace(physical_to_logical_map=PLANNED, replica_weights=None), None)
+    manager.plan_timeout_s = 60.0
+    manager.rebalance_now()
+    manager.on_forward_pass_end()
+    assert len(jobs) == 2 and manager.phase is Phase.PLANNING  # a fresh job; the late plan is dropped
+    assert torch.equal(manager.location.physical_to_logical_map, before) and window.maps == []
+
+
+def test_planning_threads_never_stack_behind_a_planner_past_its_timeout():
+    """With the real planning thread: a planner stuck past the timeout is never joined by a
+    second one however many rebalances come due; once it returns, the next rebalance plans."""
+    import threading
+
+    location = ExpertLocation.trivial(num_layers=NUM_LAYERS, num_logical_experts=NUM_EXPERTS,
+                                      num_physical_experts=NUM_SLOTS, ep_size=2)
+    weights = [[location.physical_to_logical_map[layer].to(torch.float32).view(-1, 1)] for layer in range(NUM_LAYERS)]
+    release, calls = threading.Event(), []
+
+    def stuck_planner(counts, **kwargs):
+        calls.append(threading.current_thread())
+        release.wait(timeout=60.0)
+        raise RuntimeError("late")
+
+    args = EPLBArgs(ep_size=2, enable_eplb=True, eplb_rebalance_num_iterations=2).resolve()
+    manager = EPLBManager(args, location=location, recorder=FakeWindow(location), expert_weights=weights,
+                          planner=stuck_planner, plan_timeout_s=0.0)
+    failures = 0
+    for _ in range(20):
+        try:
+            manager.on_forward_pass_end()
+        except RebalanceError:
+            failures += 1
+    assert (len(calls), failures, manager.totals.skipped) == (1, 1, 9)
+    release.set()
+    calls[0].join(timeout=60.0)
+    with pytest.raises(RebalanceError):
+        for _ in range(2):
+            manager.on_forward_pass_end()
+    assert len(calls) == 2
+    manager.close()
+
+
+class MinmaxWindow(FakeWindow):
+    """Two passes, each split by minmax dispatch: the first's hot expert (0) has a replica on
+    each GPU, the second's (2) one replica; the physical window is what that dispatch
+    realized (each GPU's load on its first slot)."""
+
+    def __init__(self, location: ExpertLocation):
+        super().__init__(location)
+        self.passes = torch.tensor([[[100.0, 10.0, 10.0, 10.0]] * NUM_LAYERS, [[10.0, 10.0, 100.0, 10.0]] * NUM_LAYERS])
+
+    def logical_count_passes(self) -> torch.Tensor:
+        return self.passes
+
+    def logical_count_window(self) -> torch.Tensor:
+        return self.passes.sum(0)
+
+    def physical_count_window(self) -> torch.Tensor:
+        from eplb_plugin.algorithms.evaluate import minmax_gpu_loads
+
+        gpu = minmax_gpu_loads(self.passes.numpy(), self.physical_to_logical_map.numpy(), num_gpus=2).sum(0)
+        slots = torch.zeros(NUM_LAYERS, NUM_SLOTS, dtype=torch.float64)
+        slots[:, ::NUM_SLOTS // 2] = torch.from_numpy(gpu)
+        return slots
+
+
+def test_under_minmax_a_plan_that_moves_nothing_predicts_the_balancedness_the_window_realized():
+    """The predicted balancedness scores the plan with the dispatch that runs (minmax splits
+    each pass), as the window's own figure was realized: a plan that keeps the live map
+    predicts exactly that figure (an equal split of the window's sum predicted 130/175, minmax
+    on the window's sum 1.0)."""
+    location = ExpertLocation.trivial(num_layers=NUM_LAYERS, num_logical_experts=NUM_EXPERTS,
+                                      num_physical_experts=NUM_SLOTS, ep_size=2)
+    weights = [[location.physical_to_logical_map[layer].to(torch.float32).view(-1, 1)] for layer in range(NUM_LAYERS)]
+
+    def keep_live_map(counts, *, previous, **kwargs):
+        return SimpleNamespace(physical_to_logical_map=previous.clone(), replica_weights=None)
+
+    args = EPLBArgs(ep_size=2, enable_eplb=True, eplb_rebalance_num_iterations=10_000, ep_dispatch_algorithm="minmax",
+                    eplb_algorithm="eplb_plugin_perpass").resolve()
+    manager = EPLBManager(args, location=location, recorder=MinmaxWindow(location), expert_weights=weights,
+                          planner=keep_live_map)
+    manager.rebalance_now()
+    while not manager.history or manager.history[0].end_pass is None:
+        manager.on_forward_pass_end()
+    record = manager.history[0]
+    assert record.error is None and record.slots_moved == 0
+    assert record.balancedness_before == pytest.approx(130 / 165)  # GPU loads 65 + 100 and 65 + 30
+    assert record.balancedness_predicted == pytest.approx(record.balancedness_before, abs=1e-9)
+    manager.close()

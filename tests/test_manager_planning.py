@@ -66,13 +66,14 @@ def test_one_rank_receives_its_own_plan_with_or_without_replica_weights():
     from types import SimpleNamespace
 
     phy2log = torch.tensor([[1, 0, 2], [0, 1, 2]], dtype=torch.int32)
-    new_map, weights = broadcast_plan(SimpleNamespace(physical_to_logical_map=phy2log, replica_weights=None),
-                                      shape=(2, 3), group=None)
+    new_map, weights, predicted = broadcast_plan(
+        SimpleNamespace(physical_to_logical_map=phy2log, replica_weights=None), shape=(2, 3), group=None)
     assert new_map.dtype == torch.int64 and new_map.tolist() == phy2log.tolist() and weights is None
+    assert predicted != predicted  # NaN: not scored
     planned = torch.full((2, 3), 0.5, dtype=torch.float64)
-    _, weights = broadcast_plan(SimpleNamespace(physical_to_logical_map=phy2log, replica_weights=planned),
-                                shape=(2, 3), group=None)
-    assert weights.dtype == torch.float32 and weights.tolist() == planned.tolist()
+    _, weights, predicted = broadcast_plan(SimpleNamespace(physical_to_logical_map=phy2log, replica_weights=planned),
+                                           shape=(2, 3), group=None, predicted=0.75)
+    assert weights.dtype == torch.float32 and weights.tolist() == planned.tolist() and predicted == 0.75
 
 
 def test_the_policy_is_resolved_once_and_a_move_budget_reaches_the_planner_in_slots():
@@ -84,7 +85,8 @@ def test_the_policy_is_resolved_once_and_a_move_budget_reaches_the_planner_in_sl
     args = EPLBArgs(ep_size=2, enable_eplb=True, eplb_algorithm="eplb_plugin_perpass", ep_dispatch_algorithm="minmax",
                     eplb_move_budget_mb=3.5).resolve()
     choice = PolicyChoice.resolve(args, expert_weights=weights)
-    assert choice == PolicyChoice(algorithm="eplb_plugin_perpass", split="equal", per_pass=True, max_slots_moved=3)
+    assert choice == PolicyChoice(algorithm="eplb_plugin_perpass", split="equal", per_pass=True, max_slots_moved=3,
+                                  follows_pass=True)
     live = ExpertLocation.trivial(num_layers=2, num_logical_experts=4, num_physical_experts=6, ep_size=2)
     kwargs = choice.plan_kwargs(live, num_nodes=1, num_groups=None)
     assert kwargs.pop("previous") is live.physical_to_logical_map
@@ -92,5 +94,6 @@ def test_the_policy_is_resolved_once_and_a_move_budget_reaches_the_planner_in_sl
                           algorithm="eplb_plugin_perpass", split="equal", max_slots_moved=3)
     unbudgeted = PolicyChoice.resolve(EPLBArgs(ep_size=2, enable_eplb=True, eplb_algorithm="deepseek_vec",
                                                ep_dispatch_algorithm="weighted").resolve(), expert_weights=weights)
-    assert unbudgeted == PolicyChoice(algorithm="deepseek_vec", split="weighted", per_pass=True, max_slots_moved=None)
+    assert unbudgeted == PolicyChoice(algorithm="deepseek_vec", split="weighted", per_pass=True, max_slots_moved=None,
+                                      follows_pass=False)
     assert "max_slots_moved" not in unbudgeted.plan_kwargs(live, num_nodes=1, num_groups=None)

@@ -60,6 +60,42 @@ def test_the_adapter_refuses_at_construction_what_would_fail_at_the_first_pass(s
         _adapter()
 
 
+@pytest.mark.parametrize("settings, message", [
+    ('{"eplb_move_budget_mb": -3}', "--eplb-move-budget-mb must be finite and > 0"),
+    ('{"eplb_move_budget_mb": Infinity}', "--eplb-move-budget-mb must be finite and > 0"),
+    ('{"eplb_move_budget_mb": NaN}', "--eplb-move-budget-mb must be finite and > 0"),
+    ('{"eplb_move_budget_carry": -1}', "--eplb-move-budget-carry must be an int >= 0"),
+    ('{"eplb_transfer_budget_mb": 0}', "--eplb-transfer-budget-mb must be finite and > 0"),
+    ('{"eplb_drift_threshold": 7}', r"--eplb-drift-threshold must be in \(0, 1\]"),
+    ('{"eplb_rebalance_interval_s": NaN}', "--eplb-rebalance-interval-s must be finite and > 0"),
+    ('{"eplb_move_budget_mb": 100}', "--eplb-move-budget-mb needs a policy that takes a move budget"),
+])
+def test_the_adapter_refuses_out_of_range_plugin_settings_at_construction(sglang_eplb, monkeypatch, settings,
+                                                                          message):
+    """The plugin's own flags (carried to SGLang's ranks in $EPLB_PLUGIN_CONFIG, as the
+    launcher's hook writes them) get the runtime's range checks in the constructor, and a move
+    budget given to a policy that takes none (here eplb_plugin) is refused there too, instead of
+    failing every rebalance from the first forward pass on."""
+    from eplb_plugin.integrations.sglang import CONFIG_ENV
+
+    monkeypatch.setenv(CONFIG_ENV, settings)
+    _eplb_runtime()
+    with pytest.raises(ConfigError, match=message):
+        _adapter()
+
+
+def test_the_adapter_accepts_a_move_budget_for_a_policy_that_takes_one(sglang_eplb, monkeypatch):
+    """The same budget with eplb_plugin_perpass (minmax dispatch) builds."""
+    from eplb_plugin.integrations.sglang import CONFIG_ENV
+
+    expert_distribution, expert_location, _ = sglang_eplb
+    monkeypatch.setenv(CONFIG_ENV, '{"eplb_move_budget_mb": 100}')
+    _eplb_runtime(eplb_algorithm="eplb_plugin_perpass", ep_dispatch_algorithm="minmax")
+    fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL)
+    _install_recorder(expert_distribution, expert_location)
+    assert _adapter()._args.eplb_move_budget_mb == 100
+
+
 def test_the_recorder_refuses_stat_approx_without_an_all_to_all_backend(sglang_eplb):
     """Nothing would deliver dispatch counts: SGLang refuses it when building its recorder, so
     does the plugin's init_new (also without --enable-eplb)."""

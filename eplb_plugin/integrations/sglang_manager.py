@@ -12,7 +12,9 @@ elastic-EP scaling and ``rebalance()`` (a generator, driven to its end) on the e
 fault path.
 
 Start-up (the constructor, in ``ModelRunner.initialize``) refuses with a ConfigError what
-would fail later: a policy the plugin's manager does not plan with, ``minmax`` dispatch that
+would fail later: a plugin setting out of range (``EPLBArgs.check_values``, as the runtime
+checks it), a policy the plugin's manager does not plan with or a move budget it cannot
+take, ``minmax`` dispatch that
 SGLang's mega gate would bypass, a recorder mode without counts, ``stat_approx`` without an
 all-to-all backend, pipeline parallelism, or an EP size other than the default group's size
 (``sglang_checks``). The project's ``EPLBManager`` is
@@ -79,7 +81,8 @@ _SGLANG_MOE_FIELDS = (
 
 
 def eplb_args_from_sglang() -> Any:
-    """EPLBArgs from SGLang's resolved flags plus ``$EPLB_PLUGIN_CONFIG`` (plugin-only fields)."""
+    """EPLBArgs from SGLang's resolved flags plus ``$EPLB_PLUGIN_CONFIG`` (plugin-only fields);
+    ConfigError naming the flag for a value out of range."""
     from sglang.srt.runtime_context import get_exec, get_parallel
 
     from eplb_plugin.args import EPLBArgs
@@ -92,7 +95,9 @@ def eplb_args_from_sglang() -> Any:
     values["nnodes"] = parallel.nnodes
     values["eplb_plan_in_process"] = SGLANG_PLAN_IN_PROCESS
     values.update(plugin_settings())
-    return EPLBArgs(**values)
+    args = EPLBArgs(**values)
+    args.check_values()  # the runtime's range checks; SGLang checks its own flags' layout
+    return args
 
 
 class SGLangEPLBManager:
@@ -116,7 +121,8 @@ class SGLangEPLBManager:
         # serve stops now with a ConfigError instead of at the first forward pass.
         moe = get_exec().moe
         self._args = eplb_args_from_sglang()
-        self._algorithm = sglang_checks.check_algorithm(self._args.eplb_algorithm, self._args.ep_dispatch_algorithm)
+        sglang_checks.check_algorithm(self._args.eplb_algorithm, self._args.ep_dispatch_algorithm)
+        self._algorithm = self._args.policy()  # and a move budget only for a policy that takes one
         sglang_checks.check_recorder_mode(moe.expert_distribution_recorder_mode)
         sglang_checks.check_dispatch_algorithm(self._args.ep_dispatch_algorithm, os.environ)
         sglang_checks.check_count_source(moe.expert_distribution_recorder_mode, getattr(moe, "moe_a2a_backend", None))

@@ -19,7 +19,9 @@ boundaries, in the same order on every rank:
 4. When the plan is ready, rank 0 broadcasts the new map (and replica weights): every rank
    gets exactly the same plan (``targets.py`` turns it into the target placement). A failed
    (or timed-out) plan is broadcast as a failure and re-raised as RebalanceError on every
-   rank's serving thread; the old placement stays.
+   rank's serving thread; the old placement stays. A timed-out plan cannot be interrupted:
+   while it still runs, a rebalance that comes due is skipped (counted, with the reason)
+   instead of starting another, so at most one plan runs and its late result is dropped.
 5. MOVING: ``--eplb-rebalance-layers-per-chunk`` layers per pass (all at once by default)
    move through the mover (``movers.py``: blocking, or in the background with
    ``--eplb-non-blocking``). A layer's new map goes live only once its weights landed on

@@ -18,7 +18,7 @@ import torch
 
 from eplb_plugin import triggers
 from eplb_plugin.args import EPLBArgs
-from eplb_plugin.balance import balancedness, gpu_loads, placement_balancedness
+from eplb_plugin.balance import balancedness, gpu_loads
 from eplb_plugin.comm import all_reduce_host, group_info
 from eplb_plugin.errors import (
     ConfigError,
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHECK_EVERY_PASSES = 32
 DEFAULT_PLAN_TIMEOUT_S = 300.0
 DEFAULT_HISTORY_LIMIT = 64  # rebalance records kept in ``history`` (the newest; totals stay exact)
+PLANNER_BUSY_REASON = ("the plan of an earlier rebalance, past its timeout, is still running (one plan at a time); "
+                       "planning resumes once it ends")
 
 
 class Phase(str, Enum):
@@ -144,7 +146,9 @@ class EPLBManager:
         self._phase = Phase.IDLE
         self._record: RebalanceRecord | None = None
         self._job: PlanningJob | None = None  # rank 0's planning attempt (the latest)
+        self._planner_busy = False  # rank 0: the latest attempt, timed out, still ran when this rebalance began
         self._outcome: PlanOutcome | None = None  # what it produced, checked (rank 0)
+        self._scorer: planning.ScoringPlanner | None = None  # its planner, which scores the plan (rank 0)
         self._plan_started = 0.0
         self._started = 0.0  # perf_counter at the current rebalance's start
         self._charged_until = 0.0  # perf_counter up to which its serving-thread time is in stall_s
@@ -297,21 +301,25 @@ class EPLBManager:
         budget = None if per_rebalance is None else self._move_credit.grant(per_rebalance)
         # A drift rebalance plans its layers alone: a move budget is theirs, and the others keep their maps.
         self._plan_layers = None if len(record.layers) == self.location.num_layers else record.layers
-        if self.rank == 0:
+        # At most one plan runs: while a timed-out plan still runs (it cannot be interrupted),
+        # rank 0 starts none and _poll_plan tells every rank to skip this rebalance.
+        self._planner_busy = self.rank == 0 and self._job is not None and self._job.poll() is None
+        if self.rank == 0 and not self._planner_busy:
             kwargs = self._policy.plan_kwargs(self.location, num_nodes=self.args.nnodes, num_groups=self.num_groups,
                                               max_slots_moved=budget)
             counts, kwargs = planning.on_layers(self._plan_counts, kwargs, self._plan_layers)
-            self._job = self.planning_job(self.planner, counts, kwargs)
+            self._scorer = planning.ScoringPlanner(self.planner, plan_counts=self._plan_counts, live=self.location,
+                                                   layers=self._plan_layers, follows_pass=self._policy.follows_pass)
+            self._job = self.planning_job(self._scorer, counts, kwargs)
 
     def _poll_plan(self) -> None:
         status = PlanStatus.PENDING
-        if self.rank == 0 and self._job is not None:
+        if self._planner_busy:
+            status = PlanStatus.PLANNER_BUSY
+        elif self.rank == 0 and self._job is not None:
             outcome = self._job.poll()
             if outcome is not None:  # a malformed plan would make the broadcast itself disagree
-                loc = self.location
-                planned = loc.num_layers if self._plan_layers is None else len(self._plan_layers)
-                outcome = outcome.checked(num_layers=planned, num_physical_experts=loc.num_physical_experts)
-                outcome = outcome.on_all_layers(self._plan_layers, loc)
+                outcome = planning.full_plan(outcome, layers=self._plan_layers, live=self.location)
             self._outcome = outcome
             timed_out = time.perf_counter() - self._plan_started > self.plan_timeout_s
             status = planning.rank0_status(outcome, timed_out=timed_out)
@@ -319,6 +327,8 @@ class EPLBManager:
         if status is PlanStatus.PENDING:
             return
         record = self._in_progress()
+        if status is PlanStatus.PLANNER_BUSY:
+            return self._skip(record, PLANNER_BUSY_REASON)
         record.solver_s = time.perf_counter() - self._plan_started
         if status is PlanStatus.FAILED:
             cause = self._outcome.error if self._outcome is not None else None
@@ -329,9 +339,10 @@ class EPLBManager:
     def _receive_plan(self) -> None:
         loc, record = self.location, self._in_progress()
         placement = self._outcome.placement if self.rank == 0 and self._outcome is not None else None
-        new_map, new_weights = planning.broadcast_plan(placement, shape=(loc.num_layers, loc.num_physical_experts),
-                                                       group=self.group)
-        target = targets.target_maps(loc, record.layers, new_map, new_weights)
+        predicted = self._scorer.predicted if self._scorer is not None else float("nan")
+        plan = planning.broadcast_plan(placement, shape=(loc.num_layers, loc.num_physical_experts), group=self.group,
+                                       predicted=predicted)
+        target = targets.target_maps(loc, record.layers, plan.physical_to_logical_map, plan.replica_weights)
         # Layers whose map changes move weights; a change of replica weights alone goes live now.
         record.layers = target.changed
         try:  # every rank validates the plan it received (the same bytes: the same verdict)
@@ -342,9 +353,7 @@ class EPLBManager:
         if self._policy.max_slots_moved is not None:
             self._move_credit.spend(targets.slots_changed(loc.physical_to_logical_map,
                                                           target_location.physical_to_logical_map))
-        record.balancedness_predicted = placement_balancedness(
-            self._counts, target.physical_to_logical_map, loc.ep_size, target.replica_weights
-        )
+        record.balancedness_predicted = plan.predicted  # scored by rank 0's planning thread
         self._planned_on = self._counts
         # Layers without routed experts (dense layers: no weight tensors) move nothing: their
         # new map goes live now, with the reweighted ones.
@@ -411,6 +420,9 @@ class EPLBManager:
     def _skip(self, record: RebalanceRecord, why: str) -> None:
         record.skipped = why
         self._end(record)
+        if self._phase is not Phase.IDLE:  # skipped while planning
+            self._enter(Phase.IDLE)
+        self._record = None
         logger.info("EPLB rebalance %d skipped: %s (stall %.3f s)", record.index, why, record.stall_s)
         self._export(record)
 

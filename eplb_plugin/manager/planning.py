@@ -6,7 +6,7 @@ Only rank 0 plans. ``ThreadPlanningJob`` runs the planner in a daemon thread, so
 waits for the solver; the planner may itself be a ``planner_process.PlannerProcess``, whose
 worker process then plans while the thread waits on it without holding the GIL. A fresh job
 per attempt: a planner that timed out and finishes late writes into its own, abandoned job,
-never into a later one.
+never into a later one; while it runs the manager starts no other (``PlanStatus.PLANNER_BUSY``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import torch
 
 from eplb_plugin.algorithms import Placement
 from eplb_plugin.args import EPLBArgs
+from eplb_plugin.balance import balancedness, placement_balancedness
 from eplb_plugin.comm import all_reduce_host, broadcast_host
+from eplb_plugin.dispatch_info import DISPATCH_INFO
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.executor.staging import expert_bytes
 from eplb_plugin.location import ExpertLocation
@@ -38,27 +40,29 @@ class PolicyChoice:
     dispatch splits an expert's tokens over its replicas; per_pass: the policy plans from the
     window's passes ([B, L, E]) instead of their sum; max_slots_moved: ``--eplb-move-budget-mb``
     in slots, the one figure of the budget per rebalance that ``MoveCredit.grant`` adds (None:
-    no budget)."""
+    no budget); follows_pass: the dispatch splits each pass itself (minmax), so a plan is
+    scored pass by pass (``predicted_balancedness``)."""
 
     algorithm: str
     split: str
     per_pass: bool
     max_slots_moved: int | None
+    follows_pass: bool
 
     @classmethod
     def resolve(cls, args: EPLBArgs, *, expert_weights: Sequence[Sequence[torch.Tensor]]) -> PolicyChoice:
-        """ConfigError for a move budget the policy cannot take or below one expert."""
+        """ConfigError for an unknown policy, a move budget the policy cannot take or one below one expert."""
         # Import the policies now: an import inside the planning thread would hold the GIL and
         # stall serving at the first rebalance.
         import scipy.optimize  # noqa: F401  (imported lazily by the migration-aware policies)
 
-        from eplb_plugin.algorithms import PER_PASS_POLICIES, resolve_algorithm, split_for_dispatch
+        from eplb_plugin.algorithms import PER_PASS_POLICIES, split_for_dispatch
 
-        algorithm = resolve_algorithm(args.eplb_algorithm)
-        return cls(algorithm=algorithm, split=split_for_dispatch(args.ep_dispatch_algorithm),
-                   per_pass=algorithm in PER_PASS_POLICIES,
-                   max_slots_moved=move_budget_slots(args.eplb_move_budget_mb, algorithm=algorithm,
-                                                     expert_weights=expert_weights))
+        algorithm, dispatch = args.policy(), args.ep_dispatch_algorithm
+        return cls(algorithm=algorithm, split=split_for_dispatch(dispatch), per_pass=algorithm in PER_PASS_POLICIES,
+                   max_slots_moved=move_budget_slots(args.eplb_move_budget_mb, expert_weights=expert_weights),
+                   follows_pass=dispatch is not None and dispatch in DISPATCH_INFO
+                   and DISPATCH_INFO.get(dispatch).follows_pass)
 
     def plan_kwargs(self, live: ExpertLocation, *, num_nodes: int, num_groups: int | None,
                     max_slots_moved: int | None = None) -> dict[str, Any]:
@@ -121,6 +125,60 @@ class PlanOutcome(NamedTuple):
             weights[rows] = planned.to(weights.dtype).cpu()
         return PlanOutcome(Placement(full, weights, slots_moved=getattr(self.placement, "slots_moved", None),
                                      solver_seconds=getattr(self.placement, "solver_seconds", 0.0)), None)
+
+
+def full_plan(outcome: PlanOutcome, *, layers: list[int] | None, live: ExpertLocation) -> PlanOutcome:
+    """A finished attempt's outcome, checked (``PlanOutcome.checked``) and, for a plan of
+    ``layers`` alone, as a plan of every layer (``PlanOutcome.on_all_layers``)."""
+    planned = live.num_layers if layers is None else len(layers)
+    checked = outcome.checked(num_layers=planned, num_physical_experts=live.num_physical_experts)
+    return checked.on_all_layers(layers, live)
+
+
+def predicted_balancedness(plan_counts: torch.Tensor, placement: Any, *, num_gpus: int, follows_pass: bool) -> float:
+    """The balancedness ``placement`` should reach on the window it was planned from, measured
+    as the window's own figure is: GPU loads summed over the window, mean/max per layer, mean
+    over layers.
+
+    plan_counts: [L, E], or [B, L, E] (the window's passes, consecutive ones summed).
+    follows_pass: the dispatch splits each pass itself (minmax): each row of [B, L, E] (the
+    window as one row for [L, E]) is split as minmax would (``evaluate.minmax_gpu_loads``);
+    otherwise the window's sum splits by the placement's replica weights, or equally.
+    """
+    if not follows_pass:
+        counts = plan_counts.sum(0) if plan_counts.dim() == 3 else plan_counts
+        return placement_balancedness(counts, placement.physical_to_logical_map, num_gpus, placement.replica_weights)
+    from eplb_plugin.algorithms.evaluate import minmax_gpu_loads
+
+    passes = plan_counts if plan_counts.dim() == 3 else plan_counts[None]
+    loads = minmax_gpu_loads(passes.numpy(), placement.physical_to_logical_map.numpy(), num_gpus=num_gpus)
+    return balancedness(torch.from_numpy(loads.sum(0)))
+
+
+class ScoringPlanner:
+    """``planner``, then ``predicted_balancedness`` of its plan, in the planning thread (rank 0):
+    scoring a per-pass plan under minmax replays the window's passes (seconds at DeepSeek-V3
+    sizes), too long for the serving thread. One per attempt, like its job, so a late plan
+    scores into its own, abandoned instance.
+
+    plan_counts: the window the plan is scored on ([L, E] or [B, L, E], every layer); live:
+    the placement serving while it plans; layers: the layers it plans (None: all).
+    ``predicted``: NaN until a well-formed plan was scored (a malformed one is the manager's
+    to report)."""
+
+    def __init__(self, planner: Planner, *, plan_counts: torch.Tensor, live: ExpertLocation,
+                 layers: list[int] | None, follows_pass: bool):
+        self.planner, self.plan_counts, self.live, self.layers = planner, plan_counts, live, layers
+        self.follows_pass = follows_pass
+        self.predicted = float("nan")
+
+    def __call__(self, counts: torch.Tensor, **kwargs: Any) -> Any:
+        placement = self.planner(counts, **kwargs)
+        outcome = full_plan(PlanOutcome(placement, None), layers=self.layers, live=self.live)
+        if outcome.error is None:
+            self.predicted = predicted_balancedness(self.plan_counts, outcome.placement,
+                                                    num_gpus=self.live.ep_size, follows_pass=self.follows_pass)
+        return placement
 
 
 def on_layers(counts: torch.Tensor, kwargs: dict[str, Any], layers: list[int] | None,
@@ -194,6 +252,7 @@ class PlanStatus(IntEnum):
     PENDING = 0
     READY = 1
     FAILED = 2
+    PLANNER_BUSY = 3  # no plan started: an earlier one, past its timeout, still runs (skip)
 
 
 def rank0_status(outcome: PlanOutcome | None, *, timed_out: bool) -> PlanStatus:
@@ -220,24 +279,34 @@ def agree_on_status(status: PlanStatus, group: Any) -> PlanStatus:
     return PlanStatus(int(broadcast_host(torch.tensor([int(status)], dtype=torch.int64), group)[0]))
 
 
-def broadcast_plan(placement: Any, *, shape: tuple[int, int], group: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rank 0's plan on every rank: (map [L, P] int64, replica weights [L, P] float32 or None).
+class ReceivedPlan(NamedTuple):
+    """Rank 0's plan as every rank receives it: the map [L, P] int64, the replica weights
+    [L, P] float32 (None: equal split) and its predicted balancedness (NaN: not scored)."""
+
+    physical_to_logical_map: torch.Tensor
+    replica_weights: torch.Tensor | None
+    predicted: float
+
+
+def broadcast_plan(placement: Any, *, shape: tuple[int, int], group: Any,
+                   predicted: float = float("nan")) -> ReceivedPlan:
+    """Rank 0's plan and its predicted balancedness on every rank.
 
     placement: rank 0's checked Placement (None on the other ranks). Collective: every rank
     calls it at the same pass; rank 0's plan is the plan, so every rank moves the same
     experts to the same slots."""
     new_map = torch.zeros(shape, dtype=torch.int64)
     weights = torch.zeros(shape, dtype=torch.float32)
-    has_weights = torch.zeros(1, dtype=torch.int64)
+    extras = torch.tensor([0.0, predicted], dtype=torch.float64)  # (has replica weights, predicted)
     if placement is not None:
         new_map = placement.physical_to_logical_map.to(torch.int64).cpu()
         if placement.replica_weights is not None:
             weights = placement.replica_weights.to(torch.float32).cpu()
-            has_weights[0] = 1
+            extras[0] = 1.0
     new_map = broadcast_host(new_map, group)
     weights = broadcast_host(weights, group)
-    has_weights = broadcast_host(has_weights, group)
-    return new_map, (weights if has_weights[0] else None)
+    extras = broadcast_host(extras, group)
+    return ReceivedPlan(new_map, weights if extras[0] else None, float(extras[1]))
 
 
 def gather_window(window: LoadWindow, group: Any, *, per_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,17 +323,13 @@ def gather_window(window: LoadWindow, group: Any, *, per_pass: bool) -> tuple[to
     return summed[: logical.numel()].view_as(logical), summed[logical.numel():].view_as(physical)
 
 
-def move_budget_slots(budget_mb: float | None, *, algorithm: str,
-                      expert_weights: Sequence[Sequence[torch.Tensor]]) -> int | None:
+def move_budget_slots(budget_mb: float | None, *, expert_weights: Sequence[Sequence[torch.Tensor]]) -> int | None:
     """--eplb-move-budget-mb as slots per rebalance (the budget over one expert's bytes in
     the first layer that holds expert weights; a model's MoE layers share expert sizes);
-    None without a budget or without expert weights. ConfigError for a policy that takes no
-    move budget, or a budget below one expert."""
-    from eplb_plugin.algorithms import check_move_budget
-
+    None without a budget or without expert weights. ConfigError for a budget below one
+    expert (``EPLBArgs.policy`` refuses a policy that takes no budget)."""
     if budget_mb is None:
         return None
-    check_move_budget(algorithm, what="--eplb-move-budget-mb", who="--eplb-algorithm")
     slot_bytes = next((expert_bytes(layer) for layer in expert_weights if layer), 0)
     if slot_bytes == 0:  # no layer holds expert weights here: nothing ever moves
         return None

@@ -21,6 +21,9 @@ class RebalanceRecord:
     started it (trigger check and gather) to its end (plan polls and broadcast, moves,
     commits). wall_s: seconds from its start to its end (the last layer live, the skip or
     the failure); None while it runs. end_pass: the pass it ended at; None while it runs.
+    balancedness_before: realized on the window it planned from (its GPU loads summed);
+    balancedness_predicted: its plan's on that window, measured the same way under the dispatch
+    that runs (``planning.predicted_balancedness``; NaN: not scored).
     """
 
     index: int

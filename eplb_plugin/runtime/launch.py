@@ -194,6 +194,7 @@ def launch(cfg: RuntimeConfig, runs: Sequence[RunSpec], dist_args: EPLBArgs) -> 
     early or a rank was lost.
     """
     ep_size = dist_args.ep_size
+    check_runs(cfg, runs, ep_size)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
         world = int(os.environ["WORLD_SIZE"])
         if world != ep_size:
@@ -211,7 +212,6 @@ def launch(cfg: RuntimeConfig, runs: Sequence[RunSpec], dist_args: EPLBArgs) -> 
             f"--ep-size {ep_size} over --nnodes {dist_args.nnodes} needs {dist_args.num_gpus_per_node} GPUs "
             f"per node; this one has {torch.cuda.device_count()}"
         )
-    check_runs(cfg, runs, ep_size)
     store = None
     store_addr = None
     if dist_args.nnodes > 1:
@@ -263,14 +263,23 @@ def launch(cfg: RuntimeConfig, runs: Sequence[RunSpec], dist_args: EPLBArgs) -> 
 
 
 def check_runs(cfg: RuntimeConfig, runs: Sequence[RunSpec], ep_size: int) -> None:
-    """Load each run's ``--init-expert-location`` here, before any rank starts, so that a bad
-    file is one typed error (ExpertLocationFileError) from the launcher."""
+    """Check each run's slot count and load its ``--init-expert-location`` here, before any
+    rank starts, so that a bad flag or file is one typed error (ConfigError,
+    ExpertLocationFileError) from the launcher."""
     from eplb_plugin.algorithms import resolve_algorithm, split_for_dispatch
     from eplb_plugin.location_files import load_init_expert_location
 
     model = cfg.model
     for run in runs:
         args = run.eplb
+        redundant = args.ep_num_redundant_experts
+        num_slots = model.num_logical_experts + redundant
+        if num_slots % ep_size:
+            raise ConfigError(
+                f"--ep-num-redundant-experts {redundant}: {model.num_logical_experts} experts + {redundant} "
+                f"redundant = {num_slots} slots, not divisible by --ep-size {ep_size} "
+                f"(use --ep-num-redundant-experts {redundant - num_slots % ep_size + ep_size})"
+            )
         if args.init_expert_location == "trivial":
             continue
         load_init_expert_location(
