@@ -17,10 +17,19 @@ from typing import Any
 import numpy as np
 
 from .algorithms.evaluate import DISPATCHES, per_pass_balancedness, simulate
-from .cli_inputs import load_counts, num_physical_from_args
+from .cli_inputs import (
+    check_output_file,
+    check_slots,
+    decay_factor,
+    load_traces,
+    num_physical_from_args,
+    positive_int,
+)
+from .errors import ConfigError
 
 DEFAULT_OUT = "eplb_runs/simulate.json"  # eplb_runs/ is git-ignored
 BASELINE = "no EPLB"
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def add_simulate(sub: Any, common: Any, formatter: type[argparse.HelpFormatter]) -> None:
@@ -31,16 +40,18 @@ def add_simulate(sub: Any, common: Any, formatter: type[argparse.HelpFormatter])
     )
     p.add_argument("trace", nargs="+", help="per-token .npz traces (topk_ids [T, L, k]), served in this order")
     common(p)
-    p.add_argument("--pass-tokens", type=int, default=256, help="tokens per forward pass when cutting the traces")
-    p.add_argument("--interval", type=int, default=8, help="passes between rebalances")
-    p.add_argument("--window", type=int, default=8, help="past passes the planner sees")
-    p.add_argument("--decay", type=float, default=None,
-                   help="plan on every past pass weighted decay**age instead of the window")
+    p.add_argument("--pass-tokens", type=positive_int, default=256,
+                   help="tokens per forward pass when cutting the traces (a trace's tokens past its last whole "
+                        "pass are left out)")
+    p.add_argument("--interval", type=positive_int, default=8, help="passes between rebalances")
+    p.add_argument("--window", type=positive_int, default=8, help="past passes the planner sees")
+    p.add_argument("--decay", type=decay_factor, default=None,
+                   help="plan on every past pass weighted decay**age instead of the window (0 < decay <= 1)")
     p.add_argument("--dispatch", nargs="+", default=list(DISPATCHES), choices=DISPATCHES,
                    help="token splits to score: static/random split equally, weighted follows the plan's "
                         "replica weights, dynamic water-fills each pass")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON report (its folder is created)")
-    p.add_argument("--plot", default=None, help="PNG path (default: no plot)")
+    p.add_argument("--plot", default=None, help=f"image path ({', '.join(PLOT_SUFFIXES)}; default: no plot)")
     p.set_defaults(func=run_simulate)
 
 
@@ -55,12 +66,29 @@ def baseline_balancedness(counts: np.ndarray, *, num_physical: int, num_gpus: in
                      for layer in range(num_layers)], axis=1)
 
 
-def run_simulate(args: argparse.Namespace) -> int:
+def _write(flag: str, path: Path, write) -> None:
+    """``write(path)`` after making its folder; ConfigError naming the flag where that fails."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot be written ({exc.strerror or exc})") from exc
 
-    parts = [load_counts(t, pass_tokens=args.pass_tokens) for t in args.trace]
+
+def run_simulate(args: argparse.Namespace) -> int:
+    out, plot = Path(args.out), None if args.plot is None else Path(args.plot)
+    check_output_file("--out", out, make_folder=True)  # before the replay; the folders are made when written
+    if plot is not None:
+        check_output_file("--plot", plot, suffixes=PLOT_SUFFIXES, make_folder=True)
+    parts = load_traces(args.trace, pass_tokens=args.pass_tokens, num_logical=args.num_logical_experts)
     counts = np.concatenate(parts)
+    if len(counts) <= args.interval:
+        raise ConfigError(f"the traces give {len(counts)} passes of --pass-tokens {args.pass_tokens} tokens, but the "
+                          f"first rebalance is at pass --interval {args.interval}: give more tokens, a smaller "
+                          "--pass-tokens or a smaller --interval")
     changes = [int(x) for x in np.cumsum([len(p) for p in parts])[:-1]]  # first pass of each later trace
     num_physical = num_physical_from_args(args, counts.shape[2])
+    check_slots(args, num_physical=num_physical, num_logical=counts.shape[2])
     res = simulate(counts, num_physical=num_physical, num_gpus=args.ep_size, interval=args.interval,
                    window=args.window, algorithm=args.algorithm, dispatches=tuple(args.dispatch), decay=args.decay)
     baseline_layers = baseline_balancedness(counts, num_physical=num_physical, num_gpus=args.ep_size)
@@ -84,13 +112,11 @@ def run_simulate(args: argparse.Namespace) -> int:
               "baseline_per_layer": baseline_layers.round(5).tolist(),
               "rebalance_passes": res.rebalance_passes, "slots_moved": res.slots_moved,
               "solver_seconds": res.solver_seconds}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    if args.plot:
-        plot_simulation(per_pass, baseline_layers, rebalances=res.rebalance_passes, changes=changes,
-                        path=Path(args.plot))
-    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
+    _write("--out", out, lambda path: path.write_text(json.dumps(report, indent=1)))
+    if plot is not None:
+        _write("--plot", plot, lambda path: plot_simulation(per_pass, baseline_layers, rebalances=res.rebalance_passes,
+                                                            changes=changes, path=path))
+    print(f"wrote {out}" + (f" and {plot}" if plot is not None else ""))
     return 0
 
 

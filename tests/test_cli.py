@@ -24,6 +24,14 @@ def _counts_json(tmp_path, key="logical_count"):
     return path
 
 
+def _preset_counts_json(tmp_path, preset, name="preset_counts.json"):
+    """Counts of the preset's shape [MoE layers, experts]."""
+    counts = (np.random.default_rng(0).random((preset.num_layers, preset.num_logical_experts)) ** 3 * 1000).tolist()
+    path = tmp_path / name
+    path.write_text(json.dumps({"logical_count": counts}))
+    return path
+
+
 def test_plan_writes_map_only_file_and_weights_sidecar_only_for_a_weighted_split(tmp_path, capsys):
     """By default (equal split, what stock SGLang does) only the map is written; with --split
     weighted the replica weights go to a sidecar, and the output says stock SGLang ignores it."""
@@ -67,7 +75,7 @@ def test_plan_preset_prints_memory_from_the_real_preset(tmp_path, capsys):
 
     name = PRESET_NAMES[0]
     preset = get_preset(name)
-    counts = (np.random.default_rng(0).random((2, preset.num_logical_experts)) * 100).tolist()
+    counts = (np.random.default_rng(0).random((preset.num_layers, preset.num_logical_experts)) * 100).tolist()
     src = tmp_path / "c.json"
     src.write_text(json.dumps({"counts": counts}))
     args = ["plan", str(src), "--ep-size", "4", "--redundant", "4", "--out", str(tmp_path / "p.json")]
@@ -185,13 +193,13 @@ def test_plan_memory_budget_takes_the_redundant_experts_that_fit_or_says_none_fi
     without a preset, with --redundant too, or negative, it is refused in one line."""
     preset = get_preset("deepseek-v2-lite")
     per_slot_gib = preset.expert_bytes * preset.num_layers / 2**30
-    src, out = _counts_json(tmp_path), tmp_path / "p.json"
+    src, out = _preset_counts_json(tmp_path, preset), tmp_path / "p.json"
     args = ["plan", str(src), "--ep-size", "4", "--preset", "deepseek-v2-lite", "--out", str(out)]
     assert main([*args, "--gpu-memory-budget-gib", str(2.5 * per_slot_gib)]) == 0
-    assert np.array(json.loads(out.read_text())["physical_to_logical_map"]).shape == (3, 16 + 8)
+    assert np.array(json.loads(out.read_text())["physical_to_logical_map"]).shape == (26, 64 + 8)
     assert "8 redundant experts (2 per GPU" in capsys.readouterr().out
     assert main([*args, "--gpu-memory-budget-gib", str(0.5 * per_slot_gib)]) == 0
-    assert np.array(json.loads(out.read_text())["physical_to_logical_map"]).shape == (3, 16)
+    assert np.array(json.loads(out.read_text())["physical_to_logical_map"]).shape == (26, 64)
     assert "below one redundant expert per GPU" in capsys.readouterr().out
     for bad, why in ((["--gpu-memory-budget-gib", "1", "--redundant", "4"], "not both"),
                      (["--gpu-memory-budget-gib", "-1"], "must be >= 0")):
@@ -199,3 +207,252 @@ def test_plan_memory_budget_takes_the_redundant_experts_that_fit_or_says_none_fi
         assert why in capsys.readouterr().err
     assert main(["plan", str(src), "--ep-size", "4", "--gpu-memory-budget-gib", "1", "--out", str(out)]) == 2
     assert "needs --preset" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- per-token .npz inputs
+
+
+def _npz(tmp_path, name="t.npz", **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def test_trace_padding_is_not_counted_as_another_layers_expert(tmp_path):
+    """A negative id (SGLang's -1) is padding: dropped, never counted as the last expert of
+    the layer before (the bincount offset) nor a crash when it opens the trace."""
+    ids = np.zeros((4, 2, 1), np.int64)
+    ids[:, 0, 0], ids[:, 1, 0], ids[0, 1, 0] = 1, -1, 2
+    assert load_counts(_npz(tmp_path, topk_ids=ids)).tolist() == [[0, 4, 0], [0, 0, 1]]
+    ids[0, 0, 0] = -1  # padding in pass 0, layer 0 (bincount refused the negative index)
+    assert load_counts(_npz(tmp_path, topk_ids=ids)).tolist() == [[0, 3, 0], [0, 0, 1]]
+    assert load_counts(_npz(tmp_path, topk_ids=ids), pass_tokens=2).tolist() == [[[0, 1, 0], [0, 0, 1]],
+                                                                               [[0, 2, 0], [0, 0, 0]]]
+
+
+def test_plan_and_simulate_serve_a_trace_with_padding(tmp_path):
+    ids = np.asarray(np.load(_topk_npz(tmp_path))["topk_ids"])
+    ids[::3, :, -1] = -1
+    src = _npz(tmp_path, "padded.npz", topk_ids=ids)
+    assert main(["plan", str(src), "--ep-size", "4", "--redundant", "4", "--out", str(tmp_path / "p.json")]) == 0
+    assert main(["simulate", str(src), "--ep-size", "4", "--pass-tokens", "128", "--dispatch", "static",
+                 "--out", str(tmp_path / "s.json")]) == 0
+
+
+@pytest.mark.parametrize("arrays, fragment", [
+    ({"ids": np.zeros((4, 2, 1), np.int64)}, "no 'topk_ids' key (keys: ['ids'])"),
+    ({"topk_ids": np.zeros((4, 2), np.int64)}, "topk_ids has shape [4, 2]; expected [tokens, layers, top_k]"),
+    ({"topk_ids": np.zeros((0, 2, 1), np.int64)}, "nothing to count"),
+    ({"topk_ids": np.full((4, 2, 1), 1.5)}, "holds float64 values; expected integer expert ids"),
+    ({"topk_ids": -np.ones((4, 2, 1), np.int64)}, "only padding"),
+])
+def test_a_malformed_trace_is_one_line_naming_the_file_and_key(tmp_path, capsys, arrays, fragment):
+    src = _npz(tmp_path, **arrays)
+    assert main(["plan", str(src), "--ep-size", "1", "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(src) in err and fragment in err, err
+
+
+def test_pass_tokens_is_refused_out_of_range_or_for_a_counts_file(tmp_path, capsys):
+    """--pass-tokens 0 or -5 (argparse), more than the trace holds, or given for a counts file:
+    refused naming the flag (0 was taken as not given, -5 and too many raised from reshape)."""
+    src, out = _topk_npz(tmp_path, tokens=64), str(tmp_path / "p.json")
+    for bad in ("0", "-5"):
+        with pytest.raises(SystemExit):
+            main(["plan", str(src), "--ep-size", "4", "--pass-tokens", bad, "--out", out])
+        assert f"argument --pass-tokens: must be >= 1 (got {bad})" in capsys.readouterr().err
+    assert main(["plan", str(src), "--ep-size", "4", "--pass-tokens", "65", "--out", out]) == 2
+    assert "64 tokens, fewer than one pass of --pass-tokens 65" in capsys.readouterr().err
+    assert main(["plan", str(_counts_json(tmp_path)), "--ep-size", "4", "--pass-tokens", "8", "--out", out]) == 2
+    assert "--pass-tokens cuts a per-token .npz trace" in capsys.readouterr().err
+
+
+def test_num_logical_experts_counts_the_experts_a_trace_never_routed_to(tmp_path, capsys):
+    """A trace's E is its largest id + 1 unless --num-logical-experts says otherwise: a
+    16-expert trace whose expert 15 got no token plans for 16 experts with the flag, and an id
+    at or above the flag is refused."""
+    ids = np.random.default_rng(0).integers(0, 15, (64, 2, 2))
+    src, out = _npz(tmp_path, topk_ids=ids), tmp_path / "p.json"
+    assert load_counts(src).shape == (2, 15)
+    assert load_counts(src, num_logical=16).shape == (2, 16) and load_counts(src, num_logical=16)[:, 15].sum() == 0
+    assert main(["plan", str(src), "--ep-size", "4", "--num-logical-experts", "16", "--out", str(out)]) == 0
+    assert np.array(json.loads(out.read_text())["physical_to_logical_map"]).shape == (2, 16)
+    assert main(["plan", str(src), "--ep-size", "4", "--out", str(out)]) == 2
+    assert "15 experts (the .npz's largest expert id + 1; --num-logical-experts sets it)" in capsys.readouterr().err
+    assert main(["plan", str(src), "--ep-size", "2", "--num-logical-experts", "14", "--out", str(out)]) == 2
+    assert "holds expert id 14, but --num-logical-experts is 14" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- plan
+
+
+def test_per_pass_policies_plan_on_the_passes_pass_tokens_cuts(tmp_path):
+    """With --pass-tokens the per-pass policies get the trace's passes [B, L, E] (what
+    plan() of the API plans from), so the cut changes their plan; without it, the sum."""
+    from eplb_plugin.algorithms import plan
+
+    src = _topk_npz(tmp_path)
+    ids = np.load(src)["topk_ids"]
+
+    def from_cli(*flags):
+        out = tmp_path / "p.json"
+        assert main(["plan", str(src), "--ep-size", "4", "--redundant", "4", *flags, "--out", str(out)]) == 0
+        return json.loads(out.read_text())["physical_to_logical_map"]
+
+    for policy in ("eplb_plugin_perpass", "deepseek_vec"):
+        for pass_tokens in (128, 512):
+            passes = load_counts(src, pass_tokens=pass_tokens)
+            assert passes.shape == (len(ids) // pass_tokens, 2, 16)
+            expected = plan(passes, num_physical_experts=20, num_gpus=4, algorithm=policy)
+            assert from_cli("--algorithm", policy, "--pass-tokens", str(pass_tokens)) == \
+                expected.physical_to_logical_map.tolist()
+    summed = from_cli("--algorithm", "eplb_plugin_perpass")
+    assert from_cli("--algorithm", "eplb_plugin_perpass", "--pass-tokens", "128") != summed
+
+
+def test_plan_checks_out_before_the_solver_runs(tmp_path, capsys, monkeypatch):
+    """--out with another suffix, in a folder that does not exist or takes no file, or naming a
+    folder: one line, exit 2, and the solver never ran."""
+    import eplb_plugin.cli as cli
+
+    monkeypatch.setattr(cli, "plan", lambda *a, **k: pytest.fail("the solver ran"))
+    src = _counts_json(tmp_path)
+    for out, fragment in ((tmp_path / "o.txt", "must end in .json or .pt"),
+                          (tmp_path / "nodir" / "o.json", f"folder {tmp_path / 'nodir'} does not exist")):
+        assert main(["plan", str(src), "--ep-size", "4", "--out", str(out)]) == 2
+        assert fragment in capsys.readouterr().err
+    (tmp_path / "d.json").mkdir()
+    assert main(["plan", str(src), "--ep-size", "4", "--out", str(tmp_path / "d.json")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+    def read_only(**kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr("eplb_plugin.cli_inputs.tempfile.TemporaryFile", read_only)  # what root meets on a ro mount
+    assert main(["plan", str(src), "--ep-size", "4", "--out", str(tmp_path / "o.json")]) == 2
+    assert f"folder {tmp_path} takes no file (Read-only file system)" in capsys.readouterr().err
+
+
+def test_plan_refuses_slots_that_do_not_divide_before_sizing(tmp_path, capsys, monkeypatch):
+    import eplb_plugin.cli as cli
+
+    monkeypatch.setattr(cli, "_print_sizing", lambda *a, **k: pytest.fail("sizing ran"))
+    out = str(tmp_path / "p.json")
+    assert main(["plan", str(_counts_json(tmp_path)), "--ep-size", "3", "--sizing", "--out", out]) == 2
+    assert "16 experts + --redundant 0 = 16 slots is not divisible by --ep-size 3; --redundant values that " \
+           "divide: 2, 5, 8, 11" in capsys.readouterr().err
+    assert main(["plan", str(_counts_json(tmp_path)), "--ep-size", "4", "--num-physical-experts", "12",
+                 "--out", out]) == 2
+    assert "--num-physical-experts 12 is below the 16 experts" in capsys.readouterr().err
+
+
+def test_a_memory_budget_is_capped_where_every_gpu_holds_every_expert(tmp_path, capsys):
+    """A budget above E * (G - 1) redundant experts (every GPU holding every expert; more buys
+    no balance), inf included, plans with that many and says so; NaN is refused."""
+    src, out = _preset_counts_json(tmp_path, get_preset("tiny")), tmp_path / "p.json"
+    args = ["plan", str(src), "--ep-size", "2", "--preset", "tiny", "--out", str(out)]
+    for budget in ("1e6", "inf"):
+        assert main([*args, "--gpu-memory-budget-gib", budget, "--sizing"]) == 0
+        printed = capsys.readouterr().out
+        assert "16 redundant experts (8 per GPU" in printed and "every GPU holds all 16 experts" in printed
+        assert "the budget holds more" in printed
+        assert np.array(json.loads(out.read_text())["physical_to_logical_map"]).shape == (4, 32)
+        rows = [line.split() for line in printed.splitlines() if line.strip() and line.split()[0].isdigit()]
+        assert [int(r[0]) for r in rows] == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    assert main([*args, "--gpu-memory-budget-gib", "nan"]) == 2
+    assert "--gpu-memory-budget-gib must be >= 0 (got nan)" in capsys.readouterr().err
+
+
+def test_sizing_rows_are_thinned_to_at_most_sixteen_keeping_the_first_and_the_planned():
+    from eplb_plugin.cli import MAX_SIZING_ROWS, _sizing_choices
+
+    assert _sizing_choices(16, 4, 16) == [0, 4, 8, 12, 16]
+    rows = _sizing_choices(64, 4, 192)
+    assert len(rows) == MAX_SIZING_ROWS and rows[0] == 0 and rows[-1] == 192 and all(r % 4 == 0 for r in rows)
+
+
+def test_a_budget_below_one_expert_per_gpu_plans_the_fewest_slots_that_divide(tmp_path, capsys):
+    """Where the experts do not divide over the GPUs (tiny's 16 over 3), a budget too small for
+    one redundant expert per GPU plans with the fewest that divide (2, P = 18) and says so;
+    --sizing prints that row instead of crashing on an empty curve."""
+    src, out = _preset_counts_json(tmp_path, get_preset("tiny")), tmp_path / "p.json"
+    assert main(["plan", str(src), "--ep-size", "3", "--preset", "tiny", "--gpu-memory-budget-gib", "0",
+                 "--sizing", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "below one redundant expert per GPU" in printed
+    assert "planning with 2 redundant experts, the fewest that divide 16 experts over 3 GPUs" in printed
+    rows = [line.split() for line in printed.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(2, 1)]
+    assert np.array(json.loads(out.read_text())["physical_to_logical_map"]).shape == (4, 18)
+
+
+def test_a_preset_of_another_shape_than_the_counts_is_refused(tmp_path, capsys, monkeypatch):
+    """--preset deepseek-v3 on 3 x 16 counts: one line naming the preset and both shapes
+    (it printed a negative GiB figure); a .npz whose last experts got no token is pointed
+    to --num-logical-experts."""
+    import eplb_plugin.cli as cli
+
+    monkeypatch.setattr(cli, "plan", lambda *a, **k: pytest.fail("the solver ran"))
+    out = str(tmp_path / "p.json")
+    assert main(["plan", str(_counts_json(tmp_path)), "--ep-size", "8", "--preset", "deepseek-v3",
+                 "--gpu-memory-budget-gib", "1", "--out", out]) == 2
+    assert "--preset deepseek-v3 has 58 MoE layers x 256 experts, but " in (err := capsys.readouterr().err)
+    assert "holds counts of 3 layers x 16 experts" in err and "--num-logical-experts" not in err
+    ids = np.random.default_rng(0).integers(0, 15, (64, 4, 2))  # tiny: 4 layers x 16 experts
+    assert main(["plan", str(_npz(tmp_path, topk_ids=ids)), "--ep-size", "4", "--preset", "tiny", "--out", out]) == 2
+    assert "give --num-logical-experts 16 if its last experts got no tokens" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- simulate
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--window", "0"], "argument --window: must be >= 1 (got 0)"),
+    (["--interval", "0"], "argument --interval: must be >= 1 (got 0)"),
+    (["--pass-tokens", "0"], "argument --pass-tokens: must be >= 1 (got 0)"),
+    (["--decay", "nan"], "argument --decay: must be in (0, 1] (got nan)"),
+    (["--decay", "-1"], "argument --decay: must be in (0, 1] (got -1)"),
+    (["--decay", "1.5"], "argument --decay: must be in (0, 1] (got 1.5)"),
+    (["--ep-size", "0"], "argument --ep-size: must be >= 1 (got 0)"),
+    (["--redundant", "-4"], "argument --redundant: must be >= 0 (got -4)"),
+])
+def test_simulate_refuses_out_of_range_numbers_naming_the_flag(tmp_path, capsys, flags, fragment):
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", str(tmp_path / "t.npz"), "--ep-size", "4", *flags])
+    assert exc.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_simulate_refuses_too_short_traces_and_counts_files_up_front(tmp_path, capsys):
+    src, out = _topk_npz(tmp_path, tokens=256), str(tmp_path / "s.json")
+    args = ["--ep-size", "4", "--out", out]
+    assert main(["simulate", str(src), *args, "--pass-tokens", "512"]) == 2
+    assert "256 tokens, fewer than one pass of --pass-tokens 512" in capsys.readouterr().err
+    assert main(["simulate", str(src), *args, "--pass-tokens", "32"]) == 2  # 8 passes, first rebalance at 8
+    assert "the traces give 8 passes of --pass-tokens 32 tokens, but the first rebalance is at pass " \
+           "--interval 8" in capsys.readouterr().err
+    assert main(["simulate", str(_counts_json(tmp_path)), *args]) == 2
+    assert "expected a per-token .npz" in capsys.readouterr().err
+    assert main(["simulate", str(src), *args, "--pass-tokens", "16", "--plot", str(tmp_path / "s.txt")]) == 2
+    assert "--plot" in capsys.readouterr().err and not Path(out).exists()
+
+
+def test_simulate_takes_traces_whose_largest_ids_differ(tmp_path, capsys):
+    """Two traces served in turn where the second never routes to expert 15: one E for both
+    (it failed to concatenate [B, L, 16] and [B, L, 15])."""
+    first = _topk_npz(tmp_path)
+    ids = np.load(first)["topk_ids"]
+    second = _npz(tmp_path, "second.npz", topk_ids=np.where(ids == 15, 14, ids))
+    assert main(["simulate", str(first), str(second), "--ep-size", "4", "--pass-tokens", "128",
+                 "--dispatch", "static", "--out", str(tmp_path / "s.json")]) == 0
+    assert "2 layers x 16 experts" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- inspect
+
+
+def test_inspect_names_a_missing_placement_as_its_argument_not_a_flag(tmp_path, capsys):
+    counts = _counts_json(tmp_path)
+    assert main(["inspect", str(tmp_path / "nonexist.json"), str(counts), "--ep-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"eplb inspect: error: placement {tmp_path / 'nonexist.json'}: file not found" in err
+    assert "--init-expert-location" not in err

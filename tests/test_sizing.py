@@ -5,8 +5,11 @@ import pytest
 
 from eplb_plugin.algorithms.sizing import (
     max_redundant_for_memory,
+    max_useful_redundant,
+    min_redundant,
     redundancy_curve,
     redundant_choices,
+    redundant_per_gpu,
 )
 from eplb_plugin.errors import ConfigError
 
@@ -25,6 +28,30 @@ def test_a_memory_budget_allows_the_redundant_slots_whose_weights_fit_on_every_g
     assert max_redundant_for_memory(1.0 * per_slot, expert_bytes=3, num_layers=100, num_logical=60, num_gpus=8) == 4
     with pytest.raises(ConfigError, match="must be >= 0"):
         max_redundant_for_memory(-1, expert_bytes=3, num_layers=100, num_logical=64, num_gpus=8)
+
+
+def test_a_memory_budget_is_capped_where_every_gpu_holds_every_expert():
+    """Past E * (G - 1) redundant slots every GPU holds every expert and more buy no balance:
+    a budget above that, inf included, gives that many (it gave millions, or NaN for inf)."""
+    assert max_useful_redundant(64, 8) == 448 and redundant_per_gpu(64, 448, 8) == 56
+    kwargs = dict(expert_bytes=3, num_layers=100, num_logical=64, num_gpus=8)
+    assert max_redundant_for_memory(1e30, **kwargs) == 448
+    assert max_redundant_for_memory(float("inf"), **kwargs) == 448
+    assert max_redundant_for_memory(56 * 300, **kwargs) == 448 and max_redundant_for_memory(55.9 * 300, **kwargs) == 440
+    assert max_redundant_for_memory(float("inf"), expert_bytes=3, num_layers=100, num_logical=30, num_gpus=4) == 90
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        max_redundant_for_memory(float("nan"), **kwargs)
+
+
+def test_a_budget_below_one_slot_per_gpu_gives_the_fewest_slots_that_divide():
+    """30 experts over 4 GPUs need 2 redundant slots to divide (0 made P = 30 and the plan
+    failed); where E divides, none."""
+    assert min_redundant(30, 4) == 2 and min_redundant(64, 8) == 0
+    assert max_redundant_for_memory(0, expert_bytes=3, num_layers=100, num_logical=30, num_gpus=4) == 2
+    assert max_redundant_for_memory(0, expert_bytes=3, num_layers=100, num_logical=64, num_gpus=8) == 0
+    assert max_redundant_for_memory(300, expert_bytes=3, num_layers=100, num_logical=30, num_gpus=4) == 2
+    assert max_redundant_for_memory(600, expert_bytes=3, num_layers=100, num_logical=30, num_gpus=4) == 6
+    assert redundant_per_gpu(30, 2, 4) == 1 and redundant_per_gpu(30, 6, 4) == 2
 
 
 def test_the_curve_scores_held_out_passes_and_refuses_counts_that_do_not_divide():

@@ -22,6 +22,7 @@ import torch
 
 from ..balance import gpu_loads, layer_balancedness
 from ..dispatch_info import DISPATCH_INFO
+from ..errors import CountsError, UsageError
 from ..kernels.minmax import minmax_loads
 from .split import equal_slot_loads
 
@@ -29,12 +30,26 @@ DISPATCHES = DISPATCH_INFO.names()
 
 
 def pass_counts(topk_ids: np.ndarray, *, num_logical: int, pass_tokens: int) -> np.ndarray:
-    """Cut a per-token trace into passes. topk_ids: [T, L, k] int. Returns [B, L, E] float64."""
+    """Cut a per-token trace into passes and count each pass's tokens per expert.
+
+    topk_ids: [T, L, k] int, logical ids; a negative id (SGLang's -1) is padding and is not
+    counted. Tokens past the last whole pass of ``pass_tokens`` are left out. Returns
+    [B, L, E] float64, B = T // pass_tokens. CountsError for non-integer ids or ids >=
+    ``num_logical`` (they would be counted in the next layer's row); UsageError for a
+    ``pass_tokens`` below 1.
+    """
+    if pass_tokens < 1:
+        raise UsageError(f"pass_tokens={pass_tokens} must be >= 1")
+    if not np.issubdtype(topk_ids.dtype, np.integer):
+        raise CountsError(f"topk_ids must hold integer expert ids, not {topk_ids.dtype}")
     num_tokens, num_layers, _ = topk_ids.shape
     num_passes = num_tokens // pass_tokens
     ids = topk_ids[: num_passes * pass_tokens].astype(np.int64).reshape(num_passes, pass_tokens, num_layers, -1)
+    if ids.size and int(ids.max()) >= num_logical:
+        raise CountsError(f"topk_ids holds expert id {int(ids.max())}, outside 0..{num_logical - 1} "
+                          f"(num_logical={num_logical})")
     offset = (np.arange(num_passes)[:, None] * num_layers + np.arange(num_layers)[None, :]) * num_logical
-    flat = (ids + offset[:, None, :, None]).ravel()
+    flat = (ids + offset[:, None, :, None])[ids >= 0]  # padding (negative ids) dropped
     counts = np.bincount(flat, minlength=num_passes * num_layers * num_logical)
     return counts.reshape(num_passes, num_layers, num_logical).astype(np.float64)
 

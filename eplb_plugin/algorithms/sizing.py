@@ -32,7 +32,19 @@ class SizingPoint:
 def redundant_choices(num_logical: int, num_gpus: int, max_redundant: int) -> list[int]:
     """Redundant slot counts from 0 up to ``max_redundant`` that keep P = E + r divisible by
     the GPUs (one more slot per GPU each step; the first step fills up to a multiple)."""
-    return list(range((-num_logical) % num_gpus, max_redundant + 1, num_gpus))
+    return list(range(min_redundant(num_logical, num_gpus), max_redundant + 1, num_gpus))
+
+
+def min_redundant(num_logical: int, num_gpus: int) -> int:
+    """The fewest redundant slots that keep P = E + r divisible by the GPUs (0 where they divide E)."""
+    return (-num_logical) % num_gpus
+
+
+def max_useful_redundant(num_logical: int, num_gpus: int) -> int:
+    """The most redundant slots that can buy balance: E * (G - 1), every GPU holding every
+    expert (each expert's tokens then split over all GPUs; a second replica of an expert on
+    one GPU takes no load off any GPU)."""
+    return num_logical * (num_gpus - 1)
 
 
 def redundant_per_gpu(num_logical: int, redundant: int, num_gpus: int) -> int:
@@ -44,13 +56,21 @@ def redundant_per_gpu(num_logical: int, redundant: int, num_gpus: int) -> int:
 def max_redundant_for_memory(budget_bytes_per_gpu: float, *, expert_bytes: int, num_layers: int,
                              num_logical: int, num_gpus: int) -> int:
     """The most redundant slots (all GPUs together) whose weights fit ``budget_bytes_per_gpu``
-    on every GPU: a redundant slot per GPU costs one expert in every MoE layer."""
-    if budget_bytes_per_gpu < 0:
+    on every GPU: a redundant slot per GPU costs one expert in every MoE layer.
+
+    Capped at ``max_useful_redundant`` (an infinite budget gives that), and never below
+    ``min_redundant``: where E does not divide over the GPUs, the fewest slots that do are
+    returned even if they do not fit (compare ``redundant_per_gpu`` with the budget to tell).
+    """
+    if not budget_bytes_per_gpu >= 0:  # NaN too
         raise ConfigError(f"the memory budget must be >= 0 (got {budget_bytes_per_gpu} bytes)")
-    per_gpu = int(budget_bytes_per_gpu // (expert_bytes * num_layers))
-    fits = [r for r in redundant_choices(num_logical, num_gpus, per_gpu * num_gpus + num_gpus)
-            if redundant_per_gpu(num_logical, r, num_gpus) <= per_gpu]
-    return max(fits, default=0)
+    per_slot = expert_bytes * num_layers  # one redundant slot per GPU, every MoE layer
+    most_per_gpu = redundant_per_gpu(num_logical, max_useful_redundant(num_logical, num_gpus), num_gpus)
+    per_gpu = most_per_gpu if budget_bytes_per_gpu >= most_per_gpu * per_slot \
+        else int(budget_bytes_per_gpu // per_slot)
+    # the largest r with E + r divisible by G and (E + r) / G - E // G <= per_gpu
+    redundant = num_gpus * (per_gpu + num_logical // num_gpus) - num_logical
+    return max(redundant, min_redundant(num_logical, num_gpus))
 
 
 def redundancy_curve(counts: np.ndarray, *, num_gpus: int, redundant: list[int], dispatch: str = "static",
