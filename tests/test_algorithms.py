@@ -188,3 +188,25 @@ def test_plan_sizes_must_be_ints(name, value):
     for algorithm in ("eplb_plugin", "deepseek_vec"):
         with pytest.raises(ConfigError, match=f"{name}={value!r} must be an int"):
             plan(torch.ones(2, 2, 8), algorithm=algorithm, **args)
+
+
+@pytest.mark.parametrize(("algorithm", "per_pass"), [("deepseek_vec", True), ("eplb_plugin", False)])
+def test_simulate_gives_per_pass_policies_the_window_s_passes(monkeypatch, algorithm, per_pass):
+    """A per-pass policy plans from the window's passes [W, L, E] (as the manager gives it),
+    not from their sum; the others get the sum (or, with a decay, the weighted sum)."""
+    import eplb_plugin.algorithms as algorithms
+
+    seen = []
+    real_plan = algorithms.plan
+
+    def recording_plan(counts, **kwargs):
+        seen.append(np.asarray(counts).shape)
+        return real_plan(counts, **kwargs)
+
+    monkeypatch.setattr(algorithms, "plan", recording_plan)
+    counts = np.random.default_rng(0).integers(0, 20, (12, 2, 8)).astype(float)
+    simulate(counts, num_physical=12, num_gpus=4, interval=4, window=3, algorithm=algorithm, dispatches=("static",))
+    assert seen == ([(3, 2, 8)] * 2 if per_pass else [(2, 8)] * 2)
+    seen.clear()
+    simulate(counts, num_physical=12, num_gpus=4, interval=4, algorithm=algorithm, dispatches=("static",), decay=0.5)
+    assert seen == ([(4, 2, 8), (8, 2, 8)] if per_pass else [(2, 8)] * 2)

@@ -142,12 +142,16 @@ def simulate(
     """Replay passes: every ``interval`` passes, plan on the last ``window`` passes (or all
     past passes weighted by ``decay ** age`` when decay is set), move, and score each later
     pass on its own. The first interval runs on the trivial placement (slot p holds p % E).
-    ``oracle`` plans on the pass being served (the bound), every pass.
+    ``oracle`` plans on the pass being served (the bound), every pass. A per-pass policy
+    (``Policy.per_pass``) plans from the window's passes (weighted by the decay), the others
+    from their sum.
 
     counts: [B, L, E]. Returns SimResult.
     """
-    from . import plan  # late import: the package imports this module's siblings
+    # late import: the package imports this module's siblings
+    from . import POLICIES, plan, resolve_algorithm
 
+    per_pass = POLICIES.get(resolve_algorithm(algorithm)).per_pass  # plans from the window's passes, not their sum
     num_passes, num_layers, num_logical = counts.shape
     phy2log = np.broadcast_to(np.arange(num_physical) % num_logical, (num_layers, num_physical)).copy()
     weights = None
@@ -157,12 +161,12 @@ def simulate(
         due = oracle or (b > 0 and b % interval == 0)
         if due:
             if oracle:
-                hist = counts[b]
+                passes = counts[b:b + 1]
             elif decay is not None:
-                age = np.arange(b)[::-1]
-                hist = np.tensordot(decay ** age, counts[:b], axes=1)
+                passes = (decay ** np.arange(b)[::-1])[:, None, None] * counts[:b]
             else:
-                hist = counts[max(0, b - window):b].sum(0)
+                passes = counts[max(0, b - window):b]
+            hist = passes if per_pass else passes.sum(0)
             start = time.perf_counter()
             placement = plan(
                 hist, num_physical_experts=num_physical, num_gpus=num_gpus, algorithm=algorithm,
