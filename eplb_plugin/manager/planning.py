@@ -24,12 +24,13 @@ from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import balancedness, placement_balancedness
 from eplb_plugin.comm import all_reduce_host, broadcast_host
 from eplb_plugin.dispatch_info import DISPATCH_INFO
-from eplb_plugin.errors import ConfigError
+from eplb_plugin.errors import ConfigError, PlacementError
 from eplb_plugin.executor.staging import expert_bytes
 from eplb_plugin.location import ExpertLocation
 from eplb_plugin.manager.protocols import LoadWindow, Planner
 from eplb_plugin.manager.records import MIB
 from eplb_plugin.manager.targets import check_plan_shape, plan_passes
+from eplb_plugin.maps import checked_replica_count, integer_map_ids
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,12 @@ class ScoringPlanner:
         placement = self.planner(counts, **kwargs)
         outcome = full_plan(PlanOutcome(placement, None), layers=self.layers, live=self.live)
         if outcome.error is None:
+            phy2log = outcome.placement.physical_to_logical_map
+            try:  # a plan with ids out of range or an expert missing is the manager's to refuse
+                checked_replica_count(integer_map_ids(torch.as_tensor(phy2log), "plan"), self.live.num_logical_experts,
+                                      "plan")
+            except PlacementError:
+                return placement
             self.predicted = predicted_balancedness(self.plan_counts, outcome.placement,
                                                     num_gpus=self.live.ep_size, follows_pass=self.follows_pass)
         return placement
