@@ -151,7 +151,7 @@ def test_static_dispatch_maps_and_counts_into_the_recorders_buffer_in_one_kernel
     with rec.with_forward_pass(0), rec.with_current_layer(2):
         counts = rec.select_counts_buffer()
         physical = dispatcher.dispatch(2, ids, counts_out=counts)
-        rec.on_select_experts(physical, counted=counts is not None)
+        rec.on_select_experts(physical)
     expected = torch.where(ids >= 0, dispatcher.static_table[2][ids.clamp(min=0).long()], -1)
     assert counts is not None and torch.equal(physical, expected)
     assert torch.equal(dispatcher.dispatch(2, ids), expected)

@@ -118,7 +118,7 @@ def test_minmax_counts_its_slots_for_the_recorder_once():
     with rec.with_forward_pass(0), rec.with_current_layer(1):
         counts = rec.select_counts_buffer()
         out = dispatcher.dispatch(1, ids, counts_out=counts)
-        rec.on_select_experts(out, counted=True)
+        rec.on_select_experts(out)
         assert counts is rec.pass_counts
         assert rec.pass_counts[1].tolist() == torch.bincount(out[out >= 0], minlength=6).tolist()
         assert int(rec.pass_counts[0].sum()) == 0

@@ -247,8 +247,7 @@ def test_eplb_window_needs_a_stat_mode():
 
 
 def test_a_layer_whose_buffer_a_dispatcher_took_is_counted_once_by_the_dispatcher():
-    """select_counts_buffer(layer) notes the layer: its next on_select_experts (SGLang's, which
-    cannot pass counted=True) adds nothing, so the dispatcher's own count is the only one;
+    """select_counts_buffer(layer) notes the layer: its next on_select_experts adds nothing, so the dispatcher's own count is the only one;
     the next layer's hook, with no buffer taken, counts as before."""
     rec = ExpertDistributionRecorder("stat", physical_to_logical_map=torch.arange(4).repeat(3, 1),
                                      num_logical_experts=4, backend="torch")

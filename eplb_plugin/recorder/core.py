@@ -239,17 +239,16 @@ class ExpertDistributionRecorder:
             raise ConfigError("recorder hook called outside with_current_layer(...) and without layer_idx")
         return layer
 
-    def on_select_experts(self, topk_ids: torch.Tensor, *, layer_idx: int | None = None, counted: bool = False) -> None:
-        """topk_ids: [T, k] int32/int64 physical slot ids after dispatch; -1 = padding.
-        counted: the dispatcher already added them to ``select_counts_buffer()`` (its kernel
-        counts as it maps), so only the mode sees them; also True where
-        ``select_counts_buffer`` handed out this layer since the last hook (SGLang's mapping)."""
+    def on_select_experts(self, topk_ids: torch.Tensor, *, layer_idx: int | None = None) -> None:
+        """topk_ids: [T, k] int32/int64 physical slot ids after dispatch; -1 = padding. Where
+        ``select_counts_buffer`` handed out this layer since the last hook, the dispatcher's
+        kernel added them to it as it mapped them (the runtime's and SGLang's mapping alike),
+        so only the mode sees them."""
         noted, self._counted_layer = self._counted_layer, None
         layer = self._active_layer(layer_idx)
         if layer is None:
             return
-        counted = counted or noted == layer
-        if not self._count_dispatch and not counted:
+        if not self._count_dispatch and noted != layer:
             count_topk(topk_ids, self.pass_counts, layer, backend=self.backend)
         if self._mode is not None:
             self._mode.on_topk(layer, topk_ids)

@@ -198,10 +198,10 @@ def ep_moe_forward(
     if exchange not in EXCHANGES:
         raise UsageError(f"exchange={exchange!r} must be one of {EXCHANGES}")
     # A dispatch that counts the slots it picks as it maps them (static: the fused map+count
-    # kernel; minmax: its own) adds them to the recorder's buffer; the recorder is told.
+    # kernel; minmax: its own) adds them to the recorder's buffer, which notes the layer.
     counts = recorder.select_counts_buffer() if dispatcher.info.counts_slots else None
     physical = dispatcher.dispatch(layer, topk_ids, counts_out=counts)  # [T, k] int64, -1 kept
-    recorder.on_select_experts(physical, counted=counts is not None)
+    recorder.on_select_experts(physical)
     if exchange == "gather":
         result = _forward_gather(hidden, physical, topk_weights, weights, group=group, world_size=world_size,
                                  rank=rank, tokens_per_rank=tokens_per_rank)
