@@ -180,10 +180,7 @@ def _print_sizing(args, passes, num_logical: int, num_physical: int) -> None:
     top = num_physical - num_logical
     if args.gpu_memory_budget_gib is None:
         top = max(top, 4 * args.ep_size)
-    choices = _sizing_choices(num_logical, args.ep_size, top)
-    if not choices:  # check_slots / the budget leave at least the planned count; kept for safety
-        print("--sizing: no count of redundant experts divides over --ep-size; nothing to score")
-        return
+    choices = _sizing_choices(num_logical, args.ep_size, top)  # never empty: the planned count divides
     curve = redundancy_curve(passes, num_gpus=args.ep_size, redundant=choices, dispatch=args.dispatch,
                              algorithm=args.algorithm, num_nodes=args.nodes, num_groups=args.groups)
     where = "held-out passes (planned on the first half, scored on the second)" if curve[0].held_out else \
