@@ -133,8 +133,9 @@ def test_ranks_splitting_on_the_pass_counts_serve_what_one_dispatcher_of_the_who
 @pytest.mark.parametrize("glob", [False, True])
 def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and_the_counts(bases, glob):
     """minmax_dispatch(num_valid_rows=) on the kernels, which read the bound themselves: the
-    real rows get the slot loads the kernels give those rows alone, the exchange sees the
-    real rows' counts only, padding rows' pairs get their expert's home slot (-1 kept), and
+    real rows get the slot loads the kernels give those rows alone (with the same other
+    ranks' counts, where the exchange gives some), the exchange sees the real rows' counts
+    only, padding rows' pairs get their expert's home slot (-1 kept), and
     counts_out holds the real rows' slots."""
     from eplb_plugin.dispatch import minmax_dispatch
     from eplb_plugin.kernels.minmax import build_minmax_tables
@@ -145,17 +146,24 @@ def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and
     scratch = minmax_scratch(tables)
     real = 45
     local = torch.bincount(ids[:real][ids[:real] >= 0], minlength=16)
+    gen = torch.Generator().manual_seed(5)
+    below = torch.randint(0, 6, (16,), generator=gen)  # the pass's tokens on lower ranks ...
+    above = torch.randint(0, 6, (16,), generator=gen)  # ... and on higher ones
     seen = []
+
+    def others(mine):
+        return mine + (below + above).to(mine), below.to(mine)
 
     def exchange(mine):
         seen.append(mine.cpu().long())
-        return mine, torch.zeros_like(mine)
+        return others(mine)
 
     counts = torch.zeros(2, 20, dtype=torch.int32, device=DEVICE)
     got = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=1, num_slots=20, scratch=scratch, counts_out=counts,
                                  exchange=exchange if glob else None, bases=bases,
                                  num_valid_rows=torch.tensor([real], device=DEVICE)).cpu()
-    alone = minmax_dispatch(ids[:real].to(DEVICE), tables, layer=1, num_slots=20, use_kernel=True).cpu()
+    alone = minmax_dispatch(ids[:real].to(DEVICE), tables, layer=1, num_slots=20, use_kernel=True,
+                            exchange=others if glob else None).cpu()
     assert torch.equal(got[:real] == -1, alone == -1)
     real_load = torch.bincount(got[:real][got[:real] >= 0], minlength=20)
     assert torch.equal(real_load, torch.bincount(alone[alone >= 0], minlength=20))
