@@ -174,3 +174,39 @@ def test_an_idle_connection_is_closed_after_the_socket_timeout():
             assert sock.recv(1) == b""  # the server closed it (before the 10 s client timeout)
     finally:
         server.close()
+
+
+def test_a_dump_that_cannot_be_written_is_answered_500_and_the_recorder_keeps_serving(tmp_path, monkeypatch):
+    """torch.save failing inside the dump (not an OSError of its own) is a 500 "dump failed"
+    reply, not an exception that would stop the run; a later dump succeeds."""
+    import eplb_plugin.recorder.dump as dump_io
+    from eplb_plugin.recorder import ExpertDistributionRecorder
+    from eplb_plugin.runtime.http import execute_command
+
+    (tmp_path / "taken").mkdir()
+    rec = ExpertDistributionRecorder("per_pass", physical_to_logical_map=torch.tensor([[0, 1]]),
+                                     num_logical_experts=2, dump_dir=tmp_path)
+    rec.start_record()
+    monkeypatch.setattr(dump_io, "default_name", lambda rank: "taken")
+    reply = execute_command(rec, Command.DUMP_RECORD)
+    assert reply.status == 500 and reply.body.startswith("dump failed: ") and "taken" in reply.body
+    monkeypatch.setattr(dump_io, "default_name", lambda rank: "ok.pt")
+    assert execute_command(rec, Command.DUMP_RECORD).status == 200
+
+
+def test_a_taken_command_whose_run_ends_before_answering_still_gets_a_reply():
+    """The serving loop took the command, then the run ended (a lost peer, an error) before it
+    answered: closing the channel answers it, so the request does not wait forever."""
+    channel = ControlChannel()
+    channel.set_serving(True, run="r")
+    replies: list[Reply] = []
+    client = threading.Thread(target=lambda: replies.append(channel.submit(Command.DUMP_RECORD)), daemon=True)
+    client.start()
+    deadline = time.monotonic() + 10
+    while (taken := channel.take()) is None:
+        assert time.monotonic() < deadline, "the command never reached the channel"
+        time.sleep(0.01)
+    channel.set_serving(False, run="r")
+    client.join(timeout=10)
+    assert not client.is_alive() and taken.reply is replies[0]
+    assert replies[0].status == 500 and "run ended" in replies[0].body

@@ -172,3 +172,15 @@ def test_stat_dump_sums_over_ranks_and_only_rank_zero_writes(tmp_path):
     assert results[0][1] == pytest.approx(2 / 3)  # slots 0,1 | 2,3 summed over ranks: loads (3, 1)
     assert [results[r][2] for r in (0, 1)] == [True, False]
     assert len(os.listdir(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("mode", ["stat", "per_pass"])
+def test_a_dump_that_cannot_be_written_raises_oserror_and_keeps_the_session(tmp_path, mode):
+    """torch.save's own failure (here: the file name is a directory) comes out as an OSError
+    naming the path, and the refused dump resets nothing."""
+    (tmp_path / "taken").mkdir()
+    rec, _, _ = _recorded(mode, torch.Generator().manual_seed(6), dump_dir=tmp_path)
+    with pytest.raises(OSError, match="taken"):
+        rec.dump_record(name="taken")
+    assert rec.num_passes_in_window == 2
+    assert rec.dump_record(name="ok.pt") == tmp_path.resolve() / "ok.pt"

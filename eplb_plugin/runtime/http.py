@@ -57,6 +57,7 @@ COMMAND_PATHS = {
 
 
 NOT_SERVING = "no forward pass is running; try again while the server serves\n"
+RUN_ENDED = "the run ended before the command completed; it may have run on some ranks\n"
 
 @dataclass
 class Reply:
@@ -113,6 +114,7 @@ class ControlChannel:
 
     def __init__(self, stall_s: float = DEFAULT_STALL_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._queue: queue.Queue[PendingCommand] = queue.Queue()
+        self._taken: list[PendingCommand] = []  # taken and not yet answered (at most a few)
         self._lock = threading.Lock()
         self._serving = False
         self.status: dict[str, object] = {"status": "starting"}
@@ -140,13 +142,20 @@ class ControlChannel:
         return Reply(200, json.dumps(status) + "\n")
 
     def set_serving(self, serving: bool, **status: object) -> None:
-        """Open (a run is passing) or close the channel; closing fails the waiting commands."""
+        """Open (a run is passing) or close the channel; closing answers every command still
+        waiting: those queued (never run: 503) and those taken but not answered (the run
+        ended while running them, e.g. a lost peer: 500), so no request waits forever."""
         with self._lock:
             self._serving = serving
             self.status = {"status": "serving" if serving else "idle", **status}
             self._last_pass_at = self.clock()
         if not serving:
             self.fail_pending(Reply(503, NOT_SERVING))
+            with self._lock:
+                taken, self._taken = self._taken, []
+            for pending in taken:
+                if not pending.done.is_set():
+                    pending.complete(Reply(500, RUN_ENDED))
 
     def submit(self, command: Command, timeout_s: float = COMMAND_TIMEOUT_S) -> Reply:
         """Queue ``command`` for the next pass boundary and wait for its reply (HTTP thread)."""
@@ -161,7 +170,7 @@ class ControlChannel:
                     pending.state = "cancelled"
                     return Reply(503, f"the serving loop did not reach a pass boundary within {timeout_s:.0f} s; "
                                       "the command was not run\n")
-            pending.done.wait()  # taken just now: it completes at this pass boundary
+            pending.done.wait()  # taken: answered at this pass boundary, or when the run ends
         assert pending.reply is not None
         return pending.reply
 
@@ -175,9 +184,11 @@ class ControlChannel:
             with self._lock:
                 if pending.state == "queued":
                     pending.state = "taken"
+                    self._taken = [p for p in self._taken if not p.done.is_set()] + [pending]
                     return pending
 
     def fail_pending(self, reply: Reply) -> None:
+        """Answer every queued command with ``reply`` (they never run)."""
         while (pending := self.take()) is not None:
             pending.complete(reply)
 
