@@ -356,7 +356,8 @@ class ExpertDistributionRecorder:
         """Dump in SGLang's format and reset. Stat modes: every rank must call it (all-reduce).
 
         output_mode "file": returns the written Path (None on ranks that do not write);
-        "object": returns the dict. name: file name inside the dump directory.
+        "object": returns the dict. name: file name inside the dump directory. A dump that
+        cannot be written raises OSError (stat modes: on every rank) and resets nothing.
         """
         if output_mode not in ("file", "object"):
             raise ConfigError(f"output_mode={output_mode!r} is not one of ('file', 'object')")

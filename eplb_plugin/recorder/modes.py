@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from eplb_plugin.balance import balancedness, gpu_loads
-from eplb_plugin.errors import ConfigError
+from eplb_plugin.errors import ConfigError, EPLBError
 from eplb_plugin.recorder import dump as dump_io
 from eplb_plugin.recorder.spec import MapEpochs, RecorderSpec
 from eplb_plugin.recorder.window import UNBOUNDED, CountWindow, physical_to_logical
@@ -154,9 +154,21 @@ class StatMode(_Mode):
         }
         if output_mode == "object":
             return output
-        if rec.rank != 0:
-            return None
-        return dump_io.write_dump(output, dump_io.default_name(None) if name is None else name, rec.dump_dir)
+        path, refused = None, None
+        if rec.rank == 0:
+            try:
+                path = dump_io.write_dump(output, dump_io.default_name(None) if name is None else name, rec.dump_dir)
+            except (OSError, EPLBError) as exc:  # an unwritable directory, a bad name
+                refused = exc
+        # Every rank learns whether rank 0 wrote: a refused dump raises on every rank, so no
+        # rank resets its window while another keeps it (their next all-reduce would differ).
+        failed = torch.tensor([refused is not None], dtype=torch.int32, device=rec.device)
+        _all_reduce(failed, rec.group)
+        if refused is not None:
+            raise refused
+        if failed.item():
+            raise OSError("rank 0 could not write the stat dump (its reply says why); this rank kept its window")
+        return path
 
 
 @MODES.register
