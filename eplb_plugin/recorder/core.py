@@ -13,7 +13,8 @@ Two consumers read the counts, independently: the user's dump session (``start_r
 ``stop_record`` / ``dump_record``, SGLang's endpoints) and, once a manager called
 ``keep_window_for_eplb()``, the stat window EPLB rebalances on. The EPLB window records
 every pass whatever the session does: stopping, starting or dumping a session never empties
-or pauses it (else a user's stop would silently stop every automatic rebalance).
+or pauses it (else a user's stop would silently stop every automatic rebalance). Without a
+bound (``buffer_size`` -1) it is emptied at each rebalance (``eplb_window_gathered``).
 """
 
 from __future__ import annotations
@@ -341,6 +342,15 @@ class ExpertDistributionRecorder:
             self._eplb_window = StatMode(self.spec, self.maps)  # the session keeps what it recorded
         else:
             self._eplb_window, self._mode = self._mode, None
+
+    def eplb_window_gathered(self) -> None:
+        """The manager read the EPLB window for a rebalance. A window without bound
+        (``buffer_size`` -1) starts again empty, as SGLang's recorder does when its
+        EPLBManager dumps it at each rebalance, so it holds the passes since the last
+        rebalance instead of the whole run; a bounded window keeps sliding."""
+        if self._eplb_window is not None and self.buffer_size == UNBOUNDED:
+            self._eplb_window.reset()
+            self._prune_maps()
 
     def start_record(self) -> None:
         """Start the user's session, forgetting what it recorded before (never the EPLB window)."""
