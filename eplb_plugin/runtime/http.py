@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import quote
 
 from eplb_plugin.errors import EPLBError
 
@@ -38,6 +39,7 @@ DEFAULT_STALL_S = 30.0  # /health: no pass finished for this long while serving 
 SOCKET_TIMEOUT_S = 30.0  # an idle or slow connection is closed after this long
 MAX_BODY_BYTES = 1 << 20
 DRAIN_CAP_BYTES = 64 << 20
+TEXT = "text/plain; charset=utf-8"
 
 
 class Command(IntEnum):
@@ -76,7 +78,8 @@ REPLIES = {
 def execute_command(recorder: Any, command: Command) -> Reply:
     """Run a recorder command on this rank (every rank runs it at the same pass: a stat
     dump is collective) and return the reply rank 0 sends: SGLang's text, with the dump's
-    path in ``X-Dump-Path``; 400 for a refused command, 500 when the dump cannot be written."""
+    path on the body's second line and percent-encoded in ``X-Dump-Path``; 400 for a
+    refused command, 500 when the dump cannot be written."""
     try:
         if command == Command.START_RECORD:
             recorder.start_record()
@@ -84,8 +87,10 @@ def execute_command(recorder: Any, command: Command) -> Reply:
             recorder.stop_record()
         elif command == Command.DUMP_RECORD:
             path = recorder.dump_record("file")
-            headers = {"X-Dump-Path": str(path)} if path is not None else {}
-            return Reply(200, REPLIES[command], headers)
+            if path is None:  # a rank that does not write (stat modes: ranks other than 0)
+                return Reply(200, REPLIES[command])
+            # A header holds Latin-1 only: the path is percent-encoded there, as is in the body.
+            return Reply(200, f"{REPLIES[command]}{path}\n", {"X-Dump-Path": quote(str(path))})
         return Reply(200, REPLIES[command])
     except EPLBError as exc:  # e.g. the recorder is off, a bad dump name
         return Reply(400, f"{exc}\n")
@@ -201,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
         logger.debug("http %s - " + format, self.address_string(), *args)
 
-    def _send(self, reply: Reply, *, content_type: str = "text/plain; charset=utf-8", head: bool = False) -> None:
+    def _send(self, reply: Reply, *, content_type: str = TEXT, head: bool = False) -> None:
         body = reply.body.encode() if isinstance(reply.body, str) else reply.body
         self.send_response(reply.status)
         self.send_header("Content-Type", content_type)
@@ -213,40 +218,65 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _route(self, method: str) -> None:
+        """Build the reply, then send it: one response per request, whatever failed."""
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        content_type, head = TEXT, False
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                # Read what was sent (up to a cap) before answering, so the client sees the 413
-                # rather than a reset connection; past the cap the connection closes.
-                remaining = min(length, DRAIN_CAP_BYTES)
-                while remaining > 0:
-                    chunk = self.rfile.read(min(remaining, 1 << 16))
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
-                self.close_connection = True
-                self._send(Reply(413, f"request body over {MAX_BODY_BYTES} bytes\n"))
-                return
-            if length > 0:
-                self.rfile.read(length)  # the endpoints take no body; drain it
-            allowed = {"GET", "POST"} if path in COMMAND_PATHS else {"GET", "HEAD"}
-            if path not in COMMAND_PATHS and path not in ("/metrics", "/health"):
-                self._send(Reply(404, f"unknown path {path}; try /health, /metrics or {sorted(COMMAND_PATHS)}\n"))
-            elif method not in allowed:
-                self._send(Reply(405, f"{method} not allowed on {path}\n", {"Allow": ", ".join(sorted(allowed))}))
-            elif path in COMMAND_PATHS:
-                self._send(self.channel.submit(COMMAND_PATHS[path]))
-            elif path == "/metrics":
-                metrics = Reply(200, self.channel.render_metrics().decode())
-                self._send(metrics, content_type="text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD")
-            else:
-                self._send(self.channel.health(), content_type="application/json", head=method == "HEAD")
+            reply = self._read_body()
+            if reply is None:
+                reply, content_type, head = self._reply_to(method, path)
         except (ValueError, UnicodeDecodeError) as exc:  # a malformed header or body
-            self._send(Reply(400, f"bad request: {exc}\n"))
+            reply = Reply(400, f"bad request: {exc}\n")
         except Exception as exc:  # request boundary: log, answer 500, keep serving
             logger.exception("http %s %s failed", method, path)
-            self._send(Reply(500, f"internal error: {type(exc).__name__}: {exc}\n"))
+            reply = Reply(500, f"internal error: {type(exc).__name__}: {exc}\n")
+        self._send(reply, content_type=content_type, head=head)
+
+    def _reply_to(self, method: str, path: str) -> tuple[Reply, str, bool]:
+        """The reply to ``method`` on ``path``, its content type, and whether it goes without
+        its body (HEAD on /health, /metrics)."""
+        allowed = {"GET", "POST"} if path in COMMAND_PATHS else {"GET", "HEAD"}
+        if path not in COMMAND_PATHS and path not in ("/metrics", "/health"):
+            return Reply(404, f"unknown path {path}; try /health, /metrics or {sorted(COMMAND_PATHS)}\n"), TEXT, False
+        if method not in allowed:
+            return Reply(405, f"{method} not allowed on {path}\n", {"Allow": ", ".join(sorted(allowed))}), TEXT, False
+        if path in COMMAND_PATHS:
+            return self.channel.submit(COMMAND_PATHS[path]), TEXT, False
+        if path == "/metrics":
+            metrics = Reply(200, self.channel.render_metrics().decode())
+            return metrics, "text/plain; version=0.0.4; charset=utf-8", method == "HEAD"
+        return self.channel.health(), "application/json", method == "HEAD"
+
+    def _read_body(self) -> Reply | None:
+        """Read and drop the request's body (the endpoints take none); a reply when it is
+        refused: 413 over MAX_BODY_BYTES, 400 shorter than its Content-Length, 408 when it
+        does not come within the socket timeout. A refused body closes the connection."""
+        length = int(self.headers.get("Content-Length") or 0)
+        if length < 0:
+            raise ValueError(f"Content-Length {length} is negative")
+        if length > MAX_BODY_BYTES:
+            # Read what was sent (up to a cap) before answering, so the client sees the 413
+            # rather than a reset connection; past the cap the connection closes.
+            remaining = min(length, DRAIN_CAP_BYTES)
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, 1 << 16))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+            self.close_connection = True
+            return Reply(413, f"request body over {MAX_BODY_BYTES} bytes\n")
+        if length == 0:
+            return None
+        try:
+            received = len(self.rfile.read(length))
+        except TimeoutError:
+            logger.debug("http %s - body of Content-Length %d timed out", self.address_string(), length)
+            self.close_connection = True
+            return Reply(408, f"request body of Content-Length {length} did not arrive within {self.timeout:g} s\n")
+        if received < length:
+            self.close_connection = True
+            return Reply(400, f"bad request: body of {received} bytes, but Content-Length {length}\n")
+        return None
 
     # Every method goes through _route, which answers 405 to the ones a path does not take.
     do_GET = functools.partialmethod(_route, "GET")
