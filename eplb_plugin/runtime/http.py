@@ -17,10 +17,12 @@ A handler never raises into the server: bad input gets a 4xx, an unexpected erro
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import quote
 
-from eplb_plugin.errors import EPLBError
+from eplb_plugin.errors import ConfigError, EPLBError
 
 logger = logging.getLogger(__name__)
 
@@ -288,13 +290,35 @@ class _Handler(BaseHTTPRequestHandler):
     do_OPTIONS = functools.partialmethod(_route, "OPTIONS")
 
 
+def listen_error(host: str, port: int, exc: OSError) -> ConfigError:
+    """The ConfigError for a ``host:port`` the server cannot listen on, naming the flag at fault."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"--host {host!r}: not an address of this machine ({exc}); "
+                           "give one of its names or addresses (127.0.0.1, 0.0.0.0)")
+    return ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                       "give a free port, or --port 0 for any")
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Raise ConfigError (``listen_error``) where the HTTP server could not listen, by
+    binding as it would and letting go: the launcher's check before any rank starts."""
+    try:
+        ThreadingHTTPServer((host, port), BaseHTTPRequestHandler).server_close()
+    except OSError as exc:
+        raise listen_error(host, port, exc) from exc
+
+
 class ControlServer:
-    """A ThreadingHTTPServer in a daemon thread, bound to ``host:port`` (port 0 = any free)."""
+    """A ThreadingHTTPServer in a daemon thread, bound to ``host:port`` (port 0 = any free).
+    ConfigError (``listen_error``) where it cannot listen there."""
 
     def __init__(self, channel: ControlChannel, *, host: str = "127.0.0.1", port: int = 0,
                  socket_timeout_s: float = SOCKET_TIMEOUT_S):
         handler = type("EPLBHandler", (_Handler,), {"channel": channel, "timeout": socket_timeout_s})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise listen_error(host, port, exc) from exc
         self.httpd.daemon_threads = True
         self.host, self.port = self.httpd.server_address[:2]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="eplb-http", daemon=True)
