@@ -46,7 +46,8 @@ class ExpertDistributionRecorder:
     mode: "stat" | "stat_approx" | "per_pass" | "per_token" (SGLang's meanings).
     physical_to_logical_map: [L, P] int, logical expert of each slot (live map; copied).
     num_logical_experts: E.
-    buffer_size: passes kept (stat window, per-pass records); -1 = without bound.
+    buffer_size: passes the stat window keeps; -1 = without bound (per_pass and per_token
+        keep every pass until the dump, as SGLang does).
     device: where counts live (default: the map's device).
     rank, ep_size: this rank and the EP size (slots are rank-major, P / ep_size per rank).
     decay: if set (0 <= decay < 1), stat modes keep ``logical_count_ema`` [L, E] float32,

@@ -10,7 +10,6 @@ only count (so a pass can run as a CUDA graph), and where its counts come from. 
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -20,7 +19,7 @@ from eplb_plugin.balance import balancedness, gpu_loads
 from eplb_plugin.errors import ConfigError, EPLBError
 from eplb_plugin.recorder import dump as dump_io
 from eplb_plugin.recorder.spec import MapEpochs, RecorderSpec
-from eplb_plugin.recorder.window import UNBOUNDED, CountWindow, physical_to_logical
+from eplb_plugin.recorder.window import CountWindow, physical_to_logical
 from eplb_plugin.registry import Registry
 
 # Which hooks count a mode's slots: the router's choices after dispatch (``on_select_experts``)
@@ -184,8 +183,9 @@ class StatApproxMode(StatMode):
 class PerPassMode(_Mode):
     """``per_pass``: every recorded pass's ``[L, P]`` counts, kept on the device.
 
-    Keeps the last ``buffer_size`` passes (all with ``-1``): ``L * P * 4`` bytes of device
-    memory each. Dump (every rank writes): ``{"records": [{"forward_pass_id", "rank",
+    Keeps every recorded pass until the dump (SGLang's detail accumulator keeps them all;
+    ``buffer_size`` bounds only the stat window): ``L * P * 4`` bytes of device memory each.
+    Dump (every rank writes): ``{"records": [{"forward_pass_id", "rank",
     "gatherer_key", "global_physical_count": int32 [L, P], "physical_to_logical_map_epoch"}],
     "last_physical_to_logical_map": [L, P], "physical_to_logical_map_by_epoch": {epoch: [L, P]}}``
     (the last two keys beyond SGLang's let a reader map each record with its own map).
@@ -195,7 +195,7 @@ class PerPassMode(_Mode):
 
     def __init__(self, spec: RecorderSpec, maps: MapEpochs):
         super().__init__(spec, maps)
-        self.records: deque[dict[str, Any]] = deque(maxlen=None if spec.buffer_size == UNBOUNDED else spec.buffer_size)
+        self.records: list[dict[str, Any]] = []
 
     def _record(self, forward_pass_id: int, counts: torch.Tensor, epoch: int) -> dict[str, Any]:
         """One pass's record; ``counts`` is kept as given (a copy of the pass's buffer)."""
@@ -243,7 +243,7 @@ class PerTokenMode(PerPassMode):
 
     Device memory is bounded: one ``[L, max_tokens_per_pass, top_k]`` int32 buffer (-1 =
     no id), reused every pass; each recorded pass is copied to host memory without blocking
-    (``[L, T, top_k]`` int32 per record, the last ``buffer_size`` records kept). Under CUDA
+    (``[L, T, top_k]`` int32 per record, every record kept until the dump). Under CUDA
     graphs the pass's token count comes from ``forward_batch.input_ids`` or ``num_tokens``.
     Records also carry SGLang's ``input_ids``, ``positions``, ``extend_seq_lens`` and
     ``forward_mode`` keys (ids and positions as host tensors, not lists: no host sync).
