@@ -91,7 +91,7 @@ def execute_command(recorder: Any, command: Command) -> Reply:
             path = recorder.dump_record("file")
             if path is None:  # a rank that does not write (stat modes: ranks other than 0)
                 return Reply(200, REPLIES[command])
-            # A header holds Latin-1 only: the path is percent-encoded there, as is in the body.
+            # A header holds Latin-1 only: there the path is percent-encoded; the body has it as is.
             return Reply(200, f"{REPLIES[command]}{path}\n", {"X-Dump-Path": quote(str(path))})
         return Reply(200, REPLIES[command])
     except EPLBError as exc:  # e.g. the recorder is off, a bad dump name
