@@ -110,7 +110,7 @@ def test_record_and_dump_act_on_every_rank_and_read_back_as_a_trace(tmp_path):
         time.sleep(0.05)
         assert request(url + "/stop_expert_distribution_record", "POST")[0] == 200
         status, body, headers = request(url + "/dump_expert_distribution_record")
-        assert (status, body) == (200, "Dump expert distribution record.\n")
+        assert (status, body) == (200, f"Dump expert distribution record.\n{headers['X-Dump-Path']}\n")
         assert Path(headers["X-Dump-Path"]).exists()
         status, metrics, _ = request(url + "/metrics")
         assert status == 200 and "eplb_balancedness" in metrics
@@ -174,3 +174,102 @@ def test_an_idle_connection_is_closed_after_the_socket_timeout():
             assert sock.recv(1) == b""  # the server closed it (before the 10 s client timeout)
     finally:
         server.close()
+
+
+def test_a_dump_that_cannot_be_written_is_answered_500_and_the_recorder_keeps_serving(tmp_path, monkeypatch):
+    """torch.save failing inside the dump (not an OSError of its own) is a 500 "dump failed"
+    reply, not an exception that would stop the run; a later dump succeeds."""
+    import eplb_plugin.recorder.dump as dump_io
+    from eplb_plugin.recorder import ExpertDistributionRecorder
+    from eplb_plugin.runtime.http import execute_command
+
+    (tmp_path / "taken").mkdir()
+    rec = ExpertDistributionRecorder("per_pass", physical_to_logical_map=torch.tensor([[0, 1]]),
+                                     num_logical_experts=2, dump_dir=tmp_path)
+    rec.start_record()
+    monkeypatch.setattr(dump_io, "default_name", lambda rank: "taken")
+    reply = execute_command(rec, Command.DUMP_RECORD)
+    assert reply.status == 500 and reply.body.startswith("dump failed: ") and "taken" in reply.body
+    monkeypatch.setattr(dump_io, "default_name", lambda rank: "ok.pt")
+    assert execute_command(rec, Command.DUMP_RECORD).status == 200
+
+
+def test_a_taken_command_whose_run_ends_before_answering_still_gets_a_reply():
+    """The serving loop took the command, then the run ended (a lost peer, an error) before it
+    answered: closing the channel answers it, so the request does not wait forever."""
+    channel = ControlChannel()
+    channel.set_serving(True, run="r")
+    replies: list[Reply] = []
+    client = threading.Thread(target=lambda: replies.append(channel.submit(Command.DUMP_RECORD)), daemon=True)
+    client.start()
+    deadline = time.monotonic() + 10
+    while (taken := channel.take()) is None:
+        assert time.monotonic() < deadline, "the command never reached the channel"
+        time.sleep(0.01)
+    channel.set_serving(False, run="r")
+    client.join(timeout=10)
+    assert not client.is_alive() and taken.reply is replies[0]
+    assert replies[0].status == 500 and "run ended" in replies[0].body
+
+
+def _raw_exchange(server: ControlServer, request_bytes: bytes) -> bytes:
+    """Send ``request_bytes`` on one connection (its write side left open) and read all the server sends."""
+    import socket
+
+    with socket.create_connection((server.host, server.port), timeout=20) as sock:
+        sock.sendall(request_bytes)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def test_a_dump_path_outside_latin_1_gets_one_well_formed_reply(tmp_path):
+    """A dump directory with non-Latin-1 characters: one 200 response, X-Dump-Path
+    percent-encoded (it decodes to the written file) and the path itself in the body."""
+    from urllib.parse import unquote
+
+    from eplb_plugin.recorder import ExpertDistributionRecorder
+    from eplb_plugin.runtime.http import execute_command
+
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=torch.tensor([[0, 1, 2, 3]]),
+                                     num_logical_experts=4, dump_dir=tmp_path / "dümps_😀")
+    channel = ControlChannel()
+    server = ControlServer(channel, socket_timeout_s=5).start()
+    channel.set_serving(True, run="r")
+
+    def loop():
+        deadline = time.monotonic() + 20
+        while (pending := channel.take()) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if pending is not None:
+            pending.complete(execute_command(rec, pending.command))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        out = _raw_exchange(server, b"GET /dump_expert_distribution_record HTTP/1.0\r\n\r\n")
+    finally:
+        thread.join()
+        server.close()
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert out.count(b"HTTP/1.") == 1 and head.startswith(b"HTTP/1.0 200 "), out
+    header = next(line.split(b": ", 1)[1] for line in head.split(b"\r\n") if line.startswith(b"X-Dump-Path: "))
+    path = Path(unquote(header.decode("ascii")))
+    assert path.exists() and path.parent.name == "dümps_😀"
+    assert body.decode() == f"Dump expert distribution record.\n{path}\n"
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_and_no_error_log(caplog):
+    """Content-Length 100 and no body: once the socket timeout passes, a 408 naming the
+    length, logged below ERROR (a slow client is not the server's fault)."""
+    channel = ControlChannel()
+    server = ControlServer(channel, socket_timeout_s=0.5).start()
+    try:
+        with caplog.at_level("DEBUG", logger="eplb_plugin.runtime.http"):
+            out = _raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+    finally:
+        server.close()
+    assert out.startswith(b"HTTP/1.0 408 ") and out.count(b"HTTP/1.") == 1, out
+    assert b"Content-Length 100" in out
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

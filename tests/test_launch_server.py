@@ -193,3 +193,27 @@ def test_slots_that_do_not_split_over_the_ranks_stop_the_launcher_before_any_ran
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert ("--ep-num-redundant-experts 3: 16 experts + 3 redundant = 19 slots, not divisible by --ep-size 2 "
             "(use --ep-num-redundant-experts 4)") in err
+
+
+def test_a_port_in_use_or_a_bad_host_stops_the_launcher_with_one_line_before_any_rank_starts(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """--port taken by another listener, or a --host that does not resolve: one line naming
+    the flag, exit 2, no rank spawned."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    monkeypatch.setattr(mp, "get_context", lambda *a: pytest.fail("a rank was spawned"))
+    common = ["--ep-size", "2", "--ep-num-redundant-experts", "2", "--no-progress", "--report-dir", str(tmp_path / "r")]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main([*common, "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err
+    code = main([*common, "--port", "0", "--host", "no-such-host.invalid"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--host 'no-such-host.invalid'" in err

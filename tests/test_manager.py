@@ -55,7 +55,7 @@ def skewed_ids(pass_index: int, rank: int, hot: int | list[int]) -> torch.Tensor
 class Host:
     """The serving side: dispatcher + recorder + manager, as a runtime wires them."""
 
-    def __init__(self, rank: int, group, args: EPLBArgs, **manager_kwargs):
+    def __init__(self, rank: int, group, args: EPLBArgs, *, buffer_size: int | None = None, **manager_kwargs):
         self.rank = rank
         location = ExpertLocation.trivial(
             num_layers=NUM_LAYERS, num_logical_experts=NUM_EXPERTS, num_physical_experts=NUM_SLOTS, ep_size=2
@@ -63,7 +63,8 @@ class Host:
         self.weights = expert_weights(location, rank)
         self.recorder = ExpertDistributionRecorder(
             "stat", physical_to_logical_map=location.physical_to_logical_map, num_logical_experts=NUM_EXPERTS,
-            buffer_size=args.eplb_rebalance_num_iterations, rank=rank, ep_size=2, group=group,
+            buffer_size=args.eplb_rebalance_num_iterations if buffer_size is None else buffer_size,
+            rank=rank, ep_size=2, group=group,
         )
         self.dispatcher = ExpertDispatcher(location, rank=rank)
         self.location_changes = 0
@@ -406,6 +407,26 @@ def case_a_per_pass_policy_plans_from_the_windows_passes_summed_over_ranks(rank,
         per_rank = 2 * TOKENS * TOP_K  # both ranks' tokens in every pass
         assert counts.sum(dim=(1, 2)).tolist() == [per_rank * NUM_LAYERS] * 10
     assert weights_match(host.weights, host.manager.location, rank)
+
+
+def case_a_window_without_bound_holds_only_the_passes_since_the_last_rebalance(rank, group):
+    """--expert-distribution-recorder-buffer-size -1: each rebalance plans on the passes since
+    the one before (SGLang's EPLBManager empties its recorder at each rebalance), so the
+    window, and its device memory, does not grow with the run."""
+    seen = []
+
+    def recording_planner(counts, **kwargs):
+        from eplb_plugin.algorithms import plan
+
+        seen.append(int(counts.sum()))
+        return plan(counts, **kwargs)
+
+    host = Host(rank, group, _args(eplb_verify_weights=False), buffer_size=-1, planner=recording_planner)
+    assert host.serve(95) == []
+    assert [r.start_pass for r in host.manager.history] == list(range(10, 91, 10))
+    assert host.recorder.num_passes_in_window == 5
+    if rank == 0:  # only rank 0 plans: on 10 passes of both ranks' tokens, every time
+        assert seen == [10 * 2 * TOKENS * TOP_K * NUM_LAYERS] * 9, seen
 
 
 def case_a_move_budget_reaches_the_planner_in_slots_and_bounds_what_moves(rank, group):

@@ -44,6 +44,9 @@ class FakeWindow:
     def keep_window_for_eplb(self) -> None:
         self.kept = True
 
+    def eplb_window_gathered(self) -> None:
+        pass
+
     def set_physical_to_logical_map(self, new_map: torch.Tensor) -> None:
         self.physical_to_logical_map = new_map.clone()
         self.maps.append(new_map.clone())

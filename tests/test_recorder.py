@@ -303,3 +303,15 @@ def test_no_buffer_is_handed_out_where_the_hook_would_not_count():
     approx.start_record()
     with approx.with_forward_pass(0), approx.with_current_layer(0):
         assert approx.select_counts_buffer(0) is None
+
+
+@pytest.mark.parametrize("mode", ["per_pass", "per_token"])
+def test_detail_modes_keep_every_pass_until_the_dump_whatever_the_buffer_size(mode):
+    """per_pass / per_token keep every recorded pass, as SGLang's detail accumulator does
+    (its buffer size bounds only the stat window): five passes with buffer_size=2 dump five."""
+    gen = torch.Generator().manual_seed(8)
+    rec, _ = _recorder(mode, gen, 8, buffer_size=2)
+    physical, _ = _run_passes(rec, gen, 5, 7, 2)
+    out = rec.dump_record("object")
+    assert [r["forward_pass_id"] for r in out["records"]] == [0, 1, 2, 3, 4]
+    assert np.array_equal(np.stack([r["global_physical_count"].numpy() for r in out["records"]]), physical)

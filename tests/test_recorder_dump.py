@@ -23,7 +23,7 @@ from eplb_plugin.recorder import (
     safe_dump_path,
 )
 
-from conftest import destroy_process_group, free_port
+from conftest import destroy_process_group, free_port, run_gloo_cases
 
 NUM_LAYERS, NUM_LOGICAL, NUM_PHYSICAL = 3, 13, 16
 
@@ -172,3 +172,48 @@ def test_stat_dump_sums_over_ranks_and_only_rank_zero_writes(tmp_path):
     assert results[0][1] == pytest.approx(2 / 3)  # slots 0,1 | 2,3 summed over ranks: loads (3, 1)
     assert [results[r][2] for r in (0, 1)] == [True, False]
     assert len(os.listdir(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("mode", ["stat", "per_pass"])
+def test_a_dump_that_cannot_be_written_raises_oserror_and_keeps_the_session(tmp_path, mode):
+    """torch.save's own failure (here: the file name is a directory) comes out as an OSError
+    naming the path, and the refused dump resets nothing."""
+    (tmp_path / "taken").mkdir()
+    rec, _, _ = _recorded(mode, torch.Generator().manual_seed(6), dump_dir=tmp_path)
+    with pytest.raises(OSError, match="taken"):
+        rec.dump_record(name="taken")
+    assert rec.num_passes_in_window == 2
+    assert rec.dump_record(name="ok.pt") == tmp_path.resolve() / "ok.pt"
+
+
+def _refused_then_written_case(rank, group):
+    """Rank 0 cannot write the stat dump (its directory is a file): every rank raises OSError
+    and keeps its window; once the directory is valid the next dump sums both passes."""
+    import tempfile
+    from pathlib import Path
+
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "file").write_text("x")
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=torch.tensor([[0, 1, 2, 3]]), num_logical_experts=4,
+                                     rank=rank, ep_size=2, group=group)
+    os.environ[DUMP_DIR_ENV] = str(tmp / "file" / "dumps")
+    rec.start_record()
+    for p in range(2):
+        with rec.with_forward_pass(p), rec.with_current_layer(0):
+            rec.on_select_experts(torch.tensor([[rank, 2]], dtype=torch.int32))
+    with pytest.raises(OSError, match="rank 0" if rank else "file"):
+        rec.dump_record()
+    assert rec.num_passes_in_window == 2
+    os.environ[DUMP_DIR_ENV] = str(tmp / "dumps")
+    dumped = rec.dump_record()
+    assert rec.num_passes_in_window == 0
+    if rank == 0:
+        assert torch.load(dumped, weights_only=True)["logical_count"].tolist() == [[[1, 1, 2, 0]]] * 2
+    else:
+        assert dumped is None
+
+
+def test_a_refused_stat_dump_leaves_every_ranks_window_and_the_next_dump_works():
+    """A stat dump rank 0 could not write resets no rank, so the ranks stay in step."""
+    results = run_gloo_cases([_refused_then_written_case])
+    assert set(results.values()) == {"ok"}, results

@@ -283,6 +283,7 @@ class EPLBManager:
         self._last_rebalance_time = self.clock()
         self._started = time.perf_counter()
         logical, physical = planning.gather_window(self.recorder, self.group, per_pass=self._policy.per_pass)
+        self.recorder.eplb_window_gathered()
         record.balancedness_before = balancedness(gpu_loads(physical, self.location.ep_size))
         self._history.fill_achieved(record.balancedness_before)
         if physical.sum() == 0:

@@ -42,6 +42,10 @@ class LoadWindow(Protocol):
         """Record every pass from now on, whatever a user's dump session does."""
         ...
 
+    def eplb_window_gathered(self) -> None:
+        """A rebalance read the window (a window without bound starts again empty)."""
+        ...
+
     def set_physical_to_logical_map(self, new_map: torch.Tensor) -> None:
         """A new live map ([L, P], on the recorder's device): a new map epoch."""
         ...

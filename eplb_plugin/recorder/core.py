@@ -13,7 +13,8 @@ Two consumers read the counts, independently: the user's dump session (``start_r
 ``stop_record`` / ``dump_record``, SGLang's endpoints) and, once a manager called
 ``keep_window_for_eplb()``, the stat window EPLB rebalances on. The EPLB window records
 every pass whatever the session does: stopping, starting or dumping a session never empties
-or pauses it (else a user's stop would silently stop every automatic rebalance).
+or pauses it (else a user's stop would silently stop every automatic rebalance). Without a
+bound (``buffer_size`` -1) it is emptied at each rebalance (``eplb_window_gathered``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class ExpertDistributionRecorder:
     mode: "stat" | "stat_approx" | "per_pass" | "per_token" (SGLang's meanings).
     physical_to_logical_map: [L, P] int, logical expert of each slot (live map; copied).
     num_logical_experts: E.
-    buffer_size: passes kept (stat window, per-pass records); -1 = without bound.
+    buffer_size: passes the stat window keeps; -1 = without bound (per_pass and per_token
+        keep every pass until the dump, as SGLang does).
     device: where counts live (default: the map's device).
     rank, ep_size: this rank and the EP size (slots are rank-major, P / ep_size per rank).
     decay: if set (0 <= decay < 1), stat modes keep ``logical_count_ema`` [L, E] float32,
@@ -342,6 +344,15 @@ class ExpertDistributionRecorder:
         else:
             self._eplb_window, self._mode = self._mode, None
 
+    def eplb_window_gathered(self) -> None:
+        """The manager read the EPLB window for a rebalance. A window without bound
+        (``buffer_size`` -1) starts again empty, as SGLang's recorder does when its
+        EPLBManager dumps it at each rebalance, so it holds the passes since the last
+        rebalance instead of the whole run; a bounded window keeps sliding."""
+        if self._eplb_window is not None and self.buffer_size == UNBOUNDED:
+            self._eplb_window.reset()
+            self._prune_maps()
+
     def start_record(self) -> None:
         """Start the user's session, forgetting what it recorded before (never the EPLB window)."""
         self._reset()
@@ -356,7 +367,8 @@ class ExpertDistributionRecorder:
         """Dump in SGLang's format and reset. Stat modes: every rank must call it (all-reduce).
 
         output_mode "file": returns the written Path (None on ranks that do not write);
-        "object": returns the dict. name: file name inside the dump directory.
+        "object": returns the dict. name: file name inside the dump directory. A dump that
+        cannot be written raises OSError (stat modes: on every rank) and resets nothing.
         """
         if output_mode not in ("file", "object"):
             raise ConfigError(f"output_mode={output_mode!r} is not one of ('file', 'object')")

@@ -49,10 +49,19 @@ def default_name(rank: int | None) -> str:
 
 
 def write_dump(data: dict[str, Any], name: str, directory: str | os.PathLike | None = None) -> Path:
-    """Save ``data`` with torch.save under the dump directory (created if missing)."""
+    """Save ``data`` with torch.save under the dump directory (created if missing).
+
+    A file that cannot be written raises OSError naming it (torch.save's own failures are
+    RuntimeErrors, which callers would take for a failed collective); nothing is left behind.
+    """
     base = dump_dir(directory)
     base.mkdir(parents=True, exist_ok=True)
     path = safe_dump_path(name, base)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data, str(path))
+    with open(path, "wb") as file:
+        try:
+            torch.save(data, file)
+        except RuntimeError as exc:
+            path.unlink(missing_ok=True)
+            raise OSError(f"cannot write the dump {path}: {exc}") from exc
     return path

@@ -10,17 +10,16 @@ only count (so a pass can run as a CUDA graph), and where its counts come from. 
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.distributed as dist
 
 from eplb_plugin.balance import balancedness, gpu_loads
-from eplb_plugin.errors import ConfigError
+from eplb_plugin.errors import ConfigError, EPLBError
 from eplb_plugin.recorder import dump as dump_io
 from eplb_plugin.recorder.spec import MapEpochs, RecorderSpec
-from eplb_plugin.recorder.window import UNBOUNDED, CountWindow, physical_to_logical
+from eplb_plugin.recorder.window import CountWindow, physical_to_logical
 from eplb_plugin.registry import Registry
 
 # Which hooks count a mode's slots: the router's choices after dispatch (``on_select_experts``)
@@ -154,9 +153,21 @@ class StatMode(_Mode):
         }
         if output_mode == "object":
             return output
-        if rec.rank != 0:
-            return None
-        return dump_io.write_dump(output, dump_io.default_name(None) if name is None else name, rec.dump_dir)
+        path, refused = None, None
+        if rec.rank == 0:
+            try:
+                path = dump_io.write_dump(output, dump_io.default_name(None) if name is None else name, rec.dump_dir)
+            except (OSError, EPLBError) as exc:  # an unwritable directory, a bad name
+                refused = exc
+        # Every rank learns whether rank 0 wrote: a refused dump raises on every rank, so no
+        # rank resets its window while another keeps it (their next all-reduce would differ).
+        failed = torch.tensor([refused is not None], dtype=torch.int32, device=rec.device)
+        _all_reduce(failed, rec.group)
+        if refused is not None:
+            raise refused
+        if failed.item():
+            raise OSError("rank 0 could not write the stat dump (its reply says why); this rank kept its window")
+        return path
 
 
 @MODES.register
@@ -172,8 +183,9 @@ class StatApproxMode(StatMode):
 class PerPassMode(_Mode):
     """``per_pass``: every recorded pass's ``[L, P]`` counts, kept on the device.
 
-    Keeps the last ``buffer_size`` passes (all with ``-1``): ``L * P * 4`` bytes of device
-    memory each. Dump (every rank writes): ``{"records": [{"forward_pass_id", "rank",
+    Keeps every recorded pass until the dump (SGLang's detail accumulator keeps them all;
+    ``buffer_size`` bounds only the stat window): ``L * P * 4`` bytes of device memory each.
+    Dump (every rank writes): ``{"records": [{"forward_pass_id", "rank",
     "gatherer_key", "global_physical_count": int32 [L, P], "physical_to_logical_map_epoch"}],
     "last_physical_to_logical_map": [L, P], "physical_to_logical_map_by_epoch": {epoch: [L, P]}}``
     (the last two keys beyond SGLang's let a reader map each record with its own map).
@@ -183,7 +195,7 @@ class PerPassMode(_Mode):
 
     def __init__(self, spec: RecorderSpec, maps: MapEpochs):
         super().__init__(spec, maps)
-        self.records: deque[dict[str, Any]] = deque(maxlen=None if spec.buffer_size == UNBOUNDED else spec.buffer_size)
+        self.records: list[dict[str, Any]] = []
 
     def _record(self, forward_pass_id: int, counts: torch.Tensor, epoch: int) -> dict[str, Any]:
         """One pass's record; ``counts`` is kept as given (a copy of the pass's buffer)."""
@@ -231,7 +243,7 @@ class PerTokenMode(PerPassMode):
 
     Device memory is bounded: one ``[L, max_tokens_per_pass, top_k]`` int32 buffer (-1 =
     no id), reused every pass; each recorded pass is copied to host memory without blocking
-    (``[L, T, top_k]`` int32 per record, the last ``buffer_size`` records kept). Under CUDA
+    (``[L, T, top_k]`` int32 per record, every record kept until the dump). Under CUDA
     graphs the pass's token count comes from ``forward_batch.input_ids`` or ``num_tokens``.
     Records also carry SGLang's ``input_ids``, ``positions``, ``extend_seq_lens`` and
     ``forward_mode`` keys (ids and positions as host tensors, not lists: no host sync).

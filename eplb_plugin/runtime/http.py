@@ -17,10 +17,12 @@ A handler never raises into the server: bad input gets a 4xx, an unexpected erro
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,8 +30,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import quote
 
-from eplb_plugin.errors import EPLBError
+from eplb_plugin.errors import ConfigError, EPLBError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ DEFAULT_STALL_S = 30.0  # /health: no pass finished for this long while serving 
 SOCKET_TIMEOUT_S = 30.0  # an idle or slow connection is closed after this long
 MAX_BODY_BYTES = 1 << 20
 DRAIN_CAP_BYTES = 64 << 20
+TEXT = "text/plain; charset=utf-8"
 
 
 class Command(IntEnum):
@@ -57,6 +61,7 @@ COMMAND_PATHS = {
 
 
 NOT_SERVING = "no forward pass is running; try again while the server serves\n"
+RUN_ENDED = "the run ended before the command completed; it may have run on some ranks\n"
 
 @dataclass
 class Reply:
@@ -75,7 +80,8 @@ REPLIES = {
 def execute_command(recorder: Any, command: Command) -> Reply:
     """Run a recorder command on this rank (every rank runs it at the same pass: a stat
     dump is collective) and return the reply rank 0 sends: SGLang's text, with the dump's
-    path in ``X-Dump-Path``; 400 for a refused command, 500 when the dump cannot be written."""
+    path on the body's second line and percent-encoded in ``X-Dump-Path``; 400 for a
+    refused command, 500 when the dump cannot be written."""
     try:
         if command == Command.START_RECORD:
             recorder.start_record()
@@ -83,8 +89,10 @@ def execute_command(recorder: Any, command: Command) -> Reply:
             recorder.stop_record()
         elif command == Command.DUMP_RECORD:
             path = recorder.dump_record("file")
-            headers = {"X-Dump-Path": str(path)} if path is not None else {}
-            return Reply(200, REPLIES[command], headers)
+            if path is None:  # a rank that does not write (stat modes: ranks other than 0)
+                return Reply(200, REPLIES[command])
+            # A header holds Latin-1 only: there the path is percent-encoded; the body has it as is.
+            return Reply(200, f"{REPLIES[command]}{path}\n", {"X-Dump-Path": quote(str(path))})
         return Reply(200, REPLIES[command])
     except EPLBError as exc:  # e.g. the recorder is off, a bad dump name
         return Reply(400, f"{exc}\n")
@@ -113,6 +121,7 @@ class ControlChannel:
 
     def __init__(self, stall_s: float = DEFAULT_STALL_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._queue: queue.Queue[PendingCommand] = queue.Queue()
+        self._taken: list[PendingCommand] = []  # taken and not yet answered (at most a few)
         self._lock = threading.Lock()
         self._serving = False
         self.status: dict[str, object] = {"status": "starting"}
@@ -140,13 +149,20 @@ class ControlChannel:
         return Reply(200, json.dumps(status) + "\n")
 
     def set_serving(self, serving: bool, **status: object) -> None:
-        """Open (a run is passing) or close the channel; closing fails the waiting commands."""
+        """Open (a run is passing) or close the channel; closing answers every command still
+        waiting: those queued (never run: 503) and those taken but not answered (the run
+        ended while running them, e.g. a lost peer: 500), so no request waits forever."""
         with self._lock:
             self._serving = serving
             self.status = {"status": "serving" if serving else "idle", **status}
             self._last_pass_at = self.clock()
         if not serving:
             self.fail_pending(Reply(503, NOT_SERVING))
+            with self._lock:
+                taken, self._taken = self._taken, []
+            for pending in taken:
+                if not pending.done.is_set():
+                    pending.complete(Reply(500, RUN_ENDED))
 
     def submit(self, command: Command, timeout_s: float = COMMAND_TIMEOUT_S) -> Reply:
         """Queue ``command`` for the next pass boundary and wait for its reply (HTTP thread)."""
@@ -161,7 +177,7 @@ class ControlChannel:
                     pending.state = "cancelled"
                     return Reply(503, f"the serving loop did not reach a pass boundary within {timeout_s:.0f} s; "
                                       "the command was not run\n")
-            pending.done.wait()  # taken just now: it completes at this pass boundary
+            pending.done.wait()  # taken: answered at this pass boundary, or when the run ends
         assert pending.reply is not None
         return pending.reply
 
@@ -175,9 +191,11 @@ class ControlChannel:
             with self._lock:
                 if pending.state == "queued":
                     pending.state = "taken"
+                    self._taken = [p for p in self._taken if not p.done.is_set()] + [pending]
                     return pending
 
     def fail_pending(self, reply: Reply) -> None:
+        """Answer every queued command with ``reply`` (they never run)."""
         while (pending := self.take()) is not None:
             pending.complete(reply)
 
@@ -190,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
         logger.debug("http %s - " + format, self.address_string(), *args)
 
-    def _send(self, reply: Reply, *, content_type: str = "text/plain; charset=utf-8", head: bool = False) -> None:
+    def _send(self, reply: Reply, *, content_type: str = TEXT, head: bool = False) -> None:
         body = reply.body.encode() if isinstance(reply.body, str) else reply.body
         self.send_response(reply.status)
         self.send_header("Content-Type", content_type)
@@ -202,40 +220,65 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _route(self, method: str) -> None:
+        """Build the reply, then send it: one response per request, whatever failed."""
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        content_type, head = TEXT, False
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                # Read what was sent (up to a cap) before answering, so the client sees the 413
-                # rather than a reset connection; past the cap the connection closes.
-                remaining = min(length, DRAIN_CAP_BYTES)
-                while remaining > 0:
-                    chunk = self.rfile.read(min(remaining, 1 << 16))
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
-                self.close_connection = True
-                self._send(Reply(413, f"request body over {MAX_BODY_BYTES} bytes\n"))
-                return
-            if length > 0:
-                self.rfile.read(length)  # the endpoints take no body; drain it
-            allowed = {"GET", "POST"} if path in COMMAND_PATHS else {"GET", "HEAD"}
-            if path not in COMMAND_PATHS and path not in ("/metrics", "/health"):
-                self._send(Reply(404, f"unknown path {path}; try /health, /metrics or {sorted(COMMAND_PATHS)}\n"))
-            elif method not in allowed:
-                self._send(Reply(405, f"{method} not allowed on {path}\n", {"Allow": ", ".join(sorted(allowed))}))
-            elif path in COMMAND_PATHS:
-                self._send(self.channel.submit(COMMAND_PATHS[path]))
-            elif path == "/metrics":
-                metrics = Reply(200, self.channel.render_metrics().decode())
-                self._send(metrics, content_type="text/plain; version=0.0.4; charset=utf-8", head=method == "HEAD")
-            else:
-                self._send(self.channel.health(), content_type="application/json", head=method == "HEAD")
+            reply = self._read_body()
+            if reply is None:
+                reply, content_type, head = self._reply_to(method, path)
         except (ValueError, UnicodeDecodeError) as exc:  # a malformed header or body
-            self._send(Reply(400, f"bad request: {exc}\n"))
+            reply = Reply(400, f"bad request: {exc}\n")
         except Exception as exc:  # request boundary: log, answer 500, keep serving
             logger.exception("http %s %s failed", method, path)
-            self._send(Reply(500, f"internal error: {type(exc).__name__}: {exc}\n"))
+            reply = Reply(500, f"internal error: {type(exc).__name__}: {exc}\n")
+        self._send(reply, content_type=content_type, head=head)
+
+    def _reply_to(self, method: str, path: str) -> tuple[Reply, str, bool]:
+        """The reply to ``method`` on ``path``, its content type, and whether it goes without
+        its body (HEAD on /health, /metrics)."""
+        allowed = {"GET", "POST"} if path in COMMAND_PATHS else {"GET", "HEAD"}
+        if path not in COMMAND_PATHS and path not in ("/metrics", "/health"):
+            return Reply(404, f"unknown path {path}; try /health, /metrics or {sorted(COMMAND_PATHS)}\n"), TEXT, False
+        if method not in allowed:
+            return Reply(405, f"{method} not allowed on {path}\n", {"Allow": ", ".join(sorted(allowed))}), TEXT, False
+        if path in COMMAND_PATHS:
+            return self.channel.submit(COMMAND_PATHS[path]), TEXT, False
+        if path == "/metrics":
+            metrics = Reply(200, self.channel.render_metrics().decode())
+            return metrics, "text/plain; version=0.0.4; charset=utf-8", method == "HEAD"
+        return self.channel.health(), "application/json", method == "HEAD"
+
+    def _read_body(self) -> Reply | None:
+        """Read and drop the request's body (the endpoints take none); a reply when it is
+        refused: 413 over MAX_BODY_BYTES, 400 shorter than its Content-Length, 408 when it
+        does not come within the socket timeout. A refused body closes the connection."""
+        length = int(self.headers.get("Content-Length") or 0)
+        if length < 0:
+            raise ValueError(f"Content-Length {length} is negative")
+        if length > MAX_BODY_BYTES:
+            # Read what was sent (up to a cap) before answering, so the client sees the 413
+            # rather than a reset connection; past the cap the connection closes.
+            remaining = min(length, DRAIN_CAP_BYTES)
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, 1 << 16))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+            self.close_connection = True
+            return Reply(413, f"request body over {MAX_BODY_BYTES} bytes\n")
+        if length == 0:
+            return None
+        try:
+            received = len(self.rfile.read(length))
+        except TimeoutError:
+            logger.debug("http %s - body of Content-Length %d timed out", self.address_string(), length)
+            self.close_connection = True
+            return Reply(408, f"request body of Content-Length {length} did not arrive within {self.timeout:g} s\n")
+        if received < length:
+            self.close_connection = True
+            return Reply(400, f"bad request: body of {received} bytes, but Content-Length {length}\n")
+        return None
 
     # Every method goes through _route, which answers 405 to the ones a path does not take.
     do_GET = functools.partialmethod(_route, "GET")
@@ -247,13 +290,35 @@ class _Handler(BaseHTTPRequestHandler):
     do_OPTIONS = functools.partialmethod(_route, "OPTIONS")
 
 
+def listen_error(host: str, port: int, exc: OSError) -> ConfigError:
+    """The ConfigError for a ``host:port`` the server cannot listen on, naming the flag at fault."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"--host {host!r}: not an address of this machine ({exc}); "
+                           "give one of its names or addresses (127.0.0.1, 0.0.0.0)")
+    return ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                       "give a free port, or --port 0 for any")
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Raise ConfigError (``listen_error``) where the HTTP server could not listen, by
+    binding as it would and letting go: the launcher's check before any rank starts."""
+    try:
+        ThreadingHTTPServer((host, port), BaseHTTPRequestHandler).server_close()
+    except OSError as exc:
+        raise listen_error(host, port, exc) from exc
+
+
 class ControlServer:
-    """A ThreadingHTTPServer in a daemon thread, bound to ``host:port`` (port 0 = any free)."""
+    """A ThreadingHTTPServer in a daemon thread, bound to ``host:port`` (port 0 = any free).
+    ConfigError (``listen_error``) where it cannot listen there."""
 
     def __init__(self, channel: ControlChannel, *, host: str = "127.0.0.1", port: int = 0,
                  socket_timeout_s: float = SOCKET_TIMEOUT_S):
         handler = type("EPLBHandler", (_Handler,), {"channel": channel, "timeout": socket_timeout_s})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise listen_error(host, port, exc) from exc
         self.httpd.daemon_threads = True
         self.host, self.port = self.httpd.server_address[:2]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="eplb-http", daemon=True)

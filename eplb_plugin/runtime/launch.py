@@ -35,7 +35,7 @@ import torch
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.errors import ConfigError, EPLBError
 from eplb_plugin.runtime.config import RunSpec, RuntimeConfig
-from eplb_plugin.runtime.http import ControlChannel, ControlServer
+from eplb_plugin.runtime.http import ControlChannel, ControlServer, check_listen_address
 from eplb_plugin.runtime.supervise import (
     ERROR_EXIT,
     PEER_GRACE_S,
@@ -195,7 +195,11 @@ def launch(cfg: RuntimeConfig, runs: Sequence[RunSpec], dist_args: EPLBArgs) -> 
     """
     ep_size = dist_args.ep_size
     check_runs(cfg, runs, ep_size)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    hosts_rank_zero = os.environ["RANK"] == "0" if torchrun else dist_args.node_rank == 0
+    if cfg.http_port is not None and hosts_rank_zero:
+        check_listen_address(cfg.http_host, cfg.http_port)  # rank 0 serves HTTP: a bad --port or --host stops here
+    if torchrun:
         world = int(os.environ["WORLD_SIZE"])
         if world != ep_size:
             raise ConfigError(f"torchrun started {world} processes but --ep-size is {ep_size}; make them equal")

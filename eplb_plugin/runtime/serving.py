@@ -203,12 +203,27 @@ class RunLoop:
         if e.rank == 0 and done > 0:
             self._truncate(done)
             check = verify_rank_weights(e.weights, e.location, e.rank, e.shape) if e.cfg.verify_weights else None
-            error.partial = summarize(
+            error.partial = self._every_rebalance(summarize(
                 e, e.series.stall_s, wall_s, rss_mb=e.series.rss_mb.tolist(), traced_mb=e.series.traced_mb.tolist(),
                 slots_checked=check.slots_checked if check else 0,
                 slots_failed=len(check.failures) if check else 0, verified=e.cfg.verify_weights,
-            ) | {"stopped": e.stopped}
+            )) | {"stopped": e.stopped}
         return error
+
+    def _every_rebalance(self, result: dict[str, Any]) -> dict[str, Any]:
+        """``result`` whose rebalance totals cover every rebalance, as /metrics' do: where the
+        manager's history dropped its oldest records ("rebalances" lists the newest), the
+        totals are the manager's exact ones, not the kept records' sums."""
+        e = self.engine
+        dropped = getattr(e.manager, "history_dropped", 0)
+        if not dropped:
+            return result
+        every = e.manager.totals
+        return result | {
+            "rebalances_dropped": dropped, "num_rebalances": every.done, "num_rebalances_skipped": every.skipped,
+            "num_rebalances_failed": every.failed, "slots_moved": every.slots_moved,
+            "bytes_moved": every.bytes_moved, "stall_s_total": every.stall_s,
+        }
 
     def _finish(self, wall_s: float) -> dict[str, Any] | None:
         """Collective: reduce stalls, verify every slot, close the manager; rank 0 returns results."""
@@ -237,13 +252,9 @@ class RunLoop:
             logger.error("rank %d: %d slot(s) hold wrong weights: %s", e.rank, len(check.failures), check.failures[:8])
         if e.rank != 0:
             return None
-        result = summarize(e, stall.numpy(), wall_s, rss_mb=rss.tolist(), traced_mb=traced.tolist(),
-                           slots_checked=int(totals[0]), slots_failed=int(totals[1]), verified=e.cfg.verify_weights)
-        dropped = getattr(e.manager, "history_dropped", 0)
-        if dropped:  # "rebalances" lists the newest records; the totals cover every one
-            done = e.manager.totals
-            result.update(rebalances_dropped=dropped, num_rebalances=done.done, slots_moved=done.slots_moved,
-                          bytes_moved=done.bytes_moved)
+        result = self._every_rebalance(summarize(
+            e, stall.numpy(), wall_s, rss_mb=rss.tolist(), traced_mb=traced.tolist(),
+            slots_checked=int(totals[0]), slots_failed=int(totals[1]), verified=e.cfg.verify_weights))
         return result | {"stopped": e.stopped} if e.stopped else result
 
 
