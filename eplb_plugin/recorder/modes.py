@@ -181,10 +181,12 @@ class StatApproxMode(StatMode):
 
 @MODES.register
 class PerPassMode(_Mode):
-    """``per_pass``: every recorded pass's ``[L, P]`` counts, kept on the device.
+    """``per_pass``: every recorded pass's ``[L, P]`` counts, copied to host memory without
+    blocking at the pass's end (as SGLang's detail accumulator keeps them on the host).
 
     Keeps every recorded pass until the dump (SGLang's detail accumulator keeps them all;
-    ``buffer_size`` bounds only the stat window): ``L * P * 4`` bytes of device memory each.
+    ``buffer_size`` bounds only the stat window): ``L * P * 4`` bytes of host memory each,
+    none of the device's.
     Dump (every rank writes): ``{"records": [{"forward_pass_id", "rank",
     "gatherer_key", "global_physical_count": int32 [L, P], "physical_to_logical_map_epoch"}],
     "last_physical_to_logical_map": [L, P], "physical_to_logical_map_by_epoch": {epoch: [L, P]}}``
@@ -208,7 +210,7 @@ class PerPassMode(_Mode):
         }
 
     def on_pass_end(self, forward_pass_id: int, pass_counts: torch.Tensor, epoch: int) -> None:
-        self.records.append(self._record(forward_pass_id, pass_counts.clone(), epoch))
+        self.records.append(self._record(forward_pass_id, _to_host(pass_counts), epoch))
 
     def referenced_epochs(self) -> set[int]:
         return {r["physical_to_logical_map_epoch"] for r in self.records}
