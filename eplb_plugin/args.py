@@ -59,7 +59,9 @@ class EPLBArgs:
     ep_size: int = _flag("The expert parallelism size (EP ranks).", default=1)
     enable_eplb: bool = _flag("Enable EPLB: record loads and rebalance experts while serving.", default=False)
     eplb_algorithm: str = _flag(
-        "Placement policy: auto, eplb_plugin, deepseek, deepseek_hierarchical, ... ('auto' picks the project's policy).",
+        "Placement policy: auto, eplb_plugin, deepseek, deepseek_hierarchical, ... ('auto': in the runtime "
+        "eplb_plugin; under SGLang, SGLang's choice: deepseek_hierarchical where the model's expert groups "
+        "divide over the nodes, else deepseek).",
         default="auto",
     )
     eplb_rebalance_num_iterations: int = _flag(

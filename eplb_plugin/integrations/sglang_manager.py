@@ -14,7 +14,7 @@ fault path.
 Start-up (the constructor, in ``ModelRunner.initialize``) refuses with a ConfigError what
 would fail later: a plugin setting out of range (``EPLBArgs.check_values``, as the runtime
 checks it), a policy the plugin's manager does not plan with or a move budget it cannot
-take, ``minmax`` dispatch that
+take (``auto`` stands for SGLang's choice, ``sglang_checks.sglang_auto_algorithm``), ``minmax`` dispatch that
 SGLang's mega gate would bypass, a recorder mode without counts, ``stat_approx`` without an
 all-to-all backend, pipeline parallelism, or an EP size other than the default group's size
 (``sglang_checks``). The project's ``EPLBManager`` is
@@ -41,6 +41,7 @@ error is logged, kept in ``failures``, and turns rebalancing off for the server.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -121,6 +122,9 @@ class SGLangEPLBManager:
         # serve stops now with a ConfigError instead of at the first forward pass.
         moe = get_exec().moe
         self._args = eplb_args_from_sglang()
+        if self._args.eplb_algorithm == "auto":  # SGLang's auto, not the runtime's (which is eplb_plugin)
+            chosen = sglang_checks.sglang_auto_algorithm(_num_groups(model_config), self._args.nnodes)
+            self._args = dataclasses.replace(self._args, eplb_algorithm=chosen)
         sglang_checks.check_algorithm(self._args.eplb_algorithm, self._args.ep_dispatch_algorithm)
         self._algorithm = self._args.policy()  # and a move budget only for a policy that takes one
         sglang_checks.check_recorder_mode(moe.expert_distribution_recorder_mode)
@@ -232,10 +236,7 @@ class SGLangEPLBManager:
 
     def _build(self) -> Any:
         from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
-        from sglang.srt.eplb.expert_location import (
-            ModelConfigForExpertLocation,
-            get_global_expert_location_metadata,
-        )
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
         from sglang.srt.runtime_context import get_exec
 
         from eplb_plugin.location import ExpertLocation
@@ -256,7 +257,6 @@ class SGLangEPLBManager:
         weights = LiveExpertWeights(self._get_model, location.num_layers)
         sglang_checks.check_movable_weights(
             weights.by_layer(), num_local_slots=location.num_physical_experts // location.ep_size)
-        layout = ModelConfigForExpertLocation.from_model_config(self._model_config)
         rank = self._rank
         moe = get_exec().moe
         args = self._args
@@ -269,7 +269,7 @@ class SGLangEPLBManager:
             expert_weights=weights,
             group=None,  # the executor then uses WORLD, as SGLang's mover does
             rank=rank,
-            num_groups=getattr(layout, "num_groups", None),
+            num_groups=_num_groups(self._model_config),
             planner=self._planner,  # rank 0's planner process, if planning in a process
             metrics=_metrics(args, rank),
             on_location_change=self._publish_location,
@@ -307,6 +307,13 @@ class SGLangEPLBManager:
             location.physical_to_logical_map, None if target is None else target.physical_to_logical_map)
         if changed:
             logger.info("%s %d layers now serve their new placement", LOG_PREFIX, len(changed))
+
+
+def _num_groups(model_config: Any) -> int | None:
+    """The model's expert groups (group-limited routing), as SGLang reads them; None without."""
+    from sglang.srt.eplb.expert_location import ModelConfigForExpertLocation
+
+    return getattr(ModelConfigForExpertLocation.from_model_config(model_config), "num_groups", None)
 
 
 def _sglang_rank(world_size: int) -> int:
