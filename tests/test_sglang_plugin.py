@@ -152,3 +152,24 @@ def test_register_registers_nothing_when_eplb_is_not_asked_for(monkeypatch):
     plugin.register()
     assert {t: list(h) for t, h in HookRegistry._hooks.items()} == before
     assert not plugin._registered
+
+
+@pytest.mark.sglang
+@pytest.mark.parametrize("settings, message", [
+    ('{"bogus_key": 1}', "unknown key 'bogus_key'"),
+    ("{not json", "not a readable .json file nor inline JSON"),
+])
+def test_a_bad_plugin_config_stops_the_launch_in_load_plugins(settings, message):
+    """SGLang's load_plugins() logs and swallows a plugin's Exception, which would leave the
+    plugin silently off and SGLang's stock EPLB serving: a bad $EPLB_PLUGIN_CONFIG exits the
+    process instead, with the ConfigError's message."""
+    pytest.importorskip("sglang")
+    result = _run("""
+        import sys
+        sys.argv = ["sglang", "--enable-eplb"]
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        print("LAUNCH-WENT-ON")
+    """, SGLANG_PLUGINS="eplb_plugin", EPLB_PLUGIN_CONFIG=settings)
+    assert result.returncode != 0 and "LAUNCH-WENT-ON" not in result.stdout, result.stdout
+    assert message in result.stderr and "EPLB_PLUGIN_CONFIG" in result.stderr, result.stderr[-4000:]

@@ -47,6 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 from eplb_plugin.args import EPLBArgs
+from eplb_plugin.errors import ConfigError
 from eplb_plugin.flagspec import flag_name
 from eplb_plugin.integrations.sglang_common import (
     CONFIG_ENV,
@@ -256,7 +257,12 @@ def register() -> None:
             "(set %s=1 to try anyway)", LOG_PREFIX, installed, *TESTED_SGLANG, ALLOW_UNTESTED_ENV,
         )
         return
-    plugin_settings()  # a malformed $EPLB_PLUGIN_CONFIG fails here, in the launcher
+    try:
+        plugin_settings()
+    except ConfigError as exc:
+        # SGLang's load_plugins() logs and swallows a plugin's Exception (the plugin would be
+        # silently off, SGLang's own EPLB serving): SystemExit passes it and stops the launch.
+        raise SystemExit(f"{LOG_PREFIX} {exc}") from exc
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     for target, hook_type, hook in hook_specs():
