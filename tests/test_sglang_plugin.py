@@ -70,6 +70,36 @@ def test_plugin_settings_reject_unknown_keys_and_bad_json():
         plugin_settings({CONFIG_ENV: "{not json"})
 
 
+@pytest.mark.parametrize("settings, message", [
+    ('{"eplb_non_blocking": "false"}', "key 'eplb_non_blocking' must be a JSON bool .true or false., got 'false'"),
+    ('{"eplb_verify_weights": "no"}', "key 'eplb_verify_weights' must be a JSON bool"),
+    ('{"eplb_plan_in_process": "yes"}', "key 'eplb_plan_in_process' must be a JSON bool"),
+    ('{"enable_expert_distribution_metrics": "off"}', "key 'enable_expert_distribution_metrics' must be a JSON bool"),
+    ('{"eplb_non_blocking": 1}', "key 'eplb_non_blocking' must be a JSON bool"),
+    ('{"eplb_drift_threshold": "0.5"}', "key 'eplb_drift_threshold' must be a number or null, got '0.5'"),
+    ('{"eplb_drift_threshold": [0.5]}', "key 'eplb_drift_threshold' must be a number or null"),
+    ('{"eplb_rebalance_interval_s": true}', "key 'eplb_rebalance_interval_s' must be a number or null, got True"),
+    ('{"eplb_transfer_budget_mb": null}', "key 'eplb_transfer_budget_mb' must be a number, got None"),
+    ('{"eplb_move_budget_carry": 2.0}', "key 'eplb_move_budget_carry' must be an int, got 2.0"),
+    ('{"eplb_transport": "bogus"}', r"key 'eplb_transport' must be one of \['nccl', 'ipc', 'auto'\], got 'bogus'"),
+    ('{"eplb-dispatch-counts": "GLOBAL"}', r"key 'eplb-dispatch-counts' must be one of \['global', 'local'\]"),
+])
+def test_plugin_settings_reject_a_value_of_the_wrong_type_naming_the_key_and_the_type(settings, message):
+    """$EPLB_PLUGIN_CONFIG's JSON bypasses argparse: a string "false" would turn a switch on
+    and "0.5" would fail inside a range check, so each value must have its flag's type."""
+    with pytest.raises(ConfigError, match=message):
+        plugin_settings({CONFIG_ENV: settings})
+
+
+def test_plugin_settings_accept_values_of_their_flags_types():
+    """An int where a number is asked, null for an optional setting, a known name."""
+    settings = ('{"eplb_transfer_budget_mb": 64, "eplb_drift_threshold": null, "eplb_non_blocking": false, '
+                '"eplb_transport": "ipc", "eplb_move_budget_carry": 0}')
+    assert plugin_settings({CONFIG_ENV: settings}) == {
+        "eplb_transfer_budget_mb": 64, "eplb_drift_threshold": None, "eplb_non_blocking": False,
+        "eplb_transport": "ipc", "eplb_move_budget_carry": 0}
+
+
 def test_tested_sglang_range_is_pinned():
     assert sglang_version_supported("0.5.23")
     assert sglang_version_supported("0.5.21")
