@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from test_sglang_helpers import subprocess_env
+from test_sglang_helpers import run_sglang_script, subprocess_env
 
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.integrations.sglang import (
@@ -203,3 +203,32 @@ def test_a_bad_plugin_config_stops_the_launch_in_load_plugins(settings, message)
     """, SGLANG_PLUGINS="eplb_plugin", EPLB_PLUGIN_CONFIG=settings)
     assert result.returncode != 0 and "LAUNCH-WENT-ON" not in result.stdout, result.stdout
     assert message in result.stderr and "EPLB_PLUGIN_CONFIG" in result.stderr, result.stderr[-4000:]
+
+
+CLI_OVER_CONFIG_SCRIPT = """
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    config = {"eplb_dispatch_counts": "global", "eplb_move_budget_carry": 7, "eplb_non_blocking": True}
+    out = {}
+    os.environ["EPLB_PLUGIN_CONFIG"] = json.dumps(config)
+    parse(["--enable-eplb", "--eplb-dispatch-counts", "local", "--eplb-move-budget-carry", "3"])
+    out["given_at_defaults"] = json.loads(os.environ["EPLB_PLUGIN_CONFIG"])
+    os.environ["EPLB_PLUGIN_CONFIG"] = json.dumps(config)
+    args, _ = parse(["--enable-eplb"])
+    out["none_given"] = json.loads(os.environ["EPLB_PLUGIN_CONFIG"])
+    out["kept_by_sglang"] = hasattr(args, "eplb_move_budget_carry")
+    print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.sglang
+def test_a_flag_given_on_the_command_line_overrides_the_config_even_at_its_default_value():
+    """SGLang's parser hands over values only: a flag given at its default value must still
+    override $EPLB_PLUGIN_CONFIG, and flags not given must leave the variable's values alone."""
+    pytest.importorskip("sglang")
+    out = run_sglang_script(CLI_OVER_CONFIG_SCRIPT, timeout_s=SUBPROCESS_TIMEOUT_S)
+    assert out["given_at_defaults"] == {"eplb_dispatch_counts": "local", "eplb_move_budget_carry": 3,
+                                        "eplb_non_blocking": True}
+    assert out["none_given"] == {"eplb_dispatch_counts": "global", "eplb_move_budget_carry": 7,
+                                 "eplb_non_blocking": True}
+    assert not out["kept_by_sglang"]
