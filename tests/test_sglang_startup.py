@@ -115,6 +115,42 @@ def test_auto_plans_with_the_policy_sglangs_auto_picks(sglang_eplb, monkeypatch,
     assert adapter._args.policy() == expected  # what the project's manager plans with
 
 
+@pytest.mark.parametrize("port", ["abc", "0", "70000", "-1", "80.5"])
+def test_a_metrics_port_that_is_not_a_port_is_refused_at_construction(sglang_eplb, monkeypatch, port):
+    """Every rank refuses it at start-up, naming the variable (rank 0 failed at the first
+    forward pass and turned rebalancing off alone, leaving the others waiting for it)."""
+    from eplb_plugin.integrations.sglang import CONFIG_ENV
+
+    expert_distribution, expert_location, _ = sglang_eplb
+    monkeypatch.setenv(CONFIG_ENV, '{"enable_expert_distribution_metrics": true}')
+    monkeypatch.setenv("EPLB_PLUGIN_METRICS_PORT", port)
+    _eplb_runtime()
+    fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL)
+    _install_recorder(expert_distribution, expert_location)
+    with pytest.raises(ConfigError, match=f"EPLB_PLUGIN_METRICS_PORT='{port}' is not a TCP port"):
+        _adapter()
+
+
+def test_a_busy_metrics_port_is_refused_at_construction_on_the_rank_that_serves_it(sglang_eplb, monkeypatch):
+    """Rank 0 binds the port in the constructor: a port in use stops start-up with a ConfigError."""
+    import socket
+
+    from eplb_plugin.integrations.sglang import CONFIG_ENV
+
+    expert_distribution, expert_location, _ = sglang_eplb
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setenv(CONFIG_ENV, '{"enable_expert_distribution_metrics": true}')
+        monkeypatch.setenv("EPLB_PLUGIN_METRICS_PORT", str(port))
+        _eplb_runtime()
+        fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL)
+        _install_recorder(expert_distribution, expert_location)
+        with pytest.raises(ConfigError, match=f"EPLB_PLUGIN_METRICS_PORT={port}: rank 0 cannot serve metrics"):
+            _adapter()
+
+
 def test_the_recorder_refuses_stat_approx_without_an_all_to_all_backend(sglang_eplb):
     """Nothing would deliver dispatch counts: SGLang refuses it when building its recorder, so
     does the plugin's init_new (also without --enable-eplb)."""
