@@ -126,6 +126,12 @@ def test_an_unused_slot_marked_minus_one_is_a_placement_error():
      "not an array of numbers"),
     (json.dumps({"physical_to_logical_map": [MAP[1], MAP[0]], "replica_weights": WEIGHTS}),
      "physical_to_logical_map", "belongs to another map"),
+    (json.dumps({"physical_to_logical_map": MAP, "replica_weights": [[-0.5, 1, 1, 1, 0.75, 0.75], WEIGHTS[1]]}),
+     "replica_weights", "must be finite and non-negative"),
+    (json.dumps({"physical_to_logical_map": MAP, "replica_weights": [[float("nan"), 1, 1, 1, 0.5, 0.5], WEIGHTS[1]]}),
+     "replica_weights", "must be finite and non-negative"),
+    (json.dumps({"physical_to_logical_map": MAP, "replica_weights": [[0.0] * 6] * 2}), "replica_weights",
+     "of an expert's slots must sum to 1"),
 ])
 def test_malformed_sidecars_name_the_sidecar(tmp_path, sidecar, key, fragment):
     path = tmp_path / "placement.json"
@@ -133,6 +139,17 @@ def test_malformed_sidecars_name_the_sidecar(tmp_path, sidecar, key, fragment):
     weights_sidecar(path).write_text(sidecar)
     err = refused(path, fragment, key=key)
     assert err.source == str(weights_sidecar(path))
+
+
+@pytest.mark.parametrize("sidecar_of", [weights_sidecar, meta_sidecar])
+def test_a_sidecar_that_is_a_dangling_symlink_is_refused_naming_it(tmp_path, sidecar_of):
+    """A sidecar link whose target is gone is an error naming it, not a placement loaded
+    without its replica weights (or without the check of what it was made for)."""
+    path = tmp_path / "placement.json"
+    path.write_text(json.dumps({"physical_to_logical_map": MAP}))
+    sidecar_of(path).symlink_to(tmp_path / "gone.json")
+    err = refused(path, "a symbolic link to a missing file")
+    assert err.source == str(sidecar_of(path))
 
 
 # ---------------------------------------------------------------------- what a file was made for
