@@ -7,8 +7,8 @@ what is wrong, never a raw ``RecursionError``, ``UnicodeDecodeError``, ``KeyErro
 ``IndexError``:
 
 1. Size first: a file (or inline JSON) larger than the model's shape can justify
-   (``max_source_bytes``) is refused before it is read, so a file cannot make the process
-   allocate gigabytes.
+   (``max_source_bytes``), or a ``.pt`` archive whose entries unpack to more, is refused
+   before it is read, so a file cannot make the process allocate gigabytes.
 2. Parse: ``.pt`` with ``weights_only=True``; JSON as UTF-8 (too deep nesting, bad bytes, a
    directory: typed errors). The top level must be a dict with string keys.
 3. Shape before anything is derived: a nested list's lengths (walked without recursion)
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def read_location_source(source: str, *, max_bytes: int | None = None) -> tuple[
     if source.endswith(".pt"):
         name = source
         _check_file(name, max_bytes)
+        _check_archive(name, max_bytes)
         try:
             data = torch.load(source, weights_only=True, map_location="cpu")
         except Exception as exc:  # torch raises many types for a bad archive; name it once
@@ -118,6 +120,22 @@ def _check_file(name: str, max_bytes: int | None) -> None:
     if max_bytes is not None and size > max_bytes:
         raise ExpertLocationFileError(name, None, f"is {size} bytes, more than the model's shape can need "
                                                   f"({max_bytes}); is it the file for this model?")
+
+
+def _check_archive(name: str, max_bytes: int | None) -> None:
+    """A .pt is a zip archive (torch's format since 1.6) whose entries may be compressed: their
+    unpacked sizes count against ``max_bytes`` too, read from the archive's directory before
+    anything is unpacked. A legacy (not zip) .pt is its on-disk size, checked already."""
+    if max_bytes is None or not zipfile.is_zipfile(name):
+        return
+    try:
+        with zipfile.ZipFile(name) as archive:
+            unpacked = sum(item.file_size for item in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ExpertLocationFileError(name, None, f"not a loadable torch file ({exc})") from exc
+    if unpacked > max_bytes:
+        raise ExpertLocationFileError(name, None, f"unpacks to {unpacked} bytes, more than the model's shape can "
+                                                  f"need ({max_bytes}); is it the file for this model?")
 
 
 def _parse_json(raw: bytes, name: str) -> Any:

@@ -54,6 +54,25 @@ def test_a_file_larger_than_the_model_can_need_is_refused_before_it_is_read(tmp_
     refused(pt, "more than the model's shape can need")
 
 
+def test_a_small_compressed_pt_that_unpacks_past_the_cap_is_refused_before_it_is_loaded(tmp_path, monkeypatch):
+    """A .pt is a zip archive: its entries' unpacked sizes count against the cap, so a few
+    KiB of deflated zeros cannot make torch.load allocate what the model's shape never needs."""
+    import zipfile
+
+    raw, bomb = tmp_path / "raw.pt", tmp_path / "bomb.pt"
+    torch.save({"logical_count": torch.zeros(4, 1024, 1024, dtype=torch.int32)}, raw)  # 16 MiB
+    with zipfile.ZipFile(raw) as zin, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            zout.writestr(item.filename, zin.read(item.filename))
+    cap = max_source_bytes(num_layers=2, num_logical_experts=4, num_physical_experts=6, binary=True)
+    assert bomb.stat().st_size < cap
+    with zipfile.ZipFile(bomb) as archive:
+        unpacked = sum(item.file_size for item in archive.infolist())
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the archive was loaded"))
+    err = refused(bomb, f"unpacks to {unpacked} bytes")
+    assert err.source == str(bomb) and f"more than the model's shape can need ({cap})" in str(err)
+
+
 def test_a_map_of_the_wrong_slot_count_is_refused_before_any_view_is_derived(tmp_path, monkeypatch):
     """A map with far more slots than the model ([L, E, P-E+1] would be huge) is refused on
     its shape; the logical-to-physical view is never built."""
