@@ -100,6 +100,12 @@ def test_plugin_settings_accept_values_of_their_flags_types():
         "eplb_transport": "ipc", "eplb_move_budget_carry": 0}
 
 
+def test_plugin_settings_refuse_a_setting_given_under_both_spellings():
+    """A field name and a flag name for one setting: which one wins would be JSON order."""
+    with pytest.raises(ConfigError, match="'eplb-transfer-budget-mb' sets eplb_transfer_budget_mb a second time"):
+        plugin_settings({CONFIG_ENV: '{"eplb_transfer_budget_mb": 5, "eplb-transfer-budget-mb": 7}'})
+
+
 def test_tested_sglang_range_is_pinned():
     assert sglang_version_supported("0.5.23")
     assert sglang_version_supported("0.5.21")

@@ -40,8 +40,9 @@ def plugin_settings(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """The plugin's own settings from ``$EPLB_PLUGIN_CONFIG`` (inline JSON or a .json path).
 
     Keys are EPLBArgs field names (``eplb_transfer_budget_mb``) or flag names
-    (``eplb-transfer-budget-mb``). Raises ConfigError naming an unknown key, a value of the
-    wrong type (a bool must be a JSON bool) or bad JSON.
+    (``eplb-transfer-budget-mb``). Raises ConfigError naming an unknown key, a setting given
+    twice (under both spellings), a value of the wrong type (a bool must be a JSON bool) or
+    bad JSON.
     """
     env = os.environ if environ is None else environ
     raw = env.get(CONFIG_ENV, "").strip()
@@ -61,6 +62,8 @@ def plugin_settings(environ: dict[str, str] | None = None) -> dict[str, Any]:
         name = key.lstrip("-").replace("-", "_")
         if name not in known:
             raise ConfigError(f"${CONFIG_ENV}: unknown key {key!r}; known: {', '.join(known)}")
+        if name in out:
+            raise ConfigError(f"${CONFIG_ENV}: key {key!r} sets {name} a second time; give it once")
         check_field_type(name, value, what=f"${CONFIG_ENV}: key {key!r}")
         out[name] = value
     return out
