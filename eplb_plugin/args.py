@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.flagspec import add_flags, flag
@@ -59,7 +59,9 @@ class EPLBArgs:
     ep_size: int = _flag("The expert parallelism size (EP ranks).", default=1)
     enable_eplb: bool = _flag("Enable EPLB: record loads and rebalance experts while serving.", default=False)
     eplb_algorithm: str = _flag(
-        "Placement policy: auto, eplb_plugin, deepseek, deepseek_hierarchical, ... ('auto' picks the project's policy).",
+        "Placement policy: auto, eplb_plugin, deepseek, deepseek_hierarchical, ... ('auto': in the runtime "
+        "eplb_plugin; under SGLang, SGLang's choice: deepseek_hierarchical where the model's expert groups "
+        "divide over the nodes, else deepseek).",
         default="auto",
     )
     eplb_rebalance_num_iterations: int = _flag(
@@ -291,6 +293,30 @@ class EPLBArgs:
         parser = argparse.ArgumentParser(description="EPLB flags")
         add_eplb_args(parser)
         return cls.from_namespace(parser.parse_args(argv))
+
+
+def check_field_type(name: str, value: object, *, what: str) -> None:
+    """ConfigError unless ``value`` has the type of EPLBArgs field ``name``: for settings that
+    bypass argparse (``$EPLB_PLUGIN_CONFIG``'s JSON), where the string "false" is truthy. A
+    bool must be a bool, a choice one of its names, a number an int or float (never a bool);
+    None only where the field is optional. ``what``: the setting, as the message names it."""
+    hint = get_type_hints(EPLBArgs)[name]
+    kinds = get_args(hint) if get_origin(hint) is Union else (hint,)
+    optional = type(None) in kinds
+    (kind,) = (k for k in kinds if k is not type(None))
+    if get_origin(kind) is Literal:
+        ok, expected = isinstance(value, str) and value in get_args(kind), f"one of {list(get_args(kind))}"
+    elif kind is bool:
+        ok, expected = isinstance(value, bool), "a JSON bool (true or false)"
+    elif kind is int:
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an int"
+    elif kind is float:
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, expected = isinstance(value, kind), f"a {kind.__name__}"
+    if (value is None and optional) or (value is not None and ok):
+        return
+    raise ConfigError(f"{what} must be {expected}{' or null' if optional else ''}, got {value!r}")
 
 
 def add_eplb_args(

@@ -7,8 +7,8 @@ what is wrong, never a raw ``RecursionError``, ``UnicodeDecodeError``, ``KeyErro
 ``IndexError``:
 
 1. Size first: a file (or inline JSON) larger than the model's shape can justify
-   (``max_source_bytes``) is refused before it is read, so a file cannot make the process
-   allocate gigabytes.
+   (``max_source_bytes``), or a ``.pt`` archive whose entries unpack to more, is refused
+   before it is read, so a file cannot make the process allocate gigabytes.
 2. Parse: ``.pt`` with ``weights_only=True``; JSON as UTF-8 (too deep nesting, bad bytes, a
    directory: typed errors). The top level must be a dict with string keys.
 3. Shape before anything is derived: a nested list's lengths (walked without recursion)
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def read_location_source(source: str, *, max_bytes: int | None = None) -> tuple[
     if source.endswith(".pt"):
         name = source
         _check_file(name, max_bytes)
+        _check_archive(name, max_bytes)
         try:
             data = torch.load(source, weights_only=True, map_location="cpu")
         except Exception as exc:  # torch raises many types for a bad archive; name it once
@@ -109,6 +111,8 @@ def read_location_source(source: str, *, max_bytes: int | None = None) -> tuple[
 def _check_file(name: str, max_bytes: int | None) -> None:
     path = Path(name)
     if not path.exists():
+        if path.is_symlink():
+            raise ExpertLocationFileError(name, None, f"is a symbolic link to a missing file ({os.readlink(path)})")
         raise ExpertLocationFileError(name, None, "file not found")
     if not path.is_file():
         raise ExpertLocationFileError(name, None, "is not a regular file (a directory?)")
@@ -116,6 +120,22 @@ def _check_file(name: str, max_bytes: int | None) -> None:
     if max_bytes is not None and size > max_bytes:
         raise ExpertLocationFileError(name, None, f"is {size} bytes, more than the model's shape can need "
                                                   f"({max_bytes}); is it the file for this model?")
+
+
+def _check_archive(name: str, max_bytes: int | None) -> None:
+    """A .pt is a zip archive (torch's format since 1.6) whose entries may be compressed: their
+    unpacked sizes count against ``max_bytes`` too, read from the archive's directory before
+    anything is unpacked. A legacy (not zip) .pt is its on-disk size, checked already."""
+    if max_bytes is None or not zipfile.is_zipfile(name):
+        return
+    try:
+        with zipfile.ZipFile(name) as archive:
+            unpacked = sum(item.file_size for item in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ExpertLocationFileError(name, None, f"not a loadable torch file ({exc})") from exc
+    if unpacked > max_bytes:
+        raise ExpertLocationFileError(name, None, f"unpacks to {unpacked} bytes, more than the model's shape can "
+                                                  f"need ({max_bytes}); is it the file for this model?")
 
 
 def _parse_json(raw: bytes, name: str) -> Any:
@@ -194,12 +214,31 @@ def _nested_shape(value: Any, max_dims: int, where: str, error: type[Exception])
     return tuple(shape)
 
 
-def _sidecar_weights(source: str, phy2log: torch.Tensor) -> torch.Tensor | None:
-    """The replica weights of the sidecar beside ``source``, checked to belong to its map."""
+def _present(sidecar: Path) -> bool:
+    """Whether a sidecar is there: a link to a missing file is, so that it is refused by name."""
+    return sidecar.exists() or sidecar.is_symlink()
+
+
+def _with_sidecar_weights(location: ExpertLocation, source: str) -> ExpertLocation:
+    """``location`` (the validated map of ``source``) with the replica weights of the sidecar
+    beside ``source``; errors name the sidecar and its key."""
     path = weights_sidecar(source)
-    if not path.exists():
-        return None
+    if not _present(path):
+        return location
     name = str(path)
+    weights = _sidecar_weights(name, source, location.physical_to_logical_map)
+    try:
+        return ExpertLocation.from_physical_to_logical_map(
+            location.physical_to_logical_map, num_logical_experts=location.num_logical_experts,
+            ep_size=location.ep_size, replica_weights=weights, source=name)
+    except PlacementError as exc:  # the map was valid: the weights are wrong
+        problem = str(exc).removeprefix(f"{name}: ").removeprefix("replica_weights ")
+        raise ExpertLocationFileError(name, "replica_weights", problem) from exc
+
+
+def _sidecar_weights(name: str, source: str, phy2log: torch.Tensor) -> torch.Tensor:
+    """The replica weights of the sidecar ``name`` beside ``source``, checked to belong to its map."""
+    path = Path(name)
     size_cap = max_source_bytes(num_layers=phy2log.shape[0], num_logical_experts=1,
                                 num_physical_experts=2 * phy2log.shape[1], binary=False)
     _check_file(name, size_cap)
@@ -233,7 +272,7 @@ def _file_error(name: str, key: str) -> type[Exception]:
 def read_made_for(source: str) -> dict[str, int] | None:
     """What the placement file was made for (its meta sidecar), or None without one."""
     path = meta_sidecar(source)
-    if not path.exists():
+    if not _present(path):
         return None
     name = str(path)
     _check_file(name, FIXED_OVERHEAD_BYTES)
@@ -287,16 +326,16 @@ def _location_from_map(data: dict[str, Any], name: str, source: str, *, ep_size:
                        num_logical_experts=num_logical_experts, num_physical_experts=num_physical_experts)
     phy2log = checked_array(data[MAP_KEY], source=name, key=MAP_KEY, dims=(2,), names=("layers", "slots"),
                             shape=(num_layers, num_physical_experts), integer=True, error=_file_error(name, MAP_KEY))
-    weights = _sidecar_weights(source, phy2log.to(torch.int64)) if name != INLINE_SOURCE else None
     try:
-        return ExpertLocation.from_physical_to_logical_map(
-            phy2log, num_logical_experts=num_logical_experts, ep_size=ep_size, replica_weights=weights,
+        location = ExpertLocation.from_physical_to_logical_map(
+            phy2log, num_logical_experts=num_logical_experts, ep_size=ep_size,
             num_layers=num_layers, num_physical_experts=num_physical_experts, source=name,
         )
     except ExpertLocationFileError:
         raise
     except PlacementError as exc:
         raise ExpertLocationFileError(name, MAP_KEY, str(exc).removeprefix(f"{name}: ")) from exc
+    return _with_sidecar_weights(location, source) if name != INLINE_SOURCE else location
 
 
 def read_counts(source: str, *, num_layers: int | None = None, num_logical_experts: int | None = None,

@@ -54,6 +54,25 @@ def test_a_file_larger_than_the_model_can_need_is_refused_before_it_is_read(tmp_
     refused(pt, "more than the model's shape can need")
 
 
+def test_a_small_compressed_pt_that_unpacks_past_the_cap_is_refused_before_it_is_loaded(tmp_path, monkeypatch):
+    """A .pt is a zip archive: its entries' unpacked sizes count against the cap, so a few
+    KiB of deflated zeros cannot make torch.load allocate what the model's shape never needs."""
+    import zipfile
+
+    raw, bomb = tmp_path / "raw.pt", tmp_path / "bomb.pt"
+    torch.save({"logical_count": torch.zeros(4, 1024, 1024, dtype=torch.int32)}, raw)  # 16 MiB
+    with zipfile.ZipFile(raw) as zin, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            zout.writestr(item.filename, zin.read(item.filename))
+    cap = max_source_bytes(num_layers=2, num_logical_experts=4, num_physical_experts=6, binary=True)
+    assert bomb.stat().st_size < cap
+    with zipfile.ZipFile(bomb) as archive:
+        unpacked = sum(item.file_size for item in archive.infolist())
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the archive was loaded"))
+    err = refused(bomb, f"unpacks to {unpacked} bytes")
+    assert err.source == str(bomb) and f"more than the model's shape can need ({cap})" in str(err)
+
+
 def test_a_map_of_the_wrong_slot_count_is_refused_before_any_view_is_derived(tmp_path, monkeypatch):
     """A map with far more slots than the model ([L, E, P-E+1] would be huge) is refused on
     its shape; the logical-to-physical view is never built."""
@@ -126,6 +145,12 @@ def test_an_unused_slot_marked_minus_one_is_a_placement_error():
      "not an array of numbers"),
     (json.dumps({"physical_to_logical_map": [MAP[1], MAP[0]], "replica_weights": WEIGHTS}),
      "physical_to_logical_map", "belongs to another map"),
+    (json.dumps({"physical_to_logical_map": MAP, "replica_weights": [[-0.5, 1, 1, 1, 0.75, 0.75], WEIGHTS[1]]}),
+     "replica_weights", "must be finite and non-negative"),
+    (json.dumps({"physical_to_logical_map": MAP, "replica_weights": [[float("nan"), 1, 1, 1, 0.5, 0.5], WEIGHTS[1]]}),
+     "replica_weights", "must be finite and non-negative"),
+    (json.dumps({"physical_to_logical_map": MAP, "replica_weights": [[0.0] * 6] * 2}), "replica_weights",
+     "of an expert's slots must sum to 1"),
 ])
 def test_malformed_sidecars_name_the_sidecar(tmp_path, sidecar, key, fragment):
     path = tmp_path / "placement.json"
@@ -133,6 +158,17 @@ def test_malformed_sidecars_name_the_sidecar(tmp_path, sidecar, key, fragment):
     weights_sidecar(path).write_text(sidecar)
     err = refused(path, fragment, key=key)
     assert err.source == str(weights_sidecar(path))
+
+
+@pytest.mark.parametrize("sidecar_of", [weights_sidecar, meta_sidecar])
+def test_a_sidecar_that_is_a_dangling_symlink_is_refused_naming_it(tmp_path, sidecar_of):
+    """A sidecar link whose target is gone is an error naming it, not a placement loaded
+    without its replica weights (or without the check of what it was made for)."""
+    path = tmp_path / "placement.json"
+    path.write_text(json.dumps({"physical_to_logical_map": MAP}))
+    sidecar_of(path).symlink_to(tmp_path / "gone.json")
+    err = refused(path, "a symbolic link to a missing file")
+    assert err.source == str(sidecar_of(path))
 
 
 # ---------------------------------------------------------------------- what a file was made for

@@ -245,7 +245,7 @@ def test_a_bad_setting_in_the_plugins_config_names_the_valid_ones():
 
     assert dispatch_counts_setting({}) == "local"
     assert dispatch_counts_setting({CONFIG_ENV: '{"eplb-dispatch-counts": "global"}'}) == "global"
-    with pytest.raises(ConfigError, match=r"--eplb-dispatch-counts 'both' is not one of \['global', 'local'\]"):
+    with pytest.raises(ConfigError, match=r"key 'eplb_dispatch_counts' must be one of \['global', 'local'\], got 'both'"):
         dispatch_counts_setting({CONFIG_ENV: '{"eplb_dispatch_counts": "both"}'})
 
 

@@ -90,3 +90,62 @@ def test_sglang_constructs_the_adapter_which_rebalances_sglangs_weights(monkeypa
         import sglang.srt.eplb.eplb_manager  # noqa: F401  imported once; forked ranks share it
     fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL)
     run_forked_ranks(_rebalance_on_rank, WORLD)
+
+
+def _build_fails_on_rank_0(rank: int, port: int) -> None:
+    from datetime import timedelta
+
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool (hangs)
+    from sglang.srt.eplb import expert_distribution, expert_location
+
+    from eplb_plugin.errors import ConfigError
+    from eplb_plugin.integrations import sglang_checks
+    from eplb_plugin.integrations.sglang import _recorder_init_new
+    from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
+
+    # A bounded wait: without an agreement rank 1 would block in the manager's collectives.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=20))
+    fake_runtime(ep_size=WORLD, tp_rank=rank, enable_eplb=True, eplb_rebalance_num_iterations=INTERVAL_PASSES,
+                 expert_distribution_recorder_mode="stat", expert_distribution_recorder_buffer_size=INTERVAL_PASSES,
+                 ep_num_redundant_experts=NUM_PHYSICAL - NUM_LOGICAL, eplb_algorithm="eplb_plugin")
+    metadata = expert_location.ExpertLocationMetadata.init_trivial(None, moe_ep_rank=rank)
+    expert_location.set_global_expert_location_metadata(metadata, allow_overwrite=True)
+    recorder = _recorder_init_new(expert_distribution.ExpertDistributionRecorder.init_new, metadata, rank)
+    expert_distribution.set_global_expert_distribution_recorder(recorder)
+    trivial = metadata.physical_to_logical_map_cpu.clone()
+    model = SimpleNamespace(routed_experts_weights_of_layer={
+        1: _slot_weights(trivial[1], rank), 2: _slot_weights(trivial[2], rank)})
+    if rank == 0:
+        def refuse(*args, **kwargs):
+            raise ConfigError("rank 0 cannot move these weights")
+
+        sglang_checks.check_movable_weights = refuse
+    manager = SGLangEPLBManager(
+        model_config=None, get_model=lambda: model, get_expert_location_updater=lambda: None,
+        get_expert_backup_client=lambda: None, get_weight_updater=lambda: None,
+    )
+    hot = torch.tensor([[2, 3], [2, 3], [3, 2], [4, 2]], dtype=torch.int32)
+    for pass_id in range(INTERVAL_PASSES * 2):
+        with recorder.with_forward_pass(pass_id, None):
+            for layer in (1, 2):
+                with recorder.with_current_layer(layer):
+                    recorder.on_select_experts(topk_ids=hot)
+        manager.on_forward_pass_end()
+    reason = manager._rebalance_disabled_reason
+    expected = "rank 0 cannot move these weights" if rank == 0 else "another rank failed to build"
+    assert reason is not None and expected in reason, reason
+    assert manager.manager is None and len(manager.failures) == 1
+    dist.barrier()
+    destroy_process_group()
+
+
+def test_a_failure_building_the_manager_on_one_rank_turns_rebalancing_off_on_every_rank(monkeypatch):
+    """The manager is built at the first forward pass; a failure there on rank 0 alone (weights it
+    cannot move, a metrics server that will not start) is agreed on by one all-reduce, so every
+    rank turns rebalancing off at that pass instead of rank 1 blocking in the manager's
+    collectives while rank 0 serves on."""
+    with stubs_on_path():
+        import sglang.srt.eplb.eplb_manager  # noqa: F401  imported once; forked ranks share it
+    fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL)
+    run_forked_ranks(_build_fails_on_rank_0, WORLD)

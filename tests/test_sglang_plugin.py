@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from test_sglang_helpers import subprocess_env
+from test_sglang_helpers import run_sglang_script, subprocess_env
 
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.integrations.sglang import (
@@ -68,6 +68,42 @@ def test_plugin_settings_reject_unknown_keys_and_bad_json():
         plugin_settings({CONFIG_ENV: '{"eplb_algorithm": "x"}'})
     with pytest.raises(ConfigError, match="EPLB_PLUGIN_CONFIG"):
         plugin_settings({CONFIG_ENV: "{not json"})
+
+
+@pytest.mark.parametrize("settings, message", [
+    ('{"eplb_non_blocking": "false"}', "key 'eplb_non_blocking' must be a JSON bool .true or false., got 'false'"),
+    ('{"eplb_verify_weights": "no"}', "key 'eplb_verify_weights' must be a JSON bool"),
+    ('{"eplb_plan_in_process": "yes"}', "key 'eplb_plan_in_process' must be a JSON bool"),
+    ('{"enable_expert_distribution_metrics": "off"}', "key 'enable_expert_distribution_metrics' must be a JSON bool"),
+    ('{"eplb_non_blocking": 1}', "key 'eplb_non_blocking' must be a JSON bool"),
+    ('{"eplb_drift_threshold": "0.5"}', "key 'eplb_drift_threshold' must be a number or null, got '0.5'"),
+    ('{"eplb_drift_threshold": [0.5]}', "key 'eplb_drift_threshold' must be a number or null"),
+    ('{"eplb_rebalance_interval_s": true}', "key 'eplb_rebalance_interval_s' must be a number or null, got True"),
+    ('{"eplb_transfer_budget_mb": null}', "key 'eplb_transfer_budget_mb' must be a number, got None"),
+    ('{"eplb_move_budget_carry": 2.0}', "key 'eplb_move_budget_carry' must be an int, got 2.0"),
+    ('{"eplb_transport": "bogus"}', r"key 'eplb_transport' must be one of \['nccl', 'ipc', 'auto'\], got 'bogus'"),
+    ('{"eplb-dispatch-counts": "GLOBAL"}', r"key 'eplb-dispatch-counts' must be one of \['global', 'local'\]"),
+])
+def test_plugin_settings_reject_a_value_of_the_wrong_type_naming_the_key_and_the_type(settings, message):
+    """$EPLB_PLUGIN_CONFIG's JSON bypasses argparse: a string "false" would turn a switch on
+    and "0.5" would fail inside a range check, so each value must have its flag's type."""
+    with pytest.raises(ConfigError, match=message):
+        plugin_settings({CONFIG_ENV: settings})
+
+
+def test_plugin_settings_accept_values_of_their_flags_types():
+    """An int where a number is asked, null for an optional setting, a known name."""
+    settings = ('{"eplb_transfer_budget_mb": 64, "eplb_drift_threshold": null, "eplb_non_blocking": false, '
+                '"eplb_transport": "ipc", "eplb_move_budget_carry": 0}')
+    assert plugin_settings({CONFIG_ENV: settings}) == {
+        "eplb_transfer_budget_mb": 64, "eplb_drift_threshold": None, "eplb_non_blocking": False,
+        "eplb_transport": "ipc", "eplb_move_budget_carry": 0}
+
+
+def test_plugin_settings_refuse_a_setting_given_under_both_spellings():
+    """A field name and a flag name for one setting: which one wins would be JSON order."""
+    with pytest.raises(ConfigError, match="'eplb-transfer-budget-mb' sets eplb_transfer_budget_mb a second time"):
+        plugin_settings({CONFIG_ENV: '{"eplb_transfer_budget_mb": 5, "eplb-transfer-budget-mb": 7}'})
 
 
 def test_tested_sglang_range_is_pinned():
@@ -152,3 +188,53 @@ def test_register_registers_nothing_when_eplb_is_not_asked_for(monkeypatch):
     plugin.register()
     assert {t: list(h) for t, h in HookRegistry._hooks.items()} == before
     assert not plugin._registered
+
+
+@pytest.mark.sglang
+@pytest.mark.parametrize("settings, message", [
+    ('{"bogus_key": 1}', "unknown key 'bogus_key'"),
+    ("{not json", "not a readable .json file nor inline JSON"),
+])
+def test_a_bad_plugin_config_stops_the_launch_in_load_plugins(settings, message):
+    """SGLang's load_plugins() logs and swallows a plugin's Exception, which would leave the
+    plugin silently off and SGLang's stock EPLB serving: a bad $EPLB_PLUGIN_CONFIG exits the
+    process instead, with the ConfigError's message."""
+    pytest.importorskip("sglang")
+    result = _run("""
+        import sys
+        sys.argv = ["sglang", "--enable-eplb"]
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        print("LAUNCH-WENT-ON")
+    """, SGLANG_PLUGINS="eplb_plugin", EPLB_PLUGIN_CONFIG=settings)
+    assert result.returncode != 0 and "LAUNCH-WENT-ON" not in result.stdout, result.stdout
+    assert message in result.stderr and "EPLB_PLUGIN_CONFIG" in result.stderr, result.stderr[-4000:]
+
+
+CLI_OVER_CONFIG_SCRIPT = """
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    config = {"eplb_dispatch_counts": "global", "eplb_move_budget_carry": 7, "eplb_non_blocking": True}
+    out = {}
+    os.environ["EPLB_PLUGIN_CONFIG"] = json.dumps(config)
+    parse(["--enable-eplb", "--eplb-dispatch-counts", "local", "--eplb-move-budget-carry", "3"])
+    out["given_at_defaults"] = json.loads(os.environ["EPLB_PLUGIN_CONFIG"])
+    os.environ["EPLB_PLUGIN_CONFIG"] = json.dumps(config)
+    args, _ = parse(["--enable-eplb"])
+    out["none_given"] = json.loads(os.environ["EPLB_PLUGIN_CONFIG"])
+    out["kept_by_sglang"] = hasattr(args, "eplb_move_budget_carry")
+    print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.sglang
+def test_a_flag_given_on_the_command_line_overrides_the_config_even_at_its_default_value():
+    """SGLang's parser hands over values only: a flag given at its default value must still
+    override $EPLB_PLUGIN_CONFIG, and flags not given must leave the variable's values alone."""
+    pytest.importorskip("sglang")
+    out = run_sglang_script(CLI_OVER_CONFIG_SCRIPT, timeout_s=SUBPROCESS_TIMEOUT_S)
+    assert out["given_at_defaults"] == {"eplb_dispatch_counts": "local", "eplb_move_budget_carry": 3,
+                                        "eplb_non_blocking": True}
+    assert out["none_given"] == {"eplb_dispatch_counts": "global", "eplb_move_budget_carry": 7,
+                                 "eplb_non_blocking": True}
+    assert not out["kept_by_sglang"]

@@ -96,6 +96,61 @@ def test_the_adapter_accepts_a_move_budget_for_a_policy_that_takes_one(sglang_ep
     assert _adapter()._args.eplb_move_budget_mb == 100
 
 
+@pytest.mark.parametrize("num_groups, nnodes", [(None, 1), (8, 1), (8, 2), (6, 4)])
+def test_auto_plans_with_the_policy_sglangs_auto_picks(sglang_eplb, monkeypatch, num_groups, nnodes):
+    """--eplb-algorithm auto (SGLang's default) keeps SGLang's meaning under the plugin: the
+    manager plans with what SGLang's compute_algorithm picks for the model's expert groups and
+    the nodes (deepseek_hierarchical where the groups divide over the nodes, else deepseek)."""
+    from sglang.srt.eplb import eplb_algorithms
+
+    expert_distribution, expert_location, _ = sglang_eplb
+    _eplb_runtime(eplb_algorithm="auto", ep_size=4, tp_size=4, nnodes=nnodes)
+    monkeypatch.setattr("eplb_plugin.integrations.sglang_checks.parallel_sizes", lambda: (4, 1))
+    fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL, num_groups=num_groups)
+    _install_recorder(expert_distribution, expert_location)
+    expected = "deepseek_hierarchical" if num_groups is not None and num_groups % nnodes == 0 else "deepseek"
+    assert eplb_algorithms.compute_algorithm("auto", num_groups, nnodes).name == expected
+    adapter = _adapter()
+    assert adapter._algorithm == expected
+    assert adapter._args.policy() == expected  # what the project's manager plans with
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "70000", "-1", "80.5"])
+def test_a_metrics_port_that_is_not_a_port_is_refused_at_construction(sglang_eplb, monkeypatch, port):
+    """Every rank refuses it at start-up, naming the variable (rank 0 failed at the first
+    forward pass and turned rebalancing off alone, leaving the others waiting for it)."""
+    from eplb_plugin.integrations.sglang import CONFIG_ENV
+
+    expert_distribution, expert_location, _ = sglang_eplb
+    monkeypatch.setenv(CONFIG_ENV, '{"enable_expert_distribution_metrics": true}')
+    monkeypatch.setenv("EPLB_PLUGIN_METRICS_PORT", port)
+    _eplb_runtime()
+    fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL)
+    _install_recorder(expert_distribution, expert_location)
+    with pytest.raises(ConfigError, match=f"EPLB_PLUGIN_METRICS_PORT='{port}' is not a TCP port"):
+        _adapter()
+
+
+def test_a_busy_metrics_port_is_refused_at_construction_on_the_rank_that_serves_it(sglang_eplb, monkeypatch):
+    """Rank 0 binds the port in the constructor: a port in use stops start-up with a ConfigError."""
+    import socket
+
+    from eplb_plugin.integrations.sglang import CONFIG_ENV
+
+    expert_distribution, expert_location, _ = sglang_eplb
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setenv(CONFIG_ENV, '{"enable_expert_distribution_metrics": true}')
+        monkeypatch.setenv("EPLB_PLUGIN_METRICS_PORT", str(port))
+        _eplb_runtime()
+        fake_model_layout(monkeypatch, num_layers=NUM_LAYERS, num_logical_experts=NUM_LOGICAL)
+        _install_recorder(expert_distribution, expert_location)
+        with pytest.raises(ConfigError, match=f"EPLB_PLUGIN_METRICS_PORT={port}: rank 0 cannot serve metrics"):
+            _adapter()
+
+
 def test_the_recorder_refuses_stat_approx_without_an_all_to_all_backend(sglang_eplb):
     """Nothing would deliver dispatch counts: SGLang refuses it when building its recorder, so
     does the plugin's init_new (also without --enable-eplb)."""

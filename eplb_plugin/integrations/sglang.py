@@ -38,6 +38,7 @@ EPLB signatures changed in 0.5.18, 0.5.19 and 0.5.21, so other versions are refu
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -46,7 +47,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from eplb_plugin.args import EPLBArgs
+from eplb_plugin.errors import ConfigError
 from eplb_plugin.flagspec import flag_name
 from eplb_plugin.integrations.sglang_common import (
     CONFIG_ENV,
@@ -131,6 +132,10 @@ def _add_plugin_flags(result: Any, parser: Any) -> None:
     existing = {s for action in parser._actions for s in action.option_strings}
     skip = tuple(n for n in plugin_field_names() if flag_name(n) in existing)
     add_eplb_args(parser, only_plugin_flags=True, skip=skip)
+    added = set(plugin_field_names()) - set(skip)
+    for action in parser._actions:
+        if action.dest in added:  # absent from the namespace unless given: see _capture_plugin_flags
+            action.default = argparse.SUPPRESS
     from eplb_plugin.integrations.sglang_dispatch import add_dispatch_choices
 
     add_dispatch_choices(parser)
@@ -140,18 +145,15 @@ def _capture_plugin_flags(original: Callable, cls: Any, args: Any, *rest: Any, *
     """AROUND ``ServerArgs.from_cli_args``: move the plugin's flags into ``$EPLB_PLUGIN_CONFIG``.
 
     SGLang keeps only its own fields; the environment reaches every child it spawns. Values
-    given on the command line override those already in the variable. A plugin dispatch
-    algorithm that a SGLang fast path would bypass is refused here, in the launcher.
+    given on the command line, at their default value too, override those already in the
+    variable (the plugin's flags default to unset, so the namespace holds only those given).
+    A plugin dispatch algorithm that a SGLang fast path would bypass is refused here, in the
+    launcher.
     """
     from eplb_plugin.integrations.sglang_checks import check_dispatch_algorithm
 
     check_dispatch_algorithm(getattr(args, "ep_dispatch_algorithm", None), os.environ)
-    defaults = EPLBArgs()
-    given = {
-        name: getattr(args, name)
-        for name in plugin_field_names()
-        if hasattr(args, name) and getattr(args, name) != getattr(defaults, name)
-    }
+    given = {name: getattr(args, name) for name in plugin_field_names() if hasattr(args, name)}
     if given:
         merged = {**plugin_settings(), **given}
         os.environ[CONFIG_ENV] = json.dumps(merged)
@@ -256,7 +258,12 @@ def register() -> None:
             "(set %s=1 to try anyway)", LOG_PREFIX, installed, *TESTED_SGLANG, ALLOW_UNTESTED_ENV,
         )
         return
-    plugin_settings()  # a malformed $EPLB_PLUGIN_CONFIG fails here, in the launcher
+    try:
+        plugin_settings()
+    except ConfigError as exc:
+        # SGLang's load_plugins() logs and swallows a plugin's Exception (the plugin would be
+        # silently off, SGLang's own EPLB serving): SystemExit passes it and stops the launch.
+        raise SystemExit(f"{LOG_PREFIX} {exc}") from exc
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     for target, hook_type, hook in hook_specs():

@@ -42,6 +42,15 @@ def check_algorithm(eplb_algorithm: str, ep_dispatch_algorithm: str | None) -> s
         ) from exc
 
 
+def sglang_auto_algorithm(num_groups: int | None, num_nodes: int) -> str:
+    """The policy SGLang's ``--eplb-algorithm auto`` stands for: SGLang's ``compute_algorithm``
+    asked (deepseek_hierarchical where the model's expert groups divide over the nodes, else
+    deepseek, in 0.5.23), so ``auto`` keeps SGLang's meaning under the plugin."""
+    from sglang.srt.eplb.eplb_algorithms import compute_algorithm
+
+    return compute_algorithm("auto", num_groups, num_nodes).name
+
+
 def check_recorder_mode(mode: str | None) -> None:
     """``--enable-eplb`` plans from summed counts: only the stat modes keep them."""
     if mode is not None and mode not in COUNTING_MODES:

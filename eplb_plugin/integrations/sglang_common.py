@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eplb_plugin.args import EPLBArgs
+from eplb_plugin.args import EPLBArgs, check_field_type
 from eplb_plugin.errors import ConfigError
 
 ENABLE_ENV = "EPLB_PLUGIN_ENABLE"  # "1": hooks on; "0": off whatever the flags say
@@ -40,7 +40,9 @@ def plugin_settings(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """The plugin's own settings from ``$EPLB_PLUGIN_CONFIG`` (inline JSON or a .json path).
 
     Keys are EPLBArgs field names (``eplb_transfer_budget_mb``) or flag names
-    (``eplb-transfer-budget-mb``). Raises ConfigError naming an unknown key or bad JSON.
+    (``eplb-transfer-budget-mb``). Raises ConfigError naming an unknown key, a setting given
+    twice (under both spellings), a value of the wrong type (a bool must be a JSON bool) or
+    bad JSON.
     """
     env = os.environ if environ is None else environ
     raw = env.get(CONFIG_ENV, "").strip()
@@ -60,5 +62,8 @@ def plugin_settings(environ: dict[str, str] | None = None) -> dict[str, Any]:
         name = key.lstrip("-").replace("-", "_")
         if name not in known:
             raise ConfigError(f"${CONFIG_ENV}: unknown key {key!r}; known: {', '.join(known)}")
+        if name in out:
+            raise ConfigError(f"${CONFIG_ENV}: key {key!r} sets {name} a second time; give it once")
+        check_field_type(name, value, what=f"${CONFIG_ENV}: key {key!r}")
         out[name] = value
     return out

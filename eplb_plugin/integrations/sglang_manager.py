@@ -14,11 +14,13 @@ fault path.
 Start-up (the constructor, in ``ModelRunner.initialize``) refuses with a ConfigError what
 would fail later: a plugin setting out of range (``EPLBArgs.check_values``, as the runtime
 checks it), a policy the plugin's manager does not plan with or a move budget it cannot
-take, ``minmax`` dispatch that
-SGLang's mega gate would bypass, a recorder mode without counts, ``stat_approx`` without an
-all-to-all backend, pipeline parallelism, or an EP size other than the default group's size
-(``sglang_checks``). The project's ``EPLBManager`` is
-built at the first ``on_forward_pass_end()`` (the model exists then) with:
+take (``auto`` stands for SGLang's choice, ``sglang_checks.sglang_auto_algorithm``),
+``minmax`` dispatch that SGLang's mega gate would bypass, a ``$EPLB_PLUGIN_METRICS_PORT``
+that is no port or that rank 0 cannot bind (rank 0 serves the metrics from then on), a
+recorder mode without counts, ``stat_approx`` without an all-to-all backend, pipeline
+parallelism, or an EP size other than the default group's size (``sglang_checks``). The
+project's ``EPLBManager`` is built at the first ``on_forward_pass_end()`` (the model exists
+then) with:
 
 - expert weights: the model's ``routed_experts_weights_of_layer`` (layer id -> tensors whose
   dim 0 is the local slot), read again at every access (``LiveExpertWeights``), so a weight
@@ -36,11 +38,13 @@ built at the first ``on_forward_pass_end()`` (the model exists then) with:
 Nothing raises out of ``on_forward_pass_end`` (that would kill SGLang's scheduler,
 sgl-project/sglang#7224): a failed rebalance (``RebalanceError``, raised on every rank at the
 same pass) is logged with its cause and serving continues on the old placement; any other
-error is logged, kept in ``failures``, and turns rebalancing off for the server.
+error is logged, kept in ``failures``, and turns rebalancing off for the server (a failure
+building the manager on some ranks only is agreed on, so every rank turns it off together).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -121,6 +125,9 @@ class SGLangEPLBManager:
         # serve stops now with a ConfigError instead of at the first forward pass.
         moe = get_exec().moe
         self._args = eplb_args_from_sglang()
+        if self._args.eplb_algorithm == "auto":  # SGLang's auto, not the runtime's (which is eplb_plugin)
+            chosen = sglang_checks.sglang_auto_algorithm(_num_groups(model_config), self._args.nnodes)
+            self._args = dataclasses.replace(self._args, eplb_algorithm=chosen)
         sglang_checks.check_algorithm(self._args.eplb_algorithm, self._args.ep_dispatch_algorithm)
         self._algorithm = self._args.policy()  # and a move budget only for a policy that takes one
         sglang_checks.check_recorder_mode(moe.expert_distribution_recorder_mode)
@@ -130,6 +137,7 @@ class SGLangEPLBManager:
         sglang_checks.check_parallel_layout(world_size=world_size, ep_size=self._args.ep_size, pp_size=pp_size)
         self._world_size = world_size
         self._rank = _sglang_rank(world_size)
+        self._metrics = _metrics(self._args, self._rank)  # a bad or busy port stops start-up
         self._planner = None
         if self._args.eplb_plan_in_process and self._rank == 0:
             from eplb_plugin.planner_process import PlannerProcess
@@ -212,7 +220,7 @@ class SGLangEPLBManager:
         ``failures``, and serving continues on the placement whose weights are in place."""
         try:
             if self._manager is None:
-                self._manager = self._build()
+                self._manager = self._build_on_every_rank()
             if advance:
                 self._manager.on_forward_pass_end()
             return True
@@ -230,12 +238,30 @@ class SGLangEPLBManager:
 
     # ---------------------------------------------------------------- build
 
+    def _build_on_every_rank(self) -> Any:
+        """``_build``, agreed: every rank, at the same pass. One all-reduce of a failure flag,
+        so a failure on some ranks only (weights one rank cannot move) turns rebalancing off
+        on every rank, instead of the others waiting in the manager's collectives."""
+        from eplb_plugin.comm import all_reduce_host
+
+        manager, error = None, None
+        try:
+            manager = self._build()
+        except Exception as exc:  # raised below, once every rank knows
+            error = exc
+        failed = all_reduce_host(torch.tensor([0.0 if error is None else 1.0]), None, op="max")[0] > 0
+        if error is not None:
+            raise error
+        if failed:
+            manager.close()
+            self._publisher.close()
+            self._publisher = None
+            raise RuntimeError("another rank failed to build the manager (its log says why)")
+        return manager
+
     def _build(self) -> Any:
         from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
-        from sglang.srt.eplb.expert_location import (
-            ModelConfigForExpertLocation,
-            get_global_expert_location_metadata,
-        )
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
         from sglang.srt.runtime_context import get_exec
 
         from eplb_plugin.location import ExpertLocation
@@ -256,7 +282,6 @@ class SGLangEPLBManager:
         weights = LiveExpertWeights(self._get_model, location.num_layers)
         sglang_checks.check_movable_weights(
             weights.by_layer(), num_local_slots=location.num_physical_experts // location.ep_size)
-        layout = ModelConfigForExpertLocation.from_model_config(self._model_config)
         rank = self._rank
         moe = get_exec().moe
         args = self._args
@@ -269,9 +294,9 @@ class SGLangEPLBManager:
             expert_weights=weights,
             group=None,  # the executor then uses WORLD, as SGLang's mover does
             rank=rank,
-            num_groups=getattr(layout, "num_groups", None),
+            num_groups=_num_groups(self._model_config),
             planner=self._planner,  # rank 0's planner process, if planning in a process
-            metrics=_metrics(args, rank),
+            metrics=self._metrics,
             on_location_change=self._publish_location,
             layers_mover=move_like_layers_together,
             ready_to_move=self._metadata_ready,
@@ -307,6 +332,13 @@ class SGLangEPLBManager:
             location.physical_to_logical_map, None if target is None else target.physical_to_logical_map)
         if changed:
             logger.info("%s %d layers now serve their new placement", LOG_PREFIX, len(changed))
+
+
+def _num_groups(model_config: Any) -> int | None:
+    """The model's expert groups (group-limited routing), as SGLang reads them; None without."""
+    from sglang.srt.eplb.expert_location import ModelConfigForExpertLocation
+
+    return getattr(ModelConfigForExpertLocation.from_model_config(model_config), "num_groups", None)
 
 
 def _sglang_rank(world_size: int) -> int:
@@ -367,16 +399,32 @@ def move_like_layers_together(layers: list[tuple], group: Any, *, layer_ids: lis
 
 def _metrics(args: Any, rank: int) -> Any:
     """Prometheus metrics when ``--enable-expert-distribution-metrics``; served by rank 0 on
-    ``127.0.0.1:$EPLB_PLUGIN_METRICS_PORT`` when that is set (SGLang's /metrics is its own)."""
+    ``127.0.0.1:$EPLB_PLUGIN_METRICS_PORT`` when that is set (SGLang's /metrics is its own).
+    At start-up, once per server: ConfigError naming the variable for a value that is not a
+    port (every rank) or a port rank 0 cannot serve on."""
     if not args.enable_expert_distribution_metrics:
         return None
     from eplb_plugin.metrics import EPLBMetrics
 
+    port = _metrics_port(os.environ.get(METRICS_PORT_ENV, ""))
     metrics = EPLBMetrics()
-    port = os.environ.get(METRICS_PORT_ENV)
-    if port and rank == 0:
+    if port is not None and rank == 0:
         from prometheus_client import start_http_server
 
-        start_http_server(int(port), addr="127.0.0.1", registry=metrics.registry)
+        try:
+            start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+        except OSError as exc:
+            raise ConfigError(f"{METRICS_PORT_ENV}={port}: rank 0 cannot serve metrics on 127.0.0.1:{port} "
+                              f"({exc}); choose a free port or unset {METRICS_PORT_ENV}") from exc
         logger.info("%s metrics on http://127.0.0.1:%s/metrics", LOG_PREFIX, port)
     return metrics
+
+
+def _metrics_port(raw: str) -> int | None:
+    """``$EPLB_PLUGIN_METRICS_PORT`` as a TCP port (None: unset); ConfigError naming it otherwise."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise ConfigError(f"{METRICS_PORT_ENV}={raw!r} is not a TCP port in [1, 65535]")
+    return int(raw)
