@@ -78,7 +78,9 @@ class EPLBArgs:
         "Mode of the expert distribution recorder.", choices=RECORDER_MODES, default=None
     )
     expert_distribution_recorder_buffer_size: Optional[int] = _flag(
-        "Passes kept by the recorder's ring buffer; -1 grows without bound (default: the rebalance interval).",
+        "Passes kept by the stat recorder's ring buffer; -1 keeps every pass until a dump (EPLB's window: "
+        "until the next rebalance); per_pass and per_token keep every pass until a dump whatever the size "
+        "(default: the rebalance interval).",
         default=None,
     )
     expert_balancedness_report_mode: BalancednessReportMode = _flag(
