@@ -33,15 +33,14 @@ def _slot_weights(phy2log_row: torch.Tensor, rank: int) -> list[torch.Tensor]:
     return distinct_slot_weights(phy2log_row, rank, NUM_PHYSICAL // WORLD)
 
 
-def _rebalance_on_rank(rank: int, port: int) -> None:
-    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool (hangs)
+def _sglang_rank(rank: int):
+    """SGLang's runtime, expert-location metadata and recorder (the plugin's) for one gloo rank
+    with EPLB on; returns (recorder, the trivial map, a model whose routed layers 1 and 2
+    hold that map's slots)."""
     from sglang.srt.eplb import expert_distribution, expert_location
-    from sglang.srt.eplb.eplb_manager import EPLBManager  # noqa: F401  (the name SGLang uses)
 
     from eplb_plugin.integrations.sglang import _recorder_init_new
-    from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     fake_runtime(ep_size=WORLD, tp_rank=rank, enable_eplb=True, eplb_rebalance_num_iterations=INTERVAL_PASSES,
                  expert_distribution_recorder_mode="stat", expert_distribution_recorder_buffer_size=INTERVAL_PASSES,
                  ep_num_redundant_experts=NUM_PHYSICAL - NUM_LOGICAL, eplb_algorithm="eplb_plugin")
@@ -52,6 +51,18 @@ def _rebalance_on_rank(rank: int, port: int) -> None:
     trivial = metadata.physical_to_logical_map_cpu.clone()
     model = SimpleNamespace(routed_experts_weights_of_layer={
         1: _slot_weights(trivial[1], rank), 2: _slot_weights(trivial[2], rank)})
+    return recorder, trivial, model
+
+
+def _rebalance_on_rank(rank: int, port: int) -> None:
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool (hangs)
+    from sglang.srt.eplb import expert_distribution, expert_location
+    from sglang.srt.eplb.eplb_manager import EPLBManager  # noqa: F401  (the name SGLang uses)
+
+    from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    recorder, trivial, model = _sglang_rank(rank)
 
     manager = SGLangEPLBManager(  # SGLang 0.5.23's keyword signature
         model_config=None, get_model=lambda: model, get_expert_location_updater=lambda: None,
@@ -96,26 +107,15 @@ def _build_fails_on_rank_0(rank: int, port: int) -> None:
     from datetime import timedelta
 
     torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool (hangs)
-    from sglang.srt.eplb import expert_distribution, expert_location
 
     from eplb_plugin.errors import ConfigError
     from eplb_plugin.integrations import sglang_checks
-    from eplb_plugin.integrations.sglang import _recorder_init_new
     from eplb_plugin.integrations.sglang_manager import SGLangEPLBManager
 
     # A bounded wait: without an agreement rank 1 would block in the manager's collectives.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=20))
-    fake_runtime(ep_size=WORLD, tp_rank=rank, enable_eplb=True, eplb_rebalance_num_iterations=INTERVAL_PASSES,
-                 expert_distribution_recorder_mode="stat", expert_distribution_recorder_buffer_size=INTERVAL_PASSES,
-                 ep_num_redundant_experts=NUM_PHYSICAL - NUM_LOGICAL, eplb_algorithm="eplb_plugin")
-    metadata = expert_location.ExpertLocationMetadata.init_trivial(None, moe_ep_rank=rank)
-    expert_location.set_global_expert_location_metadata(metadata, allow_overwrite=True)
-    recorder = _recorder_init_new(expert_distribution.ExpertDistributionRecorder.init_new, metadata, rank)
-    expert_distribution.set_global_expert_distribution_recorder(recorder)
-    trivial = metadata.physical_to_logical_map_cpu.clone()
-    model = SimpleNamespace(routed_experts_weights_of_layer={
-        1: _slot_weights(trivial[1], rank), 2: _slot_weights(trivial[2], rank)})
+    recorder, _, model = _sglang_rank(rank)
     if rank == 0:
         def refuse(*args, **kwargs):
             raise ConfigError("rank 0 cannot move these weights")
