@@ -355,6 +355,8 @@ def read_counts(source: str, *, num_layers: int | None = None, num_logical_exper
         raise CountsError(f"{name}: no 'logical_count' or 'counts' key (keys: {sorted(data)})")
     raw = checked_array(data[key], source=name, key=key, dims=(2, 3), shape=(num_layers, num_logical_experts),
                         integer=False, error=CountsError, names=("passes", "layers", "experts"))
+    if raw.dim() == 3 and raw.shape[0] == 0:  # a stat dump taken before any pass was recorded
+        raise CountsError(f"{name}: {key} holds no passes (shape {list(raw.shape)}): nothing to plan from")
     if raw.dim() == 3 and raw.shape[0] > MAX_COUNT_PASSES:
         raise CountsError(f"{name}: {key} holds {raw.shape[0]} passes, more than {MAX_COUNT_PASSES}; sum them first")
     return validate_logical_count(raw, source=name, num_layers=num_layers, num_logical_experts=num_logical_experts)

@@ -246,3 +246,14 @@ def test_plan_checks_the_preset_before_the_solver_runs(tmp_path, capsys, monkeyp
     code = cli.main(["plan", str(counts), "--ep-size", "2", "--redundant", "2", "--preset", "nope",
                      "--out", str(tmp_path / "o.json")])
     assert code == 2 and "unknown model preset 'nope'" in capsys.readouterr().err
+
+
+def test_a_stat_dump_of_no_passes_is_refused_rather_than_planned_from_zeros(tmp_path):
+    """A stat dump taken before any pass was recorded holds logical_count [0, L, E]: planning
+    from it would place every expert as if none got a token. One pass of zeros still plans."""
+    empty = tmp_path / "empty_dump.pt"
+    torch.save({"logical_count": torch.zeros(0, 2, 4)}, empty)
+    refused(empty, "holds no passes", key="logical_count")
+    one = tmp_path / "one_pass.pt"
+    torch.save({"logical_count": torch.zeros(1, 2, 4)}, one)
+    assert load(one).physical_to_logical_map.shape == (2, 6)
