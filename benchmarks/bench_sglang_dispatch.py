@@ -34,6 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from _sglang_cpu import use_sglang_stubs  # benchmarks/_sglang_cpu.py
 from _traces import ESFT_TRACES, esft_topk_ids, traces_dir  # benchmarks/_traces.py
 
 from eplb_plugin.balance import layer_balancedness
@@ -127,6 +128,7 @@ def measure(passes: torch.Tensor, location: ExpertLocation, *, ep_size: int) -> 
 
 
 def main() -> None:
+    use_sglang_stubs()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pass-tokens", type=int, default=256)
     parser.add_argument("--window", type=int, default=24, help="passes the placement is planned on")

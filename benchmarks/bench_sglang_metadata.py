@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from _sglang_cpu import use_sglang_stubs  # benchmarks/_sglang_cpu.py
 
 NUM_LAYERS, NUM_LOGICAL, NUM_REDUNDANT = 61, 256, 32  # DeepSeek-V3 (MoE layers 3..60)
 FIRST_MOE_LAYER = 3
@@ -127,6 +128,7 @@ def measure(ep_size: int, num_chunks: int) -> dict:
 
 
 def main() -> None:
+    use_sglang_stubs()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ep-sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--chunks", type=int, default=4, help="one-layer chunks timed per EP size")

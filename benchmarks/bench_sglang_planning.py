@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from _sglang_cpu import use_sglang_stubs  # benchmarks/_sglang_cpu.py
 
 NUM_LAYERS, NUM_LOGICAL, NUM_REDUNDANT, EP_SIZE = 61, 256, 32, 32
 RESULTS = Path(__file__).resolve().parent / "results" / "sglang_planning_cpu.json"
@@ -104,6 +105,7 @@ def run(mode: str, *, passes: int, interval: int, ops: int) -> dict:
 
 
 def main() -> None:
+    use_sglang_stubs()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--passes", type=int, default=600)
     parser.add_argument("--interval", type=int, default=100, help="passes between rebalances")
