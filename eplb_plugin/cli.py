@@ -230,14 +230,17 @@ EPILOG_WIDTH = 96  # characters per line of the policy and preset lists
 POLICY_HELP = {"auto": "the project's default policy (eplb_plugin)", **{p.name: p.suits for p in POLICIES.entries()}}
 
 
-def _policy_epilog() -> str:
+def _policy_epilog(*, presets: bool) -> str:
+    """The placement policies (--algorithm) with the host each suits, and with ``presets``
+    the model presets (--preset)."""
     from .configs import PRESET_NAMES
 
     lines = ["placement policies (--algorithm):"]
     for name in ("auto", *ALGORITHMS):
         lines += textwrap.wrap(POLICY_HELP.get(name, ""), EPILOG_WIDTH, initial_indent=f"  {name:<22} ",
                                subsequent_indent=" " * 25)
-    lines += ["", *textwrap.wrap("model presets (--preset): " + ", ".join(PRESET_NAMES), EPILOG_WIDTH)]
+    if presets:
+        lines += ["", *textwrap.wrap("model presets (--preset): " + ", ".join(PRESET_NAMES), EPILOG_WIDTH)]
     return "\n".join(lines)
 
 
@@ -258,7 +261,7 @@ def _common(p) -> None:
 
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="counts -> placement file for --init-expert-location",
-                       formatter_class=HelpFormatter, epilog=_policy_epilog())
+                       formatter_class=HelpFormatter, epilog=_policy_epilog(presets=True))
     p.add_argument("counts", help="SGLang stat dump .pt, JSON with logical_count/counts, or per-token .npz")
     _common(p)
     p.add_argument("--nodes", type=positive_int, default=1, help="nodes the EP ranks span (node-aware placement when > 1)")
@@ -289,7 +292,7 @@ def _add_simulate(sub) -> None:
     from .cli_simulate import add_simulate
 
     add_simulate(sub, _common, HelpFormatter)
-    sub.choices["simulate"].epilog = _policy_epilog()
+    sub.choices["simulate"].epilog = _policy_epilog(presets=False)
 
 
 def _add_inspect(sub) -> None:
@@ -309,7 +312,8 @@ SUBCOMMANDS = {"plan": _add_plan, "simulate": _add_simulate, "inspect": _add_ins
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="eplb", description="Plan, simulate and inspect expert placements for EPLB.", formatter_class=HelpFormatter,
-        epilog="`eplb <command> --help` shows each command's options, defaults, policies and presets.",
+        epilog="`eplb <command> --help` shows each command's options and defaults; plan and simulate also list "
+               "the placement policies, and plan the model presets.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS.values():

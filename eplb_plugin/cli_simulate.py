@@ -48,8 +48,9 @@ def add_simulate(sub: Any, common: Any, formatter: type[argparse.HelpFormatter])
     p.add_argument("--decay", type=decay_factor, default=None,
                    help="plan on every past pass weighted decay**age instead of the window (0 < decay <= 1)")
     p.add_argument("--dispatch", nargs="+", default=list(DISPATCHES), choices=DISPATCHES,
-                   help="token splits to score: static/random split equally, weighted follows the plan's "
-                        "replica weights, dynamic water-fills each pass")
+                   help="token splits to score: static, random and dynamic (SGLang's even random spread) "
+                        "split equally, weighted follows the plan's replica weights, minmax splits each pass "
+                        "to even out its GPU loads")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON report (its folder is created)")
     p.add_argument("--plot", default=None, help=f"image path ({', '.join(PLOT_SUFFIXES)}; default: no plot)")
     p.set_defaults(func=run_simulate)
