@@ -84,6 +84,9 @@ def add_flags(group: Any, *classes: type,
             seen.add(option)
             help_text = argparse.SUPPRESS if f.metadata["hidden"] else f.metadata["help"]
             default = f.default  # flag fields take defaults, not factories (a tuple, not a list)
+            if help_text is not argparse.SUPPRESS and default is not None and not isinstance(default, bool) \
+                    and "default" not in help_text:
+                help_text += " (default: %(default)s)"  # --help shows what an absent flag means
             kind = hints[f.name]
             if kind is bool:
                 negate = f.metadata["negate"]

@@ -58,7 +58,8 @@ def test_each_field_is_one_option_with_its_help_and_a_bool_is_a_switch_unless_it
     assert "--progress" in options and "--no-progress" in options
     assert "--disable-cuda-graph" in options and "--cuda-graph" not in options
     assert "--label" not in options
-    assert options["--batch-tokens"].help == "Tokens per pass."
+    assert options["--batch-tokens"].help == "Tokens per pass. (default: %(default)s)"  # argparse fills it in
+    assert "(default: 512)" in parser.format_help()
     assert options["--ready-file"].help == argparse.SUPPRESS
     assert option_of(_Config.__dataclass_fields__["http_port"]) == "--port"
 

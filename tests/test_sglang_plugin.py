@@ -129,7 +129,7 @@ def test_importing_the_package_and_integration_does_not_import_sglang():
 
 
 HOOKS_APPLIED_SCRIPT = """
-    import argparse, json, os, sys
+    import argparse, dataclasses, json, os, sys
     from importlib.metadata import entry_points
     assert any(ep.name == "eplb_plugin" and ep.value == "eplb_plugin.integrations.sglang:register"
                for ep in entry_points(group="sglang.srt.plugins")), "entry point not installed"
@@ -153,6 +153,10 @@ HOOKS_APPLIED_SCRIPT = """
     from sglang.srt.server_args import ServerArgs
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
+    shown = " ".join(parser.format_help().split())  # the plugin's flags tell their defaults, though parsed unset
+    from eplb_plugin.args import EPLBArgs
+    carry = next(f for f in dataclasses.fields(EPLBArgs) if f.name == "eplb_move_budget_carry")
+    assert "==SUPPRESS==" not in shown and " ".join(carry.metadata["help"].split()) + " (default: 3)" in shown
     ns = parser.parse_args(["--model-path", "m", "--enable-eplb", "--eplb-algorithm", "eplb_plugin",
                             "--eplb-transfer-budget-mb", "64", "--eplb-non-blocking"])
     server_args = ServerArgs.from_cli_args(ns)

@@ -135,6 +135,8 @@ def _add_plugin_flags(result: Any, parser: Any) -> None:
     added = set(plugin_field_names()) - set(skip)
     for action in parser._actions:
         if action.dest in added:  # absent from the namespace unless given: see _capture_plugin_flags
+            if isinstance(action.help, str):  # --help still tells the default an absent flag means
+                action.help = action.help.replace("%(default)s", str(action.default))
             action.default = argparse.SUPPRESS
     from eplb_plugin.integrations.sglang_dispatch import add_dispatch_choices
 
