@@ -215,14 +215,16 @@ def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, 
     per step: a change sets a slot to its target expert when the expert it holds keeps a
     replica elsewhere, or else swaps it with a slot that holds that target expert and wants
     this one (a pure swap). Each round draws ``PERPASS_CANDIDATES`` of every layer's valid
-    changes, scores each on ``counts`` and takes the best; from round ``r`` on it takes up to
-    ``1 + r // PATH_GROWTH`` of them (``PERPASS_CANDIDATES // 2`` at most), best first, on
-    distinct slots and never the last replica of an expert, and scores each prefix. So the
-    early, steep part of a path (where a budget is spent) is greedy one change at a time,
-    and a long path takes O(sqrt(its length)) rounds. A layer stops where no valid change is
-    left (a cycle of three or more single replicas stays as it is live), and every layer
-    stops after ``max_cost`` steps (each step changes a slot or two: a longer prefix would
-    not fit that budget).
+    changes, scores each on ``counts`` and takes the best; after the first ``PATH_SINGLE``
+    rounds, round ``r`` takes up to ``1 + (r - PATH_SINGLE) // PATH_GROWTH`` of them
+    (``PERPASS_CANDIDATES // 2`` at most), best first, on distinct slots and never the last
+    replica of an expert, and scores each prefix. So the early, steep part of a path (where
+    a budget is spent) is greedy one change at a time, and a long path takes O(sqrt(its
+    length)) rounds. A layer stops where no valid change is left (a cycle of three or more
+    single replicas stays as it is live), once its path runs ``PATH_LOOKAHEAD`` slots past
+    where a binding budget spent over the paths so far (``_spend_along``) would stop it, and
+    after ``max_cost`` steps (each step changes a slot or two: a longer prefix would not fit
+    that budget).
 
     Returns (cost [L, S]: slots changed after each step, cumulative; score [L, S]; changes
     [S - 1, L, 4]: per step and layer the slots and experts written, (slot, expert, slot,
