@@ -307,7 +307,8 @@ def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, 
             current[rows[step], change[step, 0]] = change[step, 1]
             swapped = change[:, 2] >= 0
             current[rows[swapped], change[swapped, 2]] = change[swapped, 3]
-            prefixes.append(current.clone())
+            if take > 1:  # a single change's map was scored as a candidate
+                prefixes.append(current.clone())
             changes.append(change)
             cost.append(cost[-1] + (change[:, [0, 2]] >= 0).sum(1))
         if take == 1:

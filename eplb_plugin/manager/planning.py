@@ -30,7 +30,7 @@ from eplb_plugin.location import ExpertLocation
 from eplb_plugin.manager.protocols import LoadWindow, Planner
 from eplb_plugin.manager.records import MIB
 from eplb_plugin.manager.targets import check_plan_shape, plan_passes
-from eplb_plugin.maps import checked_replica_count, integer_map_ids
+from eplb_plugin.maps import checked_replica_count
 
 
 @dataclass(frozen=True)
@@ -176,10 +176,9 @@ class ScoringPlanner:
     def __call__(self, counts: torch.Tensor, **kwargs: Any) -> Any:
         placement = self.planner(counts, **kwargs)
         outcome = full_plan(PlanOutcome(placement, None), layers=self.layers, live=self.live)
-        if outcome.error is None:
-            phy2log = outcome.placement.physical_to_logical_map
+        if outcome.error is None:  # well-formed: integer ids of the right shape (PlanOutcome.checked)
             try:  # a plan with ids out of range or an expert missing is the manager's to refuse
-                checked_replica_count(integer_map_ids(torch.as_tensor(phy2log), "plan"), self.live.num_logical_experts,
+                checked_replica_count(outcome.placement.physical_to_logical_map.long(), self.live.num_logical_experts,
                                       "plan")
             except PlacementError:
                 return placement

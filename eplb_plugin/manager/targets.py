@@ -16,6 +16,7 @@ import torch
 from eplb_plugin.counts import bucket_passes
 from eplb_plugin.errors import PlacementError
 from eplb_plugin.location import ExpertLocation, equal_split_weights
+from eplb_plugin.maps import integer_map_ids
 
 MAX_PLAN_PASSES = 128  # per-pass policies see at most this many rows (consecutive passes summed)
 
@@ -35,9 +36,10 @@ def check_plan_shape(result: Any, *, num_layers: int, num_physical_experts: int)
     if not isinstance(map_, torch.Tensor) or list(map_.shape) != want:
         got = list(map_.shape) if isinstance(map_, torch.Tensor) else type(map_).__name__
         return PlacementError(f"the planner returned a physical_to_logical_map of {got}, expected shape {want}")
-    if map_.is_complex() or map_.dtype == torch.bool or (
-            map_.is_floating_point() and not torch.equal(map_, map_.round())):
-        return PlacementError("the planner returned a physical_to_logical_map with non-integer ids")
+    try:
+        integer_map_ids(map_, "the planner's plan")  # bool, complex, fractional, NaN or infinite ids
+    except PlacementError as exc:
+        return exc
     weights = getattr(result, "replica_weights", None)
     if weights is not None and (not isinstance(weights, torch.Tensor) or list(weights.shape) != want):
         got = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
