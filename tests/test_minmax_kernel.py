@@ -133,8 +133,9 @@ def test_ranks_splitting_on_the_pass_counts_serve_what_one_dispatcher_of_the_who
 @pytest.mark.parametrize("glob", [False, True])
 def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and_the_counts(bases, glob):
     """minmax_dispatch(num_valid_rows=) on the kernels, which read the bound themselves: the
-    real rows get the slot loads the kernels give those rows alone (with the same other
-    ranks' counts, where the exchange gives some), the exchange sees the real rows' counts
+    real rows get the slot loads the torch reference gives those rows alone (with the same
+    other ranks' counts, where the exchange gives some: a kernel that ignored them would
+    differ), the exchange sees the real rows' counts
     only, padding rows' pairs get their expert's home slot (-1 kept), and
     counts_out holds the real rows' slots."""
     from eplb_plugin.dispatch import minmax_dispatch
@@ -162,7 +163,7 @@ def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and
     got = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=1, num_slots=20, scratch=scratch, counts_out=counts,
                                  exchange=exchange if glob else None, bases=bases,
                                  num_valid_rows=torch.tensor([real], device=DEVICE)).cpu()
-    alone = minmax_dispatch(ids[:real].to(DEVICE), tables, layer=1, num_slots=20, use_kernel=True,
+    alone = minmax_dispatch(ids[:real].to(DEVICE), tables, layer=1, num_slots=20, use_kernel=False,
                             exchange=others if glob else None).cpu()
     assert torch.equal(got[:real] == -1, alone == -1)
     real_load = torch.bincount(got[:real][got[:real] >= 0], minlength=20)
