@@ -326,16 +326,18 @@ def add_eplb_args(
     *,
     only_plugin_flags: bool = False,
     skip: tuple[str, ...] = (),
+    unset_defaults: bool = False,
 ) -> argparse.ArgumentParser:
     """Add every EPLBArgs flag to ``parser``, defaults read from the dataclass.
 
     only_plugin_flags: add only the flags SGLang lacks (for extending SGLang's parser);
     otherwise (the runtime's parser) every flag the runtime offers. skip: field names not to
-    add (a host parser that already has them).
+    add (a host parser that already has them). unset_defaults: a flag not given stays out of
+    the namespace (``flagspec.add_flags``), so a host can tell which were given.
     """
 
     def offered(f: dataclasses.Field) -> bool:
         return f.name not in skip and (not f.metadata["sglang"] if only_plugin_flags else f.metadata["runtime"])
 
-    add_flags(parser.add_argument_group("EPLB"), EPLBArgs, include=offered)
+    add_flags(parser.add_argument_group("EPLB"), EPLBArgs, include=offered, unset_defaults=unset_defaults)
     return parser

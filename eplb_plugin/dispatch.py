@@ -169,7 +169,7 @@ class ExpertDispatcher:
         ``DispatchInfo.counts_slots`` add this call's slots in the kernel that maps them
         (``static``: the fused map+count kernel; ``minmax``: its own); the others ignore it.
         """
-        if topk_ids.dtype.is_floating_point or topk_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+        if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
             raise UsageError(f"topk_ids has dtype {topk_ids.dtype}; expected integer expert ids")
         if not 0 <= layer < self.static_table.shape[0]:
             raise UsageError(f"layer {layer} is outside 0..{self.static_table.shape[0] - 1}")

@@ -69,11 +69,13 @@ def dest_of(f: dataclasses.Field) -> str:
 
 
 def add_flags(group: Any, *classes: type,
-              include: Callable[[dataclasses.Field], bool] | None = None) -> None:
+              include: Callable[[dataclasses.Field], bool] | None = None, unset_defaults: bool = False) -> None:
     """Add every flag field of ``classes`` to ``group`` (a parser or argument group), defaults
     and help read from the fields. include: which fields to add (default: all). A field
     whose option an earlier class already added (one flag setting two configs, e.g.
-    ``--seed``) is not added twice."""
+    ``--seed``) is not added twice. unset_defaults: a flag not given is absent from the
+    namespace (``argparse.SUPPRESS``; a host parser that must tell given flags from defaults),
+    its help still naming the field's default."""
     seen: set[str] = set()
     for cls in classes:
         hints = get_type_hints(cls)
@@ -84,18 +86,22 @@ def add_flags(group: Any, *classes: type,
             seen.add(option)
             help_text = argparse.SUPPRESS if f.metadata["hidden"] else f.metadata["help"]
             default = f.default  # flag fields take defaults, not factories (a tuple, not a list)
-            if help_text is not argparse.SUPPRESS and default is not None and not isinstance(default, bool) \
-                    and "default" not in help_text:
-                help_text += " (default: %(default)s)"  # --help shows what an absent flag means
             kind = hints[f.name]
+            switch = kind is bool and (f.metadata["negate"] or not default)  # --x alone (or --disable-x)
+            # --help shows what an absent flag means (argparse adds it to a --x/--no-x pair itself,
+            # unless its default is unset)
+            if help_text is not argparse.SUPPRESS and default is not None and not switch \
+                    and (kind is not bool or unset_defaults) and "default" not in help_text:
+                help_text += f" (default: {default})" if unset_defaults else " (default: %(default)s)"
             if kind is bool:
                 negate = f.metadata["negate"]
-                if negate or not default:  # a switch: --x sets the field True (negate: --disable-x sets it False)
+                shown = not default if negate else default
+                if switch:  # --x sets the field True (negate: --disable-x sets it False)
                     group.add_argument(option, dest=dest_of(f), action="store_true",
-                                       default=not default if negate else default, help=help_text)
+                                       default=argparse.SUPPRESS if unset_defaults else shown, help=help_text)
                 else:
                     group.add_argument(option, dest=dest_of(f), action=argparse.BooleanOptionalAction,
-                                       default=default, help=help_text)
+                                       default=argparse.SUPPRESS if unset_defaults else default, help=help_text)
                 continue
             kw: dict[str, Any] = dict(dest=dest_of(f), type=value_type(kind), choices=f.metadata["choices"],
                                       help=help_text, metavar=f.metadata["metavar"])
@@ -107,6 +113,8 @@ def add_flags(group: Any, *classes: type,
                     kw["nargs"] = "+"
             else:
                 kw["default"] = default
+            if unset_defaults:
+                kw["default"] = argparse.SUPPRESS
             group.add_argument(option, **kw)
 
 

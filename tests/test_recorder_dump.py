@@ -176,14 +176,29 @@ def test_stat_dump_sums_over_ranks_and_only_rank_zero_writes(tmp_path):
 
 @pytest.mark.parametrize("mode", ["stat", "per_pass"])
 def test_a_dump_that_cannot_be_written_raises_oserror_and_keeps_the_session(tmp_path, mode):
-    """torch.save's own failure (here: the file name is a directory) comes out as an OSError
-    naming the path, and the refused dump resets nothing."""
+    """A file that cannot be opened (here: the name is a directory) is an OSError naming the
+    path, and the refused dump resets nothing."""
     (tmp_path / "taken").mkdir()
     rec, _, _ = _recorded(mode, torch.Generator().manual_seed(6), dump_dir=tmp_path)
     with pytest.raises(OSError, match="taken"):
         rec.dump_record(name="taken")
     assert rec.num_passes_in_window == 2
     assert rec.dump_record(name="ok.pt") == tmp_path.resolve() / "ok.pt"
+
+
+def test_a_dump_whose_write_fails_part_way_leaves_no_partial_file(tmp_path, monkeypatch):
+    """torch.save failing after it wrote some bytes (its own RuntimeError, as from a full
+    disk's zip writer) is an OSError naming the path, and the partial file is removed."""
+    from eplb_plugin.recorder import dump as dump_io
+
+    def half_written(data, file):
+        file.write(b"PK partial")
+        raise RuntimeError("write failed")
+
+    monkeypatch.setattr(dump_io.torch, "save", half_written)
+    with pytest.raises(OSError, match="cannot write the dump .*half.pt: write failed"):
+        dump_io.write_dump({"x": 1}, "half.pt", tmp_path)
+    assert not (tmp_path / "half.pt").exists()
 
 
 def _refused_then_written_case(rank, group):

@@ -38,7 +38,6 @@ EPLB signatures changed in 0.5.18, 0.5.19 and 0.5.21, so other versions are refu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -131,13 +130,8 @@ def _add_plugin_flags(result: Any, parser: Any) -> None:
 
     existing = {s for action in parser._actions for s in action.option_strings}
     skip = tuple(n for n in plugin_field_names() if flag_name(n) in existing)
-    add_eplb_args(parser, only_plugin_flags=True, skip=skip)
-    added = set(plugin_field_names()) - set(skip)
-    for action in parser._actions:
-        if action.dest in added:  # absent from the namespace unless given: see _capture_plugin_flags
-            if isinstance(action.help, str):  # --help still tells the default an absent flag means
-                action.help = action.help.replace("%(default)s", str(action.default))
-            action.default = argparse.SUPPRESS
+    # absent from the namespace unless given: see _capture_plugin_flags
+    add_eplb_args(parser, only_plugin_flags=True, skip=skip, unset_defaults=True)
     from eplb_plugin.integrations.sglang_dispatch import add_dispatch_choices
 
     add_dispatch_choices(parser)

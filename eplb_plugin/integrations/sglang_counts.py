@@ -86,9 +86,9 @@ class GroupCountExchange:
 
 def dispatch_counts_setting(environ: dict[str, str] | None = None) -> str:
     """``--eplb-dispatch-counts`` as the plugin's settings carry it to SGLang's processes
-    (``$EPLB_PLUGIN_CONFIG``); ConfigError naming the valid values for another."""
-    return check_dispatch_counts(plugin_settings(environ).get("eplb_dispatch_counts", EPLBArgs.eplb_dispatch_counts),
-                                 COUNTS_FLAG)
+    (``$EPLB_PLUGIN_CONFIG``, whose values ``plugin_settings`` checks against their fields'
+    choices: ConfigError naming the valid values for another)."""
+    return str(plugin_settings(environ).get("eplb_dispatch_counts", EPLBArgs.eplb_dispatch_counts))
 
 
 def resolve_count_exchange(*, ep_size: int, setting: str | None = None) -> GroupCountExchange | None:

@@ -52,7 +52,8 @@ def write_dump(data: dict[str, Any], name: str, directory: str | os.PathLike | N
     """Save ``data`` with torch.save under the dump directory (created if missing).
 
     A file that cannot be written raises OSError naming it (torch.save's own failures are
-    RuntimeErrors, which callers would take for a failed collective); nothing is left behind.
+    RuntimeErrors, which callers would take for a failed collective); a write that fails
+    part way (torch.save's error, a full disk) leaves no partial file behind.
     """
     base = dump_dir(directory)
     base.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def write_dump(data: dict[str, Any], name: str, directory: str | os.PathLike | N
     with open(path, "wb") as file:
         try:
             torch.save(data, file)
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:
             path.unlink(missing_ok=True)
             raise OSError(f"cannot write the dump {path}: {exc}") from exc
     return path
