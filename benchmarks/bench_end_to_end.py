@@ -66,9 +66,11 @@ EP8_REDUNDANT = 8
 EP8_SAMPLE_PASSES = 8  # passes timed for the EP8 compute part (each: L layers x 8 ranks)
 EP8_REPLAYS = 10  # CUDA graph replays timed per rank and layer
 # The EP8 compute part's placements: name -> (policy planned on the window, None: trivial;
-# dispatch; traffic). "uniform" (no redundancy) is the yardstick; "uniform_redundant" is
-# uniform routing on as many slots as EPLB uses, so its ratio to "uniform" is what the
-# redundant slots' weights alone cost.
+# dispatch; traffic). "uniform" (no redundancy) is the yardstick: every expert exactly the
+# same rows, as the runtime's uniform workload routes; "uniform_redundant" is uniform routing
+# on as many slots as EPLB uses, so its ratio to "uniform" is what the redundant slots'
+# weights alone cost; "uniform_sampled" draws each token's experts uniformly at random
+# (balanced routing with its natural spread, no expert exactly equal).
 EP8_PLACEMENTS = {
     "naive": (None, "static", "trace"),
     "eplb": ("eplb_plugin_equal", "static", "trace"),
@@ -76,6 +78,7 @@ EP8_PLACEMENTS = {
     "eplb_perpass_minmax": ("eplb_plugin_perpass", "minmax", "trace"),
     "uniform": (None, "static", "uniform"),
     "uniform_redundant": ("eplb_plugin_equal", "static", "uniform"),
+    "uniform_sampled": (None, "static", "uniform_sampled"),
 }
 PER_PASS_KEYS = ("balancedness_per_pass", "moe_step_s_per_pass", "off_step_s_per_pass")
 
@@ -256,6 +259,10 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
                                                         algorithm=policy)
             if traffic == "uniform":
                 per_slot = slot_loads(uniform, loc.physical_to_logical_map, loc.replica_weights)
+            elif traffic == "uniform_sampled":  # k distinct experts per token, uniformly at random
+                gen = torch.Generator().manual_seed(p)
+                draws = torch.rand(routed[p].shape[0], m.num_layers, m.num_logical_experts, generator=gen)
+                per_slot = _realized_slot_loads(loc, dispatch, draws.topk(m.top_k, dim=-1).indices)
             else:
                 per_slot = _realized_slot_loads(loc, dispatch, routed[p])
             per_slot = per_slot.round().long()  # [L, P]
@@ -274,9 +281,11 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
                                    "balancedness_mean": float(np.mean(bals))}
     uni = out["placements"]["uniform"]["step_ms_median"]
     uni_redundant = out["placements"]["uniform_redundant"]["step_ms_median"]
+    uni_sampled = out["placements"]["uniform_sampled"]["step_ms_median"]
     for v in out["placements"].values():
         v["step_over_uniform"] = v["step_ms_median"] / uni
         v["step_over_uniform_redundant"] = v["step_ms_median"] / uni_redundant
+        v["step_over_uniform_sampled"] = v["step_ms_median"] / uni_sampled
     return out
 
 
@@ -345,7 +354,8 @@ def _print_ep8(ep8: dict) -> None:
     for name, v in ep8["placements"].items():
         print(f"EP8 compute part, {name:>19}: step {v['step_ms_median']:.3f} ms (median; experts "
               f"{v['expert_step_ms_median']:.3f}, dispatch {v['dispatch_us_per_layer_median']:.1f} us/layer), "
-              f"{v['step_over_uniform']:.3f}x uniform ({v['step_over_uniform_redundant']:.3f}x on as many slots), "
+              f"{v['step_over_uniform']:.3f}x uniform ({v['step_over_uniform_redundant']:.3f}x on as many slots, "
+              f"{v['step_over_uniform_sampled']:.3f}x sampled uniform), "
               f"balancedness {v['balancedness_mean']:.3f}")
 
 

@@ -59,8 +59,8 @@ def realized() -> list[dict]:
     counts = pass_counts(ids, num_logical=64, pass_tokens=256)
     rows = []
     for gpus, slots in [(8, 72), (16, 80)]:
-        runs = {"deepseek": dict(algorithm="deepseek"), "ours": dict(algorithm="auto"),
-                "ours_window16": dict(algorithm="auto", window=16),
+        runs = {"deepseek": dict(algorithm="deepseek"), "ours": dict(algorithm="eplb_plugin"),
+                "ours_window16": dict(algorithm="eplb_plugin", window=16),
                 "oracle_same_pass_deepseek": dict(algorithm="deepseek", oracle=True)}
         for name, kw in runs.items():
             kw = {"window": 8, **kw}
@@ -142,7 +142,7 @@ def node_aware() -> list[dict]:
     rows = []
     for src, gpus, nodes, redundant in NODE_CASES:
         w = sources[src]
-        for name in ("deepseek", "deepseek_hierarchical", "eplb_plugin_equal", "auto"):
+        for name in ("deepseek", "deepseek_hierarchical", "eplb_plugin_equal", "eplb_plugin"):
             p = plan(torch.from_numpy(w), num_physical_experts=w.shape[1] + redundant, num_gpus=gpus,
                      num_nodes=nodes, num_groups=8, algorithm=name, split="equal" if name == "eplb_plugin_equal" else "weighted")
             m = p.physical_to_logical_map

@@ -55,14 +55,14 @@ def _flag(help_text: str, *, choices: tuple[str, ...] | None = None, sglang: boo
 class EPLBArgs:
     """EPLB flags. Field ``x_y`` is the command-line flag ``--x-y``."""
 
-    # SGLang's flags (0.5.23 names and defaults).
+    # SGLang's flags (0.5.23 names and defaults; --eplb-algorithm's default is the project's policy).
     ep_size: int = _flag("The expert parallelism size (EP ranks).", default=1)
     enable_eplb: bool = _flag("Enable EPLB: record loads and rebalance experts while serving.", default=False)
     eplb_algorithm: str = _flag(
-        "Placement policy: auto, eplb_plugin, deepseek, deepseek_hierarchical, ... ('auto': in the runtime "
-        "eplb_plugin; under SGLang, SGLang's choice: deepseek_hierarchical where the model's expert groups "
-        "divide over the nodes, else deepseek).",
-        default="auto",
+        "Placement policy: eplb_plugin, deepseek, deepseek_hierarchical, ..., or auto (SGLang's choice: "
+        "deepseek_hierarchical where the model's expert groups divide over the nodes, else deepseek). "
+        "SGLang's default is auto; the runtime's is the project's policy.",
+        default="eplb_plugin",
     )
     eplb_rebalance_num_iterations: int = _flag(
         "Forward passes between automatic rebalances.", default=1000
@@ -264,14 +264,15 @@ class EPLBArgs:
         if self.eplb_non_blocking and not self.enable_eplb:
             raise ConfigError("--eplb-non-blocking needs --enable-eplb")
 
-    def policy(self) -> str:
-        """The registered placement policy ``--eplb-algorithm`` names (``auto``: the project's).
-        ConfigError naming the flag and the known policies for an unknown name, and for
-        ``--eplb-move-budget-mb`` with a policy that takes no move budget."""
+    def policy(self, num_groups: int | None = None) -> str:
+        """The registered placement policy ``--eplb-algorithm`` names (``auto``: SGLang's choice
+        for the model's ``num_groups`` expert groups and ``--nnodes``). ConfigError naming the
+        flag and the known policies for an unknown name, and for ``--eplb-move-budget-mb``
+        with a policy that takes no move budget."""
         from eplb_plugin.algorithms import POLICIES, check_move_budget, resolve_algorithm
 
         try:
-            name = resolve_algorithm(self.eplb_algorithm)
+            name = resolve_algorithm(self.eplb_algorithm, num_groups=num_groups, num_nodes=self.nnodes)
         except ConfigError as exc:
             raise ConfigError(f"--eplb-algorithm {self.eplb_algorithm!r} is not a known policy; "
                               f"known: auto, {', '.join(POLICIES)}") from exc

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .algorithms import ALGORITHMS, POLICIES, SPLITS, plan
+from .algorithms import ALGORITHMS, AUTO, DEFAULT_ALGORITHM, POLICIES, SPLITS, plan
 from .balance import placement_balancedness
 from .cli_inputs import (
     check_output_file,
@@ -227,7 +227,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 EPILOG_WIDTH = 96  # characters per line of the policy and preset lists
 
 # Which host each placement policy suits (``eplb <cmd> --help`` lists them; ``Policy.suits``).
-POLICY_HELP = {"auto": "the project's default policy (eplb_plugin)", **{p.name: p.suits for p in POLICIES.entries()}}
+POLICY_HELP = {AUTO: "SGLang's choice (its --eplb-algorithm default): deepseek_hierarchical where --groups divide "
+                    "over --nodes, else deepseek", **{p.name: p.suits for p in POLICIES.entries()}}
 
 
 def _policy_epilog(*, presets: bool) -> str:
@@ -236,7 +237,7 @@ def _policy_epilog(*, presets: bool) -> str:
     from .configs import PRESET_NAMES
 
     lines = ["placement policies (--algorithm):"]
-    for name in ("auto", *ALGORITHMS):
+    for name in (AUTO, *ALGORITHMS):
         lines += textwrap.wrap(POLICY_HELP.get(name, ""), EPILOG_WIDTH, initial_indent=f"  {name:<22} ",
                                subsequent_indent=" " * 25)
     if presets:
@@ -255,7 +256,7 @@ def _common(p) -> None:
     p.add_argument("--redundant", type=non_negative_int, default=0, help="redundant experts (P = E + redundant)")
     p.add_argument("--num-physical-experts", type=positive_int, default=None, help="P, overrides --redundant")
     _num_logical_flag(p)
-    p.add_argument("--algorithm", default="auto", choices=["auto", *ALGORITHMS],
+    p.add_argument("--algorithm", default=DEFAULT_ALGORITHM, choices=[AUTO, *ALGORITHMS],
                    help="placement policy (see the list below)")
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from eplb_plugin.algorithms import plan
+from eplb_plugin.algorithms import DEFAULT_ALGORITHM, plan
 from eplb_plugin.counts import checked_count_values
 from eplb_plugin.errors import CountsError, PlacementError
 from eplb_plugin.maps import (
@@ -161,7 +161,7 @@ class ExpertLocation:
         ep_size: int,
         num_nodes: int = 1,
         num_groups: int | None = None,
-        algorithm: str = "auto",
+        algorithm: str = DEFAULT_ALGORITHM,
         previous: ExpertLocation | None = None,
         num_layers: int | None = None,
         source: str = "logical_count",

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from eplb_plugin.algorithms.names import DEFAULT_ALGORITHM
 from eplb_plugin.errors import CountsError, ExpertLocationFileError, PlacementError
 from eplb_plugin.location import INLINE_SOURCE, ExpertLocation, validate_logical_count
 from eplb_plugin.placement_format import (
@@ -364,7 +365,7 @@ def read_counts(source: str, *, num_layers: int | None = None, num_logical_exper
 
 def load_init_expert_location(
     source: str, *, num_layers: int, num_logical_experts: int, num_physical_experts: int, ep_size: int,
-    num_nodes: int = 1, num_groups: int | None = None, algorithm: str = "auto", split: str = "equal",
+    num_nodes: int = 1, num_groups: int | None = None, algorithm: str = DEFAULT_ALGORITHM, split: str = "equal",
 ) -> ExpertLocation:
     """Resolve ``--init-expert-location`` into a validated ExpertLocation.
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb_plugin.algorithms.names import DEFAULT_ALGORITHM
 from eplb_plugin.errors import RebalanceError
 
 
@@ -64,7 +65,7 @@ class PlannerProcess:
     waits for the worker to start (RebalanceError past it, or if it dies). ``warm_up_error``:
     why the warm-up's tiny plan failed (None: it planned), for the logs."""
 
-    def __init__(self, algorithm: str = "auto", start_timeout_s: float = 300.0) -> None:
+    def __init__(self, algorithm: str = DEFAULT_ALGORITHM, start_timeout_s: float = 300.0) -> None:
         self.algorithm, self.start_timeout_s = algorithm, start_timeout_s
         self.warm_up_error: str | None = None
         self._pool = self._start()

@@ -53,7 +53,7 @@ def test_qwen3_weighted_in_sample_is_perfect_and_equal_variant_serves_sglang(num
     counts = _qwen3()
     p = plan(counts, num_physical_experts=128 + redundant, num_gpus=num_gpus, split="weighted")
     assert placement_balancedness(counts, p.physical_to_logical_map, num_gpus, p.replica_weights) > 0.99999
-    phy2log, _, _ = rebalance_experts(counts, 128 + redundant, (128 + redundant) // num_gpus, None, 1, "auto")
+    phy2log, _, _ = rebalance_experts(counts, 128 + redundant, (128 + redundant) // num_gpus, None, 1, "eplb_plugin")
     ds = plan(counts, num_physical_experts=128 + redundant, num_gpus=num_gpus, algorithm="deepseek")
     assert placement_balancedness(counts, phy2log, num_gpus) >= placement_balancedness(
         counts, ds.physical_to_logical_map, num_gpus)
@@ -101,7 +101,7 @@ def test_node_aware_does_not_collapse_and_keeps_traffic_local(num_gpus, num_node
     kw = dict(num_physical_experts=128 + redundant, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=8)
     flat = plan(counts, algorithm="deepseek", **kw)
     hier = plan(counts, algorithm="deepseek_hierarchical", **kw)
-    for name in ("eplb_plugin_equal", "auto"):
+    for name in ("eplb_plugin_equal", "eplb_plugin"):
         ours = plan(counts, algorithm=name, **kw)
         b = placement_balancedness(counts, ours.physical_to_logical_map, num_gpus, ours.replica_weights)
         assert b >= placement_balancedness(counts, flat.physical_to_logical_map, num_gpus)

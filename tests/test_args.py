@@ -14,8 +14,10 @@ def test_parsing_no_arguments_gives_the_dataclass_defaults():
 
 
 def test_defaults_match_sglang_0_5_23():
+    """All but --eplb-algorithm: SGLang's default there is auto (SGLang's choice, which the
+    runtime honours when given); the runtime's is the project's policy."""
     a = EPLBArgs()
-    assert (a.ep_size, a.enable_eplb, a.eplb_algorithm) == (1, False, "auto")
+    assert (a.ep_size, a.enable_eplb, a.eplb_algorithm) == (1, False, "eplb_plugin")
     assert a.eplb_rebalance_num_iterations == 1000
     assert a.eplb_rebalance_layers_per_chunk is None
     assert a.eplb_min_rebalancing_utilization_threshold == 1.0

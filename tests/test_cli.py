@@ -49,6 +49,32 @@ def test_plan_writes_map_only_file_and_weights_sidecar_only_for_a_weighted_split
     assert "stock SGLang ignores this file" in capsys.readouterr().out
 
 
+def test_plan_algorithm_auto_is_sglangs_choice_and_the_default_is_the_projects_policy(tmp_path):
+    """``--algorithm auto`` plans what SGLang's auto picks (deepseek_hierarchical where --groups
+    divide over --nodes, else deepseek); no --algorithm plans with eplb_plugin."""
+    from eplb_plugin.algorithms import plan
+
+    src = _counts_json(tmp_path)
+    counts = torch.tensor(json.loads(src.read_text())["logical_count"])
+    for extra, policy in (([], "deepseek"), (["--nodes", "2", "--groups", "4"], "deepseek_hierarchical"),
+                          (["--nodes", "2", "--groups", "3"], None)):
+        out = tmp_path / "auto.json"
+        code = main(["plan", str(src), "--ep-size", "4", "--redundant", "4", "--algorithm", "auto", *extra,
+                     "--out", str(out)])
+        if policy is None:  # 16 experts in 3 groups: refused whichever policy auto picks
+            assert code == 2
+            continue
+        assert code == 0
+        kw = dict(num_physical_experts=20, num_gpus=4, num_nodes=int(extra[1]) if extra else 1,
+                  num_groups=int(extra[3]) if extra else None)
+        assert json.loads(out.read_text())["physical_to_logical_map"] == plan(
+            counts, algorithm=policy, **kw).physical_to_logical_map.tolist()
+    out = tmp_path / "default.json"
+    assert main(["plan", str(src), "--ep-size", "4", "--redundant", "4", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["physical_to_logical_map"] == plan(
+        counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin").physical_to_logical_map.tolist()
+
+
 def test_plan_reads_pt_stat_dump_and_writes_pt(tmp_path):
     src = tmp_path / "dump.pt"
     torch.save({"logical_count": torch.rand(5, 2, 8) * 10}, src)
@@ -139,7 +165,7 @@ def test_help_shows_defaults_policies_with_their_hosts_and_presets(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        assert "(default: auto)" in text and "(default: 0)" in text
+        assert "(default: eplb_plugin)" in text and "(default: 0)" in text
         for name in ALGORITHMS:
             assert " ".join(f"{name} {POLICY_HELP[name]}".split()) in text
         # plan takes --preset; simulate has none, so its help lists no presets

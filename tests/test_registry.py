@@ -77,9 +77,43 @@ def test_policy_registry_states_which_policies_plan_per_pass_and_which_sglang_ha
     from eplb_plugin.integrations.sglang import plugin_algorithm_names
 
     assert set(plugin_algorithm_names()) == {p.name for p in POLICIES.entries() if not p.sglang_has_it}
-    assert resolve_algorithm("auto") in POLICIES
+    assert resolve_algorithm("eplb_plugin") == "eplb_plugin"
     with pytest.raises(ConfigError, match="unknown algorithm 'greedy'; known: auto, eplb_plugin"):
         resolve_algorithm("greedy")
+
+
+@pytest.mark.parametrize(("num_groups", "num_nodes", "expected"), [
+    (None, 1, "deepseek"), (8, 1, "deepseek_hierarchical"), (8, 2, "deepseek_hierarchical"), (8, 3, "deepseek"),
+    (6, 4, "deepseek"), (1, 1, "deepseek_hierarchical")])
+def test_auto_means_sglangs_choice_everywhere(num_groups, num_nodes, expected):
+    """``auto`` is SGLang's name (its --eplb-algorithm default): deepseek_hierarchical where the
+    model's expert groups divide over the nodes, else deepseek, in the library, the CLI and the
+    runtime alike; the project's own policy goes by its name."""
+    from eplb_plugin.algorithms import DEFAULT_ALGORITHM, plan, resolve_algorithm
+    from eplb_plugin.args import EPLBArgs
+
+    assert resolve_algorithm("auto", num_groups=num_groups, num_nodes=num_nodes) == expected
+    assert EPLBArgs(eplb_algorithm="auto", nnodes=num_nodes).policy(num_groups=num_groups) == expected
+    assert EPLBArgs().policy() == DEFAULT_ALGORITHM == "eplb_plugin"  # the runtime's default names it
+    import torch
+
+    counts = torch.rand(2, 24) * 100
+    kw = dict(num_physical_experts=48, num_gpus=24, num_nodes=num_nodes, num_groups=num_groups)
+    if 24 % num_nodes or (num_groups is not None and 24 % num_groups):
+        return
+    ours = plan(counts, algorithm="auto", **kw).physical_to_logical_map
+    assert torch.equal(ours, plan(counts, algorithm=expected, **kw).physical_to_logical_map)
+
+
+def test_auto_matches_sglangs_compute_algorithm():
+    """The rule ``auto`` resolves by is SGLang's own ``compute_algorithm``, asked on a grid."""
+    eplb_algorithms = pytest.importorskip("sglang.srt.eplb.eplb_algorithms")
+    from eplb_plugin.algorithms import resolve_algorithm
+
+    for num_groups in (None, 1, 2, 3, 4, 6, 8, 16):
+        for num_nodes in (1, 2, 3, 4, 8):
+            theirs = eplb_algorithms.compute_algorithm("auto", num_groups, num_nodes).name
+            assert resolve_algorithm("auto", num_groups=num_groups, num_nodes=num_nodes) == theirs
 
 
 def test_a_policy_registered_in_one_place_plans_through_plan(monkeypatch):

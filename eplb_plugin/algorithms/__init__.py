@@ -3,12 +3,16 @@
 Public API::
 
     plan(logical_count, *, num_physical_experts, num_gpus, num_nodes=1, num_groups=None,
-         algorithm="auto", previous=None) -> Placement
+         algorithm="eplb_plugin", previous=None) -> Placement
     rebalance_experts(tokens_per_expert, num_physical_experts, num_local_physical_experts,
                       num_groups, num_nodes, algorithm) -> (phy2log, log2phy, replica_count)
 
 ``rebalance_experts`` has SGLang 0.5.23's signature and return tuple, so SGLang can call it
 unchanged (``--eplb-algorithm eplb_plugin``).
+
+``auto`` is SGLang's name and keeps SGLang's meaning wherever a policy is named (its
+``compute_algorithm``): ``deepseek_hierarchical`` where the model's expert groups divide over
+the nodes, else ``deepseek``. The project's default policy goes by its own name.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .balanced import plan_balanced, replica_weights
 from .deepseek import deepseek
 from .deepseek_vec import deepseek_vec
 from .migrate import align_to_previous, plan_migration_aware
+from .names import AUTO, DEFAULT_ALGORITHM, auto_algorithm
 from .nodes import cross_node_share, plan_node_aware
 from .perpass import plan_within_budget, refine_for_minmax
 
@@ -171,7 +176,6 @@ POLICIES.register(Policy(
 # Views of the registry, for callers that read them by these names.
 ALGORITHMS: dict[str, PolicyFn] = {policy.name: policy.plan for policy in POLICIES.entries()}
 PER_PASS_POLICIES = frozenset(policy.name for policy in POLICIES.entries() if policy.per_pass)
-DEFAULT_ALGORITHM = "eplb_plugin"
 Split = Literal["equal", "weighted"]
 SPLITS: tuple[str, ...] = get_args(Split)
 
@@ -194,14 +198,16 @@ def split_for_dispatch(dispatch: str | None) -> Split:
     return "weighted" if info is not None and info.honours_replica_weights else "equal"
 
 
-def resolve_algorithm(algorithm) -> str:
-    """The registered policy name for ``algorithm`` (``auto`` = the default; SGLang's enum
-    accepted); ConfigError naming the known ones."""
+def resolve_algorithm(algorithm, *, num_groups: int | None = None, num_nodes: int = 1) -> str:
+    """The registered policy name for ``algorithm`` (SGLang's enum accepted); ConfigError naming
+    the known ones. ``auto`` is what SGLang's ``compute_algorithm`` picks for the model's expert
+    groups and the nodes: ``deepseek_hierarchical`` where the groups divide over the nodes,
+    else ``deepseek``."""
     name = getattr(algorithm, "name", algorithm)  # SGLang passes an enum
     if not isinstance(name, str):
         raise ConfigError(f"algorithm={algorithm!r} must be a name; known: auto, {', '.join(POLICIES)}")
-    if name == "auto":
-        return DEFAULT_ALGORITHM
+    if name == AUTO:
+        return auto_algorithm(num_groups, num_nodes)
     if name not in POLICIES:
         raise ConfigError(f"unknown algorithm {name!r}; known: auto, {', '.join(POLICIES)}")
     return name
@@ -252,7 +258,7 @@ def _previous_map(previous, shape: tuple[int, int], num_logical: int) -> np.ndar
 
 def plan(
     logical_count, *, num_physical_experts: int, num_gpus: int, num_nodes: int = 1,
-    num_groups: int | None = None, algorithm: str = "auto", previous=None, split: str = "equal",
+    num_groups: int | None = None, algorithm: str = DEFAULT_ALGORITHM, previous=None, split: str = "equal",
     max_slots_moved: int | None = None,
 ) -> Placement:
     """Plan a placement.
@@ -267,9 +273,10 @@ def plan(
     max_slots_moved: at most this many slots (all layers together) may differ from
         ``previous`` (the move budget of one rebalance; bytes / one expert's bytes); only
         for policies with ``Policy.move_budget``; ignored without ``previous``.
+    algorithm: a registered policy, or ``auto`` (SGLang's choice, ``resolve_algorithm``).
     Raises CountsError / ConfigError / PlacementError for bad input.
     """
-    name = resolve_algorithm(algorithm)
+    name = resolve_algorithm(algorithm, num_groups=num_groups, num_nodes=num_nodes)
     policy = POLICIES.get(name)
     budget: dict = {}
     if max_slots_moved is not None:
@@ -310,7 +317,7 @@ def rebalance_experts(
     """
     if num_local_physical_experts <= 0:
         raise ConfigError(f"num_local_physical_experts={num_local_physical_experts} must be positive")
-    name = resolve_algorithm(algorithm)
+    name = resolve_algorithm(algorithm, num_groups=num_groups, num_nodes=num_nodes)
     placement = plan(
         tokens_per_expert, num_physical_experts=num_physical_experts,
         num_gpus=num_physical_experts // num_local_physical_experts, num_nodes=num_nodes,
@@ -321,5 +328,5 @@ def rebalance_experts(
     return phy2log, compute_logical_to_physical_map(phy2log, num_logical), placement.replica_count(num_logical)
 
 
-__all__ = ["ALGORITHMS", "PER_PASS_POLICIES", "POLICIES", "SPLITS", "Placement", "Policy", "plan", "rebalance_experts",
-           "resolve_algorithm", "split_for_dispatch"]
+__all__ = ["ALGORITHMS", "AUTO", "DEFAULT_ALGORITHM", "PER_PASS_POLICIES", "POLICIES", "SPLITS", "Placement", "Policy",
+           "plan", "rebalance_experts", "resolve_algorithm", "split_for_dispatch"]

@@ -24,6 +24,7 @@ from ..balance import gpu_loads, layer_balancedness
 from ..dispatch_info import DISPATCH_INFO
 from ..errors import CountsError, UsageError
 from ..kernels.minmax import minmax_loads
+from .names import DEFAULT_ALGORITHM
 from .split import equal_slot_loads
 
 DISPATCHES = DISPATCH_INFO.names()
@@ -136,7 +137,7 @@ class SimResult:
 
 def simulate(
     counts: np.ndarray, *, num_physical: int, num_gpus: int, interval: int = 8, window: int = 8,
-    algorithm: str = "auto", dispatches=DISPATCHES, decay: float | None = None,
+    algorithm: str = DEFAULT_ALGORITHM, dispatches=DISPATCHES, decay: float | None = None,
     oracle: bool = False,
 ) -> SimResult:
     """Replay passes: every ``interval`` passes, plan on the last ``window`` passes (or all

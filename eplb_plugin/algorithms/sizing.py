@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .evaluate import per_pass_balancedness
+from .names import DEFAULT_ALGORITHM
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def max_redundant_for_memory(budget_bytes_per_gpu: float, *, expert_bytes: int, 
 
 
 def redundancy_curve(counts: np.ndarray, *, num_gpus: int, redundant: list[int], dispatch: str = "static",
-                     algorithm: str = "auto", num_nodes: int = 1, num_groups: int | None = None) -> list[SizingPoint]:
+                     algorithm: str = DEFAULT_ALGORITHM, num_nodes: int = 1, num_groups: int | None = None) -> list[SizingPoint]:
     """counts: [L, E] (one window) or [B, L, E] (passes; B >= 2 scores on held-out passes).
     redundant: slot counts to try (each keeping E + r divisible by ``num_gpus``). The plan
     is made for the split ``dispatch`` performs (``split_for_dispatch``)."""

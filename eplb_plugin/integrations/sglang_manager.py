@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from eplb_plugin.algorithms.names import AUTO
 from eplb_plugin.errors import ConfigError, RebalanceError, TransferError
 from eplb_plugin.integrations import sglang_checks
 from eplb_plugin.integrations.sglang_common import LOG_PREFIX
@@ -125,7 +126,7 @@ class SGLangEPLBManager:
         # serve stops now with a ConfigError instead of at the first forward pass.
         moe = get_exec().moe
         self._args = eplb_args_from_sglang()
-        if self._args.eplb_algorithm == "auto":  # SGLang's auto, not the runtime's (which is eplb_plugin)
+        if self._args.eplb_algorithm == AUTO:  # the running SGLang's own choice, named from here on
             chosen = sglang_checks.sglang_auto_algorithm(_num_groups(model_config), self._args.nnodes)
             self._args = dataclasses.replace(self._args, eplb_algorithm=chosen)
         sglang_checks.check_algorithm(self._args.eplb_algorithm, self._args.ep_dispatch_algorithm)

@@ -122,7 +122,7 @@ class EPLBManager:
         self.on_location_change = on_location_change
         self.check_every_passes = check_every_passes
         self.plan_timeout_s = plan_timeout_s
-        self._policy = planning.PolicyChoice.resolve(args, expert_weights=expert_weights)
+        self._policy = planning.PolicyChoice.resolve(args, expert_weights=expert_weights, num_groups=num_groups)
         self._move_credit = planning.MoveCredit(carry=args.eplb_move_budget_carry)  # the same on every rank
         self._planner_process = None
         if planner is None and args.eplb_plan_in_process and self.rank == 0:

@@ -51,15 +51,17 @@ class PolicyChoice:
     follows_pass: bool
 
     @classmethod
-    def resolve(cls, args: EPLBArgs, *, expert_weights: Sequence[Sequence[torch.Tensor]]) -> PolicyChoice:
-        """ConfigError for an unknown policy, a move budget the policy cannot take or one below one expert."""
+    def resolve(cls, args: EPLBArgs, *, expert_weights: Sequence[Sequence[torch.Tensor]],
+                num_groups: int | None = None) -> PolicyChoice:
+        """ConfigError for an unknown policy, a move budget the policy cannot take or one below one
+        expert. num_groups: the model's expert groups (what ``auto`` picks by)."""
         # Import the policies now: an import inside the planning thread would hold the GIL and
         # stall serving at the first rebalance.
         import scipy.optimize  # noqa: F401  (imported lazily by the migration-aware policies)
 
         from eplb_plugin.algorithms import PER_PASS_POLICIES, split_for_dispatch
 
-        algorithm, dispatch = args.policy(), args.ep_dispatch_algorithm
+        algorithm, dispatch = args.policy(num_groups), args.ep_dispatch_algorithm
         return cls(algorithm=algorithm, split=split_for_dispatch(dispatch), per_pass=algorithm in PER_PASS_POLICIES,
                    max_slots_moved=move_budget_slots(args.eplb_move_budget_mb, expert_weights=expert_weights),
                    follows_pass=dispatch is not None and dispatch in DISPATCH_INFO

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from eplb_plugin.algorithms import resolve_algorithm, split_for_dispatch
+from eplb_plugin.algorithms import split_for_dispatch
 from eplb_plugin.balance import gpu_loads, layer_balancedness
 from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.errors import ConfigError
@@ -95,7 +95,7 @@ class RankEngine:
             args.init_expert_location, num_layers=model.num_layers, num_logical_experts=model.num_logical_experts,
             num_physical_experts=num_physical, ep_size=world_size, num_nodes=args.nnodes,
             num_groups=model.num_groups,
-            algorithm=resolve_algorithm(args.eplb_algorithm), split=split_for_dispatch(args.ep_dispatch_algorithm),
+            algorithm=args.policy(model.num_groups), split=split_for_dispatch(args.ep_dispatch_algorithm),
         )
         self.initial_map = self.location.physical_to_logical_map.clone()
         self.shape = FFNShape(model.hidden_size, model.intermediate_size, cfg.torch_dtype, device, cfg.seed)

@@ -270,7 +270,7 @@ def check_runs(cfg: RuntimeConfig, runs: Sequence[RunSpec], ep_size: int) -> Non
     """Check each run's slot count and load its ``--init-expert-location`` here, before any
     rank starts, so that a bad flag or file is one typed error (ConfigError,
     ExpertLocationFileError) from the launcher."""
-    from eplb_plugin.algorithms import resolve_algorithm, split_for_dispatch
+    from eplb_plugin.algorithms import split_for_dispatch
     from eplb_plugin.location_files import load_init_expert_location
 
     model = cfg.model
@@ -290,7 +290,7 @@ def check_runs(cfg: RuntimeConfig, runs: Sequence[RunSpec], ep_size: int) -> Non
             args.init_expert_location, num_layers=model.num_layers, num_logical_experts=model.num_logical_experts,
             num_physical_experts=model.num_logical_experts + args.ep_num_redundant_experts, ep_size=ep_size,
             num_nodes=args.nnodes, num_groups=model.num_groups,
-            algorithm=resolve_algorithm(args.eplb_algorithm), split=split_for_dispatch(args.ep_dispatch_algorithm),
+            algorithm=args.policy(model.num_groups), split=split_for_dispatch(args.ep_dispatch_algorithm),
         )
 
 
