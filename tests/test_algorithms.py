@@ -105,6 +105,20 @@ def test_bad_input_raises_typed_error(counts, kwargs, error):
         plan(counts, **args)
 
 
+def test_groups_that_a_recipe_does_not_use_are_not_refused_as_deepseeks_are_not():
+    """DeepSeek's recipe falls back to its global form where the groups do not divide over the
+    nodes and then ignores them; the global recipe never reads them. So groups that do not
+    divide the experts are refused only where a policy plans with them."""
+    w = torch.tensor([[10.0, 20, 30, 40]])
+    for algorithm, nodes in (("deepseek", 1), ("deepseek", 2), ("deepseek_hierarchical", 2), ("auto", 2)):
+        phy2log, _, count = rebalance_experts(w, 8, 4, 3, nodes, algorithm)  # 3 groups over 4 experts
+        flat, _, _ = rebalance_experts(w, 8, 4, None, 1, "deepseek")
+        assert torch.equal(phy2log, flat) and count.sum() == 8
+    for algorithm, nodes in (("deepseek_hierarchical", 1), ("eplb_plugin", 1), ("eplb_plugin", 2)):
+        with pytest.raises(ConfigError, match="num_groups=3 does not divide the 4 logical experts"):
+            rebalance_experts(w, 8, 4, 3, nodes, algorithm)
+
+
 def test_plan_and_expert_location_refuse_bad_count_values_alike():
     """One value check: plan() and validate_logical_count name the same problem."""
     for bad, fragment in (([[1.0, -2.0, 1.0, 1.0]], "logical_count[0][1] = -2.0 is negative"),

@@ -135,12 +135,28 @@ def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, prev
     return (planned if previous is None else align_to_previous(planned, previous, num_gpus=num_gpus)), None
 
 
+def _groups_always(num_groups: int, num_nodes: int) -> bool:
+    return True
+
+
+def _groups_never(num_groups: int, num_nodes: int) -> bool:
+    return False
+
+
+def _groups_over_nodes(num_groups: int, num_nodes: int) -> bool:
+    """DeepSeek's hierarchical recipe packs groups per node where they divide over the nodes,
+    and falls back to its global form (no groups) otherwise."""
+    return num_groups % num_nodes == 0
+
+
 @dataclass(frozen=True)
 class Policy:
     """A placement policy. plan: its step function (signature above); per_pass: plans from
     the window's per-pass counts [B, L, E] (the others from their sum); sglang_has_it: stock
     SGLang implements a policy of this name itself (the plugin routes only the others to
-    this planner); suits: which host it suits, for ``eplb <cmd> --help``."""
+    this planner); suits: which host it suits, for ``eplb <cmd> --help``; uses_groups:
+    whether it plans with ``num_groups`` expert groups over ``num_nodes`` nodes (groups that
+    do not divide the experts are refused only then, as DeepSeek's recipe refuses them)."""
 
     name: str
     plan: PolicyFn
@@ -148,6 +164,7 @@ class Policy:
     per_pass: bool = False
     sglang_has_it: bool = False
     move_budget: bool = False  # honours plan(max_slots_moved=) (its step function takes max_moves=)
+    uses_groups: Callable[[int, int], bool] = _groups_always
 
 
 POLICIES: Registry[Policy] = Registry("placement policy")
@@ -164,15 +181,15 @@ POLICIES.register(Policy(
     "slots unless given a move budget; for the reference runtime", per_pass=True, move_budget=True))
 POLICIES.register(Policy(
     "deepseek", _deepseek, "DeepSeek's EPLB recipe, global (SGLang's --eplb-algorithm deepseek); for stock SGLang",
-    sglang_has_it=True))
+    sglang_has_it=True, uses_groups=_groups_never))
 POLICIES.register(Policy(
     "deepseek_hierarchical", _deepseek_hierarchical,
     "DeepSeek's hierarchical recipe: group-limited routing (--groups) packed per node (--nodes); for stock SGLang "
-    "on several nodes", sglang_has_it=True))
+    "on several nodes", sglang_has_it=True, uses_groups=_groups_over_nodes))
 POLICIES.register(Policy(
     "deepseek_vec", _deepseek_vec,
     "SGLang's time-resolved recipe, planned on the window's passes (SGLang's --eplb-algorithm deepseek_vec); for "
-    "stock SGLang", per_pass=True, sglang_has_it=True))
+    "stock SGLang", per_pass=True, sglang_has_it=True, uses_groups=_groups_never))
 # Views of the registry, for callers that read them by these names.
 ALGORITHMS: dict[str, PolicyFn] = {policy.name: policy.plan for policy in POLICIES.entries()}
 PER_PASS_POLICIES = frozenset(policy.name for policy in POLICIES.entries() if policy.per_pass)
@@ -222,7 +239,7 @@ def _validate_counts(logical_count) -> np.ndarray:
     return checked_count_values(counts).numpy()
 
 
-def _validate_shape(num_logical, num_physical, num_gpus, num_nodes, num_groups) -> None:
+def _validate_shape(num_logical, num_physical, num_gpus, num_nodes, num_groups, policy: Policy) -> None:
     sizes = {"num_physical_experts": num_physical, "num_gpus": num_gpus, "num_nodes": num_nodes,
              "num_groups": num_groups}
     for name, value in sizes.items():
@@ -239,7 +256,9 @@ def _validate_shape(num_logical, num_physical, num_gpus, num_nodes, num_groups) 
         raise ConfigError(f"num_physical_experts={num_physical} is not divisible by num_gpus={num_gpus}")
     if num_gpus % num_nodes:
         raise ConfigError(f"num_gpus={num_gpus} is not divisible by num_nodes={num_nodes}")
-    if num_groups is not None and (num_groups <= 0 or num_logical % num_groups):
+    if num_groups is not None and num_groups <= 0:
+        raise ConfigError(f"num_groups={num_groups} must be positive")
+    if num_groups is not None and num_logical % num_groups and policy.uses_groups(num_groups, num_nodes):
         raise ConfigError(f"num_groups={num_groups} does not divide the {num_logical} logical experts")
 
 
@@ -290,7 +309,7 @@ def plan(
     per_pass = _validate_counts(logical_count)
     counts = per_pass.sum(0) if per_pass.ndim == 3 else per_pass
     num_layers, num_logical = counts.shape
-    _validate_shape(num_logical, num_physical_experts, num_gpus, num_nodes, num_groups)
+    _validate_shape(num_logical, num_physical_experts, num_gpus, num_nodes, num_groups, policy)
     prev = _previous_map(previous, (num_layers, num_physical_experts), num_logical)
     start = time.perf_counter()
     phy2log, weights = policy.plan(
