@@ -76,6 +76,7 @@ EP8_PLACEMENTS = {
     "eplb": ("eplb_plugin_equal", "static", "trace"),
     "eplb_minmax": ("eplb_plugin_equal", "minmax", "trace"),
     "eplb_perpass_minmax": ("eplb_plugin_perpass", "minmax", "trace"),
+    "eplb_perpass_minmax_tiles": ("eplb_plugin_perpass", "minmax_tiles", "trace"),
     "uniform": (None, "static", "uniform"),
     "uniform_redundant": ("eplb_plugin_equal", "static", "uniform"),
     "uniform_sampled": (None, "static", "uniform_sampled"),
@@ -182,6 +183,10 @@ def _realized_slot_loads(loc: ExpertLocation, dispatch: str, ids: torch.Tensor) 
     EP8 rank its own contiguous share of the tokens with its own table; ``minmax``, the whole
     pass's counts (``--ep-dispatch-counts global``)."""
     num_layers, num_physical = loc.num_layers, loc.num_physical_experts
+    if dispatch == "minmax_tiles":  # an experiment: minmax, then fewer GEMM tiles on the busiest GPU
+        loads = _realized_slot_loads(loc, "minmax", ids)
+        return torch.stack([fewer_tiles(loads[layer], loc.physical_to_logical_map[layer], EP8, TILE_ROWS)
+                            for layer in range(num_layers)])
     if dispatch == "minmax":
         shards = [(ExpertDispatcher(loc, rank=0, algorithm="minmax"), ids)]
     else:
@@ -193,6 +198,50 @@ def _realized_slot_loads(loc: ExpertLocation, dispatch: str, ids: torch.Tensor) 
             slots = dispatcher.dispatch(layer, part[:, layer]).flatten()
             out[layer] += torch.bincount(slots[slots >= 0], minlength=num_physical).double()
     return out
+
+
+TILE_ROWS = 256  # rows of one M tile of the grouped GEMM on Hopper (128-row tiles in clusters of 2)
+
+
+def fewer_tiles(loads: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, tile: int) -> torch.Tensor:
+    """An experiment on one layer's slot loads [P] (rows): the grouped GEMM pays each slot's
+    rows in whole tiles, so while the GPU with the most tiles holds a replicated expert's
+    part tile, move that part to another replica whose GPU then still has fewer tiles and
+    fewer rows. Returns the new loads [P]."""
+    loads = loads.clone()
+    per_gpu = loads.numel() // num_gpus
+    gpu_of = torch.arange(loads.numel()) // per_gpu
+    experts = phy2log.tolist()
+
+    def tiles(g: int) -> int:
+        return int(torch.ceil(loads[g * per_gpu:(g + 1) * per_gpu] / tile).sum())
+
+    def rows(g: int) -> float:
+        return float(loads[g * per_gpu:(g + 1) * per_gpu].sum())
+
+    for _ in range(4 * loads.numel()):
+        cost = [(tiles(g), rows(g)) for g in range(num_gpus)]
+        top = max(range(num_gpus), key=lambda g: cost[g])
+        best = None
+        for s in range(top * per_gpu, (top + 1) * per_gpu):
+            part = float(loads[s]) % tile or float(loads[s])
+            if loads[s] <= 0:
+                continue
+            for t, e in enumerate(experts):
+                h = int(gpu_of[t])
+                if e != experts[s] or h == top:
+                    continue
+                new_tiles = cost[h][0] - int(torch.ceil(loads[t] / tile)) + int(-(-(float(loads[t]) + part) // tile))
+                if new_tiles < cost[top][0] and cost[h][1] + part < cost[top][1]:
+                    key = (new_tiles, cost[h][1] + part)
+                    if best is None or key < best[0]:
+                        best = (key, s, t, part)
+        if best is None:
+            break
+        _, s, t, part = best
+        loads[s] -= part
+        loads[t] += part
+    return loads
 
 
 def _dispatch_seconds(loc: ExpertLocation, dispatch: str, ids: torch.Tensor, device: torch.device) -> float:
@@ -267,7 +316,7 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
                 per_slot = _realized_slot_loads(loc, dispatch, routed[p])
             per_slot = per_slot.round().long()  # [L, P]
             bals.append(float(layer_balancedness(gpu_loads(per_slot, EP8)).mean()))
-            per_layer = 0.0 if not cuda else _dispatch_seconds(loc, dispatch, routed[p], device)
+            per_layer = 0.0 if not cuda else _dispatch_seconds(loc, dispatch.removesuffix("_tiles"), routed[p], device)
             experts = sum(max(_time_rank(r, w13, w2, x, cuda) for r in per_slot[layer].view(EP8, -1).tolist())
                           for layer in range(m.num_layers))
             expert_steps.append(experts)
