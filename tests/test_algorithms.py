@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -224,3 +225,48 @@ def test_simulate_gives_per_pass_policies_the_window_s_passes(monkeypatch, algor
     seen.clear()
     simulate(counts, num_physical=12, num_gpus=4, interval=4, algorithm=algorithm, dispatches=("static",), decay=0.5)
     assert seen == ([(4, 2, 8), (8, 2, 8)] if per_pass else [(2, 8)] * 2)
+
+
+ADVERSARIAL_W = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                              [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+
+
+def test_rebalance_experts_accepts_lists_and_numpy_as_plan_does():
+    """A nested list or a numpy array plans as the tensor does (plan() accepts them too)."""
+    expected = rebalance_experts(ADVERSARIAL_W, 16, 2, 4, 2, "deepseek")
+    for counts in (ADVERSARIAL_W.tolist(), ADVERSARIAL_W.numpy()):
+        got = rebalance_experts(counts, 16, 2, 4, 2, "deepseek")
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+
+
+def test_counts_on_the_meta_device_are_a_counts_error_naming_the_device():
+    counts = torch.empty(2, 12, device="meta")
+    with pytest.raises(CountsError, match="meta"):
+        plan(counts, num_physical_experts=16, num_gpus=4)
+    with pytest.raises(CountsError, match="meta"):
+        rebalance_experts(counts, 16, 4, None, 1, "deepseek")
+
+
+@pytest.mark.parametrize("num_physical, num_local", [(12, 5), (10, 3)])
+def test_rebalance_experts_refuses_local_slots_that_do_not_divide_the_slots(num_physical, num_local):
+    """num_gpus is never made up by flooring P / local: the error names the two values passed."""
+    with pytest.raises(ConfigError, match=f"num_physical_experts={num_physical} is not divisible by "
+                                          f"num_local_physical_experts={num_local}"):
+        rebalance_experts(ADVERSARIAL_W[:, :10], num_physical, num_local, None, 1, "deepseek")
+
+
+def test_counts_that_sum_past_the_float_range_are_a_counts_error():
+    """Finite per-pass counts whose sum over passes overflows are refused, not planned from inf."""
+    counts = torch.full((4, 2, 12), 1e308, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning on the way to the error
+        with pytest.raises(CountsError, match="float range"):
+            plan(counts, num_physical_experts=16, num_gpus=8)
+
+
+def test_a_numpy_object_array_is_a_counts_error_naming_its_dtype():
+    counts = np.array([[1, "a", None, 2]], dtype=object)
+    with pytest.raises(CountsError, match="object"):
+        plan(counts, num_physical_experts=4, num_gpus=2)
+

@@ -230,10 +230,26 @@ def resolve_algorithm(algorithm, *, num_groups: int | None = None, num_nodes: in
     return name
 
 
+def _count_tensor(logical_count) -> torch.Tensor:
+    """Counts as given (a tensor, a numpy array or nested lists) -> a tensor whose values can
+    be read; CountsError naming the dtype or device for counts that hold no numbers."""
+    if isinstance(logical_count, torch.Tensor):
+        if logical_count.is_meta:
+            raise CountsError(f"logical_count is on the {logical_count.device} device, which holds no values; "
+                              "pass counts on the CPU or a GPU")
+        return logical_count
+    try:
+        array = np.asarray(logical_count)
+    except ValueError as exc:  # ragged nested lists
+        raise CountsError(f"logical_count cannot be read as an array of numbers ({exc})") from exc
+    if array.dtype.kind not in "biuf":
+        raise CountsError(f"logical_count has dtype {array.dtype}; expected real numbers")
+    return torch.from_numpy(array if array.dtype.kind == "b" else array.astype(np.float64))
+
+
 def _validate_counts(logical_count) -> np.ndarray:
     """[L, E] or [B, L, E] finite, non-negative counts as float64 (shape kept)."""
-    counts = logical_count if isinstance(logical_count, torch.Tensor) \
-        else torch.tensor(np.asarray(logical_count, dtype=np.float64))
+    counts = _count_tensor(logical_count)
     if counts.dim() not in (2, 3) or 0 in counts.shape:
         raise CountsError(f"logical_count has shape {tuple(counts.shape)}; expected [L, E] or [B, L, E]")
     return checked_count_values(counts).numpy()
@@ -307,7 +323,12 @@ def plan(
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is unknown; choose one of {list(SPLITS)}")
     per_pass = _validate_counts(logical_count)
-    counts = per_pass.sum(0) if per_pass.ndim == 3 else per_pass
+    with np.errstate(over="ignore"):  # an overflow is refused just below, by its result
+        counts = per_pass.sum(0) if per_pass.ndim == 3 else per_pass
+        layer_totals = counts.sum(1)  # every GPU's load is at most its layer's total
+    if not np.isfinite(layer_totals).all():
+        raise CountsError(f"logical_count sums past the float range (float64 max {np.finfo(np.float64).max:.3g}) "
+                          "over passes or experts; rescale the counts")
     num_layers, num_logical = counts.shape
     _validate_shape(num_logical, num_physical_experts, num_gpus, num_nodes, num_groups, policy)
     prev = _previous_map(previous, (num_layers, num_physical_experts), num_logical)
@@ -332,10 +353,16 @@ def rebalance_experts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SGLang 0.5.23's entry point: returns (phy2log [L, P], log2phy [L, E, P-E+1], replica_count [L, E]).
 
-    The tuple carries no replica weights: SGLang splits equally, so every policy plans for that.
+    tokens_per_expert: [L, E] or [B, L, E] counts, a tensor, numpy array or nested lists (as
+    ``plan`` takes them). The tuple carries no replica weights: SGLang splits equally, so every
+    policy plans for that.
     """
+    tokens_per_expert = _count_tensor(tokens_per_expert)  # lists and numpy read once, as plan() reads them
     if num_local_physical_experts <= 0:
         raise ConfigError(f"num_local_physical_experts={num_local_physical_experts} must be positive")
+    if num_physical_experts % num_local_physical_experts:
+        raise ConfigError(f"num_physical_experts={num_physical_experts} is not divisible by "
+                          f"num_local_physical_experts={num_local_physical_experts}")
     name = resolve_algorithm(algorithm, num_groups=num_groups, num_nodes=num_nodes)
     placement = plan(
         tokens_per_expert, num_physical_experts=num_physical_experts,
