@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .algorithms.evaluate import pass_counts
+from .counts import trace_id_problem
 from .errors import ConfigError, CountsError
 from .location_files import read_counts
 
@@ -85,8 +86,8 @@ def check_output_file(flag: str, path: Path, *, suffixes: tuple[str, ...] | None
 
 
 def read_trace(path: str | Path) -> np.ndarray:
-    """``topk_ids`` [T, L, k] of a per-token ``.npz``: integer logical ids, -1 (any negative)
-    = padding; CountsError naming the file and the key for anything else."""
+    """``topk_ids`` [T, L, k] of a per-token ``.npz``: integer logical ids, -1 = padding;
+    CountsError naming the file and the key for anything else (an id below -1 included)."""
     path = Path(path)
     try:
         archive = np.load(path)
@@ -109,6 +110,9 @@ def read_trace(path: str | Path) -> np.ndarray:
         raise CountsError(f"{path}: {TRACE_KEY} holds {ids.dtype} values; expected integer expert ids")
     if 0 in ids.shape:
         raise CountsError(f"{path}: {TRACE_KEY} has shape {list(ids.shape)} [tokens, layers, top_k]: nothing to count")
+    problem = trace_id_problem(int(ids.min()), int(ids.max()), None)
+    if problem is not None:
+        raise CountsError(f"{path}: {TRACE_KEY} holds {problem}")
     return ids
 
 
@@ -129,7 +133,7 @@ def trace_experts(traces: Sequence[tuple[str | Path, np.ndarray]], *, num_logica
             raise CountsError(f"{where}: {TRACE_KEY} holds expert id {top}, but --num-logical-experts is {num_logical}")
         return num_logical
     if top < 0:
-        raise CountsError(f"{where}: {TRACE_KEY} holds only padding (negative ids); give --num-logical-experts "
+        raise CountsError(f"{where}: {TRACE_KEY} holds only padding (-1); give --num-logical-experts "
                           "to count it as no tokens")
     return top + 1
 

@@ -33,3 +33,16 @@ def bucket_passes(rows: torch.Tensor, max_passes: int) -> torch.Tensor:
         return rows
     bucket = torch.arange(rows.shape[0]) * max_passes // rows.shape[0]
     return torch.zeros(max_passes, *rows.shape[1:], dtype=rows.dtype).index_add_(0, bucket, rows)
+
+
+PADDING_ID = -1  # SGLang's topk_ids mark "no expert" with -1; no other negative id is one
+
+
+def trace_id_problem(smallest: int, largest: int, num_logical: int | None) -> str | None:
+    """What is wrong with a trace whose ids run from ``smallest`` to ``largest`` (None: nothing),
+    naming the offending id: one below ``PADDING_ID``, else one at or past ``num_logical``."""
+    if smallest < PADDING_ID:
+        return f"expert id {smallest} is below {PADDING_ID} ({PADDING_ID} marks padding; expert ids are >= 0)"
+    if num_logical is not None and largest >= num_logical:
+        return f"expert id {largest} is outside [0, {num_logical})"
+    return None

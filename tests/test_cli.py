@@ -481,3 +481,36 @@ def test_inspect_names_a_missing_placement_as_its_argument_not_a_flag(tmp_path, 
     assert f"eplb inspect: error: placement {tmp_path / 'nonexist.json'}: file not found" in err
     assert "--init-expert-location" not in err
 
+
+# ---------------------------------------------------------------------- trace ids
+
+
+def _neg_trace(tmp_path) -> Path:
+    """A 16-expert trace whose ids reach 15, with -1 padding and the bad ids -2 and -3."""
+    ids = np.asarray(np.load(_topk_npz(tmp_path))["topk_ids"])
+    ids[0, 0, 0], ids[1, 1, 1], ids[2, 0, 1] = -1, -3, -2
+    return _npz(tmp_path, "neg.npz", topk_ids=ids)
+
+
+@pytest.mark.parametrize("command", [["plan", "--out", "p.json"], ["simulate", "--pass-tokens", "128"]])
+def test_cli_refuses_trace_ids_below_the_padding_id_naming_the_smallest(tmp_path, capsys, command):
+    """-1 is padding; -3 is no expert id: one line naming -3, rc 2 (it was dropped as padding)."""
+    src = _neg_trace(tmp_path)
+    name, *flags = command
+    assert main([name, str(src), "--ep-size", "4", *(str(tmp_path / f) if f.endswith(".json") else f
+                                                      for f in flags)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expert id -3 is below -1" in err and str(src) in err
+
+
+def test_runtime_trace_refuses_ids_below_padding_naming_the_smallest_not_the_largest(tmp_path):
+    """The runtime's trace reader names -3 too (it said ids 'reach 15, outside [0, 16)')."""
+    from eplb_plugin.errors import ConfigError
+    from eplb_plugin.runtime.workload import TraceWorkload, read_npz_trace
+
+    ids, weights = read_npz_trace(_neg_trace(tmp_path))
+    with pytest.raises(ConfigError, match="expert id -3 is below -1") as exc:
+        TraceWorkload(ids, weights, num_layers=2, num_logical_experts=16, tokens_per_pass=8, source="neg.npz")
+    assert "15" not in str(exc.value)
+    with pytest.raises(ConfigError, match=r"expert id 15 is outside \[0, 8\)"):
+        TraceWorkload(ids.clamp_min(-1), weights, num_layers=2, num_logical_experts=8, tokens_per_pass=8)

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from eplb_plugin.counts import trace_id_problem
 from eplb_plugin.errors import ConfigError
 
 WORKLOAD_KINDS = ("synthetic", "trace", "uniform")
@@ -188,12 +189,11 @@ class TraceWorkload:
                 f"{source}: the trace has {topk_ids.shape[1]} layers, the model {num_layers}; "
                 "pass --num-layers <= the trace's layers"
             )
-        top = int(topk_ids.max()) if topk_ids.numel() else -1
-        if top >= num_logical_experts or int(topk_ids.min()) < -1:
-            raise ConfigError(
-                f"{source}: expert ids reach {top}, outside [0, {num_logical_experts}); "
-                "pick a --model-preset with as many experts as the trace"
-            )
+        problem = trace_id_problem(int(topk_ids.min()), int(topk_ids.max()), num_logical_experts) \
+            if topk_ids.numel() else None
+        if problem is not None:
+            fix = "" if int(topk_ids.min()) < -1 else "; pick a --model-preset with as many experts as the trace"
+            raise ConfigError(f"{source}: {problem}{fix}")
         if tokens_per_pass < 1 or tokens_per_pass > topk_ids.shape[0]:
             raise ConfigError(f"{source}: --batch-tokens {tokens_per_pass} must be in [1, {topk_ids.shape[0]}] tokens")
         self.topk_ids = topk_ids[:, :num_layers].to(torch.int64).contiguous()
