@@ -71,9 +71,11 @@ def max_source_bytes(*, num_layers: int | None, num_logical_experts: int | None,
 # ---------------------------------------------------------------------- reading
 
 
-def read_location_source(source: str, *, max_bytes: int | None = None) -> tuple[dict[str, Any], str]:
+def read_location_source(source: str, *, max_bytes: int | None = None,
+                         takes_trivial: bool = False) -> tuple[dict[str, Any], str]:
     """Parse an ``--init-expert-location`` value (a ``.pt`` / ``.json`` path or inline JSON)
-    into its dict, as SGLang does, within ``max_bytes``. Returns (dict, a name for messages)."""
+    into its dict, as SGLang does, within ``max_bytes``. Returns (dict, a name for messages).
+    ``takes_trivial``: the caller accepts ``trivial`` too (its messages list it)."""
     if source.endswith(".pt"):
         name = source
         _check_file(name, max_bytes)
@@ -91,6 +93,10 @@ def read_location_source(source: str, *, max_bytes: int | None = None) -> tuple[
         except OSError as exc:
             raise ExpertLocationFileError(name, None, f"cannot be read ({exc.strerror or exc})") from exc
         data = _parse_json(raw, name)
+    elif os.path.lexists(source):  # a path, never inline JSON (lexists is False for what is no path)
+        problem = "is a directory" if os.path.isdir(source) else \
+            f"unsupported file type ({Path(source).suffix or 'no suffix'})"
+        raise ExpertLocationFileError(source, None, f"{problem}; expected a .pt or .json file")
     else:
         name = INLINE_SOURCE
         if max_bytes is not None and len(source) > max_bytes:
@@ -99,8 +105,8 @@ def read_location_source(source: str, *, max_bytes: int | None = None) -> tuple[
         try:
             data = _parse_json(source.encode(), name)
         except ExpertLocationFileError as exc:
-            raise ExpertLocationFileError(
-                name, None, f"neither 'trivial', a .pt/.json path, nor valid JSON ({exc.problem})") from exc
+            allowed = "neither 'trivial', a .pt/.json path, nor" if takes_trivial else "neither a .pt/.json path nor"
+            raise ExpertLocationFileError(name, None, f"{allowed} valid JSON ({exc.problem})") from exc
     if not isinstance(data, Mapping):
         raise ExpertLocationFileError(name, None, f"expected a dict, got {type(data).__name__}")
     bad_keys = [k for k in data if not isinstance(k, str)]
@@ -307,6 +313,10 @@ def load_placement(
 ) -> ExpertLocation:
     """A placement file (or inline JSON) holding ``physical_to_logical_map``, validated against
     the model (and against its meta sidecar), with its sidecar's replica weights."""
+    if source == "trivial":  # the trivial placement is made for a slot count, which a file carries
+        raise ExpertLocationFileError(source, None, "the trivial placement is made for a slot count, which a "
+                                                    "placement file gives and 'trivial' does not; give a file (eplb "
+                                                    "plan writes one and prints the trivial placement's balancedness)")
     cap = max_source_bytes(num_layers=num_layers, num_logical_experts=num_logical_experts,
                            num_physical_experts=num_physical_experts, binary=source.endswith(".pt"))
     data, name = read_location_source(source, max_bytes=cap)
@@ -379,7 +389,7 @@ def load_init_expert_location(
                                       num_physical_experts=num_physical_experts, ep_size=ep_size)
     cap = max_source_bytes(num_layers=num_layers, num_logical_experts=num_logical_experts,
                            num_physical_experts=num_physical_experts, binary=source.endswith(".pt"))
-    data, name = read_location_source(source, max_bytes=cap)
+    data, name = read_location_source(source, max_bytes=cap, takes_trivial=True)
     if MAP_KEY in data:
         return _location_from_map(data, name, source, ep_size=ep_size, num_layers=num_layers,
                                   num_logical_experts=num_logical_experts, num_physical_experts=num_physical_experts)

@@ -257,3 +257,29 @@ def test_a_stat_dump_of_no_passes_is_refused_rather_than_planned_from_zeros(tmp_
     one = tmp_path / "one_pass.pt"
     torch.save({"logical_count": torch.zeros(1, 2, 4)}, one)
     assert load(one).physical_to_logical_map.shape == (2, 6)
+
+
+def test_a_path_that_exists_is_never_reported_as_inline_json(tmp_path):
+    """A directory or an existing file of another type names the path and what is wrong with it
+    (both were '<inline JSON>: ... nor valid JSON')."""
+    folder = tmp_path / "placements"
+    folder.mkdir()
+    error = refused(folder, "is a directory; expected a .pt or .json file")
+    assert error.source == str(folder)
+    trace = tmp_path / "t2.npz"
+    trace.write_bytes(b"PK")
+    error = refused(trace, "unsupported file type (.npz); expected a .pt or .json file")
+    assert error.source == str(trace) and "inline JSON" not in str(error)
+
+
+def test_inspect_says_why_it_takes_no_trivial_placement_and_lists_only_what_it_takes(tmp_path, capsys):
+    """'trivial' is refused with its reason, and the inline-JSON message of inspect does not list
+    'trivial' as allowed (it did while refusing it)."""
+    counts = tmp_path / "c.json"
+    counts.write_text(json.dumps({"logical_count": [[1, 2, 3, 4]] * 2}))
+    assert cli.main(["inspect", "trivial", str(counts), "--ep-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "placement trivial: " in err and "slot count" in err
+    assert cli.main(["inspect", "{oops", str(counts), "--ep-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "neither a .pt/.json path nor valid JSON" in err and "trivial" not in err
