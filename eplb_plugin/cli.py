@@ -231,14 +231,28 @@ POLICY_HELP = {AUTO: "SGLang's choice (its --eplb-algorithm default): deepseek_h
                     "over --nodes, else deepseek", **{p.name: p.suits for p in POLICIES.entries()}}
 
 
-def _policy_epilog(*, presets: bool) -> str:
-    """The placement policies (--algorithm) with the host each suits, and with ``presets``
-    the model presets (--preset)."""
+# simulate plans on one node, without expert groups, with an equal split (``evaluate.simulate``
+# takes no nodes, groups or split): the policies whose help names those flags, as simulate plans them.
+SIMULATE_POLICY_HELP = {
+    **POLICY_HELP,
+    AUTO: "SGLang's choice (its --eplb-algorithm default); simulate plans on one node without expert groups, "
+          "where SGLang picks deepseek",
+    "eplb_plugin": "the project's policy: balanced replicas, few moves when replanning; simulate plans it with an "
+                   "equal split on one node; for SGLang with the plugin and for the reference runtime",
+    "eplb_plugin_equal": "the earlier spelling of eplb_plugin with an equal split",
+    "deepseek_hierarchical": "DeepSeek's hierarchical recipe, for stock SGLang on several nodes; simulate plans "
+                             "on one node without expert groups, where it packs no groups per node",
+}
+
+
+def _policy_epilog(*, presets: bool, policy_help: dict[str, str] = POLICY_HELP) -> str:
+    """The placement policies (--algorithm) with the host each suits (``policy_help``), and
+    with ``presets`` the model presets (--preset)."""
     from .configs import PRESET_NAMES
 
     lines = ["placement policies (--algorithm):"]
     for name in (AUTO, *ALGORITHMS):
-        lines += textwrap.wrap(POLICY_HELP.get(name, ""), EPILOG_WIDTH, initial_indent=f"  {name:<22} ",
+        lines += textwrap.wrap(policy_help.get(name, ""), EPILOG_WIDTH, initial_indent=f"  {name:<22} ",
                                subsequent_indent=" " * 25)
     if presets:
         lines += ["", *textwrap.wrap("model presets (--preset): " + ", ".join(PRESET_NAMES), EPILOG_WIDTH)]
@@ -293,7 +307,7 @@ def _add_simulate(sub) -> None:
     from .cli_simulate import add_simulate
 
     add_simulate(sub, _common, HelpFormatter)
-    sub.choices["simulate"].epilog = _policy_epilog(presets=False)
+    sub.choices["simulate"].epilog = _policy_epilog(presets=False, policy_help=SIMULATE_POLICY_HELP)
 
 
 def _add_inspect(sub) -> None:
@@ -319,7 +333,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS.values():
         add(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # refused by the subcommand's parser, so usage and error name `eplb <command>`
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except EPLBError as exc:  # ConfigError, CountsError, PlacementError...

@@ -183,17 +183,18 @@ def load_counts(path: str | Path, *, pass_tokens: int | None = None, num_logical
 
 def load_traces(paths: list[str], *, pass_tokens: int, num_logical: int | None = None) -> list[np.ndarray]:
     """[B_i, L, E] passes of each per-token ``.npz`` trace, all of one E (``num_logical``, else
-    the largest id of any trace + 1) and one L."""
+    the largest id of any trace + 1), one L and one top_k (CountsError naming each trace's)."""
     traces = []
     for path in paths:
         if Path(path).suffix != ".npz":
             raise CountsError(f"trace {path}: expected a per-token .npz (topk_ids [tokens, layers, top_k])")
         _check_counts_path(Path(path))
         traces.append((path, read_trace(path)))
-    layers = {ids.shape[1] for _, ids in traces}
-    if len(layers) > 1:
-        raise CountsError("the traces have different layer counts: " +
-                          ", ".join(f"{path}: {ids.shape[1]}" for path, ids in traces))
+    # one model's replay: one layer count and one top_k (mixed top_k would weigh tokens unequally)
+    for axis, what in ((1, "layer counts"), (2, "top_k")):
+        if len({ids.shape[axis] for _, ids in traces}) > 1:
+            raise CountsError(f"the traces have different {what}: " +
+                              ", ".join(f"{path}: {ids.shape[axis]}" for path, ids in traces))
     experts = trace_experts(traces, num_logical=num_logical)
     return [trace_counts(ids, path=path, num_logical=experts, pass_tokens=pass_tokens) for path, ids in traces]
 

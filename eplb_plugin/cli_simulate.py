@@ -28,6 +28,7 @@ from .cli_inputs import (
 from .errors import ConfigError
 
 DEFAULT_OUT = "eplb_runs/simulate.json"  # eplb_runs/ is git-ignored
+DEFAULT_WINDOW = 8  # past passes the planner sees without --decay
 BASELINE = "no EPLB"
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
@@ -36,7 +37,7 @@ def add_simulate(sub: Any, common: Any, formatter: type[argparse.HelpFormatter])
     p = sub.add_parser(
         "simulate", formatter_class=formatter,
         help="replay per-token traces through window -> planner -> migration, against no EPLB",
-        description=__doc__.splitlines()[0] + ". " + " ".join(__doc__.split("\n\n")[1].split()),
+        description=__doc__.splitlines()[0] + " " + " ".join(__doc__.split("\n\n")[1].split()),
     )
     p.add_argument("trace", nargs="+", help="per-token .npz traces (topk_ids [T, L, k]), served in this order")
     common(p)
@@ -44,9 +45,10 @@ def add_simulate(sub: Any, common: Any, formatter: type[argparse.HelpFormatter])
                    help="tokens per forward pass when cutting the traces (a trace's tokens past its last whole "
                         "pass are left out)")
     p.add_argument("--interval", type=positive_int, default=8, help="passes between rebalances")
-    p.add_argument("--window", type=positive_int, default=8, help="past passes the planner sees")
+    p.add_argument("--window", type=positive_int, default=None,
+                   help=f"past passes the planner sees (default: {DEFAULT_WINDOW}; not with --decay)")
     p.add_argument("--decay", type=decay_factor, default=None,
-                   help="plan on every past pass weighted decay**age instead of the window (0 < decay <= 1)")
+                   help="plan on every past pass weighted decay**age instead of a --window (0 < decay <= 1)")
     p.add_argument("--dispatch", nargs="+", default=list(DISPATCHES), choices=DISPATCHES,
                    help="token splits to score: static, random and dynamic (SGLang's even random spread) "
                         "split equally, weighted follows the plan's replica weights, minmax splits each pass "
@@ -77,6 +79,11 @@ def _write(flag: str, path: Path, write) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    if args.decay is not None and args.window is not None:
+        raise ConfigError(f"--decay {args.decay} plans on every past pass, so --window {args.window} would go "
+                          "unused; give one of them")
+    if args.decay is None and args.window is None:
+        args.window = DEFAULT_WINDOW
     out, plot = Path(args.out), None if args.plot is None else Path(args.plot)
     check_output_file("--out", out, make_folder=True)  # before the replay; the folders are made when written
     if plot is not None:
@@ -91,7 +98,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     num_physical = num_physical_from_args(args, counts.shape[2])
     check_slots(args, num_physical=num_physical, num_logical=counts.shape[2])
     res = simulate(counts, num_physical=num_physical, num_gpus=args.ep_size, interval=args.interval,
-                   window=args.window, algorithm=args.algorithm, dispatches=tuple(args.dispatch), decay=args.decay)
+                   window=args.window or DEFAULT_WINDOW, algorithm=args.algorithm, dispatches=tuple(args.dispatch), decay=args.decay)
     baseline_layers = baseline_balancedness(counts, num_physical=num_physical, num_gpus=args.ep_size)
     per_pass = {BASELINE: baseline_layers.mean(1), **res.balancedness}
     first = res.rebalance_passes[0] if res.rebalance_passes else len(counts)

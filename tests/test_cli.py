@@ -155,16 +155,16 @@ def test_help_shows_defaults_policies_with_their_hosts_and_presets(capsys):
     """`eplb plan --help` and `eplb simulate --help` show defaults and every policy with the host
     it suits; plan's also every model preset (simulate takes no --preset)."""
     from eplb_plugin.algorithms import ALGORITHMS
-    from eplb_plugin.cli import POLICY_HELP
+    from eplb_plugin.cli import POLICY_HELP, SIMULATE_POLICY_HELP
     from eplb_plugin.configs import PRESET_NAMES
 
-    for command in ("plan", "simulate"):
+    for command, policy_help in (("plan", POLICY_HELP), ("simulate", SIMULATE_POLICY_HELP)):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "(default: eplb_plugin)" in text and "(default: 0)" in text
         for name in ALGORITHMS:
-            assert " ".join(f"{name} {POLICY_HELP[name]}".split()) in text
+            assert " ".join(f"{name} {policy_help[name]}".split()) in text
         # plan takes --preset; simulate has none, so its help lists no presets
         assert (", ".join(PRESET_NAMES) in text) == (command == "plan")
     assert "(default: eplb_runs/simulate.json)" in text
@@ -514,3 +514,46 @@ def test_runtime_trace_refuses_ids_below_padding_naming_the_smallest_not_the_lar
     assert "15" not in str(exc.value)
     with pytest.raises(ConfigError, match=r"expert id 15 is outside \[0, 8\)"):
         TraceWorkload(ids.clamp_min(-1), weights, num_layers=2, num_logical_experts=8, tokens_per_pass=8)
+
+
+# ---------------------------------------------------------------------- simulate's flags
+
+
+def test_simulate_help_names_only_flags_simulate_takes(capsys):
+    """simulate plans on one node, without expert groups, with an equal split: its help names
+    no --nodes, --groups or --split (which it refuses), and its prog is `eplb simulate`."""
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: eplb simulate ")
+    for flag in ("--nodes", "--groups", "--split"):
+        assert flag not in text, flag
+    assert "migration. Every figure" in text  # one full stop after the first sentence (there were two)
+
+
+def test_simulate_names_itself_when_refusing_a_flag_it_does_not_take(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", str(tmp_path / "t.npz"), "--ep-size", "4", "--nodes", "2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "eplb simulate: error: unrecognized arguments: --nodes 2" in err
+    assert err.startswith("usage: eplb simulate ")
+
+
+def test_simulate_refuses_decay_with_window(tmp_path, capsys):
+    """--decay plans on every past pass, so a --window would go unused: refused naming both."""
+    src = _topk_npz(tmp_path)
+    assert main(["simulate", str(src), "--ep-size", "4", "--pass-tokens", "128", "--decay", "0.5",
+                 "--window", "4", "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--decay 0.5" in err and "--window 4" in err
+    assert main(["simulate", str(src), "--ep-size", "4", "--pass-tokens", "128", "--decay", "0.5",
+                 "--dispatch", "static", "--out", str(tmp_path / "s.json")]) == 0
+
+
+def test_simulate_refuses_traces_of_different_top_k_naming_both(tmp_path, capsys):
+    four = _npz(tmp_path, "four.npz", topk_ids=np.load(_topk_npz(tmp_path, top_k=4))["topk_ids"])
+    two = _npz(tmp_path, "two.npz", topk_ids=np.load(_topk_npz(tmp_path, top_k=2))["topk_ids"])
+    assert main(["simulate", str(four), str(two), "--ep-size", "4", "--pass-tokens", "128",
+                 "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "top_k" in err and f"{four}: 4" in err and f"{two}: 2" in err
