@@ -98,7 +98,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     num_physical = num_physical_from_args(args, counts.shape[2])
     check_slots(args, num_physical=num_physical, num_logical=counts.shape[2])
     res = simulate(counts, num_physical=num_physical, num_gpus=args.ep_size, interval=args.interval,
-                   window=args.window or DEFAULT_WINDOW, algorithm=args.algorithm, dispatches=tuple(args.dispatch), decay=args.decay)
+                   window=args.window, algorithm=args.algorithm, dispatches=tuple(args.dispatch), decay=args.decay)
     baseline_layers = baseline_balancedness(counts, num_physical=num_physical, num_gpus=args.ep_size)
     per_pass = {BASELINE: baseline_layers.mean(1), **res.balancedness}
     first = res.rebalance_passes[0] if res.rebalance_passes else len(counts)
