@@ -259,6 +259,8 @@ class EPLBArgs:
             raise ConfigError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
         if self.nnodes > 1 and self.dist_init_addr is None:
             raise ConfigError(f"--nnodes {self.nnodes} needs --dist-init-addr host:port of the first node")
+        if self.nnodes > 1:
+            dist_init_host_port(self.dist_init_addr)
         if self.ep_size % self.nnodes:
             raise ConfigError(f"--ep-size {self.ep_size} must be divisible by --nnodes {self.nnodes}")
         if self.eplb_non_blocking and not self.enable_eplb:
@@ -342,3 +344,12 @@ def add_eplb_args(
 
     add_flags(parser.add_argument_group("EPLB"), EPLBArgs, include=offered, unset_defaults=unset_defaults)
     return parser
+
+
+def dist_init_host_port(addr: str | None) -> tuple[str, int]:
+    """``--dist-init-addr host:port`` split into (host, port); ConfigError naming the flag
+    where there is no host or the port is not in [1, 65535]."""
+    host, _, port = (addr or "").rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--dist-init-addr {addr!r} must be host:port with a port in [1, 65535]")
+    return host, int(port)

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eplb_args(parser)
     g = parser.add_argument_group("runtime")
     g.add_argument("--model-preset", default="tiny", choices=PRESET_NAMES, help="MoE shape (eplb_plugin/configs).")
-    g.add_argument("--num-layers", type=int, default=None, help="Override the preset's MoE layer count.")
+    g.add_argument("--num-layers", type=int, default=None, help="Override the preset's MoE layer count (>= 1).")
     g.add_argument("--hidden-size", type=int, default=None, help="Override the preset's hidden size.")
     g.add_argument("--moe-intermediate-size", type=int, default=None, help="Override the preset's expert FFN size.")
     add_flags(g, RuntimeConfig, WorkloadSpec, RunSpec)
@@ -72,8 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         cfg, runs, layout = build_runs(ns)
-    except EPLBError as exc:
-        parser.error(str(exc))
+    except EPLBError as exc:  # a bad flag or combination: one line, no usage block, before any rank
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     from eplb_plugin.runtime.launch import launch
     from eplb_plugin.runtime.report import text_report, write_report
     from eplb_plugin.runtime.supervise import LaunchError

@@ -45,8 +45,9 @@ def test_renamed_negated_and_repeated_runtime_flags_reach_their_fields():
     """--port/--host, --disable-cuda-graph, repeated --trace, several --profile-passes and
     --dist-timeout-s set http_port/http_host, cuda_graph, traces, profile_passes, timeout_s;
     the dtype defaults to the device's."""
-    ns = build_parser().parse_args(["--port", "0", "--host", "0.0.0.0", "--disable-cuda-graph", "--trace", "a.npz",
-                                    "--trace", "b.npz", "--profile-passes", "3", "5", "--dist-timeout-s", "7"])
+    ns = build_parser().parse_args(["--port", "0", "--host", "0.0.0.0", "--disable-cuda-graph", "--workload", "trace",
+                                    "--trace", "a.npz", "--trace", "b.npz", "--profile-passes", "3", "5",
+                                    "--dist-timeout-s", "7"])
     cfg, runs, _ = build_runs(ns)
     assert (cfg.http_port, cfg.http_host, cfg.cuda_graph, cfg.profile_passes, cfg.timeout_s) == (
         0, "0.0.0.0", False, (3, 5), 7.0)
@@ -80,11 +81,10 @@ def test_runtime_flags_reach_the_config():
 
 
 def test_contradictory_flags_stop_with_a_message(capsys):
-    """--enable-eplb with one rank is a usage error naming both flags."""
-    with pytest.raises(SystemExit) as exc:
-        main(["--enable-eplb", "--ep-size", "1"])
-    assert exc.value.code == 2
-    assert "--enable-eplb needs --ep-size > 1" in capsys.readouterr().err
+    """--enable-eplb with one rank is a usage error: one line naming both flags, exit 2."""
+    assert main(["--enable-eplb", "--ep-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--enable-eplb needs --ep-size > 1" in err, err
 
 
 def test_compare_run_prints_the_table_and_writes_text_json_png(tmp_path, capsys):
@@ -173,10 +173,9 @@ def test_an_unknown_placement_policy_stops_the_parser_naming_the_flag_and_the_po
     """--eplb-algorithm is checked against the policy registry before any rank starts."""
     from eplb_plugin.algorithms import POLICIES
 
-    with pytest.raises(SystemExit) as exc:
-        main(["--enable-eplb", "--ep-size", "2", "--eplb-algorithm", "bogus"])
+    assert main(["--enable-eplb", "--ep-size", "2", "--eplb-algorithm", "bogus"]) == 2
     err = capsys.readouterr().err
-    assert exc.value.code == 2
+    assert len(err.strip().splitlines()) == 1, err
     assert f"--eplb-algorithm 'bogus' is not a known policy; known: auto, {', '.join(POLICIES)}" in err
 
 
@@ -217,3 +216,85 @@ def test_a_port_in_use_or_a_bad_host_stops_the_launcher_with_one_line_before_any
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--host 'no-such-host.invalid'" in err
+
+
+_TINY = ["--ep-size", "2", "--hidden-size", "64", "--moe-intermediate-size", "64", "--batch-tokens", "32",
+         "--num-passes", "20", "--no-progress"]
+
+
+def _refusal(argv, tmp_path, capsys, monkeypatch) -> str:
+    """Run the launcher in-process on ``argv``; assert it stopped before spawning a rank with
+    exit 2 and exactly one line on stderr (no usage, no traceback); return that line."""
+    import torch.multiprocessing as mp
+
+    monkeypatch.setattr(mp, "get_context", lambda *a: pytest.fail("a rank was spawned"))
+    try:
+        code = main([*_TINY, "--report-dir", str(tmp_path / "r"), *argv])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, (code, err)
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("workload", ["synthetic", "uniform"])
+def test_a_trace_given_with_a_workload_that_does_not_replay_it_is_refused(tmp_path, capsys, monkeypatch, workload):
+    """--trace with --workload synthetic (the default) or uniform would be ignored: the
+    launcher refuses the combination, naming both flags."""
+    line = _refusal(["--trace", str(tmp_path / "t.npz"), "--workload", workload], tmp_path, capsys, monkeypatch)
+    assert f"--trace is given but --workload is {workload}" in line, line
+    line = _refusal(["--trace", str(tmp_path / "t.npz")], tmp_path, capsys, monkeypatch)
+    assert "--trace is given but --workload is synthetic" in line, line
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--num-layers", "0"), ("--hidden-size", "0"),
+                                             ("--moe-intermediate-size", "0"), ("--moe-intermediate-size", "-5"),
+                                             ("--num-layers", "-1")])
+def test_a_model_size_below_one_is_refused_naming_the_flag_not_replaced_by_the_preset(
+        tmp_path, capsys, monkeypatch, flag, value):
+    """A size override of 0 or less is refused with the flag's own name (0 used to fall back
+    to the preset's size; the intermediate size was named --intermediate-size)."""
+    line = _refusal([flag, value], tmp_path, capsys, monkeypatch)
+    assert f"{flag} must be >= 1 (got {value})" in line, line
+
+
+@pytest.mark.parametrize("argv", [["--port", "70000"], ["--port", "-1"],
+                                  ["--nnodes", "2", "--dist-init-addr", "127.0.0.1:99999"],
+                                  ["--nnodes", "2", "--dist-init-addr", "127.0.0.1:0"],
+                                  ["--nnodes", "2", "--dist-init-addr", "127.0.0.1"]])
+def test_an_out_of_range_port_is_refused_naming_the_flag(tmp_path, capsys, monkeypatch, argv):
+    """--port outside [0, 65535] and a --dist-init-addr port outside [1, 65535] (or none)
+    stop the launcher with one line naming the flag, not a bind() traceback."""
+    line = _refusal(argv, tmp_path, capsys, monkeypatch)
+    flag = argv[-2]
+    assert f"{flag} {argv[-1]!r}" in line or f"{flag} {argv[-1]}" in line, line
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_threads_per_rank_below_one_is_refused_naming_the_flag(tmp_path, capsys, monkeypatch, threads):
+    """--threads-per-rank 0 or less: one line naming the flag, exit 2 (was a traceback on
+    every rank for -1, and silently the default for 0)."""
+    line = _refusal(["--threads-per-rank", threads], tmp_path, capsys, monkeypatch)
+    assert f"--threads-per-rank must be >= 1 (got {threads})" in line, line
+
+
+def test_flags_the_ranks_would_refuse_are_refused_by_the_launcher_before_they_start(tmp_path, capsys, monkeypatch):
+    """--eplb-transport ipc on CPU, --ep-dispatch-backend triton on CPU without
+    TRITON_INTERPRET=1, --workload trace without --trace, and a trace with fewer layers
+    than the model: one line from the launcher naming the flag, exit 2, no rank spawned."""
+    import numpy as np
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    line = _refusal(["--enable-eplb", "--ep-num-redundant-experts", "2", "--eplb-transport", "ipc"],
+                    tmp_path, capsys, monkeypatch)
+    assert "--eplb-transport ipc" in line and "--device cpu" in line, line
+    line = _refusal(["--ep-dispatch-backend", "triton"], tmp_path, capsys, monkeypatch)
+    assert "--ep-dispatch-backend triton" in line and "--device cpu" in line, line
+    line = _refusal(["--workload", "trace"], tmp_path, capsys, monkeypatch)
+    assert "--workload trace needs at least one --trace PATH" in line, line
+    trace = tmp_path / "one_layer.npz"
+    np.savez(trace, topk_ids=np.zeros((64, 1, 4), dtype=np.int64))
+    line = _refusal(["--workload", "trace", "--trace", str(trace)], tmp_path, capsys, monkeypatch)
+    assert f"--trace {trace}: the trace has 1 layers, the model 4" in line, line

@@ -33,6 +33,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 DEVICES = ("cpu", "cuda")
 DEFAULT_NUM_PASSES = 300
+MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -52,18 +53,20 @@ class ModelShape:
         intermediate_size: int | None = None,
     ) -> ModelShape:
         """A preset from ``eplb_plugin.configs`` with optional size overrides."""
+        overrides = {"--num-layers": num_layers, "--hidden-size": hidden_size,
+                     "--moe-intermediate-size": intermediate_size}
+        for option, value in overrides.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"{option} must be >= 1 (got {value})")
         p = get_preset(name)
         shape = cls(
-            num_layers=num_layers or p.num_layers,
+            num_layers=p.num_layers if num_layers is None else num_layers,
             num_logical_experts=p.num_logical_experts,
             top_k=p.top_k,
-            hidden_size=hidden_size or p.hidden_size,
-            intermediate_size=intermediate_size or p.moe_intermediate_size,
+            hidden_size=p.hidden_size if hidden_size is None else hidden_size,
+            intermediate_size=p.moe_intermediate_size if intermediate_size is None else intermediate_size,
             num_groups=p.num_groups if p.num_groups > 1 else None,
         )
-        for key in ("num_layers", "hidden_size", "intermediate_size"):
-            if getattr(shape, key) < 1:
-                raise ConfigError(f"--{key.replace('_', '-')} must be >= 1 (got {getattr(shape, key)})")
         return shape
 
 
@@ -74,13 +77,21 @@ class WorkloadSpec:
     kind: str = flag("synthetic (skewed, drifting), trace (replay --trace files), uniform (perfect balance).",
                      name="--workload", choices=WORKLOAD_KINDS, default="synthetic")
     traces: tuple[str, ...] = flag(
-        "Per-token .npz (topk_ids [T, L, k]) or SGLang per_token dump .pt; repeatable, concatenated.",
+        "Per-token .npz (topk_ids [T, L, k]) or SGLang per_token dump .pt; repeatable, concatenated; "
+        "needs --workload trace.",
         name="--trace", repeat=True, metavar="PATH", default=(),
     )
     seed: int = flag("Seed of the synthetic workload, activations and weights.", default=0)
     zipf_s: float = flag("Synthetic skew: expert popularity ~ 1/rank^s.", default=DEFAULT_ZIPF_S)
     drift_every_passes: int = flag("Synthetic drift: the hot experts change every this many passes.",
                                    default=DEFAULT_DRIFT_EVERY_PASSES)
+
+    def __post_init__(self) -> None:
+        if self.traces and self.kind != "trace":
+            raise ConfigError(f"--trace is given but --workload is {self.kind}, which would ignore it; "
+                              "add --workload trace to replay it")
+        if self.kind == "trace" and not self.traces:
+            raise ConfigError("--workload trace needs at least one --trace PATH")
 
     def build(self, model: ModelShape, tokens_per_pass: int) -> Workload:
         if self.kind not in WORKLOAD_KINDS:
@@ -94,7 +105,8 @@ class WorkloadSpec:
         if self.kind == "uniform":
             return UniformWorkload(**common, top_k=model.top_k, tokens_per_pass=tokens_per_pass)
         ids, weights = load_traces(self.traces)
-        return TraceWorkload(ids, weights, **common, tokens_per_pass=tokens_per_pass, source=", ".join(self.traces))
+        return TraceWorkload(ids, weights, **common, tokens_per_pass=tokens_per_pass,
+                             source="--trace " + ", ".join(self.traces))
 
 
 @dataclass(frozen=True)
@@ -164,7 +176,7 @@ class RuntimeConfig:
         "Where the recorder's dumps go (default: $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR, else the system temp dir).",
         name="--expert-distribution-recorder-dir", default=None,
     )
-    threads_per_rank: int | None = flag("CPU threads per rank (default: cores / local ranks).", default=None)
+    threads_per_rank: int | None = flag("CPU threads per rank, >= 1 (default: cores / local ranks).", default=None)
     ready_file: str | None = flag("Rank 0 writes the HTTP URL here once serving, and each rank its pid (tests).",
                                   hidden=True, default=None)
     timeout_s: float = flag(
@@ -186,6 +198,10 @@ class RuntimeConfig:
         if self.dispatch_backend not in BACKENDS:
             raise ConfigError(f"--ep-dispatch-backend {self.dispatch_backend!r} must be one of {list(BACKENDS)}")
         check_dispatch_counts(self.dispatch_counts, "--ep-dispatch-counts")
+        if self.http_port is not None and not 0 <= self.http_port <= MAX_PORT:
+            raise ConfigError(f"--port {self.http_port} must be in [0, {MAX_PORT}] (0: a free port)")
+        if self.threads_per_rank is not None and self.threads_per_rank < 1:
+            raise ConfigError(f"--threads-per-rank must be >= 1 (got {self.threads_per_rank})")
         if self.batch_tokens < 1:
             raise ConfigError(f"--batch-tokens must be >= 1 (got {self.batch_tokens})")
         if not self.timeout_s > 0:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from eplb_plugin.args import EPLBArgs
+from eplb_plugin.args import EPLBArgs, dist_init_host_port
 from eplb_plugin.errors import ConfigError, EPLBError
 from eplb_plugin.runtime.config import RunSpec, RuntimeConfig
 from eplb_plugin.runtime.http import ControlChannel, ControlServer, check_listen_address
@@ -219,9 +219,7 @@ def launch(cfg: RuntimeConfig, runs: Sequence[RunSpec], dist_args: EPLBArgs) -> 
     store = None
     store_addr = None
     if dist_args.nnodes > 1:
-        host, _, port = (dist_args.dist_init_addr or "").rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"--dist-init-addr {dist_args.dist_init_addr!r} must be host:port")
+        host, port = dist_init_host_port(dist_args.dist_init_addr)
         init_method = f"tcp://{host}:{port}"
     else:
         # The launcher serves the ranks' store, on 127.0.0.1 only; it outlives any rank.
@@ -274,8 +272,11 @@ def check_runs(cfg: RuntimeConfig, runs: Sequence[RunSpec], ep_size: int) -> Non
     from eplb_plugin.location_files import load_init_expert_location
 
     model = cfg.model
+    check_device_flags(cfg, runs)
     for run in runs:
         args = run.eplb
+        if run.workload.kind == "trace":  # the files' shapes against the model's, as each rank would
+            run.workload.build(model, cfg.batch_tokens)
         redundant = args.ep_num_redundant_experts
         num_slots = model.num_logical_experts + redundant
         if num_slots % ep_size:
@@ -292,6 +293,29 @@ def check_runs(cfg: RuntimeConfig, runs: Sequence[RunSpec], ep_size: int) -> Non
             num_nodes=args.nnodes, num_groups=model.num_groups,
             algorithm=args.policy(model.num_groups), split=split_for_dispatch(args.ep_dispatch_algorithm),
         )
+
+
+def check_device_flags(cfg: RuntimeConfig, runs: Sequence[RunSpec]) -> None:
+    """Refuse, before any rank starts, the flags that ``--device`` makes impossible and each
+    rank would refuse on its own: a pull-only ``--eplb-transport`` (CUDA IPC) off CUDA, and
+    ``--ep-dispatch-backend triton`` where triton is missing or, on CPU, without
+    TRITON_INTERPRET=1 (``kernels/_launch.py`` ``use_triton`` decides the same way)."""
+    from eplb_plugin.kernels import triton_available
+    from eplb_plugin.transports import TRANSPORTS
+
+    for run in runs:
+        transport = TRANSPORTS.get(run.eplb.eplb_transport)
+        if run.eplb.enable_eplb and transport.requires_pulls and cfg.device != "cuda":
+            others = [name for name in TRANSPORTS if not TRANSPORTS.get(name).requires_pulls]
+            raise ConfigError(f"--eplb-transport {transport.name} pulls weights through CUDA IPC, which "
+                              f"--device {cfg.device} cannot do; use --eplb-transport {' or '.join(others)}")
+    if cfg.dispatch_backend != "triton":
+        return
+    if not triton_available():
+        raise ConfigError("--ep-dispatch-backend triton but triton is not installed; use torch or auto")
+    if cfg.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"--ep-dispatch-backend triton on --device {cfg.device} needs TRITON_INTERPRET=1 in "
+                          "the environment; use --ep-dispatch-backend torch or auto")
 
 
 def _stopped_check(results: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
