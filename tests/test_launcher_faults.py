@@ -216,3 +216,63 @@ def test_the_launchers_store_listens_on_loopback_only():
             if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
                 listening.append(local)
     assert listening == [f"0100007F:{port:04X}"]
+
+
+_NODE_CMD = [sys.executable, "-m", "eplb_plugin.launch_server", "--ep-size", "2", "--nnodes", "2",
+             "--hidden-size", "64", "--moe-intermediate-size", "64", "--batch-tokens", "32", "--num-passes", "20",
+             "--no-progress", "--threads-per-rank", "1"]
+
+
+def _start_node(tmp_path: Path, node_rank: int, addr: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen([*_NODE_CMD, "--dist-init-addr", addr, "--node-rank", str(node_rank),
+                             "--report-dir", str(tmp_path / f"n{node_rank}"), *extra],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout_s: float = 120.0) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("a node's launcher hung")
+    return proc.returncode, err
+
+
+def _lines(err: str) -> list[str]:
+    return [line for line in err.strip().splitlines() if line.strip() and not line.startswith("[W")]
+
+
+def test_a_peer_node_that_never_starts_is_named_in_one_line_without_a_traceback(tmp_path):
+    """--nnodes 2 with node 1 never started: after --dist-timeout-s node 0 exits 1 (a
+    runtime failure) with one line saying how many ranks joined where, no traceback."""
+    from conftest import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    code, err = _finish(_start_node(tmp_path, 0, addr, "--dist-timeout-s", "3"))
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    assert _lines(err) == [f"python -m eplb_plugin.launch_server: rank 0: only 1 of 2 ranks joined at {addr} "
+                           "within --dist-timeout-s 3.0 (no results from rank 0: no report)"], err
+
+
+def test_nodes_started_with_different_flags_stop_at_start_up_naming_the_flags_and_the_node(tmp_path):
+    """Two nodes whose --ep-num-redundant-experts (2 vs 4) and --seed (0 vs 1) differ: every
+    rank compares the flags once the group forms and each node exits 2 with one line naming
+    both flags and each node's value (was: SIGABRT in gloo, or wrong weights and rc 1)."""
+    from conftest import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    common = ("--enable-eplb", "--dist-timeout-s", "60")
+    node1 = _start_node(tmp_path, 1, addr, *common, "--ep-num-redundant-experts", "4", "--seed", "1")
+    node0 = _start_node(tmp_path, 0, addr, *common, "--ep-num-redundant-experts", "2")
+    for node, (code, err) in enumerate([_finish(node0), _finish(node1)]):
+        assert code == 2, (node, err)
+        assert "Traceback" not in err, err
+        lines = _lines(err)
+        assert len(lines) == 1, err
+        assert lines[0].startswith(f"python -m eplb_plugin.launch_server: rank {node}: the nodes' flags differ: "), err
+        assert "--ep-num-redundant-experts (node 0: 2, node 1: 4)" in lines[0], err
+        assert "--seed (node 0: 0, node 1: 1)" in lines[0], err
+        assert "--node-rank" not in lines[0], err

@@ -207,3 +207,28 @@ def test_cuda_graph_passes_compute_what_eager_passes_compute(tmp_path, dispatch)
     assert on["slots_failed"] == 0 and on["slots_checked"] == 2 * 10 * MODEL.num_layers
     for key, want in outputs[False].items():
         torch.testing.assert_close(outputs[True][key], want, rtol=0, atol=0)
+
+
+def test_nodes_must_agree_on_shared_flags_but_not_on_their_own_or_on_where_a_trace_lies(tmp_path):
+    """flags_that_must_agree: node-own flags (--node-rank, --port, --threads-per-rank,
+    --dist-init-addr) do not count; two copies of one trace at different paths agree; a
+    different seed or redundancy does not."""
+    from eplb_plugin.runtime.agreement import flags_that_must_agree
+
+    for name in ("a.bin", "b.bin"):
+        (tmp_path / name).write_bytes(b"same trace")
+    model = ModelShape.from_preset("tiny")
+
+    def flags(path: str, **changes) -> dict[str, str]:
+        args = EPLBArgs(enable_eplb=True, ep_size=4, nnodes=2, dist_init_addr="h:1", ep_num_redundant_experts=4)
+        args = dataclasses.replace(args, **{k: v for k, v in changes.items() if hasattr(args, k)})
+        cfg = RuntimeConfig(model=model, **{k: v for k, v in changes.items() if hasattr(RuntimeConfig, k)})
+        workload = WorkloadSpec(kind="trace", traces=(path,))
+        return flags_that_must_agree(cfg, [RunSpec("eplb", args, workload, 10)])
+
+    node0 = flags(str(tmp_path / "a.bin"))
+    assert flags(str(tmp_path / "b.bin"), node_rank=1, dist_init_addr="other:1", http_port=0,
+                 threads_per_rank=3) == node0
+    assert flags(str(tmp_path / "a.bin"), seed=1)["--seed"] == "1" != node0["--seed"]
+    assert flags(str(tmp_path / "a.bin"), ep_num_redundant_experts=8)["--ep-num-redundant-experts"] == "8"
+    assert "--node-rank" not in node0 and "--port" not in node0

@@ -23,6 +23,7 @@ import gc
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Sequence
@@ -34,18 +35,22 @@ import torch
 
 from eplb_plugin.args import EPLBArgs, dist_init_host_port
 from eplb_plugin.errors import ConfigError, EPLBError
+from eplb_plugin.runtime.agreement import check_nodes_agree
 from eplb_plugin.runtime.config import RunSpec, RuntimeConfig
 from eplb_plugin.runtime.http import ControlChannel, ControlServer, check_listen_address
 from eplb_plugin.runtime.supervise import (
     ERROR_EXIT,
     PEER_GRACE_S,
     PEER_LOST_EXIT,
+    RUNTIME_ERROR_EXIT,
     LaunchError,
     PeerLostError,
+    RendezvousError,
     clear_stop,
     host_store,
     install_rank_handlers,
     mark_error,
+    read_error_files,
     read_results,
     stop_exit_code,
     stop_on_signals,
@@ -86,9 +91,13 @@ def run_rank(
         import torch.distributed as dist
 
         backend = "nccl" if cfg.device == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=None if store is not None else init_method, store=store,
-                                rank=rank, world_size=world_size, timeout=timedelta(seconds=cfg.timeout_s))
+        try:
+            dist.init_process_group(backend, init_method=None if store is not None else init_method, store=store,
+                                    rank=rank, world_size=world_size, timeout=timedelta(seconds=cfg.timeout_s))
+        except RuntimeError as exc:  # DistStoreError (peers missing), a refused or unreachable address
+            raise _rendezvous_error(exc, init_method, world_size=world_size, timeout_s=cfg.timeout_s) from None
         group = dist.group.WORLD
+        check_nodes_agree(cfg, runs, rank=rank, ranks_per_node=local_world_size, group=group)
     if cfg.ready_file:
         Path(f"{cfg.ready_file}.rank{rank}.pid").write_text(str(os.getpid()))  # tests signal ranks by pid
     channel = server = metrics = None
@@ -142,6 +151,20 @@ def run_rank(
     return results if rank == 0 else None
 
 
+def _rendezvous_error(exc: RuntimeError, init_method: str | None, *, world_size: int,
+                      timeout_s: float) -> RendezvousError:
+    """The process group did not form: one line saying where, how many ranks joined (when
+    the store says) and within which timeout."""
+    where = (init_method or "env://").removeprefix("tcp://")
+    joined = re.search(r"(\d+)/(\d+) clients joined", str(exc))
+    if joined:
+        return RendezvousError(f"only {joined[1]} of {world_size} ranks joined at {where} "
+                               f"within --dist-timeout-s {timeout_s}")
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return RendezvousError(f"could not join the {world_size} ranks at {where} within --dist-timeout-s "
+                           f"{timeout_s} ({first})")
+
+
 def _make_metrics() -> Any:
     from eplb_plugin.metrics import EPLBMetrics
 
@@ -178,12 +201,23 @@ def _spawn_entry(local_rank: int, node_rank: int, ranks_per_node: int, world_siz
         print(exc, file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(PEER_LOST_EXIT)  # the group is broken: no teardown (gloo may abort in it)
+    except RendezvousError as exc:  # the group never formed: a runtime failure, one line
+        _exit_with_line(f"rank {rank}: {exc}", store=store, rank=rank, result_path=cfg.result_path,
+                        code=RUNTIME_ERROR_EXIT)
     except EPLBError as exc:  # bad input found on this rank: one line, not a traceback
-        line = f"rank {rank}: {exc}"
+        _exit_with_line(f"rank {rank}: {exc}", store=store, rank=rank, result_path=cfg.result_path,
+                        code=ERROR_EXIT)
+
+
+def _exit_with_line(line: str, *, store: Any, rank: int, result_path: str | None, code: int) -> None:
+    """End a spawned rank with its one line: the launcher prints it (from its store or the
+    rank's error file); the rank prints it itself only where the launcher cannot."""
+    import sys
+
+    if not mark_error(store, rank, line, result_path=result_path):
         print(line, file=sys.stderr, flush=True)
-        mark_error(store, rank, line)
-        sys.stdout.flush()
-        os._exit(ERROR_EXIT)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def launch(cfg: RuntimeConfig, runs: Sequence[RunSpec], dist_args: EPLBArgs) -> list[dict[str, Any]] | None:
@@ -247,6 +281,9 @@ def launch(cfg: RuntimeConfig, runs: Sequence[RunSpec], dist_args: EPLBArgs) -> 
         for p in processes:
             p.start()
         outcome = supervise(processes, store, grace_s=cfg.timeout_s + 2 * PEER_GRACE_S)
+        if store is None:  # several nodes: the ranks' error lines are in files
+            read_error_files(outcome, result_path, [dist_args.node_rank * ranks_per_node + i
+                                                    for i in range(ranks_per_node)])
         if dist_args.node_rank != 0:
             if not outcome.ok:
                 raise LaunchError(outcome.summary(), results=[], exit_code=outcome.exit_code)

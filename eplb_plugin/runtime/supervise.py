@@ -36,6 +36,7 @@ from eplb_plugin.errors import EPLBError
 
 PEER_LOST_EXIT = 3  # a rank's exit status when it stopped because a peer stopped answering
 ERROR_EXIT = 2  # a rank's exit status after a typed error (bad input): its one line is in the store
+RUNTIME_ERROR_EXIT = 1  # a rank's exit status when the process group did not form (its one line too)
 PEER_GRACE_S = 3.0  # how long a surviving rank waits for the others to mark themselves
 STOP_GRACE_S = 15.0  # how long the launcher waits for ranks to finish after a stop
 POLL_S = 0.1
@@ -57,6 +58,11 @@ class LaunchError(EPLBError, RuntimeError):
         super().__init__(message)
         self.results = results
         self.exit_code = exit_code
+
+
+class RendezvousError(EPLBError, RuntimeError):
+    """The process group did not form: peers did not join within the timeout, or the
+    rendezvous address could not be reached (a runtime failure, not a bad flag)."""
 
 
 class PeerLostError(EPLBError, RuntimeError):
@@ -86,13 +92,37 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
     _stop_signal = signum
 
 
-def mark_error(store: Any, rank: int, line: str) -> None:
-    """A rank stopping on a typed error leaves its one line for the launcher."""
+def mark_error(store: Any, rank: int, line: str, *, result_path: str | None = None) -> bool:
+    """A rank stopping on an error (its one line) leaves that line for its launcher: in the
+    launcher's store (local spawn), else in ``error_path(result_path, rank)`` (each node's
+    launcher has its own result path). Returns whether the launcher will see it."""
     if store is not None:
         try:
             store.set(RANK_FAILED_KEY.format(rank=rank), json.dumps({"line": line, "error": True}))
+            return True
         except RuntimeError:
-            pass  # the launcher is gone; the rank's own stderr line remains
+            return False  # the launcher is gone; the rank's own stderr line remains
+    if result_path is not None:
+        with open(error_path(result_path, rank), "w") as f:
+            f.write(line)
+        return True
+    return False
+
+
+def error_path(result_path: str, rank: int) -> str:
+    """Where rank ``rank`` leaves its error line when its launcher hosts no store."""
+    return f"{result_path}.rank{rank}.error"
+
+
+def read_error_files(outcome: LaunchOutcome, result_path: str, ranks: Sequence[int]) -> None:
+    """Note in ``outcome.errors`` (keyed by local index) the lines ranks ``ranks`` left in
+    their error files, and remove the files."""
+    for index, rank in enumerate(ranks):
+        path = error_path(result_path, rank)
+        if os.path.exists(path):
+            with open(path) as f:
+                outcome.errors[index] = f.read()
+            os.unlink(path)
 
 
 def stop_exit_code() -> int:
@@ -217,6 +247,9 @@ class LaunchOutcome:
 
     @property
     def exit_code(self) -> int:
+        failed = [c for c in self.exit_codes.values() if c != 0]
+        if self.errors and failed and all(c == ERROR_EXIT for c in failed):
+            return ERROR_EXIT  # every failing rank stopped on a bad input (a config error)
         if self.lost or any(c not in (0, None) for c in self.exit_codes.values()):
             return 1
         if self.stop_signal is not None:
