@@ -28,7 +28,7 @@ import torch
 
 from eplb_plugin.algorithms import DEFAULT_ALGORITHM, plan
 from eplb_plugin.counts import checked_count_values
-from eplb_plugin.errors import CountsError, PlacementError
+from eplb_plugin.errors import ConfigError, CountsError, PlacementError, UsageError
 from eplb_plugin.maps import (
     checked_replica_count,
     compute_logical_to_physical_map,
@@ -75,12 +75,14 @@ class ExpertLocation:
         return self.num_physical_experts // self.ep_size
 
     def local_slots(self, rank: int) -> slice:
-        """Slots of ``rank`` as a slice of the P axis."""
+        """Slots of ``rank`` as a slice of the P axis (ConfigError for a rank outside [0, ep_size))."""
+        check_rank(rank, self.ep_size)
         n = self.num_local_physical_experts
         return slice(rank * n, (rank + 1) * n)
 
     def local_physical_to_logical_map(self, rank: int) -> torch.Tensor:
-        """[L, P / ep_size]: the logical expert each of ``rank``'s slots holds."""
+        """[L, P / ep_size]: the logical expert each of ``rank``'s slots holds (ConfigError for a
+        rank outside [0, ep_size))."""
         return self.physical_to_logical_map[:, self.local_slots(rank)]
 
     def equal_split_weights(self) -> torch.Tensor:
@@ -97,6 +99,8 @@ class ExpertLocation:
         cls, *, num_layers: int, num_logical_experts: int, num_physical_experts: int, ep_size: int
     ) -> ExpertLocation:
         """Slot p holds expert ``p % E`` in every layer (SGLang's trivial placement)."""
+        _check_ints(num_layers=num_layers, num_logical_experts=num_logical_experts,
+                    num_physical_experts=num_physical_experts, ep_size=ep_size)
         _check_sizes(num_logical_experts, num_physical_experts, ep_size, source="trivial")
         row = torch.arange(num_physical_experts, dtype=torch.int64) % num_logical_experts
         return cls.from_physical_to_logical_map(
@@ -122,6 +126,8 @@ class ExpertLocation:
         unused slot as vLLM writes it, included), a missing replica, P's divisibility by
         ep_size or the replica weights are wrong.
         """
+        _check_ints(num_logical_experts=num_logical_experts, ep_size=ep_size, num_layers=num_layers,
+                    num_physical_experts=num_physical_experts)
         phy2log = _as_tensor(physical_to_logical_map, source, "physical_to_logical_map")
         phy2log = integer_map_ids(phy2log, source)
         if phy2log.dim() != 2:
@@ -169,6 +175,8 @@ class ExpertLocation:
     ) -> ExpertLocation:
         """Plan a placement from loads [L, E] or [B, L, E] with a placement policy, for an
         ``equal`` (default) or ``weighted`` split of each expert's tokens over its replicas."""
+        _check_ints(num_physical_experts=num_physical_experts, ep_size=ep_size, num_nodes=num_nodes,
+                    num_groups=num_groups, num_layers=num_layers)
         count = validate_logical_count(logical_count, source=source, num_layers=num_layers)
         placement = plan(
             count,
@@ -227,6 +235,21 @@ def validate_logical_count(
 # ---------------------------------------------------------------------- helpers
 
 
+def check_rank(rank: Any, ep_size: int) -> None:
+    """Raise ConfigError unless ``rank`` is an int (not a bool) in [0, ep_size)."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ConfigError(f"rank {rank!r} is a {type(rank).__name__}; expected an int in [0, ep_size={ep_size})")
+    if not 0 <= rank < ep_size:
+        raise ConfigError(f"rank {rank} is outside [0, ep_size={ep_size})")
+
+
+def _check_ints(**values: Any) -> None:
+    """Raise UsageError naming the first argument that is neither None nor an int (bools refused)."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"{name}={value!r} is a {type(value).__name__}; expected an int")
+
+
 def _check_sizes(num_logical: int, num_physical: int, ep_size: int, *, source: str) -> None:
     if num_logical < 1 or ep_size < 1:
         raise PlacementError(f"{source}: need >= 1 logical expert and rank (got E={num_logical}, ep_size={ep_size})")
@@ -265,5 +288,5 @@ def _validate_replica_weights(weights: Any, phy2log: torch.Tensor, num_logical: 
 
 __all__ = [
     "INLINE_SOURCE", "REPLICA_WEIGHT_TOLERANCE", "WEIGHTS_SUFFIX", "ExpertLocation", "compute_logical_to_physical_map",
-    "equal_split_weights", "replica_count", "validate_logical_count", "weights_sidecar",
+    "check_rank", "equal_split_weights", "replica_count", "validate_logical_count", "weights_sidecar",
 ]
