@@ -22,7 +22,10 @@ Algorithms (``--ep-dispatch-algorithm``):
   whole pass and each rank takes its own run of every expert's occurrences; without it each
   rank splits its own tokens.
 
-Every path keeps ``-1`` (padding) as ``-1`` and does no host synchronization.
+Every path keeps ``-1`` (padding) as ``-1`` and does no host synchronization. Input checks:
+types, shapes and dtypes everywhere; id values (``[-1, E)``) only on CPU tensors, since
+reading a CUDA tensor's values would sync the host inside a captured graph (on CUDA an id
+outside the range is undefined: it may be dropped or index out of bounds).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch.distributed as dist
 
 from eplb_plugin.dispatch_info import dispatch_info
 from eplb_plugin.errors import ConfigError, UsageError
-from eplb_plugin.kernels._launch import check_out_dtype, use_triton
+from eplb_plugin.kernels._launch import BACKENDS, check_counts, check_out_dtype, use_triton
 from eplb_plugin.kernels.fused import map_and_count
 from eplb_plugin.kernels.minmax import (
     MinmaxTables,
@@ -44,7 +47,7 @@ from eplb_plugin.kernels.minmax import (
     minmax_gpu_shares,
 )
 from eplb_plugin.kernels.minmax_triton import MinmaxScratch, minmax_scratch
-from eplb_plugin.location import ExpertLocation
+from eplb_plugin.location import ExpertLocation, check_rank
 
 
 def _nth_true(mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -110,8 +113,13 @@ class ExpertDispatcher:
         count_group: Any = None,
     ):
         self.info = dispatch_info(algorithm)  # ConfigError naming the known ones
-        if not 0 <= rank < location.ep_size:
-            raise ConfigError(f"rank {rank} is outside [0, ep_size={location.ep_size})")
+        check_rank(rank, location.ep_size)
+        if num_gpus_per_node is not None and (
+            isinstance(num_gpus_per_node, bool) or not isinstance(num_gpus_per_node, int) or num_gpus_per_node < 1
+        ):  # a last node with fewer ranks is fine: a rank's node is rank // num_gpus_per_node
+            raise ConfigError(f"num_gpus_per_node={num_gpus_per_node!r} must be a positive int or None")
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}")
         self.algorithm = algorithm
         self.rank = rank
         self.num_gpus_per_node = num_gpus_per_node
@@ -167,12 +175,27 @@ class ExpertDispatcher:
 
         counts_out: an optional [L, P] int32 buffer (the recorder's) to which algorithms with
         ``DispatchInfo.counts_slots`` add this call's slots in the kernel that maps them
-        (``static``: the fused map+count kernel; ``minmax``: its own); the others ignore it.
+        (``static``: the fused map+count kernel; ``minmax``: its own); the others ignore it
+        (but every algorithm checks its shape and dtype).
+
+        Raises UsageError for a topk_ids that is not an integer torch tensor, a bad layer or a
+        counts_out not shaped [L, P]; CountsError for a counts_out not int32. Ids outside
+        [-1, E) raise UsageError on CPU tensors only (CUDA: unchecked, no host sync).
         """
+        if not isinstance(topk_ids, torch.Tensor):
+            raise UsageError(f"topk_ids must be a torch.Tensor of logical ids (got {type(topk_ids).__name__})")
         if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
             raise UsageError(f"topk_ids has dtype {topk_ids.dtype}; expected integer expert ids")
-        if not 0 <= layer < self.static_table.shape[0]:
-            raise UsageError(f"layer {layer} is outside 0..{self.static_table.shape[0] - 1}")
+        num_layers, num_experts = self.static_table.shape
+        if not 0 <= layer < num_layers:
+            raise UsageError(f"layer {layer} is outside 0..{num_layers - 1}")
+        if counts_out is not None:
+            expected = [num_layers, self.location.num_physical_experts]
+            if list(counts_out.shape) != expected:
+                raise UsageError(f"counts_out has shape {list(counts_out.shape)}; expected [L, P] = {expected}")
+            check_counts(counts_out)  # CountsError unless int32 (the recorder's buffer), for every algorithm
+        if topk_ids.device.type == "cpu":  # values on CPU only: reading a CUDA tensor would sync
+            _check_ids_in_range(topk_ids, num_experts, layer=layer)
         pick = self.info.pick
         if pick == "minmax":
             return self._dispatch_minmax(layer, topk_ids, counts_out)
@@ -220,6 +243,17 @@ class ExpertDispatcher:
         idx = (quota <= position.unsqueeze(-1).to(quota.dtype) + 0.5).sum(-1)
         idx = torch.minimum(idx, self.replica_count[layer][experts] - 1)
         return self.logical_to_physical_map[layer][experts, idx].view_as(ids)
+
+
+def _check_ids_in_range(topk_ids: torch.Tensor, num_experts: int, *, layer: int) -> None:
+    """Raise UsageError naming the first id outside [-1, num_experts) (CPU tensors only)."""
+    bad = (topk_ids < -1) | (topk_ids >= num_experts)
+    if topk_ids.numel() and bool(bad.any()):
+        first = int(topk_ids[bad][0])
+        raise UsageError(
+            f"topk_ids holds logical expert id {first} at layer {layer}; expected ids in [-1, {num_experts}) "
+            "(-1 = padding)"
+        )
 
 
 def split_gathered_counts(per_rank: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,82 @@ def _counts(*shape, dtype=torch.int32):
     return torch.zeros(*shape, dtype=dtype)
 
 
+# ------------------------------------------------------------------ dispatcher: ids
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("with_counts", [False, True])
+@pytest.mark.parametrize("bad", [4, 100, -2])
+def test_dispatch_refuses_a_logical_id_outside_minus_one_to_e_on_cpu(algorithm, with_counts, bad):
+    """An id outside [-1, E) is refused with UsageError naming the id and the layer, on both
+    the counting and the plain path; nothing is counted."""
+    d = ExpertDispatcher(LOC, rank=1, algorithm=algorithm)
+    counts = _counts(2, 8) if with_counts else None
+    with pytest.raises(UsageError, match=rf"id {bad}\b.*layer 1"):
+        d.dispatch(1, torch.tensor([[0, bad], [1, -1]]), counts_out=counts)
+    if counts is not None:
+        assert counts.sum() == 0
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_dispatch_keeps_padding_minus_one_with_counts_out(algorithm):
+    """-1 (SGLang's padding) stays allowed and stays uncounted."""
+    d = ExpertDispatcher(LOC, rank=1, algorithm=algorithm)
+    counts = _counts(2, 8)
+    out = d.dispatch(0, torch.tensor([[0, -1], [3, -1]]), counts_out=counts)
+    assert out[:, 1].tolist() == [-1, -1]
+    assert counts.sum() == (2 if d.info.counts_slots else 0)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("shape", [(2, 4), (1, 8), (2, 9), (16,)])
+def test_dispatch_refuses_counts_out_not_shaped_l_by_p(algorithm, shape):
+    """counts_out must be [L, P] = [2, 8]: any other shape is refused, naming it."""
+    d = ExpertDispatcher(LOC, rank=1, algorithm=algorithm)
+    with pytest.raises(UsageError, match=re_shape(shape)):
+        d.dispatch(0, torch.tensor([[0, 1]]), counts_out=_counts(*shape))
+
+
+def re_shape(shape):
+    return r"\[" + r", ".join(str(s) for s in shape) + r"\]"
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
+def test_dispatch_refuses_counts_out_not_int32_for_every_algorithm(algorithm, dtype):
+    """One dtype rule for every algorithm: the recorder's buffer is int32."""
+    d = ExpertDispatcher(LOC, rank=1, algorithm=algorithm)
+    with pytest.raises(CountsError, match=rf"int32.*{dtype}"):
+        d.dispatch(0, torch.tensor([[0, 1]]), counts_out=_counts(2, 8, dtype=dtype))
+
+
+def test_dispatch_refuses_a_numpy_topk_ids():
+    d = ExpertDispatcher(LOC, rank=1, algorithm="weighted")
+    with pytest.raises(UsageError, match=r"topk_ids must be a torch\.Tensor.*ndarray"):
+        d.dispatch(0, np.array([[0, 1]]))
+
+
+# ------------------------------------------------------------------ dispatcher: construction
+
+
+@pytest.mark.parametrize("rank", [True, False, 1.0])
+def test_dispatcher_refuses_a_rank_that_is_not_an_int(rank):
+    with pytest.raises(ConfigError, match=rf"rank {rank!r}.*int"):
+        ExpertDispatcher(LOC, rank=rank)
+
+
+@pytest.mark.parametrize("num_gpus_per_node", [0, -1, True, 2.0])
+def test_dispatcher_refuses_a_num_gpus_per_node_that_is_not_a_positive_int(num_gpus_per_node):
+    with pytest.raises(ConfigError, match=rf"num_gpus_per_node={num_gpus_per_node!r}"):
+        ExpertDispatcher(LOC, rank=0, num_gpus_per_node=num_gpus_per_node)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_dispatcher_refuses_an_unknown_backend_at_construction(algorithm):
+    with pytest.raises(ConfigError, match=r"backend='bogus'.*'auto', 'triton', 'torch'"):
+        ExpertDispatcher(LOC, rank=0, algorithm=algorithm, backend="bogus")
+
+
 # ------------------------------------------------------------------ ExpertLocation
 
 
