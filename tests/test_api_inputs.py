@@ -97,6 +97,84 @@ def test_dispatcher_refuses_an_unknown_backend_at_construction(algorithm):
         ExpertDispatcher(LOC, rank=0, algorithm=algorithm, backend="bogus")
 
 
+# ------------------------------------------------------------------ recorder hooks
+
+
+def _recording(mode="stat"):
+    rec = ExpertDistributionRecorder(
+        mode, physical_to_logical_map=torch.tensor([[0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 3, 3]]),
+        num_logical_experts=4, ep_size=2,
+    )
+    rec.start_record()
+    return rec
+
+
+@pytest.mark.parametrize("layer_idx", [-1, 2, 5, True])
+def test_on_select_experts_refuses_a_layer_outside_zero_to_l(layer_idx):
+    rec = _recording()
+    with rec.with_forward_pass(0), pytest.raises(UsageError, match=rf"layer_idx={layer_idx!r}"):
+        rec.on_select_experts(torch.tensor([[0, 1]]), layer_idx=layer_idx)
+    assert rec.dump_record("object")["logical_count"].sum() == 0
+
+
+def test_with_current_layer_outside_zero_to_l_is_refused_when_a_hook_counts():
+    rec = _recording()
+    with rec.with_forward_pass(0), rec.with_current_layer(-1), pytest.raises(UsageError, match=r"layer_idx=-1"):
+        rec.on_select_experts(torch.tensor([[0, 1]]))
+
+
+@pytest.mark.parametrize("bad", [6, 100, -2])
+def test_on_select_experts_refuses_a_slot_outside_minus_one_to_p_on_cpu(bad):
+    rec = _recording()
+    with rec.with_forward_pass(0), pytest.raises(UsageError, match=rf"slot id {bad}\b.*layer 0"):
+        rec.on_select_experts(torch.tensor([[bad, 1], [-1, 0]]), layer_idx=0)
+    assert rec.dump_record("object")["logical_count"].sum() == 0
+
+
+def test_on_select_experts_still_counts_padding_as_nothing():
+    rec = _recording()
+    with rec.with_forward_pass(0):
+        rec.on_select_experts(torch.tensor([[5, -1]]), layer_idx=0)
+    assert rec.dump_record("object")["logical_count"].tolist() == [[[0, 1, 0, 0], [0, 0, 0, 0]]]
+
+
+@pytest.mark.parametrize("layer_idx", [-1, 2])
+def test_dispatch_count_hooks_refuse_a_layer_outside_zero_to_l(layer_idx):
+    rec = _recording("stat_approx")
+    with rec.with_forward_pass(0):
+        with pytest.raises(UsageError, match=rf"layer_idx={layer_idx}"):
+            rec.on_deepep_dispatch_normal([1, 2, 3], layer_idx=layer_idx)
+        with pytest.raises(UsageError, match=rf"layer_idx={layer_idx}"):
+            rec.on_deepep_dispatch_low_latency(torch.tensor([1, 2, 3], dtype=torch.int32), layer_idx=layer_idx)
+
+
+@pytest.mark.parametrize("length", [2, 4])
+def test_dispatch_count_hooks_refuse_counts_not_one_per_local_slot(length):
+    """P / ep_size = 3 local slots: a longer or shorter count list is refused, naming its length."""
+    rec = _recording("stat_approx")
+    with rec.with_forward_pass(0):
+        with pytest.raises(UsageError, match=rf"{length} counts.*3 local slots"):
+            rec.on_deepep_dispatch_normal([1] * length, layer_idx=0)
+        with pytest.raises(UsageError, match=rf"{length} counts.*3 local slots"):
+            rec.on_deepep_dispatch_low_latency(torch.ones(length, dtype=torch.int32), layer_idx=0)
+
+
+def test_dispatch_count_hooks_refuse_a_negative_count_on_cpu():
+    rec = _recording("stat_approx")
+    with rec.with_forward_pass(0):
+        with pytest.raises(CountsError, match=r"negative count -5 for layer 1"):
+            rec.on_deepep_dispatch_normal([1, -5, 0], layer_idx=1)
+        with pytest.raises(CountsError, match=r"negative count -5 for layer 1"):
+            rec.on_deepep_dispatch_low_latency(torch.tensor([1, -5, 0], dtype=torch.int32), layer_idx=1)
+    assert rec.dump_record("object")["logical_count"].sum() == 0
+
+
+def test_get_current_pass_count_buffer_refuses_a_layer_outside_zero_to_l():
+    rec = _recording()
+    with pytest.raises(UsageError, match=r"layer_idx=-1"):
+        rec.get_current_pass_count_buffer(-1)
+
+
 # ------------------------------------------------------------------ ExpertLocation
 
 

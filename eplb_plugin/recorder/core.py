@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from eplb_plugin.errors import ConfigError, PlacementError
+from eplb_plugin.errors import ConfigError, CountsError, PlacementError, UsageError
 from eplb_plugin.kernels import count_topk
 from eplb_plugin.recorder.modes import MODES, RecorderMode, StatMode
 from eplb_plugin.recorder.spec import MapEpochs, RecorderSpec
@@ -239,27 +239,55 @@ class ExpertDistributionRecorder:
         layer = self._layer if layer_idx is None else layer_idx
         if layer is None:
             raise ConfigError("recorder hook called outside with_current_layer(...) and without layer_idx")
+        self._check_layer(layer)
         return layer
+
+    def _check_layer(self, layer: Any) -> None:
+        """Raise UsageError unless ``layer`` is an int (not a bool) in [0, L) (a Python check:
+        no tensor is read, so it runs on every device)."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise UsageError(f"layer_idx={layer!r} is outside [0, num_layers={self.num_layers}); expected an int layer index")
 
     def on_select_experts(self, topk_ids: torch.Tensor, *, layer_idx: int | None = None) -> None:
         """topk_ids: [T, k] int32/int64 physical slot ids after dispatch; -1 = padding. Where
         ``select_counts_buffer`` handed out this layer since the last hook, the dispatcher's
         kernel added them to it as it mapped them (the runtime's and SGLang's mapping alike),
-        so only the mode sees them."""
+        so only the mode sees them.
+
+        Raises UsageError for a layer outside [0, L) and, on CPU tensors only (reading a CUDA
+        tensor would sync the host inside a captured graph), for a slot id outside [-1, P)."""
         noted, self._counted_layer = self._counted_layer, None
         layer = self._active_layer(layer_idx)
         if layer is None:
             return
+        if not isinstance(topk_ids, torch.Tensor):
+            raise UsageError(f"topk_ids must be a torch.Tensor of slot ids (got {type(topk_ids).__name__})")
+        if topk_ids.device.type == "cpu":
+            bad = (topk_ids < -1) | (topk_ids >= self.num_physical_experts)
+            if topk_ids.numel() and bool(bad.any()):
+                raise UsageError(
+                    f"topk_ids holds slot id {int(topk_ids[bad][0])} at layer {layer}; expected slot ids in "
+                    f"[-1, {self.num_physical_experts}) (-1 = padding)"
+                )
         if not self._count_dispatch and noted != layer:
             count_topk(topk_ids, self.pass_counts, layer, backend=self.backend)
         if self._mode is not None:
             self._mode.on_topk(layer, topk_ids)
 
     def _add_local_counts(self, layer: int, local_counts: torch.Tensor) -> None:
+        """Add [P / ep_size] counts to this rank's slots of ``layer``. UsageError for another
+        length; CountsError for a negative count, on CPU tensors only (no host sync)."""
         per_rank = self.num_physical_experts // self.ep_size
-        n = min(per_rank, local_counts.shape[0])
+        if tuple(local_counts.shape) != (per_rank,):
+            raise UsageError(
+                f"dispatch hook got {local_counts.shape[0] if local_counts.dim() else 0} counts (shape "
+                f"{list(local_counts.shape)}) for layer {layer}; expected one per local slot: {per_rank} local slots "
+                "(P / ep_size)"
+            )
+        if local_counts.device.type == "cpu" and per_rank and bool((local_counts < 0).any()):
+            raise CountsError(f"dispatch hook got negative count {int(local_counts.min())} for layer {layer}")
         start = self.rank * per_rank
-        self.pass_counts[layer, start : start + n].add_(local_counts[:n].to(self.device, non_blocking=True))
+        self.pass_counts[layer, start : start + per_rank].add_(local_counts.to(self.device, non_blocking=True))
 
     def on_deepep_dispatch_normal(
         self,
@@ -306,7 +334,9 @@ class ExpertDistributionRecorder:
         return self.pass_counts
 
     def get_current_pass_count_buffer(self, layer_idx: int) -> torch.Tensor | None:
-        """This pass's [P] int32 counts of one layer while recording, else None (SGLang's API)."""
+        """This pass's [P] int32 counts of one layer while recording, else None (SGLang's API).
+        UsageError for a layer outside [0, L)."""
+        self._check_layer(layer_idx)
         return self.pass_counts[layer_idx] if self.recording else None
 
     # --------------------------------------------------------------- control
