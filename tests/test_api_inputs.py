@@ -210,3 +210,30 @@ def test_from_logical_count_refuses_an_int_argument_that_is_not_an_int(arg):
     kwargs = {"num_physical_experts": 4, "ep_size": 2, arg: True}
     with pytest.raises(UsageError, match=rf"{arg}=True.*int"):
         ExpertLocation.from_logical_count([[1.0, 2.0, 3.0, 4.0]], **kwargs)
+
+
+# ------------------------------------------------------------------ CUDA: checks never sync
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_dispatch_and_recorder_hooks_do_not_sync_the_host_on_cuda(algorithm):
+    """On CUDA the value checks are skipped: dispatch with counts_out and the recorder's hooks
+    run with torch's sync debug mode set to error (any host sync raises)."""
+    d = ExpertDispatcher(LOC, rank=1, algorithm=algorithm, device="cuda")
+    rec = ExpertDistributionRecorder("stat", physical_to_logical_map=LOC.physical_to_logical_map.cuda(),
+                                     num_logical_experts=4, ep_size=2)
+    rec.start_record()
+    ids = torch.tensor([[0, 3], [1, -1]], device="cuda")
+    counts = torch.zeros(2, 8, dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with rec.with_forward_pass(0):
+            slots = d.dispatch(1, ids, counts_out=counts)
+            rec.on_select_experts(slots, layer_idx=1)
+            rec.on_dispatch_receive_counts(torch.ones(4, dtype=torch.int32, device="cuda"), layer_idx=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert slots[1, 1].item() == -1
+    assert counts.sum().item() == (3 if d.info.counts_slots else 0)
