@@ -37,6 +37,7 @@ from eplb_plugin.algorithms import plan
 from eplb_plugin.algorithms.evaluate import minmax_gpu_loads
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import layer_balancedness
+from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS
 from eplb_plugin.manager.planning import MoveCredit
 
 PLANNERS = ("eplb_plugin_equal", "eplb_plugin_perpass", "deepseek", "deepseek_vec")
@@ -44,18 +45,20 @@ MOVE_BUDGET_SHARE = 0.10  # the budgeted per-pass rows: this share of slots move
 MOVE_BUDGET_CARRY = EPLBArgs.eplb_move_budget_carry  # the manager's default (--eplb-move-budget-carry)
 
 
-def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> dict[str, float]:
-    """Balancedness of one pass under each dispatch. per_rank: [R, L, E] counts."""
+def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int, steps: int = MINMAX_ITERATIONS) -> dict[str, float]:
+    """Balancedness of one pass under each dispatch (``steps``: minmax's diffusion steps).
+    per_rank: [R, L, E] counts."""
     loads = {
         "static": static_gpu_loads(per_rank, phy2log, num_gpus),
-        "minmax": minmax_gpu_loads(per_rank.sum(0)[None], phy2log, num_gpus=num_gpus)[0],
-        "minmax_local": minmax_gpu_loads(per_rank, phy2log, num_gpus=num_gpus).sum(0),
+        "minmax": minmax_gpu_loads(per_rank.sum(0)[None], phy2log, num_gpus=num_gpus, iterations=steps)[0],
+        "minmax_local": minmax_gpu_loads(per_rank, phy2log, num_gpus=num_gpus, iterations=steps).sum(0),
     }
     return {name: float(layer_balancedness(torch.from_numpy(v)).mean()) for name, v in loads.items()}
 
 
 def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: int, planner: str,
-           source: str = "past", budget_share: float | None = None, carry: int = MOVE_BUDGET_CARRY) -> dict:
+           source: str = "past", budget_share: float | None = None, carry: int = MOVE_BUDGET_CARRY,
+           score_iterations: int = MINMAX_ITERATIONS) -> dict:
     """source: "past" (the last ``every`` passes), "next" (clairvoyant) or "same" (each pass).
     budget_share: a move budget of this share of all slots per rebalance, unused budget
     carried over ``carry`` rebalances as the manager does (``MoveCredit``; not on the first
@@ -83,7 +86,7 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
                 if per_rebalance is not None:
                     credit.spend(changed)
             phy2log = new
-        for name, value in score(counts[p], phy2log, num_gpus).items():
+        for name, value in score(counts[p], phy2log, num_gpus, score_iterations).items():
             scores.setdefault(name, []).append(value)
     return {"balancedness_per_pass_mean": {k: float(np.mean(v)) for k, v in scores.items()},
             "slots_moved_share_mean": float(np.mean(moved)) if moved else 0.0,
@@ -130,6 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--planner-time", action="store_true",
                     help="time the per-pass policy at DeepSeek-V3 scale on synthetic windows (no traces needed)")
     ap.add_argument("--tag", default="cpu", help="--planner-time: the result file's suffix (which machine)")
+    ap.add_argument("--score-iterations", type=int, default=MINMAX_ITERATIONS,
+                    help="minmax's diffusion steps when the passes are scored (default: the kernels'); the planner "
+                         "keeps its own; another value writes per_pass_balance_esft_cpu_iterations<N>.json")
     ns = ap.parse_args(argv)
     if ns.planner_time:
         t0 = time.perf_counter()
@@ -152,18 +158,21 @@ def main(argv=None) -> int:
     for setup in ns.setups.split(","):
         num_gpus, num_slots = map(int, setup.split(":"))
         counts = [rank_counts(ids, p, ns.pass_tokens, num_gpus) for p in range(num_passes)]
-        runs = {planner: replay(counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner=planner)
+        runs = {planner: replay(counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner=planner,
+                           score_iterations=ns.score_iterations)
                 for planner in PLANNERS}
         runs[f"eplb_plugin_perpass, move budget {MOVE_BUDGET_SHARE:.0%} of slots, carry {MOVE_BUDGET_CARRY}"] = replay(
             counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_perpass",
-            budget_share=MOVE_BUDGET_SHARE)
+            budget_share=MOVE_BUDGET_SHARE, score_iterations=ns.score_iterations)
         runs[f"eplb_plugin_perpass, move budget {MOVE_BUDGET_SHARE:.0%} of slots, hard cap (carry 0)"] = replay(
             counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_perpass",
-            budget_share=MOVE_BUDGET_SHARE, carry=0)
+            budget_share=MOVE_BUDGET_SHARE, carry=0, score_iterations=ns.score_iterations)
         runs["clairvoyant (eplb_plugin_equal on the next passes)"] = replay(
-            counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_equal", source="next")
+            counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_equal", source="next",
+            score_iterations=ns.score_iterations)
         runs["same pass (eplb_plugin_equal on the pass served)"] = replay(
-            counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_equal", source="same")
+            counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_equal", source="same",
+            score_iterations=ns.score_iterations)
         results[f"EP{num_gpus}_{num_slots}slots"] = runs
         for name, r in runs.items():
             bal = r["balancedness_per_pass_mean"]
@@ -172,10 +181,12 @@ def main(argv=None) -> int:
                   f"moved {100 * r['slots_moved_share_mean']:5.1f}%  solver {r['solver_ms_mean']:.1f} ms")
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "per_pass_balance_esft_cpu.json"
+    suffix = "" if ns.score_iterations == MINMAX_ITERATIONS else f"_iterations{ns.score_iterations}"
+    path = out / f"per_pass_balance_esft_cpu{suffix}.json"
     path.write_text(json.dumps({
         "benchmark": "per_pass_balance", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "traces": list(ESFT_TRACES), "pass_tokens": ns.pass_tokens, "every": ns.every,
+        "minmax_score_iterations": ns.score_iterations,
         "scored": "every pass after the first plan", "results": results, "wall_s": time.perf_counter() - t0,
     }, indent=1))
     print(f"wrote {path}")
