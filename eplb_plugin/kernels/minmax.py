@@ -94,6 +94,52 @@ def build_minmax_tables(physical_to_logical_map: torch.Tensor, num_logical_exper
                         slot_on_gpu.amax(-1))
 
 
+class MinmaxProblem(NamedTuple):
+    """One batch of split problems (``minmax_gpu_shares``'s rows), set up for the diffusion.
+
+    base [N, G]: load of the experts on one GPU; demand [N, M]: tokens of each replicated
+    expert; inc [N, M, G]: 1.0 where it has a replica; degree [N, M]: its GPUs; step
+    [N, M, G]: the step on each GPU; equal [N, M, G]: the equal split (the start)."""
+
+    base: torch.Tensor
+    demand: torch.Tensor
+    inc: torch.Tensor
+    degree: torch.Tensor
+    step: torch.Tensor
+    equal: torch.Tensor
+
+    def renormalize(self, x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """Each expert's shares scaled to its tokens (``fallback`` where they sum to 0)."""
+        total = x.sum(-1, keepdim=True)
+        return torch.where(total > 0, x * (self.demand.unsqueeze(-1) / total.clamp_min(1e-30)), fallback)
+
+    def advance(self, x: torch.Tensor, prev: torch.Tensor, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One diffusion step with momentum: (next iterate, the step's iterate before momentum)."""
+        load = self.base + x.sum(1)  # [N, G]
+        level = (self.inc * load.unsqueeze(1)).sum(-1) / self.degree  # the mean load each expert's GPUs see
+        y = self.renormalize(((x + self.step * (level.unsqueeze(-1) - load.unsqueeze(1))).clamp_min(0.0)) * self.inc,
+                             self.equal)
+        return self.renormalize((y + momentum * (y - prev)).clamp_min(0.0) * self.inc, y), y
+
+    def peak(self, x: torch.Tensor) -> torch.Tensor:
+        """[N] the largest GPU load of shares x."""
+        return (self.base + x.sum(1)).amax(-1)
+
+
+def minmax_problem(counts: torch.Tensor, multi_experts: torch.Tensor, multi_gpus: torch.Tensor,
+                   single_slots: torch.Tensor) -> MinmaxProblem:
+    """The rows' problems (arguments as ``minmax_gpu_shares``)."""
+    c = torch.cat([counts.to(torch.float32), counts.new_zeros(counts.shape[0], 1, dtype=torch.float32)], 1)
+    num_logical = counts.shape[1]
+    base = torch.gather(c, 1, torch.where(single_slots >= 0, single_slots, num_logical).flatten(1))
+    base = base.view(single_slots.shape).sum(-1)  # [N, G] load of single-GPU experts
+    demand = torch.gather(c, 1, torch.where(multi_experts >= 0, multi_experts, num_logical))  # [N, M]
+    inc = multi_gpus
+    degree = inc.sum(-1).clamp_min(1.0)  # [N, M]
+    step = inc / inc.sum(1, keepdim=True).clamp_min(1.0)  # [N, M, G]
+    return MinmaxProblem(base, demand, inc, degree, step, inc * (demand / degree).unsqueeze(-1))
+
+
 def minmax_gpu_shares(
     counts: torch.Tensor, multi_experts: torch.Tensor, multi_gpus: torch.Tensor, single_slots: torch.Tensor,
     *, iterations: int = MINMAX_ITERATIONS, momentum: float = MINMAX_MOMENTUM,
@@ -105,32 +151,16 @@ def minmax_gpu_shares(
     Returns (shares [N, M, G] float32: tokens of each replicated expert each GPU serves,
     gpu_load [N, G] float32: the resulting GPU loads).
     """
-    c = torch.cat([counts.to(torch.float32), counts.new_zeros(counts.shape[0], 1, dtype=torch.float32)], 1)
-    num_logical = counts.shape[1]
-    base = torch.gather(c, 1, torch.where(single_slots >= 0, single_slots, num_logical).flatten(1))
-    base = base.view(single_slots.shape).sum(-1)  # [N, G] load of single-GPU experts
-    demand = torch.gather(c, 1, torch.where(multi_experts >= 0, multi_experts, num_logical))  # [N, M]
-    inc = multi_gpus
-    degree = inc.sum(-1).clamp_min(1.0)  # [N, M]
-    step = inc / inc.sum(1, keepdim=True).clamp_min(1.0)  # [N, M, G]
-    equal = inc * (demand / degree).unsqueeze(-1)
-
-    def renormalize(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-        total = x.sum(-1, keepdim=True)
-        return torch.where(total > 0, x * (demand.unsqueeze(-1) / total.clamp_min(1e-30)), fallback)
-
-    x = prev = best = equal
-    best_peak = (base + equal.sum(1)).amax(-1)
+    problem = minmax_problem(counts, multi_experts, multi_gpus, single_slots)
+    x = prev = best = problem.equal
+    best_peak = problem.peak(best)
     for _ in range(iterations):
-        load = base + x.sum(1)  # [N, G]
-        level = (inc * load.unsqueeze(1)).sum(-1) / degree  # the mean load each expert's GPUs see
-        y = renormalize(((x + step * (level.unsqueeze(-1) - load.unsqueeze(1))).clamp_min(0.0)) * inc, equal)
-        x, prev = renormalize((y + momentum * (y - prev)).clamp_min(0.0) * inc, y), y
-        peak = (base + x.sum(1)).amax(-1)
+        x, prev = problem.advance(x, prev, momentum)
+        peak = problem.peak(x)
         better = peak < best_peak
         best = torch.where(better[:, None, None], x, best)
         best_peak = torch.minimum(peak, best_peak)
-    return best, base + best.sum(1)
+    return best, problem.base + best.sum(1)
 
 
 def minmax_choose(position: torch.Tensor, experts: torch.Tensor, shares: torch.Tensor, multi_row: torch.Tensor,

@@ -1,0 +1,127 @@
+"""How close ``minmax``'s diffusion gets to the exact per-pass optimum, by steps (CPU).
+
+The layer-passes are those the budgeted per-pass policy serves in the ESFT replay of
+``bench_per_pass_balance.py`` (intent then law, 256-token passes, re-plan every 8 passes on
+the last 8, 10% move budget carried; EP8 with 72 slots and EP16 with 80), 8 layers drawn per
+pass. Each is solved exactly (an LP, scipy's HiGHS: ``evaluate.exact_min_max_load``) and by
+the diffusion (``kernels/minmax.py``) with a fixed number of steps, and with a stop once the
+best peak has fallen by less than ``STOP_TOL`` of itself for ``STOP_PATIENCE`` steps in a row
+(at most ``STOP_MAX`` steps; an experiment, not in the kernels). Reported: the mean excess of
+the peak over the optimum, and the steps taken.
+
+    python benchmarks/probe_minmax_convergence.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _traces import ESFT_TRACES, esft_topk_ids, traces_dir  # benchmarks/_traces.py
+from bench_per_pass_balance import MOVE_BUDGET_CARRY, MOVE_BUDGET_SHARE
+from bench_realized_balance import NUM_LOGICAL, rank_counts
+
+from eplb_plugin.algorithms import plan
+from eplb_plugin.algorithms.evaluate import exact_min_max_load
+from eplb_plugin.kernels.minmax import (
+    MINMAX_MOMENTUM,
+    build_minmax_tables,
+    minmax_gpu_shares,
+    minmax_problem,
+)
+from eplb_plugin.manager.planning import MoveCredit
+
+FIXED_STEPS = (8, 16, 64)
+STOP_MAX, STOP_TOL, STOP_PATIENCE = 16, 1e-4, 2
+LAYERS_PER_PASS = 8
+
+
+def served(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: int = 8):
+    """(pass counts [L, E], map [L, P]) of every pass after the first plan, as the budgeted
+    per-pass policy serves them."""
+    num_layers = counts[0].shape[0]
+    phy2log = np.broadcast_to(np.arange(num_slots) % NUM_LOGICAL, (num_layers, num_slots)).copy()
+    credit, per = MoveCredit(carry=MOVE_BUDGET_CARRY), int(MOVE_BUDGET_SHARE * phy2log.size)
+    for p in range(every, len(counts)):
+        if p % every == 0:
+            budget = {} if p == every else {"max_slots_moved": credit.grant(per)}
+            placement = plan(np.stack(counts[p - every:p]), num_physical_experts=num_slots, num_gpus=num_gpus,
+                             algorithm="eplb_plugin_perpass", previous=phy2log, **budget)
+            if p > every:
+                credit.spend(int(placement.slots_moved))
+            phy2log = placement.physical_to_logical_map.numpy()
+        yield counts[p], phy2log
+
+
+def stop_when_flat(counts: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best peak [N], steps taken [N]) of the diffusion stopped per row once it is flat."""
+    problem = minmax_problem(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots)
+    x = prev = problem.equal
+    best_peak = problem.peak(x)
+    active = torch.ones_like(best_peak, dtype=torch.bool)
+    flat = torch.zeros_like(best_peak)
+    steps = torch.zeros_like(best_peak)
+    for _ in range(STOP_MAX):
+        nx, nprev = problem.advance(x, prev, MINMAX_MOMENTUM)
+        x = torch.where(active[:, None, None], nx, x)
+        prev = torch.where(active[:, None, None], nprev, prev)
+        peak = problem.peak(x)
+        fell = peak < best_peak * (1 - STOP_TOL)
+        best_peak = torch.where(active, torch.minimum(peak, best_peak), best_peak)
+        flat = torch.where(fell, torch.zeros_like(flat), flat + 1)
+        steps += active.float()
+        active &= flat < STOP_PATIENCE
+    return best_peak, steps
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    ns = ap.parse_args(argv)
+    if not all((traces_dir() / name).exists() for name in ESFT_TRACES):
+        print(f"skipped: the ESFT traces are not in {traces_dir()}")
+        return 0
+    t0 = time.perf_counter()
+    ids = esft_topk_ids()
+    rng = np.random.default_rng(0)
+    results: dict = {}
+    for num_gpus, num_slots in ((8, 72), (16, 80)):
+        counts = [rank_counts(ids, p, 256, num_gpus).sum(0) for p in range(ids.shape[0] // 256)]
+        rows = [(c[layer], m[layer]) for c, m in served(counts, num_gpus=num_gpus, num_slots=num_slots)
+                for layer in rng.choice(c.shape[0], LAYERS_PER_PASS, replace=False)]
+        exact = np.array([exact_min_max_load(c, m, num_gpus=num_gpus) for c, m in rows])
+        batch = torch.tensor(np.stack([c for c, _ in rows]))
+        tables = build_minmax_tables(torch.tensor(np.stack([m for _, m in rows])), NUM_LOGICAL, num_gpus=num_gpus)
+        row: dict = {"layer_passes": len(rows)}
+        for steps in FIXED_STEPS:
+            _, loads = minmax_gpu_shares(batch, tables.multi_experts, tables.multi_gpus, tables.single_slots,
+                                         iterations=steps)
+            row[f"{steps} steps"] = {"excess_pct_mean": 100 * float(np.mean(loads.amax(-1).double().numpy() / exact - 1)),
+                                     "steps_mean": steps}
+        peak, taken = stop_when_flat(batch, tables)
+        row[f"stop when flat (<= {STOP_MAX} steps)"] = {
+            "excess_pct_mean": 100 * float(np.mean(peak.double().numpy() / exact - 1)),
+            "steps_mean": float(taken.mean()), "steps_max": int(taken.max())}
+        results[f"EP{num_gpus}_{num_slots}slots"] = row
+        for name, v in row.items():
+            if name != "layer_passes":
+                print(f"EP{num_gpus:<3}{num_slots:>4} slots  {name:>26}: {v['excess_pct_mean']:.3f}% over the optimum, "
+                      f"{v['steps_mean']:.1f} steps", flush=True)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "minmax_convergence_esft_cpu.json"
+    path.write_text(json.dumps({
+        "benchmark": "minmax_convergence", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "traces": list(ESFT_TRACES), "stop": {"max_steps": STOP_MAX, "tol": STOP_TOL, "patience": STOP_PATIENCE},
+        "results": results, "wall_s": time.perf_counter() - t0}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
