@@ -20,7 +20,9 @@ no count all-gather). Placements (``EP8_PLACEMENTS``): naive (trivial, no redund
 EPLB with static dispatch and with ``minmax`` (the equal-split policy), EPLB with the
 per-pass policy and ``minmax``, all planned on the previous window of passes (realized),
 and uniform routing, on the experts alone (the yardstick) and on as many slots as EPLB
-uses (what the redundant slots' weights cost by themselves).
+uses (what the redundant slots' weights cost by themselves), and drawn at random (each
+token's experts uniformly: balanced routing with its natural spread). An experiment,
+``eplb_perpass_minmax_tiles``, moves parts of GEMM tiles after ``minmax`` (``fewer_tiles``).
 
 CPU:  python benchmarks/bench_end_to_end.py --device cpu            (gloo, 4 ranks, tiny)
 GPU:  python benchmarks/bench_end_to_end.py --device cuda --traces-dir <dir with the ESFT .npz>
