@@ -15,6 +15,15 @@ def traces_dir() -> Path:
     return Path(os.environ.get("EPLB_TRACES_DIR", Path(__file__).resolve().parents[2] / "shared" / "traces"))
 
 
+def esft_missing() -> bool:
+    """Whether the ESFT traces are absent from ``traces_dir()`` (then it says so: the caller
+    skips cleanly)."""
+    if all((traces_dir() / name).exists() for name in ESFT_TRACES):
+        return False
+    print(f"skipped: the ESFT traces are not in {traces_dir()}")
+    return True
+
+
 def esft_topk_ids(directory: Path | None = None) -> np.ndarray:
     """[T, L, k] int64: the ESFT traces' routed ids, intent then law (``-1`` = padding)."""
     from eplb_plugin.runtime.workload import load_traces

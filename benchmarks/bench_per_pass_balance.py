@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _traces import ESFT_TRACES, esft_topk_ids, traces_dir  # benchmarks/_traces.py
+from _traces import ESFT_TRACES, esft_missing, esft_topk_ids  # benchmarks/_traces.py
 from bench_realized_balance import NUM_LOGICAL, rank_counts, static_gpu_loads
 
 from eplb_plugin.algorithms import plan
@@ -148,8 +148,7 @@ def main(argv=None) -> int:
                                     **result, "wall_s": time.perf_counter() - t0}, indent=1))
         print(json.dumps(result), f"\nwrote {path}")
         return 0
-    if not all((traces_dir() / name).exists() for name in ESFT_TRACES):
-        print(f"skipped: the ESFT traces are not in {traces_dir()}")
+    if esft_missing():
         return 0
     t0 = time.perf_counter()
     ids = esft_topk_ids()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _traces import ESFT_TRACES, esft_topk_ids, traces_dir  # benchmarks/_traces.py
+from _traces import ESFT_TRACES, esft_missing, esft_topk_ids  # benchmarks/_traces.py
 
 from eplb_plugin.algorithms import plan
 from eplb_plugin.balance import balancedness, gpu_loads
@@ -83,8 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rebalance-every", type=int, default=30)
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     ns = ap.parse_args(argv)
-    if not all((traces_dir() / name).exists() for name in ESFT_TRACES):
-        print(f"skipped: the ESFT traces are not in {traces_dir()}")
+    if esft_missing():
         return 0
     start = time.perf_counter()
     ids = esft_topk_ids()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _traces import ESFT_TRACES, esft_topk_ids, traces_dir  # benchmarks/_traces.py
+from _traces import ESFT_TRACES, esft_missing, esft_topk_ids  # benchmarks/_traces.py
 from bench_per_pass_balance import MOVE_BUDGET_CARRY, MOVE_BUDGET_SHARE
 from bench_realized_balance import NUM_LOGICAL, rank_counts
 
@@ -83,8 +83,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     ns = ap.parse_args(argv)
-    if not all((traces_dir() / name).exists() for name in ESFT_TRACES):
-        print(f"skipped: the ESFT traces are not in {traces_dir()}")
+    if esft_missing():
         return 0
     t0 = time.perf_counter()
     ids = esft_topk_ids()
