@@ -1,11 +1,12 @@
 """The one check of token counts' values (a leaf module: ``ExpertLocation``'s counts
-validation and the placement policies' ``plan`` both call it; each keeps its own shape rules)."""
+validation and the placement policies' ``plan`` both call it; each keeps its own shape rules),
+and of routed ids (the dispatcher's logical ids, the recorder's slot ids, traces' ids)."""
 
 from __future__ import annotations
 
 import torch
 
-from eplb_plugin.errors import CountsError
+from eplb_plugin.errors import CountsError, UsageError
 
 
 def checked_count_values(count: torch.Tensor, *, source: str | None = None) -> torch.Tensor:
@@ -36,6 +37,18 @@ def bucket_passes(rows: torch.Tensor, max_passes: int) -> torch.Tensor:
 
 
 PADDING_ID = -1  # SGLang's topk_ids mark "no expert" with -1; no other negative id is one
+
+
+def check_routed_ids(ids: torch.Tensor, upper: int, *, what: str, layer: int) -> None:
+    """UsageError naming the first of ``ids`` outside [``PADDING_ID``, ``upper``) at ``layer``;
+    ``what`` names the ids ("logical expert", "slot"). Reads values on the host, so CUDA
+    tensors are not checked (a read would sync inside a captured graph)."""
+    if ids.device.type != "cpu" or not ids.numel():
+        return
+    bad = (ids < PADDING_ID) | (ids >= upper)
+    if bool(bad.any()):
+        raise UsageError(f"topk_ids holds {what} id {int(ids[bad][0])} at layer {layer}; expected {what} ids in "
+                         f"[{PADDING_ID}, {upper}) ({PADDING_ID} = padding)")
 
 
 def trace_id_problem(smallest: int, largest: int, num_logical: int | None) -> str | None:

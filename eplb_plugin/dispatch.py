@@ -36,9 +36,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from eplb_plugin.counts import check_routed_ids
 from eplb_plugin.dispatch_info import dispatch_info
 from eplb_plugin.errors import ConfigError, UsageError
-from eplb_plugin.kernels._launch import BACKENDS, check_counts, check_out_dtype, use_triton
+from eplb_plugin.kernels._launch import check_backend, check_counts, check_out_dtype, use_triton
 from eplb_plugin.kernels.fused import map_and_count
 from eplb_plugin.kernels.minmax import (
     MinmaxTables,
@@ -118,8 +119,7 @@ class ExpertDispatcher:
             isinstance(num_gpus_per_node, bool) or not isinstance(num_gpus_per_node, int) or num_gpus_per_node < 1
         ):  # a last node with fewer ranks is fine: a rank's node is rank // num_gpus_per_node
             raise ConfigError(f"num_gpus_per_node={num_gpus_per_node!r} must be a positive int or None")
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}")
+        check_backend(backend)
         self.algorithm = algorithm
         self.rank = rank
         self.num_gpus_per_node = num_gpus_per_node
@@ -194,8 +194,7 @@ class ExpertDispatcher:
             if list(counts_out.shape) != expected:
                 raise UsageError(f"counts_out has shape {list(counts_out.shape)}; expected [L, P] = {expected}")
             check_counts(counts_out)  # CountsError unless int32 (the recorder's buffer), for every algorithm
-        if topk_ids.device.type == "cpu":  # values on CPU only: reading a CUDA tensor would sync
-            _check_ids_in_range(topk_ids, num_experts, layer=layer)
+        check_routed_ids(topk_ids, num_experts, what="logical expert", layer=layer)  # CPU tensors only
         pick = self.info.pick
         if pick == "minmax":
             return self._dispatch_minmax(layer, topk_ids, counts_out)
@@ -243,17 +242,6 @@ class ExpertDispatcher:
         idx = (quota <= position.unsqueeze(-1).to(quota.dtype) + 0.5).sum(-1)
         idx = torch.minimum(idx, self.replica_count[layer][experts] - 1)
         return self.logical_to_physical_map[layer][experts, idx].view_as(ids)
-
-
-def _check_ids_in_range(topk_ids: torch.Tensor, num_experts: int, *, layer: int) -> None:
-    """Raise UsageError naming the first id outside [-1, num_experts) (CPU tensors only)."""
-    bad = (topk_ids < -1) | (topk_ids >= num_experts)
-    if topk_ids.numel() and bool(bad.any()):
-        first = int(topk_ids[bad][0])
-        raise UsageError(
-            f"topk_ids holds logical expert id {first} at layer {layer}; expected ids in [-1, {num_experts}) "
-            "(-1 = padding)"
-        )
 
 
 def split_gathered_counts(per_rank: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,22 +47,33 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def check_backend(backend: str) -> None:
+    """ConfigError unless ``backend`` is one of ``BACKENDS``."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}")
+
+
+def triton_unusable(device_type: str) -> str | None:
+    """Why the Triton kernels cannot run on tensors of ``device_type`` (None: they can):
+    triton missing, or off CUDA without the interpreter (TRITON_INTERPRET=1)."""
+    if not triton_available():
+        return "triton is not installed"
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"on {device_type} it needs TRITON_INTERPRET=1 set before the kernels are first used"
+    return None
+
+
 def use_triton(backend: str, tensor: torch.Tensor) -> bool:
     """Resolve ``backend`` for ``tensor``: ``auto`` = Triton on CUDA when triton is installed."""
+    check_backend(backend)
     if backend == "torch":
         return False
     if backend == "auto":
         return tensor.is_cuda and triton_available()
-    if backend == "triton":
-        if not triton_available():
-            raise ConfigError("backend='triton' but triton is not installed; use backend='torch' or 'auto'")
-        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError(
-                f"backend='triton' on a {tensor.device.type} tensor needs TRITON_INTERPRET=1 set "
-                "before the kernels are first used; use backend='torch' or 'auto' on CPU"
-            )
-        return True
-    raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}")
+    problem = triton_unusable(tensor.device.type)
+    if problem is not None:
+        raise ConfigError(f"backend='triton' but {problem}; use backend='torch' or 'auto'")
+    return True
 
 
 def check_counts(counts: torch.Tensor) -> None:

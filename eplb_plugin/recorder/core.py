@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from eplb_plugin.counts import check_routed_ids
 from eplb_plugin.errors import ConfigError, CountsError, PlacementError, UsageError
 from eplb_plugin.kernels import count_topk
 from eplb_plugin.recorder.modes import MODES, RecorderMode, StatMode
@@ -262,13 +263,7 @@ class ExpertDistributionRecorder:
             return
         if not isinstance(topk_ids, torch.Tensor):
             raise UsageError(f"topk_ids must be a torch.Tensor of slot ids (got {type(topk_ids).__name__})")
-        if topk_ids.device.type == "cpu":
-            bad = (topk_ids < -1) | (topk_ids >= self.num_physical_experts)
-            if topk_ids.numel() and bool(bad.any()):
-                raise UsageError(
-                    f"topk_ids holds slot id {int(topk_ids[bad][0])} at layer {layer}; expected slot ids in "
-                    f"[-1, {self.num_physical_experts}) (-1 = padding)"
-                )
+        check_routed_ids(topk_ids, self.num_physical_experts, what="slot", layer=layer)  # CPU tensors only
         if not self._count_dispatch and noted != layer:
             count_topk(topk_ids, self.pass_counts, layer, backend=self.backend)
         if self._mode is not None:

@@ -336,8 +336,8 @@ def check_device_flags(cfg: RuntimeConfig, runs: Sequence[RunSpec]) -> None:
     """Refuse, before any rank starts, the flags that ``--device`` makes impossible and each
     rank would refuse on its own: a pull-only ``--eplb-transport`` (CUDA IPC) off CUDA, and
     ``--ep-dispatch-backend triton`` where triton is missing or, on CPU, without
-    TRITON_INTERPRET=1 (``kernels/_launch.py`` ``use_triton`` decides the same way)."""
-    from eplb_plugin.kernels import triton_available
+    TRITON_INTERPRET=1 (``kernels/_launch.triton_unusable``, as the kernels decide)."""
+    from eplb_plugin.kernels._launch import triton_unusable
     from eplb_plugin.transports import TRANSPORTS
 
     for run in runs:
@@ -346,13 +346,10 @@ def check_device_flags(cfg: RuntimeConfig, runs: Sequence[RunSpec]) -> None:
             others = [name for name in TRANSPORTS if not TRANSPORTS.get(name).requires_pulls]
             raise ConfigError(f"--eplb-transport {transport.name} pulls weights through CUDA IPC, which "
                               f"--device {cfg.device} cannot do; use --eplb-transport {' or '.join(others)}")
-    if cfg.dispatch_backend != "triton":
-        return
-    if not triton_available():
-        raise ConfigError("--ep-dispatch-backend triton but triton is not installed; use torch or auto")
-    if cfg.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError(f"--ep-dispatch-backend triton on --device {cfg.device} needs TRITON_INTERPRET=1 in "
-                          "the environment; use --ep-dispatch-backend torch or auto")
+    problem = triton_unusable(cfg.device) if cfg.dispatch_backend == "triton" else None
+    if problem is not None:
+        raise ConfigError(f"--ep-dispatch-backend triton with --device {cfg.device}: {problem}; use "
+                          "--ep-dispatch-backend torch or auto")
 
 
 def _stopped_check(results: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
