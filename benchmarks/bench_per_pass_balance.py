@@ -33,7 +33,7 @@ import torch
 from _traces import ESFT_TRACES, esft_missing, esft_topk_ids  # benchmarks/_traces.py
 from bench_realized_balance import NUM_LOGICAL, rank_counts, static_gpu_loads
 
-from eplb_plugin.algorithms import plan
+from eplb_plugin.algorithms import perpass, plan
 from eplb_plugin.algorithms.evaluate import minmax_gpu_loads
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import layer_balancedness
@@ -93,6 +93,28 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
             "solver_ms_mean": 1e3 * float(np.mean(solver))}
 
 
+def seeded_runs(counts: list[np.ndarray], ns: argparse.Namespace, *, num_gpus: int, num_slots: int) -> dict:
+    """The default budgeted row once per seed of the per-pass search, and their spread."""
+    runs: dict = {}
+    default_seed = perpass.PERPASS_SEED
+    try:
+        for seed in range(ns.seeds):
+            perpass.PERPASS_SEED = seed  # read by the planner at call time
+            runs[f"seed {seed}"] = r = replay(counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every,
+                                              planner="eplb_plugin_perpass", budget_share=MOVE_BUDGET_SHARE,
+                                              score_iterations=ns.score_iterations)
+            print(f"EP{num_gpus:<3}{num_slots:>4} slots  seed {seed}: minmax {r['balancedness_per_pass_mean']['minmax']:.4f}"
+                  f"  moved {100 * r['slots_moved_share_mean']:5.1f}%", flush=True)
+    finally:
+        perpass.PERPASS_SEED = default_seed
+    values = np.array([r["balancedness_per_pass_mean"]["minmax"] for r in runs.values()])
+    moved = np.array([r["slots_moved_share_mean"] for r in runs.values()])
+    runs["spread"] = {"minmax_mean": float(values.mean()), "minmax_min": float(values.min()),
+                      "minmax_max": float(values.max()), "moved_mean": float(moved.mean()), "moved_max": float(moved.max())}
+    print(f"EP{num_gpus:<3}{num_slots:>4} slots  over {ns.seeds} seeds: {json.dumps(runs['spread'])}")
+    return runs
+
+
 def planner_time(*, num_layers: int = 58, num_logical: int = 256, num_slots: int = 288, num_gpus: int = 32,
                  passes: int = 8, budget_share: float = MOVE_BUDGET_SHARE, seed: int = 0) -> dict:
     """The per-pass policy's solver time at DeepSeek-V3 scale (58 MoE layers x 256 experts
@@ -136,6 +158,9 @@ def main(argv=None) -> int:
     ap.add_argument("--score-iterations", type=int, default=MINMAX_ITERATIONS,
                     help="minmax's diffusion steps when the passes are scored (default: the kernels'); the planner "
                          "keeps its own; another value writes per_pass_balance_esft_cpu_iterations<N>.json")
+    ap.add_argument("--seeds", type=int, default=0,
+                    help="instead: the default budgeted row (10%% carried) with the per-pass search seeded 0 .. N-1 "
+                         "(perpass.PERPASS_SEED), the spread of the seeded search; writes per_pass_balance_esft_cpu_seeds.json")
     ns = ap.parse_args(argv)
     if ns.planner_time:
         t0 = time.perf_counter()
@@ -157,6 +182,9 @@ def main(argv=None) -> int:
     for setup in ns.setups.split(","):
         num_gpus, num_slots = map(int, setup.split(":"))
         counts = [rank_counts(ids, p, ns.pass_tokens, num_gpus) for p in range(num_passes)]
+        if ns.seeds:
+            results[f"EP{num_gpus}_{num_slots}slots"] = seeded_runs(counts, ns, num_gpus=num_gpus, num_slots=num_slots)
+            continue
         runs = {planner: replay(counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner=planner,
                            score_iterations=ns.score_iterations)
                 for planner in PLANNERS}
@@ -181,6 +209,7 @@ def main(argv=None) -> int:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if ns.score_iterations == MINMAX_ITERATIONS else f"_iterations{ns.score_iterations}"
+    suffix += "_seeds" if ns.seeds else ""
     path = out / f"per_pass_balance_esft_cpu{suffix}.json"
     path.write_text(json.dumps({
         "benchmark": "per_pass_balance", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),

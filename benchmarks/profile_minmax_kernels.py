@@ -3,12 +3,13 @@ parts, each timed inside a CUDA graph (58 layers, DeepSeek-V3 at EP8: 256 expert
 slots, top-8): the whole dispatch per setting (tile of the totals kernel, chunk of the
 assign kernel, warps), and the totals kernel (with its split and counts) and the assign
 kernel each alone. A tuning aid for ``kernels/minmax_triton.py`` (its defaults are the best
-rows here); needs CUDA. ``--old DIR``: also time the kernels of an older checkout (DIR holds
+rows here); needs CUDA. ``--split-sweep``: the whole dispatch by the split's diffusion steps
+instead (what a step costs). ``--old DIR``: also time the kernels of an older checkout (DIR holds
 its ``minmax_triton.py`` as ``old_minmax_triton.py``, importing ``old_triton_kernels_minmax``).
 The results committed as ``minmax_kernel_settings_*.json`` also hold earlier designs (see
 each file's note).
 
-    python benchmarks/profile_minmax_kernels.py [--tokens 512,16384] [--out DIR]
+    python benchmarks/profile_minmax_kernels.py [--tokens 512,16384] [--split-sweep] [--old DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -113,6 +114,32 @@ def profile(tokens: int, *, num_layers: int, replays: int, old) -> list[dict]:
     return rows
 
 
+def split_sweep(tokens: int, *, num_layers: int, replays: int, old) -> list[dict]:
+    """The whole dispatch (kernels by the pass's size, default settings) per number of the
+    split's diffusion steps: what a step costs (``--old``: the older kernels beside them)."""
+    rows: list[dict] = []
+    loc, ids = skewed_pass(tokens, num_layers=num_layers)
+    tables = ExpertDispatcher(loc, rank=0, algorithm="minmax", backend="triton", device="cuda").minmax
+    assert tables is not None
+    counts = torch.zeros(num_layers, NUM_SLOTS, dtype=torch.int32, device="cuda")
+
+    def add(name, fn, **kw):
+        us = graph_us(fn, num_layers, replays)
+        rows.append({"tokens": tokens, "variant": name, **kw, "graph_us_per_layer": us})
+        print(f"{tokens:>6} tok {name} {kw}: {us:7.2f} us/layer", flush=True)
+
+    if old is not None:
+        old_scratch = old.minmax_scratch(tables)
+        add("old_kernels", lambda layer: old.minmax_dispatch_triton(
+            ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=old_scratch, counts_out=counts))
+    for steps in (0, 8, 10, 12, 14, 16, 20):
+        kw = dict(iterations=steps)
+        scratch = minmax_scratch(tables)
+        add("minmax_triton", lambda layer, kw=kw, scratch=scratch: minmax_dispatch_triton(
+            ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=scratch, counts_out=counts, **kw), **kw)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="512,16384")
@@ -120,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--old", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--split-sweep", action="store_true", help="time the split's steps instead")
     ns = ap.parse_args(argv)
     old = None
     if ns.old:
@@ -127,14 +155,17 @@ def main(argv=None) -> int:
         old = importlib.import_module("old_minmax_triton")
     rows = []
     for tokens in (int(t) for t in ns.tokens.split(",")):
-        rows += profile(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old)
-    best = {t: min((r for r in rows if r["tokens"] == t and r["variant"] == "minmax_triton"),
-                   key=lambda r: r["graph_us_per_layer"]) for t in {r["tokens"] for r in rows}}
+        run = split_sweep if ns.split_sweep else profile
+        rows += run(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old)
+    best = {} if ns.split_sweep else {  # (the sweep's rows differ in quality, not only in cost)
+        t: min((r for r in rows if r["tokens"] == t and r["variant"] == "minmax_triton"),
+               key=lambda r: r["graph_us_per_layer"]) for t in {r["tokens"] for r in rows}}
     print("best:", json.dumps(best))
     if ns.out:
         out = Path(ns.out) / torch.cuda.get_device_name().replace(" ", "_")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "minmax_kernel_settings.json").write_text(json.dumps(
+        name = "minmax_split_sweep.json" if ns.split_sweep else "minmax_kernel_settings.json"
+        (out / name).write_text(json.dumps(
             {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "gpu": torch.cuda.get_device_name(),
              "rows": rows, "best": best}, indent=1))
     return 0

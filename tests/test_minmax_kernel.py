@@ -242,6 +242,23 @@ def test_the_large_pass_kernels_on_any_pass(seed, num_experts, num_slots, ep, to
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 @pytest.mark.parametrize("bases", [False, True])
+def test_the_kernels_keep_the_equal_split_where_a_step_raises_the_peak(bases):
+    """The hand case of ``test_minmax_split``: one diffusion step peaks at 81.5 tokens, so
+    the kernels (like the torch path) serve the equal split, whose peak is 74.8."""
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+
+    phy2log = torch.tensor([[0, 1, 5, 3, 2, 4, 5, 2, 4, 3, 4, 2]])
+    counts = [58, 2, 64, 79, 42, 28]
+    ids = torch.repeat_interleave(torch.arange(6), torch.tensor(counts))[torch.randperm(sum(counts))].view(-1, 1)
+    tables = build_minmax_tables(phy2log.to(DEVICE), 6, num_gpus=4)
+    out = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=0, num_slots=12, iterations=1, bases=bases).cpu()
+    gpu = torch.bincount(out.flatten() // 3, minlength=4)
+    assert gpu.max().item() <= 75  # the equal split's 74.8, whole tokens; the step's split would need 81
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("bases", [False, True])
 def test_the_kernels_write_int32_slots_when_asked(bases):
     """out_dtype=torch.int32 (SGLang's topk_ids dtype): the kernels write int32 slots with
     the int64 output's slot loads, -1 kept, every pair on a replica of its expert."""

@@ -33,6 +33,45 @@ def test_two_copies_on_one_gpu_count_once():
     assert load.tolist() == pytest.approx([7.0, 8.0], abs=1e-4)
 
 
+@pytest.mark.parametrize("iterations", [1, 2, 8])
+def test_the_split_never_peaks_above_the_equal_split_nor_below_the_optimum(iterations):
+    """Synthetic skewed passes on random maps, few steps too: the split keeps its last
+    iterate only where that does not peak above the equal split, and no split beats the LP."""
+    from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_gpu_shares, minmax_problem
+
+    gen = torch.Generator().manual_seed(iterations)
+    num_gpus, num_logical, num_physical = 8, 24, 32
+    maps = torch.stack([torch.cat([torch.randperm(num_logical, generator=gen),
+                                   torch.randint(0, num_logical, (num_physical - num_logical,), generator=gen)])
+                        for _ in range(64)])
+    counts = (torch.rand(64, num_logical, generator=gen) ** 6 * 1000).round()
+    counts[::7] = 0.0  # empty passes too
+    tables = build_minmax_tables(maps, num_logical, num_gpus=num_gpus)
+    problem = minmax_problem(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots)
+    shares, loads = minmax_gpu_shares(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots,
+                                      iterations=iterations)
+    assert torch.all(loads.amax(-1) <= problem.peak(problem.equal) * (1 + 1e-6))
+    assert torch.allclose(shares.sum(-1), problem.demand, rtol=1e-5, atol=1e-3)  # every token served
+    exact = [exact_min_max_load(c.numpy(), m.numpy(), num_gpus=num_gpus) for c, m in zip(counts[:16], maps[:16])]
+    assert torch.all(loads[:16].amax(-1).double() >= torch.tensor(exact) * (1 - 1e-5) - 1e-3)
+
+
+def test_a_step_that_raises_the_peak_is_not_kept():
+    """One diffusion step here peaks at 81.5 (the momentum overshoots); the split keeps the
+    equal split's 74.8 instead."""
+    from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_gpu_shares, minmax_problem
+
+    maps = torch.tensor([[0, 1, 5, 3, 2, 4, 5, 2, 4, 3, 4, 2]])
+    counts = torch.tensor([[58.0, 2.0, 64.0, 79.0, 42.0, 28.0]])
+    tables = build_minmax_tables(maps, 6, num_gpus=4)
+    problem = minmax_problem(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots)
+    stepped, _ = problem.advance(problem.equal, problem.equal, 0.6)
+    assert problem.peak(stepped).item() > problem.peak(problem.equal).item() + 5  # what the guard is for
+    _, loads = minmax_gpu_shares(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots,
+                                 iterations=1, momentum=0.6)
+    assert loads.amax().item() == pytest.approx(problem.peak(problem.equal).item())
+
+
 @pytest.mark.parametrize(("num_gpus", "num_physical"), [(8, 72), (16, 80), (8, 96)])
 def test_dispatched_tokens_stay_within_one_percent_of_the_lp_optimum(num_gpus, num_physical):
     """Real routing (ESFT law, 256-token passes) on a plan of the passes before: the max GPU

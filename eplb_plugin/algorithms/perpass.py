@@ -87,7 +87,7 @@ def _buckets(per_pass: np.ndarray) -> torch.Tensor:
 
 def refine_for_minmax(
     start: np.ndarray, per_pass: np.ndarray, *, num_gpus: int, num_nodes: int = 1, rounds: int = PERPASS_ROUNDS,
-    candidates: int = PERPASS_CANDIDATES, seed: int = PERPASS_SEED, previous: np.ndarray | None = None,
+    candidates: int = PERPASS_CANDIDATES, seed: int | None = None, previous: np.ndarray | None = None,
     max_moves: int | None = None,
 ) -> np.ndarray:
     """start: [L, P] int map to refine (rank-major; with nodes, node-major too); per_pass:
@@ -100,7 +100,7 @@ def refine_for_minmax(
     (UsageError otherwise). With one node, half the draws swap slots between the GPU that
     peaks in most of the window's passes and the least loaded one, or give a spare replica
     on the latter to an expert of the former."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(PERPASS_SEED if seed is None else seed)
     counts = _buckets(per_pass)  # [L, W, E]
     current = torch.tensor(np.asarray(start), dtype=torch.int64)  # a copy: refined in place
     num_layers, num_slots = current.shape

@@ -23,8 +23,9 @@ def _split(
     ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
 ):
     """The split of ``kernels/minmax.py`` (``minmax_gpu_shares``) in float32: diffusion with
-    momentum on the ``[M, G]`` table, the iterate with the lowest peak kept; then the
-    scratch's totals, tickets and done count zeroed (for the assign kernel and the next call)."""
+    momentum on the ``[M, G]`` table, the last iterate kept unless its peak is above the
+    equal split's; then the scratch's totals, tickets and done count zeroed (for the assign
+    kernel and the next call)."""
     g_idx = tl.arange(0, BG)
     s_idx = tl.arange(0, BS)
     gs_mask = (g_idx[:, None] < num_gpus) & (s_idx[None, :] < slots_per_gpu)
@@ -42,22 +43,17 @@ def _split(
     equal = inc * (demand / degree)[:, None]
     x = equal
     prev = equal
-    best = equal
     load = base + tl.sum(equal, axis=0)
-    best_peak = tl.max(load, axis=0)
+    equal_peak = tl.max(load, axis=0)
     for _ in tl.static_range(ITERATIONS):
         level = tl.sum(inc * load[None, :], axis=1) / degree
         y = tl.maximum(x + step * (level[:, None] - load[None, :]), 0.0) * inc
-        y_sum = tl.sum(y, axis=1)
-        y = tl.where(y_sum[:, None] > 0, y * (demand / tl.maximum(y_sum, 1e-30))[:, None], equal)
         z = tl.maximum(y + momentum * (y - prev), 0.0) * inc
         z_sum = tl.sum(z, axis=1)
-        x = tl.where(z_sum[:, None] > 0, z * (demand / tl.maximum(z_sum, 1e-30))[:, None], y)
+        x = tl.where(z_sum[:, None] > 0, z * (demand / tl.maximum(z_sum, 1e-30))[:, None], equal)
         prev = y
         load = base + tl.sum(x, axis=0)
-        peak = tl.max(load, axis=0)
-        best = tl.where(peak < best_peak, x, best)
-        best_peak = tl.minimum(peak, best_peak)
+    best = tl.where(tl.max(load, axis=0) <= equal_peak, x, equal)
     tl.store(quotas_ptr + m_idx[:, None] * BG + g_idx[None, :], tl.cumsum(best, axis=1))
     bins = tl.arange(0, NB)
     tl.store(scratch_ptr + bins, tl.zeros([NB], dtype=tl.int32))
