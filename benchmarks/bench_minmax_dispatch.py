@@ -111,12 +111,13 @@ def replay_us(graph, *, replays: int, num_layers: int) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * num_layers)
 
 
-def skewed_pass(tokens: int, *, num_layers: int) -> tuple[ExpertLocation, torch.Tensor]:
+def skewed_pass(tokens: int, *, num_layers: int, ep: int = EP) -> tuple[ExpertLocation, torch.Tensor]:
     """The timed workload: per-layer Gamma(0.5) expert popularity (seeded by ``tokens``), its
-    equal-split placement and one pass of ``tokens`` tokens drawn from it, [L, T, k] on CUDA."""
+    equal-split placement over ``ep`` GPUs and one pass of ``tokens`` tokens drawn from it,
+    [L, T, k] on CUDA."""
     gen = torch.Generator().manual_seed(tokens)
     popularity = torch.distributions.Gamma(0.5, 1.0).sample((num_layers, NUM_EXPERTS))
-    loc = ExpertLocation.from_logical_count(popularity, num_physical_experts=NUM_SLOTS, ep_size=EP,
+    loc = ExpertLocation.from_logical_count(popularity, num_physical_experts=NUM_SLOTS, ep_size=ep,
                                             algorithm="eplb_plugin_equal")
     ids = torch.stack([torch.multinomial(popularity[layer], tokens * TOP_K, replacement=True, generator=gen)
                        for layer in range(num_layers)]).view(num_layers, tokens, TOP_K).cuda()

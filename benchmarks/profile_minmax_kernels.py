@@ -114,25 +114,34 @@ def profile(tokens: int, *, num_layers: int, replays: int, old) -> list[dict]:
     return rows
 
 
-def split_sweep(tokens: int, *, num_layers: int, replays: int, old) -> list[dict]:
+def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tuple[int, ...] = (8,)) -> list[dict]:
     """The whole dispatch (kernels by the pass's size, default settings) per number of the
-    split's diffusion steps: what a step costs (``--old``: the older kernels beside them)."""
+    split's diffusion steps: what a step costs (``--old``: the older kernels beside them);
+    at each of ``ep_sizes`` (288 slots over that many GPUs: the wider the table, the more a
+    step costs)."""
     rows: list[dict] = []
-    loc, ids = skewed_pass(tokens, num_layers=num_layers)
+    for ep in ep_sizes:
+        rows += _sweep_steps(tokens, ep, num_layers=num_layers, replays=replays, old=old)
+    return rows
+
+
+def _sweep_steps(tokens: int, ep: int, *, num_layers: int, replays: int, old) -> list[dict]:
+    rows: list[dict] = []
+    loc, ids = skewed_pass(tokens, num_layers=num_layers, ep=ep)
     tables = ExpertDispatcher(loc, rank=0, algorithm="minmax", backend="triton", device="cuda").minmax
     assert tables is not None
     counts = torch.zeros(num_layers, NUM_SLOTS, dtype=torch.int32, device="cuda")
 
     def add(name, fn, **kw):
         us = graph_us(fn, num_layers, replays)
-        rows.append({"tokens": tokens, "variant": name, **kw, "graph_us_per_layer": us})
-        print(f"{tokens:>6} tok {name} {kw}: {us:7.2f} us/layer", flush=True)
+        rows.append({"tokens": tokens, "ep": ep, "variant": name, **kw, "graph_us_per_layer": us})
+        print(f"{tokens:>6} tok EP{ep} {name} {kw}: {us:7.2f} us/layer", flush=True)
 
     if old is not None:
         old_scratch = old.minmax_scratch(tables)
         add("old_kernels", lambda layer: old.minmax_dispatch_triton(
             ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=old_scratch, counts_out=counts))
-    for steps in (0, 8, 10, 12, 14, 16, 20):
+    for steps in (0, 8, 10, 12, 14, 16, 20) if ep == 8 else (0, 8, 16):
         kw = dict(iterations=steps)
         scratch = minmax_scratch(tables)
         add("minmax_triton", lambda layer, kw=kw, scratch=scratch: minmax_dispatch_triton(
@@ -148,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--old", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--split-sweep", action="store_true", help="time the split's steps instead")
+    ap.add_argument("--ep-sizes", default="8", help="--split-sweep: the EP sizes (288 slots over that many GPUs)")
     ns = ap.parse_args(argv)
     old = None
     if ns.old:
@@ -155,8 +165,11 @@ def main(argv=None) -> int:
         old = importlib.import_module("old_minmax_triton")
     rows = []
     for tokens in (int(t) for t in ns.tokens.split(",")):
-        run = split_sweep if ns.split_sweep else profile
-        rows += run(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old)
+        if ns.split_sweep:
+            rows += split_sweep(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old,
+                                ep_sizes=tuple(int(e) for e in ns.ep_sizes.split(",")))
+        else:
+            rows += profile(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old)
     best = {} if ns.split_sweep else {  # (the sweep's rows differ in quality, not only in cost)
         t: min((r for r in rows if r["tokens"] == t and r["variant"] == "minmax_triton"),
                key=lambda r: r["graph_us_per_layer"]) for t in {r["tokens"] for r in rows}}

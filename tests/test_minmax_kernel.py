@@ -33,6 +33,7 @@ def _case(seed: int, num_experts: int, num_slots: int, ep: int, tokens: int, top
 @pytest.mark.parametrize("seed, num_experts, num_slots, ep, tokens, top_k",
                          [(0, 16, 20, 4, 37, 4), (1, 64, 72, 8, 333, 6), (2, 8, 16, 2, 5, 2),
                           (3, 256, 288, 8, 97, 8),  # DeepSeek-V3's experts and slots
+                          (4, 256, 288, 72, 97, 8),  # ... over 72 GPUs: a [32, 128] split table
                           (6, 16, 20, 4, 1500, 4),  # many tiles
                           (9, 64, 72, 8, 2100, 4)])  # a large pass: the kernels with per-chunk bases
 def test_kernel_dispatches_like_the_torch_path(seed, num_experts, num_slots, ep, tokens, top_k):
