@@ -30,3 +30,29 @@ def esft_topk_ids(directory: Path | None = None) -> np.ndarray:
 
     folder = directory or traces_dir()
     return load_traces([folder / name for name in ESFT_TRACES])[0].numpy()
+
+
+def sequence_mixture_ids(*, seed: int = 0, num_passes: int = 64, pass_tokens: int = 256, seq_tokens: int = 64,
+                         num_layers: int = 26, num_experts: int = 64, top_k: int = 6, domain_skew: float = 0.5,
+                         seq_concentration: float = 64.0) -> np.ndarray:
+    """[T, L, k] int64 synthetic routing, not fitted to any trace: traffic that changes
+    from one domain to another halfway (as a replay of two traces in a row does), whose
+    per-pass variation comes from sequences, as real traffic's does. Each domain has its own
+    per-layer expert popularity (Dirichlet(``domain_skew``): skewed); each sequence of
+    ``seq_tokens`` tokens draws its domain (the first half of the passes: the first domain
+    with probability 0.9; the second half: the second) and its own popularity around the
+    domain's (Dirichlet of total ``seq_concentration`` around the domain's); each token takes its
+    top-k experts without replacement from its sequence's popularity (Gumbel top-k)."""
+    rng = np.random.default_rng(seed)
+    domains = rng.dirichlet(np.full(num_experts, domain_skew), size=(2, num_layers))  # [2, L, E]
+    num_seqs = num_passes * pass_tokens // seq_tokens
+    half = num_seqs // 2
+    second = np.concatenate([rng.random(half) < 0.1, rng.random(num_seqs - half) < 0.9])
+    ids = np.empty((num_seqs, seq_tokens, num_layers, top_k), dtype=np.int64)
+    for s in range(num_seqs):
+        base = domains[int(second[s])]  # [L, E]
+        pop = np.stack([rng.dirichlet(seq_concentration * base[layer] + 1e-3)
+                        for layer in range(num_layers)])
+        keys = np.log(pop + 1e-30)[None] - np.log(-np.log(rng.random((seq_tokens, num_layers, num_experts))))
+        ids[s] = np.argsort(-keys, axis=-1)[..., :top_k]
+    return ids.reshape(num_seqs * seq_tokens, num_layers, top_k)

@@ -30,7 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _traces import ESFT_TRACES, esft_missing, esft_topk_ids  # benchmarks/_traces.py
+from _traces import (  # benchmarks/_traces.py
+    ESFT_TRACES,
+    esft_missing,
+    esft_topk_ids,
+    sequence_mixture_ids,
+)
 from bench_realized_balance import NUM_LOGICAL, rank_counts, static_gpu_loads
 
 from eplb_plugin.algorithms import perpass, plan
@@ -158,6 +163,10 @@ def main(argv=None) -> int:
     ap.add_argument("--score-iterations", type=int, default=MINMAX_ITERATIONS,
                     help="minmax's diffusion steps when the passes are scored (default: the kernels'); the planner "
                          "keeps its own; another value writes per_pass_balance_esft_cpu_iterations<N>.json")
+    ap.add_argument("--traffic", choices=("esft", "sequences"), default="esft",
+                    help="esft: the ESFT traces, intent then law; sequences: synthetic traffic of two domains "
+                         "(_traces.sequence_mixture_ids, not fitted to any trace; no traces needed); writes "
+                         "per_pass_balance_sequences_cpu*.json")
     ap.add_argument("--seeds", type=int, default=0,
                     help="instead: the default budgeted row (10%% carried) with the per-pass search seeded 0 .. N-1 "
                          "(perpass.PERPASS_SEED), the spread of the seeded search; writes per_pass_balance_esft_cpu_seeds.json")
@@ -173,10 +182,10 @@ def main(argv=None) -> int:
                                     **result, "wall_s": time.perf_counter() - t0}, indent=1))
         print(json.dumps(result), f"\nwrote {path}")
         return 0
-    if esft_missing():
+    if ns.traffic == "esft" and esft_missing():
         return 0
     t0 = time.perf_counter()
-    ids = esft_topk_ids()
+    ids = esft_topk_ids() if ns.traffic == "esft" else sequence_mixture_ids(pass_tokens=ns.pass_tokens)
     num_passes = ids.shape[0] // ns.pass_tokens
     results: dict = {}
     for setup in ns.setups.split(","):
@@ -210,10 +219,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if ns.score_iterations == MINMAX_ITERATIONS else f"_iterations{ns.score_iterations}"
     suffix += "_seeds" if ns.seeds else ""
-    path = out / f"per_pass_balance_esft_cpu{suffix}.json"
+    path = out / f"per_pass_balance_{ns.traffic}_cpu{suffix}.json"
     path.write_text(json.dumps({
         "benchmark": "per_pass_balance", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-        "traces": list(ESFT_TRACES), "pass_tokens": ns.pass_tokens, "every": ns.every,
+        "traces": list(ESFT_TRACES) if ns.traffic == "esft" else "synthetic: _traces.sequence_mixture_ids() defaults",
+        "pass_tokens": ns.pass_tokens, "every": ns.every,
         "minmax_score_iterations": ns.score_iterations,
         "scored": "every pass after the first plan", "results": results, "wall_s": time.perf_counter() - t0,
     }, indent=1))
