@@ -169,7 +169,7 @@ def main(argv=None) -> int:
                          "per_pass_balance_sequences_cpu*.json")
     ap.add_argument("--seeds", type=int, default=0,
                     help="instead: the default budgeted row (10%% carried) with the per-pass search seeded 0 .. N-1 "
-                         "(perpass.PERPASS_SEED), the spread of the seeded search; writes per_pass_balance_esft_cpu_seeds.json")
+                         "(perpass.PERPASS_SEED), the spread of the seeded search; writes per_pass_balance_<traffic>_cpu_seeds.json")
     ns = ap.parse_args(argv)
     if ns.planner_time:
         t0 = time.perf_counter()

@@ -34,7 +34,8 @@ from typing import NamedTuple
 import torch
 
 MINMAX_ITERATIONS = 8  # diffusion steps (see the module docstring for the quality they reach)
-MINMAX_MOMENTUM = 0.6  # heavy-ball weight of the previous step (0.5: a little further from the optimum at 8 steps)
+MINMAX_MOMENTUM = 0.6  # heavy-ball weight of the previous step (0.5: a little further from the optimum at 8
+# steps on the traces and on 4 of 5 synthetic shapes: benchmarks/probe_minmax_convergence.py --synthetic)
 
 
 class MinmaxTables(NamedTuple):
@@ -158,8 +159,8 @@ def minmax_gpu_shares(
     for _ in range(iterations):
         x, prev = problem.advance(x, prev, momentum)
     kept = problem.peak(x) <= problem.peak(problem.equal)  # never worse than the equal split
-    best = torch.where(kept[:, None, None], x, problem.equal)
-    return best, problem.base + best.sum(1)
+    shares = torch.where(kept[:, None, None], x, problem.equal)
+    return shares, problem.base + shares.sum(1)
 
 
 def minmax_choose(position: torch.Tensor, experts: torch.Tensor, shares: torch.Tensor, multi_row: torch.Tensor,

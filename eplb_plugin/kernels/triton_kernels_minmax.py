@@ -53,8 +53,8 @@ def _split(
         x = tl.where(z_sum[:, None] > 0, z * (demand / tl.maximum(z_sum, 1e-30))[:, None], equal)
         prev = y
         load = base + tl.sum(x, axis=0)
-    best = tl.where(tl.max(load, axis=0) <= equal_peak, x, equal)
-    tl.store(quotas_ptr + m_idx[:, None] * BG + g_idx[None, :], tl.cumsum(best, axis=1))
+    shares = tl.where(tl.max(load, axis=0) <= equal_peak, x, equal)  # never worse than the equal split
+    tl.store(quotas_ptr + m_idx[:, None] * BG + g_idx[None, :], tl.cumsum(shares, axis=1))
     bins = tl.arange(0, NB)
     tl.store(scratch_ptr + bins, tl.zeros([NB], dtype=tl.int32))
     tl.store(scratch_ptr + NB + bins, tl.zeros([NB], dtype=tl.int32))
