@@ -16,6 +16,8 @@ per rebalance are counted against the previous placement (the first plan, from t
 placement, excluded). Exits cleanly where the traces are absent.
 
     python benchmarks/bench_per_pass_balance.py
+    python benchmarks/bench_per_pass_balance.py --traffic sequences   # synthetic traffic, no traces needed
+    python benchmarks/bench_per_pass_balance.py --seeds 6   # the budgeted row's spread over search seeds
     python benchmarks/bench_per_pass_balance.py --planner-time   # solver time at DeepSeek-V3 scale
 """
 
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="cpu", help="--planner-time: the result file's suffix (which machine)")
     ap.add_argument("--score-iterations", type=int, default=MINMAX_ITERATIONS,
                     help="minmax's diffusion steps when the passes are scored (default: the kernels'); the planner "
-                         "keeps its own; another value writes per_pass_balance_esft_cpu_iterations<N>.json")
+                         "keeps its own; another value writes per_pass_balance_<traffic>_cpu_iterations<N>.json")
     ap.add_argument("--traffic", choices=("esft", "sequences"), default="esft",
                     help="esft: the ESFT traces, intent then law; sequences: synthetic traffic of two domains "
                          "(_traces.sequence_mixture_ids, not fitted to any trace; no traces needed); writes "
