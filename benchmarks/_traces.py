@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 ESFT_TRACES = ("esft_dsv2lite_intent_top6.npz", "esft_dsv2lite_law_top6.npz")  # intent, then law
+OLMOE_TRACE = "vllm_olmoe_gsm8k_layer0_top8.npz"  # OLMoE-1B-7B layer 0 on GSM8K: 4,471 tokens, 64 experts, top-8
 
 
 def traces_dir() -> Path:
@@ -30,6 +31,16 @@ def esft_topk_ids(directory: Path | None = None) -> np.ndarray:
 
     folder = directory or traces_dir()
     return load_traces([folder / name for name in ESFT_TRACES])[0].numpy()
+
+
+def olmoe_topk_ids() -> np.ndarray | None:
+    """[T, 1, 8] int64: the OLMoE trace's routed ids (one layer), or None where it is absent
+    (then it says so: the caller skips cleanly)."""
+    path = traces_dir() / OLMOE_TRACE
+    if not path.exists():
+        print(f"skipped: {OLMOE_TRACE} is not in {traces_dir()}")
+        return None
+    return np.load(path)["topk_ids"].astype(np.int64)[:, None, :]
 
 
 def sequence_mixture_ids(*, seed: int = 0, num_passes: int = 64, pass_tokens: int = 256, seq_tokens: int = 64,

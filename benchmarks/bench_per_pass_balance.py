@@ -34,8 +34,10 @@ import numpy as np
 import torch
 from _traces import (  # benchmarks/_traces.py
     ESFT_TRACES,
+    OLMOE_TRACE,
     esft_missing,
     esft_topk_ids,
+    olmoe_topk_ids,
     sequence_mixture_ids,
 )
 from bench_realized_balance import NUM_LOGICAL, rank_counts, static_gpu_loads
@@ -165,10 +167,11 @@ def main(argv=None) -> int:
     ap.add_argument("--score-iterations", type=int, default=MINMAX_ITERATIONS,
                     help="minmax's diffusion steps when the passes are scored (default: the kernels'); the planner "
                          "keeps its own; another value writes per_pass_balance_<traffic>_cpu_iterations<N>.json")
-    ap.add_argument("--traffic", choices=("esft", "sequences"), default="esft",
+    ap.add_argument("--traffic", choices=("esft", "sequences", "olmoe"), default="esft",
                     help="esft: the ESFT traces, intent then law; sequences: synthetic traffic of two domains "
-                         "(_traces.sequence_mixture_ids, not fitted to any trace; no traces needed); writes "
-                         "per_pass_balance_sequences_cpu*.json")
+                         "(_traces.sequence_mixture_ids, not fitted to any trace; no traces needed); olmoe: "
+                         "OLMoE-1B-7B's layer 0 on GSM8K (one layer, 4,471 tokens: few passes, try --every 4); "
+                         "writes per_pass_balance_<traffic>_cpu*.json")
     ap.add_argument("--seeds", type=int, default=0,
                     help="instead: the default budgeted row (10%% carried) with the per-pass search seeded 0 .. N-1 "
                          "(perpass.PERPASS_SEED), the spread of the seeded search; writes per_pass_balance_<traffic>_cpu_seeds.json")
@@ -187,7 +190,12 @@ def main(argv=None) -> int:
     if ns.traffic == "esft" and esft_missing():
         return 0
     t0 = time.perf_counter()
-    ids = esft_topk_ids() if ns.traffic == "esft" else sequence_mixture_ids(pass_tokens=ns.pass_tokens)
+    if ns.traffic == "olmoe":
+        ids = olmoe_topk_ids()
+        if ids is None:
+            return 0
+    else:
+        ids = esft_topk_ids() if ns.traffic == "esft" else sequence_mixture_ids(pass_tokens=ns.pass_tokens)
     num_passes = ids.shape[0] // ns.pass_tokens
     results: dict = {}
     for setup in ns.setups.split(","):
@@ -221,10 +229,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if ns.score_iterations == MINMAX_ITERATIONS else f"_iterations{ns.score_iterations}"
     suffix += "_seeds" if ns.seeds else ""
+    suffix += f"_every{ns.every}" if ns.every != 8 else ""
     path = out / f"per_pass_balance_{ns.traffic}_cpu{suffix}.json"
     path.write_text(json.dumps({
         "benchmark": "per_pass_balance", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-        "traces": list(ESFT_TRACES) if ns.traffic == "esft" else "synthetic: _traces.sequence_mixture_ids() defaults",
+        "traces": {"esft": list(ESFT_TRACES), "olmoe": [OLMOE_TRACE],
+                   "sequences": "synthetic: _traces.sequence_mixture_ids() defaults"}[ns.traffic],
         "pass_tokens": ns.pass_tokens, "every": ns.every,
         "minmax_score_iterations": ns.score_iterations,
         "scored": "every pass after the first plan", "results": results, "wall_s": time.perf_counter() - t0,
