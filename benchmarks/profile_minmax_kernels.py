@@ -29,8 +29,8 @@ from bench_minmax_dispatch import (
 )
 
 from eplb_plugin.dispatch import ExpertDispatcher
-from eplb_plugin.kernels import count_topk
-from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
+from eplb_plugin.kernels import count_topk, minmax_triton
+from eplb_plugin.kernels.minmax_triton import minmax_scratch
 
 SETTINGS = (  # (totals_tile, chunk, num_warps, split_warps); None: by the pass's size
     (None, 64, 4, 4), (None, 128, 4, 4), (None, 64, 8, 4), (512, 64, 4, 4), (2048, 64, 4, 4), (128, 64, 4, 4),
@@ -43,7 +43,6 @@ def graph_us(fn, num_layers: int, replays: int) -> float:
 
 def parts(ids, tables, counts, num_layers: int, replays: int) -> dict:
     """The totals kernel (and its split) alone and the assign kernel alone, at the defaults."""
-    from eplb_plugin.kernels import minmax_triton as host
     from eplb_plugin.kernels import triton_kernels_minmax_bases as k
 
     launches = {}
@@ -62,8 +61,8 @@ def parts(ids, tables, counts, num_layers: int, replays: int) -> dict:
         for name in real:
             setattr(k, name, Recorder(name))
         try:
-            keep.append(host.minmax_dispatch_triton(ids[layer], tables, layer=layer, num_slots=NUM_SLOTS,
-                                                    scratch=scratch, counts_out=counts, bases=True))
+            keep.append(minmax_triton.minmax_dispatch_triton(ids[layer], tables, layer=layer, num_slots=NUM_SLOTS,
+                                                             scratch=scratch, counts_out=counts, bases=True))
         finally:
             for name, fn in real.items():
                 setattr(k, name, fn)
@@ -78,6 +77,28 @@ def parts(ids, tables, counts, num_layers: int, replays: int) -> dict:
     return {"totals_and_split_only": totals, "assign_only": graph_us(run("bases_assign_kernel"), num_layers, replays)}
 
 
+def _row_adder(rows: list[dict], *, num_layers: int, replays: int, **tags):
+    """add(name, fn, **settings): ``fn(layer)`` timed per layer in a CUDA graph, appended to
+    ``rows`` as one row with ``tags`` (the pass's size, the EP size) and the settings."""
+    label = " ".join(f"{key}={value}" for key, value in tags.items())
+
+    def add(name, fn, **settings):
+        us = graph_us(fn, num_layers, replays)
+        rows.append({**tags, "variant": name, **settings, "graph_us_per_layer": us})
+        print(f"{label} {name} {settings}: {us:7.2f} us/layer", flush=True)
+
+    return add
+
+
+def _minmax_call(tables, ids, counts, module=None, **settings):
+    """``fn(layer)``: the minmax kernels of ``module`` (this checkout's host module, or an
+    older one's) on that layer's ids, with a scratch of their own kept across calls."""
+    host = module if module is not None else minmax_triton
+    scratch = host.minmax_scratch(tables)
+    return lambda layer: host.minmax_dispatch_triton(ids[layer], tables, layer=layer, num_slots=NUM_SLOTS,
+                                                     scratch=scratch, counts_out=counts, **settings)
+
+
 def profile(tokens: int, *, num_layers: int, replays: int, old) -> list[dict]:
     """Rows of every variant at ``tokens`` tokens."""
     rows: list[dict] = []
@@ -87,27 +108,14 @@ def profile(tokens: int, *, num_layers: int, replays: int, old) -> list[dict]:
     assert tables is not None
     counts = torch.zeros(num_layers, NUM_SLOTS, dtype=torch.int32, device="cuda")
     physical = dispatcher.dispatch(0, ids[0])
-
-    def add(name, fn, **kw):
-        us = graph_us(fn, num_layers, replays)
-        rows.append({"tokens": tokens, "variant": name, **kw, "graph_us_per_layer": us})
-        print(f"{tokens:>6} tok {name} {kw}: {us:7.2f} us/layer", flush=True)
-
+    add = _row_adder(rows, num_layers=num_layers, replays=replays, tokens=tokens)
     add("count_only", lambda layer: count_topk(physical, counts, layer))
     if old is not None:
-        old_scratch = old.minmax_scratch(tables)
-        add("old_kernels", lambda layer: old.minmax_dispatch_triton(
-            ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=old_scratch, counts_out=counts))
+        add("old_kernels", _minmax_call(tables, ids, counts, old))
     for totals_tile, chunk, warps, split_warps in SETTINGS:
         kw = dict(totals_tile=totals_tile, chunk=chunk, num_warps=warps, split_warps=split_warps, bases=True)
-        scratch = minmax_scratch(tables)
-        add("minmax_triton", lambda layer, kw=kw, scratch=scratch: minmax_dispatch_triton(
-            ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=scratch, counts_out=counts, **kw),
-            **kw)
-    scratch = minmax_scratch(tables)
-    add("minmax_triton_no_split_steps", lambda layer: minmax_dispatch_triton(
-        ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=scratch, counts_out=counts, iterations=0,
-        bases=True))
+        add("minmax_triton", _minmax_call(tables, ids, counts, **kw), **kw)
+    add("minmax_triton_no_split_steps", _minmax_call(tables, ids, counts, iterations=0, bases=True))
     for name, us in parts(ids, tables, counts, num_layers, replays).items():
         rows.append({"tokens": tokens, "variant": name, "graph_us_per_layer": us})
         print(f"{tokens:>6} tok {name}: {us:7.2f} us/layer", flush=True)
@@ -121,31 +129,15 @@ def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tu
     step costs)."""
     rows: list[dict] = []
     for ep in ep_sizes:
-        rows += _sweep_steps(tokens, ep, num_layers=num_layers, replays=replays, old=old)
-    return rows
-
-
-def _sweep_steps(tokens: int, ep: int, *, num_layers: int, replays: int, old) -> list[dict]:
-    rows: list[dict] = []
-    loc, ids = skewed_pass(tokens, num_layers=num_layers, ep=ep)
-    tables = ExpertDispatcher(loc, rank=0, algorithm="minmax", backend="triton", device="cuda").minmax
-    assert tables is not None
-    counts = torch.zeros(num_layers, NUM_SLOTS, dtype=torch.int32, device="cuda")
-
-    def add(name, fn, **kw):
-        us = graph_us(fn, num_layers, replays)
-        rows.append({"tokens": tokens, "ep": ep, "variant": name, **kw, "graph_us_per_layer": us})
-        print(f"{tokens:>6} tok EP{ep} {name} {kw}: {us:7.2f} us/layer", flush=True)
-
-    if old is not None:
-        old_scratch = old.minmax_scratch(tables)
-        add("old_kernels", lambda layer: old.minmax_dispatch_triton(
-            ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=old_scratch, counts_out=counts))
-    for steps in (0, 8, 10, 12, 14, 16, 20) if ep == 8 else (0, 8, 16):
-        kw = dict(iterations=steps)
-        scratch = minmax_scratch(tables)
-        add("minmax_triton", lambda layer, kw=kw, scratch=scratch: minmax_dispatch_triton(
-            ids[layer], tables, layer=layer, num_slots=NUM_SLOTS, scratch=scratch, counts_out=counts, **kw), **kw)
+        loc, ids = skewed_pass(tokens, num_layers=num_layers, ep=ep)
+        tables = ExpertDispatcher(loc, rank=0, algorithm="minmax", backend="triton", device="cuda").minmax
+        assert tables is not None
+        counts = torch.zeros(num_layers, NUM_SLOTS, dtype=torch.int32, device="cuda")
+        add = _row_adder(rows, num_layers=num_layers, replays=replays, tokens=tokens, ep=ep)
+        if old is not None:
+            add("old_kernels", _minmax_call(tables, ids, counts, old))
+        for steps in (0, 8, 10, 12, 14, 16, 20) if ep == 8 else (0, 8, 16):
+            add("minmax_triton", _minmax_call(tables, ids, counts, iterations=steps), iterations=steps)
     return rows
 
 

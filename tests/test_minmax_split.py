@@ -35,8 +35,9 @@ def test_two_copies_on_one_gpu_count_once():
 
 @pytest.mark.parametrize("iterations", [1, 2, 8])
 def test_the_split_never_peaks_above_the_equal_split_nor_below_the_optimum(iterations):
-    """Synthetic skewed passes on random maps, few steps too: the split keeps its last
-    iterate only where that does not peak above the equal split, and no split beats the LP."""
+    """Synthetic skewed passes on random maps, few steps too: no split peaks above the equal
+    split, every replicated expert's tokens are served, and no split beats the LP. (On these
+    passes no step raises the peak; the hand case below is what holds the equal-split check.)"""
     from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_gpu_shares, minmax_problem
 
     gen = torch.Generator().manual_seed(iterations)

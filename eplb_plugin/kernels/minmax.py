@@ -112,17 +112,17 @@ class MinmaxProblem(NamedTuple):
     step: torch.Tensor
     equal: torch.Tensor
 
-    def renormalize(self, x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-        """Each expert's shares scaled to its tokens (``fallback`` where they sum to 0)."""
+    def renormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Each expert's shares scaled to its tokens (the equal split where they sum to 0)."""
         total = x.sum(-1, keepdim=True)
-        return torch.where(total > 0, x * (self.demand.unsqueeze(-1) / total.clamp_min(1e-30)), fallback)
+        return torch.where(total > 0, x * (self.demand.unsqueeze(-1) / total.clamp_min(1e-30)), self.equal)
 
     def advance(self, x: torch.Tensor, prev: torch.Tensor, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One diffusion step with momentum: (next iterate, the step's iterate before momentum)."""
         load = self.base + x.sum(1)  # [N, G]
         level = (self.inc * load.unsqueeze(1)).sum(-1) / self.degree  # the mean load each expert's GPUs see
         y = ((x + self.step * (level.unsqueeze(-1) - load.unsqueeze(1))).clamp_min(0.0)) * self.inc
-        return self.renormalize((y + momentum * (y - prev)).clamp_min(0.0) * self.inc, self.equal), y
+        return self.renormalize((y + momentum * (y - prev)).clamp_min(0.0) * self.inc), y
 
     def peak(self, x: torch.Tensor) -> torch.Tensor:
         """[N] the largest GPU load of shares x."""
