@@ -139,7 +139,8 @@ def time_variants(tokens: int, *, num_layers: int, replays: int, skip: tuple[str
     scratch = torch.empty(scratch_numel(*triton_minmax.logical_to_physical_map.shape[1:]), device="cuda")
     tables = triton_minmax.minmax
     assert tables is not None
-    settings = {"minmax_triton_tickets": {"bases": False}, "minmax_triton_bases": {"bases": True},
+    settings = {"minmax_triton_two_launches": {"fused": False},  # the ticket kernels of small passes unfused
+                "minmax_triton_tickets": {"bases": False}, "minmax_triton_bases": {"bases": True},
                 "minmax_triton_bases_chunk_128": {"bases": True, "chunk": 128},
                 "minmax_triton_no_split_steps": {"iterations": 0}}  # equal shares: the rest's cost
     scratches = {name: minmax_scratch(tables) for name in settings}  # kept across calls, as the dispatcher does

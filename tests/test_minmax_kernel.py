@@ -71,10 +71,12 @@ def test_kernel_follows_a_new_placement_copied_in_place():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_repeated_calls_leave_the_totals_zeroed_and_serve_the_same_slot_loads():
+@pytest.mark.parametrize("fused", [False, True])
+def test_repeated_calls_leave_the_totals_zeroed_and_serve_the_same_slot_loads(fused):
     """The kernels keep per-layer counters between calls (the totals and the done count are
-    zero between calls: the split zeroes them, and the tickets before the assign), so a
-    captured graph can replay them: every call of a layer serves the same tokens per slot."""
+    zero between calls: the split zeroes them, and the tickets before the assign; the fused
+    kernel moves the layer's epoch on by one a call), so a captured graph can replay them:
+    every call of a layer serves the same tokens per slot."""
     from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
 
     location, ids = _case(7, 64, 72, 8, 700, 6)
@@ -82,11 +84,13 @@ def test_repeated_calls_leave_the_totals_zeroed_and_serve_the_same_slot_loads():
     assert dispatcher.minmax is not None
     scratch = minmax_scratch(dispatcher.minmax)
     loads = []
-    for _ in range(3):
+    for call in range(3):
         for layer in (1, 0):
-            out = minmax_dispatch_triton(ids.to(DEVICE), dispatcher.minmax, layer=layer, num_slots=72, scratch=scratch)
-            nb = (scratch.counters.shape[1] - 1) // 2
-            assert not scratch.counters[:, :nb].any() and not scratch.counters[:, -1].any()
+            out = minmax_dispatch_triton(ids.to(DEVICE), dispatcher.minmax, layer=layer, num_slots=72, scratch=scratch,
+                                         fused=fused)
+            nb = (scratch.counters.shape[1] - 2) // 2
+            assert not scratch.counters[:, :nb].any() and not scratch.counters[:, 2 * nb].any()
+            assert scratch.counters[layer, -1].item() == (call + 1 if fused else 0)  # the epoch
             if layer == 0:
                 loads.append(torch.bincount(out[out >= 0].cpu(), minlength=72))
     assert all(torch.equal(load, loads[0]) for load in loads)
@@ -130,9 +134,9 @@ def test_ranks_splitting_on_the_pass_counts_serve_what_one_dispatcher_of_the_who
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-@pytest.mark.parametrize("bases", [False, True])
+@pytest.mark.parametrize("bases, fused", [(False, True), (False, False), (True, False)])
 @pytest.mark.parametrize("glob", [False, True])
-def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and_the_counts(bases, glob):
+def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and_the_counts(bases, fused, glob):
     """minmax_dispatch(num_valid_rows=) on the kernels, which read the bound themselves: the
     real rows get the slot loads the torch reference gives those rows alone (with the same
     other ranks' counts, where the exchange gives some: a kernel that ignored them would
@@ -162,7 +166,7 @@ def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and
 
     counts = torch.zeros(2, 20, dtype=torch.int32, device=DEVICE)
     got = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=1, num_slots=20, scratch=scratch, counts_out=counts,
-                                 exchange=exchange if glob else None, bases=bases,
+                                 exchange=exchange if glob else None, bases=bases, fused=fused,
                                  num_valid_rows=torch.tensor([real], device=DEVICE)).cpu()
     alone = minmax_dispatch(ids[:real].to(DEVICE), tables, layer=1, num_slots=20, use_kernel=False,
                             exchange=others if glob else None).cpu()
@@ -174,8 +178,8 @@ def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and
     assert torch.equal(counts[1].cpu(), real_load.to(torch.int32)) and not counts[0].any()
     if glob:
         assert len(seen) == 1 and torch.equal(seen[0], local)
-    nb = (scratch.counters.shape[1] - 1) // 2
-    assert not scratch.counters[:, :nb].any() and not scratch.counters[:, -1].any()
+    nb = (scratch.counters.shape[1] - 2) // 2
+    assert not scratch.counters[:, :nb].any() and not scratch.counters[:, 2 * nb].any()
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
@@ -300,14 +304,15 @@ def test_the_torch_path_writes_the_dtype_asked_and_refuses_others():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-@pytest.mark.parametrize("bases", [False, True])
+@pytest.mark.parametrize("bases, fused", [(False, True), (False, False), (True, False)])
 @pytest.mark.parametrize("glob", [False, True])
-def test_the_kernel_path_runs_no_torch_op_but_its_output_allocation(monkeypatch, bases, glob):
+def test_the_kernel_path_runs_no_torch_op_but_its_output_allocation(monkeypatch, bases, fused, glob):
     """What SGLang's mapping runs per layer (int32 ids, a padding bound, int32 slots, the
     recorder's buffer, an exchange) is the kernels' launches alone: no torch op besides
     allocating the output (and the large passes' chunk bases) and views; the padding
     bound, the dtypes and the exchange's counts need no conversion (the launches are
-    recorded, not run)."""
+    recorded, not run). A small pass without an exchange is one launch (the fused kernel),
+    unless fused=False."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from eplb_plugin.dispatch import minmax_dispatch
@@ -327,6 +332,7 @@ def test_the_kernel_path_runs_no_torch_op_but_its_output_allocation(monkeypatch,
         for name in dir(module):
             if name.endswith("_kernel"):
                 monkeypatch.setattr(module, name, Launch(name))
+    monkeypatch.setattr(host, "FUSED", fused)
     location, ids = _case(3, 16, 20, 4, 2100 if bases else 61, 4)  # > SMALL_PASS_IDS pairs: the bases kernels
     tables = build_minmax_tables(location.physical_to_logical_map.to(DEVICE), 16, num_gpus=4)
     scratch = host.minmax_scratch(tables)
@@ -353,8 +359,11 @@ def test_the_kernel_path_runs_no_torch_op_but_its_output_allocation(monkeypatch,
     assert out.dtype == torch.int32 and out.shape == ids.shape
     assert set(ops) <= {"empty", "view", "slice"}, ops
     assert ops.count("empty") == (2 if bases else 1)
-    assert launched == ([f"{'bases' if bases else 'minmax'}_totals_kernel"] + ["minmax_split_kernel"] * glob
-                        + [f"{'bases' if bases else 'minmax'}_assign_kernel"])
+    if fused and not glob:
+        assert launched == ["minmax_fused_kernel"]
+    else:
+        assert launched == ([f"{'bases' if bases else 'minmax'}_totals_kernel"] + ["minmax_split_kernel"] * glob
+                            + [f"{'bases' if bases else 'minmax'}_assign_kernel"])
 
 
 @pytest.mark.gpu
@@ -404,3 +413,56 @@ def test_a_graph_of_sglangs_mapping_and_hook_counts_each_layer_once_on_every_rep
         want = torch.stack([torch.bincount(o[o >= 0].long(), minlength=20) for o in outs]).cpu()
         assert torch.equal(rec.physical_count_passes()[-1].cpu(), want)
         assert torch.equal(want.sum(1), torch.full((2,), int((ids[:real] >= 0).sum())))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("num_experts, num_slots, ep, tokens, top_k",
+                         [(256, 288, 8, 512, 8),  # DeepSeek-V3 decode: 32 programs wait for one split
+                          (256, 288, 72, 1024, 8),  # 72 GPUs: 256 tiles of 32 pairs over at most one program per SM
+                          (64, 72, 8, 1, 6)])  # one program
+def test_the_fused_kernel_in_a_graph_serves_the_torch_paths_loads_on_every_replay(num_experts, num_slots, ep, tokens,
+                                                                                  top_k):
+    """The fused kernel's programs wait for the one that solves the split, on the GPU: 20
+    layers in one CUDA graph, replayed 30 times; every replay serves the torch path's slot
+    loads (within one pair per slot), counts each real pair once, and leaves each layer's
+    epoch one further on."""
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
+
+    num_layers = 20
+    location, ids = _case(12, num_experts, num_slots, ep, tokens, top_k)
+    location = ExpertLocation.from_logical_count(torch.rand(num_layers, num_experts) ** 4 * 1000,
+                                                 num_physical_experts=num_slots, ep_size=ep,
+                                                 algorithm="eplb_plugin_equal")
+    dispatcher = ExpertDispatcher(location, rank=0, algorithm="minmax", backend="triton", device="cuda")
+    tables = dispatcher.minmax
+    assert tables is not None
+    scratch = minmax_scratch(tables)
+    ids = ids.cuda()
+    counts = torch.zeros(num_layers, num_slots, dtype=torch.int32, device="cuda")
+    outs = [torch.empty_like(ids) for _ in range(num_layers)]
+
+    def forward():
+        for layer in range(num_layers):
+            outs[layer].copy_(minmax_dispatch_triton(ids, tables, layer=layer, num_slots=num_slots, scratch=scratch,
+                                                     counts_out=counts, fused=True))
+
+    forward()  # compiles the kernel
+    torch.cuda.synchronize()  # warm-up done before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    torch_path = ExpertDispatcher(location, rank=0, algorithm="minmax")
+    want = []
+    for layer in range(num_layers):
+        out = torch_path.dispatch(layer, ids.cpu())
+        want.append(torch.bincount(out[out >= 0], minlength=num_slots))
+    epoch = scratch.counters[:, -1].clone()
+    for replay in range(30):
+        counts.zero_()
+        graph.replay()
+        torch.cuda.synchronize()  # read this replay's slots
+        got = torch.stack([torch.bincount(o[o >= 0].cpu(), minlength=num_slots) for o in outs])
+        assert (got - torch.stack(want)).abs().max() <= 1, replay
+        assert torch.equal(counts.cpu().long(), got)
+        assert torch.equal(scratch.counters[:, -1], epoch + replay + 1)

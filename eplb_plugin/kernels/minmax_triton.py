@@ -16,6 +16,11 @@ between ranks), CUDA-graph safe.
    ``minmax_choose``; a pair of an expert on one GPU goes to its ``home_slot``. It adds the chosen slots to the recorder's ``[L, P]`` counts in the
    same launch (one atomic per slot per program).
 
+With ``fused`` (``FUSED``; small passes without an exchange) both are one launch,
+``minmax_fused_kernel``: at most one program per SM counts its tiles, the last to finish
+solves the split and moves the layer's epoch on, the others wait for it and then place
+their tiles' pairs. It saves a launch; its programs must all be resident at once.
+
 The split is solved once per layer (not again in every program), and tickets replace
 ranking each tile's pairs by a sort (a ticket per expert per tile, ranked by a sort or by a
 scan, measured slower on an H100; see ``minmax_assign_kernel``). Which pair of
@@ -69,6 +74,8 @@ SMALL_PASS_IDS = 8192
 NUM_WARPS = 4  # the assign kernel's warps
 SPLIT_WARPS = 4  # the totals / split kernels' warps (1: 2x slower split; 2 and 8: slower too)
 CHUNK = 64  # large passes: pairs of one assign program (128: 23.3 us at 16,384 tokens, 64: 22.8)
+FUSED = False  # small passes without an exchange: the totals, the split and the assign in one launch (not yet timed on a GPU)
+FUSED_MAX_PROGRAMS = 128  # the fused kernel's programs, at most (and at most one per SM: they wait for each other)
 
 class _LayerArgs(NamedTuple):
     """One layer's kernel arguments, made once per (tables, layer) and kept in its scratch:
@@ -92,8 +99,8 @@ class _LayerArgs(NamedTuple):
 
 
 class MinmaxScratch:
-    """Per-layer state of the kernels: ``counters`` [L, 2 NB + 1] int32 (totals, tickets,
-    programs done; see ``triton_kernels_minmax``), ``quotas`` [L, BM * BG] float32 (written
+    """Per-layer state of the kernels: ``counters`` [L, 2 NB + 2] int32 (totals, tickets,
+    programs done, the fused kernel's epoch; see ``triton_kernels_minmax``), ``quotas`` [L, BM * BG] float32 (written
     by the split, read by the assign); plus each layer's launch arguments, made on its first
     call (``layer_args``), so a call (eager, or one a CUDA graph captures) does little
     Python work."""
@@ -138,7 +145,7 @@ def minmax_scratch(tables: MinmaxTables) -> MinmaxScratch:
     nb, bm, bg = _sizes(tables)
     num_layers = tables.multi_row.shape[0]
     device = tables.multi_row.device
-    return MinmaxScratch(torch.zeros(num_layers, 2 * nb + 1, dtype=torch.int32, device=device),
+    return MinmaxScratch(torch.zeros(num_layers, 2 * nb + 2, dtype=torch.int32, device=device),
                          torch.zeros(num_layers, bm * bg, dtype=torch.float32, device=device))
 
 
@@ -146,10 +153,11 @@ class _Geometry(NamedTuple):
     """The grids and tiles of one call's launches (``_geometry``)."""
 
     bases: bool  # the kernels of large passes
+    fused: bool  # the ticket kernels as one launch (minmax_fused_kernel)
     totals_grid: tuple[int]
     totals_tile: int
     assign_grid: tuple[int]
-    tile: int  # the ticket assign kernel's pairs per loop step
+    tile: int  # the ticket assign (or fused) kernel's pairs per loop step
     iters: int  # its loop steps per program
     chunk: int  # the bases assign kernel's pairs per program
     bases_numel: int  # its per-chunk bases buffer
@@ -157,20 +165,32 @@ class _Geometry(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)
 def _geometry(num_ids: int, bm: int, bg: int, bases: bool | None, totals_tile: int | None, chunk: int,
-              assign_tile_elements: int) -> _Geometry:
-    """Launch geometry for ``num_ids`` pairs (cached: a server sees few batch sizes)."""
+              assign_tile_elements: int, fused_programs: int) -> _Geometry:
+    """Launch geometry for ``num_ids`` pairs (cached: a server sees few batch sizes).
+    fused_programs: the fused kernel's most programs (0: the ticket kernels as two launches)."""
     use_bases = bases if bases is not None else num_ids > SMALL_PASS_IDS
     if totals_tile is None:
         totals_tile = SMALL_TOTALS_TILE if num_ids <= SMALL_PASS_IDS else TOTALS_TILE
     num_tiles = max(1, -(-num_ids // totals_tile))
     if use_bases:
         chunk = min(chunk, totals_tile)
-        return _Geometry(True, (num_tiles,), totals_tile, (max(1, -(-num_ids // chunk)),), 0, 0, chunk,
+        return _Geometry(True, False, (num_tiles,), totals_tile, (max(1, -(-num_ids // chunk)),), 0, 0, chunk,
                          num_tiles * (totals_tile // chunk) * bm)
     tile = max(MIN_TILE, min(MAX_TILE, assign_tile_elements // bg))  # [tile, G] per-pair tables stay small
     assign_tiles = max(1, -(-num_ids // tile))
-    iters = -(-assign_tiles // MAX_PROGRAMS)
-    return _Geometry(False, (num_tiles,), totals_tile, (-(-assign_tiles // iters),), tile, iters, chunk, 0)
+    iters = -(-assign_tiles // (fused_programs or MAX_PROGRAMS))
+    return _Geometry(False, fused_programs > 0, (num_tiles,), totals_tile, (-(-assign_tiles // iters),), tile, iters,
+                     chunk, 0)
+
+
+@functools.cache
+def _resident_programs(device: torch.device) -> int:
+    """How many programs of the fused kernel may run at once on ``device`` for sure: one
+    per SM on CUDA (its programs wait for each other), one in the interpreter (which runs
+    programs one after another)."""
+    if device.type != "cuda":
+        return 1
+    return min(FUSED_MAX_PROGRAMS, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 @functools.cache
@@ -187,7 +207,7 @@ def minmax_dispatch_triton(
     counts_out: torch.Tensor | None = None, num_warps: int = NUM_WARPS, split_warps: int = SPLIT_WARPS,
     iterations: int = MINMAX_ITERATIONS, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
     totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
-    num_valid_rows: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int64,
+    num_valid_rows: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int64, fused: bool | None = None,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
@@ -203,7 +223,9 @@ def minmax_dispatch_triton(
     pass's size (None). num_valid_rows: optional one-element int tensor on the ids' device,
     read by the kernels: rows at or past it pad the batch (a CUDA graph's fixed size), left
     out of the split, the exchange's counts and ``counts_out``; their pairs get their
-    expert's home slot (``tables.home_slot``; -1 stays -1)."""
+    expert's home slot (``tables.home_slot``; -1 stays -1). fused: the ticket kernels as
+    one launch (``minmax_fused_kernel``; None: ``FUSED``), for passes they take without an
+    exchange."""
     check_ids("topk_ids", topk_ids)
     check_out_dtype(out_dtype)
     if scratch is None:
@@ -213,11 +235,12 @@ def minmax_dispatch_triton(
     if not flat.is_contiguous():
         flat = flat.contiguous()
     num_ids = flat.numel()
-    geo = _geometry(num_ids, a.bm, a.bg, bases, totals_tile, chunk, assign_tile_elements)
+    glob = exchange is not None
+    fused_programs = _resident_programs(flat.device) if (FUSED if fused is None else fused) and not glob else 0
+    geo = _geometry(num_ids, a.bm, a.bg, bases, totals_tile, chunk, assign_tile_elements, fused_programs)
     top_k = topk_ids.shape[-1] if topk_ids.dim() > 1 else 1
     bounded = num_valid_rows is not None
     bound = num_valid_rows if num_valid_rows is not None else flat  # unused pointer without a bound
-    glob = exchange is not None
     count = counts_out is not None
     counts = counts_out if counts_out is not None else a.counters  # unused pointer when not counting
     counts_offset = layer * counts_out.stride(0) if counts_out is not None else 0
@@ -236,6 +259,14 @@ def minmax_dispatch_triton(
         kb.bases_assign_kernel[geo.assign_grid](
             flat, bound, bases_buf, a.quotas, offsets, out, *a.place, num_ids, top_k, a.num_experts, a.num_gpus,
             GLOBAL=glob, BOUND=bounded, SUB=geo.chunk, BM=a.bm, BG=a.bg, num_warps=num_warps,
+        )
+        return out
+    if geo.fused:
+        k.minmax_fused_kernel[geo.assign_grid](
+            flat, bound, a.counters, a.quotas, out, counts, counts_offset, *a.split, *a.place, num_ids, top_k,
+            geo.iters, a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, num_slots, MINMAX_MOMENTUM,
+            COUNT=count, BOUND=bounded, ITERATIONS=iterations, TILE=geo.tile, NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs,
+            NPB=_next_pow2(num_slots + 1), num_warps=num_warps,
         )
         return out
     k.minmax_totals_kernel[geo.totals_grid](

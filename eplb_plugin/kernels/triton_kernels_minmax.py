@@ -5,7 +5,8 @@ to run them on CPU.
 Scratch of one layer (int32): ``[0, NB)`` the pass's tokens per expert and ``2 NB`` the
 programs done, both zero between calls (the split zeroes them after reading); ``[NB, 2 NB)``
 each expert's ticket counter (its pairs placed so far), zeroed by the split before the
-assign kernel draws from it."""
+assign kernel draws from it; ``2 NB + 1`` the layer's epoch, moved on by each call of the
+fused kernel when its split is solved."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import triton.language as tl
 def _split(
     c,  # [NB] float32, the pass's tokens per expert (0 past the experts)
     quotas_ptr,  # [BM * BG] float32 output: each replicated expert's cumulative GPU quotas
-    scratch_ptr,  # [2 * NB + 1] int32, the layer's scratch: reset once the split is solved
+    scratch_ptr,  # [2 * NB + 2] int32, the layer's scratch: reset once the split is solved
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
     num_multi, num_gpus, slots_per_gpu, momentum,
     ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
@@ -149,7 +150,7 @@ def _last_to_finish(scratch_ptr, NB: tl.constexpr):
 def minmax_totals_kernel(
     ids_ptr,  # [num_ids] int32/int64 logical ids of one layer's (token, choice) pairs; -1 = padding
     bound_ptr,  # BOUND only: [1] int, the batch's real rows (pairs past bound * top_k pad it: not counted)
-    scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch (see the module docstring)
+    scratch_ptr,  # [2 * NB + 2] int32, this layer's scratch (see the module docstring)
     quotas_ptr,  # SPLIT only: [BM * BG] float32 output
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
     num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
@@ -176,7 +177,7 @@ def minmax_totals_kernel(
 def minmax_split_kernel(
     totals_ptr,  # [num_experts] int32, the pass's tokens per expert over all ranks
     offsets_ptr,  # COUNT only: [num_experts] int32, each expert's tokens on lower ranks
-    scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch (this rank's totals): zeroed here
+    scratch_ptr,  # [2 * NB + 2] int32, this layer's scratch (this rank's totals): zeroed here
     quotas_ptr,  # [BM * BG] float32 output
     counts_ptr, counts_offset,  # COUNT only: [L, P] int32 recorder counts, layer * stride
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
@@ -222,10 +223,46 @@ def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_
 
 
 @triton.jit
+def _assign_tile(ids_ptr, offs, num_real, scratch_ptr, quotas_ptr, offsets_ptr, out_ptr, multi_row_ptr,
+                 slot_on_gpu_ptr, home_slot_ptr, g_idx, num_ids, num_experts, num_gpus, GLOBAL: tl.constexpr,
+                 COUNT: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, NPB: tl.constexpr):
+    """The tile ``offs`` of pairs placed (a ticket each for a replicated expert's pair, as
+    ``minmax_assign_kernel`` says) and stored. Returns its real pairs' slots as an [NPB]
+    histogram with COUNT (zeros without). A pair at or past ``num_real`` pads the batch: it
+    takes no ticket and is not counted. Shared by both ticket assign kernels."""
+    ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
+    valid = (ids >= 0) & (ids < num_experts)
+    e = tl.where(valid, ids, 0).to(tl.int32)
+    real = valid & (offs < num_real)
+    row = tl.load(multi_row_ptr + e, mask=real, other=-1).to(tl.int32)
+    split = real & (row >= 0)
+    # One ticket per pair (measured slower on H100 at 512 and 16,384 tokens: a ticket per
+    # expert per tile, ranked by a sort of the tile or by a scan of its [tile, M] one-hot).
+    position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
+    if GLOBAL:
+        position += tl.load(offsets_ptr + e, mask=split, other=0)
+    physical = _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr,
+                            out_ptr, offs, num_ids, num_gpus, BG)
+    if COUNT:
+        return tl.histogram(tl.where(real, physical, NPB - 1).to(tl.int32), NPB)
+    return tl.zeros([NPB], dtype=tl.int32)
+
+
+@triton.jit
+def _add_slot_counts(slot_hist, counts_ptr, counts_offset, num_slots, COUNT: tl.constexpr, NPB: tl.constexpr):
+    """With COUNT, a program's slot histogram added to the recorder's counts (one vector
+    atomic). Shared by both ticket assign kernels."""
+    if COUNT:
+        slot_bins = tl.arange(0, NPB)
+        tl.atomic_add(counts_ptr + counts_offset + slot_bins, slot_hist,
+                      mask=(slot_bins < num_slots) & (slot_hist > 0), sem="relaxed")
+
+
+@triton.jit
 def minmax_assign_kernel(
     ids_ptr,  # [num_ids] logical ids (as above)
     bound_ptr,  # BOUND only: [1] int, the batch's real rows (a padding row's pair: its home slot, not counted)
-    scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch: the ticket counters at NB
+    scratch_ptr,  # [2 * NB + 2] int32, this layer's scratch: the ticket counters at NB
     quotas_ptr,  # [BM * BG] float32 from the split
     offsets_ptr,  # GLOBAL only: [num_experts] int32, each expert's pairs on lower ranks
     out_ptr,  # [num_ids] int32/int64 output: the physical slot of each pair (-1 for padding)
@@ -249,25 +286,60 @@ def minmax_assign_kernel(
     slot_hist = tl.zeros([NPB], dtype=tl.int32)
     num_real = _real_pairs(bound_ptr, top_k, num_ids, BOUND)
     for i in range(0, iters):
+        slot_hist += _assign_tile(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, scratch_ptr, quotas_ptr,
+                                  offsets_ptr, out_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, g_idx, num_ids,
+                                  num_experts, num_gpus, GLOBAL=GLOBAL, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB)
+    _add_slot_counts(slot_hist, counts_ptr, counts_offset, num_slots, COUNT=COUNT, NPB=NPB)
+
+
+@triton.jit
+def minmax_fused_kernel(
+    ids_ptr,  # [num_ids] logical ids (as above)
+    bound_ptr,  # BOUND only: [1] int, the batch's real rows
+    scratch_ptr,  # [2 * NB + 2] int32, this layer's scratch (see the module docstring)
+    quotas_ptr,  # [BM * BG] float32, written by the split and read back in this launch
+    out_ptr,  # [num_ids] int32/int64 output (as the assign kernel's)
+    counts_ptr, counts_offset,  # COUNT only: [L, P] int32 recorder counts, layer * stride
+    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
+    num_ids, top_k, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots, momentum,
+    COUNT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
+    BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr,
+):
+    """The totals, the split and the assign in one launch (passes seen whole: no exchange).
+    Each program counts its tiles ``[pid * iters, (pid + 1) * iters)`` into the totals;
+    the last to finish solves the split (``_split``: quotas written, totals, tickets and the
+    done count zeroed) and moves the layer's epoch on; the others wait for the epoch to
+    move (so every program of the grid must be resident at once: the host keeps the grid
+    at most one program per SM), then each places its tiles' pairs as the assign kernel
+    does. The epoch is read before the program counts itself done, so it is the one the
+    last program moves on; no reset is needed between calls."""
+    pid = tl.program_id(0)
+    lanes = tl.arange(0, TILE)
+    bins = tl.arange(0, NB)
+    epoch_ptr = scratch_ptr + 2 * NB + 1
+    epoch = tl.load(epoch_ptr, volatile=True)
+    num_real = _real_pairs(bound_ptr, top_k, num_ids, BOUND)
+    h = tl.zeros([NB], dtype=tl.int32)
+    for i in range(0, iters):
         offs = (pid * iters + i) * TILE + lanes
-        ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
-        valid = (ids >= 0) & (ids < num_experts)
-        e = tl.where(valid, ids, 0).to(tl.int32)
-        real = valid
-        if BOUND:  # a padding row's pair takes no ticket and is not counted
-            real = valid & (offs < num_real)
-        row = tl.load(multi_row_ptr + e, mask=real, other=-1).to(tl.int32)
-        split = real & (row >= 0)
-        # One ticket per pair (measured slower on H100 at 512 and 16,384 tokens: a ticket per
-        # expert per tile, ranked by a sort of the tile or by a scan of its [tile, M] one-hot).
-        position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
-        if GLOBAL:
-            position += tl.load(offsets_ptr + e, mask=split, other=0)
-        physical = _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr,
-                                out_ptr, offs, num_ids, num_gpus, BG)
-        if COUNT:
-            slot_hist += tl.histogram(tl.where(real, physical, NPB - 1).to(tl.int32), NPB)
-    if COUNT:
-        slot_bins = tl.arange(0, NPB)
-        tl.atomic_add(counts_ptr + counts_offset + slot_bins, slot_hist,
-                      mask=(slot_bins < num_slots) & (slot_hist > 0), sem="relaxed")
+        ids = tl.load(ids_ptr + offs, mask=offs < num_real, other=-1).to(tl.int32)
+        h += tl.histogram(tl.where((ids >= 0) & (ids < num_experts), ids, NB - 1), NB)
+    tl.atomic_add(scratch_ptr + bins, h, mask=(bins < num_experts) & (h > 0), sem="relaxed")
+    if _last_to_finish(scratch_ptr, NB):
+        total = tl.load(scratch_ptr + bins, volatile=True)
+        _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
+               num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
+        tl.debug_barrier()  # every thread's quotas and zeroed tickets are in before the epoch moves
+        tl.atomic_xchg(epoch_ptr, epoch + 1, sem="release")
+    else:
+        while tl.load(epoch_ptr, volatile=True) == epoch:
+            pass
+        tl.atomic_add(epoch_ptr, 0, sem="acquire")  # the split's writes are seen from here on
+    tl.debug_barrier()
+    g_idx = tl.arange(0, BG)
+    slot_hist = tl.zeros([NPB], dtype=tl.int32)
+    for i in range(0, iters):
+        slot_hist += _assign_tile(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, scratch_ptr, quotas_ptr,
+                                  scratch_ptr, out_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, g_idx, num_ids,
+                                  num_experts, num_gpus, GLOBAL=False, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB)
+    _add_slot_counts(slot_hist, counts_ptr, counts_offset, num_slots, COUNT=COUNT, NPB=NPB)

@@ -28,7 +28,7 @@ from eplb_plugin.kernels.triton_kernels_minmax import (
 def bases_totals_kernel(
     ids_ptr,  # [num_ids] int32/int64 logical ids of one layer's (token, choice) pairs; -1 = padding
     bound_ptr,  # BOUND only: [1] int, the batch's real rows (pairs past bound * top_k pad it: not counted)
-    scratch_ptr,  # [2 * NB + 1] int32, this layer's scratch (see the module docstring)
+    scratch_ptr,  # [2 * NB + 2] int32, this layer's scratch (see the module docstring)
     bases_ptr,  # [num_tiles * TILE / SUB * BM] int32 output: each replicated expert's pairs before each chunk
     quotas_ptr,  # SPLIT only: [BM * BG] float32 output
     counts_ptr, counts_offset,  # SPLIT and COUNT only: [L, P] int32 recorder counts, layer * stride
