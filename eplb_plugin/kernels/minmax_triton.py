@@ -75,6 +75,7 @@ NUM_WARPS = 4  # the assign kernel's warps
 SPLIT_WARPS = 4  # the totals / split kernels' warps (1: 2x slower split; 2 and 8: slower too)
 CHUNK = 64  # large passes: pairs of one assign program (128: 23.3 us at 16,384 tokens, 64: 22.8)
 FUSED = False  # small passes without an exchange: the totals, the split and the assign in one launch (not yet timed on a GPU)
+FUSED_EARLY = False  # ... whose programs place the pairs the split does not place while it is solved
 FUSED_MAX_PROGRAMS = 128  # the fused kernel's programs, at most (and at most one per SM: they wait for each other)
 
 class _LayerArgs(NamedTuple):
@@ -208,6 +209,7 @@ def minmax_dispatch_triton(
     iterations: int = MINMAX_ITERATIONS, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
     totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
     num_valid_rows: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int64, fused: bool | None = None,
+    early: bool = FUSED_EARLY,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
@@ -225,7 +227,8 @@ def minmax_dispatch_triton(
     out of the split, the exchange's counts and ``counts_out``; their pairs get their
     expert's home slot (``tables.home_slot``; -1 stays -1). fused: the ticket kernels as
     one launch (``minmax_fused_kernel``; None: ``FUSED``), for passes they take without an
-    exchange."""
+    exchange; early: its programs place the pairs the split does not place while it is
+    solved."""
     check_ids("topk_ids", topk_ids)
     check_out_dtype(out_dtype)
     if scratch is None:
@@ -266,7 +269,7 @@ def minmax_dispatch_triton(
             flat, bound, a.counters, a.quotas, out, counts, counts_offset, *a.split, *a.place, num_ids, top_k,
             geo.iters, a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, num_slots, MINMAX_MOMENTUM,
             COUNT=count, BOUND=bounded, ITERATIONS=iterations, TILE=geo.tile, NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs,
-            NPB=_next_pow2(num_slots + 1), num_warps=num_warps,
+            NPB=_next_pow2(num_slots + 1), EARLY=early, num_warps=num_warps,
         )
         return out
     k.minmax_totals_kernel[geo.totals_grid](

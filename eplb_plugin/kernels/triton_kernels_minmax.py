@@ -204,13 +204,13 @@ def minmax_split_kernel(
 
 @triton.jit
 def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr, out_ptr, offs,
-                 num_ids, num_gpus, BG: tl.constexpr):
+                 store, num_gpus, BG: tl.constexpr):
     """Stores and returns the slot of each pair, given its expert ``e`` and, for a pair of a
     replicated expert (``split``, its row ``row``), its ``position`` among the expert's
     pairs of the pass: an expert on one GPU takes its home slot; a replicated one the first
     GPU whose cumulative quota exceeds the position, at the expert's first slot there;
     an id that is not an expert (-1) gives -1; a valid pair that is not ``split`` (a
-    padding row's, too) its home slot. Shared by both assign kernels."""
+    padding row's, too) its home slot. Stored where ``store``. Shared by both assign kernels."""
     home = tl.load(home_slot_ptr + e, mask=valid, other=-1)
     quota = tl.load(quotas_ptr + tl.maximum(row, 0)[:, None] * BG + g_idx[None, :],
                     mask=split[:, None] & (g_idx[None, :] < num_gpus), other=float("inf"))
@@ -218,33 +218,42 @@ def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_
     chosen = tl.load(slot_on_gpu_ptr + e * num_gpus + tl.minimum(pick, num_gpus - 1), mask=split, other=-1)
     physical = tl.where(split & (chosen >= 0), chosen, home)  # (a float tie past the last quota: home)
     physical = tl.where(valid, physical, -1)
-    tl.store(out_ptr + offs, physical.to(out_ptr.dtype.element_ty), mask=offs < num_ids)
+    tl.store(out_ptr + offs, physical.to(out_ptr.dtype.element_ty), mask=store)
     return physical
 
 
 @triton.jit
 def _assign_tile(ids_ptr, offs, num_real, scratch_ptr, quotas_ptr, offsets_ptr, out_ptr, multi_row_ptr,
                  slot_on_gpu_ptr, home_slot_ptr, g_idx, num_ids, num_experts, num_gpus, GLOBAL: tl.constexpr,
-                 COUNT: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, NPB: tl.constexpr):
+                 COUNT: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, NPB: tl.constexpr, PART: tl.constexpr = 0):
     """The tile ``offs`` of pairs placed (a ticket each for a replicated expert's pair, as
-    ``minmax_assign_kernel`` says) and stored. Returns its real pairs' slots as an [NPB]
-    histogram with COUNT (zeros without). A pair at or past ``num_real`` pads the batch: it
-    takes no ticket and is not counted. Shared by both ticket assign kernels."""
+    ``minmax_assign_kernel`` says) and stored: PART 0 all of them, 1 those the split does
+    not place (before it is solved), 2 those it places. Returns those real pairs' slots as
+    an [NPB] histogram with COUNT (zeros without). A pair at or past ``num_real`` pads the
+    batch: it takes no ticket and is not counted. Shared by both ticket assign kernels."""
     ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
     valid = (ids >= 0) & (ids < num_experts)
     e = tl.where(valid, ids, 0).to(tl.int32)
     real = valid & (offs < num_real)
     row = tl.load(multi_row_ptr + e, mask=real, other=-1).to(tl.int32)
     split = real & (row >= 0)
-    # One ticket per pair (measured slower on H100 at 512 and 16,384 tokens: a ticket per
-    # expert per tile, ranked by a sort of the tile or by a scan of its [tile, M] one-hot).
-    position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
-    if GLOBAL:
-        position += tl.load(offsets_ptr + e, mask=split, other=0)
-    physical = _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr,
-                            out_ptr, offs, num_ids, num_gpus, BG)
+    store = offs < num_ids
+    if PART == 1:
+        store = store & ~split
+        physical = tl.where(valid, tl.load(home_slot_ptr + e, mask=valid & ~split, other=-1), -1)
+        tl.store(out_ptr + offs, physical.to(out_ptr.dtype.element_ty), mask=store)
+    else:
+        if PART == 2:
+            store = split
+        # One ticket per pair (measured slower on H100 at 512 and 16,384 tokens: a ticket per
+        # expert per tile, ranked by a sort of the tile or by a scan of its [tile, M] one-hot).
+        position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
+        if GLOBAL:
+            position += tl.load(offsets_ptr + e, mask=split, other=0)
+        physical = _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr,
+                                out_ptr, offs, store, num_gpus, BG)
     if COUNT:
-        return tl.histogram(tl.where(real, physical, NPB - 1).to(tl.int32), NPB)
+        return tl.histogram(tl.where(real & store, physical, NPB - 1).to(tl.int32), NPB)
     return tl.zeros([NPB], dtype=tl.int32)
 
 
@@ -303,7 +312,7 @@ def minmax_fused_kernel(
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
     num_ids, top_k, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots, momentum,
     COUNT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
-    BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr,
+    BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr, EARLY: tl.constexpr,
 ):
     """The totals, the split and the assign in one launch (passes seen whole: no exchange).
     Each program counts its tiles ``[pid * iters, (pid + 1) * iters)`` into the totals;
@@ -311,7 +320,8 @@ def minmax_fused_kernel(
     done count zeroed) and moves the layer's epoch on; the others wait for the epoch to
     move (so every program of the grid must be resident at once: the host keeps the grid
     at most one program per SM), then each places its tiles' pairs as the assign kernel
-    does. The epoch is read before the program counts itself done, so it is the one the
+    does (with EARLY, the pairs the split does not place before the wait, the others
+    after). The epoch is read before the program counts itself done, so it is the one the
     last program moves on; no reset is needed between calls."""
     pid = tl.program_id(0)
     lanes = tl.arange(0, TILE)
@@ -325,21 +335,29 @@ def minmax_fused_kernel(
         ids = tl.load(ids_ptr + offs, mask=offs < num_real, other=-1).to(tl.int32)
         h += tl.histogram(tl.where((ids >= 0) & (ids < num_experts), ids, NB - 1), NB)
     tl.atomic_add(scratch_ptr + bins, h, mask=(bins < num_experts) & (h > 0), sem="relaxed")
-    if _last_to_finish(scratch_ptr, NB):
+    g_idx = tl.arange(0, BG)
+    slot_hist = tl.zeros([NPB], dtype=tl.int32)
+    last = _last_to_finish(scratch_ptr, NB)
+    if last:
         total = tl.load(scratch_ptr + bins, volatile=True)
         _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
                num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
         tl.debug_barrier()  # every thread's quotas and zeroed tickets are in before the epoch moves
         tl.atomic_xchg(epoch_ptr, epoch + 1, sem="release")
-    else:
+    if EARLY:  # the pairs the split does not place, while it is solved
+        for i in range(0, iters):
+            slot_hist += _assign_tile(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, scratch_ptr, quotas_ptr,
+                                      scratch_ptr, out_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, g_idx,
+                                      num_ids, num_experts, num_gpus, GLOBAL=False, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB,
+                                      PART=1)
+    if not last:
         while tl.load(epoch_ptr, volatile=True) == epoch:
             pass
         tl.atomic_add(epoch_ptr, 0, sem="acquire")  # the split's writes are seen from here on
     tl.debug_barrier()
-    g_idx = tl.arange(0, BG)
-    slot_hist = tl.zeros([NPB], dtype=tl.int32)
     for i in range(0, iters):
         slot_hist += _assign_tile(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, scratch_ptr, quotas_ptr,
                                   scratch_ptr, out_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, g_idx, num_ids,
-                                  num_experts, num_gpus, GLOBAL=False, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB)
+                                  num_experts, num_gpus, GLOBAL=False, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB,
+                                  PART=2 * EARLY)
     _add_slot_counts(slot_hist, counts_ptr, counts_offset, num_slots, COUNT=COUNT, NPB=NPB)
