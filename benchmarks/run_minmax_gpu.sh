@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# minmax dispatch on one GPU (through the device tool; about 6 minutes):
+# minmax dispatch on one GPU (through the device tool; about 8 minutes):
 #   bash benchmarks/run_minmax_gpu.sh "$OUT" .gpu_traces
 # 1. the minmax kernels' tests and the dispatch tests on CUDA; 2. the kernels' cost inside a
 # CUDA graph beside the static lookup, the count kernel and the single-program baseline
 # (bench_minmax_dispatch.py); 3. the EP8 compute part (DeepSeek-V2-Lite sizes, ESFT replay)
 # at 2048 and 8192 tokens per pass: naive, EPLB with static dispatch, EPLB with minmax, the
-# per-pass policy with minmax, uniform routing (on the experts alone and on as many slots).
+# per-pass policy with minmax, uniform routing (on the experts alone and on as many slots);
+# 4. the EP8 compute part at 2048 tokens again with minmax as the fused kernel (one launch).
 set -uo pipefail
 dest=${1:?usage: run_minmax_gpu.sh OUT_DIR [TRACES_DIR]}
 traces=${2:-}
@@ -25,3 +26,4 @@ step kernel_tests 120 python -m pytest -q -rs -p no:cacheprovider tests/test_min
 step minmax_cost 150 python benchmarks/bench_minmax_dispatch.py --skip-quality --out "$dest"
 step ep8_2048 120 python benchmarks/bench_end_to_end.py --device cuda --ep8-only "${workload[@]}" --batch-tokens 2048 --out "$dest"
 step ep8_8192 150 python benchmarks/bench_end_to_end.py --device cuda --ep8-only "${workload[@]}" --batch-tokens 8192 --out "$dest"
+step ep8_2048_fused 120 python benchmarks/bench_end_to_end.py --device cuda --ep8-only "${workload[@]}" --batch-tokens 2048 --minmax-fused --out "$dest"
