@@ -74,7 +74,7 @@ SMALL_PASS_IDS = 8192
 NUM_WARPS = 4  # the assign kernel's warps
 SPLIT_WARPS = 4  # the totals / split kernels' warps (1: 2x slower split; 2 and 8: slower too)
 CHUNK = 64  # large passes: pairs of one assign program (128: 23.3 us at 16,384 tokens, 64: 22.8)
-FUSED = False  # small passes without an exchange: the totals, the split and the assign in one launch (not yet timed on a GPU)
+FUSED = False  # small passes without an exchange: totals, split and assign in one launch (not yet timed on a GPU)
 FUSED_EARLY = False  # ... whose programs place the pairs the split does not place while it is solved
 FUSED_MAX_PROGRAMS = 128  # the fused kernel's programs, at most (and at most one per SM: they wait for each other)
 
@@ -101,10 +101,10 @@ class _LayerArgs(NamedTuple):
 
 class MinmaxScratch:
     """Per-layer state of the kernels: ``counters`` [L, 2 NB + 2] int32 (totals, tickets,
-    programs done, the fused kernel's epoch; see ``triton_kernels_minmax``), ``quotas`` [L, BM * BG] float32 (written
-    by the split, read by the assign); plus each layer's launch arguments, made on its first
-    call (``layer_args``), so a call (eager, or one a CUDA graph captures) does little
-    Python work."""
+    programs done, the fused kernel's epoch; see ``triton_kernels_minmax``), ``quotas``
+    [L, BM * BG] float32 (written by the split, read by the assign); plus each layer's
+    launch arguments, made on its first call (``layer_args``), so a call (eager, or one a
+    CUDA graph captures) does little Python work."""
 
     __slots__ = ("counters", "quotas", "_layers")
 

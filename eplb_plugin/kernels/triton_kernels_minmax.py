@@ -344,7 +344,7 @@ def minmax_fused_kernel(
                num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
         tl.debug_barrier()  # every thread's quotas and zeroed tickets are in before the epoch moves
         tl.atomic_xchg(epoch_ptr, epoch + 1, sem="release")
-    if EARLY:  # the pairs the split does not place, while it is solved
+    if EARLY:  # the pairs the split does not place, while it is solved (offsets: an unused pointer)
         for i in range(0, iters):
             slot_hist += _assign_tile(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, scratch_ptr, quotas_ptr,
                                       scratch_ptr, out_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, g_idx,
