@@ -64,16 +64,18 @@ def test_the_fused_kernel_dispatches_like_the_torch_path(seed, num_experts, num_
     """The fused kernel (one launch; in the interpreter one program over every tile): each
     pair on a replica of its expert, the torch path's slot loads within one pair, and the
     counts it adds exactly the slots it chose."""
-    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
 
     location, ids = _case(seed, num_experts, num_slots, ep, tokens, top_k)
     tables = ExpertDispatcher(location, rank=0, algorithm="minmax", backend="triton", device=DEVICE).minmax
     assert tables is not None
+    scratch = minmax_scratch(tables)
     torch_path = ExpertDispatcher(location, rank=0, algorithm="minmax")
     counts = torch.zeros(2, num_slots, dtype=torch.int32, device=DEVICE)
     for layer in range(2):
         got = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=layer, num_slots=num_slots, counts_out=counts,
-                                     fused=True, early=early).cpu()
+                                     scratch=scratch, fused=True, early=early).cpu()
+        assert scratch.counters[layer, -1].item() == 1  # the fused kernel ran: the layer's epoch moved on
         want = torch_path.dispatch(layer, ids)
         assert torch.equal(got == -1, ids == -1)
         assert torch.equal(location.physical_to_logical_map[layer][got[ids >= 0]], ids[ids >= 0])
@@ -207,6 +209,7 @@ def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and
         assert len(seen) == 1 and torch.equal(seen[0], local)
     nb = (scratch.counters.shape[1] - 2) // 2
     assert not scratch.counters[:, :nb].any() and not scratch.counters[:, 2 * nb].any()
+    assert scratch.counters[1, -1].item() == int(fused and not glob)  # the fused kernel ran, with no exchange only
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
@@ -458,7 +461,7 @@ def test_the_fused_kernel_in_a_graph_serves_the_torch_paths_loads_on_every_repla
     from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
 
     num_layers = 20
-    location, ids = _case(12, num_experts, num_slots, ep, tokens, top_k)
+    _, ids = _case(12, num_experts, num_slots, ep, tokens, top_k)
     skew = torch.rand(num_layers, num_experts, generator=torch.Generator().manual_seed(13)) ** 4 * 1000
     location = ExpertLocation.from_logical_count(skew,
                                                  num_physical_experts=num_slots, ep_size=ep,

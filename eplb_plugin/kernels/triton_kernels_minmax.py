@@ -126,6 +126,16 @@ def _real_pairs(bound_ptr, top_k, num_ids, BOUND: tl.constexpr):
 
 
 @triton.jit
+def _counted_experts(ids_ptr, offs, num_real, num_experts, NB: tl.constexpr):
+    """The experts of the pairs ``offs`` as the totals count them: (each pair's expert, NB - 1
+    for one that is not counted (past ``num_real``, or not an expert id) [TILE] int32, and
+    whether it is counted). Shared by every kernel that adds totals."""
+    ids = tl.load(ids_ptr + offs, mask=offs < num_real, other=-1).to(tl.int32)
+    counted = (ids >= 0) & (ids < num_experts)
+    return tl.where(counted, ids, NB - 1), counted
+
+
+@triton.jit
 def _add_to_totals(ids, scratch_ptr, num_experts, NB: tl.constexpr):
     """A tile's pairs added to the scratch totals by one vector atomic. ids: [TILE] int32,
     each pair's expert (NB - 1 for padding). Returns (the tile's tokens per expert [NB], the
@@ -162,8 +172,7 @@ def minmax_totals_kernel(
     and zeroes totals and counters for the assign kernel and the next call."""
     pid = tl.program_id(0)
     offs = pid * TILE + tl.arange(0, TILE)
-    ids = tl.load(ids_ptr + offs, mask=offs < _real_pairs(bound_ptr, top_k, num_ids, BOUND), other=-1).to(tl.int32)
-    ids = tl.where((ids >= 0) & (ids < num_experts), ids, NB - 1)
+    ids, _ = _counted_experts(ids_ptr, offs, _real_pairs(bound_ptr, top_k, num_ids, BOUND), num_experts, NB)
     _add_to_totals(ids, scratch_ptr, num_experts, NB)
     if SPLIT:
         if _last_to_finish(scratch_ptr, NB):
@@ -331,9 +340,8 @@ def minmax_fused_kernel(
     num_real = _real_pairs(bound_ptr, top_k, num_ids, BOUND)
     h = tl.zeros([NB], dtype=tl.int32)
     for i in range(0, iters):
-        offs = (pid * iters + i) * TILE + lanes
-        ids = tl.load(ids_ptr + offs, mask=offs < num_real, other=-1).to(tl.int32)
-        h += tl.histogram(tl.where((ids >= 0) & (ids < num_experts), ids, NB - 1), NB)
+        ids, _ = _counted_experts(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, num_experts, NB)
+        h += tl.histogram(ids, NB)
     tl.atomic_add(scratch_ptr + bins, h, mask=(bins < num_experts) & (h > 0), sem="relaxed")
     g_idx = tl.arange(0, BG)
     slot_hist = tl.zeros([NPB], dtype=tl.int32)

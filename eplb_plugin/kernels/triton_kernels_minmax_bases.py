@@ -17,6 +17,7 @@ import triton.language as tl
 
 from eplb_plugin.kernels.triton_kernels_minmax import (
     _add_to_totals,
+    _counted_experts,
     _last_to_finish,
     _place_pairs,
     _real_pairs,
@@ -46,9 +47,7 @@ def bases_totals_kernel(
     pid = tl.program_id(0)
     lanes = tl.arange(0, TILE)
     offs = pid * TILE + lanes
-    ids = tl.load(ids_ptr + offs, mask=offs < _real_pairs(bound_ptr, top_k, num_ids, BOUND), other=-1).to(tl.int32)
-    valid = (ids >= 0) & (ids < num_experts)
-    ids = tl.where(valid, ids, NB - 1)
+    ids, valid = _counted_experts(ids_ptr, offs, _real_pairs(bound_ptr, top_k, num_ids, BOUND), num_experts, NB)
     row = tl.load(multi_row_ptr + ids, mask=valid, other=-1).to(tl.int32)
     h, before = _add_to_totals(ids, scratch_ptr, num_experts, NB)
     CHUNKS: tl.constexpr = TILE // SUB
