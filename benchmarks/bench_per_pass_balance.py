@@ -71,7 +71,9 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
     """source: "past" (the last ``every`` passes), "next" (clairvoyant) or "same" (each pass).
     budget_share: a move budget of this share of all slots per rebalance, unused budget
     carried over ``carry`` rebalances as the manager does (``MoveCredit``; not on the first
-    plan, which starts from the trivial placement)."""
+    plan, which starts from the trivial placement). ``minmax_per_block``: the ``minmax``
+    balancedness of each ``every`` passes in a row (where a shift costs, and what steady
+    traffic reaches)."""
     num_layers = counts[0].shape[1]
     phy2log = np.broadcast_to(np.arange(num_slots) % NUM_LOGICAL, (num_layers, num_slots)).copy()
     scores: dict[str, list[float]] = {}
@@ -97,7 +99,9 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
             phy2log = new
         for name, value in score(counts[p], phy2log, num_gpus, score_iterations).items():
             scores.setdefault(name, []).append(value)
+    blocks = [scores["minmax"][b:b + every] for b in range(0, len(scores["minmax"]), every)]
     return {"balancedness_per_pass_mean": {k: float(np.mean(v)) for k, v in scores.items()},
+            "minmax_per_block": [round(float(np.mean(b)), 4) for b in blocks],
             "slots_moved_share_mean": float(np.mean(moved)) if moved else 0.0,
             "solver_ms_mean": 1e3 * float(np.mean(solver))}
 
@@ -224,7 +228,8 @@ def main(argv=None) -> int:
             bal = r["balancedness_per_pass_mean"]
             print(f"EP{num_gpus:<3}{num_slots:>4} slots  {name:>52}: static {bal['static']:.4f}  "
                   f"minmax {bal['minmax']:.4f}  minmax_local {bal['minmax_local']:.4f}  "
-                  f"moved {100 * r['slots_moved_share_mean']:5.1f}%  solver {r['solver_ms_mean']:.1f} ms")
+                  f"moved {100 * r['slots_moved_share_mean']:5.1f}%  solver {r['solver_ms_mean']:.1f} ms"
+                  f"  minmax per {ns.every} passes {' '.join(f'{b:.3f}' for b in r['minmax_per_block'])}")
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if ns.score_iterations == MINMAX_ITERATIONS else f"_iterations{ns.score_iterations}"
