@@ -112,9 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-passes", default="",
                    help="comma-separated passes that rank 0 runs under torch.profiler (each run)")
     p.add_argument("--profile-dir", default=None, help="where the profiles go (default: --out/profiles)")
-    p.add_argument("--minmax-fused", action="store_true",
-                   help="EP8 compute part: time minmax dispatch as the fused kernel (one launch; "
-                        "kernels/minmax_triton.py FUSED, off by default)")
+    p.add_argument("--minmax-two-launches", action="store_true",
+                   help="EP8 compute part: time minmax dispatch of small passes as two launches (totals and split, "
+                        "then assign) instead of the fused kernel (kernels/minmax_triton.py FUSED, on by default)")
     p.add_argument("--out", default=str(Path(__file__).with_name("results")))
     return p.parse_args(argv)
 
@@ -346,10 +346,10 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
 def main(argv=None) -> int:
     ns = parse_args(argv)
     cfg, runs, layout, workload = setup(ns)
-    if ns.minmax_fused:  # read at each call: the EP8 part's dispatchers (this process) take the fused kernel
+    if ns.minmax_two_launches:  # read at each call: the EP8 part's dispatchers (this process) take two launches
         from eplb_plugin.kernels import minmax_triton
 
-        minmax_triton.FUSED = True
+        minmax_triton.FUSED = False
     t0 = time.perf_counter()
     ep8_cfg = dataclasses.replace(cfg, batch_tokens=ns.ep8_batch_tokens or cfg.batch_tokens)
     if ns.ep8_only:

@@ -9,9 +9,8 @@ eagerly, per call), for T tokens x top-8 onto DeepSeek-V3's 256 experts in 288 s
 - static_lookup_and_count: the static table lookup fused with counting (the floor);
 - count_only: the recorder's count kernel on physical ids;
 - minmax_triton: the minmax kernels (totals + split, then choice and count), with the
-  settings varied (the small passes' ticket kernels as two launches or as one, the fused
-  kernel placing the pairs the split does not place early, the ticket kernels or the
-  per-chunk bases at every size, the chunk, no split steps); its graph's slot loads are
+  settings varied (the small passes' ticket kernels as two launches or as one, the ticket
+  kernels or the per-chunk bases at every size, the chunk, no split steps); its graph's slot loads are
   checked against the torch path's after the replays;
 - minmax_sglang / minmax_sglang_exchange: what SGLang's mapping runs per layer (int32 ids,
   a padding bound of 7/8 of the rows, int32 slots; with a one-rank count exchange of the
@@ -142,7 +141,6 @@ def time_variants(tokens: int, *, num_layers: int, replays: int, skip: tuple[str
     assert tables is not None
     settings = {"minmax_triton_two_launches": {"fused": False},  # the ticket kernels of small passes: two launches
                 "minmax_triton_fused": {"fused": True},  # ... one launch
-                "minmax_triton_fused_early": {"fused": True, "early": True},  # ... placing the unsplit pairs early
                 "minmax_triton_tickets": {"bases": False}, "minmax_triton_bases": {"bases": True},
                 "minmax_triton_bases_chunk_128": {"bases": True, "chunk": 128},
                 "minmax_triton_no_split_steps": {"iterations": 0}}  # equal shares: the rest's cost

@@ -6,7 +6,7 @@
 # (bench_minmax_dispatch.py); 3. the EP8 compute part (DeepSeek-V2-Lite sizes, ESFT replay)
 # at 2048 and 8192 tokens per pass: naive, EPLB with static dispatch, EPLB with minmax, the
 # per-pass policy with minmax, uniform routing (on the experts alone and on as many slots);
-# 4. the EP8 compute part at 2048 tokens again with minmax as the fused kernel (one launch).
+# 4. the EP8 compute part at 2048 tokens again with minmax's small passes as two launches (not fused).
 set -uo pipefail
 dest=${1:?usage: run_minmax_gpu.sh OUT_DIR [TRACES_DIR]}
 traces=${2:-}
@@ -26,4 +26,4 @@ step kernel_tests 120 python -m pytest -q -rs -p no:cacheprovider tests/test_min
 step minmax_cost 150 python benchmarks/bench_minmax_dispatch.py --skip-quality --out "$dest"
 step ep8_2048 120 python benchmarks/bench_end_to_end.py --device cuda --ep8-only "${workload[@]}" --batch-tokens 2048 --out "$dest"
 step ep8_8192 150 python benchmarks/bench_end_to_end.py --device cuda --ep8-only "${workload[@]}" --batch-tokens 8192 --out "$dest"
-step ep8_2048_fused 120 python benchmarks/bench_end_to_end.py --device cuda --ep8-only "${workload[@]}" --batch-tokens 2048 --minmax-fused --out "$dest"
+step ep8_2048_two_launches 120 python benchmarks/bench_end_to_end.py --device cuda --ep8-only "${workload[@]}" --batch-tokens 2048 --minmax-two-launches --out "$dest"

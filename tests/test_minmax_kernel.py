@@ -59,8 +59,7 @@ def test_kernel_dispatches_like_the_torch_path(seed, num_experts, num_slots, ep,
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 @pytest.mark.parametrize("seed, num_experts, num_slots, ep, tokens, top_k",
                          [(0, 16, 20, 4, 37, 4), (3, 256, 288, 8, 97, 8), (6, 16, 20, 4, 1500, 4)])
-@pytest.mark.parametrize("early", [False, True])
-def test_the_fused_kernel_dispatches_like_the_torch_path(seed, num_experts, num_slots, ep, tokens, top_k, early):
+def test_the_fused_kernel_dispatches_like_the_torch_path(seed, num_experts, num_slots, ep, tokens, top_k):
     """The fused kernel (one launch; in the interpreter one program over every tile): each
     pair on a replica of its expert, the torch path's slot loads within one pair, and the
     counts it adds exactly the slots it chose."""
@@ -74,7 +73,7 @@ def test_the_fused_kernel_dispatches_like_the_torch_path(seed, num_experts, num_
     counts = torch.zeros(2, num_slots, dtype=torch.int32, device=DEVICE)
     for layer in range(2):
         got = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=layer, num_slots=num_slots, counts_out=counts,
-                                     scratch=scratch, fused=True, early=early).cpu()
+                                     scratch=scratch, fused=True).cpu()
         assert scratch.counters[layer, -1].item() == 1  # the fused kernel ran: the layer's epoch moved on
         want = torch_path.dispatch(layer, ids)
         assert torch.equal(got == -1, ids == -1)
@@ -99,8 +98,8 @@ def test_kernel_follows_a_new_placement_copied_in_place():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-@pytest.mark.parametrize("fused, early", [(False, False), (True, False), (True, True)])
-def test_repeated_calls_leave_the_totals_zeroed_and_serve_the_same_slot_loads(fused, early):
+@pytest.mark.parametrize("fused", [False, True])
+def test_repeated_calls_leave_the_totals_zeroed_and_serve_the_same_slot_loads(fused):
     """The kernels keep per-layer counters between calls (the totals and the done count are
     zero between calls: the split zeroes them, and the tickets before the assign; the fused
     kernel moves the layer's epoch on by one a call), so a captured graph can replay them:
@@ -115,7 +114,7 @@ def test_repeated_calls_leave_the_totals_zeroed_and_serve_the_same_slot_loads(fu
     for call in range(3):
         for layer in (1, 0):
             out = minmax_dispatch_triton(ids.to(DEVICE), dispatcher.minmax, layer=layer, num_slots=72, scratch=scratch,
-                                         fused=fused, early=early)
+                                         fused=fused)
             nb = (scratch.counters.shape[1] - 2) // 2
             assert not scratch.counters[:, :nb].any() and not scratch.counters[:, 2 * nb].any()
             assert scratch.counters[layer, -1].item() == (call + 1 if fused else 0)  # the epoch
@@ -162,10 +161,9 @@ def test_ranks_splitting_on_the_pass_counts_serve_what_one_dispatcher_of_the_who
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-@pytest.mark.parametrize("bases, fused, early", [(False, True, False), (False, True, True), (False, False, False),
-                                                 (True, False, False)])
+@pytest.mark.parametrize("bases, fused", [(False, True), (False, False), (True, False)])
 @pytest.mark.parametrize("glob", [False, True])
-def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and_the_counts(bases, fused, early, glob):
+def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and_the_counts(bases, fused, glob):
     """minmax_dispatch(num_valid_rows=) on the kernels, which read the bound themselves: the
     real rows get the slot loads the torch reference gives those rows alone (with the same
     other ranks' counts, where the exchange gives some: a kernel that ignored them would
@@ -195,7 +193,7 @@ def test_kernels_leave_rows_that_pad_the_batch_out_of_the_split_the_exchange_and
 
     counts = torch.zeros(2, 20, dtype=torch.int32, device=DEVICE)
     got = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=1, num_slots=20, scratch=scratch, counts_out=counts,
-                                 exchange=exchange if glob else None, bases=bases, fused=fused, early=early,
+                                 exchange=exchange if glob else None, bases=bases, fused=fused,
                                  num_valid_rows=torch.tensor([real], device=DEVICE)).cpu()
     alone = minmax_dispatch(ids[:real].to(DEVICE), tables, layer=1, num_slots=20, use_kernel=False,
                             exchange=others if glob else None).cpu()
@@ -451,9 +449,8 @@ def test_a_graph_of_sglangs_mapping_and_hook_counts_each_layer_once_on_every_rep
                          [(256, 288, 8, 512, 8),  # DeepSeek-V3 decode: 32 programs wait for one split
                           (256, 288, 72, 1024, 8),  # 72 GPUs: 256 tiles of 32 pairs over at most one program per SM
                           (64, 72, 8, 1, 6)])  # one program
-@pytest.mark.parametrize("early", [False, True])
 def test_the_fused_kernel_in_a_graph_serves_the_torch_paths_loads_on_every_replay(num_experts, num_slots, ep, tokens,
-                                                                                  top_k, early):
+                                                                                  top_k):
     """The fused kernel's programs wait for the one that solves the split, on the GPU: 20
     layers in one CUDA graph, replayed 30 times; every replay serves the torch path's slot
     loads (within one pair per slot), counts each real pair once, and leaves each layer's
@@ -477,7 +474,7 @@ def test_the_fused_kernel_in_a_graph_serves_the_torch_paths_loads_on_every_repla
     def forward():
         for layer in range(num_layers):
             outs[layer].copy_(minmax_dispatch_triton(ids, tables, layer=layer, num_slots=num_slots, scratch=scratch,
-                                                     counts_out=counts, fused=True, early=early))
+                                                     counts_out=counts, fused=True))
 
     forward()  # compiles the kernel
     torch.cuda.synchronize()  # warm-up done before capture

@@ -234,12 +234,11 @@ def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_
 @triton.jit
 def _assign_tile(ids_ptr, offs, num_real, scratch_ptr, quotas_ptr, offsets_ptr, out_ptr, multi_row_ptr,
                  slot_on_gpu_ptr, home_slot_ptr, g_idx, num_ids, num_experts, num_gpus, GLOBAL: tl.constexpr,
-                 COUNT: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, NPB: tl.constexpr, PART: tl.constexpr = 0):
+                 COUNT: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, NPB: tl.constexpr):
     """The tile ``offs`` of pairs placed (a ticket each for a replicated expert's pair, as
-    ``minmax_assign_kernel`` says) and stored: PART 0 all of them, 1 those the split does
-    not place (before it is solved), 2 those it places. Returns those real pairs' slots as
-    an [NPB] histogram with COUNT (zeros without). A pair at or past ``num_real`` pads the
-    batch: it takes no ticket and is not counted. Shared by both ticket assign kernels."""
+    ``minmax_assign_kernel`` says) and stored. Returns those real pairs' slots as an [NPB]
+    histogram with COUNT (zeros without). A pair at or past ``num_real`` pads the batch: it
+    takes no ticket and is not counted. Shared by both ticket assign kernels."""
     ids = tl.load(ids_ptr + offs, mask=offs < num_ids, other=-1)
     valid = (ids >= 0) & (ids < num_experts)
     e = tl.where(valid, ids, 0).to(tl.int32)
@@ -247,22 +246,15 @@ def _assign_tile(ids_ptr, offs, num_real, scratch_ptr, quotas_ptr, offsets_ptr, 
     row = tl.load(multi_row_ptr + e, mask=real, other=-1).to(tl.int32)
     split = real & (row >= 0)
     store = offs < num_ids
-    if PART == 1:
-        store = store & ~split
-        physical = tl.where(valid, tl.load(home_slot_ptr + e, mask=valid & ~split, other=-1), -1)
-        tl.store(out_ptr + offs, physical.to(out_ptr.dtype.element_ty), mask=store)
-    else:
-        if PART == 2:
-            store = split
-        # One ticket per pair (measured slower on H100 at 512 and 16,384 tokens: a ticket per
-        # expert per tile, ranked by a sort of the tile or by a scan of its [tile, M] one-hot).
-        position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
-        if GLOBAL:
-            position += tl.load(offsets_ptr + e, mask=split, other=0)
-        physical = _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr,
-                                out_ptr, offs, store, num_gpus, BG)
+    # One ticket per pair (measured slower on H100 at 512 and 16,384 tokens: a ticket per
+    # expert per tile, ranked by a sort of the tile or by a scan of its [tile, M] one-hot).
+    position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
+    if GLOBAL:
+        position += tl.load(offsets_ptr + e, mask=split, other=0)
+    physical = _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr,
+                            out_ptr, offs, store, num_gpus, BG)
     if COUNT:
-        return tl.histogram(tl.where(real & store, physical, NPB - 1).to(tl.int32), NPB)
+        return tl.histogram(tl.where(real, physical, NPB - 1).to(tl.int32), NPB)
     return tl.zeros([NPB], dtype=tl.int32)
 
 
@@ -321,7 +313,7 @@ def minmax_fused_kernel(
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
     num_ids, top_k, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots, momentum,
     COUNT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
-    BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr, EARLY: tl.constexpr,
+    BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr,
 ):
     """The totals, the split and the assign in one launch (passes seen whole: no exchange).
     Each program counts its tiles ``[pid * iters, (pid + 1) * iters)`` into the totals;
@@ -329,8 +321,7 @@ def minmax_fused_kernel(
     done count zeroed) and moves the layer's epoch on; the others wait for the epoch to
     move (so every program of the grid must be resident at once: the host keeps the grid
     at most one program per SM), then each places its tiles' pairs as the assign kernel
-    does (with EARLY, the pairs the split does not place before the wait, the others
-    after). The epoch is read before the program counts itself done, so it is the one the
+    does. The epoch is read before the program counts itself done, so it is the one the
     last program moves on; no reset is needed between calls."""
     pid = tl.program_id(0)
     lanes = tl.arange(0, TILE)
@@ -352,12 +343,6 @@ def minmax_fused_kernel(
                num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
         tl.debug_barrier()  # every thread's quotas and zeroed tickets are in before the epoch moves
         tl.atomic_xchg(epoch_ptr, epoch + 1, sem="release")
-    if EARLY:  # the pairs the split does not place, while it is solved (offsets: an unused pointer)
-        for i in range(0, iters):
-            slot_hist += _assign_tile(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, scratch_ptr, quotas_ptr,
-                                      scratch_ptr, out_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, g_idx,
-                                      num_ids, num_experts, num_gpus, GLOBAL=False, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB,
-                                      PART=1)
     if not last:
         while tl.load(epoch_ptr, volatile=True) == epoch:
             pass
@@ -366,6 +351,5 @@ def minmax_fused_kernel(
     for i in range(0, iters):
         slot_hist += _assign_tile(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, scratch_ptr, quotas_ptr,
                                   scratch_ptr, out_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, g_idx, num_ids,
-                                  num_experts, num_gpus, GLOBAL=False, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB,
-                                  PART=2 * EARLY)
+                                  num_experts, num_gpus, GLOBAL=False, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB)
     _add_slot_counts(slot_hist, counts_ptr, counts_offset, num_slots, COUNT=COUNT, NPB=NPB)
