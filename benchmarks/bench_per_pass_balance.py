@@ -10,7 +10,10 @@ current placement as ``previous``); every pass after the first plan is scored on
 - ``minmax_local``: each rank splits its own tokens (``--ep-dispatch-counts local``).
 
 The per-pass policy also runs with a move budget of ``MOVE_BUDGET_SHARE`` of the slots per
-rebalance, with unused budget carried over as the manager does by default and as a hard cap. References: the clairvoyant plan (made on the next ``--every`` passes) and the same-pass
+rebalance, with unused budget carried over as the manager does by default and as a hard cap,
+and with the manager's drift trigger (``--eplb-drift-threshold`` ``DRIFT_THRESHOLD``, checked
+every ``DRIFT_CHECK_EVERY`` passes; a drifted layer is re-planned alone on the last
+``--drift-passes`` passes), with and without the budget. References: the clairvoyant plan (made on the next ``--every`` passes) and the same-pass
 plan (made on the pass it serves), both with the project's equal-split policy. Slots moved
 per rebalance are counted against the previous placement (the first plan, from the trivial
 placement, excluded). Exits cleanly where the traces are absent.
@@ -48,10 +51,14 @@ from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import layer_balancedness
 from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS
 from eplb_plugin.manager.planning import MoveCredit
+from eplb_plugin.manager.planning import budget_share as budget_share_of
+from eplb_plugin.triggers import drifted_layers
 
 PLANNERS = ("eplb_plugin_equal", "eplb_plugin_perpass", "deepseek", "deepseek_vec")
 MOVE_BUDGET_SHARE = 0.10  # the budgeted per-pass rows: this share of slots moved per rebalance on average
 MOVE_BUDGET_CARRY = EPLBArgs.eplb_move_budget_carry  # the manager's default (--eplb-move-budget-carry)
+DRIFT_THRESHOLD = 0.95  # the drift row's --eplb-drift-threshold
+DRIFT_CHECK_EVERY = 2  # passes between the drift row's checks (the manager's check_every_passes)
 
 
 def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int, steps: int = MINMAX_ITERATIONS) -> dict[str, float]:
@@ -67,42 +74,64 @@ def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int, steps: int =
 
 def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: int, planner: str,
            source: str = "past", budget_share: float | None = None, carry: int = MOVE_BUDGET_CARRY,
-           score_iterations: int = MINMAX_ITERATIONS) -> dict:
+           score_iterations: int = MINMAX_ITERATIONS, drift: float | None = None,
+           drift_passes: int = DRIFT_CHECK_EVERY) -> dict:
     """source: "past" (the last ``every`` passes), "next" (clairvoyant) or "same" (each pass).
     budget_share: a move budget of this share of all slots per rebalance, unused budget
     carried over ``carry`` rebalances as the manager does (``MoveCredit``; not on the first
-    plan, which starts from the trivial placement). ``minmax_per_block``: the ``minmax``
-    balancedness of each ``every`` passes in a row (where a shift costs, and what steady
-    traffic reaches)."""
+    plan, which starts from the trivial placement). drift: as ``--eplb-drift-threshold``
+    does in the manager, every ``DRIFT_CHECK_EVERY`` passes between two re-plans the layers
+    whose window load's cosine to the load they were last planned on fell below it are
+    re-planned alone, on the last ``drift_passes`` passes (``--eplb-drift-window-passes``),
+    granted the budget's share of the passes since the last re-plan; the interval keeps its
+    schedule. ``minmax_per_block``: the ``minmax`` balancedness of each ``every`` passes in
+    a row (where a shift costs, and what steady traffic reaches). ``slots_moved_share_mean``:
+    slots moved per ``every`` passes (per rebalance without drift), after the first plan."""
     num_layers = counts[0].shape[1]
     phy2log = np.broadcast_to(np.arange(num_slots) % NUM_LOGICAL, (num_layers, num_slots)).copy()
     scores: dict[str, list[float]] = {}
-    moved, solver = [], []
+    moved, solver, drifts = [], [], []
     per_rebalance = None if budget_share is None else int(budget_share * phy2log.size)
     credit = MoveCredit(carry=carry)
+    planned_on = torch.zeros(num_layers, NUM_LOGICAL, dtype=torch.float64)  # each layer's load when last planned
+    last_grant = every
     for p in range(every, len(counts)):
         due = source == "same" or p % every == 0
-        if due:
-            rows = {"past": range(p - every, p), "next": range(p, min(p + every, len(counts))), "same": [p]}[source]
+        layers = None
+        if not due and drift is not None and p % DRIFT_CHECK_EVERY == 0:
+            load = torch.from_numpy(np.stack([counts[q].sum(0) for q in range(p - every, p)]).sum(0)).double()
+            layers = drifted_layers(load, planned_on, drift).nonzero().flatten().tolist() or None
+        if due or layers:
+            rows = {"past": range(p - (every if layers is None else drift_passes), p),
+                    "next": range(p, min(p + every, len(counts))), "same": [p]}[source]
             window = np.stack([counts[q].sum(0) for q in rows])  # [B, L, E] whole-pass counts
+            chosen = slice(None) if layers is None else layers
             start = time.perf_counter()
-            budget = {} if per_rebalance is None or p == every else {"max_slots_moved": credit.grant(per_rebalance)}
-            placement = plan(window, num_physical_experts=num_slots, num_gpus=num_gpus, algorithm=planner,
-                             previous=phy2log, **budget)
+            share = 1.0 if layers is None else budget_share_of(p - last_grant, every, drift=True)
+            budget = {} if per_rebalance is None or p == every else {
+                "max_slots_moved": credit.grant(per_rebalance, share)}
+            placement = plan(window[:, chosen], num_physical_experts=num_slots, num_gpus=num_gpus, algorithm=planner,
+                             previous=phy2log[chosen], **budget)
             solver.append(time.perf_counter() - start)
-            new = placement.physical_to_logical_map.numpy()
             if p > every:
                 changed = int(placement.slots_moved)
                 moved.append(changed / phy2log.size)
                 if per_rebalance is not None:
                     credit.spend(changed)
-            phy2log = new
+            phy2log = phy2log.copy()
+            phy2log[chosen] = placement.physical_to_logical_map.numpy()
+            planned_on[chosen] = torch.from_numpy(window.sum(0)[chosen]).double()
+            last_grant = p
+            if layers is not None:
+                drifts.append({"pass": p, "layers": len(layers)})
         for name, value in score(counts[p], phy2log, num_gpus, score_iterations).items():
             scores.setdefault(name, []).append(value)
     blocks = [scores["minmax"][b:b + every] for b in range(0, len(scores["minmax"]), every)]
+    intervals = len(range(2 * every, len(counts), every)) if source != "same" else len(moved)
     return {"balancedness_per_pass_mean": {k: float(np.mean(v)) for k, v in scores.items()},
             "minmax_per_block": [round(float(np.mean(b)), 4) for b in blocks],
-            "slots_moved_share_mean": float(np.mean(moved)) if moved else 0.0,
+            "slots_moved_share_mean": float(np.sum(moved) / max(1, intervals)) if moved else 0.0,
+            "drift_rebalances": drifts,
             "solver_ms_mean": 1e3 * float(np.mean(solver))}
 
 
@@ -179,6 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=0,
                     help="instead: the default budgeted row (10%% carried) with the per-pass search seeded 0 .. N-1 "
                          "(perpass.PERPASS_SEED), the spread of the seeded search; writes per_pass_balance_<traffic>_cpu_seeds.json")
+    ap.add_argument("--drift-passes", type=int, default=DRIFT_CHECK_EVERY,
+                    help="the drift rows: passes a drift re-plan plans on (--eplb-drift-window-passes; default: "
+                         "the passes between two checks, as in the manager)")
     ns = ap.parse_args(argv)
     if ns.planner_time:
         t0 = time.perf_counter()
@@ -217,6 +249,13 @@ def main(argv=None) -> int:
         runs[f"eplb_plugin_perpass, move budget {MOVE_BUDGET_SHARE:.0%} of slots, hard cap (carry 0)"] = replay(
             counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_perpass",
             budget_share=MOVE_BUDGET_SHARE, carry=0, score_iterations=ns.score_iterations)
+        drift = dict(drift=DRIFT_THRESHOLD, drift_passes=ns.drift_passes, score_iterations=ns.score_iterations)
+        runs[f"eplb_plugin_perpass, drift {DRIFT_THRESHOLD} (last {ns.drift_passes} passes)"] = replay(
+            counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_perpass", **drift)
+        runs[f"eplb_plugin_perpass, move budget {MOVE_BUDGET_SHARE:.0%} of slots, carry {MOVE_BUDGET_CARRY}, "
+             f"drift {DRIFT_THRESHOLD} (last {ns.drift_passes} passes)"] = replay(
+            counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_perpass",
+            budget_share=MOVE_BUDGET_SHARE, **drift)
         runs["clairvoyant (eplb_plugin_equal on the next passes)"] = replay(
             counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_equal", source="next",
             score_iterations=ns.score_iterations)
@@ -235,13 +274,15 @@ def main(argv=None) -> int:
     suffix = "" if ns.score_iterations == MINMAX_ITERATIONS else f"_iterations{ns.score_iterations}"
     suffix += "_seeds" if ns.seeds else ""
     suffix += f"_every{ns.every}" if ns.every != 8 else ""
+    suffix += f"_drift{ns.drift_passes}" if ns.drift_passes != DRIFT_CHECK_EVERY else ""
     path = out / f"per_pass_balance_{ns.traffic}_cpu{suffix}.json"
     path.write_text(json.dumps({
         "benchmark": "per_pass_balance", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "traces": {"esft": list(ESFT_TRACES), "olmoe": [OLMOE_TRACE],
                    "sequences": "synthetic: _traces.sequence_mixture_ids() defaults"}[ns.traffic],
         "pass_tokens": ns.pass_tokens, "every": ns.every,
-        "minmax_score_iterations": ns.score_iterations,
+        "minmax_score_iterations": ns.score_iterations, "drift_threshold": DRIFT_THRESHOLD,
+        "drift_check_every": DRIFT_CHECK_EVERY,
         "scored": "every pass after the first plan", "results": results, "wall_s": time.perf_counter() - t0,
     }, indent=1))
     print(f"wrote {path}")

@@ -119,6 +119,12 @@ class EPLBArgs:
         default=None,
         sglang=False,
     )
+    eplb_drift_window_passes: Optional[int] = _flag(
+        "A drift rebalance plans its layers on the window's last this many passes (the load since the "
+        "drift), not the whole window; default: the passes between two drift checks.",
+        default=None,
+        sglang=False,
+    )
     eplb_transfer_budget_mb: float = _flag(
         "Temporary memory the weight mover may use per rank, in MiB.", default=1024.0, sglang=False
     )
@@ -147,8 +153,8 @@ class EPLBArgs:
     eplb_move_budget_mb: Optional[float] = _flag(
         "At most this many MiB of expert weights move per rebalance on average (all ranks together): "
         "the planner spends them where the per-pass balance gains most per slot moved (policies with a "
-        "move budget: eplb_plugin_perpass); unused budget carries over (--eplb-move-budget-carry). "
-        "Default: no limit.",
+        "move budget: eplb_plugin_perpass); unused budget carries over (--eplb-move-budget-carry); a drift "
+        "rebalance gets the share of the interval since the last rebalance. Default: no limit.",
         default=None,
         sglang=False,
     )
@@ -239,6 +245,9 @@ class EPLBArgs:
             raise ConfigError(f"--ep-num-redundant-experts must be >= 0 (got {self.ep_num_redundant_experts})")
         if self.eplb_drift_threshold is not None and not 0.0 < self.eplb_drift_threshold <= 1.0:
             raise ConfigError(f"--eplb-drift-threshold must be in (0, 1] (got {self.eplb_drift_threshold})")
+        passes = self.eplb_drift_window_passes
+        if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 1):
+            raise ConfigError(f"--eplb-drift-window-passes must be an int >= 1 or unset (got {passes!r})")
         amounts = {  # inf or NaN would reach the waits and the planner (inf MiB -> NaN slots)
             "--eplb-rebalance-interval-s": self.eplb_rebalance_interval_s,
             "--eplb-transfer-budget-mb": self.eplb_transfer_budget_mb,

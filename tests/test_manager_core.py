@@ -67,12 +67,12 @@ class FakeJob:
         self.cancelled = wait_s
 
 
-def build(**kwargs):
+def build(args: EPLBArgs | None = None, window_type: type[FakeWindow] = FakeWindow, **kwargs):
     """A manager over one process, its window, its weights (one [P, 1] tensor per layer whose
     rows name the slot's expert) and the planning jobs it starts."""
     location = ExpertLocation.trivial(num_layers=NUM_LAYERS, num_logical_experts=NUM_EXPERTS,
                                       num_physical_experts=NUM_SLOTS, ep_size=2)
-    window = FakeWindow(location)
+    window = window_type(location)
     weights = [[location.physical_to_logical_map[layer].to(torch.float32).view(-1, 1)] for layer in range(NUM_LAYERS)]
     jobs: list[FakeJob] = []
 
@@ -80,7 +80,7 @@ def build(**kwargs):
         jobs.append(FakeJob(planner, counts, job_kwargs))
         return jobs[-1]
 
-    args = EPLBArgs(ep_size=2, enable_eplb=True, eplb_rebalance_num_iterations=10_000).resolve()
+    args = args or EPLBArgs(ep_size=2, enable_eplb=True, eplb_rebalance_num_iterations=10_000).resolve()
     manager = EPLBManager(args, location=location, recorder=window, expert_weights=weights,
                           planning_job=start_job, **kwargs)
     return manager, window, weights, jobs
@@ -241,3 +241,102 @@ def test_under_minmax_a_plan_that_moves_nothing_predicts_the_balancedness_the_wi
     assert record.balancedness_before == pytest.approx(130 / 165)  # GPU loads 65 + 100 and 65 + 30
     assert record.balancedness_predicted == pytest.approx(record.balancedness_before, abs=1e-9)
     manager.close()
+
+
+class PassWindow(FakeWindow):
+    """A LoadWindow of explicit passes ([B, L, E]; the test replaces them as traffic changes)."""
+
+    def __init__(self, location: ExpertLocation):
+        super().__init__(location)
+        self.passes = torch.tensor([[[10.0, 10.0, 100.0, 10.0]] * NUM_LAYERS] * 4)
+
+    def logical_count_passes(self) -> torch.Tensor:
+        return self.passes
+
+    def logical_count_window(self) -> torch.Tensor:
+        return self.passes.sum(0)
+
+
+def _drifting(interval: int = 6, **flags):
+    args = EPLBArgs(ep_size=2, enable_eplb=True, eplb_rebalance_num_iterations=interval, eplb_drift_threshold=0.9,
+                    **flags).resolve()
+    return build(args, window_type=PassWindow, check_every_passes=1)
+
+
+def _finish(manager, job) -> None:
+    """Hand the job its layers' live maps back (a plan that moves nothing) and run the pass
+    that ends it."""
+    job.outcome = PlanOutcome(SimpleNamespace(physical_to_logical_map=job.kwargs["previous"].clone(),
+                                              replica_weights=None), None)
+    manager.on_forward_pass_end()
+    assert not manager.busy
+
+
+def test_a_drift_rebalance_of_some_layers_does_not_postpone_the_interval_rebalance_of_the_others():
+    """The interval is every layer's: a drift rebalance of layer 0 three passes after the
+    interval rebalance leaves the next interval rebalance where it was (pass 12, not 15)."""
+    manager, window, _, jobs = _drifting()
+    for _ in range(6):
+        manager.on_forward_pass_end()
+    assert [r.trigger for r in manager.history] == ["interval"] and manager.history[0].start_pass == 6
+    _finish(manager, jobs[-1])  # pass 7
+    window.passes = window.passes.clone()
+    window.passes[:, 0] = torch.tensor([100.0, 10.0, 10.0, 10.0])  # layer 0's hot expert moves
+    manager.on_forward_pass_end()  # pass 8: the drift check
+    assert [r.trigger for r in manager.history] == ["interval", "drift"] and manager.history[1].layers == [0]
+    _finish(manager, jobs[-1])  # pass 9
+    while len(manager.history) < 3:
+        manager.on_forward_pass_end()
+    assert manager.history[2].trigger == "interval" and manager.history[2].start_pass == 12
+
+
+def test_a_drift_rebalance_keeps_the_load_the_other_layers_were_planned_on():
+    """Drift is measured from the load a layer was last planned on: a drift rebalance of
+    layer 0 does not make layer 1's load at that time its new reference, so layer 1's load
+    drifting in two small steps (each above the threshold, together below it) is caught."""
+    manager, window, _, jobs = _drifting(interval=10_000)
+    manager.rebalance_now()
+    manager.on_forward_pass_end()
+    _finish(manager, jobs[-1])  # planned on expert 2 hot in both layers
+    window.passes = window.passes.clone()
+    window.passes[:, 0] = torch.tensor([100.0, 10.0, 10.0, 10.0])  # layer 0 drifts ...
+    window.passes[:, 1] = torch.tensor([10.0, 45.0, 100.0, 10.0])  # ... layer 1 a little (cosine 0.95)
+    manager.on_forward_pass_end()
+    assert manager.history[-1].trigger == "drift" and manager.history[-1].layers == [0]
+    _finish(manager, jobs[-1])
+    window.passes[:, 1] = torch.tensor([10.0, 80.0, 100.0, 10.0])  # cosine 0.97 to the last step, 0.84 to the plan
+    manager.on_forward_pass_end()
+    assert manager.history[-1].trigger == "drift" and manager.history[-1].layers == [1]
+
+
+def test_a_drift_rebalance_plans_on_the_last_passes_of_the_window():
+    """--eplb-drift-window-passes 2: the drifted layers are planned on the window's last 2
+    passes (the load after the shift), summed for a policy of sums and as passes for a
+    per-pass policy; an interval rebalance still plans on the whole window."""
+    for policy, per_pass in (("eplb_plugin", False), ("eplb_plugin_perpass", True)):
+        manager, window, _, jobs = _drifting(interval=10_000, eplb_algorithm=policy, eplb_drift_window_passes=2)
+        manager.rebalance_now()
+        manager.on_forward_pass_end()
+        assert jobs[-1].counts.shape[-3:] == ((4, 2, 4) if per_pass else (2, 4))  # the whole window
+        _finish(manager, jobs[-1])
+        window.passes = window.passes.clone()
+        window.passes[2:, 0] = torch.tensor([100.0, 10.0, 10.0, 10.0])  # layer 0's last two passes change
+        manager.on_forward_pass_end()
+        assert manager.history[-1].trigger == "drift" and manager.history[-1].layers == [0]
+        want = window.passes[2:, :1].to(torch.float64)
+        assert torch.equal(jobs[-1].counts, want if per_pass else want.sum(0)), policy
+
+
+def test_a_drift_rebalance_is_granted_the_move_budget_of_its_passes():
+    """The move budget is a rate: with 4 slots per 6-pass interval, the interval rebalance at
+    pass 6 may move 4, and a drift rebalance 2 passes later the 4 it left plus a third of a
+    budget (1), not another whole budget."""
+    manager, window, _, jobs = _drifting(eplb_algorithm="eplb_plugin_perpass", eplb_move_budget_mb=16 / 2**20)
+    for _ in range(6):
+        manager.on_forward_pass_end()
+    assert jobs[-1].kwargs["max_slots_moved"] == 4
+    _finish(manager, jobs[-1])  # pass 7
+    window.passes = window.passes.clone()
+    window.passes[:, 0] = torch.tensor([100.0, 10.0, 10.0, 10.0])
+    manager.on_forward_pass_end()  # pass 8
+    assert manager.history[-1].trigger == "drift" and jobs[-1].kwargs["max_slots_moved"] == 5

@@ -140,8 +140,9 @@ class EPLBManager:
         self.history = self._history.records  # the newest ``history_limit`` (None: all)
         self.totals = self._history.totals  # every rebalance that ended, whatever history kept
         self.num_passes = 0
-        self._last_rebalance_pass = 0
+        self._last_rebalance_pass = 0  # of the last rebalance that was not a drift's (the interval's start)
         self._last_rebalance_time = clock()
+        self._last_grant_pass = 0  # of the last rebalance of any trigger that planned (the move budget's)
         self._planned_on: torch.Tensor | None = None  # [L, E] float64 loads of the last plan
         self._phase = Phase.IDLE
         self._record: RebalanceRecord | None = None
@@ -279,10 +280,14 @@ class EPLBManager:
 
     def _start(self, trigger: str, layers: list[int] | None) -> None:
         record = self._history.open(trigger, self.num_passes)
-        self._last_rebalance_pass = self.num_passes
-        self._last_rebalance_time = self.clock()
+        if trigger != "drift":  # the interval and the clock are every layer's: a drift of some layers keeps them
+            self._last_rebalance_pass = self.num_passes
+            self._last_rebalance_time = self.clock()
         self._started = time.perf_counter()
-        logical, physical = planning.gather_window(self.recorder, self.group, per_pass=self._policy.per_pass)
+        # A drift rebalance plans on the load since the drift: the window's last passes.
+        recent = (self.args.eplb_drift_window_passes or self.check_every_passes) if trigger == "drift" else None
+        logical, physical = planning.gather_window(self.recorder, self.group, per_pass=self._policy.per_pass,
+                                                   last_passes=recent)
         self.recorder.eplb_window_gathered()
         record.balancedness_before = balancedness(gpu_loads(physical, self.location.ep_size))
         self._history.fill_achieved(record.balancedness_before)
@@ -299,7 +304,12 @@ class EPLBManager:
         self._outcome = None
         self._plan_started = time.perf_counter()
         per_rebalance = self._policy.max_slots_moved
-        budget = None if per_rebalance is None else self._move_credit.grant(per_rebalance)
+        budget = None
+        if per_rebalance is not None:  # a rate: a drift rebalance between two others gets its passes' share
+            share = planning.budget_share(self.num_passes - self._last_grant_pass,
+                                          self.args.eplb_rebalance_num_iterations, drift=trigger == "drift")
+            budget = self._move_credit.grant(per_rebalance, share)
+        self._last_grant_pass = self.num_passes
         # A drift rebalance plans its layers alone: a move budget is theirs, and the others keep their maps.
         self._plan_layers = None if len(record.layers) == self.location.num_layers else record.layers
         # At most one plan runs: while a timed-out plan still runs (it cannot be interrupted),
@@ -355,7 +365,10 @@ class EPLBManager:
             self._move_credit.spend(targets.slots_changed(loc.physical_to_logical_map,
                                                           target_location.physical_to_logical_map))
         record.balancedness_predicted = plan.predicted  # scored by rank 0's planning thread
-        self._planned_on = self._counts
+        if self._planned_on is None or self._plan_layers is None:
+            self._planned_on = self._counts.clone()
+        else:  # the other layers' drift stays measured from the load they were planned on
+            self._planned_on[self._plan_layers] = self._counts[self._plan_layers]
         # Layers without routed experts (dense layers: no weight tensors) move nothing: their
         # new map goes live now, with the reweighted ones.
         weightless = [layer for layer in record.layers if not self.expert_weights[layer]]

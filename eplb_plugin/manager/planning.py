@@ -83,7 +83,8 @@ class PolicyChoice:
 class MoveCredit:
     """The move budget's account across rebalances, in slots: each plan is granted one
     rebalance's budget more (``grant(per_rebalance)``; the manager's is
-    ``PolicyChoice.max_slots_moved``), unused slots carry over up to ``1 + carry`` budgets
+    ``PolicyChoice.max_slots_moved``; ``budget_share`` of it for a drift rebalance), unused
+    slots carry over up to ``1 + carry`` budgets
     (``--eplb-move-budget-carry``), and the slots a plan changes are spent, so the average
     per rebalance stays within the budget while one rebalance can follow a shift in traffic
     with the budget saved before it."""
@@ -91,14 +92,23 @@ class MoveCredit:
     carry: int
     balance: int = 0
 
-    def grant(self, per_rebalance: int) -> int:
-        """Add one rebalance's budget, ``per_rebalance`` slots; the slots the next plan may move."""
-        self.balance = min(self.balance + per_rebalance, (1 + self.carry) * per_rebalance)
+    def grant(self, per_rebalance: int, share: float = 1.0) -> int:
+        """Add ``share`` of one rebalance's budget of ``per_rebalance`` slots (at most ``1 +
+        carry`` budgets kept); the slots the next plan may move."""
+        self.balance = min(self.balance + round(share * per_rebalance), (1 + self.carry) * per_rebalance)
         return self.balance
 
     def spend(self, slots: int) -> None:
         """A plan that changes ``slots`` slots was accepted."""
         self.balance = max(0, self.balance - slots)
+
+
+def budget_share(passes_since: int, interval: int, *, drift: bool) -> float:
+    """The share of one rebalance's move budget a rebalance is granted (``MoveCredit.grant``):
+    a drift rebalance gets the share of the interval (``--eplb-rebalance-num-iterations``)
+    since the last rebalance of any kind, so extra drift rebalances keep the rate of moves
+    within the budget; any other rebalance gets a whole budget."""
+    return min(1.0, max(0, passes_since) / max(1, interval)) if drift else 1.0
 
 
 class PlanOutcome(NamedTuple):
@@ -317,12 +327,17 @@ def broadcast_plan(placement: Any, *, shape: tuple[int, int], group: Any,
     return ReceivedPlan(new_map, weights if extras[0] else None, float(extras[1]))
 
 
-def gather_window(window: LoadWindow, group: Any, *, per_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_window(window: LoadWindow, group: Any, *, per_pass: bool,
+                  last_passes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The load window summed over ranks, float64 on CPU: (logical counts, [L, E], or
     [B, L, E] with ``per_pass``: the window's passes in at most MAX_PLAN_PASSES buckets;
-    physical counts, [L, P]). Collective: every rank calls it at the same pass, and then plans
-    from (and checks) the same counts."""
-    if per_pass:
+    physical counts, [L, P]). last_passes: the logical counts of the window's last passes
+    only (all it has, if fewer); the physical counts stay the whole window's. Collective:
+    every rank calls it at the same pass, and then plans from (and checks) the same counts."""
+    if last_passes is not None:
+        passes = window.logical_count_passes()[-last_passes:].to("cpu", torch.float64)
+        logical = plan_passes(passes) if per_pass else passes.sum(0)
+    elif per_pass:
         logical = plan_passes(window.logical_count_passes().to("cpu", torch.float64))
     else:
         logical = window.logical_count_window().to("cpu", torch.float64)
