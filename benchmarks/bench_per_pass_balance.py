@@ -82,11 +82,12 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
     plan, which starts from the trivial placement). drift: as ``--eplb-drift-threshold``
     does in the manager, every ``DRIFT_CHECK_EVERY`` passes between two re-plans the layers
     whose window load's cosine to the load they were last planned on fell below it are
-    re-planned alone, on the last ``drift_passes`` passes (``--eplb-drift-window-passes``),
-    granted the budget's share of the passes since the last re-plan; the interval keeps its
-    schedule. ``minmax_per_block``: the ``minmax`` balancedness of each ``every`` passes in
-    a row (where a shift costs, and what steady traffic reaches). ``slots_moved_share_mean``:
-    slots moved per ``every`` passes (per rebalance without drift), after the first plan."""
+    re-planned alone, on the last ``drift_passes`` passes (``--eplb-drift-window-passes``);
+    the interval keeps its schedule, and every re-plan is granted the budget's share of the
+    passes since the last one (``budget_share``: a rate). ``minmax_per_block``: the
+    ``minmax`` balancedness of each ``every`` passes in a row (where a shift costs, and what
+    steady traffic reaches). ``slots_moved_share_mean``: slots moved per ``every`` passes
+    (per rebalance without drift), after the first plan."""
     num_layers = counts[0].shape[1]
     phy2log = np.broadcast_to(np.arange(num_slots) % NUM_LOGICAL, (num_layers, num_slots)).copy()
     scores: dict[str, list[float]] = {}
@@ -107,7 +108,7 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
             window = np.stack([counts[q].sum(0) for q in rows])  # [B, L, E] whole-pass counts
             chosen = slice(None) if layers is None else layers
             start = time.perf_counter()
-            share = 1.0 if layers is None else budget_share_of(p - last_grant, every, drift=True)
+            share = budget_share_of(p - last_grant, every)
             budget = {} if per_rebalance is None or p == every else {
                 "max_slots_moved": credit.grant(per_rebalance, share)}
             placement = plan(window[:, chosen], num_physical_experts=num_slots, num_gpus=num_gpus, algorithm=planner,

@@ -153,8 +153,8 @@ class EPLBArgs:
     eplb_move_budget_mb: Optional[float] = _flag(
         "At most this many MiB of expert weights move per rebalance on average (all ranks together): "
         "the planner spends them where the per-pass balance gains most per slot moved (policies with a "
-        "move budget: eplb_plugin_perpass); unused budget carries over (--eplb-move-budget-carry); a drift "
-        "rebalance gets the share of the interval since the last rebalance. Default: no limit.",
+        "move budget: eplb_plugin_perpass); unused budget carries over (--eplb-move-budget-carry); a budget per "
+        "interval: a rebalance in between (drift, manual) takes the share of its passes. Default: no limit.",
         default=None,
         sglang=False,
     )
@@ -248,6 +248,9 @@ class EPLBArgs:
         passes = self.eplb_drift_window_passes
         if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 1):
             raise ConfigError(f"--eplb-drift-window-passes must be an int >= 1 or unset (got {passes!r})")
+        if passes is not None and self.eplb_drift_threshold is None:
+            raise ConfigError("--eplb-drift-window-passes needs --eplb-drift-threshold (it sets what a drift "
+                              "rebalance plans on)")
         amounts = {  # inf or NaN would reach the waits and the planner (inf MiB -> NaN slots)
             "--eplb-rebalance-interval-s": self.eplb_rebalance_interval_s,
             "--eplb-transfer-budget-mb": self.eplb_transfer_budget_mb,

@@ -90,6 +90,8 @@ def test_explicit_choices_survive_resolution():
         (dict(expert_distribution_recorder_buffer_size=0), ("--expert-distribution-recorder-buffer-size",)),
         (dict(eplb_rebalance_layers_per_chunk=0), ("--eplb-rebalance-layers-per-chunk",)),
         (dict(eplb_drift_threshold=0.0), ("--eplb-drift-threshold",)),
+        (dict(eplb_drift_threshold=0.9, eplb_drift_window_passes=0), ("--eplb-drift-window-passes",)),
+        (dict(eplb_drift_window_passes=4), ("--eplb-drift-window-passes", "--eplb-drift-threshold")),
         (dict(ep_num_redundant_experts=-1), ("--ep-num-redundant-experts",)),
     ],
 )

@@ -305,9 +305,9 @@ class EPLBManager:
         self._plan_started = time.perf_counter()
         per_rebalance = self._policy.max_slots_moved
         budget = None
-        if per_rebalance is not None:  # a rate: a drift rebalance between two others gets its passes' share
+        if per_rebalance is not None:  # a rate: a budget per interval, shared by the rebalances within it
             share = planning.budget_share(self.num_passes - self._last_grant_pass,
-                                          self.args.eplb_rebalance_num_iterations, drift=trigger == "drift")
+                                          self.args.eplb_rebalance_num_iterations)
             budget = self._move_credit.grant(per_rebalance, share)
         self._last_grant_pass = self.num_passes
         # A drift rebalance plans its layers alone: a move budget is theirs, and the others keep their maps.

@@ -83,7 +83,7 @@ class PolicyChoice:
 class MoveCredit:
     """The move budget's account across rebalances, in slots: each plan is granted one
     rebalance's budget more (``grant(per_rebalance)``; the manager's is
-    ``PolicyChoice.max_slots_moved``; ``budget_share`` of it for a drift rebalance), unused
+    ``PolicyChoice.max_slots_moved``, times ``budget_share``: a budget per interval), unused
     slots carry over up to ``1 + carry`` budgets
     (``--eplb-move-budget-carry``), and the slots a plan changes are spent, so the average
     per rebalance stays within the budget while one rebalance can follow a shift in traffic
@@ -103,12 +103,12 @@ class MoveCredit:
         self.balance = max(0, self.balance - slots)
 
 
-def budget_share(passes_since: int, interval: int, *, drift: bool) -> float:
+def budget_share(passes_since: int, interval: int) -> float:
     """The share of one rebalance's move budget a rebalance is granted (``MoveCredit.grant``):
-    a drift rebalance gets the share of the interval (``--eplb-rebalance-num-iterations``)
-    since the last rebalance of any kind, so extra drift rebalances keep the rate of moves
-    within the budget; any other rebalance gets a whole budget."""
-    return min(1.0, max(0, passes_since) / max(1, interval)) if drift else 1.0
+    the share of the interval (``--eplb-rebalance-num-iterations``) since the last grant, at
+    most one, so the budget is a rate: an interval rebalance gets a whole budget, and a
+    drift (or manual) rebalance between two of them takes its share from the next one."""
+    return min(1.0, max(0, passes_since) / max(1, interval))
 
 
 class PlanOutcome(NamedTuple):
