@@ -13,8 +13,9 @@ The per-pass policy also runs with a move budget of ``MOVE_BUDGET_SHARE`` of the
 rebalance, with unused budget carried over as the manager does by default and as a hard cap,
 and with the manager's drift trigger (``--eplb-drift-threshold`` ``DRIFT_THRESHOLD``, checked
 every ``DRIFT_CHECK_EVERY`` passes; a drifted layer is re-planned alone on the last
-``--drift-passes`` passes), with and without the budget. References: the clairvoyant plan (made on the next ``--every`` passes) and the same-pass
-plan (made on the pass it serves), both with the project's equal-split policy. Slots moved
+``--drift-passes`` passes), with and without the budget. References: the clairvoyant plan
+(made on the next ``--every`` passes) and the same-pass plan (made on the pass it serves),
+both with the project's equal-split policy. Slots moved
 per rebalance are counted against the previous placement (the first plan, from the trivial
 placement, excluded). Exits cleanly where the traces are absent.
 

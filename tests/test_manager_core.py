@@ -273,8 +273,8 @@ def _finish(manager, job) -> None:
 
 
 def test_a_drift_rebalance_of_some_layers_does_not_postpone_the_interval_rebalance_of_the_others():
-    """The interval is every layer's: a drift rebalance of layer 0 three passes after the
-    interval rebalance leaves the next interval rebalance where it was (pass 12, not 15)."""
+    """The interval is every layer's: a drift rebalance of layer 0 two passes after the
+    interval rebalance leaves the next interval rebalance where it was (pass 12, not 14)."""
     manager, window, _, jobs = _drifting()
     for _ in range(6):
         manager.on_forward_pass_end()
