@@ -10,8 +10,8 @@ eagerly, per call), for T tokens x top-8 onto DeepSeek-V3's 256 experts in 288 s
 - count_only: the recorder's count kernel on physical ids;
 - minmax_triton: the minmax kernels (totals + split, then choice and count), with the
   settings varied (the small passes' ticket kernels as two launches or as one, the ticket
-  kernels or the per-chunk bases at every size, the chunk, no split steps); its graph's slot loads are
-  checked against the torch path's after the replays;
+  kernels or the per-chunk bases at every size, the chunk, no split steps); its graph's
+  slot loads are checked against the torch path's after the replays;
 - minmax_sglang / minmax_sglang_exchange: what SGLang's mapping runs per layer (int32 ids,
   a padding bound of 7/8 of the rows, int32 slots; with a one-rank count exchange of the
   split_gathered_counts kind, the all-gather left out); written so that this file also runs

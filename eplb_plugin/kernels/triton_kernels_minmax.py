@@ -213,13 +213,13 @@ def minmax_split_kernel(
 
 @triton.jit
 def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr, out_ptr, offs,
-                 store, num_gpus, BG: tl.constexpr):
+                 num_ids, num_gpus, BG: tl.constexpr):
     """Stores and returns the slot of each pair, given its expert ``e`` and, for a pair of a
     replicated expert (``split``, its row ``row``), its ``position`` among the expert's
     pairs of the pass: an expert on one GPU takes its home slot; a replicated one the first
     GPU whose cumulative quota exceeds the position, at the expert's first slot there;
     an id that is not an expert (-1) gives -1; a valid pair that is not ``split`` (a
-    padding row's, too) its home slot. Stored where ``store``. Shared by both assign kernels."""
+    padding row's, too) its home slot. Shared by both assign kernels."""
     home = tl.load(home_slot_ptr + e, mask=valid, other=-1)
     quota = tl.load(quotas_ptr + tl.maximum(row, 0)[:, None] * BG + g_idx[None, :],
                     mask=split[:, None] & (g_idx[None, :] < num_gpus), other=float("inf"))
@@ -227,7 +227,7 @@ def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_
     chosen = tl.load(slot_on_gpu_ptr + e * num_gpus + tl.minimum(pick, num_gpus - 1), mask=split, other=-1)
     physical = tl.where(split & (chosen >= 0), chosen, home)  # (a float tie past the last quota: home)
     physical = tl.where(valid, physical, -1)
-    tl.store(out_ptr + offs, physical.to(out_ptr.dtype.element_ty), mask=store)
+    tl.store(out_ptr + offs, physical.to(out_ptr.dtype.element_ty), mask=offs < num_ids)
     return physical
 
 
@@ -245,14 +245,13 @@ def _assign_tile(ids_ptr, offs, num_real, scratch_ptr, quotas_ptr, offsets_ptr, 
     real = valid & (offs < num_real)
     row = tl.load(multi_row_ptr + e, mask=real, other=-1).to(tl.int32)
     split = real & (row >= 0)
-    store = offs < num_ids
     # One ticket per pair (measured slower on H100 at 512 and 16,384 tokens: a ticket per
     # expert per tile, ranked by a sort of the tile or by a scan of its [tile, M] one-hot).
     position = tl.atomic_add(scratch_ptr + NB + e, 1, mask=split, sem="relaxed")
     if GLOBAL:
         position += tl.load(offsets_ptr + e, mask=split, other=0)
     physical = _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr,
-                            out_ptr, offs, store, num_gpus, BG)
+                            out_ptr, offs, num_ids, num_gpus, BG)
     if COUNT:
         return tl.histogram(tl.where(real, physical, NPB - 1).to(tl.int32), NPB)
     return tl.zeros([NPB], dtype=tl.int32)
@@ -334,20 +333,19 @@ def minmax_fused_kernel(
         ids, _ = _counted_experts(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, num_experts, NB)
         h += tl.histogram(ids, NB)
     tl.atomic_add(scratch_ptr + bins, h, mask=(bins < num_experts) & (h > 0), sem="relaxed")
-    g_idx = tl.arange(0, BG)
-    slot_hist = tl.zeros([NPB], dtype=tl.int32)
-    last = _last_to_finish(scratch_ptr, NB)
-    if last:
+    if _last_to_finish(scratch_ptr, NB):
         total = tl.load(scratch_ptr + bins, volatile=True)
         _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
                num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
         tl.debug_barrier()  # every thread's quotas and zeroed tickets are in before the epoch moves
         tl.atomic_xchg(epoch_ptr, epoch + 1, sem="release")
-    if not last:
+    else:
         while tl.load(epoch_ptr, volatile=True) == epoch:
             pass
         tl.atomic_add(epoch_ptr, 0, sem="acquire")  # the split's writes are seen from here on
     tl.debug_barrier()
+    g_idx = tl.arange(0, BG)
+    slot_hist = tl.zeros([NPB], dtype=tl.int32)
     for i in range(0, iters):
         slot_hist += _assign_tile(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, scratch_ptr, quotas_ptr,
                                   scratch_ptr, out_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, g_idx, num_ids,

@@ -107,4 +107,4 @@ def bases_assign_kernel(
     if GLOBAL:
         position += tl.load(offsets_ptr + e, mask=split, other=0)
     _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr, out_ptr, offs,
-                 offs < num_ids, num_gpus, BG)
+                 num_ids, num_gpus, BG)
