@@ -50,9 +50,7 @@ from eplb_plugin.algorithms import perpass, plan
 from eplb_plugin.algorithms.evaluate import minmax_gpu_loads
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import layer_balancedness
-from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS
 from eplb_plugin.manager.planning import MoveCredit
-from eplb_plugin.manager.planning import budget_share as budget_share_of
 from eplb_plugin.triggers import drifted_layers
 
 PLANNERS = ("eplb_plugin_equal", "eplb_plugin_perpass", "deepseek", "deepseek_vec")
@@ -62,8 +60,9 @@ DRIFT_THRESHOLD = 0.95  # the drift row's --eplb-drift-threshold
 DRIFT_CHECK_EVERY = 2  # passes between the drift row's checks (the manager's check_every_passes)
 
 
-def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int, steps: int = MINMAX_ITERATIONS) -> dict[str, float]:
-    """Balancedness of one pass under each dispatch (``steps``: minmax's diffusion steps).
+def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int, steps: int | None = None) -> dict[str, float]:
+    """Balancedness of one pass under each dispatch (``steps``: minmax's diffusion steps, None:
+    the kernels').
     per_rank: [R, L, E] counts."""
     loads = {
         "static": static_gpu_loads(per_rank, phy2log, num_gpus),
@@ -75,7 +74,7 @@ def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int, steps: int =
 
 def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: int, planner: str,
            source: str = "past", budget_share: float | None = None, carry: int = MOVE_BUDGET_CARRY,
-           score_iterations: int = MINMAX_ITERATIONS, drift: float | None = None,
+           score_iterations: int | None = None, drift: float | None = None,
            drift_passes: int = DRIFT_CHECK_EVERY) -> dict:
     """source: "past" (the last ``every`` passes), "next" (clairvoyant) or "same" (each pass).
     budget_share: a move budget of this share of all slots per rebalance, unused budget
@@ -94,9 +93,8 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
     scores: dict[str, list[float]] = {}
     moved, solver, drifts = [], [], []
     per_rebalance = None if budget_share is None else int(budget_share * phy2log.size)
-    credit = MoveCredit(carry=carry)
+    credit = MoveCredit(carry=carry, interval=every, last_grant_pass=every)  # the first plan has no budget
     planned_on = torch.zeros(num_layers, NUM_LOGICAL, dtype=torch.float64)  # each layer's load when last planned
-    last_grant = every
     for p in range(every, len(counts)):
         due = source == "same" or p % every == 0
         layers = None
@@ -109,9 +107,8 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
             window = np.stack([counts[q].sum(0) for q in rows])  # [B, L, E] whole-pass counts
             chosen = slice(None) if layers is None else layers
             start = time.perf_counter()
-            share = budget_share_of(p - last_grant, every)
             budget = {} if per_rebalance is None or p == every else {
-                "max_slots_moved": credit.grant(per_rebalance, share)}
+                "max_slots_moved": credit.grant(per_rebalance, at_pass=p)}
             placement = plan(window[:, chosen], num_physical_experts=num_slots, num_gpus=num_gpus, algorithm=planner,
                              previous=phy2log[chosen], **budget)
             solver.append(time.perf_counter() - start)
@@ -123,7 +120,6 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
             phy2log = phy2log.copy()
             phy2log[chosen] = placement.physical_to_logical_map.numpy()
             planned_on[chosen] = torch.from_numpy(window.sum(0)[chosen]).double()
-            last_grant = p
             if layers is not None:
                 drifts.append({"pass": p, "layers": len(layers)})
         for name, value in score(counts[p], phy2log, num_gpus, score_iterations).items():
@@ -199,8 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--planner-time", action="store_true",
                     help="time the per-pass policy at DeepSeek-V3 scale on synthetic windows (no traces needed)")
     ap.add_argument("--tag", default="cpu", help="--planner-time: the result file's suffix (which machine)")
-    ap.add_argument("--score-iterations", type=int, default=MINMAX_ITERATIONS,
-                    help="minmax's diffusion steps when the passes are scored (default: the kernels'); the planner "
+    ap.add_argument("--score-iterations", type=int, default=None,
+                    help="minmax's diffusion steps when the passes are scored (default: the kernels', by the GPUs); the planner "
                          "keeps its own; another value writes per_pass_balance_<traffic>_cpu_iterations<N>.json")
     ap.add_argument("--traffic", choices=("esft", "sequences", "olmoe"), default="esft",
                     help="esft: the ESFT traces, intent then law; sequences: synthetic traffic of two domains "
@@ -273,7 +269,7 @@ def main(argv=None) -> int:
                   f"  minmax per {ns.every} passes {' '.join(f'{b:.3f}' for b in r['minmax_per_block'])}")
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if ns.score_iterations == MINMAX_ITERATIONS else f"_iterations{ns.score_iterations}"
+    suffix = "" if ns.score_iterations is None else f"_iterations{ns.score_iterations}"
     suffix += "_seeds" if ns.seeds else ""
     suffix += f"_every{ns.every}" if ns.every != 8 else ""
     suffix += f"_drift{ns.drift_passes}" if ns.drift_passes != DRIFT_CHECK_EVERY else ""
@@ -283,7 +279,7 @@ def main(argv=None) -> int:
         "traces": {"esft": list(ESFT_TRACES), "olmoe": [OLMOE_TRACE],
                    "sequences": "synthetic: _traces.sequence_mixture_ids() defaults"}[ns.traffic],
         "pass_tokens": ns.pass_tokens, "every": ns.every,
-        "minmax_score_iterations": ns.score_iterations, "drift_threshold": DRIFT_THRESHOLD,
+        "minmax_score_iterations": ns.score_iterations or "the kernels' (8 steps up to 8 GPUs, 16 beyond)", "drift_threshold": DRIFT_THRESHOLD,
         "drift_check_every": DRIFT_CHECK_EVERY,
         "scored": "every pass after the first plan", "results": results, "wall_s": time.perf_counter() - t0,
     }, indent=1))

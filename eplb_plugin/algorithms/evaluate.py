@@ -23,7 +23,7 @@ import torch
 from ..balance import gpu_loads, layer_balancedness
 from ..dispatch_info import DISPATCH_INFO
 from ..errors import CountsError, UsageError
-from ..kernels.minmax import MINMAX_ITERATIONS, minmax_loads
+from ..kernels.minmax import minmax_loads
 from .names import DEFAULT_ALGORITHM
 from .split import equal_slot_loads
 
@@ -79,10 +79,10 @@ def per_pass_balancedness(
 
 
 def minmax_gpu_loads(counts: np.ndarray, phy2log: np.ndarray, *, num_gpus: int,
-                     iterations: int = MINMAX_ITERATIONS) -> np.ndarray:
+                     iterations: int | None = None) -> np.ndarray:
     """GPU loads of every pass under ``minmax`` dispatch (fractional: before rounding to
-    tokens) with ``iterations`` diffusion steps (the kernels' by default). counts: [B, L, E];
-    phy2log: [L, P]. Returns [B, L, G] float64."""
+    tokens) with ``iterations`` diffusion steps (None: the kernels', ``minmax_iterations``).
+    counts: [B, L, E]; phy2log: [L, P]. Returns [B, L, G] float64."""
     num_passes, num_layers, num_logical = counts.shape
     maps = torch.as_tensor(np.ascontiguousarray(phy2log), dtype=torch.int64).repeat(num_passes, 1)  # [B * L, P]
     gpu = minmax_loads(maps, torch.from_numpy(counts.reshape(num_passes * num_layers, num_logical)), num_gpus=num_gpus,

@@ -14,11 +14,13 @@ with momentum: every step each replica's share moves toward its expert's mean GP
 overshoot), then a heavy-ball step is taken and each expert's shares are renormalized to
 its tokens (once per step: renormalizing before the momentum too changes nothing measurable
 and costs a reduction per step in the kernel). The last iterate is kept unless its peak is
-above the equal split's. ``MINMAX_ITERATIONS`` (8) steps land 0.20% (EP8) and 0.76% (EP16)
-above the exact optimum on average on the layer-passes the per-pass policy serves in the
-ESFT replay (16 steps: 0.02% / 0.24%, at about 2.7 us more per layer in the Triton kernel
-at 512 tokens, past its 10 us target; ``benchmarks/probe_minmax_convergence.py``; an LP
-solves it exactly, see also ``benchmarks/bench_minmax_dispatch.py``).
+above the equal split's. On the layer-passes the per-pass policy serves in the ESFT
+replay, 8 steps land 0.20% (EP8) and 0.76% (EP16) above the exact optimum on average, and
+0.26% / 1.09% on the layer-passes whose peak the split can lower at all (16 steps: 0.03% /
+0.35%; ``benchmarks/probe_minmax_convergence.py``; an LP solves it exactly, see also
+``benchmarks/bench_minmax_dispatch.py``). Each step costs about 0.3 us per layer in the
+Triton kernel, so ``minmax_iterations`` runs 8 steps up to 8 GPUs (DeepSeek-V3 decode at
+EP8 stays under 10 us) and 16 beyond.
 
 Shares then become token choices by occurrence order: the j-th token of expert e in the
 pass goes to the replica whose cumulative quota first exceeds j, so each replica gets its
@@ -33,9 +35,19 @@ from typing import NamedTuple
 
 import torch
 
-MINMAX_ITERATIONS = 8  # diffusion steps (see the module docstring for the quality they reach)
+MINMAX_ITERATIONS = 8  # diffusion steps on up to MINMAX_NARROW_GPUS GPUs (the module docstring: quality)
+MINMAX_ITERATIONS_WIDE = 16  # on more GPUs, where 8 steps leave the peak ~1% over the optimum
+MINMAX_NARROW_GPUS = 8
 MINMAX_MOMENTUM = 0.6  # heavy-ball weight of the previous step (0.5: a little further from the optimum at 8
 # steps on the traces and on 4 of 5 synthetic shapes: benchmarks/probe_minmax_convergence.py --synthetic)
+
+
+def minmax_iterations(num_gpus: int) -> int:
+    """The split's diffusion steps for a placement over ``num_gpus`` GPUs (the default of every
+    ``iterations=None`` here and in the kernels): 8 up to 8 GPUs, 16 beyond, where the wider
+    tables converge more slowly (ESFT at EP16: 1.09% over the optimum after 8 steps on the
+    layer-passes the split can change, 0.35% after 16)."""
+    return MINMAX_ITERATIONS if num_gpus <= MINMAX_NARROW_GPUS else MINMAX_ITERATIONS_WIDE
 
 
 class MinmaxTables(NamedTuple):
@@ -145,7 +157,7 @@ def minmax_problem(counts: torch.Tensor, multi_experts: torch.Tensor, multi_gpus
 
 def minmax_gpu_shares(
     counts: torch.Tensor, multi_experts: torch.Tensor, multi_gpus: torch.Tensor, single_slots: torch.Tensor,
-    *, iterations: int = MINMAX_ITERATIONS, momentum: float = MINMAX_MOMENTUM,
+    *, iterations: int | None = None, momentum: float = MINMAX_MOMENTUM,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched split of N independent rows (a row is one layer of one pass).
 
@@ -156,7 +168,7 @@ def minmax_gpu_shares(
     """
     problem = minmax_problem(counts, multi_experts, multi_gpus, single_slots)
     x = prev = problem.equal
-    for _ in range(iterations):
+    for _ in range(minmax_iterations(multi_gpus.shape[-1]) if iterations is None else iterations):
         x, prev = problem.advance(x, prev, momentum)
     kept = problem.peak(x) <= problem.peak(problem.equal)  # never worse than the equal split
     shares = torch.where(kept[:, None, None], x, problem.equal)
@@ -185,7 +197,7 @@ def minmax_choose(position: torch.Tensor, experts: torch.Tensor, shares: torch.T
 
 
 def minmax_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int,
-                 iterations: int = MINMAX_ITERATIONS) -> torch.Tensor:
+                 iterations: int | None = None) -> torch.Tensor:
     """GPU loads under the split (fractional: before rounding to tokens) of R independent
     rows, each a map and one pass's counts. maps: [R, P] int64; counts: [R, E]. Returns [R, G]."""
     tables = build_minmax_tables(maps, counts.shape[1], num_gpus=num_gpus)

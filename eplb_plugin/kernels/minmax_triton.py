@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 import torch
 
 from eplb_plugin.kernels._launch import MAX_PROGRAMS, _next_pow2, check_ids, check_out_dtype
-from eplb_plugin.kernels.minmax import MINMAX_ITERATIONS, MINMAX_MOMENTUM, MinmaxTables
+from eplb_plugin.kernels.minmax import MINMAX_MOMENTUM, MinmaxTables, minmax_iterations
 
 # this rank's [E] int32 counts -> (the pass's [E] counts, tokens on lower ranks [E]), int32 (the
 # dtype the kernels read: another is converted, one more op); collective
@@ -206,7 +206,7 @@ def minmax_dispatch_triton(
     topk_ids: torch.Tensor, tables: MinmaxTables, *, layer: int, num_slots: int,
     scratch: MinmaxScratch | None = None, exchange: CountExchange | None = None,
     counts_out: torch.Tensor | None = None, num_warps: int = NUM_WARPS, split_warps: int = SPLIT_WARPS,
-    iterations: int = MINMAX_ITERATIONS, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
+    iterations: int | None = None, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
     totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
     num_valid_rows: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int64, fused: bool | None = None,
 ) -> torch.Tensor:
@@ -220,7 +220,7 @@ def minmax_dispatch_triton(
     buffer; this call's slots are added to its row ``layer``. num_warps / split_warps /
     iterations / assign_tile_elements / totals_tile (None: by the pass's size) / chunk:
     launch and split settings (the benchmarks vary them; the defaults are the measured
-    best). bases: the kernels of large passes (True), the ticket kernels (False), or by the
+    best; iterations None: ``minmax_iterations`` of the tables' GPUs). bases: the kernels of large passes (True), the ticket kernels (False), or by the
     pass's size (None). num_valid_rows: optional one-element int tensor on the ids' device,
     read by the kernels: rows at or past it pad the batch (a CUDA graph's fixed size), left
     out of the split, the exchange's counts and ``counts_out``; their pairs get their
@@ -231,6 +231,8 @@ def minmax_dispatch_triton(
     check_out_dtype(out_dtype)
     if scratch is None:
         scratch = minmax_scratch(tables)
+    if iterations is None:
+        iterations = minmax_iterations(tables.multi_gpus.shape[-1])
     a = scratch.layer_args(tables, layer)
     flat = topk_ids.reshape(-1)
     if not flat.is_contiguous():

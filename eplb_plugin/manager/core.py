@@ -123,7 +123,8 @@ class EPLBManager:
         self.check_every_passes = check_every_passes
         self.plan_timeout_s = plan_timeout_s
         self._policy = planning.PolicyChoice.resolve(args, expert_weights=expert_weights, num_groups=num_groups)
-        self._move_credit = planning.MoveCredit(carry=args.eplb_move_budget_carry)  # the same on every rank
+        self._move_credit = planning.MoveCredit(carry=args.eplb_move_budget_carry,  # the same on every rank
+                                                interval=args.eplb_rebalance_num_iterations)
         self._planner_process = None
         if planner is None and args.eplb_plan_in_process and self.rank == 0:
             from eplb_plugin.planner_process import PlannerProcess
@@ -142,7 +143,6 @@ class EPLBManager:
         self.num_passes = 0
         self._last_rebalance_pass = 0  # of the last rebalance that was not a drift's (the interval's start)
         self._last_rebalance_time = clock()
-        self._last_grant_pass = 0  # of the last rebalance of any trigger that planned (the move budget's)
         self._planned_on: torch.Tensor | None = None  # [L, E] float64 loads of the last plan
         self._phase = Phase.IDLE
         self._record: RebalanceRecord | None = None
@@ -303,13 +303,8 @@ class EPLBManager:
         self._enter(Phase.PLANNING)
         self._outcome = None
         self._plan_started = time.perf_counter()
-        per_rebalance = self._policy.max_slots_moved
-        budget = None
-        if per_rebalance is not None:  # a rate: a budget per interval, shared by the rebalances within it
-            share = planning.budget_share(self.num_passes - self._last_grant_pass,
-                                          self.args.eplb_rebalance_num_iterations)
-            budget = self._move_credit.grant(per_rebalance, share)
-        self._last_grant_pass = self.num_passes
+        per_rebalance = self._policy.max_slots_moved  # a rate: a budget per interval, shared by its rebalances
+        budget = None if per_rebalance is None else self._move_credit.grant(per_rebalance, at_pass=self.num_passes)
         # A drift rebalance plans its layers alone: a move budget is theirs, and the others keep their maps.
         self._plan_layers = None if len(record.layers) == self.location.num_layers else record.layers
         # At most one plan runs: while a timed-out plan still runs (it cannot be interrupted),

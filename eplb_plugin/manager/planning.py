@@ -83,18 +83,26 @@ class PolicyChoice:
 class MoveCredit:
     """The move budget's account across rebalances, in slots: each plan is granted one
     rebalance's budget more (``grant(per_rebalance)``; the manager's is
-    ``PolicyChoice.max_slots_moved``, times ``budget_share``: a budget per interval), unused
-    slots carry over up to ``1 + carry`` budgets
+    ``PolicyChoice.max_slots_moved``), unused slots carry over up to ``1 + carry`` budgets
     (``--eplb-move-budget-carry``), and the slots a plan changes are spent, so the average
     per rebalance stays within the budget while one rebalance can follow a shift in traffic
-    with the budget saved before it."""
+    with the budget saved before it. A grant made ``at_pass`` is a rate: ``budget_share`` of
+    the ``interval`` passes since the last grant, so the budget is one per interval however
+    many rebalances (interval, drift, manual) share it."""
 
     carry: int
+    interval: int = 1  # passes per whole budget (--eplb-rebalance-num-iterations)
     balance: int = 0
+    last_grant_pass: int = 0
 
-    def grant(self, per_rebalance: int, share: float = 1.0) -> int:
-        """Add ``share`` of one rebalance's budget of ``per_rebalance`` slots (at most ``1 +
-        carry`` budgets kept); the slots the next plan may move."""
+    def grant(self, per_rebalance: int, at_pass: int | None = None) -> int:
+        """Add one rebalance's budget of ``per_rebalance`` slots, or its share of the passes
+        since the last grant when ``at_pass`` is given (at most ``1 + carry`` budgets kept);
+        the slots the next plan may move."""
+        share = 1.0
+        if at_pass is not None:
+            share = budget_share(at_pass - self.last_grant_pass, self.interval)
+            self.last_grant_pass = at_pass
         self.balance = min(self.balance + round(share * per_rebalance), (1 + self.carry) * per_rebalance)
         return self.balance
 
@@ -104,10 +112,10 @@ class MoveCredit:
 
 
 def budget_share(passes_since: int, interval: int) -> float:
-    """The share of one rebalance's move budget a rebalance is granted (``MoveCredit.grant``):
-    the share of the interval (``--eplb-rebalance-num-iterations``) since the last grant, at
-    most one, so the budget is a rate: an interval rebalance gets a whole budget, and a
-    drift (or manual) rebalance between two of them takes its share from the next one."""
+    """The share of one rebalance's move budget a grant ``passes_since`` passes after the last
+    one adds (``MoveCredit.grant``): the share of the interval, at most one. An interval
+    rebalance gets a whole budget, and a drift (or manual) rebalance between two of them takes
+    its share from the next one."""
     return min(1.0, max(0, passes_since) / max(1, interval))
 
 
