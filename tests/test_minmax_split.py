@@ -169,7 +169,12 @@ def test_placements_over_more_than_eight_gpus_get_more_split_steps():
     the default split (``minmax_iterations``: 16 steps beyond 8 GPUs) lands within 0.25% of
     the LP optimum on average over the layer-passes whose peak the split can lower, and within
     1.5% on each. (8 steps, the EP8 setting: 0.46% and 3.2% here.)"""
-    from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_gpu_shares, minmax_iterations, minmax_problem
+    from eplb_plugin.kernels.minmax import (
+        build_minmax_tables,
+        minmax_gpu_shares,
+        minmax_iterations,
+        minmax_problem,
+    )
 
     assert (minmax_iterations(8), minmax_iterations(16), minmax_iterations(72)) == (8, 16, 16)
     rng = np.random.default_rng(0)
