@@ -196,8 +196,8 @@ def main(argv=None) -> int:
                     help="time the per-pass policy at DeepSeek-V3 scale on synthetic windows (no traces needed)")
     ap.add_argument("--tag", default="cpu", help="--planner-time: the result file's suffix (which machine)")
     ap.add_argument("--score-iterations", type=int, default=None,
-                    help="minmax's diffusion steps when the passes are scored (default: the kernels', by the GPUs); the planner "
-                         "keeps its own; another value writes per_pass_balance_<traffic>_cpu_iterations<N>.json")
+                    help="minmax's diffusion steps when the passes are scored (default: the kernels', by the "
+                         "GPUs); the planner keeps its own; a value writes per_pass_balance_<traffic>_cpu_iterations<N>.json")
     ap.add_argument("--traffic", choices=("esft", "sequences", "olmoe"), default="esft",
                     help="esft: the ESFT traces, intent then law; sequences: synthetic traffic of two domains "
                          "(_traces.sequence_mixture_ids, not fitted to any trace; no traces needed); olmoe: "
@@ -279,7 +279,8 @@ def main(argv=None) -> int:
         "traces": {"esft": list(ESFT_TRACES), "olmoe": [OLMOE_TRACE],
                    "sequences": "synthetic: _traces.sequence_mixture_ids() defaults"}[ns.traffic],
         "pass_tokens": ns.pass_tokens, "every": ns.every,
-        "minmax_score_iterations": ns.score_iterations or "the kernels' (8 steps up to 8 GPUs, 16 beyond)", "drift_threshold": DRIFT_THRESHOLD,
+        "minmax_score_iterations": ns.score_iterations or "the kernels' (8 steps up to 8 GPUs, 16 beyond)",
+        "drift_threshold": DRIFT_THRESHOLD,
         "drift_check_every": DRIFT_CHECK_EVERY,
         "scored": "every pass after the first plan", "results": results, "wall_s": time.perf_counter() - t0,
     }, indent=1))
