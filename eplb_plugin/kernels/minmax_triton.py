@@ -221,9 +221,10 @@ def minmax_dispatch_triton(
     iterations / assign_tile_elements / totals_tile (None: by the pass's size) / chunk:
     launch and split settings (the benchmarks vary them; the defaults are the measured
     best; iterations None: ``minmax_iterations`` of the tables' GPUs). bases: the kernels
-    of large passes (True), the ticket kernels (False), or by the pass's size (None). num_valid_rows: optional one-element int tensor on the ids' device,
-    read by the kernels: rows at or past it pad the batch (a CUDA graph's fixed size), left
-    out of the split, the exchange's counts and ``counts_out``; their pairs get their
+    of large passes (True), the ticket kernels (False), or by the pass's size (None).
+    num_valid_rows: optional one-element int tensor on the ids' device, read by the
+    kernels: rows at or past it pad the batch (a CUDA graph's fixed size), left out of the
+    split, the exchange's counts and ``counts_out``; their pairs get their
     expert's home slot (``tables.home_slot``; -1 stays -1). fused: the ticket kernels as
     one launch (``minmax_fused_kernel``; None: ``FUSED``), for passes they take without an
     exchange."""
