@@ -99,6 +99,8 @@ class ExpertDispatcher:
     the other algorithms are a few torch ops either way. count_group: for ``minmax``, the
     process group whose ranks dispatch one pass together (their per-expert counts are
     all-gathered per layer; every rank of it must call ``dispatch`` for the same layers).
+    minmax_steps: the ``minmax`` split's diffusion steps (``--eplb-dispatch-minmax-steps``;
+    None: ``kernels.minmax.minmax_iterations`` of the placement's GPUs).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class ExpertDispatcher:
         generator: torch.Generator | None = None,
         backend: str = "torch",
         count_group: Any = None,
+        minmax_steps: int | None = None,
     ):
         self.info = dispatch_info(algorithm)  # ConfigError naming the known ones
         check_rank(rank, location.ep_size)
@@ -120,6 +123,10 @@ class ExpertDispatcher:
         ):  # a last node with fewer ranks is fine: a rank's node is rank // num_gpus_per_node
             raise ConfigError(f"num_gpus_per_node={num_gpus_per_node!r} must be a positive int or None")
         check_backend(backend)
+        if minmax_steps is not None and (isinstance(minmax_steps, bool) or not isinstance(minmax_steps, int)
+                                         or minmax_steps < 1):
+            raise ConfigError(f"minmax_steps={minmax_steps!r} must be a positive int or None")
+        self.minmax_steps = minmax_steps
         self.algorithm = algorithm
         self.rank = rank
         self.num_gpus_per_node = num_gpus_per_node
@@ -227,7 +234,7 @@ class ExpertDispatcher:
         assert self.minmax is not None  # built for minmax in __init__
         return minmax_dispatch(topk_ids, self.minmax, layer=layer, num_slots=self.location.num_physical_experts,
                                use_kernel=self._kernel, exchange=self.pass_counts if self.count_world > 1 else None,
-                               counts_out=counts_out, scratch=self._scratch)
+                               counts_out=counts_out, scratch=self._scratch, iterations=self.minmax_steps)
 
     def _split_by_occurrence(self, layer: int, ids: torch.Tensor, valid: torch.Tensor,
                              shares: torch.Tensor) -> torch.Tensor:
@@ -256,7 +263,7 @@ def minmax_dispatch(
     topk_ids: torch.Tensor, tables: MinmaxTables, *, layer: int, num_slots: int, use_kernel: bool,
     exchange: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     counts_out: torch.Tensor | None = None, num_valid_rows: torch.Tensor | None = None,
-    scratch: MinmaxScratch | None = None, out_dtype: torch.dtype = torch.int64,
+    scratch: MinmaxScratch | None = None, out_dtype: torch.dtype = torch.int64, iterations: int | None = None,
 ) -> torch.Tensor:
     """The ``minmax`` choice of one layer of one pass, for any host of the tables.
 
@@ -272,6 +279,7 @@ def minmax_dispatch(
     expert's ``home_slot`` (the host masks them next); the kernels read the bound on the
     device, so the kernel path adds no torch op for it. scratch: the kernels' per-layer counters for these
     tables (``minmax_scratch``), kept by the host across calls (None: fresh ones each call).
+    iterations: the split's diffusion steps (None: ``minmax_iterations`` of the tables' GPUs).
     Returns [T, k] physical slots of ``out_dtype`` (int64 or int32: the kernels write it, so
     a host that wants int32 casts nothing), -1 kept. No host synchronization.
     """
@@ -280,12 +288,13 @@ def minmax_dispatch(
 
         return minmax_dispatch_triton(topk_ids, tables, layer=layer, num_slots=num_slots, scratch=scratch,
                                       exchange=exchange, counts_out=counts_out, num_valid_rows=num_valid_rows,
-                                      out_dtype=out_dtype)
+                                      out_dtype=out_dtype, iterations=iterations)
     check_out_dtype(out_dtype)
     if num_valid_rows is not None:
         in_batch = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(-1) < num_valid_rows.reshape(-1)[:1]
         out = minmax_dispatch(torch.where(in_batch, topk_ids, -1), tables, layer=layer, num_slots=num_slots,
-                              use_kernel=False, exchange=exchange, counts_out=counts_out, out_dtype=out_dtype)
+                              use_kernel=False, exchange=exchange, counts_out=counts_out, out_dtype=out_dtype,
+                              iterations=iterations)
         padding = ~in_batch & (topk_ids >= 0)
         some_slot = tables.home_slot[layer]  # [E]: a slot of each expert
         return torch.where(padding, some_slot[topk_ids.clamp_min(0).long()].to(out_dtype), out)
@@ -297,7 +306,8 @@ def minmax_dispatch(
     local.index_add_(0, safe.flatten(), valid.flatten().to(torch.int32))
     total, offset = (local, torch.zeros_like(local)) if exchange is None else exchange(local)
     shares, _ = minmax_gpu_shares(total.unsqueeze(0), tables.multi_experts[layer:layer + 1],
-                                  tables.multi_gpus[layer:layer + 1], tables.single_slots[layer:layer + 1])
+                                  tables.multi_gpus[layer:layer + 1], tables.single_slots[layer:layer + 1],
+                                  iterations=iterations)
     position = _occurrence_index(safe, valid, num_experts) + offset[safe.flatten()]
     out = minmax_choose(position, safe.flatten(), shares[0], tables.multi_row[layer],
                         tables.slot_on_gpu[layer]).view_as(ids)

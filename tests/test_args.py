@@ -93,6 +93,9 @@ def test_explicit_choices_survive_resolution():
         (dict(eplb_drift_threshold=0.9, eplb_drift_window_passes=0), ("--eplb-drift-window-passes",)),
         (dict(eplb_drift_window_passes=4), ("--eplb-drift-window-passes", "--eplb-drift-threshold")),
         (dict(ep_num_redundant_experts=-1), ("--ep-num-redundant-experts",)),
+        (dict(eplb_dispatch_minmax_steps=0), ("--eplb-dispatch-minmax-steps", "[1, 64]")),
+        (dict(eplb_dispatch_minmax_steps=65), ("--eplb-dispatch-minmax-steps",)),
+        (dict(eplb_dispatch_minmax_steps=True), ("--eplb-dispatch-minmax-steps",)),
     ],
 )
 def test_contradictions_raise_a_config_error_naming_the_flags(kwargs, names):

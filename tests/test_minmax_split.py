@@ -8,6 +8,7 @@ from eplb_plugin.algorithms import plan
 from eplb_plugin.algorithms.evaluate import exact_min_max_load, minmax_gpu_loads, pass_counts
 from eplb_plugin.balance import gpu_loads
 from eplb_plugin.dispatch import ExpertDispatcher
+from eplb_plugin.errors import ConfigError
 from eplb_plugin.location import ExpertLocation
 
 from conftest import free_port, trace_path
@@ -194,3 +195,27 @@ def test_placements_over_more_than_eight_gpus_get_more_split_steps():
     _, loads = minmax_gpu_shares(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots)
     excess = loads.amax(-1).double() / exact - 1
     assert excess[movable].mean() <= 0.0025 and excess.max() <= 0.015
+
+
+def test_the_dispatcher_runs_the_split_steps_it_is_given():
+    """ExpertDispatcher(minmax_steps=N) (``--eplb-dispatch-minmax-steps``): its slots are the
+    split of N steps, and 1 step serves these EP16 passes with a higher peak than the default."""
+    from eplb_plugin.dispatch import minmax_dispatch
+
+    rng = np.random.default_rng(1)
+    pop = rng.dirichlet(np.full(64, 0.3))
+    phy2log = plan(rng.multinomial(256 * 6, pop, size=(8, 1)).astype(np.float64), num_physical_experts=80,
+                   num_gpus=16, algorithm="eplb_plugin_equal").physical_to_logical_map
+    loc = ExpertLocation.from_physical_to_logical_map(phy2log, num_logical_experts=64, ep_size=16)
+    default, one = ExpertDispatcher(loc, rank=0, algorithm="minmax"), ExpertDispatcher(loc, rank=0, algorithm="minmax",
+                                                                                         minmax_steps=1)
+    peaks = {"default": [], "one": []}
+    for _ in range(12):
+        ids = torch.from_numpy(rng.choice(64, size=(256, 6), p=0.7 * pop + 0.3 * rng.dirichlet(np.full(64, 0.3))))
+        out = one.dispatch(0, ids)
+        assert torch.equal(out, minmax_dispatch(ids, one.minmax, layer=0, num_slots=80, use_kernel=False, iterations=1))
+        for name, slots in (("default", default.dispatch(0, ids)), ("one", out)):
+            peaks[name].append(gpu_loads(torch.bincount(slots.flatten(), minlength=80), 16).max().item())
+    assert sum(peaks["one"]) > sum(peaks["default"])
+    with pytest.raises(ConfigError, match="minmax_steps=0"):
+        ExpertDispatcher(loc, rank=0, algorithm="minmax", minmax_steps=0)

@@ -249,6 +249,17 @@ def test_a_bad_setting_in_the_plugins_config_names_the_valid_ones():
         dispatch_counts_setting({CONFIG_ENV: '{"eplb_dispatch_counts": "both"}'})
 
 
+
+def test_the_minmax_steps_setting_reaches_the_mapping_and_is_checked():
+    from eplb_plugin.integrations.sglang_common import CONFIG_ENV
+    from eplb_plugin.integrations.sglang_dispatch import minmax_steps_setting
+
+    assert minmax_steps_setting({}) is None  # the kernels' default
+    assert minmax_steps_setting({CONFIG_ENV: '{"eplb-dispatch-minmax-steps": 4}'}) == 4
+    with pytest.raises(ConfigError, match=r"--eplb-dispatch-minmax-steps must be an int in \[1, 64\]"):
+        minmax_steps_setting({CONFIG_ENV: '{"eplb_dispatch_minmax_steps": 0}'})
+
+
 # ---------------------------------------------------------------------- SGLang's ServerArgs
 
 FLAG_SCRIPT = """

@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 
+from eplb_plugin.args import EPLBArgs
 from eplb_plugin.dispatch import minmax_dispatch
 from eplb_plugin.errors import ConfigError
 from eplb_plugin.integrations.sglang_common import (
@@ -69,6 +70,7 @@ from eplb_plugin.integrations.sglang_common import (
     LOG_PREFIX,
     PLUGIN_DISPATCH_ALGORITHMS,
     is_plugin_dispatch,
+    plugin_settings,
 )
 from eplb_plugin.integrations.sglang_counts import GroupCountExchange, resolve_count_exchange
 from eplb_plugin.kernels._launch import use_triton
@@ -111,18 +113,28 @@ def copy_table_rows(dst: MinmaxTables, src: MinmaxTables, layers: list[int]) -> 
         old.index_copy_(0, index, new.to(old.device, non_blocking=True).index_select(0, index))
 
 
+def minmax_steps_setting(environ: dict[str, str] | None = None) -> int | None:
+    """``--eplb-dispatch-minmax-steps`` as the plugin's settings carry it to SGLang's processes
+    (``$EPLB_PLUGIN_CONFIG``); None: the kernels' default. ConfigError for a value out of range."""
+    steps = plugin_settings(environ).get("eplb_dispatch_minmax_steps")
+    EPLBArgs(eplb_dispatch_minmax_steps=steps).check_values()
+    return steps
+
+
 class LiveMinmaxTables:
     """The ``minmax`` tables of SGLang's global metadata, on the metadata's device (one per
     process). ``for_metadata`` builds them the first time a metadata object is used (an
     eager pass: SGLang warms up before it captures graphs); later placements are copied into
     the same tensors (``update_rows``). ``exchange``: the count exchange the mapping runs
-    (``sglang_counts.resolve_count_exchange``, resolved with the tables; None = local counts)."""
+    (``sglang_counts.resolve_count_exchange``, resolved with the tables; None = local counts).
+    ``steps``: the split's diffusion steps (``minmax_steps_setting``, resolved with the tables)."""
 
     def __init__(self) -> None:
         self._metadata: Any = None
         self._tables: MinmaxTables | None = None
         self.scratch: MinmaxScratch | None = None
         self.exchange: GroupCountExchange | None = None
+        self.steps: int | None = None
         self._lock = threading.Lock()
 
     def for_metadata(self, metadata: Any) -> MinmaxTables:
@@ -137,6 +149,7 @@ class LiveMinmaxTables:
                     self._tables = MinmaxTables(*(t.to(device) for t in built))
                     self.scratch = minmax_scratch(self._tables)  # the kernels' counters, kept across calls
                     self.exchange = resolve_count_exchange(ep_size=metadata.ep_size)
+                    self.steps = minmax_steps_setting()
                     self._metadata = metadata
                     logger.info("%s minmax dispatch tables built: %d layers x %d slots over %d GPUs",
                                 LOG_PREFIX, *metadata.physical_to_logical_map_cpu.shape, metadata.ep_size)
@@ -237,7 +250,7 @@ def map_topk_ids(topk_ids: torch.Tensor, layer_id: int, num_physical_experts: in
     return minmax_dispatch(topk_ids, tables, layer=layer_id, num_slots=num_physical_experts,
                            use_kernel=use_triton("auto", topk_ids), exchange=LIVE_TABLES.exchange,
                            counts_out=recorder_counts(layer_id), num_valid_rows=bound, scratch=LIVE_TABLES.scratch,
-                           out_dtype=topk_ids.dtype)
+                           out_dtype=topk_ids.dtype, iterations=LIVE_TABLES.steps)
 
 
 def recorder_counts(layer_id: int) -> torch.Tensor | None:

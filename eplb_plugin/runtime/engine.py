@@ -148,6 +148,7 @@ class RankEngine:
             generator=torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.rank),
             backend=self.cfg.dispatch_backend,
             count_group=self.group if self.cfg.dispatch_counts == "global" and self.world_size > 1 else None,
+            minmax_steps=self.run_spec.eplb.eplb_dispatch_minmax_steps,
         )
 
     def _on_location_change(self, location: ExpertLocation) -> None:
