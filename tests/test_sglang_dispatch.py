@@ -452,6 +452,24 @@ def test_a_new_metadata_object_gets_tables_of_its_own(sglang_location):
     _assert_tables_of(LIVE_TABLES.for_metadata(second), second_map)
 
 
+def test_the_live_tables_carry_the_plugins_split_steps(sglang_location, monkeypatch):
+    """--eplb-dispatch-minmax-steps reaches SGLang's processes through the plugin's settings
+    and is read with the tables (the mapping passes it to every call)."""
+    from eplb_plugin.integrations.sglang_common import CONFIG_ENV
+    from eplb_plugin.integrations.sglang_dispatch import LIVE_TABLES
+
+    monkeypatch.setenv(CONFIG_ENV, '{"eplb-dispatch-minmax-steps": 3}')
+    metadata = sglang_location.ExpertLocationMetadata.init_by_mapping(None, _placement(7).physical_to_logical_map,
+                                                                      moe_ep_rank=0)
+    LIVE_TABLES.for_metadata(metadata)
+    assert LIVE_TABLES.steps == 3
+    monkeypatch.delenv(CONFIG_ENV)
+    other = sglang_location.ExpertLocationMetadata.init_by_mapping(None, _placement(8).physical_to_logical_map,
+                                                                   moe_ep_rank=0)
+    LIVE_TABLES.for_metadata(other)
+    assert LIVE_TABLES.steps is None
+
+
 def test_minmax_is_refused_at_start_up_where_sglangs_mega_gate_would_bypass_it():
     from eplb_plugin.integrations.sglang_checks import MEGA_GATE_ENV, check_dispatch_algorithm
 
