@@ -249,8 +249,7 @@ def test_a_bad_setting_in_the_plugins_config_names_the_valid_ones():
         dispatch_counts_setting({CONFIG_ENV: '{"eplb_dispatch_counts": "both"}'})
 
 
-
-def test_the_minmax_steps_setting_reaches_the_mapping_and_is_checked():
+def test_the_minmax_steps_setting_is_read_from_the_plugins_config_and_checked():
     from eplb_plugin.integrations.sglang_common import CONFIG_ENV
     from eplb_plugin.integrations.sglang_dispatch import minmax_steps_setting
 
