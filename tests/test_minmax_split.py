@@ -79,9 +79,9 @@ def test_dispatched_tokens_stay_within_one_percent_of_the_lp_optimum(num_gpus, n
     """Real routing (ESFT law, 256-token passes) on a plan of the passes before: the max GPU
     load of the tokens as dispatched (whole tokens) is within 1% of the LP optimum on
     average and within 7% on every layer (the kernels' split steps, 16 at EP16: the worst
-    layer at EP16 / 80 is 99 tokens against 96.9, 103 with 8 steps; with 8 steps it was 5% on
-    the plans of the equal-split policy before its GPU ties were ordered by index, and 6.3%
-    there too with numpy's AVX2 sort)."""
+    layer at EP16 / 80 is 99 tokens against 96.9; with 8 steps it was 103, and earlier 5% on
+    the plans of the equal-split policy before its GPU ties were ordered by index, 6.3% there
+    with numpy's AVX2 sort)."""
     ids = np.load(trace_path("esft_dsv2lite_law_top6.npz"))["topk_ids"][: 256 * 12].astype(np.int64)
     counts = pass_counts(ids, num_logical=64, pass_tokens=256)
     phy2log = plan(counts[:8].sum(0), num_physical_experts=num_physical, num_gpus=num_gpus,
