@@ -47,6 +47,11 @@ COUNTING_RECORDER_MODES = ("stat", "stat_approx")
 MAX_MINMAX_STEPS = 64  # --eplb-dispatch-minmax-steps' bound: the kernels unroll the split's steps
 
 
+def _whole(value: object) -> bool:
+    """Whether ``value`` is an int (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _flag(help_text: str, *, choices: tuple[str, ...] | None = None, sglang: bool = True, runtime: bool = True,
           **kw: Any):
     """An EPLBArgs flag (``flagspec.flag``). sglang: SGLang has this flag (the plugin adds it
@@ -240,8 +245,7 @@ class EPLBArgs:
             if value < 1:
                 raise ConfigError(f"{option} must be >= 1 (got {value})")
         steps = self.eplb_dispatch_minmax_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
-                                  or not 1 <= steps <= MAX_MINMAX_STEPS):
+        if steps is not None and not (_whole(steps) and 1 <= steps <= MAX_MINMAX_STEPS):
             raise ConfigError(f"--eplb-dispatch-minmax-steps must be an int in [1, {MAX_MINMAX_STEPS}] or unset "
                               f"(got {steps!r})")
         if self.eplb_rebalance_layers_per_chunk is not None and self.eplb_rebalance_layers_per_chunk < 1:
@@ -261,7 +265,7 @@ class EPLBArgs:
         if self.eplb_drift_threshold is not None and not 0.0 < self.eplb_drift_threshold <= 1.0:
             raise ConfigError(f"--eplb-drift-threshold must be in (0, 1] (got {self.eplb_drift_threshold})")
         passes = self.eplb_drift_window_passes
-        if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 1):
+        if passes is not None and not (_whole(passes) and passes >= 1):
             raise ConfigError(f"--eplb-drift-window-passes must be an int >= 1 or unset (got {passes!r})")
         if passes is not None and self.eplb_drift_threshold is None:
             raise ConfigError("--eplb-drift-window-passes needs --eplb-drift-threshold (it sets what a drift "
@@ -276,8 +280,7 @@ class EPLBArgs:
             number = isinstance(amount, (int, float)) and not isinstance(amount, bool)
             if amount is not None and not (number and math.isfinite(amount) and amount > 0):
                 raise ConfigError(f"{option} must be finite and > 0 (got {amount!r})")
-        if isinstance(self.eplb_move_budget_carry, bool) or not isinstance(self.eplb_move_budget_carry, int) \
-                or self.eplb_move_budget_carry < 0:
+        if not (_whole(self.eplb_move_budget_carry) and self.eplb_move_budget_carry >= 0):
             raise ConfigError(f"--eplb-move-budget-carry must be an int >= 0 (got {self.eplb_move_budget_carry!r})")
 
     def _check_layout(self) -> None:

@@ -86,9 +86,10 @@ class MoveCredit:
     ``PolicyChoice.max_slots_moved``), unused slots carry over up to ``1 + carry`` budgets
     (``--eplb-move-budget-carry``), and the slots a plan changes are spent, so the average
     per rebalance stays within the budget while one rebalance can follow a shift in traffic
-    with the budget saved before it. A grant made ``at_pass`` is a rate: ``budget_share`` of
-    the ``interval`` passes since the last grant, so the budget is one per interval however
-    many rebalances (interval, drift, manual) share it."""
+    with the budget saved before it. A grant made ``at_pass`` is a rate: the share of the
+    ``interval`` passes since the last grant (at most one budget), so the budget is one per
+    interval however many rebalances (interval, drift, manual) share it: a drift rebalance
+    between two interval ones takes its share from the next."""
 
     carry: int
     interval: int = 1  # passes per whole budget (--eplb-rebalance-num-iterations)
@@ -101,7 +102,7 @@ class MoveCredit:
         the slots the next plan may move."""
         share = 1.0
         if at_pass is not None:
-            share = budget_share(at_pass - self.last_grant_pass, self.interval)
+            share = min(1.0, max(0, at_pass - self.last_grant_pass) / max(1, self.interval))
             self.last_grant_pass = at_pass
         self.balance = min(self.balance + round(share * per_rebalance), (1 + self.carry) * per_rebalance)
         return self.balance
@@ -109,14 +110,6 @@ class MoveCredit:
     def spend(self, slots: int) -> None:
         """A plan that changes ``slots`` slots was accepted."""
         self.balance = max(0, self.balance - slots)
-
-
-def budget_share(passes_since: int, interval: int) -> float:
-    """The share of one rebalance's move budget a grant ``passes_since`` passes after the last
-    one adds (``MoveCredit.grant``): the share of the interval, at most one. An interval
-    rebalance gets a whole budget, and a drift (or manual) rebalance between two of them takes
-    its share from the next one."""
-    return min(1.0, max(0, passes_since) / max(1, interval))
 
 
 class PlanOutcome(NamedTuple):
@@ -342,11 +335,11 @@ def gather_window(window: LoadWindow, group: Any, *, per_pass: bool,
     physical counts, [L, P]). last_passes: the logical counts of the window's last passes
     only (all it has, if fewer); the physical counts stay the whole window's. Collective:
     every rank calls it at the same pass, and then plans from (and checks) the same counts."""
-    if last_passes is not None:
-        passes = window.logical_count_passes()[-last_passes:].to("cpu", torch.float64)
+    if per_pass or last_passes is not None:
+        passes = window.logical_count_passes().to("cpu", torch.float64)
+        if last_passes is not None:
+            passes = passes[-last_passes:]
         logical = plan_passes(passes) if per_pass else passes.sum(0)
-    elif per_pass:
-        logical = plan_passes(window.logical_count_passes().to("cpu", torch.float64))
     else:
         logical = window.logical_count_window().to("cpu", torch.float64)
     physical = window.physical_count_window().to("cpu", torch.float64)
