@@ -455,6 +455,7 @@ def test_a_new_metadata_object_gets_tables_of_its_own(sglang_location):
 def test_the_live_tables_carry_the_plugins_split_steps(sglang_location, monkeypatch):
     """--eplb-dispatch-minmax-steps reaches SGLang's processes through the plugin's settings
     and is read with the tables (the mapping passes it to every call)."""
+    from eplb_plugin.integrations import sglang_dispatch
     from eplb_plugin.integrations.sglang_common import CONFIG_ENV
     from eplb_plugin.integrations.sglang_dispatch import LIVE_TABLES
 
@@ -463,6 +464,11 @@ def test_the_live_tables_carry_the_plugins_split_steps(sglang_location, monkeypa
                                                                       moe_ep_rank=0)
     LIVE_TABLES.for_metadata(metadata)
     assert LIVE_TABLES.steps == 3
+    sglang_location.set_global_expert_location_metadata(metadata, allow_overwrite=True)
+    calls = []
+    monkeypatch.setattr(sglang_dispatch, "minmax_dispatch", lambda *a, **kw: calls.append(kw) or a[0])
+    sglang_dispatch.map_topk_ids(torch.zeros(4, 2, dtype=torch.int32), 0, metadata.num_physical_experts)
+    assert calls[0]["iterations"] == 3  # what the mapping runs with
     monkeypatch.delenv(CONFIG_ENV)
     other = sglang_location.ExpertLocationMetadata.init_by_mapping(None, _placement(8).physical_to_logical_map,
                                                                    moe_ep_rank=0)
