@@ -122,22 +122,37 @@ def profile(tokens: int, *, num_layers: int, replays: int, old) -> list[dict]:
     return rows
 
 
-def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tuple[int, ...] = (8,)) -> list[dict]:
+WARPS = ((4, 4), (4, 8), (8, 8), (4, 16), (16, 16))  # --warps-sweep: (num_warps, split_warps)
+
+
+def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tuple[int, ...] = (8,),
+                warps: bool = False) -> list[dict]:
     """The whole dispatch (kernels by the pass's size, default settings) per number of the
     split's diffusion steps: what a step costs (``--old``: the older kernels beside them);
     at each of ``ep_sizes`` (288 slots over that many GPUs: the wider the table, the more a
-    step costs)."""
+    step costs). ``warps``: also each of ``WARPS`` at 8 and 16 steps, and the large passes'
+    kernels in parts (the wider the table, the more registers the split's [M, G] arrays take)."""
     rows: list[dict] = []
     for ep in ep_sizes:
         loc, ids = skewed_pass(tokens, num_layers=num_layers, ep=ep)
         tables = ExpertDispatcher(loc, rank=0, algorithm="minmax", backend="triton", device="cuda").minmax
         assert tables is not None
         counts = torch.zeros(num_layers, NUM_SLOTS, dtype=torch.int32, device="cuda")
-        add = _row_adder(rows, num_layers=num_layers, replays=replays, tokens=tokens, ep=ep)
+        add = _row_adder(rows, num_layers=num_layers, replays=replays, tokens=tokens, ep=ep,
+                         replicated=tables.multi_experts.shape[1])
         if old is not None:
             add("old_kernels", _minmax_call(tables, ids, counts, old))
         for steps in (0, 8, 10, 12, 14, 16, 20) if ep == 8 else (0, 8, 16):
             add("minmax_triton", _minmax_call(tables, ids, counts, iterations=steps), iterations=steps)
+        if warps:
+            for num_warps, split_warps in WARPS:
+                for steps in (8, 16):
+                    add("minmax_triton", _minmax_call(tables, ids, counts, iterations=steps, num_warps=num_warps,
+                                                      split_warps=split_warps),
+                        iterations=steps, num_warps=num_warps, split_warps=split_warps)
+            for part, us in parts(ids, tables, counts, num_layers, replays).items():
+                rows.append({"tokens": tokens, "ep": ep, "variant": "bases_" + part, "graph_us_per_layer": us})
+                print(f"tokens={tokens} ep={ep} bases {part}: {us:7.2f} us/layer", flush=True)
     return rows
 
 
@@ -150,19 +165,27 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--split-sweep", action="store_true", help="time the split's steps instead")
     ap.add_argument("--ep-sizes", default="8", help="--split-sweep: the EP sizes (288 slots over that many GPUs)")
+    ap.add_argument("--warps-sweep", action="store_true", help="--split-sweep: also by the kernels' warps")
     ns = ap.parse_args(argv)
     old = None
     if ns.old:
         sys.path.insert(0, ns.old)
         old = importlib.import_module("old_minmax_triton")
-    rows = []
+    rows: list[dict] = []
     for tokens in (int(t) for t in ns.tokens.split(",")):
         if ns.split_sweep:
             rows += split_sweep(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old,
-                                ep_sizes=tuple(int(e) for e in ns.ep_sizes.split(",")))
+                                ep_sizes=tuple(int(e) for e in ns.ep_sizes.split(",")), warps=ns.warps_sweep)
         else:
             rows += profile(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old)
-    best = {} if ns.split_sweep else {  # (the sweep's rows differ in quality, not only in cost)
+        _write(ns, argv, rows)  # after each pass size: a run cut short keeps what it timed
+    return 0
+
+
+def _write(ns, argv, rows: list[dict]) -> None:
+    """Prints the best setting per pass size (not for the split sweep, whose rows differ in
+    quality too) and writes the rows under ``--out``."""
+    best = {} if ns.split_sweep else {
         t: min((r for r in rows if r["tokens"] == t and r["variant"] == "minmax_triton"),
                key=lambda r: r["graph_us_per_layer"]) for t in {r["tokens"] for r in rows}}
     print("best:", json.dumps(best))

@@ -236,6 +236,7 @@ def test_a_bound_of_no_rows_or_of_every_row_is_clamped(bound, dtype):
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 @pytest.mark.parametrize("seed, num_experts, num_slots, ep, tokens, top_k, tile",
                          [(0, 16, 20, 4, 37, 4, 256), (1, 64, 72, 8, 333, 6, 256), (3, 256, 288, 8, 97, 8, 128),
+                          (4, 256, 288, 72, 97, 8, 128),  # the split's counts over 72 GPUs
                           (6, 16, 20, 4, 1500, 4, 1024)])
 @pytest.mark.parametrize("glob", [False, True])
 def test_the_large_pass_kernels_on_any_pass(seed, num_experts, num_slots, ep, tokens, top_k, tile, glob):

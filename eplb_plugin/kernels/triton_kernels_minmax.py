@@ -94,23 +94,33 @@ def _solve(
            num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
     if COUNT:
         tl.debug_barrier()  # the quotas this program stored, read back as the assign kernel reads them
-        cum = tl.load(quotas_ptr + m_idx[:, None] * BG + g_idx[None, :])
+        quota_at = quotas_ptr + m_idx[:, None] * BG + g_idx[None, :]
         # An expert on one GPU: all its pairs at its home slot.
         tl.atomic_add(counts_ptr + counts_offset + home, local,
                       mask=in_range & (row_of < 0) & (local > 0), sem="relaxed")
         # A replicated one: position j goes to the first GPU g with quota[g] <= j + 0.5 false,
         # i.e. j < t[g] = ceil(quota[g] - 0.5) (exact in float32 below 2^22 pairs), the last
-        # GPU taking the rest; count positions lo .. hi - 1 below each t[g].
-        lo = tl.gather(first, mi, 0)
-        hi = lo + tl.gather(local, mi, 0)
-        y = cum - 0.5
-        t = y.to(tl.int32)
-        t = t + (t.to(tl.float32) < y).to(tl.int32)  # ceil
-        t = tl.where(g_idx[None, :] < num_gpus - 1, t, hi[:, None])
-        below = tl.minimum(tl.maximum(t, lo[:, None]), hi[:, None]) - lo[:, None]  # [BM, BG] positions before t[g]
-        prev = tl.sum(tl.where(g_idx[None, None, :] == g_idx[None, :, None] - 1, below[:, None, :], 0), axis=2)
-        n = below - prev
+        # GPU taking the rest; count positions lo .. hi - 1 below t[g] and not below t[g - 1]
+        # (the quotas read again one GPU to the left: a shift in registers would take a
+        # [BM, BG, BG] select, 46 KB of stack per thread at 72 GPUs).
+        lo = tl.gather(first, mi, 0)[:, None]
+        hi = lo + tl.gather(local, mi, 0)[:, None]
+        last = g_idx[None, :] == num_gpus - 1
+        n = (_positions_below(tl.load(quota_at), last, lo, hi)
+             - _positions_below(tl.load(quota_at - 1, mask=g_idx[None, :] > 0, other=0.0), False, lo, hi))
         tl.atomic_add(counts_ptr + counts_offset + slot, n, mask=hosted & (n > 0), sem="relaxed")
+
+
+@triton.jit
+def _positions_below(cum, last, lo, hi):
+    """Of positions ``lo .. hi - 1`` of a replicated expert (``[BM, 1]``), how many go to a GPU
+    up to each one (``[BM, BG]``): those below ``ceil(cum - 0.5)``, all of them at the ``last``
+    GPU. A cumulative quota of 0 (left of the first GPU) gives 0."""
+    y = cum - 0.5
+    t = y.to(tl.int32)
+    t = t + (t.to(tl.float32) < y).to(tl.int32)  # ceil
+    t = tl.where(last, hi, t)
+    return tl.minimum(tl.maximum(t, lo), hi) - lo
 
 
 @triton.jit
