@@ -30,6 +30,7 @@ from bench_minmax_dispatch import (
 
 from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.kernels import count_topk, minmax_triton
+from eplb_plugin.kernels.minmax import minmax_iterations
 from eplb_plugin.kernels.minmax_triton import minmax_scratch
 
 SETTINGS = (  # (totals_tile, chunk, num_warps, split_warps); None: by the pass's size
@@ -122,7 +123,9 @@ def profile(tokens: int, *, num_layers: int, replays: int, old) -> list[dict]:
     return rows
 
 
-WARPS = ((4, 4), (4, 8), (8, 8), (4, 16), (16, 16))  # --warps-sweep: (num_warps, split_warps)
+# --warps-sweep: (num_warps, split_warps, search), each at the EP size's default steps
+WARPS = ((4, 8, False), (8, 8, False), (4, 16, False), (16, 16, False),
+         (4, 4, True), (4, 8, True), (8, 8, True), (4, 16, True), (16, 16, True))
 
 
 def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tuple[int, ...] = (8,),
@@ -131,7 +134,8 @@ def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tu
     split's diffusion steps: what a step costs (``--old``: the older kernels beside them);
     at each of ``ep_sizes`` (288 slots over that many GPUs: the wider the table, the more a
     step costs). ``warps``: also each of ``WARPS`` at 8 and 16 steps, and the large passes'
-    kernels in parts (the wider the table, the more registers the split's [M, G] arrays take)."""
+    kernels in parts (the wider the table, the more registers the split's [M, G] arrays take;
+    the more quotas a pair compares unless it searches them)."""
     rows: list[dict] = []
     for ep in ep_sizes:
         loc, ids = skewed_pass(tokens, num_layers=num_layers, ep=ep)
@@ -145,11 +149,10 @@ def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tu
         for steps in (0, 8, 10, 12, 14, 16, 20) if ep == 8 else (0, 8, 16):
             add("minmax_triton", _minmax_call(tables, ids, counts, iterations=steps), iterations=steps)
         if warps:
-            for num_warps, split_warps in WARPS:
-                for steps in (8, 16):
-                    add("minmax_triton", _minmax_call(tables, ids, counts, iterations=steps, num_warps=num_warps,
-                                                      split_warps=split_warps),
-                        iterations=steps, num_warps=num_warps, split_warps=split_warps)
+            for num_warps, split_warps, search in WARPS:
+                add("minmax_triton", _minmax_call(tables, ids, counts, num_warps=num_warps, split_warps=split_warps,
+                                                  search=search),
+                    iterations=minmax_iterations(ep), num_warps=num_warps, split_warps=split_warps, search=search)
             for part, us in parts(ids, tables, counts, num_layers, replays).items():
                 rows.append({"tokens": tokens, "ep": ep, "variant": "bases_" + part, "graph_us_per_layer": us})
                 print(f"tokens={tokens} ep={ep} bases {part}: {us:7.2f} us/layer", flush=True)

@@ -84,6 +84,35 @@ def test_the_fused_kernel_dispatches_like_the_torch_path(seed, num_experts, num_
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("seed, num_experts, num_slots, ep, tokens, top_k",
+                         [(1, 64, 72, 8, 333, 6), (4, 256, 288, 72, 97, 8), (5, 64, 80, 16, 1500, 4),
+                          (7, 16, 21, 3, 50, 4)])  # (3 GPUs: the search passes a padded GPU)
+@pytest.mark.parametrize("bases, fused", [(False, False), (False, True), (True, False)])
+def test_a_binary_search_of_the_quotas_picks_the_gpus_the_full_comparison_picks(seed, num_experts, num_slots, ep,
+                                                                                 tokens, top_k, bases, fused):
+    """``search=True`` (each pair's GPU by a binary search of its expert's quotas) serves
+    every slot exactly the pairs the full comparison does, on every kernel set, and counts
+    them; in the interpreter (programs one after another: the same tickets) pair for pair."""
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+
+    location, ids = _case(seed, num_experts, num_slots, ep, tokens, top_k)
+    tables = ExpertDispatcher(location, rank=0, algorithm="minmax", backend="triton", device=DEVICE).minmax
+    assert tables is not None
+    outs, loads = [], []
+    for search in (False, True):
+        counts = torch.zeros(2, num_slots, dtype=torch.int32, device=DEVICE)
+        out = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=1, num_slots=num_slots, counts_out=counts,
+                                     bases=bases, fused=fused, search=search).cpu()
+        assert torch.equal(location.physical_to_logical_map[1][out[ids >= 0]], ids[ids >= 0])
+        outs.append(out)
+        loads.append(torch.bincount(out[out >= 0], minlength=num_slots))
+        assert torch.equal(counts[1].cpu(), loads[-1].to(torch.int32))
+    assert torch.equal(loads[0], loads[1])
+    if DEVICE == "cpu":
+        assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_kernel_follows_a_new_placement_copied_in_place():
     """After update_, the kernel reads the new tables (what a captured graph replays)."""
     old, ids = _case(4, 16, 20, 4, 50, 4)

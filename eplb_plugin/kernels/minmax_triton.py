@@ -76,6 +76,7 @@ SPLIT_WARPS = 4  # the totals / split kernels' warps (1: 2x slower split; 2 and 
 CHUNK = 64  # large passes: pairs of one assign program (128: 23.3 us at 16,384 tokens, 64: 22.8)
 FUSED = True  # small passes without an exchange: totals, split and assign in one launch (H100, in a graph:
 # 9.28 us against 9.55 / 9.81 at 512 tokens, 10.46 against 10.78 at 1,024; eager calls 42.5 against 62-67 us)
+SEARCH_MIN_GPUS = 1 << 30  # (to be measured) tables of this many GPUs or more: a binary search of the quotas
 FUSED_MAX_PROGRAMS = 128  # the fused kernel's programs, at most (and at most one per SM: they wait for each other)
 
 class _LayerArgs(NamedTuple):
@@ -209,6 +210,7 @@ def minmax_dispatch_triton(
     iterations: int | None = None, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
     totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
     num_valid_rows: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int64, fused: bool | None = None,
+    search: bool | None = None,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
@@ -235,6 +237,8 @@ def minmax_dispatch_triton(
     if iterations is None:
         iterations = minmax_iterations(tables.multi_gpus.shape[-1])
     a = scratch.layer_args(tables, layer)
+    if search is None:
+        search = a.num_gpus >= SEARCH_MIN_GPUS
     flat = topk_ids.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
@@ -262,7 +266,7 @@ def minmax_dispatch_triton(
                                      split_warps=split_warps) if glob else a.counters  # (unused pointer)
         kb.bases_assign_kernel[geo.assign_grid](
             flat, bound, bases_buf, a.quotas, offsets, out, *a.place, num_ids, top_k, a.num_experts, a.num_gpus,
-            GLOBAL=glob, BOUND=bounded, SUB=geo.chunk, BM=a.bm, BG=a.bg, num_warps=num_warps,
+            GLOBAL=glob, BOUND=bounded, SUB=geo.chunk, BM=a.bm, BG=a.bg, SEARCH=search, num_warps=num_warps,
         )
         return out
     if geo.fused:
@@ -270,7 +274,7 @@ def minmax_dispatch_triton(
             flat, bound, a.counters, a.quotas, out, counts, counts_offset, *a.split, *a.place, num_ids, top_k,
             geo.iters, a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, num_slots, MINMAX_MOMENTUM,
             COUNT=count, BOUND=bounded, ITERATIONS=iterations, TILE=geo.tile, NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs,
-            NPB=_next_pow2(num_slots + 1), num_warps=num_warps,
+            NPB=_next_pow2(num_slots + 1), SEARCH=search, num_warps=num_warps,
         )
         return out
     k.minmax_totals_kernel[geo.totals_grid](
@@ -284,7 +288,7 @@ def minmax_dispatch_triton(
     k.minmax_assign_kernel[geo.assign_grid](
         flat, bound, a.counters, a.quotas, offsets, out, counts, counts_offset, *a.place, num_ids, top_k, geo.iters,
         a.num_experts, a.num_gpus, num_slots, GLOBAL=glob, COUNT=count, BOUND=bounded, TILE=geo.tile, NB=a.nb,
-        BG=a.bg, NPB=_next_pow2(num_slots + 1), num_warps=num_warps,
+        BG=a.bg, NPB=_next_pow2(num_slots + 1), SEARCH=search, num_warps=num_warps,
     )
     return out
 

@@ -223,17 +223,30 @@ def minmax_split_kernel(
 
 @triton.jit
 def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr, out_ptr, offs,
-                 num_ids, num_gpus, BG: tl.constexpr):
+                 num_ids, num_gpus, BG: tl.constexpr, SEARCH: tl.constexpr):
     """Stores and returns the slot of each pair, given its expert ``e`` and, for a pair of a
     replicated expert (``split``, its row ``row``), its ``position`` among the expert's
     pairs of the pass: an expert on one GPU takes its home slot; a replicated one the first
     GPU whose cumulative quota exceeds the position, at the expert's first slot there;
     an id that is not an expert (-1) gives -1; a valid pair that is not ``split`` (a
-    padding row's, too) its home slot. Shared by both assign kernels."""
+    padding row's, too) its home slot. That GPU is found by comparing the position with the
+    whole row of quotas ([pairs, BG] loaded), or with SEARCH by a binary search of the row
+    (log2 BG loads a pair: for wide tables). Shared by both assign kernels."""
     home = tl.load(home_slot_ptr + e, mask=valid, other=-1)
-    quota = tl.load(quotas_ptr + tl.maximum(row, 0)[:, None] * BG + g_idx[None, :],
-                    mask=split[:, None] & (g_idx[None, :] < num_gpus), other=float("inf"))
-    pick = tl.sum((quota <= position.to(tl.float32)[:, None] + 0.5).to(tl.int32), axis=1)
+    value = position.to(tl.float32) + 0.5
+    row_at = quotas_ptr + tl.maximum(row, 0) * BG
+    if SEARCH:
+        # The quotas of a row do not decrease along it, so the GPUs whose quota is at most
+        # the value come first: halve the range each step (past the last GPU: infinite).
+        pick = tl.zeros_like(row)
+        for i in tl.static_range(BG.bit_length() - 1):
+            probe = pick + ((BG >> (i + 1)) - 1)
+            quota = tl.load(row_at + probe, mask=split & (probe < num_gpus), other=float("inf"))
+            pick = tl.where(quota <= value, probe + 1, pick)
+    else:
+        quota = tl.load(row_at[:, None] + g_idx[None, :], mask=split[:, None] & (g_idx[None, :] < num_gpus),
+                        other=float("inf"))
+        pick = tl.sum((quota <= value[:, None]).to(tl.int32), axis=1)
     chosen = tl.load(slot_on_gpu_ptr + e * num_gpus + tl.minimum(pick, num_gpus - 1), mask=split, other=-1)
     physical = tl.where(split & (chosen >= 0), chosen, home)  # (a float tie past the last quota: home)
     physical = tl.where(valid, physical, -1)
@@ -244,7 +257,7 @@ def _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_
 @triton.jit
 def _assign_tile(ids_ptr, offs, num_real, scratch_ptr, quotas_ptr, offsets_ptr, out_ptr, multi_row_ptr,
                  slot_on_gpu_ptr, home_slot_ptr, g_idx, num_ids, num_experts, num_gpus, GLOBAL: tl.constexpr,
-                 COUNT: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, NPB: tl.constexpr):
+                 COUNT: tl.constexpr, NB: tl.constexpr, BG: tl.constexpr, NPB: tl.constexpr, SEARCH: tl.constexpr):
     """The tile ``offs`` of pairs placed (a ticket each for a replicated expert's pair, as
     ``minmax_assign_kernel`` says) and stored. Returns those real pairs' slots as an [NPB]
     histogram with COUNT (zeros without). A pair at or past ``num_real`` pads the batch: it
@@ -261,7 +274,7 @@ def _assign_tile(ids_ptr, offs, num_real, scratch_ptr, quotas_ptr, offsets_ptr, 
     if GLOBAL:
         position += tl.load(offsets_ptr + e, mask=split, other=0)
     physical = _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr,
-                            out_ptr, offs, num_ids, num_gpus, BG)
+                            out_ptr, offs, num_ids, num_gpus, BG, SEARCH)
     if COUNT:
         return tl.histogram(tl.where(real, physical, NPB - 1).to(tl.int32), NPB)
     return tl.zeros([NPB], dtype=tl.int32)
@@ -292,7 +305,7 @@ def minmax_assign_kernel(
     home_slot_ptr,  # [E] int64, a slot of each expert (its only GPU's first, when on one GPU)
     num_ids, top_k, iters, num_experts, num_gpus, num_slots,
     GLOBAL: tl.constexpr, COUNT: tl.constexpr, BOUND: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
-    BG: tl.constexpr, NPB: tl.constexpr,
+    BG: tl.constexpr, NPB: tl.constexpr, SEARCH: tl.constexpr,
 ):
     """Each program over tiles ``[pid * iters, (pid + 1) * iters)``: a pair of a replicated
     expert draws a ticket (its expert's counter, atomically: the tickets of one expert are
@@ -307,7 +320,8 @@ def minmax_assign_kernel(
     for i in range(0, iters):
         slot_hist += _assign_tile(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, scratch_ptr, quotas_ptr,
                                   offsets_ptr, out_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, g_idx, num_ids,
-                                  num_experts, num_gpus, GLOBAL=GLOBAL, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB)
+                                  num_experts, num_gpus, GLOBAL=GLOBAL, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB,
+                                  SEARCH=SEARCH)
     _add_slot_counts(slot_hist, counts_ptr, counts_offset, num_slots, COUNT=COUNT, NPB=NPB)
 
 
@@ -322,7 +336,7 @@ def minmax_fused_kernel(
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
     num_ids, top_k, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots, momentum,
     COUNT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
-    BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr,
+    BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr, SEARCH: tl.constexpr,
 ):
     """The totals, the split and the assign in one launch (passes seen whole: no exchange).
     Each program counts its tiles ``[pid * iters, (pid + 1) * iters)`` into the totals;
@@ -359,5 +373,6 @@ def minmax_fused_kernel(
     for i in range(0, iters):
         slot_hist += _assign_tile(ids_ptr, (pid * iters + i) * TILE + lanes, num_real, scratch_ptr, quotas_ptr,
                                   scratch_ptr, out_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr, g_idx, num_ids,
-                                  num_experts, num_gpus, GLOBAL=False, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB)
+                                  num_experts, num_gpus, GLOBAL=False, COUNT=COUNT, NB=NB, BG=BG, NPB=NPB,
+                                  SEARCH=SEARCH)
     _add_slot_counts(slot_hist, counts_ptr, counts_offset, num_slots, COUNT=COUNT, NPB=NPB)

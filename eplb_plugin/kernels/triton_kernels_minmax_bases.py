@@ -82,6 +82,7 @@ def bases_assign_kernel(
     home_slot_ptr,  # [E] int64, a slot of each expert (its only GPU's first, when on one GPU)
     num_ids, top_k, num_experts, num_gpus,
     GLOBAL: tl.constexpr, BOUND: tl.constexpr, SUB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
+    SEARCH: tl.constexpr,
 ):
     """One program per chunk of SUB pairs: the position of a pair of a replicated expert
     among its expert's pairs is the chunk's base (from the totals kernel) plus the expert's
@@ -107,4 +108,4 @@ def bases_assign_kernel(
     if GLOBAL:
         position += tl.load(offsets_ptr + e, mask=split, other=0)
     _place_pairs(e, valid, split, row, position, g_idx, quotas_ptr, slot_on_gpu_ptr, home_slot_ptr, out_ptr, offs,
-                 num_ids, num_gpus, BG)
+                 num_ids, num_gpus, BG, SEARCH)
