@@ -176,12 +176,14 @@ def main(argv=None) -> int:
         old = importlib.import_module("old_minmax_triton")
     rows: list[dict] = []
     for tokens in (int(t) for t in ns.tokens.split(",")):
-        if ns.split_sweep:
-            rows += split_sweep(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old,
-                                ep_sizes=tuple(int(e) for e in ns.ep_sizes.split(",")), warps=ns.warps_sweep)
-        else:
+        if not ns.split_sweep:
             rows += profile(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old)
-        _write(ns, argv, rows)  # after each pass size: a run cut short keeps what it timed
+            _write(ns, argv, rows)
+            continue
+        for ep in (int(e) for e in ns.ep_sizes.split(",")):
+            rows += split_sweep(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old, ep_sizes=(ep,),
+                                warps=ns.warps_sweep)
+            _write(ns, argv, rows)  # after each EP size: a run cut short keeps what it timed
     return 0
 
 
