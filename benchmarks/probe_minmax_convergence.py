@@ -11,8 +11,9 @@ the peak over the optimum, and the steps taken.
 
 ``--synthetic`` (no traces needed): the momentum's effect away from the traces. Skewed
 synthetic windows (per-layer Dirichlet(0.3) popularity) planned by the per-pass policy for
-five shapes (EP8 to EP32), then served passes drawn from a drifted popularity; the excess
-of 8 and 16 steps at momentum 0.5 and 0.6 over 200 steps (the optimum, near enough).
+ten shapes (EP8 to EP72), then served passes drawn from a drifted popularity; the excess
+of 4 steps (momentum 0.6, the kernels'), 8 and 16 (0.5 and 0.6) over 200 steps (the optimum, near
+enough).
 
     python benchmarks/probe_minmax_convergence.py [--synthetic]
 """
@@ -86,7 +87,8 @@ def stop_when_flat(counts: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Te
 
 SYNTHETIC_SHAPES = ((64, 72, 8, 256, 6), (64, 80, 16, 256, 6), (256, 288, 8, 512, 8), (256, 320, 32, 512, 8),
                     (128, 160, 16, 256, 8), (256, 288, 36, 512, 8), (256, 288, 72, 512, 8),
-                    (384, 432, 72, 512, 8))  # experts, slots, GPUs, tokens per pass, top-k
+                    (384, 432, 72, 512, 8), (256, 320, 64, 512, 8),
+                    (256, 384, 48, 1024, 8))  # experts, slots, GPUs, tokens per pass, top-k
 
 
 def synthetic(seed: int = 7, num_layers: int = 16, passes: int = 16) -> dict:
@@ -105,7 +107,7 @@ def synthetic(seed: int = 7, num_layers: int = 16, passes: int = 16) -> dict:
                                         for _ in range(passes) for layer in range(num_layers)]))
         tables = build_minmax_tables(maps, experts, num_gpus=gpus)
         peaks = {}
-        for steps, momentum in ((8, 0.5), (8, 0.6), (16, 0.5), (16, 0.6), (200, 0.5)):
+        for steps, momentum in ((4, 0.6), (8, 0.5), (8, 0.6), (16, 0.5), (16, 0.6), (200, 0.5)):
             _, loads = minmax_gpu_shares(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots,
                                          iterations=steps, momentum=momentum)
             peaks[f"{steps}/{momentum}"] = loads.amax(-1).double()
