@@ -219,3 +219,15 @@ def test_the_dispatcher_runs_the_split_steps_it_is_given():
     assert sum(peaks["one"]) > sum(peaks["default"])
     with pytest.raises(ConfigError, match="minmax_steps=0"):
         ExpertDispatcher(loc, rank=0, algorithm="minmax", minmax_steps=0)
+
+
+def test_the_split_kernels_take_more_warps_only_for_wide_tables():
+    """Up to 32 GPUs with up to 32 replicated experts the split keeps 4 warps (the measured
+    best at EP8); the [32, 128] table of 72 GPUs gets 16 (4 spill it out of registers), and
+    no table more than 16."""
+    from eplb_plugin.kernels.minmax_triton import MAX_SPLIT_WARPS, SPLIT_WARPS, table_split_warps
+
+    assert [table_split_warps(32, bg) for bg in (8, 16, 32)] == [SPLIT_WARPS] * 3 == [4] * 3
+    assert table_split_warps(32, 128) == MAX_SPLIT_WARPS == 16
+    assert table_split_warps(64, 32) == 8
+    assert table_split_warps(512, 256) == 16
