@@ -279,7 +279,7 @@ def main(argv=None) -> int:
         "traces": {"esft": list(ESFT_TRACES), "olmoe": [OLMOE_TRACE],
                    "sequences": "synthetic: _traces.sequence_mixture_ids() defaults"}[ns.traffic],
         "pass_tokens": ns.pass_tokens, "every": ns.every,
-        "minmax_score_iterations": ns.score_iterations or "the kernels' (8 steps up to 8 GPUs, 16 beyond)",
+        "minmax_score_iterations": ns.score_iterations or "the kernels' (8 steps up to 8 GPUs, 16 from 9 to 32, 8 past 32)",
         "drift_threshold": DRIFT_THRESHOLD,
         "drift_check_every": DRIFT_CHECK_EVERY,
         "scored": "every pass after the first plan", "results": results, "wall_s": time.perf_counter() - t0,

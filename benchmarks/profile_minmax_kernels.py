@@ -123,10 +123,8 @@ def profile(tokens: int, *, num_layers: int, replays: int, old) -> list[dict]:
     return rows
 
 
-# --warps-sweep: (num_warps, split_warps, search), each at the EP size's default steps; None:
-# the default (split_warps: by the table's width; the fused kernel takes the larger of the two)
-WARPS = ((4, 4, False), (4, 8, False), (4, 16, False), (8, 16, False), (4, 4, True), (4, None, True),
-         (8, None, True))
+# --warps-sweep: (num_warps, split_warps, search), each at the EP size's default steps
+WARPS = ((4, 4, False), (4, 8, False), (4, 16, False), (8, 16, False), (4, 4, True), (4, 8, True), (8, 8, True))
 
 
 def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tuple[int, ...] = (8,),

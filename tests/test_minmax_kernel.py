@@ -525,3 +525,35 @@ def test_the_fused_kernel_in_a_graph_serves_the_torch_paths_loads_on_every_repla
         assert (got - torch.stack(want)).abs().max() <= 1, replay
         assert torch.equal(counts.cpu().long(), got)
         assert torch.equal(scratch.counters[:, -1], epoch + replay + 1)
+
+
+@pytest.mark.parametrize("ep, searched", [(8, False), (32, False), (36, True), (72, True)])
+@pytest.mark.parametrize("tokens", [97, 2100])  # the ticket kernels, then the large-pass kernels
+def test_tables_of_more_than_32_gpus_search_their_quotas_by_default(ep, searched, tokens, monkeypatch):
+    """The assign kernels get SEARCH past 32 GPUs (a binary search of the quotas: H100, EP72
+    at 16,384 tokens 65 against 95 us per layer) and the full comparison up to 32; an explicit
+    ``search`` wins. The launches are recorded, not run."""
+    from eplb_plugin.kernels import minmax_triton
+
+    launches: dict[str, dict] = {}
+
+    class Kernels:  # stands in for a kernel module: keeps each launch's keywords
+        def __getattr__(self, name):
+            return _Launch(name)
+
+    class _Launch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.__setitem__(self.name, kw)
+
+    location, ids = _case(4, 256, 288, ep, tokens, 8)
+    tables = ExpertDispatcher(location, rank=0, algorithm="minmax").minmax
+    assert tables is not None
+    monkeypatch.setattr(minmax_triton, "_kernels", lambda: (Kernels(), Kernels()))
+    for search in (None, not searched):
+        launches.clear()
+        minmax_triton.minmax_dispatch_triton(ids, tables, layer=0, num_slots=288, search=search)
+        assigns = {name: kw["SEARCH"] for name, kw in launches.items() if "SEARCH" in kw}
+        assert assigns and set(assigns.values()) == {searched if search is None else search}, assigns

@@ -20,7 +20,7 @@ replay, 8 steps land 0.20% (EP8) and 0.76% (EP16) above the exact optimum on ave
 0.35%; ``benchmarks/probe_minmax_convergence.py``; an LP solves it exactly, see also
 ``benchmarks/bench_minmax_dispatch.py``). Each step costs about 0.3 us per layer in the
 Triton kernel, so ``minmax_iterations`` runs 8 steps up to 8 GPUs (DeepSeek-V3 decode at
-EP8 stays under 10 us) and 16 beyond.
+EP8 stays under 10 us), 16 from 9 to 32 GPUs and 8 past 32 (see its docstring).
 
 Shares then become token choices by occurrence order: the j-th token of expert e in the
 pass goes to the replica whose cumulative quota first exceeds j, so each replica gets its
@@ -36,18 +36,24 @@ from typing import NamedTuple
 import torch
 
 MINMAX_ITERATIONS = 8  # diffusion steps on up to MINMAX_NARROW_GPUS GPUs (the module docstring: quality)
-MINMAX_ITERATIONS_WIDE = 16  # on more GPUs, where 8 steps leave the peak ~1% over the optimum
+MINMAX_ITERATIONS_WIDE = 16  # on more GPUs, up to MINMAX_WIDE_GPUS, where 8 steps leave the peak ~1% over the optimum
 MINMAX_NARROW_GPUS = 8
+MINMAX_WIDE_GPUS = 32  # past this, MINMAX_ITERATIONS again: 8 steps suffice there and each costs ~2.4 us at 72 GPUs
 MINMAX_MOMENTUM = 0.6  # heavy-ball weight of the previous step (0.5: a little further from the optimum at 8
 # steps on the traces and on 4 of 5 synthetic shapes: benchmarks/probe_minmax_convergence.py --synthetic)
 
 
 def minmax_iterations(num_gpus: int) -> int:
     """The split's diffusion steps for a placement over ``num_gpus`` GPUs (the default of every
-    ``iterations=None`` here and in the kernels): 8 up to 8 GPUs, 16 beyond, where the wider
-    tables converge more slowly (ESFT at EP16: 1.09% over the optimum after 8 steps on the
-    layer-passes the split can change, 0.35% after 16)."""
-    return MINMAX_ITERATIONS if num_gpus <= MINMAX_NARROW_GPUS else MINMAX_ITERATIONS_WIDE
+    ``iterations=None`` here and in the kernels): 8 up to 8 GPUs; 16 from 9 to 32, where the
+    split converges more slowly (ESFT at EP16: 1.09% over the optimum after 8 steps on the
+    layer-passes the split can change, 0.35% after 16; synthetic EP32 1.05% / 0.28%); 8 again
+    past 32 GPUs, where 8 steps already land within 0.8% of 200 (synthetic EP36 to EP72:
+    with few slots per GPU a GPU of single-replica experts sets most peaks) and a step of the
+    wide table costs 2.4 us per layer on an H100 (EP72, 512 tokens: 27 us with 8, 46 with 16)."""
+    if MINMAX_NARROW_GPUS < num_gpus <= MINMAX_WIDE_GPUS:
+        return MINMAX_ITERATIONS_WIDE
+    return MINMAX_ITERATIONS
 
 
 class MinmaxTables(NamedTuple):

@@ -72,13 +72,14 @@ TOTALS_TILE = 1024  # pairs one program of the totals kernel counts...
 SMALL_TOTALS_TILE = 256  # ...and in passes of up to SMALL_PASS_IDS pairs (more programs, shorter)
 SMALL_PASS_IDS = 8192
 NUM_WARPS = 4  # the assign kernel's warps
-SPLIT_WARPS = 4  # the totals / split kernels' warps (1: 2x slower split; 2 and 8: slower too)...
-SPLIT_TABLE_PER_WARP = 256  # ...and more for wider tables: one warp per this many [BM, BG] elements, up to
-MAX_SPLIT_WARPS = 16  # this (at 72 GPUs the [32, 128] table in 4 warps takes 255 registers and spills; 16: 128)
+SPLIT_WARPS = 4  # the totals / split kernels' warps (1: 2x slower split; 2 and 8: slower too; at 72 GPUs,
+# where the [32, 128] table in 4 warps spills, 16 warps were slower still: 63 against 46 us at 512 tokens)
 CHUNK = 64  # large passes: pairs of one assign program (128: 23.3 us at 16,384 tokens, 64: 22.8)
 FUSED = True  # small passes without an exchange: totals, split and assign in one launch (H100, in a graph:
 # 9.28 us against 9.55 / 9.81 at 512 tokens, 10.46 against 10.78 at 1,024; eager calls 42.5 against 62-67 us)
-SEARCH_MIN_GPUS = 1 << 30  # (to be measured) tables of this many GPUs or more: a binary search of the quotas
+SEARCH_MIN_GPUS = 33  # tables of this many GPUs or more: a binary search of the quotas (H100, 16,384 tokens,
+# 16 steps: EP72 65 against 95 us, EP48 40 against 47; EP32 29.1 against 29.4, EP16 26.1 against 25.6; 512 tokens
+# at EP8 and EP72: the same)
 FUSED_MAX_PROGRAMS = 128  # the fused kernel's programs, at most (and at most one per SM: they wait for each other)
 
 class _LayerArgs(NamedTuple):
@@ -100,7 +101,6 @@ class _LayerArgs(NamedTuple):
     bm: int
     bg: int
     bs: int
-    split_warps: int  # the default warps of the kernels that solve the split (``table_split_warps``)
 
 
 class MinmaxScratch:
@@ -141,15 +141,7 @@ def _make_layer_args(tables: MinmaxTables, layer: int, scratch: MinmaxScratch) -
         (tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer]),
         (tables.multi_row[layer], tables.slot_on_gpu[layer], tables.home_slot[layer]),
         tables.multi_row.shape[1], num_multi, num_gpus, slots_per_gpu, nb, bm, bg, _next_pow2(slots_per_gpu),
-        table_split_warps(bm, bg),
     )
-
-
-def table_split_warps(bm: int, bg: int) -> int:
-    """The default warps of a kernel that solves the split on a padded ``[bm, bg]`` table:
-    ``SPLIT_WARPS``, more for wide tables (one per ``SPLIT_TABLE_PER_WARP`` elements, at most
-    ``MAX_SPLIT_WARPS``), so that its arrays stay in registers."""
-    return max(SPLIT_WARPS, min(MAX_SPLIT_WARPS, bm * bg // SPLIT_TABLE_PER_WARP))
 
 
 def minmax_scratch(tables: MinmaxTables) -> MinmaxScratch:
@@ -217,7 +209,7 @@ def _kernels() -> tuple[Any, Any]:
 def minmax_dispatch_triton(
     topk_ids: torch.Tensor, tables: MinmaxTables, *, layer: int, num_slots: int,
     scratch: MinmaxScratch | None = None, exchange: CountExchange | None = None,
-    counts_out: torch.Tensor | None = None, num_warps: int = NUM_WARPS, split_warps: int | None = None,
+    counts_out: torch.Tensor | None = None, num_warps: int = NUM_WARPS, split_warps: int = SPLIT_WARPS,
     iterations: int | None = None, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
     totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
     num_valid_rows: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int64, fused: bool | None = None,
@@ -233,9 +225,7 @@ def minmax_dispatch_triton(
     buffer; this call's slots are added to its row ``layer``. num_warps / split_warps /
     iterations / assign_tile_elements / totals_tile (None: by the pass's size) / chunk:
     launch and split settings (the benchmarks vary them; the defaults are the measured
-    best; split_warps None: ``table_split_warps`` of the tables' width, also the fused
-    kernel's warps where above num_warps; iterations None: ``minmax_iterations`` of the
-    tables' GPUs). bases: the kernels
+    best; iterations None: ``minmax_iterations`` of the tables' GPUs). bases: the kernels
     of large passes (True), the ticket kernels (False), or by the pass's size (None).
     num_valid_rows: optional one-element int tensor on the ids' device, read by the
     kernels: rows at or past it pad the batch (a CUDA graph's fixed size), left out of the
@@ -250,8 +240,6 @@ def minmax_dispatch_triton(
     if iterations is None:
         iterations = minmax_iterations(tables.multi_gpus.shape[-1])
     a = scratch.layer_args(tables, layer)
-    if split_warps is None:
-        split_warps = a.split_warps
     if search is None:
         search = a.num_gpus >= SEARCH_MIN_GPUS
     flat = topk_ids.reshape(-1)
@@ -289,7 +277,7 @@ def minmax_dispatch_triton(
             flat, bound, a.counters, a.quotas, out, counts, counts_offset, *a.split, *a.place, num_ids, top_k,
             geo.iters, a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, num_slots, MINMAX_MOMENTUM,
             COUNT=count, BOUND=bounded, ITERATIONS=iterations, TILE=geo.tile, NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs,
-            NPB=_next_pow2(num_slots + 1), SEARCH=search, num_warps=max(num_warps, split_warps),
+            NPB=_next_pow2(num_slots + 1), SEARCH=search, num_warps=num_warps,
         )
         return out
     k.minmax_totals_kernel[geo.totals_grid](
