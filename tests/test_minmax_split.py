@@ -221,7 +221,6 @@ def test_the_dispatcher_runs_the_split_steps_it_is_given():
         ExpertDispatcher(loc, rank=0, algorithm="minmax", minmax_steps=0)
 
 
-
 def test_placements_over_more_than_32_gpus_keep_8_split_steps():
     """Past 32 GPUs the default split is 8 steps again (each step of the wide table costs
     about 2.4 us per layer on an H100): on EP72 passes (256 experts on 288 slots) its peaks
