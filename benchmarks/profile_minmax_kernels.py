@@ -132,8 +132,8 @@ def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tu
     """The whole dispatch (kernels by the pass's size, default settings) per number of the
     split's diffusion steps: what a step costs (``--old``: the older kernels beside them);
     at each of ``ep_sizes`` (288 slots over that many GPUs: the wider the table, the more a
-    step costs). ``warps``: also each of ``WARPS`` at 8 and 16 steps, and the large passes'
-    kernels in parts (the wider the table, the more registers the split's [M, G] arrays take;
+    step costs). ``warps``: also each of ``WARPS`` at the EP size's default steps, and the
+    large passes' kernels in parts (the wider the table, the more registers the split's [M, G] arrays take;
     the more quotas a pair compares unless it searches them)."""
     rows: list[dict] = []
     for ep in ep_sizes:

@@ -118,14 +118,9 @@ class ExpertDispatcher:
     ):
         self.info = dispatch_info(algorithm)  # ConfigError naming the known ones
         check_rank(rank, location.ep_size)
-        if num_gpus_per_node is not None and (
-            isinstance(num_gpus_per_node, bool) or not isinstance(num_gpus_per_node, int) or num_gpus_per_node < 1
-        ):  # a last node with fewer ranks is fine: a rank's node is rank // num_gpus_per_node
-            raise ConfigError(f"num_gpus_per_node={num_gpus_per_node!r} must be a positive int or None")
+        # (num_gpus_per_node: a last node with fewer ranks is fine, a rank's node is rank // num_gpus_per_node)
+        _check_positive_or_none(num_gpus_per_node=num_gpus_per_node, minmax_steps=minmax_steps)
         check_backend(backend)
-        if minmax_steps is not None and (isinstance(minmax_steps, bool) or not isinstance(minmax_steps, int)
-                                         or minmax_steps < 1):
-            raise ConfigError(f"minmax_steps={minmax_steps!r} must be a positive int or None")
         self.minmax_steps = minmax_steps
         self.algorithm = algorithm
         self.rank = rank
@@ -257,6 +252,14 @@ def split_gathered_counts(per_rank: torch.Tensor, rank: int) -> tuple[torch.Tens
     ``per_rank``'s dtype (int32 for the kernels: a plain sum would widen to int64), what a
     count exchange of ``minmax_dispatch`` returns."""
     return per_rank.sum(0, dtype=per_rank.dtype), per_rank[:rank].sum(0, dtype=per_rank.dtype)
+
+
+def _check_positive_or_none(**values: Any) -> None:
+    """ConfigError naming the first of ``values`` that is neither None nor a positive int
+    (a bool is not one)."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name}={value!r} must be a positive int or None")
 
 
 def minmax_dispatch(

@@ -101,6 +101,8 @@ class _LayerArgs(NamedTuple):
     bm: int
     bg: int
     bs: int
+    iterations: int  # the split's default steps (``minmax_iterations`` of the tables' GPUs)
+    search: bool  # the assign's default: a binary search of the quotas (``SEARCH_MIN_GPUS``)
 
 
 class MinmaxScratch:
@@ -141,6 +143,7 @@ def _make_layer_args(tables: MinmaxTables, layer: int, scratch: MinmaxScratch) -
         (tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer]),
         (tables.multi_row[layer], tables.slot_on_gpu[layer], tables.home_slot[layer]),
         tables.multi_row.shape[1], num_multi, num_gpus, slots_per_gpu, nb, bm, bg, _next_pow2(slots_per_gpu),
+        minmax_iterations(num_gpus), num_gpus >= SEARCH_MIN_GPUS,
     )
 
 
@@ -237,11 +240,11 @@ def minmax_dispatch_triton(
     check_out_dtype(out_dtype)
     if scratch is None:
         scratch = minmax_scratch(tables)
-    if iterations is None:
-        iterations = minmax_iterations(tables.multi_gpus.shape[-1])
     a = scratch.layer_args(tables, layer)
+    if iterations is None:
+        iterations = a.iterations
     if search is None:
-        search = a.num_gpus >= SEARCH_MIN_GPUS
+        search = a.search
     flat = topk_ids.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()

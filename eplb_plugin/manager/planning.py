@@ -336,9 +336,10 @@ def gather_window(window: LoadWindow, group: Any, *, per_pass: bool,
     only (all it has, if fewer); the physical counts stay the whole window's. Collective:
     every rank calls it at the same pass, and then plans from (and checks) the same counts."""
     if per_pass or last_passes is not None:
-        passes = window.logical_count_passes().to("cpu", torch.float64)
+        passes = window.logical_count_passes()
         if last_passes is not None:
             passes = passes[-last_passes:]
+        passes = passes.to("cpu", torch.float64)  # (the passes kept only)
         logical = plan_passes(passes) if per_pass else passes.sum(0)
     else:
         logical = window.logical_count_window().to("cpu", torch.float64)
