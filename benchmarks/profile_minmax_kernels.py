@@ -4,7 +4,7 @@ slots, top-8): the whole dispatch per setting (tile of the totals kernel, chunk 
 assign kernel, warps), and the totals kernel (with its split and counts) and the assign
 kernel each alone. A tuning aid for ``kernels/minmax_triton.py`` (its defaults are the best
 rows here); needs CUDA. ``--split-sweep``: the whole dispatch by the split's diffusion steps
-instead (what a step costs). ``--old DIR``: also time the kernels of an older checkout (DIR holds
+instead (what a step costs, on the dense split table and on the list of replicas). ``--old DIR``: also time the kernels of an older checkout (DIR holds
 its ``minmax_triton.py`` as ``old_minmax_triton.py``, importing ``old_triton_kernels_minmax``).
 The results committed as ``minmax_kernel_settings_*.json`` also hold earlier designs (see
 each file's note).
@@ -128,11 +128,12 @@ WARPS = ((4, 4, False), (4, 8, False), (4, 16, False), (8, 16, False), (4, 4, Tr
 
 
 def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tuple[int, ...] = (8,),
-                warps: bool = False) -> list[dict]:
+                warps: bool = False, dense_steps_ep8: bool = False) -> list[dict]:
     """The whole dispatch (kernels by the pass's size, default settings) per number of the
     split's diffusion steps: what a step costs (``--old``: the older kernels beside them);
     at each of ``ep_sizes`` (288 slots over that many GPUs: the wider the table, the more a
-    step costs). ``warps``: also each of ``WARPS`` at the EP size's default steps, and the
+    step costs), with the split on the dense table and on the list of replicas (``entries``;
+    ``dense_steps_ep8``: the dense split at EP8 also at 10, 12, 14 and 20 steps). ``warps``: also each of ``WARPS`` at the EP size's default steps, and the
     large passes' kernels in parts (the wider the table, the more registers the split's [M, G] arrays take;
     the more quotas a pair compares unless it searches them)."""
     rows: list[dict] = []
@@ -145,8 +146,10 @@ def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tu
                          replicated=tables.multi_experts.shape[1])
         if old is not None:
             add("old_kernels", _minmax_call(tables, ids, counts, old))
-        for steps in (0, 8, 10, 12, 14, 16, 20) if ep == 8 else (0, 8, 16):
-            add("minmax_triton", _minmax_call(tables, ids, counts, iterations=steps), iterations=steps)
+        for entries in (False, True):  # the split on the dense [M, G] table, then on the list of replicas
+            for steps in (0, 8, 16) if entries or not dense_steps_ep8 or ep != 8 else (0, 8, 10, 12, 14, 16, 20):
+                add("minmax_triton", _minmax_call(tables, ids, counts, iterations=steps, entries=entries),
+                    iterations=steps, entries=entries)
         if warps:
             for num_warps, split_warps, search in WARPS:
                 add("minmax_triton", _minmax_call(tables, ids, counts, num_warps=num_warps, split_warps=split_warps,
@@ -168,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--split-sweep", action="store_true", help="time the split's steps instead")
     ap.add_argument("--ep-sizes", default="8", help="--split-sweep: the EP sizes (288 slots over that many GPUs)")
     ap.add_argument("--warps-sweep", action="store_true", help="--split-sweep: also by the kernels' warps")
+    ap.add_argument("--dense-steps-ep8", action="store_true",
+                    help="--split-sweep: the dense split at EP8 also at 10, 12, 14 and 20 steps")
     ns = ap.parse_args(argv)
     old = None
     if ns.old:
@@ -181,7 +186,7 @@ def main(argv=None) -> int:
             continue
         for ep in (int(e) for e in ns.ep_sizes.split(",")):
             rows += split_sweep(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old, ep_sizes=(ep,),
-                                warps=ns.warps_sweep)
+                                warps=ns.warps_sweep, dense_steps_ep8=ns.dense_steps_ep8)
             _write(ns, argv, rows)  # after each EP size: a run cut short keeps what it timed
     return 0
 

@@ -113,6 +113,46 @@ def test_a_binary_search_of_the_quotas_picks_the_gpus_the_full_comparison_picks(
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("seed, num_experts, num_slots, ep, tokens, top_k",
+                         [(4, 256, 288, 72, 97, 8), (1, 64, 72, 8, 333, 6), (5, 64, 80, 16, 1500, 4),
+                          (10, 64, 96, 48, 200, 4),  # 32 redundant slots over 48 GPUs: experts on 3 and more
+                          (7, 16, 21, 3, 50, 4)])  # (3 GPUs: a padded GPU in the dense table)
+@pytest.mark.parametrize("bases, fused, glob", [(False, False, False), (False, True, False), (True, False, False),
+                                                (False, False, True), (True, False, True)])
+def test_the_split_on_the_list_of_replicas_writes_the_dense_splits_quotas(seed, num_experts, num_slots, ep, tokens,
+                                                                          top_k, bases, fused, glob):
+    """``entries=True`` (the split's steps on the list of (expert, GPU) replicas: a step's
+    work by the replicas, not by experts x GPUs) writes the quotas of the split on the dense
+    table (float sums in another order: within 1e-3 of a token), on every kernel set and
+    through an exchange (the split kernel); every pair on a replica of its expert, the same
+    slot loads within a pair, counted exactly."""
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
+
+    location, ids = _case(seed, num_experts, num_slots, ep, tokens, top_k)
+    tables = ExpertDispatcher(location, rank=0, algorithm="minmax", backend="triton", device=DEVICE).minmax
+    assert tables is not None
+    local = torch.bincount(ids[ids >= 0], minlength=num_experts).to(torch.int32)
+
+    def exchange(mine):  # one rank: the pass's counts are its own
+        return local.to(mine.device), torch.zeros_like(local).to(mine.device)
+
+    quotas, loads = [], []
+    for entries in (False, True):
+        scratch = minmax_scratch(tables)
+        counts = torch.zeros(2, num_slots, dtype=torch.int32, device=DEVICE)
+        out = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=1, num_slots=num_slots, scratch=scratch,
+                                     counts_out=counts, bases=bases, fused=fused, exchange=exchange if glob else None,
+                                     entries=entries).cpu()
+        assert torch.equal(location.physical_to_logical_map[1][out[ids >= 0]], ids[ids >= 0])
+        quotas.append(scratch.quotas[1].cpu())
+        loads.append(torch.bincount(out[out >= 0], minlength=num_slots))
+        assert torch.equal(counts[1].cpu(), loads[-1].to(torch.int32))
+    assert quotas[0].abs().max() > 0  # some expert was split
+    torch.testing.assert_close(quotas[1], quotas[0], rtol=1e-5, atol=1e-3)
+    assert (loads[1] - loads[0]).abs().max() <= 1
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_kernel_follows_a_new_placement_copied_in_place():
     """After update_, the kernel reads the new tables (what a captured graph replays)."""
     old, ids = _case(4, 16, 20, 4, 50, 4)
@@ -529,10 +569,13 @@ def test_the_fused_kernel_in_a_graph_serves_the_torch_paths_loads_on_every_repla
 
 @pytest.mark.parametrize("ep, searched", [(8, False), (32, False), (36, True), (72, True)])
 @pytest.mark.parametrize("tokens", [97, 2100])  # the ticket kernels, then the large-pass kernels
-def test_tables_of_more_than_32_gpus_search_their_quotas_by_default(ep, searched, tokens, monkeypatch):
-    """The assign kernels get SEARCH past 32 GPUs (a binary search of the quotas: H100, EP72
-    at 16,384 tokens 65 against 95 us per layer) and the full comparison up to 32; an explicit
-    ``search`` wins. The launches are recorded, not run."""
+def test_tables_of_more_than_32_gpus_search_their_quotas_and_split_on_the_list_of_replicas(ep, searched, tokens,
+                                                                                           monkeypatch):
+    """Past 32 GPUs the assign kernels get SEARCH (a binary search of the quotas: H100, EP72
+    at 16,384 tokens 65 against 95 us per layer) and the split kernels ENTRIES (the split on
+    the list of replicas: EP72 at 512 tokens 14.5 against 26.9 us); up to 32 the full
+    comparison and the dense table. An explicit ``search`` or ``entries`` wins. The launches
+    are recorded, not run."""
     from eplb_plugin.kernels import minmax_triton
 
     launches: dict[str, dict] = {}
@@ -554,6 +597,8 @@ def test_tables_of_more_than_32_gpus_search_their_quotas_by_default(ep, searched
     monkeypatch.setattr(minmax_triton, "_kernels", lambda: (Kernels(), Kernels()))
     for search in (None, not searched):
         launches.clear()
-        minmax_triton.minmax_dispatch_triton(ids, tables, layer=0, num_slots=288, search=search)
+        minmax_triton.minmax_dispatch_triton(ids, tables, layer=0, num_slots=288, search=search, entries=search)
         assigns = {name: kw["SEARCH"] for name, kw in launches.items() if "SEARCH" in kw}
         assert assigns and set(assigns.values()) == {searched if search is None else search}, assigns
+        splits = {name: kw["ENTRIES"] for name, kw in launches.items() if "ENTRIES" in kw}
+        assert splits and set(splits.values()) == {searched if search is None else search}, splits

@@ -9,6 +9,16 @@ from eplb_plugin.algorithms.evaluate import exact_min_max_load, minmax_gpu_loads
 from eplb_plugin.balance import gpu_loads
 from eplb_plugin.dispatch import ExpertDispatcher
 from eplb_plugin.errors import ConfigError
+from eplb_plugin.kernels.minmax import (
+    ENTRY_BY_GPU,
+    ENTRY_GPU,
+    ENTRY_GPU_FIRST,
+    ENTRY_GPU_LAST,
+    ENTRY_ROW,
+    ENTRY_ROW_FIRST,
+    ENTRY_ROW_LAST,
+    build_minmax_tables,
+)
 from eplb_plugin.location import ExpertLocation
 
 from conftest import free_port, trace_path
@@ -248,3 +258,37 @@ def test_placements_over_more_than_32_gpus_keep_8_split_steps():
     movable = best > minmax_problem(counts, *split).base.amax(-1) + 1e-3
     assert movable.sum() >= 2
     assert (peak / best - 1)[movable].mean() <= 0.001
+
+
+@pytest.mark.parametrize("num_experts, slots_per_gpu, num_gpus", [(16, 5, 4), (12, 2, 9), (8, 8, 2)])
+def test_the_list_of_replicas_holds_each_replicated_expert_on_each_of_its_gpus_once(num_experts, slots_per_gpu,
+                                                                                    num_gpus):
+    """``MinmaxTables.entries`` lists the (replicated expert, GPU) pairs of ``multi_gpus`` by
+    row then GPU, each with its GPU's group in the by-GPU order and its expert's group, and
+    ``multi_entry`` finds each pair's entry; padding entries are their own groups."""
+    gen = torch.Generator().manual_seed(num_experts * num_gpus)
+    num_slots = slots_per_gpu * num_gpus
+    for _ in range(20):
+        maps = torch.stack([torch.cat([torch.randperm(num_experts, generator=gen),
+                                       torch.randint(0, num_experts, (num_slots - num_experts,), generator=gen)])
+                            [torch.randperm(num_slots, generator=gen)] for _ in range(2)])
+        tables = build_minmax_tables(maps, num_experts, num_gpus=num_gpus)
+        width = tables.entries.shape[2]
+        assert width >= 2 * (num_slots - num_experts) and width & (width - 1) == 0
+        for layer in range(2):
+            entries = tables.entries[layer]
+            pairs = [tuple(p) for p in torch.nonzero(tables.multi_gpus[layer] > 0).tolist()]  # by row, then GPU
+            n = len(pairs)
+            assert [tuple(p) for p in entries[[ENTRY_ROW, ENTRY_GPU], :n].T.tolist()] == pairs
+            assert (entries[ENTRY_ROW, n:] == -1).all()
+            by_gpu = sorted(range(n), key=lambda i: (pairs[i][1], pairs[i][0]))
+            assert entries[ENTRY_BY_GPU].tolist() == by_gpu + list(range(n, width))
+            for i, (row, gpu) in enumerate(pairs):
+                on_gpu = [k for k, j in enumerate(by_gpu) if pairs[j][1] == gpu]
+                of_row = [j for j, (r, _) in enumerate(pairs) if r == row]
+                assert entries[[ENTRY_GPU_FIRST, ENTRY_GPU_LAST, ENTRY_ROW_FIRST, ENTRY_ROW_LAST], i].tolist() == \
+                    [on_gpu[0], on_gpu[-1], of_row[0], of_row[-1]]
+                assert tables.multi_entry[layer, row, gpu] == i
+            assert int((tables.multi_entry[layer] >= 0).sum()) == n
+            for i in range(n, width):
+                assert set(entries[[ENTRY_GPU_FIRST, ENTRY_GPU_LAST, ENTRY_ROW_FIRST, ENTRY_ROW_LAST], i].tolist()) == {i}

@@ -20,7 +20,10 @@ replay, 8 steps land 0.20% (EP8) and 0.76% (EP16) above the exact optimum on ave
 0.35%; ``benchmarks/probe_minmax_convergence.py``; an LP solves it exactly, see also
 ``benchmarks/bench_minmax_dispatch.py``). Each step costs about 0.3 us per layer in the
 Triton kernel, so ``minmax_iterations`` runs 8 steps up to 8 GPUs (DeepSeek-V3 decode at
-EP8 stays under 10 us), 16 from 9 to 32 GPUs and 8 past 32 (see its docstring).
+EP8 stays under 10 us), 16 from 9 to 32 GPUs and 8 past 32 (see its docstring). Past 32
+GPUs the kernels take the same steps on the list of replicas (``MinmaxTables.entries``)
+instead of the dense table: a step's work then grows with the replicas, not with experts
+x GPUs.
 
 Shares then become token choices by occurrence order: the j-th token of expert e in the
 pass goes to the replica whose cumulative quota first exceeds j, so each replica gets its
@@ -38,7 +41,7 @@ import torch
 MINMAX_ITERATIONS = 8  # diffusion steps on up to MINMAX_NARROW_GPUS GPUs (the module docstring: quality)
 MINMAX_ITERATIONS_WIDE = 16  # on more GPUs, up to MINMAX_WIDE_GPUS, where 8 steps leave the peak ~1% over the optimum
 MINMAX_NARROW_GPUS = 8
-MINMAX_WIDE_GPUS = 32  # past this, MINMAX_ITERATIONS again: 8 steps suffice there and each costs ~2.4 us at 72 GPUs
+MINMAX_WIDE_GPUS = 32  # past this, MINMAX_ITERATIONS again: 8 steps suffice there (see minmax_iterations)
 MINMAX_MOMENTUM = 0.6  # heavy-ball weight of the previous step (0.5: a little further from the optimum at 8
 # steps on the traces and on 4 of 5 synthetic shapes: benchmarks/probe_minmax_convergence.py --synthetic)
 
@@ -49,8 +52,9 @@ def minmax_iterations(num_gpus: int) -> int:
     split converges more slowly (ESFT at EP16: 1.09% over the optimum after 8 steps on the
     layer-passes the split can change, 0.35% after 16; synthetic EP32 1.05% / 0.28%); 8 again
     past 32 GPUs, where 8 steps already land within 0.8% of 200 (synthetic EP36 to EP72:
-    with few slots per GPU a GPU of single-replica experts sets most peaks) and a step of the
-    wide table costs 2.4 us per layer on an H100 (EP72, 512 tokens: 27 us with 8, 46 with 16)."""
+    with few slots per GPU a GPU of single-replica experts sets most peaks). There the kernels
+    split on the list of replicas, about 0.6 us a step per layer on an H100 (EP72, 512 tokens:
+    14.5 us with 8 steps, 19.2 with 16; on the dense table a step took 2.4 us)."""
     if MINMAX_NARROW_GPUS < num_gpus <= MINMAX_WIDE_GPUS:
         return MINMAX_ITERATIONS_WIDE
     return MINMAX_ITERATIONS
@@ -71,6 +75,12 @@ class MinmaxTables(NamedTuple):
         serve the same GPU load).
     home_slot: [L, E] int64, a slot of each expert (for an expert on one GPU: its first slot
         there, where all its tokens go).
+    entries: [L, ENTRY_FIELDS, N] int64, the same replicas as a list (the kernels' split of
+        wide tables, ``entries=``): entry n is a (replicated expert, GPU) pair, listed by row
+        of ``multi_experts`` then GPU; N = ``entries_width`` (a bound on them, padded). Its
+        fields are the ``ENTRY_*`` rows below (a padding entry: row -1, GPU 0, and its own
+        one-entry groups).
+    multi_entry: [L, M, G] int64, the entry of each (row, GPU) pair; -1 where it has none.
     """
 
     multi_experts: torch.Tensor
@@ -79,6 +89,61 @@ class MinmaxTables(NamedTuple):
     multi_row: torch.Tensor
     slot_on_gpu: torch.Tensor
     home_slot: torch.Tensor
+    entries: torch.Tensor
+    multi_entry: torch.Tensor
+
+
+# The fields of ``MinmaxTables.entries`` (rows of its second axis).
+ENTRY_ROW = 0  # the entry's row in multi_experts (-1: padding)
+ENTRY_GPU = 1  # its GPU
+ENTRY_BY_GPU = 2  # the entries listed by GPU then row: at position k, an entry's index
+ENTRY_GPU_FIRST = 3  # the first and last positions, in that GPU order, of the entries of its GPU
+ENTRY_GPU_LAST = 4
+ENTRY_ROW_FIRST = 5  # the first and last entries of its row (its expert's replicas)
+ENTRY_ROW_LAST = 6
+ENTRY_FIELDS = 7
+
+
+def entries_width(num_slots: int, num_logical_experts: int) -> int:
+    """The entries' padded width: a power of two at least ``2 (P - E)``. A replicated
+    expert has an entry per GPU it is on, at most its slots, and its replicas beyond the
+    first take the ``P - E`` redundant slots, so there are at most ``2 (P - E)`` entries."""
+    bound = 2 * max(1, num_slots - num_logical_experts)
+    return 1 << (bound - 1).bit_length()
+
+
+def _entry_tables(multi_gpus: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entries [L, ENTRY_FIELDS, width], multi_entry [L, M, G]) of the replicas
+    ``multi_gpus`` [L, M, G] (``MinmaxTables``)."""
+    num_layers, num_multi, num_gpus = multi_gpus.shape
+    device = multi_gpus.device
+    inc = multi_gpus > 0
+    flat = inc.flatten(1)  # by row, then GPU: the entries' order
+    index = torch.cumsum(flat, 1) - 1
+    multi_entry = torch.where(flat, index, -1).view_as(inc)
+    own = torch.arange(width, device=device).expand(num_layers, -1)
+    # Padding entries: row -1, GPU 0, each its own group in both orders.
+    entries = torch.stack([torch.full_like(own, -1), torch.zeros_like(own)] + [own] * 5, 1).clone()
+    target = torch.where(flat, index, width)  # the pairs without an entry go to a dropped column
+    row = torch.arange(num_multi, device=device)[:, None].expand(num_multi, num_gpus).flatten()
+    gpu = torch.arange(num_gpus, device=device).repeat(num_multi)
+    degree = inc.sum(2)  # [L, M]
+    row_first = torch.cumsum(degree, 1) - degree
+    per_gpu = inc.sum(1)  # [L, G]
+    gpu_first = torch.cumsum(per_gpu, 1) - per_gpu
+    # Each entry's position in the GPU order: its GPU's first, plus the entries of lower rows there.
+    position = (gpu_first[:, None, :] + torch.cumsum(inc, 1) - 1).flatten(1)
+    values = {
+        ENTRY_ROW: row.expand(num_layers, -1), ENTRY_GPU: gpu.expand(num_layers, -1),
+        ENTRY_GPU_FIRST: gpu_first[:, gpu], ENTRY_GPU_LAST: (gpu_first + per_gpu - 1)[:, gpu],
+        ENTRY_ROW_FIRST: row_first[:, row], ENTRY_ROW_LAST: (row_first + degree - 1)[:, row],
+    }
+    padded = torch.cat([entries, entries.new_zeros(num_layers, ENTRY_FIELDS, 1)], 2)
+    for field, value in values.items():
+        padded[:, field].scatter_(1, target, value)
+    by_gpu = padded[:, ENTRY_BY_GPU]
+    by_gpu.scatter_(1, torch.where(flat, position, width), torch.where(flat, index, width))
+    return padded[..., :width].contiguous(), multi_entry
 
 
 def build_minmax_tables(physical_to_logical_map: torch.Tensor, num_logical_experts: int, *,
@@ -112,8 +177,9 @@ def build_minmax_tables(physical_to_logical_map: torch.Tensor, num_logical_exper
     first_of_slot = torch.gather(first.flatten(1), 1, phy2log * num_gpus + gpu) == slot
     single = torch.gather(~replicated, 1, phy2log) & first_of_slot
     single_slots = torch.where(single, phy2log, -1).view(num_layers, num_gpus, slots_per_gpu)
+    entries, multi_entry = _entry_tables(multi_gpus, entries_width(num_slots, num_logical))
     return MinmaxTables(multi_experts, multi_gpus, single_slots, multi_row[:, :num_logical], slot_on_gpu,
-                        slot_on_gpu.amax(-1))
+                        slot_on_gpu.amax(-1), entries, multi_entry)
 
 
 class MinmaxProblem(NamedTuple):

@@ -5,7 +5,9 @@ between ranks), CUDA-graph safe.
    each tile's tokens per expert added atomically to the layer's scratch totals. The
    program that finishes last (a counter in the scratch) solves the small ``[M, G]`` split
    of ``kernels/minmax.py`` on the totals (the same diffusion steps, in float32) and
-   writes each replicated expert's cumulative GPU quotas. With an ``exchange`` (several
+   writes each replicated expert's cumulative GPU quotas (past ``ENTRIES_MIN_GPUS`` GPUs
+   the steps run on the list of replicas, ``MinmaxTables.entries``, not the dense table:
+   ``_entry_shares``). With an ``exchange`` (several
    ranks, ``--ep-dispatch-counts global``) the totals go through it instead and
    ``minmax_split_kernel`` (one program, shared with the kernels of large passes) solves
    the split on the pass's counts.
@@ -80,6 +82,9 @@ FUSED = True  # small passes without an exchange: totals, split and assign in on
 SEARCH_MIN_GPUS = 33  # tables of this many GPUs or more: a binary search of the quotas (H100, 16,384 tokens,
 # 16 steps: EP72 65 against 95 us, EP48 40 against 47; EP32 29.1 against 29.4, EP16 26.1 against 25.6; 512 tokens
 # at EP8 and EP72: the same)
+ENTRIES_MIN_GPUS = 33  # tables of this many GPUs or more: the split on the list of replicas (``entries=``; H100,
+# 8 steps, 512 / 16,384 tokens: EP72 14.5 against 26.9 us / 30.8 against 47.2, EP48 13.4 against 14.7 / 26.6 against
+# 30.0; slower up to 32 GPUs, its step ~0.6 us whatever the GPUs: EP32 12.8 against 11.7, EP8 12.1 against 9.4)
 FUSED_MAX_PROGRAMS = 128  # the fused kernel's programs, at most (and at most one per SM: they wait for each other)
 
 class _LayerArgs(NamedTuple):
@@ -91,7 +96,7 @@ class _LayerArgs(NamedTuple):
     counters: torch.Tensor
     quotas: torch.Tensor
     totals: torch.Tensor  # counters[:num_experts], what an exchange gathers
-    split: tuple[torch.Tensor, ...]  # multi_experts, multi_gpus, single_slots rows
+    split: tuple[torch.Tensor, ...]  # multi_experts, multi_gpus, single_slots, entries, multi_entry rows
     place: tuple[torch.Tensor, ...]  # multi_row, slot_on_gpu, home_slot rows
     num_experts: int
     num_multi: int
@@ -101,8 +106,10 @@ class _LayerArgs(NamedTuple):
     bm: int
     bg: int
     bs: int
+    be: int  # the entries' width
     iterations: int  # the split's default steps (``minmax_iterations`` of the tables' GPUs)
     search: bool  # the assign's default: a binary search of the quotas (``SEARCH_MIN_GPUS``)
+    entries: bool  # the split's default: on the list of replicas (``ENTRIES_MIN_GPUS``)
 
 
 class MinmaxScratch:
@@ -140,10 +147,12 @@ def _make_layer_args(tables: MinmaxTables, layer: int, scratch: MinmaxScratch) -
     slots_per_gpu = tables.single_slots.shape[2]
     return _LayerArgs(
         tables, scratch.counters[layer], scratch.quotas[layer], scratch.counters[layer, :tables.multi_row.shape[1]],
-        (tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer]),
+        (tables.multi_experts[layer], tables.multi_gpus[layer], tables.single_slots[layer], tables.entries[layer],
+         tables.multi_entry[layer]),
         (tables.multi_row[layer], tables.slot_on_gpu[layer], tables.home_slot[layer]),
         tables.multi_row.shape[1], num_multi, num_gpus, slots_per_gpu, nb, bm, bg, _next_pow2(slots_per_gpu),
-        minmax_iterations(num_gpus), num_gpus >= SEARCH_MIN_GPUS,
+        tables.entries.shape[2], minmax_iterations(num_gpus), num_gpus >= SEARCH_MIN_GPUS,
+        num_gpus >= ENTRIES_MIN_GPUS,
     )
 
 
@@ -216,7 +225,7 @@ def minmax_dispatch_triton(
     iterations: int | None = None, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
     totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
     num_valid_rows: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int64, fused: bool | None = None,
-    search: bool | None = None,
+    search: bool | None = None, entries: bool | None = None,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
@@ -235,7 +244,9 @@ def minmax_dispatch_triton(
     split, the exchange's counts and ``counts_out``; their pairs get their
     expert's home slot (``tables.home_slot``; -1 stays -1). fused: the ticket kernels as
     one launch (``minmax_fused_kernel``; None: ``FUSED``), for passes they take without an
-    exchange."""
+    exchange. search: the assign's binary search of the quotas; entries: the split on the
+    list of replicas (``MinmaxTables.entries``) instead of the dense table (None: by the
+    tables' GPUs, ``SEARCH_MIN_GPUS`` / ``ENTRIES_MIN_GPUS``)."""
     check_ids("topk_ids", topk_ids)
     check_out_dtype(out_dtype)
     if scratch is None:
@@ -245,6 +256,8 @@ def minmax_dispatch_triton(
         iterations = a.iterations
     if search is None:
         search = a.search
+    if entries is None:
+        entries = a.entries
     flat = topk_ids.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
@@ -266,10 +279,10 @@ def minmax_dispatch_triton(
             flat, bound, a.counters, bases_buf, a.quotas, counts, counts_offset, *a.split, *a.place, num_ids, top_k,
             a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, MINMAX_MOMENTUM, SPLIT=not glob,
             COUNT=count and not glob, BOUND=bounded, ITERATIONS=iterations, TILE=geo.totals_tile, SUB=geo.chunk,
-            NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, num_warps=split_warps,
+            NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, ENTRIES=entries, BE=a.be, num_warps=split_warps,
         )
         offsets = _split_on_exchange(k, a, exchange, counts, counts_offset, count=count, iterations=iterations,
-                                     split_warps=split_warps) if glob else a.counters  # (unused pointer)
+                                     entries=entries, split_warps=split_warps) if glob else a.counters  # (unused)
         kb.bases_assign_kernel[geo.assign_grid](
             flat, bound, bases_buf, a.quotas, offsets, out, *a.place, num_ids, top_k, a.num_experts, a.num_gpus,
             GLOBAL=glob, BOUND=bounded, SUB=geo.chunk, BM=a.bm, BG=a.bg, SEARCH=search, num_warps=num_warps,
@@ -280,17 +293,17 @@ def minmax_dispatch_triton(
             flat, bound, a.counters, a.quotas, out, counts, counts_offset, *a.split, *a.place, num_ids, top_k,
             geo.iters, a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, num_slots, MINMAX_MOMENTUM,
             COUNT=count, BOUND=bounded, ITERATIONS=iterations, TILE=geo.tile, NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs,
-            NPB=_next_pow2(num_slots + 1), SEARCH=search, num_warps=num_warps,
+            NPB=_next_pow2(num_slots + 1), SEARCH=search, ENTRIES=entries, BE=a.be, num_warps=num_warps,
         )
         return out
     k.minmax_totals_kernel[geo.totals_grid](
         flat, bound, a.counters, a.quotas, *a.split, num_ids, top_k, a.num_experts, a.num_multi, a.num_gpus,
         a.slots_per_gpu, MINMAX_MOMENTUM, SPLIT=not glob, BOUND=bounded, ITERATIONS=iterations, TILE=geo.totals_tile,
-        NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, num_warps=split_warps,
+        NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, ENTRIES=entries, BE=a.be, num_warps=split_warps,
     )
     # the ticket kernels count in their assign kernel, so the split (with an exchange) does not
     offsets = _split_on_exchange(k, a, exchange, counts, counts_offset, count=False, iterations=iterations,
-                                 split_warps=split_warps) if glob else a.counters  # (unused pointer)
+                                 entries=entries, split_warps=split_warps) if glob else a.counters  # (unused pointer)
     k.minmax_assign_kernel[geo.assign_grid](
         flat, bound, a.counters, a.quotas, offsets, out, counts, counts_offset, *a.place, num_ids, top_k, geo.iters,
         a.num_experts, a.num_gpus, num_slots, GLOBAL=glob, COUNT=count, BOUND=bounded, TILE=geo.tile, NB=a.nb,
@@ -300,7 +313,7 @@ def minmax_dispatch_triton(
 
 
 def _split_on_exchange(k: Any, a: _LayerArgs, exchange: CountExchange, counts: torch.Tensor, counts_offset: int, *,
-                       count: bool, iterations: int, split_warps: int) -> torch.Tensor:
+                       count: bool, iterations: int, entries: bool, split_warps: int) -> torch.Tensor:
     """This rank's totals (the scratch's, int32) through ``exchange``, then the split on the
     pass's counts (``minmax_split_kernel``, counting this rank's slots with ``count``).
     Returns the [E] int32 offsets the assign kernels read."""
@@ -308,6 +321,6 @@ def _split_on_exchange(k: Any, a: _LayerArgs, exchange: CountExchange, counts: t
     k.minmax_split_kernel[(1,)](
         total, offsets, a.counters, a.quotas, counts, counts_offset, *a.split, *a.place,
         a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, MINMAX_MOMENTUM, COUNT=count, ITERATIONS=iterations,
-        NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, num_warps=split_warps,
+        NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, ENTRIES=entries, BE=a.be, num_warps=split_warps,
     )
     return offsets

@@ -33,10 +33,11 @@ def bases_totals_kernel(
     bases_ptr,  # [num_tiles * TILE / SUB * BM] int32 output: each replicated expert's pairs before each chunk
     quotas_ptr,  # SPLIT only: [BM * BG] float32 output
     counts_ptr, counts_offset,  # SPLIT and COUNT only: [L, P] int32 recorder counts, layer * stride
-    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr, home_slot_ptr,
+    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, entries_ptr, multi_entry_ptr, multi_row_ptr,
+    slot_on_gpu_ptr, home_slot_ptr,
     num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
     SPLIT: tl.constexpr, COUNT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr,
-    NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
+    NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, ENTRIES: tl.constexpr, BE: tl.constexpr,
 ):
     """One program per tile: the tile's tokens per expert added to the scratch totals by one
     vector atomic, whose old values are the tile's base for each expert (its pairs in tiles
@@ -64,9 +65,9 @@ def bases_totals_kernel(
         if _last_to_finish(scratch_ptr, NB):
             total = tl.load(scratch_ptr + tl.arange(0, NB), volatile=True)
             _solve(total, total, tl.zeros([NB], dtype=tl.int32), scratch_ptr, quotas_ptr, counts_ptr, counts_offset,
-                   multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, multi_row_ptr, slot_on_gpu_ptr,
-                   home_slot_ptr, num_experts, num_multi, num_gpus, slots_per_gpu, momentum, COUNT=COUNT,
-                   ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS)
+                   multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, entries_ptr, multi_entry_ptr, multi_row_ptr,
+                   slot_on_gpu_ptr, home_slot_ptr, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+                   COUNT=COUNT, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS, ENTRIES=ENTRIES, BE=BE)
 
 
 @triton.jit
