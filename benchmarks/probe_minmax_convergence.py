@@ -105,7 +105,7 @@ def synthetic(seed: int = 7, num_layers: int = 16, passes: int = 16) -> dict:
         drifted = [0.7 * pop[layer] + 0.3 * rng.dirichlet(np.full(experts, 0.3)) for layer in range(num_layers)]
         counts = torch.tensor(np.stack([rng.multinomial(tokens * top_k, drifted[layer])
                                         for _ in range(passes) for layer in range(num_layers)]))
-        tables = build_minmax_tables(maps, experts, num_gpus=gpus)
+        tables = build_minmax_tables(maps, experts, num_gpus=gpus, entries=False)
         peaks = {}
         for steps, momentum in ((4, 0.6), (8, 0.5), (8, 0.6), (16, 0.5), (16, 0.6), (200, 0.5)):
             _, loads = minmax_gpu_shares(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots,
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
                 for layer in rng.choice(c.shape[0], LAYERS_PER_PASS, replace=False)]
         exact = np.array([exact_min_max_load(c, m, num_gpus=num_gpus) for c, m in rows])
         batch = torch.tensor(np.stack([c for c, _ in rows]))
-        tables = build_minmax_tables(torch.tensor(np.stack([m for _, m in rows])), NUM_LOGICAL, num_gpus=num_gpus)
+        tables = build_minmax_tables(torch.tensor(np.stack([m for _, m in rows])), NUM_LOGICAL, num_gpus=num_gpus,
+                                     entries=False)
         base = minmax_problem(batch, tables.multi_experts, tables.multi_gpus, tables.single_slots).base
         movable = exact > base.amax(-1).double().numpy() + 1e-3  # rows whose peak the split can lower
         row: dict = {"layer_passes": len(rows), "movable_layer_passes": int(movable.sum())}

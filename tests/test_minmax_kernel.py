@@ -153,6 +153,19 @@ def test_the_split_on_the_list_of_replicas_writes_the_dense_splits_quotas(seed, 
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_the_kernels_refuse_tables_built_without_the_list_of_replicas():
+    """Tables built for the torch split alone (``entries=False``: the planner's scoring) are
+    refused by name before any launch, not read out of bounds."""
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+
+    location, ids = _case(0, 16, 20, 4, 37, 4)
+    tables = build_minmax_tables(location.physical_to_logical_map, 16, num_gpus=4, entries=False)
+    with pytest.raises(ValueError, match="entries=False"):
+        minmax_dispatch_triton(ids, tables, layer=0, num_slots=20)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_kernel_follows_a_new_placement_copied_in_place():
     """After update_, the kernel reads the new tables (what a captured graph replays)."""
     old, ids = _case(4, 16, 20, 4, 50, 4)

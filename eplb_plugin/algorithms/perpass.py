@@ -57,7 +57,7 @@ def _pass_gpu_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) 
     """maps: [N, P] int64; counts: [N, W, E] float32. Returns [N, W, G]: each pass's GPU
     loads under ``minmax`` dispatch."""
     num_maps, num_passes, num_logical = counts.shape
-    tables = build_minmax_tables(maps, num_logical, num_gpus=num_gpus)  # once per map, not per pass
+    tables = build_minmax_tables(maps, num_logical, num_gpus=num_gpus, entries=False)  # once per map, not per pass
     _, gpu = minmax_gpu_shares(counts.reshape(num_maps * num_passes, num_logical),
                                tables.multi_experts.repeat_interleave(num_passes, 0),
                                tables.multi_gpus.repeat_interleave(num_passes, 0),

@@ -114,9 +114,12 @@ def entries_width(num_slots: int, num_logical_experts: int) -> int:
 
 def _entry_tables(multi_gpus: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(entries [L, ENTRY_FIELDS, width], multi_entry [L, M, G]) of the replicas
-    ``multi_gpus`` [L, M, G] (``MinmaxTables``)."""
+    ``multi_gpus`` [L, M, G] (``MinmaxTables``); width 0: both empty."""
     num_layers, num_multi, num_gpus = multi_gpus.shape
     device = multi_gpus.device
+    if width == 0:
+        return (torch.zeros(num_layers, ENTRY_FIELDS, 0, dtype=torch.int64, device=device),
+                torch.zeros(num_layers, num_multi, 0, dtype=torch.int64, device=device))
     inc = multi_gpus > 0
     flat = inc.flatten(1)  # by row, then GPU: the entries' order
     index = torch.cumsum(flat, 1) - 1
@@ -147,9 +150,11 @@ def _entry_tables(multi_gpus: torch.Tensor, width: int) -> tuple[torch.Tensor, t
 
 
 def build_minmax_tables(physical_to_logical_map: torch.Tensor, num_logical_experts: int, *,
-                        num_gpus: int) -> MinmaxTables:
+                        num_gpus: int, entries: bool = True) -> MinmaxTables:
     """physical_to_logical_map: [L, P] int (every expert listed at least once). Returns the
-    tables on the map's device."""
+    tables on the map's device. entries=False: ``entries`` and ``multi_entry`` left empty
+    (width 0; the kernels refuse such tables): for the torch split alone (the planner's
+    scoring), which does not read them."""
     phy2log = physical_to_logical_map.long()
     num_layers, num_slots = phy2log.shape
     num_logical = num_logical_experts
@@ -177,7 +182,7 @@ def build_minmax_tables(physical_to_logical_map: torch.Tensor, num_logical_exper
     first_of_slot = torch.gather(first.flatten(1), 1, phy2log * num_gpus + gpu) == slot
     single = torch.gather(~replicated, 1, phy2log) & first_of_slot
     single_slots = torch.where(single, phy2log, -1).view(num_layers, num_gpus, slots_per_gpu)
-    entries, multi_entry = _entry_tables(multi_gpus, entries_width(num_slots, num_logical))
+    entries, multi_entry = _entry_tables(multi_gpus, entries_width(num_slots, num_logical) if entries else 0)
     return MinmaxTables(multi_experts, multi_gpus, single_slots, multi_row[:, :num_logical], slot_on_gpu,
                         slot_on_gpu.amax(-1), entries, multi_entry)
 
@@ -272,7 +277,7 @@ def minmax_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int,
                  iterations: int | None = None) -> torch.Tensor:
     """GPU loads under the split (fractional: before rounding to tokens) of R independent
     rows, each a map and one pass's counts. maps: [R, P] int64; counts: [R, E]. Returns [R, G]."""
-    tables = build_minmax_tables(maps, counts.shape[1], num_gpus=num_gpus)
+    tables = build_minmax_tables(maps, counts.shape[1], num_gpus=num_gpus, entries=False)
     _, gpu = minmax_gpu_shares(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots,
                                iterations=iterations)
     return gpu

@@ -142,6 +142,9 @@ def _sizes(tables: MinmaxTables) -> tuple[int, int, int]:
 
 
 def _make_layer_args(tables: MinmaxTables, layer: int, scratch: MinmaxScratch) -> _LayerArgs:
+    if tables.entries.shape[2] == 0:
+        raise ValueError("minmax tables built with entries=False (for the torch split alone) cannot run the "
+                         "kernels: build them with build_minmax_tables(..., entries=True)")
     nb, bm, bg = _sizes(tables)
     num_multi, num_gpus = tables.multi_gpus.shape[1:]
     slots_per_gpu = tables.single_slots.shape[2]
