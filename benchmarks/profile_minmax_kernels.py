@@ -128,12 +128,13 @@ WARPS = ((4, 4, False), (4, 8, False), (4, 16, False), (8, 16, False), (4, 4, Tr
 
 
 def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tuple[int, ...] = (8,),
-                warps: bool = False, dense_steps_ep8: bool = False) -> list[dict]:
+                warps: bool = False, dense_steps_ep8: bool = False, warps_rows=WARPS, steps: bool = True) -> list[dict]:
     """The whole dispatch (kernels by the pass's size, default settings) per number of the
     split's diffusion steps: what a step costs (``--old``: the older kernels beside them);
     at each of ``ep_sizes`` (288 slots over that many GPUs: the wider the table, the more a
     step costs), with the split on the dense table and on the list of replicas (``entries``;
-    ``dense_steps_ep8``: the dense split at EP8 also at 10, 12, 14 and 20 steps). ``warps``: also each of ``WARPS`` at the EP size's default steps, and the
+    ``dense_steps_ep8``: the dense split at EP8 also at 10, 12, 14 and 20 steps; ``steps=False``:
+    none of these, the warps rows alone; ``warps_rows``: those rows' settings). ``warps``: also each of ``WARPS`` at the EP size's default steps, and the
     large passes' kernels in parts (the wider the table, the more registers the split's [M, G] arrays take;
     the more quotas a pair compares unless it searches them)."""
     rows: list[dict] = []
@@ -146,12 +147,12 @@ def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tu
                          replicated=tables.multi_experts.shape[1])
         if old is not None:
             add("old_kernels", _minmax_call(tables, ids, counts, old))
-        for entries in (False, True):  # the split on the dense [M, G] table, then on the list of replicas
+        for entries in (False, True) if steps else ():  # the split on the dense table, then on the list of replicas
             for steps in (0, 8, 16) if entries or not dense_steps_ep8 or ep != 8 else (0, 8, 10, 12, 14, 16, 20):
                 add("minmax_triton", _minmax_call(tables, ids, counts, iterations=steps, entries=entries),
                     iterations=steps, entries=entries)
         if warps:
-            for num_warps, split_warps, search in WARPS:
+            for num_warps, split_warps, search in warps_rows:
                 add("minmax_triton", _minmax_call(tables, ids, counts, num_warps=num_warps, split_warps=split_warps,
                                                   search=search),
                     iterations=minmax_iterations(ep), num_warps=num_warps, split_warps=split_warps, search=search)
@@ -171,6 +172,10 @@ def main(argv=None) -> int:
     ap.add_argument("--split-sweep", action="store_true", help="time the split's steps instead")
     ap.add_argument("--ep-sizes", default="8", help="--split-sweep: the EP sizes (288 slots over that many GPUs)")
     ap.add_argument("--warps-sweep", action="store_true", help="--split-sweep: also by the kernels' warps")
+    ap.add_argument("--warps", default=None,
+                    help="--warps-sweep: its rows as num_warps:split_warps:search triples, comma-separated "
+                         "(default: WARPS)")
+    ap.add_argument("--no-steps", action="store_true", help="--split-sweep: the warps rows alone, not the steps")
     ap.add_argument("--dense-steps-ep8", action="store_true",
                     help="--split-sweep: the dense split at EP8 also at 10, 12, 14 and 20 steps")
     ns = ap.parse_args(argv)
@@ -186,9 +191,17 @@ def main(argv=None) -> int:
             continue
         for ep in (int(e) for e in ns.ep_sizes.split(",")):
             rows += split_sweep(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old, ep_sizes=(ep,),
-                                warps=ns.warps_sweep, dense_steps_ep8=ns.dense_steps_ep8)
+                                warps=ns.warps_sweep, dense_steps_ep8=ns.dense_steps_ep8, steps=not ns.no_steps,
+                                warps_rows=_warps_rows(ns.warps))
             _write(ns, argv, rows)  # after each EP size: a run cut short keeps what it timed
     return 0
+
+
+def _warps_rows(spec: str | None) -> tuple[tuple[int, int, bool], ...]:
+    """``--warps`` as (num_warps, split_warps, search) triples (None: ``WARPS``)."""
+    if spec is None:
+        return WARPS
+    return tuple((int(a), int(b), c == "1") for a, b, c in (t.split(":") for t in spec.split(",")))
 
 
 def _write(ns, argv, rows: list[dict]) -> None:
