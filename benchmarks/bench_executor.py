@@ -413,7 +413,7 @@ def checks(args, device) -> dict:
     """Correctness on this backend: verify mode, a failure injected mid-move (pipelined),
     and the non-blocking mover with verify. Weights are checked exactly against the maps."""
     from eplb_plugin.executor import LayerMoveError
-    from eplb_plugin.executor.plan import schedule_layer_move
+    from eplb_plugin.executor.rounds import schedule_layer_move
 
     slots, n, rank = args.experts + 2, args.experts, dist.get_rank()
     mine = make_weights(slots, False, args.small, device, seed=rank)

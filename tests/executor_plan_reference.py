@@ -90,7 +90,7 @@ def reference_plan_layer_rounds(
     ep_size: int,
     max_staged_experts: int | None = None,
 ) -> list[torch.Tensor]:
-    """The previous ``plan.plan_layer_rounds`` (same contract, see its docstring)."""
+    """The previous ``rounds.plan_layer_rounds`` (same contract, see its docstring)."""
     old, new = _check_maps(old_physical_to_logical_map, new_physical_to_logical_map, ep_size)
     num_local = len(old) // ep_size
     needed = set(new)

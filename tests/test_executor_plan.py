@@ -10,15 +10,13 @@ from test_executor_transfer import random_map
 
 from eplb_plugin.errors import PlacementError
 from eplb_plugin.executor.plan import (
-    LayerMoveSchedule,
     LocalCopy,
     Recv,
     Send,
-    plan_layer_rounds,
     plan_layer_transfer,
     plan_transfers,
-    schedule_layer_move,
 )
+from eplb_plugin.executor.rounds import LayerMoveSchedule, plan_layer_rounds, schedule_layer_move
 
 
 def _t(xs):

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from eplb_plugin.errors import ConfigError, TransferError
 from eplb_plugin.executor import LayerMoveError, fingerprint, move_experts
 from eplb_plugin.executor.integrity import verify_slots
-from eplb_plugin.executor.plan import schedule_layer_move
+from eplb_plugin.executor.rounds import schedule_layer_move
 from eplb_plugin.executor.staging import pair_runs
 from eplb_plugin.executor.transfer import prepare_staging
 

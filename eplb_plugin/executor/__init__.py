@@ -10,7 +10,7 @@ from eplb_plugin.executor.integrity import fingerprint
 from eplb_plugin.executor.layers import move_layers
 from eplb_plugin.executor.nonblocking import AsyncExpertMover, LayerMove
 from eplb_plugin.executor.peers import PeerViews
-from eplb_plugin.executor.plan import LayerMoveSchedule
+from eplb_plugin.executor.rounds import LayerMoveSchedule
 from eplb_plugin.executor.transfer import LayerMoveError, move_experts
 
 # The face: what callers outside the package use. Plans, staging, integrity checks and the

@@ -45,7 +45,8 @@ import torch.distributed as dist
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
 from eplb_plugin.executor.peers import PeerViews, barrier_needed, check_transport, resolve_peers
-from eplb_plugin.executor.plan import LayerMoveSchedule, LayerTransferPlan, RankTransferPlan
+from eplb_plugin.executor.plan import LayerTransferPlan, RankTransferPlan
+from eplb_plugin.executor.rounds import LayerMoveSchedule
 from eplb_plugin.executor.staging import (
     Agreement,
     StagedRound,
