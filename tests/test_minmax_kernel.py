@@ -580,15 +580,15 @@ def test_the_fused_kernel_in_a_graph_serves_the_torch_paths_loads_on_every_repla
         assert torch.equal(scratch.counters[:, -1], epoch + replay + 1)
 
 
-@pytest.mark.parametrize("ep, searched", [(8, False), (32, False), (36, True), (72, True)])
+@pytest.mark.parametrize("ep, wide", [(8, False), (32, False), (36, True), (72, True)])
 @pytest.mark.parametrize("tokens", [97, 2100])  # the ticket kernels, then the large-pass kernels
-def test_tables_of_more_than_32_gpus_search_their_quotas_and_split_on_the_list_of_replicas(ep, searched, tokens,
-                                                                                           monkeypatch):
-    """Past 32 GPUs the assign kernels get SEARCH (a binary search of the quotas: H100, EP72
-    at 16,384 tokens 65 against 95 us per layer) and the split kernels ENTRIES (the split on
-    the list of replicas: EP72 at 512 tokens 14.5 against 26.9 us); up to 32 the full
-    comparison and the dense table. An explicit ``search`` or ``entries`` wins. The launches
-    are recorded, not run."""
+def test_the_kernels_default_search_split_and_warps_by_the_pass_and_the_tables_width(ep, wide, tokens, monkeypatch):
+    """Past 32 GPUs the split kernels get ENTRIES (the split on the list of replicas: H100,
+    EP72 at 512 tokens 14.5 against 26.9 us per layer) and the ticket kernels SEARCH (a
+    binary search of the quotas); up to 32 the dense table and the full comparison. The
+    large passes' assign kernel searches at any width, in 2 warps (EP8 at 16,384 tokens:
+    18.2 against 20.4 us in 4 warps without the search); the ticket kernels take 4. An
+    explicit ``search``, ``entries`` or ``num_warps`` wins. The launches are recorded, not run."""
     from eplb_plugin.kernels import minmax_triton
 
     launches: dict[str, dict] = {}
@@ -608,10 +608,13 @@ def test_tables_of_more_than_32_gpus_search_their_quotas_and_split_on_the_list_o
     tables = ExpertDispatcher(location, rank=0, algorithm="minmax").minmax
     assert tables is not None
     monkeypatch.setattr(minmax_triton, "_kernels", lambda: (Kernels(), Kernels()))
-    for search in (None, not searched):
+    large = tokens * 8 > minmax_triton.SMALL_PASS_IDS
+    for given in (None, not wide):
         launches.clear()
-        minmax_triton.minmax_dispatch_triton(ids, tables, layer=0, num_slots=288, search=search, entries=search)
-        assigns = {name: kw["SEARCH"] for name, kw in launches.items() if "SEARCH" in kw}
-        assert assigns and set(assigns.values()) == {searched if search is None else search}, assigns
+        minmax_triton.minmax_dispatch_triton(ids, tables, layer=0, num_slots=288, search=given, entries=given,
+                                             num_warps=None if given is None else 8)
+        assigns = {name: (kw["SEARCH"], kw["num_warps"]) for name, kw in launches.items() if "SEARCH" in kw}
+        want = (large or wide, 2 if large else 4) if given is None else (given, 8)
+        assert assigns and set(assigns.values()) == {want}, assigns
         splits = {name: kw["ENTRIES"] for name, kw in launches.items() if "ENTRIES" in kw}
-        assert splits and set(splits.values()) == {searched if search is None else search}, splits
+        assert splits and set(splits.values()) == {wide if given is None else given}, splits

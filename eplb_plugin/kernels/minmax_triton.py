@@ -73,15 +73,19 @@ MAX_TILE = 1024
 TOTALS_TILE = 1024  # pairs one program of the totals kernel counts...
 SMALL_TOTALS_TILE = 256  # ...and in passes of up to SMALL_PASS_IDS pairs (more programs, shorter)
 SMALL_PASS_IDS = 8192
-NUM_WARPS = 4  # the assign kernel's warps
+NUM_WARPS = 4  # the ticket assign (and fused) kernels' warps (2: 10.3-10.5 against 9.5 us at 512 tokens, EP8)
+BASES_ASSIGN_WARPS = 2  # the large passes' assign kernel's warps (a program per chunk of 64 pairs), and...
+BASES_SEARCH = True  # ...a binary search of the quotas there (H100, 16,384 tokens, 8 steps at EP8: 18.2 us against
+# 20.4 with 4 warps and the full comparison, 20.5 with 4 warps and the search; EP16 23.1 / 25.7, EP32 27.0 / 29.5,
+# EP48 24.0 / 27.0, EP72 27.7 / 30.7: profile_minmax_kernels.py --warps-sweep)
 SPLIT_WARPS = 4  # the totals / split kernels' warps (1: 2x slower split; 2 and 8: slower too; at 72 GPUs,
 # where the [32, 128] table in 4 warps spills, 16 warps were slower still: 63 against 46 us at 512 tokens)
 CHUNK = 64  # large passes: pairs of one assign program (128: 23.3 us at 16,384 tokens, 64: 22.8)
 FUSED = True  # small passes without an exchange: totals, split and assign in one launch (H100, in a graph:
 # 9.28 us against 9.55 / 9.81 at 512 tokens, 10.46 against 10.78 at 1,024; eager calls 42.5 against 62-67 us)
-SEARCH_MIN_GPUS = 33  # tables of this many GPUs or more: a binary search of the quotas (H100, 16,384 tokens,
-# 16 steps: EP72 65 against 95 us, EP48 40 against 47; EP32 29.1 against 29.4, EP16 26.1 against 25.6; 512 tokens
-# at EP8 and EP72: the same)
+SEARCH_MIN_GPUS = 33  # tables of this many GPUs or more: the ticket kernels (small passes) search the quotas too
+# (H100, 512 tokens: the same at EP8 to EP72; the large passes' assign always searches, BASES_SEARCH; before it took
+# 2 warps, searching at 16,384 tokens and 16 steps gave EP72 65 against 95 us, EP48 40 against 47, EP16/32 the same)
 ENTRIES_MIN_GPUS = 33  # tables of this many GPUs or more: the split on the list of replicas (``entries=``; H100,
 # 8 steps, 512 / 16,384 tokens: EP72 14.5 against 26.9 us / 30.8 against 47.2, EP48 13.4 against 14.7 / 26.6 against
 # 30.0; slower up to 32 GPUs, its step ~0.6 us whatever the GPUs: EP32 12.8 against 11.7, EP8 12.1 against 9.4)
@@ -108,7 +112,7 @@ class _LayerArgs(NamedTuple):
     bs: int
     be: int  # the entries' width
     iterations: int  # the split's default steps (``minmax_iterations`` of the tables' GPUs)
-    search: bool  # the assign's default: a binary search of the quotas (``SEARCH_MIN_GPUS``)
+    search: bool  # the ticket kernels' default: a binary search of the quotas (``SEARCH_MIN_GPUS``)
     entries: bool  # the split's default: on the list of replicas (``ENTRIES_MIN_GPUS``)
 
 
@@ -224,7 +228,7 @@ def _kernels() -> tuple[Any, Any]:
 def minmax_dispatch_triton(
     topk_ids: torch.Tensor, tables: MinmaxTables, *, layer: int, num_slots: int,
     scratch: MinmaxScratch | None = None, exchange: CountExchange | None = None,
-    counts_out: torch.Tensor | None = None, num_warps: int = NUM_WARPS, split_warps: int = SPLIT_WARPS,
+    counts_out: torch.Tensor | None = None, num_warps: int | None = None, split_warps: int = SPLIT_WARPS,
     iterations: int | None = None, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
     totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
     num_valid_rows: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int64, fused: bool | None = None,
@@ -249,7 +253,9 @@ def minmax_dispatch_triton(
     one launch (``minmax_fused_kernel``; None: ``FUSED``), for passes they take without an
     exchange. search: the assign's binary search of the quotas; entries: the split on the
     list of replicas (``MinmaxTables.entries``) instead of the dense table (None: by the
-    tables' GPUs, ``SEARCH_MIN_GPUS`` / ``ENTRIES_MIN_GPUS``)."""
+    tables' GPUs, ``SEARCH_MIN_GPUS`` / ``ENTRIES_MIN_GPUS``; the large passes' assign
+    searches whatever the GPUs, ``BASES_SEARCH``). num_warps None: ``NUM_WARPS`` for the
+    ticket kernels, ``BASES_ASSIGN_WARPS`` for the large passes' assign."""
     check_ids("topk_ids", topk_ids)
     check_out_dtype(out_dtype)
     if scratch is None:
@@ -257,8 +263,6 @@ def minmax_dispatch_triton(
     a = scratch.layer_args(tables, layer)
     if iterations is None:
         iterations = a.iterations
-    if search is None:
-        search = a.search
     if entries is None:
         entries = a.entries
     flat = topk_ids.reshape(-1)
@@ -288,9 +292,14 @@ def minmax_dispatch_triton(
                                      entries=entries, split_warps=split_warps) if glob else a.counters  # (unused)
         kb.bases_assign_kernel[geo.assign_grid](
             flat, bound, bases_buf, a.quotas, offsets, out, *a.place, num_ids, top_k, a.num_experts, a.num_gpus,
-            GLOBAL=glob, BOUND=bounded, SUB=geo.chunk, BM=a.bm, BG=a.bg, SEARCH=search, num_warps=num_warps,
+            GLOBAL=glob, BOUND=bounded, SUB=geo.chunk, BM=a.bm, BG=a.bg, SEARCH=BASES_SEARCH if search is None else search,
+            num_warps=BASES_ASSIGN_WARPS if num_warps is None else num_warps,
         )
         return out
+    if search is None:
+        search = a.search
+    if num_warps is None:
+        num_warps = NUM_WARPS
     if geo.fused:
         k.minmax_fused_kernel[geo.assign_grid](
             flat, bound, a.counters, a.quotas, out, counts, counts_offset, *a.split, *a.place, num_ids, top_k,
