@@ -1,11 +1,11 @@
 """How much a mover thread's polling slows a host-bound serving loop (CPU, the GIL).
 
 The non-blocking mover's thread waits for each unit's agreement by polling a CUDA event
-(``staging.wait_event``) with a sleep between polls (``AsyncExpertMover(poll_s=...)``).
+(``agreement.wait_event``) with a sleep between polls (``AsyncExpertMover(poll_s=...)``).
 Each wake takes the GIL from the serving thread. When the serving loop is host-bound (eager
 launches), that shows up in every step. This runs the real ``wait_event`` on an event that
 never completes during the loop, beside a loop of small torch ops, and reports the loop's
-median step per longest sleep (sleeps start at ``staging.FIRST_SLEEP_S`` and double up to
+median step per longest sleep (sleeps start at ``agreement.FIRST_SLEEP_S`` and double up to
 it, so a wait this long polls at the longest sleep), against the same loop with no thread,
 all in one run.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eplb_plugin.executor.staging import Stopped, wait_event  # noqa: E402
+from eplb_plugin.executor.agreement import Stopped, wait_event  # noqa: E402
 
 
 class _Pending:

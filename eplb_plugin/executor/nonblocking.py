@@ -44,14 +44,13 @@ import torch.distributed as dist
 
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
+from eplb_plugin.executor.agreement import Agreement, Stopped, wait_work
 from eplb_plugin.executor.peers import PeerViews, barrier_needed, check_transport, resolve_peers
 from eplb_plugin.executor.plan import LayerTransferPlan, RankTransferPlan
 from eplb_plugin.executor.rounds import LayerMoveSchedule
 from eplb_plugin.executor.staging import (
-    Agreement,
     StagedRound,
     StagingPool,
-    Stopped,
     check_received,
     commit_round,
     expert_bytes,
@@ -59,7 +58,6 @@ from eplb_plugin.executor.staging import (
     signature,
     stage_round,
     verify_committed,
-    wait_work,
 )
 from eplb_plugin.executor.transfer import (
     FaultHook,

@@ -72,11 +72,11 @@ import torch.distributed as dist
 
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
+from eplb_plugin.executor.agreement import Agreement
 from eplb_plugin.executor.peers import PeerViews, barrier_needed, pulling
 from eplb_plugin.executor.plan import RankTransferPlan
 from eplb_plugin.executor.rounds import LayerMoveSchedule
 from eplb_plugin.executor.staging import (
-    Agreement,
     StagedRound,
     StagingPool,
     check_received,
