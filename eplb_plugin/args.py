@@ -181,8 +181,9 @@ class EPLBArgs:
     )
     eplb_dispatch_minmax_steps: Optional[int] = _flag(
         "--ep-dispatch-algorithm minmax: diffusion steps of the split per MoE layer and pass, 1 to "
-        f"{MAX_MINMAX_STEPS} (default: 8 up to 8 EP ranks, 16 from 9 to 32, 8 past 32). A step costs about 0.3 us "
-        "per layer on an H100 up to 32 GPUs, 2.4 us at 72; fewer steps leave the split further from its optimum.",
+        f"{MAX_MINMAX_STEPS} (default: 8 up to 8 EP ranks, 16 from 9 to 32, 8 past 32). A step costs about 0.3-0.5 "
+        "us per layer on an H100 up to 32 GPUs and 0.6 us past 32; fewer steps leave the split further from its "
+        "optimum.",
         default=None,
         sglang=False,
     )

@@ -153,6 +153,30 @@ def test_the_split_on_the_list_of_replicas_writes_the_dense_splits_quotas(seed, 
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("tokens", [97, 2100])  # the fused kernel, then the large-pass kernels
+def test_the_split_on_the_list_of_replicas_reads_the_list_not_the_dense_table(tokens):
+    """With ``entries=True`` the split reads ``MinmaxTables.entries``: with the dense table
+    (``multi_gpus``) blanked it writes the same quotas, while the dense split, given the blank
+    table, splits nothing (so the comparison above is not of one path with itself)."""
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton, minmax_scratch
+
+    location, ids = _case(4, 256, 288, 72, tokens, 8)
+    tables = ExpertDispatcher(location, rank=0, algorithm="minmax", backend="triton", device=DEVICE).minmax
+    assert tables is not None
+    blank = tables._replace(multi_gpus=torch.zeros_like(tables.multi_gpus))
+
+    def quotas(t, entries):
+        scratch = minmax_scratch(t)
+        minmax_dispatch_triton(ids.to(DEVICE), t, layer=1, num_slots=288, scratch=scratch, entries=entries)
+        return scratch.quotas[1].cpu()
+
+    listed = quotas(tables, True)
+    assert listed.abs().max() > 0
+    assert torch.equal(quotas(blank, True), listed)
+    assert quotas(blank, False).abs().max() == 0
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_the_kernels_refuse_tables_built_without_the_list_of_replicas():
     """Tables built for the torch split alone (``entries=False``: the planner's scoring) are
     refused by name before any launch, not read out of bounds."""
