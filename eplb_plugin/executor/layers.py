@@ -49,6 +49,14 @@ from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
 from eplb_plugin.executor import transfer
 from eplb_plugin.executor.agreement import Agreement
+from eplb_plugin.executor.contract import (
+    FaultHook,
+    LayerMoveError,
+    MoveResult,
+    check_schedule,
+    check_weights,
+    max_staged_experts,
+)
 from eplb_plugin.executor.peers import PeerViews, barrier_needed, pulling
 from eplb_plugin.executor.plan import RankTransferPlan
 from eplb_plugin.executor.rounds import LayerMoveSchedule
@@ -61,15 +69,7 @@ from eplb_plugin.executor.staging import (
     signature,
     stage_round,
 )
-from eplb_plugin.executor.transfer import (
-    FaultHook,
-    LayerMoveError,
-    MoveResult,
-    check_schedule,
-    check_weights,
-    max_staged_experts,
-    move_experts,
-)
+from eplb_plugin.executor.transfer import move_experts
 
 LayerToMove = tuple[Sequence[torch.Tensor], torch.Tensor, torch.Tensor]  # (weights, old map, new map)
 

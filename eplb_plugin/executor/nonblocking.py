@@ -45,6 +45,12 @@ import torch.distributed as dist
 from eplb_plugin.comm import group_info
 from eplb_plugin.errors import ConfigError, TransferError
 from eplb_plugin.executor.agreement import Agreement, Stopped, wait_work
+from eplb_plugin.executor.contract import (
+    FaultHook,
+    LayerMoveError,
+    check_weights,
+    max_staged_experts,
+)
 from eplb_plugin.executor.peers import PeerViews, barrier_needed, check_transport, resolve_peers
 from eplb_plugin.executor.plan import LayerTransferPlan, RankTransferPlan
 from eplb_plugin.executor.rounds import LayerMoveSchedule
@@ -58,12 +64,6 @@ from eplb_plugin.executor.staging import (
     signature,
     stage_round,
     verify_committed,
-)
-from eplb_plugin.executor.transfer import (
-    FaultHook,
-    LayerMoveError,
-    check_weights,
-    max_staged_experts,
 )
 
 
