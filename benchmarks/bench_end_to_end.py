@@ -23,8 +23,14 @@ and uniform routing, on the experts alone (the yardstick) and on as many slots a
 uses (what the redundant slots' weights cost by themselves), and drawn at random (each
 token's experts uniformly: balanced routing with its natural spread). An experiment,
 ``eplb_perpass_minmax_tiles``, moves parts of GEMM tiles after ``minmax`` (``fewer_tiles``).
+Each placement also reports its busiest GPU's GEMM units (``TILE_ROWS``-row units over its
+slots, mean over layers and passes) beside the floor that no placement and dispatch can go
+under on the same passes (``gemm_units_floor``); ``--ep8-units-only`` gives these counts
+alone, without timing (runs on CPU).
 
 CPU:  python benchmarks/bench_end_to_end.py --device cpu            (gloo, 4 ranks, tiny)
+      python benchmarks/bench_end_to_end.py --ep8-only --ep8-units-only --traces-dir <dir>
+      (the EP8 part's GEMM units at DeepSeek-V2-Lite sizes, nothing timed)
 GPU:  python benchmarks/bench_end_to_end.py --device cuda --traces-dir <dir with the ESFT .npz>
       (2 GPUs, NCCL, DeepSeek-V2-Lite expert sizes, bf16, ESFT intent then law replayed)
 """
@@ -92,8 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ep-size", type=int, default=None, help="default: 4 on cpu, 2 on cuda")
     p.add_argument("--ep-num-redundant-experts", type=int, default=None, help="default: ep_size")
     p.add_argument("--num-passes", type=int, default=None, help="default: 200 on cpu, 300 on cuda")
-    p.add_argument("--batch-tokens", type=int, default=None, help="default: 256 on cpu, 2048 on cuda")
-    p.add_argument("--rebalance-every", type=int, default=None, help="default: 50 on cpu, 30 on cuda")
+    p.add_argument("--batch-tokens", type=int, default=None, help="default: 256 on cpu, 2048 on cuda and with --ep8-units-only")
+    p.add_argument("--rebalance-every", type=int, default=None,
+                   help="default: 50 on cpu, 30 on cuda and with --ep8-units-only")
     p.add_argument("--num-layers", type=int, default=None, help="default: the preset's (26 for DeepSeek-V2-Lite)")
     p.add_argument("--traces-dir", default=None, help="folder with the ESFT .npz traces (cuda default workload)")
     p.add_argument("--workload", choices=("auto", "synthetic", "trace"), default="auto",
@@ -115,13 +122,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minmax-two-launches", action="store_true",
                    help="EP8 compute part: time minmax dispatch of small passes as two launches (totals and split, "
                         "then assign) instead of the fused kernel (kernels/minmax_triton.py FUSED, on by default)")
+    p.add_argument("--ep8-units-only", action="store_true",
+                   help="EP8 compute part: only the balancedness and the busiest GPU's GEMM units per placement, "
+                        "at DeepSeek-V2-Lite sizes on any device, nothing timed")
     p.add_argument("--out", default=str(Path(__file__).with_name("results")))
     return p.parse_args(argv)
 
 
 def setup(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EPLBArgs, WorkloadSpec]:
     cuda = ns.device == "cuda"
-    if cuda:
+    if cuda or ns.ep8_units_only:
         model = ModelShape.from_preset("deepseek-v2-lite", num_layers=ns.num_layers)
     else:
         model = ModelShape.from_preset("tiny", num_layers=ns.num_layers, hidden_size=128, intermediate_size=256)
@@ -131,7 +141,7 @@ def setup(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EPLBArg
     workload = WorkloadSpec(kind=kind, traces=traces)
     args = EPLBArgs(
         ep_size=ep, ep_num_redundant_experts=ns.ep_num_redundant_experts if ns.ep_num_redundant_experts is not None else ep,
-        eplb_rebalance_num_iterations=ns.rebalance_every or (30 if cuda else 50),
+        eplb_rebalance_num_iterations=ns.rebalance_every or (30 if cuda or ns.ep8_units_only else 50),
     )
     passes = ns.num_passes or (300 if cuda else 200)
     off = args.resolve()
@@ -145,7 +155,8 @@ def setup(ns: argparse.Namespace) -> tuple[RuntimeConfig, list[RunSpec], EPLBArg
             # Uniform routing on E slots (no redundancy): every GPU gets exactly the mean load.
             RunSpec("uniform", dataclasses.replace(args, ep_num_redundant_experts=0).resolve(),
                     WorkloadSpec(kind="uniform"), passes)]
-    cfg = RuntimeConfig(model=model, batch_tokens=ns.batch_tokens or (2048 if cuda else 256), device=ns.device,
+    cfg = RuntimeConfig(model=model, batch_tokens=ns.batch_tokens or (2048 if cuda or ns.ep8_units_only else 256),
+                        device=ns.device,
                         dtype="bfloat16" if cuda else "float32", progress=True,
                         cuda_graph=not ns.disable_cuda_graph, dispatch_backend=ns.dispatch_backend,
                         profile_passes=tuple(int(x) for x in ns.profile_passes.split(",") if x),
@@ -249,6 +260,28 @@ def fewer_tiles(loads: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, tile:
     return loads
 
 
+def gemm_units(per_slot: torch.Tensor, num_gpus: int, tile: int) -> torch.Tensor:
+    """[L, P] rows per slot -> [L, G] each GPU's grouped-GEMM units: its slots' rows in
+    whole ``tile``-row units (an empty slot none)."""
+    return torch.ceil(per_slot.double() / tile).view(per_slot.shape[0], num_gpus, -1).sum(-1)
+
+
+def gemm_units_floor(ids: torch.Tensor, num_experts: int, num_gpus: int, tile: int) -> torch.Tensor:
+    """[T, L, k] routed ids -> [L] the fewest units the busiest GPU can hold under any
+    placement and dispatch: splitting an expert's rows over replicas never saves a unit
+    (ceil(a/t) + ceil(b/t) >= ceil((a+b)/t)), so the GPUs share at least the sum over experts
+    of ceil(rows/t), and the busiest holds at least its G-th part, and at least its share of
+    the rows in whole units."""
+    num_layers = ids.shape[1]
+    flat = ids.permute(1, 0, 2).reshape(num_layers, -1).long()
+    rows = torch.zeros(num_layers, num_experts + 1, dtype=torch.float64)
+    rows.scatter_add_(1, torch.where(flat >= 0, flat, num_experts), torch.ones_like(flat, dtype=torch.float64))
+    rows = rows[:, :num_experts]
+    by_experts = torch.ceil(torch.ceil(rows / tile).sum(1) / num_gpus)
+    by_rows = torch.ceil(rows.sum(1) / num_gpus / tile)
+    return torch.maximum(by_experts, by_rows)
+
+
 def _dispatch_seconds(loc: ExpertLocation, dispatch: str, ids: torch.Tensor, device: torch.device) -> float:
     """Seconds per layer of one rank's dispatch of its share of the pass (the recorder's
     count in the same kernel), all layers in one CUDA graph. The count all-gather of
@@ -264,11 +297,12 @@ def _dispatch_seconds(loc: ExpertLocation, dispatch: str, ids: torch.Tensor, dev
     return _graph_seconds(work) / loc.num_layers
 
 
-def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every: int) -> dict:
+def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every: int, timed: bool = True) -> dict:
     """Slowest simulated EP8 rank's MoE time per pass (dispatch + experts, summed over
-    layers), for each of ``EP8_PLACEMENTS``."""
+    layers), for each of ``EP8_PLACEMENTS``, with the busiest GPU's GEMM units; with
+    ``timed=False`` the units and balancedness alone (no weights, nothing run)."""
     m = cfg.model
-    cuda = cfg.device == "cuda"
+    cuda = cfg.device == "cuda" and timed
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     w = workload.build(m, cfg.batch_tokens)
     num_physical = m.num_logical_experts + EP8_REDUNDANT
@@ -286,11 +320,12 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
                        torch.ones(m.num_layers, ids.shape[0] * ids.shape[2], dtype=torch.float64))
         counts.append(c[:, :-1])
     slots_max = -(-num_physical // EP8)
-    shape = FFNShape(m.hidden_size, m.intermediate_size, cfg.torch_dtype, device, cfg.seed)
-    pool = [make_expert_weights(0, e, shape) for e in range(slots_max)]  # values do not change the time
-    w13 = torch.stack([a for a, _ in pool])
-    w2 = torch.stack([b for _, b in pool])
-    x = torch.randn(cfg.batch_tokens * m.top_k, m.hidden_size, device=device).to(cfg.torch_dtype)
+    if timed:
+        shape = FFNShape(m.hidden_size, m.intermediate_size, cfg.torch_dtype, device, cfg.seed)
+        pool = [make_expert_weights(0, e, shape) for e in range(slots_max)]  # values do not change the time
+        w13 = torch.stack([a for a, _ in pool])
+        w2 = torch.stack([b for _, b in pool])
+        x = torch.randn(cfg.batch_tokens * m.top_k, m.hidden_size, device=device).to(cfg.torch_dtype)
     uniform = torch.full((m.num_layers, m.num_logical_experts), cfg.batch_tokens * m.top_k / m.num_logical_experts,
                          dtype=torch.float64)
     out: dict = {"label": "EP8 compute part (one device, each simulated EP8 rank's expert FFNs timed alone; "
@@ -298,12 +333,18 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
                           "no communication)",
                  "timing": f"CUDA graph per rank and layer, mean of {EP8_REPLAYS} replays" if cuda
                            else "eager, one core",
-                 "ep_size": EP8, "sample_passes": passes, "placements": {}}
-    expert_ffn(x[:16], w13[0], w2[0])  # warm-up (kernel selection, allocator)
-    if not cuda:
+                 "ep_size": EP8, "sample_passes": passes, "gemm_tile_rows": TILE_ROWS,
+                 "gemm_units_floor": float(np.mean([gemm_units_floor(routed[p], m.num_logical_experts, EP8,
+                                                                     TILE_ROWS).mean() for p in passes])),
+                 "placements": {}}
+    if not timed:
+        out["timing"] = "none (--ep8-units-only)"
+    elif not cuda:
         torch.set_num_threads(1)  # one core per simulated rank, as in the runtime's CPU ranks
+    if timed:
+        expert_ffn(x[:16], w13[0], w2[0])  # warm-up (kernel selection, allocator)
     for name, (policy, dispatch, traffic) in EP8_PLACEMENTS.items():
-        steps, expert_steps, dispatch_us, bals = [], [], [], []
+        steps, expert_steps, dispatch_us, bals, units = [], [], [], [], []
         for p in passes:
             if policy is None:
                 loc = trivial
@@ -321,6 +362,9 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
                 per_slot = _realized_slot_loads(loc, dispatch, routed[p])
             per_slot = per_slot.round().long()  # [L, P]
             bals.append(float(layer_balancedness(gpu_loads(per_slot, EP8)).mean()))
+            units.append(float(gemm_units(per_slot, EP8, TILE_ROWS).max(1).values.mean()))
+            if not timed:
+                continue
             per_layer = 0.0 if not cuda else _dispatch_seconds(loc, dispatch.removesuffix("_tiles"), routed[p], device)
             experts = sum(max(_time_rank(r, w13, w2, x, cuda) for r in per_slot[layer].view(EP8, -1).tolist())
                           for layer in range(m.num_layers))
@@ -328,11 +372,16 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
             dispatch_us.append(1e6 * per_layer)
             steps.append(experts + per_layer * m.num_layers)
         out["placements"][name] = {"policy": policy, "dispatch": dispatch, "traffic": traffic,
-                                   "step_ms_median": 1e3 * float(np.median(steps)),
+                                   "balancedness_mean": float(np.mean(bals)),
+                                   "gemm_units_busiest_mean": float(np.mean(units))}
+        if not timed:
+            continue
+        out["placements"][name] |= {"step_ms_median": 1e3 * float(np.median(steps)),
                                    "expert_step_ms_median": 1e3 * float(np.median(expert_steps)),
                                    "dispatch_us_per_layer_median": float(np.median(dispatch_us)),
-                                   "step_ms_per_pass": [1e3 * s for s in steps],
-                                   "balancedness_mean": float(np.mean(bals))}
+                                   "step_ms_per_pass": [1e3 * s for s in steps]}
+    if not timed:
+        return out
     uni = out["placements"]["uniform"]["step_ms_median"]
     uni_redundant = out["placements"]["uniform_redundant"]["step_ms_median"]
     uni_sampled = out["placements"]["uniform_sampled"]["step_ms_median"]
@@ -352,8 +401,11 @@ def main(argv=None) -> int:
         minmax_triton.FUSED = False
     t0 = time.perf_counter()
     ep8_cfg = dataclasses.replace(cfg, batch_tokens=ns.ep8_batch_tokens or cfg.batch_tokens)
+    if ns.ep8_units_only and not ns.ep8_only:
+        raise SystemExit("--ep8-units-only goes with --ep8-only")
     if ns.ep8_only:
-        ep8 = ep8_compute_part(ep8_cfg, workload, runs[1].eplb.eplb_rebalance_num_iterations)
+        ep8 = ep8_compute_part(ep8_cfg, workload, runs[1].eplb.eplb_rebalance_num_iterations,
+                               timed=not ns.ep8_units_only)
         return _write_ep8_only(ns, argv, ep8_cfg, workload, ep8, t0)
     results = launch(cfg, runs, layout)
     by = {r["label"]: r for r in results}
@@ -409,12 +461,18 @@ def main(argv=None) -> int:
 
 
 def _print_ep8(ep8: dict) -> None:
+    print(f"EP8 compute part: the busiest GPU holds at least {ep8['gemm_units_floor']:.2f} GEMM units of "
+          f"{ep8['gemm_tile_rows']} rows (mean over layers and passes), under any placement and dispatch")
     for name, v in ep8["placements"].items():
+        if "step_ms_median" not in v:
+            print(f"EP8 compute part, {name:>19}: busiest GPU {v['gemm_units_busiest_mean']:.2f} GEMM units, "
+                  f"balancedness {v['balancedness_mean']:.3f}")
+            continue
         print(f"EP8 compute part, {name:>19}: step {v['step_ms_median']:.3f} ms (median; experts "
               f"{v['expert_step_ms_median']:.3f}, dispatch {v['dispatch_us_per_layer_median']:.1f} us/layer), "
               f"{v['step_over_uniform']:.3f}x uniform ({v['step_over_uniform_redundant']:.3f}x on as many slots, "
               f"{v['step_over_uniform_sampled']:.3f}x sampled uniform), "
-              f"balancedness {v['balancedness_mean']:.3f}")
+              f"balancedness {v['balancedness_mean']:.3f}, busiest GPU {v['gemm_units_busiest_mean']:.2f} GEMM units")
 
 
 def _write_ep8_only(ns, argv, cfg: RuntimeConfig, workload: WorkloadSpec, ep8: dict, t0: float) -> int:
