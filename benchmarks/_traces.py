@@ -10,6 +10,7 @@ import numpy as np
 
 ESFT_TRACES = ("esft_dsv2lite_intent_top6.npz", "esft_dsv2lite_law_top6.npz")  # intent, then law
 OLMOE_TRACE = "vllm_olmoe_gsm8k_layer0_top8.npz"  # OLMoE-1B-7B layer 0 on GSM8K: 4,471 tokens, 64 experts, top-8
+FLAME_TRACE = "flame_moe_290m_prefill_2048tok_top6.npz"  # FLAME-MoE-290M: 2,048 tokens, 25 layers, 64 experts, top-6
 
 
 def traces_dir() -> Path:
@@ -41,6 +42,17 @@ def olmoe_topk_ids() -> np.ndarray | None:
         print(f"skipped: {OLMOE_TRACE} is not in {traces_dir()}")
         return None
     return np.load(path)["topk_ids"].astype(np.int64)[:, None, :]
+
+
+def flame_topk_ids() -> np.ndarray | None:
+    """[T, 25, 6] int64: the FLAME-MoE trace's routed ids (32 sequences of 64 tokens, a model
+    trained with a balance loss: nearly balanced traffic), or None where it is absent (then
+    it says so: the caller skips cleanly)."""
+    path = traces_dir() / FLAME_TRACE
+    if not path.exists():
+        print(f"skipped: {FLAME_TRACE} is not in {traces_dir()}")
+        return None
+    return np.load(path)["topk_ids"].astype(np.int64)
 
 
 def sequence_mixture_ids(*, seed: int = 0, num_passes: int = 64, pass_tokens: int = 256, seq_tokens: int = 64,

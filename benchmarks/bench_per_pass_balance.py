@@ -38,9 +38,11 @@ import numpy as np
 import torch
 from _traces import (  # benchmarks/_traces.py
     ESFT_TRACES,
+    FLAME_TRACE,
     OLMOE_TRACE,
     esft_missing,
     esft_topk_ids,
+    flame_topk_ids,
     olmoe_topk_ids,
     sequence_mixture_ids,
 )
@@ -198,11 +200,12 @@ def main(argv=None) -> int:
     ap.add_argument("--score-iterations", type=int, default=None,
                     help="minmax's diffusion steps when the passes are scored (default: the kernels', by the "
                          "GPUs); the planner keeps its own; a value writes per_pass_balance_<traffic>_cpu_iterations<N>.json")
-    ap.add_argument("--traffic", choices=("esft", "sequences", "olmoe"), default="esft",
+    ap.add_argument("--traffic", choices=("esft", "sequences", "olmoe", "flame"), default="esft",
                     help="esft: the ESFT traces, intent then law; sequences: synthetic traffic of two domains "
                          "(_traces.sequence_mixture_ids, not fitted to any trace; no traces needed); olmoe: "
-                         "OLMoE-1B-7B's layer 0 on GSM8K (one layer, 4,471 tokens: few passes, try --every 4); "
-                         "writes per_pass_balance_<traffic>_cpu*.json")
+                         "OLMoE-1B-7B's layer 0 on GSM8K (one layer, 4,471 tokens: few passes, try --every 4); flame: "
+                         "FLAME-MoE-290M prefill (25 layers, 2,048 tokens, trained with a balance loss: try "
+                         "--pass-tokens 128 --every 4); writes per_pass_balance_<traffic>_cpu*.json")
     ap.add_argument("--seeds", type=int, default=0,
                     help="instead: the default budgeted row (10%% carried) with the per-pass search seeded 0 .. N-1 "
                          "(perpass.PERPASS_SEED), the spread of the seeded search; writes per_pass_balance_<traffic>_cpu_seeds.json")
@@ -224,8 +227,8 @@ def main(argv=None) -> int:
     if ns.traffic == "esft" and esft_missing():
         return 0
     t0 = time.perf_counter()
-    if ns.traffic == "olmoe":
-        ids = olmoe_topk_ids()
+    if ns.traffic in ("olmoe", "flame"):
+        ids = olmoe_topk_ids() if ns.traffic == "olmoe" else flame_topk_ids()
         if ids is None:
             return 0
     else:
@@ -271,12 +274,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if ns.score_iterations is None else f"_iterations{ns.score_iterations}"
     suffix += "_seeds" if ns.seeds else ""
+    suffix += f"_pass{ns.pass_tokens}" if ns.pass_tokens != 256 else ""
     suffix += f"_every{ns.every}" if ns.every != 8 else ""
     suffix += f"_drift{ns.drift_passes}" if ns.drift_passes != DRIFT_CHECK_EVERY else ""
     path = out / f"per_pass_balance_{ns.traffic}_cpu{suffix}.json"
     path.write_text(json.dumps({
         "benchmark": "per_pass_balance", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-        "traces": {"esft": list(ESFT_TRACES), "olmoe": [OLMOE_TRACE],
+        "traces": {"esft": list(ESFT_TRACES), "olmoe": [OLMOE_TRACE], "flame": [FLAME_TRACE],
                    "sequences": "synthetic: _traces.sequence_mixture_ids() defaults"}[ns.traffic],
         "pass_tokens": ns.pass_tokens, "every": ns.every,
         "minmax_score_iterations": ns.score_iterations or "the kernels' (8 steps up to 8 GPUs, 16 from 9 to 32, 8 past 32)",
