@@ -143,6 +143,7 @@ def time_variants(tokens: int, *, num_layers: int, replays: int, skip: tuple[str
                 "minmax_triton_fused": {"fused": True},  # ... one launch
                 "minmax_triton_tickets": {"bases": False}, "minmax_triton_bases": {"bases": True},
                 "minmax_triton_bases_chunk_128": {"bases": True, "chunk": 128},
+                "minmax_triton_whole_pass": {"whole_pass": True},  # the pass seen whole: the split may stop early
                 "minmax_triton_no_split_steps": {"iterations": 0}}  # equal shares: the rest's cost
     scratches = {name: minmax_scratch(tables) for name in settings}  # kept across calls, as the dispatcher does
     ids32 = ids.to(torch.int32)

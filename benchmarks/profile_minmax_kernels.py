@@ -128,7 +128,8 @@ WARPS = ((4, 4, False), (4, 8, False), (4, 16, False), (8, 16, False), (4, 4, Tr
 
 
 def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tuple[int, ...] = (8,),
-                warps: bool = False, dense_steps_ep8: bool = False, warps_rows=WARPS, steps: bool = True) -> list[dict]:
+                warps: bool = False, dense_steps_ep8: bool = False, warps_rows=WARPS, steps: bool = True,
+                stop: bool = False) -> list[dict]:
     """The whole dispatch (kernels by the pass's size, default settings) per number of the
     split's diffusion steps: what a step costs (``--old``: the older kernels beside them);
     at each of ``ep_sizes`` (288 slots over that many GPUs: the wider the table, the more a
@@ -136,7 +137,9 @@ def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tu
     ``dense_steps_ep8``: the dense split at EP8 also at 10, 12, 14 and 20 steps; ``steps=False``:
     none of these, the warps rows alone; ``warps_rows``: those rows' settings). ``warps``: also each of ``WARPS`` at the EP size's default steps, and the
     large passes' kernels in parts (the wider the table, the more registers the split's [M, G] arrays take;
-    the more quotas a pair compares unless it searches them)."""
+    the more quotas a pair compares unless it searches them). ``stop``: also the default
+    settings as a rank's share of the pass (every step) and as the whole pass (``whole_pass``:
+    the split stops once no step can lower the peak), side by side, at 8 and 16 steps."""
     rows: list[dict] = []
     for ep in ep_sizes:
         loc, ids = skewed_pass(tokens, num_layers=num_layers, ep=ep)
@@ -151,6 +154,10 @@ def split_sweep(tokens: int, *, num_layers: int, replays: int, old, ep_sizes: tu
             for steps in (0, 8, 16) if entries or not dense_steps_ep8 or ep != 8 else (0, 8, 10, 12, 14, 16, 20):
                 add("minmax_triton", _minmax_call(tables, ids, counts, iterations=steps, entries=entries),
                     iterations=steps, entries=entries)
+        for iterations in (8, 16) if stop else ():
+            for whole_pass in (False, True):
+                add("minmax_triton", _minmax_call(tables, ids, counts, iterations=iterations, whole_pass=whole_pass),
+                    iterations=iterations, whole_pass=whole_pass)
         if warps:
             for num_warps, split_warps, search in warps_rows:
                 add("minmax_triton", _minmax_call(tables, ids, counts, num_warps=num_warps, split_warps=split_warps,
@@ -176,6 +183,9 @@ def main(argv=None) -> int:
                     help="--warps-sweep: its rows as num_warps:split_warps:search triples, comma-separated "
                          "(default: WARPS)")
     ap.add_argument("--no-steps", action="store_true", help="--split-sweep: the warps rows alone, not the steps")
+    ap.add_argument("--stop", action="store_true",
+                    help="--split-sweep: also the split on a rank's share (every step) beside the whole pass's "
+                         "(stopping once no step lowers the peak), at 8 and 16 steps")
     ap.add_argument("--dense-steps-ep8", action="store_true",
                     help="--split-sweep: the dense split at EP8 also at 10, 12, 14 and 20 steps")
     ns = ap.parse_args(argv)
@@ -192,6 +202,7 @@ def main(argv=None) -> int:
         for ep in (int(e) for e in ns.ep_sizes.split(",")):
             rows += split_sweep(tokens, num_layers=ns.num_layers, replays=ns.replays, old=old, ep_sizes=(ep,),
                                 warps=ns.warps_sweep, dense_steps_ep8=ns.dense_steps_ep8, steps=not ns.no_steps,
+                                stop=ns.stop,
                                 warps_rows=_warps_rows(ns.warps))
             _write(ns, argv, rows)  # after each EP size: a run cut short keeps what it timed
     return 0

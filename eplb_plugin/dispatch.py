@@ -100,7 +100,9 @@ class ExpertDispatcher:
     process group whose ranks dispatch one pass together (their per-expert counts are
     all-gathered per layer; every rank of it must call ``dispatch`` for the same layers).
     minmax_steps: the ``minmax`` split's diffusion steps (``--eplb-dispatch-minmax-steps``;
-    None: ``kernels.minmax.minmax_iterations`` of the placement's GPUs).
+    None: ``kernels.minmax.minmax_iterations`` of the placement's GPUs). whole_pass: without a
+    ``count_group``, this rank routes every token of the pass (its counts are the pass's), so
+    the split may stop once no step can lower the peak, as it does on gathered counts.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class ExpertDispatcher:
         backend: str = "torch",
         count_group: Any = None,
         minmax_steps: int | None = None,
+        whole_pass: bool = False,
     ):
         self.info = dispatch_info(algorithm)  # ConfigError naming the known ones
         check_rank(rank, location.ep_size)
@@ -122,6 +125,7 @@ class ExpertDispatcher:
         _check_positive_or_none(num_gpus_per_node=num_gpus_per_node, minmax_steps=minmax_steps)
         check_backend(backend)
         self.minmax_steps = minmax_steps
+        self.whole_pass = whole_pass
         self.algorithm = algorithm
         self.rank = rank
         self.num_gpus_per_node = num_gpus_per_node
@@ -229,7 +233,8 @@ class ExpertDispatcher:
         assert self.minmax is not None  # built for minmax in __init__
         return minmax_dispatch(topk_ids, self.minmax, layer=layer, num_slots=self.location.num_physical_experts,
                                use_kernel=self._kernel, exchange=self.pass_counts if self.count_world > 1 else None,
-                               counts_out=counts_out, scratch=self._scratch, iterations=self.minmax_steps)
+                               counts_out=counts_out, scratch=self._scratch, iterations=self.minmax_steps,
+                               whole_pass=self.whole_pass)
 
     def _split_by_occurrence(self, layer: int, ids: torch.Tensor, valid: torch.Tensor,
                              shares: torch.Tensor) -> torch.Tensor:
@@ -267,6 +272,7 @@ def minmax_dispatch(
     exchange: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     counts_out: torch.Tensor | None = None, num_valid_rows: torch.Tensor | None = None,
     scratch: MinmaxScratch | None = None, out_dtype: torch.dtype = torch.int64, iterations: int | None = None,
+    whole_pass: bool = False,
 ) -> torch.Tensor:
     """The ``minmax`` choice of one layer of one pass, for any host of the tables.
 
@@ -283,6 +289,8 @@ def minmax_dispatch(
     device, so the kernel path adds no torch op for it. scratch: the kernels' per-layer counters for these
     tables (``minmax_scratch``), kept by the host across calls (None: fresh ones each call).
     iterations: the split's diffusion steps (None: ``minmax_iterations`` of the tables' GPUs).
+    whole_pass: without an exchange, ``topk_ids`` is the whole pass (the split's stop, as on
+    exchanged counts; on a rank's share it takes every step: ``minmax_gpu_shares``).
     Returns [T, k] physical slots of ``out_dtype`` (int64 or int32: the kernels write it, so
     a host that wants int32 casts nothing), -1 kept. No host synchronization.
     """
@@ -291,13 +299,13 @@ def minmax_dispatch(
 
         return minmax_dispatch_triton(topk_ids, tables, layer=layer, num_slots=num_slots, scratch=scratch,
                                       exchange=exchange, counts_out=counts_out, num_valid_rows=num_valid_rows,
-                                      out_dtype=out_dtype, iterations=iterations)
+                                      out_dtype=out_dtype, iterations=iterations, whole_pass=whole_pass)
     check_out_dtype(out_dtype)
     if num_valid_rows is not None:
         in_batch = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(-1) < num_valid_rows.reshape(-1)[:1]
         out = minmax_dispatch(torch.where(in_batch, topk_ids, -1), tables, layer=layer, num_slots=num_slots,
                               use_kernel=False, exchange=exchange, counts_out=counts_out, out_dtype=out_dtype,
-                              iterations=iterations)
+                              iterations=iterations, whole_pass=whole_pass)
         padding = ~in_batch & (topk_ids >= 0)
         some_slot = tables.home_slot[layer]  # [E]: a slot of each expert
         return torch.where(padding, some_slot[topk_ids.clamp_min(0).long()].to(out_dtype), out)
@@ -310,7 +318,7 @@ def minmax_dispatch(
     total, offset = (local, torch.zeros_like(local)) if exchange is None else exchange(local)
     shares, _ = minmax_gpu_shares(total.unsqueeze(0), tables.multi_experts[layer:layer + 1],
                                   tables.multi_gpus[layer:layer + 1], tables.single_slots[layer:layer + 1],
-                                  iterations=iterations)
+                                  iterations=iterations, stop=exchange is not None or whole_pass)
     position = _occurrence_index(safe, valid, num_experts) + offset[safe.flatten()]
     out = minmax_choose(position, safe.flatten(), shares[0], tables.multi_row[layer],
                         tables.slot_on_gpu[layer]).view_as(ids)

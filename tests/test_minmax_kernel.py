@@ -376,7 +376,8 @@ def test_the_large_pass_kernels_on_any_pass(seed, num_experts, num_slots, ep, to
         assert not scratch.counters[1, :(scratch.counters.shape[1] - 1) // 2].any() and not scratch.counters[1, -1]
     assert torch.equal(counts[1].cpu(), load.to(torch.int32))
     assert called == ([0, 1] if glob else [])  # every rank exchanged its counts
-    whole = ExpertDispatcher(location, rank=0, algorithm="minmax").dispatch(1, ids)
+    # exchanged counts are the whole pass: the split stops as a dispatcher of the whole pass's does
+    whole = ExpertDispatcher(location, rank=0, algorithm="minmax", whole_pass=glob).dispatch(1, ids)
     assert (load - torch.bincount(whole[whole >= 0], minlength=num_slots)).abs().max() <= len(parts)
 
 
@@ -396,6 +397,47 @@ def test_the_kernels_keep_the_equal_split_where_a_step_raises_the_peak(bases):
     out = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=0, num_slots=12, iterations=1, bases=bases).cpu()
     gpu = torch.bincount(out.flatten() // 3, minlength=4)
     assert gpu.max().item() <= 75  # the equal split's 74.8, whole tokens; the step's split would need 81
+
+
+# 3 GPUs x 2 slots: expert 0 alone on GPU 0 (100 tokens) sets the peak; expert 4 has a
+# replica on GPU 1 (beside expert 2's 30 tokens) and on GPU 2 (alone).
+STOP_MAP = [0, 1, 2, 4, 3, 4]
+STOP_COUNTS = [100, 0, 30, 0, 20]
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("bases, fused, entries", [(False, False, False), (False, True, False), (True, False, False),
+                                                   (False, False, True), (False, True, True), (True, False, True)])
+def test_the_kernels_take_no_step_on_a_whole_pass_where_a_gpu_without_replicas_sets_the_peak(bases, fused, entries):
+    """GPU 0's 100 tokens are the peak of every split, so on a whole pass (``whole_pass``,
+    or counts through an exchange) the split stops before its first step and expert 4 keeps
+    the equal split (10 tokens on each replica), as in the torch path. On a rank's share of
+    a pass it takes its steps, moving expert 4's tokens toward the idle GPU 2."""
+    from eplb_plugin.dispatch import minmax_dispatch
+    from eplb_plugin.kernels.minmax import build_minmax_tables
+    from eplb_plugin.kernels.minmax_triton import minmax_dispatch_triton
+
+    phy2log = torch.tensor([STOP_MAP])
+    order = torch.randperm(sum(STOP_COUNTS), generator=torch.Generator().manual_seed(0))
+    ids = torch.repeat_interleave(torch.arange(5), torch.tensor(STOP_COUNTS))[order].view(-1, 1)
+    tables = build_minmax_tables(phy2log.to(DEVICE), 5, num_gpus=3, entries=True)
+
+    def exchange(local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # one rank: its counts are the pass's
+        return local.clone(), torch.zeros_like(local)
+
+    def loads(use_kernel: bool, **how) -> list[int]:
+        if use_kernel:
+            out = minmax_dispatch_triton(ids.to(DEVICE), tables, layer=0, num_slots=6, iterations=16, bases=bases,
+                                         fused=fused, entries=entries, **how)
+        else:
+            out = minmax_dispatch(ids.to(DEVICE), tables, layer=0, num_slots=6, use_kernel=False, iterations=16, **how)
+        return torch.bincount(out.cpu().flatten(), minlength=6).tolist()
+
+    for use_kernel in (True, False):
+        assert loads(use_kernel, whole_pass=True) == [100, 0, 30, 10, 0, 10]
+        assert loads(use_kernel, exchange=exchange) == [100, 0, 30, 10, 0, 10]
+        share = loads(use_kernel)
+        assert share[3] < 10 and share[3] + share[5] == 20
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")

@@ -68,6 +68,29 @@ def test_the_split_never_peaks_above_the_equal_split_nor_below_the_optimum(itera
     assert torch.all(loads[:16].amax(-1).double() >= torch.tensor(exact) * (1 - 1e-5) - 1e-3)
 
 
+@pytest.mark.parametrize("iterations", [1, 16])
+def test_the_split_of_a_whole_pass_stops_once_a_gpu_without_replicas_sets_the_peak(iterations):
+    """No split gets a GPU under its base load, so where the largest base is the peak the
+    split of a whole pass stops: here expert 0's 100 tokens on GPU 0 are, and expert 4 (on
+    GPUs 1 and 2) keeps its equal split instead of moving toward the idle GPU 2. Rows that
+    can still lower their peak in the same batch take their steps; without ``stop`` (a
+    rank's share of a pass) every row does."""
+    from eplb_plugin.kernels.minmax import build_minmax_tables, minmax_gpu_shares
+
+    maps = torch.tensor([[0, 1, 2, 4, 3, 4], [0, 1, 2, 4, 3, 4]])
+    counts = torch.tensor([[100.0, 0.0, 30.0, 0.0, 20.0], [10.0, 0.0, 30.0, 0.0, 20.0]])
+    tables = build_minmax_tables(maps, 5, num_gpus=3, entries=False)
+    shares, loads = minmax_gpu_shares(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots,
+                                      iterations=iterations, stop=True)
+    assert shares[0, 0].tolist() == pytest.approx([0.0, 10.0, 10.0])
+    assert loads[0].tolist() == pytest.approx([100.0, 40.0, 10.0])
+    assert shares[1, 0, 1].item() < 10.0 - 1e-3  # the second row's peak is GPU 1's: its split moves
+    every_step, _ = minmax_gpu_shares(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots,
+                                      iterations=iterations)
+    assert every_step[0, 0, 1].item() < 10.0 - 1e-3
+    assert torch.equal(every_step[1], shares[1])
+
+
 def test_a_step_that_raises_the_peak_is_not_kept():
     """One diffusion step here peaks at 81.5 (the momentum overshoots: 72.3 without it); the split keeps the
     equal split's 74.8 instead."""

@@ -13,8 +13,13 @@ with momentum: every step each replica's share moves toward its expert's mean GP
 (the step divided by the replicated experts on that GPU, so concurrent moves do not
 overshoot), then a heavy-ball step is taken and each expert's shares are renormalized to
 its tokens (once per step: renormalizing before the momentum too changes nothing measurable
-and costs a reduction per step in the kernel). The last iterate is kept unless its peak is
-above the equal split's. On the layer-passes the per-pass policy serves in the ESFT
+and costs a reduction per step in the kernel). No GPU's load can go under its base, so once
+the peak is within ``MINMAX_STOP_TOKENS`` of the largest base the split is optimal and its
+remaining steps are skipped (an exact stop, per layer-pass: where a GPU of single-replica
+experts sets the peak, as at 72 GPUs in most passes, the split takes one step or none).
+Only on a whole pass's counts: on one rank's share the steps past that point still even
+out the other GPUs, which the ranks' sum needs. The
+last iterate is kept unless its peak is above the equal split's. On the layer-passes the per-pass policy serves in the ESFT
 replay, 8 steps land 0.20% (EP8) and 0.76% (EP16) above the exact optimum on average, and
 0.26% / 1.09% on the layer-passes whose peak the split can lower at all (16 steps: 0.03% /
 0.35%; ``benchmarks/probe_minmax_convergence.py``; an LP solves it exactly, see also
@@ -44,6 +49,7 @@ MINMAX_NARROW_GPUS = 8
 MINMAX_WIDE_GPUS = 32  # past this, MINMAX_ITERATIONS again: 8 steps suffice there (see minmax_iterations)
 MINMAX_MOMENTUM = 0.6  # heavy-ball weight of the previous step (0.5: a little further from the optimum at 8
 # steps on the traces and on 4 of 5 synthetic shapes: benchmarks/probe_minmax_convergence.py --synthetic)
+MINMAX_STOP_TOKENS = 0.5  # a layer-pass's split stops once its peak is this close to its largest base load
 
 
 def minmax_iterations(num_gpus: int) -> int:
@@ -234,19 +240,30 @@ def minmax_problem(counts: torch.Tensor, multi_experts: torch.Tensor, multi_gpus
 
 def minmax_gpu_shares(
     counts: torch.Tensor, multi_experts: torch.Tensor, multi_gpus: torch.Tensor, single_slots: torch.Tensor,
-    *, iterations: int | None = None, momentum: float = MINMAX_MOMENTUM,
+    *, iterations: int | None = None, momentum: float = MINMAX_MOMENTUM, stop: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched split of N independent rows (a row is one layer of one pass).
 
     counts: [N, E] tokens per logical expert (float or int); multi_experts [N, M],
-    multi_gpus [N, M, G], single_slots [N, G, S]: rows of ``MinmaxTables``.
-    Returns (shares [N, M, G] float32: tokens of each replicated expert each GPU serves,
+    multi_gpus [N, M, G], single_slots [N, G, S]: rows of ``MinmaxTables``. iterations: the
+    steps each row takes; with ``stop`` (counts of whole passes: what the kernels do on them)
+    a row stops once its peak is within ``MINMAX_STOP_TOKENS`` of its largest base load.
+    Without it every step runs, evening out the GPUs below the peak too, which a rank's
+    share of a pass needs (the pass's loads are the ranks' sum). Returns (shares [N, M, G] float32: tokens of each replicated expert each GPU serves,
     gpu_load [N, G] float32: the resulting GPU loads).
     """
     problem = minmax_problem(counts, multi_experts, multi_gpus, single_slots)
     x = prev = problem.equal
+    stop_at = problem.base.amax(-1) + MINMAX_STOP_TOKENS  # [N] no split gets a row's peak under its largest base
     for _ in range(minmax_iterations(multi_gpus.shape[-1]) if iterations is None else iterations):
-        x, prev = problem.advance(x, prev, momentum)
+        if not stop:
+            x, prev = problem.advance(x, prev, momentum)
+            continue
+        going = (problem.peak(x) > stop_at)[:, None, None]
+        if not going.any():
+            break
+        step_x, step_prev = problem.advance(x, prev, momentum)
+        x, prev = torch.where(going, step_x, x), torch.where(going, step_prev, prev)
     kept = problem.peak(x) <= problem.peak(problem.equal)  # never worse than the equal split
     shares = torch.where(kept[:, None, None], x, problem.equal)
     return shares, problem.base + shares.sum(1)

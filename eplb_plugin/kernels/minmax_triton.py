@@ -58,7 +58,12 @@ from typing import Any, NamedTuple
 import torch
 
 from eplb_plugin.kernels._launch import MAX_PROGRAMS, _next_pow2, check_ids, check_out_dtype
-from eplb_plugin.kernels.minmax import MINMAX_MOMENTUM, MinmaxTables, minmax_iterations
+from eplb_plugin.kernels.minmax import (
+    MINMAX_MOMENTUM,
+    MINMAX_STOP_TOKENS,
+    MinmaxTables,
+    minmax_iterations,
+)
 
 # this rank's [E] int32 counts -> (the pass's [E] counts, tokens on lower ranks [E]), int32 (the
 # dtype the kernels read: another is converted, one more op); collective
@@ -232,7 +237,7 @@ def minmax_dispatch_triton(
     iterations: int | None = None, assign_tile_elements: int = ASSIGN_TILE_ELEMENTS,
     totals_tile: int | None = None, chunk: int = CHUNK, bases: bool | None = None,
     num_valid_rows: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int64, fused: bool | None = None,
-    search: bool | None = None, entries: bool | None = None,
+    search: bool | None = None, entries: bool | None = None, whole_pass: bool = False,
 ) -> torch.Tensor:
     """topk_ids: [T, k] int32/int64 logical ids (-1 = padding) of this rank's tokens.
     tables: the dispatcher's ``MinmaxTables`` (all layers); num_slots: P. Returns [T, k]
@@ -255,7 +260,10 @@ def minmax_dispatch_triton(
     list of replicas (``MinmaxTables.entries``) instead of the dense table (None: by the
     tables' GPUs, ``SEARCH_MIN_GPUS`` / ``ENTRIES_MIN_GPUS``; the large passes' assign
     searches whatever the GPUs, ``BASES_SEARCH``). num_warps None: ``NUM_WARPS`` for the
-    ticket kernels, ``BASES_ASSIGN_WARPS`` for the large passes' assign."""
+    ticket kernels, ``BASES_ASSIGN_WARPS`` for the large passes' assign. whole_pass: without
+    an exchange, this rank's tokens are the whole pass (every rank routes every token): the
+    split then stops once no step can lower the peak (``MINMAX_STOP_TOKENS``), as it always
+    does on exchanged counts; on a rank's share of the pass it takes every step."""
     check_ids("topk_ids", topk_ids)
     check_out_dtype(out_dtype)
     if scratch is None:
@@ -270,6 +278,7 @@ def minmax_dispatch_triton(
         flat = flat.contiguous()
     num_ids = flat.numel()
     glob = exchange is not None
+    stop_tokens = MINMAX_STOP_TOKENS if glob or whole_pass else float("-inf")
     fused_programs = _resident_programs(flat.device) if (FUSED if fused is None else fused) and not glob else 0
     geo = _geometry(num_ids, a.bm, a.bg, bases, totals_tile, chunk, assign_tile_elements, fused_programs)
     top_k = topk_ids.shape[-1] if topk_ids.dim() > 1 else 1
@@ -284,7 +293,7 @@ def minmax_dispatch_triton(
         bases_buf = torch.empty(geo.bases_numel, dtype=torch.int32, device=flat.device)
         kb.bases_totals_kernel[geo.totals_grid](
             flat, bound, a.counters, bases_buf, a.quotas, counts, counts_offset, *a.split, *a.place, num_ids, top_k,
-            a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, MINMAX_MOMENTUM, SPLIT=not glob,
+            a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, MINMAX_MOMENTUM, stop_tokens, SPLIT=not glob,
             COUNT=count and not glob, BOUND=bounded, ITERATIONS=iterations, TILE=geo.totals_tile, SUB=geo.chunk,
             NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, ENTRIES=entries, BE=a.be, num_warps=split_warps,
         )
@@ -303,14 +312,15 @@ def minmax_dispatch_triton(
     if geo.fused:
         k.minmax_fused_kernel[geo.assign_grid](
             flat, bound, a.counters, a.quotas, out, counts, counts_offset, *a.split, *a.place, num_ids, top_k,
-            geo.iters, a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, num_slots, MINMAX_MOMENTUM,
+            geo.iters, a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, num_slots, MINMAX_MOMENTUM, stop_tokens,
             COUNT=count, BOUND=bounded, ITERATIONS=iterations, TILE=geo.tile, NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs,
             NPB=_next_pow2(num_slots + 1), SEARCH=search, ENTRIES=entries, BE=a.be, num_warps=num_warps,
         )
         return out
     k.minmax_totals_kernel[geo.totals_grid](
         flat, bound, a.counters, a.quotas, *a.split, num_ids, top_k, a.num_experts, a.num_multi, a.num_gpus,
-        a.slots_per_gpu, MINMAX_MOMENTUM, SPLIT=not glob, BOUND=bounded, ITERATIONS=iterations, TILE=geo.totals_tile,
+        a.slots_per_gpu, MINMAX_MOMENTUM, stop_tokens, SPLIT=not glob, BOUND=bounded, ITERATIONS=iterations,
+        TILE=geo.totals_tile,
         NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, ENTRIES=entries, BE=a.be, num_warps=split_warps,
     )
     # the ticket kernels count in their assign kernel, so the split (with an exchange) does not
@@ -332,7 +342,8 @@ def _split_on_exchange(k: Any, a: _LayerArgs, exchange: CountExchange, counts: t
     total, offsets = exchange(a.totals)  # int32 in and out: no conversion
     k.minmax_split_kernel[(1,)](
         total, offsets, a.counters, a.quotas, counts, counts_offset, *a.split, *a.place,
-        a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, MINMAX_MOMENTUM, COUNT=count, ITERATIONS=iterations,
+        a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, MINMAX_MOMENTUM, MINMAX_STOP_TOKENS, COUNT=count,
+        ITERATIONS=iterations,
         NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, ENTRIES=entries, BE=a.be, num_warps=split_warps,
     )
     return offsets

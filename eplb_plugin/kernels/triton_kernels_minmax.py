@@ -24,7 +24,7 @@ def _solve(
     scratch_ptr, quotas_ptr, counts_ptr, counts_offset,
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, entries_ptr, multi_entry_ptr, multi_row_ptr,
     slot_on_gpu_ptr, home_slot_ptr,
-    num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+    num_experts, num_multi, num_gpus, slots_per_gpu, momentum, stop_tokens,
     COUNT: tl.constexpr, ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
     BS: tl.constexpr, ENTRIES: tl.constexpr, BE: tl.constexpr,
 ):
@@ -46,8 +46,8 @@ def _solve(
         fallback = tl.load(home_slot_ptr + mi, mask=used, other=0)
         slot = tl.where(slot >= 0, slot, fallback[:, None]).to(tl.int32)
     _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
-           entries_ptr, multi_entry_ptr, num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS, NB=NB,
-           BM=BM, BG=BG, BS=BS, ENTRIES=ENTRIES, BE=BE)
+           entries_ptr, multi_entry_ptr, num_multi, num_gpus, slots_per_gpu, momentum, stop_tokens,
+           ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS, ENTRIES=ENTRIES, BE=BE)
     if COUNT:
         tl.debug_barrier()  # the quotas this program stored, read back as the assign kernel reads them
         quota_at = quotas_ptr + m_idx[:, None] * BG + g_idx[None, :]
@@ -129,7 +129,7 @@ def minmax_totals_kernel(
     scratch_ptr,  # [2 * NB + 2] int32, this layer's scratch (see the module docstring)
     quotas_ptr,  # SPLIT only: [BM * BG] float32 output
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, entries_ptr, multi_entry_ptr,
-    num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+    num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu, momentum, stop_tokens,
     SPLIT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
     BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, ENTRIES: tl.constexpr, BE: tl.constexpr,
 ):
@@ -145,7 +145,7 @@ def minmax_totals_kernel(
             total = tl.load(scratch_ptr + tl.arange(0, NB), volatile=True)
             _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr,
                    single_slots_ptr, entries_ptr, multi_entry_ptr, num_multi, num_gpus, slots_per_gpu, momentum,
-                   ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS, ENTRIES=ENTRIES, BE=BE)
+                   stop_tokens, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS, ENTRIES=ENTRIES, BE=BE)
 
 
 @triton.jit
@@ -157,7 +157,7 @@ def minmax_split_kernel(
     counts_ptr, counts_offset,  # COUNT only: [L, P] int32 recorder counts, layer * stride
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, entries_ptr, multi_entry_ptr, multi_row_ptr,
     slot_on_gpu_ptr, home_slot_ptr,
-    num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+    num_experts, num_multi, num_gpus, slots_per_gpu, momentum, stop_tokens,
     COUNT: tl.constexpr, ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
     BS: tl.constexpr, ENTRIES: tl.constexpr, BE: tl.constexpr,
 ):
@@ -175,7 +175,7 @@ def minmax_split_kernel(
         first = total
     _solve(total, local, first, scratch_ptr, quotas_ptr, counts_ptr, counts_offset, multi_experts_ptr,
            multi_gpus_ptr, single_slots_ptr, entries_ptr, multi_entry_ptr, multi_row_ptr, slot_on_gpu_ptr,
-           home_slot_ptr, num_experts, num_multi, num_gpus, slots_per_gpu, momentum, COUNT=COUNT,
+           home_slot_ptr, num_experts, num_multi, num_gpus, slots_per_gpu, momentum, stop_tokens, COUNT=COUNT,
            ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS, ENTRIES=ENTRIES, BE=BE)
 
 
@@ -293,7 +293,7 @@ def minmax_fused_kernel(
     counts_ptr, counts_offset,  # COUNT only: [L, P] int32 recorder counts, layer * stride
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, entries_ptr, multi_entry_ptr, multi_row_ptr,
     slot_on_gpu_ptr, home_slot_ptr,
-    num_ids, top_k, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots, momentum,
+    num_ids, top_k, iters, num_experts, num_multi, num_gpus, slots_per_gpu, num_slots, momentum, stop_tokens,
     COUNT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
     BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, NPB: tl.constexpr, SEARCH: tl.constexpr,
     ENTRIES: tl.constexpr, BE: tl.constexpr,
@@ -320,8 +320,8 @@ def minmax_fused_kernel(
     if _last_to_finish(scratch_ptr, NB):
         total = tl.load(scratch_ptr + bins, volatile=True)
         _split(total.to(tl.float32), quotas_ptr, scratch_ptr, multi_experts_ptr, multi_gpus_ptr, single_slots_ptr,
-               entries_ptr, multi_entry_ptr, num_multi, num_gpus, slots_per_gpu, momentum, ITERATIONS=ITERATIONS,
-               NB=NB, BM=BM, BG=BG, BS=BS, ENTRIES=ENTRIES, BE=BE)
+               entries_ptr, multi_entry_ptr, num_multi, num_gpus, slots_per_gpu, momentum, stop_tokens,
+               ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS, ENTRIES=ENTRIES, BE=BE)
         tl.debug_barrier()  # every thread's quotas and zeroed tickets are in before the epoch moves
         tl.atomic_xchg(epoch_ptr, epoch + 1, sem="release")
     else:

@@ -35,7 +35,7 @@ def bases_totals_kernel(
     counts_ptr, counts_offset,  # SPLIT and COUNT only: [L, P] int32 recorder counts, layer * stride
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, entries_ptr, multi_entry_ptr, multi_row_ptr,
     slot_on_gpu_ptr, home_slot_ptr,
-    num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+    num_ids, top_k, num_experts, num_multi, num_gpus, slots_per_gpu, momentum, stop_tokens,
     SPLIT: tl.constexpr, COUNT: tl.constexpr, BOUND: tl.constexpr, ITERATIONS: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr,
     NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, ENTRIES: tl.constexpr, BE: tl.constexpr,
 ):
@@ -66,7 +66,7 @@ def bases_totals_kernel(
             total = tl.load(scratch_ptr + tl.arange(0, NB), volatile=True)
             _solve(total, total, tl.zeros([NB], dtype=tl.int32), scratch_ptr, quotas_ptr, counts_ptr, counts_offset,
                    multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, entries_ptr, multi_entry_ptr, multi_row_ptr,
-                   slot_on_gpu_ptr, home_slot_ptr, num_experts, num_multi, num_gpus, slots_per_gpu, momentum,
+                   slot_on_gpu_ptr, home_slot_ptr, num_experts, num_multi, num_gpus, slots_per_gpu, momentum, stop_tokens,
                    COUNT=COUNT, ITERATIONS=ITERATIONS, NB=NB, BM=BM, BG=BG, BS=BS, ENTRIES=ENTRIES, BE=BE)
 
 

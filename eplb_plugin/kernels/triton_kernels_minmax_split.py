@@ -28,12 +28,17 @@ def _split(
     scratch_ptr,  # [2 * NB + 2] int32, the layer's scratch: reset once the split is solved
     multi_experts_ptr, multi_gpus_ptr, single_slots_ptr, entries_ptr, multi_entry_ptr,
     num_multi, num_gpus, slots_per_gpu, momentum,
+    stop_tokens,  # float: steps stop once the peak is within this of the largest base (-inf: never)
     ITERATIONS: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr,
     ENTRIES: tl.constexpr, BE: tl.constexpr,
 ):
     """The split of ``kernels/minmax.py`` (``minmax_gpu_shares``) in float32: diffusion with
     momentum on the ``[M, G]`` table (with ENTRIES on its list of replicas instead,
-    ``_entry_shares``), the last iterate kept unless its peak is above the equal split's;
+    ``_entry_shares``), each step skipped once the peak is within ``stop_tokens`` of the
+    largest base (no split goes under it; the host passes -inf where the counts are this
+    rank's share of the pass: there the remaining steps still even out the other GPUs, which
+    the ranks' sum needs), the last iterate kept unless its peak is above the
+    equal split's;
     then the scratch's totals, tickets and done count zeroed (for the assign kernel and the
     next call)."""
     g_idx = tl.arange(0, BG)
@@ -46,7 +51,7 @@ def _split(
     m_idx = tl.arange(0, BM)
     if ENTRIES:
         shares = _entry_shares(c, base, multi_experts_ptr, entries_ptr, multi_entry_ptr, num_multi, num_gpus,
-                               momentum, ITERATIONS=ITERATIONS, BM=BM, BG=BG, BE=BE)
+                               momentum, stop_tokens, ITERATIONS=ITERATIONS, BM=BM, BG=BG, BE=BE)
     else:
         multi = tl.load(multi_experts_ptr + m_idx, mask=m_idx < num_multi, other=-1)
         demand = tl.where(multi >= 0, tl.gather(c, tl.where(multi >= 0, multi, 0).to(tl.int32), 0), 0.0)
@@ -59,14 +64,18 @@ def _split(
         prev = equal
         load = base + tl.sum(equal, axis=0)
         equal_peak = tl.max(load, axis=0)
+        peak = equal_peak
+        stop_at = tl.max(base, axis=0) + stop_tokens
         for _ in tl.static_range(ITERATIONS):
-            level = tl.sum(inc * load[None, :], axis=1) / degree
-            y = tl.maximum(x + step * (level[:, None] - load[None, :]), 0.0) * inc
-            z = tl.maximum(y + momentum * (y - prev), 0.0) * inc
-            z_sum = tl.sum(z, axis=1)
-            x = tl.where(z_sum[:, None] > 0, z * (demand / tl.maximum(z_sum, 1e-30))[:, None], equal)
-            prev = y
-            load = base + tl.sum(x, axis=0)
+            if peak > stop_at:
+                level = tl.sum(inc * load[None, :], axis=1) / degree
+                y = tl.maximum(x + step * (level[:, None] - load[None, :]), 0.0) * inc
+                z = tl.maximum(y + momentum * (y - prev), 0.0) * inc
+                z_sum = tl.sum(z, axis=1)
+                x = tl.where(z_sum[:, None] > 0, z * (demand / tl.maximum(z_sum, 1e-30))[:, None], equal)
+                prev = y
+                load = base + tl.sum(x, axis=0)
+                peak = tl.max(load, axis=0)
         shares = tl.where(tl.max(load, axis=0) <= equal_peak, x, equal)  # never worse than the equal split
     tl.store(quotas_ptr + m_idx[:, None] * BG + g_idx[None, :], tl.cumsum(shares, axis=1))
     bins = tl.arange(0, NB)
@@ -92,7 +101,7 @@ def _entry_loads(x, base_e, by_gpu, gpu_first, gpu_last):
 
 @triton.jit
 def _entry_shares(c, base, multi_experts_ptr, entries_ptr, multi_entry_ptr, num_multi, num_gpus, momentum,
-                  ITERATIONS: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BE: tl.constexpr):
+                  stop_tokens, ITERATIONS: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr, BE: tl.constexpr):
     """``_split``'s diffusion on the list of replicas (``MinmaxTables.entries``: a
     (replicated expert, GPU) pair per entry) instead of the dense ``[BM, BG]`` table: the
     same steps, with an expert's sums over its entries and a GPU's over its entries taken as
@@ -119,15 +128,17 @@ def _entry_shares(c, base, multi_experts_ptr, entries_ptr, multi_entry_ptr, num_
     prev = equal
     load = _entry_loads(x, base_e, by_gpu, gpu_first, gpu_last)
     equal_peak = tl.maximum(tl.max(tl.where(valid, load, 0.0), axis=0), floor)
+    peak = equal_peak
     for _ in tl.static_range(ITERATIONS):
-        level = _group_sums(load, row_first, row_last) / degree
-        y = tl.where(valid, tl.maximum(x + step * (level - load), 0.0), 0.0)
-        z = tl.maximum(y + momentum * (y - prev), 0.0)
-        z_sum = _group_sums(z, row_first, row_last)
-        x = tl.where(z_sum > 0, z * (demand / tl.maximum(z_sum, 1e-30)), equal)
-        prev = y
-        load = _entry_loads(x, base_e, by_gpu, gpu_first, gpu_last)
-    peak = tl.maximum(tl.max(tl.where(valid, load, 0.0), axis=0), floor)
+        if peak > floor + stop_tokens:  # else no step can lower the peak: skip the rest
+            level = _group_sums(load, row_first, row_last) / degree
+            y = tl.where(valid, tl.maximum(x + step * (level - load), 0.0), 0.0)
+            z = tl.maximum(y + momentum * (y - prev), 0.0)
+            z_sum = _group_sums(z, row_first, row_last)
+            x = tl.where(z_sum > 0, z * (demand / tl.maximum(z_sum, 1e-30)), equal)
+            prev = y
+            load = _entry_loads(x, base_e, by_gpu, gpu_first, gpu_last)
+            peak = tl.maximum(tl.max(tl.where(valid, load, 0.0), axis=0), floor)
     kept = tl.where(peak <= equal_peak, x, equal)  # never worse than the equal split
     m_idx = tl.arange(0, BM)
     g_idx = tl.arange(0, BG)
