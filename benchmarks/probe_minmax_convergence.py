@@ -6,14 +6,16 @@ the last 8, 10% move budget carried; EP8 with 72 slots and EP16 with 80), 8 laye
 pass. Each is solved exactly (an LP, scipy's HiGHS: ``evaluate.exact_min_max_load``) and by
 the diffusion (``kernels/minmax.py``) with a fixed number of steps, and with a stop once the
 best peak has fallen by less than ``STOP_TOL`` of itself for ``STOP_PATIENCE`` steps in a row
-(at most ``STOP_MAX`` steps; an experiment, not in the kernels). Reported: the mean excess of
-the peak over the optimum, and the steps taken.
+(at most ``STOP_MAX`` steps; an experiment, not in the kernels), and with the kernels' stop
+on a whole pass (at the default steps, none once the peak is within ``MINMAX_STOP_TOKENS`` of
+the largest base load: no split goes under it). Reported: the mean excess of the peak over
+the optimum, and the steps taken.
 
 ``--synthetic`` (no traces needed): the momentum's effect away from the traces. Skewed
 synthetic windows (per-layer Dirichlet(0.3) popularity) planned by the per-pass policy for
 ten shapes (EP8 to EP72), then served passes drawn from a drifted popularity; the excess
 of 4 steps (momentum 0.6, the kernels'), 8 and 16 (0.5 and 0.6) over 200 steps (the optimum, near
-enough).
+enough), and the steps the whole-pass stop takes at the default steps.
 
     python benchmarks/probe_minmax_convergence.py [--synthetic]
 """
@@ -36,8 +38,10 @@ from eplb_plugin.algorithms import plan
 from eplb_plugin.algorithms.evaluate import exact_min_max_load
 from eplb_plugin.kernels.minmax import (
     MINMAX_MOMENTUM,
+    MINMAX_STOP_TOKENS,
     build_minmax_tables,
     minmax_gpu_shares,
+    minmax_iterations,
     minmax_problem,
 )
 from eplb_plugin.manager.planning import MoveCredit
@@ -85,6 +89,23 @@ def stop_when_flat(counts: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Te
     return best_peak, steps
 
 
+def whole_pass_stop(counts: torch.Tensor, tables, num_gpus: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(peak [N], steps taken [N]) of the split with the kernels' whole-pass stop at the
+    default steps (``minmax_gpu_shares(stop=True)``; the steps counted alongside)."""
+    problem = minmax_problem(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots)
+    stop_at = problem.base.amax(-1) + MINMAX_STOP_TOKENS
+    x = prev = problem.equal
+    steps = torch.zeros(counts.shape[0])
+    for _ in range(minmax_iterations(num_gpus)):
+        going = problem.peak(x) > stop_at
+        nx, nprev = problem.advance(x, prev, MINMAX_MOMENTUM)
+        x = torch.where(going[:, None, None], nx, x)
+        prev = torch.where(going[:, None, None], nprev, prev)
+        steps += going.float()
+    _, loads = minmax_gpu_shares(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots, stop=True)
+    return loads.amax(-1), steps
+
+
 SYNTHETIC_SHAPES = ((64, 72, 8, 256, 6), (64, 80, 16, 256, 6), (256, 288, 8, 512, 8), (256, 320, 32, 512, 8),
                     (128, 160, 16, 256, 8), (256, 288, 36, 512, 8), (256, 288, 72, 512, 8),
                     (384, 432, 72, 512, 8), (256, 320, 64, 512, 8),
@@ -121,6 +142,11 @@ def synthetic(seed: int = 7, num_layers: int = 16, passes: int = 16) -> dict:
         results[name].update({f"{k} movable rows": 100 * float((v / ref - 1)[movable].mean()) if movable.any() else 0.0
                               for k, v in peaks.items()})
         results[name]["rows_peak_fixed_pct"] = 100 * float((~movable).double().mean())
+        peak, taken = whole_pass_stop(counts, tables, gpus)
+        results[name].update({"whole-pass stop": 100 * float((peak.double() / ref - 1).mean()),
+                              "whole-pass stop steps_mean": float(taken.mean()),
+                              "whole-pass stop no_step_pct": 100 * float((taken == 0).double().mean()),
+                              "default_steps": minmax_iterations(gpus)})
         print(name, {k: round(v, 3) for k, v in results[name].items()}, flush=True)
     return results
 
@@ -169,6 +195,12 @@ def main(argv=None) -> int:
         row[f"stop when flat (<= {STOP_MAX} steps)"] = {
             "excess_pct_mean": 100 * float(np.mean(peak.double().numpy() / exact - 1)),
             "steps_mean": float(taken.mean()), "steps_max": int(taken.max())}
+        peak, taken = whole_pass_stop(batch, tables, num_gpus)
+        excess = peak.double().numpy() / exact - 1
+        row[f"whole-pass stop (<= {minmax_iterations(num_gpus)} steps)"] = {
+            "excess_pct_mean": 100 * float(np.mean(excess)),
+            "excess_pct_mean_movable_rows": 100 * float(np.mean(excess[movable])),
+            "steps_mean": float(taken.mean()), "no_step_pct": 100 * float((taken == 0).float().mean())}
         results[f"EP{num_gpus}_{num_slots}slots"] = row
         for name, v in row.items():
             if isinstance(v, dict):
