@@ -48,7 +48,9 @@ def _pass_ids(seed: int, tokens: int = 41, top_k: int = 4) -> torch.Tensor:
 
 
 def _reference_minmax(phy2log: torch.Tensor, layer: int, ids: torch.Tensor) -> torch.Tensor:
-    """kernels/minmax.py's choice for one pass of one layer, occurrence order counted here."""
+    """kernels/minmax.py's choice for one pass of one layer, occurrence order counted here (a
+    whole pass: these runs have no all-to-all backend, so every rank routes every token and
+    the split stops once no step lowers the peak)."""
     tables = build_minmax_tables(phy2log, NUM_LOGICAL, num_gpus=EP_SIZE)
     flat = ids.flatten().tolist()
     counts = torch.zeros(1, NUM_LOGICAL)
@@ -61,7 +63,7 @@ def _reference_minmax(phy2log: torch.Tensor, layer: int, ids: torch.Tensor) -> t
             positions.append(seen[e])
             seen[e] += 1
     shares, _ = minmax_gpu_shares(counts, tables.multi_experts[layer:layer + 1], tables.multi_gpus[layer:layer + 1],
-                                  tables.single_slots[layer:layer + 1])
+                                  tables.single_slots[layer:layer + 1], stop=True)
     chosen = minmax_choose(torch.tensor(positions), torch.tensor(experts), shares[0], tables.multi_row[layer],
                            tables.slot_on_gpu[layer]).tolist()
     out = [chosen.pop(0) if e >= 0 else -1 for e in flat]

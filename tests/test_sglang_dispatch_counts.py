@@ -71,13 +71,14 @@ def _busiest_split_expert(layer: int) -> int:
     return int((tokens * (gpus.sum(1) > 1)).argmax())
 
 
-def _one_dispatcher(ids: torch.Tensor, layer: int) -> torch.Tensor:
-    """What one dispatcher of the whole pass picks (the torch reference)."""
+def _one_dispatcher(ids: torch.Tensor, layer: int, *, whole_pass: bool) -> torch.Tensor:
+    """What one dispatcher of ``ids`` picks (the torch reference): the whole pass's split
+    (``whole_pass``: it stops once no step lowers the peak) or one rank's share's."""
     from eplb_plugin.dispatch import minmax_dispatch
     from eplb_plugin.integrations.sglang_dispatch import tables_for_map
 
     tables = tables_for_map(_placement().physical_to_logical_map, num_logical_experts=NUM_LOGICAL, ep_size=WORLD)
-    return minmax_dispatch(ids, tables, layer=layer, num_slots=NUM_PHYSICAL, use_kernel=False)
+    return minmax_dispatch(ids, tables, layer=layer, num_slots=NUM_PHYSICAL, use_kernel=False, whole_pass=whole_pass)
 
 
 def _slot_loads(physical: torch.Tensor) -> torch.Tensor:
@@ -166,7 +167,7 @@ def _ranks_with_global_counts_serve_what_one_dispatcher_serves(rank: int, group)
     assert (LIVE_TABLES.exchange.world_size, LIVE_TABLES.exchange.rank) == (WORLD, rank)
     for layer in range(NUM_LAYERS):
         whole, starts = _whole_pass(layer)
-        reference = _one_dispatcher(whole, layer)
+        reference = _one_dispatcher(whole, layer, whole_pass=True)
         mine = reference[starts[rank]:starts[rank] + ROWS[layer][rank]]
         assert torch.equal(mapped[layer], mine), f"layer {layer}"  # its own rows' share of the one split
         assert torch.equal(_union_loads(mapped[layer], group), _slot_loads(reference)), f"layer {layer}"
@@ -177,13 +178,14 @@ def _ranks_with_local_counts_split_their_own_tokens(rank: int, group) -> None:
 
     _sglang_rank(rank, setting="local")
     mapped = _map_own_tokens(rank)
-    assert LIVE_TABLES.exchange is None
+    assert LIVE_TABLES.exchange is None and not LIVE_TABLES.whole_pass  # an all-to-all backend: its own rows
     differs = []
     for layer in range(NUM_LAYERS):
         own = _rank_ids(layer, rank)
-        assert torch.equal(mapped[layer], _one_dispatcher(own, layer)), f"layer {layer}"
+        assert torch.equal(mapped[layer], _one_dispatcher(own, layer, whole_pass=False)), f"layer {layer}"
         whole, _ = _whole_pass(layer)
-        differs.append(not torch.equal(_union_loads(mapped[layer], group), _slot_loads(_one_dispatcher(whole, layer))))
+        differs.append(not torch.equal(_union_loads(mapped[layer], group),
+                                       _slot_loads(_one_dispatcher(whole, layer, whole_pass=True))))
     assert any(differs), "local counts gave the whole pass's loads on every layer: the case shows nothing"
 
 
@@ -200,8 +202,8 @@ def _without_an_all_to_all_backend_global_runs_no_exchange(rank: int, group) -> 
     info = sglang_dispatch.dispatch_info_init_new(eld.ExpertLocationDispatchInfo.init_new.__func__,
                                                   eld.ExpertLocationDispatchInfo, 0)
     physical = sglang_dispatch.topk_ids_logical_to_physical(eld.topk_ids_logical_to_physical, ids, info)
-    assert LIVE_TABLES.exchange is None
-    assert torch.equal(physical.long(), _one_dispatcher(ids, 0))
+    assert LIVE_TABLES.exchange is None and LIVE_TABLES.whole_pass  # every rank routes the whole pass
+    assert torch.equal(physical.long(), _one_dispatcher(ids, 0, whole_pass=True))
 
 
 def test_minmax_in_sglang_splits_the_whole_pass_with_global_counts_and_each_ranks_own_with_local():
@@ -237,6 +239,21 @@ def test_global_counts_are_refused_where_the_ep_group_is_not_the_placements(monk
     with pytest.raises(ConfigError, match=r"--eplb-dispatch-counts global .*\(2 ranks\).*spans 4 EP ranks; use --eplb-dispatch-counts local"):
         resolve_count_exchange(ep_size=4, setting="global")
     assert resolve_count_exchange(ep_size=4, setting="local") is None
+
+
+def test_the_split_may_stop_early_only_where_every_rank_routes_the_whole_pass():
+    """SGLang's own ``is_moe_input_scattered_across_dp_ranks``: without an all-to-all backend
+    every rank routes the gathered rows (the whole pass: the split may stop once no step
+    lowers the peak); with DeepEP each rank routes its own (every step, for the ranks' sum)."""
+    with stubs_on_path():
+        import sglang.srt.layers.moe.utils  # noqa: F401  (imports a multimodal module that wants torchvision)
+
+    from eplb_plugin.integrations.sglang_counts import routes_whole_pass
+
+    fake_runtime(ep_size=4, ep_dispatch_algorithm="minmax", moe_a2a_backend="none")
+    assert routes_whole_pass()
+    fake_runtime(ep_size=4, ep_dispatch_algorithm="minmax", moe_a2a_backend="deepep")
+    assert not routes_whole_pass()
 
 
 def test_a_bad_setting_in_the_plugins_config_names_the_valid_ones():

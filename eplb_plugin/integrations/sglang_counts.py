@@ -91,6 +91,18 @@ def dispatch_counts_setting(environ: dict[str, str] | None = None) -> str:
     return str(plugin_settings(environ).get("eplb_dispatch_counts", EPLBArgs.eplb_dispatch_counts))
 
 
+def routes_whole_pass() -> bool:
+    """Whether every rank's ``topk_ids`` are the whole pass: SGLang gathers the tokens before
+    the MoE (its ``is_moe_input_scattered_across_dp_ranks()`` is false: no all-to-all
+    backend), so a rank's counts are the pass's and ``minmax``'s split may stop once no step
+    can lower the peak (``dispatch.minmax_dispatch``'s ``whole_pass``). Where each rank routes
+    its own tokens the split of a rank's share takes every step (through an exchange, the
+    exchanged counts are whole anyway)."""
+    from sglang.srt.layers.moe.utils import is_moe_input_scattered_across_dp_ranks
+
+    return not is_moe_input_scattered_across_dp_ranks()
+
+
 def resolve_count_exchange(*, ep_size: int, setting: str | None = None) -> GroupCountExchange | None:
     """The exchange SGLang's ``minmax`` mapping runs in this process, or None (the split
     follows this rank's own ``topk_ids``). setting: ``--eplb-dispatch-counts`` (None: the

@@ -26,7 +26,8 @@ Counts (``sglang_counts``, ``--eplb-dispatch-counts``): by default (``local``) t
 follows the counts of the ``topk_ids`` the mapping is given, i.e. this rank's tokens of the
 pass. Without an all-to-all backend every EP rank runs the MoE over the same tokens, so these
 are the whole pass's counts and every rank picks the same slots (the split is deterministic:
-SGLang's rank-invariance holds). With an all-to-all backend (DeepEP, with or without DP
+SGLang's rank-invariance holds), and the split stops once no step can lower the peak
+(``sglang_counts.routes_whole_pass``). With an all-to-all backend (DeepEP, with or without DP
 attention) each rank routes its own tokens: ``local`` splits those alone; ``global`` all-gathers
 every rank's ``[E]`` counts of the layer over the MoE EP group first (``LIVE_TABLES.exchange``,
 resolved with the tables), so the ranks' slots together are one split of the whole pass, and
@@ -72,7 +73,11 @@ from eplb_plugin.integrations.sglang_common import (
     is_plugin_dispatch,
     plugin_settings,
 )
-from eplb_plugin.integrations.sglang_counts import GroupCountExchange, resolve_count_exchange
+from eplb_plugin.integrations.sglang_counts import (
+    GroupCountExchange,
+    resolve_count_exchange,
+    routes_whole_pass,
+)
 from eplb_plugin.kernels._launch import use_triton
 from eplb_plugin.kernels.minmax import MinmaxTables, build_minmax_tables
 from eplb_plugin.kernels.minmax_triton import MinmaxScratch, minmax_scratch
@@ -127,13 +132,16 @@ class LiveMinmaxTables:
     eager pass: SGLang warms up before it captures graphs); later placements are copied into
     the same tensors (``update_rows``). ``exchange``: the count exchange the mapping runs
     (``sglang_counts.resolve_count_exchange``, resolved with the tables; None = local counts).
-    ``steps``: the split's diffusion steps (``minmax_steps_setting``, resolved with the tables)."""
+    ``whole_pass``: every rank routes the whole pass (``sglang_counts.routes_whole_pass``,
+    resolved with the tables). ``steps``: the split's diffusion steps (``minmax_steps_setting``,
+    resolved with the tables)."""
 
     def __init__(self) -> None:
         self._metadata: Any = None
         self._tables: MinmaxTables | None = None
         self.scratch: MinmaxScratch | None = None
         self.exchange: GroupCountExchange | None = None
+        self.whole_pass = False
         self.steps: int | None = None
         self._lock = threading.Lock()
 
@@ -149,6 +157,7 @@ class LiveMinmaxTables:
                     self._tables = MinmaxTables(*(t.to(device) for t in built))
                     self.scratch = minmax_scratch(self._tables)  # the kernels' counters, kept across calls
                     self.exchange = resolve_count_exchange(ep_size=metadata.ep_size)
+                    self.whole_pass = routes_whole_pass()
                     self.steps = minmax_steps_setting()
                     self._metadata = metadata
                     logger.info("%s minmax dispatch tables built: %d layers x %d slots over %d GPUs",
@@ -250,7 +259,7 @@ def map_topk_ids(topk_ids: torch.Tensor, layer_id: int, num_physical_experts: in
     return minmax_dispatch(topk_ids, tables, layer=layer_id, num_slots=num_physical_experts,
                            use_kernel=use_triton("auto", topk_ids), exchange=LIVE_TABLES.exchange,
                            counts_out=recorder_counts(layer_id), num_valid_rows=bound, scratch=LIVE_TABLES.scratch,
-                           out_dtype=topk_ids.dtype, iterations=LIVE_TABLES.steps)
+                           out_dtype=topk_ids.dtype, iterations=LIVE_TABLES.steps, whole_pass=LIVE_TABLES.whole_pass)
 
 
 def recorder_counts(layer_id: int) -> torch.Tensor | None:

@@ -259,9 +259,7 @@ def minmax_gpu_shares(
         if not stop:
             x, prev = problem.advance(x, prev, momentum)
             continue
-        going = (problem.peak(x) > stop_at)[:, None, None]
-        if not going.any():
-            break
+        going = (problem.peak(x) > stop_at)[:, None, None]  # no early exit: that would read the device
         step_x, step_prev = problem.advance(x, prev, momentum)
         x, prev = torch.where(going, step_x, x), torch.where(going, step_prev, prev)
     kept = problem.peak(x) <= problem.peak(problem.equal)  # never worse than the equal split
