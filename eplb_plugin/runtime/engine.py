@@ -149,6 +149,7 @@ class RankEngine:
             backend=self.cfg.dispatch_backend,
             count_group=self.group if self.cfg.dispatch_counts == "global" and self.world_size > 1 else None,
             minmax_steps=self.run_spec.eplb.eplb_dispatch_minmax_steps,
+            whole_pass=self.world_size == 1,  # one rank routes every token (several: their own, or exchanged)
         )
 
     def _on_location_change(self, location: ExpertLocation) -> None:
