@@ -18,9 +18,9 @@ the peak is within ``MINMAX_STOP_TOKENS`` of the largest base the split is optim
 remaining steps are skipped (an exact stop, per layer-pass: where a GPU of single-replica
 experts sets the peak, as at 72 GPUs in most passes, the split takes one step or none).
 Only on a whole pass's counts: on one rank's share the steps past that point still even
-out the other GPUs, which the ranks' sum needs. The
-last iterate is kept unless its peak is above the equal split's. On the layer-passes the per-pass policy serves in the ESFT
-replay, 8 steps land 0.20% (EP8) and 0.76% (EP16) above the exact optimum on average, and
+out the other GPUs, which the ranks' sum needs. The last iterate is kept unless its peak is
+above the equal split's. On the layer-passes the per-pass policy serves in the ESFT replay,
+8 steps land 0.20% (EP8) and 0.76% (EP16) above the exact optimum on average, and
 0.26% / 1.09% on the layer-passes whose peak the split can lower at all (16 steps: 0.03% /
 0.35%; ``benchmarks/probe_minmax_convergence.py``; an LP solves it exactly, see also
 ``benchmarks/bench_minmax_dispatch.py``). Each step costs about 0.3 us per layer in the
@@ -249,8 +249,9 @@ def minmax_gpu_shares(
     steps each row takes; with ``stop`` (counts of whole passes: what the kernels do on them)
     a row stops once its peak is within ``MINMAX_STOP_TOKENS`` of its largest base load.
     Without it every step runs, evening out the GPUs below the peak too, which a rank's
-    share of a pass needs (the pass's loads are the ranks' sum). Returns (shares [N, M, G] float32: tokens of each replicated expert each GPU serves,
-    gpu_load [N, G] float32: the resulting GPU loads).
+    share of a pass needs (the pass's loads are the ranks' sum). Returns (shares [N, M, G]
+    float32: tokens of each replicated expert each GPU serves, gpu_load [N, G] float32: the
+    resulting GPU loads).
     """
     problem = minmax_problem(counts, multi_experts, multi_gpus, single_slots)
     x = prev = problem.equal
