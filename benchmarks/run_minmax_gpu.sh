@@ -8,7 +8,8 @@
 # per-pass policy with minmax, uniform routing (on the experts alone and on as many slots);
 # 4. the EP8 compute part at 2048 tokens again with minmax's small passes as two launches (not fused);
 # 5. the whole dispatch by the split's steps at EP8/16/32/48/72, on the dense table and on the list of
-#    replicas (what --eplb-dispatch-minmax-steps costs; 20 layers per graph).
+#    replicas (what --eplb-dispatch-minmax-steps costs; 20 layers per graph), and a rank's share of the
+#    pass (every step) beside the whole pass (the split stops once no step lowers the peak).
 set -uo pipefail
 dest=${1:?usage: run_minmax_gpu.sh OUT_DIR [TRACES_DIR]}
 traces=${2:-}
@@ -29,4 +30,4 @@ step minmax_cost 150 python benchmarks/bench_minmax_dispatch.py --skip-quality -
 step ep8_2048 120 python benchmarks/bench_end_to_end.py --device cuda --ep8-only "${workload[@]}" --batch-tokens 2048 --out "$dest"
 step ep8_8192 150 python benchmarks/bench_end_to_end.py --device cuda --ep8-only "${workload[@]}" --batch-tokens 8192 --out "$dest"
 step ep8_2048_two_launches 120 python benchmarks/bench_end_to_end.py --device cuda --ep8-only "${workload[@]}" --batch-tokens 2048 --minmax-two-launches --out "$dest"
-step split_steps_by_ep 300 python benchmarks/profile_minmax_kernels.py --split-sweep --ep-sizes 8,16,32,48,72 --num-layers 20 --out "$dest"
+step split_steps_by_ep 360 python benchmarks/profile_minmax_kernels.py --split-sweep --stop --ep-sizes 8,16,32,48,72 --num-layers 20 --out "$dest"
