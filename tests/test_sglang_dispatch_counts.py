@@ -241,10 +241,11 @@ def test_global_counts_are_refused_where_the_ep_group_is_not_the_placements(monk
     assert resolve_count_exchange(ep_size=4, setting="local") is None
 
 
-def test_the_split_may_stop_early_only_where_every_rank_routes_the_whole_pass():
+def test_the_split_may_stop_early_only_where_every_rank_routes_the_whole_pass(monkeypatch):
     """SGLang's own ``is_moe_input_scattered_across_dp_ranks``: without an all-to-all backend
     every rank routes the gathered rows (the whole pass: the split may stop once no step
-    lowers the peak); with DeepEP each rank routes its own (every step, for the ranks' sum)."""
+    lowers the peak); with DeepEP each rank routes its own (every step, for the ranks' sum);
+    an SGLang without the helper gets every step."""
     with stubs_on_path():
         import sglang.srt.layers.moe.utils  # noqa: F401  (imports a multimodal module that wants torchvision)
 
@@ -253,6 +254,9 @@ def test_the_split_may_stop_early_only_where_every_rank_routes_the_whole_pass():
     fake_runtime(ep_size=4, ep_dispatch_algorithm="minmax", moe_a2a_backend="none")
     assert routes_whole_pass()
     fake_runtime(ep_size=4, ep_dispatch_algorithm="minmax", moe_a2a_backend="deepep")
+    assert not routes_whole_pass()
+    fake_runtime(ep_size=4, ep_dispatch_algorithm="minmax", moe_a2a_backend="none")
+    monkeypatch.setitem(sys.modules, "sglang.srt.layers.moe.utils", None)  # the import fails
     assert not routes_whole_pass()
 
 

@@ -97,9 +97,14 @@ def routes_whole_pass() -> bool:
     backend), so a rank's counts are the pass's and ``minmax``'s split may stop once no step
     can lower the peak (``dispatch.minmax_dispatch``'s ``whole_pass``). Where each rank routes
     its own tokens the split of a rank's share takes every step (through an exchange, the
-    exchanged counts are whole anyway)."""
-    from sglang.srt.layers.moe.utils import is_moe_input_scattered_across_dp_ranks
-
+    exchanged counts are whole anyway). An SGLang without that helper: False (every step,
+    as before the stop), logged."""
+    try:
+        from sglang.srt.layers.moe.utils import is_moe_input_scattered_across_dp_ranks
+    except ImportError:
+        logger.info("%s this SGLang has no is_moe_input_scattered_across_dp_ranks: minmax's split takes every "
+                    "step on each rank's tokens", LOG_PREFIX)
+        return False
     return not is_moe_input_scattered_across_dp_ranks()
 
 
