@@ -432,13 +432,17 @@ def case_a_window_without_bound_holds_only_the_passes_since_the_last_rebalance(r
 def case_a_move_budget_reaches_the_planner_in_slots_and_bounds_what_moves(rank, group):
     """--eplb-move-budget-mb becomes slots (the budget over one expert's bytes): the planner
     gets it, and every rebalance moves at most that many slots; a budget below one expert,
-    or with a policy that takes none, is refused at start-up."""
-    seen = []
+    or with a policy that takes none, is refused at start-up. The per-pass policy's search
+    is also given its share of the plan timeout (it stops there with its best map so far)."""
+    from eplb_plugin.manager.planning import PLAN_TIME_SHARE
+
+    seen, limits = [], []
 
     def recording_planner(counts, **kwargs):
         from eplb_plugin.algorithms import plan
 
         seen.append(kwargs.get("max_slots_moved"))
+        limits.append(kwargs.get("time_limit_s"))
         return plan(counts, **kwargs)
 
     location = ExpertLocation.trivial(num_layers=NUM_LAYERS, num_logical_experts=NUM_EXPERTS,
@@ -454,6 +458,7 @@ def case_a_move_budget_reaches_the_planner_in_slots_and_bounds_what_moves(rank, 
     assert records[0].slots_moved > 0, records  # the budget is spent, not refused
     if rank == 0:
         assert seen and set(seen) == {3}
+        assert set(limits) == {PLAN_TIME_SHARE * host.manager.plan_timeout_s}
     assert weights_match(host.weights, host.manager.location, rank)
 
     # Carried over (--eplb-move-budget-carry 2): each plan may move what earlier ones left,

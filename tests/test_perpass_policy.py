@@ -201,3 +201,41 @@ def test_a_move_budget_is_refused_for_a_policy_without_one_and_when_negative():
         plan(counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin", max_slots_moved=4)
     with pytest.raises(ConfigError, match="non-negative"):
         plan(counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass", max_slots_moved=-1)
+
+
+def test_a_time_limit_stops_the_search_where_it_is_and_the_plan_stays_valid(monkeypatch):
+    """A limit that has passed before the first round: the budgeted plan keeps the live map
+    (no round ran, nothing moved), the unbudgeted one is its starting point, the equal-split
+    plan (as it scores: its slots may be ordered otherwise); a generous limit changes nothing against no limit. Other policies ignore it."""
+    from eplb_plugin.algorithms import perpass
+
+    live = plan(_synthetic_window(1), num_physical_experts=20, num_gpus=4,
+                algorithm="eplb_plugin_perpass").physical_to_logical_map
+    counts = _synthetic_window(2)  # the traffic moved on: without a limit, the plan moves slots
+    kwargs = dict(num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass", previous=live,
+                  max_slots_moved=6)
+    unlimited = plan(counts, **kwargs)
+    assert unlimited.slots_moved > 0
+    assert torch.equal(plan(counts, time_limit_s=3600.0, **kwargs).physical_to_logical_map,
+                       unlimited.physical_to_logical_map)
+    rows = torch.from_numpy(counts).float().permute(1, 0, 2)
+    searched = plan(counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass", previous=live)
+    monkeypatch.setattr(perpass, "_past", lambda deadline: deadline is not None)  # every deadline has passed
+    stopped = plan(counts, time_limit_s=3600.0, **kwargs)
+    assert stopped.slots_moved == 0 and torch.equal(stopped.physical_to_logical_map, live)
+    fresh = plan(counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_equal", previous=live)
+    no_budget = plan(counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass", previous=live,
+                     time_limit_s=3600.0)
+    start = mean_pass_balancedness(fresh.physical_to_logical_map, rows, num_gpus=4)
+    assert torch.allclose(mean_pass_balancedness(no_budget.physical_to_logical_map, rows, num_gpus=4), start)
+    assert mean_pass_balancedness(searched.physical_to_logical_map, rows, num_gpus=4).mean() > start.mean() + 1e-3
+    other = plan(counts, num_physical_experts=20, num_gpus=4, algorithm="deepseek_vec", time_limit_s=3600.0)
+    assert torch.equal(other.physical_to_logical_map, plan(counts, num_physical_experts=20, num_gpus=4,
+                                                           algorithm="deepseek_vec").physical_to_logical_map)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "5"])
+def test_a_time_limit_that_is_not_a_positive_number_of_seconds_is_refused(bad):
+    with pytest.raises(ConfigError, match=r"time_limit_s=.* must be a positive number of seconds"):
+        plan(_synthetic_window(1), num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass",
+             time_limit_s=bad)

@@ -122,15 +122,15 @@ def _deepseek_vec(weight, num_physical, *, num_gpus, num_nodes, num_groups, prev
 
 
 def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal",
-                  max_moves=None):
+                  max_moves=None, deadline=None):
     fresh, _ = _ours_equal(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
                            previous=previous)
     window = weight[None] if per_pass is None else per_pass
     if previous is not None and max_moves is not None:  # stale layers only, within the budget
         planned = plan_within_budget(fresh, previous, window, num_gpus=num_gpus, num_nodes=num_nodes,
-                                     max_moves=max_moves)
+                                     max_moves=max_moves, deadline=deadline)
     else:
-        planned = refine_for_minmax(fresh, window, num_gpus=num_gpus, num_nodes=num_nodes)
+        planned = refine_for_minmax(fresh, window, num_gpus=num_gpus, num_nodes=num_nodes, deadline=deadline)
     # GPUs relabelled and slots reordered to keep live slots: the same loads, fewer moves
     return (planned if previous is None else align_to_previous(planned, previous, num_gpus=num_gpus)), None
 
@@ -164,6 +164,7 @@ class Policy:
     per_pass: bool = False
     sglang_has_it: bool = False
     move_budget: bool = False  # honours plan(max_slots_moved=) (its step function takes max_moves=)
+    anytime: bool = False  # honours plan(time_limit_s=): a search that stops at a deadline (its step takes deadline=)
     uses_groups: Callable[[int, int], bool] = _groups_always
 
 
@@ -178,7 +179,7 @@ POLICIES.register(Policy(
 POLICIES.register(Policy(
     "eplb_plugin_perpass", _ours_perpass,
     "the project's policy for minmax dispatch: planned on the window's passes (a [B, L, E] input), moves more "
-    "slots unless given a move budget; for the reference runtime", per_pass=True, move_budget=True))
+    "slots unless given a move budget; for the reference runtime", per_pass=True, move_budget=True, anytime=True))
 POLICIES.register(Policy(
     "deepseek", _deepseek, "DeepSeek's EPLB recipe, global (SGLang's --eplb-algorithm deepseek); for stock SGLang",
     sglang_has_it=True, uses_groups=_groups_never))
@@ -294,7 +295,7 @@ def _previous_map(previous, shape: tuple[int, int], num_logical: int) -> np.ndar
 def plan(
     logical_count, *, num_physical_experts: int, num_gpus: int, num_nodes: int = 1,
     num_groups: int | None = None, algorithm: str = DEFAULT_ALGORITHM, previous=None, split: str = "equal",
-    max_slots_moved: int | None = None,
+    max_slots_moved: int | None = None, time_limit_s: float | None = None,
 ) -> Placement:
     """Plan a placement.
 
@@ -308,20 +309,26 @@ def plan(
     max_slots_moved: at most this many slots (all layers together) may differ from
         ``previous`` (the move budget of one rebalance; bytes / one expert's bytes); only
         for policies with ``Policy.move_budget``; ignored without ``previous``.
+    time_limit_s: seconds from this call after which a search policy (``Policy.anytime``)
+        takes no further round and returns its best map so far (within the budget, no layer
+        worse than where its search started); the others ignore it. None: no limit.
     algorithm: a registered policy, or ``auto`` (SGLang's choice, ``resolve_algorithm``).
     Raises CountsError / ConfigError / PlacementError for bad input.
     """
     name = resolve_algorithm(algorithm, num_groups=num_groups, num_nodes=num_nodes)
     policy = POLICIES.get(name)
-    budget: dict = {}
+    extra: dict = {}  # what the policy takes beyond the common arguments
     if max_slots_moved is not None:
         if isinstance(max_slots_moved, bool) or not isinstance(max_slots_moved, (int, np.integer)) \
                 or max_slots_moved < 0:
             raise ConfigError(f"max_slots_moved={max_slots_moved!r} must be a non-negative int")
         check_move_budget(name, what="max_slots_moved", who="algorithm")
-        budget = {"max_moves": int(max_slots_moved)}
+        extra["max_moves"] = int(max_slots_moved)
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is unknown; choose one of {list(SPLITS)}")
+    if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
+                                     or not time_limit_s > 0 or not np.isfinite(time_limit_s)):
+        raise ConfigError(f"time_limit_s={time_limit_s!r} must be a positive number of seconds (or None)")
     per_pass = _validate_counts(logical_count)
     with np.errstate(over="ignore"):  # an overflow is refused just below, by its result
         counts = per_pass.sum(0) if per_pass.ndim == 3 else per_pass
@@ -333,9 +340,11 @@ def plan(
     _validate_shape(num_logical, num_physical_experts, num_gpus, num_nodes, num_groups, policy)
     prev = _previous_map(previous, (num_layers, num_physical_experts), num_logical)
     start = time.perf_counter()
+    if time_limit_s is not None and policy.anytime:
+        extra["deadline"] = start + float(time_limit_s)
     phy2log, weights = policy.plan(
         counts, num_physical_experts, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, previous=prev,
-        per_pass=per_pass if per_pass.ndim == 3 else None, split=split, **budget,
+        per_pass=per_pass if per_pass.ndim == 3 else None, split=split, **extra,
     )
     elapsed = time.perf_counter() - start
     moved = None if prev is None else int((phy2log != prev).sum())

@@ -33,6 +33,8 @@ Pure torch on CPU, vectorized over layers and candidates; seeded, so a plan is r
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -41,6 +43,7 @@ from ..errors import UsageError
 from ..kernels.minmax import build_minmax_tables, minmax_gpu_shares
 from .migrate import align_to_previous
 
+DEADLINE_SHARES = (0.5, 0.85)  # a budgeted plan under a deadline: shift test and targets, then the paths
 PERPASS_ROUNDS = 20
 PERPASS_CANDIDATES = 16  # changes tried per layer per round
 PERPASS_MAX_PASSES = 16  # window passes scored (more are summed into this many buckets)
@@ -51,6 +54,21 @@ SHIFT_MIN_FOLD_PASSES = 2  # passes per fold below which no shift test runs
 PATH_SINGLE = 16  # a path's first rounds take one change each ...
 PATH_GROWTH = 4  # ... then one more per round every PATH_GROWTH rounds
 PATH_LOOKAHEAD = 16  # slots a path runs past the budget's reach before it stops
+
+
+def _past(deadline: float | None) -> bool:
+    """Whether ``deadline`` (a ``time.perf_counter()`` value; None: none) has passed."""
+    return deadline is not None and time.perf_counter() >= deadline
+
+
+def _shares_of(deadline: float | None) -> tuple[float | None, float | None]:
+    """The deadlines of a budgeted plan's phases, ``DEADLINE_SHARES`` of the time left until
+    ``deadline`` (None: none): the paths, which spend the budget, keep time of their own."""
+    if deadline is None:
+        return None, None
+    now = time.perf_counter()
+    left = max(0.0, deadline - now)
+    return now + DEADLINE_SHARES[0] * left, now + DEADLINE_SHARES[1] * left
 
 
 def _pass_gpu_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
@@ -88,7 +106,7 @@ def _buckets(per_pass: np.ndarray) -> torch.Tensor:
 def refine_for_minmax(
     start: np.ndarray, per_pass: np.ndarray, *, num_gpus: int, num_nodes: int = 1, rounds: int = PERPASS_ROUNDS,
     candidates: int = PERPASS_CANDIDATES, seed: int | None = None, previous: np.ndarray | None = None,
-    max_moves: int | None = None,
+    max_moves: int | None = None, deadline: float | None = None,
 ) -> np.ndarray:
     """start: [L, P] int map to refine (rank-major; with nodes, node-major too); per_pass:
     [B, L, E] window counts. Returns [L, P] int64; no layer scores worse than in ``start``.
@@ -99,7 +117,8 @@ def refine_for_minmax(
     changes by gain per added move first, and ``start`` must itself be within the budget
     (UsageError otherwise). With one node, half the draws swap slots between the GPU that
     peaks in most of the window's passes and the least loaded one, or give a spare replica
-    on the latter to an expert of the former."""
+    on the latter to an expert of the former. deadline: a ``time.perf_counter()`` value past
+    which no further round starts (the rounds so far are kept: an anytime search)."""
     gen = torch.Generator().manual_seed(PERPASS_SEED if seed is None else seed)
     counts = _buckets(per_pass)  # [L, W, E]
     current = torch.tensor(np.asarray(start), dtype=torch.int64)  # a copy: refined in place
@@ -116,6 +135,8 @@ def refine_for_minmax(
         raise UsageError(f"start differs from previous in {int(moves.sum())} slots, over max_moves={max_moves}")
     popularity = counts.sum(1) + 1e-3  # [L, E]
     for _ in range(rounds):
+        if _past(deadline):
+            break
         # Step 1: candidate changes, drawn per layer.
         cand = current.unsqueeze(1).repeat(1, candidates, 1)  # [L, K, P]
         i = torch.randint(0, num_slots, (num_layers, candidates), generator=gen)
@@ -184,7 +205,7 @@ def refine_for_minmax(
 
 
 def shifted_layers(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *, num_gpus: int,
-                   num_nodes: int = 1) -> torch.Tensor:
+                   num_nodes: int = 1, deadline: float | None = None) -> torch.Tensor:
     """[L] bool: layers where a plan made for the window's traffic beats the live map on
     passes it was not made from, beyond the passes' noise. Two folds: the fresh plan refined
     on the even passes is scored on the odd ones against the live map, and the other way
@@ -192,7 +213,8 @@ def shifted_layers(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *,
     ``SHIFT_T`` standard errors above 0 (a one-sided t-test). Under steady traffic both maps
     are out of sample on the held-out passes and the refined one has seen half the passes,
     so small window-to-window gains (which do not hold on the next passes) are not taken for
-    a shift. Fewer than ``2 * SHIFT_MIN_FOLD_PASSES`` passes: no layer has (no test)."""
+    a shift. Fewer than ``2 * SHIFT_MIN_FOLD_PASSES`` passes: no layer has (no test).
+    deadline: as ``refine_for_minmax``'s (less refined fits find fewer shifts)."""
     per_pass = np.asarray(per_pass)
     num_layers = per_pass.shape[1]
     if per_pass.shape[0] < 2 * SHIFT_MIN_FOLD_PASSES:
@@ -200,7 +222,8 @@ def shifted_layers(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *,
     live_t = torch.as_tensor(np.asarray(live), dtype=torch.int64)
     gains = []
     for fit, held in ((per_pass[0::2], per_pass[1::2]), (per_pass[1::2], per_pass[0::2])):
-        fitted = torch.as_tensor(refine_for_minmax(fresh, fit, num_gpus=num_gpus, num_nodes=num_nodes))
+        fitted = torch.as_tensor(refine_for_minmax(fresh, fit, num_gpus=num_gpus, num_nodes=num_nodes,
+                                                   deadline=deadline))
         counts = _buckets(held)
         gains.append(_pass_balancedness(fitted, counts, num_gpus=num_gpus)
                      - _pass_balancedness(live_t, counts, num_gpus=num_gpus))
@@ -210,7 +233,7 @@ def shifted_layers(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *,
 
 
 def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, num_gpus: int, max_cost: int,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             gen: torch.Generator, deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A greedy path of valid maps from ``live`` to ``target`` ([L, P] each), one change
     per step: a change sets a slot to its target expert when the expert it holds keeps a
     replica elsewhere, or else swaps it with a slot that holds that target expert and wants
@@ -224,7 +247,7 @@ def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, 
     single replicas stays as it is live), once its path runs ``PATH_LOOKAHEAD`` slots past
     where a binding budget spent over the paths so far (``_spend_along``) would stop it, and
     after ``max_cost`` steps (each step changes a slot or two: a longer prefix would not fit
-    that budget).
+    that budget), and where ``deadline`` passes (the path so far: every step a valid map).
 
     Returns (cost [L, S]: slots changed after each step, cumulative; score [L, S]; changes
     [S - 1, L, 4]: per step and layer the slots and experts written, (slot, expert, slot,
@@ -240,7 +263,7 @@ def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, 
     changes: list[torch.Tensor] = []
     active = torch.ones(num_layers, dtype=torch.bool)
     for round_ in range(min(num_slots, max_cost)):  # every round closes at least one difference
-        if len(changes) >= max_cost:
+        if len(changes) >= max_cost or _past(deadline):
             break
         differs = current != target
         if not differs.any():
@@ -365,7 +388,7 @@ def _spend_along(cost: torch.Tensor, score: torch.Tensor, budget: int) -> list[i
 
 
 def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *, num_gpus: int,
-                       num_nodes: int = 1, max_moves: int) -> np.ndarray:
+                       num_nodes: int = 1, max_moves: int, deadline: float | None = None) -> np.ndarray:
     """fresh: [L, P] a fresh plan of the window's sum, aligned to ``live`` (the live map,
     [L, P]); per_pass: [B, L, E]. Returns [L, P] int64 differing from ``live`` in at most
     ``max_moves`` slots, changed only in layers that are stale (the live map scores below
@@ -375,8 +398,13 @@ def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray
     budget), aligned to the live map. Step 2: each layer's greedy path from its live map to
     its target (``_path_to``), and the budget spent along the paths where the gain per moved
     slot is steepest (``_spend_along``). Step 3: ``refine_for_minmax`` of those layers from
-    there, within the whole budget (the others keep their live rows, no moves)."""
+    there, within the whole budget (the others keep their live rows, no moves). deadline: a
+    ``time.perf_counter()`` value by which the plan is due: the shift test and the targets
+    stop searching by ``DEADLINE_SHARES[0]`` of the time left, the paths by
+    ``DEADLINE_SHARES[1]``, the last refinement at the deadline, each where it is (the result
+    stays within the budget and no layer scores below its live map)."""
     live_t = torch.as_tensor(np.asarray(live), dtype=torch.int64)
+    targets_by, paths_by = _shares_of(deadline)
     if max_moves == 0:  # nothing may move: no scoring, no shift test
         return live_t.numpy().copy()
     per_pass = np.asarray(per_pass)
@@ -387,15 +415,17 @@ def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray
     steady = (~stale).nonzero().flatten()  # the shift test runs on the layers not already stale
     if steady.numel():
         stale[steady] = shifted_layers(fresh_t[steady].numpy(), live_t[steady].numpy(), per_pass[:, steady.numpy()],
-                                       num_gpus=num_gpus, num_nodes=num_nodes)
+                                       num_gpus=num_gpus, num_nodes=num_nodes, deadline=targets_by)
     planned = live_t.numpy().copy()
     rows = stale.nonzero().flatten().numpy()
     if rows.size == 0:
         return planned
-    target = refine_for_minmax(fresh_t.numpy()[rows], per_pass[:, rows], num_gpus=num_gpus, num_nodes=num_nodes)
+    target = refine_for_minmax(fresh_t.numpy()[rows], per_pass[:, rows], num_gpus=num_gpus, num_nodes=num_nodes,
+                               deadline=targets_by)
     target_t = torch.as_tensor(align_to_previous(target, planned[rows], num_gpus=num_gpus))
     cost, score, changes = _path_to(live_t[rows], target_t, counts[torch.as_tensor(rows)], num_gpus=num_gpus,
-                                    max_cost=max_moves, gen=torch.Generator().manual_seed(PERPASS_SEED))
+                                    max_cost=max_moves, gen=torch.Generator().manual_seed(PERPASS_SEED),
+                                    deadline=paths_by)
     start = planned[rows].copy()
     for layer, stop in enumerate(_spend_along(cost, score, max_moves)):
         for slot, expert, partner, other in changes[:stop, layer].tolist():
@@ -404,5 +434,5 @@ def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray
             if partner >= 0:
                 start[layer, partner] = other
     planned[rows] = refine_for_minmax(start, per_pass[:, rows], num_gpus=num_gpus, num_nodes=num_nodes,
-                                      previous=planned[rows], max_moves=max_moves)
+                                      previous=planned[rows], max_moves=max_moves, deadline=deadline)
     return planned

@@ -312,7 +312,7 @@ class EPLBManager:
         self._planner_busy = self.rank == 0 and self._job is not None and self._job.poll() is None
         if self.rank == 0 and not self._planner_busy:
             kwargs = self._policy.plan_kwargs(self.location, num_nodes=self.args.nnodes, num_groups=self.num_groups,
-                                              max_slots_moved=budget)
+                                              max_slots_moved=budget, plan_timeout_s=self.plan_timeout_s)
             counts, kwargs = planning.on_layers(self._plan_counts, kwargs, self._plan_layers)
             self._scorer = planning.ScoringPlanner(self.planner, plan_counts=self._plan_counts, live=self.location,
                                                    layers=self._plan_layers, follows_pass=self._policy.follows_pass)

@@ -32,6 +32,8 @@ from eplb_plugin.manager.records import MIB
 from eplb_plugin.manager.targets import check_plan_shape, plan_passes
 from eplb_plugin.maps import checked_replica_count
 
+PLAN_TIME_SHARE = 0.7  # of the plan timeout, what an anytime policy's search may take (the rest: scoring it)
+
 
 @dataclass(frozen=True)
 class PolicyChoice:
@@ -42,13 +44,16 @@ class PolicyChoice:
     window's passes ([B, L, E]) instead of their sum; max_slots_moved: ``--eplb-move-budget-mb``
     in slots, the one figure of the budget per rebalance that ``MoveCredit.grant`` adds (None:
     no budget); follows_pass: the dispatch splits each pass itself (minmax), so a plan is
-    scored pass by pass (``predicted_balancedness``)."""
+    scored pass by pass (``predicted_balancedness``); anytime: the policy's search stops at a
+    time limit with its best map so far (``Policy.anytime``), so a plan is asked to finish
+    within ``PLAN_TIME_SHARE`` of the plan timeout instead of running past it."""
 
     algorithm: str
     split: str
     per_pass: bool
     max_slots_moved: int | None
     follows_pass: bool
+    anytime: bool = False
 
     @classmethod
     def resolve(cls, args: EPLBArgs, *, expert_weights: Sequence[Sequence[torch.Tensor]],
@@ -59,24 +64,27 @@ class PolicyChoice:
         # stall serving at the first rebalance.
         import scipy.optimize  # noqa: F401  (imported lazily by the migration-aware policies)
 
-        from eplb_plugin.algorithms import PER_PASS_POLICIES, split_for_dispatch
+        from eplb_plugin.algorithms import PER_PASS_POLICIES, POLICIES, split_for_dispatch
 
         algorithm, dispatch = args.policy(num_groups), args.ep_dispatch_algorithm
         return cls(algorithm=algorithm, split=split_for_dispatch(dispatch), per_pass=algorithm in PER_PASS_POLICIES,
                    max_slots_moved=move_budget_slots(args.eplb_move_budget_mb, expert_weights=expert_weights),
                    follows_pass=dispatch is not None and dispatch in DISPATCH_INFO
-                   and DISPATCH_INFO.get(dispatch).follows_pass)
+                   and DISPATCH_INFO.get(dispatch).follows_pass, anytime=POLICIES.get(algorithm).anytime)
 
     def plan_kwargs(self, live: ExpertLocation, *, num_nodes: int, num_groups: int | None,
-                    max_slots_moved: int | None = None) -> dict[str, Any]:
+                    max_slots_moved: int | None = None, plan_timeout_s: float | None = None) -> dict[str, Any]:
         """The planner's keyword arguments for a plan from the ``live`` ExpertLocation;
         max_slots_moved: this plan's move budget (the credit granted; default: the budget per
-        rebalance)."""
+        rebalance); plan_timeout_s: the manager's plan timeout (an anytime policy is given
+        ``PLAN_TIME_SHARE`` of it as ``time_limit_s``, the rest left for scoring the plan)."""
         slots = self.max_slots_moved if max_slots_moved is None else max_slots_moved
-        budget = {} if slots is None else {"max_slots_moved": slots}
+        extra: dict[str, Any] = {} if slots is None else {"max_slots_moved": slots}
+        if self.anytime and plan_timeout_s is not None:
+            extra["time_limit_s"] = PLAN_TIME_SHARE * plan_timeout_s
         return dict(num_physical_experts=live.num_physical_experts, num_gpus=live.ep_size, num_nodes=num_nodes,
                     num_groups=num_groups, algorithm=self.algorithm, split=self.split,
-                    previous=live.physical_to_logical_map, **budget)
+                    previous=live.physical_to_logical_map, **extra)
 
 
 @dataclass
