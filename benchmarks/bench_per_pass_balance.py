@@ -158,13 +158,16 @@ def seeded_runs(counts: list[np.ndarray], ns: argparse.Namespace, *, num_gpus: i
 
 
 def planner_time(*, num_layers: int = 58, num_logical: int = 256, num_slots: int = 288, num_gpus: int = 32,
-                 passes: int = 8, budget_share: float = MOVE_BUDGET_SHARE, seed: int = 0) -> dict:
+                 passes: int = 8, budget_share: float = MOVE_BUDGET_SHARE, seed: int = 0,
+                 time_limits: tuple[float, ...] = ()) -> dict:
     """The per-pass policy's solver time at DeepSeek-V3 scale (58 MoE layers x 256 experts
     onto 288 slots, EP32) on synthetic windows of ``passes`` passes (skewed expert
     popularity, per-pass noise): the plan without a budget from the trivial placement, then
     budgeted re-plans (``budget_share`` of the slots) of the same traffic (steady: the
     shift test alone) and of traffic whose popularity was drawn afresh (after a shift: the
-    shift test, the target, the paths and the refinement)."""
+    shift test, the target, the paths and the refinement). ``time_limits``: the plan after the
+    shift again with each ``time_limit_s`` (the anytime search), beside the one without: its
+    seconds, slots moved and mean per-pass balancedness on the window under minmax."""
     gen = np.random.default_rng(seed)
 
     def window() -> np.ndarray:
@@ -185,6 +188,21 @@ def planner_time(*, num_layers: int = 58, num_logical: int = 256, num_slots: int
         out[f"budgeted_{name}_s"] = time.perf_counter() - start
         out[f"budgeted_{name}_slots_moved"] = int(placement.slots_moved)
         print(f"{name}: {out[f'budgeted_{name}_s']:.1f} s, {placement.slots_moved} slots moved", flush=True)
+        if name == "after_shift" and time_limits:
+            rows = torch.from_numpy(counts).float().permute(1, 0, 2)
+            score = {"live": float(perpass.mean_pass_balancedness(live, rows, num_gpus=num_gpus).mean()),
+                     "no limit": float(perpass.mean_pass_balancedness(placement.physical_to_logical_map, rows,
+                                                              num_gpus=num_gpus).mean())}
+            out["after_shift_time_limited"] = {"mean_pass_balancedness": score, "runs": []}
+            for limit in time_limits:
+                start = time.perf_counter()
+                limited = plan(counts, previous=live, max_slots_moved=max_moves, time_limit_s=limit, **kwargs)
+                run = {"time_limit_s": limit, "s": time.perf_counter() - start, "slots_moved": int(limited.slots_moved),
+                       "mean_pass_balancedness": float(perpass.mean_pass_balancedness(
+                           limited.physical_to_logical_map, rows, num_gpus=num_gpus).mean())}
+                out["after_shift_time_limited"]["runs"].append(run)
+                print(f"after_shift, time limit {limit} s: {run}", flush=True)
+            print(f"after_shift balancedness: {score}", flush=True)
     return out
 
 
@@ -197,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--planner-time", action="store_true",
                     help="time the per-pass policy at DeepSeek-V3 scale on synthetic windows (no traces needed)")
     ap.add_argument("--tag", default="cpu", help="--planner-time: the result file's suffix (which machine)")
+    ap.add_argument("--time-limits", default="",
+                    help="--planner-time: comma-separated time_limit_s values for the plan after the shift again")
     ap.add_argument("--score-iterations", type=int, default=None,
                     help="minmax's diffusion steps when the passes are scored (default: the kernels', by the "
                          "GPUs); the planner keeps its own; a value writes per_pass_balance_<traffic>_cpu_iterations<N>.json")
@@ -215,7 +235,7 @@ def main(argv=None) -> int:
     ns = ap.parse_args(argv)
     if ns.planner_time:
         t0 = time.perf_counter()
-        result = planner_time()
+        result = planner_time(time_limits=tuple(float(x) for x in ns.time_limits.split(",") if x))
         out = Path(ns.out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"per_pass_planner_time_{ns.tag}.json"
