@@ -234,8 +234,14 @@ def test_a_time_limit_stops_the_search_where_it_is_and_the_plan_stays_valid(monk
                                                            algorithm="deepseek_vec").physical_to_logical_map)
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "5"])
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "5", np.float32(-2.0)])
 def test_a_time_limit_that_is_not_a_positive_number_of_seconds_is_refused(bad):
     with pytest.raises(ConfigError, match=r"time_limit_s=.* must be a positive number of seconds"):
         plan(_synthetic_window(1), num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass",
              time_limit_s=bad)
+
+
+def test_a_numpy_time_limit_is_taken():
+    placement = plan(_synthetic_window(1), num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass",
+                     time_limit_s=np.float32(600.0))
+    assert placement.physical_to_logical_map.shape == (4, 20)

@@ -326,7 +326,8 @@ def plan(
         extra["max_moves"] = int(max_slots_moved)
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is unknown; choose one of {list(SPLITS)}")
-    if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
+    if time_limit_s is not None and (isinstance(time_limit_s, bool)
+                                     or not isinstance(time_limit_s, (int, float, np.integer, np.floating))
                                      or not time_limit_s > 0 or not np.isfinite(time_limit_s)):
         raise ConfigError(f"time_limit_s={time_limit_s!r} must be a positive number of seconds (or None)")
     per_pass = _validate_counts(logical_count)
