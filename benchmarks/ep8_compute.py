@@ -11,10 +11,10 @@ with the per-pass policy and ``minmax``, all planned on the previous window of p
 EPLB uses (what the redundant slots' weights cost by themselves), and drawn at random (each
 token's experts uniformly: balanced routing with its natural spread). An experiment,
 ``eplb_perpass_minmax_tiles``, moves parts of GEMM tiles after ``minmax`` (``fewer_tiles``).
-Each placement also
-reports its busiest GPU's GEMM units (``TILE_ROWS``-row units over its slots) beside the floor
-no placement and dispatch goes under on the same passes (``gemm_units_floor``); with
-``timed=False`` those counts alone (no weights, nothing run: any device).
+Each placement also reports its busiest GPU's GEMM units (``TILE_ROWS``-row units over its
+slots) beside the floor no placement and dispatch goes under on the same passes
+(``gemm_units_floor``); with ``timed=False`` those counts alone (no weights, nothing run: any
+device).
 """
 
 from __future__ import annotations
@@ -282,6 +282,7 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
 
 
 def print_ep8(ep8: dict) -> None:
+    """One line per placement of ``ep8_compute_part``'s result (timed or units only)."""
     print(f"EP8 compute part: the busiest GPU holds at least {ep8['gemm_units_floor']:.2f} GEMM units of "
           f"{ep8['gemm_tile_rows']} rows (mean over layers and passes), under any placement and dispatch")
     for name, v in ep8["placements"].items():
