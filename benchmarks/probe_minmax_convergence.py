@@ -38,7 +38,6 @@ from eplb_plugin.algorithms import plan
 from eplb_plugin.algorithms.evaluate import exact_min_max_load
 from eplb_plugin.kernels.minmax import (
     MINMAX_MOMENTUM,
-    MINMAX_STOP_TOKENS,
     build_minmax_tables,
     minmax_gpu_shares,
     minmax_iterations,
@@ -93,7 +92,7 @@ def whole_pass_stop(counts: torch.Tensor, tables, num_gpus: int) -> tuple[torch.
     """(peak [N], steps taken [N]) of the split with the kernels' whole-pass stop at the
     default steps (``minmax_gpu_shares(stop=True)``; the steps counted alongside)."""
     problem = minmax_problem(counts, tables.multi_experts, tables.multi_gpus, tables.single_slots)
-    stop_at = problem.base.amax(-1) + MINMAX_STOP_TOKENS
+    stop_at = problem.stop_at()
     x = prev = problem.equal
     steps = torch.zeros(counts.shape[0])
     for _ in range(minmax_iterations(num_gpus)):

@@ -224,6 +224,11 @@ class MinmaxProblem(NamedTuple):
         """[N] the largest GPU load of shares x."""
         return (self.base + x.sum(1)).amax(-1)
 
+    def stop_at(self) -> torch.Tensor:
+        """[N] the peak at which a whole pass's split stops: within ``MINMAX_STOP_TOKENS`` of
+        the largest base load, which no split's peak goes under."""
+        return self.base.amax(-1) + MINMAX_STOP_TOKENS
+
 
 def minmax_problem(counts: torch.Tensor, multi_experts: torch.Tensor, multi_gpus: torch.Tensor,
                    single_slots: torch.Tensor) -> MinmaxProblem:
@@ -256,13 +261,13 @@ def minmax_gpu_shares(
     """
     problem = minmax_problem(counts, multi_experts, multi_gpus, single_slots)
     x = prev = problem.equal
-    stop_at = problem.base.amax(-1) + MINMAX_STOP_TOKENS  # [N] no split gets a row's peak under its largest base
+    stop_at = problem.stop_at() if stop else None
     for _ in range(minmax_iterations(multi_gpus.shape[-1]) if iterations is None else iterations):
-        if not stop:
-            x, prev = problem.advance(x, prev, momentum)
-            continue
-        going = (problem.peak(x) > stop_at)[:, None, None]  # no early exit: that would read the device
         step_x, step_prev = problem.advance(x, prev, momentum)
+        if stop_at is None:
+            x, prev = step_x, step_prev
+            continue
+        going = (problem.peak(x) > stop_at)[:, None, None]  # rows masked, no early exit: that would read the device
         x, prev = torch.where(going, step_x, x), torch.where(going, step_prev, prev)
     kept = problem.peak(x) <= problem.peak(problem.equal)  # never worse than the equal split
     shares = torch.where(kept[:, None, None], x, problem.equal)

@@ -298,7 +298,8 @@ def minmax_dispatch_triton(
             NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, ENTRIES=entries, BE=a.be, num_warps=split_warps,
         )
         offsets = _split_on_exchange(k, a, exchange, counts, counts_offset, count=count, iterations=iterations,
-                                     entries=entries, split_warps=split_warps) if glob else a.counters  # (unused)
+                                     entries=entries, split_warps=split_warps,
+                                     stop_tokens=stop_tokens) if glob else a.counters  # (unused)
         kb.bases_assign_kernel[geo.assign_grid](
             flat, bound, bases_buf, a.quotas, offsets, out, *a.place, num_ids, top_k, a.num_experts, a.num_gpus,
             GLOBAL=glob, BOUND=bounded, SUB=geo.chunk, BM=a.bm, BG=a.bg, SEARCH=BASES_SEARCH if search is None else search,
@@ -320,12 +321,12 @@ def minmax_dispatch_triton(
     k.minmax_totals_kernel[geo.totals_grid](
         flat, bound, a.counters, a.quotas, *a.split, num_ids, top_k, a.num_experts, a.num_multi, a.num_gpus,
         a.slots_per_gpu, MINMAX_MOMENTUM, stop_tokens, SPLIT=not glob, BOUND=bounded, ITERATIONS=iterations,
-        TILE=geo.totals_tile,
-        NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, ENTRIES=entries, BE=a.be, num_warps=split_warps,
+        TILE=geo.totals_tile, NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, ENTRIES=entries, BE=a.be, num_warps=split_warps,
     )
     # the ticket kernels count in their assign kernel, so the split (with an exchange) does not
     offsets = _split_on_exchange(k, a, exchange, counts, counts_offset, count=False, iterations=iterations,
-                                 entries=entries, split_warps=split_warps) if glob else a.counters  # (unused pointer)
+                                 entries=entries, split_warps=split_warps,
+                                 stop_tokens=stop_tokens) if glob else a.counters  # (unused pointer)
     k.minmax_assign_kernel[geo.assign_grid](
         flat, bound, a.counters, a.quotas, offsets, out, counts, counts_offset, *a.place, num_ids, top_k, geo.iters,
         a.num_experts, a.num_gpus, num_slots, GLOBAL=glob, COUNT=count, BOUND=bounded, TILE=geo.tile, NB=a.nb,
@@ -335,15 +336,15 @@ def minmax_dispatch_triton(
 
 
 def _split_on_exchange(k: Any, a: _LayerArgs, exchange: CountExchange, counts: torch.Tensor, counts_offset: int, *,
-                       count: bool, iterations: int, entries: bool, split_warps: int) -> torch.Tensor:
+                       count: bool, iterations: int, entries: bool, split_warps: int,
+                       stop_tokens: float) -> torch.Tensor:
     """This rank's totals (the scratch's, int32) through ``exchange``, then the split on the
     pass's counts (``minmax_split_kernel``, counting this rank's slots with ``count``).
     Returns the [E] int32 offsets the assign kernels read."""
     total, offsets = exchange(a.totals)  # int32 in and out: no conversion
     k.minmax_split_kernel[(1,)](
         total, offsets, a.counters, a.quotas, counts, counts_offset, *a.split, *a.place,
-        a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, MINMAX_MOMENTUM, MINMAX_STOP_TOKENS, COUNT=count,
-        ITERATIONS=iterations,
-        NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, ENTRIES=entries, BE=a.be, num_warps=split_warps,
+        a.num_experts, a.num_multi, a.num_gpus, a.slots_per_gpu, MINMAX_MOMENTUM, stop_tokens, COUNT=count,
+        ITERATIONS=iterations, NB=a.nb, BM=a.bm, BG=a.bg, BS=a.bs, ENTRIES=entries, BE=a.be, num_warps=split_warps,
     )
     return offsets
