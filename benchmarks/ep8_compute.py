@@ -7,7 +7,8 @@ runtime serves. It is measured, not modelled, but it is the compute part of an E
 (no communication, no count all-gather). Placements (``EP8_PLACEMENTS``): naive (trivial,
 no redundancy), EPLB with static dispatch and with ``minmax`` (the equal-split policy), EPLB
 with the per-pass policy and ``minmax``, all planned on the previous window of passes
-(realized), and uniform routing: on the experts alone (the yardstick), on as many slots as
+(realized); the per-pass policy planned on the timed pass itself (an oracle: what a
+placement can reach at best under ``minmax``); and uniform routing: on the experts alone (the yardstick), on as many slots as
 EPLB uses (what the redundant slots' weights cost by themselves), and drawn at random (each
 token's experts uniformly: balanced routing with its natural spread). An experiment,
 ``eplb_perpass_minmax_tiles``, moves parts of GEMM tiles after ``minmax`` (``fewer_tiles``).
@@ -42,13 +43,16 @@ EP8_REPLAYS = 10  # CUDA graph replays timed per rank and layer
 # same rows, as the runtime's uniform workload routes; "uniform_redundant" is uniform routing
 # on as many slots as EPLB uses, so its ratio to "uniform" is what the redundant slots'
 # weights alone cost; "uniform_sampled" draws each token's experts uniformly at random
-# (balanced routing with its natural spread, no expert exactly equal).
+# (balanced routing with its natural spread, no expert exactly equal). "same_pass_perpass_minmax"
+# is an oracle, not a realized row: the per-pass policy planned on the very pass it serves
+# (what no placement planned on earlier passes beats under ``minmax``).
 EP8_PLACEMENTS = {
     "naive": (None, "static", "trace"),
     "eplb": ("eplb_plugin_equal", "static", "trace"),
     "eplb_minmax": ("eplb_plugin_equal", "minmax", "trace"),
     "eplb_perpass_minmax": ("eplb_plugin_perpass", "minmax", "trace"),
     "eplb_perpass_minmax_tiles": ("eplb_plugin_perpass", "minmax_tiles", "trace"),
+    "same_pass_perpass_minmax": ("eplb_plugin_perpass", "minmax", "trace_same_pass"),
     "uniform": (None, "static", "uniform"),
     "uniform_redundant": ("eplb_plugin_equal", "static", "uniform"),
     "uniform_sampled": (None, "static", "uniform_sampled"),
@@ -237,8 +241,9 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
         for p in passes:
             if policy is None:
                 loc = trivial
-            else:  # planned on the passes before p only: realized, not fitted
-                window = torch.stack(counts[p - rebalance_every : p]) if traffic == "trace" else uniform  # [B, L, E]
+            else:  # planned on the passes before p only (realized, not fitted), or on p itself (the oracle)
+                window = (torch.stack(counts[p - rebalance_every : p]) if traffic == "trace"  # [B, L, E]
+                          else counts[p][None] if traffic == "trace_same_pass" else uniform)
                 loc = ExpertLocation.from_logical_count(window, num_physical_experts=num_physical, ep_size=EP8,
                                                         algorithm=policy)
             if traffic == "uniform":
@@ -247,7 +252,7 @@ def ep8_compute_part(cfg: RuntimeConfig, workload: WorkloadSpec, rebalance_every
                 gen = torch.Generator().manual_seed(p)
                 draws = torch.rand(routed[p].shape[0], m.num_layers, m.num_logical_experts, generator=gen)
                 per_slot = _realized_slot_loads(loc, dispatch, draws.topk(m.top_k, dim=-1).indices)
-            else:
+            else:  # the trace's pass p
                 per_slot = _realized_slot_loads(loc, dispatch, routed[p])
             per_slot = per_slot.round().long()  # [L, P]
             bals.append(float(layer_balancedness(gpu_loads(per_slot, EP8)).mean()))

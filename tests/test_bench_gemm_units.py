@@ -78,7 +78,10 @@ def test_units_only_run_reports_every_placement(tmp_path: Path) -> None:
     assert set(ep8["placements"]) == set(ep8_compute.EP8_PLACEMENTS)
     for name, v in ep8["placements"].items():
         assert "step_ms_median" not in v, name
-        assert v["gemm_units_busiest_mean"] >= ep8["gemm_units_floor"] - 1e-9 or v["traffic"] != "trace", name
+        assert v["gemm_units_busiest_mean"] >= ep8["gemm_units_floor"] - 1e-9 or not v["traffic"].startswith("trace"), name
+    # The oracle is planned on the pass it serves: it balances that pass better than a plan of earlier passes.
+    oracle, realized = ep8["placements"]["same_pass_perpass_minmax"], ep8["placements"]["eplb_perpass_minmax"]
+    assert oracle["balancedness_mean"] > max(0.99, realized["balancedness_mean"])
     # Exactly uniform routing: 512 x 6 / 64 = 48 rows per expert, one unit each, 8 experts per GPU.
     assert ep8["placements"]["uniform"]["gemm_units_busiest_mean"] == 8.0
 
