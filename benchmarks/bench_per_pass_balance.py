@@ -9,7 +9,9 @@ current placement as ``previous``); every pass after the first plan is scored on
 - ``minmax``: the per-pass split on the whole pass's counts (``--ep-dispatch-counts global``);
 - ``minmax_local``: each rank splits its own tokens (``--ep-dispatch-counts local``).
 
-The per-pass policy also runs with a move budget of ``MOVE_BUDGET_SHARE`` of the slots per
+The per-pass policy plans for ``minmax`` unless a row says it is planned for static dispatch
+(``plan(dispatch="static")``: the passes scored under static's even spread; compare those
+rows' ``static`` column). It also runs with a move budget of ``MOVE_BUDGET_SHARE`` of the slots per
 rebalance, with unused budget carried over as the manager does by default and as a hard cap,
 and with the manager's drift trigger (``--eplb-drift-threshold`` ``DRIFT_THRESHOLD``, checked
 every ``DRIFT_CHECK_EVERY`` passes; a drifted layer is re-planned alone on the last
@@ -77,7 +79,7 @@ def score(per_rank: np.ndarray, phy2log: np.ndarray, num_gpus: int, steps: int |
 def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: int, planner: str,
            source: str = "past", budget_share: float | None = None, carry: int = MOVE_BUDGET_CARRY,
            score_iterations: int | None = None, drift: float | None = None,
-           drift_passes: int = DRIFT_CHECK_EVERY) -> dict:
+           drift_passes: int = DRIFT_CHECK_EVERY, dispatch: str | None = None) -> dict:
     """source: "past" (the last ``every`` passes), "next" (clairvoyant) or "same" (each pass).
     budget_share: a move budget of this share of all slots per rebalance, unused budget
     carried over ``carry`` rebalances as the manager does (``MoveCredit``; not on the first
@@ -89,7 +91,8 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
     passes since the last one (``budget_share``: a rate). ``minmax_per_block``: the
     ``minmax`` balancedness of each ``every`` passes in a row (where a shift costs, and what
     steady traffic reaches). ``slots_moved_share_mean``: slots moved per ``every`` passes
-    (per rebalance without drift), after the first plan."""
+    (per rebalance without drift), after the first plan. dispatch: what the planner plans for
+    (``plan(dispatch=)``; None: its default, ``minmax`` for the per-pass policy)."""
     num_layers = counts[0].shape[1]
     phy2log = np.broadcast_to(np.arange(num_slots) % NUM_LOGICAL, (num_layers, num_slots)).copy()
     scores: dict[str, list[float]] = {}
@@ -112,7 +115,7 @@ def replay(counts: list[np.ndarray], *, num_gpus: int, num_slots: int, every: in
             budget = {} if per_rebalance is None or p == every else {
                 "max_slots_moved": credit.grant(per_rebalance, at_pass=p)}
             placement = plan(window[:, chosen], num_physical_experts=num_slots, num_gpus=num_gpus, algorithm=planner,
-                             previous=phy2log[chosen], **budget)
+                             previous=phy2log[chosen], dispatch=dispatch, **budget)
             solver.append(time.perf_counter() - start)
             if p > every:
                 changed = int(placement.slots_moved)
@@ -270,6 +273,12 @@ def main(argv=None) -> int:
         runs[f"eplb_plugin_perpass, move budget {MOVE_BUDGET_SHARE:.0%} of slots, hard cap (carry 0)"] = replay(
             counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_perpass",
             budget_share=MOVE_BUDGET_SHARE, carry=0, score_iterations=ns.score_iterations)
+        for_static = dict(planner="eplb_plugin_perpass", dispatch="static", score_iterations=ns.score_iterations)
+        runs["eplb_plugin_perpass, planned for static dispatch"] = replay(
+            counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, **for_static)
+        runs[f"eplb_plugin_perpass, planned for static dispatch, move budget {MOVE_BUDGET_SHARE:.0%} of slots, "
+             f"carry {MOVE_BUDGET_CARRY}"] = replay(counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every,
+                                                    budget_share=MOVE_BUDGET_SHARE, **for_static)
         drift = dict(drift=DRIFT_THRESHOLD, drift_passes=ns.drift_passes, score_iterations=ns.score_iterations)
         runs[f"eplb_plugin_perpass, drift {DRIFT_THRESHOLD} (last {ns.drift_passes} passes)"] = replay(
             counts, num_gpus=num_gpus, num_slots=num_slots, every=ns.every, planner="eplb_plugin_perpass", **drift)

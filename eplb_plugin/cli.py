@@ -81,8 +81,9 @@ def _cmd_plan(args) -> int:
 
         preset = get_preset(args.preset)  # an unknown name fails here, before the solver runs
     out = _checked_out(args.out)
-    # [L, E], or [B, L, E] with --pass-tokens (per-pass policies plan on the passes)
-    passes = load_counts(args.counts, pass_tokens=args.pass_tokens, num_logical=args.num_logical_experts)
+    # [L, E], or [B, L, E] with --pass-tokens or from a file of passes (per-pass policies plan on the passes)
+    passes = load_counts(args.counts, pass_tokens=args.pass_tokens, num_logical=args.num_logical_experts,
+                         keep_passes=True)
     counts = passes.sum(0) if passes.ndim == 3 else passes
     num_logical = counts.shape[1]
     if preset is not None:
@@ -95,7 +96,7 @@ def _cmd_plan(args) -> int:
     if args.sizing:
         _print_sizing(args, passes, num_logical, num_physical)
     placement = plan(passes, num_physical_experts=num_physical, num_gpus=args.ep_size, num_nodes=args.nodes,
-                     num_groups=args.groups, algorithm=args.algorithm, split=args.split)
+                     num_groups=args.groups, algorithm=args.algorithm, split=args.split, dispatch=args.dispatch)
     c = torch.from_numpy(counts)
     trivial = ExpertLocation.trivial(num_layers=counts.shape[0], num_logical_experts=num_logical,
                                      num_physical_experts=num_physical, ep_size=args.ep_size).physical_to_logical_map
@@ -108,6 +109,8 @@ def _cmd_plan(args) -> int:
         print(f"balancedness after, replica weights: {placement_balancedness(c, phy2log, args.ep_size, weights):.4f}")
     if placement.cross_node_share is not None:
         print(f"cross-node traffic share: {placement.cross_node_share:.3f}")
+    if args.algorithm in POLICIES and POLICIES.get(args.algorithm).for_dispatch:
+        print(f"planned per pass for {args.dispatch} dispatch (--dispatch: the host's --ep-dispatch-algorithm)")
     print(f"solver: {1e3 * placement.solver_seconds:.1f} ms")
     if preset is not None:
         mem = redundant_memory_bytes(preset, num_physical=num_physical, num_gpus=args.ep_size)
@@ -295,7 +298,8 @@ def _add_plan(sub) -> None:
                    help="also print the expected per-pass balancedness for each count of redundant experts "
                         f"(at most {MAX_SIZING_ROWS} rows, evenly spaced)")
     p.add_argument("--dispatch", default="static", choices=list(DISPATCH_INFO.names()),
-                   help="the host's --ep-dispatch-algorithm, for --sizing")
+                   help="the host's --ep-dispatch-algorithm: what a per-pass policy plans for (minmax splits "
+                        "each pass, the others spread evenly) and what --sizing scores under")
     p.add_argument("--pass-tokens", type=positive_int, default=None,
                    help="for a per-token .npz: cut it into passes of this many tokens (tokens past the last "
                         "whole pass are left out); per-pass policies then plan on the passes and --sizing "

@@ -163,10 +163,12 @@ def _check_counts_path(path: Path) -> None:
                           f"with logical_count/counts (the name must end in {', '.join(COUNTS_SUFFIXES)})")
 
 
-def load_counts(path: str | Path, *, pass_tokens: int | None = None, num_logical: int | None = None) -> np.ndarray:
+def load_counts(path: str | Path, *, pass_tokens: int | None = None, num_logical: int | None = None,
+                keep_passes: bool = False) -> np.ndarray:
     """Counts from an SGLang stat dump ``.pt``, a JSON with ``logical_count``/``counts``, or a
     per-token ``.npz`` (``topk_ids [T, L, k]``, -1 = padding). Returns [L, E], or [B, L, E]
-    when ``pass_tokens`` cuts a per-token trace into passes. ``num_logical``: E (a trace's
+    when ``pass_tokens`` cuts a per-token trace into passes or, with ``keep_passes``, when the
+    counts file holds passes (a stat dump's [B, L, E]). ``num_logical``: E (a trace's
     largest id + 1 without it; a counts file's width is checked against it)."""
     path = Path(path)
     _check_counts_path(path)
@@ -178,7 +180,7 @@ def load_counts(path: str | Path, *, pass_tokens: int | None = None, num_logical
         raise ConfigError(f"--pass-tokens cuts a per-token .npz trace into passes; {path} holds counts "
                           "(give the .npz, or leave --pass-tokens out)")
     # the loaders' checks: size, shape, NaN, negative
-    return read_counts(str(path), num_logical_experts=num_logical).numpy()
+    return read_counts(str(path), num_logical_experts=num_logical, keep_passes=keep_passes).numpy()
 
 
 def load_traces(paths: list[str], *, pass_tokens: int, num_logical: int | None = None) -> list[np.ndarray]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from eplb_plugin.errors import ConfigError
 from eplb_plugin.registry import Registry
 
 # How a token's replica is picked: a fixed per-rank table, uniformly at random, by the
@@ -47,3 +48,20 @@ DISPATCH_INFO.register(DispatchInfo("minmax", honours_replica_weights=False, fol
 def dispatch_info(name: str) -> DispatchInfo:
     """The facts of dispatch algorithm ``name``; ConfigError naming the known ones."""
     return DISPATCH_INFO.get(name)
+
+
+# SGLang's own --ep-dispatch-algorithm names that the registry above does not hold, and whether
+# each follows the pass: ``lp`` solves each batch's split (SGLang's LPLB), ``fake`` spreads evenly.
+SGLANG_ONLY_FOLLOWS_PASS = {"fake": False, "lp": True}
+
+
+def follows_pass(name: str) -> bool:
+    """Whether dispatch ``name`` (the project's, or one of SGLang's own) splits each pass by the
+    pass's own counts; the others spread an expert's tokens over its replicas the same way
+    whatever the pass. ConfigError naming the known names for an unknown one."""
+    if isinstance(name, str) and name in SGLANG_ONLY_FOLLOWS_PASS:
+        return SGLANG_ONLY_FOLLOWS_PASS[name]
+    if not isinstance(name, str) or name not in DISPATCH_INFO:
+        raise ConfigError(f"dispatch {name!r} is unknown; choose one of "
+                          f"{[*DISPATCH_INFO.names(), *SGLANG_ONLY_FOLLOWS_PASS]}")
+    return DISPATCH_INFO.get(name).follows_pass

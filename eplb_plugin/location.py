@@ -172,12 +172,14 @@ class ExpertLocation:
         num_layers: int | None = None,
         source: str = "logical_count",
         split: str = "equal",
+        dispatch: str | None = None,
     ) -> ExpertLocation:
         """Plan a placement from loads [L, E] or [B, L, E] with a placement policy, for an
-        ``equal`` (default) or ``weighted`` split of each expert's tokens over its replicas."""
+        ``equal`` (default) or ``weighted`` split of each expert's tokens over its replicas
+        and, for a policy that plans per pass, the ``dispatch`` that will run (``plan``'s)."""
         _check_ints(num_physical_experts=num_physical_experts, ep_size=ep_size, num_nodes=num_nodes,
                     num_groups=num_groups, num_layers=num_layers)
-        count = validate_logical_count(logical_count, source=source, num_layers=num_layers)
+        count = validate_logical_count(logical_count, source=source, num_layers=num_layers, keep_passes=True)
         placement = plan(
             count,
             num_physical_experts=num_physical_experts,
@@ -187,6 +189,7 @@ class ExpertLocation:
             algorithm=algorithm,
             previous=previous.physical_to_logical_map if previous is not None else None,
             split=split,
+            dispatch=dispatch,
         )
         return cls.from_physical_to_logical_map(
             placement.physical_to_logical_map,
@@ -211,16 +214,19 @@ class ExpertLocation:
 
 def validate_logical_count(
     logical_count: Any, *, source: str = "logical_count", num_layers: int | None = None,
-    num_logical_experts: int | None = None,
+    num_logical_experts: int | None = None, keep_passes: bool = False,
 ) -> torch.Tensor:
-    """Check loads [L, E] or [B, L, E]; return them summed to [L, E] float64 on CPU.
+    """Check loads [L, E] or [B, L, E]; return them summed to [L, E] float64 on CPU, or with
+    ``keep_passes`` as given ([B, L, E] stays per pass: what a per-pass policy plans from).
 
     Raises CountsError for a wrong shape, NaN, infinite or negative counts.
     """
     count = _as_tensor(logical_count, source, "logical_count", error=CountsError)
     if count.dim() not in (2, 3):
         raise CountsError(f"{source}: logical_count must be [L, E] or [B, L, E], got shape {list(count.shape)}")
+    passes = None
     if count.dim() == 3 and count.dtype != torch.bool and not count.is_complex():
+        passes = count
         count = count.to(torch.float64).sum(0)  # passes summed before the value check, as always
     count = checked_count_values(count, source=source)
     if num_layers is not None and count.shape[0] != num_layers:
@@ -229,6 +235,8 @@ def validate_logical_count(
         raise CountsError(
             f"{source}: logical_count has {count.shape[1]} experts per layer, the model has {num_logical_experts}"
         )
+    if keep_passes and passes is not None:
+        return checked_count_values(passes, source=source)  # a pass's own count may be negative where the sum is not
     return count
 
 

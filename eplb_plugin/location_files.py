@@ -350,9 +350,11 @@ def _location_from_map(data: dict[str, Any], name: str, source: str, *, ep_size:
 
 
 def read_counts(source: str, *, num_layers: int | None = None, num_logical_experts: int | None = None,
-                data: dict[str, Any] | None = None, name: str | None = None) -> torch.Tensor:
+                data: dict[str, Any] | None = None, name: str | None = None,
+                keep_passes: bool = False) -> torch.Tensor:
     """``logical_count`` [L, E] or [B, L, E] of a file (``.pt`` / ``.json``; also ``counts``)
-    checked (shape, NaN, negative) and summed to [L, E] float64. CountsError names the file."""
+    checked (shape, NaN, negative) and summed to [L, E] float64 (kept per pass with
+    ``keep_passes``: ``validate_logical_count``). CountsError names the file."""
     if data is None:
         cap = max_source_bytes(num_layers=num_layers, num_logical_experts=num_logical_experts,
                                num_physical_experts=None, binary=source.endswith(".pt"))
@@ -370,18 +372,20 @@ def read_counts(source: str, *, num_layers: int | None = None, num_logical_exper
         raise CountsError(f"{name}: {key} holds no passes (shape {list(raw.shape)}): nothing to plan from")
     if raw.dim() == 3 and raw.shape[0] > MAX_COUNT_PASSES:
         raise CountsError(f"{name}: {key} holds {raw.shape[0]} passes, more than {MAX_COUNT_PASSES}; sum them first")
-    return validate_logical_count(raw, source=name, num_layers=num_layers, num_logical_experts=num_logical_experts)
+    return validate_logical_count(raw, source=name, num_layers=num_layers, num_logical_experts=num_logical_experts,
+                                  keep_passes=keep_passes)
 
 
 def load_init_expert_location(
     source: str, *, num_layers: int, num_logical_experts: int, num_physical_experts: int, ep_size: int,
     num_nodes: int = 1, num_groups: int | None = None, algorithm: str = DEFAULT_ALGORITHM, split: str = "equal",
+    dispatch: str | None = None,
 ) -> ExpertLocation:
     """Resolve ``--init-expert-location`` into a validated ExpertLocation.
 
     Accepts ``trivial``, a ``.pt`` / ``.json`` path or inline JSON holding
     ``physical_to_logical_map`` [L][P] (plus, from the plugin's sidecar, replica weights) or
-    ``logical_count`` [L][E] / [B][L][E] (planned with ``algorithm`` for ``split``).
+    ``logical_count`` [L][E] / [B][L][E] (planned with ``algorithm`` for ``split`` and ``dispatch``).
     Raises ExpertLocationFileError naming the source, the key and the problem.
     """
     if source == "trivial":
@@ -396,10 +400,10 @@ def load_init_expert_location(
     if COUNT_KEY in data:
         try:
             count = read_counts(source, num_layers=num_layers, num_logical_experts=num_logical_experts,
-                                data={COUNT_KEY: data[COUNT_KEY]}, name=name)
+                                data={COUNT_KEY: data[COUNT_KEY]}, name=name, keep_passes=True)
             return ExpertLocation.from_logical_count(
                 count, num_physical_experts=num_physical_experts, ep_size=ep_size, num_nodes=num_nodes,
-                num_groups=num_groups, algorithm=algorithm, source=name, split=split,
+                num_groups=num_groups, algorithm=algorithm, source=name, split=split, dispatch=dispatch,
             )
         except (PlacementError, CountsError) as exc:
             if isinstance(exc, ExpertLocationFileError):

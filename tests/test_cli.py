@@ -327,11 +327,31 @@ def test_per_pass_policies_plan_on_the_passes_pass_tokens_cuts(tmp_path):
         for pass_tokens in (128, 512):
             passes = load_counts(src, pass_tokens=pass_tokens)
             assert passes.shape == (len(ids) // pass_tokens, 2, 16)
-            expected = plan(passes, num_physical_experts=20, num_gpus=4, algorithm=policy)
-            assert from_cli("--algorithm", policy, "--pass-tokens", str(pass_tokens)) == \
-                expected.physical_to_logical_map.tolist()
+            for dispatch in ("static", "minmax"):  # --dispatch: the host's, static unless told (as the server's)
+                expected = plan(passes, num_physical_experts=20, num_gpus=4, algorithm=policy, dispatch=dispatch)
+                flags = ("--dispatch", dispatch) if dispatch != "static" else ()
+                assert from_cli("--algorithm", policy, "--pass-tokens", str(pass_tokens), *flags) == \
+                    expected.physical_to_logical_map.tolist()
     summed = from_cli("--algorithm", "eplb_plugin_perpass")
     assert from_cli("--algorithm", "eplb_plugin_perpass", "--pass-tokens", "128") != summed
+
+
+def test_a_counts_file_of_passes_is_planned_on_its_passes_by_a_per_pass_policy(tmp_path, capsys):
+    """A stat dump's [B, L, E] logical_count: a per-pass policy plans on its passes (as SGLang
+    hands deepseek_vec the passes), for --dispatch, and says which dispatch it planned for."""
+    from eplb_plugin.algorithms import plan
+
+    gen = np.random.default_rng(1)
+    count = gen.poisson(gen.gamma(0.5, 1.0, size=(6, 2, 16)) * 40).astype(np.int32)
+    src, out = tmp_path / "dump.pt", tmp_path / "p.json"
+    torch.save({"rank": 0, "logical_count": torch.from_numpy(count)}, src)
+    for policy, dispatch in (("deepseek_vec", "static"), ("eplb_plugin_perpass", "minmax")):
+        assert main(["plan", str(src), "--ep-size", "4", "--redundant", "4", "--algorithm", policy,
+                     "--dispatch", dispatch, "--out", str(out)]) == 0
+        expected = plan(count.astype(np.float64), num_physical_experts=20, num_gpus=4, algorithm=policy,
+                        dispatch=dispatch)
+        assert json.loads(out.read_text())["physical_to_logical_map"] == expected.physical_to_logical_map.tolist()
+    assert "planned per pass for minmax dispatch" in capsys.readouterr().out
 
 
 def test_plan_checks_out_before_the_solver_runs(tmp_path, capsys, monkeypatch):

@@ -68,6 +68,34 @@ def test_sglang_stat_dump_format_loads_as_logical_count(tmp_path):
     assert loc.logical_replica_count.tolist() == [[3, 1, 1, 1], [1, 1, 1, 3]]
 
 
+def test_per_pass_counts_are_planned_for_the_dispatch_that_will_run(tmp_path):
+    """--init-expert-location with a [B, L, E] logical_count (an SGLang stat dump's) and a
+    per-pass policy: planned on the passes, not their sum (SGLang's init hands deepseek_vec the
+    passes too), and for the host's dispatch (plan(dispatch=)), which the runtime passes."""
+    import numpy as np
+
+    from eplb_plugin.algorithms import plan
+
+    gen = np.random.default_rng(0)
+    count = gen.poisson(gen.gamma(0.5, 1.0, size=(6, 2, 8)) * 40).astype(float)
+    path = tmp_path / "counts.json"
+    path.write_text(json.dumps({"logical_count": count.tolist()}))
+    shape = dict(num_layers=2, num_logical_experts=8, num_physical_experts=12, ep_size=4)
+    maps = {}
+    for dispatch in ("static", "minmax"):
+        loc = load_init_expert_location(str(path), algorithm="eplb_plugin_perpass", dispatch=dispatch, **shape)
+        expected = plan(count, num_physical_experts=12, num_gpus=4, algorithm="eplb_plugin_perpass", dispatch=dispatch)
+        assert torch.equal(loc.physical_to_logical_map, expected.physical_to_logical_map)
+        maps[dispatch] = loc.physical_to_logical_map
+    assert not torch.equal(maps["static"], maps["minmax"])
+    for algorithm in ("deepseek_vec", "eplb_plugin_perpass"):
+        loc = load_init_expert_location(str(path), algorithm=algorithm, **shape)
+        on_passes = plan(count, num_physical_experts=12, num_gpus=4, algorithm=algorithm)
+        on_sum = plan(count.sum(0), num_physical_experts=12, num_gpus=4, algorithm=algorithm)
+        assert torch.equal(loc.physical_to_logical_map, on_passes.physical_to_logical_map)
+        assert not torch.equal(loc.physical_to_logical_map, on_sum.physical_to_logical_map)
+
+
 def test_logical_count_json_with_two_dims_loads(tmp_path):
     path = tmp_path / "counts.json"
     path.write_text(json.dumps({"logical_count": [[9, 1, 1, 1], [1, 9, 1, 1]]}))

@@ -87,18 +87,18 @@ def test_the_policy_is_resolved_once_and_a_move_budget_reaches_the_planner_in_sl
                     eplb_move_budget_mb=3.5).resolve()
     choice = PolicyChoice.resolve(args, expert_weights=weights)
     assert choice == PolicyChoice(algorithm="eplb_plugin_perpass", split="equal", per_pass=True, max_slots_moved=3,
-                                  follows_pass=True, anytime=True)
+                                  follows_pass=True, anytime=True, dispatch="minmax")
     live = ExpertLocation.trivial(num_layers=2, num_logical_experts=4, num_physical_experts=6, ep_size=2)
     kwargs = choice.plan_kwargs(live, num_nodes=1, num_groups=None)
     assert kwargs.pop("previous") is live.physical_to_logical_map
     assert kwargs == dict(num_physical_experts=6, num_gpus=2, num_nodes=1, num_groups=None,
-                          algorithm="eplb_plugin_perpass", split="equal", max_slots_moved=3)
+                          algorithm="eplb_plugin_perpass", split="equal", max_slots_moved=3, dispatch="minmax")
     # the per-pass policy's search is asked to stop within PLAN_TIME_SHARE of the plan timeout
     timed = choice.plan_kwargs(live, num_nodes=1, num_groups=None, plan_timeout_s=300.0)
     assert timed["time_limit_s"] == pytest.approx(PLAN_TIME_SHARE * 300.0) and PLAN_TIME_SHARE < 1
     unbudgeted = PolicyChoice.resolve(EPLBArgs(ep_size=2, enable_eplb=True, eplb_algorithm="deepseek_vec",
                                                ep_dispatch_algorithm="weighted").resolve(), expert_weights=weights)
     assert unbudgeted == PolicyChoice(algorithm="deepseek_vec", split="weighted", per_pass=True, max_slots_moved=None,
-                                      follows_pass=False)
+                                      follows_pass=False, dispatch="weighted")
     assert "max_slots_moved" not in unbudgeted.plan_kwargs(live, num_nodes=1, num_groups=None)
     assert "time_limit_s" not in unbudgeted.plan_kwargs(live, num_nodes=1, num_groups=None, plan_timeout_s=300.0)

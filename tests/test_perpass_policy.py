@@ -1,4 +1,4 @@
-"""The per-pass policy: placements scored on the window's passes under minmax dispatch."""
+"""The per-pass policy: placements scored on the window's passes under the dispatch that will run."""
 
 import numpy as np
 import pytest
@@ -245,3 +245,45 @@ def test_a_numpy_time_limit_is_taken():
     placement = plan(_synthetic_window(1), num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin_perpass",
                      time_limit_s=np.float32(600.0))
     assert placement.physical_to_logical_map.shape == (4, 20)
+
+
+def test_planned_for_static_dispatch_it_scores_under_static_and_never_below_the_equal_plan():
+    """A placement is planned for the dispatch that will run. Planned for ``static`` (an even
+    spread over an expert's replicas whatever the pass), every layer of the per-pass plan scores
+    at least the equal-split plan on its window under static, and the mean is higher; planned
+    for ``minmax`` (the default) it gives up static balance for minmax's (ESFT, EP16)."""
+    counts = _window()[:8]
+    kwargs = dict(num_physical_experts=80, num_gpus=16)
+    equal = plan(counts, algorithm="eplb_plugin_equal", **kwargs).physical_to_logical_map.numpy()
+    for_static = plan(counts, algorithm="eplb_plugin_perpass", dispatch="static", **kwargs).physical_to_logical_map
+    for_minmax = plan(counts, algorithm="eplb_plugin_perpass", **kwargs).physical_to_logical_map.numpy()
+
+    def static_by_layer(phy2log):
+        return np.array([per_pass_balancedness(counts[:, layer:layer + 1], phy2log[layer:layer + 1], num_gpus=16,
+                                               dispatch="static").mean() for layer in range(counts.shape[1])])
+
+    ours, base = static_by_layer(for_static.numpy()), static_by_layer(equal)
+    assert (ours >= base - 1e-6).all() and ours.mean() > base.mean() + 0.005
+    assert static_by_layer(for_minmax).mean() < ours.mean()
+    assert per_pass_balancedness(counts, for_minmax, num_gpus=16, dispatch="minmax").mean() > \
+        per_pass_balancedness(counts, for_static.numpy(), num_gpus=16, dispatch="minmax").mean()
+    # Every even spread is scored alike: SGLang's own even spreads too; its lp follows the pass, as minmax.
+    def two_layers(dispatch):
+        return plan(counts[:, :2], algorithm="eplb_plugin_perpass", dispatch=dispatch, **kwargs).physical_to_logical_map
+
+    for dispatch in ("random", "dynamic", "fake"):
+        assert torch.equal(two_layers(dispatch), two_layers("static"))
+    assert torch.equal(two_layers("lp"), two_layers("minmax"))
+    assert torch.equal(two_layers(None), two_layers("minmax"))
+    assert not torch.equal(two_layers("static"), two_layers("minmax"))
+
+
+def test_an_unknown_dispatch_is_refused_naming_the_known_ones_whatever_the_policy():
+    for algorithm in ("eplb_plugin_perpass", "eplb_plugin", "deepseek"):
+        with pytest.raises(ConfigError, match=r"dispatch 'minmx' is unknown.*'static'.*'minmax'.*'lp'"):
+            plan(_synthetic_window(1), num_physical_experts=20, num_gpus=4, algorithm=algorithm, dispatch="minmx")
+    # A policy that plans on the window's sum ignores a known dispatch (split= says what it plans for).
+    counts = _synthetic_window(1)
+    assert torch.equal(plan(counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin",
+                            dispatch="minmax").physical_to_logical_map,
+                       plan(counts, num_physical_experts=20, num_gpus=4, algorithm="eplb_plugin").physical_to_logical_map)

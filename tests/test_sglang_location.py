@@ -106,3 +106,20 @@ def test_init_expert_location_plans_from_the_projects_stat_dump(sglang_eplb, tmp
                                          num_physical_experts=NUM_PHYSICAL, ep_size=EP_SIZE,
                                          algorithm="eplb_plugin")
     assert torch.equal(metadata.physical_to_logical_map.cpu(), expected.physical_to_logical_map)
+
+
+@pytest.mark.parametrize("dispatch, planned_for", [("dynamic", "static"), ("minmax", "minmax")])
+def test_init_by_eplb_with_the_per_pass_policy_plans_the_passes_for_the_servers_dispatch(sglang_eplb, dispatch,
+                                                                                          planned_for):
+    """SGLang's init_by_eplb hands a plugin policy the [B, L, E] passes; the per-pass policy
+    plans on them for the server's --ep-dispatch-algorithm (SGLang's rebalance_experts has no
+    argument for it: the hook reads SGLang's runtime config). SGLang's dynamic spreads evenly,
+    as static does (whose rank tables init_by_eplb would need a process group for)."""
+    fake_runtime(ep_size=EP_SIZE, eplb_algorithm="eplb_plugin_perpass", ep_num_redundant_experts=NUM_REDUNDANT,
+                 ep_dispatch_algorithm=dispatch)
+    counts = _skewed_counts(4)
+    metadata = sglang_eplb.ExpertLocationMetadata.init_by_eplb(None, counts)
+    expected = {d: rebalance_experts(counts, NUM_PHYSICAL, NUM_PHYSICAL // EP_SIZE, None, 1, "eplb_plugin_perpass",
+                                     dispatch=d)[0] for d in ("static", "minmax")}
+    assert torch.equal(metadata.physical_to_logical_map, expected[planned_for])
+    assert not torch.equal(expected["static"], expected["minmax"])

@@ -27,7 +27,7 @@ import torch
 
 from ..balance import gpu_loads
 from ..counts import checked_count_values
-from ..dispatch_info import DISPATCH_INFO
+from ..dispatch_info import DISPATCH_INFO, follows_pass
 from ..errors import ConfigError, CountsError, PlacementError
 from ..maps import (
     checked_replica_count,
@@ -122,15 +122,16 @@ def _deepseek_vec(weight, num_physical, *, num_gpus, num_nodes, num_groups, prev
 
 
 def _ours_perpass(weight, num_physical, *, num_gpus, num_nodes, num_groups, previous, per_pass=None, split="equal",
-                  max_moves=None, deadline=None):
+                  max_moves=None, deadline=None, follows_pass=True):
     fresh, _ = _ours_equal(weight, num_physical, num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups,
                            previous=previous)
     window = weight[None] if per_pass is None else per_pass
     if previous is not None and max_moves is not None:  # stale layers only, within the budget
         planned = plan_within_budget(fresh, previous, window, num_gpus=num_gpus, num_nodes=num_nodes,
-                                     max_moves=max_moves, deadline=deadline)
+                                     max_moves=max_moves, deadline=deadline, follows_pass=follows_pass)
     else:
-        planned = refine_for_minmax(fresh, window, num_gpus=num_gpus, num_nodes=num_nodes, deadline=deadline)
+        planned = refine_for_minmax(fresh, window, num_gpus=num_gpus, num_nodes=num_nodes, deadline=deadline,
+                                    follows_pass=follows_pass)
     # GPUs relabelled and slots reordered to keep live slots: the same loads, fewer moves
     return (planned if previous is None else align_to_previous(planned, previous, num_gpus=num_gpus)), None
 
@@ -165,6 +166,7 @@ class Policy:
     sglang_has_it: bool = False
     move_budget: bool = False  # honours plan(max_slots_moved=) (its step function takes max_moves=)
     anytime: bool = False  # honours plan(time_limit_s=): a search that stops at a deadline (its step takes deadline=)
+    for_dispatch: bool = False  # honours plan(dispatch=): scores passes under that dispatch (its step takes follows_pass=)
     uses_groups: Callable[[int, int], bool] = _groups_always
 
 
@@ -178,8 +180,9 @@ POLICIES.register(Policy(
     "eplb_plugin_equal", _ours_equal, "the earlier spelling of eplb_plugin with an equal split, whatever --split says"))
 POLICIES.register(Policy(
     "eplb_plugin_perpass", _ours_perpass,
-    "the project's policy for minmax dispatch: planned on the window's passes (a [B, L, E] input), moves more "
-    "slots unless given a move budget; for the reference runtime", per_pass=True, move_budget=True, anytime=True))
+    "the project's per-pass policy: planned on the window's passes (a [B, L, E] input) for the dispatch that "
+    "will run (minmax by default; static and the other even spreads too), moves more slots unless given a move "
+    "budget; for the reference runtime", per_pass=True, move_budget=True, anytime=True, for_dispatch=True))
 POLICIES.register(Policy(
     "deepseek", _deepseek, "DeepSeek's EPLB recipe, global (SGLang's --eplb-algorithm deepseek); for stock SGLang",
     sglang_has_it=True, uses_groups=_groups_never))
@@ -295,7 +298,7 @@ def _previous_map(previous, shape: tuple[int, int], num_logical: int) -> np.ndar
 def plan(
     logical_count, *, num_physical_experts: int, num_gpus: int, num_nodes: int = 1,
     num_groups: int | None = None, algorithm: str = DEFAULT_ALGORITHM, previous=None, split: str = "equal",
-    max_slots_moved: int | None = None, time_limit_s: float | None = None,
+    max_slots_moved: int | None = None, time_limit_s: float | None = None, dispatch: str | None = None,
 ) -> Placement:
     """Plan a placement.
 
@@ -312,6 +315,12 @@ def plan(
     time_limit_s: seconds from this call after which a search policy (``Policy.anytime``)
         takes no further round and returns its best map so far (within the budget, no layer
         worse than where its search started); the others ignore it. None: no limit.
+    dispatch: the dispatch algorithm that will serve the placement (``--ep-dispatch-algorithm``:
+        the project's names or SGLang's own). A policy with ``Policy.for_dispatch`` scores each
+        pass under it: split for the pass's peak (``minmax``, SGLang's ``lp``) or spread evenly
+        over an expert's GPUs whatever the pass (``static``, ``random``, ``dynamic``,
+        ``weighted`` without weights, SGLang's ``fake``); None: ``minmax``. The others ignore
+        it (``split`` says what they plan for). An unknown name is a ConfigError.
     algorithm: a registered policy, or ``auto`` (SGLang's choice, ``resolve_algorithm``).
     Raises CountsError / ConfigError / PlacementError for bad input.
     """
@@ -330,6 +339,10 @@ def plan(
                                      or not isinstance(time_limit_s, (int, float, np.integer, np.floating))
                                      or not time_limit_s > 0 or not np.isfinite(time_limit_s)):
         raise ConfigError(f"time_limit_s={time_limit_s!r} must be a positive number of seconds (or None)")
+    if dispatch is not None:
+        pass_split = follows_pass(dispatch)  # ConfigError for an unknown name, whatever the policy
+        if policy.for_dispatch:
+            extra["follows_pass"] = pass_split
     per_pass = _validate_counts(logical_count)
     with np.errstate(over="ignore"):  # an overflow is refused just below, by its result
         counts = per_pass.sum(0) if per_pass.ndim == 3 else per_pass
@@ -359,13 +372,14 @@ def plan(
 
 def rebalance_experts(
     tokens_per_expert: torch.Tensor, num_physical_experts: int, num_local_physical_experts: int,
-    num_groups: int | None, num_nodes: int, algorithm,
+    num_groups: int | None, num_nodes: int, algorithm, *, dispatch: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SGLang 0.5.23's entry point: returns (phy2log [L, P], log2phy [L, E, P-E+1], replica_count [L, E]).
 
     tokens_per_expert: [L, E] or [B, L, E] counts, a tensor, numpy array or nested lists (as
     ``plan`` takes them). The tuple carries no replica weights: SGLang splits equally, so every
-    policy plans for that.
+    policy plans for that. dispatch: the server's ``--ep-dispatch-algorithm`` (``plan``'s; the
+    plugin's hook passes SGLang's), which SGLang's own signature does not carry.
     """
     tokens_per_expert = _count_tensor(tokens_per_expert)  # lists and numpy read once, as plan() reads them
     if num_local_physical_experts <= 0:
@@ -377,7 +391,7 @@ def rebalance_experts(
     placement = plan(
         tokens_per_expert, num_physical_experts=num_physical_experts,
         num_gpus=num_physical_experts // num_local_physical_experts, num_nodes=num_nodes,
-        num_groups=num_groups, algorithm=name,
+        num_groups=num_groups, algorithm=name, dispatch=dispatch,
     )
     num_logical = tokens_per_expert.shape[-1]
     phy2log = placement.physical_to_logical_map

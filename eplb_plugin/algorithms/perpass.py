@@ -71,30 +71,42 @@ def _shares_of(deadline: float | None) -> tuple[float | None, float | None]:
     return now + DEADLINE_SHARES[0] * left, now + DEADLINE_SHARES[1] * left
 
 
-def _pass_gpu_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
+def _pass_gpu_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int,
+                    follows_pass: bool = True) -> torch.Tensor:
     """maps: [N, P] int64; counts: [N, W, E] float32. Returns [N, W, G]: each pass's GPU
-    loads under ``minmax`` dispatch."""
+    loads under ``minmax`` dispatch (``follows_pass``), or under a dispatch that spreads each
+    expert's tokens evenly over its replicas whatever the pass (static, random, dynamic: each
+    slot serves its expert's tokens over the expert's replica count, as
+    ``evaluate.per_pass_balancedness`` scores them)."""
     num_maps, num_passes, num_logical = counts.shape
+    if not follows_pass:
+        replicas = torch.zeros(num_maps, num_logical).scatter_add_(1, maps, torch.ones(maps.shape))  # [N, E]
+        per_slot = counts.gather(2, maps[:, None, :].expand(-1, num_passes, -1)) \
+            / replicas.gather(1, maps)[:, None, :]  # [N, W, P]
+        return per_slot.view(num_maps, num_passes, num_gpus, -1).sum(-1)
     tables = build_minmax_tables(maps, num_logical, num_gpus=num_gpus, entries=False)  # once per map, not per pass
     _, gpu = minmax_gpu_shares(counts.reshape(num_maps * num_passes, num_logical),
                                tables.multi_experts.repeat_interleave(num_passes, 0),
                                tables.multi_gpus.repeat_interleave(num_passes, 0),
                                tables.single_slots.repeat_interleave(num_passes, 0),
-                               iterations=PERPASS_SCORE_ITERATIONS)
+                               iterations=PERPASS_SCORE_ITERATIONS if follows_pass else 0)
     return gpu.view(num_maps, num_passes, num_gpus)
 
 
-def _pass_balancedness(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
+def _pass_balancedness(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int,
+                       follows_pass: bool = True) -> torch.Tensor:
     """maps: [N, P] int64; counts: [N, W, E] float32. Returns [N, W]: each pass's mean/max GPU
-    load under ``minmax`` dispatch."""
-    gpu = _pass_gpu_loads(maps, counts, num_gpus=num_gpus)
+    load under ``minmax`` dispatch (or an even spread: ``_pass_gpu_loads``)."""
+    gpu = _pass_gpu_loads(maps, counts, num_gpus=num_gpus, follows_pass=follows_pass)
     return gpu.mean(-1) / gpu.amax(-1).clamp_min(1e-9)
 
 
-def mean_pass_balancedness(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int) -> torch.Tensor:
+def mean_pass_balancedness(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int,
+                           follows_pass: bool = True) -> torch.Tensor:
     """maps: [N, P] int64; counts: [N, W, E] float32 (W passes per map). Returns [N]: the mean
-    over the W passes of mean/max GPU load under ``minmax`` dispatch."""
-    return _pass_balancedness(maps, counts, num_gpus=num_gpus).mean(1)
+    over the W passes of mean/max GPU load under ``minmax`` dispatch (or an even spread:
+    ``_pass_gpu_loads``)."""
+    return _pass_balancedness(maps, counts, num_gpus=num_gpus, follows_pass=follows_pass).mean(1)
 
 
 def _buckets(per_pass: np.ndarray) -> torch.Tensor:
@@ -106,7 +118,7 @@ def _buckets(per_pass: np.ndarray) -> torch.Tensor:
 def refine_for_minmax(
     start: np.ndarray, per_pass: np.ndarray, *, num_gpus: int, num_nodes: int = 1, rounds: int = PERPASS_ROUNDS,
     candidates: int = PERPASS_CANDIDATES, seed: int | None = None, previous: np.ndarray | None = None,
-    max_moves: int | None = None, deadline: float | None = None,
+    max_moves: int | None = None, deadline: float | None = None, follows_pass: bool = True,
 ) -> np.ndarray:
     """start: [L, P] int map to refine (rank-major; with nodes, node-major too); per_pass:
     [B, L, E] window counts. Returns [L, P] int64; no layer scores worse than in ``start``.
@@ -118,7 +130,9 @@ def refine_for_minmax(
     (UsageError otherwise). With one node, half the draws swap slots between the GPU that
     peaks in most of the window's passes and the least loaded one, or give a spare replica
     on the latter to an expert of the former. deadline: a ``time.perf_counter()`` value past
-    which no further round starts (the rounds so far are kept: an anytime search)."""
+    which no further round starts (the rounds so far are kept: an anytime search).
+    follows_pass: the dispatch that will serve the map splits each pass (``minmax``, the
+    default) or spreads evenly whatever the pass (static, random): candidates are scored so."""
     gen = torch.Generator().manual_seed(PERPASS_SEED if seed is None else seed)
     counts = _buckets(per_pass)  # [L, W, E]
     current = torch.tensor(np.asarray(start), dtype=torch.int64)  # a copy: refined in place
@@ -128,7 +142,7 @@ def refine_for_minmax(
     budgeted = previous is not None and max_moves is not None
     live = torch.tensor(np.asarray(previous), dtype=torch.int64) if budgeted else current
     moves = (current != live).sum(1)  # [L]
-    best = mean_pass_balancedness(current, counts, num_gpus=num_gpus)
+    best = mean_pass_balancedness(current, counts, num_gpus=num_gpus, follows_pass=follows_pass)
     layer_idx = torch.arange(num_layers)[:, None].expand(num_layers, candidates)
     cand_idx = torch.arange(candidates)[None].expand(num_layers, candidates)
     if budgeted and int(moves.sum()) > max_moves:
@@ -158,7 +172,7 @@ def refine_for_minmax(
             spare &= ~back
         drawn = torch.multinomial(popularity, candidates, replacement=True, generator=gen)
         if num_nodes == 1:  # half the draws aim at the GPU that peaks most often and the coldest one
-            gpu = _pass_gpu_loads(current, counts, num_gpus=num_gpus)  # [L, W, G]
+            gpu = _pass_gpu_loads(current, counts, num_gpus=num_gpus, follows_pass=follows_pass)  # [L, W, G]
             peaks = torch.zeros(num_layers, num_gpus).scatter_add_(1, gpu.argmax(-1), torch.ones(num_layers, num_passes))
             hot, cold = peaks.argmax(1), gpu.mean(1).argmin(1)  # [L]
             per_gpu = num_slots // num_gpus
@@ -178,7 +192,7 @@ def refine_for_minmax(
         cand[layer_idx[spare], cand_idx[spare], i[spare]] = drawn[spare]
         # Step 2: score every candidate on the window's passes.
         score = mean_pass_balancedness(cand.view(-1, num_slots), counts.repeat_interleave(candidates, 0),
-                                       num_gpus=num_gpus).view(num_layers, candidates)
+                                       num_gpus=num_gpus, follows_pass=follows_pass).view(num_layers, candidates)
         # Step 3: keep each layer's best candidate where it improves (within the budget).
         gain = score - best[:, None]
         if not budgeted:
@@ -205,7 +219,7 @@ def refine_for_minmax(
 
 
 def shifted_layers(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *, num_gpus: int,
-                   num_nodes: int = 1, deadline: float | None = None) -> torch.Tensor:
+                   num_nodes: int = 1, deadline: float | None = None, follows_pass: bool = True) -> torch.Tensor:
     """[L] bool: layers where a plan made for the window's traffic beats the live map on
     passes it was not made from, beyond the passes' noise. Two folds: the fresh plan refined
     on the even passes is scored on the odd ones against the live map, and the other way
@@ -214,7 +228,7 @@ def shifted_layers(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *,
     are out of sample on the held-out passes and the refined one has seen half the passes,
     so small window-to-window gains (which do not hold on the next passes) are not taken for
     a shift. Fewer than ``2 * SHIFT_MIN_FOLD_PASSES`` passes: no layer has (no test).
-    deadline: as ``refine_for_minmax``'s (less refined fits find fewer shifts)."""
+    deadline, follows_pass: as ``refine_for_minmax``'s (less refined fits find fewer shifts)."""
     per_pass = np.asarray(per_pass)
     num_layers = per_pass.shape[1]
     if per_pass.shape[0] < 2 * SHIFT_MIN_FOLD_PASSES:
@@ -223,17 +237,18 @@ def shifted_layers(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *,
     gains = []
     for fit, held in ((per_pass[0::2], per_pass[1::2]), (per_pass[1::2], per_pass[0::2])):
         fitted = torch.as_tensor(refine_for_minmax(fresh, fit, num_gpus=num_gpus, num_nodes=num_nodes,
-                                                   deadline=deadline))
+                                                   deadline=deadline, follows_pass=follows_pass))
         counts = _buckets(held)
-        gains.append(_pass_balancedness(fitted, counts, num_gpus=num_gpus)
-                     - _pass_balancedness(live_t, counts, num_gpus=num_gpus))
+        gains.append(_pass_balancedness(fitted, counts, num_gpus=num_gpus, follows_pass=follows_pass)
+                     - _pass_balancedness(live_t, counts, num_gpus=num_gpus, follows_pass=follows_pass))
     gain = torch.cat(gains, 1)  # [L, held-out passes of both folds]
     stderr = gain.std(1) / gain.shape[1] ** 0.5
     return gain.mean(1) > SHIFT_T * stderr.clamp_min(1e-9)
 
 
 def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, num_gpus: int, max_cost: int,
-             gen: torch.Generator, deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             gen: torch.Generator, deadline: float | None = None,
+             follows_pass: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A greedy path of valid maps from ``live`` to ``target`` ([L, P] each), one change
     per step: a change sets a slot to its target expert when the expert it holds keeps a
     replica elsewhere, or else swaps it with a slot that holds that target expert and wants
@@ -248,6 +263,7 @@ def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, 
     where a binding budget spent over the paths so far (``_spend_along``) would stop it, and
     after ``max_cost`` steps (each step changes a slot or two: a longer prefix would not fit
     that budget), and where ``deadline`` passes (the path so far: every step a valid map).
+    follows_pass: as ``refine_for_minmax``'s.
 
     Returns (cost [L, S]: slots changed after each step, cumulative; score [L, S]; changes
     [S - 1, L, 4]: per step and layer the slots and experts written, (slot, expert, slot,
@@ -259,7 +275,7 @@ def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, 
     rows = torch.arange(num_layers)
     layer_idx, cand_idx = rows[:, None].expand(num_layers, k), torch.arange(k)[None].expand(num_layers, k)
     cost = [torch.zeros(num_layers, dtype=torch.int64)]
-    score = [mean_pass_balancedness(current, counts, num_gpus=num_gpus)]
+    score = [mean_pass_balancedness(current, counts, num_gpus=num_gpus, follows_pass=follows_pass)]
     changes: list[torch.Tensor] = []
     active = torch.ones(num_layers, dtype=torch.bool)
     for round_ in range(min(num_slots, max_cost)):  # every round closes at least one difference
@@ -294,7 +310,7 @@ def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, 
         scored = torch.full((num_layers, k), -1.0)
         scored[moving] = torch.where(ok[moving], mean_pass_balancedness(
             cand[moving].view(-1, num_slots), counts[moving].repeat_interleave(k, 0), num_gpus=num_gpus,
-        ).view(-1, k), -1.0)
+            follows_pass=follows_pass).view(-1, k), -1.0)
         take = min(k // 2, 1 + max(0, round_ - PATH_SINGLE) // PATH_GROWTH, max_cost - len(changes))
         # Take up to ``take`` changes per layer, best first: distinct slots, and an expert
         # keeps at least one replica (a single change removes one of ``leaving``'s).
@@ -341,7 +357,7 @@ def _path_to(live: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, *, 
             scores = torch.zeros(num_layers, take)
             scores[moving] = mean_pass_balancedness(
                 torch.stack(prefixes, 1)[moving].view(-1, num_slots), counts[moving].repeat_interleave(take, 0),
-                num_gpus=num_gpus).view(-1, take)
+                num_gpus=num_gpus, follows_pass=follows_pass).view(-1, take)
             for j in range(take):
                 score.append(torch.where(round_changes[j, :, 0] >= 0, scores[:, j], score[-1]))
         # A layer stops once its path runs PATH_LOOKAHEAD slots past where the budget, spent
@@ -388,7 +404,8 @@ def _spend_along(cost: torch.Tensor, score: torch.Tensor, budget: int) -> list[i
 
 
 def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray, *, num_gpus: int,
-                       num_nodes: int = 1, max_moves: int, deadline: float | None = None) -> np.ndarray:
+                       num_nodes: int = 1, max_moves: int, deadline: float | None = None,
+                       follows_pass: bool = True) -> np.ndarray:
     """fresh: [L, P] a fresh plan of the window's sum, aligned to ``live`` (the live map,
     [L, P]); per_pass: [B, L, E]. Returns [L, P] int64 differing from ``live`` in at most
     ``max_moves`` slots, changed only in layers that are stale (the live map scores below
@@ -402,7 +419,8 @@ def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray
     ``time.perf_counter()`` value by which the plan is due: the shift test and the targets
     stop searching by ``DEADLINE_SHARES[0]`` of the time left, the paths by
     ``DEADLINE_SHARES[1]``, the last refinement at the deadline, each where it is (the result
-    stays within the budget and no layer scores below its live map)."""
+    stays within the budget and no layer scores below its live map). follows_pass: as
+    ``refine_for_minmax``'s."""
     live_t = torch.as_tensor(np.asarray(live), dtype=torch.int64)
     targets_by, paths_by = _shares_of(deadline)
     if max_moves == 0:  # nothing may move: no scoring, no shift test
@@ -410,22 +428,23 @@ def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray
     per_pass = np.asarray(per_pass)
     counts = _buckets(per_pass)
     fresh_t = torch.as_tensor(np.asarray(fresh), dtype=torch.int64)
-    stale = mean_pass_balancedness(fresh_t, counts, num_gpus=num_gpus) \
-        > mean_pass_balancedness(live_t, counts, num_gpus=num_gpus) + 1e-6  # [L]
+    stale = mean_pass_balancedness(fresh_t, counts, num_gpus=num_gpus, follows_pass=follows_pass) \
+        > mean_pass_balancedness(live_t, counts, num_gpus=num_gpus, follows_pass=follows_pass) + 1e-6  # [L]
     steady = (~stale).nonzero().flatten()  # the shift test runs on the layers not already stale
     if steady.numel():
         stale[steady] = shifted_layers(fresh_t[steady].numpy(), live_t[steady].numpy(), per_pass[:, steady.numpy()],
-                                       num_gpus=num_gpus, num_nodes=num_nodes, deadline=targets_by)
+                                       num_gpus=num_gpus, num_nodes=num_nodes, deadline=targets_by,
+                                       follows_pass=follows_pass)
     planned = live_t.numpy().copy()
     rows = stale.nonzero().flatten().numpy()
     if rows.size == 0:
         return planned
     target = refine_for_minmax(fresh_t.numpy()[rows], per_pass[:, rows], num_gpus=num_gpus, num_nodes=num_nodes,
-                               deadline=targets_by)
+                               deadline=targets_by, follows_pass=follows_pass)
     target_t = torch.as_tensor(align_to_previous(target, planned[rows], num_gpus=num_gpus))
     cost, score, changes = _path_to(live_t[rows], target_t, counts[torch.as_tensor(rows)], num_gpus=num_gpus,
                                     max_cost=max_moves, gen=torch.Generator().manual_seed(PERPASS_SEED),
-                                    deadline=paths_by)
+                                    deadline=paths_by, follows_pass=follows_pass)
     start = planned[rows].copy()
     for layer, stop in enumerate(_spend_along(cost, score, max_moves)):
         for slot, expert, partner, other in changes[:stop, layer].tolist():
@@ -434,5 +453,6 @@ def plan_within_budget(fresh: np.ndarray, live: np.ndarray, per_pass: np.ndarray
             if partner >= 0:
                 start[layer, partner] = other
     planned[rows] = refine_for_minmax(start, per_pass[:, rows], num_gpus=num_gpus, num_nodes=num_nodes,
-                                      previous=planned[rows], max_moves=max_moves, deadline=deadline)
+                                      previous=planned[rows], max_moves=max_moves, deadline=deadline,
+                                      follows_pass=follows_pass)
     return planned

@@ -78,7 +78,8 @@ def redundancy_curve(counts: np.ndarray, *, num_gpus: int, redundant: list[int],
                      algorithm: str = DEFAULT_ALGORITHM, num_nodes: int = 1, num_groups: int | None = None) -> list[SizingPoint]:
     """counts: [L, E] (one window) or [B, L, E] (passes; B >= 2 scores on held-out passes).
     redundant: slot counts to try (each keeping E + r divisible by ``num_gpus``). The plan
-    is made for the split ``dispatch`` performs (``split_for_dispatch``)."""
+    is made for the split ``dispatch`` performs (``split_for_dispatch``) and, by a per-pass
+    policy, for ``dispatch`` itself (``plan``'s)."""
     from . import plan, split_for_dispatch
 
     counts = np.asarray(counts, dtype=np.float64)
@@ -92,7 +93,8 @@ def redundancy_curve(counts: np.ndarray, *, num_gpus: int, redundant: list[int],
         if (num_logical + r) % num_gpus:
             raise ConfigError(f"{num_logical} experts + {r} redundant slots do not divide over {num_gpus} GPUs")
         placement = plan(fit, num_physical_experts=num_logical + r, num_gpus=num_gpus, num_nodes=num_nodes,
-                         num_groups=num_groups, algorithm=algorithm, split=split_for_dispatch(dispatch))
+                         num_groups=num_groups, algorithm=algorithm, split=split_for_dispatch(dispatch),
+                         dispatch=dispatch)
         weights = placement.replica_weights
         bal = per_pass_balancedness(score, placement.physical_to_logical_map.numpy(), num_gpus=num_gpus,
                                     dispatch=dispatch, replica_weights=None if weights is None else weights.numpy())

@@ -190,9 +190,18 @@ def _rebalance_experts(original: Callable, *args: Any, **kwargs: Any) -> Any:
     call.update({k: v for k, v in kwargs.items() if k != "algorithm"})
     tokens = call["tokens_per_expert"]
     device = tokens.device
-    phy2log, log2phy, count = rebalance_experts(**{**call, "tokens_per_expert": tokens.cpu()}, algorithm=algorithm.name)
+    phy2log, log2phy, count = rebalance_experts(**{**call, "tokens_per_expert": tokens.cpu()}, algorithm=algorithm.name,
+                                                dispatch=_server_dispatch())
     logger.info("%s planned %s with policy %s", LOG_PREFIX, tuple(phy2log.shape), algorithm.name)
     return phy2log.to(device), log2phy.to(device), count.to(device)
+
+
+def _server_dispatch() -> str | None:
+    """The server's ``--ep-dispatch-algorithm`` (SGLang's resolved runtime config), which a
+    per-pass policy plans for; None where SGLang has none (no dispatch: no replica is used)."""
+    from sglang.srt.runtime_context import get_exec
+
+    return get_exec().moe.ep_dispatch_algorithm
 
 
 def _recorder_init_new(original: Callable, *args: Any, **kwargs: Any) -> Any:

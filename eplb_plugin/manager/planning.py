@@ -23,7 +23,7 @@ from eplb_plugin.algorithms import Placement
 from eplb_plugin.args import EPLBArgs
 from eplb_plugin.balance import balancedness, placement_balancedness
 from eplb_plugin.comm import all_reduce_host, broadcast_host
-from eplb_plugin.dispatch_info import DISPATCH_INFO
+from eplb_plugin.dispatch_info import follows_pass as dispatch_follows_pass
 from eplb_plugin.errors import ConfigError, PlacementError
 from eplb_plugin.executor.staging import expert_bytes
 from eplb_plugin.location import ExpertLocation
@@ -46,7 +46,8 @@ class PolicyChoice:
     no budget); follows_pass: the dispatch splits each pass itself (minmax), so a plan is
     scored pass by pass (``predicted_balancedness``); anytime: the policy's search stops at a
     time limit with its best map so far (``Policy.anytime``), so a plan is asked to finish
-    within ``PLAN_TIME_SHARE`` of the plan timeout instead of running past it."""
+    within ``PLAN_TIME_SHARE`` of the plan timeout instead of running past it; dispatch: the
+    ``--ep-dispatch-algorithm`` that serves the plans (a per-pass policy scores passes under it)."""
 
     algorithm: str
     split: str
@@ -54,6 +55,7 @@ class PolicyChoice:
     max_slots_moved: int | None
     follows_pass: bool
     anytime: bool = False
+    dispatch: str | None = None
 
     @classmethod
     def resolve(cls, args: EPLBArgs, *, expert_weights: Sequence[Sequence[torch.Tensor]],
@@ -69,8 +71,9 @@ class PolicyChoice:
         algorithm, dispatch = args.policy(num_groups), args.ep_dispatch_algorithm
         return cls(algorithm=algorithm, split=split_for_dispatch(dispatch), per_pass=algorithm in PER_PASS_POLICIES,
                    max_slots_moved=move_budget_slots(args.eplb_move_budget_mb, expert_weights=expert_weights),
-                   follows_pass=dispatch is not None and dispatch in DISPATCH_INFO
-                   and DISPATCH_INFO.get(dispatch).follows_pass, anytime=POLICIES.get(algorithm).anytime)
+                   follows_pass=dispatch is not None and dispatch_follows_pass(dispatch),
+                   anytime=POLICIES.get(algorithm).anytime,
+                   dispatch=dispatch)
 
     def plan_kwargs(self, live: ExpertLocation, *, num_nodes: int, num_groups: int | None,
                     max_slots_moved: int | None = None, plan_timeout_s: float | None = None) -> dict[str, Any]:
@@ -84,7 +87,7 @@ class PolicyChoice:
             extra["time_limit_s"] = PLAN_TIME_SHARE * plan_timeout_s
         return dict(num_physical_experts=live.num_physical_experts, num_gpus=live.ep_size, num_nodes=num_nodes,
                     num_groups=num_groups, algorithm=self.algorithm, split=self.split,
-                    previous=live.physical_to_logical_map, **extra)
+                    previous=live.physical_to_logical_map, dispatch=self.dispatch, **extra)
 
 
 @dataclass

@@ -96,6 +96,7 @@ class RankEngine:
             num_physical_experts=num_physical, ep_size=world_size, num_nodes=args.nnodes,
             num_groups=model.num_groups,
             algorithm=args.policy(model.num_groups), split=split_for_dispatch(args.ep_dispatch_algorithm),
+            dispatch=args.ep_dispatch_algorithm,
         )
         self.initial_map = self.location.physical_to_logical_map.clone()
         self.shape = FFNShape(model.hidden_size, model.intermediate_size, cfg.torch_dtype, device, cfg.seed)

@@ -329,6 +329,7 @@ def check_runs(cfg: RuntimeConfig, runs: Sequence[RunSpec], ep_size: int) -> Non
             num_physical_experts=model.num_logical_experts + args.ep_num_redundant_experts, ep_size=ep_size,
             num_nodes=args.nnodes, num_groups=model.num_groups,
             algorithm=args.policy(model.num_groups), split=split_for_dispatch(args.ep_dispatch_algorithm),
+            dispatch=args.ep_dispatch_algorithm,
         )
 
 
