@@ -123,3 +123,16 @@ def test_init_by_eplb_with_the_per_pass_policy_plans_the_passes_for_the_servers_
                                      dispatch=d)[0] for d in ("static", "minmax")}
     assert torch.equal(metadata.physical_to_logical_map, expected[planned_for])
     assert not torch.equal(expected["static"], expected["minmax"])
+
+
+def test_without_sglangs_runtime_config_the_hook_plans_for_the_default_dispatch(sglang_eplb, caplog):
+    """Where SGLang's runtime config is not published, the hook cannot read the dispatch: the
+    per-pass policy plans for its default (minmax) and says so, rather than failing the plan."""
+    from sglang.srt import runtime_context as rc
+
+    from eplb_plugin.integrations import sglang as plugin
+
+    fake_runtime(ep_size=EP_SIZE, eplb_algorithm="eplb_plugin_perpass", ep_num_redundant_experts=NUM_REDUNDANT)
+    rc._CONTEXT._config_bags = {}
+    assert plugin._server_dispatch() is None
+    assert "could not read SGLang's --ep-dispatch-algorithm" in caplog.text

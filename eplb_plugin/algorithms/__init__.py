@@ -318,7 +318,7 @@ def plan(
     dispatch: the dispatch algorithm that will serve the placement (``--ep-dispatch-algorithm``:
         the project's names or SGLang's own). A policy with ``Policy.for_dispatch`` scores each
         pass under it: split for the pass's peak (``minmax``, SGLang's ``lp``) or spread evenly
-        over an expert's GPUs whatever the pass (``static``, ``random``, ``dynamic``,
+        over an expert's replicas whatever the pass (``static``, ``random``, ``dynamic``,
         ``weighted`` without weights, SGLang's ``fake``); None: ``minmax``. The others ignore
         it (``split`` says what they plan for). An unknown name is a ConfigError.
     algorithm: a registered policy, or ``auto`` (SGLang's choice, ``resolve_algorithm``).

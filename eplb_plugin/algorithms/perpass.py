@@ -89,7 +89,7 @@ def _pass_gpu_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int,
                                tables.multi_experts.repeat_interleave(num_passes, 0),
                                tables.multi_gpus.repeat_interleave(num_passes, 0),
                                tables.single_slots.repeat_interleave(num_passes, 0),
-                               iterations=PERPASS_SCORE_ITERATIONS if follows_pass else 0)
+                               iterations=PERPASS_SCORE_ITERATIONS)
     return gpu.view(num_maps, num_passes, num_gpus)
 
 

@@ -198,10 +198,16 @@ def _rebalance_experts(original: Callable, *args: Any, **kwargs: Any) -> Any:
 
 def _server_dispatch() -> str | None:
     """The server's ``--ep-dispatch-algorithm`` (SGLang's resolved runtime config), which a
-    per-pass policy plans for; None where SGLang has none (no dispatch: no replica is used)."""
-    from sglang.srt.runtime_context import get_exec
+    per-pass policy plans for; None where SGLang has none (no dispatch: no replica is used) or
+    its runtime config is not set up (the policy then plans for its default, with a warning)."""
+    try:
+        from sglang.srt.runtime_context import get_exec
 
-    return get_exec().moe.ep_dispatch_algorithm
+        return get_exec().moe.ep_dispatch_algorithm
+    except (ImportError, AttributeError, ValueError) as exc:  # ValueError: SGLang's config not published
+        logger.warning("%s could not read SGLang's --ep-dispatch-algorithm (%s): a per-pass policy plans for "
+                       "its default dispatch", LOG_PREFIX, exc)
+        return None
 
 
 def _recorder_init_new(original: Callable, *args: Any, **kwargs: Any) -> Any:
