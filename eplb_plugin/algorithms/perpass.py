@@ -38,6 +38,7 @@ import time
 import numpy as np
 import torch
 
+from ..balance import gpu_loads, slot_loads
 from ..counts import bucket_passes
 from ..errors import UsageError
 from ..kernels.minmax import build_minmax_tables, minmax_gpu_shares
@@ -75,15 +76,12 @@ def _pass_gpu_loads(maps: torch.Tensor, counts: torch.Tensor, *, num_gpus: int,
                     follows_pass: bool = True) -> torch.Tensor:
     """maps: [N, P] int64; counts: [N, W, E] float32. Returns [N, W, G]: each pass's GPU
     loads under ``minmax`` dispatch (``follows_pass``), or under a dispatch that spreads each
-    expert's tokens evenly over its replicas whatever the pass (static, random, dynamic: each
-    slot serves its expert's tokens over the expert's replica count, as
-    ``evaluate.per_pass_balancedness`` scores them)."""
+    expert's tokens evenly over its replicas whatever the pass (static, random, dynamic:
+    ``balance.slot_loads``' equal split, as ``evaluate.per_pass_balancedness`` scores them)."""
     num_maps, num_passes, num_logical = counts.shape
     if not follows_pass:
-        replicas = torch.zeros(num_maps, num_logical).scatter_add_(1, maps, torch.ones(maps.shape))  # [N, E]
-        per_slot = counts.gather(2, maps[:, None, :].expand(-1, num_passes, -1)) \
-            / replicas.gather(1, maps)[:, None, :]  # [N, W, P]
-        return per_slot.view(num_maps, num_passes, num_gpus, -1).sum(-1)
+        rows = slot_loads(counts.reshape(num_maps * num_passes, num_logical), maps.repeat_interleave(num_passes, 0))
+        return gpu_loads(rows, num_gpus).view(num_maps, num_passes, num_gpus).float()
     tables = build_minmax_tables(maps, num_logical, num_gpus=num_gpus, entries=False)  # once per map, not per pass
     _, gpu = minmax_gpu_shares(counts.reshape(num_maps * num_passes, num_logical),
                                tables.multi_experts.repeat_interleave(num_passes, 0),

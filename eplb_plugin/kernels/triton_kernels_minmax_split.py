@@ -76,7 +76,7 @@ def _split(
                 prev = y
                 load = base + tl.sum(x, axis=0)
                 peak = tl.max(load, axis=0)
-        shares = tl.where(tl.max(load, axis=0) <= equal_peak, x, equal)  # never worse than the equal split
+        shares = tl.where(peak <= equal_peak, x, equal)  # never worse than the equal split (peak: load's max)
     tl.store(quotas_ptr + m_idx[:, None] * BG + g_idx[None, :], tl.cumsum(shares, axis=1))
     bins = tl.arange(0, NB)
     tl.store(scratch_ptr + bins, tl.zeros([NB], dtype=tl.int32))
